@@ -1,0 +1,68 @@
+"""pytest-benchmark suites: fastlogits against PyTorch (where installed) and NumPy/SciPy on the same array.
+
+Disabled in the normal test run (``--benchmark-disable`` in pyproject.toml), where each benchmark runs
+once as a smoke test and checks its result against the float64 reference. Measure with
+``pytest benchmarks --benchmark-enable --benchmark-columns=median,ops``; the shape is set by
+FASTLOGITS_BENCH_SHAPE (default 512x128256, the issue's shape; the smoke run uses 64x32000).
+"""
+import os
+
+import numpy as np
+import pytest
+
+import fastlogits as fl
+from tests import reference as ref
+
+_enabled = os.environ.get("FASTLOGITS_BENCH_SHAPE")
+ROWS, VOCAB = (int(v) for v in (_enabled or "64x32000").split("x"))
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((ROWS, VOCAB), dtype=np.float32) * 3).astype(np.float32)
+    return x, rng.integers(0, VOCAB, ROWS)
+
+
+def _check(got, want):
+    np.testing.assert_allclose(np.asarray(got, dtype=np.float64), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, None], ids=["1thread", "allthreads"])
+def test_logsumexp_fastlogits(benchmark, data, threads):
+    x, _ = data
+    got = benchmark(fl.logsumexp, x, threads=threads)
+    _check(got, ref.logsumexp(x))
+
+
+@pytest.mark.parametrize("threads", [1, None], ids=["1thread", "allthreads"])
+def test_cross_entropy_fastlogits(benchmark, data, threads):
+    x, y = data
+    got = benchmark(fl.cross_entropy, x, y, threads=threads)
+    _check(got, ref.cross_entropy(x, y))
+
+
+def test_softmax_fastlogits(benchmark, data):
+    x, _ = data
+    got = benchmark(fl.softmax, x)
+    np.testing.assert_allclose(got[:4].astype(np.float64), ref.softmax(x[:4]), rtol=1e-4, atol=1e-12)
+
+
+def test_logsumexp_scipy(benchmark, data):
+    sp = pytest.importorskip("scipy.special")
+    x, _ = data
+    _check(benchmark(sp.logsumexp, x, axis=-1), ref.logsumexp(x))
+
+
+def test_logsumexp_torch(benchmark, data):
+    torch = pytest.importorskip("torch")
+    x, _ = data
+    t = torch.from_numpy(x)
+    _check(benchmark(torch.logsumexp, t, -1).numpy(), ref.logsumexp(x))
+
+
+def test_cross_entropy_torch(benchmark, data):
+    torch = pytest.importorskip("torch")
+    x, y = data
+    t, ty = torch.from_numpy(x), torch.from_numpy(y)
+    _check(benchmark(torch.nn.functional.cross_entropy, t, ty).numpy(), ref.cross_entropy(x, y))

@@ -1,0 +1,192 @@
+"""``fastlogits bench``: fastlogits against NumPy/SciPy and PyTorch (where installed), measured side by side.
+
+Every figure is a median over ``repeat`` timed calls after a warm-up call, in one process, so ratios between
+columns are meaningful on a noisy shared machine even when absolute figures drift. The ceiling is the
+machine's read bandwidth over the same array, measured in the same run (a vectorized, threaded sum in C;
+and ``torch.sum`` or ``numpy.sum`` for reference).
+"""
+import json
+import time
+
+import numpy as np
+
+import fastlogits as fl
+from fastlogits.ops._prep import NP_DTYPES
+
+OPS = ("logsumexp", "cross_entropy", "softmax", "log_softmax", "entropy", "argmax", "top_k")
+
+
+def _median_time(fn, repeat):
+    fn()  # warm-up: page faults, thread pool start, lazy imports
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def _fastlogits_call(op, x, labels, threads):
+    if op == "logsumexp":
+        return lambda: fl.logsumexp(x, threads=threads)
+    if op == "cross_entropy":
+        return lambda: fl.cross_entropy(x, labels, threads=threads)
+    if op == "softmax":
+        return lambda: fl.softmax(x, threads=threads)
+    if op == "log_softmax":
+        return lambda: fl.log_softmax(x, threads=threads)
+    if op == "entropy":
+        return lambda: fl.entropy(x, threads=threads)
+    if op == "argmax":
+        return lambda: fl.argmax(x, threads=threads)
+    if op == "top_k":
+        return lambda: fl.top_k(x, 50, threads=threads)
+    raise ValueError(f"unknown op {op!r}")
+
+
+def _numpy_call(op, x, labels):
+    """NumPy/SciPy's way (float32 arithmetic where they allow it)."""
+    import scipy.special as sp
+
+    xs = x if x.dtype in (np.float32, np.float64) else x.astype(np.float32)
+    rows = np.arange(x.shape[0])
+    if op == "logsumexp":
+        return lambda: sp.logsumexp(xs, axis=-1)
+    if op == "cross_entropy":
+        return lambda: np.mean(sp.logsumexp(xs, axis=-1) - xs[rows, labels])
+    if op == "softmax":
+        return lambda: sp.softmax(xs, axis=-1)
+    if op == "log_softmax":
+        return lambda: sp.log_softmax(xs, axis=-1)
+    if op == "entropy":
+        return lambda: sp.entr(sp.softmax(xs, axis=-1)).sum(-1)
+    if op == "argmax":
+        return lambda: np.argmax(xs, axis=-1)
+    if op == "top_k":
+        return lambda: np.argpartition(xs, -50, axis=-1)[:, -50:]
+    raise ValueError(op)
+
+
+def _torch_call(torch, op, t, tl):
+    F = torch.nn.functional
+    if op == "logsumexp":
+        return lambda: torch.logsumexp(t, -1)
+    if op == "cross_entropy":
+        return lambda: F.cross_entropy(t, tl)
+    if op == "softmax":
+        return lambda: torch.softmax(t, -1)
+    if op == "log_softmax":
+        return lambda: torch.log_softmax(t, -1)
+    if op == "entropy":
+        return lambda: torch.distributions.Categorical(logits=t).entropy()
+    if op == "argmax":
+        return lambda: torch.argmax(t, -1)
+    if op == "top_k":
+        return lambda: torch.topk(t, 50, -1)
+    raise ValueError(op)
+
+
+def _to_torch(torch, x):
+    if x.dtype == NP_DTYPES["bfloat16"]:
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(x)
+
+
+def run(rows=512, vocab=128256, ops=("logsumexp", "cross_entropy", "softmax", "entropy"),
+        dtypes=("float32", "bfloat16", "float16"), threads=None, repeat=5, peers=True, seed=0,
+        progress=None):
+    """Measure and return a list of result dicts (one per op x dtype x thread count x library)."""
+    from fastlogits.cpu import _info
+
+    rng = np.random.default_rng(seed)
+    base = (rng.standard_normal((rows, vocab), dtype=np.float32) * 3).astype(np.float32)
+    labels = rng.integers(0, vocab, rows)
+    thread_counts = sorted({1, fl.show_config(as_dict=True)["threads"]} if threads is None else set(threads))
+    torch = _torch() if peers else None
+    results = []
+
+    def add(kind, op, dtype, th, lib, seconds, nbytes):
+        results.append({"kind": kind, "op": op, "dtype": dtype, "threads": th, "library": lib,
+                        "seconds": seconds, "GB/s": nbytes / seconds / 1e9, "rows/s": rows / seconds})
+        if progress:
+            progress(results[-1])
+
+    for th in thread_counts:
+        add("ceiling", "read", "float32", th, "fastlogits C sum",
+            _median_time(lambda th=th: _info.read_sum(base, th), repeat), base.nbytes)
+        if torch is not None:
+            torch.set_num_threads(th)
+            tb = torch.from_numpy(base)
+            add("ceiling", "read", "float32", th, "torch.sum", _median_time(tb.sum, repeat), base.nbytes)
+        elif th == 1:
+            add("ceiling", "read", "float32", th, "numpy.sum", _median_time(lambda: base.sum(), repeat),
+                base.nbytes)
+    for dtype in dtypes:
+        x = base.astype(NP_DTYPES[dtype])
+        for op in ops:
+            for th in thread_counts:
+                add("op", op, dtype, th, "fastlogits",
+                    _median_time(_fastlogits_call(op, x, labels, th), repeat), x.nbytes)
+                if torch is not None:
+                    torch.set_num_threads(th)
+                    add("op", op, dtype, th, "torch",
+                        _median_time(_torch_call(torch, op, _to_torch(torch, x), torch.from_numpy(labels)),
+                                     repeat), x.nbytes)
+            if peers and dtype in ("float32", "float64"):
+                add("op", op, dtype, 1, "numpy/scipy", _median_time(_numpy_call(op, x, labels), repeat),
+                    x.nbytes)
+    return results
+
+
+def table(results):
+    """A Markdown table: per op, dtype and threads, fastlogits against its peers, with ratios."""
+    ceil = {(r["threads"], r["library"]): r["GB/s"] for r in results if r["kind"] == "ceiling"}
+    lines = ["| op | dtype | threads | fastlogits GB/s | rows/s | torch GB/s | x torch | numpy/scipy GB/s "
+             "| x numpy | % of read ceiling |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    ops = [r for r in results if r["kind"] == "op"]
+    find = {(r["op"], r["dtype"], r["threads"], r["library"]): r for r in ops}
+    for r in ops:
+        if r["library"] != "fastlogits":
+            continue
+        key = (r["op"], r["dtype"], r["threads"])
+        t = find.get(key + ("torch",))
+        n = find.get((r["op"], r["dtype"], 1, "numpy/scipy"))
+        c = ceil.get((r["threads"], "fastlogits C sum"))
+        lines.append(
+            f"| {r['op']} | {r['dtype']} | {r['threads']} | {r['GB/s']:.2f} | {r['rows/s']:.0f} | "
+            + (f"{t['GB/s']:.2f} | {t['seconds'] / r['seconds']:.1f} | " if t else "- | - | ")
+            + (f"{n['GB/s']:.2f} | {n['seconds'] / r['seconds']:.1f} | " if n else "- | - | ")
+            + (f"{100 * r['GB/s'] / c:.0f}% |" if c else "- |"))
+    lines.append("")
+    lines.append("Read ceiling (same array, same run): " + ", ".join(
+        f"{lib} {th} thread{'s' if th > 1 else ''}: {v:.1f} GB/s" for (th, lib), v in sorted(ceil.items())))
+    return "\n".join(lines)
+
+
+def main(args):
+    """Entry point of ``fastlogits bench`` (args from the CLI parser)."""
+    import sys
+
+    def progress(r):
+        print(f"  {r['op']:14s} {r['dtype']:9s} threads={r['threads']} {r['library']:18s} "
+              f"{r['GB/s']:7.2f} GB/s", file=sys.stderr)
+
+    results = run(rows=args.rows, vocab=args.vocab, ops=args.ops, dtypes=args.dtypes, threads=args.threads,
+                  repeat=args.repeat, peers=not args.no_peers, progress=None if args.json else progress)
+    cfg = fl.show_config(as_dict=True)
+    if args.json:
+        print(json.dumps({"config": cfg, "shape": [args.rows, args.vocab], "results": results}, indent=1))
+    else:
+        print(f"fastlogits {cfg['version']}  simd={cfg['simd']}  openmp={cfg['openmp']}  "
+              f"shape=({args.rows}, {args.vocab})  median of {args.repeat}")
+        print(table(results))
+    return 0

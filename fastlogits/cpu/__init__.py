@@ -1,0 +1,1 @@
+"""The CPU backend: Cython kernels over the C core in ``fastlogits/include``."""

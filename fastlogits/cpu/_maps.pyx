@@ -1,0 +1,66 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Softmax and log-softmax on the CPU: a logsumexp pass, then a pass that writes the map.
+
+Design: the same (row, column range) work items as the reductions (see _reduce.pyx). The first pass folds
+each range into a logsumexp state, the states of a row are merged, and the second pass reads the
+finished state and writes every range, converting to the output dtype and stride as it goes.
+"""
+from cython.parallel cimport prange, parallel, threadid
+from libc.stdint cimport int64_t
+from libc.stdlib cimport malloc, free
+
+from fastlogits.clib cimport fl_lse_state, fl_lse_merge
+from fastlogits.cpu._rows cimport (Block, make_block, n_segments, row_of, fl_row,
+                                   fl_row_lse_f32, fl_row_lse_f64, fl_row_softmax_f32,
+                                   fl_row_softmax_f64)
+
+
+def softmax(x, int dtype, temperature, double softcap, out, int out_dtype, bint log_, int64_t chunk,
+            int threads):
+    """Writes softmax (or log-softmax when log_) of each row of x into out, a 2-D array of the same
+    shape (any strides) whose element type is out_dtype."""
+    cdef Block b = make_block(x, dtype, temperature, softcap, chunk)
+    cdef int64_t nseg = n_segments(&b, threads), items = b.rows * nseg
+    cdef int64_t it, i, g, start, stop
+    cdef fl_row r
+    cdef char *buf
+    cdef char *obase = <char *> <size_t> out.__array_interface__["data"][0]
+    cdef int64_t orow = out.strides[0], ocol = out.strides[1]
+    cdef char *bufs = <char *> malloc(threads * chunk * 16)
+    cdef fl_lse_state *st = <fl_lse_state *> malloc(max(items, 1) * sizeof(fl_lse_state))
+    if bufs == NULL or st == NULL:
+        free(bufs)
+        free(st)
+        raise MemoryError("fastlogits: cannot allocate scratch buffers")
+    with nogil, parallel(num_threads=threads):
+        buf = bufs + threadid() * chunk * 16
+        for it in prange(items, schedule="guided"):
+            i = it // nseg
+            g = it % nseg
+            r = row_of(&b, i)
+            start = g * b.n // nseg
+            stop = (g + 1) * b.n // nseg
+            if b.f64:
+                st[it] = fl_row_lse_f64(&r, start, stop, chunk, <double *> buf)
+            else:
+                st[it] = fl_row_lse_f32(&r, start, stop, chunk, <float *> buf)
+    with nogil:
+        for i in range(b.rows):
+            for g in range(1, nseg):
+                fl_lse_merge(&st[i * nseg], &st[i * nseg + g])
+    with nogil, parallel(num_threads=threads):
+        buf = bufs + threadid() * chunk * 16
+        for it in prange(items, schedule="guided"):
+            i = it // nseg
+            g = it % nseg
+            r = row_of(&b, i)
+            start = g * b.n // nseg
+            stop = (g + 1) * b.n // nseg
+            if b.f64:
+                fl_row_softmax_f64(&r, start, stop, chunk, &st[i * nseg], log_, obase + i * orow,
+                                   ocol, out_dtype, <double *> buf, <double *> (buf + chunk * 8))
+            else:
+                fl_row_softmax_f32(&r, start, stop, chunk, &st[i * nseg], log_, obase + i * orow,
+                                   ocol, out_dtype, <float *> buf, <float *> (buf + chunk * 8))
+    free(st)
+    free(bufs)

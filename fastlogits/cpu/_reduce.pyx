@@ -1,0 +1,239 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Row reductions on the CPU: logsumexp, entropy, cross-entropy.
+
+Design: each work item is (row, column range); a thread folds its range into a row state with the C
+core's row drivers, and the states of one row are merged afterwards in a fixed order, so results do not
+depend on the thread count. With at least as many rows as threads a row is one range; a few long rows are
+split into several (``n_segments``). Scratch buffers are one per thread, allocated before the parallel
+region (so an allocation failure raises MemoryError instead of crashing a thread). Results are float64;
+the Python layer casts them to the API's result dtype.
+"""
+from cython.parallel cimport prange, parallel, threadid
+from libc.stdint cimport int64_t
+from libc.stdlib cimport malloc, free
+from libc.math cimport NAN, INFINITY, log
+
+from fastlogits.clib cimport (fl_lse_state, fl_ent_state, fl_lse_merge, fl_lse_result, fl_ent_merge,
+                              fl_ent_result)
+from fastlogits.cpu._rows cimport (Block, make_block, n_segments, row_of, fl_row,
+                                   fl_row_lse_f32, fl_row_lse_f64, fl_row_entropy_f32,
+                                   fl_row_entropy_f64, fl_row_ce_f32, fl_row_ce_f64,
+                                   fl_row_value_f32, fl_row_value_f64)
+
+
+cdef char *alloc_buffers(int threads, int64_t per_thread) except NULL:
+    cdef char *p = <char *> malloc(threads * per_thread)
+    if p == NULL:
+        raise MemoryError("fastlogits: cannot allocate %d scratch buffers of %d bytes"
+                          % (threads, per_thread))
+    return p
+
+
+def lse(x, int dtype, temperature, double softcap, double[::1] out, int64_t chunk, int threads):
+    """out[i] = logsumexp of row i of x (after softcap and temperature)."""
+    cdef Block b = make_block(x, dtype, temperature, softcap, chunk)
+    cdef int64_t nseg = n_segments(&b, threads), items = b.rows * nseg
+    cdef int64_t it, i, g, start, stop
+    cdef fl_row r
+    cdef char *buf
+    cdef char *bufs = alloc_buffers(threads, chunk * 8)
+    cdef fl_lse_state *st = <fl_lse_state *> malloc(max(items, 1) * sizeof(fl_lse_state))
+    if st == NULL:
+        free(bufs)
+        raise MemoryError("fastlogits: cannot allocate row states")
+    with nogil, parallel(num_threads=threads):
+        buf = bufs + threadid() * chunk * 8
+        for it in prange(items, schedule="guided"):
+            i = it // nseg
+            g = it % nseg
+            r = row_of(&b, i)
+            start = g * b.n // nseg
+            stop = (g + 1) * b.n // nseg
+            if b.f64:
+                st[it] = fl_row_lse_f64(&r, start, stop, chunk, <double *> buf)
+            else:
+                st[it] = fl_row_lse_f32(&r, start, stop, chunk, <float *> buf)
+    with nogil:
+        for i in range(b.rows):
+            for g in range(1, nseg):
+                fl_lse_merge(&st[i * nseg], &st[i * nseg + g])
+            out[i] = fl_lse_result(&st[i * nseg])
+    free(st)
+    free(bufs)
+
+
+def entropy(x, int dtype, temperature, double softcap, double[::1] out, int64_t chunk, int threads):
+    """out[i] = Shannon entropy (nats) of softmax of row i (after softcap and temperature)."""
+    cdef Block b = make_block(x, dtype, temperature, softcap, chunk)
+    cdef int64_t nseg = n_segments(&b, threads), items = b.rows * nseg
+    cdef int64_t it, i, g, start, stop
+    cdef fl_row r
+    cdef char *buf
+    cdef char *bufs = alloc_buffers(threads, chunk * 8)
+    cdef fl_ent_state *st = <fl_ent_state *> malloc(max(items, 1) * sizeof(fl_ent_state))
+    if st == NULL:
+        free(bufs)
+        raise MemoryError("fastlogits: cannot allocate row states")
+    with nogil, parallel(num_threads=threads):
+        buf = bufs + threadid() * chunk * 8
+        for it in prange(items, schedule="guided"):
+            i = it // nseg
+            g = it % nseg
+            r = row_of(&b, i)
+            start = g * b.n // nseg
+            stop = (g + 1) * b.n // nseg
+            if b.f64:
+                st[it] = fl_row_entropy_f64(&r, start, stop, chunk, <double *> buf)
+            else:
+                st[it] = fl_row_entropy_f32(&r, start, stop, chunk, <float *> buf)
+    with nogil:
+        for i in range(b.rows):
+            for g in range(1, nseg):
+                fl_ent_merge(&st[i * nseg], &st[i * nseg + g])
+            out[i] = fl_ent_result(&st[i * nseg])
+    free(st)
+    free(bufs)
+
+
+def cross_entropy(x, int dtype, temperature, double softcap, const int64_t[::1] labels,
+                  int64_t ignore_index, weight, double wtotal, bint smoothing, double[::1] nll,
+                  double[::1] smooth, double[::1] lse_out, int64_t chunk, int threads):
+    """Per row i with labels[i] != ignore_index (labels already checked to lie in [0, V)):
+    lse_out[i] = logsumexp, nll[i] = lse - x[label] (unweighted), and when smoothing,
+    smooth[i] = -sum_c w[c] log p[c] (w = 1 when weight is None; wtotal = sum of w). Ignored rows get 0.
+    weight: None or a C-contiguous array of V values in the compute dtype. A row whose log-softmax is NaN (all -inf, a +inf, a NaN) gives NaN."""
+    cdef Block b = make_block(x, dtype, temperature, softcap, chunk)
+    cdef int64_t nseg = n_segments(&b, threads), items = b.rows * nseg
+    cdef int64_t it, i, g, start, stop
+    cdef fl_row r
+    cdef char *buf
+    cdef double lse_i, xt, m
+    cdef const char *w = NULL
+    if weight is not None:
+        w = <const char *> <size_t> weight.__array_interface__["data"][0]
+    cdef char *bufs = alloc_buffers(threads, chunk * 8)
+    cdef fl_lse_state *st = <fl_lse_state *> malloc(max(items, 1) * sizeof(fl_lse_state))
+    cdef double *ws = <double *> malloc(max(items, 1) * sizeof(double))
+    if st == NULL or ws == NULL:
+        free(bufs)
+        free(st)
+        free(ws)
+        raise MemoryError("fastlogits: cannot allocate row states")
+    with nogil, parallel(num_threads=threads):
+        buf = bufs + threadid() * chunk * 8
+        for it in prange(items, schedule="guided"):
+            i = it // nseg
+            g = it % nseg
+            if labels[i] == ignore_index:
+                continue
+            r = row_of(&b, i)
+            start = g * b.n // nseg
+            stop = (g + 1) * b.n // nseg
+            if b.f64:
+                st[it] = fl_row_ce_f64(&r, start, stop, chunk, <const double *> w,
+                                       &ws[it] if smoothing else NULL, <double *> buf)
+            else:
+                st[it] = fl_row_ce_f32(&r, start, stop, chunk, <const float *> w,
+                                       &ws[it] if smoothing else NULL, <float *> buf)
+    with nogil:
+        for i in range(b.rows):
+            if labels[i] == ignore_index:
+                nll[i] = 0.0
+                smooth[i] = 0.0
+                lse_out[i] = 0.0
+                continue
+            for g in range(1, nseg):
+                fl_lse_merge(&st[i * nseg], &st[i * nseg + g])
+                if smoothing:
+                    ws[i * nseg] += ws[i * nseg + g]
+            r = row_of(&b, i)
+            if b.f64:
+                xt = fl_row_value_f64(&r, labels[i])
+            else:
+                xt = fl_row_value_f32(&r, labels[i])
+            m = st[i * nseg].m
+            if m == INFINITY or m == -INFINITY or m != m:
+                # all -inf, a +inf or a NaN: log_softmax is NaN there (PyTorch)
+                lse_out[i] = nll[i] = smooth[i] = NAN
+                continue
+            lse_i = fl_lse_result(&st[i * nseg])
+            lse_out[i] = lse_i
+            # (m - x) + log s, not lse - x: exact when x and m are huge and close (x = 3e38)
+            nll[i] = (m - xt) + log(st[i * nseg].s)
+            smooth[i] = wtotal * lse_i - ws[i * nseg] if smoothing else 0.0
+    free(st)
+    free(ws)
+    free(bufs)
+
+
+# ---- row states, for the accumulators of fastlogits.stream --------------------------------------------
+
+def lse_states(x, int dtype, temperature, double softcap, weight, bint want_sum, double[::1] m_out,
+               double[::1] s_out, double[::1] sum_out, int64_t chunk, int threads):
+    """The logsumexp state (m, s) of each row of x (columns of one chunk of the vocabulary); when
+    want_sum, also sum_out[i] = sum of the row's (transformed) logits, weighted by weight (None or a
+    C-contiguous array of V values in the compute dtype)."""
+    cdef Block b = make_block(x, dtype, temperature, softcap, chunk)
+    cdef int64_t i
+    cdef fl_row r
+    cdef fl_lse_state s
+    cdef char *buf
+    cdef double acc
+    cdef const char *w = NULL
+    if weight is not None:
+        w = <const char *> <size_t> weight.__array_interface__["data"][0]
+    cdef char *bufs = alloc_buffers(threads, chunk * 8)
+    with nogil, parallel(num_threads=threads):
+        buf = bufs + threadid() * chunk * 8
+        for i in prange(b.rows, schedule="guided"):
+            r = row_of(&b, i)
+            acc = 0.0
+            if b.f64:
+                s = fl_row_ce_f64(&r, 0, b.n, chunk, <const double *> w, &acc if want_sum else NULL,
+                                  <double *> buf)
+            else:
+                s = fl_row_ce_f32(&r, 0, b.n, chunk, <const float *> w, &acc if want_sum else NULL,
+                                  <float *> buf)
+            m_out[i] = s.m
+            s_out[i] = s.s
+            sum_out[i] = acc
+    free(bufs)
+
+
+def merge_lse_states(double[::1] m, double[::1] s, const double[::1] m2, const double[::1] s2):
+    """(m, s) <- merge((m, s), (m2, s2)), row by row, with the C core's rule."""
+    cdef int64_t i
+    cdef fl_lse_state a, b
+    with nogil:
+        for i in range(m.shape[0]):
+            a.m = m[i]
+            a.s = s[i]
+            b.m = m2[i]
+            b.s = s2[i]
+            fl_lse_merge(&a, &b)
+            m[i] = a.m
+            s[i] = a.s
+
+
+def lse_results(const double[::1] m, const double[::1] s, double[::1] out):
+    cdef int64_t i
+    cdef fl_lse_state a
+    with nogil:
+        for i in range(m.shape[0]):
+            a.m = m[i]
+            a.s = s[i]
+            out[i] = fl_lse_result(&a)
+
+
+def row_values(x, int dtype, temperature, double softcap, const int64_t[::1] cols, double[::1] out):
+    """out[i] = x[i, cols[i]] after softcap and temperature, computed as the kernels compute it
+    (cols[i] < 0: left alone)."""
+    cdef Block b = make_block(x, dtype, temperature, softcap, 1)
+    cdef int64_t i
+    cdef fl_row r
+    with nogil:
+        for i in range(b.rows):
+            if cols[i] < 0:
+                continue
+            r = row_of(&b, i)
+            out[i] = fl_row_value_f64(&r, cols[i]) if b.f64 else fl_row_value_f32(&r, cols[i])

@@ -1,0 +1,106 @@
+# cython: language_level=3
+"""Internal declarations: the row drivers of fastlogits.h, and the block that the kernels share.
+
+A *block* is a 2-D array of logits as it lies in memory (any dtype, any strides in bytes), with a
+temperature per row and a softcap. ``row_of`` turns row i of a block into the C core's ``fl_row``.
+"""
+from libc.stdint cimport int64_t
+from fastlogits.clib cimport fl_lse_state, fl_ent_state
+
+
+cdef extern from "fastlogits.h" nogil:
+    enum:
+        FL_F16
+        FL_BF16
+        FL_F32
+        FL_F64
+
+    ctypedef struct fl_row:
+        const char *data
+        int64_t n
+        int64_t stride
+        int dtype
+        double temperature
+        double softcap
+
+    fl_lse_state fl_row_lse_f32(const fl_row *r, int64_t start, int64_t stop, int64_t chunk, float *buf)
+    fl_lse_state fl_row_lse_f64(const fl_row *r, int64_t start, int64_t stop, int64_t chunk, double *buf)
+    fl_ent_state fl_row_entropy_f32(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
+                                    float *buf)
+    fl_ent_state fl_row_entropy_f64(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
+                                    double *buf)
+    fl_lse_state fl_row_ce_f32(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
+                               const float *w, double *wsum, float *buf)
+    fl_lse_state fl_row_ce_f64(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
+                               const double *w, double *wsum, double *buf)
+    float fl_row_value_f32(const fl_row *r, int64_t j)
+    double fl_row_value_f64(const fl_row *r, int64_t j)
+    void fl_row_softmax_f32(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
+                            const fl_lse_state *st, int log_, char *out, int64_t out_stride,
+                            int out_dtype, float *buf, float *ybuf)
+    void fl_row_softmax_f64(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
+                            const fl_lse_state *st, int log_, char *out, int64_t out_stride,
+                            int out_dtype, double *buf, double *ybuf)
+    int64_t fl_row_argmax_f32(const fl_row *r, int64_t chunk, float *buf)
+    int64_t fl_row_argmax_f64(const fl_row *r, int64_t chunk, double *buf)
+    void fl_row_topk_f32(const fl_row *r, int64_t k, int64_t chunk, float *buf, float *hv,
+                         int64_t *hi, float *out_v, int64_t *out_i, fl_lse_state *st)
+    void fl_row_topk_f64(const fl_row *r, int64_t k, int64_t chunk, double *buf, double *hv,
+                         int64_t *hi, double *out_v, int64_t *out_i, fl_lse_state *st)
+
+
+cdef struct Block:
+    const char *data
+    int64_t rows
+    int64_t n
+    int64_t row_stride      # bytes
+    int64_t col_stride      # bytes
+    int dtype               # FL_F16 ... FL_F64
+    bint f64                # compute in double (float64 input)
+    const double *temperature   # one per row
+    double softcap          # 0: none
+    int64_t chunk
+
+
+cdef inline fl_row row_of(const Block *b, int64_t i) noexcept nogil:
+    cdef fl_row r
+    r.data = b.data + i * b.row_stride
+    r.n = b.n
+    r.stride = b.col_stride
+    r.dtype = b.dtype
+    r.temperature = b.temperature[i]
+    r.softcap = b.softcap
+    return r
+
+
+cdef inline Block make_block(object x, int dtype, object temperature, double softcap,
+                             int64_t chunk) except *:
+    """x: a 2-D NumPy array (any strides); temperature: a C-contiguous float64 array, one per row (kept
+    alive by the caller)."""
+    cdef Block b
+    b.data = <const char *> <size_t> x.__array_interface__["data"][0]
+    b.rows = x.shape[0]
+    b.n = x.shape[1]
+    b.row_stride = x.strides[0]
+    b.col_stride = x.strides[1]
+    b.dtype = dtype
+    b.f64 = dtype == FL_F64
+    b.temperature = <const double *> <size_t> temperature.__array_interface__["data"][0]
+    b.softcap = softcap
+    b.chunk = chunk
+    return b
+
+
+cdef inline int64_t n_segments(const Block *b, int threads) noexcept nogil:
+    """How many column ranges to split each row into (range g of nseg is columns
+    [g * n // nseg, (g + 1) * n // nseg), computed inline in prange bodies so the bounds stay
+    private), so that a few long rows still keep every thread
+    busy: 1 when there are at least as many rows as threads."""
+    cdef int64_t per_row, most
+    if b.rows >= threads or b.rows == 0:
+        return 1
+    per_row = (threads + b.rows - 1) // b.rows
+    most = b.n // (4 * b.chunk)         # each range at least a few chunks long
+    if most < 1:
+        return 1
+    return per_row if per_row < most else most

@@ -1,0 +1,21 @@
+"""The GPU backend (numba.cuda). Imported only when used: ``import fastlogits`` never needs CUDA.
+
+``backend`` implements the backend interface (see ``fastlogits/ops/_backend.py``), ``kernels`` holds the
+kernels, ``device`` the device functions users may call from their own numba.cuda kernels. Under numba's
+CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) everything runs on the CPU, slowly: that is how CI tests it.
+"""
+
+
+def availability():
+    """None when the GPU backend can run here (a CUDA device numba-cuda can use, or its simulator), else
+    a sentence saying why not."""
+    try:
+        from numba import cuda
+    except ImportError as e:
+        return f"numba-cuda is not installed ({e}); install fastlogits[gpu]"
+    try:
+        if not cuda.is_available():
+            return "numba-cuda finds no usable CUDA device or driver"
+    except Exception as e:  # pragma: no cover - depends on the driver
+        return f"CUDA initialisation failed: {e}"
+    return None

@@ -1,0 +1,461 @@
+/*
+ * fastlogits.h: the C core of fastlogits. Header-only; C99 and C++; link with -lm and nothing else.
+ *
+ * Design. Every operation folds a row of logits into a small per-row state, chunk by chunk, and two states
+ * of different column ranges merge associatively (in any order: chunks, threads, machines). The row state
+ * of logsumexp is (m, s): m the running max, s = sum exp(x - m). Merging (m1, s1) with (m2, s2) gives
+ * (max, s_big + s_small * exp(m_small - m_big)). The true running max is kept (-inf for an empty or
+ * all -inf range) and such ranges are skipped explicitly: substituting a shift would lose rows whose first
+ * chunks are all -inf.
+ *
+ * The file is cut in three layers:
+ *   1. scalar helpers: 16-bit conversions, the state types and their merge and finalize rules;
+ *   2. chunk primitives (fastlogits_impl.h, instantiated for float and double): max, sum of exp, and the
+ *      second-pass maps over a chunk that sits in L1. They are plain C loops over fixed-width lanes, which
+ *      GCC and Clang vectorize without -ffast-math; on x86-64 Linux with GCC they are compiled three times
+ *      (x86-64-v4 = AVX-512, x86-64-v3 = AVX2+FMA, baseline) and the loader picks one at start-up
+ *      (target_clones), so the includer's own flags never matter;
+ *   3. the public API: fl_lse_* (the minimum promised by the project's API), the entropy and cross-entropy
+ *      states, and row drivers that read any dtype and stride, apply softcap and temperature, and fold.
+ *
+ * Numerics: NaN anywhere makes a state NaN (it never hides behind max); a +inf logit makes logsumexp +inf;
+ * an all -inf range has logsumexp -inf. exp() is Cephes' polynomial (float, within 1.5 ulp) or rational
+ * approximation (double, within 3 ulp), with correct subnormal results; sums of exp are accumulated in
+ * float lanes for at most 16 terms, then in double.
+ */
+#ifndef FASTLOGITS_H
+#define FASTLOGITS_H
+
+#define FASTLOGITS_VERSION_MAJOR 0
+#define FASTLOGITS_VERSION_MINOR 1
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Portability                                                                                      */
+/* ------------------------------------------------------------------------------------------------ */
+
+#if defined(__GNUC__) || defined(__clang__)
+#define FL_INLINE static inline __attribute__((always_inline))
+#define FL_UNUSED __attribute__((unused))
+#else
+#define FL_INLINE static inline
+#define FL_UNUSED
+#endif
+
+/* Run-time dispatch between AVX-512, AVX2 and baseline code (GCC on x86-64 with ifunc support). Define
+ * FL_NO_MULTIVERSION to compile one version with the includer's flags.
+ * no-trapping-math lets GCC turn `c ? a : b` on floats into vector blends: it only stops the compiler from
+ * preserving floating-point exception *flags*; values, NaN and inf included, are unchanged (Clang assumes
+ * this by default). Nothing here reads the exception flags. */
+#if !defined(FL_NO_MULTIVERSION) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) \
+    && defined(__linux__) && (__GNUC__ >= 12)
+#define FL_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), \
+                                       optimize("no-trapping-math")))
+#define FL_HAVE_MULTIVERSION 1
+#else
+#define FL_MULTIVERSION
+#define FL_HAVE_MULTIVERSION 0
+#endif
+
+/* The inner loops over FL_LANES lanes are what the vectorizer turns into vector instructions; complete
+ * unrolling (GCC -O3) would turn them into scalar code first. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define FL_LANE_LOOP _Pragma("GCC unroll 1")
+#else
+#define FL_LANE_LOOP
+#endif
+
+/* A hint to fetch the cache line at address p + i elements; never faults, even past the end of an array
+ * (the address is formed as an integer, so no out-of-bounds pointer exists in C's sense). */
+#if defined(__GNUC__) || defined(__clang__)
+#define FL_PREFETCH(p, i) __builtin_prefetch((const void *)((uintptr_t)(p) + (uintptr_t)(i) * sizeof(*(p))), 0, 3)
+#else
+#define FL_PREFETCH(p, i) ((void)0)
+#endif
+
+#define FL_INF ((double)INFINITY)
+
+/* Input element types. */
+enum { FL_F16 = 0, FL_BF16 = 1, FL_F32 = 2, FL_F64 = 3 };
+
+/* Which code path the loader chose for this process: "avx512", "avx2" or "baseline". */
+static inline const char *fl_simd_path(void) {
+#if FL_HAVE_MULTIVERSION
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) return "avx512";
+    if (__builtin_cpu_supports("x86-64-v3")) return "avx2";
+#endif
+    return "baseline";
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* 1. Scalar helpers                                                                                */
+/* ------------------------------------------------------------------------------------------------ */
+
+FL_INLINE float fl__f32_from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+FL_INLINE uint32_t fl__bits_from_f32(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+/* IEEE half -> float, exact for every input (subnormals, inf, NaN). Branch-free so loops vectorize:
+ * shifting the exponent and mantissa into float position and multiplying by 2^112 rebiases the exponent
+ * and normalizes subnormals in one step. */
+FL_INLINE float fl_f16_to_f32(uint16_t h) {
+    uint32_t sign = ((uint32_t)h & 0x8000u) << 16;
+    uint32_t em = (uint32_t)h & 0x7fffu;
+    float f = fl__f32_from_bits(em << 13) * 0x1p112f;
+    uint32_t u = fl__bits_from_f32(f);
+    u = em >= 0x7c00u ? (0x7f800000u | (em << 13)) : u;   /* inf and NaN keep their payload */
+    return fl__f32_from_bits(u | sign);
+}
+
+/* float -> IEEE half, round to nearest even; overflow gives inf, NaN stays NaN (quiet). */
+FL_INLINE uint16_t fl_f32_to_f16(float x) {
+    uint32_t u = fl__bits_from_f32(x);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7fffffffu;
+    /* normal range: rebias and round on bit 13 */
+    uint32_t odd = (a >> 13) & 1u;
+    uint32_t nrm = (a + 0xc8000fffu + odd) >> 13;          /* 0xc8000000 = (15 - 127) << 23 */
+    /* subnormal range: let the FPU align the mantissa by adding 0.5 */
+    uint32_t sub = fl__bits_from_f32(fl__f32_from_bits(a) + 0.5f) - 0x3f000000u;
+    uint32_t r = a < 0x38800000u ? sub : nrm;
+    r = a >= 0x47800000u ? 0x7c00u : r;                     /* >= 65536: inf */
+    r = a > 0x7f800000u ? 0x7e00u : r;                      /* NaN */
+    return (uint16_t)(r | sign);
+}
+
+FL_INLINE float fl_bf16_to_f32(uint16_t h) { return fl__f32_from_bits((uint32_t)h << 16); }
+
+/* float -> bfloat16, round to nearest even; NaN stays NaN (quiet). */
+FL_INLINE uint16_t fl_f32_to_bf16(float x) {
+    uint32_t u = fl__bits_from_f32(x);
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    r = (u & 0x7fffffffu) > 0x7f800000u ? ((u >> 16) | 0x40u) : r;
+    return (uint16_t)r;
+}
+
+/* The logsumexp state of a row or of a range of its columns. */
+typedef struct fl_lse_state {
+    double m; /* running max: -inf when empty, NaN once a NaN was seen */
+    double s; /* sum of exp(x - m) */
+} fl_lse_state;
+
+/* The entropy state: the logsumexp state and t = sum exp(x - m) * (x - m). */
+typedef struct fl_ent_state {
+    double m, s, t;
+} fl_ent_state;
+
+FL_INLINE int fl__isnan(double x) { return x != x; }
+
+static inline void fl_lse_init(fl_lse_state *st) { st->m = -FL_INF; st->s = 0.0; }
+
+/* Merge the state of other columns into `into`. Associative and commutative. */
+static inline void fl_lse_merge(fl_lse_state *into, const fl_lse_state *other) {
+    double m1 = into->m, m2 = other->m;
+    if (fl__isnan(m1) || fl__isnan(m2)) { into->m = NAN; into->s = NAN; return; }
+    if (m2 == -FL_INF) return;
+    if (m1 == -FL_INF) { *into = *other; return; }
+    if (m1 == FL_INF || m2 == FL_INF) { into->m = FL_INF; into->s = 1.0; return; }
+    if (m1 >= m2) into->s += other->s * exp(m2 - m1);
+    else { into->s = other->s + into->s * exp(m1 - m2); into->m = m2; }
+}
+
+/* log sum exp of everything folded in: -inf for nothing or all -inf, +inf if a +inf was seen, NaN if a
+ * NaN was seen. */
+static inline double fl_lse_result(const fl_lse_state *st) {
+    if (st->m == -FL_INF || st->m == FL_INF || fl__isnan(st->m)) return st->m;
+    return st->m + log(st->s);
+}
+
+static inline void fl_ent_init(fl_ent_state *st) { st->m = -FL_INF; st->s = 0.0; st->t = 0.0; }
+
+static inline void fl_ent_merge(fl_ent_state *into, const fl_ent_state *other) {
+    double m1 = into->m, m2 = other->m, f;
+    if (fl__isnan(m1) || fl__isnan(m2)) { into->m = into->s = into->t = NAN; return; }
+    if (m2 == -FL_INF) return;
+    if (m1 == -FL_INF) { *into = *other; return; }
+    if (m1 == FL_INF || m2 == FL_INF) { into->m = FL_INF; into->s = 1.0; into->t = 0.0; return; }
+    if (m1 >= m2) {
+        f = exp(m2 - m1);
+        into->s += other->s * f;
+        into->t += (other->t + other->s * (m2 - m1)) * f;
+    } else {
+        f = exp(m1 - m2);
+        into->t = other->t + (into->t + into->s * (m1 - m2)) * f;
+        into->s = other->s + into->s * f;
+        into->m = m2;
+    }
+}
+
+/* Shannon entropy (nats) of softmax of everything folded in; NaN for an empty, all -inf, +inf or NaN
+ * row, where the softmax itself is NaN. */
+static inline double fl_ent_result(const fl_ent_state *st) {
+    if (st->m == -FL_INF || st->m == FL_INF || fl__isnan(st->m)) return NAN;
+    return log(st->s) - st->t / st->s;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* 2. Vectorizable exp                                                                              */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* exp(x) in float: Cephes expf's polynomial after a Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2.
+ * Rounding to n uses the add-and-subtract 1.5 * 2^23 trick (no floorf, which blocks vectorization), and
+ * 2^n is applied as two factors so that results in the subnormal range are right. NaN propagates;
+ * x < -104 gives 0; x > 88.72 gives inf. */
+FL_INLINE float fl__expf(float x) {
+    float xc = x < -104.0f ? -104.0f : x;
+    xc = xc > 88.7228f ? 88.7228f : xc;
+    float k = xc * 1.44269504088896341f + 12582912.0f;
+    float n = k - 12582912.0f;
+    int32_t ni = (int32_t)(fl__bits_from_f32(k) - 0x4b400000u);
+    float r = xc - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t n1 = ni >> 1, n2 = ni - n1;
+    float s1 = fl__f32_from_bits((uint32_t)(n1 + 127) << 23);
+    float s2 = fl__f32_from_bits((uint32_t)(n2 + 127) << 23);
+    float y = p * s1 * s2;
+    y = x < -104.0f ? 0.0f : y;
+    y = x > 88.7228f ? (float)INFINITY : y;
+    return y;
+}
+
+FL_INLINE double fl__f64_from_bits(uint64_t u) { double f; memcpy(&f, &u, 8); return f; }
+FL_INLINE uint64_t fl__bits_from_f64(double f) { uint64_t u; memcpy(&u, &f, 8); return u; }
+
+/* exp(x) in double: Cephes exp's rational approximation after the same reduction; within 1 ulp,
+ * subnormal results right, NaN propagates. */
+FL_INLINE double fl__exp(double x) {
+    double xc = x < -745.2 ? -745.2 : x;
+    xc = xc > 709.79 ? 709.79 : xc;
+    double k = xc * 1.4426950408889634073599 + 6755399441055744.0;
+    double n = k - 6755399441055744.0;
+    int64_t ni = (int64_t)(fl__bits_from_f64(k) - 0x4338000000000000ull);
+    double r = xc - n * 6.93145751953125e-1;
+    r = r - n * 1.42860682030941723212e-6;
+    double rr = r * r;
+    double px = r * ((1.26177193074810590878e-4 * rr + 3.02994407707441961300e-2) * rr
+                     + 9.99999999999999999910e-1);
+    double qx = ((3.00198505138664455042e-6 * rr + 2.52448340349684104192e-3) * rr
+                 + 2.27265548208155028766e-1) * rr + 2.00000000000000000009e0;
+    double p = 1.0 + 2.0 * (px / (qx - px));
+    int64_t n1 = ni >> 1, n2 = ni - n1;
+    double s1 = fl__f64_from_bits((uint64_t)(n1 + 1023) << 52);
+    double s2 = fl__f64_from_bits((uint64_t)(n2 + 1023) << 52);
+    double y = p * s1 * s2;
+    y = x < -745.2 ? 0.0 : y;
+    y = x > 709.79 ? (double)INFINITY : y;
+    return y;
+}
+
+/* exp(x) for x <= 0 inside sums whose largest term is 1 (x = logit - running max): results below
+ * 2^-126 are not needed there, so x is clamped at -87.3 (a term of 1e-38 at most) and 2^n is one factor.
+ * About a quarter fewer instructions than fl__expf; NaN never reaches it (the max pass catches NaN). */
+FL_INLINE float fl__expf_neg(float x) {
+    float xc = x < -87.3f ? -87.3f : x;
+    float k = xc * 1.44269504088896341f + 12582912.0f;
+    float n = k - 12582912.0f;
+    uint32_t ni = fl__bits_from_f32(k) - 0x4b400000u;
+    float r = xc - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    return p * fl__f32_from_bits((ni + 127u) << 23);
+}
+
+FL_INLINE double fl__exp_neg(double x) {
+    double xc = x < -708.0 ? -708.0 : x;
+    double k = xc * 1.4426950408889634073599 + 6755399441055744.0;
+    double n = k - 6755399441055744.0;
+    uint64_t ni = fl__bits_from_f64(k) - 0x4338000000000000ull;
+    double r = xc - n * 6.93145751953125e-1;
+    r = r - n * 1.42860682030941723212e-6;
+    double rr = r * r;
+    double px = r * ((1.26177193074810590878e-4 * rr + 3.02994407707441961300e-2) * rr
+                     + 9.99999999999999999910e-1);
+    double qx = ((3.00198505138664455042e-6 * rr + 2.52448340349684104192e-3) * rr
+                 + 2.27265548208155028766e-1) * rr + 2.00000000000000000009e0;
+    return (1.0 + 2.0 * (px / (qx - px))) * fl__f64_from_bits((ni + 1023u) << 52);
+}
+
+/* tanh through exp, for softcap: tanh|z| = (1 - e) / (1 + e) with e = exp(-2|z|). Absolute error a few
+ * ulp of 1, which is what a logit c * tanh(x / c) needs. */
+FL_INLINE float fl__tanhf(float z) {
+    float a = z < 0.0f ? -z : z;
+    float e = fl__expf(-2.0f * a);
+    float t = (1.0f - e) / (1.0f + e);
+    return z < 0.0f ? -t : t;
+}
+
+FL_INLINE double fl__tanh(double z) {
+    double a = z < 0.0 ? -z : z;
+    double e = fl__exp(-2.0 * a);
+    double t = (1.0 - e) / (1.0 + e);
+    /* near 0, 1 - e loses relative precision; double has plenty, but keep tanh(z) ~ z exact there */
+    t = a < 1e-5 ? a * (1.0 - a * a / 3.0) : t;
+    return z < 0.0 ? -t : t;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* 2b. Contiguous 16-bit conversions over arrays (vectorized)                                       */
+/* ------------------------------------------------------------------------------------------------ */
+
+FL_MULTIVERSION static FL_UNUSED void fl_load_f16(float *dst, const uint16_t *src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = fl_f16_to_f32(src[i]);
+}
+
+FL_MULTIVERSION static FL_UNUSED void fl_load_bf16(float *dst, const uint16_t *src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = fl_bf16_to_f32(src[i]);
+}
+
+FL_MULTIVERSION static FL_UNUSED void fl_store_f16(uint16_t *dst, const float *src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = fl_f32_to_f16(src[i]);
+}
+
+FL_MULTIVERSION static FL_UNUSED void fl_store_bf16(uint16_t *dst, const float *src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = fl_f32_to_bf16(src[i]);
+}
+
+/* One element of any input dtype, as a double. */
+FL_INLINE double fl__load_one(const char *p, int dtype) {
+    uint16_t h; float f; double d;
+    switch (dtype) {
+    case FL_F16: memcpy(&h, p, 2); return fl_f16_to_f32(h);
+    case FL_BF16: memcpy(&h, p, 2); return fl_bf16_to_f32(h);
+    case FL_F32: memcpy(&f, p, 4); return f;
+    default: memcpy(&d, p, 8); return d;
+    }
+}
+
+/* Store one double as any dtype (rounding once, to nearest even). */
+FL_INLINE void fl__store_one(char *p, int dtype, double v) {
+    uint16_t h; float f = (float)v;
+    switch (dtype) {
+    case FL_F16: h = fl_f32_to_f16(f); memcpy(p, &h, 2); break;
+    case FL_BF16: h = fl_f32_to_bf16(f); memcpy(p, &h, 2); break;
+    case FL_F32: memcpy(p, &f, 4); break;
+    default: memcpy(p, &v, 8); break;
+    }
+}
+
+static const int fl_dtype_size[4] = {2, 2, 4, 8};
+
+/* One row of logits as it lies in memory. Values are transformed as x -> softcap * tanh(x / softcap)
+ * (when softcap > 0), then divided by temperature. */
+typedef struct fl_row {
+    const char *data;  /* element 0 */
+    int64_t n;         /* number of elements */
+    int64_t stride;    /* bytes from one element to the next; may be negative */
+    int dtype;         /* FL_F16, FL_BF16, FL_F32 or FL_F64 */
+    double temperature; /* logits are divided by it; 1 for none */
+    double softcap;    /* 0 for none */
+} fl_row;
+
+
+/* ------------------------------------------------------------------------------------------------ */
+/* 2c. Chunk primitives, one set per compute type                                                   */
+/* ------------------------------------------------------------------------------------------------ */
+
+#define FL_T float
+#define FL_SUF f32
+#define FL_LANES 16
+#define FL_EXP fl__expf
+#define FL_EXP_NEG fl__expf_neg
+#define FL_TANH fl__tanhf
+#include "fastlogits_impl.h"
+#undef FL_T
+#undef FL_SUF
+#undef FL_LANES
+#undef FL_EXP
+#undef FL_EXP_NEG
+#undef FL_TANH
+
+#define FL_T double
+#define FL_SUF f64
+#define FL_LANES 8
+#define FL_EXP fl__exp
+#define FL_EXP_NEG fl__exp_neg
+#define FL_TANH fl__tanh
+#include "fastlogits_impl.h"
+#undef FL_T
+#undef FL_SUF
+#undef FL_LANES
+#undef FL_EXP
+#undef FL_EXP_NEG
+#undef FL_TANH
+
+/* ------------------------------------------------------------------------------------------------ */
+/* 3. Public API: the logsumexp state over plain arrays                                             */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* Fold n float32 values into the state. */
+static inline void fl_lse_update_f32(fl_lse_state *st, const float *x, size_t n) {
+    fl_lse_state c = fl_lse_chunk_f32(x, (int64_t)n);
+    fl_lse_merge(st, &c);
+}
+
+static inline void fl_lse_update_f64(fl_lse_state *st, const double *x, size_t n) {
+    fl_lse_state c = fl_lse_chunk_f64(x, (int64_t)n);
+    fl_lse_merge(st, &c);
+}
+
+#define FL_CONVERT_BLOCK 1024
+
+/* Fold n IEEE half values (given as their bits). */
+static inline void fl_lse_update_f16(fl_lse_state *st, const uint16_t *x, size_t n) {
+    float buf[FL_CONVERT_BLOCK];
+    while (n > 0) {
+        size_t c = n < FL_CONVERT_BLOCK ? n : FL_CONVERT_BLOCK;
+        fl_load_f16(buf, x, (int64_t)c);
+        fl_lse_update_f32(st, buf, c);
+        x += c; n -= c;
+    }
+}
+
+/* Fold n bfloat16 values (given as their bits). */
+static inline void fl_lse_update_bf16(fl_lse_state *st, const uint16_t *x, size_t n) {
+    float buf[FL_CONVERT_BLOCK];
+    while (n > 0) {
+        size_t c = n < FL_CONVERT_BLOCK ? n : FL_CONVERT_BLOCK;
+        fl_load_bf16(buf, x, (int64_t)c);
+        fl_lse_update_f32(st, buf, c);
+        x += c; n -= c;
+    }
+}
+
+/* Cross-entropy of one contiguous float32 row of n logits against class `label`: lse(row) - row[label].
+ * NaN for a label outside [0, n), a NaN in the row, or a +inf in the row (PyTorch's log_softmax is NaN
+ * there). */
+static inline double fl_cross_entropy_f32(const float *row, size_t n, int64_t label) {
+    fl_lse_state st;
+    if (label < 0 || (size_t)label >= n) return NAN;
+    fl_lse_init(&st);
+    fl_lse_update_f32(&st, row, n);
+    if (st.m == FL_INF) return NAN;
+    return fl_lse_result(&st) - (double)row[label];
+}
+
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FASTLOGITS_H */

@@ -1,0 +1,388 @@
+/*
+ * fastlogits_impl.h: chunk primitives and row drivers for one compute type. Included twice by
+ * fastlogits.h, with FL_T = float (FL_SUF f32) and FL_T = double (FL_SUF f64); never include it directly.
+ *
+ * Chunk primitives work on a contiguous chunk that sits in L1, as fixed-width lanes (FL_LANES values, one
+ * 512-bit vector) so that GCC and Clang vectorize the reductions without reassociation flags. They are the
+ * only multiversioned functions: everything around them is scalar bookkeeping once per chunk.
+ */
+#ifndef FL_T
+#error "fastlogits_impl.h is included by fastlogits.h only"
+#endif
+
+#define FL_CAT2_(a, b) a##_##b
+#define FL_CAT2(a, b) FL_CAT2_(a, b)
+#define FL_FN(name) FL_CAT2(name, FL_SUF)
+#define FL_EXP_FLOOR (sizeof(FL_T) == 4 ? (FL_T)-87.3 : (FL_T)-708.0)
+
+/* Largest value of x[0:n), NaN ignored (-inf when n == 0); *has_nan tells whether a NaN was seen. */
+FL_MULTIVERSION static FL_UNUSED FL_T FL_FN(fl__max)(const FL_T *x, int64_t n, int *has_nan) {
+    FL_T acc[FL_LANES], nan[FL_LANES];
+    int64_t i = 0;
+    int j;
+    for (j = 0; j < FL_LANES; j++) { acc[j] = -(FL_T)INFINITY; nan[j] = 0; }
+    for (; i + FL_LANES <= n; i += FL_LANES) {
+        FL_LANE_LOOP
+        for (j = 0; j < FL_LANES; j++) {
+            FL_T v = x[i + j];
+            acc[j] = v > acc[j] ? v : acc[j];
+            nan[j] += v - v;            /* 0, or NaN for NaN and +-inf: rescanned below */
+        }
+    }
+    for (; i < n; i++) {
+        FL_T v = x[i];
+        acc[0] = v > acc[0] ? v : acc[0];
+        nan[0] += v - v;
+    }
+    *has_nan = 0;
+    for (j = 1; j < FL_LANES; j++) acc[0] = acc[j] > acc[0] ? acc[j] : acc[0];
+    for (j = 0; j < FL_LANES; j++) *has_nan |= nan[j] != nan[j];
+    if (*has_nan) {                     /* an infinity or a NaN: tell them apart (rare) */
+        *has_nan = 0;
+        for (i = 0; i < n; i++) *has_nan |= x[i] != x[i];
+    }
+    return acc[0];
+}
+
+/* Lane sums are flushed to double every FL_FLUSH vectors: at most 16 float additions per lane. */
+#define FL_FLUSH 16
+
+/* sum exp(x - m) over x[0:n); m finite, no NaN in x (terms below 1e-38 relative may be off: they
+ * cannot change the sum, whose largest term is 1). */
+FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp)(const FL_T *x, int64_t n, FL_T m) {
+    double tot[FL_LANES];
+    FL_T acc[FL_LANES];
+    int64_t i = 0;
+    int j;
+    for (j = 0; j < FL_LANES; j++) tot[j] = 0.0;
+    while (i + FL_LANES <= n) {
+        int64_t stop = i + FL_FLUSH * FL_LANES < n ? i + FL_FLUSH * FL_LANES : n;
+        for (j = 0; j < FL_LANES; j++) acc[j] = 0;
+        for (; i + FL_LANES <= stop; i += FL_LANES) {
+            /* This loop is bound by arithmetic on data in L1; meanwhile, fetch what follows the chunk
+             * (the next chunk, or the next row) so that the memory-bound max pass that comes next finds
+             * it in cache. One cache line per vector of floats. */
+            FL_PREFETCH(x, n + i);
+            FL_LANE_LOOP
+            for (j = 0; j < FL_LANES; j++) acc[j] += FL_EXP_NEG(x[i + j] - m);
+        }
+        for (j = 0; j < FL_LANES; j++) tot[j] += acc[j];
+    }
+    for (; i < n; i++) tot[0] += FL_EXP_NEG(x[i] - m);
+    for (j = 1; j < FL_LANES; j++) tot[0] += tot[j];
+    return tot[0];
+}
+
+/* sum exp(x - m) and sum exp(x - m) * (x - m) over x[0:n); m finite, no NaN in x. x - m is clamped
+ * where exp() flushes (as in fl__sumexp), so -inf logits add (almost exactly) 0 to both sums: 0 log 0 = 0,
+ * -inf logits are impossible classes. */
+FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp_t)(const FL_T *x, int64_t n, FL_T m, double *t) {
+    double tot[FL_LANES], tt[FL_LANES];
+    FL_T acc[FL_LANES], act[FL_LANES];
+    int64_t i = 0;
+    int j;
+    for (j = 0; j < FL_LANES; j++) { tot[j] = 0.0; tt[j] = 0.0; }
+    while (i + FL_LANES <= n) {
+        int64_t stop = i + FL_FLUSH * FL_LANES < n ? i + FL_FLUSH * FL_LANES : n;
+        for (j = 0; j < FL_LANES; j++) { acc[j] = 0; act[j] = 0; }
+        for (; i + FL_LANES <= stop; i += FL_LANES) {
+            FL_PREFETCH(x, n + i);    /* as in fl__sumexp */
+            FL_LANE_LOOP
+            for (j = 0; j < FL_LANES; j++) {
+                FL_T d = x[i + j] - m;
+                d = d < FL_EXP_FLOOR ? FL_EXP_FLOOR : d;
+                FL_T e = FL_EXP_NEG(d);
+                acc[j] += e;
+                act[j] += e * d;
+            }
+        }
+        for (j = 0; j < FL_LANES; j++) { tot[j] += acc[j]; tt[j] += act[j]; }
+    }
+    for (; i < n; i++) {
+        FL_T d = x[i] - m;
+        d = d < FL_EXP_FLOOR ? FL_EXP_FLOOR : d;
+        FL_T e = FL_EXP_NEG(d);
+        tot[0] += e;
+        tt[0] += e * d;
+    }
+    for (j = 1; j < FL_LANES; j++) { tot[0] += tot[j]; tt[0] += tt[j]; }
+    *t = tt[0];
+    return tot[0];
+}
+
+/* sum x[0:n), or sum w * x when w is not NULL. */
+FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sum)(const FL_T *x, const FL_T *w, int64_t n) {
+    double tot[FL_LANES];
+    FL_T acc[FL_LANES];
+    int64_t i = 0;
+    int j;
+    for (j = 0; j < FL_LANES; j++) tot[j] = 0.0;
+    while (i + FL_LANES <= n) {
+        int64_t stop = i + FL_FLUSH * FL_LANES < n ? i + FL_FLUSH * FL_LANES : n;
+        for (j = 0; j < FL_LANES; j++) acc[j] = 0;
+        if (w)
+            for (; i + FL_LANES <= stop; i += FL_LANES)
+                FL_LANE_LOOP
+                for (j = 0; j < FL_LANES; j++) acc[j] += w[i + j] * x[i + j];
+        else
+            for (; i + FL_LANES <= stop; i += FL_LANES)
+                FL_LANE_LOOP
+                for (j = 0; j < FL_LANES; j++) acc[j] += x[i + j];
+        for (j = 0; j < FL_LANES; j++) tot[j] += acc[j];
+    }
+    for (; i < n; i++) tot[0] += w ? (double)(w[i] * x[i]) : (double)x[i];
+    for (j = 1; j < FL_LANES; j++) tot[0] += tot[j];
+    return tot[0];
+}
+
+/* y = exp(x - m) * inv_s (softmax), or y = (x - m) - log_s (log-softmax). */
+FL_MULTIVERSION static FL_UNUSED void FL_FN(fl__softmax)(const FL_T *x, FL_T *y, int64_t n, FL_T m,
+                                                         FL_T inv_s) {
+    for (int64_t i = 0; i < n; i++) y[i] = FL_EXP(x[i] - m) * inv_s;
+}
+
+FL_MULTIVERSION static FL_UNUSED void FL_FN(fl__log_softmax)(const FL_T *x, FL_T *y, int64_t n, FL_T m,
+                                                             FL_T log_s) {
+    for (int64_t i = 0; i < n; i++) y[i] = (x[i] - m) - log_s;
+}
+
+/* x = softcap * tanh(x / softcap) when softcap > 0, then x = x / temperature; in place. */
+FL_MULTIVERSION static FL_UNUSED void FL_FN(fl__transform)(FL_T *x, int64_t n, FL_T softcap,
+                                                           FL_T temperature) {
+    if (softcap > 0)
+        for (int64_t i = 0; i < n; i++) x[i] = softcap * FL_TANH(x[i] / softcap);
+    if (temperature != 1)
+        for (int64_t i = 0; i < n; i++) x[i] = x[i] / temperature;
+}
+
+/* The logsumexp state of a contiguous chunk. */
+static inline fl_lse_state FL_FN(fl_lse_chunk)(const FL_T *x, int64_t n) {
+    fl_lse_state st;
+    int has_nan;
+    FL_T m = FL_FN(fl__max)(x, n, &has_nan);
+    st.m = m;
+    st.s = 1.0;
+    if (has_nan) { st.m = NAN; st.s = NAN; }
+    else if (m == -(FL_T)INFINITY) st.s = 0.0;
+    else if (m != (FL_T)INFINITY) st.s = FL_FN(fl__sumexp)(x, n, m);
+    return st;
+}
+
+/* The entropy state of a contiguous chunk. */
+static inline fl_ent_state FL_FN(fl_ent_chunk)(const FL_T *x, int64_t n) {
+    fl_ent_state st;
+    int has_nan;
+    FL_T m = FL_FN(fl__max)(x, n, &has_nan);
+    st.m = m;
+    st.s = 1.0;
+    st.t = 0.0;
+    if (has_nan) { st.m = st.s = st.t = NAN; }
+    else if (m == -(FL_T)INFINITY) st.s = 0.0;
+    else if (m != (FL_T)INFINITY) st.s = FL_FN(fl__sumexp_t)(x, n, m, &st.t);
+    return st;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Row drivers                                                                                     */
+/* ---------------------------------------------------------------------------------------------- */
+
+/* Element j of row r, transformed, in the compute type (as the chunk loaders compute it). */
+static inline FL_T FL_FN(fl_row_value)(const fl_row *r, int64_t j) {
+    FL_T v = (FL_T)fl__load_one(r->data + j * r->stride, r->dtype);
+    FL_FN(fl__transform)(&v, 1, (FL_T)r->softcap, (FL_T)r->temperature);
+    return v;
+}
+
+/* Columns [start, start + len) of row r, transformed, as a contiguous array: the row's own memory when
+ * it needs no conversion, else `buf` (at least len values) filled. */
+static inline const FL_T *FL_FN(fl_row_chunk)(const fl_row *r, int64_t start, int64_t len, FL_T *buf) {
+    const char *p = r->data + start * r->stride;
+    int plain = r->temperature == 1.0 && r->softcap == 0.0;
+    int64_t i;
+    if (r->stride == (int64_t)sizeof(FL_T) && r->dtype == (sizeof(FL_T) == 4 ? FL_F32 : FL_F64)) {
+        if (plain) return (const FL_T *)p;
+        memcpy(buf, p, (size_t)len * sizeof(FL_T));
+    } else if (sizeof(FL_T) == 4 && r->stride == 2 && r->dtype == FL_F16) {
+        fl_load_f16((float *)buf, (const uint16_t *)p, len);
+    } else if (sizeof(FL_T) == 4 && r->stride == 2 && r->dtype == FL_BF16) {
+        fl_load_bf16((float *)buf, (const uint16_t *)p, len);
+    } else {
+        for (i = 0; i < len; i++) buf[i] = (FL_T)fl__load_one(p + i * r->stride, r->dtype);
+    }
+    if (!plain) FL_FN(fl__transform)(buf, len, (FL_T)r->softcap, (FL_T)r->temperature);
+    return buf;
+}
+
+/* logsumexp state of columns [start, stop) of r, in chunks of `chunk` (buf holds chunk values). */
+static inline fl_lse_state FL_FN(fl_row_lse)(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
+                                              FL_T *buf) {
+    fl_lse_state st, c;
+    fl_lse_init(&st);
+    for (int64_t c0 = start; c0 < stop; c0 += chunk) {
+        int64_t len = stop - c0 < chunk ? stop - c0 : chunk;
+        c = FL_FN(fl_lse_chunk)(FL_FN(fl_row_chunk)(r, c0, len, buf), len);
+        fl_lse_merge(&st, &c);
+    }
+    return st;
+}
+
+/* Entropy state of columns [start, stop) of r. */
+static inline fl_ent_state FL_FN(fl_row_entropy)(const fl_row *r, int64_t start, int64_t stop,
+                                                 int64_t chunk, FL_T *buf) {
+    fl_ent_state st, c;
+    fl_ent_init(&st);
+    for (int64_t c0 = start; c0 < stop; c0 += chunk) {
+        int64_t len = stop - c0 < chunk ? stop - c0 : chunk;
+        c = FL_FN(fl_ent_chunk)(FL_FN(fl_row_chunk)(r, c0, len, buf), len);
+        fl_ent_merge(&st, &c);
+    }
+    return st;
+}
+
+/* Cross-entropy pass over columns [start, stop): the logsumexp state, and, when wsum is not NULL, the
+ * sum of the (transformed) logits, weighted by w[column] when w is not NULL (label smoothing). */
+static inline fl_lse_state FL_FN(fl_row_ce)(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
+                                             const FL_T *w, double *wsum, FL_T *buf) {
+    fl_lse_state st, c;
+    fl_lse_init(&st);
+    if (wsum) *wsum = 0.0;
+    for (int64_t c0 = start; c0 < stop; c0 += chunk) {
+        int64_t len = stop - c0 < chunk ? stop - c0 : chunk;
+        const FL_T *x = FL_FN(fl_row_chunk)(r, c0, len, buf);
+        c = FL_FN(fl_lse_chunk)(x, len);
+        fl_lse_merge(&st, &c);
+        if (wsum) *wsum += FL_FN(fl__sum)(x, w ? w + c0 : NULL, len);
+    }
+    return st;
+}
+
+/* Writes y[0:n) to out (any dtype, any stride in bytes), converting. */
+static inline void FL_FN(fl_store)(char *out, int64_t stride, int dtype, const FL_T *y, int64_t n) {
+    int64_t i;
+    if (dtype == (sizeof(FL_T) == 4 ? FL_F32 : FL_F64) && stride == (int64_t)sizeof(FL_T)) {
+        memcpy(out, y, (size_t)n * sizeof(FL_T));
+    } else if (sizeof(FL_T) == 4 && stride == 2 && dtype == FL_F16) {
+        fl_store_f16((uint16_t *)out, (const float *)y, n);
+    } else if (sizeof(FL_T) == 4 && stride == 2 && dtype == FL_BF16) {
+        fl_store_bf16((uint16_t *)out, (const float *)y, n);
+    } else {
+        for (i = 0; i < n; i++) fl__store_one(out + i * stride, dtype, (double)y[i]);
+    }
+}
+
+/* Softmax (log_ == 0) or log-softmax of columns [start, stop) of r, given the row's finished logsumexp
+ * state, written to out (element `start` of the row at out + start * out_stride). A row whose state is
+ * not finite (all -inf, +inf or NaN seen) is all NaN, like PyTorch. buf and ybuf hold chunk values. */
+static inline void FL_FN(fl_row_softmax)(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
+                                          const fl_lse_state *st, int log_, char *out, int64_t out_stride,
+                                          int out_dtype, FL_T *buf, FL_T *ybuf) {
+    int finite = st->m > -FL_INF && st->m < FL_INF;
+    FL_T m = (FL_T)st->m;
+    for (int64_t c0 = start; c0 < stop; c0 += chunk) {
+        int64_t len = stop - c0 < chunk ? stop - c0 : chunk, i;
+        if (!finite) {
+            for (i = 0; i < len; i++) ybuf[i] = (FL_T)NAN;
+        } else {
+            const FL_T *x = FL_FN(fl_row_chunk)(r, c0, len, buf);
+            if (log_) FL_FN(fl__log_softmax)(x, ybuf, len, m, (FL_T)log(st->s));
+            else FL_FN(fl__softmax)(x, ybuf, len, m, (FL_T)(1.0 / st->s));
+        }
+        FL_FN(fl_store)(out + c0 * out_stride, out_stride, out_dtype, ybuf, len);
+    }
+}
+
+/* Index of the largest element of r (transformed), the lowest on ties; the first NaN if there is one
+ * (like NumPy and PyTorch); 0 for a row of all -inf. */
+static inline int64_t FL_FN(fl_row_argmax)(const fl_row *r, int64_t chunk, FL_T *buf) {
+    FL_T best = -(FL_T)INFINITY;
+    int64_t best_i = 0, i;
+    int has_nan;
+    for (int64_t c0 = 0; c0 < r->n; c0 += chunk) {
+        int64_t len = r->n - c0 < chunk ? r->n - c0 : chunk;
+        const FL_T *x = FL_FN(fl_row_chunk)(r, c0, len, buf);
+        FL_T m = FL_FN(fl__max)(x, len, &has_nan);
+        if (has_nan) {
+            for (i = 0; i < len; i++)
+                if (x[i] != x[i]) return c0 + i;
+        }
+        if (m > best) {
+            best = m;
+            for (i = 0; x[i] != m; i++) {}
+            best_i = c0 + i;
+        }
+    }
+    return best_i;
+}
+
+/* top-k: a heap of the k best (value, index) pairs seen, its root the worst of them. "Better" orders
+ * NaN above everything (PyTorch's topk), then larger values, then lower indices. */
+FL_INLINE int FL_FN(fl__better)(FL_T a, int64_t ia, FL_T b, int64_t ib) {
+    if (a != a) return b == b || ia < ib;
+    if (b != b) return 0;
+    return a > b || (a == b && ia < ib);
+}
+
+static inline void FL_FN(fl__sift_down)(FL_T *hv, int64_t *hi, int64_t k, int64_t p) {
+    for (;;) {
+        int64_t c = 2 * p + 1, w = p;
+        if (c < k && FL_FN(fl__better)(hv[w], hi[w], hv[c], hi[c])) w = c;
+        if (c + 1 < k && FL_FN(fl__better)(hv[w], hi[w], hv[c + 1], hi[c + 1])) w = c + 1;
+        if (w == p) return;
+        FL_T tv = hv[p]; hv[p] = hv[w]; hv[w] = tv;
+        int64_t ti = hi[p]; hi[p] = hi[w]; hi[w] = ti;
+        p = w;
+    }
+}
+
+/* The k best elements of r (transformed; k <= r->n), best first, into out_v and out_i. hv and hi are
+ * scratch space of k values; buf holds chunk values. When st is not NULL, the row's logsumexp state is
+ * folded in the same pass (for log-probabilities). */
+static inline void FL_FN(fl_row_topk)(const fl_row *r, int64_t k, int64_t chunk, FL_T *buf, FL_T *hv,
+                                      int64_t *hi, FL_T *out_v, int64_t *out_i, fl_lse_state *st) {
+    int64_t size = 0, i, c0;
+    int has_nan;
+    fl_lse_state cs;
+    if (st) fl_lse_init(st);
+    for (c0 = 0; c0 < r->n; c0 += chunk) {
+        int64_t len = r->n - c0 < chunk ? r->n - c0 : chunk;
+        const FL_T *x = FL_FN(fl_row_chunk)(r, c0, len, buf);
+        if (st) { cs = FL_FN(fl_lse_chunk)(x, len); fl_lse_merge(st, &cs); }
+        i = 0;
+        for (; i < len && size < k; i++) {            /* fill: sift up */
+            int64_t p = size++;
+            hv[p] = x[i]; hi[p] = c0 + i;
+            while (p > 0 && FL_FN(fl__better)(hv[(p - 1) / 2], hi[(p - 1) / 2], hv[p], hi[p])) {
+                int64_t q = (p - 1) / 2;
+                FL_T tv = hv[p]; hv[p] = hv[q]; hv[q] = tv;
+                int64_t ti = hi[p]; hi[p] = hi[q]; hi[q] = ti;
+                p = q;
+            }
+        }
+        if (i == len) continue;
+        /* Later elements have higher indices, so they enter only if strictly better than the root. */
+        if (hv[0] != hv[0]) continue;                  /* a heap of NaNs admits nothing more */
+        if (i == 0) {
+            FL_T m = FL_FN(fl__max)(x, len, &has_nan);  /* vectorized skip of hopeless chunks */
+            if (!has_nan && !(m > hv[0])) continue;
+        }
+        for (; i < len; i++) {
+            FL_T v = x[i];
+            if (v > hv[0] || (v != v && hv[0] == hv[0])) {
+                hv[0] = v; hi[0] = c0 + i;
+                FL_FN(fl__sift_down)(hv, hi, k, 0);
+            }
+        }
+    }
+    /* Pop the worst to the back: out is best first. */
+    for (i = size - 1; i >= 0; i--) {
+        out_v[i] = hv[0]; out_i[i] = hi[0];
+        hv[0] = hv[i]; hi[0] = hi[i];
+        FL_FN(fl__sift_down)(hv, hi, i, 0);
+    }
+}
+
+#undef FL_FN
+#undef FL_CAT2
+#undef FL_CAT2_
+#undef FL_FLUSH
+#undef FL_EXP_FLOOR

@@ -1,0 +1,29 @@
+"""Dispatch to a backend module. Both implement one interface (see fastlogits/cpu/backend.py):
+
+    lse(x, dtype, temperature, softcap, chunk, threads) -> float64 (rows,)
+    entropy(x, dtype, temperature, softcap, chunk, threads) -> float64 (rows,)
+    softmax(x, dtype, temperature, softcap, log, out, out_dtype, chunk, threads) -> out
+    cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, weight, smoothing, chunk,
+                       threads) -> (nll, smooth, lse), float64 (rows,) each
+    argmax(x, dtype, temperature, softcap, chunk, threads) -> int64 (rows,)
+    top_k(x, dtype, temperature, softcap, k, logprobs, chunk, threads) -> (values | logprobs, indices)
+
+The GPU backend is imported only when asked for, so ``import fastlogits`` never needs CUDA.
+"""
+from fastlogits import _config
+
+
+def get(name):
+    if name == "cpu":
+        from fastlogits.cpu import backend
+        return backend
+    reason = _config.gpu_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"fastlogits: backend 'gpu' is not available: {reason}")
+    from fastlogits.gpu import backend
+    return backend
+
+
+def gpu_rows(x, dtype):
+    """A GPU array as (x2d, lead, dtype name), via the GPU backend."""
+    return get("gpu").as_rows(x, dtype)

@@ -1,0 +1,163 @@
+"""Argument checking and normalisation shared by every public function.
+
+Every public function turns its ``logits`` into a :class:`Rows`: a 2-D view (rows, V) of the caller's
+data (never written to), the element type's name, the leading shape, and the per-row temperature. Bad
+arguments raise here, with the argument's name in the message.
+"""
+import math
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+from fastlogits import _config
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+_NAMES = {
+    np.dtype(np.float16): "float16",
+    BF16: "bfloat16",
+    np.dtype(np.float32): "float32",
+    np.dtype(np.float64): "float64",
+}
+NP_DTYPES = {v: k for k, v in _NAMES.items()}
+
+
+@dataclass
+class Rows:
+    x: object            # (rows, V) array: NumPy, or a GPU array
+    dtype: str           # "float16", "bfloat16", "float32" or "float64"
+    lead: tuple          # the leading shape: results have this shape (plus trailing axes)
+    temperature: np.ndarray  # float64 (rows,), C-contiguous
+    softcap: float       # 0.0 for none
+    backend: str
+    chunk: int
+    threads: int
+
+    @property
+    def rows(self):
+        return self.x.shape[0]
+
+    @property
+    def V(self):
+        return self.x.shape[1]
+
+    @property
+    def result_dtype(self):
+        """Reductions return float64 for float64 input, else float32."""
+        return np.dtype(np.float64) if self.dtype == "float64" else np.dtype(np.float32)
+
+
+def dtype_name(dtype, argname="dtype"):
+    """The name of a supported float dtype ("bfloat16" accepted as a string)."""
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        return "bfloat16"
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{argname} must be float16, bfloat16, float32 or float64, got {dtype!r}") from None
+    if dt not in _NAMES:
+        raise TypeError(f"{argname} must be float16, bfloat16, float32 or float64, got {dt}")
+    return _NAMES[dt]
+
+
+def as_array(logits, dtype=None, argname="logits"):
+    """logits as an array with a supported float dtype (GPU arrays are left where they are). dtype=
+    "bfloat16" re-declares 2-byte data (e.g. a |V2 or uint16 array) as bfloat16."""
+    if hasattr(logits, "__cuda_array_interface__") and not isinstance(logits, np.ndarray):
+        return logits
+    x = logits if isinstance(logits, np.ndarray) else np.asarray(logits)
+    if dtype is not None and dtype_name(dtype) == "bfloat16" and x.dtype != BF16:
+        if x.dtype.itemsize != 2 or x.dtype.kind not in "uiV":
+            raise TypeError(f"{argname}: dtype='bfloat16' re-declares 2-byte data, but {argname} has "
+                            f"dtype {x.dtype}")
+        x = x.view(BF16)
+    if x.dtype.newbyteorder("=") not in _NAMES:
+        kind = {"i": "integer", "u": "integer", "b": "bool", "c": "complex"}.get(x.dtype.kind, str(x.dtype))
+        raise TypeError(f"{argname} must be floating point (float16, bfloat16, float32 or float64), "
+                        f"got {kind} dtype {x.dtype}")
+    if x.ndim == 0:
+        raise ValueError(f"{argname} must have at least one axis (the vocabulary), got a scalar")
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))   # the kernels read native byte order
+    return x
+
+
+def to_rows(x):
+    """(x2d, lead): a 2-D (rows, V) view of x when its strides allow one, else a copy."""
+    lead, V = x.shape[:-1], x.shape[-1]
+    if x.ndim == 2:
+        return x, lead
+    if x.ndim == 1:
+        return x[None, :], lead
+    return x.reshape(math.prod(lead), V), lead
+
+
+def temperatures(temperature, lead, rows, argname="temperature", allow_zero=False):
+    """One float64 temperature per row: a scalar, or an array of the leading shape."""
+    try:
+        t = np.asarray(temperature, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{argname} must be a float or an array of floats, got {temperature!r}") from None
+    if t.ndim:
+        try:
+            t = np.broadcast_to(t, lead)
+        except ValueError:
+            raise ValueError(f"{argname} must be a scalar or one value per row (shape {lead}), got shape "
+                             f"{t.shape}") from None
+    bad = ~(np.isfinite(t) & ((t >= 0) if allow_zero else (t > 0)))
+    if np.any(bad):
+        first = np.argwhere(np.atleast_1d(bad))[0]
+        val = np.atleast_1d(t)[tuple(first)]
+        where = f" (row {tuple(int(i) for i in first)})" if t.ndim else ""
+        need = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{argname} must be finite and {need}, got {val!r}{where}")
+    return np.ascontiguousarray(np.broadcast_to(t, lead).reshape(rows), dtype=np.float64)
+
+
+def softcap_value(softcap):
+    if softcap is None:
+        return 0.0
+    try:
+        c = float(softcap)
+    except (TypeError, ValueError):
+        raise TypeError(f"softcap must be None or a float > 0, got {softcap!r}") from None
+    if not (c > 0 and math.isfinite(c)):
+        raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
+    return c
+
+
+def resolve_backend(backend, x):
+    """backend=None: a GPU array runs on the GPU, anything else on the process default."""
+    if backend is None:
+        if hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray):
+            return "gpu"
+        return _config.get_backend()
+    if backend not in ("cpu", "gpu"):
+        raise ValueError(f"backend must be 'cpu', 'gpu' or None, got {backend!r}")
+    if backend == "cpu" and hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray):
+        raise ValueError("backend='cpu' was asked for logits that live on a GPU; copy them to the host "
+                         "first or use backend='gpu'")
+    return backend
+
+
+def prepare(logits, *, temperature=1.0, softcap=None, backend=None, threads=None, chunk_size=None,
+            dtype=None, allow_zero_temperature=False):
+    """Check and normalise the arguments every function shares."""
+    x = as_array(logits, dtype=dtype)
+    backend = resolve_backend(backend, x)
+    if backend == "gpu":
+        from fastlogits.ops._backend import gpu_rows
+        x2, lead, name = gpu_rows(x, dtype)
+    else:
+        name = _NAMES[x.dtype]
+        x2, lead = to_rows(x)
+    return Rows(
+        x=x2,
+        dtype=name,
+        lead=lead,
+        temperature=temperatures(temperature, lead, x2.shape[0], allow_zero=allow_zero_temperature),
+        softcap=softcap_value(softcap),
+        backend=backend,
+        chunk=min(_config.resolve_chunk(chunk_size), max(1, x2.shape[1])),
+        threads=_config.resolve_threads(threads),
+    )

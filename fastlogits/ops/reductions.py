@@ -1,0 +1,216 @@
+"""Row reductions and maps: logsumexp, softmax, log_softmax, entropy, cross_entropy."""
+import numpy as np
+
+from fastlogits.ops import _backend
+from fastlogits.ops._prep import NP_DTYPES, as_array, dtype_name, prepare
+
+
+def _finish(r, values):
+    """Per-row float64 results -> the API's result dtype and the leading shape."""
+    with np.errstate(over="ignore"):   # a float32 result beyond float32's range is inf, by design
+        out = np.asarray(values).astype(r.result_dtype, copy=False).reshape(r.lead)
+    return out if out.ndim else out[()]
+
+
+def logsumexp(logits, *, temperature=1.0, softcap=None, backend=None, threads=None, chunk_size=None):
+    """log sum exp(x / T) over the last axis.
+
+    Parameters
+    ----------
+    logits : array_like, shape (..., V)
+        float16, bfloat16, float32 or float64.
+    temperature : float or array of shape (...)
+        Logits are divided by it (after the softcap).
+    softcap : float, optional
+        Logits become ``softcap * tanh(x / softcap)`` first.
+    backend, threads, chunk_size
+        See the README.
+
+    Returns
+    -------
+    ndarray of shape (...), float32 (float64 for float64 input)
+        A row of all -inf gives -inf (like SciPy), a row holding +inf gives +inf, NaN anywhere gives NaN;
+        an empty vocabulary gives -inf.
+
+    Examples
+    --------
+    >>> import numpy as np, fastlogits
+    >>> float(fastlogits.logsumexp(np.array([1000.0, 1000.0, -np.inf])) - 1000)
+    0.6931471805599453
+    """
+    r = prepare(logits, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
+                chunk_size=chunk_size)
+    return _finish(r, _backend.get(r.backend).lse(r.x, r.dtype, r.temperature, r.softcap, r.chunk,
+                                                  r.threads))
+
+
+def entropy(logits, *, temperature=1.0, softcap=None, backend=None, threads=None, chunk_size=None):
+    """Shannon entropy, in nats, of softmax(x / T) over the last axis.
+
+    -inf logits are impossible classes (0 log 0 = 0). A row whose softmax is NaN (all -inf, a +inf, a
+    NaN) has NaN entropy. Returns float32 of shape (...) (float64 for float64 input).
+
+    Examples
+    --------
+    >>> import numpy as np, fastlogits
+    >>> round(float(fastlogits.entropy(np.zeros(4))), 6) == round(float(np.log(4)), 6)
+    True
+    """
+    r = prepare(logits, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
+                chunk_size=chunk_size)
+    return _finish(r, _backend.get(r.backend).entropy(r.x, r.dtype, r.temperature, r.softcap, r.chunk,
+                                                      r.threads))
+
+
+def _map(logits, log, temperature, softcap, out, dtype, backend, threads, chunk_size):
+    x = as_array(logits)
+    r = prepare(x, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
+                chunk_size=chunk_size)
+    name = "log_softmax" if log else "softmax"
+    if out is None:
+        out_name = dtype_name(dtype) if dtype is not None else r.dtype
+        out = np.empty(x.shape, NP_DTYPES[out_name])
+    else:
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"{name}: out must be a NumPy array, got {type(out).__name__}")
+        if out.shape != x.shape:
+            raise ValueError(f"{name}: out must have the shape of logits {x.shape}, got {out.shape}")
+        out_name = dtype_name(out.dtype, "out")
+        if dtype is not None and dtype_name(dtype) != out_name:
+            raise ValueError(f"{name}: dtype={dtype!r} disagrees with out.dtype={out.dtype}")
+        if not out.flags.writeable:
+            raise ValueError(f"{name}: out is read-only")
+        if np.shares_memory(out, x):
+            raise ValueError(f"{name}: out overlaps logits; the caller's logits are never written to")
+    out2 = out.reshape(r.x.shape) if out.ndim != 2 else out
+    if out.ndim > 2 and not np.shares_memory(out2, out):  # pragma: no cover - reshape copied
+        tmp = np.empty(r.x.shape, out.dtype)
+        _backend.get(r.backend).softmax(r.x, r.dtype, r.temperature, r.softcap, log, tmp, out_name,
+                                        r.chunk, r.threads)
+        out[...] = tmp.reshape(out.shape)
+        return out
+    _backend.get(r.backend).softmax(r.x, r.dtype, r.temperature, r.softcap, log, out2, out_name, r.chunk,
+                                    r.threads)
+    return out
+
+
+def softmax(logits, *, temperature=1.0, softcap=None, out=None, dtype=None, backend=None, threads=None,
+            chunk_size=None):
+    """softmax(x / T) over the last axis.
+
+    Returns an array of the logits' shape, in the logits' dtype unless ``dtype=`` (or ``out=``) says
+    otherwise. A row of all -inf, or holding +inf or NaN, is all NaN (like PyTorch); -inf entries of
+    other rows get probability 0. Arithmetic is float32 (float64 for float64 input).
+
+    Examples
+    --------
+    >>> import numpy as np, fastlogits
+    >>> fastlogits.softmax(np.array([1000.0, 1000.0, -np.inf]))
+    array([0.5, 0.5, 0. ])
+    """
+    return _map(logits, False, temperature, softcap, out, dtype, backend, threads, chunk_size)
+
+
+def log_softmax(logits, *, temperature=1.0, softcap=None, out=None, dtype=None, backend=None,
+                threads=None, chunk_size=None):
+    """log softmax(x / T) over the last axis, computed as (x - max) - log sum exp(x - max).
+
+    Same conventions as :func:`softmax`; -inf entries give -inf.
+
+    Examples
+    --------
+    >>> import numpy as np, fastlogits
+    >>> fastlogits.log_softmax(np.array([0.0, -np.inf]))
+    array([  0., -inf])
+    """
+    return _map(logits, True, temperature, softcap, out, dtype, backend, threads, chunk_size)
+
+
+def check_labels(labels, lead, V, ignore_index):
+    """labels as a C-contiguous int64 array of one per row; out-of-range labels raise, naming the label
+    and its row."""
+    lab = np.asarray(labels)
+    if lab.dtype.kind not in "iu" or lab.dtype == np.bool_:
+        raise TypeError(f"labels must be integers (class indices), got dtype {lab.dtype}")
+    if lab.shape != tuple(lead):
+        raise ValueError(f"labels must have the leading shape of logits {tuple(lead)} (one class index per "
+                         f"row), got shape {lab.shape}")
+    if lab.dtype.kind == "u" and lab.dtype.itemsize == 8 and lab.size and lab.max() > np.iinfo(np.int64).max:
+        raise ValueError("labels has values beyond int64")
+    lab = np.ascontiguousarray(lab, dtype=np.int64).reshape(-1)
+    bad = (lab != ignore_index) & ((lab < 0) | (lab >= V))
+    if np.any(bad):
+        i = int(np.argmax(bad))
+        row = np.unravel_index(i, lead) if len(lead) else ()
+        where = f"row {tuple(int(j) for j in row)}" if len(lead) > 1 else f"row {i}"
+        raise IndexError(f"labels: label {int(lab[i])} at {where} is out of range for {V} classes "
+                         f"(valid: 0..{V - 1}, or ignore_index={ignore_index})")
+    return lab
+
+
+def cross_entropy(logits, labels, *, weight=None, ignore_index=-100, label_smoothing=0.0,
+                  reduction="mean", z_loss=0.0, temperature=1.0, softcap=None, backend=None, threads=None,
+                  chunk_size=None):
+    """Cross-entropy of logits (..., V) against class indices (...), like PyTorch's F.cross_entropy.
+
+    ``l_n = -w[y_n] log p_n[y_n]`` (p = softmax(x / T)); with label smoothing eps,
+    ``l_n = (1 - eps) l_n + (eps / V) R_n`` with ``R_n = -sum_c w[c] log p_n[c]``; rows with
+    ``y_n == ignore_index`` give 0. ``"mean"`` divides by the sum of ``w[y_n]`` over counted rows (the
+    smoothing term too, as PyTorch does); an all-ignored input gives NaN for "mean" and 0 for "sum".
+    ``z_loss`` adds ``z_loss * logsumexp(x / T)**2`` per counted row (PaLM), not multiplied by the class
+    weight; "mean" averages it over the counted rows (as Liger-Kernel does).
+    Returns float32 (float64 for float64 input): a scalar, or shape (...) for ``reduction="none"``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastlogits
+    >>> x = np.array([[2, 1, 0.1], [0.5, 2.5, 0.3], [1.2, 0.2, 3.1], [0, 0, 0]])
+    >>> round(float(fastlogits.cross_entropy(x, np.array([0, 1, 2, -100]))), 12)
+    0.274406775424
+    """
+    r = prepare(logits, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
+                chunk_size=chunk_size)
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    eps = float(label_smoothing)
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    z = float(z_loss)
+    if not (z >= 0 and np.isfinite(z)):
+        raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
+    try:
+        ignore_index = int(ignore_index)
+    except (TypeError, ValueError):
+        raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}") from None
+    w = None
+    if weight is not None:
+        w = np.asarray(weight, dtype=np.float64)
+        if w.shape != (r.V,):
+            raise ValueError(f"weight must have one value per class, shape ({r.V},), got shape {w.shape}")
+    lab = check_labels(labels, r.lead, r.V, ignore_index)
+    nll, smooth, lse = _backend.get(r.backend).cross_entropy_rows(
+        r.x, r.dtype, r.temperature, r.softcap, lab, ignore_index, w, eps > 0, r.chunk, r.threads)
+    loss = ce_loss(nll, smooth, lse, lab, ignore_index, w, eps, z, r.V, reduction)
+    return _finish(r, loss) if reduction == "none" else r.result_dtype.type(loss)
+
+
+def ce_loss(nll, smooth, lse, labels, ignore_index, weight, eps, z, V, reduction):
+    """PyTorch's combination of per-row terms into the loss (float64): weights, label smoothing,
+    z-loss and the reduction. nll = lse - x[label], smooth = -sum_c w_c log p_c (0 for ignored rows)."""
+    counted = labels != ignore_index
+    wy = np.where(counted, weight[np.where(counted, labels, 0)] if weight is not None else 1.0, 0.0)
+    loss = wy * np.where(counted, nll, 0.0)
+    if eps > 0:
+        loss = (1.0 - eps) * loss + (eps / V) * np.where(counted, smooth, 0.0)
+    zterm = z * np.where(counted, lse * lse, 0.0) if z > 0 else 0.0
+    if reduction == "none":
+        return loss + zterm
+    total = np.sum(loss)
+    if reduction == "mean":
+        with np.errstate(invalid="ignore", divide="ignore"):
+            total = total / np.sum(wy)
+            if z > 0:   # the z-loss is averaged over counted rows, unweighted (as Liger-Kernel does)
+                total = total + np.sum(zterm) / np.count_nonzero(counted)
+    elif z > 0:
+        total = total + np.sum(zterm)
+    return np.float64(total)

@@ -1,0 +1,82 @@
+"""Selection: argmax, top_k, top_k_logprobs."""
+import numpy as np
+
+from fastlogits.ops import _backend
+from fastlogits.ops._prep import NP_DTYPES, prepare
+
+
+def _check_k(k, V):
+    if isinstance(k, bool) or not hasattr(k, "__index__"):
+        raise TypeError(f"k must be a positive integer, got {k!r}")
+    k = int(k)
+    if not 1 <= k <= V:
+        raise ValueError(f"k must be between 1 and the vocabulary size {V}, got {k}")
+    return k
+
+
+def argmax(logits, *, temperature=1.0, softcap=None, backend=None, threads=None, chunk_size=None):
+    """Index of the largest logit of each row, int64 of shape (...).
+
+    The lowest index wins a tie; a NaN counts as the largest value (the first NaN wins), like NumPy and
+    PyTorch; a row of all -inf gives 0. An empty vocabulary raises ValueError.
+
+    Examples
+    --------
+    >>> import numpy as np, fastlogits
+    >>> int(fastlogits.argmax(np.array([1.0, 3.0, 3.0])))
+    1
+    """
+    r = prepare(logits, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
+                chunk_size=chunk_size)
+    if r.V == 0:
+        raise ValueError("argmax: logits has an empty vocabulary (last axis of length 0)")
+    out = _backend.get(r.backend).argmax(r.x, r.dtype, r.temperature, r.softcap, r.chunk, r.threads)
+    out = out.reshape(r.lead)
+    return out if out.ndim else out[()]
+
+
+def _top_k(logits, k, logprobs, temperature, softcap, backend, threads, chunk_size):
+    r = prepare(logits, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
+                chunk_size=chunk_size)
+    k = _check_k(k, r.V)
+    vals, idx = _backend.get(r.backend).top_k(r.x, r.dtype, r.temperature, r.softcap, k, logprobs,
+                                              r.chunk, r.threads)
+    return r, vals, idx.reshape(r.lead + (k,))
+
+
+def top_k(logits, k, *, temperature=1.0, softcap=None, backend=None, threads=None, chunk_size=None):
+    """The k largest logits of each row and their indices, like ``torch.topk(x, k)``.
+
+    Returns ``(values, indices)``, each of shape (..., k), sorted by value descending with the lower
+    index first on ties; NaN counts as the largest value (as in PyTorch). Values are the logits after
+    softcap and temperature, in the logits' dtype; indices are int64. ``1 <= k <= V``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastlogits
+    >>> v, i = fastlogits.top_k(np.array([0.5, 2.0, 2.0, -1.0]), 2)
+    >>> v.tolist(), i.tolist()
+    ([2.0, 2.0], [1, 2])
+    """
+    r, vals, idx = _top_k(logits, k, False, temperature, softcap, backend, threads, chunk_size)
+    vals = vals.astype(NP_DTYPES[r.dtype], copy=False).reshape(idx.shape)
+    return vals, idx
+
+
+def top_k_logprobs(logits, k, *, temperature=1.0, softcap=None, backend=None, threads=None,
+                   chunk_size=None):
+    """The k most likely tokens of each row with their log-probabilities under softmax(x / T).
+
+    Returns ``(logprobs, indices)``, each of shape (..., k), most likely first; logprobs are float32
+    (float64 for float64 input); one pass over each row.
+
+    Examples
+    --------
+    >>> import numpy as np, fastlogits
+    >>> lp, i = fastlogits.top_k_logprobs(np.log(np.array([0.2, 0.5, 0.3])), 2)
+    >>> np.round(np.exp(lp), 6).tolist(), i.tolist()
+    ([0.5, 0.3], [1, 2])
+    """
+    r, lp, idx = _top_k(logits, k, True, temperature, softcap, backend, threads, chunk_size)
+    with np.errstate(over="ignore"):
+        return lp.astype(r.result_dtype, copy=False).reshape(idx.shape), idx

@@ -1,0 +1,201 @@
+"""Accumulators: fold a block of rows whose vocabulary arrives in column chunks, in any order.
+
+Each accumulator holds one row state per row (the C core's logsumexp state: running max m and running
+sum s of exp(x - m)), updated by ``update(chunk, start)`` and merged with the states of other column
+ranges by ``merge`` (another accumulator, or a ``state`` tuple made elsewhere: another process, another
+backend, another machine). Merging is associative and commutative, so the order of chunks and merges
+does not matter beyond rounding.
+"""
+from typing import NamedTuple
+
+import numpy as np
+
+from fastlogits.cpu import _reduce
+from fastlogits.cpu.backend import CODES, compute_dtype
+from fastlogits.ops._prep import as_array, prepare
+from fastlogits.ops.reductions import ce_loss
+
+
+class LogSumExpState(NamedTuple):
+    m: np.ndarray   # running max per row (-inf: nothing yet; NaN: a NaN was seen)
+    s: np.ndarray   # running sum of exp(x - m) per row
+
+
+class CrossEntropyState(NamedTuple):
+    m: np.ndarray        # as LogSumExpState
+    s: np.ndarray
+    target: np.ndarray   # the label's (transformed) logit, once its column was seen
+    found: np.ndarray    # bool: the label's column was seen
+    wsum: np.ndarray     # sum of (weighted) logits seen, for label smoothing
+    columns: int         # number of vocabulary columns folded in
+
+
+def _merge_lse(m, s, m2, s2):
+    _reduce.merge_lse_states(m, s, np.ascontiguousarray(m2, dtype=np.float64),
+                             np.ascontiguousarray(s2, dtype=np.float64))
+
+
+class _Base:
+    def __init__(self, rows, temperature, softcap, threads, chunk_size):
+        if isinstance(rows, bool) or not hasattr(rows, "__index__") or int(rows) < 0:
+            raise ValueError(f"rows must be a non-negative integer, got {rows!r}")
+        self.rows = int(rows)
+        self._temperature = temperature
+        self._softcap = softcap
+        self._threads = threads
+        self._chunk_size = chunk_size
+        self.m = np.full(self.rows, -np.inf)
+        self.s = np.zeros(self.rows)
+        self.columns = 0
+
+    def _fold(self, chunk, start, weight=None, want_sum=False):
+        """The chunk's row states (m, s, sum) after the usual checks."""
+        x = as_array(chunk, argname="chunk")
+        if x.ndim != 2 or x.shape[0] != self.rows:
+            raise ValueError(f"chunk must have shape (rows, c) = ({self.rows}, c), got {x.shape}")
+        if isinstance(start, bool) or not hasattr(start, "__index__") or int(start) < 0:
+            raise ValueError(f"start must be a non-negative integer column index, got {start!r}")
+        r = prepare(x, temperature=self._temperature, softcap=self._softcap, backend="cpu",
+                    threads=self._threads, chunk_size=self._chunk_size)
+        m, s, tot = (np.empty(self.rows) for _ in range(3))
+        w = None
+        if weight is not None:
+            w = np.ascontiguousarray(weight[int(start):int(start) + x.shape[1]], dtype=compute_dtype(r.dtype))
+        _reduce.lse_states(r.x, CODES[r.dtype], r.temperature, r.softcap, w, want_sum, m, s, tot, r.chunk,
+                           r.threads)
+        self.columns += x.shape[1]
+        return r, m, s, tot
+
+    def __repr__(self):
+        return f"{type(self).__name__}(rows={self.rows}, columns={self.columns})"
+
+
+class LogSumExp(_Base):
+    """Running logsumexp of ``rows`` rows whose columns arrive in chunks.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastlogits.stream import LogSumExp
+    >>> x = np.random.default_rng(0).normal(size=(3, 10))
+    >>> acc = LogSumExp(3)
+    >>> acc.update(x[:, 6:], 6); acc.update(x[:, :6], 0)
+    >>> bool(np.allclose(acc.result(), np.log(np.exp(x).sum(1))))
+    True
+    """
+
+    def __init__(self, rows, *, temperature=1.0, softcap=None, threads=None, chunk_size=None):
+        super().__init__(rows, temperature, softcap, threads, chunk_size)
+
+    def update(self, chunk, start=0):
+        """Fold in columns start .. start + c of every row; chunk has shape (rows, c)."""
+        _, m, s, _ = self._fold(chunk, start)
+        _merge_lse(self.m, self.s, m, s)
+        return self
+
+    @property
+    def state(self):
+        return LogSumExpState(self.m.copy(), self.s.copy())
+
+    def merge(self, other):
+        """Fold in the state of other columns: a LogSumExp, or a (m, s) pair of arrays."""
+        m2, s2 = other.state if isinstance(other, LogSumExp) else other
+        m2, s2 = np.asarray(m2, dtype=np.float64), np.asarray(s2, dtype=np.float64)
+        if m2.shape != (self.rows,) or s2.shape != (self.rows,):
+            raise ValueError(f"merge: the other state must have {self.rows} rows, got {m2.shape}")
+        _merge_lse(self.m, self.s, m2, s2)
+        if isinstance(other, LogSumExp):
+            self.columns += other.columns
+        return self
+
+    def result(self):
+        """logsumexp per row, float64 (rows,)."""
+        out = np.empty(self.rows)
+        _reduce.lse_results(self.m, self.s, out)
+        return out
+
+
+class CrossEntropy(_Base):
+    """Running cross-entropy of rows whose columns arrive in chunks, with F.cross_entropy's options.
+
+    ``labels`` has one class index per row; ``result()`` gives what :func:`fastlogits.cross_entropy`
+    gives for the whole rows (the vocabulary size is the number of columns folded in).
+    """
+
+    def __init__(self, labels, *, weight=None, ignore_index=-100, label_smoothing=0.0, reduction="mean",
+                 z_loss=0.0, temperature=1.0, softcap=None, threads=None, chunk_size=None):
+        lab = np.asarray(labels)
+        if lab.ndim != 1:
+            raise ValueError(f"labels must be 1-D (one class index per row), got shape {lab.shape}")
+        super().__init__(lab.shape[0], temperature, softcap, threads, chunk_size)
+        if lab.dtype.kind not in "iu":
+            raise TypeError(f"labels must be integers (class indices), got dtype {lab.dtype}")
+        self.labels = lab.astype(np.int64)
+        if np.any((self.labels < 0) & (self.labels != int(ignore_index))):
+            i = int(np.argmax((self.labels < 0) & (self.labels != int(ignore_index))))
+            raise IndexError(f"labels: label {int(self.labels[i])} at row {i} is out of range")
+        self.weight = None if weight is None else np.asarray(weight, dtype=np.float64)
+        self.ignore_index = int(ignore_index)
+        self.label_smoothing = float(label_smoothing)
+        if not 0.0 <= self.label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+        if reduction not in ("none", "mean", "sum"):
+            raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+        self.reduction = reduction
+        self.z_loss = float(z_loss)
+        self.target = np.zeros(self.rows)
+        self.found = np.zeros(self.rows, bool)
+        self.wsum = np.zeros(self.rows)
+
+    def update(self, chunk, start=0):
+        """Fold in columns start .. start + c of every row; chunk has shape (rows, c)."""
+        smoothing = self.label_smoothing > 0
+        r, m, s, tot = self._fold(chunk, start, self.weight, smoothing)
+        start, c = int(start), r.V
+        _merge_lse(self.m, self.s, m, s)
+        if smoothing:
+            self.wsum += tot
+        here = (self.labels >= start) & (self.labels < start + c) & (self.labels != self.ignore_index)
+        cols = np.where(here, self.labels - start, -1).astype(np.int64)
+        _reduce.row_values(r.x, CODES[r.dtype], r.temperature, r.softcap, cols, self.target)
+        self.found |= here
+        return self
+
+    @property
+    def state(self):
+        return CrossEntropyState(self.m.copy(), self.s.copy(), self.target.copy(), self.found.copy(),
+                                 self.wsum.copy(), self.columns)
+
+    def merge(self, other):
+        """Fold in the state of other columns: a CrossEntropy, or a CrossEntropyState."""
+        st = other.state if isinstance(other, CrossEntropy) else CrossEntropyState(*other)
+        _merge_lse(self.m, self.s, st.m, st.s)
+        found = np.asarray(st.found, bool)
+        self.target = np.where(found, st.target, self.target)
+        self.found |= found
+        self.wsum += np.asarray(st.wsum, dtype=np.float64)
+        self.columns += int(st.columns)
+        return self
+
+    def result(self):
+        """The loss: a float64 scalar, or per row for reduction="none"."""
+        V = self.columns
+        counted = self.labels != self.ignore_index
+        if np.any(counted & (self.labels >= V)):
+            i = int(np.argmax(counted & (self.labels >= V)))
+            raise IndexError(f"labels: label {int(self.labels[i])} at row {i} is out of range for the {V} "
+                             "columns folded in")
+        if np.any(counted & ~self.found):
+            i = int(np.argmax(counted & ~self.found))
+            raise ValueError(f"row {i}: the column of its label {int(self.labels[i])} was never folded in")
+        lse = np.empty(self.rows)
+        _reduce.lse_results(self.m, self.s, lse)
+        finite = np.isfinite(self.m)     # else log_softmax is NaN: all -inf, a +inf or a NaN seen
+        lse = np.where(finite, lse, np.nan)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            nll = np.where(finite, (self.m - self.target) + np.log(self.s), np.nan)  # exact for huge x
+        eps = self.label_smoothing
+        wtotal = float(np.sum(self.weight)) if self.weight is not None else float(V)
+        smooth = wtotal * lse - self.wsum if eps > 0 else None
+        return ce_loss(nll, smooth, lse, self.labels, self.ignore_index, self.weight, eps,
+                       self.z_loss, V, self.reduction)

@@ -1,0 +1,73 @@
+"""Build of fastlogits' Cython kernels.
+
+Before anything is compiled, a trivial C program is built so that a missing compiler fails at once with a
+message saying what to install. OpenMP is probed the same way (set FASTLOGITS_NO_OPENMP=1 to build without
+it; ``fastlogits.show_config()`` reports what the build has). The shipped flags are portable: the C core
+picks AVX-512, AVX2 or baseline code at run time (target_clones in fastlogits.h); nothing here uses
+-march=native or flags that change NaN/inf semantics.
+"""
+import os
+import sys
+import tempfile
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+MODULES = ["_reduce", "_maps", "_select", "_info"]
+
+
+def _try_compile(compiler, source, extra_args=(), link_args=()):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "probe.c")
+        with open(path, "w") as f:
+            f.write(source)
+        try:
+            objs = compiler.compile([path], output_dir=tmp, extra_postargs=list(extra_args))
+            compiler.link_executable(objs, os.path.join(tmp, "probe"), extra_postargs=list(link_args))
+        except Exception:
+            return False
+    return True
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        cc = self.compiler
+        if not _try_compile(cc, "int main(void) { return 0; }\n"):
+            sys.exit(
+                "error: fastlogits needs a working C compiler to build its kernels, and none was found "
+                f"(tried {getattr(cc, 'compiler', ['cc'])[0]!r}). Install one (Debian/Ubuntu: "
+                "'apt-get install gcc python3-dev'; macOS: 'xcode-select --install') and retry."
+            )
+        omp_compile, omp_link = ["-fopenmp"], ["-fopenmp"]
+        use_omp = os.environ.get("FASTLOGITS_NO_OPENMP", "") in ("", "0")
+        if use_omp and not _try_compile(
+            cc, "#include <omp.h>\nint main(void) { return omp_get_max_threads() > 0 ? 0 : 1; }\n",
+            omp_compile, omp_link,
+        ):
+            print("warning: the C compiler has no OpenMP; fastlogits will run on one thread. "
+                  "(Install libgomp / libomp to enable threads.)", file=sys.stderr)
+            use_omp = False
+        for ext in self.extensions:
+            ext.extra_compile_args = ["-O3", "-std=gnu99"] + (omp_compile if use_omp else [])
+            ext.extra_link_args = omp_link if use_omp else []
+            ext.libraries = ["m"]
+        super().build_extensions()
+
+
+def extensions():
+    from Cython.Build import cythonize
+
+    exts = [
+        Extension(
+            f"fastlogits.cpu.{name}",
+            [f"fastlogits/cpu/{name}.pyx"],
+            include_dirs=["fastlogits/include"],
+            depends=["fastlogits/include/fastlogits.h", "fastlogits/include/fastlogits_impl.h",
+                     "fastlogits/cpu/_rows.pxd", "fastlogits/clib.pxd"],
+        )
+        for name in MODULES
+    ]
+    return cythonize(exts, compiler_directives={"language_level": 3}, include_path=["."])
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
