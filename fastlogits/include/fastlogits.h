@@ -73,15 +73,18 @@ extern "C" {
 #define FL_LANE_LOOP
 #endif
 
-/* A hint to fetch the cache line at address p + i elements; never faults, even past the end of an array
- * (the address is formed as an integer, so no out-of-bounds pointer exists in C's sense). */
+/* A hint to fetch the cache line at address `addr` (an integer, so that no out-of-bounds pointer exists in
+ * C's sense); it never faults, even past the end of an array. */
 #if defined(__GNUC__) || defined(__clang__)
-#define FL_PREFETCH(p, i) __builtin_prefetch((const void *)((uintptr_t)(p) + (uintptr_t)(i) * sizeof(*(p))), 0, 3)
+#define FL_PREFETCH(addr) __builtin_prefetch((const void *)(uintptr_t)(addr), 0, 3)
 #else
-#define FL_PREFETCH(p, i) ((void)0)
+#define FL_PREFETCH(addr) ((void)0)
 #endif
 
 #define FL_INF ((double)INFINITY)
+
+/* Vocabulary elements folded per step by the fl_lse_update_* functions (16 KB of float: L1-resident). */
+#define FL_CHUNK 4096
 
 /* Input element types. */
 enum { FL_F16 = 0, FL_BF16 = 1, FL_F32 = 2, FL_F64 = 3 };
@@ -406,15 +409,19 @@ typedef struct fl_row {
 /* 3. Public API: the logsumexp state over plain arrays                                             */
 /* ------------------------------------------------------------------------------------------------ */
 
-/* Fold n float32 values into the state. */
+/* Fold n float32 values into the state, in chunks that stay in L1. */
 static inline void fl_lse_update_f32(fl_lse_state *st, const float *x, size_t n) {
-    fl_lse_state c = fl_lse_chunk_f32(x, (int64_t)n);
-    fl_lse_merge(st, &c);
+    for (size_t c0 = 0; c0 < n; c0 += FL_CHUNK) {
+        size_t len = n - c0 < FL_CHUNK ? n - c0 : FL_CHUNK;
+        fl_lse_fold_f32(st, x + c0, (int64_t)len, (uintptr_t)(x + c0) + len * sizeof(float), 64);
+    }
 }
 
 static inline void fl_lse_update_f64(fl_lse_state *st, const double *x, size_t n) {
-    fl_lse_state c = fl_lse_chunk_f64(x, (int64_t)n);
-    fl_lse_merge(st, &c);
+    for (size_t c0 = 0; c0 < n; c0 += FL_CHUNK) {
+        size_t len = n - c0 < FL_CHUNK ? n - c0 : FL_CHUNK;
+        fl_lse_fold_f64(st, x + c0, (int64_t)len, (uintptr_t)(x + c0) + len * sizeof(double), 64);
+    }
 }
 
 #define FL_CONVERT_BLOCK 1024

@@ -48,8 +48,11 @@ FL_MULTIVERSION static FL_UNUSED FL_T FL_FN(fl__max)(const FL_T *x, int64_t n, i
 #define FL_FLUSH 16
 
 /* sum exp(x - m) over x[0:n); m finite, no NaN in x (terms below 1e-38 relative may be off: they
- * cannot change the sum, whose largest term is 1). */
-FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp)(const FL_T *x, int64_t n, FL_T m) {
+ * cannot change the sum, whose largest term is 1).
+ * This loop is bound by arithmetic on data in L1. Meanwhile it prefetches the memory that the next,
+ * memory-bound, step will read: one cache line at pf + k * pf_step for the k-th vector (pf = 0: none). */
+FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp)(const FL_T *x, int64_t n, FL_T m, uintptr_t pf,
+                                                          uintptr_t pf_step) {
     double tot[FL_LANES];
     FL_T acc[FL_LANES];
     int64_t i = 0;
@@ -59,10 +62,7 @@ FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp)(const FL_T *x, int64_t
         int64_t stop = i + FL_FLUSH * FL_LANES < n ? i + FL_FLUSH * FL_LANES : n;
         for (j = 0; j < FL_LANES; j++) acc[j] = 0;
         for (; i + FL_LANES <= stop; i += FL_LANES) {
-            /* This loop is bound by arithmetic on data in L1; meanwhile, fetch what follows the chunk
-             * (the next chunk, or the next row) so that the memory-bound max pass that comes next finds
-             * it in cache. One cache line per vector of floats. */
-            FL_PREFETCH(x, n + i);
+            if (pf) FL_PREFETCH(pf + (uintptr_t)(i / FL_LANES) * pf_step);
             FL_LANE_LOOP
             for (j = 0; j < FL_LANES; j++) acc[j] += FL_EXP_NEG(x[i + j] - m);
         }
@@ -73,10 +73,51 @@ FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp)(const FL_T *x, int64_t
     return tot[0];
 }
 
+/* One pass over a chunk, for rows whose running max m is already known (every chunk but the first): sum
+ * exp(x - m), the chunk's max (*cmax) and whether it holds a NaN. The caller keeps the result only when
+ * *cmax <= m + 64 and there is no NaN: then no term overflows (e^64 is far below FLT_MAX / n); otherwise
+ * it folds the chunk again in two passes (rare: the max of a row is usually found early). */
+FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp_max)(const FL_T *x, int64_t n, FL_T m, FL_T *cmax,
+                                                              int *has_nan, uintptr_t pf,
+                                                              uintptr_t pf_step) {
+    double tot[FL_LANES];
+    FL_T acc[FL_LANES], mx[FL_LANES], bad[FL_LANES];
+    int64_t i = 0;
+    int j;
+    for (j = 0; j < FL_LANES; j++) { tot[j] = 0.0; mx[j] = -(FL_T)INFINITY; bad[j] = 0; }
+    while (i + FL_LANES <= n) {
+        int64_t stop = i + FL_FLUSH * FL_LANES < n ? i + FL_FLUSH * FL_LANES : n;
+        for (j = 0; j < FL_LANES; j++) acc[j] = 0;
+        for (; i + FL_LANES <= stop; i += FL_LANES) {
+            if (pf) FL_PREFETCH(pf + (uintptr_t)(i / FL_LANES) * pf_step);
+            FL_LANE_LOOP
+            for (j = 0; j < FL_LANES; j++) {
+                FL_T v = x[i + j];
+                mx[j] = v > mx[j] ? v : mx[j];
+                bad[j] += v - v;
+                acc[j] += FL_EXP_NEG(v - m);
+            }
+        }
+        for (j = 0; j < FL_LANES; j++) tot[j] += acc[j];
+    }
+    for (; i < n; i++) {
+        FL_T v = x[i];
+        mx[0] = v > mx[0] ? v : mx[0];
+        bad[0] += v - v;
+        tot[0] += FL_EXP_NEG(v - m);
+    }
+    *has_nan = 0;
+    for (j = 1; j < FL_LANES; j++) { tot[0] += tot[j]; mx[0] = mx[j] > mx[0] ? mx[j] : mx[0]; }
+    for (j = 0; j < FL_LANES; j++) *has_nan |= bad[j] != bad[j];   /* a NaN or an infinity */
+    *cmax = mx[0];
+    return tot[0];
+}
+
 /* sum exp(x - m) and sum exp(x - m) * (x - m) over x[0:n); m finite, no NaN in x. x - m is clamped
  * where exp() flushes (as in fl__sumexp), so -inf logits add (almost exactly) 0 to both sums: 0 log 0 = 0,
  * -inf logits are impossible classes. */
-FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp_t)(const FL_T *x, int64_t n, FL_T m, double *t) {
+FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp_t)(const FL_T *x, int64_t n, FL_T m, double *t,
+                                                            uintptr_t pf, uintptr_t pf_step) {
     double tot[FL_LANES], tt[FL_LANES];
     FL_T acc[FL_LANES], act[FL_LANES];
     int64_t i = 0;
@@ -86,7 +127,7 @@ FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp_t)(const FL_T *x, int64
         int64_t stop = i + FL_FLUSH * FL_LANES < n ? i + FL_FLUSH * FL_LANES : n;
         for (j = 0; j < FL_LANES; j++) { acc[j] = 0; act[j] = 0; }
         for (; i + FL_LANES <= stop; i += FL_LANES) {
-            FL_PREFETCH(x, n + i);    /* as in fl__sumexp */
+            if (pf) FL_PREFETCH(pf + (uintptr_t)(i / FL_LANES) * pf_step);   /* as in fl__sumexp */
             FL_LANE_LOOP
             for (j = 0; j < FL_LANES; j++) {
                 FL_T d = x[i + j] - m;
@@ -155,8 +196,8 @@ FL_MULTIVERSION static FL_UNUSED void FL_FN(fl__transform)(FL_T *x, int64_t n, F
         for (int64_t i = 0; i < n; i++) x[i] = x[i] / temperature;
 }
 
-/* The logsumexp state of a contiguous chunk. */
-static inline fl_lse_state FL_FN(fl_lse_chunk)(const FL_T *x, int64_t n) {
+/* The logsumexp state of a contiguous chunk; pf, pf_step: what to prefetch meanwhile (see fl__sumexp). */
+static inline fl_lse_state FL_FN(fl_lse_chunk_pf)(const FL_T *x, int64_t n, uintptr_t pf, uintptr_t pf_step) {
     fl_lse_state st;
     int has_nan;
     FL_T m = FL_FN(fl__max)(x, n, &has_nan);
@@ -164,12 +205,43 @@ static inline fl_lse_state FL_FN(fl_lse_chunk)(const FL_T *x, int64_t n) {
     st.s = 1.0;
     if (has_nan) { st.m = NAN; st.s = NAN; }
     else if (m == -(FL_T)INFINITY) st.s = 0.0;
-    else if (m != (FL_T)INFINITY) st.s = FL_FN(fl__sumexp)(x, n, m);
+    else if (m != (FL_T)INFINITY) st.s = FL_FN(fl__sumexp)(x, n, m, pf, pf_step);
     return st;
 }
 
+/* The same, prefetching the memory that follows the chunk (a caller walking an array). */
+static inline fl_lse_state FL_FN(fl_lse_chunk)(const FL_T *x, int64_t n) {
+    return FL_FN(fl_lse_chunk_pf)(x, n, (uintptr_t)x + (uintptr_t)n * sizeof(FL_T),
+                                  FL_LANES * sizeof(FL_T));
+}
+
+/* Fold a contiguous chunk into a running state: one pass when the state's max is finite and the chunk
+ * does not raise it by more than 64 (or hold a NaN or inf), else the two-pass chunk state and a merge. */
+static inline void FL_FN(fl_lse_fold)(fl_lse_state *st, const FL_T *x, int64_t n, uintptr_t pf,
+                                      uintptr_t pf_step) {
+    fl_lse_state c;
+    if (n <= 0) return;
+    if (st->m > -FL_INF && st->m < FL_INF) {
+        FL_T sh = (FL_T)st->m, cmax;
+        int bad;
+        double s = FL_FN(fl__sumexp_max)(x, n, sh, &cmax, &bad, pf, pf_step);
+        if (!bad && cmax <= sh + 64) {
+            if ((double)sh != st->m) s *= exp((double)sh - st->m);   /* a state merged from elsewhere */
+            if ((double)cmax > st->m) {
+                st->s = (st->s + s) * exp(st->m - (double)cmax);
+                st->m = cmax;
+            } else {
+                st->s += s;
+            }
+            return;
+        }
+    }
+    c = FL_FN(fl_lse_chunk_pf)(x, n, pf, pf_step);
+    fl_lse_merge(st, &c);
+}
+
 /* The entropy state of a contiguous chunk. */
-static inline fl_ent_state FL_FN(fl_ent_chunk)(const FL_T *x, int64_t n) {
+static inline fl_ent_state FL_FN(fl_ent_chunk)(const FL_T *x, int64_t n, uintptr_t pf, uintptr_t pf_step) {
     fl_ent_state st;
     int has_nan;
     FL_T m = FL_FN(fl__max)(x, n, &has_nan);
@@ -178,7 +250,7 @@ static inline fl_ent_state FL_FN(fl_ent_chunk)(const FL_T *x, int64_t n) {
     st.t = 0.0;
     if (has_nan) { st.m = st.s = st.t = NAN; }
     else if (m == -(FL_T)INFINITY) st.s = 0.0;
-    else if (m != (FL_T)INFINITY) st.s = FL_FN(fl__sumexp_t)(x, n, m, &st.t);
+    else if (m != (FL_T)INFINITY) st.s = FL_FN(fl__sumexp_t)(x, n, m, &st.t, pf, pf_step);
     return st;
 }
 
@@ -213,15 +285,23 @@ static inline const FL_T *FL_FN(fl_row_chunk)(const fl_row *r, int64_t start, in
     return buf;
 }
 
+/* Where the row's data for columns from `next` on lies, for prefetching while a chunk is computed on: 0
+ * (no prefetch) unless the row is contiguous. *step: bytes of source per vector of compute values. */
+static inline uintptr_t FL_FN(fl_row_prefetch)(const fl_row *r, int64_t next, uintptr_t *step) {
+    *step = (uintptr_t)FL_LANES * (uintptr_t)fl_dtype_size[r->dtype];
+    if (r->stride != fl_dtype_size[r->dtype]) return 0;
+    return (uintptr_t)r->data + (uintptr_t)next * (uintptr_t)r->stride;
+}
+
 /* logsumexp state of columns [start, stop) of r, in chunks of `chunk` (buf holds chunk values). */
 static inline fl_lse_state FL_FN(fl_row_lse)(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
                                               FL_T *buf) {
-    fl_lse_state st, c;
+    fl_lse_state st;
     fl_lse_init(&st);
     for (int64_t c0 = start; c0 < stop; c0 += chunk) {
         int64_t len = stop - c0 < chunk ? stop - c0 : chunk;
-        c = FL_FN(fl_lse_chunk)(FL_FN(fl_row_chunk)(r, c0, len, buf), len);
-        fl_lse_merge(&st, &c);
+        uintptr_t step, pf = FL_FN(fl_row_prefetch)(r, c0 + len, &step);
+        FL_FN(fl_lse_fold)(&st, FL_FN(fl_row_chunk)(r, c0, len, buf), len, pf, step);
     }
     return st;
 }
@@ -233,7 +313,8 @@ static inline fl_ent_state FL_FN(fl_row_entropy)(const fl_row *r, int64_t start,
     fl_ent_init(&st);
     for (int64_t c0 = start; c0 < stop; c0 += chunk) {
         int64_t len = stop - c0 < chunk ? stop - c0 : chunk;
-        c = FL_FN(fl_ent_chunk)(FL_FN(fl_row_chunk)(r, c0, len, buf), len);
+        uintptr_t step, pf = FL_FN(fl_row_prefetch)(r, c0 + len, &step);
+        c = FL_FN(fl_ent_chunk)(FL_FN(fl_row_chunk)(r, c0, len, buf), len, pf, step);
         fl_ent_merge(&st, &c);
     }
     return st;
@@ -243,14 +324,14 @@ static inline fl_ent_state FL_FN(fl_row_entropy)(const fl_row *r, int64_t start,
  * sum of the (transformed) logits, weighted by w[column] when w is not NULL (label smoothing). */
 static inline fl_lse_state FL_FN(fl_row_ce)(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
                                              const FL_T *w, double *wsum, FL_T *buf) {
-    fl_lse_state st, c;
+    fl_lse_state st;
     fl_lse_init(&st);
     if (wsum) *wsum = 0.0;
     for (int64_t c0 = start; c0 < stop; c0 += chunk) {
         int64_t len = stop - c0 < chunk ? stop - c0 : chunk;
+        uintptr_t step, pf = FL_FN(fl_row_prefetch)(r, c0 + len, &step);
         const FL_T *x = FL_FN(fl_row_chunk)(r, c0, len, buf);
-        c = FL_FN(fl_lse_chunk)(x, len);
-        fl_lse_merge(&st, &c);
+        FL_FN(fl_lse_fold)(&st, x, len, pf, step);
         if (wsum) *wsum += FL_FN(fl__sum)(x, w ? w + c0 : NULL, len);
     }
     return st;
@@ -341,12 +422,14 @@ static inline void FL_FN(fl_row_topk)(const fl_row *r, int64_t k, int64_t chunk,
                                       int64_t *hi, FL_T *out_v, int64_t *out_i, fl_lse_state *st) {
     int64_t size = 0, i, c0;
     int has_nan;
-    fl_lse_state cs;
     if (st) fl_lse_init(st);
     for (c0 = 0; c0 < r->n; c0 += chunk) {
         int64_t len = r->n - c0 < chunk ? r->n - c0 : chunk;
         const FL_T *x = FL_FN(fl_row_chunk)(r, c0, len, buf);
-        if (st) { cs = FL_FN(fl_lse_chunk)(x, len); fl_lse_merge(st, &cs); }
+        if (st) {
+            uintptr_t step, pf = FL_FN(fl_row_prefetch)(r, c0 + len, &step);
+            FL_FN(fl_lse_fold)(st, x, len, pf, step);
+        }
         i = 0;
         for (; i < len && size < k; i++) {            /* fill: sift up */
             int64_t p = size++;
