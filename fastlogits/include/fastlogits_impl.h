@@ -74,17 +74,17 @@ FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp)(const FL_T *x, int64_t
 }
 
 /* One pass over a chunk, for rows whose running max m is already known (every chunk but the first): sum
- * exp(x - m), the chunk's max (*cmax) and whether it holds a NaN. The caller keeps the result only when
- * *cmax <= m + 64 and there is no NaN: then no term overflows (e^64 is far below FLT_MAX / n); otherwise
- * it folds the chunk again in two passes (rare: the max of a row is usually found early). */
+ * exp(x - m) and the chunk's max (*cmax, NaN ignored). A NaN in the chunk makes the sum NaN (the exp
+ * propagates it). The caller keeps the result only when the sum is not NaN and *cmax <= m + 64: then no
+ * term overflows (e^64 is far below FLT_MAX / n); otherwise it folds the chunk again in two passes
+ * (rare: the max of a row is usually found early). */
 FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp_max)(const FL_T *x, int64_t n, FL_T m, FL_T *cmax,
-                                                              int *has_nan, uintptr_t pf,
-                                                              uintptr_t pf_step) {
+                                                              uintptr_t pf, uintptr_t pf_step) {
     double tot[FL_LANES];
-    FL_T acc[FL_LANES], mx[FL_LANES], bad[FL_LANES];
+    FL_T acc[FL_LANES], mx[FL_LANES];
     int64_t i = 0;
     int j;
-    for (j = 0; j < FL_LANES; j++) { tot[j] = 0.0; mx[j] = -(FL_T)INFINITY; bad[j] = 0; }
+    for (j = 0; j < FL_LANES; j++) { tot[j] = 0.0; mx[j] = -(FL_T)INFINITY; }
     while (i + FL_LANES <= n) {
         int64_t stop = i + FL_FLUSH * FL_LANES < n ? i + FL_FLUSH * FL_LANES : n;
         for (j = 0; j < FL_LANES; j++) acc[j] = 0;
@@ -94,7 +94,6 @@ FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp_max)(const FL_T *x, int
             for (j = 0; j < FL_LANES; j++) {
                 FL_T v = x[i + j];
                 mx[j] = v > mx[j] ? v : mx[j];
-                bad[j] += v - v;
                 acc[j] += FL_EXP_NEG(v - m);
             }
         }
@@ -103,12 +102,9 @@ FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp_max)(const FL_T *x, int
     for (; i < n; i++) {
         FL_T v = x[i];
         mx[0] = v > mx[0] ? v : mx[0];
-        bad[0] += v - v;
         tot[0] += FL_EXP_NEG(v - m);
     }
-    *has_nan = 0;
     for (j = 1; j < FL_LANES; j++) { tot[0] += tot[j]; mx[0] = mx[j] > mx[0] ? mx[j] : mx[0]; }
-    for (j = 0; j < FL_LANES; j++) *has_nan |= bad[j] != bad[j];   /* a NaN or an infinity */
     *cmax = mx[0];
     return tot[0];
 }
@@ -223,9 +219,8 @@ static inline void FL_FN(fl_lse_fold)(fl_lse_state *st, const FL_T *x, int64_t n
     if (n <= 0) return;
     if (st->m > -FL_INF && st->m < FL_INF) {
         FL_T sh = (FL_T)st->m, cmax;
-        int bad;
-        double s = FL_FN(fl__sumexp_max)(x, n, sh, &cmax, &bad, pf, pf_step);
-        if (!bad && cmax <= sh + 64) {
+        double s = FL_FN(fl__sumexp_max)(x, n, sh, &cmax, pf, pf_step);
+        if (s == s && cmax <= sh + 64) {
             if ((double)sh != st->m) s *= exp((double)sh - st->m);   /* a state merged from elsewhere */
             if ((double)cmax > st->m) {
                 st->s = (st->s + s) * exp(st->m - (double)cmax);
