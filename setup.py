@@ -13,7 +13,7 @@ import tempfile
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-MODULES = ["_reduce", "_maps", "_select", "_info"]
+MODULES = ["_reduce", "_maps", "_select", "_info", "_exports"]
 
 
 def _try_compile(compiler, source, extra_args=(), link_args=()):

@@ -15,8 +15,22 @@
  *      GCC and Clang vectorize without -ffast-math; on x86-64 Linux with GCC they are compiled three times
  *      (x86-64-v4 = AVX-512, x86-64-v3 = AVX2+FMA, baseline) and the loader picks one at start-up
  *      (target_clones), so the includer's own flags never matter;
- *   3. the public API: fl_lse_* (the minimum promised by the project's API), the entropy and cross-entropy
- *      states, and row drivers that read any dtype and stride, apply softcap and temperature, and fold.
+ *   3. the public API (below), and row drivers that read any dtype and stride, apply softcap and
+ *      temperature, and fold.
+ *
+ * Public API (all static inline; include this header, link -lm):
+ *   fl_lse_state, fl_lse_init, fl_lse_update_{f32,f64,f16,bf16}, fl_lse_merge, fl_lse_result
+ *       the online logsumexp of a row that arrives in pieces (16-bit values as their uint16_t bits);
+ *   fl_ce_state, fl_ce_init, fl_ce_update_{f32,f64}, fl_ce_merge, fl_ce_result, fl_cross_entropy_f32
+ *       cross-entropy against a class index, as PyTorch's -log_softmax(x)[label];
+ *   fl_ent_state, fl_ent_init, fl_ent_merge, fl_ent_result   entropy (nats) of softmax;
+ *   fl_argmax_state, fl_argmax_init, fl_argmax_update_f32, fl_argmax_merge, fl_argmax_f32;
+ *   fl_f16_to_f32, fl_f32_to_f16, fl_bf16_to_f32, fl_f32_to_bf16   exact / round-to-nearest-even;
+ *   fl_row with fl_row_{lse,entropy,ce,softmax,argmax,topk}_{f32,f64}: one row of any dtype and stride,
+ *       with softcap and temperature, folded in chunks (the kernels of the Python package);
+ *   fl_simd_path()   "avx512", "avx2" or "baseline": the code path this process runs.
+ * Every merge is associative and commutative: states of column ranges folded by different threads or
+ * machines combine in any order.
  *
  * Numerics: NaN anywhere makes a state NaN (it never hides behind max); a +inf logit makes logsumexp +inf;
  * an all -inf range has logsumexp -inf. exp() is Cephes' polynomial (float, within 1.5 ulp) or rational
@@ -451,18 +465,107 @@ static inline void fl_lse_update_bf16(fl_lse_state *st, const uint16_t *x, size_
     }
 }
 
-/* Cross-entropy of one contiguous float32 row of n logits against class `label`: lse(row) - row[label].
- * NaN for a label outside [0, n), a NaN in the row, or a +inf in the row (PyTorch's log_softmax is NaN
- * there). */
-static inline double fl_cross_entropy_f32(const float *row, size_t n, int64_t label) {
-    fl_lse_state st;
-    if (label < 0 || (size_t)label >= n) return NAN;
-    fl_lse_init(&st);
-    fl_lse_update_f32(&st, row, n);
-    if (st.m == FL_INF) return NAN;
-    return fl_lse_result(&st) - (double)row[label];
+/* The cross-entropy state of one row against class `label`, for a row that arrives in pieces: the
+ * logsumexp state and the label's logit once its column was seen. */
+typedef struct fl_ce_state {
+    fl_lse_state lse;
+    int64_t label;
+    double target; /* the label's logit, valid when found */
+    int found;
+} fl_ce_state;
+
+static inline void fl_ce_init(fl_ce_state *st, int64_t label) {
+    fl_lse_init(&st->lse);
+    st->label = label;
+    st->target = NAN;
+    st->found = 0;
 }
 
+/* Fold n float32 logits: columns start .. start + n of the row. */
+static inline void fl_ce_update_f32(fl_ce_state *st, const float *x, size_t n, int64_t start) {
+    fl_lse_update_f32(&st->lse, x, n);
+    if (st->label >= start && st->label - start < (int64_t)n) {
+        st->target = x[st->label - start];
+        st->found = 1;
+    }
+}
+
+static inline void fl_ce_update_f64(fl_ce_state *st, const double *x, size_t n, int64_t start) {
+    fl_lse_update_f64(&st->lse, x, n);
+    if (st->label >= start && st->label - start < (int64_t)n) {
+        st->target = x[st->label - start];
+        st->found = 1;
+    }
+}
+
+/* Merge the state of other columns of the same row (same label). */
+static inline void fl_ce_merge(fl_ce_state *into, const fl_ce_state *other) {
+    fl_lse_merge(&into->lse, &other->lse);
+    if (other->found) { into->target = other->target; into->found = 1; }
+}
+
+/* -log softmax(row)[label], computed as (m - x_label) + log s (exact even for huge logits). NaN when the
+ * label's column was never seen, or when log-softmax is NaN: a NaN or a +inf in the row, or all -inf
+ * (as PyTorch). */
+static inline double fl_ce_result(const fl_ce_state *st) {
+    double m = st->lse.m;
+    if (!st->found || !(m > -FL_INF && m < FL_INF)) return NAN;
+    return (m - st->target) + log(st->lse.s);
+}
+
+/* Cross-entropy of one contiguous float32 row of n logits against class `label`. NaN for a label
+ * outside [0, n) and wherever fl_ce_result is NaN. */
+static inline double fl_cross_entropy_f32(const float *row, size_t n, int64_t label) {
+    fl_ce_state st;
+    fl_ce_init(&st, label);
+    fl_ce_update_f32(&st, row, n, 0);
+    return fl_ce_result(&st);
+}
+
+/* The argmax state: the best value so far and its column; the lowest column wins ties, and a NaN counts
+ * as the largest value (the first NaN wins), as in NumPy and PyTorch. */
+typedef struct fl_argmax_state {
+    double value; /* -inf when empty */
+    int64_t index; /* -1 when empty */
+} fl_argmax_state;
+
+static inline void fl_argmax_init(fl_argmax_state *st) { st->value = -FL_INF; st->index = -1; }
+
+/* Merge the state of other columns (in any order). */
+static inline void fl_argmax_merge(fl_argmax_state *into, const fl_argmax_state *other) {
+    double a = into->value, b = other->value;
+    int take;
+    if (other->index < 0) return;
+    if (into->index < 0) { *into = *other; return; }
+    if (fl__isnan(b)) take = !fl__isnan(a) || other->index < into->index;
+    else if (fl__isnan(a)) take = 0;
+    else take = b > a || (b == a && other->index < into->index);
+    if (take) *into = *other;
+}
+
+/* Fold n float32 values: columns start .. start + n. */
+static inline void fl_argmax_update_f32(fl_argmax_state *st, const float *x, size_t n, int64_t start) {
+    for (size_t c0 = 0; c0 < n; c0 += FL_CHUNK) {
+        size_t len = n - c0 < FL_CHUNK ? n - c0 : FL_CHUNK, i = 0;
+        int has_nan;
+        fl_argmax_state c;
+        float m = fl__max_f32(x + c0, (int64_t)len, &has_nan);
+        if (has_nan) while (x[c0 + i] == x[c0 + i]) i++;          /* the first NaN */
+        else while (i < len && x[c0 + i] != m) i++;               /* the first max */
+        if (i == len) continue;                                    /* empty */
+        c.value = x[c0 + i];
+        c.index = start + (int64_t)(c0 + i);
+        fl_argmax_merge(st, &c);
+    }
+}
+
+/* The index of the largest of n contiguous float32 values (see fl_argmax_state); -1 when n == 0. */
+static inline int64_t fl_argmax_f32(const float *x, size_t n) {
+    fl_argmax_state st;
+    fl_argmax_init(&st);
+    fl_argmax_update_f32(&st, x, n, 0);
+    return st.index;
+}
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,55 @@
+# cython: language_level=3
+"""C entry points with plain C signatures, exported from this extension module so that other JIT code
+(``fastlogits.numba``) can call the C core through their addresses, with no Python in between."""
+
+cdef extern from *:
+    """
+    #include "fastlogits.h"
+    #if defined(__GNUC__) || defined(__clang__)
+    #define FL_EXPORT __attribute__((visibility("default")))
+    #else
+    #define FL_EXPORT
+    #endif
+
+    /* logsumexp of one row: n values of dtype FL_F32 or FL_F64, `stride` bytes apart. */
+    FL_EXPORT double fastlogits_lse_row(const char *data, int64_t n, int64_t stride, int dtype) {
+        fl_row r;
+        fl_lse_state st;
+        r.data = data; r.n = n; r.stride = stride; r.dtype = dtype;
+        r.temperature = 1.0; r.softcap = 0.0;
+        if (dtype == FL_F64) {
+            double buf[FL_CHUNK / 2];
+            st = fl_row_lse_f64(&r, 0, n, FL_CHUNK / 2, buf);
+        } else {
+            float buf[FL_CHUNK];
+            st = fl_row_lse_f32(&r, 0, n, FL_CHUNK, buf);
+        }
+        return fl_lse_result(&st);
+    }
+
+    /* -log softmax(row)[label] (NaN where PyTorch's log_softmax is NaN); label already checked. */
+    FL_EXPORT double fastlogits_ce_row(const char *data, int64_t n, int64_t stride, int dtype,
+                                       int64_t label) {
+        fl_row r;
+        fl_lse_state st;
+        double xt;
+        r.data = data; r.n = n; r.stride = stride; r.dtype = dtype;
+        r.temperature = 1.0; r.softcap = 0.0;
+        if (dtype == FL_F64) {
+            double buf[FL_CHUNK / 2];
+            st = fl_row_lse_f64(&r, 0, n, FL_CHUNK / 2, buf);
+            xt = fl_row_value_f64(&r, label);
+        } else {
+            float buf[FL_CHUNK];
+            st = fl_row_lse_f32(&r, 0, n, FL_CHUNK, buf);
+            xt = fl_row_value_f32(&r, label);
+        }
+        if (!(st.m > -INFINITY && st.m < INFINITY)) return NAN;
+        return (st.m - xt) + log(st.s);
+    }
+    """
+
+
+def symbols():
+    """Names of the exported entry points (for ctypes)."""
+    return ("fastlogits_lse_row", "fastlogits_ce_row")

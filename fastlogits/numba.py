@@ -1,0 +1,87 @@
+"""Numba entry points: fastlogits' C kernels callable inside ``@numba.njit`` code.
+
+``logsumexp_row(x)`` and ``cross_entropy_row(x, label)`` take a 1-D float32 or float64 array (any
+stride) and call the C core through the address of an exported C function, so a user's compiled loop
+runs them at the C kernels' speed with no interpreter in between::
+
+    import numba, numpy as np
+    from fastlogits.numba import logsumexp_row, cross_entropy_row
+
+    @numba.njit
+    def mean_nll(logits, labels):
+        total = 0.0
+        for i in range(logits.shape[0]):
+            total += cross_entropy_row(logits[i], labels[i])
+        return total / logits.shape[0]
+
+They may also be called from plain Python (a direct ctypes call). The GPU counterparts for
+users' own numba.cuda kernels are in ``fastlogits.gpu.device``.
+"""
+import ctypes
+
+import numba
+import numpy as np
+from numba.core import types
+from numba.extending import overload
+
+from fastlogits.cpu import _exports
+
+_lib = ctypes.CDLL(_exports.__file__)
+_lse = _lib.fastlogits_lse_row
+_lse.restype = ctypes.c_double
+_lse.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+_ce = _lib.fastlogits_ce_row
+_ce.restype = ctypes.c_double
+_ce.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64]
+
+_CODES = {np.dtype(np.float32): 2, np.dtype(np.float64): 3}   # FL_F32, FL_F64 in fastlogits.h
+
+
+def _code(x, name):
+    code = _CODES.get(np.dtype(x.dtype))
+    if code is None or np.ndim(x) != 1:
+        raise TypeError(f"{name}: x must be a 1-D float32 or float64 array, got {np.ndim(x)}-D {x.dtype}")
+    return code
+
+
+def logsumexp_row(x):
+    """log sum exp of a 1-D float32/float64 array (any stride): -inf when empty or all -inf, +inf with a
+    +inf, NaN with a NaN."""
+    return _lse(x.ctypes.data, x.size, x.strides[0], _code(x, "logsumexp_row"))
+
+
+def cross_entropy_row(x, label):
+    """-log softmax(x)[label] for a 1-D float32/float64 array (any stride); NaN where PyTorch's
+    log_softmax is NaN (a NaN or +inf in x, or all -inf); IndexError for a label outside [0, len(x))."""
+    code = _code(x, "cross_entropy_row")
+    if not 0 <= label < x.size:
+        raise IndexError(f"cross_entropy_row: label {label} is out of range for {x.size} classes")
+    return _ce(x.ctypes.data, x.size, x.strides[0], code, label)
+
+
+# Inside @njit code the same names compile to a direct call of the C function.
+
+def _numba_code(x, name):
+    if not isinstance(x, types.Array) or x.ndim != 1 or x.dtype not in (types.float32, types.float64):
+        raise numba.core.errors.TypingError(f"{name}: x must be a 1-D float32 or float64 array, got {x}")
+    return _CODES[np.dtype(str(x.dtype))]
+
+
+@overload(logsumexp_row)
+def _logsumexp_row_nb(x):
+    code = _numba_code(x, "logsumexp_row")
+
+    def impl(x):
+        return _lse(x.ctypes.data, x.size, x.strides[0], code)
+    return impl
+
+
+@overload(cross_entropy_row)
+def _cross_entropy_row_nb(x, label):
+    code = _numba_code(x, "cross_entropy_row")
+
+    def impl(x, label):
+        if label < 0 or label >= x.size:
+            raise IndexError("cross_entropy_row: label is out of range")
+        return _ce(x.ctypes.data, x.size, x.strides[0], code, label)
+    return impl

@@ -1,0 +1,253 @@
+"""fastlogits from C, C++, Cython and Numba: the header-only C API, the example program, a downstream
+Cython module built against the installed package, and the Numba entry points. Everything is built with
+the system compiler against ``fastlogits.get_include()``, and checked against the float64 reference."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastlogits as fl
+from tests import reference as ref
+
+CC = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "c" / "fl_rows.c"
+
+needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler on PATH")
+
+
+def _awkward_rows(rng, rows, V):
+    x = (rng.standard_normal((rows, V)) * 4).astype(np.float32)
+    x[1, ::7] = -np.inf                 # impossible classes
+    x[2, 5] = 3e4                       # one dominant logit
+    x[3, :] = 1e30                      # huge and tied
+    return x
+
+
+C_PROGRAM = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include "fastlogits.h"
+
+/* reads rows x V float32 and rows int64 labels from files; prints per row:
+   lse (whole), lse (folded in 3 pieces, merged out of order), ce, argmax, entropy-free checks */
+int main(int argc, char **argv) {
+    if (argc != 5) return 2;
+    long rows = atol(argv[1]), V = atol(argv[2]);
+    float *x = malloc(sizeof(float) * rows * V);
+    int64_t *y = malloc(sizeof(int64_t) * rows);
+    FILE *f = fopen(argv[3], "rb");
+    if (!f || fread(x, sizeof(float), rows * V, f) != (size_t)(rows * V)) return 3;
+    fclose(f);
+    f = fopen(argv[4], "rb");
+    if (!f || fread(y, sizeof(int64_t), rows, f) != (size_t)rows) return 3;
+    fclose(f);
+    for (long i = 0; i < rows; i++) {
+        const float *r = x + i * V;
+        fl_lse_state a, b, c;
+        long c1 = V / 3, c2 = 2 * V / 3;
+        fl_lse_init(&a); fl_lse_init(&b); fl_lse_init(&c);
+        fl_lse_update_f32(&c, r + c2, V - c2);
+        fl_lse_update_f32(&a, r, c1);
+        fl_lse_update_f32(&b, r + c1, c2 - c1);
+        fl_lse_merge(&c, &a);
+        fl_lse_merge(&c, &b);
+        fl_lse_state w; fl_lse_init(&w); fl_lse_update_f32(&w, r, V);
+        /* 16-bit paths: round the row to bf16 and f16 and fold those */
+        uint16_t *h = malloc(2 * V), *bh = malloc(2 * V);
+        double *d = malloc(8 * V);
+        for (long j = 0; j < V; j++) { h[j] = fl_f32_to_f16(r[j]); bh[j] = fl_f32_to_bf16(r[j]); d[j] = r[j]; }
+        fl_lse_state s16, sb16, s64;
+        fl_lse_init(&s16); fl_lse_update_f16(&s16, h, V);
+        fl_lse_init(&sb16); fl_lse_update_bf16(&sb16, bh, V);
+        fl_lse_init(&s64); fl_lse_update_f64(&s64, d, V);
+        fl_ce_state ce1, ce2;
+        fl_ce_init(&ce1, y[i]); fl_ce_init(&ce2, y[i]);
+        fl_ce_update_f32(&ce2, r + c1, V - c1, c1);
+        fl_ce_update_f32(&ce1, r, c1, 0);
+        fl_ce_merge(&ce1, &ce2);
+        fl_argmax_state am1, am2;
+        fl_argmax_init(&am1); fl_argmax_init(&am2);
+        fl_argmax_update_f32(&am2, r + c1, V - c1, c1);
+        fl_argmax_update_f32(&am1, r, c1, 0);
+        fl_argmax_merge(&am1, &am2);
+        printf("%.17g %.17g %.17g %.17g %.17g %.17g %.17g %lld %lld\n", fl_lse_result(&w),
+               fl_lse_result(&c), fl_lse_result(&s16), fl_lse_result(&sb16), fl_lse_result(&s64),
+               fl_cross_entropy_f32(r, V, y[i]), fl_ce_result(&ce1), (long long)fl_argmax_f32(r, V),
+               (long long)am1.index);
+        free(h); free(bh); free(d);
+    }
+    printf("%d.%d %s\n", FASTLOGITS_VERSION_MAJOR, FASTLOGITS_VERSION_MINOR, fl_simd_path());
+    return 0;
+}
+"""
+
+
+def _compile(compiler, source, out, flags):
+    cmd = [compiler, *flags, f"-I{fl.get_include()}", str(source), "-o", str(out), "-lm"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stderr}"
+    return res.stderr
+
+
+@needs_cc
+@pytest.mark.parametrize("std", ["c99", "c11"])
+def test_header_compiles_warning_free_and_computes(tmp_path, rng, std):
+    src = tmp_path / "prog.c"
+    src.write_text(C_PROGRAM)
+    warnings = _compile(CC, src, tmp_path / "prog", ["-O2", f"-std={std}", "-Wall", "-Wextra", "-Werror"])
+    assert warnings == ""
+    rows, V = 5, 4099
+    x = _awkward_rows(rng, rows, V)
+    y = rng.integers(0, V, rows)
+    y[1] = 7  # a -inf label: loss inf
+    x.tofile(tmp_path / "x.bin")
+    y.astype(np.int64).tofile(tmp_path / "y.bin")
+    out = subprocess.run([tmp_path / "prog", str(rows), str(V), tmp_path / "x.bin", tmp_path / "y.bin"],
+                         capture_output=True, text=True, check=True).stdout.split("\n")
+    vals = np.array([[float(v) for v in line.split()] for line in out[:rows]])
+    assert out[rows].split()[0] == f"{0}.{1}".format(*fl.__version__.split(".")[:2])
+    lse, ce = ref.logsumexp(x), ref.cross_entropy(x, y, reduction="none")
+    tol = 16 * np.finfo(np.float32).eps * (1 + np.abs(x[np.isfinite(x)]).max())
+    np.testing.assert_allclose(vals[:, 0], lse, rtol=0, atol=tol)
+    np.testing.assert_allclose(vals[:, 1], lse, rtol=0, atol=tol)
+    with np.errstate(over="ignore"):
+        x16 = x.astype(np.float16)   # row 3 (1e30) becomes inf: compared rows 0-2 only
+    np.testing.assert_allclose(vals[[0, 1, 2], 2], ref.logsumexp(x16)[[0, 1, 2]], rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(vals[:, 3], ref.logsumexp(x.astype(fl.ops._prep.BF16)), rtol=1e-6,
+                               atol=tol)
+    np.testing.assert_allclose(vals[:, 4], lse, rtol=1e-12)
+    np.testing.assert_allclose(vals[:, 5], ce, rtol=0, atol=tol)
+    np.testing.assert_allclose(vals[:, 6], ce, rtol=0, atol=tol)
+    np.testing.assert_array_equal(vals[:, 7], ref.argmax(x))
+    np.testing.assert_array_equal(vals[:, 8], ref.argmax(x))
+
+
+@pytest.mark.skipif(CXX is None, reason="no C++ compiler on PATH")
+def test_header_compiles_as_cpp17(tmp_path):
+    src = tmp_path / "prog.cpp"
+    src.write_text(textwrap.dedent("""
+        #include <cstdio>
+        #include <vector>
+        #include "fastlogits.h"
+        int main() {
+            std::vector<float> x(1000, 0.0f);
+            fl_lse_state st;
+            fl_lse_init(&st);
+            fl_lse_update_f32(&st, x.data(), x.size());
+            std::printf("%.9f %.9f\\n", fl_lse_result(&st), fl_cross_entropy_f32(x.data(), x.size(), 3));
+            return 0;
+        }
+    """))
+    warnings = _compile(CXX, src, tmp_path / "prog", ["-O2", "-std=c++17", "-Wall", "-Wextra", "-Werror"])
+    assert warnings == ""
+    out = subprocess.run([tmp_path / "prog"], capture_output=True, text=True, check=True).stdout.split()
+    assert abs(float(out[0]) - np.log(1000)) < 1e-6 and abs(float(out[1]) - np.log(1000)) < 1e-6
+
+
+@needs_cc
+def test_c_example_matches_python_api(tmp_path, rng):
+    _compile(CC, EXAMPLE, tmp_path / "fl_rows", ["-O2", "-std=c99", "-Wall", "-Wextra", "-Werror"])
+    rows, V = 6, 40000   # V > the example's chunk of 16384: rows are folded in pieces
+    x = _awkward_rows(rng, rows, V)
+    y = rng.integers(0, V, rows)
+    data = b"".join(np.int64(y[i]).tobytes() + x[i].tobytes() for i in range(rows))
+    res = subprocess.run([tmp_path / "fl_rows", str(V)], input=data, capture_output=True, check=True)
+    got = np.array([[float(v) for v in line.split()] for line in res.stdout.decode().splitlines()])
+    np.testing.assert_allclose(got[:, 0], fl.cross_entropy(x, y, reduction="none"), rtol=2e-6)
+    np.testing.assert_allclose(got[:, 1], fl.logsumexp(x), rtol=2e-6)
+    # a truncated stream is an error that says what was expected
+    res = subprocess.run([tmp_path / "fl_rows", str(V)], input=data[:-10], capture_output=True)
+    assert res.returncode != 0 and b"truncated" in res.stderr
+    res = subprocess.run([tmp_path / "fl_rows", str(V)], input=np.int64(V).tobytes(), capture_output=True)
+    assert res.returncode != 0 and b"out of range" in res.stderr
+
+
+def test_cython_cimport_downstream(tmp_path, rng):
+    pytest.importorskip("Cython")
+    if CC is None:
+        pytest.skip("no C compiler on PATH")
+    (tmp_path / "downstream.pyx").write_text(textwrap.dedent("""
+        # cython: language_level=3
+        from fastlogits.clib cimport (fl_lse_state, fl_lse_init, fl_lse_update_f32, fl_lse_result,
+                                      fl_cross_entropy_f32)
+
+        def lse_rows(float[:, ::1] x):
+            cdef fl_lse_state st
+            cdef Py_ssize_t i
+            out = []
+            for i in range(x.shape[0]):
+                with nogil:
+                    fl_lse_init(&st)
+                    fl_lse_update_f32(&st, &x[i, 0], x.shape[1])
+                out.append(fl_lse_result(&st))
+            return out
+
+        def ce_row(float[::1] x, long label):
+            cdef double r
+            with nogil:
+                r = fl_cross_entropy_f32(&x[0], x.shape[0], label)
+            return r
+    """))
+    # Cython finds fastlogits/clib.pxd through sys.path after a regular install; an editable install
+    # (CI's) keeps it in the source tree, which include_path names: the folder holding the package.
+    pkg_parent = str(Path(fl.__file__).resolve().parent.parent)
+    (tmp_path / "setup.py").write_text(textwrap.dedent(f"""
+        from setuptools import Extension, setup
+        from Cython.Build import cythonize
+        setup(ext_modules=cythonize([Extension("downstream", ["downstream.pyx"],
+                                               include_dirs=[{fl.get_include()!r}])],
+                                    include_path=[{pkg_parent!r}],
+                                    compiler_directives={{"language_level": 3}}))
+    """))
+    res = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    x = _awkward_rows(rng, 4, 3001)
+    code = ("import sys, numpy as np; sys.path.insert(0, '.'); import downstream; "
+            "x = np.load('x.npy'); print(repr(downstream.lse_rows(x))); print(downstream.ce_row(x[0], 17))")
+    np.save(tmp_path / "x.npy", x)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    np.testing.assert_allclose(eval(out[0]), fl.logsumexp(x), rtol=2e-6)  # noqa: S307 - our own output
+    assert float(out[1]) == pytest.approx(float(fl.cross_entropy(x[:1], [17])), rel=2e-6)
+
+
+def test_numba_entry_points(rng):
+    numba = pytest.importorskip("numba")
+    from fastlogits.numba import cross_entropy_row, logsumexp_row
+
+    @numba.njit
+    def per_row(x, y):
+        out = np.empty((x.shape[0], 2))
+        for i in range(x.shape[0]):
+            out[i, 0] = logsumexp_row(x[i])
+            out[i, 1] = cross_entropy_row(x[i], y[i])
+        return out
+
+    for dtype in (np.float32, np.float64):
+        x = _awkward_rows(rng, 5, 777).astype(dtype)
+        y = rng.integers(0, 777, 5)
+        for view in (x, x[:, ::-3]):
+            yy = y % view.shape[1]
+            got = per_row(view, yy)
+            tol = 1e-12 if dtype == np.float64 else 2e-6
+            np.testing.assert_allclose(got[:, 0], ref.logsumexp(view), rtol=tol)
+            np.testing.assert_allclose(got[:, 1], ref.cross_entropy(view, yy, reduction="none"), rtol=tol)
+            # plain Python calls go to the same C function
+            assert logsumexp_row(view[0]) == got[0, 0]
+    edge = np.array([-np.inf, -np.inf], np.float32)
+    assert logsumexp_row(edge) == -np.inf and np.isnan(cross_entropy_row(edge, 0))
+    assert np.isnan(logsumexp_row(np.array([np.nan, 0.0])))
+    assert logsumexp_row(np.array([np.inf, 0.0])) == np.inf
+    with pytest.raises(TypeError, match="float32 or float64"):
+        logsumexp_row(np.zeros(3, np.float16))
+    with pytest.raises(IndexError, match="out of range"):
+        cross_entropy_row(np.zeros(3), 3)
+    with pytest.raises(IndexError):
+        numba.njit(lambda a: cross_entropy_row(a, 5))(np.zeros(3))
