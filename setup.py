@@ -13,7 +13,7 @@ import tempfile
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-MODULES = ["_reduce", "_maps", "_select", "_info", "_exports"]
+MODULES = ["_reduce", "_maps", "_select", "_info", "_exports", "_sample"]
 
 
 def _try_compile(compiler, source, extra_args=(), link_args=()):
@@ -63,7 +63,8 @@ def extensions():
             [f"fastlogits/cpu/{name}.pyx"],
             include_dirs=["fastlogits/include"],
             depends=["fastlogits/include/fastlogits.h", "fastlogits/include/fastlogits_impl.h",
-                     "fastlogits/cpu/_rows.pxd", "fastlogits/clib.pxd"],
+                     "fastlogits/include/fastlogits_sample.h", "fastlogits/cpu/_rows.pxd",
+                     "fastlogits/clib.pxd"],
         )
         for name in MODULES
     ]

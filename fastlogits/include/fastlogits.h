@@ -567,6 +567,9 @@ static inline int64_t fl_argmax_f32(const float *x, size_t n) {
     return st.index;
 }
 
+/* Seeded sampling: a counter-based generator and the sampling row states. */
+#include "fastlogits_sample.h"
+
 #ifdef __cplusplus
 }
 #endif
