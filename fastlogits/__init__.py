@@ -17,6 +17,11 @@ from fastlogits._config import (
 )
 from fastlogits.ops.reductions import cross_entropy, entropy, log_softmax, logsumexp, softmax
 from fastlogits.ops.selection import argmax, top_k, top_k_logprobs
+from fastlogits.stream.run import get_memory_budget, set_memory_budget
+from fastlogits.stream.sources import (
+    SourceError,
+    open,  # noqa: A004 - the API's name
+)
 
 __all__ = [
     "argmax",
@@ -24,10 +29,14 @@ __all__ = [
     "cross_entropy",
     "entropy",
     "get_backend",
+    "get_memory_budget",
     "get_include",
     "log_softmax",
+    "open",
+    "SourceError",
     "logsumexp",
     "set_backend",
+    "set_memory_budget",
     "show_config",
     "softmax",
     "stream",

@@ -1,11 +1,14 @@
 """The ``fastlogits`` command line. It calls the public API only.
 
-Subcommands: ``demo`` (a short end-to-end example: the README's first command) and ``bench``. Bad input
-gets one clear line on standard error and a non-zero exit, never a traceback.
+Subcommands: demo, info, stats, softmax, topk, bench. Each takes --backend, --threads, --memory and --json,
+and shows a progress bar on standard error when it is a terminal. Bad input gets one clear line on
+standard error and a non-zero exit, never a traceback.
 """
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -15,57 +18,242 @@ import fastlogits as fl
 
 def _add_common(p):
     p.add_argument("--backend", choices=["cpu", "gpu"], default=None, help="backend (default: cpu)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores, or "
-                   "FASTLOGITS_NUM_THREADS)")
-    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: all cores, or FASTLOGITS_NUM_THREADS)")
+    p.add_argument("--memory", default=None, help="memory budget, e.g. 256MiB (default: 256MiB)")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on standard output")
+
+
+def _add_input(p):
+    p.add_argument("input", help="a logit dump: .npy, .safetensors, raw binary (with --dtype and --vocab), "
+                   "or - for raw rows on standard input")
+    p.add_argument("--dtype", default=None, help="element type of raw input, or bfloat16 to re-declare a |V2 "
+                   ".npy file")
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (raw input)")
+    p.add_argument("--tensor", default=None, help="which tensor of a .safetensors file")
+
+
+def _open(args):
+    return fl.open(args.input, dtype=args.dtype, vocab=args.vocab, tensor=args.tensor, memory=args.memory)
+
+
+class _Bar:
+    """tqdm on standard error when it is a terminal (rows, rows/s, GB/s, time left); silent otherwise."""
+
+    def __init__(self, total, desc):
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, desc=desc, unit="row", file=sys.stderr, dynamic_ncols=True,
+                        disable=not sys.stderr.isatty(), leave=False)
+        self.t0 = time.perf_counter()
+        self.nbytes = 0
+
+    def __call__(self, rows, nbytes):
+        self.nbytes += nbytes
+        self.bar.update(rows)
+        dt = time.perf_counter() - self.t0
+        if dt > 0:
+            self.bar.set_postfix_str(f"{self.nbytes / dt / 1e9:.2f} GB/s", refresh=False)
+
+    def close(self):
+        self.bar.close()
+        return time.perf_counter() - self.t0
+
+
+def _common_kw(args):
+    return {"backend": args.backend, "threads": args.threads}
+
+
+def _emit(args, summary, lines):
+    if args.json:
+        print(json.dumps(summary, indent=1, default=float))
+    else:
+        print("\n".join(lines))
+
+
+def write_rows(path, columns):
+    """Per-row results to .npy (a structured array), .csv or .jsonl, written under a temporary name and
+    renamed when complete."""
+    from fastlogits.stream.run import atomic_output
+
+    names = list(columns)
+    arrays = [np.asarray(columns[n]) for n in names]
+    rows = arrays[0].shape[0]
+    with atomic_output(path) as tmp:
+        if path.endswith(".npy"):
+            dt = [(n, a.dtype, a.shape[1:]) for n, a in zip(names, arrays)]
+            rec = np.empty(rows, dt)
+            for n, a in zip(names, arrays):
+                rec[n] = a
+            with open(tmp, "wb") as f:
+                np.save(f, rec)
+        elif path.endswith(".csv"):
+            with open(tmp, "w") as f:
+                head = []
+                for n, a in zip(names, arrays):
+                    head += [n] if a.ndim == 1 else [f"{n}_{j}" for j in range(a.shape[1])]
+                f.write(",".join(head) + "\n")
+                for i in range(rows):
+                    cells = (",".join(map(repr, np.atleast_1d(a[i]).tolist())) for a in arrays)
+                    f.write(",".join(cells) + "\n")
+        elif path.endswith(".jsonl"):
+            with open(tmp, "w") as f:
+                for i in range(rows):
+                    f.write(json.dumps({n: a[i].tolist() for n, a in zip(names, arrays)}) + "\n")
+        else:
+            raise ValueError(f"{path}: per-row output must end in .npy, .csv or .jsonl")
+
+
+def _load_labels(path, rows):
+    if path.endswith(".npy"):
+        y = np.load(path, allow_pickle=False)
+    else:
+        y = np.loadtxt(path, dtype=np.int64, ndmin=1)
+    if y.dtype.kind not in "iu":
+        raise ValueError(f"{path}: labels must be integers, found {y.dtype}")
+    y = y.reshape(-1)
+    if rows is not None and y.shape[0] != rows:
+        raise ValueError(f"{path}: {y.shape[0]} labels for {rows} rows of logits")
+    return y.astype(np.int64)
+
+
+def cmd_info(args):
+    src = _open(args)
+    summary = {"path": args.input, "format": src.format, "dtype": src.dtype, "shape": list(src.shape),
+               "rows": src.rows, "vocab": src.V, "bytes": src.nbytes}
+    if getattr(src, "tensor", None):
+        summary["tensor"] = src.tensor
+    _emit(args, summary, [f"{k:8s} {v}" for k, v in summary.items()])
+    return 0
+
+
+def cmd_stats(args):
+    from fastlogits.stream import run
+
+    src = _open(args)
+    labels = _load_labels(args.labels, src.rows) if args.labels else None
+    bar = _Bar(src.rows, "stats")
+    try:
+        st = run.stats(src, labels, ignore_index=args.ignore_index, temperature=args.temperature,
+                       threads=args.threads, memory=args.memory, progress=bar)
+    finally:
+        secs = bar.close()
+    summary = {"rows": st["rows"], "vocab": src.V, "dtype": src.dtype, "seconds": secs,
+               "GB/s": (bar.nbytes / secs / 1e9) if secs else None,
+               "mean_entropy": float(np.mean(st["entropy"])) if st["rows"] else None}
+    lines = [f"{args.input}: {st['rows']} rows x {src.V} ({src.dtype}) in {secs:.2f} s "
+             f"({summary['GB/s'] or 0:.2f} GB/s)"]
+    if labels is not None:
+        counted = st["counted"]
+        n = int(np.count_nonzero(counted))
+        mean_nll = float(np.mean(st["nll"][counted])) if n else float("nan")
+        summary.update({"counted_rows": n, "mean_nll": mean_nll, "perplexity": float(np.exp(mean_nll)),
+                        "accuracy": float(np.mean(st["correct"][counted])) if n else float("nan")})
+        lines.append(f"  mean NLL      {mean_nll:.4f} nats over {n} rows   "
+                     f"perplexity {summary['perplexity']:.3f}")
+        lines.append(f"  accuracy      {summary['accuracy']:.4f}")
+    lines.append(f"  mean entropy  {summary['mean_entropy']:.4f} nats")
+    if args.per_row:
+        cols = {"argmax": st["argmax"], "entropy": st["entropy"]}
+        if labels is not None:
+            cols.update({"label": labels, "nll": st["nll"], "correct": st["correct"]})
+        write_rows(args.per_row, cols)
+        lines.append(f"  per-row results written to {args.per_row}")
+    _emit(args, summary, lines)
+    return 0
+
+
+def cmd_softmax(args):
+    src = _open(args)
+    from fastlogits.stream import run
+
+    bar = _Bar(src.rows, "log_softmax" if args.log else "softmax")
+    try:
+        run.softmax(src, args.log, args.output, {"temperature": args.temperature, "dtype": args.out_dtype,
+                                                  "threads": args.threads}, memory=args.memory, progress=bar)
+    finally:
+        secs = bar.close()
+    summary = {"input": args.input, "output": args.output, "rows": src.rows, "vocab": src.V,
+               "seconds": secs, "GB/s": bar.nbytes / secs / 1e9 if secs else None}
+    _emit(args, summary, [f"wrote {args.output} ({'log-' if args.log else ''}softmax of {src.rows} rows) in "
+                          f"{secs:.2f} s"])
+    return 0
+
+
+def cmd_topk(args):
+    from fastlogits.stream import run
+
+    src = _open(args)
+    bar = _Bar(src.rows, "topk")
+    try:
+        kw = {"k": args.k, "temperature": args.temperature, "threads": args.threads}
+        lp, idx = run.reduce("top_k_logprobs", src, kw, memory=args.memory, progress=bar)
+    finally:
+        secs = bar.close()
+    lp, idx = np.asarray(lp).reshape(-1, args.k), np.asarray(idx).reshape(-1, args.k)
+    write_rows(args.output, {"ids": idx, "logprobs": lp})
+    summary = {"input": args.input, "output": args.output, "rows": int(idx.shape[0]), "k": args.k,
+               "seconds": secs}
+    _emit(args, summary, [f"wrote the top {args.k} tokens of {idx.shape[0]} rows to {args.output} in "
+                          f"{secs:.2f} s"])
+    return 0
 
 
 def cmd_demo(args):
-    """Synthetic language-model logits with labels: the evaluation numbers people compute from dumps."""
+    """Writes a synthetic bfloat16 dump with labels, streams it in bounded memory, prints the summary."""
+    from fastlogits.stream import run
+
     rng = np.random.default_rng(args.seed)
     rows, vocab = args.rows, args.vocab
-    t0 = time.perf_counter()
-    # Zipf-like token frequencies plus per-row noise, in bfloat16 as models dump them.
-    prior = -1.1 * np.log(np.arange(1, vocab + 1, dtype=np.float32))
-    logits = (prior + rng.standard_normal((rows, vocab), dtype=np.float32) * 2.0).astype(
-        fl.ops._prep.BF16)
-    # Labels drawn from the model's own distribution at temperature 1.3 (so it is a little miscalibrated).
-    g = rng.gumbel(size=(rows, vocab)).astype(np.float32)
-    labels = np.argmax(logits.astype(np.float32) / 1.3 + g, axis=-1)
-    made = time.perf_counter() - t0
-    kw = {"backend": args.backend, "threads": args.threads}
-    t0 = time.perf_counter()
-    nll = fl.cross_entropy(logits, labels, reduction="none", **kw)
-    ent = fl.entropy(logits, **kw)
-    pred = fl.argmax(logits, **kw)
-    top5_lp, top5 = fl.top_k_logprobs(logits, 5, **kw)
-    secs = time.perf_counter() - t0
-    summary = {
-        "rows": rows, "vocab": vocab, "dtype": "bfloat16", "bytes": int(logits.nbytes),
-        "mean_nll": float(np.mean(nll)), "perplexity": float(np.exp(np.mean(nll))),
-        "accuracy": float(np.mean(pred == labels)),
-        "top5_accuracy": float(np.mean(np.any(top5 == labels[:, None], axis=1))),
-        "mean_entropy": float(np.mean(ent)), "seconds": secs, "GB/s": 4 * logits.nbytes / secs / 1e9,
-        "config": fl.show_config(as_dict=True),
-    }
-    if args.json:
-        print(json.dumps(summary, indent=1))
-        return 0
-    print(f"fastlogits demo: {rows} rows x {vocab} vocabulary, bfloat16 ({logits.nbytes / 1e6:.0f} MB, "
-          f"made in {made:.1f} s)")
-    print(f"  mean NLL      {summary['mean_nll']:.4f} nats   perplexity {summary['perplexity']:.1f}")
-    print(f"  accuracy      {summary['accuracy']:.4f}         top-5 accuracy {summary['top5_accuracy']:.4f}")
-    print(f"  mean entropy  {summary['mean_entropy']:.4f} nats")
-    print(f"  first row's top-5 tokens {top5[0].tolist()} with probabilities "
-          f"{[round(float(p), 4) for p in np.exp(top5_lp[0])]}")
-    print(f"  4 passes (cross-entropy, entropy, argmax, top-5) in {secs:.3f} s: "
-          f"{summary['GB/s']:.1f} GB/s of logits read  [simd={summary['config']['simd']}, "
-          f"threads={summary['config']['threads']}]")
+    prior = (-1.1 * np.log(np.arange(1, vocab + 1))).astype(np.float32)   # Zipf-like token frequencies
+    with tempfile.TemporaryDirectory(prefix="fastlogits-demo-") as tmp:
+        path, lab_path = os.path.join(tmp, "logits.npy"), os.path.join(tmp, "labels.npy")
+        t0 = time.perf_counter()
+        labels = np.empty(rows, np.int64)
+        # Written block by block: the demo itself never holds the dump in memory.
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=fl.ops._prep.BF16, shape=(rows, vocab))
+        for r0 in range(0, rows, 256):
+            r1 = min(rows, r0 + 256)
+            x = prior + rng.standard_normal((r1 - r0, vocab), dtype=np.float32) * 2.0
+            out[r0:r1] = x.astype(fl.ops._prep.BF16)
+            # labels drawn from the model's own distribution at temperature 1.3: slightly miscalibrated
+            labels[r0:r1] = np.argmax(x / 1.3 + rng.gumbel(size=x.shape).astype(np.float32), axis=-1)
+        out.flush()
+        del out
+        np.save(lab_path, labels)
+        made = time.perf_counter() - t0
+        src = fl.open(path, dtype="bfloat16", memory=args.memory or "64MiB")
+        bar = _Bar(rows, "demo")
+        try:
+            st = run.stats(src, labels, threads=args.threads, progress=bar)
+        finally:
+            secs = bar.close()
+        lp, top = fl.top_k_logprobs(src.read(0, 1), 5, threads=args.threads)
+        size = os.path.getsize(path)
+    mean_nll = float(np.mean(st["nll"]))
+    summary = {"rows": rows, "vocab": vocab, "dtype": "bfloat16", "bytes": size,
+               "memory_budget": run.parse_memory(args.memory or "64MiB"), "mean_nll": mean_nll,
+               "perplexity": float(np.exp(mean_nll)), "accuracy": float(np.mean(st["correct"])),
+               "mean_entropy": float(np.mean(st["entropy"])), "seconds": secs, "GB/s": size / secs / 1e9,
+               "config": fl.show_config(as_dict=True)}
+    lines = [
+        f"fastlogits demo: wrote {rows} rows x {vocab} vocabulary of bfloat16 logits with labels "
+        f"({size / 1e6:.0f} MB, {made:.1f} s), then streamed it with a "
+        f"{summary['memory_budget'] / 2**20:.0f} MiB budget:",
+        f"  mean NLL      {mean_nll:.4f} nats   perplexity {summary['perplexity']:.1f}",
+        f"  accuracy      {summary['accuracy']:.4f}",
+        f"  mean entropy  {summary['mean_entropy']:.4f} nats",
+        f"  row 0's top-5 tokens {top[0].tolist()} with probabilities "
+        f"{[round(float(p), 4) for p in np.exp(lp[0])]}",
+        f"  one pass (cross-entropy, entropy, argmax) in {secs:.3f} s: {summary['GB/s']:.2f} GB/s "
+        f"[simd={summary['config']['simd']}, threads={summary['config']['threads']}]",
+    ]
+    _emit(args, summary, lines)
     return 0
 
 
 def cmd_bench(args):
     from fastlogits import bench
+    args.threads = None if args.threads is None else [args.threads]
     return bench.main(args)
 
 
@@ -74,12 +262,44 @@ def build_parser():
     p.add_argument("--version", action="version", version=f"fastlogits {fl.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="synthetic logits with labels: NLL, perplexity, accuracy, entropy")
+    d = sub.add_parser("demo", help="write a synthetic dump with labels and stream it: NLL, perplexity, ...")
     _add_common(d)
     d.add_argument("--rows", type=int, default=2048)
     d.add_argument("--vocab", type=int, default=32000)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+    i = sub.add_parser("info", help="format, dtype, shape and size of a logit dump")
+    _add_input(i)
+    _add_common(i)
+    i.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("stats", help="per-row and mean NLL, perplexity, accuracy, entropy")
+    _add_input(s)
+    _add_common(s)
+    s.add_argument("--labels", default=None, help="labels: .npy of integers, or text with one per line")
+    s.add_argument("--ignore-index", type=int, default=-100)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--per-row", default=None, metavar="OUT",
+                   help="per-row results to OUT (.npy, .csv, .jsonl)")
+    s.set_defaults(func=cmd_stats)
+
+    m = sub.add_parser("softmax", help="softmax (or --log: log-softmax) of a dump, written to a file")
+    _add_input(m)
+    m.add_argument("output", help="output: .npy, or raw rows for any other name")
+    _add_common(m)
+    m.add_argument("--log", action="store_true")
+    m.add_argument("--temperature", type=float, default=1.0)
+    m.add_argument("--out-dtype", default=None, choices=["float16", "bfloat16", "float32", "float64"])
+    m.set_defaults(func=cmd_softmax)
+
+    k = sub.add_parser("topk", help="the k most likely tokens of each row with their log-probabilities")
+    _add_input(k)
+    k.add_argument("output", help="output: .npy, .csv or .jsonl")
+    _add_common(k)
+    k.add_argument("-k", type=int, default=5)
+    k.add_argument("--temperature", type=float, default=1.0)
+    k.set_defaults(func=cmd_topk)
 
     b = sub.add_parser("bench", help="fastlogits against NumPy/SciPy and PyTorch, with the read ceiling")
     _add_common(b)
@@ -99,18 +319,26 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if getattr(args, "threads", None) is not None and args.threads < 1:
-        print("fastlogits: error: --threads must be a positive integer", file=sys.stderr)
+        print(f"fastlogits {args.command}: error: --threads must be a positive integer", file=sys.stderr)
         return 2
-    if args.command == "bench" and args.threads is not None:
-        args.threads = [args.threads]
     try:
+        if args.backend is not None:
+            fl.set_backend(args.backend)
+        if args.memory is not None:
+            fl.set_memory_budget(args.memory)
         return args.func(args)
-    except (ValueError, TypeError, IndexError, RuntimeError, OSError, MemoryError) as e:
-        print(f"fastlogits {args.command}: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
-        print("fastlogits: interrupted", file=sys.stderr)
+        print(f"fastlogits {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:   # the reader of standard output went away (| head): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (ValueError, TypeError, IndexError, RuntimeError, OSError, MemoryError, KeyError) as e:
+        msg = str(e) or type(e).__name__
+        if isinstance(e, FileNotFoundError) and e.filename:
+            msg = f"{e.filename}: no such file"
+        print(f"fastlogits {args.command}: error: {msg}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

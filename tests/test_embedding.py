@@ -1,6 +1,7 @@
 """fastlogits from C, C++, Cython and Numba: the header-only C API, the example program, a downstream
 Cython module built against the installed package, and the Numba entry points. Everything is built with
 the system compiler against ``fastlogits.get_include()``, and checked against the float64 reference."""
+
 import os
 import shutil
 import subprocess
@@ -23,9 +24,9 @@ needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler on PATH")
 
 def _awkward_rows(rng, rows, V):
     x = (rng.standard_normal((rows, V)) * 4).astype(np.float32)
-    x[1, ::7] = -np.inf                 # impossible classes
-    x[2, 5] = 3e4                       # one dominant logit
-    x[3, :] = 1e30                      # huge and tied
+    x[1, ::7] = -np.inf  # impossible classes
+    x[2, 5] = 3e4  # one dominant logit
+    x[3, :] = 1e30  # huge and tied
     return x
 
 
@@ -61,7 +62,9 @@ int main(int argc, char **argv) {
         /* 16-bit paths: round the row to bf16 and f16 and fold those */
         uint16_t *h = malloc(2 * V), *bh = malloc(2 * V);
         double *d = malloc(8 * V);
-        for (long j = 0; j < V; j++) { h[j] = fl_f32_to_f16(r[j]); bh[j] = fl_f32_to_bf16(r[j]); d[j] = r[j]; }
+        for (long j = 0; j < V; j++) {
+            h[j] = fl_f32_to_f16(r[j]); bh[j] = fl_f32_to_bf16(r[j]); d[j] = r[j];
+        }
         fl_lse_state s16, sb16, s64;
         fl_lse_init(&s16); fl_lse_update_f16(&s16, h, V);
         fl_lse_init(&sb16); fl_lse_update_bf16(&sb16, bh, V);
@@ -108,8 +111,12 @@ def test_header_compiles_warning_free_and_computes(tmp_path, rng, std):
     y[1] = 7  # a -inf label: loss inf
     x.tofile(tmp_path / "x.bin")
     y.astype(np.int64).tofile(tmp_path / "y.bin")
-    out = subprocess.run([tmp_path / "prog", str(rows), str(V), tmp_path / "x.bin", tmp_path / "y.bin"],
-                         capture_output=True, text=True, check=True).stdout.split("\n")
+    out = subprocess.run(
+        [tmp_path / "prog", str(rows), str(V), tmp_path / "x.bin", tmp_path / "y.bin"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
     vals = np.array([[float(v) for v in line.split()] for line in out[:rows]])
     assert out[rows].split()[0] == f"{0}.{1}".format(*fl.__version__.split(".")[:2])
     lse, ce = ref.logsumexp(x), ref.cross_entropy(x, y, reduction="none")
@@ -117,10 +124,9 @@ def test_header_compiles_warning_free_and_computes(tmp_path, rng, std):
     np.testing.assert_allclose(vals[:, 0], lse, rtol=0, atol=tol)
     np.testing.assert_allclose(vals[:, 1], lse, rtol=0, atol=tol)
     with np.errstate(over="ignore"):
-        x16 = x.astype(np.float16)   # row 3 (1e30) becomes inf: compared rows 0-2 only
+        x16 = x.astype(np.float16)  # row 3 (1e30) becomes inf: compared rows 0-2 only
     np.testing.assert_allclose(vals[[0, 1, 2], 2], ref.logsumexp(x16)[[0, 1, 2]], rtol=1e-6, atol=1e-5)
-    np.testing.assert_allclose(vals[:, 3], ref.logsumexp(x.astype(fl.ops._prep.BF16)), rtol=1e-6,
-                               atol=tol)
+    np.testing.assert_allclose(vals[:, 3], ref.logsumexp(x.astype(fl.ops._prep.BF16)), rtol=1e-6, atol=tol)
     np.testing.assert_allclose(vals[:, 4], lse, rtol=1e-12)
     np.testing.assert_allclose(vals[:, 5], ce, rtol=0, atol=tol)
     np.testing.assert_allclose(vals[:, 6], ce, rtol=0, atol=tol)
@@ -131,7 +137,8 @@ def test_header_compiles_warning_free_and_computes(tmp_path, rng, std):
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler on PATH")
 def test_header_compiles_as_cpp17(tmp_path):
     src = tmp_path / "prog.cpp"
-    src.write_text(textwrap.dedent("""
+    src.write_text(
+        textwrap.dedent("""
         #include <cstdio>
         #include <vector>
         #include "fastlogits.h"
@@ -143,7 +150,8 @@ def test_header_compiles_as_cpp17(tmp_path):
             std::printf("%.9f %.9f\\n", fl_lse_result(&st), fl_cross_entropy_f32(x.data(), x.size(), 3));
             return 0;
         }
-    """))
+    """)
+    )
     warnings = _compile(CXX, src, tmp_path / "prog", ["-O2", "-std=c++17", "-Wall", "-Wextra", "-Werror"])
     assert warnings == ""
     out = subprocess.run([tmp_path / "prog"], capture_output=True, text=True, check=True).stdout.split()
@@ -153,7 +161,7 @@ def test_header_compiles_as_cpp17(tmp_path):
 @needs_cc
 def test_c_example_matches_python_api(tmp_path, rng):
     _compile(CC, EXAMPLE, tmp_path / "fl_rows", ["-O2", "-std=c99", "-Wall", "-Wextra", "-Werror"])
-    rows, V = 6, 40000   # V > the example's chunk of 16384: rows are folded in pieces
+    rows, V = 6, 40000  # V > the example's chunk of 16384: rows are folded in pieces
     x = _awkward_rows(rng, rows, V)
     y = rng.integers(0, V, rows)
     data = b"".join(np.int64(y[i]).tobytes() + x[i].tobytes() for i in range(rows))
@@ -172,7 +180,8 @@ def test_cython_cimport_downstream(tmp_path, rng):
     pytest.importorskip("Cython")
     if CC is None:
         pytest.skip("no C compiler on PATH")
-    (tmp_path / "downstream.pyx").write_text(textwrap.dedent("""
+    (tmp_path / "downstream.pyx").write_text(
+        textwrap.dedent("""
         # cython: language_level=3
         from fastlogits.clib cimport (fl_lse_state, fl_lse_init, fl_lse_update_f32, fl_lse_result,
                                       fl_cross_entropy_f32)
@@ -193,27 +202,34 @@ def test_cython_cimport_downstream(tmp_path, rng):
             with nogil:
                 r = fl_cross_entropy_f32(&x[0], x.shape[0], label)
             return r
-    """))
+    """)
+    )
     # Cython finds fastlogits/clib.pxd through sys.path after a regular install; an editable install
     # (CI's) keeps it in the source tree, which include_path names: the folder holding the package.
     pkg_parent = str(Path(fl.__file__).resolve().parent.parent)
-    (tmp_path / "setup.py").write_text(textwrap.dedent(f"""
+    (tmp_path / "setup.py").write_text(
+        textwrap.dedent(f"""
         from setuptools import Extension, setup
         from Cython.Build import cythonize
         setup(ext_modules=cythonize([Extension("downstream", ["downstream.pyx"],
                                                include_dirs=[{fl.get_include()!r}])],
                                     include_path=[{pkg_parent!r}],
                                     compiler_directives={{"language_level": 3}}))
-    """))
-    res = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path,
-                         capture_output=True, text=True)
+    """)
+    )
+    res = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path, capture_output=True, text=True
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     x = _awkward_rows(rng, 4, 3001)
-    code = ("import sys, numpy as np; sys.path.insert(0, '.'); import downstream; "
-            "x = np.load('x.npy'); print(repr(downstream.lse_rows(x))); print(downstream.ce_row(x[0], 17))")
+    code = (
+        "import sys, numpy as np; sys.path.insert(0, '.'); import downstream; "
+        "x = np.load('x.npy'); print(repr(downstream.lse_rows(x))); print(downstream.ce_row(x[0], 17))"
+    )
     np.save(tmp_path / "x.npy", x)
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                         check=True).stdout.splitlines()
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     np.testing.assert_allclose(eval(out[0]), fl.logsumexp(x), rtol=2e-6)  # noqa: S307 - our own output
     assert float(out[1]) == pytest.approx(float(fl.cross_entropy(x[:1], [17])), rel=2e-6)
 

@@ -16,9 +16,11 @@ from fastlogits.cpu._rows cimport (Block, make_block, n_segments, row_of, fl_row
 
 
 def softmax(x, int dtype, temperature, double softcap, out, int out_dtype, bint log_, int64_t chunk,
-            int threads):
+            int threads, state=None):
     """Writes softmax (or log-softmax when log_) of each row of x into out, a 2-D array of the same
-    shape (any strides) whose element type is out_dtype."""
+    shape (any strides) whose element type is out_dtype. state: None, or the rows' finished logsumexp
+    states (m, s) as two float64 arrays, when x holds only some columns of its rows (streaming a row
+    larger than memory): then the first pass is skipped."""
     cdef Block b = make_block(x, dtype, temperature, softcap, chunk)
     cdef int64_t nseg = n_segments(&b, threads), items = b.rows * nseg
     cdef int64_t it, i, g, start, stop
@@ -32,22 +34,29 @@ def softmax(x, int dtype, temperature, double softcap, out, int out_dtype, bint 
         free(bufs)
         free(st)
         raise MemoryError("fastlogits: cannot allocate scratch buffers")
-    with nogil, parallel(num_threads=threads):
-        buf = bufs + threadid() * chunk * 16
-        for it in prange(items, schedule="guided"):
-            i = it // nseg
-            g = it % nseg
-            r = row_of(&b, i)
-            start = g * b.n // nseg
-            stop = (g + 1) * b.n // nseg
-            if b.f64:
-                st[it] = fl_row_lse_f64(&r, start, stop, chunk, <double *> buf)
-            else:
-                st[it] = fl_row_lse_f32(&r, start, stop, chunk, <float *> buf)
-    with nogil:
+    cdef const double[::1] sm, ss
+    if state is not None:
+        sm, ss = state
         for i in range(b.rows):
-            for g in range(1, nseg):
-                fl_lse_merge(&st[i * nseg], &st[i * nseg + g])
+            st[i * nseg].m = sm[i]
+            st[i * nseg].s = ss[i]
+    else:
+        with nogil, parallel(num_threads=threads):
+            buf = bufs + threadid() * chunk * 16
+            for it in prange(items, schedule="guided"):
+                i = it // nseg
+                g = it % nseg
+                r = row_of(&b, i)
+                start = g * b.n // nseg
+                stop = (g + 1) * b.n // nseg
+                if b.f64:
+                    st[it] = fl_row_lse_f64(&r, start, stop, chunk, <double *> buf)
+                else:
+                    st[it] = fl_row_lse_f32(&r, start, stop, chunk, <float *> buf)
+        with nogil:
+            for i in range(b.rows):
+                for g in range(1, nseg):
+                    fl_lse_merge(&st[i * nseg], &st[i * nseg + g])
     with nogil, parallel(num_threads=threads):
         buf = bufs + threadid() * chunk * 16
         for it in prange(items, schedule="guided"):

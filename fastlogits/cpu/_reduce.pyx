@@ -101,7 +101,8 @@ def cross_entropy(x, int dtype, temperature, double softcap, const int64_t[::1] 
     """Per row i with labels[i] != ignore_index (labels already checked to lie in [0, V)):
     lse_out[i] = logsumexp, nll[i] = lse - x[label] (unweighted), and when smoothing,
     smooth[i] = -sum_c w[c] log p[c] (w = 1 when weight is None; wtotal = sum of w). Ignored rows get 0.
-    weight: None or a C-contiguous array of V values in the compute dtype. A row whose log-softmax is NaN (all -inf, a +inf, a NaN) gives NaN."""
+    weight: None or a C-contiguous array of V values in the compute dtype. A row whose log-softmax is
+    NaN (all -inf, a +inf, a NaN) gives NaN."""
     cdef Block b = make_block(x, dtype, temperature, softcap, chunk)
     cdef int64_t nseg = n_segments(&b, threads), items = b.rows * nseg
     cdef int64_t it, i, g, start, stop
@@ -237,3 +238,47 @@ def row_values(x, int dtype, temperature, double softcap, const int64_t[::1] col
                 continue
             r = row_of(&b, i)
             out[i] = fl_row_value_f64(&r, cols[i]) if b.f64 else fl_row_value_f32(&r, cols[i])
+
+
+def ent_states(x, int dtype, temperature, double softcap, double[::1] m_out, double[::1] s_out,
+               double[::1] t_out, int64_t chunk, int threads):
+    """The entropy state (m, s, t) of each row of x (columns of one chunk of the vocabulary)."""
+    cdef Block b = make_block(x, dtype, temperature, softcap, chunk)
+    cdef int64_t i
+    cdef fl_row r
+    cdef fl_ent_state e
+    cdef char *buf
+    cdef char *bufs = alloc_buffers(threads, chunk * 8)
+    with nogil, parallel(num_threads=threads):
+        buf = bufs + threadid() * chunk * 8
+        for i in prange(b.rows, schedule="guided"):
+            r = row_of(&b, i)
+            if b.f64:
+                e = fl_row_entropy_f64(&r, 0, b.n, chunk, <double *> buf)
+            else:
+                e = fl_row_entropy_f32(&r, 0, b.n, chunk, <float *> buf)
+            m_out[i] = e.m
+            s_out[i] = e.s
+            t_out[i] = e.t
+    free(bufs)
+
+
+def merge_ent_states(double[::1] m, double[::1] s, double[::1] t, const double[::1] m2,
+                     const double[::1] s2, const double[::1] t2, double[::1] out):
+    """(m, s, t) <- merge((m, s, t), (m2, s2, t2)) row by row; out (or None-sized 0) gets the entropy."""
+    cdef int64_t i
+    cdef fl_ent_state a, b
+    with nogil:
+        for i in range(m.shape[0]):
+            a.m = m[i]
+            a.s = s[i]
+            a.t = t[i]
+            b.m = m2[i]
+            b.s = s2[i]
+            b.t = t2[i]
+            fl_ent_merge(&a, &b)
+            m[i] = a.m
+            s[i] = a.s
+            t[i] = a.t
+            if out.shape[0]:
+                out[i] = fl_ent_result(&a)

@@ -3,6 +3,8 @@ import numpy as np
 
 from fastlogits.ops import _backend
 from fastlogits.ops._prep import NP_DTYPES, as_array, dtype_name, prepare
+from fastlogits.stream import run as stream_run
+from fastlogits.stream.sources import as_source
 
 
 def _finish(r, values):
@@ -38,6 +40,11 @@ def logsumexp(logits, *, temperature=1.0, softcap=None, backend=None, threads=No
     >>> float(fastlogits.logsumexp(np.array([1000.0, 1000.0, -np.inf])) - 1000)
     0.6931471805599453
     """
+    src = as_source(logits)
+    if src is not None:
+        return stream_run.reduce("logsumexp", src, dict(
+            temperature=temperature, softcap=softcap, backend=backend, threads=threads,
+            chunk_size=chunk_size))
     r = prepare(logits, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
                 chunk_size=chunk_size)
     return _finish(r, _backend.get(r.backend).lse(r.x, r.dtype, r.temperature, r.softcap, r.chunk,
@@ -56,6 +63,11 @@ def entropy(logits, *, temperature=1.0, softcap=None, backend=None, threads=None
     >>> round(float(fastlogits.entropy(np.zeros(4))), 6) == round(float(np.log(4)), 6)
     True
     """
+    src = as_source(logits)
+    if src is not None:
+        return stream_run.reduce("entropy", src, dict(
+            temperature=temperature, softcap=softcap, backend=backend, threads=threads,
+            chunk_size=chunk_size))
     r = prepare(logits, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
                 chunk_size=chunk_size)
     return _finish(r, _backend.get(r.backend).entropy(r.x, r.dtype, r.temperature, r.softcap, r.chunk,
@@ -63,6 +75,11 @@ def entropy(logits, *, temperature=1.0, softcap=None, backend=None, threads=None
 
 
 def _map(logits, log, temperature, softcap, out, dtype, backend, threads, chunk_size):
+    src = as_source(logits)
+    if src is not None:
+        return stream_run.softmax(src, log, out, dict(
+            temperature=temperature, softcap=softcap, dtype=dtype, backend=backend, threads=threads,
+            chunk_size=chunk_size))
     x = as_array(logits)
     r = prepare(x, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
                 chunk_size=chunk_size)
@@ -168,10 +185,29 @@ def cross_entropy(logits, labels, *, weight=None, ignore_index=-100, label_smoot
     >>> round(float(fastlogits.cross_entropy(x, np.array([0, 1, 2, -100]))), 12)
     0.274406775424
     """
-    r = prepare(logits, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
-                chunk_size=chunk_size)
+    src = as_source(logits)
+    if src is not None:
+        return stream_run.cross_entropy(src, labels, dict(
+            weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
+            z_loss=z_loss, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
+            chunk_size=chunk_size))
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    (loss, wy, zterm, counted), r = cross_entropy_terms(
+        logits, labels, weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        z_loss=z_loss, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
+        chunk_size=chunk_size)
+    if reduction == "none":
+        return _finish(r, loss + zterm)
+    return r.result_dtype.type(ce_total(np.sum(loss), np.sum(wy), np.sum(zterm), np.count_nonzero(counted),
+                                        reduction))
+
+
+def cross_entropy_terms(logits, labels, *, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                        temperature=1.0, softcap=None, backend=None, threads=None, chunk_size=None):
+    """The per-row terms of cross_entropy (see ce_terms) of in-memory logits, and the prepared rows."""
+    r = prepare(logits, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
+                chunk_size=chunk_size)
     eps = float(label_smoothing)
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
@@ -190,27 +226,37 @@ def cross_entropy(logits, labels, *, weight=None, ignore_index=-100, label_smoot
     lab = check_labels(labels, r.lead, r.V, ignore_index)
     nll, smooth, lse = _backend.get(r.backend).cross_entropy_rows(
         r.x, r.dtype, r.temperature, r.softcap, lab, ignore_index, w, eps > 0, r.chunk, r.threads)
-    loss = ce_loss(nll, smooth, lse, lab, ignore_index, w, eps, z, r.V, reduction)
-    return _finish(r, loss) if reduction == "none" else r.result_dtype.type(loss)
+    return ce_terms(nll, smooth, lse, lab, ignore_index, w, eps, z, r.V), r
 
 
-def ce_loss(nll, smooth, lse, labels, ignore_index, weight, eps, z, V, reduction):
-    """PyTorch's combination of per-row terms into the loss (float64): weights, label smoothing,
-    z-loss and the reduction. nll = lse - x[label], smooth = -sum_c w_c log p_c (0 for ignored rows)."""
+def ce_terms(nll, smooth, lse, labels, ignore_index, weight, eps, z, V):
+    """Per-row terms of PyTorch's cross-entropy (float64, 0 for ignored rows): (loss without the z-loss,
+    the target's weight w[y], the z-loss term, counted). nll = lse - x[label], smooth = -sum_c w_c log p_c."""
     counted = labels != ignore_index
     wy = np.where(counted, weight[np.where(counted, labels, 0)] if weight is not None else 1.0, 0.0)
     loss = wy * np.where(counted, nll, 0.0)
     if eps > 0:
         loss = (1.0 - eps) * loss + (eps / V) * np.where(counted, smooth, 0.0)
-    zterm = z * np.where(counted, lse * lse, 0.0) if z > 0 else 0.0
+    zterm = z * np.where(counted, lse * lse, 0.0) if z > 0 else np.zeros_like(loss)
+    return loss, wy, zterm, counted
+
+
+def ce_total(loss_sum, wy_sum, z_sum, count, reduction):
+    """The "mean" or "sum" reduction from sums over rows: the loss is divided by the sum of the target
+    weights (PyTorch), the z-loss by the number of counted rows (Liger-Kernel); all ignored: NaN / 0."""
+    if reduction == "sum":
+        return np.float64(loss_sum + z_sum)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        total = np.float64(loss_sum) / np.float64(wy_sum)
+        if z_sum:
+            total = total + np.float64(z_sum) / np.float64(count)
+    return np.float64(total)
+
+
+def ce_loss(nll, smooth, lse, labels, ignore_index, weight, eps, z, V, reduction):
+    """PyTorch's combination of per-row terms into the loss (float64): weights, label smoothing,
+    z-loss and the reduction."""
+    loss, wy, zterm, counted = ce_terms(nll, smooth, lse, labels, ignore_index, weight, eps, z, V)
     if reduction == "none":
         return loss + zterm
-    total = np.sum(loss)
-    if reduction == "mean":
-        with np.errstate(invalid="ignore", divide="ignore"):
-            total = total / np.sum(wy)
-            if z > 0:   # the z-loss is averaged over counted rows, unweighted (as Liger-Kernel does)
-                total = total + np.sum(zterm) / np.count_nonzero(counted)
-    elif z > 0:
-        total = total + np.sum(zterm)
-    return np.float64(total)
+    return ce_total(np.sum(loss), np.sum(wy), np.sum(zterm), np.count_nonzero(counted), reduction)

@@ -3,6 +3,8 @@ import numpy as np
 
 from fastlogits.ops import _backend
 from fastlogits.ops._prep import NP_DTYPES, prepare
+from fastlogits.stream import run as stream_run
+from fastlogits.stream.sources import as_source
 
 
 def _check_k(k, V):
@@ -26,6 +28,11 @@ def argmax(logits, *, temperature=1.0, softcap=None, backend=None, threads=None,
     >>> int(fastlogits.argmax(np.array([1.0, 3.0, 3.0])))
     1
     """
+    src = as_source(logits)
+    if src is not None:
+        return stream_run.reduce("argmax", src, dict(
+            temperature=temperature, softcap=softcap, backend=backend, threads=threads,
+            chunk_size=chunk_size))
     r = prepare(logits, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
                 chunk_size=chunk_size)
     if r.V == 0:
@@ -58,6 +65,11 @@ def top_k(logits, k, *, temperature=1.0, softcap=None, backend=None, threads=Non
     >>> v.tolist(), i.tolist()
     ([2.0, 2.0], [1, 2])
     """
+    src = as_source(logits)
+    if src is not None:
+        return stream_run.reduce("top_k", src, dict(
+            k=_check_k(k, src.V), temperature=temperature, softcap=softcap, backend=backend,
+            threads=threads, chunk_size=chunk_size))
     r, vals, idx = _top_k(logits, k, False, temperature, softcap, backend, threads, chunk_size)
     vals = vals.astype(NP_DTYPES[r.dtype], copy=False).reshape(idx.shape)
     return vals, idx
@@ -77,6 +89,11 @@ def top_k_logprobs(logits, k, *, temperature=1.0, softcap=None, backend=None, th
     >>> np.round(np.exp(lp), 6).tolist(), i.tolist()
     ([0.5, 0.3], [1, 2])
     """
+    src = as_source(logits)
+    if src is not None:
+        return stream_run.reduce("top_k_logprobs", src, dict(
+            k=_check_k(k, src.V), temperature=temperature, softcap=softcap, backend=backend,
+            threads=threads, chunk_size=chunk_size))
     r, lp, idx = _top_k(logits, k, True, temperature, softcap, backend, threads, chunk_size)
     with np.errstate(over="ignore"):
         return lp.astype(r.result_dtype, copy=False).reshape(idx.shape), idx

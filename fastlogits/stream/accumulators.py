@@ -13,7 +13,7 @@ import numpy as np
 from fastlogits.cpu import _reduce
 from fastlogits.cpu.backend import CODES, compute_dtype
 from fastlogits.ops._prep import as_array, prepare
-from fastlogits.ops.reductions import ce_loss
+from fastlogits.ops.reductions import ce_terms, ce_total
 
 
 class LogSumExpState(NamedTuple):
@@ -79,7 +79,7 @@ class LogSumExp(_Base):
     >>> from fastlogits.stream import LogSumExp
     >>> x = np.random.default_rng(0).normal(size=(3, 10))
     >>> acc = LogSumExp(3)
-    >>> acc.update(x[:, 6:], 6); acc.update(x[:, :6], 0)
+    >>> _ = acc.update(x[:, 6:], 6).update(x[:, :6], 0)
     >>> bool(np.allclose(acc.result(), np.log(np.exp(x).sum(1))))
     True
     """
@@ -177,8 +177,9 @@ class CrossEntropy(_Base):
         self.columns += int(st.columns)
         return self
 
-    def result(self):
-        """The loss: a float64 scalar, or per row for reduction="none"."""
+    def terms(self):
+        """Per-row terms of the loss (see fastlogits.ops.reductions.ce_terms), for callers that reduce
+        over many accumulators (streaming)."""
         V = self.columns
         counted = self.labels != self.ignore_index
         if np.any(counted & (self.labels >= V)):
@@ -197,5 +198,86 @@ class CrossEntropy(_Base):
         eps = self.label_smoothing
         wtotal = float(np.sum(self.weight)) if self.weight is not None else float(V)
         smooth = wtotal * lse - self.wsum if eps > 0 else None
-        return ce_loss(nll, smooth, lse, self.labels, self.ignore_index, self.weight, eps,
-                       self.z_loss, V, self.reduction)
+        return ce_terms(nll, smooth, lse, self.labels, self.ignore_index, self.weight, eps, self.z_loss, V)
+
+    def result(self):
+        """The loss: a float64 scalar, or per row for reduction="none"."""
+        loss, wy, zterm, counted = self.terms()
+        if self.reduction == "none":
+            return loss + zterm
+        return ce_total(np.sum(loss), np.sum(wy), np.sum(zterm), np.count_nonzero(counted), self.reduction)
+
+
+class Entropy(_Base):
+    """Running entropy (nats) of softmax of rows whose columns arrive in chunks: the logsumexp state and
+    t = sum exp(x - m) (x - m), merged with the C core's rule."""
+
+    def __init__(self, rows, *, temperature=1.0, softcap=None, threads=None, chunk_size=None):
+        super().__init__(rows, temperature, softcap, threads, chunk_size)
+        self.t = np.zeros(self.rows)
+        self._h = np.full(self.rows, np.nan)
+
+    def update(self, chunk, start=0):
+        x = as_array(chunk, argname="chunk")
+        if x.ndim != 2 or x.shape[0] != self.rows:
+            raise ValueError(f"chunk must have shape (rows, c) = ({self.rows}, c), got {x.shape}")
+        r = prepare(x, temperature=self._temperature, softcap=self._softcap, backend="cpu",
+                    threads=self._threads, chunk_size=self._chunk_size)
+        m, s, t = (np.empty(self.rows) for _ in range(3))
+        _reduce.ent_states(r.x, CODES[r.dtype], r.temperature, r.softcap, m, s, t, r.chunk, r.threads)
+        _reduce.merge_ent_states(self.m, self.s, self.t, m, s, t, self._h)
+        self.columns += x.shape[1]
+        return self
+
+    def result(self):
+        """Entropy per row, float64 (rows,)."""
+        out = np.empty(self.rows)
+        none = np.full(self.rows, -np.inf)
+        _reduce.merge_ent_states(self.m, self.s, self.t, none, np.zeros(self.rows), np.zeros(self.rows), out)
+        return out
+
+
+class TopK(_Base):
+    """Running top-k (values after softcap and temperature, and indices) of rows whose columns arrive in
+    chunks; with ``logprobs=True`` the log-probabilities under softmax(x / T) instead of the values. The
+    order is PyTorch's topk: NaN first, then larger values, then lower indices."""
+
+    def __init__(self, rows, k, *, logprobs=False, temperature=1.0, softcap=None, threads=None,
+                 chunk_size=None):
+        super().__init__(rows, temperature, softcap, threads, chunk_size)
+        if isinstance(k, bool) or not hasattr(k, "__index__") or int(k) < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        self.k = int(k)
+        self.values = np.empty((self.rows, 0))
+        self.indices = np.empty((self.rows, 0), np.int64)
+        self._lse = LogSumExp(rows, temperature=temperature, softcap=softcap, threads=threads,
+                              chunk_size=chunk_size) if logprobs else None
+
+    def update(self, chunk, start=0):
+        from fastlogits.ops.selection import _top_k
+
+        x = as_array(chunk, argname="chunk")
+        if x.ndim != 2 or x.shape[0] != self.rows:
+            raise ValueError(f"chunk must have shape (rows, c) = ({self.rows}, c), got {x.shape}")
+        # values in the compute dtype (not rounded back to a 16-bit input dtype): log-probs come from them
+        _, v, i = _top_k(x, min(self.k, x.shape[1]), False, self._temperature, self._softcap, "cpu",
+                         self._threads, self._chunk_size)
+        v = np.concatenate([self.values, np.asarray(v, np.float64)], axis=1)
+        i = np.concatenate([self.indices, i + int(start)], axis=1)
+        nan = np.isnan(v)
+        order = np.lexsort((i, -np.where(nan, 0.0, v), ~nan), axis=1)[:, :self.k]
+        self.values = np.take_along_axis(v, order, 1)
+        self.indices = np.take_along_axis(i, order, 1)
+        if self._lse is not None:
+            self._lse.update(x, start)
+        self.columns += x.shape[1]
+        return self
+
+    def result(self):
+        """(values or log-probabilities, indices), float64 and int64, each (rows, min(k, columns))."""
+        if self._lse is None:
+            return self.values, self.indices
+        m, s = self._lse.m[:, None], self._lse.s[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            lp = np.where(np.isfinite(m), (self.values - m) - np.log(s), np.nan)
+        return lp, self.indices

@@ -1,0 +1,534 @@
+"""Streaming a source through the row functions in bounded memory.
+
+The planner turns the memory budget into row blocks (whole rows, several a block) or, when a single row
+does not fit, into column chunks of one row at a time. Row blocks go through the same in-memory
+functions as arrays; column chunks go through the accumulators (row states merged chunk by chunk). A
+reader thread reads the next block into a second buffer while the kernels work on the current one
+(``os.preadv`` and the kernels both release the GIL), so I/O overlaps compute; buffers are reused, so
+peak memory is set by the budget, not by the dump's size.
+"""
+import contextlib
+import os
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from fastlogits.ops._prep import NP_DTYPES
+
+DEFAULT_BUDGET = 256 * 2**20
+_budget = DEFAULT_BUDGET
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30}
+
+
+def parse_memory(memory, argname="memory"):
+    """Bytes from an int or a string such as "64MiB", "1.5G", "300MB" (at least 64 KiB)."""
+    if isinstance(memory, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", memory)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"{argname} must be a byte count such as 268435456 or '256MiB', got {memory!r}")
+        value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    elif isinstance(memory, bool) or not isinstance(memory, (int, float, np.integer)):
+        raise TypeError(f"{argname} must be a byte count such as 268435456 or '256MiB', got {memory!r}")
+    else:
+        value = float(memory)
+    if not value >= 1 << 16:
+        raise ValueError(f"{argname} must be at least 64 KiB, got {memory!r}")
+    return int(value)
+
+
+def set_memory_budget(memory):
+    """Set the default memory budget of calls on sources (256 MiB unless set): bytes or e.g. "1GiB"."""
+    global _budget
+    _budget = parse_memory(memory)
+
+
+def get_memory_budget():
+    """The default memory budget of calls on sources, in bytes."""
+    return _budget
+
+
+@dataclass
+class Plan:
+    rows: int      # rows per block; 0 when a row does not fit: column chunks
+    cols: int      # columns per chunk (V for row blocks)
+
+
+def plan(source, memory=None, out_itemsize=0):
+    """Row blocks when a row fits the budget, else column chunks of one row. Per value in flight: two
+    input buffers (one read ahead) and, for maps, the output; the kernels' own scratch is a few chunks."""
+    if memory is None:
+        memory = getattr(source, "memory", None)
+    budget = _budget if memory is None else parse_memory(memory)
+    per_value = 2 * NP_DTYPES[source.dtype].itemsize + out_itemsize
+    rows = budget // (source.V * per_value + 64) if source.V else 1 << 16
+    if rows >= 1:
+        return Plan(rows=int(min(rows, 1 << 16)), cols=source.V)
+    return Plan(rows=0, cols=int(budget // per_value))
+
+
+def _ahead(reads):
+    """Items of `reads` (callables; None ends), each read on a reader thread while the consumer works on
+    the previous one. At most two items exist at a time, so a source can alternate two buffers."""
+    reads = iter(reads)
+    with ThreadPoolExecutor(1, thread_name_prefix="fastlogits-reader") as ex:
+        first = next(reads, None)
+        fut = ex.submit(first) if first is not None else None
+        while fut is not None:
+            item = fut.result()
+            if item is None:
+                return
+            read = next(reads, None)
+            fut = ex.submit(read) if read is not None else None
+            yield item
+
+
+def row_blocks(source, rows):
+    """(r0, block) for consecutive blocks of at most `rows` rows, read one block ahead into two buffers
+    that alternate (a block is valid until the next one is asked for)."""
+    if source.random_access:
+        bufs = [None, None]
+
+        def reader(k, r0):
+            def read():
+                bufs[k % 2] = source.read(r0, min(source.rows, r0 + rows), out=bufs[k % 2])
+                return r0, bufs[k % 2]
+            return read
+        yield from _ahead(reader(k, r0) for k, r0 in enumerate(range(0, source.rows, rows)))
+    else:
+        blocks = source.blocks(rows)
+        start = [0]
+
+        def read():
+            block = next(blocks, None)
+            if block is None:
+                return None
+            start[0] += block.shape[0]
+            return start[0] - block.shape[0], block
+
+        def reads():
+            while True:
+                yield read
+        yield from _ahead(reads())
+
+
+def column_chunks(source, cols):
+    """(row, c0, chunk (1, c)) for every row and its columns in order, read one chunk ahead."""
+    if source.random_access:
+        bufs = [None, None]
+
+        def reader(k, i, c0):
+            def read():
+                bufs[k % 2] = source.read(i, i + 1, c0, min(source.V, c0 + cols), out=bufs[k % 2])
+                return i, c0, bufs[k % 2]
+            return read
+        order = ((i, c0) for i in range(source.rows) for c0 in range(0, source.V, cols))
+        yield from _ahead(reader(k, i, c0) for k, (i, c0) in enumerate(order))
+    else:
+        for r0, block in row_blocks(source, 1):
+            for i in range(block.shape[0]):
+                for c0 in range(0, block.shape[1], cols):
+                    yield r0 + i, c0, block[i:i + 1, c0:c0 + cols]
+
+
+class RowArg:
+    """A per-row argument of a streamed call (temperature, labels): a scalar, or one value per row,
+    sliced block by block."""
+
+    def __init__(self, value, name, source, dtype=np.float64):
+        self.name = name
+        a = np.asarray(value)
+        self.scalar = a.ndim == 0
+        if not self.scalar:
+            lead = tuple(source.shape[:-1])
+            if source.shape[0] is not None and a.shape != lead:
+                raise ValueError(f"{name} must be a scalar or one value per row (shape {lead}), got shape "
+                                 f"{a.shape}")
+            a = a.reshape(-1)
+        self.value = a if dtype is None else a.astype(dtype, copy=False)
+
+    def block(self, r0, r1):
+        if self.scalar:
+            return self.value[()]
+        if r1 > self.value.shape[0]:
+            raise ValueError(f"{self.name} has {self.value.shape[0]} values, but the source has more rows "
+                             f"(at least {r1})")
+        return self.value[r0:r1]
+
+    def check_rows(self, rows):
+        if not self.scalar and self.value.shape[0] != rows:
+            raise ValueError(f"{self.name} has {self.value.shape[0]} values, but the source has {rows} rows")
+
+
+def _lead(source, rows):
+    """The leading shape of per-row results (the number of rows read, for sources that only know it at
+    the end)."""
+    return (rows,) if source.shape[0] is None else tuple(source.shape[:-1])
+
+
+class Progress:
+    """Counts rows and bytes; calls `callback(rows, nbytes)` after each block (the CLI's progress bar)."""
+
+    def __init__(self, callback=None):
+        self.callback = callback
+
+    def __call__(self, rows, nbytes):
+        if self.callback is not None:
+            self.callback(rows, nbytes)
+
+
+# ---- the row functions of a source ----------------------------------------------------------------------
+
+# For each reduction: the accumulator that folds a row too large for the budget, and how to make it.
+def _row_accumulator(op, temperature, kw):
+    from fastlogits.stream import accumulators as acc
+
+    common = {k: kw.get(k) for k in ("softcap", "threads", "chunk_size")}
+    if op == "logsumexp":
+        return acc.LogSumExp(1, temperature=temperature, **common)
+    if op == "entropy":
+        return acc.Entropy(1, temperature=temperature, **common)
+    if op == "argmax":
+        return acc.TopK(1, 1, temperature=temperature, **common)
+    if op in ("top_k", "top_k_logprobs"):
+        return acc.TopK(1, kw["k"], logprobs=op == "top_k_logprobs", temperature=temperature, **common)
+    raise ValueError(op)
+
+
+def reduce(op, source, kw, memory=None, progress=None):
+    """logsumexp, entropy, argmax, top_k or top_k_logprobs of every row of a source (kw: the call's
+    keyword arguments; `k` for the top-k functions)."""
+    import fastlogits as fl
+
+    kw = dict(kw)
+    temp = RowArg(kw.pop("temperature", 1.0), "temperature", source)
+    progress = progress or Progress()
+    p = plan(source, memory)
+    parts, rows = [], 0
+    if p.rows:
+        fn = getattr(fl, op)
+        for r0, block in row_blocks(source, p.rows):
+            t = temp.block(r0, r0 + block.shape[0])
+            res = fn(block, temperature=t, **kw)
+            parts.append(tuple(np.asarray(r) for r in res) if isinstance(res, tuple) else np.asarray(res))
+            rows = r0 + block.shape[0]
+            progress(block.shape[0], block.nbytes)
+    else:
+        accum = None
+        for i, c0, chunk in column_chunks(source, p.cols):
+            if c0 == 0:
+                if accum is not None:
+                    parts.append(_finish_row(op, accum, source))
+                accum = _row_accumulator(op, temp.block(i, i + 1), kw)
+            accum.update(chunk, c0)
+            rows = i + 1
+            progress(int(c0 + chunk.shape[1] == source.V), chunk.nbytes)
+        if accum is not None:
+            parts.append(_finish_row(op, accum, source))
+    temp.check_rows(rows)
+    lead = _lead(source, rows)
+    if op in ("top_k", "top_k_logprobs"):
+        k = kw["k"]
+        vals = np.concatenate([v for v, _ in parts]) if parts else np.empty((0, k))
+        idx = np.concatenate([i for _, i in parts]) if parts else np.empty((0, k), np.int64)
+        return vals.reshape(lead + (k,)), idx.reshape(lead + (k,))
+    out = np.concatenate(parts) if parts else np.empty(0, _result_dtype(source, op))
+    out = out.reshape(lead)
+    return out if out.ndim else out[()]
+
+
+def _result_dtype(source, op):
+    if op == "argmax":
+        return np.dtype(np.int64)
+    return np.dtype(np.float64) if source.dtype == "float64" else np.dtype(np.float32)
+
+
+def _finish_row(op, accum, source):
+    """One row's result from its accumulator, in the dtype the in-memory function returns."""
+    if op == "argmax":
+        return accum.result()[1][:, 0]
+    if op == "top_k":
+        v, i = accum.result()
+        return v.astype(NP_DTYPES[source.dtype]), i
+    if op == "top_k_logprobs":
+        v, i = accum.result()
+        return v.astype(_result_dtype(source, op)), i
+    return accum.result().astype(_result_dtype(source, op))
+
+
+def cross_entropy(source, labels, kw, memory=None, progress=None):
+    """Cross-entropy of a source against labels (one per row), as fastlogits.cross_entropy."""
+    from fastlogits.ops.reductions import ce_total, cross_entropy_terms
+    from fastlogits.stream.accumulators import CrossEntropy
+
+    kw = dict(kw)
+    reduction = kw.pop("reduction", "mean")
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    temp = RowArg(kw.pop("temperature", 1.0), "temperature", source)
+    lab = RowArg(labels, "labels", source, dtype=None)
+    if lab.scalar or lab.value.dtype.kind not in "iu":
+        raise TypeError(f"labels must be an integer array with one class index per row, got {labels!r}")
+    progress = progress or Progress()
+    p = plan(source, memory)
+    per_row, sums, rows = [], np.zeros(3), 0
+    count = 0
+
+    def add(loss, wy, zterm, counted):
+        nonlocal count
+        if reduction == "none":
+            per_row.append(loss + zterm)
+        sums[:] += (np.sum(loss), np.sum(wy), np.sum(zterm))
+        count += int(np.count_nonzero(counted))
+
+    if p.rows:
+        for r0, block in row_blocks(source, p.rows):
+            r1 = r0 + block.shape[0]
+            add(*cross_entropy_terms(block, lab.block(r0, r1), temperature=temp.block(r0, r1), **kw)[0])
+            rows = r1
+            progress(block.shape[0], block.nbytes)
+    else:
+        accum = None
+        opts = {k: kw.get(k) for k in ("weight", "ignore_index", "label_smoothing", "z_loss", "softcap",
+                                       "threads", "chunk_size") if k in kw}
+        for i, c0, chunk in column_chunks(source, p.cols):
+            if c0 == 0:
+                if accum is not None:
+                    add(*accum.terms())
+                accum = CrossEntropy(lab.block(i, i + 1), temperature=temp.block(i, i + 1), **opts)
+            accum.update(chunk, c0)
+            rows = i + 1
+            progress(int(c0 + chunk.shape[1] == source.V), chunk.nbytes)
+        if accum is not None:
+            add(*accum.terms())
+    temp.check_rows(rows)
+    lab.check_rows(rows)
+    rdt = _result_dtype(source, "cross_entropy")
+    if reduction == "none":
+        out = np.concatenate(per_row) if per_row else np.empty(0)
+        return out.astype(rdt).reshape(_lead(source, rows))
+    return rdt.type(ce_total(sums[0], sums[1], sums[2], count, reduction))
+
+
+def softmax(source, log, out, kw, memory=None, progress=None):
+    """softmax or log_softmax of a source, written to `out` (an array of the source's shape, or a path:
+    a .npy file, or raw rows for any other name) block by block; returns out."""
+    import fastlogits as fl
+    from fastlogits.cpu import _maps
+    from fastlogits.ops._prep import dtype_name, prepare
+    from fastlogits.stream.accumulators import LogSumExp
+
+    kw = dict(kw)
+    out_name = dtype_name(kw.pop("dtype", None) or source.dtype)
+    temp = RowArg(kw.pop("temperature", 1.0), "temperature", source)
+    progress = progress or Progress()
+    if out is None:
+        raise ValueError("softmax of a source writes to out=: a path (.npy or raw) or an array of the "
+                         "source's shape")
+    p = plan(source, memory, out_itemsize=NP_DTYPES[out_name].itemsize)
+    fn = fl.log_softmax if log else fl.softmax
+    with _Sink(out, source, out_name) as sink:
+        if p.rows:
+            for r0, block in row_blocks(source, p.rows):
+                r1 = r0 + block.shape[0]
+                sink.write(r0, 0, fn(block, temperature=temp.block(r0, r1), dtype=out_name, **kw))
+                progress(block.shape[0], block.nbytes)
+        else:
+            common = {k: kw.get(k) for k in ("softcap", "threads", "chunk_size")}
+            for i in range(source.rows):
+                t = temp.block(i, i + 1)
+                acc = LogSumExp(1, temperature=t, **common)
+                for _, c0, chunk in column_chunks(_RowView(source, i), p.cols):
+                    acc.update(chunk, c0)
+                state = (acc.m, acc.s)
+                for _, c0, chunk in column_chunks(_RowView(source, i), p.cols):
+                    r = prepare(chunk, temperature=t, backend="cpu", **common)
+                    y = np.empty(chunk.shape, NP_DTYPES[out_name])
+                    _maps.softmax(r.x, _code(r.dtype), r.temperature, r.softcap, y, _code(out_name), log,
+                                  r.chunk, r.threads, state)
+                    sink.write(i, c0, y)
+                    progress(int(c0 + chunk.shape[1] == source.V), chunk.nbytes)
+        temp.check_rows(sink.rows)
+    return sink.result
+
+
+def _code(name):
+    from fastlogits.cpu.backend import CODES
+    return CODES[name]
+
+
+class _RowView:
+    """One row of a random-access source, as a source of one row (for the two passes of a map)."""
+
+    random_access = True
+
+    def __init__(self, source, i):
+        self.source, self.i = source, i
+        self.rows, self.V, self.dtype = 1, source.V, source.dtype
+
+    def read(self, r0, r1, c0=0, c1=None, out=None):
+        return self.source.read(self.i + r0, self.i + r1, c0, c1, out=out)
+
+
+class _Sink:
+    """Where a streamed map writes: an array, or a file written under a temporary name and renamed when
+    complete (see atomic_output)."""
+
+    def __init__(self, out, source, out_name):
+        self.dtype = NP_DTYPES[out_name]
+        self.V = source.V
+        self.rows = 0
+        self._array = None
+        self._atomic = None
+        if isinstance(out, np.ndarray):
+            if source.shape[0] is not None and out.shape != tuple(source.shape):
+                raise ValueError(f"out must have the source's shape {tuple(source.shape)}, got {out.shape}")
+            if out.dtype != self.dtype:
+                raise ValueError(f"out has dtype {out.dtype}, expected {out_name}")
+            self._array = out.reshape(-1, self.V)
+            self.result = out
+        elif isinstance(out, (str, os.PathLike)):
+            self.path = os.fspath(out)
+            self.npy = self.path.endswith(".npy")
+            self.lead = None if source.shape[0] is None else tuple(source.shape[:-1])
+            self.result = self.path
+        else:
+            raise TypeError(f"out must be a path or a NumPy array, got {type(out).__name__}")
+
+    def __enter__(self):
+        if self._array is None:
+            self._atomic = atomic_output(self.path)
+            tmp = self._atomic.__enter__()
+            self._f = open(tmp, "wb")  # noqa: SIM115 - closed in __exit__
+            if self.npy:
+                self._header_len = _write_npy_header(self._f, self.lead or (0,), self.V, self.dtype)
+        return self
+
+    def write(self, r0, c0, block):
+        block = np.asarray(block)
+        if self._array is not None:
+            self._array[r0:r0 + block.shape[0], c0:c0 + block.shape[1]] = block
+        else:
+            self._f.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
+        if c0 + block.shape[1] >= self.V:
+            self.rows = max(self.rows, r0 + block.shape[0])
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._array is not None:
+            return False
+        try:
+            if exc_type is None and self.npy and self.lead is None:
+                self._f.seek(0)
+                _write_npy_header(self._f, (self.rows,), self.V, self.dtype, self._header_len)
+            self._f.close()
+        finally:
+            self._atomic.__exit__(exc_type, exc, tb)
+        return False
+
+
+def _write_npy_header(f, lead, V, dtype, length=None):
+    """A .npy (version 1.0) header for shape lead + (V,), padded to `length` bytes (so that a header
+    written before the number of rows is known can be rewritten in place)."""
+    from fastlogits.ops._prep import BF16
+    descr = "|V2" if dtype == BF16 else np.lib.format.dtype_to_descr(dtype)
+    shape = tuple(int(d) for d in lead) + (int(V),)
+    d = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {shape!r}, }}"
+    length = length or (len(d) + 10 + 64 + 63) // 64 * 64   # room for a longer shape later
+    pad = length - 10 - len(d) - 1
+    header = b"\x93NUMPY\x01\x00" + (length - 10).to_bytes(2, "little") + (d + " " * pad + "\n").encode()
+    f.write(header)
+    return length
+
+
+def atomic_output(path):
+    """A context manager giving a temporary path next to `path`, renamed to `path` when the block ends
+    normally and removed when it raises (Ctrl-C, a crash, a full disk): no half-written file is ever left
+    under the final name."""
+    return _Atomic(os.fspath(path))
+
+
+class _Atomic(contextlib.AbstractContextManager):
+    def __init__(self, path):
+        self.path = path
+        folder, base = os.path.split(os.path.abspath(path))
+        self.tmp = os.path.join(folder, f".{base}.partial-{os.getpid()}-{threading.get_ident()}")
+
+    def __enter__(self):
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.tmp)
+        return False
+
+
+def stats(source, labels=None, *, ignore_index=-100, temperature=1.0, softcap=None, threads=None,
+          chunk_size=None, memory=None, progress=None):
+    """One pass over a source for an evaluation summary: per row the NLL (with labels), entropy and
+    argmax (and whether it equals the label). Returns a dict of per-row arrays."""
+    from fastlogits.ops.reductions import cross_entropy_terms
+    from fastlogits.ops.selection import argmax
+    from fastlogits.stream.accumulators import CrossEntropy, Entropy, TopK
+
+    temp = RowArg(temperature, "temperature", source)
+    lab = RowArg(labels, "labels", source, dtype=None) if labels is not None else None
+    if lab is not None and (lab.scalar or lab.value.dtype.kind not in "iu"):
+        raise TypeError("labels must be an integer array with one class index per row")
+    common = {"softcap": softcap, "threads": threads, "chunk_size": chunk_size}
+    progress = progress or Progress()
+    p = plan(source, memory)
+    nll, ent, top, rows = [], [], [], 0
+    if p.rows:
+        from fastlogits.ops.reductions import entropy
+        for r0, block in row_blocks(source, p.rows):
+            r1 = r0 + block.shape[0]
+            t = temp.block(r0, r1)
+            if lab is not None:
+                (loss, _, _, _), _ = cross_entropy_terms(block, lab.block(r0, r1), ignore_index=ignore_index,
+                                                         temperature=t, **common)
+                nll.append(loss)
+            ent.append(np.asarray(entropy(block, temperature=t, **common)))
+            top.append(np.asarray(argmax(block, temperature=t, **common)))
+            rows = r1
+            progress(block.shape[0], block.nbytes)
+    else:
+        accs = None
+
+        def finish():
+            if lab is not None:
+                nll.append(accs[0].terms()[0])
+            ent.append(accs[1].result())
+            top.append(accs[2].result()[1][:, 0])
+
+        for i, c0, chunk in column_chunks(source, p.cols):
+            if c0 == 0:
+                if accs is not None:
+                    finish()
+                t = temp.block(i, i + 1)
+                accs = (CrossEntropy(lab.block(i, i + 1), ignore_index=ignore_index, temperature=t, **common)
+                        if lab is not None else None,
+                        Entropy(1, temperature=t, **common), TopK(1, 1, temperature=t, **common))
+            for a in accs:
+                if a is not None:
+                    a.update(chunk, c0)
+            rows = i + 1
+            progress(int(c0 + chunk.shape[1] == source.V), chunk.nbytes)
+        if accs is not None:
+            finish()
+    temp.check_rows(rows)
+    out = {"rows": rows, "entropy": np.concatenate(ent) if ent else np.empty(0),
+           "argmax": np.concatenate(top).astype(np.int64) if top else np.empty(0, np.int64)}
+    if lab is not None:
+        lab.check_rows(rows)
+        y = lab.value.reshape(-1).astype(np.int64)
+        out["nll"] = np.concatenate(nll) if nll else np.empty(0)
+        out["counted"] = y != ignore_index
+        out["correct"] = out["argmax"] == y
+    return out

@@ -1,0 +1,419 @@
+"""Sources: logit dumps read lazily, in row blocks and column ranges, into buffers the caller reuses.
+
+A source has ``shape`` (its leading shape plus V; for standard input and iterables the number of rows is
+unknown until the end, and ``shape[0]`` is None), ``dtype`` (a name: "float16", "bfloat16", "float32",
+"float64"), ``nbytes`` (None when unknown) and two ways to be read:
+
+- ``read(r0, r1, c0=0, c1=None, out=None)``: rows r0..r1 and columns c0..c1 as a 2-D array (random access;
+  files and array-likes only, ``random_access`` is True);
+- ``blocks(max_rows)``: the rows in order, as 2-D arrays of at most max_rows rows (every source).
+
+Files are read with ``os.preadv`` into preallocated buffers (never memory-mapped, so page tables do not
+fill up with a dump larger than memory); a truncated file, a bad header or an unsupported dtype raises
+:class:`SourceError`, which says what was expected and what was found.
+"""
+import builtins
+import json
+import math
+import os
+import struct
+import sys
+
+import numpy as np
+
+from fastlogits.ops._prep import BF16, NP_DTYPES, dtype_name
+
+
+class SourceError(ValueError):
+    """A logit dump that cannot be read as asked: the message says what was expected and what was found."""
+
+
+def _itemsize(name):
+    return NP_DTYPES[name].itemsize
+
+
+class _FileSource:
+    """Rows of a C-ordered array stored at `offset` in a file."""
+
+    random_access = True
+
+    def __init__(self, path, shape, dtype, offset, fmt):
+        self.path = os.fspath(path)
+        self.shape = tuple(int(d) for d in shape)
+        if len(self.shape) == 0:
+            raise SourceError(f"{self.path}: expected logits with at least one axis, found a scalar")
+        self.dtype = dtype
+        self.offset = offset
+        self.format = fmt
+        self.V = self.shape[-1]
+        self.rows = math.prod(self.shape[:-1])
+        self.nbytes = self.rows * self.V * _itemsize(dtype)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        size = os.fstat(self._fd).st_size
+        if size < offset + self.nbytes:
+            os.close(self._fd)
+            self._fd = None
+            raise SourceError(
+                f"{self.path}: truncated {fmt} file: shape {self.shape} of {dtype} needs {self.nbytes} bytes "
+                f"of data after a {offset}-byte header ({offset + self.nbytes} in all), found {size} bytes")
+
+    def close(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<fastlogits source {self.format} {self.path!r} shape={self.shape} dtype={self.dtype}>"
+
+    def _pread_into(self, buf, pos):
+        view = memoryview(buf.reshape(-1).view(np.uint8))   # bytes (bfloat16 has no buffer format)
+        done = 0
+        while done < len(view):
+            n = os.preadv(self._fd, [view[done:]], pos + done)
+            if n == 0:
+                raise SourceError(f"{self.path}: file shrank while being read (expected {len(view)} bytes at "
+                                  f"offset {pos})")
+            done += n
+
+    def read(self, r0, r1, c0=0, c1=None, out=None):
+        c1 = self.V if c1 is None else c1
+        if not (0 <= r0 <= r1 <= self.rows and 0 <= c0 <= c1 <= self.V):
+            raise IndexError(f"rows {r0}:{r1}, columns {c0}:{c1} outside shape ({self.rows}, {self.V})")
+        dt = NP_DTYPES[self.dtype]
+        shape = (r1 - r0, c1 - c0)
+        if out is None or out.shape[0] < shape[0] or out.shape[1] < shape[1] or out.dtype != dt:
+            out = np.empty(shape, dt)
+        else:
+            out = out[:shape[0], :shape[1]]
+        isz = dt.itemsize
+        if c0 == 0 and c1 == self.V and out.flags.c_contiguous:
+            self._pread_into(out, self.offset + r0 * self.V * isz)
+        else:
+            for i in range(shape[0]):
+                row = out[i]
+                self._pread_into(row, self.offset + ((r0 + i) * self.V + c0) * isz)
+        return out
+
+    def blocks(self, max_rows):
+        for r0 in range(0, self.rows, max_rows):
+            yield self.read(r0, min(self.rows, r0 + max_rows))
+
+
+def open_npy(path, dtype=None):
+    """A .npy file, read lazily; dtype="bfloat16" re-declares a 2-byte (|V2, <u2, <i2) file."""
+    from numpy.lib import format as npf
+
+    path = os.fspath(path)
+    with builtins.open(path, "rb") as f:
+        try:
+            version = npf.read_magic(f)
+            read_header = {(1, 0): npf.read_array_header_1_0, (2, 0): npf.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise ValueError(f"unsupported .npy format version {version}")
+            shape, fortran, dt = read_header(f, max_header_size=1 << 20)
+        except ValueError as e:
+            raise SourceError(f"{path}: not a valid .npy file ({e})") from None
+        offset = f.tell()
+    if fortran and len(shape) > 1:
+        raise SourceError(f"{path}: expected a C-ordered .npy array, found a Fortran-ordered one")
+    if dt.hasobject:
+        raise SourceError(f"{path}: expected float logits, found an object array")
+    if dtype is not None and dtype_name(dtype) == "bfloat16":
+        if dt.itemsize != 2:
+            raise SourceError(f"{path}: dtype='bfloat16' re-declares 2-byte data, but the file holds {dt}")
+        name = "bfloat16"
+    else:
+        if dt.kind == "V" and dt.itemsize == 2:
+            raise SourceError(f"{path}: the file holds raw 2-byte values ({dt.str}); if they are bfloat16, "
+                              "open it with dtype='bfloat16'")
+        if not dt.isnative and dt.itemsize > 1:
+            raise SourceError(f"{path}: expected native byte order, found {dt.str}")
+        if dt == BF16:
+            name = "bfloat16"
+        else:
+            try:
+                name = dtype_name(dt)
+            except TypeError:
+                raise SourceError(f"{path}: expected float16, bfloat16, float32 or float64 logits, found "
+                                  f"{dt}") from None
+        if dtype is not None and dtype_name(dtype) != name:
+            raise SourceError(f"{path}: dtype={dtype!r} was asked for, but the file holds {name}")
+    return _FileSource(path, shape, name, offset, "npy")
+
+
+def open_raw(path, dtype, vocab, offset=0):
+    """Raw little-endian rows of `vocab` values of `dtype`, back to back."""
+    path = os.fspath(path)
+    if dtype is None or vocab is None:
+        raise SourceError(f"{path}: a raw file needs dtype= and vocab= (its rows are not self-describing)")
+    name = dtype_name(dtype)
+    vocab = int(vocab)
+    if vocab < 1:
+        raise ValueError(f"vocab must be a positive integer, got {vocab}")
+    size = os.path.getsize(path) - offset
+    row_bytes = vocab * _itemsize(name)
+    if size % row_bytes:
+        raise SourceError(f"{path}: {size} bytes is not a whole number of rows of {vocab} {name} values "
+                          f"({row_bytes} bytes each): {size // row_bytes} rows and {size % row_bytes} bytes "
+                          "left over (wrong vocab or dtype, or a truncated file)")
+    return _FileSource(path, (size // row_bytes, vocab), name, offset, "raw")
+
+
+_ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+def open_safetensors(path, tensor=None):
+    """A .safetensors file (header parsed here: the safetensors package's NumPy loader has no BF16)."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with builtins.open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise SourceError(f"{path}: expected a safetensors file (an 8-byte header length first), found "
+                              f"{size} bytes in all")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100 * 2**20:
+            raise SourceError(f"{path}: corrupt safetensors header: its length field says {n} bytes, the "
+                              f"file has {size - 8} after it")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SourceError(f"{path}: corrupt safetensors header (not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise SourceError(f"{path}: corrupt safetensors header (expected a JSON object)")
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    if not tensors:
+        raise SourceError(f"{path}: the safetensors file holds no tensor")
+    if tensor is None:
+        if len(tensors) > 1:
+            names = ", ".join(sorted(tensors))
+            raise SourceError(f"{path}: the file holds {len(tensors)} tensors ({names}); say which with "
+                              "tensor=")
+        tensor = next(iter(tensors))
+    if tensor not in tensors:
+        raise SourceError(f"{path}: no tensor named {tensor!r}; the file holds: {', '.join(sorted(tensors))}")
+    info = tensors[tensor]
+    try:
+        st_dtype, shape, (b0, b1) = info["dtype"], info["shape"], info["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise SourceError(f"{path}: corrupt safetensors entry for {tensor!r}: {info!r}") from None
+    if st_dtype not in _ST_DTYPES:
+        raise SourceError(f"{path}: tensor {tensor!r} has dtype {st_dtype}; expected one of "
+                          f"{', '.join(_ST_DTYPES)}")
+    name = _ST_DTYPES[st_dtype]
+    need = math.prod(shape) * _itemsize(name)
+    if b1 - b0 != need:
+        raise SourceError(f"{path}: tensor {tensor!r}: shape {shape} of {name} needs {need} bytes, its "
+                          f"offsets span {b1 - b0}")
+    src = _FileSource(path, shape, name, 8 + n + b0, "safetensors")
+    src.tensor = tensor
+    return src
+
+
+class ArraySource:
+    """Any sliceable array-like of shape (..., V): a NumPy array or memmap, an h5py dataset, a zarr array."""
+
+    random_access = True
+    format = "array"
+
+    def __init__(self, array, dtype=None):
+        self.array = array
+        self.shape = tuple(int(d) for d in array.shape)
+        if len(self.shape) == 0:
+            raise SourceError("expected logits with at least one axis, found a scalar")
+        dt = np.dtype(array.dtype)
+        if dtype is not None and dtype_name(dtype) == "bfloat16":
+            if dt.itemsize != 2:
+                raise SourceError(f"dtype='bfloat16' re-declares 2-byte data, but the array holds {dt}")
+            self.dtype = "bfloat16"
+        else:
+            self.dtype = "bfloat16" if dt == BF16 else dtype_name(dt, "logits")
+        self.V = self.shape[-1]
+        self.rows = math.prod(self.shape[:-1])
+        self.nbytes = self.rows * self.V * _itemsize(self.dtype)
+        self._flat = len(self.shape) == 2
+
+    def __repr__(self):
+        return f"<fastlogits source {type(self.array).__name__} shape={self.shape} dtype={self.dtype}>"
+
+    def _rows(self, r0, r1, c0, c1):
+        if self._flat:
+            return self.array[r0:r1, c0:c1]
+        lead = self.shape[:-1]
+        if len(lead) == 0:
+            return self.array[None, c0:c1]
+        # rows of a (..., V) array-like: slice row by row through the leading index
+        return np.stack([self.array[np.unravel_index(r, lead) + (slice(c0, c1),)] for r in range(r0, r1)]) \
+            if r1 > r0 else np.empty((0, c1 - c0), NP_DTYPES[self.dtype])
+
+    def read(self, r0, r1, c0=0, c1=None, out=None):
+        c1 = self.V if c1 is None else c1
+        block = np.asarray(self._rows(r0, r1, c0, c1))
+        if self.dtype == "bfloat16" and block.dtype != BF16:
+            block = block.view(BF16)
+        return block
+
+    def blocks(self, max_rows):
+        for r0 in range(0, self.rows, max_rows):
+            yield self.read(r0, min(self.rows, r0 + max_rows))
+
+
+class IterSource:
+    """An iterable of 2-D row blocks (rows, V), read once, in order; the number of rows is known at the
+    end."""
+
+    random_access = False
+    format = "iterable"
+    nbytes = None
+
+    def __init__(self, iterable, dtype=None, vocab=None):
+        self._it = iter(iterable)
+        self._declared = dtype
+        self._first = None
+        try:
+            self._first = next(self._it)
+        except StopIteration:
+            if vocab is None:
+                raise SourceError("an empty iterable of row blocks, and no vocab= to say how wide its rows "
+                                  "are") from None
+        if self._first is not None:
+            self._first = self._check(self._first, 0)
+            self.V = self._first.shape[1]
+            self.dtype = "bfloat16" if self._first.dtype == BF16 else dtype_name(self._first.dtype)
+        else:
+            self.V = int(vocab)
+            self.dtype = dtype_name(dtype or "float32")
+        self.shape = (None, self.V)
+        self.rows = None
+        self._used = False
+
+    def __repr__(self):
+        return f"<fastlogits source iterable V={self.V} dtype={self.dtype}>"
+
+    def _check(self, block, i):
+        b = np.asarray(block)
+        if self._declared is not None and dtype_name(self._declared) == "bfloat16" and b.dtype != BF16:
+            if b.dtype.itemsize != 2:
+                raise SourceError(f"row block {i}: dtype='bfloat16' re-declares 2-byte data, found {b.dtype}")
+            b = b.view(BF16)
+        if b.ndim != 2:
+            raise SourceError(f"row block {i}: expected a 2-D (rows, V) block, found shape {b.shape}")
+        if i and b.shape[1] != self.V:
+            raise SourceError(f"row block {i}: expected rows of {self.V} values (as the first block), found "
+                              f"{b.shape[1]}")
+        if i and (b.dtype == BF16) != (self.dtype == "bfloat16"):
+            raise SourceError(f"row block {i}: expected {self.dtype} (as the first block), found {b.dtype}")
+        return b
+
+    def blocks(self, max_rows):
+        if self._used:
+            raise SourceError("this iterable of row blocks was already consumed; a source of this kind is "
+                              "read once")
+        self._used = True
+        self.rows = 0
+        i = 0
+        block = self._first
+        while block is not None:
+            for r0 in range(0, block.shape[0], max_rows):
+                part = block[r0:r0 + max_rows]
+                self.rows += part.shape[0]
+                yield part
+            i += 1
+            try:
+                block = self._check(next(self._it), i)
+            except StopIteration:
+                block = None
+
+
+class StdinSource(IterSource):
+    """Raw rows on a binary stream (standard input by default): `vocab` values of `dtype` each."""
+
+    format = "stdin"
+
+    def __init__(self, dtype, vocab, stream=None, block_rows=256):
+        if dtype is None or vocab is None:
+            raise SourceError("reading raw rows from standard input needs dtype= and vocab=")
+        name = dtype_name(dtype)
+        self.stream = stream if stream is not None else sys.stdin.buffer
+        self._row_bytes = int(vocab) * _itemsize(name)
+        self._name = name
+        self._block_rows = block_rows
+        super().__init__(self._read_blocks(), dtype=name, vocab=vocab)
+
+    def _read_blocks(self):
+        dt = NP_DTYPES[self._name]
+        total = 0
+        while True:
+            want = self._row_bytes * self._block_rows
+            buf = bytearray(want)
+            view = memoryview(buf)
+            got = 0
+            while got < want:
+                n = self.stream.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            total += got
+            if got % self._row_bytes:
+                raise SourceError(f"standard input: {total} bytes is not a whole number of rows of "
+                                  f"{self._row_bytes // dt.itemsize} {self._name} values ({self._row_bytes} "
+                                  f"bytes each): {got % self._row_bytes} bytes left over")
+            if got:
+                vocab = self._row_bytes // dt.itemsize
+                yield np.frombuffer(buf, dt, count=got // dt.itemsize).reshape(-1, vocab)
+            if got < want:
+                return
+
+
+def open(path, *, dtype=None, vocab=None, tensor=None, memory=None):  # noqa: A001 - the API's name
+    """Open a logit dump as a source for every row function (API.md, Streaming).
+
+    ``path``: a ``.npy`` file (read lazily; ``dtype="bfloat16"`` re-declares a ``|V2`` file), a
+    ``.safetensors`` file (``tensor=`` picks one when there are several; BF16 supported), ``"-"`` for raw rows
+    on standard input, or any other path as raw binary (``dtype`` and ``vocab`` required). ``memory``: the
+    memory budget of calls on this source (default: ``fastlogits.set_memory_budget``).
+    """
+    if isinstance(path, str) and path == "-":
+        src = StdinSource(dtype, vocab)
+    else:
+        p = os.fspath(path)
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"{p}: no such file")
+        if os.path.isdir(p):
+            raise SourceError(f"{p}: is a folder, expected a logit dump (.npy, .safetensors or raw)")
+        with builtins.open(p, "rb") as f:
+            magic = f.read(8)
+        if magic.startswith(b"\x93NUMPY"):
+            src = open_npy(p, dtype)
+        elif p.endswith(".safetensors"):
+            src = open_safetensors(p, tensor)
+        elif p.endswith(".npy"):
+            raise SourceError(f"{p}: expected a .npy file (magic \\x93NUMPY), found {magic[:6]!r}")
+        else:
+            src = open_raw(p, dtype, vocab)
+    src.memory = memory
+    return src
+
+
+def as_source(obj, dtype=None):
+    """obj as a source, or None when obj is an in-memory array (which the kernels take directly)."""
+    if isinstance(obj, (_FileSource, ArraySource, IterSource)):
+        return obj
+    if isinstance(obj, np.ndarray) or hasattr(obj, "__cuda_array_interface__"):
+        return None
+    if isinstance(obj, (str, bytes, os.PathLike)):
+        raise TypeError("logits: a path is not logits; open it first: fastlogits.open(path)")
+    if hasattr(obj, "shape") and hasattr(obj, "dtype") and hasattr(obj, "__getitem__"):
+        return ArraySource(obj, dtype)
+    if hasattr(obj, "__iter__") and not isinstance(obj, (list, tuple)):
+        return IterSource(obj, dtype)
+    return None

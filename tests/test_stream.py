@@ -1,0 +1,294 @@
+"""Streaming: every source format, tiny memory budgets that drive the same paths as huge dumps (many row
+blocks; rows split into many column chunks), outputs written chunk by chunk and atomically, bad files, and
+the command line. Streamed results are compared with the in-memory functions on the same data."""
+import json
+import os
+import struct
+import subprocess
+import sys
+import tracemalloc
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import fastlogits as fl
+from fastlogits.stream import run
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+# budgets: None = default (one block), 64 KiB = many row blocks for V ~ 3000, column chunks for V ~ 50000
+BUDGETS = [None, "64KiB"]
+
+
+def _logits(rng, shape, dtype=np.float32):
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    flat = x.reshape(-1, shape[-1])
+    flat[1 % flat.shape[0], ::5] = -np.inf
+    if flat.shape[0] > 3:
+        flat[3, 2] = np.nan
+        flat[2, 1] = np.inf
+    return x.astype(dtype)
+
+
+def _same(a, b, rtol=0.0):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=0, equal_nan=True)
+
+
+def _check_all(src, x, y, rtol=0.0):
+    """Every row function on the source equals the in-memory result."""
+    _same(fl.logsumexp(src), fl.logsumexp(x), rtol)
+    _same(fl.entropy(src, temperature=0.7), fl.entropy(x, temperature=0.7), rtol)
+    np.testing.assert_array_equal(fl.argmax(src), fl.argmax(x))
+    for red in ("none", "mean", "sum"):
+        _same(fl.cross_entropy(src, y, reduction=red, label_smoothing=0.1, z_loss=1e-3),
+              fl.cross_entropy(x, y, reduction=red, label_smoothing=0.1, z_loss=1e-3), rtol or 1e-12)
+    v1, i1 = fl.top_k(src, 4)
+    v2, i2 = fl.top_k(x, 4)
+    np.testing.assert_array_equal(i1, i2)
+    _same(v1, v2)
+    lp1, j1 = fl.top_k_logprobs(src, 3, softcap=20.0)
+    lp2, j2 = fl.top_k_logprobs(x, 3, softcap=20.0)
+    np.testing.assert_array_equal(j1, j2)
+    _same(lp1, lp2, rtol)
+
+
+@pytest.mark.parametrize("memory", BUDGETS)
+@pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32, np.float64])
+def test_npy_rows_and_column_chunks(tmp_path, rng, dtype, memory):
+    for shape in [(9, 3001), (3, 50021)]:          # 50021 columns do not fit 64 KiB: column chunks
+        x = _logits(rng, shape, dtype)
+        y = rng.integers(0, shape[1], shape[0])
+        path = tmp_path / "x.npy"
+        np.save(path, x)
+        src = fl.open(path, dtype="bfloat16" if dtype == BF16 else None, memory=memory)
+        assert src.shape == shape and src.rows == shape[0]
+        if memory is not None and shape[1] > 10000:
+            assert run.plan(src).rows == 0                      # really folded in column chunks
+        _check_all(src, x, y, rtol=1e-6 if memory else 0.0)
+
+
+def test_leading_axes_and_per_row_temperature(tmp_path, rng):
+    x = _logits(rng, (2, 3, 4001))
+    np.save(tmp_path / "x.npy", x)
+    t = rng.uniform(0.5, 2.0, (2, 3))
+    for memory in BUDGETS:
+        src = fl.open(tmp_path / "x.npy", memory=memory)
+        _same(fl.logsumexp(src, temperature=t), fl.logsumexp(x, temperature=t), 1e-6)
+        assert fl.argmax(src).shape == (2, 3)
+        with pytest.raises(ValueError, match="temperature"):
+            fl.logsumexp(src, temperature=np.ones(5))
+
+
+def test_raw_file(tmp_path, rng):
+    x = _logits(rng, (11, 777), np.float16)
+    x.tofile(tmp_path / "x.bin")
+    src = fl.open(tmp_path / "x.bin", dtype="float16", vocab=777)
+    _same(fl.logsumexp(src), fl.logsumexp(x))
+    with pytest.raises(fl.SourceError, match=r"not a whole number of rows of 776 float16 values"):
+        fl.open(tmp_path / "x.bin", dtype="float16", vocab=776)
+    with pytest.raises(fl.SourceError, match="dtype= and vocab="):
+        fl.open(tmp_path / "x.bin")
+
+
+def _write_safetensors(path, tensors):
+    header, blobs, off = {}, [], 0
+    for name, (code, arr) in tensors.items():
+        b = np.ascontiguousarray(arr).tobytes()
+        header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def test_safetensors_bf16_and_tensor_choice(tmp_path, rng):
+    x = _logits(rng, (6, 1500), BF16)
+    w = _logits(rng, (4, 100), np.float32)
+    _write_safetensors(tmp_path / "m.safetensors",
+                       {"logits": ("BF16", x.view(np.uint16)), "other": ("F32", w)})
+    with pytest.raises(fl.SourceError, match="2 tensors .*say which with tensor="):
+        fl.open(tmp_path / "m.safetensors")
+    src = fl.open(tmp_path / "m.safetensors", tensor="logits")
+    assert src.dtype == "bfloat16" and src.shape == (6, 1500)
+    _same(fl.logsumexp(src), fl.logsumexp(x))
+    with pytest.raises(fl.SourceError, match="no tensor named 'nope'"):
+        fl.open(tmp_path / "m.safetensors", tensor="nope")
+    (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", 10**9) + b"{}")
+    with pytest.raises(fl.SourceError, match="corrupt safetensors header"):
+        fl.open(tmp_path / "bad.safetensors")
+
+
+def test_array_likes_and_iterables(tmp_path, rng):
+    x = _logits(rng, (10, 2001))
+    y = rng.integers(0, 2001, 10)
+    np.save(tmp_path / "x.npy", x)
+    mm = np.load(tmp_path / "x.npy", mmap_mode="r")
+
+    class Sliceable:                       # an h5py/zarr-like object: shape, dtype, __getitem__
+        shape, dtype = x.shape, x.dtype
+
+        def __getitem__(self, key):
+            return x[key]
+
+    for obj in (mm, Sliceable()):
+        _same(fl.logsumexp(obj), fl.logsumexp(x))
+        _same(fl.cross_entropy(obj, y), fl.cross_entropy(x, y))
+    blocks = (x[i:i + 3] for i in range(0, 10, 3))
+    _same(fl.logsumexp(blocks), fl.logsumexp(x))
+    blocks = (x[i:i + 3] for i in range(0, 10, 3))
+    _same(fl.cross_entropy(blocks, y, reduction="none"), fl.cross_entropy(x, y, reduction="none"))
+    bad = iter([x[:3], x[3:5, :100]])
+    with pytest.raises(fl.SourceError, match="expected rows of 2001 values"):
+        fl.logsumexp(bad)
+    with pytest.raises(ValueError, match="labels has 10 values, but the source has more rows"):
+        fl.cross_entropy(iter([x, x[:3]]), y)
+
+
+@pytest.mark.parametrize("memory", BUDGETS)
+def test_softmax_to_files_and_arrays(tmp_path, rng, memory):
+    x = _logits(rng, (5, 40007), np.float16)
+    np.save(tmp_path / "x.npy", x)
+    src = fl.open(tmp_path / "x.npy", memory=memory)
+    assert fl.softmax(src, out=str(tmp_path / "p.npy"), temperature=0.9) == str(tmp_path / "p.npy")
+    _same(np.load(tmp_path / "p.npy"), fl.softmax(x, temperature=0.9), 1e-3)
+    fl.log_softmax(src, out=str(tmp_path / "lp.bin"), dtype="float32")
+    got = np.fromfile(tmp_path / "lp.bin", np.float32).reshape(x.shape)
+    _same(got, fl.log_softmax(x, dtype="float32"), 1e-6)
+    out = np.empty(x.shape, np.float16)
+    fl.softmax(src, out=out)
+    _same(out, fl.softmax(x), 1e-3)
+    # an iterable (rows unknown in advance): the .npy header is rewritten with the final shape
+    fl.softmax(iter([x[:2], x[2:]]), out=str(tmp_path / "it.npy"))
+    assert np.load(tmp_path / "it.npy").shape == x.shape
+    assert sorted(os.listdir(tmp_path)) == ["it.npy", "lp.bin", "p.npy", "x.npy"]   # no temporary left
+
+
+def test_interrupted_write_leaves_no_file(tmp_path, rng):
+    x = _logits(rng, (8, 300))
+
+    def blocks():
+        yield x[:4]
+        raise KeyboardInterrupt          # Ctrl-C in the middle of the dump
+
+    with pytest.raises(KeyboardInterrupt):
+        fl.softmax(blocks(), out=str(tmp_path / "p.npy"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_files(tmp_path, rng):
+    x = _logits(rng, (4, 100))
+    np.save(tmp_path / "x.npy", x)
+    data = (tmp_path / "x.npy").read_bytes()
+    (tmp_path / "t.npy").write_bytes(data[:1000])
+    with pytest.raises(fl.SourceError,
+                       match=r"truncated npy file: shape \(4, 100\) of float32 needs 1600 bytes"):
+        fl.open(tmp_path / "t.npy")
+    (tmp_path / "c.npy").write_bytes(b"\x93NUMPY\x01\x00garbage" + data[20:])
+    with pytest.raises(fl.SourceError, match="not a valid .npy file"):
+        fl.open(tmp_path / "c.npy")
+    np.save(tmp_path / "i.npy", np.zeros((2, 3), np.int32))
+    with pytest.raises(fl.SourceError,
+                       match="expected float16, bfloat16, float32 or float64 logits, found int32"):
+        fl.open(tmp_path / "i.npy")
+    np.save(tmp_path / "v.npy", x.astype(BF16))
+    with pytest.raises(fl.SourceError, match="dtype='bfloat16'"):
+        fl.open(tmp_path / "v.npy")
+    with pytest.raises(FileNotFoundError):
+        fl.open(tmp_path / "missing.npy")
+
+
+def test_peak_memory_is_bounded(tmp_path, rng):
+    """A 32 MB dump streamed with a 2 MiB budget allocates a few MiB at most (buffers reused)."""
+    x = rng.standard_normal((400, 20000), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    expect = fl.logsumexp(x)
+    del x
+    src = fl.open(tmp_path / "x.npy", memory="2MiB")
+    tracemalloc.start()
+    got = fl.logsumexp(src)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    _same(got, expect)
+    assert peak < 6 * 2**20, f"peak {peak / 2**20:.1f} MiB for a 2 MiB budget over a 32 MB file"
+
+
+def test_memory_budget_setting():
+    old = fl.get_memory_budget()
+    try:
+        fl.set_memory_budget("1GiB")
+        assert fl.get_memory_budget() == 2**30
+        with pytest.raises(ValueError, match="memory"):
+            fl.set_memory_budget("lots")
+    finally:
+        fl.set_memory_budget(old)
+
+
+# ---- the command line ---------------------------------------------------------------------------------
+
+def _cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "fastlogits.cli", *map(str, args)], input=stdin,
+                          capture_output=True)
+
+
+def test_cli_stats_info_topk_softmax(tmp_path, rng):
+    x = (rng.standard_normal((50, 3000)) * 3).astype(BF16)
+    y = rng.integers(0, 3000, 50)
+    y[7] = -100
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    res = _cli("stats", tmp_path / "x.npy", "--dtype", "bfloat16", "--labels", tmp_path / "y.npy",
+               "--memory", "64KiB", "--json", "--per-row", tmp_path / "rows.jsonl")
+    assert res.returncode == 0, res.stderr
+    s = json.loads(res.stdout)
+    nll = fl.cross_entropy(x, y, reduction="none")
+    counted = y != -100
+    assert s["rows"] == 50 and s["counted_rows"] == 49
+    assert s["mean_nll"] == pytest.approx(float(np.mean(nll[counted])), rel=1e-6)
+    assert s["accuracy"] == pytest.approx(float(np.mean((fl.argmax(x) == y)[counted])))
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 50 and rows[3]["argmax"] == int(fl.argmax(x[3]))
+    res = _cli("info", tmp_path / "x.npy", "--dtype", "bfloat16", "--json")
+    assert json.loads(res.stdout)["shape"] == [50, 3000]
+    res = _cli("topk", tmp_path / "x.npy", tmp_path / "top.npy", "-k", "3", "--dtype", "bfloat16")
+    assert res.returncode == 0, res.stderr
+    top = np.load(tmp_path / "top.npy")
+    np.testing.assert_array_equal(top["ids"], fl.top_k_logprobs(x, 3)[1])
+    res = _cli("softmax", tmp_path / "x.npy", tmp_path / "p.npy", "--dtype", "bfloat16", "--log")
+    assert res.returncode == 0, res.stderr
+    _same(np.load(tmp_path / "p.npy").view(BF16), fl.log_softmax(x))
+
+
+def test_cli_stdin_and_errors(tmp_path, rng):
+    x = (rng.standard_normal((20, 500)) * 3).astype(np.float32)
+    y = rng.integers(0, 500, 20)
+    np.save(tmp_path / "y.npy", y)
+    res = _cli("stats", "-", "--dtype", "float32", "--vocab", "500", "--labels", tmp_path / "y.npy", "--json",
+               stdin=x.tobytes())
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["mean_nll"] == pytest.approx(float(np.mean(fl.cross_entropy(
+        x, y, reduction="none"))), rel=1e-6)
+    res = _cli("stats", "-", "--dtype", "float32", "--vocab", "500", stdin=x.tobytes()[:-6])
+    assert res.returncode == 1 and b"not a whole number of rows" in res.stderr
+    for args, msg in [(("stats", tmp_path / "none.npy"), b"no such file"),
+                      (("stats", "-"), b"dtype= and vocab="),
+                      (("info", tmp_path / "y.npy"), b"expected float16, bfloat16, float32 or float64")]:
+        res = _cli(*args, stdin=b"")
+        assert res.returncode != 0 and msg in res.stderr, res.stderr
+        assert res.stderr.count(b"\n") == 1 and b"Traceback" not in res.stderr
+    np.save(tmp_path / "x.npy", x)
+    res = _cli("stats", tmp_path / "x.npy", "--labels", tmp_path / "y.npy", "--per-row", tmp_path / "r.txt")
+    assert res.returncode == 1 and b".npy, .csv or .jsonl" in res.stderr
+    np.save(tmp_path / "y5.npy", y[:5])
+    res = _cli("stats", tmp_path / "x.npy", "--labels", tmp_path / "y5.npy")
+    assert res.returncode == 1 and b"5 labels for 20 rows" in res.stderr
+
+
+def test_cli_demo_json():
+    res = _cli("demo", "--rows", "300", "--vocab", "2000", "--json")
+    assert res.returncode == 0, res.stderr
+    s = json.loads(res.stdout)
+    assert s["rows"] == 300 and 0 < s["mean_nll"] < 20 and 0 <= s["accuracy"] <= 1
