@@ -1,0 +1,93 @@
+"""Streaming at scale: peak memory and throughput of ``fastlogits stats`` on a 2 GB float16 dump, and of
+``fastlogits.logsumexp`` on a single 1 GiB row read with a 64 MiB budget.
+
+    python benchmarks/stream_check.py [--dir /tmp/fl-stream] [--keep]
+
+Writes the dumps (about 3 GB of disk), reads the first one once to put it in the page cache, then runs
+each measurement in a child process and reads its peak RSS from getrusage (what GNU ``time -v`` reports as
+"Maximum resident set size"). The in-memory peer is the same three kernels (cross-entropy, entropy,
+argmax) on an in-memory block of the same dump, measured in the same run.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROWS, VOCAB = 20000, 50257
+BIG_ROW = 2**28
+
+
+def _child(code):
+    """Run python code in a child; return (its stdout less the last line, its own peak RSS in bytes as
+    getrusage reports it, what GNU time -v calls "Maximum resident set size")."""
+    code += "\nimport resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(res.stderr)
+    *out, rss = res.stdout.strip().split("\n")
+    return "\n".join(out), int(rss) * 1024
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default="/tmp/fastlogits-stream-check")
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.dir, exist_ok=True)
+    dump, labels, raw = (os.path.join(args.dir, n) for n in ("dump.npy", "labels.npy", "row.f32"))
+    rng = np.random.default_rng(0)
+    if not os.path.exists(dump):
+        out = np.lib.format.open_memmap(dump, mode="w+", dtype=np.float16, shape=(ROWS, VOCAB))
+        for r0 in range(0, ROWS, 1000):
+            out[r0:r0 + 1000] = (rng.standard_normal((1000, VOCAB), dtype=np.float32) * 3).astype(np.float16)
+        out.flush()
+        del out
+        np.save(labels, rng.integers(0, VOCAB, ROWS))
+    if not os.path.exists(raw):
+        with open(raw, "wb") as f:
+            for _ in range(BIG_ROW // 2**24):
+                f.write((rng.standard_normal(2**24, dtype=np.float32) * 3).tobytes())
+    with open(dump, "rb") as f:               # into the page cache
+        while f.read(1 << 24):
+            pass
+    report = {}
+    # the in-memory peer: the same kernels on an in-memory block of the dump (2000 rows, 200 MB)
+    code = f"""
+import time, numpy as np, fastlogits as fl
+x = np.load({dump!r}, mmap_mode="r")[:2000].copy(); y = np.load({labels!r})[:2000]
+best = []
+for _ in range(5):
+    t = time.perf_counter()
+    fl.cross_entropy(x, y, reduction="none"); fl.entropy(x); fl.argmax(x)
+    best.append(time.perf_counter() - t)
+print(x.nbytes / np.median(best) / 1e9)
+"""
+    out, _ = _child(code)
+    report["in_memory_GB/s"] = float(out)
+    out, peak = _child(f"from fastlogits.cli import main; main(['stats', {dump!r}, '--labels', {labels!r}, "
+                       "'--json'])")
+    s = json.loads(out)
+    report["stats"] = {"rows": s["rows"], "seconds": s["seconds"], "GB/s": s["GB/s"],
+                       "peak_rss_MB": peak / 1e6, "mean_nll": s["mean_nll"]}
+    report["stats_vs_in_memory"] = s["GB/s"] / report["in_memory_GB/s"]
+    code = f"""
+import fastlogits as fl
+src = fl.open({raw!r}, dtype="float32", vocab={BIG_ROW}, memory="64MiB")
+print(float(fl.logsumexp(src)[0]))
+"""
+    t0 = time.perf_counter()
+    out, peak2 = _child(code)
+    report["single_row_1GiB"] = {"logsumexp": float(out), "seconds": time.perf_counter() - t0,
+                                 "peak_rss_MB": peak2 / 1e6}
+    print(json.dumps(report, indent=1))
+    if not args.keep:
+        shutil.rmtree(args.dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""fastlogits.stream.LogSumExp and CrossEntropy: a row block cut into random column chunks, fed in shuffled
+order to several accumulators and merged in random order, equals the one-shot result; states round-trip."""
+
+import numpy as np
+import pytest
+
+import fastlogits as fl
+from fastlogits.stream import CrossEntropy, LogSumExp
+from tests import reference as ref
+from tests import tolerances as tols
+from tests.helpers import BF16, DTYPE_IDS, DTYPES, random_labels, random_logits
+
+inf, nan = np.inf, np.nan
+
+
+def _cuts(rng, n, max_pieces=12):
+    k = int(rng.integers(1, min(max_pieces, n) + 1))
+    inner = np.sort(rng.choice(np.arange(1, n), size=k - 1, replace=False)) if n > 1 and k > 1 else []
+    edges = [0, *map(int, inner), n]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def _feed(rng, make, x, n_acc):
+    """Feed the column chunks of ``x`` to ``n_acc`` accumulators (random assignment, shuffled order), then
+    merge them all into one in random order; return it."""
+    pieces = _cuts(rng, x.shape[1])
+    rng.shuffle(pieces)
+    accs = [make() for _ in range(n_acc)]
+    for i, (a, b) in enumerate(pieces):
+        accs[int(rng.integers(n_acc)) if i >= n_acc else i].update(x[:, a:b], a)
+    order = list(rng.permutation(n_acc))
+    into = accs[order[0]]
+    for j in order[1:]:
+        into.merge(accs[j])
+    return into
+
+
+def _lse_check(got, x, what):
+    got = np.asarray(got)
+    want = ref.logsumexp(x)
+    dtype = x.dtype
+    tols.assert_close(got, want, tols.log_tol(dtype, want, ref.row_scale(x)), None, what)
+
+
+@pytest.mark.parametrize("n_acc", [1, 2, 5])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_logsumexp_random_chunks(dtype, n_acc, rng):
+    for n in (1, 2, 37, 1000):
+        x = random_logits(rng, (6, n), dtype, scale=5.0)
+        acc = _feed(rng, lambda: LogSumExp(6), x, n_acc)
+        _lse_check(acc.result(), x, f"LogSumExp n={n}")
+        # result equals the one-shot function
+        one = np.asarray(fl.logsumexp(x)).astype(np.float64)
+        np.testing.assert_allclose(
+            np.asarray(acc.result(), dtype=np.float64),
+            one,
+            atol=float(np.max(2 * tols.log_tol(dtype, one, ref.row_scale(x)))),
+            rtol=0,
+        )
+
+
+def test_logsumexp_awkward_chunks(rng):
+    """-inf chunks (a chunk of all -inf keeps -inf as its max), NaN, +inf, values near -1000."""
+    x = np.full((5, 40), -inf)
+    x[0, 30:] = -1000.0 - np.arange(10)
+    x[1, :] = rng.standard_normal(40)
+    x[1, 5] = nan
+    x[2, :] = rng.standard_normal(40)
+    x[2, 33] = inf
+    x[4, :] = 1e4 * np.sign(rng.standard_normal(40))
+    for _ in range(5):
+        acc = _feed(rng, lambda: LogSumExp(5), x, 3)
+        got = np.asarray(acc.result(), dtype=np.float64)
+        _lse_check(got, x, "awkward chunks")
+        assert np.isfinite(got[0]) and np.isnan(got[1]) and got[2] == inf and got[3] == -inf
+
+
+def test_logsumexp_ordered_chunks_minus_inf_first():
+    x = np.array([[-inf] * 10 + [-1000.0, -1001.0]])
+    acc = LogSumExp(1)
+    for a in range(0, 12, 2):
+        acc.update(x[:, a : a + 2], a)
+    got = float(np.asarray(acc.result())[0])
+    assert got == pytest.approx(-1000.0 + np.log1p(np.exp(-1.0)), rel=1e-12)
+
+
+def test_empty_accumulator_is_minus_inf():
+    np.testing.assert_array_equal(np.asarray(LogSumExp(3).result()), [-inf, -inf, -inf])
+
+
+def test_state_round_trip(rng):
+    x = random_logits(rng, (4, 300), np.float64)
+    acc = LogSumExp(4)
+    acc.update(x[:, :100], 0)
+    acc.update(x[:, 100:], 100)
+    state = acc.state
+    assert len(state) == 2
+    m, s = (np.asarray(a) for a in state)
+    assert m.shape == (4,) and s.shape == (4,)
+    # plain arrays: the running max and the sum of exp(x - max)
+    np.testing.assert_allclose(m, x.max(axis=1), rtol=0, atol=0)
+    np.testing.assert_allclose(m + np.log(s), ref.logsumexp(x), rtol=1e-12)
+    fresh = LogSumExp(4)
+    fresh.merge(state)
+    np.testing.assert_allclose(np.asarray(fresh.result()), np.asarray(acc.result()), rtol=1e-14)
+    # a state merged into an accumulator holding other columns
+    other = LogSumExp(4)
+    y = random_logits(rng, (4, 50), np.float64)
+    other.update(y, 300)
+    other.merge(state)
+    _lse_check(other.result(), np.concatenate([x, y], axis=1), "state merged into other columns")
+
+
+def test_merge_states_made_elsewhere(rng):
+    """A state computed by hand (as another machine would send it) merges like an accumulator's."""
+    x = random_logits(rng, (3, 200), np.float64, scale=20.0)
+    x[2, :120] = -inf  # this row's first part is empty: its max is -inf and its sum 0
+    part = x[:, :120]
+    m = part.max(axis=1)
+    with np.errstate(invalid="ignore"):
+        s = np.where(np.isfinite(m), np.exp(part - np.where(np.isfinite(m), m, 0)[:, None]).sum(axis=1), 0.0)
+    acc = LogSumExp(3)
+    acc.update(x[:, 120:], 120)
+    acc.merge((m, s))
+    _lse_check(acc.result(), x, "hand-made state")
+    acc2 = LogSumExp(3)
+    acc2.merge((m.astype(np.float32), s.astype(np.float32)))
+    acc2.update(x[:, 120:], 120)
+    got = np.asarray(acc2.result(), dtype=np.float64)
+    np.testing.assert_allclose(got, ref.logsumexp(x), rtol=1e-6)
+
+
+def _ce_reference(x, labels, **kw):
+    return ref.cross_entropy(x, labels, **kw)
+
+
+CE_CASES = [
+    dict(),
+    dict(reduction="sum"),
+    dict(reduction="none"),
+    dict(weight=True),
+    dict(label_smoothing=0.1),
+    dict(weight=True, label_smoothing=0.2, reduction="sum"),
+    dict(ignore_index=3),
+    dict(z_loss=1e-3, reduction="none"),
+]
+
+
+@pytest.mark.parametrize("n_acc", [1, 3])
+@pytest.mark.parametrize("case", range(len(CE_CASES)))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, BF16], ids=["float64", "float32", "bfloat16"])
+def test_cross_entropy_random_chunks(dtype, case, n_acc, rng):
+    kw = dict(CE_CASES[case])
+    n, rows = 211, 9
+    x = random_logits(rng, (rows, n), dtype, scale=4.0)
+    y = random_labels(rng, (rows,), n, ignore_index=kw.get("ignore_index", -100))
+    if kw.pop("weight", False):
+        kw["weight"] = rng.uniform(0.3, 2.0, size=n)
+    acc = _feed(rng, lambda: CrossEntropy(y, **kw), x, n_acc)
+    got = np.asarray(acc.result(), dtype=np.float64)
+    one = np.asarray(fl.cross_entropy(x, y, **kw), dtype=np.float64)
+    want = _ce_reference(x, y, **kw)
+    scale = ref.row_scale(x)
+    tol = tols.log_tol(dtype, want, scale.max()) * (3 if "weight" in kw else 1)
+    if kw.get("reduction", "mean") == "sum":
+        tol = tol * rows
+    tols.assert_close(got, want, tol, None, f"CrossEntropy {kw}")
+    tols.assert_close(got, one, 2 * tol, None, f"CrossEntropy vs cross_entropy {kw}")
+    # the state round-trips through a new accumulator
+    fresh = CrossEntropy(y, **kw)
+    fresh.merge(acc.state)
+    np.testing.assert_allclose(np.asarray(fresh.result(), dtype=np.float64), got, rtol=1e-12, atol=1e-300)
+
+
+def test_cross_entropy_all_ignored():
+    acc = CrossEntropy(np.array([-100, -100]))
+    acc.update(np.zeros((2, 5)), 0)
+    assert np.isnan(acc.result())
+    acc = CrossEntropy(np.array([-100, -100]), reduction="sum")
+    acc.update(np.zeros((2, 5)), 0)
+    assert float(acc.result()) == 0.0
+
+
+def test_cross_entropy_target_in_late_chunk(rng):
+    """The target logit arrives in whichever chunk holds its column."""
+    x = random_logits(rng, (3, 100), np.float64)
+    y = np.array([0, 55, 99])
+    acc = CrossEntropy(y, reduction="none")
+    for a in (90, 50, 0, 60):
+        b = {90: 100, 50: 60, 0: 50, 60: 90}[a]
+        acc.update(x[:, a:b], a)
+    np.testing.assert_allclose(
+        np.asarray(acc.result()), ref.cross_entropy(x, y, reduction="none"), rtol=1e-12
+    )
+
+
+def test_zero_width_chunk_and_result_then_continue(rng):
+    x = random_logits(rng, (3, 60), np.float64)
+    acc = LogSumExp(3)
+    acc.update(x[:, 10:10], 10)
+    acc.update(x[:, :30], 0)
+    first = np.asarray(acc.result(), dtype=np.float64).copy()
+    np.testing.assert_allclose(first, ref.logsumexp(x[:, :30]), rtol=1e-12)
+    # result() does not close the accumulator
+    acc.update(x[:, 30:], 30)
+    np.testing.assert_allclose(np.asarray(acc.result()), ref.logsumexp(x), rtol=1e-12)
+    assert np.asarray(acc.result()).shape == (3,)
+
+
+def test_mixed_chunk_dtypes(rng):
+    """Chunks of different dtypes may feed one accumulator (a float16 part and a float32 part of a row)."""
+    x16 = random_logits(rng, (4, 50), np.float16)
+    x32 = random_logits(rng, (4, 70), np.float32)
+    xb = random_logits(rng, (4, 30), BF16)
+    acc = LogSumExp(4)
+    acc.update(x32, 50)
+    acc.update(x16, 0)
+    acc.update(xb, 120)
+    full = np.concatenate([x16.astype(np.float64), x32.astype(np.float64), xb.astype(np.float64)], axis=1)
+    _lse_check(acc.result(), full.astype(np.float32), "mixed dtypes")
+
+
+def test_accumulator_rejects_wrong_rows():
+    acc = LogSumExp(3)
+    with pytest.raises(ValueError):
+        acc.update(np.zeros((4, 5)), 0)
+    with pytest.raises(ValueError):
+        acc.merge(LogSumExp(4))
+    ce = CrossEntropy(np.array([0, 1, 2]))
+    with pytest.raises(ValueError):
+        ce.update(np.zeros((2, 5)), 0)

@@ -1,0 +1,298 @@
+"""cross_entropy: PyTorch's semantics in full (weights, ignore_index, label smoothing and their interaction,
+reductions), z-loss, the literal vectors of REFERENCES.md, and PyTorch itself where it is installed."""
+
+import math
+
+import numpy as np
+import pytest
+
+import fastlogits as fl
+from tests import reference as ref
+from tests import tolerances as tols
+from tests.helpers import BF16, DTYPE_IDS, DTYPES, check, random_labels, random_logits
+
+inf, nan = np.inf, np.nan
+
+# REFERENCES.md's vectors; every value below was computed with PyTorch 2.13's F.cross_entropy in float64.
+X = np.array([[2, 1, 0.1], [0.5, 2.5, 0.3], [1.2, 0.2, 3.1], [0, 0, 0]], dtype=np.float64)
+Y = np.array([0, 1, 2, -100])
+W = np.array([1, 2, 0.5])
+VECTORS = {
+    # (weight?, smoothing): {reduction: value}
+    "plain": (
+        False,
+        0.0,
+        {
+            "none": [0.41703001627783354, 0.22004952302053787, 0.18614078697315786, 0.0],
+            "mean": 0.2744067754238431,
+            "sum": 0.8232203262715293,
+        },
+    ),
+    "weight": (
+        True,
+        0.0,
+        {
+            "none": [0.41703001627783354, 0.44009904604107575, 0.09307039348657893, 0.0],
+            "mean": 0.27148555880156805,
+            "sum": 0.9501994558054883,
+        },
+    ),
+    "smoothing": (
+        False,
+        0.1,
+        {
+            "none": [0.5136966829445002, 0.3600495230205379, 0.34614078697315787, 0.0],
+            "mean": 0.40662899764606536,
+            "sum": 1.2198869929381961,
+        },
+    ),
+    "weight_smoothing": (
+        True,
+        0.1,
+        {
+            "none": [0.5223138498824641, 0.5250949191226976, 0.3621464459514561, 0.0],
+            "mean": 0.4027300614161765,
+            "sum": 1.409555214956618,
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("case", list(VECTORS))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+def test_literal_vectors(case, reduction, dtype):
+    use_w, eps, values = VECTORS[case]
+    want = np.array(values[reduction])
+    kw = dict(reduction=reduction, label_smoothing=eps)
+    if use_w:
+        kw["weight"] = W
+    for chunk_size in (None, 1, 2):
+        got = np.asarray(fl.cross_entropy(X.astype(dtype), Y, chunk_size=chunk_size, **kw))
+        assert got.dtype == dtype
+        assert got.shape == want.shape
+        rtol = 1e-12 if dtype == np.float64 else 64 * tols.EPS32
+        np.testing.assert_allclose(
+            got, want, rtol=rtol, atol=rtol, err_msg=f"{case} {reduction} {chunk_size}"
+        )
+    # the reference reproduces PyTorch's values
+    np.testing.assert_allclose(ref.cross_entropy(X, Y, **kw), want, rtol=1e-13, atol=1e-15)
+
+
+def test_large_logit_literal():
+    """REFERENCES.md: ce([[1e4, 0, 7e-7]], 2) = 9999.9999993 (float64)."""
+    x = np.array([[1e4, 0.0, 7e-7]])
+    got = float(fl.cross_entropy(x, np.array([2])))
+    assert abs(got - 9999.9999993) <= 1e-12 * (1 + 1e4 + 1e4)
+    assert float(ref.cross_entropy(x, np.array([2]))) == pytest.approx(9999.9999993, rel=1e-15)
+
+
+def test_all_ignored():
+    x = np.array([[1.0, 2.0, 3.0], [nan, 0.0, inf]], dtype=np.float32)
+    y = np.array([-100, -100])
+    for kw in ({}, dict(weight=np.array([1.0, 2.0, 3.0])), dict(label_smoothing=0.2), dict(z_loss=1e-3)):
+        assert np.isnan(fl.cross_entropy(x, y, reduction="mean", **kw))
+        assert float(fl.cross_entropy(x, y, reduction="sum", **kw)) == 0.0
+        np.testing.assert_array_equal(np.asarray(fl.cross_entropy(x, y, reduction="none", **kw)), [0.0, 0.0])
+
+
+def test_ignored_rows_do_not_leak_nan_or_inf():
+    """An ignored row contributes 0 whatever it holds (like PyTorch), a counted NaN row makes the mean NaN."""
+    x = np.array([[0.0, -inf, 1.0], [nan, 0.0, 1.0], [inf, 0.0, 0.0], [1.0, 2.0, 3.0]])
+    y = np.array([0, -100, -100, 2])
+    for eps in (0.0, 0.1):
+        got = np.asarray(fl.cross_entropy(x, y, reduction="none", label_smoothing=eps))
+        assert got[1] == 0 and got[2] == 0
+        assert np.isfinite(got[3])
+    # counted NaN / +inf rows
+    assert np.isnan(fl.cross_entropy(x[1:2], np.array([1])))
+    assert np.isnan(fl.cross_entropy(x[2:3], np.array([1])))
+    assert np.isnan(fl.cross_entropy(x[1:], np.array([1, -100, 2]), reduction="sum"))
+
+
+def test_neg_inf_logits():
+    x = np.array([[0.0, -inf, 1.0]])
+    assert float(fl.cross_entropy(x, np.array([1]))) == inf
+    assert float(fl.cross_entropy(x, np.array([0]))) == pytest.approx(math.log1p(math.e), rel=1e-13)
+    # with smoothing the -inf class enters the smoothing term: inf (like PyTorch)
+    assert float(fl.cross_entropy(x, np.array([0]), label_smoothing=0.1)) == inf
+    # a row of all -inf is NaN
+    assert np.isnan(fl.cross_entropy(np.full((1, 3), -inf), np.array([1])))
+
+
+def test_custom_ignore_index(rng):
+    x = random_logits(rng, (10, 20), np.float64)
+    y = rng.integers(0, 20, size=10)
+    y[[2, 5]] = 3
+    for ignore in (3, -1):
+        yy = y.copy()
+        if ignore == -1:
+            yy[[2, 5]] = -1
+        for reduction in ("none", "mean", "sum"):
+            check("cross_entropy", x, labels=yy, ignore_index=ignore, reduction=reduction)
+        got = np.asarray(fl.cross_entropy(x, yy, ignore_index=ignore, reduction="none"))
+        assert got[2] == 0 and got[5] == 0
+    # with ignore_index=3, -100 is an ordinary (out-of-range) label
+    y[0] = -100
+    with pytest.raises((ValueError, IndexError)):
+        fl.cross_entropy(x, y, ignore_index=3)
+
+
+def test_zero_weights():
+    x = np.array([[1.0, 2.0, 3.0], [3.0, 1.0, 0.0]])
+    w = np.array([0.0, 1.0, 1.0])
+    # only the second row's target has weight: mean = its loss... which is 0 * nll; sum of weights 0 -> NaN
+    assert np.isnan(fl.cross_entropy(x, np.array([0, 0]), weight=w))
+    got = float(fl.cross_entropy(x, np.array([0, 1]), weight=w))
+    want = float(ref.cross_entropy(x, np.array([0, 1]), weight=w))
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+ZS = [1e-4, 0.5]
+
+
+@pytest.mark.parametrize("z", ZS)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, BF16], ids=["float64", "float32", "bfloat16"])
+def test_z_loss(dtype, reduction, z, rng):
+    x = random_logits(rng, (12, 300), dtype, scale=4.0)
+    y = random_labels(rng, (12,), 300)
+    check("cross_entropy", x, labels=y, z_loss=z, reduction=reduction, chunk_size=64)
+    check("cross_entropy", x, labels=y, z_loss=z, reduction=reduction, label_smoothing=0.1)
+
+
+def test_z_loss_literal():
+    x = np.array([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])
+    y = np.array([0, -100, 1])
+    z = 1e-2
+    l3 = math.log(3.0)
+    row0 = l3 + z * l3 * l3
+    row2 = l3 + z * (5 + l3) ** 2
+    np.testing.assert_allclose(
+        np.asarray(fl.cross_entropy(x, y, z_loss=z, reduction="none")), [row0, 0.0, row2], rtol=1e-13
+    )
+    assert float(fl.cross_entropy(x, y, z_loss=z, reduction="sum")) == pytest.approx(row0 + row2, rel=1e-13)
+    assert float(fl.cross_entropy(x, y, z_loss=z)) == pytest.approx((row0 + row2) / 2, rel=1e-13)
+
+
+@pytest.mark.parametrize("z", [0.0, 1e-3])
+def test_z_loss_with_weights_per_row(z, rng):
+    """The z-loss term is added to each counted row's loss, unweighted (API.md: "adds z_loss * lse² per
+    counted row"; Liger-Kernel's lse_square_scale is unweighted too); "mean" averages it over the counted
+    rows."""
+    x = random_logits(rng, (8, 50), np.float64)
+    y = random_labels(rng, (8,), 50)
+    w = rng.uniform(0.1, 3.0, size=50)
+    for reduction in ("none", "sum", "mean"):
+        check("cross_entropy", x, labels=y, weight=w, z_loss=z, reduction=reduction, label_smoothing=0.05)
+
+
+@pytest.mark.parametrize("lead", [(), (7,), (2, 3), (2, 1, 4)], ids=["1d", "7", "2x3", "2x1x4"])
+def test_label_shapes(lead, rng):
+    x = random_logits(rng, lead + (33,), np.float32)
+    y = rng.integers(0, 33, size=lead)
+    for reduction in ("none", "mean", "sum"):
+        got = check("cross_entropy", x, labels=y, reduction=reduction)
+        assert np.asarray(got).shape == (lead if reduction == "none" else ())
+
+
+@pytest.mark.parametrize("label_dtype", [np.int64, np.int32, np.int16, np.uint8])
+def test_label_dtypes(label_dtype, rng):
+    x = random_logits(rng, (6, 40), np.float32)
+    y = rng.integers(0, 40, size=6).astype(label_dtype)
+    check("cross_entropy", x, labels=y, reduction="none")
+
+
+def test_labels_as_list(rng):
+    x = random_logits(rng, (3, 10), np.float64)
+    got = fl.cross_entropy(x, [1, 2, 3], reduction="none")
+    np.testing.assert_allclose(
+        np.asarray(got), ref.cross_entropy(x, np.array([1, 2, 3]), reduction="none"), rtol=1e-12
+    )
+
+
+def test_temperature_per_row_and_softcap(rng):
+    x = random_logits(rng, (6, 100), np.float32, scale=10.0)
+    y = random_labels(rng, (6,), 100)
+    t = rng.uniform(0.5, 3.0, size=6)
+    for reduction in ("none", "mean"):
+        check("cross_entropy", x, labels=y, temperature=t, reduction=reduction, label_smoothing=0.1)
+        check(
+            "cross_entropy",
+            x,
+            labels=y,
+            softcap=15.0,
+            temperature=t,
+            reduction=reduction,
+            weight=rng.uniform(0.5, 2, size=100),
+        )
+
+
+def test_returns_float32_scalar_for_16bit(rng):
+    for dtype in (np.float16, BF16, np.float32):
+        x = random_logits(rng, (4, 10), dtype)
+        got = np.asarray(fl.cross_entropy(x, np.array([0, 1, 2, 3])))
+        assert got.dtype == np.float32 and got.shape == ()
+
+
+# --------------------------------------------------------------------------------------------------- PyTorch
+
+
+TORCH_CASES = [
+    dict(),
+    dict(weight=True),
+    dict(label_smoothing=0.1),
+    dict(label_smoothing=0.7, weight=True),
+    dict(ignore_index=2),
+    dict(ignore_index=2, weight=True, label_smoothing=0.3),
+    dict(label_smoothing=1.0),
+    dict(label_smoothing=1.0, weight=True, ignore_index=0),
+]
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("case", range(len(TORCH_CASES)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_against_torch(dtype, case, reduction, rng):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    kw = dict(TORCH_CASES[case])
+    n_classes = 37
+    lead = (3, 5) if case % 2 else (11,)
+    x = random_logits(rng, lead + (n_classes,), dtype, scale=3.0)
+    ignore = kw.get("ignore_index", -100)
+    y = random_labels(rng, lead, n_classes, ignore_index=ignore)
+    if kw.pop("weight", False):
+        kw["weight"] = rng.uniform(0.2, 3.0, size=n_classes)
+    tx = torch.from_numpy(x.astype(np.float64).reshape(-1, n_classes))
+    ty = torch.from_numpy(y.reshape(-1).astype(np.int64))
+    tkw = dict(kw)
+    if "weight" in tkw:
+        tkw["weight"] = torch.from_numpy(tkw["weight"])
+    want = F.cross_entropy(tx, ty, reduction=reduction, **tkw).numpy()
+    if reduction == "none":
+        want = want.reshape(lead)
+    # the reference is PyTorch
+    np.testing.assert_allclose(
+        ref.cross_entropy(x, y, reduction=reduction, **kw), want, rtol=1e-12, atol=1e-14
+    )
+    # and fastlogits is the reference within the tolerance table
+    got = check("cross_entropy", x, labels=y, reduction=reduction, chunk_size=[None, 5, 1][case % 3], **kw)
+    scale = ref.row_scale(x)
+    if reduction == "none":
+        tols.assert_close(
+            got, want, 2 * tols.log_tol(dtype, want, scale) * (3 if "weight" in kw else 1), None, "torch"
+        )
+
+
+def test_against_torch_edge_rows():
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    x = np.array([[0.0, -inf, 1.0], [nan, 0, 1], [inf, 0, 0], [1, 2, 3], [-inf, -inf, -inf], [-inf, 5, -inf]])
+    y = np.array([0, 1, 2, 2, 0, 1])
+    for eps in (0.0, 0.2):
+        want = F.cross_entropy(
+            torch.from_numpy(x), torch.from_numpy(y), reduction="none", label_smoothing=eps
+        ).numpy()
+        got = np.asarray(fl.cross_entropy(x, y, reduction="none", label_smoothing=eps))
+        tols.assert_close(got, want, 1e-12 * 10, None, f"edge rows, smoothing {eps}")

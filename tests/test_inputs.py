@@ -1,0 +1,206 @@
+"""Inputs that C code tends to misread: byte-swapped, unaligned, zero-stride (broadcast) and read-only arrays,
+lists, non-contiguous labels and weights, more threads than cores, chunks larger than a row, and calls from
+several Python threads at once."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import fastlogits as fl
+from tests.helpers import BF16, FUNCTIONS, call, check, random_labels, random_logits
+
+
+def _ce(name):
+    return {"reduction": "none"} if name == "cross_entropy" else {}
+
+
+def _labels(name, rng, x):
+    return random_labels(rng, x.shape[:-1], x.shape[-1]) if name == "cross_entropy" else None
+
+
+@pytest.mark.parametrize("dtype", ["<f4", ">f4", ">f8", ">f2"])
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_byte_swapped(name, dtype, rng):
+    """A big-endian float32 array is float32: same values, same results."""
+    x = random_logits(rng, (4, 77), np.dtype(dtype).newbyteorder("="))
+    xs = x.astype(dtype)
+    assert np.array_equal(xs, x)
+    labels = _labels(name, rng, x)
+    check(name, xs, labels=labels, chunk_size=8, **_ce(name))
+
+
+@pytest.mark.parametrize(
+    "dtype", [np.float32, np.float64, np.float16, BF16], ids=["f32", "f64", "f16", "bf16"]
+)
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_unaligned(name, dtype, rng):
+    """Data that starts one byte past an aligned address."""
+    x = random_logits(rng, (5, 131), dtype)
+    raw = np.zeros(x.nbytes + 1, dtype=np.uint8)
+    view = raw[1:].view(dtype).reshape(x.shape)
+    view[...] = x
+    assert not view.flags.aligned or np.dtype(dtype).itemsize == 1
+    check(name, view, labels=_labels(name, rng, x), chunk_size=16, **_ce(name))
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_broadcast_rows(name, rng):
+    """A zero-stride (read-only) view: every row is the same memory."""
+    row = random_logits(rng, (300,), np.float32)
+    x = np.broadcast_to(row, (6, 300))
+    assert x.strides[0] == 0
+    got = check(name, x, labels=_labels(name, rng, x), threads=2, **_ce(name))
+    if name in ("logsumexp", "entropy", "argmax"):
+        g = np.asarray(got)
+        assert (g == g[0]).all()
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_broadcast_columns(name, rng):
+    """Zero stride along the vocabulary: a row of identical values (all ties)."""
+    col = random_logits(rng, (4, 1), np.float32)
+    x = np.broadcast_to(col, (4, 500))
+    check(name, x, labels=_labels(name, rng, x), chunk_size=64, **_ce(name))
+
+
+def test_lists_are_float64():
+    got = np.asarray(fl.logsumexp([0.0, -40.0]))
+    assert got.dtype == np.float64
+    assert abs(float(got) - 4.248354255291589e-18) <= 1e-16
+    np.testing.assert_allclose(np.asarray(fl.softmax([[0.0, 0.0], [1.0, 1.0]])), 0.5, rtol=1e-15)
+
+
+@pytest.mark.parametrize("threads", [3, 7, 64])
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_more_threads_than_cores_or_rows(name, threads, rng):
+    x = random_logits(rng, (5, 1000), np.float32)
+    check(name, x, labels=_labels(name, rng, x), threads=threads, **_ce(name))
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_chunk_larger_than_row(name, rng):
+    x = random_logits(rng, (3, 100), np.float64)
+    check(name, x, labels=_labels(name, rng, x), chunk_size=10**9, **_ce(name))
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_one_long_row_two_threads(name, rng):
+    """One row of a real vocabulary, split across threads (or not), chunked."""
+    x = random_logits(rng, (1, 151936), np.float32, scale=4.0)
+    check(name, x, labels=_labels(name, rng, x), threads=2, chunk_size=1000, **_ce(name))
+    check(name, x[0], labels=np.int64(7) if name == "cross_entropy" else None, threads=2, **_ce(name))
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_many_short_rows(name, rng):
+    x = random_logits(rng, (20000, 3), np.float32)
+    check(name, x, labels=_labels(name, rng, x), threads=2, k=2, **_ce(name))
+
+
+def test_noncontiguous_labels_and_weights(rng):
+    x = random_logits(rng, (6, 40), np.float32)
+    y_big = random_labels(rng, (12,), 40)
+    y = y_big[::-2]
+    assert not y.flags.contiguous
+    w_big = rng.uniform(0.5, 2.0, size=80)
+    w = w_big[::2]
+    for reduction in ("none", "mean", "sum"):
+        check("cross_entropy", x, labels=y, weight=w, reduction=reduction, label_smoothing=0.1)
+        check("cross_entropy", x, labels=y, weight=w.astype(np.float32), reduction=reduction)
+    # labels for a (2, 3) block, in Fortran order
+    x3 = random_logits(rng, (2, 3, 40), np.float64)
+    y3 = np.asfortranarray(rng.integers(0, 40, size=(2, 3)))
+    check("cross_entropy", x3, labels=y3, reduction="none")
+
+
+def test_calls_from_many_python_threads(rng):
+    """No shared scratch or global thread settings: concurrent calls give the sequential results."""
+    xs = [
+        random_logits(rng, (8, 3000 + 17 * i), [np.float32, np.float64, BF16, np.float16][i % 4])
+        for i in range(8)
+    ]
+    ys = [rng.integers(0, x.shape[1], size=8) for x in xs]
+
+    def work(i):
+        x, y = xs[i], ys[i]
+        kw = dict(threads=1 + i % 2, chunk_size=[None, 7, 100, 1][i % 4])
+        return (
+            np.asarray(fl.logsumexp(x, **kw)),
+            np.asarray(fl.softmax(x, **kw)),
+            np.asarray(fl.cross_entropy(x, y, reduction="none", **kw)),
+            np.asarray(fl.top_k(x, 5, **kw)[1]),
+            np.asarray(fl.entropy(x, **kw)),
+        )
+
+    want = [work(i) for i in range(len(xs))]
+    with ThreadPoolExecutor(max_workers=4) as ex:
+        for _ in range(3):
+            got = list(ex.map(work, range(len(xs))))
+            for g, w in zip(got, want, strict=True):
+                for a, b in zip(g, w, strict=True):
+                    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_temperature_as_float32_array_and_numpy_scalar(name, rng):
+    x = random_logits(rng, (4, 50), np.float32)
+    labels = _labels(name, rng, x)
+    check(name, x, labels=labels, temperature=np.float32(0.75), **_ce(name))
+    check(name, x, labels=labels, temperature=np.array([0.5, 1.0, 2.0, 4.0], dtype=np.float32), **_ce(name))
+
+
+@pytest.mark.parametrize("name", ["top_k", "top_k_logprobs"])
+def test_k_as_numpy_integer(name, rng):
+    x = random_logits(rng, (3, 20), np.float32)
+    check(name, x, k=np.int64(4))
+    check(name, x, k=np.int32(20))
+
+
+def test_dtype_given_as_string(rng):
+    x = random_logits(rng, (3, 20), np.float32)
+    assert np.asarray(fl.softmax(x, dtype="float64")).dtype == np.float64
+    assert np.asarray(fl.log_softmax(x, dtype="float16")).dtype == np.float16
+    check("softmax", x, dtype=np.dtype("float64"))
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)], ids=["0", "2x0", "0x3"])
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_no_rows(name, lead):
+    """Zero rows: empty results of the right shape and dtype (a mean over no rows is NaN, a sum 0)."""
+    x = np.zeros(lead + (10,), dtype=np.float32)
+    if name == "cross_entropy":
+        y = np.zeros(lead, dtype=np.int64)
+        np.testing.assert_array_equal(np.asarray(fl.cross_entropy(x, y, reduction="none")), np.zeros(lead))
+        assert np.asarray(fl.cross_entropy(x, y, reduction="none")).shape == lead
+        assert float(fl.cross_entropy(x, y, reduction="sum")) == 0.0
+        assert np.isnan(fl.cross_entropy(x, y, reduction="mean"))
+        return
+    got = call(name, x, k=3)
+    if name in ("top_k", "top_k_logprobs"):
+        assert np.asarray(got[0]).shape == lead + (3,) and np.asarray(got[1]).shape == lead + (3,)
+        assert np.asarray(got[1]).dtype == np.int64
+    elif name in ("softmax", "log_softmax"):
+        assert np.asarray(got).shape == x.shape and np.asarray(got).dtype == np.float32
+    else:
+        assert np.asarray(got).shape == lead
+
+
+def test_empty_vocabulary_logsumexp():
+    """REFERENCES.md: logsumexp of an empty row is -inf (SciPy); raising a ValueError is acceptable too."""
+    x = np.zeros((3, 0), dtype=np.float32)
+    try:
+        got = np.asarray(fl.logsumexp(x))
+    except ValueError:
+        return
+    np.testing.assert_array_equal(got, np.full(3, -np.inf))
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_python_number_arguments(name, rng):
+    """An int temperature, an int softcap, an int array of temperatures."""
+    x = random_logits(rng, (3, 40), np.float32)
+    labels = _labels(name, rng, x)
+    check(name, x, labels=labels, temperature=2, **_ce(name))
+    check(name, x, labels=labels, softcap=3, **_ce(name))
+    check(name, x, labels=labels, temperature=np.array([1, 2, 3]), **_ce(name))

@@ -1,0 +1,146 @@
+"""softmax and log_softmax: ``out=``, ``dtype=``, result dtypes, rows summing to 1, the input left alone."""
+
+import numpy as np
+import pytest
+
+import fastlogits as fl
+from tests import reference as ref
+from tests import tolerances as tols
+from tests.helpers import BF16, DTYPE_IDS, DTYPES, assert_unchanged, check, make_layout, random_logits
+
+MAPS = ["softmax", "log_softmax"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", MAPS)
+def test_result_dtype_is_input_dtype(name, dtype, rng):
+    x = random_logits(rng, (3, 40), dtype)
+    got = getattr(fl, name)(x)
+    assert isinstance(got, np.ndarray)
+    assert got.dtype == dtype
+    assert got.shape == x.shape
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", MAPS)
+def test_dtype_argument(name, dtype, out_dtype, rng):
+    x = random_logits(rng, (4, 129), dtype)
+    check(name, x, dtype=out_dtype)
+
+
+@pytest.mark.parametrize("layout", ["C", "cols", "F", "neg"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", MAPS)
+def test_out(name, dtype, layout, rng):
+    """``out=`` is filled and returned (the same object), whatever its memory layout."""
+    x = random_logits(rng, (5, 77), dtype)
+    out = make_layout(np.zeros(x.shape, dtype=dtype), layout)
+    got = check(name, x, out=out, chunk_size=8)
+    assert got is out
+
+
+@pytest.mark.parametrize("name", MAPS)
+def test_out_other_dtype(name, rng):
+    """An out of another float dtype receives the values in its dtype."""
+    x = random_logits(rng, (3, 50), np.float32)
+    for out_dtype in (np.float64, np.float16, BF16):
+        out = np.empty(x.shape, dtype=out_dtype)
+        got = check(name, x, out=out)
+        assert got is out
+
+
+@pytest.mark.parametrize("name", MAPS)
+def test_out_with_temperature_and_leading_shape(name, rng):
+    x = random_logits(rng, (2, 3, 64), np.float32)
+    t = rng.uniform(0.5, 2.0, size=(2, 3))
+    out = np.empty_like(x)
+    got = check(name, x, out=out, temperature=t, softcap=4.0)
+    assert got is out
+
+
+@pytest.mark.parametrize("name", MAPS)
+def test_out_never_aliases_input_silently(name, rng):
+    """With ``out=`` given, the caller's logits are still untouched (results land only in out)."""
+    x = random_logits(rng, (4, 300), np.float32)
+    keep = x.copy()
+    out = np.full_like(x, np.nan)
+    getattr(fl, name)(x, out=out, threads=2, chunk_size=7)
+    assert_unchanged(x, keep)
+    assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", MAPS)
+def test_out_wrong_shape(name, rng):
+    x = random_logits(rng, (4, 30), np.float32)
+    with pytest.raises((ValueError, TypeError), match="out"):
+        getattr(fl, name)(x, out=np.empty((4, 31), dtype=np.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_softmax_rows_sum_to_one(dtype, rng):
+    for n in (1, 2, 129, 4097, 32000):
+        x = random_logits(rng, (3, n), dtype, scale=5.0)
+        p = np.asarray(fl.softmax(x)).astype(np.float64)
+        assert (p >= 0).all() and (p <= 1).all()
+        scale = ref.row_scale(x)
+        tol = tols.softmax_sum_tol(dtype, scale, n, dtype)
+        err = np.abs(p.sum(axis=-1) - 1.0)
+        assert (err <= tol).all(), (n, err, tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_log_softmax_is_log_of_softmax(dtype, rng):
+    x = random_logits(rng, (4, 1000), dtype, scale=4.0)
+    lsm = np.asarray(fl.log_softmax(x, dtype=np.float64))
+    p = np.asarray(fl.softmax(x, dtype=np.float64))
+    scale = ref.row_scale(x)[..., None]
+    keep = p > 1e-30
+    with np.errstate(divide="ignore"):
+        err = np.abs(lsm - np.log(p))
+    tol = tols.log_tol(dtype, lsm, scale) + tols.COMPUTE[tols.compute_name(dtype)]["prob"] * (1 + scale) * 2
+    assert (err[keep] <= np.broadcast_to(tol, err.shape)[keep]).all()
+
+
+def test_exp_of_log_softmax_matches_softmax_16bit(rng):
+    """float16 output: each value within the float16 rounding of the float64 reference."""
+    x = random_logits(rng, (3, 700), np.float16, scale=3.0)
+    check("softmax", x)
+    check("log_softmax", x)
+    p = np.asarray(fl.softmax(x))
+    assert p.dtype == np.float16
+
+
+@pytest.mark.parametrize("name", MAPS)
+def test_maps_keep_minus_inf_as_zero_probability(name):
+    x = np.array([[0.0, -np.inf, 1.0, -np.inf], [-np.inf, -np.inf, -np.inf, 7.0]], dtype=np.float32)
+    got = np.asarray(getattr(fl, name)(x, chunk_size=2))
+    if name == "softmax":
+        assert got[0, 1] == 0 and got[0, 3] == 0 and (got[1, :3] == 0).all() and got[1, 3] == 1
+    else:
+        assert (
+            got[0, 1] == -np.inf and got[0, 3] == -np.inf and (got[1, :3] == -np.inf).all() and got[1, 3] == 0
+        )
+
+
+@pytest.mark.parametrize("layout", ["F", "cols", "neg"])
+@pytest.mark.parametrize("name", MAPS)
+def test_out_three_dims(name, layout, rng):
+    """A 3-D out= that cannot be reshaped to 2-D without a copy is still filled in place."""
+    x = random_logits(rng, (2, 3, 40), np.float32)
+    out = make_layout(np.zeros(x.shape, dtype=np.float32), layout)
+    got = check(name, x, out=out, temperature=rng.uniform(0.5, 2, size=(2, 3)))
+    assert got is out
+
+
+@pytest.mark.parametrize("in_dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("out_dtype", [np.float16, BF16], ids=["float16", "bfloat16"])
+def test_tiny_probabilities_round_to_16bit(in_dtype, out_dtype):
+    """Probabilities from 1e-4 down to 1e-9 (float16 subnormals) round to nearest in the output dtype."""
+    p = np.concatenate([[1 - 1e-3], np.geomspace(1e-4, 1e-9, 40)])
+    x = np.log(p).astype(in_dtype)
+    got = np.asarray(fl.softmax(x, dtype=out_dtype)).astype(np.float64)
+    want = ref.softmax(x)
+    np.testing.assert_array_equal(got, want.astype(out_dtype).astype(np.float64))
+    check("softmax", x, dtype=out_dtype)
+    check("log_softmax", x, dtype=out_dtype)

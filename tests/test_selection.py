@@ -1,0 +1,172 @@
+"""argmax, top_k and top_k_logprobs: ties (lowest index first, also across chunk and thread boundaries),
+NaN as
+the largest value, infinities, k = V, and NumPy / PyTorch on the same rows."""
+
+import numpy as np
+import pytest
+
+import fastlogits as fl
+from tests import reference as ref
+from tests import tolerances as tols
+from tests.helpers import BF16, DTYPE_IDS, DTYPES, check, random_logits
+
+inf, nan = np.inf, np.nan
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_argmax_literals(dtype, chunk_size):
+    rows = [
+        ([1.0, 3.0, 3.0, 2.0], 1),
+        ([3.0, 1.0, 2.0, 3.0], 0),
+        ([1.0, nan, 5.0, nan], 1),
+        ([inf, nan, 1.0, 2.0], 1),
+        ([1.0, inf, inf, 2.0], 1),
+        ([-inf, -inf, -inf, -inf], 0),
+        ([-inf, -inf, -inf, -5.0], 3),
+        ([0.0, -0.0, 0.0, 0.0], 0),
+        ([-0.0, 0.0, 0.0, 0.0], 0),
+        ([nan, nan, nan, nan], 0),
+        ([-1e4, -1e4, -1e4, -1e4 + 100], 3),
+    ]
+    x = np.array([r for r, _ in rows], dtype=dtype)
+    want = np.array([i for _, i in rows])
+    for threads in (1, 2):
+        got = np.asarray(fl.argmax(x, chunk_size=chunk_size, threads=threads))
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, want)
+        for r, (row, i) in enumerate(rows):
+            assert int(fl.argmax(x[r], chunk_size=chunk_size)) == i, row
+    np.testing.assert_array_equal(ref.argmax(x), want)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 2, 5])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_top_k_literals(dtype, chunk_size):
+    x = np.array(
+        [
+            [1.0, 3.0, 3.0, 2.0, 3.0, 0.0],
+            [nan, 1.0, inf, nan, -inf, 2.0],
+            [-inf, -inf, 0.0, -inf, -inf, -inf],
+            [5.0, 5.0, 5.0, 5.0, 5.0, 5.0],
+        ],
+        dtype=dtype,
+    )
+    want_idx = np.array([[1, 2, 4, 3], [0, 3, 2, 5], [2, 0, 1, 3], [0, 1, 2, 3]])
+    vals, idx = fl.top_k(x, 4, chunk_size=chunk_size)
+    vals, idx = np.asarray(vals), np.asarray(idx)
+    assert vals.dtype == dtype and idx.dtype == np.int64
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_array_equal(
+        vals.astype(np.float64), np.take_along_axis(x, want_idx, -1).astype(np.float64)
+    )
+    np.testing.assert_array_equal(ref.top_k(x, 4)[1], want_idx)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("chunk_size", [None, 1, 3, 64])
+def test_ties_across_chunks(threads, chunk_size, rng):
+    """Many equal values in a long row: the lowest indices win, whatever the chunking."""
+    x = rng.integers(0, 4, size=(5, 3001)).astype(np.float32)
+    check("argmax", x, threads=threads, chunk_size=chunk_size)
+    check("top_k", x, k=50, threads=threads, chunk_size=chunk_size)
+    check("top_k_logprobs", x, k=50, threads=threads, chunk_size=chunk_size)
+    # the max value 3 appears many times: the answer is its first occurrence
+    np.testing.assert_array_equal(
+        np.asarray(fl.argmax(x, threads=threads, chunk_size=chunk_size)), np.argmax(x, axis=-1)
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_k_equals_v_is_a_sort(dtype, rng):
+    for n in (1, 2, 17, 300):
+        x = random_logits(rng, (3, n), dtype)
+        vals, idx = fl.top_k(x, n)
+        order = np.argsort(-x.astype(np.float64), axis=-1, kind="stable")
+        np.testing.assert_array_equal(np.asarray(idx), order)
+        lp, idx = fl.top_k_logprobs(x, n)
+        np.testing.assert_array_equal(np.asarray(idx), order)
+        s = np.exp(np.asarray(lp, dtype=np.float64)).sum(axis=-1)
+        np.testing.assert_allclose(
+            s, 1.0, atol=float(np.max(tols.softmax_sum_tol(dtype, ref.row_scale(x), n)))
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_top_k_logprobs_are_gathered_log_softmax(dtype, rng):
+    x = random_logits(rng, (4, 500), dtype)
+    lp, idx = fl.top_k_logprobs(x, 10, temperature=0.8)
+    lsm = np.asarray(fl.log_softmax(x, temperature=0.8, dtype=np.float64))
+    np.testing.assert_allclose(
+        np.asarray(lp, dtype=np.float64),
+        np.take_along_axis(lsm, np.asarray(idx), -1),
+        rtol=0,
+        atol=float(np.max(2 * tols.log_tol(dtype, 20.0, ref.row_scale(x, None, 0.8)))),
+    )
+    assert (np.diff(np.asarray(lp), axis=-1) <= 0).all()
+
+
+def test_top_k_logprobs_temperature_changes_values_not_order(rng):
+    x = random_logits(rng, (3, 200), np.float64)
+    lp1, i1 = fl.top_k_logprobs(x, 7)
+    lp2, i2 = fl.top_k_logprobs(x, 7, temperature=np.array([0.5, 1.0, 2.0]))
+    np.testing.assert_array_equal(np.asarray(i1), np.asarray(i2))
+    np.testing.assert_allclose(np.asarray(lp1)[1], np.asarray(lp2)[1], rtol=1e-12)
+    assert not np.allclose(np.asarray(lp1)[0], np.asarray(lp2)[0])
+
+
+def test_against_numpy_and_torch(rng):
+    torch = pytest.importorskip("torch")
+    for dtype in (np.float32, np.float64):
+        x = random_logits(rng, (6, 1000), dtype)
+        x[1, [10, 500]] = nan
+        x[2, [3, 999]] = inf
+        x[3, :] = np.round(x[3, :])
+        t = torch.from_numpy(x)
+        np.testing.assert_array_equal(np.asarray(fl.argmax(x)), np.argmax(x, axis=-1))
+        np.testing.assert_array_equal(np.asarray(fl.argmax(x)), torch.argmax(t, dim=-1).numpy())
+        vals, idx = fl.top_k(x, 20)
+        tv, _ = torch.topk(t, 20, dim=-1)
+        # PyTorch does not order ties; the values agree (NaN first)
+        np.testing.assert_array_equal(np.asarray(vals), tv.numpy())
+        np.testing.assert_array_equal(np.asarray(idx), ref.top_k_order(x, 20))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BF16], ids=["float16", "bfloat16"])
+def test_16bit_ties_from_rounding(dtype, rng):
+    """16-bit rows have many exact ties; the reference sees the same rounded values."""
+    x = random_logits(rng, (4, 5000), dtype, scale=2.0)
+    for chunk_size in (None, 13):
+        check("argmax", x, chunk_size=chunk_size)
+        check("top_k", x, k=100, chunk_size=chunk_size, threads=2)
+        check("top_k_logprobs", x, k=100, chunk_size=chunk_size)
+
+
+def test_top_k_results_are_fresh_arrays(rng):
+    x = random_logits(rng, (3, 30), np.float32)
+    vals, idx = fl.top_k(x, 3)
+    assert not np.shares_memory(np.asarray(vals), x)
+
+
+@pytest.mark.parametrize("k", [100, 1000, 4096])
+@pytest.mark.parametrize("chunk_size", [None, 7, 1024])
+def test_large_k_with_ties(k, chunk_size, rng):
+    x = rng.integers(-20, 20, size=(3, 4097)).astype(np.float32)
+    x[0, ::5] = -inf
+    x[1, [5, 4000]] = nan
+    for threads in (1, 2):
+        check("top_k", x, k=k, chunk_size=chunk_size, threads=threads)
+        check("top_k_logprobs", x, k=k, chunk_size=chunk_size, threads=threads)
+
+
+def test_top_k_more_than_finite_values():
+    """k larger than the number of finite entries: the -inf entries follow, lowest index first."""
+    x = np.full((2, 50), -inf, dtype=np.float32)
+    x[0, [40, 3]] = [1.0, 2.0]
+    x[1, 49] = 0.0
+    vals, idx = fl.top_k(x, 5, chunk_size=8)
+    np.testing.assert_array_equal(np.asarray(idx), [[3, 40, 0, 1, 2], [49, 0, 1, 2, 3]])
+    np.testing.assert_array_equal(np.asarray(vals), [[2, 1, -inf, -inf, -inf], [0, -inf, -inf, -inf, -inf]])
+    lp, idx = fl.top_k_logprobs(x, 5)
+    np.testing.assert_array_equal(np.asarray(idx), [[3, 40, 0, 1, 2], [49, 0, 1, 2, 3]])
+    assert (np.asarray(lp)[:, 2:] == -inf).all() and float(np.asarray(lp)[1, 0]) == 0.0
