@@ -292,3 +292,26 @@ def test_cli_demo_json():
     assert res.returncode == 0, res.stderr
     s = json.loads(res.stdout)
     assert s["rows"] == 300 and 0 < s["mean_nll"] < 20 and 0 <= s["accuracy"] <= 1
+
+
+@pytest.mark.parametrize("memory", BUDGETS)
+@pytest.mark.parametrize("dtype", [BF16, np.float32, np.float64])
+def test_stats_one_pass_matches_the_functions(tmp_path, rng, dtype, memory):
+    """The fused evaluation pass (entropy state + argmax + label logit) equals the three functions,
+    awkward rows included (NaN, +inf, -inf entries, an all -inf row, ignored labels)."""
+    for V in (3001, 50021):
+        x = _logits(rng, (6, V), dtype)
+        x[5] = -np.inf
+        y = rng.integers(0, V, 6)
+        y[4] = -100
+        np.save(tmp_path / "x.npy", x)
+        src = fl.open(tmp_path / "x.npy", dtype="bfloat16" if dtype == BF16 else None, memory=memory)
+        st = run.stats(src, y, temperature=0.8)
+        nll = fl.cross_entropy(x, y, reduction="none", temperature=0.8)
+        _same(st["nll"], nll, 1e-6)
+        _same(st["entropy"], fl.entropy(x, temperature=0.8), 1e-6)
+        np.testing.assert_array_equal(st["argmax"], fl.argmax(x))
+        np.testing.assert_array_equal(st["counted"], y != -100)
+        st2 = run.stats(x, None)                       # an in-memory array, no labels
+        np.testing.assert_array_equal(st2["argmax"], fl.argmax(x))
+        assert "nll" not in st2

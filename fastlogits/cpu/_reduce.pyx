@@ -18,7 +18,8 @@ from fastlogits.clib cimport (fl_lse_state, fl_ent_state, fl_lse_merge, fl_lse_r
 from fastlogits.cpu._rows cimport (Block, make_block, n_segments, row_of, fl_row,
                                    fl_row_lse_f32, fl_row_lse_f64, fl_row_entropy_f32,
                                    fl_row_entropy_f64, fl_row_ce_f32, fl_row_ce_f64,
-                                   fl_row_value_f32, fl_row_value_f64)
+                                   fl_row_value_f32, fl_row_value_f64, fl_row_stats_f32,
+                                   fl_row_stats_f64)
 
 
 cdef char *alloc_buffers(int threads, int64_t per_thread) except NULL:
@@ -282,3 +283,35 @@ def merge_ent_states(double[::1] m, double[::1] s, double[::1] t, const double[:
             t[i] = a.t
             if out.shape[0]:
                 out[i] = fl_ent_result(&a)
+
+
+def stats(x, int dtype, temperature, double softcap, const int64_t[::1] labels, int64_t ignore_index,
+          double[::1] nll, double[::1] ent, int64_t[::1] top, int64_t chunk, int threads):
+    """One pass per row for an evaluation summary: entropy, argmax and, for rows whose label is not
+    ignore_index (labels checked by the caller; an empty labels array means none), -log p[label] as
+    cross_entropy computes it (0 for ignored rows)."""
+    cdef Block b = make_block(x, dtype, temperature, softcap, chunk)
+    cdef int64_t i
+    cdef fl_row r
+    cdef fl_ent_state e
+    cdef double xt
+    cdef char *buf
+    cdef bint have_labels = labels.shape[0] > 0
+    cdef char *bufs = alloc_buffers(threads, chunk * 8)
+    with nogil, parallel(num_threads=threads):
+        buf = bufs + threadid() * chunk * 8
+        for i in prange(b.rows, schedule="guided"):
+            r = row_of(&b, i)
+            if b.f64:
+                e = fl_row_stats_f64(&r, chunk, <double *> buf, &top[i])
+            else:
+                e = fl_row_stats_f32(&r, chunk, <float *> buf, &top[i])
+            ent[i] = fl_ent_result(&e)
+            if not have_labels or labels[i] == ignore_index:
+                nll[i] = 0.0
+            elif not (-INFINITY < e.m < INFINITY):
+                nll[i] = NAN                  # log_softmax is NaN there
+            else:
+                xt = fl_row_value_f64(&r, labels[i]) if b.f64 else fl_row_value_f32(&r, labels[i])
+                nll[i] = (e.m - xt) + log(e.s)
+    free(bufs)

@@ -58,6 +58,16 @@ def cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, wei
     return nll, smooth, lse_
 
 
+def stats(x, dtype, temperature, softcap, labels, ignore_index, chunk, threads):
+    """One pass per row: (nll, entropy, argmax); nll as cross_entropy's unweighted per-row loss (0 for
+    ignored rows; all 0 when labels is None, which skips it)."""
+    rows = x.shape[0]
+    nll, ent, top = np.empty(rows), np.empty(rows), np.empty(rows, np.int64)
+    lab = np.empty(0, np.int64) if labels is None else labels
+    _reduce.stats(x, CODES[dtype], temperature, softcap, lab, ignore_index, nll, ent, top, chunk, threads)
+    return nll, ent, top
+
+
 def argmax(x, dtype, temperature, softcap, chunk, threads):
     out = np.empty(x.shape[0], np.int64)
     _select.argmax(x, CODES[dtype], temperature, softcap, out, chunk, threads)
@@ -73,3 +83,25 @@ def top_k(x, dtype, temperature, softcap, k, logprobs, chunk, threads):
     lp = np.empty((rows, k), np.float64) if logprobs else None
     _select.top_k(x, CODES[dtype], temperature, softcap, k, values, indices, lp, chunk, threads)
     return (lp if logprobs else values), indices
+
+
+def sample(x, dtype, temperature, softcap, top_k, top_p, min_p, seeds, row_ids, num_samples, logprobs,
+           chunk, threads):
+    """Seeded draws (see fastlogits/include/fastlogits_sample.h). Per-row arrays: temperature (0:
+    greedy), top_k (int64, 0: none), top_p (float64, 1: none), min_p (float64, 0: none), seeds and
+    row_ids (uint64). Returns (tokens, logprobs, ranks, status): tokens int64 (rows, num_samples);
+    logprobs float64 and ranks int64 of the same shape when asked for, else None; status int32 (rows,),
+    0 for a good row, 1 NaN, 2 +inf at a positive temperature, 3 no possible token."""
+    from fastlogits.cpu import _sample
+
+    rows, V = x.shape
+    tokens = np.zeros((rows, num_samples), np.int64)
+    lp = np.zeros((rows, num_samples), np.float64) if logprobs else None
+    ranks = np.zeros((rows, num_samples), np.int64) if logprobs else None
+    status = np.zeros(rows, np.int32)
+    k_used = np.where((top_k > 0) & (top_k < V), top_k, 0)
+    kmax = int(k_used.max()) if rows else 0
+    need = bool(rows) and (kmax > 0 or bool(np.any(top_p < 1.0)))
+    _sample.sample(x, CODES[dtype], temperature, softcap, top_k, top_p, min_p, seeds, row_ids, tokens, lp,
+                   ranks, status, kmax, need, chunk, threads)
+    return tokens, lp, ranks, status

@@ -390,6 +390,35 @@ static inline int64_t FL_FN(fl_row_argmax)(const fl_row *r, int64_t chunk, FL_T 
     return best_i;
 }
 
+/* One pass for an evaluation summary of a row: its entropy state (which holds the logsumexp state too, so
+ * cross-entropy needs only the label's logit) and its argmax (as fl_row_argmax). */
+static inline fl_ent_state FL_FN(fl_row_stats)(const fl_row *r, int64_t chunk, FL_T *buf, int64_t *argmax) {
+    fl_ent_state st, c;
+    FL_T best = -(FL_T)INFINITY;
+    int64_t best_i = 0, i;
+    int found_nan = 0;
+    fl_ent_init(&st);
+    for (int64_t c0 = 0; c0 < r->n; c0 += chunk) {
+        int64_t len = r->n - c0 < chunk ? r->n - c0 : chunk;
+        uintptr_t step, pf = FL_FN(fl_row_prefetch)(r, c0 + len, &step);
+        const FL_T *x = FL_FN(fl_row_chunk)(r, c0, len, buf);
+        c = FL_FN(fl_ent_chunk)(x, len, pf, step);
+        fl_ent_merge(&st, &c);
+        if (found_nan) continue;
+        if (c.m != c.m) {                                   /* the first NaN wins */
+            for (i = 0; x[i] == x[i]; i++) {}
+            best_i = c0 + i;
+            found_nan = 1;
+        } else if ((FL_T)c.m > best) {
+            best = (FL_T)c.m;
+            for (i = 0; x[i] != best; i++) {}
+            best_i = c0 + i;
+        }
+    }
+    *argmax = best_i;
+    return st;
+}
+
 /* top-k: a heap of the k best (value, index) pairs seen, its root the worst of them. "Better" orders
  * NaN above everything (PyTorch's topk), then larger values, then lower indices. */
 FL_INLINE int FL_FN(fl__better)(FL_T a, int64_t ia, FL_T b, int64_t ib) {

@@ -471,12 +471,17 @@ class _Atomic(contextlib.AbstractContextManager):
 
 def stats(source, labels=None, *, ignore_index=-100, temperature=1.0, softcap=None, threads=None,
           chunk_size=None, memory=None, progress=None):
-    """One pass over a source for an evaluation summary: per row the NLL (with labels), entropy and
-    argmax (and whether it equals the label). Returns a dict of per-row arrays."""
-    from fastlogits.ops.reductions import cross_entropy_terms
-    from fastlogits.ops.selection import argmax
+    """One pass over a source (or an in-memory array) for an evaluation summary: per row the NLL (with
+    labels), entropy and argmax, and whether the argmax is the label. Returns a dict of per-row arrays.
+    Row blocks go through one fused kernel (the entropy state holds the logsumexp state, and the argmax
+    falls out of the same chunk maxima); rows too long for the budget through the accumulators."""
+    from fastlogits.ops import _backend
+    from fastlogits.ops._prep import prepare
+    from fastlogits.ops.reductions import check_labels
     from fastlogits.stream.accumulators import CrossEntropy, Entropy, TopK
+    from fastlogits.stream.sources import ArraySource, as_source
 
+    source = as_source(source) or ArraySource(np.asarray(source))
     temp = RowArg(temperature, "temperature", source)
     lab = RowArg(labels, "labels", source, dtype=None) if labels is not None else None
     if lab is not None and (lab.scalar or lab.value.dtype.kind not in "iu"):
@@ -486,16 +491,15 @@ def stats(source, labels=None, *, ignore_index=-100, temperature=1.0, softcap=No
     p = plan(source, memory)
     nll, ent, top, rows = [], [], [], 0
     if p.rows:
-        from fastlogits.ops.reductions import entropy
         for r0, block in row_blocks(source, p.rows):
             r1 = r0 + block.shape[0]
-            t = temp.block(r0, r1)
-            if lab is not None:
-                (loss, _, _, _), _ = cross_entropy_terms(block, lab.block(r0, r1), ignore_index=ignore_index,
-                                                         temperature=t, **common)
-                nll.append(loss)
-            ent.append(np.asarray(entropy(block, temperature=t, **common)))
-            top.append(np.asarray(argmax(block, temperature=t, **common)))
+            r = prepare(block, temperature=temp.block(r0, r1), **common)
+            y = None if lab is None else check_labels(lab.block(r0, r1), r.lead, r.V, ignore_index)
+            a, b, c = _backend.get("cpu").stats(r.x, r.dtype, r.temperature, r.softcap, y, ignore_index,
+                                                r.chunk, r.threads)
+            nll.append(a)
+            ent.append(b)
+            top.append(c)
             rows = r1
             progress(block.shape[0], block.nbytes)
     else:
