@@ -103,11 +103,18 @@ def test_use_backend_context(rng):
     np.testing.assert_array_equal(np.asarray(fl.softmax(x)), want)
 
 
-def test_gpu_requests_without_gpu(restore_backend, rng):
-    if "gpu" in fl.available_backends():
-        pytest.skip("this machine has a GPU backend")
+def test_gpu_requests_without_gpu(restore_backend, rng, monkeypatch):
+    """Asking for the GPU where there is none raises a RuntimeError that says why. The GPU tests run the
+    whole session under numba's simulator, so "none" is made here: availability() gives its reason."""
+    import fastlogits.gpu
+
+    reason = "numba-cuda finds no usable CUDA device or driver"
+    monkeypatch.setattr(fastlogits.gpu, "availability", lambda: reason)
+    assert fl.available_backends() == ["cpu"]
     x = rng.standard_normal((3, 20))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=reason):
+        fl.logsumexp(x, backend="gpu")
+    with pytest.raises(RuntimeError, match="backend 'gpu' is not available"):
         with fl.use_backend("gpu"):
             fl.logsumexp(x)
     # the context manager left the process default alone

@@ -1,0 +1,449 @@
+"""The GPU backend: the backend interface of ``fastlogits/cpu/backend.py`` over the numba.cuda kernels.
+
+Inputs are 2-D arrays ``x`` (rows, V) with any strides, either on the device (numba device arrays and
+anything with ``__cuda_array_interface__``, seen through :func:`as_rows`) or NumPy arrays on the host.
+
+- Device inputs: the kernels read them in place (zero-copy) and results are device arrays (float64 per
+  row, as on the CPU). ``softmax`` writes into ``out`` (a device array, or a NumPy array it copies to).
+- Host inputs: copied to the device (in one copy up to ``HOST_BLOCK_BYTES``, else in blocks of whole rows
+  through two pinned staging buffers on two streams, the next block's upload overlapping this block's
+  work), computed, and copied back: results are NumPy arrays, so the ops layer's NumPy post-processing
+  works unchanged.
+
+``threads`` is ignored. ``chunk`` is the shortest column segment a block folds: a row is split over several
+blocks (merged afterwards) only when there are too few rows to fill the device.
+"""
+import threading
+import warnings
+
+import ml_dtypes
+import numpy as np
+from numba import cuda
+
+from fastlogits.gpu import kernels as K
+
+CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
+BF16 = np.dtype(ml_dtypes.bfloat16)
+_NP = {"float16": np.dtype(np.float16), "bfloat16": BF16, "float32": np.dtype(np.float32),
+       "float64": np.dtype(np.float64)}
+# what the kernels read for each input kind (bfloat16 as its bits)
+_KERNEL_DTYPE = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16),
+                 "float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+
+HOST_BLOCK_BYTES = 256 << 20   # host inputs up to this size move to the device in one copy
+PIPELINE_BLOCK_BYTES = 64 << 20  # larger ones in row blocks of about this size, through pinned buffers
+TARGET_BLOCKS = 512            # split rows into segments until about this many blocks run
+MIN_SEGMENT = 32
+
+
+def compute_dtype(dtype):
+    """float64 arithmetic for float64 input, float32 for the rest."""
+    return np.dtype(np.float64) if dtype == "float64" else np.dtype(np.float32)
+
+
+# ---- device arrays ------------------------------------------------------------------------------------
+
+def is_device_array(x):
+    """A numba device array (or the simulator's stand-in), or any object with __cuda_array_interface__."""
+    if isinstance(x, np.ndarray):
+        return False
+    return bool(getattr(x, "__cuda_ndarray__", False)) or hasattr(x, "__cuda_array_interface__")
+
+
+def _device_view(x):
+    """x as a numba device array, zero-copy."""
+    if getattr(x, "__cuda_ndarray__", False):
+        return x
+    return cuda.as_cuda_array(x)
+
+
+class _Interface:
+    """An object exposing another __cuda_array_interface__ (a reshaped view of the same memory)."""
+
+    def __init__(self, cai, owner):
+        self.__cuda_array_interface__ = cai
+        self._owner = owner    # keeps the memory alive
+
+
+def _rows_view(d):
+    """A 2-D (rows, V) zero-copy view of device array d when its strides allow one, else None."""
+    shape = tuple(d.shape)
+    itemsize = np.dtype(d.dtype).itemsize
+    strides = tuple(d.strides) if d.strides else tuple(
+        int(np.prod(shape[i + 1:], dtype=np.int64)) * itemsize for i in range(len(shape)))
+    V = shape[-1]
+    lead = shape[:-1]
+    rows = int(np.prod(lead, dtype=np.int64))
+    # leading axes merge into one when each one's stride is the next one's times its length
+    # (axes of length 1 do not matter)
+    axes = [(n, st) for n, st in zip(lead, strides[:-1]) if n != 1]
+    for (_, s1), (n2, s2) in zip(axes, axes[1:]):
+        if s1 != s2 * n2:
+            return None
+    row_stride = axes[-1][1] if axes else V * itemsize
+    if hasattr(d, "_ary"):                       # the simulator's FakeCUDAArray wraps a NumPy array
+        a = np.lib.stride_tricks.as_strided(d._ary, (rows, V), (row_stride, strides[-1]))
+        return type(d)(a)
+    cai = dict(d.__cuda_array_interface__)
+    cai["shape"] = (rows, V)
+    cai["strides"] = (row_stride, strides[-1])
+    return cuda.as_cuda_array(_Interface(cai, d))
+
+
+def as_rows(x, dtype):
+    """logits as (x2d, lead, dtype name). A GPU array: x2d is a 2-D (rows, V) device array over the same
+    memory (a device copy only when the leading axes cannot be merged), bfloat16 as its uint16 bits. A
+    NumPy array (already checked by the ops layer): a 2-D view of it (a copy only where strides need it),
+    copied to the device later, in row blocks."""
+    if not is_device_array(x):
+        x = np.asarray(x)
+        name = "bfloat16" if x.dtype == BF16 else x.dtype.name
+        lead, V = x.shape[:-1], x.shape[-1]
+        if x.ndim == 1:
+            return x[None, :], lead, name
+        return (x if x.ndim == 2 else x.reshape(-1, V)), lead, name
+    d = _device_view(x)
+    dt = np.dtype(d.dtype)
+    name = None
+    if dtype is not None and (dtype == "bfloat16" or np.dtype(dtype) == BF16):
+        if dt != BF16 and (dt.itemsize != 2 or dt.kind not in "uiV"):
+            raise TypeError(f"logits: dtype='bfloat16' re-declares 2-byte data, but logits has dtype {dt}")
+        name = "bfloat16"
+    elif dt == BF16:
+        name = "bfloat16"
+    else:
+        for n, npd in _NP.items():
+            if dt == npd:
+                name = n
+        if name is None:
+            kind = {"i": "integer", "u": "integer", "b": "bool", "c": "complex"}.get(dt.kind, str(dt))
+            raise TypeError(f"logits must be floating point (float16, bfloat16, float32 or float64), "
+                            f"got {kind} dtype {dt}")
+    if name == "bfloat16" and dt != np.uint16:
+        d = d.view(np.uint16)
+    if d.ndim == 0:
+        raise ValueError("logits must have at least one axis (the vocabulary), got a scalar")
+    shape = tuple(d.shape)
+    lead = shape[:-1]
+    if d.ndim == 2:
+        return d, lead, name
+    v = _rows_view(d)
+    if v is None:        # leading axes that do not merge (rare): a compact copy, through the host
+        host = d.copy_to_host()
+        v = cuda.to_device(np.ascontiguousarray(host).reshape(-1, shape[-1]))
+    return v, lead, name
+
+
+# ---- launching ----------------------------------------------------------------------------------------
+
+def _segments(rows, V, chunk):
+    """(nseg, seglen): how each row's columns are split over blocks."""
+    if V == 0:
+        return 1, 0
+    nseg = 1
+    if rows < TARGET_BLOCKS:
+        want = -(-TARGET_BLOCKS // max(rows, 1))
+        most = max(1, V // max(int(chunk), MIN_SEGMENT))
+        nseg = min(want, most)
+    seglen = -(-V // nseg)
+    return -(-V // seglen), seglen
+
+
+def _grid1(n):
+    """Launch configuration of a one-thread-per-row kernel."""
+    tpb = 32 if n <= 32 else K.TPB
+    return max(1, -(-n // tpb)), tpb
+
+
+_local = threading.local()
+SCRATCH_MAX_BYTES = 16 << 20
+
+
+def _scratch(name, slot, shape, dtype, stream=0):
+    """A device array for temporary use, kept for later calls in this thread: a device allocation can
+    cost more than the small kernels that use it. One per (name, slot); work that uses it is ordered on
+    one stream per slot."""
+    cache = getattr(_local, "scratch", None)
+    if cache is None:
+        cache = _local.scratch = {}
+    shape = tuple(int(n) for n in np.atleast_1d(shape))
+    a = cache.get((name, slot))
+    if a is None or tuple(a.shape) != shape or np.dtype(a.dtype) != np.dtype(dtype):
+        a = cache[(name, slot)] = cuda.device_array(shape, dtype, stream=stream)
+    return a
+
+
+class _Block:
+    """A block of whole rows on the device: ``sl`` its rows, ``d`` its logits (as the kernels read them),
+    ``dtemp`` their temperatures, ``stream`` the stream its work is queued on (0: the default stream),
+    ``slot`` which set of scratch arrays it uses, ``host`` whether results go back to the host."""
+
+    def __init__(self, sl, d, temperature, stream, slot, host):
+        self.sl, self.d, self.stream, self.slot, self.host = sl, d, stream, slot, host
+        self.rows, self.V = (int(n) for n in tuple(d.shape))
+        self.dtemp = self.upload("temperature", np.ascontiguousarray(temperature[sl], np.float64))
+
+    def launch(self, kernel, grid, tpb=K.TPB):
+        with warnings.catch_warnings():
+            # numba-cuda warns for every grid under 128 blocks; the per-row finishing kernels of small
+            # batches are such grids, by design
+            warnings.filterwarnings("ignore", message="Grid size .* under-utilization")
+            return kernel[grid, tpb, self.stream]
+
+    def array(self, shape, dtype, name=None):
+        """A device array on this block's stream; a kept scratch array when named and small."""
+        if name is not None and int(np.prod(shape)) * np.dtype(dtype).itemsize <= SCRATCH_MAX_BYTES:
+            return _scratch(name, self.slot, shape, dtype, self.stream)
+        return cuda.device_array(shape, dtype, stream=self.stream)
+
+    def upload(self, name, host):
+        """A small host array on the device (into a kept scratch array)."""
+        a = self.array(host.shape, host.dtype, name)
+        a.copy_to_device(host, stream=self.stream)
+        return a
+
+    def fetch(self, dev, dst, convert=None):
+        """dst[rows of this block] = dev (a device result of this block), waiting for it."""
+        host = dev.copy_to_host(stream=self.stream)
+        if self.stream:
+            self.stream.synchronize()
+        dst[self.sl] = host if convert is None else convert(host)
+
+
+def _blocks(x, dtype, temperature):
+    """The logits as device blocks of whole rows. A device array is one block, read in place. A host
+    array moves in blocks of about HOST_BLOCK_BYTES through two pinned staging buffers on two streams:
+    block b + 1 is uploaded while block b is computed and fetched (its results are fetched, which waits
+    for its stream, before block b + 2 reuses its staging buffer)."""
+    kd = _KERNEL_DTYPE[dtype]
+    if is_device_array(x):
+        d = _device_view(x)
+        if np.dtype(d.dtype) != kd:
+            d = d.view(kd)
+        rows = int(tuple(d.shape)[0])
+        if rows:
+            yield _Block(slice(0, rows), d, temperature, 0, 0, False)
+        return
+    rows, V = x.shape
+    if rows == 0:
+        return
+    row_bytes = max(1, V * kd.itemsize)
+    budget = HOST_BLOCK_BYTES
+    try:      # leave room on a device that is nearly full (the results and a second block need some)
+        budget = min(budget, cuda.current_context().get_memory_info()[0] // 4)
+    except Exception:  # pragma: no cover - depends on the driver
+        pass
+    if rows * row_bytes <= budget:          # one block: a plain synchronous copy, no staging
+        xs = x if x.dtype == kd else x.view(kd)
+        yield _Block(slice(0, rows), cuda.to_device(np.ascontiguousarray(xs)), temperature, 0, 0, True)
+        return
+    step = max(1, min(rows, min(budget, PIPELINE_BLOCK_BYTES) // row_bytes))
+    starts = range(0, rows, step)
+    streams = (cuda.stream(), cuda.stream())
+    staging = [_staging(0, (step, V), kd), _staging(1, (step, V), kd)]
+
+    def upload(b):
+        sl = slice(starts[b], min(rows, starts[b] + step))
+        buf = staging[b % 2][: sl.stop - sl.start]
+        src = x[sl]
+        np.copyto(buf, src if src.dtype == kd else src.view(kd))
+        st = streams[b % 2]
+        d = cuda.to_device(buf, stream=st)
+        return _Block(sl, d, temperature, st, 1 + b % 2, True)
+
+    nxt = upload(0)
+    for b in range(len(starts)):
+        cur = nxt
+        if b + 1 < len(starts):
+            nxt = upload(b + 1)
+        yield cur
+        cur.stream.synchronize()
+
+
+def _staging(slot, shape, dtype):
+    """Pinned host buffer number ``slot`` (0 or 1) of this thread, of at least ``shape``, kept for later
+    calls (pinned allocations are slow): viewed as ``shape`` of ``dtype``."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    cache = getattr(_local, "staging", None)
+    if cache is None:
+        cache = _local.staging = {}
+    buf = cache.get(slot)
+    if buf is None or buf.nbytes < nbytes:
+        buf = cache[slot] = cuda.pinned_array(max(nbytes, 1), np.uint8)
+    return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def _empty(shape, dtype, device):
+    return cuda.device_array(shape, dtype) if device else np.empty(shape, dtype)
+
+
+def _weights(dtype, weight=None):
+    cd = compute_dtype(dtype)
+    if weight is None:
+        return _scratch("no weights", 0, 1, cd)     # never read
+    return cuda.to_device(np.ascontiguousarray(weight, dtype=cd))
+
+
+def _stats(blk, kern, softcap, mode, w, chunk):
+    """The per-segment states (pm, ps, pt) of block blk, (rows, nseg) each."""
+    nseg, seglen = _segments(blk.rows, blk.V, chunk)
+    pm = blk.array((blk.rows, nseg), np.float64, "pm")
+    ps = blk.array((blk.rows, nseg), np.float64, "ps")
+    pt = blk.array((blk.rows, nseg), np.float64, "pt")
+    blk.launch(kern.stats_part, (blk.rows, nseg))(blk.d, blk.dtemp, float(softcap), seglen, mode, w, pm, ps,
+                                                   pt)
+    return pm, ps, pt
+
+
+def _reduce(x, dtype, temperature, softcap, chunk, mode):
+    device = is_device_array(x)
+    out = _empty(x.shape[0], np.float64, device)
+    kern = K.for_kind(dtype)
+    w = _weights(dtype)
+    for blk in _blocks(x, dtype, temperature):
+        pm, ps, pt = _stats(blk, kern, softcap, mode, w, chunk)
+        res = blk.array(blk.rows, np.float64, "result") if blk.host else out
+        blk.launch(K.stats_finish, *_grid1(blk.rows))(pm, ps, pt, mode, res)
+        if blk.host:
+            blk.fetch(res, out)
+    return out
+
+
+def lse(x, dtype, temperature, softcap, chunk, threads):
+    return _reduce(x, dtype, temperature, softcap, chunk, K.LSE)
+
+
+def entropy(x, dtype, temperature, softcap, chunk, threads):
+    return _reduce(x, dtype, temperature, softcap, chunk, K.ENTROPY)
+
+
+def softmax(x, dtype, temperature, softcap, log, out, out_dtype, chunk, threads):
+    """Fills out (rows, V), of element type out_dtype (a name as for dtype): a device array written in
+    place, or a NumPy array the result is copied to. bfloat16 results are rounded from float32 (to
+    nearest even, as the CPU does)."""
+    kern = K.for_kind(dtype)
+    w = _weights(dtype)
+    out_dev = is_device_array(out)
+    kd = np.dtype(np.float32) if out_dtype == "bfloat16" else _NP[out_dtype]
+    for blk in _blocks(x, dtype, temperature):
+        pm, ps, pt = _stats(blk, kern, softcap, K.LSE, w, chunk)
+        lse_ = blk.array(blk.rows, np.float64, "lse")
+        blk.launch(K.stats_finish, *_grid1(blk.rows))(pm, ps, pt, K.LSE, lse_)
+        nseg, seglen = _segments(blk.rows, blk.V, chunk)
+        direct = out_dev and out_dtype != "bfloat16" and not blk.host
+        y = _device_view(out) if direct else blk.array((blk.rows, blk.V), kd)
+        if blk.V:
+            blk.launch(kern.softmax_map, (blk.rows, nseg))(blk.d, blk.dtemp, float(softcap), seglen, pm, ps,
+                                                            bool(log), y)
+        if direct:
+            continue
+        if out_dev:        # a bfloat16 device out (or host logits into a device out): through the host
+            host = np.empty((blk.rows, blk.V), _NP[out_dtype])
+            blk.fetch(y, host, lambda h: h.astype(_NP[out_dtype]))
+            dv = _device_view(out)
+            tgt = dv if not blk.host else dv[blk.sl]
+            tgt.copy_to_device(host if np.dtype(dv.dtype) == host.dtype else host.view(np.dtype(dv.dtype)))
+            continue
+        blk.fetch(y, out, (lambda h: h.astype(BF16)) if out_dtype == "bfloat16" else None)
+    return out
+
+
+def cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, weight, smoothing, chunk,
+                       threads):
+    """Per-row (nll, smooth, lse), float64: nll = lse - x[label] (unweighted), smooth = -sum_c w_c log p_c
+    (only when smoothing; w = 1 without weights), 0 for ignored rows. labels: int64 (rows,), checked."""
+    kern = K.for_kind(dtype)
+    device = is_device_array(x)
+    rows_all = x.shape[0]
+    nll, smooth, lse_ = (_empty(rows_all, np.float64, device) for _ in range(3))
+    wtotal = float(x.shape[1])
+    mode = K.SUM if smoothing else K.LSE
+    if weight is not None:
+        w_host = np.ascontiguousarray(weight, dtype=compute_dtype(dtype))
+        wtotal = float(np.sum(w_host, dtype=np.float64))
+        if smoothing:
+            mode = K.WSUM
+    w = _weights(dtype, weight if mode == K.WSUM else None)
+    labels = labels.copy_to_host() if is_device_array(labels) else np.asarray(labels)
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    for blk in _blocks(x, dtype, temperature):
+        pm, ps, pt = _stats(blk, kern, softcap, mode, w, chunk)
+        dlab = blk.upload("labels", np.ascontiguousarray(labels[blk.sl]))
+        outs = [blk.array(blk.rows, np.float64, name) if blk.host else o
+                for o, name in ((nll, "nll"), (smooth, "smooth"), (lse_, "lse"))]
+        blk.launch(kern.ce_finish, *_grid1(blk.rows))(blk.d, blk.dtemp, float(softcap), dlab,
+                                                      int(ignore_index), wtotal, bool(smoothing), pm, ps, pt,
+                                                      *outs)
+        if blk.host:
+            for host, dev in zip((nll, smooth, lse_), outs):
+                blk.fetch(dev, host)
+    return nll, smooth, lse_
+
+
+def _select(x, dtype, temperature, softcap, k, logprobs, chunk):
+    kern = K.for_kind(dtype)
+    device = is_device_array(x)
+    rows_all = x.shape[0]
+    cd = compute_dtype(dtype)
+    values = _empty((rows_all, k), cd, device)
+    indices = _empty((rows_all, k), np.int64, device)
+    lp = _empty((rows_all, k), np.float64, device) if logprobs else None
+    for blk in _blocks(x, dtype, temperature):
+        rows = blk.rows
+        nseg, seglen = _segments(rows, blk.V, chunk)
+        pv = blk.array((rows, nseg, k), np.float64, "pv")
+        pi = blk.array((rows, nseg, k), np.int64, "pi")
+        pm = blk.array((rows, nseg), np.float64, "pm")
+        ps = blk.array((rows, nseg), np.float64, "ps")
+        blk.launch(kern.topk_part, (rows, nseg))(blk.d, blk.dtemp, float(softcap), seglen, bool(logprobs), pv,
+                                                 pi, pm, ps)
+        if blk.host:
+            vals = blk.array((rows, k), cd, "values")
+            idx = blk.array((rows, k), np.int64, "indices")
+            lp_d = blk.array((rows, k) if logprobs else (1, 1), np.float64, "logprobs")
+        else:
+            vals, idx = values, indices
+            lp_d = lp if logprobs else blk.array((1, 1), np.float64, "logprobs")
+        blk.launch(K.topk_finish, *_grid1(rows))(pv, pi, pm, ps, bool(logprobs), vals, idx, lp_d)
+        if blk.host:
+            blk.fetch(vals, values)
+            blk.fetch(idx, indices)
+            if logprobs:
+                blk.fetch(lp_d, lp)
+    return values, indices, lp
+
+
+def stats(x, dtype, temperature, softcap, labels, ignore_index, chunk, threads):
+    """Per row: (nll, entropy, argmax); nll as cross_entropy's unweighted per-row loss (0 for ignored
+    rows; all 0 when labels is None). Three passes over the logits for now (a fused kernel is to come)."""
+    ent = entropy(x, dtype, temperature, softcap, chunk, threads)
+    top = argmax(x, dtype, temperature, softcap, chunk, threads)
+    if labels is None:
+        nll = _empty(x.shape[0], np.float64, is_device_array(x))
+        if isinstance(nll, np.ndarray):
+            nll[:] = 0.0
+        else:
+            nll.copy_to_device(np.zeros(x.shape[0]))
+    else:
+        nll, _, _ = cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, None, False,
+                                       chunk, threads)
+    return nll, ent, top
+
+
+def argmax(x, dtype, temperature, softcap, chunk, threads):
+    """Index of each row's largest element, the lowest on ties, the first NaN if any (top-1); 0 for an
+    empty vocabulary."""
+    if x.shape[1] == 0:
+        z = np.zeros(x.shape[0], np.int64)
+        return cuda.to_device(z) if is_device_array(x) else z
+    _, idx, _ = _select(x, dtype, temperature, softcap, 1, False, chunk)
+    if isinstance(idx, np.ndarray):
+        return np.ascontiguousarray(idx[:, 0])
+    return idx.reshape(idx.shape[0])
+
+
+def top_k(x, dtype, temperature, softcap, k, logprobs, chunk, threads):
+    """(values, indices): the k best of each row, best first; values are the transformed logits in the
+    compute dtype, or, when logprobs, their log-probabilities (float64), from the same pass."""
+    values, indices, lp = _select(x, dtype, temperature, softcap, int(k), bool(logprobs), chunk)
+    return (lp if logprobs else values), indices

@@ -1,0 +1,572 @@
+"""The GPU kernels (numba.cuda): one block of TPB threads per (row, column segment).
+
+# Design: the C core's recurrence, cut for a GPU.
+#
+# - A row is split into ``nseg`` segments of ``seglen`` columns (``nseg = 1`` unless there are too few
+#   rows to fill the device: the backend decides); block (row, segment) folds its segment. Thread ``tid``
+#   reads its chunk of UNROLL columns ``base + u * TPB`` (coalesced across the block, all UNROLL loads in
+#   flight before any is used), and folds it into its private state as the C core folds a chunk: the
+#   chunk's max, then the sum of exp(x - max) in the compute type, added to a float64 sum, with the C
+#   core's merge rule and edge semantics (NaN sticky, +inf gives (inf, 1), all -inf changes nothing).
+# - The block then merges its TPB states in shared memory (``block_merge``: two levels, three barriers;
+#   no warp shuffles, so the CUDA simulator runs the code the GPU runs) and thread 0 writes the segment's
+#   state. A one-thread-per-row kernel merges the segments in order (``lse_merge``/``ent_merge`` of
+#   ``fastlogits.gpu.device``) and finalizes. Maps (softmax, log-softmax) are a second pass reading the
+#   finished state.
+# - Every kernel that reads logits is built once per input kind by ``_build``: float16 (read as float16),
+#   bfloat16 (read as uint16 bits and converted exactly), float32, float64. Logits are transformed as the
+#   C core does, in the compute type (float32, float64 for float64 input): ``softcap * tanh(x / softcap)``,
+#   then divided by the row's temperature.
+# - Selection (argmax = top-1, top-k) ranks by the C core's strict total order (NaN first, then larger
+#   value, then lower index), so ties and NaN come out exactly as on the CPU: each thread keeps its
+#   min(k, KLOCAL) best candidates in one pass, then k block-wide rounds take the best remaining head; a
+#   thread that runs out of kept candidates rescans for the next ones (rare).
+# - Indices are int64 throughout (``range`` over int64 bounds; numba's array indexing is 64-bit), so
+#   rows * V past 2^31 elements is fine.
+# - Two ``cuda.shared.array`` calls on one source line alias each other in the simulator: one per line.
+"""
+import math
+
+import numpy as np
+from numba import config, cuda, float64, int64
+
+from fastlogits.gpu.device import INT64_MAX, better, ent_merge, ent_result, lse_merge, lse_result
+
+TPB = 128          # threads per block; a multiple of WARP
+WARP = 32
+UNROLL = 8         # columns per thread per step: its chunk, loaded together (loads in flight)
+KLOCAL = 8         # top-k candidates each thread keeps
+
+# modes of the statistics kernels
+LSE, ENTROPY, SUM, WSUM = 0, 1, 2, 3
+
+
+# ---- loads: one element of row r, column j, in the compute type -------------------------------------------
+
+@cuda.jit(device=True)
+def _load_f16(x, r, j):
+    return np.float32(x[r, j])
+
+
+@cuda.jit(device=True)
+def _load_f32(x, r, j):
+    return np.float32(x[r, j])
+
+
+@cuda.jit(device=True)
+def _load_f64(x, r, j):
+    return np.float64(x[r, j])
+
+
+@cuda.jit(device=True)
+def bf16_to_f32(b):
+    """The float32 value of bfloat16 bits b (uint16): exact, subnormals, inf and NaN included. Computed
+    arithmetically, for the simulator, which has no bit casts; on a GPU the kernels shift the bits into
+    a float32's high half instead (the same values)."""
+    u = np.int32(b)
+    e = (u >> 7) & 0xFF
+    mant = u & 0x7F
+    if e == 0xFF:
+        v = np.float32(math.inf) if mant == 0 else np.float32(math.nan)
+    else:
+        if e == 0:
+            e = 1            # subnormal: 0.mant * 2^-126
+        else:
+            mant = mant | 0x80
+        v = np.float32(math.ldexp(np.float32(mant), int(e) - 134))
+    if u & 0x8000:
+        v = -v
+    return v
+
+
+if config.ENABLE_CUDASIM:
+    @cuda.jit(device=True)
+    def _load_bf16(x, r, j):
+        return bf16_to_f32(x[r, j])
+else:
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True)
+    def _load_bf16(x, r, j):
+        # bfloat16 is the high half of a float32: one shift and a reinterpretation (shl.b32 in PTX)
+        return libdevice.int_as_float(np.int32(np.uint32(x[r, j]) << np.uint32(16)))
+
+
+_LOADS = {"float16": (_load_f16, np.float32), "bfloat16": (_load_bf16, np.float32),
+          "float32": (_load_f32, np.float32), "float64": (_load_f64, np.float64)}
+
+
+# ---- block reductions over shared memory ----------------------------------------------------------------
+# Two levels, three barriers: the first WARP threads each merge every WARP-th state, then thread 0 merges
+# those WARP states in order. (A tree would need log2(TPB) barriers; warp shuffles would be faster but the
+# simulator has none, and the merge is a negligible part of a block's time next to its loads.)
+
+@cuda.jit(device=True)
+def block_merge(sh_m, sh_s, sh_t, mode, tid):
+    """Merge the TPB states (sh_m, sh_s, sh_t) into entry 0: entropy states for mode ENTROPY, else
+    logsumexp states with t summed (pass sh_s as sh_t when there is no t). Ends with entry 0 valid for
+    thread 0 only."""
+    cuda.syncthreads()
+    if tid < WARP:
+        m = sh_m[tid]
+        s = sh_s[tid]
+        t = sh_t[tid]
+        for o in range(tid + WARP, TPB, WARP):
+            if mode == ENTROPY:
+                m, s, t = ent_merge(m, s, t, sh_m[o], sh_s[o], sh_t[o])
+            else:
+                m, s = lse_merge(m, s, sh_m[o], sh_s[o])
+                if mode != LSE:
+                    t += sh_t[o]
+        sh_m[tid] = m
+        sh_s[tid] = s
+        if mode != LSE:
+            sh_t[tid] = t
+    cuda.syncthreads()
+    if tid == 0:
+        m = sh_m[0]
+        s = sh_s[0]
+        t = sh_t[0]
+        for o in range(1, WARP):
+            if mode == ENTROPY:
+                m, s, t = ent_merge(m, s, t, sh_m[o], sh_s[o], sh_t[o])
+            else:
+                m, s = lse_merge(m, s, sh_m[o], sh_s[o])
+                if mode != LSE:
+                    t += sh_t[o]
+        sh_m[0] = m
+        sh_s[0] = s
+        if mode != LSE:
+            sh_t[0] = t
+
+
+@cuda.jit(device=True)
+def block_best(sh_v, sh_i, win_v, win_i, tid):
+    """The best (value, index) of the TPB candidates in (sh_v, sh_i), in the top-k order, into
+    (win_v[0], win_i[0]) (visible to all threads after the caller's next barrier)."""
+    cuda.syncthreads()
+    if tid < WARP:
+        bv = sh_v[tid]
+        bi = sh_i[tid]
+        for o in range(tid + WARP, TPB, WARP):
+            if better(sh_v[o], sh_i[o], bv, bi):
+                bv = sh_v[o]
+                bi = sh_i[o]
+        sh_v[tid] = bv
+        sh_i[tid] = bi
+    cuda.syncthreads()
+    if tid == 0:
+        bv = sh_v[0]
+        bi = sh_i[0]
+        for o in range(1, WARP):
+            if better(sh_v[o], sh_i[o], bv, bi):
+                bv = sh_v[o]
+                bi = sh_i[o]
+        win_v[0] = bv
+        win_i[0] = bi
+
+
+# ---- kernels that do not read logits -------------------------------------------------------------------
+
+@cuda.jit
+def stats_finish(pm, ps, pt, mode, out):
+    """Merge the segment states of each row (in order) into column 0, and finalize into out (lse, or
+    entropy for mode ENTROPY); SUM/WSUM add t."""
+    r = cuda.grid(1)
+    if r >= pm.shape[0]:
+        return
+    m = pm[r, 0]
+    s = ps[r, 0]
+    t = pt[r, 0]
+    for g in range(1, pm.shape[1]):
+        if mode == ENTROPY:
+            m, s, t = ent_merge(m, s, t, pm[r, g], ps[r, g], pt[r, g])
+        else:
+            m, s = lse_merge(m, s, pm[r, g], ps[r, g])
+            t += pt[r, g]
+    pm[r, 0] = m
+    ps[r, 0] = s
+    pt[r, 0] = t
+    if mode == ENTROPY:
+        out[r] = ent_result(m, s, t)
+    else:
+        out[r] = lse_result(m, s)
+
+
+@cuda.jit
+def topk_finish(pv, pi, pm, ps, logprobs, vals, idx, lp):
+    """Merge the per-segment candidate lists (each best first, padded with (-inf, INT64_MAX)) of each row
+    into its k best; when logprobs, merge the segments' logsumexp states and set lp = (value - m) - log s,
+    as log_softmax computes it (NaN where the row's softmax is NaN)."""
+    r = cuda.grid(1)
+    if r >= pv.shape[0]:
+        return
+    nseg = pv.shape[1]
+    k = vals.shape[1]
+    if nseg == 1:
+        for q in range(k):
+            vals[r, q] = pv[r, 0, q]
+            idx[r, q] = pi[r, 0, q]
+    else:
+        pvv = 0.0
+        pii = INT64_MAX
+        for q in range(k):
+            bv = -math.inf
+            bi = INT64_MAX
+            for g in range(nseg):
+                for c in range(k):
+                    v = pv[r, g, c]
+                    i = pi[r, g, c]
+                    if i == INT64_MAX:
+                        break
+                    if q == 0 or better(pvv, pii, v, i):
+                        # the segment's list is sorted: its first eligible candidate is its best
+                        if better(v, i, bv, bi):
+                            bv = v
+                            bi = i
+                        break
+            vals[r, q] = bv
+            idx[r, q] = bi
+            pvv = bv
+            pii = bi
+    if logprobs:
+        m = pm[r, 0]
+        s = ps[r, 0]
+        for g in range(1, nseg):
+            m, s = lse_merge(m, s, pm[r, g], ps[r, g])
+        finite = m > -math.inf and m < math.inf
+        log_s = math.log(s) if finite else 0.0
+        for q in range(k):
+            lp[r, q] = (np.float64(vals[r, q]) - m) - log_s if finite else math.nan
+
+
+# ---- kernels that read logits, one set per input kind --------------------------------------------------
+
+class Kernels:
+    """The kernels for one input kind (see _build)."""
+
+
+def _build(kind):
+    load, CT = _LOADS[kind]
+
+    @cuda.jit(device=True)
+    def value(x, r, j, sc, T):
+        v = load(x, r, j)
+        if sc > 0:
+            v = sc * CT(math.tanh(v / sc))
+        if T != 1:
+            v = v / T
+        return v
+
+    @cuda.jit(device=True)
+    def load_chunk(x, r, base, stop, sc, T, lv):
+        """lv[u] = the value of column base + u * TPB (-inf past stop), u < UNROLL: the thread's chunk,
+        loaded before it is used so that UNROLL loads are in flight. Returns (chunk max, NaN seen)."""
+        cmax = CT(-math.inf)
+        bad = False
+        for u in range(UNROLL):
+            j = base + u * TPB
+            v = CT(-math.inf)
+            if j < stop:
+                v = value(x, r, j, sc, T)
+            lv[u] = v
+        for u in range(UNROLL):
+            v = lv[u]
+            if v > cmax:
+                cmax = v
+            elif v != v:
+                bad = True
+        return cmax, bad
+
+    @cuda.jit(device=True)
+    def fold_chunk(lv, cmax, bad, m, s, t, want_t):
+        """Fold a loaded chunk into the thread's state (m, s, t), as the C core folds a chunk: its max
+        first, then sum exp(x - max) (in the compute type over UNROLL terms, added to s in float64); a
+        new max rescales the state. t = sum exp(x - m) * (x - m) when want_t. NaN is sticky, +inf gives
+        (inf, 1, 0), an all -inf chunk changes nothing."""
+        if m != m:
+            return m, s, t
+        if bad:
+            return CT(math.nan), math.nan, math.nan
+        if cmax == -math.inf or m == math.inf:
+            return m, s, t
+        if cmax == math.inf:
+            return CT(math.inf), 1.0, 0.0
+        if cmax > m:
+            d0 = m - cmax             # -inf while the state is empty: f = 0 below
+            f = math.exp(d0)
+            if f > 0:
+                if want_t:
+                    t = (t + s * d0) * f
+                s = s * f
+            else:
+                s = 0.0
+                t = 0.0
+            m = cmax
+        cs = CT(0)
+        ct = CT(0)
+        for u in range(UNROLL):
+            d = lv[u] - m
+            e = CT(math.exp(d))
+            cs += e
+            if want_t and e > 0:
+                ct += e * d
+        return m, s + cs, t + ct
+
+    @cuda.jit
+    def stats_part(x, temp, softcap, seglen, mode, w, pm, ps, pt):
+        """Segment state of block (row, segment): (m, s) and, by mode, t = the entropy sum (ENTROPY),
+        the sum of the logits (SUM) or of w * logits (WSUM)."""
+        r = cuda.blockIdx.x
+        g = cuda.blockIdx.y
+        tid = cuda.threadIdx.x
+        sc = CT(softcap)
+        T = CT(temp[r])
+        start = g * seglen
+        stop = min(start + seglen, x.shape[1])
+        lv = cuda.local.array(UNROLL, CT)
+        m = CT(-math.inf)
+        s = 0.0
+        t = 0.0
+        tsum = 0.0
+        for base in range(start + tid, stop, TPB * UNROLL):
+            cmax, bad = load_chunk(x, r, base, stop, sc, T, lv)
+            m, s, t = fold_chunk(lv, cmax, bad, m, s, t, mode == ENTROPY)
+            if mode == SUM or mode == WSUM:
+                acc = CT(0)
+                for u in range(UNROLL):
+                    j = base + u * TPB
+                    if j < stop:
+                        acc += lv[u] if mode == SUM else w[j] * lv[u]
+                tsum += acc
+        sh_m = cuda.shared.array(TPB, float64)
+        sh_s = cuda.shared.array(TPB, float64)
+        sh_t = cuda.shared.array(TPB, float64)
+        sh_m[tid] = m
+        sh_s[tid] = s
+        sh_t[tid] = t if mode == ENTROPY else tsum
+        block_merge(sh_m, sh_s, sh_t, mode, tid)
+        if tid == 0:
+            pm[r, g] = sh_m[0]
+            ps[r, g] = sh_s[0]
+            pt[r, g] = sh_t[0]
+
+    @cuda.jit
+    def softmax_map(x, temp, softcap, seglen, pm, ps, log, out):
+        """out[r, j] = softmax (or log-softmax) from the row's finished state (pm[r, 0], ps[r, 0]); rows
+        whose max is not finite (all -inf, +inf, NaN) are NaN, like PyTorch."""
+        r = cuda.blockIdx.x
+        g = cuda.blockIdx.y
+        tid = cuda.threadIdx.x
+        sc = CT(softcap)
+        T = CT(temp[r])
+        start = g * seglen
+        stop = min(start + seglen, x.shape[1])
+        M = pm[r, 0]
+        S = ps[r, 0]
+        finite = M > -math.inf and M < math.inf
+        m = CT(0)
+        ls = CT(0)
+        inv = CT(0)
+        if finite:
+            m = CT(M)
+            ls = CT(math.log(S))
+            inv = CT(1.0 / S)
+        lv = cuda.local.array(UNROLL, CT)
+        for base in range(start + tid, stop, TPB * UNROLL):
+            if finite:
+                load_chunk(x, r, base, stop, sc, T, lv)
+            for u in range(UNROLL):
+                j = base + u * TPB
+                if j < stop:
+                    y = CT(math.nan)
+                    if finite:
+                        if log:
+                            y = (lv[u] - m) - ls
+                        else:
+                            y = CT(math.exp(lv[u] - m)) * inv
+                    out[r, j] = y
+
+    @cuda.jit(device=True)
+    def collect(x, r, first, stop, sc, T, lv, hv, hi, kl, bounded, lastv, lasti, fold, m, s):
+        """One pass over the thread's columns (first, first + TPB, ... < stop): its kl best candidates
+        into (hv, hi), best first (when bounded, only those ranked below (lastv, lasti)), and whether it
+        had more than kl; when fold, the logsumexp state (m, s) is folded in the same pass. Returns
+        (n, more, m, s)."""
+        n = 0
+        more = False
+        t = 0.0
+        for base in range(first, stop, TPB * UNROLL):
+            cmax, bad = load_chunk(x, r, base, stop, sc, T, lv)
+            if fold:
+                m, s, t = fold_chunk(lv, cmax, bad, m, s, t, False)
+            if n == kl and not bad and not (cmax >= hv[kl - 1]):
+                more = True               # nothing in this chunk can enter the full list
+                continue
+            for u in range(UNROLL):
+                j = base + u * TPB
+                v = lv[u]
+                if j >= stop or (bounded and not better(lastv, lasti, v, j)):
+                    continue
+                if n == kl:
+                    more = True
+                    if not better(v, j, hv[kl - 1], hi[kl - 1]):
+                        continue
+                    p = kl - 1            # replaces the worst
+                else:
+                    p = n
+                    n += 1
+                while p > 0 and better(v, j, hv[p - 1], hi[p - 1]):
+                    hv[p] = hv[p - 1]
+                    hi[p] = hi[p - 1]
+                    p -= 1
+                hv[p] = v
+                hi[p] = j
+        return n, more, m, s
+
+    @cuda.jit
+    def topk_part(x, temp, softcap, seglen, with_lse, pv, pi, pm, ps):
+        """The k = pv.shape[2] best (value, index) of block (row, segment), best first, padded with
+        (-inf, INT64_MAX); with_lse: the segment's logsumexp state too, from the same pass.
+
+        Each thread keeps its min(k, KLOCAL) best candidates (one pass over its columns); then k rounds
+        pick the block's best remaining head and advance its owner. A thread whose list runs out while
+        it had more candidates rescans for the next ones below its last taken (rare for random rows)."""
+        r = cuda.blockIdx.x
+        g = cuda.blockIdx.y
+        tid = cuda.threadIdx.x
+        sc = CT(softcap)
+        T = CT(temp[r])
+        start = g * seglen
+        stop = min(start + seglen, x.shape[1])
+        k = pv.shape[2]
+        kl = min(k, KLOCAL)
+        sh_v = cuda.shared.array(TPB, float64)
+        sh_i = cuda.shared.array(TPB, int64)
+        win_v = cuda.shared.array(1, float64)
+        win_i = cuda.shared.array(1, int64)
+        lv = cuda.local.array(UNROLL, CT)
+        hv = cuda.local.array(KLOCAL, CT)
+        hi = cuda.local.array(KLOCAL, int64)
+        n, more, m, s = collect(x, r, start + tid, stop, sc, T, lv, hv, hi, kl, False, CT(0), INT64_MAX,
+                                with_lse, CT(-math.inf), 0.0)
+        ptr = 0
+        lastv = CT(0)
+        lasti = INT64_MAX
+        for q in range(k):
+            if ptr == n and more:
+                n, more, _, _ = collect(x, r, start + tid, stop, sc, T, lv, hv, hi, kl, True, lastv, lasti,
+                                        False, CT(0), 0.0)
+                ptr = 0
+            if ptr < n:
+                sh_v[tid] = hv[ptr]
+                sh_i[tid] = hi[ptr]
+            else:
+                sh_v[tid] = -math.inf
+                sh_i[tid] = INT64_MAX
+            block_best(sh_v, sh_i, win_v, win_i, tid)
+            cuda.syncthreads()          # the winner is in win_v[0], win_i[0]
+            if ptr < n and hi[ptr] == win_i[0]:
+                lastv = hv[ptr]
+                lasti = hi[ptr]
+                ptr += 1
+            if tid == 0:
+                pv[r, g, q] = win_v[0]
+                pi[r, g, q] = win_i[0]
+        if with_lse:
+            sh_m = cuda.shared.array(TPB, float64)
+            sh_s = cuda.shared.array(TPB, float64)
+            sh_m[tid] = m
+            sh_s[tid] = s
+            block_merge(sh_m, sh_s, sh_s, LSE, tid)
+            if tid == 0:
+                pm[r, g] = sh_m[0]
+                ps[r, g] = sh_s[0]
+
+    @cuda.jit
+    def ce_finish(x, temp, softcap, labels, ignore_index, wtotal, smoothing, pm, ps, pt, nll, smooth,
+                  lse):
+        """Per row: merge the segment states; lse (NaN where a +inf makes log-softmax NaN), nll = lse -
+        x[label], smooth = wtotal * lse - sum w * x (when smoothing); ignored rows get 0."""
+        r = cuda.grid(1)
+        if r >= pm.shape[0]:
+            return
+        lab = labels[r]
+        if lab == ignore_index:
+            nll[r] = 0.0
+            smooth[r] = 0.0
+            lse[r] = 0.0
+            return
+        m = pm[r, 0]
+        s = ps[r, 0]
+        t = pt[r, 0]
+        for g in range(1, pm.shape[1]):
+            m, s = lse_merge(m, s, pm[r, g], ps[r, g])
+            t += pt[r, g]
+        val = lse_result(m, s)
+        if val == math.inf:
+            val = math.nan
+        xt = value(x, r, lab, CT(softcap), CT(temp[r]))
+        lse[r] = val
+        nll[r] = val - xt
+        smooth[r] = wtotal * val - t if smoothing else 0.0
+
+    k = Kernels()
+    k.kind = kind
+    k.compute = np.dtype(CT)
+    k.value = value
+    k.stats_part = stats_part
+    k.softmax_map = softmax_map
+    k.topk_part = topk_part
+    k.ce_finish = ce_finish
+    return k
+
+
+_CACHE = {}
+
+
+def for_kind(kind):
+    """The kernels for input kind "float16", "bfloat16", "float32" or "float64" (built on first use)."""
+    k = _CACHE.get(kind)
+    if k is None:
+        k = _CACHE[kind] = _build(kind)
+    return k
+
+
+KINDS = tuple(_LOADS)
+
+
+def compile_signatures():
+    """Every kernel with the argument types the backend launches it with: (name, kernel, signature),
+    for ahead-of-time checks (``numba.cuda.compile_ptx``). Logits arrays are typed with any strides ("A"),
+    as device inputs may have; the backend's own arrays are C-contiguous."""
+    from numba import boolean, types
+    from numba.np.numpy_support import from_dtype
+
+    f8 = types.float64
+    i8 = types.int64
+    row_f8 = types.Array(f8, 1, "C")
+    st2 = types.Array(f8, 2, "C")
+    out = []
+    for kind in KINDS:
+        k = for_kind(kind)
+        ct = from_dtype(k.compute)
+        xt = types.Array(types.uint16 if kind == "bfloat16" else from_dtype(np.dtype(kind)), 2, "A")
+        out.append((f"stats_part[{kind}]", k.stats_part,
+                    (xt, row_f8, f8, i8, i8, types.Array(ct, 1, "C"), st2, st2, st2)))
+        for o in ("float16", "float32", "float64"):
+            ot = types.Array(from_dtype(np.dtype(o)), 2, "C")
+            out.append((f"softmax_map[{kind}->{o}]", k.softmax_map,
+                        (xt, row_f8, f8, i8, st2, st2, boolean, ot)))
+        out.append((f"topk_part[{kind}]", k.topk_part,
+                    (xt, row_f8, f8, i8, boolean, types.Array(f8, 3, "C"), types.Array(i8, 3, "C"), st2,
+                     st2)))
+        out.append((f"ce_finish[{kind}]", k.ce_finish,
+                    (xt, row_f8, f8, types.Array(i8, 1, "C"), i8, f8, boolean, st2, st2, st2, row_f8,
+                     row_f8, row_f8)))
+    out.append(("stats_finish", stats_finish, (st2, st2, st2, i8, row_f8)))
+    for ct in (types.float32, types.float64):
+        out.append((f"topk_finish[{ct}]", topk_finish,
+                    (types.Array(f8, 3, "C"), types.Array(i8, 3, "C"), st2, st2, boolean,
+                     types.Array(ct, 2, "C"), types.Array(i8, 2, "C"), st2)))
+    return out

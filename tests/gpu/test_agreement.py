@@ -1,0 +1,262 @@
+"""backend="gpu" against backend="cpu": every operation, dtype and option, random and edge-case rows, sizes
+at the block boundary (TPB = 128 threads), rows split over several blocks (small chunk_size).
+
+Tolerances (the issue's): float32 compute agrees within 2e-5 relative, plus 2e-5 * (1 + M) absolute for
+log-domain results (M: the row's largest finite |x / T| after the softcap, as in tests/tolerances.py);
+float64 within 1e-12 likewise; results stored in float16/bfloat16 add one unit of their rounding; argmax and
+top-k indices exactly.
+"""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import fastlogits as fl
+from tests.helpers import awkward_rows
+
+# the simulator computes with NumPy scalars, which warn where the GPU silently gives inf or NaN
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+DTYPES = [np.dtype(np.float16), BF16, np.dtype(np.float32), np.dtype(np.float64)]
+IDS = [d.name for d in DTYPES]
+REL = {"float32": 2e-5, "float64": 1e-12}
+ROUND = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 0.0, "float64": 0.0}
+
+# a subset of tests.helpers.awkward_rows: every edge case once, few rows (the simulator is slow)
+EDGE = [
+    "some_neg_inf",
+    "all_neg_inf",
+    "pos_inf",
+    "nan",
+    "nan_among_neg_inf",
+    "ties_at_max",
+    "dominant",
+    "neg_inf_then_low",
+    "inf_and_neg_inf",
+    "extreme_one",
+]
+
+
+def edge_matrix(dtype, n=37):
+    rows = awkward_rows(dtype, n)
+    return np.stack([rows[k] for k in EDGE])
+
+
+def compute(dtype):
+    return "float64" if np.dtype(dtype) == np.float64 else "float32"
+
+
+def row_scale(x, temperature=1.0, softcap=None):
+    """1 + the largest finite |x / T| of each row (after the softcap), float64, shape (rows, 1)."""
+    y = np.asarray(x, dtype=np.float64)
+    if softcap:
+        y = softcap * np.tanh(y / softcap)
+    y = y / np.reshape(np.asarray(temperature, dtype=np.float64), (-1, 1) if np.ndim(temperature) else ())
+    y = np.where(np.isfinite(y), np.abs(y), 0.0)
+    return 1.0 + (y.max(axis=-1, keepdims=True) if y.shape[-1] else np.zeros(y.shape[:-1] + (1,)))
+
+
+def assert_close(got, want, rel, atol, what):
+    got = np.asarray(got)
+    want = np.asarray(want)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    g = got.astype(np.float64)
+    w = want.astype(np.float64)
+    nan_diff = np.argwhere(np.isnan(g) != np.isnan(w))
+    assert not len(nan_diff), f"{what}: NaN on one backend only, at {nan_diff.tolist()}"
+    inf = np.isinf(w) | np.isinf(g)
+    assert np.array_equal(g[inf], w[inf]), f"{what}: infinities differ: {g[inf]} vs {w[inf]}"
+    ok = np.isnan(w) | inf | (np.abs(g - w) <= rel * np.abs(w) + atol)
+    if not ok.all():
+        bad = np.argwhere(~ok)[:5]
+        raise AssertionError(f"{what}: differ at {bad.tolist()}: gpu {g[~ok][:5]} cpu {w[~ok][:5]}")
+
+
+def agree(name, x, k=None, labels=None, **kw):
+    """Call fastlogits.<name> on both backends and compare."""
+    fn = getattr(fl, name)
+    args = (x,) + ((k,) if k is not None else ()) + ((labels,) if labels is not None else ())
+    got = fn(*args, backend="gpu", **kw)
+    want = fn(*args, backend="cpu", **kw)
+    dt = BF16 if kw.get("dtype") == "bfloat16" else np.dtype(x.dtype)
+    rel = REL[compute(x.dtype)]
+    scale = row_scale(
+        x.reshape(-1, x.shape[-1]),
+        np.reshape(kw.get("temperature", 1.0), -1)
+        if np.ndim(kw.get("temperature", 1.0))
+        else kw.get("temperature", 1.0),
+        kw.get("softcap"),
+    )
+    what = f"{name}[{dt.name}, {x.shape}, {kw}]"
+    if name in ("top_k", "top_k_logprobs"):
+        assert np.array_equal(got[1], want[1]), f"{what}: indices {got[1]} != {want[1]}"
+        assert_close(
+            got[0],
+            want[0],
+            rel + ROUND[dt.name] if name == "top_k" else rel,
+            rel * scale.reshape(got[0].shape[:-1] + (1,)),
+            what,
+        )
+        return got
+    if name == "argmax":
+        assert got.dtype == np.int64 and np.array_equal(got, want), f"{what}: {got} != {want}"
+        return got
+    if name in ("softmax", "log_softmax"):
+        out_name = kw.get("dtype") or dt.name
+        out_name = np.dtype(out_name).name if out_name != "bfloat16" else "bfloat16"
+        s = scale.reshape(x.shape[:-1] + (1,))
+        if name == "softmax":
+            assert_close(got, want, rel * s + ROUND[out_name], 1e-37 + ROUND[out_name] * 2.0**-14, what)
+        else:
+            assert_close(got, want, rel + ROUND[out_name], rel * s, what)
+        return got
+    s = scale.reshape(np.shape(want)) if np.ndim(want) else scale.max()
+    if name == "cross_entropy" and kw.get("reduction", "mean") != "none":
+        s = scale.max() * (1 + kw.get("z_loss", 0.0) * scale.max())
+    if name == "cross_entropy" and kw.get("label_smoothing", 0.0):
+        s = s * 2
+    assert_close(got, want, rel, rel * s, what)
+    return got
+
+
+OPS = ["logsumexp", "entropy", "softmax", "log_softmax", "argmax", "top_k", "top_k_logprobs"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_random_rows_every_op(gpu, rng, dtype):
+    x = (rng.standard_normal((3, 129)) * 4).astype(dtype)
+    for name in OPS:
+        agree(name, x, k=3 if name.startswith("top_k") else None)
+    labels = np.array([0, 128, -100])
+    w = rng.random(129) + 0.5
+    agree("cross_entropy", x, labels=labels, weight=w, label_smoothing=0.1, reduction="mean", z_loss=1e-3)
+    if dtype == np.dtype(np.float32):
+        agree("cross_entropy", x, labels=labels, reduction="none")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_edge_rows(gpu, dtype):
+    x = edge_matrix(dtype)
+    full = dtype == np.dtype(np.float32)
+    for name in ("logsumexp", "argmax") + (("entropy", "softmax") if full else ()):
+        agree(name, x)
+    agree("top_k", x, k=4)
+    if full or dtype == BF16:
+        labels = np.arange(len(x)) % x.shape[1]
+        labels[1] = -100
+        agree("cross_entropy", x, labels=labels, reduction="none", label_smoothing=0.2)
+    if full:
+        agree("top_k_logprobs", x, k=2)
+
+
+@pytest.mark.parametrize("V", [1, 127, 128, 129, 1024, 1025])
+def test_block_boundaries(gpu, rng, V):
+    x = (rng.standard_normal((2, V)) * 3).astype(np.float32)
+    x[1, -1] = 20.0  # the max in the last column (the last thread's last element)
+    for name in ("logsumexp", "entropy", "log_softmax", "argmax"):
+        agree(name, x)
+    agree("top_k", x, k=min(V, 3))
+    agree("cross_entropy", x, labels=np.array([V - 1, 0]), reduction="none", label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), BF16, np.dtype(np.float64)], ids=str)
+def test_rows_split_over_blocks(gpu, rng, dtype):
+    """chunk_size below V/2 with few rows: each row is folded by several blocks and the states merged."""
+    x = (rng.standard_normal((2, 300)) * 3).astype(dtype)
+    x[0, :100] = -np.inf  # a first segment of all -inf, later values near -1000
+    x[0, 100:] -= 1000
+    x[1, 250] = 30.0
+    agree("top_k_logprobs", x, k=3, chunk_size=64)
+    agree("entropy", x, chunk_size=64)
+    if dtype == np.dtype(np.float32):
+        for name in ("logsumexp", "softmax", "argmax"):
+            agree(name, x, chunk_size=64)
+        agree(
+            "cross_entropy",
+            x,
+            labels=np.array([150, 250]),
+            reduction="none",
+            label_smoothing=0.3,
+            weight=rng.random(300),
+            chunk_size=64,
+        )
+
+
+def test_split_rows_with_edges(gpu):
+    x = edge_matrix(np.float32, n=80)[[1, 2, 3, 4, 6]]
+    x[0, 70] = 1.0  # all -inf except the last segment
+    agree("entropy", x, chunk_size=32)
+    agree("top_k", x, k=2, chunk_size=32)
+
+
+def test_top_k_many_from_one_thread(gpu, rng):
+    """k beyond the candidates a thread keeps (8), all from one thread's columns: the rescan path."""
+    x = (rng.standard_normal((2, 2100)) * 2).astype(np.float32)
+    x[0, ::128] = 10.0 + np.arange(17)[::-1]        # thread 0 of the block holds the 17 best
+    x[1, 5::128] = 50.0                              # 17 ties, all in thread 5's columns
+    x[1, 2000] = np.nan
+    agree("top_k", x, k=12)
+    agree("top_k_logprobs", x, k=20, chunk_size=700)
+
+
+def test_top_k_whole_row(gpu, rng):
+    x = edge_matrix(np.float32, n=20)[[0, 1, 3, 5, 6]]
+    agree("top_k", x, k=20)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_temperature_and_softcap(gpu, rng, dtype):
+    x = (rng.standard_normal((3, 70)) * 6).astype(dtype)
+    t = np.array([0.5, 1.0, 3.0])
+    for name in ("logsumexp", "softmax", "entropy", "argmax"):
+        agree(name, x, temperature=t, softcap=5.0)
+    agree("top_k_logprobs", x, k=3, temperature=t)
+    agree("cross_entropy", x, labels=np.array([1, 2, 3]), temperature=2.0, softcap=3.0, reduction="none")
+
+
+def test_softmax_output_dtypes(gpu, rng):
+    x = (rng.standard_normal((2, 50)) * 3).astype(np.float32)
+    for dt in ("float16", "bfloat16", "float64"):
+        agree("softmax", x, dtype=dt)
+    agree("log_softmax", x.astype(np.float64), dtype="float32")
+    out = np.full((2, 50), np.nan, np.float32)
+    got = fl.softmax(x, backend="gpu", out=out)
+    assert got is out and np.isfinite(out).all()
+
+
+def test_layouts_and_leading_axes(gpu, rng):
+    base = (rng.standard_normal((2, 3, 40)) * 3).astype(np.float32)
+    agree("logsumexp", base)  # 3-D
+    agree("logsumexp", base[0, 0])  # 1-D
+    agree("argmax", base[:, ::-1, ::-2])  # negative and non-unit strides
+    agree("softmax", np.asfortranarray(base[0]))  # Fortran order
+
+
+def test_empty_shapes(gpu):
+    x = np.zeros((3, 0), np.float32)
+    assert np.array_equal(fl.logsumexp(x, backend="gpu"), np.full(3, -np.inf, np.float32))
+    assert np.isnan(fl.entropy(x, backend="gpu")).all()
+    assert fl.softmax(x, backend="gpu").shape == (3, 0)
+    y = np.zeros((0, 5), np.float32)
+    assert fl.logsumexp(y, backend="gpu").shape == (0,)
+    assert fl.top_k(y, 2, backend="gpu")[1].shape == (0, 2)
+
+
+def test_host_row_blocks(gpu, rng, monkeypatch):
+    """Host arrays larger than the transfer block are moved in several row blocks."""
+    x = (rng.standard_normal((5, 64)) * 3).astype(np.float32)
+    monkeypatch.setattr(gpu, "HOST_BLOCK_BYTES", 2 * 64 * 4)  # two rows per block
+    for name in ("logsumexp", "softmax", "argmax"):
+        agree(name, x)
+    agree("top_k_logprobs", x, k=2)
+    agree("cross_entropy", x, labels=np.array([0, 1, 2, -100, 63]), reduction="none")
+
+
+def test_use_backend(gpu, rng):
+    x = rng.standard_normal((2, 10)).astype(np.float32)
+    with fl.use_backend("gpu"):
+        a = fl.logsumexp(x)
+    np.testing.assert_allclose(a, fl.logsumexp(x, backend="cpu"), rtol=2e-5)
+    assert "gpu" in fl.available_backends()

@@ -1,0 +1,119 @@
+"""Device arrays in, device arrays out: the GPU backend's interface used directly (as_rows and the backend
+functions), under the simulator with its device arrays."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+from numba import cuda
+
+import fastlogits as fl
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+ONES = np.ones(1)
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def host(a):
+    assert not isinstance(a, np.ndarray), "a device input gave a host result"
+    return a.copy_to_host()
+
+
+def temps(rows):
+    return np.ones(rows)
+
+
+def test_as_rows_shapes_and_dtypes(gpu, rng):
+    x = rng.standard_normal((2, 3, 5)).astype(np.float32)
+    d, lead, name = gpu.as_rows(cuda.to_device(x), None)
+    assert (tuple(d.shape), lead, name) == ((6, 5), (2, 3), "float32")
+    np.testing.assert_array_equal(host(d), x.reshape(6, 5))
+    d, lead, name = gpu.as_rows(cuda.to_device(x[0, 0]), None)
+    assert (tuple(d.shape), lead) == ((1, 5), ())
+    t = cuda.to_device(np.ascontiguousarray(x.transpose(1, 0, 2)))
+    d, lead, _ = gpu.as_rows(t.transpose((1, 0, 2)), None)  # leading axes that do not merge
+    assert lead == (2, 3)
+    np.testing.assert_array_equal(host(d), x.reshape(6, 5))
+    bits = x[0].astype(BF16).view(np.uint16)
+    d, lead, name = gpu.as_rows(cuda.to_device(bits), "bfloat16")
+    assert name == "bfloat16" and np.dtype(d.dtype) == np.uint16
+    d2, _, name2 = gpu.as_rows(cuda.to_device(x[0].astype(BF16)), None)
+    assert name2 == "bfloat16"
+    with pytest.raises(TypeError, match="floating point"):
+        gpu.as_rows(cuda.to_device(np.arange(5)), None)
+    with pytest.raises(TypeError, match="bfloat16"):
+        gpu.as_rows(cuda.to_device(x), "bfloat16")
+
+
+def test_device_results(gpu, rng):
+    x = (rng.standard_normal((3, 40)) * 3).astype(np.float32)
+    x[1, 4] = np.inf
+    d, _, name = gpu.as_rows(cuda.to_device(x), None)
+    t = temps(3)
+    from fastlogits.cpu import backend as cpu
+
+    for fn in ("lse", "entropy"):
+        got = host(getattr(gpu, fn)(d, name, t, 0.0, 4096, 1))
+        np.testing.assert_allclose(got, getattr(cpu, fn)(x, name, t, 0.0, 4096, 1), rtol=2e-5)
+    got = host(gpu.argmax(d, name, t, 0.0, 4096, 1))
+    assert got.tolist() == cpu.argmax(x, name, t, 0.0, 4096, 1).tolist()
+    v, i = gpu.top_k(d, name, t, 0.0, 3, True, 4096, 1)
+    cv, ci = cpu.top_k(x, name, t, 0.0, 3, True, 4096, 1)
+    np.testing.assert_array_equal(host(i), ci)
+    np.testing.assert_allclose(host(v), cv, rtol=2e-5)
+    labels = np.array([0, 5, -100])
+    got = gpu.cross_entropy_rows(d, name, t, 0.0, labels, -100, None, True, 4096, 1)
+    want = cpu.cross_entropy_rows(x, name, t, 0.0, labels, -100, None, True, 4096, 1)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(host(g), w, rtol=2e-5, atol=1e-5)
+    out = cuda.device_array((3, 40), np.float32)
+    gpu.softmax(d, name, t, 0.0, False, out, "float32", 4096, 1)
+    want = fl.softmax(x, backend="cpu")
+    np.testing.assert_allclose(host(out), want, rtol=2e-5, atol=1e-30)
+    out_h = np.empty((3, 40), BF16)  # a host out for device logits (what the ops layer passes)
+    gpu.softmax(d, name, t, 0.0, True, out_h, "bfloat16", 4096, 1)
+    want = fl.log_softmax(x, backend="cpu", dtype="bfloat16")
+    np.testing.assert_allclose(out_h.astype(np.float64), want.astype(np.float64), rtol=2**-7)
+    np.testing.assert_array_equal(host(d), x)  # the caller's logits were not written to
+
+
+def test_host_logits_unchanged(gpu, rng):
+    x = (rng.standard_normal((3, 30)) * 3).astype(BF16)
+    copy = x.copy()
+    for name in ("logsumexp", "softmax", "entropy", "argmax"):
+        getattr(fl, name)(x, backend="gpu", temperature=2.0, softcap=4.0)
+    fl.cross_entropy(x, np.array([1, 2, 3]), backend="gpu", label_smoothing=0.1)
+    assert np.array_equal(x.view(np.uint16), copy.view(np.uint16))
+
+
+def test_strided_device_logits(gpu, rng):
+    x = (rng.standard_normal((4, 60)) * 3).astype(np.float64)
+    dv = cuda.to_device(x)[::2, ::-3]  # non-contiguous, negative column stride
+    d, _, name = gpu.as_rows(dv, None)
+    got = host(gpu.lse(d, name, temps(2), 0.0, 4096, 1))
+    np.testing.assert_allclose(got, fl.logsumexp(x[::2, ::-3], backend="cpu"), rtol=1e-12)
+
+
+def test_benchmark_smoke(gpu):
+    """fastlogits.gpu.timing runs end to end (the simulator's timings are meaningless)."""
+    from fastlogits.gpu import timing
+
+    res = timing.benchmark((2, 40), dtypes=("bfloat16",), repeat=1, torch_too=False)
+    assert set(res["bfloat16"]) >= {"logsumexp_s", "logsumexp_GBps", "cross_entropy_s", "cross_entropy_GBps"}
+    assert "copy_GBps" in res
+
+
+def test_stats_matches_cpu(gpu, rng):
+    """backend.stats (nll, entropy, argmax per row), as the streaming statistics call it."""
+    from fastlogits.cpu import backend as cpu
+
+    x = (rng.standard_normal((3, 50)) * 3).astype(np.float32)
+    x[2, 7] = np.inf
+    t = temps(3)
+    labels = np.array([4, -100, 9])
+    for lab in (labels, None):
+        got = gpu.stats(x, "float32", t, 0.0, lab, -100, 4096, 1)
+        want = cpu.stats(x, "float32", t, 0.0, lab, -100, 4096, 1)
+        np.testing.assert_allclose(got[0], want[0], rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(got[1], want[1], rtol=2e-5, atol=1e-6)
+        np.testing.assert_array_equal(got[2], want[2])

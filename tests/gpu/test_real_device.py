@@ -1,0 +1,77 @@
+"""GPU-only tier: shapes the simulator cannot run in reasonable time, and zero-copy from other libraries.
+Skipped under the simulator (run with NUMBA_ENABLE_CUDASIM=0 on a machine with an NVIDIA GPU)."""
+import math
+
+import numpy as np
+import pytest
+from numba import cuda
+
+import fastlogits as fl
+
+from .conftest import simulated
+
+pytestmark = pytest.mark.skipif(simulated(), reason="real-GPU tier: run with NUMBA_ENABLE_CUDASIM=0 on a GPU")
+
+
+@cuda.jit
+def _fill(x, seed):
+    """x[r, j] = a deterministic pseudo-random value in [-8, 8) (an integer hash of the flat index)."""
+    r = cuda.blockIdx.x
+    for j in range(cuda.threadIdx.x, x.shape[1], cuda.blockDim.x):
+        h = (np.int64(r) * x.shape[1] + j) * 2654435761 + seed
+        h = (h ^ (h >> 13)) & 0xFFFFFF
+        x[r, j] = h * (16.0 / 16777216.0) - 8.0
+
+
+def test_real_vocabulary(gpu, rng):
+    x = (rng.standard_normal((64, 128256)) * 4).astype(np.float32)
+    d = cuda.to_device(x)
+    for name in ("logsumexp", "entropy"):
+        got = getattr(gpu, "lse" if name == "logsumexp" else name)(d, "float32", np.ones(64), 0.0, 4096, 1)
+        want = getattr(fl, name)(x, backend="cpu")
+        np.testing.assert_allclose(got.copy_to_host(), want, rtol=2e-5, atol=2e-5)
+    v, i = fl.top_k(x, 50, backend="gpu")
+    cv, ci = fl.top_k(x, 50, backend="cpu")
+    np.testing.assert_array_equal(i, ci)
+    got = fl.cross_entropy(x, np.arange(64), backend="gpu", reduction="none")
+    np.testing.assert_allclose(got, fl.cross_entropy(x, np.arange(64), backend="cpu", reduction="none"),
+                               rtol=2e-5, atol=2e-5)
+
+
+def test_few_long_rows_split_over_blocks(gpu, rng):
+    x = (rng.standard_normal((2, 3_000_000)) * 3).astype(np.float32)
+    np.testing.assert_allclose(fl.logsumexp(x, backend="gpu"), fl.logsumexp(x, backend="cpu"), rtol=2e-5)
+    np.testing.assert_array_equal(fl.argmax(x, backend="gpu"), fl.argmax(x, backend="cpu"))
+
+
+def test_index_past_2_31_elements(gpu):
+    """rows * V past 2^31 elements (float16, 4.3 GB on the device): the last rows are right."""
+    V = 128256
+    rows = (2**31) // V + 2
+    try:
+        d = cuda.device_array((rows, V), np.float16)
+    except Exception as e:           # a smaller device
+        pytest.skip(f"cannot allocate {rows * V * 2 / 2**30:.1f} GiB on this device: {e}")
+    _fill[rows, 256](d, 12345)
+    got = gpu.lse(d, "float16", np.ones(rows), 0.0, 4096, 1).copy_to_host()
+    tail = d[rows - 3:].copy_to_host()
+    np.testing.assert_allclose(got[-3:], fl.logsumexp(tail, backend="cpu"), rtol=2e-5)
+    assert math.isfinite(got[0])
+
+
+def test_torch_cuda_tensor_zero_copy(gpu):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch without CUDA")
+    t = torch.randn(4, 3, 1000, device="cuda") * 3
+    d, lead, name = gpu.as_rows(t, None)
+    assert lead == (4, 3) and name == "float32"
+    assert d.__cuda_array_interface__["data"][0] == t.data_ptr()       # zero-copy
+    got = gpu.lse(d, name, np.ones(12), 0.0, 4096, 1).copy_to_host()
+    want = torch.logsumexp(t, -1).reshape(-1).cpu().numpy()
+    np.testing.assert_allclose(got, want, rtol=2e-5)
+    bits = t.to(torch.bfloat16).view(torch.int16)
+    d, _, name = gpu.as_rows(bits, "bfloat16")
+    got = gpu.lse(d, name, np.ones(12), 0.0, 4096, 1).copy_to_host()
+    want = torch.logsumexp(t.to(torch.bfloat16).float(), -1).reshape(-1).cpu().numpy()
+    np.testing.assert_allclose(got, want, rtol=2e-5)
