@@ -296,3 +296,16 @@ def test_against_torch_edge_rows():
         ).numpy()
         got = np.asarray(fl.cross_entropy(x, y, reduction="none", label_smoothing=eps))
         tols.assert_close(got, want, 1e-12 * 10, None, f"edge rows, smoothing {eps}")
+
+
+def test_smoothing_sum_of_logits_near_the_float_range():
+    """The label-smoothing term sums the logits: +-3e38 of both signs must not overflow a float partial
+    sum (the C core and the GPU kernels accumulate it in double)."""
+    x = np.tile(np.array([3e38, -3e38], np.float32), 40)[None, :]
+    x[0, :3] = [1.0, 2.0, 3.0]
+    for y in (0, 2):
+        want = ref.cross_entropy(x, np.array([y]), reduction="none", label_smoothing=0.1)
+        got = fl.cross_entropy(x, np.array([y]), reduction="none", label_smoothing=0.1)
+        # the exact value (~1e38 here) is finite in float32
+        assert np.isfinite(want).all() and np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, rtol=1e-6)

@@ -105,3 +105,22 @@ def sample(x, dtype, temperature, softcap, top_k, top_p, min_p, seeds, row_ids, 
     _sample.sample(x, CODES[dtype], temperature, softcap, top_k, top_p, min_p, seeds, row_ids, tokens, lp,
                    ranks, status, kmax, need, chunk, threads)
     return tokens, lp, ranks, status
+
+
+# ---- results, for the ops layer (the GPU backend keeps device results on the device) ----------------
+
+def finish(values, dtype, shape):
+    with np.errstate(over="ignore"):   # a float32 result beyond float32's range is inf, by design
+        return np.asarray(values).astype(dtype, copy=False).reshape(shape)
+
+
+def empty(shape, dtype):
+    return np.empty(shape, dtype)
+
+
+def to_host(values):
+    return values
+
+
+def to_device_like(values, like):
+    return values

@@ -447,3 +447,42 @@ def top_k(x, dtype, temperature, softcap, k, logprobs, chunk, threads):
     compute dtype, or, when logprobs, their log-probabilities (float64), from the same pass."""
     values, indices, lp = _select(x, dtype, temperature, softcap, int(k), bool(logprobs), chunk)
     return (lp if logprobs else values), indices
+
+
+# ---- results of device inputs, for the ops layer --------------------------------------------------------
+
+@cuda.jit
+def _cast(src, dst):
+    i = cuda.grid(1)
+    if i < src.size:
+        dst[i] = src[i]
+
+
+def finish(values, dtype, shape):
+    """values (NumPy, or a 1-D/2-D contiguous device array) as `dtype`, reshaped to `shape`, where they
+    are: device results stay on the device (converted there by a small kernel)."""
+    dtype = np.dtype(dtype)
+    if isinstance(values, np.ndarray):
+        with np.errstate(over="ignore"):
+            return values.astype(dtype, copy=False).reshape(shape)
+    if np.dtype(values.dtype) != dtype:
+        flat = values.reshape(values.size)
+        out = cuda.device_array(values.size, dtype)
+        if values.size:
+            _cast[(values.size + 255) // 256, 256](flat, out)
+        values = out
+    return values.reshape(shape)
+
+
+def empty(shape, dtype):
+    """A device array for results of a device input."""
+    return cuda.device_array(shape, np.dtype(dtype))
+
+
+def to_host(values):
+    return values if isinstance(values, np.ndarray) else values.copy_to_host()
+
+
+def to_device_like(values, like):
+    """Host values back on the device when `like` (the input) is there."""
+    return cuda.to_device(np.ascontiguousarray(values)) if is_device_array(like) else values

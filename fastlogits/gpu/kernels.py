@@ -333,12 +333,11 @@ def _build(kind):
             cmax, bad = load_chunk(x, r, base, stop, sc, T, lv)
             m, s, t = fold_chunk(lv, cmax, bad, m, s, t, mode == ENTROPY)
             if mode == SUM or mode == WSUM:
-                acc = CT(0)
+                # in double, as the C core: logits near +-3e38 must not overflow a float partial sum
                 for u in range(UNROLL):
                     j = base + u * TPB
                     if j < stop:
-                        acc += lv[u] if mode == SUM else w[j] * lv[u]
-                tsum += acc
+                        tsum += float64(lv[u]) if mode == SUM else float64(w[j]) * float64(lv[u])
         sh_m = cuda.shared.array(TPB, float64)
         sh_s = cuda.shared.array(TPB, float64)
         sh_t = cuda.shared.array(TPB, float64)

@@ -147,29 +147,24 @@ FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp_t)(const FL_T *x, int64
     return tot[0];
 }
 
-/* sum x[0:n), or sum w * x when w is not NULL. */
+/* sum x[0:n), or sum w * x when w is not NULL, accumulated in double lanes: logits of opposite signs
+ * near the float range (+-3e38) must not overflow a float partial sum. */
 FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sum)(const FL_T *x, const FL_T *w, int64_t n) {
-    double tot[FL_LANES];
-    FL_T acc[FL_LANES];
+    double acc[FL_LANES];
     int64_t i = 0;
     int j;
-    for (j = 0; j < FL_LANES; j++) tot[j] = 0.0;
-    while (i + FL_LANES <= n) {
-        int64_t stop = i + FL_FLUSH * FL_LANES < n ? i + FL_FLUSH * FL_LANES : n;
-        for (j = 0; j < FL_LANES; j++) acc[j] = 0;
-        if (w)
-            for (; i + FL_LANES <= stop; i += FL_LANES)
-                FL_LANE_LOOP
-                for (j = 0; j < FL_LANES; j++) acc[j] += w[i + j] * x[i + j];
-        else
-            for (; i + FL_LANES <= stop; i += FL_LANES)
-                FL_LANE_LOOP
-                for (j = 0; j < FL_LANES; j++) acc[j] += x[i + j];
-        for (j = 0; j < FL_LANES; j++) tot[j] += acc[j];
-    }
-    for (; i < n; i++) tot[0] += w ? (double)(w[i] * x[i]) : (double)x[i];
-    for (j = 1; j < FL_LANES; j++) tot[0] += tot[j];
-    return tot[0];
+    for (j = 0; j < FL_LANES; j++) acc[j] = 0.0;
+    if (w)
+        for (; i + FL_LANES <= n; i += FL_LANES)
+            FL_LANE_LOOP
+            for (j = 0; j < FL_LANES; j++) acc[j] += (double)w[i + j] * (double)x[i + j];
+    else
+        for (; i + FL_LANES <= n; i += FL_LANES)
+            FL_LANE_LOOP
+            for (j = 0; j < FL_LANES; j++) acc[j] += (double)x[i + j];
+    for (; i < n; i++) acc[0] += w ? (double)w[i] * (double)x[i] : (double)x[i];
+    for (j = 1; j < FL_LANES; j++) acc[0] += acc[j];
+    return acc[0];
 }
 
 /* y = exp(x - m) * inv_s (softmax), or y = (x - m) - log_s (log-softmax). */

@@ -60,10 +60,17 @@ def dtype_name(dtype, argname="dtype"):
     return _NAMES[dt]
 
 
+def is_gpu_array(x):
+    """A GPU array: a numba device array (or the CUDA simulator's), or anything with
+    __cuda_array_interface__ (CuPy, PyTorch CUDA tensors)."""
+    return not isinstance(x, np.ndarray) and (hasattr(x, "__cuda_array_interface__")
+                                             or bool(getattr(x, "__cuda_ndarray__", False)))
+
+
 def as_array(logits, dtype=None, argname="logits"):
     """logits as an array with a supported float dtype (GPU arrays are left where they are). dtype=
     "bfloat16" re-declares 2-byte data (e.g. a |V2 or uint16 array) as bfloat16."""
-    if hasattr(logits, "__cuda_array_interface__") and not isinstance(logits, np.ndarray):
+    if is_gpu_array(logits):
         return logits
     x = logits if isinstance(logits, np.ndarray) else np.asarray(logits)
     if dtype is not None and dtype_name(dtype) == "bfloat16" and x.dtype != BF16:
@@ -129,12 +136,10 @@ def softcap_value(softcap):
 def resolve_backend(backend, x):
     """backend=None: a GPU array runs on the GPU, anything else on the process default."""
     if backend is None:
-        if hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray):
-            return "gpu"
-        return _config.get_backend()
+        return "gpu" if is_gpu_array(x) else _config.get_backend()
     if backend not in ("cpu", "gpu"):
         raise ValueError(f"backend must be 'cpu', 'gpu' or None, got {backend!r}")
-    if backend == "cpu" and hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray):
+    if backend == "cpu" and is_gpu_array(x):
         raise ValueError("backend='cpu' was asked for logits that live on a GPU; copy them to the host "
                          "first or use backend='gpu'")
     return backend

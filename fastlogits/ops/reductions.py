@@ -2,16 +2,16 @@
 import numpy as np
 
 from fastlogits.ops import _backend
-from fastlogits.ops._prep import NP_DTYPES, as_array, dtype_name, prepare
+from fastlogits.ops._prep import NP_DTYPES, as_array, dtype_name, is_gpu_array, prepare
 from fastlogits.stream import run as stream_run
 from fastlogits.stream.sources import as_source
 
 
 def _finish(r, values):
-    """Per-row float64 results -> the API's result dtype and the leading shape."""
-    with np.errstate(over="ignore"):   # a float32 result beyond float32's range is inf, by design
-        out = np.asarray(values).astype(r.result_dtype, copy=False).reshape(r.lead)
-    return out if out.ndim else out[()]
+    """Per-row float64 results -> the API's result dtype and the leading shape (on the device for device
+    inputs)."""
+    out = _backend.get(r.backend).finish(values, r.result_dtype, r.lead)
+    return out[()] if isinstance(out, np.ndarray) and out.ndim == 0 else out
 
 
 def logsumexp(logits, *, temperature=1.0, softcap=None, backend=None, threads=None, chunk_size=None):
@@ -83,31 +83,38 @@ def _map(logits, log, temperature, softcap, out, dtype, backend, threads, chunk_
     x = as_array(logits)
     r = prepare(x, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
                 chunk_size=chunk_size)
+    B = _backend.get(r.backend)
     name = "log_softmax" if log else "softmax"
+    shape = tuple(x.shape)
     if out is None:
         out_name = dtype_name(dtype) if dtype is not None else r.dtype
-        out = np.empty(x.shape, NP_DTYPES[out_name])
+        if is_gpu_array(x):   # bfloat16 on the device: its uint16 bits (numba has no bfloat16)
+            out = B.empty(shape, np.uint16 if out_name == "bfloat16" else NP_DTYPES[out_name])
+        else:
+            out = np.empty(shape, NP_DTYPES[out_name])
+    elif is_gpu_array(out):
+        if tuple(out.shape) != shape:
+            raise ValueError(f"{name}: out must have the shape of logits {shape}, got {tuple(out.shape)}")
+        out_name = "bfloat16" if dtype is not None and dtype_name(dtype) == "bfloat16" else \
+            dtype_name(np.dtype(out.dtype), "out")
     else:
         if not isinstance(out, np.ndarray):
-            raise TypeError(f"{name}: out must be a NumPy array, got {type(out).__name__}")
-        if out.shape != x.shape:
-            raise ValueError(f"{name}: out must have the shape of logits {x.shape}, got {out.shape}")
+            raise TypeError(f"{name}: out must be a NumPy or GPU array, got {type(out).__name__}")
+        if out.shape != shape:
+            raise ValueError(f"{name}: out must have the shape of logits {shape}, got {out.shape}")
         out_name = dtype_name(out.dtype, "out")
         if dtype is not None and dtype_name(dtype) != out_name:
             raise ValueError(f"{name}: dtype={dtype!r} disagrees with out.dtype={out.dtype}")
         if not out.flags.writeable:
             raise ValueError(f"{name}: out is read-only")
-        if np.shares_memory(out, x):
+        if isinstance(x, np.ndarray) and np.shares_memory(out, x):
             raise ValueError(f"{name}: out overlaps logits; the caller's logits are never written to")
-    out2 = out.reshape(r.x.shape) if out.ndim != 2 else out
-    if out.ndim > 2 and not np.shares_memory(out2, out):  # pragma: no cover - reshape copied
-        tmp = np.empty(r.x.shape, out.dtype)
-        _backend.get(r.backend).softmax(r.x, r.dtype, r.temperature, r.softcap, log, tmp, out_name,
-                                        r.chunk, r.threads)
-        out[...] = tmp.reshape(out.shape)
-        return out
-    _backend.get(r.backend).softmax(r.x, r.dtype, r.temperature, r.softcap, log, out2, out_name, r.chunk,
-                                    r.threads)
+    out2 = out.reshape(r.x.shape) if len(shape) != 2 else out
+    if isinstance(out, np.ndarray) and len(shape) > 2 and not np.shares_memory(out2, out):  # pragma: no cover
+        out2 = np.empty(r.x.shape, out.dtype)
+    B.softmax(r.x, r.dtype, r.temperature, r.softcap, log, out2, out_name, r.chunk, r.threads)
+    if out2 is not out and isinstance(out, np.ndarray) and not np.shares_memory(out2, out):
+        out[...] = out2.reshape(out.shape)  # pragma: no cover
     return out
 
 
@@ -198,7 +205,8 @@ def cross_entropy(logits, labels, *, weight=None, ignore_index=-100, label_smoot
         z_loss=z_loss, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
         chunk_size=chunk_size)
     if reduction == "none":
-        return _finish(r, loss + zterm)
+        B = _backend.get(r.backend)
+        return _finish(r, B.to_device_like(loss + zterm, r.x))
     return r.result_dtype.type(ce_total(np.sum(loss), np.sum(wy), np.sum(zterm), np.count_nonzero(counted),
                                         reduction))
 
@@ -223,9 +231,12 @@ def cross_entropy_terms(logits, labels, *, weight=None, ignore_index=-100, label
         w = np.asarray(weight, dtype=np.float64)
         if w.shape != (r.V,):
             raise ValueError(f"weight must have one value per class, shape ({r.V},), got shape {w.shape}")
-    lab = check_labels(labels, r.lead, r.V, ignore_index)
-    nll, smooth, lse = _backend.get(r.backend).cross_entropy_rows(
-        r.x, r.dtype, r.temperature, r.softcap, lab, ignore_index, w, eps > 0, r.chunk, r.threads)
+    B = _backend.get(r.backend)
+    lab = check_labels(B.to_host(labels) if is_gpu_array(labels) else labels, r.lead, r.V, ignore_index)
+    nll, smooth, lse = B.cross_entropy_rows(r.x, r.dtype, r.temperature, r.softcap, lab, ignore_index, w,
+                                            eps > 0, r.chunk, r.threads)
+    # The per-row terms are combined on the host (a copy of three numbers per row for device inputs).
+    nll, smooth, lse = B.to_host(nll), B.to_host(smooth), B.to_host(lse)
     return ce_terms(nll, smooth, lse, lab, ignore_index, w, eps, z, r.V), r
 
 

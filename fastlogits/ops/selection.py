@@ -37,18 +37,18 @@ def argmax(logits, *, temperature=1.0, softcap=None, backend=None, threads=None,
                 chunk_size=chunk_size)
     if r.V == 0:
         raise ValueError("argmax: logits has an empty vocabulary (last axis of length 0)")
-    out = _backend.get(r.backend).argmax(r.x, r.dtype, r.temperature, r.softcap, r.chunk, r.threads)
-    out = out.reshape(r.lead)
-    return out if out.ndim else out[()]
+    B = _backend.get(r.backend)
+    out = B.finish(B.argmax(r.x, r.dtype, r.temperature, r.softcap, r.chunk, r.threads), np.int64, r.lead)
+    return out[()] if isinstance(out, np.ndarray) and out.ndim == 0 else out
 
 
 def _top_k(logits, k, logprobs, temperature, softcap, backend, threads, chunk_size):
     r = prepare(logits, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
                 chunk_size=chunk_size)
     k = _check_k(k, r.V)
-    vals, idx = _backend.get(r.backend).top_k(r.x, r.dtype, r.temperature, r.softcap, k, logprobs,
-                                              r.chunk, r.threads)
-    return r, vals, idx.reshape(r.lead + (k,))
+    B = _backend.get(r.backend)
+    vals, idx = B.top_k(r.x, r.dtype, r.temperature, r.softcap, k, logprobs, r.chunk, r.threads)
+    return r, vals, B.finish(idx, np.int64, r.lead + (k,))
 
 
 def top_k(logits, k, *, temperature=1.0, softcap=None, backend=None, threads=None, chunk_size=None):
@@ -71,8 +71,9 @@ def top_k(logits, k, *, temperature=1.0, softcap=None, backend=None, threads=Non
             k=_check_k(k, src.V), temperature=temperature, softcap=softcap, backend=backend,
             threads=threads, chunk_size=chunk_size))
     r, vals, idx = _top_k(logits, k, False, temperature, softcap, backend, threads, chunk_size)
-    vals = vals.astype(NP_DTYPES[r.dtype], copy=False).reshape(idx.shape)
-    return vals, idx
+    # values in the logits' dtype (on the device, bfloat16 stays float32: numba has no bfloat16)
+    dt = NP_DTYPES[r.dtype] if isinstance(vals, np.ndarray) or r.dtype != "bfloat16" else np.float32
+    return _backend.get(r.backend).finish(vals, dt, idx.shape), idx
 
 
 def top_k_logprobs(logits, k, *, temperature=1.0, softcap=None, backend=None, threads=None,
@@ -95,5 +96,4 @@ def top_k_logprobs(logits, k, *, temperature=1.0, softcap=None, backend=None, th
             k=_check_k(k, src.V), temperature=temperature, softcap=softcap, backend=backend,
             threads=threads, chunk_size=chunk_size))
     r, lp, idx = _top_k(logits, k, True, temperature, softcap, backend, threads, chunk_size)
-    with np.errstate(over="ignore"):
-        return lp.astype(r.result_dtype, copy=False).reshape(idx.shape), idx
+    return _backend.get(r.backend).finish(lp, r.result_dtype, idx.shape), idx

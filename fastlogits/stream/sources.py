@@ -408,7 +408,9 @@ def as_source(obj, dtype=None):
     """obj as a source, or None when obj is an in-memory array (which the kernels take directly)."""
     if isinstance(obj, (_FileSource, ArraySource, IterSource)):
         return obj
-    if isinstance(obj, np.ndarray) or hasattr(obj, "__cuda_array_interface__"):
+    from fastlogits.ops._prep import is_gpu_array
+
+    if isinstance(obj, np.ndarray) or is_gpu_array(obj):
         return None
     if isinstance(obj, (str, bytes, os.PathLike)):
         raise TypeError("logits: a path is not logits; open it first: fastlogits.open(path)")

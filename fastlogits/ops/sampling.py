@@ -1,0 +1,327 @@
+"""Sampling and decoding: seeded ``sample`` (temperature, top-k, top-p, min-p) and ``beam_search_step``.
+
+How ``sample`` draws (details in ``fastlogits/include/fastlogits_sample.h``):
+
+- Gumbel-max: token = argmax over the surviving tokens of ``x / T + g``, ``g = -log(-log(u))`` computed in
+  float64, ``u`` a 52-bit uniform from Philox-4x32-10 keyed by the seed, with the counter made of the token
+  id, the sample index and the row id. This is an exact draw from the filtered, renormalised softmax. The
+  row id is the row's index when ``seed`` is one int, and 0 when seeds are given per row, so a row's draw
+  depends only on its own logits, seed and parameters (not on the batch it sits in, the thread count or
+  the chunk size). Only tokens that can still win get their exact noise: a cheap conservative test on the
+  random word rejects the rest.
+- Filters, in Hugging Face's warper order (temperature, top-k, top-p, min-p, then renormalise):
+  plain temperature and top-k take one streaming pass (top-k keeps a heap of the k best and every token
+  tied with the k-th value, as HF's TopKLogitsWarper does; top-p and min-p then work on those candidates);
+  min-p without top-k takes two passes (the max, then the Gumbel-max over the survivors); top-p without
+  top-k four (logsumexp, a histogram of the mass over value buckets, collecting the one bucket where the
+  nucleus ends and a quickselect on mass there, the Gumbel-max over the nucleus). No row is ever sorted.
+"""
+import secrets
+
+import numpy as np
+
+from fastlogits.ops import _backend
+from fastlogits.ops._prep import prepare
+from fastlogits.stream.sources import as_source
+
+
+def _per_row(value, name, lead, rows, dtype, default):
+    """One value per row from a scalar or an array of the leading shape (None: default)."""
+    if value is None:
+        value = default
+    if dtype == np.int64 and isinstance(value, int) and not isinstance(value, bool) and value > 2**62:
+        value = 2**62            # any k >= V means no top-k
+    if isinstance(value, bool) or (isinstance(value, np.ndarray) and value.dtype == bool):
+        raise TypeError(f"{name} must be {'an integer' if dtype == np.int64 else 'a float'} or one per row, "
+                        f"got {value!r}")
+    try:
+        a = np.asarray(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number or one per row, got {value!r}") from None
+    if a.dtype == object or a.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be a number or an array of numbers, got {value!r}")
+    if dtype == np.int64 and a.dtype.kind == "f":
+        if not np.all(np.isfinite(a)) or np.any(a != np.round(a)):
+            raise TypeError(f"{name} must be an integer or integers (one per row), got {value!r}")
+    if dtype == np.int64 and a.dtype.kind in "uf":
+        a = np.minimum(a, 2**62)
+    if a.ndim:
+        try:
+            a = np.broadcast_to(a, lead)
+        except ValueError:
+            raise ValueError(f"{name} must be a scalar or one value per row (shape {lead}), got shape "
+                             f"{a.shape}") from None
+    return np.ascontiguousarray(np.broadcast_to(a, lead).reshape(rows), dtype=dtype)
+
+
+def _first_bad(bad, lead):
+    pos = np.argwhere(np.atleast_1d(bad.reshape(lead) if lead else bad))[0]
+    return f" (row {tuple(int(i) for i in pos)})" if lead else ""
+
+
+def _seeds(seed, lead, rows):
+    """(seeds, row_ids) as uint64 (rows,) arrays: one seed keys every row with the row's index as row id;
+    per-row seeds use row id 0."""
+    if seed is None:
+        seed = secrets.randbits(64)
+    if isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, one int per row, or None, got {seed!r}")
+    if isinstance(seed, (int, np.integer)):
+        s = int(seed)
+        if not 0 <= s < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64), got {s}")
+        return np.full(rows, s, np.uint64), np.arange(rows, dtype=np.uint64)
+    a = np.asarray(seed)
+    if a.dtype.kind not in "iu" or a.dtype == bool:
+        raise TypeError(f"seed must be an int, one int per row (an integer array), or None, got dtype "
+                        f"{a.dtype}")
+    if a.shape != tuple(lead):
+        raise ValueError(f"seed must be one int or one per row (shape {tuple(lead)}), got shape {a.shape}")
+    if a.dtype.kind == "i" and np.any(a < 0):
+        raise ValueError(f"seed must be in [0, 2**64), got a negative seed{_first_bad(a < 0, lead)}")
+    return np.ascontiguousarray(a.reshape(rows), dtype=np.uint64), np.zeros(rows, np.uint64)
+
+
+_STATUS = {
+    1: "holds a NaN",
+    2: "holds a +inf logit (its softmax is NaN, as in PyTorch)",
+    3: "has no possible token (every logit is -inf)",
+}
+
+
+def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, seed=None, num_samples=1,
+           return_logprobs=False, softcap=None, backend=None, threads=None, chunk_size=None):
+    """Draw tokens from softmax(logits / temperature), filtered by top-k, top-p and min-p.
+
+    The filters apply in Hugging Face's order (the same tokens as its Temperature, TopK, TopP and MinP
+    logits warpers): divide by ``temperature`` (after ``softcap``); ``top_k`` keeps the k largest logits and
+    every token tied with the k-th (as HF does); ``top_p`` keeps the smallest set of most likely tokens
+    whose probability mass (under the top-k-filtered, renormalised distribution) reaches p, at least one
+    token, and every token tied with the last one kept; ``min_p`` drops tokens whose probability is below
+    ``min_p`` times the largest; the draw is from the survivors, renormalised. The draw is exact
+    (Gumbel-max with float64 noise), and no row is sorted.
+
+    Parameters
+    ----------
+    logits : array (..., V), or a source (see ``fastlogits.open``)
+        float16, bfloat16, float32 or float64; any strides. A source is streamed by blocks of rows (a row
+        must fit the memory budget); the tokens are the same as for the array in memory.
+    temperature : float >= 0 or one per row
+        0 is greedy: the argmax, lowest index on ties, whatever the filters (the argmax always survives
+        them). Any positive temperature samples, however small (vLLM switches to greedy below 1e-5; we
+        do not: with 1e-6 ties at the top are still broken at random).
+    top_k : int >= 0, None, or one per row
+        None or 0 (as in HF and vLLM) or >= V: no top-k.
+    top_p : float in (0, 1], None, or one per row
+        None or 1: no top-p. A cumulative mass within a few rounding errors (16 eps of the compute dtype)
+        of ``top_p`` counts as reaching it.
+    min_p : float in [0, 1], None, or one per row
+        None or 0: no min-p. Keeps tokens with ``x >= x_max + log(min_p)`` (x the scaled logits).
+    seed : int in [0, 2**64), one per row (an integer array of the leading shape), or None
+        The same seed gives the same tokens whatever the thread count, the chunk size, and (with per-row
+        seeds) the rest of the batch. With one seed, row i uses row id i; with per-row seeds every row uses
+        row id 0, so a row with a given seed draws the same token in any batch. None draws a fresh seed.
+    num_samples : int >= 1
+        Independent draws with replacement, the sample index being part of the generator's counter.
+    return_logprobs : bool
+        Also return each sampled token's log-probability under the filtered, renormalised distribution
+        (0.0 for greedy rows), and its rank: how many of the row's tokens have a strictly larger scaled
+        logit (0 = the most likely), as serving APIs report them.
+
+    Returns
+    -------
+    tokens : int64 array of shape (...), or (..., num_samples) when num_samples > 1
+    (tokens, logprobs, ranks) when return_logprobs: logprobs float32 (float64 for float64 logits) and
+    ranks int64, each of the tokens' shape.
+
+    Raises
+    ------
+    ValueError
+        For a bad argument (naming it), and for a row that cannot be sampled: a row holding a NaN, a row
+        of all -inf (no possible token), or, at a positive temperature, a row holding a +inf logit (its
+        softmax is NaN, as in PyTorch; also when logits / temperature overflows the compute dtype); the
+        message names the first such row. Greedy rows accept +inf
+        (the first +inf wins, as argmax).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastlogits.ops.sampling import sample
+    >>> x = np.log(np.array([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]))
+    >>> sample(x, temperature=0).tolist()
+    [0, 2]
+    >>> t = sample(x, top_k=1, seed=0)
+    >>> t.tolist()
+    [0, 2]
+    """
+    if isinstance(num_samples, bool) or not hasattr(num_samples, "__index__"):
+        raise TypeError(f"num_samples must be a positive integer, got {num_samples!r}")
+    ns = int(num_samples)
+    if not 1 <= ns < 2**32:
+        raise ValueError(f"num_samples must be a positive integer below 2**32, got {ns}")
+    src = as_source(logits)
+    if src is not None:
+        return _sample_source(src, temperature, top_k, top_p, min_p, seed, ns, bool(return_logprobs),
+                              dict(softcap=softcap, backend=backend, threads=threads, chunk_size=chunk_size))
+    r = prepare(logits, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
+                chunk_size=chunk_size, allow_zero_temperature=True)
+    if r.V == 0:
+        raise ValueError("sample: logits has an empty vocabulary (last axis of length 0)")
+    k, p, mp = _filters(top_k, top_p, min_p, r.lead, r.rows)
+    seeds, row_ids = _seeds(seed, r.lead, r.rows)
+    out = _draw(r, k, p, mp, seeds, row_ids, ns, bool(return_logprobs), r.lead)
+    shape = r.lead + ((ns,) if ns > 1 else ())
+
+    def fit(a):
+        a = a.reshape(shape)
+        return a if a.ndim else a[()]
+
+    return tuple(fit(a) for a in out) if return_logprobs else fit(out[0])
+
+
+def _filters(top_k, top_p, min_p, lead, rows):
+    k = _per_row(top_k, "top_k", lead, rows, np.int64, 0)
+    if np.any(k < 0):
+        raise ValueError(f"top_k must be >= 0 (0 or None: no top-k), got {int(k[k < 0][0])}"
+                         f"{_first_bad(k < 0, lead)}")
+    p = _per_row(top_p, "top_p", lead, rows, np.float64, 1.0)
+    bad = ~((p > 0) & (p <= 1))
+    if np.any(bad):
+        raise ValueError(f"top_p must be in (0, 1] (1 or None: no top-p), got {p[bad][0]!r}"
+                         f"{_first_bad(bad, lead)}")
+    mp = _per_row(min_p, "min_p", lead, rows, np.float64, 0.0)
+    bad = ~((mp >= 0) & (mp <= 1))
+    if np.any(bad):
+        raise ValueError(f"min_p must be in [0, 1] (0 or None: no min-p), got {mp[bad][0]!r}"
+                         f"{_first_bad(bad, lead)}")
+    return k, p, mp
+
+
+def _draw(r, k, p, mp, seeds, row_ids, ns, logprobs, lead, row0=0):
+    """The backend's draws for prepared rows r: (tokens, logprobs, ranks) flat (rows, ns); raises for bad
+    rows (row numbers counted from row0 in the leading shape `lead`)."""
+    be = _backend.get(r.backend)
+    if not hasattr(be, "sample"):
+        raise NotImplementedError(f"sample is not implemented on the {r.backend!r} backend yet; use "
+                                  "backend='cpu'")
+    tokens, lp, ranks, status = be.sample(r.x, r.dtype, r.temperature, r.softcap, k, p, mp, seeds, row_ids,
+                                          ns, logprobs, r.chunk, r.threads)
+    if r.rows and np.any(status):
+        i = int(np.flatnonzero(status)[0])
+        where = f" (row {tuple(int(v) for v in np.unravel_index(row0 + i, lead))})" if lead else ""
+        raise ValueError(f"sample: cannot sample from a row that {_STATUS[int(status[i])]}{where}")
+    return tokens, (lp.astype(r.result_dtype) if logprobs else None), ranks
+
+
+def _sample_source(src, temperature, top_k, top_p, min_p, seed, ns, logprobs, kw):
+    """sample() of a source, block of rows by block of rows (a row must fit the memory budget). Per-row
+    arguments are sliced with the blocks; one seed keys every row by its index in the whole source."""
+    from fastlogits.stream import run as stream_run
+
+    plan = stream_run.plan(src)
+    if not plan.rows:
+        raise ValueError("sample: one row of this source is larger than the memory budget; raise it "
+                         "(fastlogits.set_memory_budget, or memory= when opening the source)")
+    args = {name: stream_run.RowArg(v, name, src, dtype=None) for name, v in
+            (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p))
+            if v is not None}
+    per_row_seed = seed is not None and not isinstance(seed, (int, np.integer)) and np.ndim(seed) > 0
+    if per_row_seed:
+        args["seed"] = stream_run.RowArg(seed, "seed", src, dtype=None)
+    elif seed is None:
+        seed = secrets.randbits(64)
+    parts, rows = [], 0
+    lead_all = tuple(src.shape[:-1]) if src.shape[0] is not None else None
+    for r0, block in stream_run.row_blocks(src, plan.rows):
+        r1 = r0 + block.shape[0]
+        a = {name: arg.block(r0, r1) for name, arg in args.items()}
+        lead = (block.shape[0],)
+        r = prepare(block, temperature=a.get("temperature", 1.0), allow_zero_temperature=True, **kw)
+        if r.V == 0:
+            raise ValueError("sample: logits has an empty vocabulary (last axis of length 0)")
+        k, p, mp = _filters(a.get("top_k"), a.get("top_p"), a.get("min_p"), lead, r.rows)
+        if per_row_seed:
+            seeds, row_ids = _seeds(a["seed"], lead, r.rows)
+        else:
+            seeds, row_ids = _seeds(seed, lead, r.rows)
+            row_ids += np.uint64(r0)
+        parts.append(_draw(r, k, p, mp, seeds, row_ids, ns, logprobs, lead_all or (r1,), r0))
+        rows = r1
+    for arg in args.values():
+        arg.check_rows(rows)
+    lead = lead_all if lead_all is not None else (rows,)
+    shape = lead + ((ns,) if ns > 1 else ())
+    cat = [np.concatenate([pt[j] for pt in parts]) if parts else
+           np.empty((0, ns), (np.int64, np.float32, np.int64)[j]) for j in range(3 if logprobs else 1)]
+
+    def fit(a):
+        a = a.reshape(shape)
+        return a if a.ndim else a[()]
+
+    return tuple(fit(a) for a in cat) if logprobs else fit(cat[0])
+
+
+def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperature=1.0, backend=None,
+                     threads=None, chunk_size=None):
+    """One step of beam search: the ``2 * beam_width`` best continuations of each batch item.
+
+    ``logits`` is ``(batch * beam_width, V)`` (beam j of item b in row ``b * beam_width + j``, as Hugging
+    Face lays beams out) and ``beam_scores`` ``(batch * beam_width,)``, the beams' cumulative
+    log-probabilities. A continuation (beam j, token t) scores ``beam_scores[j] + log_softmax(logits[j])[t]``
+    (after ``softcap`` and ``temperature``). Returns ``(scores, parents, tokens)``, each
+    ``(batch, 2 * beam_width)``, best first; ties go to the lower (parent, token). A source in place of
+    ``logits`` is read whole. ``parents`` are beam
+    indices within the batch item (0 .. beam_width - 1), as HF's ``next_indices``. One streaming pass over
+    each row (a running top-2W with the logsumexp in the same pass). Scores are float64 when the logits or
+    beam_scores are float64, else float32; a NaN score (a row whose log-softmax is NaN) sorts last.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastlogits.ops.sampling import beam_search_step
+    >>> x = np.log(np.array([[0.6, 0.4], [0.9, 0.1]]))
+    >>> s, p, t = beam_search_step(x, np.log(np.array([0.5, 0.5])), 2)
+    >>> p.tolist(), t.tolist()
+    ([[1, 0, 0, 1]], [[0, 0, 1, 1]])
+    """
+    if isinstance(beam_width, bool) or not hasattr(beam_width, "__index__"):
+        raise TypeError(f"beam_width must be a positive integer, got {beam_width!r}")
+    W = int(beam_width)
+    if W < 1:
+        raise ValueError(f"beam_width must be a positive integer, got {W}")
+    src = as_source(logits)
+    if src is not None:      # a step's logits are small: read them whole
+        from fastlogits.stream import run as stream_run
+
+        blocks = [np.array(b) for _, b in stream_run.row_blocks(src, max(1, stream_run.plan(src).rows))]
+        logits = np.concatenate(blocks) if blocks else np.empty((0, src.V), np.float32)
+    r = prepare(logits, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
+                chunk_size=chunk_size)
+    if len(r.lead) != 1:
+        raise ValueError(f"beam_search_step: logits must be 2-D (batch * beam_width, V), got shape "
+                         f"{r.lead + (r.V,)}")
+    rows, V = r.rows, r.V
+    if rows % W:
+        raise ValueError(f"beam_search_step: logits has {rows} rows, not a multiple of beam_width={W}")
+    if V * W < 2 * W or V == 0:
+        raise ValueError(f"beam_search_step: a vocabulary of {V} tokens cannot give 2 * beam_width "
+                         f"continuations per beam")
+    bs = np.asarray(beam_scores)
+    if bs.dtype.kind not in "fiu" or bs.dtype == bool:
+        raise TypeError(f"beam_scores must be a float array, got dtype {bs.dtype}")
+    if bs.shape != (rows,):
+        raise ValueError(f"beam_scores must have shape ({rows},) (one per row of logits), got {bs.shape}")
+    batch, k = rows // W, min(2 * W, V)
+    lp, idx = _backend.get(r.backend).top_k(r.x, r.dtype, r.temperature, r.softcap, k, True, r.chunk,
+                                            r.threads)
+    lp, idx = np.asarray(lp, np.float64), np.asarray(idx)
+    out_dtype = (np.dtype(np.float64) if r.dtype == "float64" or bs.dtype == np.float64
+                 else np.dtype(np.float32))
+    scores = (bs.astype(np.float64)[:, None] + lp).reshape(batch, W * k)
+    parents = np.broadcast_to(np.repeat(np.arange(W), k)[None, :], (batch, W * k))
+    toks = idx.reshape(batch, W * k)
+    key = np.where(np.isnan(scores), np.inf, -scores)        # best first, NaN last
+    order = np.lexsort((toks, parents, key), axis=-1)[:, : 2 * W]
+    take = np.take_along_axis
+    return (take(scores, order, -1).astype(out_dtype), take(parents, order, -1).astype(np.int64),
+            take(toks, order, -1).astype(np.int64))
