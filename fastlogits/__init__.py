@@ -16,6 +16,7 @@ from fastlogits._config import (
     use_backend,
 )
 from fastlogits.ops.reductions import cross_entropy, entropy, log_softmax, logsumexp, softmax
+from fastlogits.ops.sampling import beam_search_step, sample
 from fastlogits.ops.selection import argmax, top_k, top_k_logprobs
 from fastlogits.stream.run import get_memory_budget, set_memory_budget
 from fastlogits.stream.sources import (
@@ -26,6 +27,7 @@ from fastlogits.stream.sources import (
 __all__ = [
     "argmax",
     "available_backends",
+    "beam_search_step",
     "cross_entropy",
     "entropy",
     "get_backend",
@@ -35,6 +37,7 @@ __all__ = [
     "open",
     "SourceError",
     "logsumexp",
+    "sample",
     "set_backend",
     "set_memory_budget",
     "show_config",

@@ -251,6 +251,35 @@ def cmd_demo(args):
     return 0
 
 
+def cmd_sample(args):
+    src = _open(args)
+    bar = _Bar(src.rows, "sample")
+    t0 = time.perf_counter()
+    try:
+        res = fl.sample(src, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        min_p=args.min_p, seed=args.seed, num_samples=args.num_samples,
+                        return_logprobs=args.logprobs, threads=args.threads)
+    finally:
+        bar.close()
+    secs = time.perf_counter() - t0
+    tokens, lp, ranks = res if args.logprobs else (res, None, None)
+    rows = int(np.asarray(tokens).reshape(-1, args.num_samples).shape[0])
+    cols = {"token": np.asarray(tokens).reshape(rows, -1) if args.num_samples > 1 else
+            np.asarray(tokens).reshape(rows)}
+    if args.logprobs:
+        cols["logprob"] = np.asarray(lp).reshape(cols["token"].shape)
+        cols["rank"] = np.asarray(ranks).reshape(cols["token"].shape)
+    write_rows(args.output, cols)
+    summary = {"input": args.input, "output": args.output, "rows": rows, "seconds": secs, "seed": args.seed}
+    _emit(args, summary, [f"wrote {rows} sampled tokens to {args.output} in {secs:.2f} s"])
+    return 0
+
+
+def cmd_check(args):
+    from fastlogits import check
+    return check.main(args)
+
+
 def cmd_bench(args):
     from fastlogits import bench
     args.threads = None if args.threads is None else [args.threads]
@@ -300,6 +329,23 @@ def build_parser():
     k.add_argument("-k", type=int, default=5)
     k.add_argument("--temperature", type=float, default=1.0)
     k.set_defaults(func=cmd_topk)
+
+    sm = sub.add_parser("sample", help="one token per row: temperature, top-k, top-p, min-p, seeded")
+    _add_input(sm)
+    sm.add_argument("output", help="output: .npy, .csv or .jsonl")
+    _add_common(sm)
+    sm.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    sm.add_argument("--top-k", type=int, default=None)
+    sm.add_argument("--top-p", type=float, default=None)
+    sm.add_argument("--min-p", type=float, default=None)
+    sm.add_argument("--seed", type=int, default=None, help="the same seed gives the same tokens")
+    sm.add_argument("--num-samples", type=int, default=1)
+    sm.add_argument("--logprobs", action="store_true", help="also each token's log-probability and rank")
+    sm.set_defaults(func=cmd_sample)
+
+    c = sub.add_parser("check", help="the GPU backend against the CPU: largest differences, pass/fail")
+    _add_common(c)
+    c.set_defaults(func=cmd_check)
 
     b = sub.add_parser("bench", help="fastlogits against NumPy/SciPy and PyTorch, with the read ceiling")
     _add_common(b)

@@ -315,3 +315,19 @@ def test_stats_one_pass_matches_the_functions(tmp_path, rng, dtype, memory):
         st2 = run.stats(x, None)                       # an in-memory array, no labels
         np.testing.assert_array_equal(st2["argmax"], fl.argmax(x))
         assert "nll" not in st2
+
+
+def test_cli_sample_streams_and_reproduces(tmp_path, rng):
+    x = (rng.standard_normal((40, 3000)) * 3).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    args = ("sample", tmp_path / "x.npy", tmp_path / "s.npy", "--temperature", "0.8", "--top-k", "50",
+            "--top-p", "0.9", "--seed", "7", "--logprobs")
+    res = _cli(*args, "--memory", "64KiB", "--threads", "1")
+    assert res.returncode == 0, res.stderr
+    got = np.load(tmp_path / "s.npy")
+    tokens, lp, ranks = fl.sample(x, temperature=0.8, top_k=50, top_p=0.9, seed=7, return_logprobs=True)
+    np.testing.assert_array_equal(got["token"], tokens)       # same seed, other budget and threads
+    np.testing.assert_allclose(got["logprob"], lp)
+    np.testing.assert_array_equal(got["rank"], ranks)
+    res = _cli("sample", tmp_path / "x.npy", tmp_path / "s.npy", "--top-p", "1.5")
+    assert res.returncode == 1 and b"top_p" in res.stderr and b"Traceback" not in res.stderr

@@ -1,7 +1,669 @@
 /*
  * fastlogits_sample.h: seeded sampling (counter-based random numbers, Gumbel-max and the top-k, top-p,
- * min-p filters). Included by fastlogits.h; never include it directly.
+ * min-p filters). Included by fastlogits.h; never include it directly. (It includes itself twice more,
+ * with FLS_T = float and FLS_T = double, for the per-compute-type row drivers.)
+ *
+ * Random numbers. Philox-4x32-10 (Salmon et al. 2011; integer only, so the GPU port reproduces the same
+ * words), keyed by the 64-bit seed (k0 = low half, k1 = high half). Token t of sample s of row `row` uses
+ * the counter
+ *     c0 = 16 * (t / 64) + t % 16,  c1 = s,  c2 = row % 2^32,  c3 = 2 * (row / 2^32) + stream
+ * and output word (t / 16) % 4: one Philox call serves four tokens (t, t + 16, t + 32, t + 48), and 16
+ * calls for the counters of one 64-token block run in vector lanes. stream 0 gives the high 32 bits of the
+ * token's uniform, stream 1 (computed only for candidates) the next 20:
+ *     u = (2 * (hi * 2^20 + (lo >> 12)) + 1) / 2^53     in (0, 1), exactly representable,
+ *     g = -log(-log(u))                                 in float64 (the Gumbel noise of the token).
+ * `row` is the row's index in the batch for a scalar seed, and 0 for per-row seeds (so a row's tokens do
+ * not depend on the batch it sits in).
+ *
+ * Sampling. token = argmax over surviving tokens of x + g (x the logit after softcap and temperature, in
+ * the compute type: float32, or float64 for float64 input), the lowest index on ties. This is an exact
+ * draw from softmax(x) restricted to the survivors (Gumbel-max). Streaming: for every token the high word
+ * gives a conservative bound g < -log(1 - u) < -log(a), a = (2^32 - 1 - hi) / 2^32; a token can only win
+ * if a <= exp(x - best) (evaluated in the compute type with a margin), and only those candidates get
+ * their exact float64 noise. The bound is tight where it matters (u near 1), so a row of 128k tokens has a
+ * few dozen candidates. The chosen token is exactly the argmax of x + g: results never depend on chunk
+ * size or thread count.
+ *
+ * Filters (Hugging Face's warper order: temperature, top-k, top-p, min-p, then renormalise):
+ *   top-k: one pass keeping a heap of the k best and the tokens tied with the k-th value (all kept, as
+ *          HF does); top-p and min-p then work on those candidates only, and the Gumbel-max too;
+ *   top-p without top-k: a logsumexp pass; a pass histogramming the probability mass over 1024 value
+ *          buckets between t0 = lse + log(1 - top_p) - log(V) and the max (tokens below t0 hold less than
+ *          1 - top_p of the mass together, so the nucleus lies above t0), which finds the bucket where the
+ *          cumulative mass from the top reaches top_p; a pass collecting that bucket's tokens, among which
+ *          a three-way quickselect on mass finds the nucleus' threshold value tau (no sort); then a
+ *          Gumbel-max pass restricted to x >= tau. Every token tied with the boundary value is kept. A
+ *          prefix mass within a few rounding errors (16 eps of the compute type) of top_p counts as
+ *          reaching it;
+ *   min-p: keep x >= x_max + log(min_p) (the same as p >= min_p * p_max, before or after renormalising);
+ *          a logsumexp (max) pass, then the Gumbel-max pass restricted to the survivors.
+ *
+ * Public entry points: fl_philox4x32_10 (Random123's function), fl_rng_make / fl_rng_word /
+ * fl_rng_gumbel (the noise of one token, as the sampler computes it), and fl_row_sample_{f32,f64} (one row
+ * of any dtype and stride, see fl_row; parameters in fl_sample_params, per-thread scratch in
+ * fl_sample_scratch, chunk <= the row's length). Define FL_COUNT_EXACT to a statement before including
+ * fastlogits.h to count the exact noise evaluations (instrumentation).
  */
+#ifndef FLS_T
+#ifndef FL_COUNT_EXACT
+#define FL_COUNT_EXACT ((void)0)
+#endif
 #ifndef FASTLOGITS_H
 #error "fastlogits_sample.h is included by fastlogits.h only"
 #endif
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Philox-4x32-10                                                                                   */
+/* ------------------------------------------------------------------------------------------------ */
+
+#define FL_PHILOX_M0 0xD2511F53u
+#define FL_PHILOX_M1 0xCD9E8D57u
+#define FL_PHILOX_W0 0x9E3779B9u
+#define FL_PHILOX_W1 0xBB67AE85u
+
+/* The largest Gumbel noise a 52-bit uniform can give: -log(-log(1 - 2^-53)) = 36.7368... */
+#define FL_GUMBEL_MAX 36.75
+
+/* Philox-4x32-10 of counter c (in place) under key (k0, k1): Random123's philox4x32_10. */
+static inline void fl_philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
+    uint32_t c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
+    int i;
+    for (i = 0; i < 10; i++) {
+        uint64_t p0 = (uint64_t)FL_PHILOX_M0 * c0;
+        uint64_t p1 = (uint64_t)FL_PHILOX_M1 * c2;
+        c0 = (uint32_t)(p1 >> 32) ^ c1 ^ k0;
+        c1 = (uint32_t)p1;
+        c2 = (uint32_t)(p0 >> 32) ^ c3 ^ k1;
+        c3 = (uint32_t)p0;
+        k0 += FL_PHILOX_W0;
+        k1 += FL_PHILOX_W1;
+    }
+    c[0] = c0; c[1] = c1; c[2] = c2; c[3] = c3;
+}
+
+/* The random stream of one (seed, row, sample): the key and the counter words c1, c2, c3 (stream 0). */
+typedef struct fl_rng {
+    uint32_t k0, k1, c1, c2, c3;
+} fl_rng;
+
+static inline fl_rng fl_rng_make(uint64_t seed, uint64_t row, uint32_t sample) {
+    fl_rng g;
+    g.k0 = (uint32_t)seed;
+    g.k1 = (uint32_t)(seed >> 32);
+    g.c1 = sample;
+    g.c2 = (uint32_t)row;
+    g.c3 = (uint32_t)((row >> 32) << 1);
+    return g;
+}
+
+/* The 32-bit word of token t in stream 0 (high bits) or 1 (low bits). */
+static inline uint32_t fl_rng_word(const fl_rng *g, int64_t t, uint32_t stream) {
+    uint64_t u = (uint64_t)t;
+    uint32_t c[4];
+    c[0] = (uint32_t)(((u >> 6) << 4) | (u & 15u));
+    c[1] = g->c1;
+    c[2] = g->c2;
+    c[3] = g->c3 | stream;
+    fl_philox4x32_10(c, g->k0, g->k1);
+    return c[(u >> 4) & 3u];
+}
+
+/* Gumbel noise from the token's two words, in float64 (see the top of the file). */
+static inline double fl_gumbel_from_words(uint32_t hi, uint32_t lo) {
+    uint64_t k = ((uint64_t)hi << 20) | (uint64_t)(lo >> 12);
+    double u = (double)(2 * k + 1) * 0x1p-53;
+    return -log(-log(u));
+}
+
+/* The Gumbel noise of token t. */
+static inline double fl_rng_gumbel(const fl_rng *g, int64_t t) {
+    return fl_gumbel_from_words(fl_rng_word(g, t, 0), fl_rng_word(g, t, 1));
+}
+
+/* The stream-0 words of the 64 tokens of block b (tokens 64 b .. 64 b + 63): w[t - 64 b]. Sixteen Philox
+ * calls in vector lanes. The lanes are 64-bit with the 32-bit state in the low half (the high half holds
+ * garbage, masked off before each multiply and at the end): three times faster than uint32 lanes, whose
+ * products GCC widens element by element before multiplying. */
+FL_MULTIVERSION static FL_UNUSED void fl__philox_block(uint32_t *w, uint32_t ctr0, const fl_rng *g) {
+    uint64_t a0[16], a1[16], a2[16], a3[16];
+    uint64_t k0 = g->k0, k1 = g->k1;
+    const uint64_t lo32 = 0xffffffffu;
+    int i, j;
+    for (j = 0; j < 16; j++) {
+        a0[j] = (uint32_t)(ctr0 + (uint32_t)j); a1[j] = g->c1; a2[j] = g->c2; a3[j] = g->c3;
+    }
+    for (i = 0; i < 10; i++) {
+        FL_LANE_LOOP
+        for (j = 0; j < 16; j++) {
+            uint64_t p0 = (a0[j] & lo32) * (uint64_t)FL_PHILOX_M0;
+            uint64_t p1 = (a2[j] & lo32) * (uint64_t)FL_PHILOX_M1;
+            a0[j] = (p1 >> 32) ^ a1[j] ^ k0;
+            a2[j] = (p0 >> 32) ^ a3[j] ^ k1;
+            a1[j] = p1;
+            a3[j] = p0;
+        }
+        k0 = (uint32_t)(k0 + FL_PHILOX_W0);
+        k1 = (uint32_t)(k1 + FL_PHILOX_W1);
+    }
+    for (j = 0; j < 16; j++) {
+        w[j] = (uint32_t)a0[j]; w[16 + j] = (uint32_t)a1[j]; w[32 + j] = (uint32_t)a2[j];
+        w[48 + j] = (uint32_t)a3[j];
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Parameters, scratch, results                                                                     */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* Row statuses. */
+enum { FL_SAMPLE_OK = 0, FL_SAMPLE_NAN = 1, FL_SAMPLE_POSINF = 2, FL_SAMPLE_EMPTY = 3 };
+
+typedef struct fl_sample_params {
+    uint64_t seed;
+    uint64_t row_id;     /* the row's index for a scalar seed, 0 for per-row seeds */
+    int64_t top_k;       /* 0 (or >= n): no top-k */
+    double top_p;        /* 1: no top-p */
+    double min_p;        /* 0: no min-p */
+    int64_t num_samples; /* draws with replacement; sample index s is in the counter */
+    int greedy;          /* temperature 0: argmax (lowest index on ties) */
+} fl_sample_params;
+
+/* Scratch memory for one thread. buf: chunk values of the compute type (8 * chunk bytes); hv, hi: the
+ * top-k heap (top_k values of 8 bytes and top_k indices); cv, ci: candidate values and indices (n each),
+ * tmp: 2 n doubles of work space (all three needed when top-k or top-p is used). */
+typedef struct fl_sample_scratch {
+    void *buf;
+    void *hv;
+    int64_t *hi;
+    double *cv;
+    int64_t *ci;
+    double *tmp;
+} fl_sample_scratch;
+
+/* w[i] = exp(v[i] - shift), vectorized (fl__exp: within 1 ulp). */
+FL_MULTIVERSION static FL_UNUSED void fl__exp_shift(const double *v, double *w, int64_t n, double shift) {
+    for (int64_t i = 0; i < n; i++) w[i] = fl__exp(v[i] - shift);
+}
+
+/* The smallest value tau among v[0:n) such that the mass strictly above it, the sum of w_i (the
+ * probabilities) over v_i > tau, is below p (so every value >= tau is kept: the nucleus of top-p with its
+ * boundary ties), `above` being the mass of the tokens above all of v (0 for the whole distribution;
+ * below p). The mass of all of v must reach p. Three-way quickselect on mass: expected O(n); v and w are
+ * reordered together. */
+static inline double fl__topp_threshold(double *v, double *w, int64_t n, double p, double above) {
+    int64_t lo = 0, hi = n;
+    while (hi > lo) {
+        double a = v[lo], b = v[lo + (hi - lo) / 2], c = v[hi - 1], pv, mg = 0.0, me = 0.0;
+        int64_t lt = lo, i = lo, gt = hi;
+        pv = a < b ? (b < c ? b : (a < c ? c : a)) : (a < c ? a : (b < c ? c : b));
+        while (i < gt) {                     /* [lo, lt) > pv, [lt, i) == pv, [gt, hi) < pv */
+            double x = v[i], y = w[i];
+            if (x > pv) { v[i] = v[lt]; w[i] = w[lt]; v[lt] = x; w[lt] = y; lt++; i++; }
+            else if (x < pv) { gt--; v[i] = v[gt]; w[i] = w[gt]; v[gt] = x; w[gt] = y; }
+            else i++;
+        }
+        for (i = lo; i < lt; i++) mg += w[i];
+        if (lt > lo && above + mg >= p) { hi = lt; continue; }   /* tau is above the pivot */
+        for (i = lt; i < gt; i++) me += w[i];
+        if (above + mg + me >= p || gt == hi) return pv;
+        above += mg + me;
+        lo = gt;
+    }
+    return v[lo < n ? lo : n - 1];         /* not reached while the invariants hold */
+}
+
+/* The top-p threshold of candidates v[0:n) (max m) with probabilities w[0:n) (both reordered): first a
+ * histogram of the mass over 256 value buckets between the smallest candidate and m (branch-free), which
+ * finds the one bucket where the cumulative mass reaches p; then the quickselect on that bucket only. */
+static inline double fl__topp_bucketed(double *v, double *w, int64_t n, double m, double p) {
+    double mass[257], vmin = m, scale, above = 0.0;
+    int64_t i, nb = 0;
+    int b, hit = 256;
+    for (i = 0; i < n; i++) vmin = v[i] < vmin ? v[i] : vmin;
+    if (n < 512 || !(m - vmin > 0.0) || vmin == -FL_INF) return fl__topp_threshold(v, w, n, p, 0.0);
+    scale = 255.999 / (m - vmin);
+    for (b = 0; b < 257; b++) mass[b] = 0.0;
+    for (i = 0; i < n; i++) mass[(int)((m - v[i]) * scale)] += w[i];
+    for (b = 0; b < 256; b++) {
+        if (above + mass[b] >= p) { hit = b; break; }
+        above += mass[b];
+    }
+    if (hit == 256) return fl__topp_threshold(v, w, n, p, 0.0);   /* rounding: the mass never reached p */
+    for (i = 0; i < n; i++) {
+        if ((int)((m - v[i]) * scale) == hit) {
+            double tv = v[i], tw = w[i];
+            v[i] = v[nb]; w[i] = w[nb]; v[nb] = tv; w[nb] = tw; nb++;
+        }
+    }
+    /* the bucket's largest value has the mass `above` above it (< p): the quickselect's invariant */
+    return fl__topp_threshold(v, w, nb, p, above);
+}
+
+/* The threshold of the filters top_p (p < 1) and min_p (> 0) over candidate values cv[0:n) (the whole
+ * distribution, or what top-k left), whose max is m and logsumexp lse; tmp: 2 n doubles of scratch.
+ * Tokens with value >= the result survive. tol: the rounding slack on p. */
+static inline double fl__filter_threshold(const double *cv, int64_t n, double m, double lse, double top_p,
+                                          double min_p, double tol, double *tmp) {
+    double theta = -FL_INF;
+    if (top_p < 1.0) {
+        double p = top_p - tol > 0.5 * top_p ? top_p - tol : 0.5 * top_p;
+        memcpy(tmp, cv, (size_t)n * sizeof(double));
+        fl__exp_shift(cv, tmp + n, n, lse);
+        theta = fl__topp_bucketed(tmp, tmp + n, n, m, p);
+    }
+    if (min_p > 0.0) {
+        double t = m + log(min_p);
+        theta = t > theta ? t : theta;
+    }
+    return theta;
+}
+
+/* Instantiate the row drivers for float and double. */
+#define FLS_T float
+#define FLS_SUF f32
+#define FLS_EXP fl__expf
+#define FLS_NEXTAFTER nextafterf
+#define FLS_EPS 1.1920928955078125e-07
+#include "fastlogits_sample.h"
+#undef FLS_T
+#undef FLS_SUF
+#undef FLS_EXP
+#undef FLS_NEXTAFTER
+#undef FLS_EPS
+
+#define FLS_T double
+#define FLS_SUF f64
+#define FLS_EXP fl__exp
+#define FLS_NEXTAFTER nextafter
+#define FLS_EPS 2.220446049250313e-16
+#include "fastlogits_sample.h"
+#undef FLS_T
+#undef FLS_SUF
+#undef FLS_EXP
+#undef FLS_NEXTAFTER
+#undef FLS_EPS
+
+#else /* FLS_T: the per-compute-type part */
+
+#define FLS_CAT2_(a, b) a##_##b
+#define FLS_CAT2(a, b) FLS_CAT2_(a, b)
+#define FLS_FN(name) FLS_CAT2(name, FLS_SUF)
+
+/* best rounded down to the compute type (for the conservative float test). */
+FL_INLINE FLS_T FLS_FN(fl__round_down)(double best) {
+    FLS_T b = (FLS_T)best;
+    if ((double)b > best) b = FLS_NEXTAFTER(b, -(FLS_T)INFINITY);
+    return b;
+}
+
+/* The smallest value of the compute type that is >= theta. */
+FL_INLINE FLS_T FLS_FN(fl__round_up)(double theta) {
+    FLS_T t = (FLS_T)theta;
+    if ((double)t < theta) t = FLS_NEXTAFTER(t, (FLS_T)INFINITY);
+    return t;
+}
+
+/* The conservative test of one token: can x + g beat best (bl = best rounded down)? w: its high word.
+ * Tokens below theta are out. exp(x - bl) gets a margin of 0.2% (it covers the exp's and the
+ * subtraction's rounding and the word's conversion). */
+FL_INLINE int FLS_FN(fl__may_win)(FLS_T x, uint32_t w, FLS_T bl, FLS_T theta) {
+    FLS_T d = x >= theta ? x - bl : -(FLS_T)INFINITY;
+    FLS_T e = FLS_EXP(d) * (FLS_T)1.002;
+    FLS_T a = (FLS_T)(int32_t)((~w) >> 1) * (FLS_T)0x1p-31;
+    return a <= e;
+}
+
+/* The words of the 64-token block starting at token 64 * (ctr0 / 16), and the tokens x[0:64) of it that
+ * may win (flags); returns how many may. */
+FL_MULTIVERSION static FL_UNUSED int FLS_FN(fl__gumbel_block)(const FLS_T *x, uint32_t *w, uint32_t ctr0,
+                                                              const fl_rng *g, FLS_T bl, FLS_T theta,
+                                                              unsigned char *flags) {
+    int j, cnt = 0;
+    fl__philox_block(w, ctr0, g);
+    for (j = 0; j < 64; j++) {
+        FLS_T v = x[j];
+        FLS_T d = v >= theta ? v - bl : -(FLS_T)INFINITY;
+        FLS_T e = FLS_EXP(d) * (FLS_T)1.002;
+        FLS_T a = (FLS_T)(int32_t)((~w[j]) >> 1) * (FLS_T)0x1p-31;
+        int f = a <= e;
+        flags[j] = (unsigned char)f;
+        cnt += f;
+    }
+    return cnt;
+}
+
+/* The exact key of token t (value x, high word hi) against the best so far; tokens come in increasing
+ * order, so a tie keeps the earlier (lower) index. */
+FL_INLINE void FLS_FN(fl__gumbel_exact)(FLS_T x, uint32_t hi, int64_t t, const fl_rng *g, double *best,
+                                        int64_t *best_i) {
+    double key = (double)x + fl_gumbel_from_words(hi, fl_rng_word(g, t, 1));
+    FL_COUNT_EXACT;
+    if (key > *best) { *best = key; *best_i = t; }
+}
+
+/* Gumbel-max over columns [c0, c0 + len), whose transformed values are x[0:len), restricted to x >=
+ * theta: updates (*best, *best_i). w: 64 words, flags: 64 bytes of scratch. */
+static inline void FLS_FN(fl__gumbel_chunk)(const FLS_T *x, int64_t c0, int64_t len, FLS_T theta,
+                                            const fl_rng *g, double *best, int64_t *best_i, uint32_t *w,
+                                            unsigned char *flags) {
+    int64_t t = c0, end = c0 + len;
+    while (t < end) {
+        int64_t b0 = t - (t & 63), bend = b0 + 64 < end ? b0 + 64 : end, j;
+        uint32_t ctr0 = (uint32_t)((uint64_t)b0 >> 2);
+        FLS_T bl = FLS_FN(fl__round_down)(*best);
+        if (t == b0 && bend == b0 + 64) {
+            if (FLS_FN(fl__gumbel_block)(x + (t - c0), w, ctr0, g, bl, theta, flags)) {
+                for (j = 0; j < 64; j++) {
+                    FLS_T v = x[t - c0 + j];
+                    /* recheck against the best found meanwhile in this block (the first block of a row) */
+                    if (flags[j] && FLS_FN(fl__may_win)(v, w[j], FLS_FN(fl__round_down)(*best), theta))
+                        FLS_FN(fl__gumbel_exact)(v, w[j], b0 + j, g, best, best_i);
+                }
+            }
+        } else {                                   /* a block cut by the chunk's ends */
+            fl__philox_block(w, ctr0, g);
+            for (j = t - b0; j < bend - b0; j++) {
+                FLS_T v = x[b0 + j - c0];
+                if (FLS_FN(fl__may_win)(v, w[j], FLS_FN(fl__round_down)(*best), theta))
+                    FLS_FN(fl__gumbel_exact)(v, w[j], b0 + j, g, best, best_i);
+            }
+        }
+        t = bend;
+    }
+}
+
+/* Greedy: the index of the largest transformed value (lowest on ties; softcap applies, temperature does
+ * not matter). Status NaN for a row holding a NaN, EMPTY for a row of all -inf. */
+static inline int FLS_FN(fl__greedy)(const fl_row *r, int64_t chunk, FLS_T *buf, int64_t *out) {
+    fl_row rr = *r;
+    int64_t i;
+    FLS_T v;
+    rr.temperature = 1.0;
+    i = FLS_FN(fl_row_argmax)(&rr, chunk, buf);
+    v = FLS_FN(fl_row_value)(&rr, i);
+    if (v != v) return FL_SAMPLE_NAN;
+    if (v == -(FLS_T)INFINITY) return FL_SAMPLE_EMPTY;
+    *out = i;
+    return FL_SAMPLE_OK;
+}
+
+/* One pass keeping the k best values (heap hv/hi, root the worst) and the tokens tied with the root
+ * (ties[0:*nt), the root's value); -inf ties are not kept (impossible tokens). Status NaN or POSINF. */
+static inline int FLS_FN(fl__topk_pass)(const fl_row *r, int64_t k, int64_t chunk, FLS_T *buf, FLS_T *hv,
+                                        int64_t *hi, int64_t *ties, int64_t *nt_out) {
+    int64_t size = 0, nt = 0, c0, i, sb;
+    int has_nan;
+    for (c0 = 0; c0 < r->n; c0 += chunk) {
+        int64_t len = r->n - c0 < chunk ? r->n - c0 : chunk;
+        const FLS_T *x = FLS_FN(fl_row_chunk)(r, c0, len, buf);
+        FLS_T m = FLS_FN(fl__max)(x, len, &has_nan);
+        if (has_nan) return FL_SAMPLE_NAN;
+        if (m == (FLS_T)INFINITY) return FL_SAMPLE_POSINF;
+        if (size == k && m < hv[0]) continue;
+        for (sb = 0; sb < len; sb += 256) {
+            int64_t sl = len - sb < 256 ? len - sb : 256;
+            if (size == k) {
+                FLS_T sm = FLS_FN(fl__max)(x + sb, sl, &has_nan);
+                if (sm < hv[0]) continue;
+            }
+            for (i = sb; i < sb + sl; i++) {
+                FLS_T v = x[i];
+                if (size < k) {                            /* fill: sift up */
+                    int64_t p = size++;
+                    hv[p] = v; hi[p] = c0 + i;
+                    while (p > 0 && FLS_FN(fl__better)(hv[(p - 1) / 2], hi[(p - 1) / 2], hv[p], hi[p])) {
+                        int64_t q = (p - 1) / 2;
+                        FLS_T tv = hv[p]; hv[p] = hv[q]; hv[q] = tv;
+                        int64_t ti = hi[p]; hi[p] = hi[q]; hi[q] = ti;
+                        p = q;
+                    }
+                } else if (v > hv[0]) {
+                    FLS_T ev = hv[0];
+                    int64_t ei = hi[0];
+                    hv[0] = v; hi[0] = c0 + i;
+                    FLS_FN(fl__sift_down)(hv, hi, k, 0);
+                    if (hv[0] == ev && ev > -(FLS_T)INFINITY) ties[nt++] = ei;
+                    else nt = 0;
+                } else if (v == hv[0] && v > -(FLS_T)INFINITY) {
+                    ties[nt++] = c0 + i;
+                }
+            }
+        }
+    }
+    *nt_out = nt;
+    return FL_SAMPLE_OK;
+}
+
+/* Top-p over a whole row: the bucket of each token of x[0:n) (token i of a chunk), (m - x) * scale for
+ * x >= t0, clamped to FL_TOPP_BUCKETS, and below t0 one of 8 unused buckets after that (so that the
+ * histogram's adds form no long store-to-load chains); and its probability exp(x - lse), 0 below t0. */
+#ifndef FL_TOPP_BUCKETS
+#define FL_TOPP_BUCKETS 1024
+#endif
+FL_MULTIVERSION static FL_UNUSED void FLS_FN(fl__topp_weights)(const FLS_T *x, int64_t n, FLS_T m, FLS_T lse,
+                                                                FLS_T scale, FLS_T t0, int32_t *bi, FLS_T *w) {
+    for (int64_t i = 0; i < n; i++) {
+        FLS_T v = x[i];
+        FLS_T q = (m - v) * scale;
+        FLS_T e = FLS_EXP(v - lse);
+        int32_t b = (int32_t)(q < (FLS_T)FL_TOPP_BUCKETS ? q : (FLS_T)FL_TOPP_BUCKETS);
+        bi[i] = v >= t0 ? b : FL_TOPP_BUCKETS + 1 + (int32_t)((i >> 2) & 7);
+        w[i] = v >= t0 ? e : (FLS_T)0;
+    }
+}
+
+/* The top-p threshold tau of a whole row (max m, logsumexp lse; p already lowered by the tolerance), in
+ * two passes and no sort: only tokens above t0 = lse + log(1 - p) - log(V) can be in the nucleus (those
+ * below hold less than 1 - p of the mass); pass 1 histograms the mass of those over FL_TOPP_BUCKETS value
+ * buckets between t0 and m, which finds the bucket where the cumulative mass (from the top) reaches p;
+ * pass 2 collects that bucket's tokens, and a quickselect on mass among them gives tau. */
+static inline double FLS_FN(fl__topp_row)(const fl_row *r, int64_t chunk, fl_sample_scratch *sc, double m,
+                                          double lse, double p) {
+    double mass[4][FL_TOPP_BUCKETS + 9], above = 0.0, t0d = lse + log1p(-p) - log((double)r->n) - 1e-3;
+    FLS_T *buf = (FLS_T *)sc->buf, t0, scale, mt = (FLS_T)m, lt = (FLS_T)lse;
+    int32_t *bi = (int32_t *)(void *)sc->tmp;
+    FLS_T *w = (FLS_T *)(void *)(sc->tmp + (chunk + 1) / 2);
+    double *cw = (double *)(void *)sc->ci;
+    int64_t c0, i, nc = 0;
+    int b, hit = -1;
+    int32_t lo_b;
+    uint32_t span;
+    if (t0d >= m) return m;                       /* p so small that the top token alone reaches it */
+    t0 = FLS_FN(fl__round_down)(t0d);
+    scale = (FLS_T)((FL_TOPP_BUCKETS - 0.01) / (m - (double)t0));
+    if (!(scale < (FLS_T)INFINITY)) return m;
+    memset(mass, 0, sizeof(mass));
+    for (c0 = 0; c0 < r->n; c0 += chunk) {
+        int64_t len = r->n - c0 < chunk ? r->n - c0 : chunk;
+        const FLS_T *x = FLS_FN(fl_row_chunk)(r, c0, len, buf);
+        FLS_FN(fl__topp_weights)(x, len, mt, lt, scale, t0, bi, w);
+        for (i = 0; i < len; i++) mass[i & 3][bi[i]] += (double)w[i];   /* four: no store-load chains */
+    }
+    for (b = 0; b <= FL_TOPP_BUCKETS; b++) {
+        double mb = mass[0][b] + mass[1][b] + mass[2][b] + mass[3][b];
+        if (above + mb >= p) { hit = b; break; }
+        above += mb;
+    }
+    if (hit < 0) {                                 /* rounding kept the mass below p: all the row */
+        lo_b = 0;
+        span = FL_TOPP_BUCKETS;
+        above = 0.0;
+    } else {
+        lo_b = hit;
+        span = 0;
+    }
+    for (c0 = 0; c0 < r->n; c0 += chunk) {
+        int64_t len = r->n - c0 < chunk ? r->n - c0 : chunk;
+        const FLS_T *x = FLS_FN(fl_row_chunk)(r, c0, len, buf);
+        FLS_FN(fl__topp_weights)(x, len, mt, lt, scale, t0, bi, w);
+        for (i = 0; i < len; i++) {       /* one well-predicted test: bucket in [lo_b, lo_b + span] */
+            if ((uint32_t)(bi[i] - lo_b) <= span) {
+                sc->cv[nc] = (double)x[i];
+                cw[nc] = exp((double)x[i] - lse);
+                nc++;
+            }
+        }
+    }
+    if (nc == 0) return m;                         /* not reached */
+    return fl__topp_threshold(sc->cv, cw, nc, p, above);
+}
+
+/* The number of x[0:n) above xt (added to *rank), and the sum of exp(x - m) over x >= theta (m >= every
+ * x). Fixed-width lanes, flushed to double every 16 vectors, as fl__sumexp. */
+FL_MULTIVERSION static FL_UNUSED double FLS_FN(fl__rank_mass)(const FLS_T *x, int64_t n, FLS_T xt,
+                                                              FLS_T theta, FLS_T m, int64_t *rank) {
+    double tot = 0.0;
+    int64_t cnt = 0, i = 0;
+    FLS_T acc[16];
+    int32_t c[16];
+    int j;
+    while (i + 16 <= n) {
+        int64_t stop = i + 256 < n ? i + 256 : n;
+        for (j = 0; j < 16; j++) { acc[j] = 0; c[j] = 0; }
+        for (; i + 16 <= stop; i += 16) {
+            FL_LANE_LOOP
+            for (j = 0; j < 16; j++) {
+                FLS_T v = x[i + j];
+                FLS_T e = FLS_EXP(v - m);      /* the select after the exp keeps the loop vectorized */
+                c[j] += v > xt;
+                acc[j] += v >= theta ? e : (FLS_T)0;
+            }
+        }
+        for (j = 0; j < 16; j++) { tot += acc[j]; cnt += c[j]; }
+    }
+    for (; i < n; i++) {
+        cnt += x[i] > xt;
+        tot += x[i] >= theta ? (double)FLS_EXP(x[i] - m) : 0.0;
+    }
+    *rank += cnt;
+    return tot;
+}
+
+/* Draws p->num_samples tokens from row r (see the top of the file) into tokens[s]; when logprobs is not
+ * NULL, also the token's log-probability under the filtered, renormalised distribution, and in ranks[s]
+ * how many of the row's tokens have a larger (transformed) logit. Returns a status: OK, or NAN (a NaN in
+ * the row), POSINF (a +inf logit at a positive temperature), EMPTY (no possible token: all -inf or an
+ * empty row); nothing is written then. */
+static inline int FLS_FN(fl_row_sample)(const fl_row *r, const fl_sample_params *p, int64_t chunk,
+                                        fl_sample_scratch *sc, int64_t *tokens, double *logprobs,
+                                        int64_t *ranks) {
+    int64_t n = r->n, k = p->top_k, s, c0, i, nc;
+    FLS_T *buf = (FLS_T *)sc->buf;
+    uint32_t w[64];
+    unsigned char flags[64];
+    double tol = 16 * FLS_EPS;
+    int has_nan;
+    if (n <= 0) return FL_SAMPLE_EMPTY;
+    if (p->greedy) {
+        int64_t t = 0;
+        int st = FLS_FN(fl__greedy)(r, chunk, buf, &t);
+        if (st != FL_SAMPLE_OK) return st;
+        for (s = 0; s < p->num_samples; s++) {
+            tokens[s] = t;
+            if (logprobs) { logprobs[s] = 0.0; ranks[s] = 0; }
+        }
+        return FL_SAMPLE_OK;
+    }
+    if (k >= n) k = 0;
+    if (k > 0) {
+        /* top-k: candidates are the heap and the ties; everything else happens on them */
+        FLS_T *hv = (FLS_T *)sc->hv;
+        int64_t nt = 0;
+        double m, sum = 0.0, lse, theta, lse_s, ssum = 0.0;
+        int st = FLS_FN(fl__topk_pass)(r, k, chunk, buf, hv, sc->hi, sc->ci + k, &nt);
+        if (st != FL_SAMPLE_OK) return st;
+        m = -FL_INF;
+        for (i = 0; i < k; i++) { sc->cv[i] = (double)hv[i]; sc->ci[i] = sc->hi[i]; }
+        for (i = 0; i < nt; i++) sc->cv[k + i] = (double)hv[0];
+        nc = k + nt;
+        for (i = 0; i < nc; i++) m = sc->cv[i] > m ? sc->cv[i] : m;
+        if (m == -FL_INF) return FL_SAMPLE_EMPTY;
+        for (i = 0; i < nc; i++) sum += exp(sc->cv[i] - m);
+        lse = m + log(sum);
+        theta = fl__filter_threshold(sc->cv, nc, m, lse, p->top_p, p->min_p, tol, sc->tmp);
+        for (i = 0; i < nc; i++)
+            if (sc->cv[i] >= theta) ssum += exp(sc->cv[i] - m);
+        lse_s = m + log(ssum);
+        for (s = 0; s < p->num_samples; s++) {
+            fl_rng g = fl_rng_make(p->seed, p->row_id, (uint32_t)s);
+            double best = -FL_INF;
+            int64_t bi = -1, bj = -1;
+            for (i = 0; i < nc; i++) {
+                double key;
+                if (sc->cv[i] < theta || sc->cv[i] == -FL_INF) continue;
+                key = sc->cv[i] + fl_rng_gumbel(&g, sc->ci[i]);
+                if (key > best || (key == best && sc->ci[i] < bi)) { best = key; bi = sc->ci[i]; bj = i; }
+            }
+            tokens[s] = bi;
+            if (logprobs) {
+                int64_t rank = 0;
+                for (i = 0; i < nc; i++) rank += sc->cv[i] > sc->cv[bj];
+                logprobs[s] = sc->cv[bj] - lse_s;
+                ranks[s] = rank;
+            }
+        }
+        return FL_SAMPLE_OK;
+    } else {
+        /* the whole row: a logsumexp pass when a filter or the log-probability needs it */
+        int need_lse = p->top_p < 1.0 || p->min_p > 0.0 || logprobs != NULL;
+        fl_lse_state st;
+        double lse = 0.0, theta = -FL_INF, lse_s;
+        FLS_T theta_t;
+        st.m = 0.0; st.s = 0.0;
+        if (need_lse) {
+            st = FLS_FN(fl_row_lse)(r, 0, n, chunk, buf);
+            if (st.m != st.m) return FL_SAMPLE_NAN;
+            if (st.m == FL_INF) return FL_SAMPLE_POSINF;
+            if (st.m == -FL_INF) return FL_SAMPLE_EMPTY;
+            lse = st.m + log(st.s);
+        }
+        if (p->top_p < 1.0) {
+            theta = FLS_FN(fl__topp_row)(r, chunk, sc, st.m, lse, p->top_p - tol > 0.5 * p->top_p ?
+                                         p->top_p - tol : 0.5 * p->top_p);
+            if (p->min_p > 0.0 && st.m + log(p->min_p) > theta) theta = st.m + log(p->min_p);
+        } else if (p->min_p > 0.0) {
+            theta = st.m + log(p->min_p);
+        }
+        theta_t = theta == -FL_INF ? -(FLS_T)INFINITY : FLS_FN(fl__round_up)(theta);
+        for (s = 0; s < p->num_samples; s++) {
+            fl_rng g = fl_rng_make(p->seed, p->row_id, (uint32_t)s);
+            double best = -FL_INF;
+            int64_t bi = -1;
+            FLS_T xt;
+            for (c0 = 0; c0 < n; c0 += chunk) {
+                int64_t len = n - c0 < chunk ? n - c0 : chunk;
+                const FLS_T *x = FLS_FN(fl_row_chunk)(r, c0, len, buf);
+                FLS_T cm = FLS_FN(fl__max)(x, len, &has_nan);
+                if (!need_lse) {
+                    if (has_nan) return FL_SAMPLE_NAN;
+                    if (cm == (FLS_T)INFINITY) return FL_SAMPLE_POSINF;
+                }
+                if (cm < theta_t || (double)cm + FL_GUMBEL_MAX < best) continue;
+                FLS_FN(fl__gumbel_chunk)(x, c0, len, theta_t, &g, &best, &bi, w, flags);
+            }
+            if (bi < 0) return FL_SAMPLE_EMPTY;
+            tokens[s] = bi;
+            if (!logprobs) continue;
+            xt = FLS_FN(fl_row_value)(r, bi);
+            {                                    /* count the larger tokens, sum the survivors */
+                int64_t rank = 0;
+                double ssum = 0.0;
+                for (c0 = 0; c0 < n; c0 += chunk) {
+                    int64_t len = n - c0 < chunk ? n - c0 : chunk;
+                    const FLS_T *x = FLS_FN(fl_row_chunk)(r, c0, len, buf);
+                    ssum += FLS_FN(fl__rank_mass)(x, len, xt, theta_t, (FLS_T)st.m, &rank);
+                }
+                ranks[s] = rank;
+                lse_s = theta > -FL_INF ? st.m + log(ssum) : lse;
+                logprobs[s] = (double)xt - lse_s;
+            }
+        }
+        return FL_SAMPLE_OK;
+    }
+}
+
+#undef FLS_FN
+#undef FLS_CAT2
+#undef FLS_CAT2_
+
+#endif /* FLS_T */

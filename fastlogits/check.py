@@ -1,0 +1,123 @@
+"""``fastlogits check``: the two backends against each other on the machine at hand.
+
+Every operation and dtype runs on backend="gpu" and backend="cpu" over the same random rows plus the edge
+rows of the numerics contract (-inf, all -inf, +inf, NaN, ties, huge values), at sizes around the GPU's
+block boundary; the table gives the largest difference and pass/fail against the documented tolerance:
+float32 compute within 2e-5 relative (plus 2e-5 x (1 + the row's largest |x/T|) for log-domain results),
+float64 within 1e-12, 16-bit outputs one unit of their rounding more, argmax and top-k indices exactly.
+On a machine without a GPU it runs under numba's CUDA simulator when NUMBA_ENABLE_CUDASIM=1 is set
+(small shapes: the simulator runs every thread in Python).
+"""
+import json
+import os
+import warnings
+
+import ml_dtypes
+import numpy as np
+
+import fastlogits as fl
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+DTYPES = {"float16": np.dtype(np.float16), "bfloat16": BF16, "float32": np.dtype(np.float32),
+          "float64": np.dtype(np.float64)}
+REL = {"float16": 2e-5, "bfloat16": 2e-5, "float32": 2e-5, "float64": 1e-12}
+ROUND = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 0.0, "float64": 0.0}
+LOG_DOMAIN = {"logsumexp", "log_softmax", "cross_entropy", "entropy", "top_k_logprobs"}
+
+
+def _rows(rng, V, dtype, rows):
+    x = rng.standard_normal((rows, V)) * 3
+    edge = np.zeros((6, V))
+    edge[0, ::3] = -np.inf                      # some -inf
+    edge[1, :] = -np.inf                        # all -inf
+    edge[2, 1] = np.inf                         # +inf
+    edge[3, 2] = np.nan                         # NaN
+    edge[4, :] = 1.0                            # ties everywhere
+    big = 3e4 if dtype == "float16" else 1e30
+    edge[5, :] = np.where(np.arange(V) % 2, -big, big)   # huge, tied
+    return np.concatenate([x, edge]).astype(DTYPES[dtype])
+
+
+def _compare(name, got, want, x, dtype, out_dtype=None):
+    """(max difference, ok) of one result against the CPU's."""
+    g = np.asarray(got.copy_to_host() if hasattr(got, "copy_to_host") else got, np.float64)
+    w = np.asarray(want, np.float64)
+    if g.shape != w.shape:
+        return float("inf"), False
+    if name in ("argmax", "top_k_indices"):
+        return float(np.count_nonzero(g != w)), bool(np.array_equal(g, w))
+    both_nan = np.isnan(g) & np.isnan(w)
+    same_inf = np.isinf(g) & (g == w)
+    fin = np.isfinite(w) & np.isfinite(g)
+    xs = np.asarray(x, np.float64)
+    with np.errstate(invalid="ignore"):
+        scale = np.nanmax(np.where(np.isfinite(xs), np.abs(xs), 0), axis=-1, initial=0)
+    scale = scale.reshape(scale.shape + (1,) * (w.ndim - scale.ndim)) if w.ndim else scale
+    rel = REL[dtype]
+    tol = rel * np.abs(w) + (rel * (1 + scale) if name in LOG_DOMAIN else 1e-30)
+    if out_dtype in ("float16", "bfloat16"):
+        tol = tol + ROUND[out_dtype] * np.abs(w)
+    with np.errstate(invalid="ignore"):
+        diff = np.where(fin, np.abs(g - w), 0.0)
+    ok = bool(np.all(both_nan | same_inf | (fin & (diff <= np.broadcast_to(tol, w.shape)))))
+    return float(diff.max()) if diff.size else 0.0, ok
+
+
+def run(V_list=None, rows=None, seed=0):
+    """A list of {op, dtype, V, max_diff, ok}."""
+    sim = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+    V_list = V_list or ([127, 129] if sim else [127, 128, 129, 1025, 32000, 128256])
+    rows = rows or (2 if sim else 64)
+    rng = np.random.default_rng(seed)
+    out = []
+    for dtype in DTYPES:
+        for V in V_list:
+            x = _rows(rng, V, dtype, rows)
+            y = rng.integers(0, V, x.shape[0])
+            t = rng.uniform(0.5, 2.0, x.shape[0])
+            calls = {
+                "logsumexp": lambda b, x=x, t=t: fl.logsumexp(x, temperature=t, backend=b),
+                "entropy": lambda b, x=x: fl.entropy(x, backend=b),
+                "softmax": lambda b, x=x: fl.softmax(x, softcap=30.0, backend=b),
+                "log_softmax": lambda b, x=x: fl.log_softmax(x, backend=b),
+                "cross_entropy": lambda b, x=x, y=y: fl.cross_entropy(x, y, reduction="none", backend=b,
+                                                                      label_smoothing=0.1),
+                "argmax": lambda b, x=x: fl.argmax(x, backend=b),
+                "top_k_indices": lambda b, x=x: fl.top_k(x, 5, backend=b)[1],
+                "top_k_logprobs": lambda b, x=x: fl.top_k_logprobs(x, 5, backend=b)[0],
+            }
+            for op, call in calls.items():
+                want = call("cpu")
+                with warnings.catch_warnings():     # the simulator's NumPy scalars warn where GPUs don't
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    got = call("gpu")
+                out_dtype = dtype if op in ("softmax", "log_softmax") else None
+                diff, ok = _compare(op, got, want, x, dtype, out_dtype)
+                out.append({"op": op, "dtype": dtype, "V": V, "max_diff": diff, "ok": ok})
+    return out
+
+
+def main(args):
+    reason = fl._config.gpu_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"no GPU backend to check against the CPU: {reason} (set NUMBA_ENABLE_CUDASIM=1 "
+                           "to run the check under numba's CUDA simulator)")
+    results = run()
+    failed = [r for r in results if not r["ok"]]
+    if args.json:
+        print(json.dumps({"results": results, "failed": len(failed)}, indent=1))
+    else:
+        agg = {}
+        for r in results:
+            a = agg.setdefault((r["op"], r["dtype"]), {"max_diff": 0.0, "ok": True, "sizes": []})
+            a["max_diff"] = max(a["max_diff"], r["max_diff"])
+            a["ok"] &= r["ok"]
+            a["sizes"].append(r["V"])
+        print("| op | dtype | V | largest difference (GPU vs CPU) | result |")
+        print("| --- | --- | --- | --- | --- |")
+        for (op, dtype), a in agg.items():
+            unit = " mismatches" if op in ("argmax", "top_k_indices") else ""
+            print(f"| {op} | {dtype} | {','.join(map(str, a['sizes']))} | {a['max_diff']:.3g}{unit} | "
+                  f"{'pass' if a['ok'] else 'FAIL'} |")
+        print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0

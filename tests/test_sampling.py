@@ -1,0 +1,663 @@
+"""Seeded sampling and beam search: exact distributions (chi-square against float64 filtered probabilities),
+Hugging Face's filter semantics and test vectors, reproducibility (threads, chunk sizes, batch composition),
+the documented random-number scheme (an independent NumPy Philox), edge rows and argument errors."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastlogits.ops.sampling import beam_search_step, sample
+
+P_MIN = 1e-4          # chi-square p-value below which a test fails
+N_DRAWS = 20000       # draws per goodness-of-fit test (rows of the same logits, one scalar seed)
+
+
+# ------------------------------------------------------------------------------------------------------
+# References
+# ------------------------------------------------------------------------------------------------------
+
+def _softmax(x):
+    x = np.asarray(x, np.float64)
+    m = np.max(x)
+    e = np.exp(x - m)
+    return e / e.sum()
+
+
+def ref_probs(x, temperature=1.0, top_k=None, top_p=None, min_p=None):
+    """Exact float64 probabilities of one row after Hugging Face's warpers in order (temperature, top-k,
+    top-p, min-p), every token tied with a boundary value kept."""
+    x = np.asarray(x, np.float64) / temperature
+    if top_k is not None and 0 < top_k < len(x):
+        kth = np.sort(x)[::-1][top_k - 1]
+        x = np.where(x < kth, -np.inf, x)
+    if top_p is not None and top_p < 1:
+        p = _softmax(x)
+        above = np.array([p[x > v].sum() for v in x])
+        x = np.where(above < top_p - 1e-12, x, -np.inf)
+    if min_p is not None and min_p > 0:
+        p = _softmax(x)
+        x = np.where(p >= min_p * p.max(), x, -np.inf)
+    return _softmax(x)
+
+
+def chi_square_ok(tokens, probs):
+    """Draws never hit a zero-probability token, and their counts fit probs (bins of small expectation
+    merged)."""
+    stats = pytest.importorskip("scipy.stats")
+    tokens = np.asarray(tokens).ravel()
+    counts = np.bincount(tokens, minlength=len(probs))
+    drawn_out = np.flatnonzero((probs == 0) & (counts > 0))
+    assert drawn_out.size == 0, f"filtered tokens drawn: {drawn_out}"
+    exp = probs * len(tokens)
+    big = exp >= 5
+    obs = list(counts[big]) + ([counts[~big].sum()] if np.any(~big & (probs > 0)) else [])
+    ex = list(exp[big]) + ([exp[~big].sum()] if np.any(~big & (probs > 0)) else [])
+    if len(obs) < 2:
+        assert np.all(counts[probs > 0] == len(tokens)) or len(obs) == 1
+        return
+    pval = stats.chisquare(obs, np.array(ex) * (np.sum(obs) / np.sum(ex))).pvalue
+    assert pval > P_MIN, (f"chi-square p-value {pval:.3g}: counts {counts.tolist()} vs expected "
+                          f"{exp.round(1).tolist()}")
+
+
+# An independent NumPy implementation of the documented generator (fastlogits_sample.h).
+M0, M1, W0, W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
+
+
+def np_philox(c0, c1, c2, c3, k0, k1):
+    c = [np.asarray(v, np.uint64) & 0xFFFFFFFF for v in np.broadcast_arrays(c0, c1, c2, c3)]
+    k0, k1 = np.uint64(k0), np.uint64(k1)
+    for _ in range(10):
+        p0 = c[0] * np.uint64(M0)
+        p1 = c[2] * np.uint64(M1)
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & np.uint64(0xFFFFFFFF),
+             (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & np.uint64(0xFFFFFFFF)]
+        k0 = (k0 + np.uint64(W0)) & np.uint64(0xFFFFFFFF)
+        k1 = (k1 + np.uint64(W1)) & np.uint64(0xFFFFFFFF)
+    return np.stack(c)
+
+
+def np_gumbel(seed, row, s, tokens):
+    t = np.asarray(tokens, np.uint64)
+    ctr = ((t >> np.uint64(6)) << np.uint64(4)) | (t & np.uint64(15))
+    word = ((t >> np.uint64(4)) & np.uint64(3)).astype(np.int64)
+    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+    c3 = (row >> 32) << 1
+    hi = np_philox(ctr, s, row & 0xFFFFFFFF, c3, k0, k1)[word, np.arange(len(t))]
+    lo = np_philox(ctr, s, row & 0xFFFFFFFF, c3 | 1, k0, k1)[word, np.arange(len(t))]
+    k = (hi << np.uint64(20)) | (lo >> np.uint64(12))
+    u = (2 * k + 1).astype(np.float64) * 2.0**-53
+    return hi, lo, -np.log(-np.log(u))
+
+
+# ------------------------------------------------------------------------------------------------------
+# The generator
+# ------------------------------------------------------------------------------------------------------
+
+def test_philox_known_answers():
+    from fastlogits.cpu import _sample
+    assert _sample.philox4x32_10((0, 0, 0, 0), (0, 0)) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
+    assert _sample.philox4x32_10((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2) == (
+        0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)
+    assert _sample.philox4x32_10((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+                                 (0xA4093822, 0x299F31D0)) == (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)
+    out = np_philox(0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344, 0xA4093822, 0x299F31D0)
+    assert out.ravel().tolist() == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+@pytest.mark.parametrize("seed,row,s", [(0, 0, 0), (2**64 - 1, 5, 3), (123456789, 2**33 + 7, 1)])
+def test_noise_matches_documented_scheme(seed, row, s):
+    from fastlogits.cpu import _sample
+    tokens = np.array([0, 1, 15, 16, 63, 64, 1000, 128255, 2**31 + 5], np.int64)
+    hi, lo, g = _sample.noise(seed, row, s, tokens)
+    nhi, nlo, ng = np_gumbel(seed, row, s, tokens)
+    np.testing.assert_array_equal(hi, nhi)
+    np.testing.assert_array_equal(lo, nlo)
+    np.testing.assert_array_equal(g, ng)
+
+
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.7}, {"top_k": 5}, {"top_p": 0.8}, {"min_p": 0.05},
+                                {"top_k": 40, "top_p": 0.9, "min_p": 0.01},
+                                {"top_p": 0.5, "temperature": 3.0}, {"top_k": 700, "top_p": 0.97}])
+@pytest.mark.parametrize("V,dtype", [(300, np.float32), (5000, np.float32), (1000, np.float64)])
+def test_tokens_are_the_argmax_of_logits_plus_documented_noise(rng, kw, V, dtype):
+    """The sampler's choice is exactly argmax(x / T + g) over the survivors, g from the documented
+    generator: what a port (the GPU backend) must reproduce."""
+    rows = 6
+    x = (rng.standard_normal((rows, V)) * 2).astype(dtype)
+    seed = int(rng.integers(0, 2**63))
+    got = sample(x, seed=seed, chunk_size=1000, **kw)
+    T = kw.get("temperature", 1.0)
+    for i in range(rows):
+        xs = (x[i] / dtype(T)).astype(np.float64)       # in the compute dtype, as the kernel
+        keep = ref_probs(xs, 1.0, kw.get("top_k"), kw.get("top_p"), kw.get("min_p")) > 0
+        _, _, g = np_gumbel(seed, i, 0, np.arange(V))
+        key = np.where(keep, xs + g, -np.inf)
+        assert got[i] == int(np.argmax(key)), i
+
+
+@given(data=st.data())
+@settings(max_examples=60, deadline=None)
+def test_exactness_property(data):
+    """Random rows (with ties and -inf), dtypes and filters: the token is the argmax of x / T + g over
+    exactly the survivors of the reference filters."""
+    dtype = data.draw(st.sampled_from([np.float32, np.float64]))
+    V = data.draw(st.integers(1, 200))
+    levels = data.draw(st.sampled_from([None, 3, 8]))      # few distinct values: many ties
+    if levels is None:
+        x = np.array(data.draw(st.lists(st.floats(-30, 30, width=32), min_size=V, max_size=V)), dtype)
+    else:
+        x = np.array(data.draw(st.lists(st.integers(0, levels), min_size=V, max_size=V)), dtype) * 0.7
+    if V > 1 and data.draw(st.booleans()):
+        x[data.draw(st.integers(0, V - 2))] = -np.inf
+    T = data.draw(st.sampled_from([1.0, 0.5, 2.0]))
+    kw = {"top_k": data.draw(st.sampled_from([None, 1, 2, 5, 50])),
+          "top_p": data.draw(st.sampled_from([None, 0.2, 0.5, 0.9, 0.99])),
+          "min_p": data.draw(st.sampled_from([None, 0.01, 0.2, 0.7]))}
+    seed = data.draw(st.integers(0, 2**64 - 1))
+    chunk = data.draw(st.sampled_from([None, 7, 64]))
+    got = int(sample(x, temperature=T, seed=seed, chunk_size=chunk, **kw))
+    xs = (x / dtype(T)).astype(np.float64)
+    keep = _ref_keep(xs, kw["top_k"], kw["top_p"], kw["min_p"], 16 * np.finfo(dtype).eps)
+    _, _, g = np_gumbel(seed, 0, 0, np.arange(V))
+    assert got == int(np.argmax(np.where(keep, xs + g, -np.inf)))
+
+
+def _ref_keep(x, top_k, top_p, min_p, tol):
+    """The survivors of HF's filters (boundary ties kept), p's tolerance as documented."""
+    if top_k is not None and 0 < top_k < len(x):
+        x = np.where(x < np.sort(x)[::-1][top_k - 1], -np.inf, x)
+    if top_p is not None and top_p < 1:
+        p = _softmax(x)
+        above = np.array([p[x > v].sum() for v in x])
+        x = np.where(above < max(top_p - tol, top_p / 2), x, -np.inf)
+    if min_p is not None and min_p > 0:
+        x = np.where(x >= np.max(x) + np.log(min_p), x, -np.inf)
+    return x > -np.inf
+
+
+# ------------------------------------------------------------------------------------------------------
+# Exact distributions
+# ------------------------------------------------------------------------------------------------------
+
+CONFIGS = [
+    {},
+    {"temperature": 0.6},
+    {"temperature": 2.5},
+    {"top_k": 4},
+    {"top_p": 0.7},
+    {"min_p": 0.15},
+    {"top_k": 6, "top_p": 0.8},
+    {"top_k": 8, "min_p": 0.1},
+    {"top_p": 0.85, "min_p": 0.05},
+    {"temperature": 0.8, "top_k": 7, "top_p": 0.9, "min_p": 0.03},
+]
+
+
+@pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "plain")
+def test_goodness_of_fit(rng, kw):
+    V = 12
+    x = rng.standard_normal(V) * 1.5
+    x32 = x.astype(np.float32)
+    probs = ref_probs(x32.astype(np.float64), kw.get("temperature", 1.0), kw.get("top_k"), kw.get("top_p"),
+                      kw.get("min_p"))
+    tokens = sample(np.tile(x32, (N_DRAWS, 1)), seed=int(rng.integers(2**62)), **kw)
+    chi_square_ok(tokens, probs)
+
+
+def test_goodness_of_fit_float64_and_num_samples(rng):
+    x = rng.standard_normal(9)
+    kw = {"temperature": 0.9, "top_p": 0.75}
+    tokens = sample(np.tile(x, (N_DRAWS // 4, 1)), seed=7, num_samples=4, **kw)
+    assert tokens.shape == (N_DRAWS // 4, 4)
+    chi_square_ok(tokens, ref_probs(x, **kw))
+    # one row, many samples: the samples of a row are independent draws too
+    chi_square_ok(sample(x, seed=8, num_samples=N_DRAWS, **kw), ref_probs(x, **kw))
+
+
+@pytest.mark.parametrize("kw", [{"top_p": 0.9}, {"top_p": 0.3}, {"min_p": 0.02}, {"top_k": 30}, {},
+                                {"top_k": 1500, "top_p": 0.8}, {"top_p": 0.95, "min_p": 0.001}])
+def test_goodness_of_fit_long_row(rng, kw):
+    """A vocabulary of several chunks (the streaming paths), bucketed by probability."""
+    stats = pytest.importorskip("scipy.stats")
+    V, n = 3000, 6000
+    x = (rng.standard_normal(V) * 2.5).astype(np.float32)
+    probs = ref_probs(x.astype(np.float64), 1.0, kw.get("top_k"), kw.get("top_p"), kw.get("min_p"))
+    tokens = sample(np.tile(x, (n, 1)), seed=int(rng.integers(2**62)), chunk_size=1000, **kw)
+    assert np.all(probs[tokens] > 0)
+    # buckets of tokens by decreasing probability, each of expected count >= 50
+    order = np.argsort(-probs, kind="stable")
+    cum = np.cumsum(probs[order]) * n
+    bucket = np.minimum((cum // 50).astype(int), int(cum[-1] // 50) - 1)
+    bucket = np.unique(bucket, return_inverse=True)[1]
+    bucket_of = np.empty(V, int)
+    bucket_of[order] = bucket
+    nb = bucket.max() + 1
+    if nb == 1:                 # one bucket (top-p kept a token or two): the support check is the test
+        return
+    obs = np.bincount(bucket_of[tokens], minlength=nb)
+    ex = np.bincount(bucket_of, weights=probs * n, minlength=nb)
+    assert stats.chisquare(obs, ex * obs.sum() / ex.sum()).pvalue > P_MIN
+
+
+# ------------------------------------------------------------------------------------------------------
+# Hugging Face semantics
+# ------------------------------------------------------------------------------------------------------
+
+def support(x, draws=4000, **kw):
+    """The tokens that ever get drawn from row x."""
+    t = sample(np.tile(x, (draws, 1)), seed=11, **kw)
+    return sorted(set(np.asarray(t).ravel().tolist()))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_hf_top_p_vectors(dtype):
+    dist = np.log(np.array([[0.3, 0.1, 0.1, 0.5], [0.15, 0.3, 0.3, 0.25]])).astype(dtype)
+    assert support(dist[0], top_p=0.8) == [0, 3]
+    assert support(dist[1], top_p=0.8) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_hf_min_p_vectors(dtype):
+    dist = np.log(np.array([[0.9, 0.0274, 0.047, 0.0274], [0.15, 0.3, 0.3, 0.25], [0.97, 0.01, 0.01, 0.01]]))
+    dist = dist.astype(dtype)
+    assert support(dist[0], min_p=0.05) == [0, 2]
+    assert support(dist[1], min_p=0.05) == [0, 1, 2, 3]
+    assert support(dist[2], min_p=0.05) == [0]
+
+
+def test_top_k_keeps_ties_at_the_kth_value():
+    x = np.array([3.0, 2.0, 1.0, 2.0, 0.5, 2.0, -1.0], np.float32)
+    t = sample(np.tile(x, (N_DRAWS, 1)), top_k=2, seed=3)
+    chi_square_ok(t, ref_probs(x, top_k=2))
+    assert sorted(set(t.tolist())) == [0, 1, 3, 5]
+    # ties decided late in a long row (the k-th value changes while streaming)
+    x = np.zeros(5000, np.float32)
+    x[[10, 4000]] = 1.0
+    x[[5, 700, 2500, 4999]] = 0.5
+    assert support(x, draws=3000, top_k=4, chunk_size=256) == [5, 10, 700, 2500, 4000, 4999]
+
+
+def test_top_p_ties_at_the_boundary_are_kept():
+    x = np.log(np.array([0.4, 0.2, 0.2, 0.2]))
+    assert support(x, top_p=0.5) == [0, 1, 2, 3]
+    assert support(x, top_p=0.4) == [0]
+
+
+def test_filters_compose_in_hf_order():
+    # top-p applies to the top-k-renormalised distribution: with top_k=2 the two best hold 0.4/0.7 and
+    # 0.3/0.7, so top_p=0.5 keeps only the first; on the full distribution it would keep two
+    x = np.log(np.array([0.4, 0.3, 0.2, 0.1]))
+    assert support(x, top_k=2, top_p=0.5) == [0]
+    assert support(x, top_p=0.5) == [0, 1]
+    # min-p after top-p: the ratio to the top token does not change when renormalising
+    assert support(x, top_p=0.95, min_p=0.3) == [0, 1, 2]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Reproducibility
+# ------------------------------------------------------------------------------------------------------
+
+REPRO = [{}, {"temperature": 0.5}, {"top_k": 20}, {"top_p": 0.9}, {"min_p": 0.05},
+         {"top_k": 50, "top_p": 0.95, "min_p": 0.01}]
+
+
+@pytest.mark.parametrize("kw", REPRO, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "plain")
+def test_same_tokens_whatever_threads_and_chunks(rng, kw):
+    x = (rng.standard_normal((16, 2000)) * 3).astype(np.float32)
+    x[3, 100:300] = -np.inf
+    want = sample(x, seed=42, num_samples=3, return_logprobs=True, **kw)
+    for threads in (1, 2, 3):
+        for chunk in (7, 64, 100, None):
+            got = sample(x, seed=42, num_samples=3, return_logprobs=True, threads=threads, chunk_size=chunk,
+                         **kw)
+            np.testing.assert_array_equal(got[0], want[0])       # tokens and ranks: exactly
+            np.testing.assert_array_equal(got[2], want[2])
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-6)   # lse: up to rounding
+    # non-contiguous and negative strides, and other leading shapes
+    xf = np.asfortranarray(x)
+    np.testing.assert_array_equal(sample(xf, seed=42, **kw), want[0][:, 0])
+    xr = x[:, ::-1].copy()[:, ::-1]
+    np.testing.assert_array_equal(sample(xr, seed=42, **kw), want[0][:, 0])
+    np.testing.assert_array_equal(sample(x.reshape(4, 4, -1), seed=42, **kw), want[0][:, 0].reshape(4, 4))
+    # sample 0 of many is the single sample
+    np.testing.assert_array_equal(sample(x, seed=42, **kw), want[0][:, 0])
+
+
+def test_per_row_seeds_make_rows_batch_invariant(rng):
+    x = (rng.standard_normal((10, 500)) * 2).astype(np.float32)
+    seeds = rng.integers(0, 2**62, 10)
+    kw = {"top_k": 30, "top_p": 0.9}
+    full = sample(x, seed=seeds, **kw)
+    for i in range(10):
+        assert sample(x[i:i + 1], seed=seeds[i:i + 1], **kw)[0] == full[i]
+    perm = rng.permutation(10)
+    np.testing.assert_array_equal(sample(x[perm], seed=seeds[perm], **kw), full[perm])
+    # the row id: with one scalar seed, row i differs from row 0 of a 1-row batch with the same seed
+    same = sample(np.tile(x[0], (200, 1)), seed=5)
+    assert len(set(same.tolist())) > 1
+
+
+def test_seed_none_draws_fresh_randomness():
+    x = np.zeros((50, 1000), np.float32)
+    a, b = sample(x), sample(x)
+    assert not np.array_equal(a, b)
+    assert np.array_equal(sample(x, seed=3), sample(x, seed=3))
+    assert not np.array_equal(sample(x, seed=3), sample(x, seed=4))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Per-row parameters, log-probabilities
+# ------------------------------------------------------------------------------------------------------
+
+def test_per_row_parameters_match_single_rows(rng):
+    rows = 8
+    x = (rng.standard_normal((rows, 400)) * 2).astype(np.float32)
+    T = np.array([0, 0.5, 1, 1.5, 0.8, 1, 1, 0.7])
+    k = np.array([0, 5, 0, 50, 400, 1, 0, 10])
+    p = np.array([1, 0.9, 0.5, 1, 0.7, 0.9, 1, 0.95])
+    mp = np.array([0, 0, 0.1, 0.05, 0, 0, 0.3, 0.02])
+    seeds = np.arange(100, 100 + rows)
+    got, lp, rk = sample(x, temperature=T, top_k=k, top_p=p, min_p=mp, seed=seeds, return_logprobs=True)
+    for i in range(rows):
+        one = sample(x[i], temperature=T[i], top_k=int(k[i]), top_p=p[i], min_p=mp[i], seed=int(seeds[i]),
+                     return_logprobs=True)
+        assert (got[i], lp[i], rk[i]) == one
+    assert got[0] == np.argmax(x[0])
+
+
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.7, "top_k": 10}, {"top_p": 0.8}, {"min_p": 0.1},
+                                {"top_k": 20, "min_p": 0.05, "top_p": 0.9}])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_logprobs_and_ranks(rng, kw, dtype):
+    x = (rng.standard_normal((20, 300)) * 2).astype(dtype)
+    t, lp, rk = sample(x, seed=1, num_samples=2, return_logprobs=True, **kw)
+    assert t.shape == lp.shape == rk.shape == (20, 2)
+    assert lp.dtype == (np.float64 if dtype == np.float64 else np.float32) and rk.dtype == np.int64
+    T = kw.get("temperature", 1.0)
+    for i in range(20):
+        xs = (x[i] / dtype(T)).astype(np.float64)
+        probs = ref_probs(xs, 1.0, kw.get("top_k"), kw.get("top_p"), kw.get("min_p"))
+        for s in range(2):
+            np.testing.assert_allclose(lp[i, s], np.log(probs[t[i, s]]), rtol=1e-5, atol=1e-6)
+            assert rk[i, s] == np.sum(xs > xs[t[i, s]])
+
+
+def test_greedy_logprobs():
+    t, lp, rk = sample(np.array([1.0, 5.0, 5.0]), temperature=0, return_logprobs=True)
+    assert (t, lp, rk) == (1, 0.0, 0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Edge cases
+# ------------------------------------------------------------------------------------------------------
+
+def test_disabled_filters_change_nothing(rng):
+    x = (rng.standard_normal((30, 200)) * 2).astype(np.float32)
+    base = sample(x, seed=9)
+    for kw in ({"top_p": 1.0}, {"top_k": 200}, {"top_k": 10**6}, {"top_k": 10**30}, {"top_k": 0},
+               {"top_k": np.full(30, 2**64 - 1, np.uint64)}, {"top_k": np.full(30, 1e300)}, {"min_p": 0.0},
+               {"top_k": None, "top_p": None, "min_p": None}):
+        np.testing.assert_array_equal(sample(x, seed=9, **kw), base)
+
+
+def test_inf_entries_never_drawn_and_dominant_token(rng):
+    x = rng.standard_normal((200, 100)).astype(np.float32)
+    x[:, ::3] = -np.inf
+    for kw in ({}, {"top_k": 5}, {"top_p": 0.9}, {"min_p": 0.1}, {"top_k": 80}):
+        t = sample(x, seed=1, **kw)
+        assert np.all(t % 3 != 0)
+    # one token holds all the mass
+    y = np.full((100, 50), -np.inf, np.float32)
+    y[:, 17] = 0.0
+    for kw in ({}, {"top_k": 3}, {"top_p": 0.5}, {"min_p": 0.5}, {"temperature": 100.0}):
+        assert np.all(sample(y, seed=2, **kw) == 17)
+    z = np.zeros((100, 50), np.float32)
+    z[:, 33] = 1e4
+    assert np.all(sample(z, seed=2) == 33)
+    # only -inf beyond the top-k: the candidates hold -inf values
+    w = np.full((50, 40), -np.inf, np.float32)
+    w[:, [3, 9]] = [1.0, 2.0]
+    assert set(sample(w, seed=3, top_k=5).tolist()) == {3, 9}
+
+
+def test_tiny_temperature_is_greedy_without_ties(rng):
+    x = (rng.standard_normal((100, 1000)) * 2).astype(np.float32)
+    np.testing.assert_array_equal(sample(x, temperature=1e-6, seed=1), sample(x, temperature=0))
+    np.testing.assert_array_equal(sample(x, temperature=0, top_k=5, top_p=0.1, seed=1), np.argmax(x, -1))
+    # with tied maxima, temperature 0 takes the lowest index; a tiny temperature picks either at random
+    y = np.zeros((2000, 10), np.float32)
+    y[:, [2, 7]] = 5.0
+    assert np.all(sample(y, temperature=0) == 2)
+    t = sample(y, temperature=1e-6, seed=4)
+    assert set(t.tolist()) == {2, 7} and 0.45 < np.mean(t == 2) < 0.55
+
+
+def test_bad_rows_raise():
+    x = np.zeros((3, 5), np.float32)
+    x[1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"NaN.*row \(1,\)"):
+        sample(x, seed=0)
+    with pytest.raises(ValueError, match="NaN"):
+        sample(x, seed=0, temperature=0)
+    with pytest.raises(ValueError, match="NaN"):
+        sample(x, seed=0, top_k=2)
+    with pytest.raises(ValueError, match="NaN"):
+        sample(x, seed=0, top_p=0.5)
+    y = np.zeros((2, 5), np.float32)
+    y[1] = -np.inf
+    for kw in ({}, {"top_k": 2}, {"top_p": 0.5}, {"min_p": 0.1}, {"temperature": 0}):
+        with pytest.raises(ValueError, match=r"no possible token.*row \(1,\)"):
+            sample(y, seed=0, **kw)
+    z = np.zeros(5, np.float32)
+    z[3] = np.inf
+    for kw in ({}, {"top_k": 2}, {"top_p": 0.5}, {"return_logprobs": True}):
+        with pytest.raises(ValueError, match=r"\+inf"):
+            sample(z, seed=0, **kw)
+    assert sample(z, temperature=0) == 3
+    assert sample(z, softcap=30.0, temperature=0) == 3
+
+
+def test_dtypes_and_softcap(rng):
+    import ml_dtypes
+
+    x = (rng.standard_normal((300, 64)) * 3).astype(np.float32)
+    for dt in (np.float16, ml_dtypes.bfloat16, np.float64):
+        xd = x.astype(dt)
+        np.testing.assert_array_equal(sample(xd, seed=5, top_k=10), sample(xd.astype(np.float32), seed=5,
+                                                                            top_k=10))
+    c = 2.0
+    capped = (c * np.tanh(x.astype(np.float64) / c)).astype(np.float32)
+    agree = np.mean(sample(x, softcap=c, seed=6) == sample(capped, seed=6))
+    assert agree > 0.98
+    chi_square_ok(sample(np.tile(x[0], (N_DRAWS, 1)), softcap=c, seed=7), ref_probs(capped[0]))
+
+
+def test_shapes():
+    x = np.zeros((2, 3, 10), np.float32)
+    assert sample(x, seed=0).shape == (2, 3)
+    assert sample(x, seed=0, num_samples=4).shape == (2, 3, 4)
+    assert sample(x[0, 0], seed=0).shape == ()
+    assert sample(x[0, 0], seed=0, num_samples=3).shape == (3,)
+    t, lp, rk = sample(x, seed=0, num_samples=2, return_logprobs=True)
+    assert t.shape == lp.shape == rk.shape == (2, 3, 2)
+    assert sample(np.zeros((0, 10), np.float32), seed=0).shape == (0,)
+    per_row = sample(x, seed=np.arange(6).reshape(2, 3), top_k=np.ones((2, 3), int))
+    assert per_row.shape == (2, 3)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"top_k": -1}, "top_k"), ({"top_k": 1.5}, "top_k"), ({"top_k": "3"}, "top_k"),
+    ({"top_k": True}, "top_k"),
+    ({"top_k": np.array([1, 2])}, "top_k"),
+    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_p": np.nan}, "top_p"),
+    ({"min_p": -0.1}, "min_p"), ({"min_p": 2.0}, "min_p"),
+    ({"temperature": -1.0}, "temperature"), ({"temperature": np.inf}, "temperature"),
+    ({"seed": -1}, "seed"), ({"seed": 1.5}, "seed"), ({"seed": 2**64}, "seed"),
+    ({"seed": np.arange(4)}, "seed"),
+    ({"seed": np.array([1.0, 2.0, 3.0])}, "seed"), ({"seed": np.array([-1, 2, 3])}, "seed"),
+    ({"num_samples": 0}, "num_samples"), ({"num_samples": 1.0}, "num_samples"),
+    ({"softcap": -1.0}, "softcap"), ({"chunk_size": 0}, "chunk_size"), ({"threads": 0}, "threads"),
+])
+def test_bad_arguments(kw, match):
+    x = np.zeros((3, 5), np.float32)
+    with pytest.raises((ValueError, TypeError), match=match):
+        sample(x, **kw)
+
+
+def test_bad_logits():
+    with pytest.raises(TypeError):
+        sample(np.zeros((2, 5), np.int32), seed=0)
+    with pytest.raises(ValueError, match="vocabulary"):
+        sample(np.zeros((2, 0), np.float32), seed=0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Beam search
+# ------------------------------------------------------------------------------------------------------
+
+def ref_beam(logits, beam_scores, W):
+    x = np.asarray(logits, np.float64)
+    lse = np.log(np.sum(np.exp(x - x.max(-1, keepdims=True)), -1, keepdims=True)) + x.max(-1, keepdims=True)
+    sc = (np.asarray(beam_scores, np.float64)[:, None] + x - lse)
+    rows, V = x.shape
+    b = rows // W
+    sc = sc.reshape(b, W * V)
+    parents = np.repeat(np.arange(W), V)[None, :].repeat(b, 0)
+    tokens = np.tile(np.arange(V), W)[None, :].repeat(b, 0)
+    order = np.lexsort((tokens, parents, -sc), axis=-1)[:, :2 * W]
+    return (np.take_along_axis(sc, order, -1), np.take_along_axis(parents, order, -1),
+            np.take_along_axis(tokens, order, -1))
+
+
+@pytest.mark.parametrize("W,V", [(1, 5), (3, 50), (4, 1000), (2, 2)])
+def test_beam_search_step_against_numpy(rng, W, V):
+    batch = 3
+    x = (rng.standard_normal((batch * W, V)) * 2).astype(np.float64)
+    bs = rng.standard_normal(batch * W) - 5
+    s, p, t = beam_search_step(x, bs, W)
+    rs, rp, rt = ref_beam(x, bs, W)
+    assert s.shape == p.shape == t.shape == (batch, 2 * W)
+    np.testing.assert_array_equal(p, rp)
+    np.testing.assert_array_equal(t, rt)
+    np.testing.assert_allclose(s, rs, rtol=1e-12, atol=1e-12)
+    assert s.dtype == np.float64 and p.dtype == t.dtype == np.int64
+    s32, p32, t32 = beam_search_step(x.astype(np.float32), bs.astype(np.float32), W, chunk_size=7, threads=1)
+    assert s32.dtype == np.float32
+    np.testing.assert_allclose(s32, rs, rtol=1e-5, atol=1e-5)
+
+
+def test_beam_search_step_ties_go_to_lower_parent_and_token():
+    x = np.zeros((4, 6), np.float32)     # every continuation ties within an item
+    s, p, t = beam_search_step(x, np.zeros(4, np.float32), 2)
+    assert p.tolist() == [[0, 0, 0, 0]] * 2 and t.tolist() == [[0, 1, 2, 3]] * 2
+    # equal beams: the lower parent first
+    x = np.log(np.array([[0.7, 0.3], [0.7, 0.3]]))
+    s, p, t = beam_search_step(x, np.array([-1.0, -1.0]), 2)
+    assert p.tolist() == [[0, 1, 0, 1]] and t.tolist() == [[0, 0, 1, 1]]
+
+
+def test_beam_search_step_bad_arguments():
+    x = np.zeros((6, 10), np.float32)
+    with pytest.raises(ValueError, match="multiple of beam_width"):
+        beam_search_step(x, np.zeros(6), 4)
+    with pytest.raises(ValueError, match="beam_scores"):
+        beam_search_step(x, np.zeros(5), 3)
+    with pytest.raises(ValueError, match="beam_width"):
+        beam_search_step(x, np.zeros(6), 0)
+    with pytest.raises(TypeError, match="beam_width"):
+        beam_search_step(x, np.zeros(6), 1.5)
+    with pytest.raises(ValueError, match="2-D"):
+        beam_search_step(np.zeros((2, 3, 10)), np.zeros(6), 3)
+    with pytest.raises(ValueError, match="vocabulary"):
+        beam_search_step(np.zeros((2, 1)), np.zeros(2), 1)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The C API
+# ------------------------------------------------------------------------------------------------------
+
+C_SAMPLER = r"""
+#include <stdio.h>
+#include <stdlib.h>
+static long n_exact = 0;
+#define FL_COUNT_EXACT n_exact++
+#include "fastlogits.h"
+int main(int argc, char **argv) {
+    if (argc != 4) return 2;
+    long V = atol(argv[1]);
+    float *x = malloc(sizeof(float) * V);
+    FILE *f = fopen(argv[2], "rb");
+    if (!f || fread(x, sizeof(float), V, f) != (size_t)V) return 3;
+    fclose(f);
+    float *buf = malloc(sizeof(float) * 4096);
+    fl_sample_scratch sc = {buf, NULL, NULL, NULL, NULL, NULL};
+    fl_sample_params p = {strtoull(argv[3], NULL, 10), 0, 0, 1.0, 0.0, 1, 0};
+    fl_row r = {(const char *)x, V, 4, FL_F32, 0.9, 0.0};
+    int64_t tok = -1;
+    int st = fl_row_sample_f32(&r, &p, 4096, &sc, &tok, NULL, NULL);
+    printf("%d %lld %ld\n", st, (long long)tok, n_exact);
+    return 0;
+}
+"""
+
+
+def test_c_api_matches_and_few_tokens_get_exact_noise(tmp_path, rng):
+    import shutil
+    import subprocess
+
+    import fastlogits
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    (tmp_path / "s.c").write_text(C_SAMPLER)
+    subprocess.run([cc, "-O2", "-std=c99", "-Wall", "-Wextra", "-Werror", "-I", fastlogits.get_include(),
+                    str(tmp_path / "s.c"), "-o", str(tmp_path / "s"), "-lm"], check=True)
+    V = 100_000
+    for scale in (1.0, 3.0):
+        x = (rng.standard_normal(V) * scale).astype(np.float32)
+        x.tofile(tmp_path / "x.bin")
+        seed = int(rng.integers(2**63))
+        out = subprocess.run([str(tmp_path / "s"), str(V), str(tmp_path / "x.bin"), str(seed)],
+                             capture_output=True, text=True, check=True).stdout.split()
+        st, tok, n_exact = (int(v) for v in out)
+        assert st == 0 and tok == sample(x[None], temperature=0.9, seed=[seed])[0]
+        assert n_exact < 300, n_exact        # of 100000 tokens: the cheap test rejects the rest
+
+
+# ------------------------------------------------------------------------------------------------------
+# Sources (streamed by blocks of rows)
+# ------------------------------------------------------------------------------------------------------
+
+def test_sources_stream_by_row_blocks(tmp_path, rng):
+    import fastlogits
+
+    x = (rng.standard_normal((3, 20, 3000)) * 2).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    T = rng.uniform(0.5, 1.5, (3, 20))
+    kw = {"temperature": T, "top_k": 50, "top_p": 0.9, "num_samples": 2, "return_logprobs": True}
+    want = sample(x, seed=7, **kw)
+    src = fastlogits.open(tmp_path / "x.npy", memory=65536)      # blocks of 2 rows
+    got = sample(src, seed=7, **kw)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    seeds = rng.integers(0, 2**62, (3, 20))
+    np.testing.assert_array_equal(sample(fastlogits.open(tmp_path / "x.npy", memory=65536), seed=seeds),
+                                  sample(x, seed=seeds))
+    blocks = iter([x.reshape(60, 3000)[:25], x.reshape(60, 3000)[25:]])      # an iterable of row blocks
+    np.testing.assert_array_equal(sample(blocks, seed=7, min_p=0.1), sample(x.reshape(60, 3000), seed=7,
+                                                                            min_p=0.1))
+    x[1, 3, 5] = np.nan
+    np.save(tmp_path / "y.npy", x)
+    with pytest.raises(ValueError, match=r"NaN.*row \(1, 3\)"):
+        sample(fastlogits.open(tmp_path / "y.npy", memory=65536), seed=1)
+
+
+def test_beam_search_step_of_a_source(rng):
+    x = rng.standard_normal((6, 50)).astype(np.float32)
+    want = beam_search_step(x, np.zeros(6), 3)
+    got = beam_search_step(iter([x[:4], x[4:]]), np.zeros(6), 3)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
