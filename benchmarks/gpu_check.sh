@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU check, for a machine with an NVIDIA GPU and no network (torch, numba-cuda and Cython installed):
+# builds fastlogits from this source tree, runs the GPU tests on the real device, `fastlogits check`, and the
+# GPU benchmarks against PyTorch, and writes every figure to one file. Finishes in well under 8 minutes.
+#
+#   bash benchmarks/gpu_check.sh [OUT]          (default OUT: gpu_check.txt, or $OUT/gpu_check.txt)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-.}/gpu_check.txt}"
+[ -d "$out" ] && out="$out/gpu_check.txt"
+export NUMBA_ENABLE_CUDASIM=0
+py=${PYTHON:-python3}
+{
+  echo "# fastlogits GPU check, $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head -3
+  echo "## build"
+  $py -m pip install --no-build-isolation --no-deps -q -e . 2>&1 | tail -3 \
+    || $py setup.py build_ext --inplace 2>&1 | tail -3
+  $py -c "import fastlogits; fastlogits.show_config()"
+  echo "## GPU tests on the device"
+  timeout 240 $py -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15
+  echo "## fastlogits check (GPU against CPU)"
+  timeout 120 $py -m fastlogits.cli check 2>&1 | tail -40
+  echo "## GPU benchmarks: (8192, 128256), device-resident, CUDA events, medians of 10"
+  timeout 120 $py - <<'PY' 2>&1
+import json
+from fastlogits.gpu import timing
+r = timing.benchmark(shape=(8192, 128256), dtypes=("float32", "bfloat16"), repeat=10)
+print(json.dumps(r, indent=1))
+for dt in ("float32", "bfloat16"):
+    d = r[dt]
+    for op in ("logsumexp", "cross_entropy"):
+        line = f"{op:14s} {dt:9s} fastlogits {d[op + '_GBps']:8.1f} GB/s = {100 * d[op + '_GBps'] / r['copy_GBps']:5.1f}% of copy"
+        if "torch_" + op + "_GBps" in d:
+            line += f"   torch {d['torch_' + op + '_GBps']:8.1f} GB/s   x{d['torch_' + op + '_s'] / d[op + '_s']:.2f}"
+        print(line)
+print(f"device-to-device copy: {r['copy_GBps']:.1f} GB/s (read + write)")
+PY
+} > "$out" 2>&1
+echo "figures in $out"
