@@ -9,10 +9,9 @@ from cython.parallel cimport prange, parallel, threadid
 from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
 
-from fastlogits.clib cimport fl_lse_state, fl_lse_merge
-from fastlogits.cpu._rows cimport (Block, make_block, n_segments, row_of, fl_row,
-                                   fl_row_lse_f32, fl_row_lse_f64, fl_row_softmax_f32,
-                                   fl_row_softmax_f64)
+from fastlogits.clib cimport fl_lse_state
+from fastlogits.cpu._rows cimport (Block, make_block, n_segments, row_of, fold_lse, fl_row,
+                                   fl_row_softmax_f32, fl_row_softmax_f64)
 
 
 def softmax(x, int dtype, temperature, double softcap, out, int out_dtype, bint log_, int64_t chunk,
@@ -41,22 +40,8 @@ def softmax(x, int dtype, temperature, double softcap, out, int out_dtype, bint 
             st[i * nseg].m = sm[i]
             st[i * nseg].s = ss[i]
     else:
-        with nogil, parallel(num_threads=threads):
-            buf = bufs + threadid() * chunk * 16
-            for it in prange(items, schedule="guided"):
-                i = it // nseg
-                g = it % nseg
-                r = row_of(&b, i)
-                start = g * b.n // nseg
-                stop = (g + 1) * b.n // nseg
-                if b.f64:
-                    st[it] = fl_row_lse_f64(&r, start, stop, chunk, <double *> buf)
-                else:
-                    st[it] = fl_row_lse_f32(&r, start, stop, chunk, <float *> buf)
         with nogil:
-            for i in range(b.rows):
-                for g in range(1, nseg):
-                    fl_lse_merge(&st[i * nseg], &st[i * nseg + g])
+            fold_lse(&b, nseg, st, bufs, chunk * 16, threads)
     with nogil, parallel(num_threads=threads):
         buf = bufs + threadid() * chunk * 16
         for it in prange(items, schedule="guided"):

@@ -15,8 +15,8 @@ from libc.math cimport NAN, INFINITY, log
 
 from fastlogits.clib cimport (fl_lse_state, fl_ent_state, fl_lse_merge, fl_lse_result, fl_ent_merge,
                               fl_ent_result)
-from fastlogits.cpu._rows cimport (Block, make_block, n_segments, row_of, fl_row,
-                                   fl_row_lse_f32, fl_row_lse_f64, fl_row_entropy_f32,
+from fastlogits.cpu._rows cimport (Block, make_block, n_segments, row_of, fold_lse, fl_row,
+                                   fl_row_entropy_f32,
                                    fl_row_entropy_f64, fl_row_ce_f32, fl_row_ce_f64,
                                    fl_row_value_f32, fl_row_value_f64, fl_row_stats_f32,
                                    fl_row_stats_f64)
@@ -33,31 +33,15 @@ cdef char *alloc_buffers(int threads, int64_t per_thread) except NULL:
 def lse(x, int dtype, temperature, double softcap, double[::1] out, int64_t chunk, int threads):
     """out[i] = logsumexp of row i of x (after softcap and temperature)."""
     cdef Block b = make_block(x, dtype, temperature, softcap, chunk)
-    cdef int64_t nseg = n_segments(&b, threads), items = b.rows * nseg
-    cdef int64_t it, i, g, start, stop
-    cdef fl_row r
-    cdef char *buf
+    cdef int64_t nseg = n_segments(&b, threads), i
     cdef char *bufs = alloc_buffers(threads, chunk * 8)
-    cdef fl_lse_state *st = <fl_lse_state *> malloc(max(items, 1) * sizeof(fl_lse_state))
+    cdef fl_lse_state *st = <fl_lse_state *> malloc(max(b.rows * nseg, 1) * sizeof(fl_lse_state))
     if st == NULL:
         free(bufs)
         raise MemoryError("fastlogits: cannot allocate row states")
-    with nogil, parallel(num_threads=threads):
-        buf = bufs + threadid() * chunk * 8
-        for it in prange(items, schedule="guided"):
-            i = it // nseg
-            g = it % nseg
-            r = row_of(&b, i)
-            start = g * b.n // nseg
-            stop = (g + 1) * b.n // nseg
-            if b.f64:
-                st[it] = fl_row_lse_f64(&r, start, stop, chunk, <double *> buf)
-            else:
-                st[it] = fl_row_lse_f32(&r, start, stop, chunk, <float *> buf)
     with nogil:
+        fold_lse(&b, nseg, st, bufs, chunk * 8, threads)
         for i in range(b.rows):
-            for g in range(1, nseg):
-                fl_lse_merge(&st[i * nseg], &st[i * nseg + g])
             out[i] = fl_lse_result(&st[i * nseg])
     free(st)
     free(bufs)

@@ -4,8 +4,9 @@
 A *block* is a 2-D array of logits as it lies in memory (any dtype, any strides in bytes), with a
 temperature per row and a softcap. ``row_of`` turns row i of a block into the C core's ``fl_row``.
 """
+from cython.parallel cimport prange, parallel, threadid
 from libc.stdint cimport int64_t
-from fastlogits.clib cimport fl_lse_state, fl_ent_state
+from fastlogits.clib cimport fl_lse_state, fl_ent_state, fl_lse_merge
 
 
 cdef extern from "fastlogits.h" nogil:
@@ -106,3 +107,28 @@ cdef inline int64_t n_segments(const Block *b, int threads) noexcept nogil:
     if most < 1:
         return 1
     return per_row if per_row < most else most
+
+
+cdef inline void fold_lse(const Block *b, int64_t nseg, fl_lse_state *st, char *bufs, int64_t per_thread,
+                          int threads) noexcept nogil:
+    """The logsumexp state of every row into st[i * nseg]: range g of row i folded by some thread into
+    st[i * nseg + g] (bufs: one scratch buffer of per_thread bytes a thread), then the ranges of each row
+    merged in order, so the result does not depend on the thread count."""
+    cdef int64_t it, i, g, start, stop
+    cdef fl_row r
+    cdef char *buf
+    with parallel(num_threads=threads):
+        buf = bufs + threadid() * per_thread
+        for it in prange(b.rows * nseg, schedule="guided"):
+            i = it // nseg
+            g = it % nseg
+            r = row_of(b, i)
+            start = g * b.n // nseg
+            stop = (g + 1) * b.n // nseg
+            if b.f64:
+                st[it] = fl_row_lse_f64(&r, start, stop, b.chunk, <double *> buf)
+            else:
+                st[it] = fl_row_lse_f32(&r, start, stop, b.chunk, <float *> buf)
+    for i in range(b.rows):
+        for g in range(1, nseg):
+            fl_lse_merge(&st[i * nseg], &st[i * nseg + g])
