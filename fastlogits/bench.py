@@ -183,10 +183,46 @@ def main(args):
     results = run(rows=args.rows, vocab=args.vocab, ops=args.ops, dtypes=args.dtypes, threads=args.threads,
                   repeat=args.repeat, peers=not args.no_peers, progress=None if args.json else progress)
     cfg = fl.show_config(as_dict=True)
+    gpu = gpu_figures(args)
     if args.json:
-        print(json.dumps({"config": cfg, "shape": [args.rows, args.vocab], "results": results}, indent=1))
+        print(json.dumps({"config": cfg, "shape": [args.rows, args.vocab], "results": results, "gpu": gpu},
+                         indent=1))
     else:
         print(f"fastlogits {cfg['version']}  simd={cfg['simd']}  openmp={cfg['openmp']}  "
               f"shape=({args.rows}, {args.vocab})  median of {args.repeat}")
         print(table(results))
+        if gpu is not None:
+            print()
+            print(gpu_table(gpu))
     return 0
+
+
+def gpu_figures(args):
+    """The GPU column: logsumexp and cross-entropy on device-resident logits, CUDA events, against
+    PyTorch on the same GPU and the device-to-device copy ceiling; None without a real GPU (the simulator
+    has no timing)."""
+    import os
+    if "gpu" not in fl.available_backends() or os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return None
+    from fastlogits.gpu import timing
+    rows = max(args.rows, 8192)
+    return timing.benchmark(shape=(rows, args.vocab), dtypes=("float32", "bfloat16"), repeat=args.repeat,
+                            torch_too=not args.no_peers)
+
+
+def gpu_table(gpu):
+    lines = [f"GPU {gpu['device']}, shape {tuple(gpu['shape'])}, device-to-device copy "
+             f"{gpu['copy_GBps']:.0f} GB/s (read + write)",
+             "| op | dtype | fastlogits GB/s | % of copy | torch GB/s | x torch |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for dt in ("float32", "bfloat16"):
+        d = gpu.get(dt, {})
+        for op in ("logsumexp", "cross_entropy"):
+            if op + "_GBps" not in d:
+                continue
+            t = d.get("torch_" + op + "_GBps")
+            ratio = d["torch_" + op + "_s"] / d[op + "_s"] if t else None
+            pct = 100 * d[op + "_GBps"] / gpu["copy_GBps"]
+            lines.append(f"| {op} | {dt} | {d[op + '_GBps']:.0f} | {pct:.0f}% | "
+                         + (f"{t:.0f} | {ratio:.2f} |" if t else "- | - |"))
+    return "\n".join(lines)
