@@ -4,7 +4,7 @@ Before anything is compiled, a trivial C program is built so that a missing comp
 message saying what to install. OpenMP is probed the same way (set FASTLOGITS_NO_OPENMP=1 to build without
 it; ``fastlogits.show_config()`` reports what the build has). The shipped flags are portable: the C core
 picks AVX-512, AVX2 or baseline code at run time (target_clones in fastlogits.h); nothing here uses
--march=native or flags that change NaN/inf semantics.
+native-architecture flags or flags that change NaN/inf semantics.
 """
 import os
 import sys

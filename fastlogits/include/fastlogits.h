@@ -12,7 +12,7 @@
  *   1. scalar helpers: 16-bit conversions, the state types and their merge and finalize rules;
  *   2. chunk primitives (fastlogits_impl.h, instantiated for float and double): max, sum of exp, and the
  *      second-pass maps over a chunk that sits in L1. They are plain C loops over fixed-width lanes, which
- *      GCC and Clang vectorize without -ffast-math; on x86-64 Linux with GCC they are compiled three times
+ *      GCC and Clang vectorize without fast-math flags; on x86-64 Linux with GCC they are compiled three times
  *      (x86-64-v4 = AVX-512, x86-64-v3 = AVX2+FMA, baseline) and the loader picks one at start-up
  *      (target_clones), so the includer's own flags never matter;
  *   3. the public API (below), and row drivers that read any dtype and stride, apply softcap and
