@@ -11,19 +11,24 @@ cdef extern from *:
     #define FL_EXPORT
     #endif
 
-    /* logsumexp of one row: n values of dtype FL_F32 or FL_F64, `stride` bytes apart. */
-    FL_EXPORT double fastlogits_lse_row(const char *data, int64_t n, int64_t stride, int dtype) {
-        fl_row r;
-        fl_lse_state st;
-        r.data = data; r.n = n; r.stride = stride; r.dtype = dtype;
-        r.temperature = 1.0; r.softcap = 0.0;
+    /* The logsumexp state of one row: n values of dtype FL_F32 or FL_F64, `stride` bytes apart; *r is
+     * set to the row (for reading single values of it afterwards). */
+    static fl_lse_state fastlogits__row_state(fl_row *r, const char *data, int64_t n, int64_t stride,
+                                              int dtype) {
+        r->data = data; r->n = n; r->stride = stride; r->dtype = dtype;
+        r->temperature = 1.0; r->softcap = 0.0;
         if (dtype == FL_F64) {
             double buf[FL_CHUNK / 2];
-            st = fl_row_lse_f64(&r, 0, n, FL_CHUNK / 2, buf);
-        } else {
-            float buf[FL_CHUNK];
-            st = fl_row_lse_f32(&r, 0, n, FL_CHUNK, buf);
+            return fl_row_lse_f64(r, 0, n, FL_CHUNK / 2, buf);
         }
+        float buf[FL_CHUNK];
+        return fl_row_lse_f32(r, 0, n, FL_CHUNK, buf);
+    }
+
+    /* logsumexp of one row. */
+    FL_EXPORT double fastlogits_lse_row(const char *data, int64_t n, int64_t stride, int dtype) {
+        fl_row r;
+        fl_lse_state st = fastlogits__row_state(&r, data, n, stride, dtype);
         return fl_lse_result(&st);
     }
 
@@ -31,19 +36,8 @@ cdef extern from *:
     FL_EXPORT double fastlogits_ce_row(const char *data, int64_t n, int64_t stride, int dtype,
                                        int64_t label) {
         fl_row r;
-        fl_lse_state st;
-        double xt;
-        r.data = data; r.n = n; r.stride = stride; r.dtype = dtype;
-        r.temperature = 1.0; r.softcap = 0.0;
-        if (dtype == FL_F64) {
-            double buf[FL_CHUNK / 2];
-            st = fl_row_lse_f64(&r, 0, n, FL_CHUNK / 2, buf);
-            xt = fl_row_value_f64(&r, label);
-        } else {
-            float buf[FL_CHUNK];
-            st = fl_row_lse_f32(&r, 0, n, FL_CHUNK, buf);
-            xt = fl_row_value_f32(&r, label);
-        }
+        fl_lse_state st = fastlogits__row_state(&r, data, n, stride, dtype);
+        double xt = dtype == FL_F64 ? fl_row_value_f64(&r, label) : fl_row_value_f32(&r, label);
         if (!(st.m > -INFINITY && st.m < INFINITY)) return NAN;
         return (st.m - xt) + log(st.s);
     }

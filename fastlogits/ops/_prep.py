@@ -99,18 +99,24 @@ def to_rows(x):
     return x.reshape(math.prod(lead), V), lead
 
 
+def broadcast_rows(a, lead, argname):
+    """A scalar, or an array broadcast to the leading shape (one value per row)."""
+    if not a.ndim:
+        return a
+    try:
+        return np.broadcast_to(a, lead)
+    except ValueError:
+        raise ValueError(f"{argname} must be a scalar or one value per row (shape {lead}), got shape "
+                         f"{a.shape}") from None
+
+
 def temperatures(temperature, lead, rows, argname="temperature", allow_zero=False):
     """One float64 temperature per row: a scalar, or an array of the leading shape."""
     try:
         t = np.asarray(temperature, dtype=np.float64)
     except (TypeError, ValueError):
         raise TypeError(f"{argname} must be a float or an array of floats, got {temperature!r}") from None
-    if t.ndim:
-        try:
-            t = np.broadcast_to(t, lead)
-        except ValueError:
-            raise ValueError(f"{argname} must be a scalar or one value per row (shape {lead}), got shape "
-                             f"{t.shape}") from None
+    t = broadcast_rows(t, lead, argname)
     bad = ~(np.isfinite(t) & ((t >= 0) if allow_zero else (t > 0)))
     if np.any(bad):
         first = np.argwhere(np.atleast_1d(bad))[0]

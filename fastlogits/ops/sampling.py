@@ -21,7 +21,7 @@ import secrets
 import numpy as np
 
 from fastlogits.ops import _backend
-from fastlogits.ops._prep import prepare
+from fastlogits.ops._prep import broadcast_rows, prepare
 from fastlogits.stream.sources import as_source
 
 
@@ -45,12 +45,7 @@ def _per_row(value, name, lead, rows, dtype, default):
             raise TypeError(f"{name} must be an integer or integers (one per row), got {value!r}")
     if dtype == np.int64 and a.dtype.kind in "uf":
         a = np.minimum(a, 2**62)
-    if a.ndim:
-        try:
-            a = np.broadcast_to(a, lead)
-        except ValueError:
-            raise ValueError(f"{name} must be a scalar or one value per row (shape {lead}), got shape "
-                             f"{a.shape}") from None
+    a = broadcast_rows(a, lead, name)
     return np.ascontiguousarray(np.broadcast_to(a, lead).reshape(rows), dtype=dtype)
 
 
