@@ -36,5 +36,17 @@ for dt in ("float32", "bfloat16"):
         print(line)
 print(f"device-to-device copy: {r['copy_GBps']:.1f} GB/s (read + write)")
 PY
+  echo "## GPU sampling: (512, 128256) float32, device-resident, CUDA events, medians of 10"
+  timeout 120 $py - <<'PY' 2>&1
+import json
+from fastlogits.gpu import timing
+r = timing.sample_benchmark(shape=(512, 128256), repeat=10)
+print(json.dumps(r, indent=1))
+for case, peer in (("plain", "torch.multinomial(softmax)"), ("top_k_top_p", "HF pipeline (T=0.8, k=50, p=0.9)")):
+    line = f"{case:12s} fastlogits {1e3 * r[case + '_s']:8.2f} ms"
+    if "torch_" + case + "_s" in r:
+        line += f"   {peer} {1e3 * r['torch_' + case + '_s']:8.2f} ms   x{r['torch_' + case + '_s'] / r[case + '_s']:.2f}"
+    print(line)
+PY
 } > "$out" 2>&1
 echo "figures in $out"

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from fastlogits import _config
+from fastlogits.bench import hf_sample_pipeline
 from fastlogits.ops.sampling import beam_search_step, sample
 
 _enabled = os.environ.get("FASTLOGITS_BENCH_SHAPE")
@@ -89,23 +90,9 @@ def test_sample_topk_topp_fastlogits(benchmark, data):
     _check_tokens(out, data, _hf_allowed(data, 0.8, 50, 0.9))
 
 
-def _hf_pipeline(torch, t, T=0.8, k=50, p=0.9):
-    """What Hugging Face's generate runs for these settings (TemperatureLogitsWarper, TopKLogitsWarper,
-    TopPLogitsWarper, softmax, multinomial)."""
-    s = t / T
-    kth = torch.topk(s, k)[0][..., -1, None]
-    s = s.masked_fill(s < kth, -float("inf"))
-    sorted_logits, sorted_indices = torch.sort(s, descending=False)
-    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove = cum <= (1 - p)
-    remove[..., -1:] = 0
-    s = s.masked_fill(remove.scatter(1, sorted_indices, remove), -float("inf"))
-    return torch.multinomial(torch.softmax(s, -1), 1)
-
-
 def test_sample_topk_topp_torch_hf(benchmark, data, torch):
     t = torch.from_numpy(data)
-    out = benchmark(_hf_pipeline, torch, t)
+    out = benchmark(hf_sample_pipeline, torch, t)
     _check_tokens(out.numpy(), data, _hf_allowed(data, 0.8, 50, 0.9))
 
 

@@ -94,6 +94,20 @@ def _torch_call(torch, op, t, tl):
     raise ValueError(op)
 
 
+def hf_sample_pipeline(torch, t, T=0.8, k=50, p=0.9):
+    """What Hugging Face's generate runs to sample with these settings (TemperatureLogitsWarper,
+    TopKLogitsWarper, TopPLogitsWarper, softmax, multinomial): the peer of ``sample`` in the benchmarks."""
+    s = t / T
+    kth = torch.topk(s, k)[0][..., -1, None]
+    s = s.masked_fill(s < kth, -float("inf"))
+    sorted_logits, sorted_indices = torch.sort(s, descending=False)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cum <= (1 - p)
+    remove[..., -1:] = 0
+    s = s.masked_fill(remove.scatter(1, sorted_indices, remove), -float("inf"))
+    return torch.multinomial(torch.softmax(s, -1), 1)
+
+
 def _to_torch(torch, x):
     if x.dtype == NP_DTYPES["bfloat16"]:
         return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)

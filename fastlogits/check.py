@@ -4,7 +4,9 @@ Every operation and dtype runs on backend="gpu" and backend="cpu" over the same 
 rows of the numerics contract (-inf, all -inf, +inf, NaN, ties, huge values), at sizes around the GPU's
 block boundary; the table gives the largest difference and pass/fail against the documented tolerance:
 float32 compute within 2e-5 relative (plus 2e-5 x (1 + the row's largest |x/T|) for log-domain results),
-float64 within 1e-12, 16-bit outputs one unit of their rounding more, argmax and top-k indices exactly.
+float64 within 1e-12, 16-bit outputs one unit of their rounding more, argmax and top-k indices exactly;
+``sample`` draws the same tokens for at least 99.9% of (row, seed) pairs (random rows, per-row seeds and
+filter combinations, 4 samples a pair).
 On a machine without a GPU it runs under numba's CUDA simulator when NUMBA_ENABLE_CUDASIM=1 is set
 (small shapes: the simulator runs every thread in Python).
 """
@@ -63,6 +65,35 @@ def _compare(name, got, want, x, dtype, out_dtype=None):
     return float(diff.max()) if diff.size else 0.0, ok
 
 
+def sample_inputs(rng, rows, V, dtype):
+    """Random rows for the sampling agreement, and per-row sample() arguments: rows of varied scale, a
+    quarter with few distinct values (ties at every filter's boundary), some -inf entries; per-row seeds,
+    temperatures (0 = greedy among them) and filter combinations."""
+    x = rng.standard_normal((rows, V)) * rng.choice([0.3, 2.0, 6.0], (rows, 1))
+    tied = rng.random(rows) < 0.25
+    x[tied] = np.round(x[tied])
+    x[rng.random((rows, V)) < 0.05] = -np.inf
+    x[:, 0] = np.where(np.isinf(x[:, 0]), 1.0, x[:, 0])       # at least one finite logit
+    kw = dict(seed=rng.integers(0, 2**64, rows, dtype=np.uint64),
+              temperature=rng.choice([0.0, 0.5, 1.0, 1.7], rows),
+              top_k=rng.choice([0, 0, 1, 5, 20], rows),
+              top_p=rng.choice([1.0, 1.0, 0.5, 0.9, 0.99], rows),
+              min_p=rng.choice([0.0, 0.0, 0.05, 0.3], rows))
+    return x.astype(DTYPES[dtype]), kw
+
+
+def sample_agreement(x, kw, num_samples=4):
+    """(pairs, same_pairs, draws, same_draws): how many (row, seed) pairs draw the same num_samples tokens
+    on both backends, and how many single draws agree."""
+    got = fl.sample(x, num_samples=num_samples, backend="gpu", **kw)
+    same = np.asarray(got.copy_to_host() if hasattr(got, "copy_to_host") else got) == fl.sample(
+        x, num_samples=num_samples, backend="cpu", **kw)
+    return same.shape[0], int(np.all(same, axis=1).sum()), same.size, int(same.sum())
+
+
+MIN_SAME_TOKEN_RATE = 0.999
+
+
 def run(V_list=None, rows=None, seed=0):
     """A list of {op, dtype, V, max_diff, ok}."""
     sim = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -94,6 +125,16 @@ def run(V_list=None, rows=None, seed=0):
                 out_dtype = dtype if op in ("softmax", "log_softmax") else None
                 diff, ok = _compare(op, got, want, x, dtype, out_dtype)
                 out.append({"op": op, "dtype": dtype, "V": V, "max_diff": diff, "ok": ok})
+    # sampling: the same tokens (the share of (row, seed) pairs, each drawing 4 samples)
+    srows, sV = (16, 129) if sim else (4096, 32000)
+    for dtype in ("float32", "bfloat16"):
+        x, kw = sample_inputs(rng, srows, sV, dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            pairs, same, draws, same_draws = sample_agreement(x, kw)
+        out.append({"op": "sample", "dtype": dtype, "V": sV, "max_diff": float(pairs - same), "pairs": pairs,
+                    "same_pairs": same, "draws": draws, "same_draws": same_draws,
+                    "ok": same >= MIN_SAME_TOKEN_RATE * pairs})
     return out
 
 
@@ -111,12 +152,18 @@ def main(args):
         for r in results:
             a = agg.setdefault((r["op"], r["dtype"]), {"max_diff": 0.0, "ok": True, "sizes": []})
             a["max_diff"] = max(a["max_diff"], r["max_diff"])
+            for key in ("pairs", "draws", "same_draws"):
+                if key in r:
+                    a[key] = r[key]
             a["ok"] &= r["ok"]
             a["sizes"].append(r["V"])
         print("| op | dtype | V | largest difference (GPU vs CPU) | result |")
         print("| --- | --- | --- | --- | --- |")
         for (op, dtype), a in agg.items():
             unit = " mismatches" if op in ("argmax", "top_k_indices") else ""
+            if op == "sample":
+                unit = (f" of {a['pairs']} (row, seed) pairs differ ({a['same_draws']}/{a['draws']} draws "
+                        "same)")
             print(f"| {op} | {dtype} | {','.join(map(str, a['sizes']))} | {a['max_diff']:.3g}{unit} | "
                   f"{'pass' if a['ok'] else 'FAIL'} |")
         print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")

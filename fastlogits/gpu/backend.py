@@ -18,6 +18,7 @@ import warnings
 
 import ml_dtypes
 import numpy as np
+from numba import config as numba_config
 from numba import cuda
 
 from fastlogits.gpu import kernels as K
@@ -447,6 +448,81 @@ def top_k(x, dtype, temperature, softcap, k, logprobs, chunk, threads):
     compute dtype, or, when logprobs, their log-probabilities (float64), from the same pass."""
     values, indices, lp = _select(x, dtype, temperature, softcap, int(k), bool(logprobs), chunk)
     return (lp if logprobs else values), indices
+
+
+# ---- sampling ---------------------------------------------------------------------------------------------
+
+MAX_GRID = 65535       # blocks of a grid-stride kernel
+SIM_GRID = 2           # under the simulator: each block costs a Python thread per CUDA thread
+
+
+def _stride_grid(items):
+    """Blocks for a kernel that loops over `items` work items with a grid stride."""
+    return max(1, min(items, SIM_GRID if numba_config.ENABLE_CUDASIM else MAX_GRID))
+
+
+def sample(x, dtype, temperature, softcap, top_k, top_p, min_p, seeds, row_ids, num_samples, logprobs,
+           chunk, threads):
+    """Seeded draws, the same tokens as the CPU backend's (see fastlogits/gpu/sample_kernels.py): the
+    CPU backend's interface; results are NumPy arrays (rows, num_samples), and status (rows,)."""
+    from fastlogits.gpu import sample_kernels as SK
+
+    rows, V = (int(n) for n in tuple(x.shape))
+    ns = int(num_samples)
+    temperature = np.asarray(temperature, np.float64)
+    greedy = temperature == 0
+    temp = np.where(greedy, 1.0, temperature)
+    k = np.where(greedy | (top_k <= 0) | (top_k >= V), 0, top_k).astype(np.int64)
+    tol = 16 * float(np.finfo(compute_dtype(dtype)).eps)
+    p = np.where(greedy | (top_p >= 1.0), 1.0, np.where(top_p - tol > 0.5 * top_p, top_p - tol, 0.5 * top_p))
+    mp = np.where(greedy, 0.0, min_p)
+    need = ~greedy & ((k > 0) | (p < 1.0) | (mp > 0.0) | bool(logprobs))
+    tokens = np.zeros((rows, ns), np.int64)
+    lp = np.zeros((rows, ns), np.float64) if logprobs else None
+    ranks = np.zeros((rows, ns), np.int64) if logprobs else None
+    status = np.zeros(rows, np.int32)
+    kern = SK.for_kind(dtype)
+    for blk in _blocks(x, dtype, temp):
+        sl, R = blk.sl, blk.rows
+        up = {name: blk.upload("sample " + name, np.ascontiguousarray(a[sl], dt)) for name, a, dt in
+              (("greedy", greedy, np.uint8), ("need", need, np.uint8), ("top_k", k, np.int64),
+               ("top_p", p, np.float64), ("min_p", mp, np.float64), ("seeds", seeds, np.uint64),
+               ("row_ids", row_ids, np.uint64))}
+        theta = blk.array(R, np.float64, "sample theta")
+        rowmax = blk.array(R, np.float64, "sample rowmax")
+        rowlse = blk.array(R, np.float64, "sample rowlse")
+        if need[sl].any():
+            blk.launch(kern.prepare, _stride_grid(R))(blk.d, blk.dtemp, float(softcap), up["need"],
+                                                        up["top_k"], up["top_p"], up["min_p"], rowmax,
+                                                        rowlse, theta)
+        else:
+            theta.copy_to_device(np.full(R, -np.inf), stream=blk.stream)
+        nseg, seglen = _segments(R * ns, V, chunk)
+        seglen = -(-seglen // 64) * 64
+        nseg = -(-V // seglen)
+        pkey = blk.array((R, nseg, ns), np.float64, "sample pkey")
+        pidx = blk.array((R, nseg, ns), np.int64, "sample pidx")
+        pflag = blk.array((R, nseg), np.int64, "sample pflag")
+        psum = blk.array((R, nseg), np.float64, "sample psum")
+        blk.launch(kern.draw, _stride_grid(R * nseg * ns))(blk.d, blk.dtemp, float(softcap),
+                                                            up["greedy"], theta, up["seeds"], up["row_ids"],
+                                                            seglen, bool(logprobs), rowmax, pkey, pidx,
+                                                            pflag, psum)
+        tok_d = blk.array((R, ns), np.int64, "sample tokens")
+        lp_d = blk.array((R, ns) if logprobs else (1, 1), np.float64, "sample logprobs")
+        st_d = blk.array(R, np.int32, "sample status")
+        blk.launch(kern.finish, *_grid1(R * ns))(blk.d, blk.dtemp, float(softcap), up["greedy"], theta,
+                                                 rowmax, rowlse, pkey, pidx, pflag, psum, bool(logprobs),
+                                                 tok_d, lp_d, st_d)
+        if logprobs:
+            prank = blk.array((R, nseg, ns), np.int64, "sample prank")
+            blk.launch(kern.rank, _stride_grid(R * nseg * ns))(blk.d, blk.dtemp, float(softcap),
+                                                                up["greedy"], tok_d, st_d, seglen, prank)
+            blk.fetch(lp_d, lp)
+            blk.fetch(prank, ranks, lambda h: h.sum(axis=1))
+        blk.fetch(tok_d, tokens)
+        blk.fetch(st_d, status)
+    return tokens, lp, ranks, status
 
 
 # ---- results of device inputs, for the ops layer --------------------------------------------------------

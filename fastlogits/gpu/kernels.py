@@ -514,6 +514,8 @@ def _build(kind):
     k.kind = kind
     k.compute = np.dtype(CT)
     k.value = value
+    k.load_chunk = load_chunk
+    k.fold_chunk = fold_chunk
     k.stats_part = stats_part
     k.softmax_map = softmax_map
     k.topk_part = topk_part
@@ -521,15 +523,21 @@ def _build(kind):
     return k
 
 
-_CACHE = {}
+def kind_cache(build):
+    """for_kind(kind) -> build(kind), each input kind ("float16", "bfloat16", "float32", "float64") built
+    on first use only (compiling kernels is slow)."""
+    cache = {}
+
+    def for_kind(kind):
+        k = cache.get(kind)
+        if k is None:
+            k = cache[kind] = build(kind)
+        return k
+
+    return for_kind
 
 
-def for_kind(kind):
-    """The kernels for input kind "float16", "bfloat16", "float32" or "float64" (built on first use)."""
-    k = _CACHE.get(kind)
-    if k is None:
-        k = _CACHE[kind] = _build(kind)
-    return k
+for_kind = kind_cache(_build)
 
 
 KINDS = tuple(_LOADS)

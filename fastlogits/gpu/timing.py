@@ -45,6 +45,15 @@ def _device_logits(shape, dtype, seed=0):
     return cuda.to_device(bits), x
 
 
+def _torch_cuda():
+    """PyTorch when it is installed with CUDA, else None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
 def benchmark(shape=(8192, 128256), dtypes=("float32", "bfloat16"), repeat=10, torch_too=True):
     """Figures for logsumexp and cross-entropy on device-resident logits of ``shape``: per dtype, seconds
     and GB/s (logits read) of fastlogits, and of torch.logsumexp / F.cross_entropy on the same memory
@@ -58,14 +67,7 @@ def benchmark(shape=(8192, 128256), dtypes=("float32", "bfloat16"), repeat=10, t
     out["copy_GBps"] = copy_bandwidth(min(1 << 30, rows * V * 4), repeat) / 1e9
     temp = np.ones(rows)
     labels = np.random.default_rng(1).integers(0, V, rows)
-    torch = None
-    if torch_too:
-        try:
-            import torch
-            if not torch.cuda.is_available():
-                torch = None
-        except ImportError:
-            torch = None
+    torch = _torch_cuda() if torch_too else None
     for dtype in dtypes:
         d, _ = _device_logits(shape, dtype)
         nbytes = rows * V * B._NP[dtype].itemsize
@@ -86,4 +88,25 @@ def benchmark(shape=(8192, 128256), dtypes=("float32", "bfloat16"), repeat=10, t
         for key in list(res):
             res[key[:-2] + "_GBps"] = nbytes / res[key] / 1e9 if res[key] > 0 else float("nan")
         out[dtype] = res
+    return out
+
+
+def sample_benchmark(shape=(512, 128256), repeat=10, torch_too=True):
+    """Median seconds of ``sample`` on device-resident float32 logits of ``shape`` (plain temperature, and
+    temperature 0.8 with top_k 50 and top_p 0.9), and of the PyTorch peers on the same GPU where PyTorch
+    has CUDA: ``torch.multinomial(torch.softmax(x, -1), 1)`` and Hugging Face's sampling pipeline. The
+    fastlogits figures include its host synchronization (its statuses are checked on the host)."""
+    from fastlogits.bench import hf_sample_pipeline
+    from fastlogits.ops.sampling import sample
+
+    d, _ = _device_logits(shape, "float32")
+    out = {"shape": list(shape), "repeat": repeat,
+           "plain_s": time_events(lambda: sample(d, seed=0), repeat),
+           "top_k_top_p_s": time_events(lambda: sample(d, seed=0, temperature=0.8, top_k=50, top_p=0.9),
+                                        repeat)}
+    torch = _torch_cuda() if torch_too else None
+    if torch is not None:
+        t = torch.as_tensor(d, device="cuda")
+        out["torch_plain_s"] = time_events(lambda: torch.multinomial(torch.softmax(t, -1), 1), repeat)
+        out["torch_top_k_top_p_s"] = time_events(lambda: hf_sample_pipeline(torch, t), repeat)
     return out

@@ -9,7 +9,7 @@
     top_k(x, dtype, temperature, softcap, k, logprobs, chunk, threads) -> (values | logprobs, indices)
     stats(x, dtype, temperature, softcap, labels, ignore_index, chunk, threads) -> (nll, entropy, argmax)
     sample(x, dtype, temperature, softcap, top_k, top_p, min_p, seeds, row_ids, num_samples, logprobs,
-           chunk, threads) -> (tokens, logprobs | None, ranks | None, status)   (CPU only so far)
+           chunk, threads) -> (tokens, logprobs | None, ranks | None, status), NumPy arrays
     finish(values, dtype, shape), empty(shape, dtype), to_host(values), to_device_like(values, like)
 
 The GPU backend is imported only when asked for, so ``import fastlogits`` never needs CUDA.

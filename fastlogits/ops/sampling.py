@@ -15,13 +15,17 @@ How ``sample`` draws (details in ``fastlogits/include/fastlogits_sample.h``):
   min-p without top-k takes two passes (the max, then the Gumbel-max over the survivors); top-p without
   top-k four (logsumexp, a histogram of the mass over value buckets, collecting the one bucket where the
   nucleus ends and a quickselect on mass there, the Gumbel-max over the nucleus). No row is ever sorted.
+- The GPU backend (``fastlogits/gpu/sample_kernels.py``) computes the same integers and the same float64
+  noise, and finds the filters' thresholds by a radix select instead: the same tokens, except where two
+  keys tie to within the last bit of the device's float64 ``log`` or a cumulative mass lands within
+  rounding of ``top_p`` (``fastlogits check`` and tests/gpu/test_sampling.py measure how often).
 """
 import secrets
 
 import numpy as np
 
 from fastlogits.ops import _backend
-from fastlogits.ops._prep import broadcast_rows, prepare
+from fastlogits.ops._prep import broadcast_rows, is_gpu_array, prepare
 from fastlogits.stream.sources import as_source
 
 
@@ -165,11 +169,14 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, seed=
     k, p, mp = _filters(top_k, top_p, min_p, r.lead, r.rows)
     seeds, row_ids = _seeds(seed, r.lead, r.rows)
     out = _draw(r, k, p, mp, seeds, row_ids, ns, bool(return_logprobs), r.lead)
+    if is_gpu_array(r.x):        # GPU arrays in, GPU arrays out
+        be = _backend.get(r.backend)
+        out = tuple(None if a is None else be.to_device_like(a, r.x) for a in out)
     shape = r.lead + ((ns,) if ns > 1 else ())
 
     def fit(a):
         a = a.reshape(shape)
-        return a if a.ndim else a[()]
+        return a[()] if isinstance(a, np.ndarray) and a.ndim == 0 else a
 
     return tuple(fit(a) for a in out) if return_logprobs else fit(out[0])
 
@@ -195,12 +202,9 @@ def _filters(top_k, top_p, min_p, lead, rows):
 def _draw(r, k, p, mp, seeds, row_ids, ns, logprobs, lead, row0=0):
     """The backend's draws for prepared rows r: (tokens, logprobs, ranks) flat (rows, ns); raises for bad
     rows (row numbers counted from row0 in the leading shape `lead`)."""
-    be = _backend.get(r.backend)
-    if not hasattr(be, "sample"):
-        raise NotImplementedError(f"sample is not implemented on the {r.backend!r} backend yet; use "
-                                  "backend='cpu'")
-    tokens, lp, ranks, status = be.sample(r.x, r.dtype, r.temperature, r.softcap, k, p, mp, seeds, row_ids,
-                                          ns, logprobs, r.chunk, r.threads)
+    tokens, lp, ranks, status = _backend.get(r.backend).sample(r.x, r.dtype, r.temperature, r.softcap, k, p,
+                                                               mp, seeds, row_ids, ns, logprobs, r.chunk,
+                                                               r.threads)
     if r.rows and np.any(status):
         i = int(np.flatnonzero(status)[0])
         where = f" (row {tuple(int(v) for v in np.unravel_index(row0 + i, lead))})" if lead else ""

@@ -49,3 +49,13 @@ def _fast_simulator_switching():
     sys.setswitchinterval(5e-4)
     yield
     sys.setswitchinterval(old)
+
+
+REPORT = []     # lines for the terminal summary: agreement rates the GPU tests measured
+
+
+def pytest_terminal_summary(terminalreporter):
+    if REPORT:
+        terminalreporter.section("fastlogits: GPU agreement")
+        for line in REPORT:
+            terminalreporter.write_line(line)

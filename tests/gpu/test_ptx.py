@@ -27,12 +27,12 @@ SCRIPT = textwrap.dedent("""
     # Device functions are compiled for the current device's compute capability; there is no device here.
     dispatcher.get_current_device = lambda: _Hopper()
 
-    from fastlogits.gpu import kernels
+    from fastlogits.gpu import kernels, sample_kernels
     sys.path.insert(0, sys.argv[1])
     from test_device_functions import user_kernels
 
     failed = []
-    items = kernels.compile_signatures()
+    items = kernels.compile_signatures() + sample_kernels.compile_signatures()
     from numba import types
     f8 = types.Array(types.float64, 1, "C")
     row_lse, merge = user_kernels()

@@ -57,6 +57,34 @@ def test_index_past_2_31_elements(gpu):
     tail = d[rows - 3:].copy_to_host()
     np.testing.assert_allclose(got[-3:], fl.logsumexp(tail, backend="cpu"), rtol=2e-5)
     assert math.isfinite(got[0])
+    # sampling reads the same rows: per-row seeds (row id 0), so the tail alone draws the same tokens
+    from fastlogits.cpu import backend as cpu
+
+    def args(n):
+        return (np.ones(n), 0.0, np.full(n, 50, np.int64), np.full(n, 0.9), np.zeros(n),
+                np.arange(n, dtype=np.uint64)[::-1].copy(), np.zeros(n, np.uint64), 2, True, 4096, 1)
+
+    tok, lp, rank, status = gpu.sample(d, "float16", *args(rows))
+    ctok, clp, crank, cstatus = cpu.sample(tail, "float16", *args(3))
+    assert not status.any() and not cstatus.any()
+    np.testing.assert_array_equal(tok[-3:], ctok)
+    np.testing.assert_array_equal(rank[-3:], crank)
+
+
+def test_sample_real_vocabulary_same_tokens(gpu, rng):
+    """CPU and GPU draw the same tokens at a real vocabulary (random rows, per-row seeds and filters)."""
+    from fastlogits import check
+
+    from .conftest import REPORT
+
+    totals = np.zeros(4, np.int64)
+    for dtype in ("float32", "bfloat16"):
+        x, kw = check.sample_inputs(rng, 1024, 128256, dtype)
+        totals += check.sample_agreement(x, kw, num_samples=4)
+    pairs, same, draws, same_draws = (int(v) for v in totals)
+    REPORT.append(f"sample on the GPU, V = 128256: {same}/{pairs} (row, seed) pairs draw the same tokens as "
+                  f"the CPU ({same / pairs:.3%}), {same_draws}/{draws} draws")
+    assert same >= check.MIN_SAME_TOKEN_RATE * pairs, REPORT[-1]
 
 
 def test_torch_cuda_tensor_zero_copy(gpu):

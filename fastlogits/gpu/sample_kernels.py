@@ -1,0 +1,533 @@
+"""Seeded sampling on the GPU (numba.cuda): the C core's sampler (fastlogits_sample.h), the same tokens.
+
+# Design
+#
+# - Random numbers: Philox-4x32-10 with the C core's key and counter layout, in uint64 arithmetic on 32-bit
+#   words, so that the simulator (NumPy scalars) and the GPU compute the C core's integers. Counter
+#   q = 16 * (t // 64) + t % 16 gives the words of tokens t, t + 16, t + 32, t + 48 (its four outputs):
+#   a thread takes a counter and its four tokens. Stream 0 is the high word of a token's uniform, stream 1
+#   (computed for candidates only) the low one; the Gumbel noise -log(-log(u)) is computed in float64.
+# - The draw: argmax over the surviving tokens of x + g (x the transformed logit in the compute type, the
+#   key in float64), the lowest index on ties. A conservative test on the high word (g < -log(a)) lets only
+#   tokens that can beat the thread's best so far compute their exact noise, as in the C core; the chosen
+#   token is exactly the argmax, whatever the segments and block size.
+# - Survivors are the tokens with x >= theta[row], the largest of the filters' thresholds, computed once
+#   per row by `prepare`: the row's logsumexp state (max M, sum S); top-k's threshold (the k-th largest
+#   value, repeats counted) and top-p's (the value where the probability mass cumulated from the top first
+#   reaches p), both by one radix select; min-p's, M + log(min_p).
+# - Radix select: the values' order-preserving integer keys (32 bits for float32, 64 for float64), 11 bits
+#   per pass from the top. Each pass adds the weight (1 for top-k, exp(x - M) for top-p) of every token
+#   whose key starts with the prefix chosen so far into 2048 shared-memory bins (float64 atomics), and
+#   thread 0 walks the bins from the top to the one where the cumulated weight reaches the goal. Three
+#   passes for float32 (six for float64) give the exact value: no sort and no candidate buffer. Top-p
+#   without top-k bins only the tokens above t0 = lse + log(1 - p) - log(V) (the nucleus lies above it:
+#   those below hold less than 1 - p of the mass together), as the C core's histogram does.
+# - Kernels loop over their work items (rows, or (row, segment, sample)) with a grid stride. The Gumbel
+#   kernel takes one barrier per item (its shared memory is double-buffered); a radix pass takes two. The
+#   CUDA simulator runs this same code; its cost (about 7 ms a barrier for 128 threads) sizes the tests.
+#
+# Statuses, as the C core's: 0 ok, 1 a NaN in the row, 2 a +inf at a positive temperature, 3 no possible
+# token (all -inf).
+"""
+import math
+from types import SimpleNamespace
+
+import numpy as np
+from numba import config, cuda, float64, int64
+
+from fastlogits.gpu import kernels as K
+from fastlogits.gpu.device import lse_result
+
+TPB = K.TPB
+UNROLL = K.UNROLL           # (module constants: numba freezes them; local array sizes must be)
+RADIX = 11                   # bits per radix pass
+NBINS = 1 << RADIX
+
+NAN_SEEN, POSINF_SEEN = 1, 2
+
+MASK32 = np.uint64(0xFFFFFFFF)
+SIGN32 = np.uint64(0x80000000)
+LOW31 = np.uint64(0x7FFFFFFF)
+SIGN64 = np.uint64(0x8000000000000000)
+LOW63 = np.uint64(0x7FFFFFFFFFFFFFFF)
+M0 = np.uint64(0xD2511F53)
+M1 = np.uint64(0xCD9E8D57)
+W0 = np.uint64(0x9E3779B9)
+W1 = np.uint64(0xBB67AE85)
+U1 = np.uint64(1)
+U4 = np.uint64(4)
+U12 = np.uint64(12)
+U20 = np.uint64(20)
+U32 = np.uint64(32)
+TWO_M31 = 4.656612873077393e-10      # 2^-31
+TWO_M53 = 1.1102230246251565e-16     # 2^-53
+
+
+# ---- the generator (Random123's philox4x32_10; the C core's fl_rng_word and fl_gumbel_from_words) ---------
+
+@cuda.jit(device=True)
+def philox(c0, c1, c2, c3, k0, k1):
+    """Philox-4x32-10 of counter (c0, c1, c2, c3) under key (k0, k1): 32-bit words held in uint64."""
+    for _ in range(10):
+        p0 = c0 * M0
+        p1 = c2 * M1
+        c0 = (p1 >> U32) ^ c1 ^ k0
+        c1 = p1 & MASK32
+        c2 = (p0 >> U32) ^ c3 ^ k1
+        c3 = p0 & MASK32
+        k0 = (k0 + W0) & MASK32
+        k1 = (k1 + W1) & MASK32
+    return c0, c1, c2, c3
+
+
+@cuda.jit(device=True)
+def pick(w, a, b, c, d):
+    """Word w (0..3) of a Philox output."""
+    if w == 0:
+        return a
+    if w == 1:
+        return b
+    if w == 2:
+        return c
+    return d
+
+
+@cuda.jit(device=True)
+def gumbel(hi, lo):
+    """The float64 Gumbel noise of a token from its two words: u = (2 k + 1) / 2^53, k the 52-bit
+    (hi, lo >> 12), in (0, 1) exactly; -log(-log(u))."""
+    k = (hi << U20) | (lo >> U12)
+    u = float64(k + k + U1) * TWO_M53
+    return -math.log(-math.log(u))
+
+
+# ---- order-preserving integer keys of the compute type's values (for the radix select) -----------------
+
+if config.ENABLE_CUDASIM:
+    # the simulator has no libdevice; NumPy views give the same bits
+    @cuda.jit(device=True)
+    def _bits32(v):
+        return np.uint64(np.array(v, np.float32).view(np.uint32)[()])
+
+    @cuda.jit(device=True)
+    def _from_bits32(b):
+        return np.array(b, np.uint32).view(np.float32)[()]
+
+    @cuda.jit(device=True)
+    def _bits64(v):
+        return np.array(v, np.float64).view(np.uint64)[()]
+
+    @cuda.jit(device=True)
+    def _from_bits64(b):
+        return np.array(b, np.uint64).view(np.float64)[()]
+else:
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True)
+    def _bits32(v):
+        return np.uint64(np.uint32(libdevice.float_as_int(v)))
+
+    @cuda.jit(device=True)
+    def _from_bits32(b):
+        return libdevice.int_as_float(np.int32(np.uint32(b)))
+
+    @cuda.jit(device=True)
+    def _bits64(v):
+        return np.uint64(libdevice.double_as_longlong(v))
+
+    @cuda.jit(device=True)
+    def _from_bits64(b):
+        return libdevice.longlong_as_double(np.int64(b))
+
+
+@cuda.jit(device=True)
+def key32(v):
+    """float32 v (not NaN, -0.0 made +0.0) -> uint64 key < 2^32, ordered as the values."""
+    b = _bits32(v)
+    if b & SIGN32:
+        return (~b) & MASK32
+    return b | SIGN32
+
+
+@cuda.jit(device=True)
+def value32(key):
+    if key & SIGN32:
+        return _from_bits32(key & LOW31)
+    return _from_bits32((~key) & MASK32)
+
+
+@cuda.jit(device=True)
+def key64(v):
+    b = _bits64(v)
+    if b & SIGN64:
+        return ~b
+    return b | SIGN64
+
+
+@cuda.jit(device=True)
+def value64(key):
+    if key & SIGN64:
+        return _from_bits64(key & LOW63)
+    return _from_bits64(~key)
+
+
+# ---- kernels that read no logits ----------------------------------------------------------------------
+
+@cuda.jit(device=True)
+def item_of(it, nseg, ns):
+    """Work item it -> (row, segment, sample), samples fastest."""
+    return it // (nseg * ns), (it // ns) % nseg, it % ns
+
+
+@cuda.jit(device=True)
+def _better(k, i, kb, ib):
+    """Candidate (key k, index i) beats (kb, ib): a larger key, the lower index on ties; i < 0 is none."""
+    return i >= 0 and (ib < 0 or k > kb or (k == kb and i < ib))
+
+
+# ---- kernels that read logits, one set per input kind ---------------------------------------------------
+
+def _build(kind):
+    base = K.for_kind(kind)
+    value, load_chunk, fold_chunk = base.value, base.load_chunk, base.fold_chunk
+    CT = base.compute.type
+    f64 = base.compute == np.float64
+    NBITS = 64 if f64 else 32
+    key_of = key64 if f64 else key32
+    value_of = value64 if f64 else value32
+
+    @cuda.jit(device=True)
+    def radix_select(x, r, sc, T, mass, goal, lb, M, hist, sel, tid):
+        """The value tau of row r where the weight cumulated from the largest value down first reaches
+        `goal` (tokens with x < lb and NaN left out; weight 1, or exp(x - M) when mass): the weight of the
+        values above tau is below the goal, with tau's own it reaches it. goal < 0 means -goal times the
+        total weight. Where rounding keeps the total below the goal, tau is the smallest value. Every
+        thread of the block calls it; hist (2, NBINS) is zero on entry and on return."""
+        V = x.shape[1]
+        prefix = np.uint64(0)
+        shift = NBITS
+        above = 0.0
+        gl = goal
+        npass = 0
+        while shift > 0:
+            width = min(RADIX, shift)
+            shift -= width
+            par = npass % 2
+            dmask = np.uint64((1 << width) - 1)
+            for j in range(tid, V, TPB):
+                v = value(x, r, j, sc, T) + CT(0)        # -0.0 -> +0.0: keys order as values compare
+                if float64(v) >= lb:
+                    key = key_of(v)
+                    if npass == 0 or (key >> np.uint64(shift + width)) == prefix:
+                        w = float64(CT(math.exp(v - M))) if mass else 1.0
+                        cuda.atomic.add(hist, (par, int64((key >> np.uint64(shift)) & dmask)), w)
+            cuda.syncthreads()
+            if tid == 0:
+                nb = 1 << width
+                if gl < 0:
+                    tot = 0.0
+                    for d in range(nb):
+                        tot += hist[par, d]
+                    gl = -gl * tot
+                hit = -1
+                last = -1
+                above_last = above
+                for d in range(nb - 1, -1, -1):
+                    hd = hist[par, d]
+                    if hd > 0:
+                        last = d
+                        above_last = above
+                    if above + hd >= gl and hd > 0:
+                        hit = d
+                        break
+                    above += hd
+                if hit < 0:          # rounding: the goal is never reached; take everything
+                    hit = max(last, 0)
+                    above = above_last
+                sel[0] = float64(hit)
+                sel[1] = above
+            cuda.syncthreads()
+            prefix = (prefix << np.uint64(width)) | np.uint64(int64(sel[0]))
+            above = sel[1]
+            for d in range(tid, NBINS, TPB):              # this buffer is next used two passes on
+                hist[par, d] = 0.0
+            npass += 1
+        cuda.syncthreads()
+        return value_of(prefix)
+
+    @cuda.jit
+    def prepare(x, temp, softcap, need, top_k, top_p, min_p, rowmax, rowlse, theta):
+        """Per row that needs it: the logsumexp state (rowmax M, rowlse), and theta, the largest of the
+        thresholds of top_k (0: none; < V), top_p (1: none; already lowered by the tolerance) and min_p
+        (0: none). Other rows get theta = -inf. One block per row at a time (grid stride)."""
+        tid = cuda.threadIdx.x
+        V = x.shape[1]
+        sc = CT(softcap)
+        lv = cuda.local.array(UNROLL, CT)
+        sh_m = cuda.shared.array(TPB, float64)
+        sh_s = cuda.shared.array(TPB, float64)
+        bc = cuda.shared.array(2, float64)
+        sel = cuda.shared.array(2, float64)
+        hist = cuda.shared.array((2, NBINS), float64)
+        for d in range(tid, NBINS, TPB):
+            hist[0, d] = 0.0
+            hist[1, d] = 0.0
+        for r in range(cuda.blockIdx.x, x.shape[0], cuda.gridDim.x):
+            if need[r] == 0:
+                if tid == 0:
+                    theta[r] = -math.inf
+                continue
+            T = CT(temp[r])
+            m = CT(-math.inf)
+            s = 0.0
+            t = 0.0
+            for base_j in range(tid, V, TPB * UNROLL):
+                cmax, bad = load_chunk(x, r, base_j, V, sc, T, lv)
+                m, s, t = fold_chunk(lv, cmax, bad, m, s, t, False)
+            sh_m[tid] = m
+            sh_s[tid] = s
+            K.block_merge(sh_m, sh_s, sh_s, K.LSE, tid)
+            if tid == 0:
+                bc[0] = sh_m[0]
+                bc[1] = sh_s[0]
+            cuda.syncthreads()
+            M = bc[0]
+            S = bc[1]
+            lse = lse_result(M, S)
+            th = -math.inf
+            if M > -math.inf and M < math.inf:         # else the row's status says why it has no draw
+                Mc = CT(M)
+                k = top_k[r]
+                vk = -math.inf
+                if k > 0:
+                    vk = float64(radix_select(x, r, sc, T, False, float64(k), -math.inf, Mc, hist, sel, tid))
+                th = vk
+                p = top_p[r]
+                if p < 1.0:
+                    if k > 0:
+                        lb = vk
+                        goal = -p                               # p of the top-k survivors' mass
+                    else:
+                        lb = lse + math.log1p(-p) - math.log(float64(V)) - 1e-3
+                        goal = p * S
+                    tau = M
+                    if lb < M:
+                        tau = float64(radix_select(x, r, sc, T, True, goal, lb, Mc, hist, sel, tid))
+                    th = max(th, tau)
+                mp = min_p[r]
+                if mp > 0.0:
+                    th = max(th, M + math.log(mp))
+            if tid == 0:
+                theta[r] = th
+                rowmax[r] = M
+                rowlse[r] = lse
+
+    @cuda.jit
+    def draw(x, temp, softcap, greedy, theta, seeds, row_ids, seglen, want_sum, rowmax, pkey, pidx, pflag,
+             psum):
+        """Work item (row r, segment g, sample s): the best (key, index) of the segment's surviving tokens
+        into pkey/pidx[r, g, s] (index -1: none); for s = 0, the NaN/+inf flags of the segment into
+        pflag[r, g] and, when want_sum, the sum of exp(x - rowmax) over its survivors into psum[r, g].
+        Greedy rows rank the values themselves (no noise, no filter). seglen is a multiple of 64."""
+        tid = cuda.threadIdx.x
+        V = x.shape[1]
+        nseg = pkey.shape[1]
+        ns = pkey.shape[2]
+        sc = CT(softcap)
+        sh_k = cuda.shared.array((2, TPB), float64)
+        sh_i = cuda.shared.array((2, TPB), int64)
+        sh_f = cuda.shared.array((2, TPB), int64)
+        sh_s = cuda.shared.array((2, TPB), float64)
+        par = 0
+        for it in range(cuda.blockIdx.x, x.shape[0] * nseg * ns, cuda.gridDim.x):
+            r, g, s = item_of(it, nseg, ns)
+            T = CT(temp[r])
+            th = theta[r]
+            gr = greedy[r] != 0
+            do_sum = want_sum and s == 0 and not gr
+            Mc = CT(rowmax[r]) if do_sum else CT(0)
+            seed = seeds[r]
+            rid = row_ids[r]
+            k0 = seed & MASK32
+            k1 = seed >> U32
+            c1 = np.uint64(s) & MASK32
+            c2 = rid & MASK32
+            c3 = ((rid >> U32) << U1) & MASK32
+            start = g * seglen
+            stop = min(start + seglen, V)
+            best = -math.inf
+            bi = int64(-1)
+            flags = int64(0)
+            tot = 0.0
+            for q in range(start // 4 + tid, ((stop + 63) // 64) * 16, TPB):
+                t0 = (q // 16) * 64 + q % 16
+                qc = np.uint64(q) & MASK32
+                w0 = w1 = w2 = w3 = np.uint64(0)
+                if not gr:
+                    w0, w1, w2, w3 = philox(qc, c1, c2, c3, k0, k1)
+                for w in range(4):
+                    t = t0 + 16 * w
+                    if t >= stop:
+                        break
+                    v = value(x, r, t, sc, T)
+                    if v != v:
+                        flags |= NAN_SEEN
+                        continue
+                    if v == math.inf:
+                        flags |= POSINF_SEEN
+                    xv = float64(v)
+                    if gr:
+                        if _better(xv, t, best, bi) and xv > -math.inf:
+                            best = xv
+                            bi = t
+                        continue
+                    if xv < th or xv == -math.inf:     # -inf: probability 0, never drawn
+                        continue
+                    if do_sum:
+                        tot += float64(CT(math.exp(v - Mc)))
+                    hi = pick(w, w0, w1, w2, w3)
+                    # g < -log(a), a <= 1 - u: only a token with a <= exp(x - best) can win (margin for
+                    # the float rounding of the test)
+                    d = xv - best
+                    if d > 80.0:                          # exp would overflow (NaN stays NaN: no draw)
+                        d = 80.0
+                    e = CT(math.exp(CT(d))) * CT(1.002)
+                    a = CT(np.int32(((~hi) & MASK32) >> U1)) * CT(TWO_M31)
+                    if a <= e:
+                        l0, l1, l2, l3 = philox(qc, c1, c2, c3 | U1, k0, k1)
+                        key = xv + gumbel(hi, pick(w, l0, l1, l2, l3))
+                        if _better(key, t, best, bi):
+                            best = key
+                            bi = t
+            sh_k[par, tid] = best
+            sh_i[par, tid] = bi
+            sh_f[par, tid] = flags
+            sh_s[par, tid] = tot
+            cuda.syncthreads()
+            if tid == 0:
+                kb = -math.inf
+                ib = int64(-1)
+                f = int64(0)
+                sm = 0.0
+                for o in range(TPB):
+                    if _better(sh_k[par, o], sh_i[par, o], kb, ib):
+                        kb = sh_k[par, o]
+                        ib = sh_i[par, o]
+                    f |= sh_f[par, o]
+                    sm += sh_s[par, o]
+                pkey[r, g, s] = kb
+                pidx[r, g, s] = ib
+                if s == 0:
+                    pflag[r, g] = f
+                    psum[r, g] = sm
+            par = 1 - par
+
+    @cuda.jit
+    def finish(x, temp, softcap, greedy, theta, rowmax, rowlse, pkey, pidx, pflag, psum, want_lp, tokens,
+               logprobs, status):
+        """Per (row, sample): merge the segments (in order) into the token, the row's status (s = 0) and,
+        when want_lp, the token's log-probability under the filtered distribution."""
+        i = cuda.grid(1)
+        rows = pkey.shape[0]
+        nseg = pkey.shape[1]
+        ns = pkey.shape[2]
+        if i >= rows * ns:
+            return
+        r = i // ns
+        s = i % ns
+        kb = -math.inf
+        ib = int64(-1)
+        f = int64(0)
+        sm = 0.0
+        for g in range(nseg):
+            if _better(pkey[r, g, s], pidx[r, g, s], kb, ib):
+                kb = pkey[r, g, s]
+                ib = pidx[r, g, s]
+            f |= pflag[r, g]
+            sm += psum[r, g]
+        gr = greedy[r] != 0
+        st = 0
+        if f & NAN_SEEN:
+            st = 1
+        elif (f & POSINF_SEEN) and not gr:
+            st = 2
+        elif ib < 0:
+            st = 3
+        if s == 0:
+            status[r] = st
+        tokens[r, s] = ib
+        if want_lp:
+            lp = 0.0
+            if st == 0 and not gr:
+                xt = float64(value(x, r, ib, CT(softcap), CT(temp[r])))
+                lse_s = rowmax[r] + math.log(sm) if theta[r] > -math.inf else rowlse[r]
+                lp = xt - lse_s
+            logprobs[r, s] = lp
+
+    @cuda.jit
+    def rank(x, temp, softcap, greedy, tokens, status, seglen, prank):
+        """Work item (r, g, s): prank[r, g, s] = the number of tokens of segment g with a larger value
+        than token tokens[r, s] (grid stride; 0 for greedy and bad rows)."""
+        tid = cuda.threadIdx.x
+        V = x.shape[1]
+        nseg = prank.shape[1]
+        ns = prank.shape[2]
+        sc = CT(softcap)
+        sh_c = cuda.shared.array((2, TPB), int64)
+        par = 0
+        for it in range(cuda.blockIdx.x, x.shape[0] * nseg * ns, cuda.gridDim.x):
+            r, g, s = item_of(it, nseg, ns)
+            if status[r] != 0 or greedy[r] != 0:
+                if tid == 0:
+                    prank[r, g, s] = 0
+                continue
+            T = CT(temp[r])
+            xt = value(x, r, tokens[r, s], sc, T)
+            cnt = int64(0)
+            for j in range(g * seglen + tid, min(g * seglen + seglen, V), TPB):
+                if value(x, r, j, sc, T) > xt:
+                    cnt += 1
+            sh_c[par, tid] = cnt
+            cuda.syncthreads()
+            if tid == 0:
+                tot = int64(0)
+                for o in range(TPB):
+                    tot += sh_c[par, o]
+                prank[r, g, s] = tot
+            par = 1 - par
+
+    return SimpleNamespace(kind=kind, compute=base.compute, radix_select=radix_select, prepare=prepare,
+                           draw=draw, finish=finish, rank=rank)
+
+
+for_kind = K.kind_cache(_build)      # the sampling kernels of one input kind, built on first use
+
+
+def compile_signatures():
+    """(name, kernel, signature) of every sampling kernel, as the backend launches them (for the PTX
+    check)."""
+    from numba import boolean, types
+    from numba.np.numpy_support import from_dtype
+
+    f8, i8 = types.float64, types.int64
+    row = types.Array(f8, 1, "C")
+    u8row = types.Array(types.uint8, 1, "C")
+    i8row = types.Array(i8, 1, "C")
+    u64row = types.Array(types.uint64, 1, "C")
+    out = []
+    for kind in K.KINDS:
+        k = for_kind(kind)
+        xt = types.Array(types.uint16 if kind == "bfloat16" else from_dtype(np.dtype(kind)), 2, "A")
+        out.append((f"sample prepare[{kind}]", k.prepare,
+                    (xt, row, f8, u8row, i8row, row, row, row, row, row)))
+        out.append((f"sample draw[{kind}]", k.draw,
+                    (xt, row, f8, u8row, row, u64row, u64row, i8, boolean, row, types.Array(f8, 3, "C"),
+                     types.Array(i8, 3, "C"), types.Array(i8, 2, "C"), types.Array(f8, 2, "C"))))
+        out.append((f"sample finish[{kind}]", k.finish,
+                    (xt, row, f8, u8row, row, row, row, types.Array(f8, 3, "C"), types.Array(i8, 3, "C"),
+                     types.Array(i8, 2, "C"), types.Array(f8, 2, "C"), boolean, types.Array(i8, 2, "C"),
+                     types.Array(f8, 2, "C"), types.Array(types.int32, 1, "C"))))
+        out.append((f"sample rank[{kind}]", k.rank,
+                    (xt, row, f8, u8row, types.Array(i8, 2, "C"), types.Array(types.int32, 1, "C"), i8,
+                     types.Array(i8, 3, "C"))))
+    return out

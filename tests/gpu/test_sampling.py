@@ -1,0 +1,140 @@
+"""Sampling on backend="gpu": the same tokens as backend="cpu" (the rate is reported in the terminal summary),
+exactly the argmax of the documented generator's noise over the reference filters' survivors, log-probs and
+ranks against float64 NumPy, statuses of edge rows, and device arrays in and out. Under the CUDA simulator
+the shapes stay small (about 7 ms a barrier); the real-GPU tier (test_real_device.py) adds a real vocabulary.
+"""
+import ml_dtypes
+import numpy as np
+import pytest
+
+from fastlogits import check
+from fastlogits.ops._prep import is_gpu_array
+from fastlogits.ops.sampling import sample
+from tests.helpers import awkward_rows
+from tests.test_sampling import _ref_keep, np_gumbel
+
+from .conftest import REPORT
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+DTYPES = [np.dtype(np.float16), BF16, np.dtype(np.float32), np.dtype(np.float64)]
+
+
+def test_cpu_and_gpu_draw_the_same_tokens(gpu, rng):
+    """Random inputs, per-row seeds and per-row filter combinations: the share of (row, seed) pairs whose
+    draws (4 samples each) are the same on both backends, and of single draws."""
+    totals = np.zeros(4, np.int64)
+    for dtype, rows, V in [("float32", 160, 100), ("bfloat16", 48, 129), ("float64", 48, 77)]:
+        x, kw = check.sample_inputs(rng, rows, V, dtype)
+        totals += check.sample_agreement(x, kw, num_samples=4)
+    pairs, same_pairs, draws, same_draws = (int(v) for v in totals)
+    rate = same_pairs / pairs
+    REPORT.append(f"sample, CPU vs GPU same tokens: {same_pairs}/{pairs} (row, seed) pairs ({rate:.2%}), "
+                  f"{same_draws}/{draws} draws")
+    assert rate >= check.MIN_SAME_TOKEN_RATE, REPORT[-1]
+
+
+FILTERS = [{}, {"temperature": 0.7}, {"top_k": 5}, {"top_p": 0.8}, {"min_p": 0.05},
+           {"top_k": 40, "top_p": 0.9, "min_p": 0.01}, {"top_p": 0.5, "temperature": 3.0},
+           {"temperature": 1e-6}]
+
+
+@pytest.mark.parametrize("kw", FILTERS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "plain")
+def test_tokens_are_the_argmax_of_logits_plus_documented_noise(gpu, rng, kw):
+    """The independent reference: a NumPy Philox and float64 filters (tests/test_sampling.py). Segments
+    of 64 columns (chunk_size) and two samples exercise the segment merge and the sample counter."""
+    rows, V = 4, 300
+    x = (rng.standard_normal((rows, V)) * 2).astype(np.float32)
+    x[1, ::7] = np.float32(1.5)                         # ties
+    seed = int(rng.integers(0, 2**64, dtype=np.uint64))
+    got = sample(x, seed=seed, num_samples=2, chunk_size=64, backend="gpu", **kw)
+    T = np.float32(kw.get("temperature", 1.0))
+    for i in range(rows):
+        xs = (x[i] / T).astype(np.float64)             # in the compute dtype, as the kernels
+        keep = _ref_keep(xs, kw.get("top_k"), kw.get("top_p"), kw.get("min_p"), 16 * np.finfo(np.float32).eps)
+        for s in range(2):
+            _, _, g = np_gumbel(seed, i, s, np.arange(V))
+            assert got[i, s] == int(np.argmax(np.where(keep, xs + g, -np.inf))), (i, s)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=[d.name for d in DTYPES])
+def test_logprobs_and_ranks(gpu, rng, dtype):
+    """Tokens and ranks equal the CPU's; log-probabilities match float64 NumPy over the survivors."""
+    rows, V = 5, 300
+    x = (rng.standard_normal((rows, V)) * 3).astype(dtype)
+    T = np.array([0.8, 1.0, 0.0, 1.3, 1.0])
+    kw = dict(temperature=T, top_p=np.array([0.7, 1.0, 1.0, 0.9, 1.0]), top_k=np.array([0, 10, 0, 0, 0]),
+              min_p=np.array([0.0, 0.0, 0.0, 0.02, 0.0]), softcap=20.0, seed=9, num_samples=3,
+              return_logprobs=True, chunk_size=128)
+    tok, lp, rank = sample(x, backend="gpu", **kw)
+    ctok, clp, crank = sample(x, backend="cpu", **kw)
+    np.testing.assert_array_equal(tok, ctok)
+    np.testing.assert_array_equal(rank, crank)
+    assert lp.dtype == clp.dtype
+    f64 = dtype == np.float64
+    ct = np.float64 if f64 else np.float32
+    for i in range(rows):
+        xs = 20.0 * np.tanh(x[i].astype(ct) / ct(20.0))
+        xs = (xs if T[i] == 0 else (xs / ct(T[i]))).astype(np.float64)
+        for s in range(3):
+            t = tok[i, s]
+            assert rank[i, s] == (0 if T[i] == 0 else int(np.sum(xs > xs[t])))
+            if T[i] == 0:
+                assert t == int(np.argmax(xs)) and lp[i, s] == 0.0
+                continue
+            keep = _ref_keep(xs, kw["top_k"][i] or None, kw["top_p"][i], kw["min_p"][i],
+                             16 * np.finfo(ct).eps)
+            assert keep[t]
+            m = xs[keep].max()
+            want = xs[t] - (m + np.log(np.sum(np.exp(xs[keep] - m))))
+            tol = 1e-12 if f64 else 2e-5 * (1 + np.abs(xs[np.isfinite(xs)]).max())
+            assert abs(float(lp[i, s]) - want) <= tol, (i, s, lp[i, s], want)
+
+
+@pytest.mark.parametrize("kw", [{}, {"top_p": 0.5}, {"top_k": 3}, {"min_p": 0.2}, {"temperature": 0.0}],
+                         ids=["plain", "top_p", "top_k", "min_p", "greedy"])
+def test_edge_rows_status_and_tokens(gpu, kw):
+    """Every awkward row (NaN, +inf, all -inf, ties, extremes...) gets the CPU's status, and good rows
+    its token (backend level: one call for all rows, where sample() would stop at the first bad row)."""
+    from fastlogits.cpu import backend as cpu
+
+    rows = awkward_rows(np.float32, 37)
+    x = np.stack(list(rows.values()))
+    n = x.shape[0]
+    args = (np.full(n, kw.get("temperature", 1.0)), 0.0, np.full(n, kw.get("top_k", 0), np.int64),
+            np.full(n, kw.get("top_p", 1.0)), np.full(n, kw.get("min_p", 0.0)), np.full(n, 77, np.uint64),
+            np.arange(n, dtype=np.uint64), 2, True, 16, 1)
+    g = gpu.sample(x, "float32", *args)
+    c = cpu.sample(x, "float32", *args)
+    np.testing.assert_array_equal(g[3], c[3], err_msg=str(list(rows)))
+    ok = c[3] == 0
+    assert ok.any() and (~ok).any()
+    np.testing.assert_array_equal(g[0][ok], c[0][ok])       # tokens
+    np.testing.assert_array_equal(g[2][ok], c[2][ok])       # ranks
+    tol = 2e-5 * (1 + np.abs(np.where(np.isfinite(x), x, 0)).max(axis=1, keepdims=True))
+    assert np.all(np.abs(g[1] - c[1])[ok] <= tol[ok])                   # log-probabilities
+
+
+def test_bad_row_raises_the_cpu_error(gpu):
+    x = np.zeros((3, 40), np.float32)
+    x[1, 5] = np.nan
+    for be in ("gpu", "cpu"):
+        with pytest.raises(ValueError, match=r"holds a NaN \(row \(1,\)\)"):
+            sample(x, seed=1, backend=be)
+
+
+def test_device_arrays_in_device_arrays_out(gpu, rng):
+    from numba import cuda
+
+    x = (rng.standard_normal((2, 3, 200)) * 2).astype(np.float32)
+    d = cuda.to_device(x)
+    t = sample(d, seed=5, top_p=0.9)                 # backend None: where the data lives
+    assert is_gpu_array(t) and t.shape == (2, 3)
+    np.testing.assert_array_equal(t.copy_to_host(), sample(x, seed=5, top_p=0.9, backend="cpu"))
+    tok, lp, rank = sample(d, seed=5, num_samples=2, return_logprobs=True)
+    ctok, clp, crank = sample(x, seed=5, num_samples=2, return_logprobs=True, backend="cpu")
+    assert all(is_gpu_array(a) for a in (tok, lp, rank)) and tok.shape == (2, 3, 2)
+    np.testing.assert_array_equal(tok.copy_to_host(), ctok)
+    np.testing.assert_array_equal(rank.copy_to_host(), crank)
+    np.testing.assert_allclose(lp.copy_to_host(), clp, rtol=2e-5, atol=2e-5)
