@@ -65,20 +65,21 @@ def _compare(name, got, want, x, dtype, out_dtype=None):
     return float(diff.max()) if diff.size else 0.0, ok
 
 
-def sample_inputs(rng, rows, V, dtype):
+def sample_inputs(rng, rows, V, dtype, filters=True):
     """Random rows for the sampling agreement, and per-row sample() arguments: rows of varied scale, a
     quarter with few distinct values (ties at every filter's boundary), some -inf entries; per-row seeds,
-    temperatures (0 = greedy among them) and filter combinations."""
+    temperatures (0 = greedy among them) and, when filters, filter combinations."""
     x = rng.standard_normal((rows, V)) * rng.choice([0.3, 2.0, 6.0], (rows, 1))
     tied = rng.random(rows) < 0.25
     x[tied] = np.round(x[tied])
     x[rng.random((rows, V)) < 0.05] = -np.inf
     x[:, 0] = np.where(np.isinf(x[:, 0]), 1.0, x[:, 0])       # at least one finite logit
     kw = dict(seed=rng.integers(0, 2**64, rows, dtype=np.uint64),
-              temperature=rng.choice([0.0, 0.5, 1.0, 1.7], rows),
-              top_k=rng.choice([0, 0, 1, 5, 20], rows),
-              top_p=rng.choice([1.0, 1.0, 0.5, 0.9, 0.99], rows),
-              min_p=rng.choice([0.0, 0.0, 0.05, 0.3], rows))
+              temperature=rng.choice([0.0, 0.5, 1.0, 1.7], rows))
+    if filters:
+        kw.update(top_k=rng.choice([0, 0, 1, 5, 20], rows),
+                  top_p=rng.choice([1.0, 1.0, 0.5, 0.9, 0.99], rows),
+                  min_p=rng.choice([0.0, 0.0, 0.05, 0.3], rows))
     return x.astype(DTYPES[dtype]), kw
 
 
@@ -88,6 +89,7 @@ def sample_agreement(x, kw, num_samples=4):
     got = fl.sample(x, num_samples=num_samples, backend="gpu", **kw)
     same = np.asarray(got.copy_to_host() if hasattr(got, "copy_to_host") else got) == fl.sample(
         x, num_samples=num_samples, backend="cpu", **kw)
+    same = same.reshape(x.shape[0], num_samples)
     return same.shape[0], int(np.all(same, axis=1).sum()), same.size, int(same.sum())
 
 

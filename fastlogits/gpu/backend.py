@@ -476,7 +476,8 @@ def sample(x, dtype, temperature, softcap, top_k, top_p, min_p, seeds, row_ids, 
     tol = 16 * float(np.finfo(compute_dtype(dtype)).eps)
     p = np.where(greedy | (top_p >= 1.0), 1.0, np.where(top_p - tol > 0.5 * top_p, top_p - tol, 0.5 * top_p))
     mp = np.where(greedy, 0.0, min_p)
-    need = ~greedy & ((k > 0) | (p < 1.0) | (mp > 0.0) | bool(logprobs))
+    # what `prepare` computes per row: 0 nothing, 1 top-k's threshold only, 2 the max and logsumexp first
+    need = np.where(greedy, 0, np.where((p < 1.0) | (mp > 0.0) | bool(logprobs), 2, np.where(k > 0, 1, 0)))
     tokens = np.zeros((rows, ns), np.int64)
     lp = np.zeros((rows, ns), np.float64) if logprobs else None
     ranks = np.zeros((rows, ns), np.int64) if logprobs else None

@@ -257,9 +257,10 @@ def _build(kind):
 
     @cuda.jit
     def prepare(x, temp, softcap, need, top_k, top_p, min_p, rowmax, rowlse, theta):
-        """Per row that needs it: the logsumexp state (rowmax M, rowlse), and theta, the largest of the
-        thresholds of top_k (0: none; < V), top_p (1: none; already lowered by the tolerance) and min_p
-        (0: none). Other rows get theta = -inf. One block per row at a time (grid stride)."""
+        """Per row, by need[r]: 0, theta = -inf (no filter); 1, top-k only: theta from the radix select
+        alone; 2: first the logsumexp state (rowmax M, rowlse), then theta, the largest of the thresholds of
+        top_k (0: none; < V), top_p (1: none; already lowered by the tolerance) and min_p (0: none). One
+        block per row at a time (grid stride)."""
         tid = cuda.threadIdx.x
         V = x.shape[1]
         sc = CT(softcap)
@@ -272,27 +273,31 @@ def _build(kind):
         for d in range(tid, NBINS, TPB):
             hist[0, d] = 0.0
             hist[1, d] = 0.0
+        cuda.syncthreads()
         for r in range(cuda.blockIdx.x, x.shape[0], cuda.gridDim.x):
             if need[r] == 0:
                 if tid == 0:
                     theta[r] = -math.inf
                 continue
             T = CT(temp[r])
-            m = CT(-math.inf)
-            s = 0.0
-            t = 0.0
-            for base_j in range(tid, V, TPB * UNROLL):
-                cmax, bad = load_chunk(x, r, base_j, V, sc, T, lv)
-                m, s, t = fold_chunk(lv, cmax, bad, m, s, t, False)
-            sh_m[tid] = m
-            sh_s[tid] = s
-            K.block_merge(sh_m, sh_s, sh_s, K.LSE, tid)
-            if tid == 0:
-                bc[0] = sh_m[0]
-                bc[1] = sh_s[0]
-            cuda.syncthreads()
-            M = bc[0]
-            S = bc[1]
+            M = 0.0                    # top-k alone needs no max: its weights are counts
+            S = 1.0
+            if need[r] == 2:
+                m = CT(-math.inf)
+                s = 0.0
+                t = 0.0
+                for base_j in range(tid, V, TPB * UNROLL):
+                    cmax, bad = load_chunk(x, r, base_j, V, sc, T, lv)
+                    m, s, t = fold_chunk(lv, cmax, bad, m, s, t, False)
+                sh_m[tid] = m
+                sh_s[tid] = s
+                K.block_merge(sh_m, sh_s, sh_s, K.LSE, tid)
+                if tid == 0:
+                    bc[0] = sh_m[0]
+                    bc[1] = sh_s[0]
+                cuda.syncthreads()
+                M = bc[0]
+                S = bc[1]
             lse = lse_result(M, S)
             th = -math.inf
             if M > -math.inf and M < math.inf:         # else the row's status says why it has no draw

@@ -9,7 +9,7 @@ import pytest
 
 from fastlogits import check
 from fastlogits.ops._prep import is_gpu_array
-from fastlogits.ops.sampling import sample
+from fastlogits.ops.sampling import beam_search_step, sample
 from tests.helpers import awkward_rows
 from tests.test_sampling import _ref_keep, np_gumbel
 
@@ -22,12 +22,16 @@ DTYPES = [np.dtype(np.float16), BF16, np.dtype(np.float32), np.dtype(np.float64)
 
 
 def test_cpu_and_gpu_draw_the_same_tokens(gpu, rng):
-    """Random inputs, per-row seeds and per-row filter combinations: the share of (row, seed) pairs whose
-    draws (4 samples each) are the same on both backends, and of single draws."""
+    """Random inputs with per-row seeds: the share of (row, seed) pairs whose draws are the same on both
+    backends, and of single draws. 1024 pairs: 768 rows with per-row temperatures (greedy among them) and
+    one sample, 256 with per-row filter combinations and two (the simulator takes ~15 ms a draw and ~0.1 s
+    for a filtered row's thresholds)."""
     totals = np.zeros(4, np.int64)
-    for dtype, rows, V in [("float32", 160, 100), ("bfloat16", 48, 129), ("float64", 48, 77)]:
-        x, kw = check.sample_inputs(rng, rows, V, dtype)
-        totals += check.sample_agreement(x, kw, num_samples=4)
+    for dtype, rows, V, filters in [("float32", 640, 100, False), ("float16", 128, 160, False),
+                                    ("float32", 160, 100, True), ("bfloat16", 48, 129, True),
+                                    ("float64", 48, 77, True)]:
+        x, kw = check.sample_inputs(rng, rows, V, dtype, filters)
+        totals += check.sample_agreement(x, kw, num_samples=2 if filters else 1)
     pairs, same_pairs, draws, same_draws = (int(v) for v in totals)
     rate = same_pairs / pairs
     REPORT.append(f"sample, CPU vs GPU same tokens: {same_pairs}/{pairs} (row, seed) pairs ({rate:.2%}), "
@@ -138,3 +142,41 @@ def test_device_arrays_in_device_arrays_out(gpu, rng):
     np.testing.assert_array_equal(tok.copy_to_host(), ctok)
     np.testing.assert_array_equal(rank.copy_to_host(), crank)
     np.testing.assert_allclose(lp.copy_to_host(), clp, rtol=2e-5, atol=2e-5)
+
+
+def test_tokens_do_not_depend_on_segments_or_batch(gpu, rng):
+    """Per-row seeds: a row draws the same tokens alone or in a batch, whatever the column segments."""
+    x = (rng.standard_normal((6, 300)) * 2).astype(np.float32)
+    seeds = rng.integers(0, 2**64, 6, dtype=np.uint64)
+    kw = dict(top_p=0.9, num_samples=2)
+    whole = sample(x, seed=seeds, backend="gpu", **kw)
+    np.testing.assert_array_equal(sample(x, seed=seeds, chunk_size=64, backend="gpu", **kw), whole)
+    np.testing.assert_array_equal(sample(x[2:5], seed=seeds[2:5], backend="gpu", **kw), whole[2:5])
+
+
+def test_beam_search_step(gpu, rng):
+    x = (rng.standard_normal((4, 40)) * 2).astype(np.float32)
+    scores = np.log(rng.uniform(0.1, 1.0, 4))
+    g = beam_search_step(x, scores, 2, backend="gpu")
+    c = beam_search_step(x, scores, 2, backend="cpu")
+    np.testing.assert_array_equal(g[1], c[1])
+    np.testing.assert_array_equal(g[2], c[2])
+    np.testing.assert_allclose(g[0], c[0], rtol=2e-5, atol=2e-5)
+
+
+def test_cli_sample_on_the_gpu(gpu, tmp_path, rng):
+    """`fastlogits sample --backend gpu` streams row blocks (a small budget) and writes the CPU's tokens."""
+    import subprocess
+    import sys
+
+    x = (rng.standard_normal((8, 3000)) * 3).astype(np.float32)          # rows of 12 KB: 64 KiB holds few
+    np.save(tmp_path / "x.npy", x)
+    args = ["sample", tmp_path / "x.npy", tmp_path / "s.npy", "--top-k", "20", "--temperature", "0.8",
+            "--seed", "7", "--logprobs", "--backend", "gpu", "--memory", "64KiB"]
+    res = subprocess.run([sys.executable, "-m", "fastlogits.cli", *map(str, args)], capture_output=True)
+    assert res.returncode == 0, res.stderr
+    got = np.load(tmp_path / "s.npy")
+    tokens, lp, ranks = sample(x, top_k=20, temperature=0.8, seed=7, return_logprobs=True, backend="cpu")
+    np.testing.assert_array_equal(got["token"], tokens)
+    np.testing.assert_array_equal(got["rank"], ranks)
+    np.testing.assert_allclose(got["logprob"], lp, rtol=2e-5, atol=2e-5)
