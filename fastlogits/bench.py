@@ -220,8 +220,11 @@ def gpu_figures(args):
         return None
     from fastlogits.gpu import timing
     rows = max(args.rows, 8192)
-    return timing.benchmark(shape=(rows, args.vocab), dtypes=("float32", "bfloat16"), repeat=args.repeat,
-                            torch_too=not args.no_peers)
+    out = timing.benchmark(shape=(rows, args.vocab), dtypes=("float32", "bfloat16"), repeat=args.repeat,
+                           torch_too=not args.no_peers)
+    out["sampling"] = timing.sample_benchmark(shape=(args.rows, args.vocab), repeat=args.repeat,
+                                              torch_too=not args.no_peers)
+    return out
 
 
 def gpu_table(gpu):
@@ -239,4 +242,12 @@ def gpu_table(gpu):
             pct = 100 * d[op + "_GBps"] / gpu["copy_GBps"]
             lines.append(f"| {op} | {dt} | {d[op + '_GBps']:.0f} | {pct:.0f}% | "
                          + (f"{t:.0f} | {ratio:.2f} |" if t else "- | - |"))
+    smp = gpu.get("sampling")
+    if smp:
+        lines += ["", f"GPU sampling, float32 {tuple(smp['shape'])}, medians",
+                  "| call | fastlogits ms | torch ms | x torch |", "| --- | --- | --- | --- |"]
+        for case, peer in (("plain", "multinomial(softmax)"), ("top_k_top_p", "HF pipeline")):
+            t = smp.get("torch_" + case + "_s")
+            lines.append(f"| {case} (torch: {peer}) | {1e3 * smp[case + '_s']:.2f} | "
+                         + (f"{1e3 * t:.2f} | {t / smp[case + '_s']:.1f} |" if t else "- | - |"))
     return "\n".join(lines)

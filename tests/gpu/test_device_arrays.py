@@ -101,6 +101,12 @@ def test_benchmark_smoke(gpu):
     res = timing.benchmark((2, 40), dtypes=("bfloat16",), repeat=1, torch_too=False)
     assert set(res["bfloat16"]) >= {"logsumexp_s", "logsumexp_GBps", "cross_entropy_s", "cross_entropy_GBps"}
     assert "copy_GBps" in res
+    smp = timing.sample_benchmark((2, 64), repeat=1, torch_too=False)
+    assert {"plain_s", "top_k_top_p_s"} <= set(smp) and smp["shape"] == [2, 64]
+    from fastlogits import bench
+
+    table = bench.gpu_table(dict(res, sampling=smp))
+    assert "| logsumexp | bfloat16 |" in table and "| top_k_top_p (torch: HF pipeline) |" in table
 
 
 def test_stats_matches_cpu(gpu, rng):
