@@ -415,19 +415,32 @@ def _select(x, dtype, temperature, softcap, k, logprobs, chunk):
 
 
 def stats(x, dtype, temperature, softcap, labels, ignore_index, chunk, threads):
-    """Per row: (nll, entropy, argmax); nll as cross_entropy's unweighted per-row loss (0 for ignored
-    rows; all 0 when labels is None). Three passes over the logits for now (a fused kernel is to come)."""
-    ent = entropy(x, dtype, temperature, softcap, chunk, threads)
-    top = argmax(x, dtype, temperature, softcap, chunk, threads)
-    if labels is None:
-        nll = _empty(x.shape[0], np.float64, is_device_array(x))
-        if isinstance(nll, np.ndarray):
-            nll[:] = 0.0
-        else:
-            nll.copy_to_device(np.zeros(x.shape[0]))
-    else:
-        nll, _, _ = cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, None, False,
-                                       chunk, threads)
+    """Per row, from one pass over the logits: (nll, entropy, argmax); nll as cross_entropy's unweighted
+    per-row loss (0 for ignored rows; all 0 when labels is None)."""
+    kern = K.for_kind(dtype)
+    device = is_device_array(x)
+    rows_all = x.shape[0]
+    nll, ent = _empty(rows_all, np.float64, device), _empty(rows_all, np.float64, device)
+    top = _empty(rows_all, np.int64, device)
+    has_labels = labels is not None
+    if has_labels:
+        labels = labels.copy_to_host() if is_device_array(labels) else np.asarray(labels)
+        labels = np.ascontiguousarray(labels, dtype=np.int64)
+    for blk in _blocks(x, dtype, temperature):
+        rows = blk.rows
+        nseg, seglen = _segments(rows, blk.V, chunk)
+        parts = [blk.array((rows, nseg), np.float64, name) for name in ("pm", "ps", "pt", "pv")]
+        pi = blk.array((rows, nseg), np.int64, "pi")
+        blk.launch(kern.stats_fused_part, (rows, nseg))(blk.d, blk.dtemp, float(softcap), seglen, *parts, pi)
+        dlab = blk.upload("labels", labels[blk.sl] if has_labels else np.zeros(1, np.int64))
+        outs = [blk.array(rows, dt, name) if blk.host else o
+                for o, name, dt in ((nll, "nll", np.float64), (ent, "entropy", np.float64),
+                                    (top, "argmax", np.int64))]
+        blk.launch(kern.stats_fused_finish, *_grid1(rows))(blk.d, blk.dtemp, float(softcap), dlab, has_labels,
+                                                           int(ignore_index), *parts, pi, *outs)
+        if blk.host:
+            for host, dev in zip((nll, ent, top), outs):
+                blk.fetch(dev, host)
     return nll, ent, top
 
 

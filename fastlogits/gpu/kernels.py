@@ -351,6 +351,80 @@ def _build(kind):
             pt[r, g] = sh_t[0]
 
     @cuda.jit
+    def stats_fused_part(x, temp, softcap, seglen, pm, ps, pt, pv, pi):
+        """Segment state of block (row, segment) for `fastlogits stats`, from one pass: the entropy state
+        (pm, ps, pt) and the best (value, index) in the top-k order (pv, pi; (-inf, INT64_MAX) for none)."""
+        r = cuda.blockIdx.x
+        g = cuda.blockIdx.y
+        tid = cuda.threadIdx.x
+        sc = CT(softcap)
+        T = CT(temp[r])
+        start = g * seglen
+        stop = min(start + seglen, x.shape[1])
+        lv = cuda.local.array(UNROLL, CT)
+        m = CT(-math.inf)
+        s = 0.0
+        t = 0.0
+        bv = CT(-math.inf)
+        bi = INT64_MAX
+        for base in range(start + tid, stop, TPB * UNROLL):
+            cmax, bad = load_chunk(x, r, base, stop, sc, T, lv)
+            m, s, t = fold_chunk(lv, cmax, bad, m, s, t, True)
+            if bad or cmax >= bv:
+                for u in range(UNROLL):
+                    j = base + u * TPB
+                    if j < stop and better(lv[u], j, bv, bi):
+                        bv = lv[u]
+                        bi = j
+        sh_m = cuda.shared.array(TPB, float64)
+        sh_s = cuda.shared.array(TPB, float64)
+        sh_t = cuda.shared.array(TPB, float64)
+        sh_m[tid] = m
+        sh_s[tid] = s
+        sh_t[tid] = t
+        block_merge(sh_m, sh_s, sh_t, ENTROPY, tid)
+        sh_v = cuda.shared.array(TPB, float64)
+        sh_i = cuda.shared.array(TPB, int64)
+        win_v = cuda.shared.array(1, float64)
+        win_i = cuda.shared.array(1, int64)
+        sh_v[tid] = bv
+        sh_i[tid] = bi
+        block_best(sh_v, sh_i, win_v, win_i, tid)
+        if tid == 0:
+            pm[r, g] = sh_m[0]
+            ps[r, g] = sh_s[0]
+            pt[r, g] = sh_t[0]
+            pv[r, g] = win_v[0]
+            pi[r, g] = win_i[0]
+
+    @cuda.jit
+    def stats_fused_finish(x, temp, softcap, labels, has_labels, ignore_index, pm, ps, pt, pv, pi, nll, ent,
+                           top):
+        """Per row: merge the segments (in order) into the entropy, the argmax (0 for an empty row) and the
+        unweighted cross-entropy of the label (as ce_finish; 0 for ignored rows and without labels)."""
+        r = cuda.grid(1)
+        if r >= pm.shape[0]:
+            return
+        m = pm[r, 0]
+        s = ps[r, 0]
+        t = pt[r, 0]
+        bv = pv[r, 0]
+        bi = pi[r, 0]
+        for g in range(1, pm.shape[1]):
+            m, s, t = ent_merge(m, s, t, pm[r, g], ps[r, g], pt[r, g])
+            if better(pv[r, g], pi[r, g], bv, bi):
+                bv = pv[r, g]
+                bi = pi[r, g]
+        ent[r] = ent_result(m, s, t)
+        top[r] = 0 if bi == INT64_MAX else bi
+        nll[r] = 0.0
+        if has_labels and labels[r] != ignore_index:
+            val = lse_result(m, s)
+            if val == math.inf:
+                val = math.nan
+            nll[r] = val - value(x, r, labels[r], CT(softcap), CT(temp[r]))
+
+    @cuda.jit
     def softmax_map(x, temp, softcap, seglen, pm, ps, log, out):
         """out[r, j] = softmax (or log-softmax) from the row's finished state (pm[r, 0], ps[r, 0]); rows
         whose max is not finite (all -inf, +inf, NaN) are NaN, like PyTorch."""
@@ -517,6 +591,8 @@ def _build(kind):
     k.load_chunk = load_chunk
     k.fold_chunk = fold_chunk
     k.stats_part = stats_part
+    k.stats_fused_part = stats_fused_part
+    k.stats_fused_finish = stats_fused_finish
     k.softmax_map = softmax_map
     k.topk_part = topk_part
     k.ce_finish = ce_finish
@@ -561,6 +637,11 @@ def compile_signatures():
         xt = types.Array(types.uint16 if kind == "bfloat16" else from_dtype(np.dtype(kind)), 2, "A")
         out.append((f"stats_part[{kind}]", k.stats_part,
                     (xt, row_f8, f8, i8, i8, types.Array(ct, 1, "C"), st2, st2, st2)))
+        out.append((f"stats_fused_part[{kind}]", k.stats_fused_part,
+                    (xt, row_f8, f8, i8, st2, st2, st2, st2, types.Array(i8, 2, "C"))))
+        out.append((f"stats_fused_finish[{kind}]", k.stats_fused_finish,
+                    (xt, row_f8, f8, types.Array(i8, 1, "C"), boolean, i8, st2, st2, st2, st2,
+                     types.Array(i8, 2, "C"), row_f8, row_f8, types.Array(i8, 1, "C"))))
         for o in ("float16", "float32", "float64"):
             ot = types.Array(from_dtype(np.dtype(o)), 2, "C")
             out.append((f"softmax_map[{kind}->{o}]", k.softmax_map,

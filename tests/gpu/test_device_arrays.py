@@ -110,16 +110,25 @@ def test_benchmark_smoke(gpu):
 
 
 def test_stats_matches_cpu(gpu, rng):
-    """backend.stats (nll, entropy, argmax per row), as the streaming statistics call it."""
+    """backend.stats (nll, entropy, argmax per row, one fused pass), as the streaming statistics call it:
+    random and edge rows (NaN, +inf, all -inf, ties), rows split over several blocks (small chunk)."""
     from fastlogits.cpu import backend as cpu
+    from tests.helpers import awkward_rows
 
-    x = (rng.standard_normal((3, 50)) * 3).astype(np.float32)
-    x[2, 7] = np.inf
-    t = temps(3)
-    labels = np.array([4, -100, 9])
-    for lab in (labels, None):
-        got = gpu.stats(x, "float32", t, 0.0, lab, -100, 4096, 1)
-        want = cpu.stats(x, "float32", t, 0.0, lab, -100, 4096, 1)
-        np.testing.assert_allclose(got[0], want[0], rtol=2e-5, atol=1e-6)
-        np.testing.assert_allclose(got[1], want[1], rtol=2e-5, atol=1e-6)
+    edge = awkward_rows(np.float32, 50)
+    x = np.concatenate([(rng.standard_normal((3, 50)) * 3).astype(np.float32), np.stack(list(edge.values()))])
+    n = x.shape[0]
+    t = rng.uniform(0.5, 2.0, n)
+    labels = rng.integers(0, 50, n)
+    labels[1] = -100
+    bf = x.astype(ml_dtypes.bfloat16)
+    for dtype, xs, lab, chunk in (("float32", x, labels, 4096), ("float32", x, None, 4096),
+                                  ("float32", x, labels, 16), ("bfloat16", bf, labels, 16)):
+        got = gpu.stats(xs, dtype, t, 0.0, lab, -100, chunk, 1)
+        want = cpu.stats(xs, dtype, t, 0.0, lab, -100, chunk, 1)
+        scale = 1 + np.abs(np.where(np.isfinite(x), x / t[:, None], 0)).max(axis=1)
+        for a, b in zip(got[:2], want[:2]):
+            assert np.array_equal(np.isnan(a), np.isnan(b)) and np.array_equal(np.isinf(a), np.isinf(b))
+            fin = np.isfinite(b)
+            assert np.all(np.abs(a - b)[fin] <= 2e-5 * scale[fin]), (dtype, chunk, list(edge))
         np.testing.assert_array_equal(got[2], want[2])
