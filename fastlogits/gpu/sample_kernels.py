@@ -22,6 +22,11 @@
 #   passes for float32 (six for float64) give the exact value: no sort and no candidate buffer. Top-p
 #   without top-k bins only the tokens above t0 = lse + log(1 - p) - log(V) (the nucleus lies above it:
 #   those below hold less than 1 - p of the mass together), as the C core's histogram does.
+# - Passes over a row (float32): greedy and plain temperature sampling take one (the draw); min-p two (the
+#   logsumexp, the draw); top-k four (three radix passes, the draw); top-p five; top-k with top-p eight.
+#   return_logprobs adds the logsumexp pass where there is none, and one pass per sample for the ranks. The
+#   C core streams top-k in one pass with a heap; here rows sit whole in device memory, and a radix select
+#   keeps every thread busy where a shared heap would serialize them.
 # - Kernels loop over their work items (rows, or (row, segment, sample)) with a grid stride. The Gumbel
 #   kernel takes one barrier per item (its shared memory is double-buffered); a radix pass takes two. The
 #   CUDA simulator runs this same code; its cost (about 7 ms a barrier for 128 threads) sizes the tests.
@@ -55,7 +60,6 @@ M1 = np.uint64(0xCD9E8D57)
 W0 = np.uint64(0x9E3779B9)
 W1 = np.uint64(0xBB67AE85)
 U1 = np.uint64(1)
-U4 = np.uint64(4)
 U12 = np.uint64(12)
 U20 = np.uint64(20)
 U32 = np.uint64(32)
@@ -171,7 +175,7 @@ def value64(key):
     return _from_bits64(~key)
 
 
-# ---- kernels that read no logits ----------------------------------------------------------------------
+# ---- work items and candidates ------------------------------------------------------------------------
 
 @cuda.jit(device=True)
 def item_of(it, nseg, ns):
