@@ -74,6 +74,12 @@ def test_sample_plain_fastlogits(benchmark, data, threads):
     _check_tokens(benchmark(sample, data, seed=0, threads=threads), data)
 
 
+@pytest.mark.parametrize("threads", [1, None], ids=["1thread", "allthreads"])
+def test_sample_one_row_fastlogits(benchmark, data, threads):
+    """Batch size 1 (serving): with more threads than rows a row's draw is split over column ranges."""
+    _check_tokens(benchmark(sample, data[:1], seed=0, threads=threads), data[:1])
+
+
 def test_sample_plain_torch_multinomial(benchmark, data, torch):
     t = torch.from_numpy(data)
     out = benchmark(lambda: torch.multinomial(torch.softmax(t, -1), 1))

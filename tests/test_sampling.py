@@ -2,6 +2,7 @@
 Hugging Face's filter semantics and test vectors, reproducibility (threads, chunk sizes, batch composition),
 the documented random-number scheme (an independent NumPy Philox), edge rows and argument errors."""
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -9,6 +10,7 @@ from hypothesis import strategies as st
 
 from fastlogits.ops.sampling import beam_search_step, sample
 
+BF16 = np.dtype(ml_dtypes.bfloat16)
 P_MIN = 1e-4          # chi-square p-value below which a test fails
 N_DRAWS = 20000       # draws per goodness-of-fit test (rows of the same logits, one scalar seed)
 
@@ -323,6 +325,44 @@ def test_same_tokens_whatever_threads_and_chunks(rng, kw):
     np.testing.assert_array_equal(sample(x.reshape(4, 4, -1), seed=42, **kw), want[0][:, 0].reshape(4, 4))
     # sample 0 of many is the single sample
     np.testing.assert_array_equal(sample(x, seed=42, **kw), want[0][:, 0])
+
+
+@pytest.mark.parametrize("kw", REPRO, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "plain")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, BF16], ids=["float32", "float64", "bfloat16"])
+def test_few_long_rows_split_over_threads(rng, kw, dtype):
+    """Fewer rows than threads: a row's draws (and log-probability passes) run over column ranges on
+    several threads, merged in order: the tokens and ranks of one thread, exactly."""
+    x = (rng.standard_normal((2, 3000)) * 3).astype(dtype)
+    x[1, 500:900] = -np.inf
+    want = sample(x, seed=7, num_samples=3, return_logprobs=True, threads=1, chunk_size=64, **kw)
+    for threads in (2, 3, 5, 8):
+        for chunk in (64, 100):
+            got = sample(x, seed=7, num_samples=3, return_logprobs=True, threads=threads, chunk_size=chunk,
+                         **kw)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[2], want[2])
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-6)
+            np.testing.assert_array_equal(sample(x[1:], seed=[7], threads=threads, chunk_size=chunk, **kw),
+                                          sample(x[1:], seed=[7], threads=1, **kw))
+
+
+@pytest.mark.parametrize("bad", ["nan", "posinf", "both", "all_neg_inf"])
+def test_bad_long_row_split_over_threads(bad):
+    """A row drawn by column ranges reports what a single pass reports: a NaN before a +inf, wherever
+    they sit."""
+    x = np.zeros(5000, np.float32)
+    if bad in ("nan", "both"):
+        x[4500] = np.nan
+    if bad in ("posinf", "both"):
+        x[10] = np.inf
+    if bad == "all_neg_inf":
+        x[:] = -np.inf
+    want = {"nan": "holds a NaN", "both": "holds a NaN", "posinf": r"holds a \+inf",
+            "all_neg_inf": "no possible token"}[bad]
+    for threads in (1, 4):
+        for kw in ({}, {"min_p": 0.1}):
+            with pytest.raises(ValueError, match=want):
+                sample(x, seed=1, threads=threads, chunk_size=64, **kw)
 
 
 def test_per_row_seeds_make_rows_batch_invariant(rng):

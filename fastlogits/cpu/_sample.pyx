@@ -3,18 +3,21 @@
 
 Design: the draw of a row depends only on (seed, row id, sample index, token id) through a counter-based
 generator (Philox-4x32-10, see fastlogits_sample.h), so rows can go to any thread in any order and the
-result does not depend on the thread count or the chunk size. Scratch memory is one block per thread,
-allocated before the parallel region (for no more threads than rows): the chunk buffer, the top-k heap,
-and (when top-k or top-p is used) 4 V values of 8 bytes for candidates (the heap's ties, the bucket
-where a nucleus ends) and work space.
+result does not depend on the thread count or the chunk size. With fewer rows than threads, a row without
+top-k is set up by one thread (fl_row_sample_setup: its logsumexp and the filters' threshold) and its
+draws go over column ranges, on every thread (fl_row_gumbel), merged in order: the best key, the lower
+index on ties, which is the token one pass finds. Scratch memory is one block per thread, allocated
+before the parallel region: the chunk buffer, the top-k heap, and (when top-k or top-p is used) 4 V
+values of 8 bytes for candidates (the heap's ties, the bucket where a nucleus ends) and work space.
 """
 from cython.parallel cimport prange, parallel, threadid
 from libc.stdint cimport int64_t, int32_t, uint32_t, uint64_t
+from libc.math cimport INFINITY
 from libc.stdlib cimport malloc, free
 
 import numpy as np
 
-from fastlogits.cpu._rows cimport Block, make_block, row_of, fl_row
+from fastlogits.cpu._rows cimport Block, make_block, n_segments, row_of, fl_row
 
 
 cdef extern from "fastlogits.h" nogil:
@@ -39,6 +42,27 @@ cdef extern from "fastlogits.h" nogil:
                           fl_sample_scratch *sc, int64_t *tokens, double *logprobs, int64_t *ranks)
     int fl_row_sample_f64(const fl_row *r, const fl_sample_params *p, int64_t chunk,
                           fl_sample_scratch *sc, int64_t *tokens, double *logprobs, int64_t *ranks)
+
+    ctypedef struct fl_sample_prep:
+        pass
+    int fl_row_sample_setup_f32(const fl_row *r, const fl_sample_params *p, int want_lp, int64_t chunk,
+                                fl_sample_scratch *sc, fl_sample_prep *pp)
+    int fl_row_sample_setup_f64(const fl_row *r, const fl_sample_params *p, int want_lp, int64_t chunk,
+                                fl_sample_scratch *sc, fl_sample_prep *pp)
+    int fl_row_gumbel_f32(const fl_row *r, const fl_sample_params *p, const fl_sample_prep *pp, uint32_t s,
+                          int64_t c0, int64_t c1, int64_t chunk, float *buf, double *best, int64_t *best_i)
+    int fl_row_gumbel_f64(const fl_row *r, const fl_sample_params *p, const fl_sample_prep *pp, uint32_t s,
+                          int64_t c0, int64_t c1, int64_t chunk, double *buf, double *best, int64_t *best_i)
+    double fl_row_rank_mass_f32(const fl_row *r, const fl_sample_prep *pp, int64_t t, int64_t c0, int64_t c1,
+                                int64_t chunk, float *buf, int64_t *rank)
+    double fl_row_rank_mass_f64(const fl_row *r, const fl_sample_prep *pp, int64_t t, int64_t c0, int64_t c1,
+                                int64_t chunk, double *buf, int64_t *rank)
+    double fl_sample_logprob_f32(const fl_row *r, const fl_sample_prep *pp, int64_t t, double ssum)
+    double fl_sample_logprob_f64(const fl_row *r, const fl_sample_prep *pp, int64_t t, double ssum)
+    enum:
+        FL_SAMPLE_NAN
+        FL_SAMPLE_POSINF
+        FL_SAMPLE_EMPTY
 
 
 cdef inline fl_sample_scratch scratch_at(char *base, int64_t off_hv, int64_t off_hi, int64_t off_cv,
@@ -88,7 +112,8 @@ def sample(x, int dtype, temperature, double softcap, const int64_t[::1] top_k, 
     cdef int64_t per_thread = off_tmp + nv * 16 + 64
     cdef bint want_lp = logprobs is not None
     cdef fl_row r
-    threads = max(1, min(threads, b.rows))
+    cdef int64_t nseg = n_segments(&b, max(1, threads))    # > 1: fewer rows than threads, split below
+    threads = max(1, min(threads, b.rows * nseg))
     cdef fl_sample_params p
     cdef fl_sample_scratch sc
     cdef char *base
@@ -96,13 +121,27 @@ def sample(x, int dtype, temperature, double softcap, const int64_t[::1] top_k, 
     if bufs == NULL:
         raise MemoryError("fastlogits: cannot allocate %d scratch buffers of %d bytes"
                           % (threads, per_thread))
+    cdef unsigned char[::1] split = np.zeros(b.rows, np.uint8)
+    cdef fl_sample_prep *prep = NULL
+    if nseg > 1:
+        prep = <fl_sample_prep *> malloc(b.rows * sizeof(fl_sample_prep))
+        if prep == NULL:
+            free(bufs)
+            raise MemoryError("fastlogits: cannot allocate the sampling setup of %d rows" % b.rows)
     with nogil, parallel(num_threads=threads):
         base = bufs + threadid() * per_thread
         sc = scratch_at(base, off_hv, off_hi, off_cv, off_ci, off_tmp)
         for i in prange(b.rows, schedule="dynamic"):
             r = row_of(&b, i)
             p = params_of(seeds[i], row_ids[i], top_k[i], top_p[i], min_p[i], ns, r.temperature == 0.0)
-            if b.f64:
+            if nseg > 1 and not p.greedy and not (0 < p.top_k < b.n):
+                # its draws go over column ranges, on every thread (below); here its setup
+                split[i] = 1
+                if b.f64:
+                    status[i] = fl_row_sample_setup_f64(&r, &p, want_lp, chunk, &sc, &prep[i])
+                else:
+                    status[i] = fl_row_sample_setup_f32(&r, &p, want_lp, chunk, &sc, &prep[i])
+            elif b.f64:
                 status[i] = fl_row_sample_f64(&r, &p, chunk, &sc, &tokens[i, 0],
                                               &logprobs[i, 0] if want_lp else NULL,
                                               &ranks[i, 0] if want_lp else NULL)
@@ -110,7 +149,105 @@ def sample(x, int dtype, temperature, double softcap, const int64_t[::1] top_k, 
                 status[i] = fl_row_sample_f32(&r, &p, chunk, &sc, &tokens[i, 0],
                                               &logprobs[i, 0] if want_lp else NULL,
                                               &ranks[i, 0] if want_lp else NULL)
+    if nseg > 1:
+        try:
+            draw_split(&b, nseg, split, prep, seeds, row_ids, top_k, top_p, min_p, tokens, logprobs, ranks,
+                       status, bufs, per_thread, chunk, threads)
+        finally:
+            free(prep)
     free(bufs)
+
+
+cdef draw_split(const Block *b, int64_t nseg, const unsigned char[::1] split, const fl_sample_prep *prep,
+                const uint64_t[::1] seeds, const uint64_t[::1] row_ids, const int64_t[::1] top_k,
+                const double[::1] top_p, const double[::1] min_p, int64_t[:, ::1] tokens,
+                double[:, ::1] logprobs, int64_t[:, ::1] ranks, int32_t[::1] status, char *bufs,
+                int64_t per_thread, int64_t chunk, int threads):
+    """The draws of the rows set up for it (split[i]): each (row, column range, sample) an item for any
+    thread, Gumbel-max over its range; then, per (row, sample), the ranges merged in order (the best key,
+    the lower index on ties: the token a single pass would find) and the statuses (a NaN anywhere first);
+    the log-probabilities likewise (counts and masses summed over the ranges in order)."""
+    cdef int64_t ns = tokens.shape[1], items = b.rows * nseg * ns
+    cdef int64_t it, i, g, s, bi, rk
+    cdef double best, ssum
+    cdef int st
+    cdef bint want_lp = logprobs is not None
+    cdef double[::1] gbest = np.full(items, -np.inf)
+    cdef int64_t[::1] gidx = np.full(items, -1, np.int64)
+    cdef int32_t[::1] gst = np.zeros(items, np.int32)
+    cdef double[::1] gsum = np.zeros(items if want_lp else 1)
+    cdef int64_t[::1] grank = np.zeros(items if want_lp else 1, np.int64)
+    cdef fl_row r
+    cdef fl_sample_params p
+    cdef char *buf
+    with nogil, parallel(num_threads=threads):
+        buf = bufs + threadid() * per_thread
+        for it in prange(items, schedule="dynamic"):
+            i = it // (nseg * ns)
+            g = (it // ns) % nseg
+            s = it % ns
+            if split[i] and status[i] == 0:
+                r = row_of(b, i)
+                p = params_of(seeds[i], row_ids[i], top_k[i], top_p[i], min_p[i], ns, False)
+                if b.f64:
+                    gst[it] = fl_row_gumbel_f64(&r, &p, &prep[i], <uint32_t> s, g * b.n // nseg,
+                                                (g + 1) * b.n // nseg, chunk, <double *> buf, &gbest[it],
+                                                &gidx[it])
+                else:
+                    gst[it] = fl_row_gumbel_f32(&r, &p, &prep[i], <uint32_t> s, g * b.n // nseg,
+                                                (g + 1) * b.n // nseg, chunk, <float *> buf, &gbest[it],
+                                                &gidx[it])
+    for i in range(b.rows):
+        if not split[i] or status[i] != 0:
+            continue
+        for s in range(ns):
+            best = -INFINITY
+            bi = -1
+            st = 0
+            for g in range(nseg):
+                it = (i * nseg + g) * ns + s
+                if gst[it] == FL_SAMPLE_NAN or (gst[it] == FL_SAMPLE_POSINF and st == 0):
+                    st = gst[it]
+                if gidx[it] >= 0 and (bi < 0 or gbest[it] > best or (gbest[it] == best and gidx[it] < bi)):
+                    best = gbest[it]
+                    bi = gidx[it]
+            if st == 0 and bi < 0:
+                st = FL_SAMPLE_EMPTY
+            if st != 0:
+                status[i] = st
+                break
+            tokens[i, s] = bi
+    if not want_lp:
+        return
+    with nogil, parallel(num_threads=threads):
+        buf = bufs + threadid() * per_thread
+        for it in prange(items, schedule="dynamic"):
+            i = it // (nseg * ns)
+            g = (it // ns) % nseg
+            s = it % ns
+            if split[i] and status[i] == 0:
+                r = row_of(b, i)
+                if b.f64:
+                    gsum[it] = fl_row_rank_mass_f64(&r, &prep[i], tokens[i, s], g * b.n // nseg,
+                                                    (g + 1) * b.n // nseg, chunk, <double *> buf, &grank[it])
+                else:
+                    gsum[it] = fl_row_rank_mass_f32(&r, &prep[i], tokens[i, s], g * b.n // nseg,
+                                                    (g + 1) * b.n // nseg, chunk, <float *> buf, &grank[it])
+    for i in range(b.rows):
+        if not split[i] or status[i] != 0:
+            continue
+        r = row_of(b, i)
+        for s in range(ns):
+            ssum = 0.0
+            rk = 0
+            for g in range(nseg):
+                ssum += gsum[(i * nseg + g) * ns + s]
+                rk += grank[(i * nseg + g) * ns + s]
+            ranks[i, s] = rk
+            if b.f64:
+                logprobs[i, s] = fl_sample_logprob_f64(&r, &prep[i], tokens[i, s], ssum)
+            else:
+                logprobs[i, s] = fl_sample_logprob_f32(&r, &prep[i], tokens[i, s], ssum)
 
 
 cdef extern from "fastlogits.h" nogil:

@@ -41,8 +41,11 @@
  * Public entry points: fl_philox4x32_10 (Random123's function), fl_rng_make / fl_rng_word /
  * fl_rng_gumbel (the noise of one token, as the sampler computes it), and fl_row_sample_{f32,f64} (one row
  * of any dtype and stride, see fl_row; parameters in fl_sample_params, per-thread scratch in
- * fl_sample_scratch, chunk <= the row's length). Define FL_COUNT_EXACT to a statement before including
- * fastlogits.h to count the exact noise evaluations (instrumentation).
+ * fl_sample_scratch, chunk <= the row's length). A row without top-k can also be drawn in parts:
+ * fl_row_sample_setup_{f32,f64} once, then fl_row_gumbel_{f32,f64} over column ranges (on several threads),
+ * the ranges' best keys merged (the lower index on ties), and fl_row_rank_mass / fl_sample_logprob for the
+ * log-probabilities (fastlogits/cpu/_sample.pyx does so). Define FL_COUNT_EXACT to a statement before
+ * including fastlogits.h to count the exact noise evaluations (instrumentation).
  */
 #ifndef FLS_T
 #ifndef FL_COUNT_EXACT
@@ -179,6 +182,17 @@ typedef struct fl_sample_scratch {
     int64_t *ci;
     double *tmp;
 } fl_sample_scratch;
+
+/* What the draws of a row without top-k need, computed once by fl_row_sample_setup_{f32,f64}; the draws
+ * (fl_row_gumbel) and the log-probabilities (fl_row_rank_mass) can then run over column ranges, on
+ * several threads, their results merged: the best key (the lower index on ties), sums of counts and
+ * masses. */
+typedef struct fl_sample_prep {
+    fl_lse_state st;   /* the row's logsumexp state, when need_lse */
+    double lse;        /* its logsumexp */
+    double theta;      /* the survivors are the tokens with x >= theta (-inf: all) */
+    int need_lse;      /* the logsumexp pass was made (and checked the row for NaN and +inf) */
+} fl_sample_prep;
 
 /* w[i] = exp(v[i] - shift), vectorized (fl__exp: within 1 ulp). */
 FL_MULTIVERSION static FL_UNUSED void fl__exp_shift(const double *v, double *w, int64_t n, double shift) {
@@ -539,6 +553,88 @@ FL_MULTIVERSION static FL_UNUSED double FLS_FN(fl__rank_mass)(const FLS_T *x, in
     return tot;
 }
 
+/* The setup of a row without top-k (top_k 0 or >= n; not greedy) into *pp: the logsumexp pass when a
+ * filter or the log-probabilities (want_lp) need it, and the filters' threshold. Status OK, NAN, POSINF
+ * or EMPTY (found by the logsumexp pass; without it, by the draws). */
+static inline int FLS_FN(fl_row_sample_setup)(const fl_row *r, const fl_sample_params *p, int want_lp,
+                                              int64_t chunk, fl_sample_scratch *sc, fl_sample_prep *pp) {
+    double tol = 16 * FLS_EPS;
+    pp->need_lse = p->top_p < 1.0 || p->min_p > 0.0 || want_lp;
+    pp->st.m = 0.0;
+    pp->st.s = 0.0;
+    pp->lse = 0.0;
+    pp->theta = -FL_INF;
+    if (pp->need_lse) {
+        pp->st = FLS_FN(fl_row_lse)(r, 0, r->n, chunk, (FLS_T *)sc->buf);
+        if (pp->st.m != pp->st.m) return FL_SAMPLE_NAN;
+        if (pp->st.m == FL_INF) return FL_SAMPLE_POSINF;
+        if (pp->st.m == -FL_INF) return FL_SAMPLE_EMPTY;
+        pp->lse = pp->st.m + log(pp->st.s);
+    }
+    if (p->top_p < 1.0) {
+        pp->theta = FLS_FN(fl__topp_row)(r, chunk, sc, pp->st.m, pp->lse,
+                                         p->top_p - tol > 0.5 * p->top_p ? p->top_p - tol : 0.5 * p->top_p);
+        if (p->min_p > 0.0 && pp->st.m + log(p->min_p) > pp->theta) pp->theta = pp->st.m + log(p->min_p);
+    } else if (p->min_p > 0.0) {
+        pp->theta = pp->st.m + log(p->min_p);
+    }
+    return FL_SAMPLE_OK;
+}
+
+/* The Gumbel-max of sample s over columns [c0, c1) of a row set up in *pp: updates (*best, *best_i)
+ * (start them at -inf and -1; a range's tokens come in increasing order, so ties keep the lower index).
+ * Without a logsumexp pass the chunks are checked here: NAN if the range holds a NaN, else POSINF if it
+ * holds a +inf, else OK. buf: chunk values of scratch. */
+static inline int FLS_FN(fl_row_gumbel)(const fl_row *r, const fl_sample_params *p, const fl_sample_prep *pp,
+                                        uint32_t s, int64_t c0, int64_t c1, int64_t chunk, FLS_T *buf,
+                                        double *best, int64_t *best_i) {
+    fl_rng g = fl_rng_make(p->seed, p->row_id, s);
+    FLS_T theta_t = pp->theta == -FL_INF ? -(FLS_T)INFINITY : FLS_FN(fl__round_up)(pp->theta);
+    uint32_t w[64];
+    unsigned char flags[64];
+    int has_nan, posinf = 0;
+    int64_t a;
+    for (a = c0; a < c1; a += chunk) {
+        int64_t len = c1 - a < chunk ? c1 - a : chunk;
+        const FLS_T *x = FLS_FN(fl_row_chunk)(r, a, len, buf);
+        FLS_T cm = FLS_FN(fl__max)(x, len, &has_nan);
+        if (!pp->need_lse) {
+            if (has_nan) return FL_SAMPLE_NAN;
+            if (cm == (FLS_T)INFINITY) posinf = 1;
+            if (posinf) continue;             /* a bad row: only a NaN could change its status now */
+        }
+        if (cm < theta_t || (double)cm + FL_GUMBEL_MAX < *best) continue;
+        FLS_FN(fl__gumbel_chunk)(x, a, len, theta_t, &g, best, best_i, w, flags);
+    }
+    return posinf ? FL_SAMPLE_POSINF : FL_SAMPLE_OK;
+}
+
+/* For the log-probability and rank of token t, over columns [c0, c1) of a row set up in *pp (with the
+ * logsumexp pass): adds to *rank the number of tokens with a larger value than t's, and returns the sum
+ * of exp(x - max) over the survivors. */
+static inline double FLS_FN(fl_row_rank_mass)(const fl_row *r, const fl_sample_prep *pp, int64_t t,
+                                              int64_t c0, int64_t c1, int64_t chunk, FLS_T *buf,
+                                              int64_t *rank) {
+    FLS_T xt = FLS_FN(fl_row_value)(r, t);
+    FLS_T theta_t = pp->theta == -FL_INF ? -(FLS_T)INFINITY : FLS_FN(fl__round_up)(pp->theta);
+    double ssum = 0.0;
+    int64_t a;
+    for (a = c0; a < c1; a += chunk) {
+        int64_t len = c1 - a < chunk ? c1 - a : chunk;
+        const FLS_T *x = FLS_FN(fl_row_chunk)(r, a, len, buf);
+        ssum += FLS_FN(fl__rank_mass)(x, len, xt, theta_t, (FLS_T)pp->st.m, rank);
+    }
+    return ssum;
+}
+
+/* Token t's log-probability under the filtered, renormalised distribution, from the survivors' sum
+ * of exp(x - max) (fl_row_rank_mass over the whole row). */
+static inline double FLS_FN(fl_sample_logprob)(const fl_row *r, const fl_sample_prep *pp, int64_t t,
+                                               double ssum) {
+    double lse_s = pp->theta > -FL_INF ? pp->st.m + log(ssum) : pp->lse;
+    return (double)FLS_FN(fl_row_value)(r, t) - lse_s;
+}
+
 /* Draws p->num_samples tokens from row r (see the top of the file) into tokens[s]; when logprobs is not
  * NULL, also the token's log-probability under the filtered, renormalised distribution, and in ranks[s]
  * how many of the row's tokens have a larger (transformed) logit. Returns a status: OK, or NAN (a NaN in
@@ -547,12 +643,9 @@ FL_MULTIVERSION static FL_UNUSED double FLS_FN(fl__rank_mass)(const FLS_T *x, in
 static inline int FLS_FN(fl_row_sample)(const fl_row *r, const fl_sample_params *p, int64_t chunk,
                                         fl_sample_scratch *sc, int64_t *tokens, double *logprobs,
                                         int64_t *ranks) {
-    int64_t n = r->n, k = p->top_k, s, c0, i, nc;
+    int64_t n = r->n, k = p->top_k, s, i, nc;
     FLS_T *buf = (FLS_T *)sc->buf;
-    uint32_t w[64];
-    unsigned char flags[64];
     double tol = 16 * FLS_EPS;
-    int has_nan;
     if (n <= 0) return FL_SAMPLE_EMPTY;
     if (p->greedy) {
         int64_t t = 0;
@@ -604,59 +697,20 @@ static inline int FLS_FN(fl_row_sample)(const fl_row *r, const fl_sample_params 
         }
         return FL_SAMPLE_OK;
     } else {
-        /* the whole row: a logsumexp pass when a filter or the log-probability needs it */
-        int need_lse = p->top_p < 1.0 || p->min_p > 0.0 || logprobs != NULL;
-        fl_lse_state st;
-        double lse = 0.0, theta = -FL_INF, lse_s;
-        FLS_T theta_t;
-        st.m = 0.0; st.s = 0.0;
-        if (need_lse) {
-            st = FLS_FN(fl_row_lse)(r, 0, n, chunk, buf);
-            if (st.m != st.m) return FL_SAMPLE_NAN;
-            if (st.m == FL_INF) return FL_SAMPLE_POSINF;
-            if (st.m == -FL_INF) return FL_SAMPLE_EMPTY;
-            lse = st.m + log(st.s);
-        }
-        if (p->top_p < 1.0) {
-            theta = FLS_FN(fl__topp_row)(r, chunk, sc, st.m, lse, p->top_p - tol > 0.5 * p->top_p ?
-                                         p->top_p - tol : 0.5 * p->top_p);
-            if (p->min_p > 0.0 && st.m + log(p->min_p) > theta) theta = st.m + log(p->min_p);
-        } else if (p->min_p > 0.0) {
-            theta = st.m + log(p->min_p);
-        }
-        theta_t = theta == -FL_INF ? -(FLS_T)INFINITY : FLS_FN(fl__round_up)(theta);
+        fl_sample_prep pp;
+        int st = FLS_FN(fl_row_sample_setup)(r, p, logprobs != NULL, chunk, sc, &pp);
+        if (st != FL_SAMPLE_OK) return st;
         for (s = 0; s < p->num_samples; s++) {
-            fl_rng g = fl_rng_make(p->seed, p->row_id, (uint32_t)s);
-            double best = -FL_INF;
-            int64_t bi = -1;
-            FLS_T xt;
-            for (c0 = 0; c0 < n; c0 += chunk) {
-                int64_t len = n - c0 < chunk ? n - c0 : chunk;
-                const FLS_T *x = FLS_FN(fl_row_chunk)(r, c0, len, buf);
-                FLS_T cm = FLS_FN(fl__max)(x, len, &has_nan);
-                if (!need_lse) {
-                    if (has_nan) return FL_SAMPLE_NAN;
-                    if (cm == (FLS_T)INFINITY) return FL_SAMPLE_POSINF;
-                }
-                if (cm < theta_t || (double)cm + FL_GUMBEL_MAX < best) continue;
-                FLS_FN(fl__gumbel_chunk)(x, c0, len, theta_t, &g, &best, &bi, w, flags);
-            }
+            double best = -FL_INF, ssum;
+            int64_t bi = -1, rank = 0;
+            st = FLS_FN(fl_row_gumbel)(r, p, &pp, (uint32_t)s, 0, n, chunk, buf, &best, &bi);
+            if (st != FL_SAMPLE_OK) return st;
             if (bi < 0) return FL_SAMPLE_EMPTY;
             tokens[s] = bi;
             if (!logprobs) continue;
-            xt = FLS_FN(fl_row_value)(r, bi);
-            {                                    /* count the larger tokens, sum the survivors */
-                int64_t rank = 0;
-                double ssum = 0.0;
-                for (c0 = 0; c0 < n; c0 += chunk) {
-                    int64_t len = n - c0 < chunk ? n - c0 : chunk;
-                    const FLS_T *x = FLS_FN(fl_row_chunk)(r, c0, len, buf);
-                    ssum += FLS_FN(fl__rank_mass)(x, len, xt, theta_t, (FLS_T)st.m, &rank);
-                }
-                ranks[s] = rank;
-                lse_s = theta > -FL_INF ? st.m + log(ssum) : lse;
-                logprobs[s] = (double)xt - lse_s;
-            }
+            ssum = FLS_FN(fl_row_rank_mass)(r, &pp, bi, 0, n, chunk, buf, &rank);
+            logprobs[s] = FLS_FN(fl_sample_logprob)(r, &pp, bi, ssum);
+            ranks[s] = rank;
         }
         return FL_SAMPLE_OK;
     }
