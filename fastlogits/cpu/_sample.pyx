@@ -6,9 +6,10 @@ generator (Philox-4x32-10, see fastlogits_sample.h), so rows can go to any threa
 result does not depend on the thread count or the chunk size. With fewer rows than threads, a row without
 top-k is set up by one thread (fl_row_sample_setup: its logsumexp and the filters' threshold) and its
 draws go over column ranges, on every thread (fl_row_gumbel), merged in order: the best key, the lower
-index on ties, which is the token one pass finds. Scratch memory is one block per thread, allocated
-before the parallel region: the chunk buffer, the top-k heap, and (when top-k or top-p is used) 4 V
-values of 8 bytes for candidates (the heap's ties, the bucket where a nucleus ends) and work space.
+index on ties, which is the token one pass finds. Scratch memory is one block per thread (for no more
+threads than rows), allocated before the parallel region: the chunk buffer, the top-k heap, and (when
+top-k or top-p is used) 4 V values of 8 bytes for candidates (the heap's ties, the bucket where a nucleus
+ends) and work space; the split draws take a chunk buffer per thread only.
 """
 from cython.parallel cimport prange, parallel, threadid
 from libc.stdint cimport int64_t, int32_t, uint32_t, uint64_t
@@ -113,7 +114,8 @@ def sample(x, int dtype, temperature, double softcap, const int64_t[::1] top_k, 
     cdef bint want_lp = logprobs is not None
     cdef fl_row r
     cdef int64_t nseg = n_segments(&b, max(1, threads))    # > 1: fewer rows than threads, split below
-    threads = max(1, min(threads, b.rows * nseg))
+    cdef int split_threads = max(1, min(threads, b.rows * nseg))
+    threads = max(1, min(threads, b.rows))
     cdef fl_sample_params p
     cdef fl_sample_scratch sc
     cdef char *base
@@ -123,10 +125,14 @@ def sample(x, int dtype, temperature, double softcap, const int64_t[::1] top_k, 
                           % (threads, per_thread))
     cdef unsigned char[::1] split = np.zeros(b.rows, np.uint8)
     cdef fl_sample_prep *prep = NULL
+    cdef char *chunk_bufs = NULL
     if nseg > 1:
         prep = <fl_sample_prep *> malloc(b.rows * sizeof(fl_sample_prep))
-        if prep == NULL:
+        chunk_bufs = <char *> malloc(split_threads * (chunk * 8 + 64))    # the split draws need no more
+        if prep == NULL or chunk_bufs == NULL:
             free(bufs)
+            free(prep)
+            free(chunk_bufs)
             raise MemoryError("fastlogits: cannot allocate the sampling setup of %d rows" % b.rows)
     with nogil, parallel(num_threads=threads):
         base = bufs + threadid() * per_thread
@@ -152,9 +158,10 @@ def sample(x, int dtype, temperature, double softcap, const int64_t[::1] top_k, 
     if nseg > 1:
         try:
             draw_split(&b, nseg, split, prep, seeds, row_ids, top_k, top_p, min_p, tokens, logprobs, ranks,
-                       status, bufs, per_thread, chunk, threads)
+                       status, chunk_bufs, chunk * 8 + 64, chunk, split_threads)
         finally:
             free(prep)
+            free(chunk_bufs)
     free(bufs)
 
 
