@@ -139,13 +139,12 @@ def test_tokens_are_the_argmax_of_logits_plus_documented_noise(rng, kw, V, dtype
         assert got[i] == int(np.argmax(key)), i
 
 
-@given(data=st.data())
-@settings(max_examples=60, deadline=None)
-def test_exactness_property(data):
-    """Random rows (with ties and -inf), dtypes and filters: the token is the argmax of x / T + g over
-    exactly the survivors of the reference filters."""
+def exactness_case(data, max_V=200, chunks=(None, 7, 64)):
+    """One case of the exactness property, drawn by Hypothesis: a row (with ties and -inf) of float32 or
+    float64, a temperature, filters, a seed and a chunk size; returns (kwargs for sample, the token the
+    documented generator and the reference filters give)."""
     dtype = data.draw(st.sampled_from([np.float32, np.float64]))
-    V = data.draw(st.integers(1, 200))
+    V = data.draw(st.integers(1, max_V))
     levels = data.draw(st.sampled_from([None, 3, 8]))      # few distinct values: many ties
     if levels is None:
         x = np.array(data.draw(st.lists(st.floats(-30, 30, width=32), min_size=V, max_size=V)), dtype)
@@ -158,12 +157,21 @@ def test_exactness_property(data):
           "top_p": data.draw(st.sampled_from([None, 0.2, 0.5, 0.9, 0.99])),
           "min_p": data.draw(st.sampled_from([None, 0.01, 0.2, 0.7]))}
     seed = data.draw(st.integers(0, 2**64 - 1))
-    chunk = data.draw(st.sampled_from([None, 7, 64]))
-    got = int(sample(x, temperature=T, seed=seed, chunk_size=chunk, **kw))
+    chunk = data.draw(st.sampled_from(chunks))
     xs = (x / dtype(T)).astype(np.float64)
     keep = _ref_keep(xs, kw["top_k"], kw["top_p"], kw["min_p"], 16 * np.finfo(dtype).eps)
     _, _, g = np_gumbel(seed, 0, 0, np.arange(V))
-    assert got == int(np.argmax(np.where(keep, xs + g, -np.inf)))
+    want = int(np.argmax(np.where(keep, xs + g, -np.inf)))
+    return dict(logits=x, temperature=T, seed=seed, chunk_size=chunk, **kw), want
+
+
+@given(data=st.data())
+@settings(max_examples=60, deadline=None)
+def test_exactness_property(data):
+    """Random rows (with ties and -inf), dtypes and filters: the token is the argmax of x / T + g over
+    exactly the survivors of the reference filters."""
+    kw, want = exactness_case(data)
+    assert int(sample(**kw)) == want
 
 
 def _ref_keep(x, top_k, top_p, min_p, tol):

@@ -187,74 +187,67 @@ cdef draw_split(const Block *b, int64_t nseg, const unsigned char[::1] split, co
     cdef fl_row r
     cdef fl_sample_params p
     cdef char *buf
-    with nogil, parallel(num_threads=threads):
-        buf = bufs + threadid() * per_thread
-        for it in prange(items, schedule="dynamic"):
-            i = it // (nseg * ns)
-            g = (it // ns) % nseg
-            s = it % ns
-            if split[i] and status[i] == 0:
+    cdef int phase
+    for phase in range(2 if want_lp else 1):      # 0: the draws, 1: the log-probability passes
+        with nogil, parallel(num_threads=threads):
+            buf = bufs + threadid() * per_thread
+            for it in prange(items, schedule="dynamic"):
+                i = it // (nseg * ns)
+                g = (it // ns) % nseg
+                s = it % ns
+                if not split[i] or status[i] != 0:
+                    continue
                 r = row_of(b, i)
-                p = params_of(seeds[i], row_ids[i], top_k[i], top_p[i], min_p[i], ns, False)
-                if b.f64:
-                    gst[it] = fl_row_gumbel_f64(&r, &p, &prep[i], <uint32_t> s, g * b.n // nseg,
-                                                (g + 1) * b.n // nseg, chunk, <double *> buf, &gbest[it],
-                                                &gidx[it])
-                else:
-                    gst[it] = fl_row_gumbel_f32(&r, &p, &prep[i], <uint32_t> s, g * b.n // nseg,
-                                                (g + 1) * b.n // nseg, chunk, <float *> buf, &gbest[it],
-                                                &gidx[it])
-    for i in range(b.rows):
-        if not split[i] or status[i] != 0:
-            continue
-        for s in range(ns):
-            best = -INFINITY
-            bi = -1
-            st = 0
-            for g in range(nseg):
-                it = (i * nseg + g) * ns + s
-                if gst[it] == FL_SAMPLE_NAN or (gst[it] == FL_SAMPLE_POSINF and st == 0):
-                    st = gst[it]
-                if gidx[it] >= 0 and (bi < 0 or gbest[it] > best or (gbest[it] == best and gidx[it] < bi)):
-                    best = gbest[it]
-                    bi = gidx[it]
-            if st == 0 and bi < 0:
-                st = FL_SAMPLE_EMPTY
-            if st != 0:
-                status[i] = st
-                break
-            tokens[i, s] = bi
-    if not want_lp:
-        return
-    with nogil, parallel(num_threads=threads):
-        buf = bufs + threadid() * per_thread
-        for it in prange(items, schedule="dynamic"):
-            i = it // (nseg * ns)
-            g = (it // ns) % nseg
-            s = it % ns
-            if split[i] and status[i] == 0:
-                r = row_of(b, i)
-                if b.f64:
+                if phase == 0:
+                    p = params_of(seeds[i], row_ids[i], top_k[i], top_p[i], min_p[i], ns, False)
+                    if b.f64:
+                        gst[it] = fl_row_gumbel_f64(&r, &p, &prep[i], <uint32_t> s, g * b.n // nseg,
+                                                    (g + 1) * b.n // nseg, chunk, <double *> buf, &gbest[it],
+                                                    &gidx[it])
+                    else:
+                        gst[it] = fl_row_gumbel_f32(&r, &p, &prep[i], <uint32_t> s, g * b.n // nseg,
+                                                    (g + 1) * b.n // nseg, chunk, <float *> buf, &gbest[it],
+                                                    &gidx[it])
+                elif b.f64:
                     gsum[it] = fl_row_rank_mass_f64(&r, &prep[i], tokens[i, s], g * b.n // nseg,
                                                     (g + 1) * b.n // nseg, chunk, <double *> buf, &grank[it])
                 else:
                     gsum[it] = fl_row_rank_mass_f32(&r, &prep[i], tokens[i, s], g * b.n // nseg,
                                                     (g + 1) * b.n // nseg, chunk, <float *> buf, &grank[it])
-    for i in range(b.rows):
-        if not split[i] or status[i] != 0:
-            continue
-        r = row_of(b, i)
-        for s in range(ns):
-            ssum = 0.0
-            rk = 0
-            for g in range(nseg):
-                ssum += gsum[(i * nseg + g) * ns + s]
-                rk += grank[(i * nseg + g) * ns + s]
-            ranks[i, s] = rk
-            if b.f64:
-                logprobs[i, s] = fl_sample_logprob_f64(&r, &prep[i], tokens[i, s], ssum)
-            else:
-                logprobs[i, s] = fl_sample_logprob_f32(&r, &prep[i], tokens[i, s], ssum)
+        for i in range(b.rows):
+            if not split[i] or status[i] != 0:
+                continue
+            r = row_of(b, i)
+            for s in range(ns):
+                if phase == 1:
+                    ssum = 0.0
+                    rk = 0
+                    for g in range(nseg):
+                        ssum += gsum[(i * nseg + g) * ns + s]
+                        rk += grank[(i * nseg + g) * ns + s]
+                    ranks[i, s] = rk
+                    if b.f64:
+                        logprobs[i, s] = fl_sample_logprob_f64(&r, &prep[i], tokens[i, s], ssum)
+                    else:
+                        logprobs[i, s] = fl_sample_logprob_f32(&r, &prep[i], tokens[i, s], ssum)
+                    continue
+                best = -INFINITY
+                bi = -1
+                st = 0
+                for g in range(nseg):
+                    it = (i * nseg + g) * ns + s
+                    if gst[it] == FL_SAMPLE_NAN or (gst[it] == FL_SAMPLE_POSINF and st == 0):
+                        st = gst[it]
+                    if gidx[it] >= 0 and (bi < 0 or gbest[it] > best
+                                          or (gbest[it] == best and gidx[it] < bi)):
+                        best = gbest[it]
+                        bi = gidx[it]
+                if st == 0 and bi < 0:
+                    st = FL_SAMPLE_EMPTY
+                if st != 0:
+                    status[i] = st
+                    break
+                tokens[i, s] = bi
 
 
 cdef extern from "fastlogits.h" nogil:

@@ -285,15 +285,18 @@ def _weights(dtype, weight=None):
     return cuda.to_device(np.ascontiguousarray(weight, dtype=cd))
 
 
-def _stats(blk, kern, softcap, mode, w, chunk):
-    """The per-segment states (pm, ps, pt) of block blk, (rows, nseg) each."""
+def _stats(blk, kern, softcap, mode, w, chunk, best=False):
+    """The per-segment states (pm, ps, pt) of block blk, (rows, nseg) each; with best, also the segments'
+    best (value, index), (pv, pi), from the same pass."""
     nseg, seglen = _segments(blk.rows, blk.V, chunk)
     pm = blk.array((blk.rows, nseg), np.float64, "pm")
     ps = blk.array((blk.rows, nseg), np.float64, "ps")
     pt = blk.array((blk.rows, nseg), np.float64, "pt")
-    blk.launch(kern.stats_part, (blk.rows, nseg))(blk.d, blk.dtemp, float(softcap), seglen, mode, w, pm, ps,
-                                                   pt)
-    return pm, ps, pt
+    pv = blk.array((blk.rows, nseg) if best else (1, 1), np.float64, "best values")
+    pi = blk.array((blk.rows, nseg) if best else (1, 1), np.int64, "best indices")
+    blk.launch(kern.stats_part, (blk.rows, nseg))(blk.d, blk.dtemp, float(softcap), seglen, mode, w, best, pm,
+                                                   ps, pt, pv, pi)
+    return (pm, ps, pt, pv, pi) if best else (pm, ps, pt)
 
 
 def _reduce(x, dtype, temperature, softcap, chunk, mode):
@@ -426,18 +429,16 @@ def stats(x, dtype, temperature, softcap, labels, ignore_index, chunk, threads):
     if has_labels:
         labels = labels.copy_to_host() if is_device_array(labels) else np.asarray(labels)
         labels = np.ascontiguousarray(labels, dtype=np.int64)
+    w = _weights(dtype)
     for blk in _blocks(x, dtype, temperature):
         rows = blk.rows
-        nseg, seglen = _segments(rows, blk.V, chunk)
-        parts = [blk.array((rows, nseg), np.float64, name) for name in ("pm", "ps", "pt", "pv")]
-        pi = blk.array((rows, nseg), np.int64, "pi")
-        blk.launch(kern.stats_fused_part, (rows, nseg))(blk.d, blk.dtemp, float(softcap), seglen, *parts, pi)
+        parts = _stats(blk, kern, softcap, K.ENTROPY, w, chunk, best=True)
         dlab = blk.upload("labels", labels[blk.sl] if has_labels else np.zeros(1, np.int64))
         outs = [blk.array(rows, dt, name) if blk.host else o
                 for o, name, dt in ((nll, "nll", np.float64), (ent, "entropy", np.float64),
                                     (top, "argmax", np.int64))]
         blk.launch(kern.stats_fused_finish, *_grid1(rows))(blk.d, blk.dtemp, float(softcap), dlab, has_labels,
-                                                           int(ignore_index), *parts, pi, *outs)
+                                                           int(ignore_index), *parts, *outs)
         if blk.host:
             for host, dev in zip((nll, ent, top), outs):
                 blk.fetch(dev, host)

@@ -314,9 +314,11 @@ def _build(kind):
         return m, s + cs, t + ct
 
     @cuda.jit
-    def stats_part(x, temp, softcap, seglen, mode, w, pm, ps, pt):
+    def stats_part(x, temp, softcap, seglen, mode, w, best, pm, ps, pt, pv, pi):
         """Segment state of block (row, segment): (m, s) and, by mode, t = the entropy sum (ENTROPY),
-        the sum of the logits (SUM) or of w * logits (WSUM)."""
+        the sum of the logits (SUM) or of w * logits (WSUM); when best, also the segment's best (value,
+        index) in the top-k order into (pv, pi) ((-inf, INT64_MAX) for none), from the same pass (what
+        `fastlogits stats` needs: the entropy state and the argmax)."""
         r = cuda.blockIdx.x
         g = cuda.blockIdx.y
         tid = cuda.threadIdx.x
@@ -329,9 +331,17 @@ def _build(kind):
         s = 0.0
         t = 0.0
         tsum = 0.0
+        bv = CT(-math.inf)
+        bi = INT64_MAX
         for base in range(start + tid, stop, TPB * UNROLL):
             cmax, bad = load_chunk(x, r, base, stop, sc, T, lv)
             m, s, t = fold_chunk(lv, cmax, bad, m, s, t, mode == ENTROPY)
+            if best and (bad or cmax >= bv):
+                for u in range(UNROLL):
+                    j = base + u * TPB
+                    if j < stop and better(lv[u], j, bv, bi):
+                        bv = lv[u]
+                        bi = j
             if mode == SUM or mode == WSUM:
                 # in double, as the C core: logits near +-3e38 must not overflow a float partial sum
                 for u in range(UNROLL):
@@ -349,53 +359,17 @@ def _build(kind):
             pm[r, g] = sh_m[0]
             ps[r, g] = sh_s[0]
             pt[r, g] = sh_t[0]
-
-    @cuda.jit
-    def stats_fused_part(x, temp, softcap, seglen, pm, ps, pt, pv, pi):
-        """Segment state of block (row, segment) for `fastlogits stats`, from one pass: the entropy state
-        (pm, ps, pt) and the best (value, index) in the top-k order (pv, pi; (-inf, INT64_MAX) for none)."""
-        r = cuda.blockIdx.x
-        g = cuda.blockIdx.y
-        tid = cuda.threadIdx.x
-        sc = CT(softcap)
-        T = CT(temp[r])
-        start = g * seglen
-        stop = min(start + seglen, x.shape[1])
-        lv = cuda.local.array(UNROLL, CT)
-        m = CT(-math.inf)
-        s = 0.0
-        t = 0.0
-        bv = CT(-math.inf)
-        bi = INT64_MAX
-        for base in range(start + tid, stop, TPB * UNROLL):
-            cmax, bad = load_chunk(x, r, base, stop, sc, T, lv)
-            m, s, t = fold_chunk(lv, cmax, bad, m, s, t, True)
-            if bad or cmax >= bv:
-                for u in range(UNROLL):
-                    j = base + u * TPB
-                    if j < stop and better(lv[u], j, bv, bi):
-                        bv = lv[u]
-                        bi = j
-        sh_m = cuda.shared.array(TPB, float64)
-        sh_s = cuda.shared.array(TPB, float64)
-        sh_t = cuda.shared.array(TPB, float64)
-        sh_m[tid] = m
-        sh_s[tid] = s
-        sh_t[tid] = t
-        block_merge(sh_m, sh_s, sh_t, ENTROPY, tid)
-        sh_v = cuda.shared.array(TPB, float64)
-        sh_i = cuda.shared.array(TPB, int64)
-        win_v = cuda.shared.array(1, float64)
-        win_i = cuda.shared.array(1, int64)
-        sh_v[tid] = bv
-        sh_i[tid] = bi
-        block_best(sh_v, sh_i, win_v, win_i, tid)
-        if tid == 0:
-            pm[r, g] = sh_m[0]
-            ps[r, g] = sh_s[0]
-            pt[r, g] = sh_t[0]
-            pv[r, g] = win_v[0]
-            pi[r, g] = win_i[0]
+        if best:
+            sh_v = cuda.shared.array(TPB, float64)
+            sh_i = cuda.shared.array(TPB, int64)
+            win_v = cuda.shared.array(1, float64)
+            win_i = cuda.shared.array(1, int64)
+            sh_v[tid] = bv
+            sh_i[tid] = bi
+            block_best(sh_v, sh_i, win_v, win_i, tid)
+            if tid == 0:
+                pv[r, g] = win_v[0]
+                pi[r, g] = win_i[0]
 
     @cuda.jit
     def stats_fused_finish(x, temp, softcap, labels, has_labels, ignore_index, pm, ps, pt, pv, pi, nll, ent,
@@ -591,7 +565,6 @@ def _build(kind):
     k.load_chunk = load_chunk
     k.fold_chunk = fold_chunk
     k.stats_part = stats_part
-    k.stats_fused_part = stats_fused_part
     k.stats_fused_finish = stats_fused_finish
     k.softmax_map = softmax_map
     k.topk_part = topk_part
@@ -636,9 +609,8 @@ def compile_signatures():
         ct = from_dtype(k.compute)
         xt = types.Array(types.uint16 if kind == "bfloat16" else from_dtype(np.dtype(kind)), 2, "A")
         out.append((f"stats_part[{kind}]", k.stats_part,
-                    (xt, row_f8, f8, i8, i8, types.Array(ct, 1, "C"), st2, st2, st2)))
-        out.append((f"stats_fused_part[{kind}]", k.stats_fused_part,
-                    (xt, row_f8, f8, i8, st2, st2, st2, st2, types.Array(i8, 2, "C"))))
+                    (xt, row_f8, f8, i8, i8, types.Array(ct, 1, "C"), boolean, st2, st2, st2, st2,
+                     types.Array(i8, 2, "C"))))
         out.append((f"stats_fused_finish[{kind}]", k.stats_fused_finish,
                     (xt, row_f8, f8, types.Array(i8, 1, "C"), boolean, i8, st2, st2, st2, st2,
                      types.Array(i8, 2, "C"), row_f8, row_f8, types.Array(i8, 1, "C"))))

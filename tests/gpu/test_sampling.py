@@ -13,7 +13,7 @@ from fastlogits import check
 from fastlogits.ops._prep import is_gpu_array
 from fastlogits.ops.sampling import beam_search_step, sample
 from tests.helpers import awkward_rows
-from tests.test_sampling import _ref_keep, np_gumbel
+from tests.test_sampling import _ref_keep, exactness_case, np_gumbel
 
 from .conftest import REPORT
 
@@ -68,28 +68,10 @@ def test_tokens_are_the_argmax_of_logits_plus_documented_noise(gpu, rng, kw):
 @settings(max_examples=30, deadline=None)
 def test_exactness_property(gpu, data):
     """Hypothesis draws rows (few distinct values: ties at every boundary; a -inf), a temperature, filters,
-    a seed and a chunk size: the GPU's token is the argmax of the documented noise over the reference
-    filters' survivors."""
-    dtype = data.draw(st.sampled_from([np.float32, np.float64]))
-    V = data.draw(st.integers(1, 150))
-    levels = data.draw(st.sampled_from([None, 3, 8]))
-    if levels is None:
-        x = np.array(data.draw(st.lists(st.floats(-30, 30, width=32), min_size=V, max_size=V)), dtype)
-    else:
-        x = np.array(data.draw(st.lists(st.integers(0, levels), min_size=V, max_size=V)), dtype) * 0.7
-    if V > 1 and data.draw(st.booleans()):
-        x[data.draw(st.integers(0, V - 2))] = -np.inf
-    T = data.draw(st.sampled_from([1.0, 0.5, 2.0]))
-    kw = {"top_k": data.draw(st.sampled_from([None, 1, 2, 5, 50])),
-          "top_p": data.draw(st.sampled_from([None, 0.2, 0.5, 0.9, 0.99])),
-          "min_p": data.draw(st.sampled_from([None, 0.01, 0.2, 0.7]))}
-    seed = data.draw(st.integers(0, 2**64 - 1))
-    chunk = data.draw(st.sampled_from([None, 64]))
-    got = int(sample(x, temperature=T, seed=seed, chunk_size=chunk, backend="gpu", **kw))
-    xs = (x / dtype(T)).astype(np.float64)
-    keep = _ref_keep(xs, kw["top_k"], kw["top_p"], kw["min_p"], 16 * np.finfo(dtype).eps)
-    _, _, g = np_gumbel(seed, 0, 0, np.arange(V))
-    assert got == int(np.argmax(np.where(keep, xs + g, -np.inf)))
+    a seed and a chunk size (tests/test_sampling.py): the GPU's token is the argmax of the documented noise
+    over the reference filters' survivors."""
+    kw, want = exactness_case(data, max_V=150, chunks=(None, 64))
+    assert int(sample(backend="gpu", **kw)) == want
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=[d.name for d in DTYPES])
