@@ -294,8 +294,8 @@ def _stats(blk, kern, softcap, mode, w, chunk, best=False):
     pt = blk.array((blk.rows, nseg), np.float64, "pt")
     pv = blk.array((blk.rows, nseg) if best else (1, 1), np.float64, "best values")
     pi = blk.array((blk.rows, nseg) if best else (1, 1), np.int64, "best indices")
-    blk.launch(kern.stats_part, (blk.rows, nseg))(blk.d, blk.dtemp, float(softcap), seglen, mode, w, best, pm,
-                                                   ps, pt, pv, pi)
+    blk.launch(kern.stats_part[mode, best], (blk.rows, nseg))(blk.d, blk.dtemp, float(softcap), seglen, w, pm,
+                                                               ps, pt, pv, pi)
     return (pm, ps, pt, pv, pi) if best else (pm, ps, pt)
 
 

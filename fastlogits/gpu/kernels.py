@@ -4,10 +4,18 @@
 #
 # - A row is split into ``nseg`` segments of ``seglen`` columns (``nseg = 1`` unless there are too few
 #   rows to fill the device: the backend decides); block (row, segment) folds its segment. Thread ``tid``
-#   reads its chunk of UNROLL columns ``base + u * TPB`` (coalesced across the block, all UNROLL loads in
-#   flight before any is used), and folds it into its private state as the C core folds a chunk: the
-#   chunk's max, then the sum of exp(x - max) in the compute type, added to a float64 sum, with the C
-#   core's merge rule and edge semantics (NaN sticky, +inf gives (inf, 1), all -inf changes nothing).
+#   reads its chunk of UNROLL columns ``base + u * TPB`` (32 bytes: 8 columns of 4 bytes, 16 of 2;
+#   coalesced across the block, all UNROLL loads in flight before any is used), and folds it into its
+#   private state as the C core folds a chunk: the chunk's max, then the sum of exp(x - max) in the
+#   compute type, added to a float64 sum, with the C core's merge rule and edge semantics (NaN sticky,
+#   +inf gives (inf, 1), all -inf changes nothing).
+# - The pass is kept short in instructions. At an H200's 4.8 TB/s a bfloat16 value may cost at most about
+#   14 instructions a thread (132 SMs x 4 schedulers x 32 lanes x 1.98 GHz over 2.4e12 values/s), where
+#   expf alone is about ten and numba's indexing about eight more (counted in the PTX; not measured on a
+#   GPU). So: a full chunk is loaded with no bound checks from one address (columns indexed unsigned,
+#   so numba adds no negative-index wraparound); a term of a sum is exp2(d log2 e) (``exp_le0``: a
+#   multiply and one MUFU.EX2); a NaN shows in the chunk's sum rather than by a test per value; and
+#   stats_part is built per (mode, best), so each variant carries only its own registers.
 # - The block then merges its TPB states in shared memory (``block_merge``: two levels, three barriers;
 #   no warp shuffles, so the CUDA simulator runs the code the GPU runs) and thread 0 writes the segment's
 #   state. A one-thread-per-row kernel merges the segments in order (``lse_merge``/``ent_merge`` of
@@ -34,11 +42,15 @@ from fastlogits.gpu.device import INT64_MAX, better, ent_merge, ent_result, lse_
 
 TPB = 128          # threads per block; a multiple of WARP
 WARP = 32
-UNROLL = 8         # columns per thread per step: its chunk, loaded together (loads in flight)
+# columns per thread per step: its chunk, loaded together (loads in flight), by input itemsize: 32 bytes a
+# thread for 2- and 4-byte kinds, so a 16-bit row keeps as many bytes in flight as a float32 row
+UNROLLS = {"float16": 16, "bfloat16": 16, "float32": 8, "float64": 8}
 KLOCAL = 8         # top-k candidates each thread keeps
+LOG2E_F32 = np.float32(1.4426950408889634)
 
-# modes of the statistics kernels
+# modes of the statistics kernels, and the (mode, best) variants of stats_part that are built
 LSE, ENTROPY, SUM, WSUM = 0, 1, 2, 3
+STATS_VARIANTS = ((LSE, False), (ENTROPY, False), (ENTROPY, True), (SUM, False), (WSUM, False))
 
 
 # ---- loads: one element of row r, column j, in the compute type -------------------------------------------
@@ -248,6 +260,21 @@ class Kernels:
 
 def _build(kind):
     load, CT = _LOADS[kind]
+    UNROLL = UNROLLS[kind]      # (a constant of the kernels below: numba freezes closure variables)
+
+    if CT is np.float32:
+        @cuda.jit(device=True)
+        def exp_le0(d):
+            """exp(d) for d <= 0 (or NaN) as a term of a sum: 2^(d log2 e), CUDA's exp2f (one MUFU.EX2 and
+            a multiply, against about ten instructions for expf; the instruction count, not the memory,
+            bounds a 16-bit row's pass on a GPU). Relative error at most 2 ulp + |d| 2^-24: about 2 ulp
+            for the terms that carry a sum's weight, about 2e-7 relative on the sum. exp2(-inf) = 0,
+            exp2(0) = 1 and NaN stays NaN, as for exp."""
+            return CT(math.exp2(d * LOG2E_F32))
+    else:
+        @cuda.jit(device=True)
+        def exp_le0(d):
+            return math.exp(d)
 
     @cuda.jit(device=True)
     def value(x, r, j, sc, T):
@@ -261,37 +288,51 @@ def _build(kind):
     @cuda.jit(device=True)
     def load_chunk(x, r, base, stop, sc, T, lv):
         """lv[u] = the value of column base + u * TPB (-inf past stop), u < UNROLL: the thread's chunk,
-        loaded before it is used so that UNROLL loads are in flight. Returns (chunk max, NaN seen)."""
+        loaded before it is used so that UNROLL loads are in flight. Returns the chunk's max, NaN left
+        out (-inf for a chunk of NaN and -inf): has_nan(lv) says whether it had a NaN.
+
+        Columns are indexed as unsigned (base >= 0): numba then adds no negative-index wraparound, and
+        the UNROLL loads of a full chunk are one address plus constant offsets, with no bound checks."""
+        if base + (UNROLL - 1) * TPB < stop:
+            for u in range(UNROLL):
+                lv[u] = value(x, r, np.uint64(base + u * TPB), sc, T)
+        else:
+            for u in range(UNROLL):
+                j = base + u * TPB
+                v = CT(-math.inf)
+                if j < stop:
+                    v = value(x, r, np.uint64(j), sc, T)
+                lv[u] = v
         cmax = CT(-math.inf)
-        bad = False
         for u in range(UNROLL):
-            j = base + u * TPB
-            v = CT(-math.inf)
-            if j < stop:
-                v = value(x, r, j, sc, T)
-            lv[u] = v
-        for u in range(UNROLL):
-            v = lv[u]
-            if v > cmax:
-                cmax = v
-            elif v != v:
-                bad = True
-        return cmax, bad
+            if lv[u] > cmax:
+                cmax = lv[u]
+        return cmax
 
     @cuda.jit(device=True)
-    def fold_chunk(lv, cmax, bad, m, s, t, want_t):
-        """Fold a loaded chunk into the thread's state (m, s, t), as the C core folds a chunk: its max
-        first, then sum exp(x - max) (in the compute type over UNROLL terms, added to s in float64); a
-        new max rescales the state. t = sum exp(x - m) * (x - m) when want_t. NaN is sticky, +inf gives
-        (inf, 1, 0), an all -inf chunk changes nothing."""
+    def has_nan(lv):
+        """Whether the loaded chunk lv has a NaN."""
+        bad = False
+        for u in range(UNROLL):
+            bad = bad | (lv[u] != lv[u])
+        return bad
+
+    @cuda.jit(device=True)
+    def fold_chunk(lv, cmax, m, s, t, want_t):
+        """Fold a loaded chunk (its max cmax from load_chunk) into the thread's state (m, s, t), as the C
+        core folds a chunk: its max first, then sum exp(x - max) (in the compute type over UNROLL terms,
+        added to s in float64); a new max rescales the state. t = sum exp(x - m) * (x - m) when want_t.
+        NaN is sticky, +inf gives (inf, 1, 0), an all -inf chunk changes nothing. The terms are
+        exp_le0's. A NaN in a chunk with a finite max shows as a NaN sum (every other term is in [0, 1]),
+        so the common case pays no NaN test per value."""
         if m != m:
             return m, s, t
-        if bad:
-            return CT(math.nan), math.nan, math.nan
-        if cmax == -math.inf or m == math.inf:
+        if cmax == -math.inf or m == math.inf or cmax == math.inf:
+            if has_nan(lv):
+                return CT(math.nan), math.nan, math.nan
+            if cmax == math.inf and m != math.inf:
+                return CT(math.inf), 1.0, 0.0
             return m, s, t
-        if cmax == math.inf:
-            return CT(math.inf), 1.0, 0.0
         if cmax > m:
             d0 = m - cmax             # -inf while the state is empty: f = 0 below
             f = math.exp(d0)
@@ -307,69 +348,79 @@ def _build(kind):
         ct = CT(0)
         for u in range(UNROLL):
             d = lv[u] - m
-            e = CT(math.exp(d))
+            e = exp_le0(d)
             cs += e
             if want_t and e > 0:
                 ct += e * d
+        if cs != cs:
+            return CT(math.nan), math.nan, math.nan
         return m, s + cs, t + ct
 
-    @cuda.jit
-    def stats_part(x, temp, softcap, seglen, mode, w, best, pm, ps, pt, pv, pi):
-        """Segment state of block (row, segment): (m, s) and, by mode, t = the entropy sum (ENTROPY),
-        the sum of the logits (SUM) or of w * logits (WSUM); when best, also the segment's best (value,
-        index) in the top-k order into (pv, pi) ((-inf, INT64_MAX) for none), from the same pass (what
-        `fastlogits stats` needs: the entropy state and the argmax)."""
-        r = cuda.blockIdx.x
-        g = cuda.blockIdx.y
-        tid = cuda.threadIdx.x
-        sc = CT(softcap)
-        T = CT(temp[r])
-        start = g * seglen
-        stop = min(start + seglen, x.shape[1])
-        lv = cuda.local.array(UNROLL, CT)
-        m = CT(-math.inf)
-        s = 0.0
-        t = 0.0
-        tsum = 0.0
-        bv = CT(-math.inf)
-        bi = INT64_MAX
-        for base in range(start + tid, stop, TPB * UNROLL):
-            cmax, bad = load_chunk(x, r, base, stop, sc, T, lv)
-            m, s, t = fold_chunk(lv, cmax, bad, m, s, t, mode == ENTROPY)
-            if best and (bad or cmax >= bv):
-                for u in range(UNROLL):
-                    j = base + u * TPB
-                    if j < stop and better(lv[u], j, bv, bi):
-                        bv = lv[u]
-                        bi = j
-            if mode == SUM or mode == WSUM:
-                # in double, as the C core: logits near +-3e38 must not overflow a float partial sum
-                for u in range(UNROLL):
-                    j = base + u * TPB
-                    if j < stop:
-                        tsum += float64(lv[u]) if mode == SUM else float64(w[j]) * float64(lv[u])
-        sh_m = cuda.shared.array(TPB, float64)
-        sh_s = cuda.shared.array(TPB, float64)
-        sh_t = cuda.shared.array(TPB, float64)
-        sh_m[tid] = m
-        sh_s[tid] = s
-        sh_t[tid] = t if mode == ENTROPY else tsum
-        block_merge(sh_m, sh_s, sh_t, mode, tid)
-        if tid == 0:
-            pm[r, g] = sh_m[0]
-            ps[r, g] = sh_s[0]
-            pt[r, g] = sh_t[0]
-        if best:
-            sh_v = cuda.shared.array(TPB, float64)
-            sh_i = cuda.shared.array(TPB, int64)
-            win_v = cuda.shared.array(1, float64)
-            win_i = cuda.shared.array(1, int64)
-            sh_v[tid] = bv
-            sh_i[tid] = bi
-            block_best(sh_v, sh_i, win_v, win_i, tid)
+    def make_stats_part(mode, best):
+        """stats_part for one (mode, best) of STATS_VARIANTS. They are compile-time constants (numba
+        freezes closure variables): each variant carries only its own work and registers (LSE alone
+        needs about 36 registers a thread against 56 for the general kernel: a third more blocks in
+        flight per SM)."""
+
+        @cuda.jit
+        def stats_part(x, temp, softcap, seglen, w, pm, ps, pt, pv, pi):
+            """Segment state of block (row, segment): (m, s) and, by mode, t = the entropy sum (ENTROPY),
+            the sum of the logits (SUM) or of w * logits (WSUM); when best, also the segment's best
+            (value, index) in the top-k order into (pv, pi) ((-inf, INT64_MAX) for none), from the same
+            pass (what `fastlogits stats` needs: the entropy state and the argmax)."""
+            r = cuda.blockIdx.x
+            g = cuda.blockIdx.y
+            tid = cuda.threadIdx.x
+            sc = CT(softcap)
+            T = CT(temp[r])
+            start = g * seglen
+            stop = min(start + seglen, x.shape[1])
+            lv = cuda.local.array(UNROLL, CT)
+            m = CT(-math.inf)
+            s = 0.0
+            t = 0.0
+            tsum = 0.0
+            bv = CT(-math.inf)
+            bi = INT64_MAX
+            for base in range(start + tid, stop, TPB * UNROLL):
+                cmax = load_chunk(x, r, base, stop, sc, T, lv)
+                m, s, t = fold_chunk(lv, cmax, m, s, t, mode == ENTROPY)
+                if best and (cmax >= bv or has_nan(lv)):
+                    for u in range(UNROLL):
+                        j = base + u * TPB
+                        if j < stop and better(lv[u], j, bv, bi):
+                            bv = lv[u]
+                            bi = j
+                if mode == SUM or mode == WSUM:
+                    # in double, as the C core: logits near +-3e38 must not overflow a float partial sum
+                    for u in range(UNROLL):
+                        j = base + u * TPB
+                        if j < stop:
+                            tsum += float64(lv[u]) if mode == SUM else float64(w[j]) * float64(lv[u])
+            sh_m = cuda.shared.array(TPB, float64)
+            sh_s = cuda.shared.array(TPB, float64)
+            sh_t = cuda.shared.array(TPB, float64)
+            sh_m[tid] = m
+            sh_s[tid] = s
+            sh_t[tid] = t if mode == ENTROPY else tsum
+            block_merge(sh_m, sh_s, sh_t, mode, tid)
             if tid == 0:
-                pv[r, g] = win_v[0]
-                pi[r, g] = win_i[0]
+                pm[r, g] = sh_m[0]
+                ps[r, g] = sh_s[0]
+                pt[r, g] = sh_t[0]
+            if best:
+                sh_v = cuda.shared.array(TPB, float64)
+                sh_i = cuda.shared.array(TPB, int64)
+                win_v = cuda.shared.array(1, float64)
+                win_i = cuda.shared.array(1, int64)
+                sh_v[tid] = bv
+                sh_i[tid] = bi
+                block_best(sh_v, sh_i, win_v, win_i, tid)
+                if tid == 0:
+                    pv[r, g] = win_v[0]
+                    pi[r, g] = win_i[0]
+
+        return stats_part
 
     @cuda.jit
     def stats_fused_finish(x, temp, softcap, labels, has_labels, ignore_index, pm, ps, pt, pv, pi, nll, ent,
@@ -444,10 +495,10 @@ def _build(kind):
         more = False
         t = 0.0
         for base in range(first, stop, TPB * UNROLL):
-            cmax, bad = load_chunk(x, r, base, stop, sc, T, lv)
+            cmax = load_chunk(x, r, base, stop, sc, T, lv)
             if fold:
-                m, s, t = fold_chunk(lv, cmax, bad, m, s, t, False)
-            if n == kl and not bad and not (cmax >= hv[kl - 1]):
+                m, s, t = fold_chunk(lv, cmax, m, s, t, False)
+            if n == kl and not (cmax >= hv[kl - 1]) and not has_nan(lv):
                 more = True               # nothing in this chunk can enter the full list
                 continue
             for u in range(UNROLL):
@@ -561,10 +612,11 @@ def _build(kind):
     k = Kernels()
     k.kind = kind
     k.compute = np.dtype(CT)
+    k.unroll = UNROLL
     k.value = value
     k.load_chunk = load_chunk
     k.fold_chunk = fold_chunk
-    k.stats_part = stats_part
+    k.stats_part = {v: make_stats_part(*v) for v in STATS_VARIANTS}
     k.stats_fused_finish = stats_fused_finish
     k.softmax_map = softmax_map
     k.topk_part = topk_part
@@ -608,9 +660,11 @@ def compile_signatures():
         k = for_kind(kind)
         ct = from_dtype(k.compute)
         xt = types.Array(types.uint16 if kind == "bfloat16" else from_dtype(np.dtype(kind)), 2, "A")
-        out.append((f"stats_part[{kind}]", k.stats_part,
-                    (xt, row_f8, f8, i8, i8, types.Array(ct, 1, "C"), boolean, st2, st2, st2, st2,
-                     types.Array(i8, 2, "C"))))
+        for mode, best in STATS_VARIANTS:
+            name = f"stats_part[{kind}, mode {mode}{', best' if best else ''}]"
+            out.append((name, k.stats_part[mode, best],
+                        (xt, row_f8, f8, i8, types.Array(ct, 1, "C"), st2, st2, st2, st2,
+                         types.Array(i8, 2, "C"))))
         out.append((f"stats_fused_finish[{kind}]", k.stats_fused_finish,
                     (xt, row_f8, f8, types.Array(i8, 1, "C"), boolean, i8, st2, st2, st2, st2,
                      types.Array(i8, 2, "C"), row_f8, row_f8, types.Array(i8, 1, "C"))))

@@ -44,7 +44,6 @@ from fastlogits.gpu import kernels as K
 from fastlogits.gpu.device import lse_result
 
 TPB = K.TPB
-UNROLL = K.UNROLL           # (module constants: numba freezes them; local array sizes must be)
 RADIX = 11                   # bits per radix pass
 NBINS = 1 << RADIX
 
@@ -194,6 +193,7 @@ def _better(k, i, kb, ib):
 def _build(kind):
     base = K.for_kind(kind)
     value, load_chunk, fold_chunk = base.value, base.load_chunk, base.fold_chunk
+    UNROLL = base.unroll          # (constants of the kernels below: local array sizes must be)
     CT = base.compute.type
     f64 = base.compute == np.float64
     NBITS = 64 if f64 else 32
@@ -291,8 +291,8 @@ def _build(kind):
                 s = 0.0
                 t = 0.0
                 for base_j in range(tid, V, TPB * UNROLL):
-                    cmax, bad = load_chunk(x, r, base_j, V, sc, T, lv)
-                    m, s, t = fold_chunk(lv, cmax, bad, m, s, t, False)
+                    cmax = load_chunk(x, r, base_j, V, sc, T, lv)
+                    m, s, t = fold_chunk(lv, cmax, m, s, t, False)
                 sh_m[tid] = m
                 sh_s[tid] = s
                 K.block_merge(sh_m, sh_s, sh_s, K.LSE, tid)

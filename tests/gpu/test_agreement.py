@@ -161,6 +161,35 @@ def test_block_boundaries(gpu, rng, V):
     agree("cross_entropy", x, labels=np.array([V - 1, 0]), reduction="none", label_smoothing=0.1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_full_chunks(gpu, rng, dtype):
+    """Rows long enough for full chunks (a thread's UNROLL columns loaded with no bound checks, the NaN
+    test left to the chunk's sum) and a tail: the edge rows, whose NaN, inf and -inf fall in the first full
+    chunk and at the row's end; a NaN and a +inf in one thread's chunk, or in its consecutive chunks; a NaN
+    in the chunk where the max grows; random rows with temperature and softcap."""
+    from fastlogits.gpu import kernels as K
+
+    tpb = K.TPB
+    step = tpb * K.UNROLLS["bfloat16" if dtype == BF16 else dtype.name]    # the columns of a block's chunks
+    n = 2 * step + 131
+    x = edge_matrix(dtype, n)
+    extra = (rng.standard_normal((4, n)) * 3).astype(dtype)
+    extra[0, [3, 3 + tpb]] = [np.nan, np.inf]             # thread 3's first chunk: NaN beats +inf
+    extra[3, [3, 3 + step]] = [np.nan, np.inf]            # its next chunk: the NaN stays
+    extra[1, 5] = 40.0
+    extra[1, 5 + 2 * tpb] = np.nan                        # thread 5: the max grows in the NaN's chunk
+    extra[2, 7 + tpb] = 40.0                              # a finite row, its max in a full chunk
+    x = np.concatenate([x, extra])
+    for name in ("logsumexp", "entropy", "argmax"):
+        agree(name, x)
+    agree("top_k_logprobs", x, k=3)
+    labels = np.arange(len(x)) * 97 % n
+    agree("cross_entropy", x, labels=labels, reduction="none", label_smoothing=0.1)
+    y = (rng.standard_normal((3, n)) * 6).astype(dtype)
+    t = np.array([0.5, 1.0, 3.0])
+    agree("logsumexp", y, temperature=t, softcap=5.0)
+
+
 @pytest.mark.parametrize("dtype", [np.dtype(np.float32), BF16, np.dtype(np.float64)], ids=str)
 def test_rows_split_over_blocks(gpu, rng, dtype):
     """chunk_size below V/2 with few rows: each row is folded by several blocks and the states merged."""
