@@ -22,19 +22,22 @@ py=${PYTHON:-python3}
   timeout 150 $py -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -18
   echo "## fastlogits check (GPU against CPU)"
   timeout 80 $py -m fastlogits.cli check 2>&1 | tail -44
-  echo "## GPU benchmarks: (8192, 128256), device-resident, CUDA events, medians of 10"
+  echo "## GPU benchmarks: (8192, 128256), device-resident, public API, CUDA events, medians of 10"
   timeout 90 $py - <<'PY' 2>&1
 import json
 from fastlogits.gpu import timing
 r = timing.benchmark(shape=(8192, 128256), dtypes=("float32", "bfloat16"), repeat=10)
 print(json.dumps(r, indent=1))
-for dt in ("float32", "bfloat16"):
-    d = r[dt]
-    for op in ("logsumexp", "cross_entropy"):
-        line = f"{op:14s} {dt:9s} fastlogits {d[op + '_GBps']:8.1f} GB/s = {100 * d[op + '_GBps'] / r['copy_GBps']:5.1f}% of copy"
-        if "torch_" + op + "_GBps" in d:
-            line += f"   torch {d['torch_' + op + '_GBps']:8.1f} GB/s   x{d['torch_' + op + '_s'] / d[op + '_s']:.2f}"
-        print(line)
+for how, sfx in (("back to back", ""), ("waited", "_wait")):
+    print(f"-- calls {how}")
+    for dt in ("float32", "bfloat16"):
+        d = r[dt]
+        for op in ("logsumexp", "cross_entropy"):
+            f, t = op + sfx, "torch_" + op + sfx
+            line = f"{op:14s} {dt:9s} fastlogits {d[f + '_GBps']:8.1f} GB/s = {100 * d[f + '_GBps'] / r['copy_GBps']:5.1f}% of copy"
+            if t + "_GBps" in d:
+                line += f"   torch {d[t + '_GBps']:8.1f} GB/s   x{d[t + '_s'] / d[f + '_s']:.2f}"
+            print(line)
 print(f"device-to-device copy: {r['copy_GBps']:.1f} GB/s (read + write)")
 PY
   echo "## GPU sampling: (512, 128256) float32, device-resident, CUDA events, medians of 10"

@@ -230,6 +230,7 @@ def gpu_figures(args):
 def gpu_table(gpu):
     lines = [f"GPU {gpu['device']}, shape {tuple(gpu['shape'])}, device-to-device copy "
              f"{gpu['copy_GBps']:.0f} GB/s (read + write)",
+             "calls back to back (a call waited for alone: in brackets)",
              "| op | dtype | fastlogits GB/s | % of copy | torch GB/s | x torch |",
              "| --- | --- | --- | --- | --- | --- |"]
     for dt in ("float32", "bfloat16"):
@@ -240,8 +241,10 @@ def gpu_table(gpu):
             t = d.get("torch_" + op + "_GBps")
             ratio = d["torch_" + op + "_s"] / d[op + "_s"] if t else None
             pct = 100 * d[op + "_GBps"] / gpu["copy_GBps"]
-            lines.append(f"| {op} | {dt} | {d[op + '_GBps']:.0f} | {pct:.0f}% | "
-                         + (f"{t:.0f} | {ratio:.2f} |" if t else "- | - |"))
+            waited = f" ({d[op + '_wait_GBps']:.0f})" if op + "_wait_GBps" in d else ""
+            tw = f" ({d['torch_' + op + '_wait_GBps']:.0f})" if "torch_" + op + "_wait_GBps" in d else ""
+            lines.append(f"| {op} | {dt} | {d[op + '_GBps']:.0f}{waited} | {pct:.0f}% | "
+                         + (f"{t:.0f}{tw} | {ratio:.2f} |" if t else "- | - |"))
     smp = gpu.get("sampling")
     if smp:
         lines += ["", f"GPU sampling, float32 {tuple(smp['shape'])}, medians",

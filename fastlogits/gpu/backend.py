@@ -110,8 +110,8 @@ def as_rows(x, dtype):
         if dt != BF16 and (dt.itemsize != 2 or dt.kind not in "uiV"):
             raise TypeError(f"logits: dtype='bfloat16' re-declares 2-byte data, but logits has dtype {dt}")
         name = "bfloat16"
-    elif dt == BF16:
-        name = "bfloat16"
+    elif dt == BF16 or dt == np.dtype("V2"):
+        name = "bfloat16"        # "<V2": how PyTorch and ml_dtypes export bfloat16 (__cuda_array_interface__)
     else:
         for n, npd in _NP.items():
             if dt == npd:
@@ -174,6 +174,23 @@ def _scratch(name, slot, shape, dtype, stream=0):
     return a
 
 
+def _upload(name, slot, host, stream=0):
+    """Small host array ``host`` on the device, in the kept scratch array (name, slot) when it fits one;
+    not copied again while that array still holds these values (a call's temperatures are most often the
+    last call's, and a copy from pageable memory first waits for the device's queued work)."""
+    if host.nbytes > SCRATCH_MAX_BYTES:
+        return cuda.to_device(host, stream=stream)
+    a = _scratch(name, slot, host.shape, host.dtype, stream)
+    sent = getattr(_local, "sent", None)
+    if sent is None:
+        sent = _local.sent = {}
+    last = sent.get((name, slot))
+    if last is None or last[0] is not a or not np.array_equal(last[1], host):
+        a.copy_to_device(host, stream=stream)
+        sent[(name, slot)] = (a, np.array(host, copy=True))
+    return a
+
+
 class _Block:
     """A block of whole rows on the device: ``sl`` its rows, ``d`` its logits (as the kernels read them),
     ``dtemp`` their temperatures, ``stream`` the stream its work is queued on (0: the default stream),
@@ -198,10 +215,7 @@ class _Block:
         return cuda.device_array(shape, dtype, stream=self.stream)
 
     def upload(self, name, host):
-        """A small host array on the device (into a kept scratch array)."""
-        a = self.array(host.shape, host.dtype, name)
-        a.copy_to_device(host, stream=self.stream)
-        return a
+        return _upload(name, self.slot, host, self.stream)
 
     def fetch(self, dev, dst, convert=None):
         """dst[rows of this block] = dev (a device result of this block), waiting for it."""
@@ -355,7 +369,9 @@ def softmax(x, dtype, temperature, softcap, log, out, out_dtype, chunk, threads)
 def cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, weight, smoothing, chunk,
                        threads):
     """Per-row (nll, smooth, lse), float64: nll = lse - x[label] (unweighted), smooth = -sum_c w_c log p_c
-    (only when smoothing; w = 1 without weights), 0 for ignored rows. labels: int64 (rows,), checked."""
+    (only when smoothing; w = 1 without weights), 0 for ignored rows. labels: int64 (rows,), checked; or,
+    with device logits, a 1-D int32/int64 device array (from device_labels), read in place: a label out of
+    range gives NaN there (cross_entropy_device reports it)."""
     kern = K.for_kind(dtype)
     device = is_device_array(x)
     rows_all = x.shape[0]
@@ -368,11 +384,13 @@ def cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, wei
         if smoothing:
             mode = K.WSUM
     w = _weights(dtype, weight if mode == K.WSUM else None)
-    labels = labels.copy_to_host() if is_device_array(labels) else np.asarray(labels)
-    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    on_device = device and is_device_array(labels)
+    if not on_device:
+        labels = labels.copy_to_host() if is_device_array(labels) else np.asarray(labels)
+        labels = np.ascontiguousarray(labels, dtype=np.int64)
     for blk in _blocks(x, dtype, temperature):
         pm, ps, pt = _stats(blk, kern, softcap, mode, w, chunk)
-        dlab = blk.upload("labels", np.ascontiguousarray(labels[blk.sl]))
+        dlab = labels if on_device else blk.upload("labels", np.ascontiguousarray(labels[blk.sl]))
         outs = [blk.array(blk.rows, np.float64, name) if blk.host else o
                 for o, name in ((nll, "nll"), (smooth, "smooth"), (lse_, "lse"))]
         blk.launch(kern.ce_finish, *_grid1(blk.rows))(blk.d, blk.dtemp, float(softcap), dlab,
@@ -382,6 +400,47 @@ def cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, wei
             for host, dev in zip((nll, smooth, lse_), outs):
                 blk.fetch(dev, host)
     return nll, smooth, lse_
+
+
+def device_labels(labels, lead):
+    """Device labels as the kernels read them in place: a 1-D C-contiguous int32 or int64 device array,
+    from labels of shape ``lead`` (the logits' leading shape; flattened when contiguous). None for
+    anything else (the caller takes the host path, which checks and explains)."""
+    if not is_device_array(labels):
+        return None
+    d = _device_view(labels)
+    if np.dtype(d.dtype) not in (np.dtype(np.int32), np.dtype(np.int64)) or tuple(d.shape) != tuple(lead):
+        return None
+    rows = int(np.prod(lead, dtype=np.int64))
+    if d.ndim != 1:
+        if not d.is_c_contiguous():
+            return None
+        d = d.reshape(rows)
+    elif rows > 1 and d.strides[0] != d.dtype.itemsize:
+        return None
+    return d
+
+
+def cross_entropy_device(x, dtype, temperature, softcap, labels, ignore_index, weight, eps, z, chunk):
+    """Cross-entropy of device logits with the per-row terms combined on the device (kernels.ce_reduce):
+    (loss, sums), loss the per-row loss (a float64 device array), sums the host copy of (sum of the
+    losses without z-loss, sum of w[y], sum of the z-loss terms, counted rows, first row whose label is
+    out of range or -1): one small copy back, the only wait for the device. labels: from device_labels,
+    or checked int64 host labels."""
+    rows = int(x.shape[0])
+    if not is_device_array(labels):
+        labels = _upload("labels", 0, np.ascontiguousarray(labels, dtype=np.int64))
+    nll, smooth, lse_ = cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, weight,
+                                           eps > 0, chunk, 1)
+    if weight is None:
+        w = _scratch("no class weights", 0, 1, np.float64)      # never read
+    else:
+        w = _upload("class weights", 0, np.ascontiguousarray(weight, dtype=np.float64))
+    loss = cuda.device_array(rows, np.float64)
+    sums = _scratch("cross-entropy sums", 0, 5, np.float64)
+    K.ce_reduce[1, K.TPB](labels, int(ignore_index), int(x.shape[1]), w, weight is not None, float(eps),
+                          float(z), nll, smooth, lse_, loss, sums)
+    return loss, sums.copy_to_host()
 
 
 def _select(x, dtype, temperature, softcap, k, logprobs, chunk):

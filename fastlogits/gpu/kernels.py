@@ -252,6 +252,81 @@ def topk_finish(pv, pi, pm, ps, logprobs, vals, idx, lp):
             lp[r, q] = (np.float64(vals[r, q]) - m) - log_s if finite else math.nan
 
 
+@cuda.jit(device=True)
+def block_sum(sh, tid):
+    """The sum of the TPB values sh[...] into sh[0] (valid for thread 0 after the call), in a fixed order
+    (two levels, as block_merge)."""
+    cuda.syncthreads()
+    if tid < WARP:
+        v = sh[tid]
+        for o in range(tid + WARP, TPB, WARP):
+            v += sh[o]
+        sh[tid] = v
+    cuda.syncthreads()
+    if tid == 0:
+        v = sh[0]
+        for o in range(1, WARP):
+            v += sh[o]
+        sh[0] = v
+
+
+@cuda.jit
+def ce_reduce(labels, ignore_index, V, w, has_w, eps, z, nll, smooth, lse, loss, sums):
+    """One block: the per-row terms of the cross-entropy, as ``fastlogits.ops.reductions.ce_terms``
+    computes them on the host, and their sums. Per row (float64, 0 for ignored rows): l = w[y] nll,
+    mixed (1 - eps) l + (eps / V) smooth when eps > 0, and zt = z lse^2; loss[r] = l + zt (NaN for a label
+    out of range). sums = (sum l, sum w[y], sum zt, counted rows, the first row whose label is out of
+    range or -1): what the "mean" and "sum" reductions need, in one small copy to the host."""
+    tid = cuda.threadIdx.x
+    sl = 0.0
+    sw = 0.0
+    sz = 0.0
+    cnt = 0.0
+    bad = INT64_MAX
+    for r in range(tid, labels.shape[0], TPB):
+        lab = int64(labels[r])
+        if lab == ignore_index:
+            loss[r] = 0.0
+            continue
+        if lab < 0 or lab >= V:
+            bad = min(bad, r)
+            loss[r] = math.nan
+            continue
+        wy = float64(w[lab]) if has_w else 1.0
+        lr = wy * nll[r]
+        if eps > 0:
+            lr = (1.0 - eps) * lr + (eps / V) * smooth[r]
+        zt = z * lse[r] * lse[r] if z > 0 else 0.0
+        loss[r] = lr + zt
+        sl += lr
+        sw += wy
+        sz += zt
+        cnt += 1.0
+    sh_l = cuda.shared.array(TPB, float64)
+    sh_w = cuda.shared.array(TPB, float64)
+    sh_z = cuda.shared.array(TPB, float64)
+    sh_c = cuda.shared.array(TPB, float64)
+    sh_b = cuda.shared.array(TPB, int64)
+    sh_l[tid] = sl
+    sh_w[tid] = sw
+    sh_z[tid] = sz
+    sh_c[tid] = cnt
+    sh_b[tid] = bad
+    block_sum(sh_l, tid)
+    block_sum(sh_w, tid)
+    block_sum(sh_z, tid)
+    block_sum(sh_c, tid)
+    cuda.syncthreads()
+    if tid == 0:
+        for o in range(1, TPB):
+            bad = min(bad, sh_b[o])
+        sums[0] = sh_l[0]
+        sums[1] = sh_w[0]
+        sums[2] = sh_z[0]
+        sums[3] = sh_c[0]
+        sums[4] = -1.0 if bad == INT64_MAX else float64(bad)
+
+
 # ---- kernels that read logits, one set per input kind --------------------------------------------------
 
 class Kernels:
@@ -585,7 +660,8 @@ def _build(kind):
     def ce_finish(x, temp, softcap, labels, ignore_index, wtotal, smoothing, pm, ps, pt, nll, smooth,
                   lse):
         """Per row: merge the segment states; lse (NaN where a +inf makes log-softmax NaN), nll = lse -
-        x[label], smooth = wtotal * lse - sum w * x (when smoothing); ignored rows get 0."""
+        x[label], smooth = wtotal * lse - sum w * x (when smoothing); ignored rows get 0, rows whose label
+        is out of range NaN (x is not read there)."""
         r = cuda.grid(1)
         if r >= pm.shape[0]:
             return
@@ -604,8 +680,12 @@ def _build(kind):
         val = lse_result(m, s)
         if val == math.inf:
             val = math.nan
-        xt = value(x, r, lab, CT(softcap), CT(temp[r]))
         lse[r] = val
+        if lab < 0 or lab >= x.shape[1]:     # device labels are checked afterwards (ce_reduce): no read
+            nll[r] = math.nan
+            smooth[r] = math.nan
+            return
+        xt = value(x, r, lab, CT(softcap), CT(temp[r]))
         nll[r] = val - xt
         smooth[r] = wtotal * val - t if smoothing else 0.0
 
@@ -675,10 +755,14 @@ def compile_signatures():
         out.append((f"topk_part[{kind}]", k.topk_part,
                     (xt, row_f8, f8, i8, boolean, types.Array(f8, 3, "C"), types.Array(i8, 3, "C"), st2,
                      st2)))
-        out.append((f"ce_finish[{kind}]", k.ce_finish,
-                    (xt, row_f8, f8, types.Array(i8, 1, "C"), i8, f8, boolean, st2, st2, st2, row_f8,
-                     row_f8, row_f8)))
+        for lt in (types.int64, types.int32):     # labels: the host's int64, or a device array's int32
+            out.append((f"ce_finish[{kind}, {lt}]", k.ce_finish,
+                        (xt, row_f8, f8, types.Array(lt, 1, "C"), i8, f8, boolean, st2, st2, st2, row_f8,
+                         row_f8, row_f8)))
     out.append(("stats_finish", stats_finish, (st2, st2, st2, i8, row_f8)))
+    for lt in (types.int64, types.int32):
+        out.append((f"ce_reduce[{lt}]", ce_reduce, (types.Array(lt, 1, "C"), i8, i8, row_f8, boolean, f8, f8,
+                                                    row_f8, row_f8, row_f8, row_f8, row_f8)))
     for ct in (types.float32, types.float64):
         out.append((f"topk_finish[{ct}]", topk_finish,
                     (types.Array(f8, 3, "C"), types.Array(i8, 3, "C"), st2, st2, boolean,

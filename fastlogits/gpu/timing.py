@@ -1,10 +1,21 @@
-"""GPU timing for benchmarks: kernels on device-resident logits timed with CUDA events (medians), the
+"""GPU timing for benchmarks: calls on device-resident logits timed with CUDA events (medians), the
 device-to-device copy bandwidth measured in the same run as the ceiling, and PyTorch on the same GPU where
 it is installed with CUDA.
 
+Two ways to time a call, for fastlogits and PyTorch alike:
+
+- back to back (``time_stream``, the headline figures): calls are issued one after another with an event
+  pair around each and one wait at the end, as in a pipeline; the host queues the next call while the
+  device works, so a call costs its device time plus whatever host time its own waits expose (a
+  cross-entropy with reduction "mean" returns a host number: it waits for the device once).
+- waited (``time_events``, the ``*_wait_s`` figures): each call waits for the device before the next
+  starts, so the host's time to issue a call shows in full (the latency of one call alone).
+
 ``benchmark()`` returns plain figures (a dict) for ``fastlogits bench`` and the GPU check script to print.
 Bandwidths are bytes of logits read per second; the copy ceiling counts bytes read *and* written per second
-(``2 * nbytes / t``), the figure a memory-bound kernel that only reads can approach.
+(``2 * nbytes / t``), the figure a memory-bound kernel that only reads can approach. fastlogits is timed
+through its public API (``fastlogits.logsumexp``, ``fastlogits.cross_entropy`` with device labels), as
+users call it.
 """
 import numpy as np
 from numba import cuda
@@ -29,6 +40,21 @@ def time_events(fn, repeat=10, warmup=2):
     return float(np.median(times))
 
 
+def time_stream(fn, repeat=10, warmup=2):
+    """Median seconds of fn() on the device, calls issued back to back (an event pair around each, one
+    wait at the end)."""
+    for _ in range(warmup):
+        fn()
+    cuda.synchronize()
+    events = [(cuda.event(), cuda.event()) for _ in range(repeat)]
+    for start, stop in events:
+        start.record()
+        fn()
+        stop.record()
+    events[-1][1].synchronize()
+    return float(np.median([max(a.elapsed_time(b), 0.0) / 1e3 for a, b in events]))
+
+
 def copy_bandwidth(nbytes=1 << 30, repeat=10):
     """Device-to-device copy bandwidth, bytes read + written per second."""
     a = cuda.device_array(max(1, nbytes // 4), np.float32)
@@ -38,11 +64,18 @@ def copy_bandwidth(nbytes=1 << 30, repeat=10):
 
 
 def _device_logits(shape, dtype, seed=0):
-    """Random logits on the device as the kernels read them (bfloat16 as uint16 bits), and a host copy."""
-    rng = np.random.default_rng(seed)
-    x = (rng.standard_normal(shape, dtype=np.float32) * 3).astype(B._NP[dtype])
-    bits = x.view(np.uint16) if dtype == "bfloat16" else x
-    return cuda.to_device(bits), x
+    """Random logits on the device as the kernels read them (bfloat16 as uint16 bits): a block of at most
+    256 random rows, repeated down the array (drawing 10^9 normals on the host would take most of the
+    GPU check's time; the figures are unchanged, the array being far larger than the device's caches)."""
+    rows, V = shape
+    n = max(1, min(rows, 256))
+    x = (np.random.default_rng(seed).standard_normal((n, V), dtype=np.float32) * 3).astype(B._NP[dtype])
+    bits = np.ascontiguousarray(x.view(np.uint16) if dtype == "bfloat16" else x)
+    d = cuda.device_array(shape, bits.dtype)
+    for i in range(0, rows, n):
+        k = min(n, rows - i)
+        d[i:i + k].copy_to_device(bits[:k])
+    return d
 
 
 def _torch_cuda():
@@ -55,9 +88,12 @@ def _torch_cuda():
 
 
 def benchmark(shape=(8192, 128256), dtypes=("float32", "bfloat16"), repeat=10, torch_too=True):
-    """Figures for logsumexp and cross-entropy on device-resident logits of ``shape``: per dtype, seconds
-    and GB/s (logits read) of fastlogits, and of torch.logsumexp / F.cross_entropy on the same memory
-    when PyTorch has CUDA; plus the copy ceiling ("copy_GBps") and the device's name."""
+    """Figures for logsumexp and cross-entropy (reduction "mean", device int64 labels) on device-resident
+    logits of ``shape``: per dtype, seconds and GB/s (logits read) of fastlogits, and of torch.logsumexp /
+    F.cross_entropy on the same memory when PyTorch has CUDA, back to back (``<op>_s``) and waited
+    (``<op>_wait_s``); plus the copy ceiling ("copy_GBps") and the device's name."""
+    import fastlogits as fl
+
     rows, V = shape
     out = {"shape": list(shape), "repeat": repeat}
     try:
@@ -65,26 +101,26 @@ def benchmark(shape=(8192, 128256), dtypes=("float32", "bfloat16"), repeat=10, t
     except Exception:  # pragma: no cover - the simulator's device has a name too
         out["device"] = "unknown"
     out["copy_GBps"] = copy_bandwidth(min(1 << 30, rows * V * 4), repeat) / 1e9
-    temp = np.ones(rows)
     labels = np.random.default_rng(1).integers(0, V, rows)
+    dlab = cuda.to_device(labels)
     torch = _torch_cuda() if torch_too else None
     for dtype in dtypes:
-        d, _ = _device_logits(shape, dtype)
+        d = _device_logits(shape, dtype)
+        dx = d.view(B.BF16) if dtype == "bfloat16" else d     # the API's bfloat16 device array
         nbytes = rows * V * B._NP[dtype].itemsize
-        res = {}
-        t = time_events(lambda d=d, dtype=dtype: B.lse(d, dtype, temp, 0.0, 4096, 1), repeat)
-        res["logsumexp_s"] = t
-        t = time_events(lambda d=d, dtype=dtype: B.cross_entropy_rows(d, dtype, temp, 0.0, labels, -100, None,
-                                                                      False, 4096, 1), repeat)
-        res["cross_entropy_s"] = t
+        calls = {"logsumexp": lambda dx=dx: fl.logsumexp(dx),
+                 "cross_entropy": lambda dx=dx: fl.cross_entropy(dx, dlab)}
         if torch is not None:
             tt = torch.as_tensor(d, device="cuda")
             if dtype == "bfloat16":
                 tt = tt.view(torch.bfloat16)
             lab = torch.as_tensor(labels, device="cuda")
-            res["torch_logsumexp_s"] = time_events(lambda tt=tt: torch.logsumexp(tt, -1), repeat)
-            res["torch_cross_entropy_s"] = time_events(
-                lambda tt=tt, lab=lab: torch.nn.functional.cross_entropy(tt, lab), repeat)
+            calls["torch_logsumexp"] = lambda tt=tt: torch.logsumexp(tt, -1)
+            calls["torch_cross_entropy"] = lambda tt=tt, lab=lab: torch.nn.functional.cross_entropy(tt, lab)
+        res = {}
+        for name, fn in calls.items():
+            res[name + "_s"] = time_stream(fn, repeat)
+            res[name + "_wait_s"] = time_events(fn, repeat)
         for key in list(res):
             res[key[:-2] + "_GBps"] = nbytes / res[key] / 1e9 if res[key] > 0 else float("nan")
         out[dtype] = res
@@ -99,7 +135,7 @@ def sample_benchmark(shape=(512, 128256), repeat=10, torch_too=True):
     from fastlogits.bench import hf_sample_pipeline
     from fastlogits.ops.sampling import sample
 
-    d, _ = _device_logits(shape, "float32")
+    d = _device_logits(shape, "float32")
     out = {"shape": list(shape), "repeat": repeat,
            "plain_s": time_events(lambda: sample(d, seed=0), repeat),
            "top_k_top_p_s": time_events(lambda: sample(d, seed=0, temperature=0.8, top_k=50, top_p=0.9),

@@ -165,11 +165,16 @@ def check_labels(labels, lead, V, ignore_index):
     bad = (lab != ignore_index) & ((lab < 0) | (lab >= V))
     if np.any(bad):
         i = int(np.argmax(bad))
-        row = np.unravel_index(i, lead) if len(lead) else ()
-        where = f"row {tuple(int(j) for j in row)}" if len(lead) > 1 else f"row {i}"
-        raise IndexError(f"labels: label {int(lab[i])} at {where} is out of range for {V} classes "
-                         f"(valid: 0..{V - 1}, or ignore_index={ignore_index})")
+        raise label_error(int(lab[i]), i, lead, V, ignore_index)
     return lab
+
+
+def label_error(label, i, lead, V, ignore_index):
+    """The IndexError for label ``label`` out of range at flat row ``i``."""
+    row = np.unravel_index(i, lead) if len(lead) else ()
+    where = f"row {tuple(int(j) for j in row)}" if len(lead) > 1 else f"row {i}"
+    return IndexError(f"labels: label {label} at {where} is out of range for {V} classes "
+                      f"(valid: 0..{V - 1}, or ignore_index={ignore_index})")
 
 
 def cross_entropy(logits, labels, *, weight=None, ignore_index=-100, label_smoothing=0.0,
@@ -200,20 +205,38 @@ def cross_entropy(logits, labels, *, weight=None, ignore_index=-100, label_smoot
             chunk_size=chunk_size))
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    (loss, wy, zterm, counted), r = cross_entropy_terms(
-        logits, labels, weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        z_loss=z_loss, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
-        chunk_size=chunk_size)
+    r, eps, z, ignore_index, w = _ce_prepare(
+        logits, weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        temperature=temperature, softcap=softcap, backend=backend, threads=threads, chunk_size=chunk_size)
+    B = _backend.get(r.backend)
+    if r.backend == "gpu" and is_gpu_array(r.x):
+        return _cross_entropy_on_device(B, r, labels, eps, z, ignore_index, w, reduction)
+    loss, wy, zterm, counted = _ce_rows_terms(B, r, labels, eps, z, ignore_index, w)
     if reduction == "none":
-        B = _backend.get(r.backend)
         return _finish(r, B.to_device_like(loss + zterm, r.x))
     return r.result_dtype.type(ce_total(np.sum(loss), np.sum(wy), np.sum(zterm), np.count_nonzero(counted),
                                         reduction))
 
 
-def cross_entropy_terms(logits, labels, *, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
-                        temperature=1.0, softcap=None, backend=None, threads=None, chunk_size=None):
-    """The per-row terms of cross_entropy (see ce_terms) of in-memory logits, and the prepared rows."""
+def _cross_entropy_on_device(B, r, labels, eps, z, ignore_index, w, reduction):
+    """cross_entropy of device logits: the terms are combined on the device, and device labels are read
+    there (checked by the combining kernel); one small copy of the sums comes back."""
+    dlab = B.device_labels(labels, r.lead)
+    if dlab is None:
+        dlab = check_labels(B.to_host(labels) if is_gpu_array(labels) else labels, r.lead, r.V, ignore_index)
+    loss, sums = B.cross_entropy_device(r.x, r.dtype, r.temperature, r.softcap, dlab, ignore_index, w, eps, z,
+                                       r.chunk)
+    if sums[4] >= 0:
+        i = int(sums[4])
+        raise label_error(int(B.to_host(dlab[i:i + 1])[0]), i, r.lead, r.V, ignore_index)
+    if reduction == "none":
+        return _finish(r, loss)
+    return r.result_dtype.type(ce_total(sums[0], sums[1], sums[2], int(sums[3]), reduction))
+
+
+def _ce_prepare(logits, *, weight, ignore_index, label_smoothing, z_loss, temperature, softcap, backend,
+                threads, chunk_size):
+    """The prepared rows and the checked (eps, z, ignore_index, weight) of a cross-entropy call."""
     r = prepare(logits, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
                 chunk_size=chunk_size)
     eps = float(label_smoothing)
@@ -231,13 +254,25 @@ def cross_entropy_terms(logits, labels, *, weight=None, ignore_index=-100, label
         w = np.asarray(weight, dtype=np.float64)
         if w.shape != (r.V,):
             raise ValueError(f"weight must have one value per class, shape ({r.V},), got shape {w.shape}")
-    B = _backend.get(r.backend)
+    return r, eps, z, ignore_index, w
+
+
+def _ce_rows_terms(B, r, labels, eps, z, ignore_index, w):
+    """The per-row terms (see ce_terms) from the backend's per-row results, combined on the host."""
     lab = check_labels(B.to_host(labels) if is_gpu_array(labels) else labels, r.lead, r.V, ignore_index)
     nll, smooth, lse = B.cross_entropy_rows(r.x, r.dtype, r.temperature, r.softcap, lab, ignore_index, w,
                                             eps > 0, r.chunk, r.threads)
-    # The per-row terms are combined on the host (a copy of three numbers per row for device inputs).
     nll, smooth, lse = B.to_host(nll), B.to_host(smooth), B.to_host(lse)
-    return ce_terms(nll, smooth, lse, lab, ignore_index, w, eps, z, r.V), r
+    return ce_terms(nll, smooth, lse, lab, ignore_index, w, eps, z, r.V)
+
+
+def cross_entropy_terms(logits, labels, *, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                        temperature=1.0, softcap=None, backend=None, threads=None, chunk_size=None):
+    """The per-row terms of cross_entropy (see ce_terms) of in-memory logits, and the prepared rows."""
+    r, eps, z, ignore_index, w = _ce_prepare(
+        logits, weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        temperature=temperature, softcap=softcap, backend=backend, threads=threads, chunk_size=chunk_size)
+    return _ce_rows_terms(_backend.get(r.backend), r, labels, eps, z, ignore_index, w), r
 
 
 def ce_terms(nll, smooth, lse, labels, ignore_index, weight, eps, z, V):

@@ -62,3 +62,81 @@ def test_device_bfloat16_bits_and_leading_axes(cuda, rng):
     out = fl.softmax(cuda.to_device(x.astype(np.float32)), dtype="bfloat16")
     want = fl.softmax(x.astype(np.float32), dtype="bfloat16").astype(np.float32)
     np.testing.assert_allclose(_host(out).view(ml_dtypes.bfloat16).astype(np.float32), want, rtol=1e-2)
+
+
+def test_bfloat16_exported_as_void(cuda, rng):
+    """PyTorch and ml_dtypes export bfloat16 through __cuda_array_interface__ as "<V2": such device data is
+    read as bfloat16."""
+    x = (rng.standard_normal((3, 300)) * 4).astype(np.float32)
+    import ml_dtypes
+    xb = x.astype(ml_dtypes.bfloat16)
+    dv = cuda.to_device(xb.view(np.dtype("V2")))
+    np.testing.assert_allclose(_host(fl.logsumexp(dv)), fl.logsumexp(xb), rtol=2e-5, atol=2e-5)
+    y = np.array([0, 299, 7])
+    assert float(fl.cross_entropy(dv, cuda.to_device(y))) == pytest.approx(float(fl.cross_entropy(xb, y)),
+                                                                           rel=2e-5)
+
+
+@pytest.mark.parametrize("label_dtype", [np.int64, np.int32])
+def test_cross_entropy_device_labels(cuda, rng, label_dtype):
+    """Device logits and device labels: the terms are combined on the device, and equal the CPU's for every
+    reduction, with class weights, label smoothing, z-loss and ignored rows; labels of shape (2, 3) for
+    logits of shape (2, 3, V)."""
+    V = 70
+    x = (rng.standard_normal((2, 3, V)) * 3).astype(np.float32)
+    x[0, 1, 5] = np.inf                      # a row whose loss is NaN
+    y = rng.integers(0, V, (2, 3)).astype(label_dtype)
+    y[1, 2] = -100
+    w = rng.random(V) + 0.5
+    dx, dy = cuda.to_device(x), cuda.to_device(y)
+    for kw in (dict(), dict(weight=w, label_smoothing=0.2, z_loss=1e-3), dict(label_smoothing=0.1)):
+        for reduction in ("none", "mean", "sum"):
+            got = fl.cross_entropy(dx, dy, reduction=reduction, **kw)
+            want = fl.cross_entropy(x, y.astype(np.int64), reduction=reduction, **kw)
+            if reduction == "none":
+                assert not isinstance(got, np.ndarray) and tuple(got.shape) == (2, 3)
+                got = _host(got)
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, equal_nan=True,
+                                       err_msg=f"{reduction} {sorted(kw)}")
+    clean = cuda.to_device(np.ascontiguousarray(x[1]))
+    for kw in (dict(), dict(weight=w, label_smoothing=0.3, z_loss=1e-2)):
+        for reduction in ("mean", "sum"):
+            got = float(fl.cross_entropy(clean, cuda.to_device(y[1]), reduction=reduction, **kw))
+            want = float(fl.cross_entropy(x[1], y[1].astype(np.int64), reduction=reduction, **kw))
+            assert np.isfinite(want) and got == pytest.approx(want, rel=2e-5), (reduction, sorted(kw))
+    ignored = cuda.to_device(np.full((2, 3), -1, label_dtype))
+    assert np.isnan(fl.cross_entropy(dx, ignored, ignore_index=-1))          # like PyTorch
+    assert float(fl.cross_entropy(dx, ignored, ignore_index=-1, reduction="sum")) == 0.0
+
+
+def test_cross_entropy_bad_device_labels(cuda, rng):
+    """A device label out of range raises IndexError naming the label and its row, as host labels do; a
+    device label array of the wrong dtype or shape is explained as for host labels."""
+    x = rng.standard_normal((2, 3, 40)).astype(np.float32)
+    dx = cuda.to_device(x)
+    y = np.zeros((2, 3), np.int64)
+    y[1, 0] = 40
+    y[1, 2] = -5
+    with pytest.raises(IndexError, match=r"label 40 at row \(1, 0\) is out of range for 40 classes"):
+        fl.cross_entropy(dx, cuda.to_device(y))
+    with pytest.raises(IndexError, match=r"label -5 at row 2 is out of range"):
+        fl.cross_entropy(cuda.to_device(x[1]), cuda.to_device(np.array([0, 3, -5], np.int32)),
+                         reduction="none")
+    with pytest.raises(TypeError, match="labels must be integers"):
+        fl.cross_entropy(dx, cuda.to_device(np.zeros((2, 3), np.float32)))
+    with pytest.raises(ValueError, match="leading shape"):
+        fl.cross_entropy(dx, cuda.to_device(np.zeros(6, np.int64)))
+    # a non-contiguous device label array takes the host path: same result
+    y2 = np.zeros((2, 6), np.int64)
+    y2[:, ::2] = rng.integers(0, 40, (2, 3))
+    got = float(fl.cross_entropy(dx, cuda.to_device(y2)[:, ::2]))
+    assert got == pytest.approx(float(fl.cross_entropy(x, y2[:, ::2])), rel=2e-5)
+
+
+def test_temperature_upload_follows_each_call(cuda, rng):
+    """The kept device copy of the temperatures is reused only while they are unchanged."""
+    x = rng.standard_normal((3, 50)).astype(np.float32)
+    dx = cuda.to_device(x)
+    for t in (1.0, 2.0, np.array([0.5, 1.0, 3.0]), np.array([0.5, 1.0, 4.0]), 1.0):
+        np.testing.assert_allclose(_host(fl.logsumexp(dx, temperature=t)), fl.logsumexp(x, temperature=t),
+                                   rtol=2e-5, err_msg=str(t))
