@@ -35,6 +35,10 @@ HOST_BLOCK_BYTES = 256 << 20   # host inputs up to this size move to the device 
 PIPELINE_BLOCK_BYTES = 64 << 20  # larger ones in row blocks of about this size, through pinned buffers
 TARGET_BLOCKS = 512            # split rows into segments until about this many blocks run
 MIN_SEGMENT = 32
+# and a block folds at most this many columns: with one block per row, (8192, 128256) would be 8192 equal
+# blocks, about 5.2 waves of the 1584 an H200 holds at once, and the last fifth of a wave cannot keep the
+# memory busy (a tail of up to a sixth of the time); 4 segments a row make it 21 waves
+MAX_SEGMENT = 32768
 
 
 def compute_dtype(dtype):
@@ -138,14 +142,13 @@ def as_rows(x, dtype):
 # ---- launching ----------------------------------------------------------------------------------------
 
 def _segments(rows, V, chunk):
-    """(nseg, seglen): how each row's columns are split over blocks."""
+    """(nseg, seglen): how each row's columns are split over blocks: into segments of at most MAX_SEGMENT
+    columns, and more while the grid has under TARGET_BLOCKS blocks, down to segments of ``chunk``."""
     if V == 0:
         return 1, 0
-    nseg = 1
-    if rows < TARGET_BLOCKS:
-        want = -(-TARGET_BLOCKS // max(rows, 1))
-        most = max(1, V // max(int(chunk), MIN_SEGMENT))
-        nseg = min(want, most)
+    want = max(-(-TARGET_BLOCKS // max(rows, 1)), -(-V // MAX_SEGMENT))
+    most = max(1, V // max(int(chunk), MIN_SEGMENT))
+    nseg = min(want, most)
     seglen = -(-V // nseg)
     return -(-V // seglen), seglen
 

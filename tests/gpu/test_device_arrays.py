@@ -132,3 +132,25 @@ def test_stats_matches_cpu(gpu, rng):
             fin = np.isfinite(b)
             assert np.all(np.abs(a - b)[fin] <= 2e-5 * scale[fin]), (dtype, chunk, list(edge))
         np.testing.assert_array_equal(got[2], want[2])
+
+
+def test_segments(gpu):
+    """How rows are split over blocks: at most MAX_SEGMENT columns a block (many rows of a large
+    vocabulary: enough blocks that the last wave is short), more segments while the grid is small, never
+    segments shorter than the chunk, every column in exactly one segment."""
+    from fastlogits.gpu import backend as B
+
+    cases = {
+        (8192, 128256, 4096): 4,          # a large batch: 4 blocks a row
+        (600, 1000, 4096): 1,             # enough rows, a short vocabulary: a block a row
+        (2, 4_000_000, 4096): 256,        # few rows: segments until TARGET_BLOCKS blocks run
+        (3, 1000, 100): 10,               # ... but none shorter than the chunk
+        (1, 50, 4096): 1,
+        (7, 0, 4096): 1,
+    }
+    for (rows, V, chunk), want in cases.items():
+        nseg, seglen = B._segments(rows, V, chunk)
+        assert nseg == want, (rows, V, chunk, nseg)
+        assert (nseg - 1) * seglen < V <= nseg * seglen or V == 0, (rows, V, nseg, seglen)
+        if V // chunk >= -(-V // B.MAX_SEGMENT):        # the chunk allows segments of MAX_SEGMENT
+            assert seglen <= B.MAX_SEGMENT, (rows, V, seglen)
