@@ -103,3 +103,37 @@ def test_torch_cuda_tensor_zero_copy(gpu):
     got = gpu.lse(d, name, np.ones(12), 0.0, 4096, 1).copy_to_host()
     want = torch.logsumexp(t.to(torch.bfloat16).float(), -1).reshape(-1).cpu().numpy()
     np.testing.assert_allclose(got, want, rtol=2e-5)
+
+
+def test_torch_tensors_through_the_public_api(gpu, rng):
+    """PyTorch CUDA tensors straight into the public API, bfloat16 included ("<V2"), and the cross-entropy
+    with device labels against F.cross_entropy on the same tensors; rows of a real vocabulary, so that a
+    row is split into segments (MAX_SEGMENT) and folded in full chunks."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch without CUDA")
+    F = torch.nn.functional
+    g = torch.Generator(device="cuda").manual_seed(int(rng.integers(1 << 30)))
+    x32 = torch.randn(256, 128256, device="cuda", generator=g) * 4
+    y = torch.randint(0, 128256, (256,), device="cuda", generator=g)
+    y[::7] = -100
+    w = torch.rand(128256, device="cuda", generator=g) + 0.5
+    for t in (x32, x32.to(torch.bfloat16)):
+        ref = t.float()
+        got = fl.logsumexp(t)
+        np.testing.assert_allclose(cuda.as_cuda_array(got).copy_to_host(),
+                                   torch.logsumexp(ref, -1).cpu().numpy(), rtol=2e-5, atol=2e-5)
+        for kw in (dict(), dict(label_smoothing=0.1)):
+            want = F.cross_entropy(ref, y, **kw).item()
+            assert float(fl.cross_entropy(t, y, **kw)) == pytest.approx(want, rel=2e-5), kw
+        want = F.cross_entropy(ref, y, weight=w, label_smoothing=0.2, reduction="sum").item()
+        got = fl.cross_entropy(t, y, weight=w.cpu().numpy(), label_smoothing=0.2, reduction="sum")
+        assert float(got) == pytest.approx(want, rel=2e-5)
+        per_row = fl.cross_entropy(t, y.to(torch.int32), reduction="none")
+        np.testing.assert_allclose(cuda.as_cuda_array(per_row).copy_to_host(),
+                                   F.cross_entropy(ref, y, reduction="none").cpu().numpy(), rtol=2e-5,
+                                   atol=2e-5)
+    bad = y.clone()
+    bad[5] = 128256
+    with pytest.raises(IndexError, match="label 128256 at row 5"):
+        fl.cross_entropy(x32, bad)
