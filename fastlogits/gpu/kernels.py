@@ -70,31 +70,12 @@ def _load_f64(x, r, j):
     return np.float64(x[r, j])
 
 
-@cuda.jit(device=True)
-def bf16_to_f32(b):
-    """The float32 value of bfloat16 bits b (uint16): exact, subnormals, inf and NaN included. Computed
-    arithmetically, for the simulator, which has no bit casts; on a GPU the kernels shift the bits into
-    a float32's high half instead (the same values)."""
-    u = np.int32(b)
-    e = (u >> 7) & 0xFF
-    mant = u & 0x7F
-    if e == 0xFF:
-        v = np.float32(math.inf) if mant == 0 else np.float32(math.nan)
-    else:
-        if e == 0:
-            e = 1            # subnormal: 0.mant * 2^-126
-        else:
-            mant = mant | 0x80
-        v = np.float32(math.ldexp(np.float32(mant), int(e) - 134))
-    if u & 0x8000:
-        v = -v
-    return v
-
-
 if config.ENABLE_CUDASIM:
     @cuda.jit(device=True)
     def _load_bf16(x, r, j):
-        return bf16_to_f32(x[r, j])
+        # the GPU's shift into a float32's high half, its bit cast done by a NumPy view (the simulator has
+        # no libdevice)
+        return np.array(np.uint32(x[r, j]) << np.uint32(16), np.uint32).view(np.float32)[()]
 else:
     from numba.cuda import libdevice
 
