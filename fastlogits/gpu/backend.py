@@ -177,6 +177,15 @@ def _scratch(name, slot, shape, dtype, stream=0):
     return a
 
 
+def _launch(kernel, grid, tpb=K.TPB, stream=0):
+    """kernel configured for (grid, tpb) on stream, ready to call."""
+    with warnings.catch_warnings():
+        # numba-cuda warns (when configuring) for every grid under 128 blocks; the per-row finishing
+        # kernels of small batches and the one-block combining kernels are such grids, by design
+        warnings.filterwarnings("ignore", message="Grid size .* under-utilization")
+        return kernel[grid, tpb, stream]
+
+
 def _upload(name, slot, host, stream=0):
     """Small host array ``host`` on the device, in the kept scratch array (name, slot) when it fits one;
     not copied again while that array still holds these values (a call's temperatures are most often the
@@ -205,11 +214,7 @@ class _Block:
         self.dtemp = self.upload("temperature", np.ascontiguousarray(temperature[sl], np.float64))
 
     def launch(self, kernel, grid, tpb=K.TPB):
-        with warnings.catch_warnings():
-            # numba-cuda warns for every grid under 128 blocks; the per-row finishing kernels of small
-            # batches are such grids, by design
-            warnings.filterwarnings("ignore", message="Grid size .* under-utilization")
-            return kernel[grid, tpb, self.stream]
+        return _launch(kernel, grid, tpb, self.stream)
 
     def array(self, shape, dtype, name=None):
         """A device array on this block's stream; a kept scratch array when named and small."""
@@ -441,8 +446,8 @@ def cross_entropy_device(x, dtype, temperature, softcap, labels, ignore_index, w
         w = _upload("class weights", 0, np.ascontiguousarray(weight, dtype=np.float64))
     loss = cuda.device_array(rows, np.float64)
     sums = _scratch("cross-entropy sums", 0, 5, np.float64)
-    K.ce_reduce[1, K.TPB](labels, int(ignore_index), int(x.shape[1]), w, weight is not None, float(eps),
-                          float(z), nll, smooth, lse_, loss, sums)
+    _launch(K.ce_reduce, 1)(labels, int(ignore_index), int(x.shape[1]), w, weight is not None, float(eps),
+                            float(z), nll, smooth, lse_, loss, sums)
     return loss, sums.copy_to_host()
 
 
