@@ -323,9 +323,9 @@ def _build(kind):
         def exp_le0(d):
             """exp(d) for d <= 0 (or NaN) as a term of a sum: 2^(d log2 e), CUDA's exp2f (one MUFU.EX2 and
             a multiply, against about ten instructions for expf: see the notes above on the instructions a
-            value may cost). Relative error at most 2 ulp + |d| 2^-24: about 2 ulp for the terms that carry
-            a sum's weight, about 2e-7 relative on the sum. exp2(-inf) = 0, exp2(0) = 1 and NaN stays NaN,
-            as for exp."""
+            value may cost). Relative error at most 2 ulp + 1.3 |d| 2^-24 (the scaled argument's rounding):
+            about 2 ulp for the terms that carry a sum's weight, about 2e-7 relative on the sum.
+            exp2(-inf) = 0, exp2(0) = 1 and NaN stays NaN, as for exp."""
             return CT(math.exp2(d * LOG2E_F32))
     else:
         @cuda.jit(device=True)
@@ -676,6 +676,7 @@ def _build(kind):
     k.compute = np.dtype(CT)
     k.unroll = UNROLL
     k.value = value
+    k.exp_le0 = exp_le0
     k.load_chunk = load_chunk
     k.fold_chunk = fold_chunk
     k.stats_part = {v: make_stats_part(*v) for v in STATS_VARIANTS}

@@ -109,3 +109,37 @@ def test_bf16_conversion_every_bit_pattern(gpu):
     nan = np.isnan(want)
     assert np.array_equal(np.isnan(got), nan)
     assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))   # -0.0 included
+
+
+def test_exp_le0_accuracy(gpu):
+    """The kernels' term of a sum, exp2(d log2 e) in float32 (on a GPU: ex2.approx), against float64 exp:
+    within 2 ulp + 1.3 |d| 2^-24 relative where the result is normal (the bound kernels.py and the README
+    state, with a little room), exact at 0, 0 at -inf, NaN for NaN. On the simulator this checks the
+    formula; on a GPU (benchmarks/gpu_check.sh runs this directory there) the hardware's ex2."""
+    from fastlogits.gpu import kernels as K
+
+    exp_le0 = K.for_kind("float32").exp_le0
+
+    @cuda.jit
+    def apply(d, out):
+        i = cuda.grid(1)
+        if i < d.shape[0]:
+            out[i] = exp_le0(d[i])
+
+    rng = np.random.default_rng(7)
+    d = np.concatenate([np.linspace(-87.0, 0.0, 3001), -np.logspace(-30, 1.9, 400), -rng.random(600) * 87,
+                        [0.0, -0.0, -np.inf, np.nan, -1e-45, -95.0, -104.0, -200.0]]).astype(np.float32)
+    out = cuda.device_array(d.shape, np.float32)
+    apply[(d.size + 127) // 128, 128](cuda.to_device(d), out)
+    got = out.copy_to_host().astype(np.float64)
+    want = np.exp(d.astype(np.float64))
+    normal = want >= 2.0**-126
+    rel = np.abs(got[normal] - want[normal]) / want[normal]
+    bound = 2.25 * 2.0**-23 + 1.4 * np.abs(d[normal].astype(np.float64)) * 2.0**-24
+    worst = np.argmax(rel / bound)
+    assert np.all(rel <= bound), (d[normal][worst], rel[worst], bound[worst])
+    assert np.all(got[d == 0] == 1.0) and np.count_nonzero(d == 0) >= 2     # 0.0 and -0.0
+    assert got[np.isneginf(d)].tolist() == [0.0]
+    assert np.isnan(got[np.isnan(d)]).all()
+    tiny = ~normal & ~np.isnan(d)
+    assert np.all((got[tiny] >= 0) & (got[tiny] < 2.0**-125))
