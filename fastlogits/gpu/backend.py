@@ -11,7 +11,8 @@ anything with ``__cuda_array_interface__``, seen through :func:`as_rows`) or Num
   works unchanged.
 
 ``threads`` is ignored. ``chunk`` is the shortest column segment a block folds: a row is split over several
-blocks (merged afterwards) only when there are too few rows to fill the device.
+blocks (merged afterwards) when there are too few rows to fill the device, and into segments of at most
+MAX_SEGMENT columns, so that a large batch runs as many short blocks.
 """
 import threading
 import warnings
