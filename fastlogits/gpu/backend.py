@@ -178,6 +178,14 @@ def _scratch(name, slot, shape, dtype, stream=0):
     return a
 
 
+def _array(shape, dtype, name=None, slot=0, stream=0):
+    """A device array for temporary use: the kept scratch array (name, slot) when named and small (at
+    most SCRATCH_MAX_BYTES), else a new one."""
+    if name is not None and int(np.prod(shape)) * np.dtype(dtype).itemsize <= SCRATCH_MAX_BYTES:
+        return _scratch(name, slot, shape, dtype, stream)
+    return cuda.device_array(shape, dtype, stream=stream)
+
+
 def _launch(kernel, grid, tpb=K.TPB, stream=0):
     """kernel configured for (grid, tpb) on stream, ready to call."""
     with warnings.catch_warnings():
@@ -219,9 +227,7 @@ class _Block:
 
     def array(self, shape, dtype, name=None):
         """A device array on this block's stream; a kept scratch array when named and small."""
-        if name is not None and int(np.prod(shape)) * np.dtype(dtype).itemsize <= SCRATCH_MAX_BYTES:
-            return _scratch(name, self.slot, shape, dtype, self.stream)
-        return cuda.device_array(shape, dtype, stream=self.stream)
+        return _array(shape, dtype, name, self.slot, self.stream)
 
     def upload(self, name, host):
         return _upload(name, self.slot, host, self.stream)
@@ -305,7 +311,7 @@ def _weights(dtype, weight=None):
     cd = compute_dtype(dtype)
     if weight is None:
         return _scratch("no weights", 0, 1, cd)     # never read
-    return cuda.to_device(np.ascontiguousarray(weight, dtype=cd))
+    return _upload("weights", 0, np.ascontiguousarray(weight, dtype=cd))
 
 
 def _stats(blk, kern, softcap, mode, w, chunk, best=False):
@@ -376,15 +382,16 @@ def softmax(x, dtype, temperature, softcap, log, out, out_dtype, chunk, threads)
 
 
 def cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, weight, smoothing, chunk,
-                       threads):
+                       threads, out=None):
     """Per-row (nll, smooth, lse), float64: nll = lse - x[label] (unweighted), smooth = -sum_c w_c log p_c
     (only when smoothing; w = 1 without weights), 0 for ignored rows. labels: int64 (rows,), checked; or,
     with device logits, a 1-D int32/int64 device array (from device_labels), read in place: a label out of
-    range gives NaN there (cross_entropy_device reports it)."""
+    range gives NaN there (cross_entropy_device reports it). out: three arrays to write them into (for
+    device logits, device arrays), else new ones."""
     kern = K.for_kind(dtype)
     device = is_device_array(x)
     rows_all = x.shape[0]
-    nll, smooth, lse_ = (_empty(rows_all, np.float64, device) for _ in range(3))
+    nll, smooth, lse_ = out if out is not None else (_empty(rows_all, np.float64, device) for _ in range(3))
     wtotal = float(x.shape[1])
     mode = K.SUM if smoothing else K.LSE
     if weight is not None:
@@ -430,22 +437,25 @@ def device_labels(labels, lead):
     return d
 
 
-def cross_entropy_device(x, dtype, temperature, softcap, labels, ignore_index, weight, eps, z, chunk):
+def cross_entropy_device(x, dtype, temperature, softcap, labels, ignore_index, weight, eps, z, chunk,
+                         per_row):
     """Cross-entropy of device logits with the per-row terms combined on the device (kernels.ce_reduce):
-    (loss, sums), loss the per-row loss (a float64 device array), sums the host copy of (sum of the
-    losses without z-loss, sum of w[y], sum of the z-loss terms, counted rows, first row whose label is
-    out of range or -1): one small copy back, the only wait for the device. labels: from device_labels,
-    or checked int64 host labels."""
+    (loss, sums), loss the per-row loss (a float64 device array: a new one when per_row, else a kept
+    scratch array), sums the host copy of (sum of the losses without z-loss, sum of w[y], sum of the
+    z-loss terms, counted rows, first row whose label is out of range or -1): one small copy back, the only
+    wait for the device. labels: from device_labels, or checked int64 host labels."""
     rows = int(x.shape[0])
     if not is_device_array(labels):
         labels = _upload("labels", 0, np.ascontiguousarray(labels, dtype=np.int64))
+    # intermediates in kept scratch arrays: a call with reduction "mean" or "sum" allocates nothing
+    parts = tuple(_array(rows, np.float64, "cross-entropy " + name) for name in ("nll", "smooth", "lse"))
     nll, smooth, lse_ = cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, weight,
-                                           eps > 0, chunk, 1)
+                                           eps > 0, chunk, 1, out=parts)
     if weight is None:
         w = _scratch("no class weights", 0, 1, np.float64)      # never read
     else:
         w = _upload("class weights", 0, np.ascontiguousarray(weight, dtype=np.float64))
-    loss = cuda.device_array(rows, np.float64)
+    loss = _array(rows, np.float64, None if per_row else "cross-entropy loss")
     sums = _scratch("cross-entropy sums", 0, 5, np.float64)
     _launch(K.ce_reduce, 1)(labels, int(ignore_index), int(x.shape[1]), w, weight is not None, float(eps),
                             float(z), nll, smooth, lse_, loss, sums)

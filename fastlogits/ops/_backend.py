@@ -13,8 +13,8 @@
     finish(values, dtype, shape), empty(shape, dtype), to_host(values), to_device_like(values, like)
 
 and the GPU backend also, for device logits, device_labels(labels, lead) and cross_entropy_device(x, dtype,
-temperature, softcap, labels, ignore_index, weight, eps, z, chunk) -> (per-row loss, sums): the loss's terms
-combined on the device.
+temperature, softcap, labels, ignore_index, weight, eps, z, chunk, per_row) -> (per-row loss, sums): the
+loss's terms combined on the device.
 
 The GPU backend is imported only when asked for, so ``import fastlogits`` never needs CUDA.
 """

@@ -225,7 +225,7 @@ def _cross_entropy_on_device(B, r, labels, eps, z, ignore_index, w, reduction):
     if dlab is None:
         dlab = check_labels(B.to_host(labels) if is_gpu_array(labels) else labels, r.lead, r.V, ignore_index)
     loss, sums = B.cross_entropy_device(r.x, r.dtype, r.temperature, r.softcap, dlab, ignore_index, w, eps, z,
-                                       r.chunk)
+                                       r.chunk, reduction == "none")
     if sums[4] >= 0:
         i = int(sums[4])
         raise label_error(int(B.to_host(dlab[i:i + 1])[0]), i, r.lead, r.V, ignore_index)

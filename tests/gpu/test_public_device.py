@@ -104,6 +104,12 @@ def test_cross_entropy_device_labels(cuda, rng, label_dtype):
             got = float(fl.cross_entropy(clean, cuda.to_device(y[1]), reduction=reduction, **kw))
             want = float(fl.cross_entropy(x[1], y[1].astype(np.int64), reduction=reduction, **kw))
             assert np.isfinite(want) and got == pytest.approx(want, rel=2e-5), (reduction, sorted(kw))
+    # results are the caller's: a second call does not write into the first one's (float64: no cast)
+    d64 = cuda.to_device(x.astype(np.float64))
+    first = fl.cross_entropy(d64, dy, reduction="none")
+    kept = _host(first).copy()
+    fl.cross_entropy(cuda.to_device(x.astype(np.float64) * 2), dy, reduction="none")
+    assert np.array_equal(_host(first), kept, equal_nan=True)
     ignored = cuda.to_device(np.full((2, 3), -1, label_dtype))
     assert np.isnan(fl.cross_entropy(dx, ignored, ignore_index=-1))          # like PyTorch
     assert float(fl.cross_entropy(dx, ignored, ignore_index=-1, reduction="sum")) == 0.0
