@@ -115,8 +115,10 @@ def as_rows(x, dtype):
         if dt != BF16 and (dt.itemsize != 2 or dt.kind not in "uiV"):
             raise TypeError(f"logits: dtype='bfloat16' re-declares 2-byte data, but logits has dtype {dt}")
         name = "bfloat16"
-    elif dt == BF16 or dt == np.dtype("V2"):
-        name = "bfloat16"        # "<V2": how PyTorch and ml_dtypes export bfloat16 (__cuda_array_interface__)
+    elif dt == BF16 or dt == np.dtype("V2") or str(getattr(x, "dtype", "")) == "torch.bfloat16":
+        # "<V2" is how ml_dtypes and PyTorch export bfloat16 through __cuda_array_interface__; earlier
+        # PyTorch releases exported it as "<f2", float16's typestr: a torch tensor's own dtype decides
+        name = "bfloat16"
     else:
         for n, npd in _NP.items():
             if dt == npd:

@@ -133,6 +133,18 @@ def test_torch_tensors_through_the_public_api(gpu, rng):
         np.testing.assert_allclose(cuda.as_cuda_array(per_row).copy_to_host(),
                                    F.cross_entropy(ref, y, reduction="none").cpu().numpy(), rtol=2e-5,
                                    atol=2e-5)
+    # earlier PyTorch releases exported bfloat16 as "<f2" (float16's typestr): the tensor's dtype decides
+    class OldTorchBF16:
+        dtype = torch.bfloat16
+
+        def __init__(self, t):
+            self.t = t
+            self.__cuda_array_interface__ = dict(t.__cuda_array_interface__, typestr="<f2")
+
+    t = x32[:4].to(torch.bfloat16)
+    got = fl.logsumexp(OldTorchBF16(t))
+    np.testing.assert_allclose(cuda.as_cuda_array(got).copy_to_host(),
+                               torch.logsumexp(t.float(), -1).cpu().numpy(), rtol=2e-5, atol=2e-5)
     bad = y.clone()
     bad[5] = 128256
     with pytest.raises(IndexError, match="label 128256 at row 5"):
