@@ -23,7 +23,7 @@ py=${PYTHON:-python3}
   echo "## fastlogits check (GPU against CPU)"
   timeout 80 $py -m fastlogits.cli check 2>&1 | tail -44
   echo "## GPU benchmarks: (8192, 128256), device-resident, public API, CUDA events, medians of 10"
-  timeout 90 $py - <<'PY' 2>&1
+  FL_OUT_DIR="$(dirname "$out")" timeout 90 $py - <<'PY' 2>&1
 import json
 from fastlogits.gpu import timing
 r = timing.benchmark(shape=(8192, 128256), dtypes=("float32", "bfloat16"), repeat=10)
@@ -39,6 +39,27 @@ for how, sfx in (("back to back", ""), ("waited", "_wait")):
                 line += f"   torch {d[t + '_GBps']:8.1f} GB/s   x{d[t + '_s'] / d[f + '_s']:.2f}"
             print(line)
 print(f"device-to-device copy: {r['copy_GBps']:.1f} GB/s (read + write)")
+# the machine code of the logsumexp pass (compiled by the benchmark above), for reading offline
+import os
+from fastlogits.gpu import kernels as K
+for kind in ("float32", "bfloat16"):
+    try:
+        sass = K.for_kind(kind).stats_part[K.LSE, False].inspect_sass()
+        path = os.path.join(os.environ["FL_OUT_DIR"], f"sass_stats_part_lse_{kind}.txt")
+        with open(path, "w") as f:
+            for sig, text in sass.items():
+                f.write(f"// {sig}\n{text}\n")
+        text = "\n".join(sass.values())
+        ops = []
+        for ln in text.splitlines():
+            toks = ln.split()
+            if len(toks) > 2 and toks[0].startswith("/*") and toks[0].endswith("*/"):
+                ops.append(toks[2] if toks[1].startswith("@") else toks[1])
+        print(f"SASS, stats_part LSE {kind}: {len(ops)} instructions, "
+              + ", ".join(f"{op} {sum(o.startswith(op) for o in ops)}" for op in ("LDG", "MUFU", "FMNMX", "FADD", "FMUL", "FFMA", "FSETP"))
+              + f" -> {path}")
+    except Exception as e:  # nvdisasm missing, or no kernel compiled
+        print(f"SASS, stats_part LSE {kind}: not dumped ({type(e).__name__}: {e})")
 PY
   echo "## GPU sampling: (512, 128256) float32, device-resident, CUDA events, medians of 10"
   timeout 50 $py - <<'PY' 2>&1
