@@ -583,15 +583,15 @@ def sample(x, dtype, temperature, softcap, top_k, top_p, min_p, seeds, row_ids, 
               (("greedy", greedy, np.uint8), ("need", need, np.uint8), ("top_k", k, np.int64),
                ("top_p", p, np.float64), ("min_p", mp, np.float64), ("seeds", seeds, np.uint64),
                ("row_ids", row_ids, np.uint64))}
-        theta = blk.array(R, np.float64, "sample theta")
         rowmax = blk.array(R, np.float64, "sample rowmax")
         rowlse = blk.array(R, np.float64, "sample rowlse")
         if need[sl].any():
+            theta = blk.array(R, np.float64, "sample theta")
             blk.launch(kern.prepare, _stride_grid(R))(blk.d, blk.dtemp, float(softcap), up["need"],
                                                         up["top_k"], up["top_p"], up["min_p"], rowmax,
                                                         rowlse, theta)
-        else:
-            theta.copy_to_device(np.full(R, -np.inf), stream=blk.stream)
+        else:         # no filter: every token survives (a kept upload, no copy while the rows are as many)
+            theta = blk.upload("sample no threshold", np.full(R, -np.inf))
         nseg, seglen = _segments(R * ns, V, chunk)
         seglen = -(-seglen // 64) * 64
         nseg = -(-V // seglen)

@@ -342,6 +342,15 @@ def _build(kind):
         return v
 
     @cuda.jit(device=True)
+    def block_segment(x, temp, softcap, seglen):
+        """What a block of the (row, segment) grid works on: (row r, segment g, thread tid, the softcap and
+        the row's temperature in the compute type, the segment's columns [start, stop))."""
+        r = cuda.blockIdx.x
+        g = cuda.blockIdx.y
+        start = g * seglen
+        return r, g, cuda.threadIdx.x, CT(softcap), CT(temp[r]), start, min(start + seglen, x.shape[1])
+
+    @cuda.jit(device=True)
     def load_chunk(x, r, base, stop, sc, T, lv):
         """lv[u] = the value of column base + u * TPB (-inf past stop), u < UNROLL: the thread's chunk,
         loaded before it is used so that UNROLL loads are in flight. Returns the chunk's max, NaN left
@@ -425,13 +434,7 @@ def _build(kind):
             the sum of the logits (SUM) or of w * logits (WSUM); when best, also the segment's best
             (value, index) in the top-k order into (pv, pi) ((-inf, INT64_MAX) for none), from the same
             pass (what `fastlogits stats` needs: the entropy state and the argmax)."""
-            r = cuda.blockIdx.x
-            g = cuda.blockIdx.y
-            tid = cuda.threadIdx.x
-            sc = CT(softcap)
-            T = CT(temp[r])
-            start = g * seglen
-            stop = min(start + seglen, x.shape[1])
+            r, g, tid, sc, T, start, stop = block_segment(x, temp, softcap, seglen)
             lv = cuda.local.array(UNROLL, CT)
             m = CT(-math.inf)
             s = 0.0
@@ -510,13 +513,7 @@ def _build(kind):
     def softmax_map(x, temp, softcap, seglen, pm, ps, log, out):
         """out[r, j] = softmax (or log-softmax) from the row's finished state (pm[r, 0], ps[r, 0]); rows
         whose max is not finite (all -inf, +inf, NaN) are NaN, like PyTorch."""
-        r = cuda.blockIdx.x
-        g = cuda.blockIdx.y
-        tid = cuda.threadIdx.x
-        sc = CT(softcap)
-        T = CT(temp[r])
-        start = g * seglen
-        stop = min(start + seglen, x.shape[1])
+        r, g, tid, sc, T, start, stop = block_segment(x, temp, softcap, seglen)
         M = pm[r, 0]
         S = ps[r, 0]
         finite = M > -math.inf and M < math.inf
@@ -587,13 +584,7 @@ def _build(kind):
         Each thread keeps its min(k, KLOCAL) best candidates (one pass over its columns); then k rounds
         pick the block's best remaining head and advance its owner. A thread whose list runs out while
         it had more candidates rescans for the next ones below its last taken (rare for random rows)."""
-        r = cuda.blockIdx.x
-        g = cuda.blockIdx.y
-        tid = cuda.threadIdx.x
-        sc = CT(softcap)
-        T = CT(temp[r])
-        start = g * seglen
-        stop = min(start + seglen, x.shape[1])
+        r, g, tid, sc, T, start, stop = block_segment(x, temp, softcap, seglen)
         k = pv.shape[2]
         kl = min(k, KLOCAL)
         sh_v = cuda.shared.array(TPB, float64)
