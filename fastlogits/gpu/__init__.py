@@ -19,3 +19,11 @@ def availability():
     except Exception as e:  # pragma: no cover - depends on the driver
         return f"CUDA initialisation failed: {e}"
     return None
+
+
+def synchronize():
+    """Wait for the GPU's queued work (fastlogits' calls on device arrays return without waiting), then
+    raise what that work found: an IndexError for a device label out of range in an earlier
+    ``cross_entropy`` call of this thread (that call's loss is NaN). The next GPU call raises it too."""
+    from fastlogits.ops import _backend
+    _backend.get("gpu").synchronize()

@@ -57,10 +57,30 @@ def is_device_array(x):
 
 
 def _device_view(x):
-    """x as a numba device array, zero-copy."""
+    """x as a numba device array, zero-copy. The work queued next on the default stream (this backend's)
+    is ordered after the work x's producer queued on the stream its ``__cuda_array_interface__`` names,
+    on the device: numba's own import (``as_cuda_array`` with its default ``sync=True``) waits for that
+    stream on the host instead, which would make every call on a PyTorch tensor wait."""
     if getattr(x, "__cuda_ndarray__", False):
         return x
-    return cuda.as_cuda_array(x)
+    d = cuda.as_cuda_array(x, sync=False)
+    _wait_for_stream(x.__cuda_array_interface__.get("stream"))
+    return d
+
+
+def _wait_for_stream(ptr):
+    """Order the default stream's next work after the work queued so far on stream ``ptr`` (a
+    __cuda_array_interface__ "stream": None for none, 1 and 2 for the legacy and per-thread default
+    streams, else a stream handle), without waiting on the host: an event recorded there, waited for
+    here. The default streams need nothing: the legacy default stream is this backend's, and it and the
+    per-thread default stream are ordered with each other."""
+    if ptr is None or int(ptr) in (1, 2):
+        return
+    ev = getattr(_local, "order_event", None)
+    if ev is None:
+        ev = _local.order_event = cuda.event(timing=False)
+    ev.record(stream=cuda.external_stream(int(ptr)))
+    ev.wait(stream=_default_stream())
 
 
 class _Interface:
@@ -93,14 +113,42 @@ def _rows_view(d):
     cai = dict(d.__cuda_array_interface__)
     cai["shape"] = (rows, V)
     cai["strides"] = (row_stride, strides[-1])
-    return cuda.as_cuda_array(_Interface(cai, d))
+    return cuda.as_cuda_array(_Interface(cai, d), sync=False)     # (d is ordered already: _device_view)
+
+
+def kind_name(x, d, dtype, argname):
+    """The element type name ("float16", "bfloat16", "float32", "float64") of GPU array x (d: its numba
+    view); dtype="bfloat16" re-declares 2-byte data. A TypeError naming argname for anything else."""
+    dt = np.dtype(d.dtype)
+    if dtype is not None and (dtype == "bfloat16" or np.dtype(dtype) == BF16):
+        if dt != BF16 and (dt.itemsize != 2 or dt.kind not in "uiV"):
+            raise TypeError(f"{argname}: dtype='bfloat16' re-declares 2-byte data, but {argname} has "
+                            f"dtype {dt}")
+        return "bfloat16"
+    if dt == BF16 or dt == np.dtype("V2") or str(getattr(x, "dtype", "")) == "torch.bfloat16":
+        # "<V2" is how ml_dtypes and PyTorch export bfloat16 through __cuda_array_interface__; earlier
+        # PyTorch releases exported it as "<f2", float16's typestr: a torch tensor's own dtype decides
+        return "bfloat16"
+    for n, npd in _NP.items():
+        if dt == npd:
+            return n
+    kind = {"i": "integer", "u": "integer", "b": "bool", "c": "complex"}.get(dt.kind, str(dt))
+    raise TypeError(f"{argname} must be floating point (float16, bfloat16, float32 or float64), "
+                    f"got {kind} dtype {dt}")
+
+
+def out_kind(out, dtype):
+    """The element type name of a GPU ``out`` array (see kind_name)."""
+    return kind_name(out, _device_view(out), dtype, "out")
 
 
 def as_rows(x, dtype):
     """logits as (x2d, lead, dtype name). A GPU array: x2d is a 2-D (rows, V) device array over the same
     memory (a device copy only when the leading axes cannot be merged), bfloat16 as its uint16 bits. A
     NumPy array (already checked by the ops layer): a 2-D view of it (a copy only where strides need it),
-    copied to the device later, in row blocks."""
+    copied to the device later, in row blocks. Every GPU call starts here: a device label found out of
+    range by an earlier call is raised first (raise_label_errors)."""
+    raise_label_errors()
     if not is_device_array(x):
         x = np.asarray(x)
         name = "bfloat16" if x.dtype == BF16 else x.dtype.name
@@ -110,23 +158,7 @@ def as_rows(x, dtype):
         return (x if x.ndim == 2 else x.reshape(-1, V)), lead, name
     d = _device_view(x)
     dt = np.dtype(d.dtype)
-    name = None
-    if dtype is not None and (dtype == "bfloat16" or np.dtype(dtype) == BF16):
-        if dt != BF16 and (dt.itemsize != 2 or dt.kind not in "uiV"):
-            raise TypeError(f"logits: dtype='bfloat16' re-declares 2-byte data, but logits has dtype {dt}")
-        name = "bfloat16"
-    elif dt == BF16 or dt == np.dtype("V2") or str(getattr(x, "dtype", "")) == "torch.bfloat16":
-        # "<V2" is how ml_dtypes and PyTorch export bfloat16 through __cuda_array_interface__; earlier
-        # PyTorch releases exported it as "<f2", float16's typestr: a torch tensor's own dtype decides
-        name = "bfloat16"
-    else:
-        for n, npd in _NP.items():
-            if dt == npd:
-                name = n
-        if name is None:
-            kind = {"i": "integer", "u": "integer", "b": "bool", "c": "complex"}.get(dt.kind, str(dt))
-            raise TypeError(f"logits must be floating point (float16, bfloat16, float32 or float64), "
-                            f"got {kind} dtype {dt}")
+    name = kind_name(x, d, dtype, "logits")
     if name == "bfloat16" and dt != np.uint16:
         d = d.view(np.uint16)
     if d.ndim == 0:
@@ -200,7 +232,10 @@ def _launch(kernel, grid, tpb=K.TPB, stream=0):
 def _upload(name, slot, host, stream=0):
     """Small host array ``host`` on the device, in the kept scratch array (name, slot) when it fits one;
     not copied again while that array still holds these values (a call's temperatures are most often the
-    last call's, and a copy from pageable memory first waits for the device's queued work)."""
+    last call's). The copy is queued on ``stream`` (for 0, the default stream as a stream object): a copy
+    from pageable memory queued so does not wait for the device's queued work, where a plain copy (stream
+    0) first waits for all of it."""
+    stream = stream or _default_stream()
     if host.nbytes > SCRATCH_MAX_BYTES:
         return cuda.to_device(host, stream=stream)
     a = _scratch(name, slot, host.shape, host.dtype, stream)
@@ -212,6 +247,14 @@ def _upload(name, slot, host, stream=0):
         a.copy_to_device(host, stream=stream)
         sent[(name, slot)] = (a, np.array(host, copy=True))
     return a
+
+
+def _default_stream():
+    """The default stream (the one stream 0 names) as a stream object, kept per thread."""
+    s = getattr(_local, "default_stream", None)
+    if s is None:
+        s = _local.default_stream = cuda.default_stream()
+    return s
 
 
 class _Block:
@@ -332,7 +375,8 @@ def _stats(blk, kern, softcap, mode, w, chunk, best=False):
 
 def _reduce(x, dtype, temperature, softcap, chunk, mode):
     device = is_device_array(x)
-    out = _empty(x.shape[0], np.float64, device)
+    # a device result is written in the API's result dtype (the compute dtype): no cast kernel afterwards
+    out = _empty(x.shape[0], compute_dtype(dtype) if device else np.float64, device)
     kern = K.for_kind(dtype)
     w = _weights(dtype)
     for blk in _blocks(x, dtype, temperature):
@@ -354,32 +398,28 @@ def entropy(x, dtype, temperature, softcap, chunk, threads):
 
 def softmax(x, dtype, temperature, softcap, log, out, out_dtype, chunk, threads):
     """Fills out (rows, V), of element type out_dtype (a name as for dtype): a device array written in
-    place, or a NumPy array the result is copied to. bfloat16 results are rounded from float32 (to
-    nearest even, as the CPU does)."""
+    place, or a NumPy array the result is copied to. bfloat16 results are rounded from the compute type's
+    result on the device (through float32, to nearest even, as the CPU does) and written as their bits."""
     kern = K.for_kind(dtype)
     w = _weights(dtype)
     out_dev = is_device_array(out)
-    kd = np.dtype(np.float32) if out_dtype == "bfloat16" else _NP[out_dtype]
+    bf16 = out_dtype == "bfloat16"
+    kd = np.dtype(np.uint16) if bf16 else _NP[out_dtype]
+    mapk = kern.softmax_map_bf16 if bf16 else kern.softmax_map
     for blk in _blocks(x, dtype, temperature):
         pm, ps, pt = _stats(blk, kern, softcap, K.LSE, w, chunk)
         lse_ = blk.array(blk.rows, np.float64, "lse")
         blk.launch(K.stats_finish, *_grid1(blk.rows))(pm, ps, pt, K.LSE, lse_)
         nseg, seglen = _segments(blk.rows, blk.V, chunk)
-        direct = out_dev and out_dtype != "bfloat16" and not blk.host
-        y = _device_view(out) if direct else blk.array((blk.rows, blk.V), kd)
-        if blk.V:
-            blk.launch(kern.softmax_map, (blk.rows, nseg))(blk.d, blk.dtemp, float(softcap), seglen, pm, ps,
-                                                            bool(log), y)
-        if direct:
-            continue
-        if out_dev:        # a bfloat16 device out (or host logits into a device out): through the host
-            host = np.empty((blk.rows, blk.V), _NP[out_dtype])
-            blk.fetch(y, host, lambda h: h.astype(_NP[out_dtype]))
+        if out_dev:        # the caller's device array, this block's rows of it
             dv = _device_view(out)
-            tgt = dv if not blk.host else dv[blk.sl]
-            tgt.copy_to_device(host if np.dtype(dv.dtype) == host.dtype else host.view(np.dtype(dv.dtype)))
-            continue
-        blk.fetch(y, out, (lambda h: h.astype(BF16)) if out_dtype == "bfloat16" else None)
+            y = (dv if np.dtype(dv.dtype) == kd else dv.view(kd))[blk.sl]
+        else:
+            y = blk.array((blk.rows, blk.V), kd)
+        if blk.V:
+            blk.launch(mapk, (blk.rows, nseg))(blk.d, blk.dtemp, float(softcap), seglen, pm, ps, bool(log), y)
+        if not out_dev:
+            blk.fetch(y, out, (lambda h: h.view(BF16)) if bf16 else None)
     return out
 
 
@@ -440,16 +480,16 @@ def device_labels(labels, lead):
 
 
 def cross_entropy_device(x, dtype, temperature, softcap, labels, ignore_index, weight, eps, z, chunk,
-                         per_row):
-    """Cross-entropy of device logits with the per-row terms combined on the device (kernels.ce_reduce):
-    (loss, sums), loss the per-row loss (a float64 device array: a new one when per_row, else a kept
-    scratch array), sums the host copy of (sum of the losses without z-loss, sum of w[y], sum of the
-    z-loss terms, counted rows, first row whose label is out of range or -1): one small copy back, the only
-    wait for the device. labels: from device_labels, or checked int64 host labels."""
+                         reduction, result_dtype, lead):
+    """Cross-entropy of device logits, all on the device with no wait for it (kernels.ce_reduce combines
+    the per-row terms): the per-row loss for reduction "none", else a 1-element array holding the loss,
+    of result_dtype (new device arrays). labels: from device_labels (read in place, checked on the
+    device: a label out of range makes the loss NaN and is reported by raise_label_errors later, naming
+    it with ``lead``, the logits' leading shape), or checked int64 host labels."""
     rows = int(x.shape[0])
     if not is_device_array(labels):
         labels = _upload("labels", 0, np.ascontiguousarray(labels, dtype=np.int64))
-    # intermediates in kept scratch arrays: a call with reduction "mean" or "sum" allocates nothing
+    # intermediates in kept scratch arrays
     parts = tuple(_array(rows, np.float64, "cross-entropy " + name) for name in ("nll", "smooth", "lse"))
     nll, smooth, lse_ = cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, weight,
                                            eps > 0, chunk, 1, out=parts)
@@ -457,11 +497,69 @@ def cross_entropy_device(x, dtype, temperature, softcap, labels, ignore_index, w
         w = _scratch("no class weights", 0, 1, np.float64)      # never read
     else:
         w = _upload("class weights", 0, np.ascontiguousarray(weight, dtype=np.float64))
-    loss = _array(rows, np.float64, None if per_row else "cross-entropy loss")
-    sums = _scratch("cross-entropy sums", 0, 5, np.float64)
+    per_row = reduction == "none"
+    loss = _array(rows, result_dtype, None if per_row else "cross-entropy loss")
+    total = _scratch("no total", 0, 1, result_dtype) if per_row else cuda.device_array(1, result_dtype)
+    code = {"none": K.CE_NONE, "mean": K.CE_MEAN, "sum": K.CE_SUM}[reduction]
+    call = _label_call(lead, int(x.shape[1]), int(ignore_index))
     _launch(K.ce_reduce, 1)(labels, int(ignore_index), int(x.shape[1]), w, weight is not None, float(eps),
-                            float(z), nll, smooth, lse_, loss, sums)
-    return loss, sums.copy_to_host()
+                            float(z), nll, smooth, lse_, code, call, loss, total, _label_errors())
+    return loss if per_row else total
+
+
+# ---- labels found out of range on the device, reported later (no wait in the call) ---------------------
+
+LABEL_CALLS_KEPT = 1024
+
+
+def _label_errors():
+    """This thread's report of a device label out of range: (call, row, label), call -1 while there is
+    none, in mapped memory (written by ce_reduce, read here with no copy and no wait)."""
+    e = getattr(_local, "label_errors", None)
+    if e is None:
+        e = cuda.mapped_array(3, np.int64, portable=True)      # (for every device of the process)
+        e[0] = -1
+        _local.label_errors = e
+    return e
+
+
+def _label_call(lead, V, ignore_index):
+    """A number for this cross-entropy call, kept with what its error message needs (the last
+    LABEL_CALLS_KEPT calls of this thread)."""
+    calls = getattr(_local, "label_calls", None)
+    if calls is None:
+        calls = _local.label_calls = {}
+        _local.next_call = 0
+    n = _local.next_call
+    _local.next_call = n + 1
+    calls[n] = (tuple(lead), V, ignore_index)
+    if len(calls) > LABEL_CALLS_KEPT:
+        del calls[next(iter(calls))]
+    return n
+
+
+def raise_label_errors():
+    """Raise the IndexError for a device label out of range that an earlier cross_entropy call of this
+    thread found on the device, if the device has reported one by now (clearing the report). Called at
+    the start of every GPU call and by ``fastlogits.gpu.synchronize``."""
+    e = getattr(_local, "label_errors", None)
+    if e is None or int(e[0]) < 0:
+        return
+    cuda.synchronize()           # the report's row and label are written before its call number
+    call, row, label = (int(v) for v in e)
+    e[0] = -1
+    note = "found on the device by an earlier cross_entropy call, whose loss is NaN"
+    known = _local.label_calls.get(call)
+    if known is None:          # (more than LABEL_CALLS_KEPT calls ago)
+        raise IndexError(f"labels: label {label} at row {row} is out of range; {note}")
+    from fastlogits.ops.reductions import label_error
+    raise label_error(label, row, *known, note=note)
+
+
+def synchronize():
+    """Wait for this device's queued work; then raise what it found (see raise_label_errors)."""
+    cuda.synchronize()
+    raise_label_errors()
 
 
 def _select(x, dtype, temperature, softcap, k, logprobs, chunk):

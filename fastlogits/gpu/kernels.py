@@ -50,6 +50,8 @@ LOG2E_F32 = np.float32(1.4426950408889634)
 
 # modes of the statistics kernels, and the (mode, best) variants of stats_part that are built
 LSE, ENTROPY, SUM, WSUM = 0, 1, 2, 3
+# reductions of ce_reduce
+CE_NONE, CE_MEAN, CE_SUM = 0, 1, 2
 STATS_VARIANTS = ((LSE, False), (ENTROPY, False), (ENTROPY, True), (SUM, False), (WSUM, False))
 
 
@@ -87,6 +89,37 @@ else:
 
 _LOADS = {"float16": (_load_f16, np.float32), "bfloat16": (_load_bf16, np.float32),
           "float32": (_load_f32, np.float32), "float64": (_load_f64, np.float64)}
+
+
+# ---- stores: an element of a map's result ----------------------------------------------------------------
+
+@cuda.jit(device=True)
+def store_value(out, r, j, y):
+    out[r, j] = y
+
+
+if config.ENABLE_CUDASIM:
+    @cuda.jit(device=True)
+    def f32_bits(y):
+        """The bits of float32(y), as uint32 (a NumPy view: the simulator has no libdevice)."""
+        return np.array(y, np.float32).view(np.uint32)[()]
+else:
+    @cuda.jit(device=True)
+    def f32_bits(y):
+        """The bits of float32(y), as uint32."""
+        return np.uint32(libdevice.float_as_int(np.float32(y)))
+
+
+@cuda.jit(device=True)
+def store_bf16(out, r, j, y):
+    """out[r, j] = float32 y rounded to bfloat16 (to nearest, ties to even, as ml_dtypes and the CPU
+    round), as its bits; a NaN stays a NaN of its sign."""
+    b = f32_bits(y)
+    hi = b >> np.uint32(16)
+    if y != y:
+        out[r, j] = np.uint16(hi | np.uint32(0x40))
+    else:
+        out[r, j] = np.uint16((b + np.uint32(0x7FFF) + (hi & np.uint32(1))) >> np.uint32(16))
 
 
 # ---- block reductions over shared memory ----------------------------------------------------------------
@@ -251,13 +284,25 @@ def block_sum(sh, tid):
         sh[0] = v
 
 
+@cuda.jit(device=True)
+def ratio(a, b):
+    """a / b as NumPy divides float64 (no exception): 0 / 0 and NaN give NaN, a / 0 an infinity."""
+    if b != 0.0:
+        return a / b
+    if a == 0.0 or a != a:
+        return math.nan
+    return math.inf if a > 0.0 else -math.inf
+
+
 @cuda.jit
-def ce_reduce(labels, ignore_index, V, w, has_w, eps, z, nll, smooth, lse, loss, sums):
-    """One block: the per-row terms of the cross-entropy, as ``fastlogits.ops.reductions.ce_terms``
-    computes them on the host, and their sums. Per row (float64, 0 for ignored rows): l = w[y] nll,
-    mixed (1 - eps) l + (eps / V) smooth when eps > 0, and zt = z lse^2; loss[r] = l + zt (NaN for a label
-    out of range). sums = (sum l, sum w[y], sum zt, counted rows, the first row whose label is out of
-    range or -1): what the "mean" and "sum" reductions need, in one small copy to the host."""
+def ce_reduce(labels, ignore_index, V, w, has_w, eps, z, nll, smooth, lse, reduction, call, loss, total, err):
+    """One block: the cross-entropy from the per-row parts, as ``fastlogits.ops.reductions.ce_terms`` and
+    ``ce_total`` compute it on the host. Per row (0 for ignored rows): l = w[y] nll, mixed
+    (1 - eps) l + (eps / V) smooth when eps > 0, and zt = z lse^2; loss[r] = l + zt. total[0] = the
+    reduction (CE_MEAN: sum l / sum w[y], plus sum zt / counted rows when there is z-loss; CE_SUM: sum l +
+    sum zt; CE_NONE: not written). A label out of range makes its row's loss and the total NaN, and the
+    first such row is reported in ``err`` (host-visible memory, read by the backend later, with no wait):
+    err = (call, row, label), written only while err[0] < 0 (nothing reported)."""
     tid = cuda.threadIdx.x
     sl = 0.0
     sw = 0.0
@@ -301,11 +346,20 @@ def ce_reduce(labels, ignore_index, V, w, has_w, eps, z, nll, smooth, lse, loss,
     if tid == 0:
         for o in range(1, TPB):
             bad = min(bad, sh_b[o])
-        sums[0] = sh_l[0]
-        sums[1] = sh_w[0]
-        sums[2] = sh_z[0]
-        sums[3] = sh_c[0]
-        sums[4] = -1.0 if bad == INT64_MAX else float64(bad)
+        if bad != INT64_MAX and err[0] < 0:
+            err[1] = bad
+            err[2] = int64(labels[bad])
+            err[0] = call            # (the backend waits for the device before it reads err[1:])
+        if reduction == CE_SUM:
+            res = sh_l[0] + sh_z[0]
+        else:
+            res = ratio(sh_l[0], sh_w[0])
+            if sh_z[0] != 0.0:
+                res += ratio(sh_z[0], sh_c[0])
+        if bad != INT64_MAX:
+            res = math.nan
+        if reduction != CE_NONE:
+            total[0] = res
 
 
 # ---- kernels that read logits, one set per input kind --------------------------------------------------
@@ -509,35 +563,41 @@ def _build(kind):
                 val = math.nan
             nll[r] = val - value(x, r, labels[r], CT(softcap), CT(temp[r]))
 
-    @cuda.jit
-    def softmax_map(x, temp, softcap, seglen, pm, ps, log, out):
-        """out[r, j] = softmax (or log-softmax) from the row's finished state (pm[r, 0], ps[r, 0]); rows
-        whose max is not finite (all -inf, +inf, NaN) are NaN, like PyTorch."""
-        r, g, tid, sc, T, start, stop = block_segment(x, temp, softcap, seglen)
-        M = pm[r, 0]
-        S = ps[r, 0]
-        finite = M > -math.inf and M < math.inf
-        m = CT(0)
-        ls = CT(0)
-        inv = CT(0)
-        if finite:
-            m = CT(M)
-            ls = CT(math.log(S))
-            inv = CT(1.0 / S)
-        lv = cuda.local.array(UNROLL, CT)
-        for base in range(start + tid, stop, TPB * UNROLL):
+    def make_softmax_map(store):
+        @cuda.jit
+        def softmax_map(x, temp, softcap, seglen, pm, ps, log, out):
+            """out[r, j] = softmax (or log-softmax) from the row's finished state (pm[r, 0], ps[r, 0]),
+            written by store; rows whose max is not finite (all -inf, +inf, NaN) are NaN, like PyTorch."""
+            r, g, tid, sc, T, start, stop = block_segment(x, temp, softcap, seglen)
+            M = pm[r, 0]
+            S = ps[r, 0]
+            finite = M > -math.inf and M < math.inf
+            m = CT(0)
+            ls = CT(0)
+            inv = CT(0)
             if finite:
-                load_chunk(x, r, base, stop, sc, T, lv)
-            for u in range(UNROLL):
-                j = base + u * TPB
-                if j < stop:
-                    y = CT(math.nan)
-                    if finite:
-                        if log:
-                            y = (lv[u] - m) - ls
-                        else:
-                            y = CT(math.exp(lv[u] - m)) * inv
-                    out[r, j] = y
+                m = CT(M)
+                ls = CT(math.log(S))
+                inv = CT(1.0 / S)
+            lv = cuda.local.array(UNROLL, CT)
+            for base in range(start + tid, stop, TPB * UNROLL):
+                if finite:
+                    load_chunk(x, r, base, stop, sc, T, lv)
+                for u in range(UNROLL):
+                    j = base + u * TPB
+                    if j < stop:
+                        y = CT(math.nan)
+                        if finite:
+                            if log:
+                                y = (lv[u] - m) - ls
+                            else:
+                                y = CT(math.exp(lv[u] - m)) * inv
+                        store(out, r, j, y)
+
+        return softmax_map
+
+    softmax_map = make_softmax_map(store_value)
+    softmax_map_bf16 = make_softmax_map(store_bf16)      # out: bfloat16 bits (uint16)
 
     @cuda.jit(device=True)
     def collect(x, r, first, stop, sc, T, lv, hv, hi, kl, bounded, lastv, lasti, fold, m, s):
@@ -673,6 +733,7 @@ def _build(kind):
     k.stats_part = {v: make_stats_part(*v) for v in STATS_VARIANTS}
     k.stats_fused_finish = stats_fused_finish
     k.softmax_map = softmax_map
+    k.softmax_map_bf16 = softmax_map_bf16
     k.topk_part = topk_part
     k.ce_finish = ce_finish
     return k
@@ -726,6 +787,8 @@ def compile_signatures():
             ot = types.Array(from_dtype(np.dtype(o)), 2, "C")
             out.append((f"softmax_map[{kind}->{o}]", k.softmax_map,
                         (xt, row_f8, f8, i8, st2, st2, boolean, ot)))
+        out.append((f"softmax_map_bf16[{kind}]", k.softmax_map_bf16,
+                    (xt, row_f8, f8, i8, st2, st2, boolean, types.Array(types.uint16, 2, "C"))))
         out.append((f"topk_part[{kind}]", k.topk_part,
                     (xt, row_f8, f8, i8, boolean, types.Array(f8, 3, "C"), types.Array(i8, 3, "C"), st2,
                      st2)))
@@ -733,10 +796,13 @@ def compile_signatures():
             out.append((f"ce_finish[{kind}, {lt}]", k.ce_finish,
                         (xt, row_f8, f8, types.Array(lt, 1, "C"), i8, f8, boolean, st2, st2, st2, row_f8,
                          row_f8, row_f8)))
-    out.append(("stats_finish", stats_finish, (st2, st2, st2, i8, row_f8)))
+    for rt in (types.float32, types.float64):        # out: float64, or a device result's dtype
+        out.append((f"stats_finish[{rt}]", stats_finish, (st2, st2, st2, i8, types.Array(rt, 1, "C"))))
     for lt in (types.int64, types.int32):
-        out.append((f"ce_reduce[{lt}]", ce_reduce, (types.Array(lt, 1, "C"), i8, i8, row_f8, boolean, f8, f8,
-                                                    row_f8, row_f8, row_f8, row_f8, row_f8)))
+        for rt in (types.float32, types.float64):     # loss and total: the result dtype
+            out.append((f"ce_reduce[{lt}, {rt}]", ce_reduce,
+                        (types.Array(lt, 1, "C"), i8, i8, row_f8, boolean, f8, f8, row_f8, row_f8, row_f8, i8,
+                         i8, types.Array(rt, 1, "C"), types.Array(rt, 1, "C"), types.Array(i8, 1, "C"))))
     for ct in (types.float32, types.float64):
         out.append((f"topk_finish[{ct}]", topk_finish,
                     (types.Array(f8, 3, "C"), types.Array(i8, 3, "C"), st2, st2, boolean,

@@ -106,12 +106,13 @@ def gumbel(hi, lo):
 
 # ---- order-preserving integer keys of the compute type's values (for the radix select) -----------------
 
+@cuda.jit(device=True)
+def _bits32(v):
+    return np.uint64(K.f32_bits(v))
+
+
 if config.ENABLE_CUDASIM:
     # the simulator has no libdevice; NumPy views give the same bits
-    @cuda.jit(device=True)
-    def _bits32(v):
-        return np.uint64(np.array(v, np.float32).view(np.uint32)[()])
-
     @cuda.jit(device=True)
     def _from_bits32(b):
         return np.array(b, np.uint32).view(np.float32)[()]
@@ -125,10 +126,6 @@ if config.ENABLE_CUDASIM:
         return np.array(b, np.uint64).view(np.float64)[()]
 else:
     from numba.cuda import libdevice
-
-    @cuda.jit(device=True)
-    def _bits32(v):
-        return np.uint64(np.uint32(libdevice.float_as_int(v)))
 
     @cuda.jit(device=True)
     def _from_bits32(b):

@@ -6,8 +6,8 @@ Two ways to time a call, for fastlogits and PyTorch alike:
 
 - back to back (``time_stream``, the headline figures): calls are issued one after another with an event
   pair around each and one wait at the end, as in a pipeline; the host queues the next call while the
-  device works, so a call costs its device time plus whatever host time its own waits expose (a
-  cross-entropy with reduction "mean" returns a host number: it waits for the device once).
+  device works, so a call costs its device time plus whatever host time its own waits expose (fastlogits'
+  logsumexp and cross_entropy on device arrays have none: their results stay on the device).
 - waited (``time_events``, the ``*_wait_s`` figures): each call waits for the device before the next
   starts, so the host's time to issue a call shows in full (the latency of one call alone).
 

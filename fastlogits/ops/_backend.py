@@ -1,7 +1,8 @@
 """Dispatch to a backend module. Both implement one interface (see fastlogits/cpu/backend.py):
 
-    lse(x, dtype, temperature, softcap, chunk, threads) -> float64 (rows,)
-    entropy(x, dtype, temperature, softcap, chunk, threads) -> float64 (rows,)
+    lse(x, dtype, temperature, softcap, chunk, threads) -> float64 (rows,) (the GPU backend: for device
+        logits, a device array in the result dtype, float32 or float64)
+    entropy(x, dtype, temperature, softcap, chunk, threads) -> as lse
     softmax(x, dtype, temperature, softcap, log, out, out_dtype, chunk, threads) -> out
     cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, weight, smoothing, chunk,
                        threads) -> (nll, smooth, lse), float64 (rows,) each
@@ -12,9 +13,9 @@
            chunk, threads) -> (tokens, logprobs | None, ranks | None, status), NumPy arrays
     finish(values, dtype, shape), empty(shape, dtype), to_host(values), to_device_like(values, like)
 
-and the GPU backend also, for device logits, device_labels(labels, lead) and cross_entropy_device(x, dtype,
-temperature, softcap, labels, ignore_index, weight, eps, z, chunk, per_row) -> (per-row loss, sums): the
-loss's terms combined on the device.
+and the GPU backend also, for device logits, device_labels(labels, lead), cross_entropy_device(x, dtype,
+temperature, softcap, labels, ignore_index, weight, eps, z, chunk, reduction, result_dtype, lead) -> the
+loss as a device array (all on the device, no wait), and synchronize().
 
 The GPU backend is imported only when asked for, so ``import fastlogits`` never needs CUDA.
 """

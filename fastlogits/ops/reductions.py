@@ -93,10 +93,14 @@ def _map(logits, log, temperature, softcap, out, dtype, backend, threads, chunk_
         else:
             out = np.empty(shape, NP_DTYPES[out_name])
     elif is_gpu_array(out):
+        if r.backend != "gpu":
+            raise ValueError(f"{name}: out is a GPU array, but the backend is {r.backend!r}; "
+                             f"use backend='gpu'")
         if tuple(out.shape) != shape:
             raise ValueError(f"{name}: out must have the shape of logits {shape}, got {tuple(out.shape)}")
-        out_name = "bfloat16" if dtype is not None and dtype_name(dtype) == "bfloat16" else \
-            dtype_name(np.dtype(out.dtype), "out")
+        out_name = B.out_kind(out, dtype)
+        if dtype is not None and dtype_name(dtype) != out_name:
+            raise ValueError(f"{name}: dtype={dtype!r} disagrees with out's dtype {out_name}")
     else:
         if not isinstance(out, np.ndarray):
             raise TypeError(f"{name}: out must be a NumPy or GPU array, got {type(out).__name__}")
@@ -169,12 +173,12 @@ def check_labels(labels, lead, V, ignore_index):
     return lab
 
 
-def label_error(label, i, lead, V, ignore_index):
-    """The IndexError for label ``label`` out of range at flat row ``i``."""
+def label_error(label, i, lead, V, ignore_index, note=None):
+    """The IndexError for label ``label`` out of range at flat row ``i`` (``note``: how it was found)."""
     row = np.unravel_index(i, lead) if len(lead) else ()
     where = f"row {tuple(int(j) for j in row)}" if len(lead) > 1 else f"row {i}"
     return IndexError(f"labels: label {label} at {where} is out of range for {V} classes "
-                      f"(valid: 0..{V - 1}, or ignore_index={ignore_index})")
+                      f"(valid: 0..{V - 1}, or ignore_index={ignore_index})" + (f"; {note}" if note else ""))
 
 
 def cross_entropy(logits, labels, *, weight=None, ignore_index=-100, label_smoothing=0.0,
@@ -219,19 +223,16 @@ def cross_entropy(logits, labels, *, weight=None, ignore_index=-100, label_smoot
 
 
 def _cross_entropy_on_device(B, r, labels, eps, z, ignore_index, w, reduction):
-    """cross_entropy of device logits: the terms are combined on the device, and device labels are read
-    there (checked by the combining kernel); one small copy of the sums comes back."""
+    """cross_entropy of device logits, all on the device: the result is a device array (0-d for "mean"
+    and "sum", like PyTorch's), and the call does not wait for the device. Host labels are checked here;
+    device labels are read in place and checked on the device: one out of range makes the loss NaN and
+    raises IndexError at this thread's next GPU call or fastlogits.gpu.synchronize()."""
     dlab = B.device_labels(labels, r.lead)
     if dlab is None:
         dlab = check_labels(B.to_host(labels) if is_gpu_array(labels) else labels, r.lead, r.V, ignore_index)
-    loss, sums = B.cross_entropy_device(r.x, r.dtype, r.temperature, r.softcap, dlab, ignore_index, w, eps, z,
-                                       r.chunk, reduction == "none")
-    if sums[4] >= 0:
-        i = int(sums[4])
-        raise label_error(int(B.to_host(dlab[i:i + 1])[0]), i, r.lead, r.V, ignore_index)
-    if reduction == "none":
-        return _finish(r, loss)
-    return r.result_dtype.type(ce_total(sums[0], sums[1], sums[2], int(sums[3]), reduction))
+    out = B.cross_entropy_device(r.x, r.dtype, r.temperature, r.softcap, dlab, ignore_index, w, eps, z,
+                                 r.chunk, reduction, r.result_dtype, r.lead)
+    return out.reshape(r.lead if reduction == "none" else ())
 
 
 def _ce_prepare(logits, *, weight, ignore_index, label_smoothing, z_loss, temperature, softcap, backend,

@@ -322,5 +322,9 @@ def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperatu
     key = np.where(np.isnan(scores), np.inf, -scores)        # best first, NaN last
     order = np.lexsort((toks, parents, key), axis=-1)[:, : 2 * W]
     take = np.take_along_axis
-    return (take(scores, order, -1).astype(out_dtype), take(parents, order, -1).astype(np.int64),
-            take(toks, order, -1).astype(np.int64))
+    out = (take(scores, order, -1).astype(out_dtype), take(parents, order, -1).astype(np.int64),
+           take(toks, order, -1).astype(np.int64))
+    if is_gpu_array(r.x):        # GPU arrays in, GPU arrays out (the step's small result goes back)
+        be = _backend.get(r.backend)
+        out = tuple(be.to_device_like(a, r.x) for a in out)
+    return out

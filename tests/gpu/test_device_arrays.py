@@ -7,6 +7,7 @@ import pytest
 from numba import cuda
 
 import fastlogits as fl
+from fastlogits.gpu.kernels import store_bf16
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 ONES = np.ones(1)
@@ -154,3 +155,84 @@ def test_segments(gpu):
         assert (nseg - 1) * seglen < V <= nseg * seglen or V == 0, (rows, V, nseg, seglen)
         if V // chunk >= -(-V // B.MAX_SEGMENT):        # the chunk allows segments of MAX_SEGMENT
             assert seglen <= B.MAX_SEGMENT, (rows, V, seglen)
+
+
+def test_foreign_arrays_are_ordered_on_the_device(gpu, monkeypatch):
+    """An array from another library (a PyTorch tensor, say) is imported without numba's host wait
+    (as_cuda_array(sync=False)); the default stream, where the kernels run, waits on the device for the
+    stream its __cuda_array_interface__ names: an event recorded there and waited for. The default streams
+    (1, 2) and no stream (None) need nothing. (The ordering itself needs a GPU: test_real_device.py.)"""
+    calls = []
+
+    class FakeEvent:
+        def record(self, stream):
+            calls.append(("record", stream))
+
+        def wait(self, stream):
+            calls.append(("wait", stream))
+
+    class FakeCuda:
+        @staticmethod
+        def as_cuda_array(x, sync=True):
+            calls.append(("import", sync))
+            return cuda.to_device(x.host)
+
+        @staticmethod
+        def event(timing=True):
+            calls.append(("event", timing))
+            return FakeEvent()
+
+        @staticmethod
+        def external_stream(ptr):
+            return ("stream", ptr)
+
+        default_stream = staticmethod(lambda: "default stream")
+
+    class Foreign:
+        def __init__(self, host, stream):
+            self.host = host
+            self.__cuda_array_interface__ = {"shape": host.shape, "typestr": host.dtype.str, "version": 3,
+                                             "data": (0, False), "strides": None, "stream": stream}
+
+    monkeypatch.setattr(gpu, "cuda", FakeCuda)
+    monkeypatch.setattr(gpu._local, "order_event", None, raising=False)
+    monkeypatch.setattr(gpu._local, "default_stream", None, raising=False)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    for stream in (None, 1, 2):
+        calls.clear()
+        d = gpu._device_view(Foreign(x, stream))
+        assert calls == [("import", False)], stream
+        np.testing.assert_array_equal(d.copy_to_host(), x)
+    calls.clear()
+    gpu._device_view(Foreign(x, 0x7F00))
+    gpu._device_view(Foreign(x, 0x7F08))
+    assert calls == [("import", False), ("event", False), ("record", ("stream", 0x7F00)),
+                     ("wait", "default stream"),
+                     ("import", False), ("record", ("stream", 0x7F08)), ("wait", "default stream")]
+
+
+@cuda.jit
+def _store_all(src, out):
+    i = cuda.grid(1)
+    if i < src.shape[1]:
+        store_bf16(out, 0, i, src[0, i])
+
+
+def test_store_bf16_rounds_as_ml_dtypes(gpu, rng):
+    """The bfloat16 store of the maps: round to nearest, ties to even, as ml_dtypes rounds; overflow to
+    inf, subnormals, signed zeros, and NaN (a NaN of its sign)."""
+    bits = np.concatenate([
+        rng.integers(0, 1 << 32, 300, dtype=np.uint64).astype(np.uint32),
+        (rng.integers(0, 1 << 16, 40, dtype=np.uint32) << 16) | 0x8000,              # exact ties
+        (rng.integers(0, 1 << 16, 40, dtype=np.uint32) << 16) | 0x7FFF,              # just below
+        np.array([0, 0x80000000, 1, 0x007FFFFF, 0x7F7FFFFF, 0x7F7F8000, 0x7F800000, 0xFF800000,
+                  0x7FC00000, 0xFFC00001, 0x7F800001], np.uint32)])
+    src = bits.view(np.float32)[None, :]
+    out = cuda.to_device(np.zeros_like(src, dtype=np.uint16))
+    _store_all[(src.shape[1] + 127) // 128, 128](cuda.to_device(src), out)
+    got = out.copy_to_host()[0]
+    want = src[0].astype(BF16).view(np.uint16)
+    nan = np.isnan(src[0])
+    np.testing.assert_array_equal(got[~nan], want[~nan])
+    g = got[nan].view(BF16).astype(np.float32)
+    assert np.isnan(g).all() and np.array_equal(np.signbit(g), np.signbit(src[0][nan]))

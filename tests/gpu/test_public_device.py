@@ -11,6 +11,12 @@ def _host(a):
     return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
 
 
+def _scalar(a):
+    """A "mean" or "sum" loss of device logits: a 0-d device array (like PyTorch's), as a float."""
+    assert not isinstance(a, np.ndarray) and tuple(a.shape) == (), f"not a 0-d device array: {a!r}"
+    return float(a.copy_to_host())
+
+
 @pytest.fixture()
 def cuda(gpu):
     from numba import cuda
@@ -42,7 +48,7 @@ def test_device_arrays_in_and_out(cuda, rng):
     np.testing.assert_allclose(_host(per_row), fl.cross_entropy(x, y, reduction="none", label_smoothing=0.1),
                                **tol)
     clean = cuda.to_device(x[6:])
-    assert float(fl.cross_entropy(clean, cuda.to_device(y[6:]))) == pytest.approx(
+    assert _scalar(fl.cross_entropy(clean, cuda.to_device(y[6:]))) == pytest.approx(
         float(fl.cross_entropy(x[6:], y[6:])), rel=2e-5)
     with pytest.raises(ValueError, match="backend='cpu'"):
         fl.logsumexp(dx, backend="cpu")
@@ -73,7 +79,7 @@ def test_bfloat16_exported_as_void(cuda, rng):
     dv = cuda.to_device(xb.view(np.dtype("V2")))
     np.testing.assert_allclose(_host(fl.logsumexp(dv)), fl.logsumexp(xb), rtol=2e-5, atol=2e-5)
     y = np.array([0, 299, 7])
-    assert float(fl.cross_entropy(dv, cuda.to_device(y))) == pytest.approx(float(fl.cross_entropy(xb, y)),
+    assert _scalar(fl.cross_entropy(dv, cuda.to_device(y))) == pytest.approx(float(fl.cross_entropy(xb, y)),
                                                                            rel=2e-5)
 
 
@@ -96,12 +102,14 @@ def test_cross_entropy_device_labels(cuda, rng, label_dtype):
             if reduction == "none":
                 assert not isinstance(got, np.ndarray) and tuple(got.shape) == (2, 3)
                 got = _host(got)
+            else:
+                got = _scalar(got)
             np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, equal_nan=True,
                                        err_msg=f"{reduction} {sorted(kw)}")
     clean = cuda.to_device(np.ascontiguousarray(x[1]))
     for kw in (dict(), dict(weight=w, label_smoothing=0.3, z_loss=1e-2)):
         for reduction in ("mean", "sum"):
-            got = float(fl.cross_entropy(clean, cuda.to_device(y[1]), reduction=reduction, **kw))
+            got = _scalar(fl.cross_entropy(clean, cuda.to_device(y[1]), reduction=reduction, **kw))
             want = float(fl.cross_entropy(x[1], y[1].astype(np.int64), reduction=reduction, **kw))
             assert np.isfinite(want) and got == pytest.approx(want, rel=2e-5), (reduction, sorted(kw))
     # results are the caller's: a second call does not write into the first one's (float64: no cast)
@@ -111,23 +119,55 @@ def test_cross_entropy_device_labels(cuda, rng, label_dtype):
     fl.cross_entropy(cuda.to_device(x.astype(np.float64) * 2), dy, reduction="none")
     assert np.array_equal(_host(first), kept, equal_nan=True)
     ignored = cuda.to_device(np.full((2, 3), -1, label_dtype))
-    assert np.isnan(fl.cross_entropy(dx, ignored, ignore_index=-1))          # like PyTorch
-    assert float(fl.cross_entropy(dx, ignored, ignore_index=-1, reduction="sum")) == 0.0
+    assert np.isnan(_scalar(fl.cross_entropy(dx, ignored, ignore_index=-1)))          # like PyTorch
+    assert _scalar(fl.cross_entropy(dx, ignored, ignore_index=-1, reduction="sum")) == 0.0
+    # the result dtype: float32, float64 for float64 logits (cast on the device)
+    assert np.dtype(fl.cross_entropy(dx, dy).dtype) == np.float32
+    assert np.dtype(fl.cross_entropy(d64, dy, reduction="sum").dtype) == np.float64
 
 
 def test_cross_entropy_bad_device_labels(cuda, rng):
-    """A device label out of range raises IndexError naming the label and its row, as host labels do; a
-    device label array of the wrong dtype or shape is explained as for host labels."""
+    """A device label out of range is found on the device, without a wait in the call: the loss is NaN,
+    and the IndexError naming the label and its row is raised by fastlogits.gpu.synchronize() or the
+    thread's next GPU call, once. Host labels are checked at once. A device label array of the wrong
+    dtype or shape is explained as for host labels."""
+    import fastlogits.gpu
     x = rng.standard_normal((2, 3, 40)).astype(np.float32)
     dx = cuda.to_device(x)
     y = np.zeros((2, 3), np.int64)
     y[1, 0] = 40
     y[1, 2] = -5
     with pytest.raises(IndexError, match=r"label 40 at row \(1, 0\) is out of range for 40 classes"):
-        fl.cross_entropy(dx, cuda.to_device(y))
-    with pytest.raises(IndexError, match=r"label -5 at row 2 is out of range"):
-        fl.cross_entropy(cuda.to_device(x[1]), cuda.to_device(np.array([0, 3, -5], np.int32)),
-                         reduction="none")
+        fl.cross_entropy(dx, y)                       # host labels: checked before anything runs
+    got = fl.cross_entropy(dx, cuda.to_device(y))
+    assert np.isnan(_scalar(got))
+    with pytest.raises(IndexError, match=r"label 40 at row \(1, 0\) is out of range for 40 classes.*"
+                                         r"found on the device by an earlier cross_entropy call"):
+        fastlogits.gpu.synchronize()
+    fastlogits.gpu.synchronize()                      # reported once
+    per_row = fl.cross_entropy(cuda.to_device(x[1]), cuda.to_device(np.array([0, 3, -5], np.int32)),
+                               reduction="none")
+    p = _host(per_row)                                # (waits for the device, reads no report)
+    assert np.isnan(p[2]) and np.all(np.isfinite(p[:2]))
+    with pytest.raises(IndexError, match=r"label -5 at row 2 is out of range .*ignore_index=-100"):
+        fl.logsumexp(dx)                              # the next GPU call, once the device has reported
+    np.testing.assert_allclose(_host(fl.logsumexp(dx)), fl.logsumexp(x), rtol=2e-5)
+    # sum and ignore_index: the bad row is not an ignored one
+    y3 = np.array([7, -1, 99], np.int64)
+    assert np.isnan(_scalar(fl.cross_entropy(cuda.to_device(x[0]), cuda.to_device(y3), ignore_index=-1,
+                                             reduction="sum")))
+    with pytest.raises(IndexError, match=r"label 99 at row 2 .*ignore_index=-1\)"):
+        fastlogits.gpu.synchronize()
+    # two bad calls before the report is read (the backend, which does not check): the first is reported
+    from fastlogits.ops import _backend
+    from fastlogits.ops._prep import prepare
+    B = _backend.get("gpu")
+    r = prepare(cuda.to_device(x[0]))
+    for labels, lead in ((np.array([1, 50, 2], np.int64), (3,)), (np.array([60, 0, 0], np.int64), (3,))):
+        B.cross_entropy_device(r.x, r.dtype, r.temperature, r.softcap, cuda.to_device(labels), -100, None,
+                               0.0, 0.0, r.chunk, "mean", np.dtype(np.float32), lead)
+    with pytest.raises(IndexError, match=r"label 50 at row 1 "):
+        fastlogits.gpu.synchronize()
     with pytest.raises(TypeError, match="labels must be integers"):
         fl.cross_entropy(dx, cuda.to_device(np.zeros((2, 3), np.float32)))
     with pytest.raises(ValueError, match="leading shape"):
@@ -135,7 +175,7 @@ def test_cross_entropy_bad_device_labels(cuda, rng):
     # a non-contiguous device label array takes the host path: same result
     y2 = np.zeros((2, 6), np.int64)
     y2[:, ::2] = rng.integers(0, 40, (2, 3))
-    got = float(fl.cross_entropy(dx, cuda.to_device(y2)[:, ::2]))
+    got = _scalar(fl.cross_entropy(dx, cuda.to_device(y2)[:, ::2]))
     assert got == pytest.approx(float(fl.cross_entropy(x, y2[:, ::2])), rel=2e-5)
 
 
@@ -146,3 +186,47 @@ def test_temperature_upload_follows_each_call(cuda, rng):
     for t in (1.0, 2.0, np.array([0.5, 1.0, 3.0]), np.array([0.5, 1.0, 4.0]), 1.0):
         np.testing.assert_allclose(_host(fl.logsumexp(dx, temperature=t)), fl.logsumexp(x, temperature=t),
                                    rtol=2e-5, err_msg=str(t))
+
+
+@pytest.mark.parametrize("in_dtype", ["float32", "bfloat16", "float64"])
+def test_bfloat16_maps_stay_on_the_device(cuda, rng, in_dtype):
+    """softmax / log_softmax to bfloat16 of device logits are rounded on the device and written into the
+    device result (new, or the caller's out of bfloat16 bits: uint16, or "<V2" as PyTorch exports it):
+    equal to the CPU's bits but where the float32 results straddle a rounding boundary (then one ulp);
+    the awkward rows (all -inf, +inf, NaN, huge) included. Host logits into a device out too."""
+    import ml_dtypes
+    BF = np.dtype(ml_dtypes.bfloat16)
+    rows = awkward_rows(np.float32, 300, rng)
+    x = np.stack(list(rows.values()) + [rng.standard_normal(300) * 5]).astype(np.float64)
+    xh = x.astype(BF) if in_dtype == "bfloat16" else x.astype(in_dtype)
+    dx = cuda.to_device(xh.view(np.dtype("V2")) if in_dtype == "bfloat16" else xh)
+
+    def check(got_bits, want):
+        g = np.asarray(got_bits).view(np.uint16).astype(np.int32)
+        w = want.view(np.uint16).astype(np.int32)
+        gn, wn = np.isnan(g.astype(np.uint16).view(BF).astype(np.float32)), np.isnan(want.astype(np.float32))
+        np.testing.assert_array_equal(gn, wn)
+        assert np.abs(g - w)[~wn].max() <= 1
+
+    for name in ("softmax", "log_softmax"):
+        want = getattr(fl, name)(xh, dtype="bfloat16")
+        got = getattr(fl, name)(dx, dtype="bfloat16")
+        assert not isinstance(got, np.ndarray) and np.dtype(got.dtype) == np.uint16
+        check(got.copy_to_host(), want)
+        for out in (cuda.device_array(x.shape, np.uint16),
+                    cuda.to_device(np.zeros(x.shape, BF).view(np.dtype("V2")))):
+            res = getattr(fl, name)(dx, out=out, dtype="bfloat16")
+            assert res is out
+            check(out.copy_to_host(), want)
+        res = getattr(fl, name)(dx, out=cuda.to_device(np.zeros(x.shape, BF).view(np.dtype("V2"))))
+        check(res.copy_to_host(), want)                # "<V2" is bfloat16 without dtype= too
+        host_in = getattr(fl, name)(xh, backend="gpu", out=cuda.device_array(x.shape, np.uint16),
+                                    dtype="bfloat16")
+        check(host_in.copy_to_host(), want)
+    with pytest.raises(TypeError, match="out: dtype='bfloat16' re-declares 2-byte data, but out has dtype "
+                                        "float32"):
+        fl.softmax(dx, out=cuda.device_array(x.shape, np.float32), dtype="bfloat16")
+    with pytest.raises(ValueError, match="disagrees"):
+        fl.softmax(dx, out=cuda.device_array(x.shape, np.float32), dtype="float16")
+    with pytest.raises(ValueError, match="backend='gpu'"):
+        fl.softmax(xh, backend="cpu", out=cuda.device_array(x.shape, np.float32))

@@ -125,10 +125,12 @@ def test_torch_tensors_through_the_public_api(gpu, rng):
                                    torch.logsumexp(ref, -1).cpu().numpy(), rtol=2e-5, atol=2e-5)
         for kw in (dict(), dict(label_smoothing=0.1)):
             want = F.cross_entropy(ref, y, **kw).item()
-            assert float(fl.cross_entropy(t, y, **kw)) == pytest.approx(want, rel=2e-5), kw
+            got = fl.cross_entropy(t, y, **kw)
+            assert tuple(got.shape) == () and not isinstance(got, np.ndarray), "mean: a 0-d device array"
+            assert float(got.copy_to_host()) == pytest.approx(want, rel=2e-5), kw
         want = F.cross_entropy(ref, y, weight=w, label_smoothing=0.2, reduction="sum").item()
         got = fl.cross_entropy(t, y, weight=w.cpu().numpy(), label_smoothing=0.2, reduction="sum")
-        assert float(got) == pytest.approx(want, rel=2e-5)
+        assert float(got.copy_to_host()) == pytest.approx(want, rel=2e-5)
         per_row = fl.cross_entropy(t, y.to(torch.int32), reduction="none")
         np.testing.assert_allclose(cuda.as_cuda_array(per_row).copy_to_host(),
                                    F.cross_entropy(ref, y, reduction="none").cpu().numpy(), rtol=2e-5,
@@ -147,5 +149,32 @@ def test_torch_tensors_through_the_public_api(gpu, rng):
                                torch.logsumexp(t.float(), -1).cpu().numpy(), rtol=2e-5, atol=2e-5)
     bad = y.clone()
     bad[5] = 128256
-    with pytest.raises(IndexError, match="label 128256 at row 5"):
-        fl.cross_entropy(x32, bad)
+    got = fl.cross_entropy(x32, bad)          # checked on the device, reported without a wait in the call
+    import fastlogits.gpu
+    with pytest.raises(IndexError, match="label 128256 at row 5 .* found on the device"):
+        fastlogits.gpu.synchronize()
+    assert np.isnan(got.copy_to_host())
+    fastlogits.gpu.synchronize()              # reported once
+
+
+def test_tensor_from_another_stream(gpu, rng):
+    """A tensor still being written on a PyTorch side stream (PyTorch's streams do not wait for the legacy
+    default stream, nor it for them): fastlogits' kernels wait for it on the device, with no wait on the
+    host, and read the finished values."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch without CUDA")
+    g = torch.Generator(device="cuda").manual_seed(int(rng.integers(1 << 30)))
+    base = torch.randn(2048, 128256, device="cuda", generator=g)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        t = base
+        for _ in range(8):                  # queued work, still running when fastlogits is called
+            t = torch.tanh(t) * 4 + 0.5
+        lse = fl.logsumexp(t)
+        ce = fl.cross_entropy(t, torch.zeros(2048, dtype=torch.int64, device="cuda"), reduction="none")
+    torch.cuda.synchronize()
+    np.testing.assert_allclose(lse.copy_to_host(), torch.logsumexp(t, -1).cpu().numpy(), rtol=2e-5)
+    np.testing.assert_allclose(ce.copy_to_host(), (torch.logsumexp(t, -1) - t[:, 0]).cpu().numpy(),
+                               rtol=2e-5, atol=2e-5)

@@ -174,6 +174,12 @@ def test_beam_search_step(gpu, rng):
     np.testing.assert_array_equal(g[1], c[1])
     np.testing.assert_array_equal(g[2], c[2])
     np.testing.assert_allclose(g[0], c[0], rtol=2e-5, atol=2e-5)
+    from numba import cuda
+    d = beam_search_step(cuda.to_device(x), scores, 2)       # device logits: device results
+    assert not any(isinstance(a, np.ndarray) for a in d)
+    for got, want in zip(d[1:], c[1:]):
+        np.testing.assert_array_equal(got.copy_to_host(), want)
+    np.testing.assert_allclose(d[0].copy_to_host(), c[0], rtol=2e-5, atol=2e-5)
 
 
 def test_cli_sample_on_the_gpu(gpu, tmp_path, rng):
