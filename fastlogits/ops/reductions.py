@@ -192,7 +192,10 @@ def cross_entropy(logits, labels, *, weight=None, ignore_index=-100, label_smoot
     smoothing term too, as PyTorch does); an all-ignored input gives NaN for "mean" and 0 for "sum".
     ``z_loss`` adds ``z_loss * logsumexp(x / T)**2`` per counted row (PaLM), not multiplied by the class
     weight; "mean" averages it over the counted rows (as Liger-Kernel does).
-    Returns float32 (float64 for float64 input): a scalar, or shape (...) for ``reduction="none"``.
+    Returns float32 (float64 for float64 input): a scalar, or shape (...) for ``reduction="none"``. For
+    GPU logits, a device array (0-d for "mean" and "sum", like PyTorch), returned without waiting for the
+    device; device labels are checked there, and a label out of range makes the loss NaN and raises
+    IndexError at the next GPU call or ``fastlogits.gpu.synchronize()`` (host labels raise at once).
 
     Examples
     --------
