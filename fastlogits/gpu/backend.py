@@ -14,6 +14,7 @@ anything with ``__cuda_array_interface__``, seen through :func:`as_rows`) or Num
 blocks (merged afterwards) when there are too few rows to fill the device, and into segments of at most
 MAX_SEGMENT columns, so that a large batch runs as many short blocks.
 """
+import math
 import threading
 import warnings
 
@@ -116,6 +117,11 @@ def _rows_view(d):
     return cuda.as_cuda_array(_Interface(cai, d), sync=False)     # (d is ordered already: _device_view)
 
 
+# element types as read from a device array's dtype: "<V2" is how ml_dtypes and PyTorch export bfloat16
+# through __cuda_array_interface__
+_KIND_OF = {**{npd: n for n, npd in _NP.items()}, np.dtype("V2"): "bfloat16"}
+
+
 def kind_name(x, d, dtype, argname):
     """The element type name ("float16", "bfloat16", "float32", "float64") of GPU array x (d: its numba
     view); dtype="bfloat16" re-declares 2-byte data. A TypeError naming argname for anything else."""
@@ -125,16 +131,15 @@ def kind_name(x, d, dtype, argname):
             raise TypeError(f"{argname}: dtype='bfloat16' re-declares 2-byte data, but {argname} has "
                             f"dtype {dt}")
         return "bfloat16"
-    if dt == BF16 or dt == np.dtype("V2") or str(getattr(x, "dtype", "")) == "torch.bfloat16":
-        # "<V2" is how ml_dtypes and PyTorch export bfloat16 through __cuda_array_interface__; earlier
-        # PyTorch releases exported it as "<f2", float16's typestr: a torch tensor's own dtype decides
+    name = _KIND_OF.get(dt)
+    if name == "float16" and str(getattr(x, "dtype", "")) == "torch.bfloat16":
+        # earlier PyTorch releases exported bfloat16 as "<f2", float16's typestr: the tensor's dtype decides
         return "bfloat16"
-    for n, npd in _NP.items():
-        if dt == npd:
-            return n
-    kind = {"i": "integer", "u": "integer", "b": "bool", "c": "complex"}.get(dt.kind, str(dt))
-    raise TypeError(f"{argname} must be floating point (float16, bfloat16, float32 or float64), "
-                    f"got {kind} dtype {dt}")
+    if name is None:
+        kind = {"i": "integer", "u": "integer", "b": "bool", "c": "complex"}.get(dt.kind, str(dt))
+        raise TypeError(f"{argname} must be floating point (float16, bfloat16, float32 or float64), "
+                        f"got {kind} dtype {dt}")
+    return name
 
 
 def out_kind(out, dtype):
@@ -198,16 +203,22 @@ _local = threading.local()
 SCRATCH_MAX_BYTES = 16 << 20
 
 
+def _shape(shape):
+    """shape (an int or a sequence of ints) as a tuple of Python ints."""
+    return (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(n) for n in shape)
+
+
 def _scratch(name, slot, shape, dtype, stream=0):
     """A device array for temporary use, kept for later calls in this thread: a device allocation can
     cost more than the small kernels that use it. One per (name, slot); work that uses it is ordered on
-    one stream per slot."""
+    one stream per slot. (Called about a dozen times a call: kept to a dict lookup and two compares.)"""
     cache = getattr(_local, "scratch", None)
     if cache is None:
         cache = _local.scratch = {}
-    shape = tuple(int(n) for n in np.atleast_1d(shape))
+    shape = _shape(shape)
+    dtype = np.dtype(dtype)
     a = cache.get((name, slot))
-    if a is None or tuple(a.shape) != shape or np.dtype(a.dtype) != np.dtype(dtype):
+    if a is None or tuple(a.shape) != shape or a.dtype != dtype:
         a = cache[(name, slot)] = cuda.device_array(shape, dtype, stream=stream)
     return a
 
@@ -215,7 +226,8 @@ def _scratch(name, slot, shape, dtype, stream=0):
 def _array(shape, dtype, name=None, slot=0, stream=0):
     """A device array for temporary use: the kept scratch array (name, slot) when named and small (at
     most SCRATCH_MAX_BYTES), else a new one."""
-    if name is not None and int(np.prod(shape)) * np.dtype(dtype).itemsize <= SCRATCH_MAX_BYTES:
+    shape = _shape(shape)
+    if name is not None and math.prod(shape) * np.dtype(dtype).itemsize <= SCRATCH_MAX_BYTES:
         return _scratch(name, slot, shape, dtype, stream)
     return cuda.device_array(shape, dtype, stream=stream)
 

@@ -112,6 +112,10 @@ def broadcast_rows(a, lead, argname):
 
 def temperatures(temperature, lead, rows, argname="temperature", allow_zero=False):
     """One float64 temperature per row: a scalar, or an array of the leading shape."""
+    if isinstance(temperature, (float, int)):          # the common case, quickly
+        t = float(temperature)
+        if math.isfinite(t) and (t >= 0 if allow_zero else t > 0):
+            return np.full(rows, t)
     try:
         t = np.asarray(temperature, dtype=np.float64)
     except (TypeError, ValueError):
