@@ -6,7 +6,8 @@ block boundary; the table gives the largest difference and pass/fail against the
 float32 compute within 2e-5 relative (plus 2e-5 x (1 + the row's largest |x/T|) for log-domain results),
 float64 within 1e-12, 16-bit outputs one unit of their rounding more, argmax and top-k indices exactly;
 ``sample`` draws the same tokens for at least 99.9% of (row, seed) pairs (random rows, per-row seeds and
-filter combinations, 4 samples a pair).
+filter combinations, 4 samples a pair). ``cross_entropy_mean_device`` is the "mean" cross-entropy of device
+logits and device labels (computed on the device, no host copy) against the CPU's of the same rows.
 On a machine without a GPU it runs under numba's CUDA simulator when NUMBA_ENABLE_CUDASIM=1 is set
 (small shapes: the simulator runs every thread in Python).
 """
@@ -24,7 +25,8 @@ DTYPES = {"float16": np.dtype(np.float16), "bfloat16": BF16, "float32": np.dtype
           "float64": np.dtype(np.float64)}
 REL = {"float16": 2e-5, "bfloat16": 2e-5, "float32": 2e-5, "float64": 1e-12}
 ROUND = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 0.0, "float64": 0.0}
-LOG_DOMAIN = {"logsumexp", "log_softmax", "cross_entropy", "entropy", "top_k_logprobs"}
+LOG_DOMAIN = {"logsumexp", "log_softmax", "cross_entropy", "cross_entropy_mean_device", "entropy",
+              "top_k_logprobs"}
 
 
 def _rows(rng, V, dtype, rows):
@@ -54,7 +56,7 @@ def _compare(name, got, want, x, dtype, out_dtype=None):
     xs = np.asarray(x, np.float64)
     with np.errstate(invalid="ignore"):
         scale = np.nanmax(np.where(np.isfinite(xs), np.abs(xs), 0), axis=-1, initial=0)
-    scale = scale.reshape(scale.shape + (1,) * (w.ndim - scale.ndim)) if w.ndim else scale
+    scale = scale.reshape(scale.shape + (1,) * (w.ndim - scale.ndim)) if w.ndim else np.max(scale, initial=0)
     rel = REL[dtype]
     tol = rel * np.abs(w) + (rel * (1 + scale) if name in LOG_DOMAIN else 1e-30)
     if out_dtype in ("float16", "bfloat16"):
@@ -96,18 +98,30 @@ def sample_agreement(x, kw, num_samples=4):
 MIN_SAME_TOKEN_RATE = 0.999
 
 
-def run(V_list=None, rows=None, seed=0):
-    """A list of {op, dtype, V, max_diff, ok}."""
+def _ce_mean(backend, x, y, w):
+    """The "mean" cross-entropy (class weights, smoothing, z-loss): on the GPU from device logits and
+    device labels (all on the device, a 0-d device result), on the CPU from the host arrays."""
+    kw = dict(weight=w, label_smoothing=0.1, z_loss=1e-4)
+    if backend == "cpu":
+        return fl.cross_entropy(x, y, backend="cpu", **kw)
+    from numba import cuda
+    dx = cuda.to_device(x.view(np.dtype("V2")) if x.dtype == BF16 else x)    # "<V2": bfloat16 on the device
+    return fl.cross_entropy(dx, cuda.to_device(y.astype(np.int32)), **kw)
+
+
+def run(V_list=None, rows=None, seed=0, sample_shape=None, dtypes=tuple(DTYPES)):
+    """A list of {op, dtype, V, max_diff, ok}. sample_shape: (rows, V) of the sampling check."""
     sim = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
     V_list = V_list or ([127, 129] if sim else [127, 128, 129, 1025, 32000, 128256])
     rows = rows or (2 if sim else 64)
     rng = np.random.default_rng(seed)
     out = []
-    for dtype in DTYPES:
+    for dtype in dtypes:
         for V in V_list:
             x = _rows(rng, V, dtype, rows)
             y = rng.integers(0, V, x.shape[0])
             t = rng.uniform(0.5, 2.0, x.shape[0])
+            w = rng.uniform(0.5, 2.0, V)
             calls = {
                 "logsumexp": lambda b, x=x, t=t: fl.logsumexp(x, temperature=t, backend=b),
                 "entropy": lambda b, x=x: fl.entropy(x, backend=b),
@@ -115,6 +129,8 @@ def run(V_list=None, rows=None, seed=0):
                 "log_softmax": lambda b, x=x: fl.log_softmax(x, backend=b),
                 "cross_entropy": lambda b, x=x, y=y: fl.cross_entropy(x, y, reduction="none", backend=b,
                                                                       label_smoothing=0.1),
+                # the random rows (the edge rows would make it NaN) as device arrays
+                "cross_entropy_mean_device": lambda b, x=x, y=y, w=w: _ce_mean(b, x[:rows], y[:rows], w),
                 "argmax": lambda b, x=x: fl.argmax(x, backend=b),
                 "top_k_indices": lambda b, x=x: fl.top_k(x, 5, backend=b)[1],
                 "top_k_logprobs": lambda b, x=x: fl.top_k_logprobs(x, 5, backend=b)[0],
@@ -125,11 +141,12 @@ def run(V_list=None, rows=None, seed=0):
                     warnings.simplefilter("ignore", RuntimeWarning)
                     got = call("gpu")
                 out_dtype = dtype if op in ("softmax", "log_softmax") else None
-                diff, ok = _compare(op, got, want, x, dtype, out_dtype)
+                xs = x[:rows] if op == "cross_entropy_mean_device" else x     # (its tolerance's scale)
+                diff, ok = _compare(op, got, want, xs, dtype, out_dtype)
                 out.append({"op": op, "dtype": dtype, "V": V, "max_diff": diff, "ok": ok})
     # sampling: the same tokens (the share of (row, seed) pairs, each drawing 4 samples)
-    srows, sV = (16, 129) if sim else (4096, 32000)
-    for dtype in ("float32", "bfloat16"):
+    srows, sV = sample_shape or ((16, 129) if sim else (4096, 32000))
+    for dtype in [d for d in ("float32", "bfloat16") if d in dtypes]:
         x, kw = sample_inputs(rng, srows, sV, dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)

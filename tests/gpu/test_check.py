@@ -1,0 +1,45 @@
+"""`fastlogits check` (fastlogits/check.py) under the simulator, on small shapes: every operation and dtype
+is compared and passes; a GPU result that is off is reported as failing, by the table and the exit status."""
+import argparse
+import functools
+
+import numpy as np
+import pytest
+
+import fastlogits as fl
+from fastlogits import check
+
+OPS = {"logsumexp", "entropy", "softmax", "log_softmax", "cross_entropy", "cross_entropy_mean_device",
+       "argmax", "top_k_indices", "top_k_logprobs", "sample"}
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def test_check_compares_every_op_and_dtype(gpu, rng):
+    res = check.run(V_list=[37], rows=1, sample_shape=(3, 37), seed=int(rng.integers(2**32)))
+    assert {r["op"] for r in res} == OPS
+    assert {r["dtype"] for r in res} == set(check.DTYPES)
+    assert [r for r in res if not r["ok"]] == []
+    ce = [r for r in res if r["op"] == "cross_entropy_mean_device"]
+    assert len(ce) == 4 and all(np.isfinite(r["max_diff"]) for r in ce)
+
+
+@pytest.mark.parametrize("op", ["logsumexp", "cross_entropy"])
+def test_check_reports_a_wrong_gpu_result(gpu, monkeypatch, capsys, op):
+    real = getattr(fl, op)
+
+    def off(*args, backend=None, **kw):       # the GPU's result, 1e-3 relative too large
+        r = real(*args, backend=backend, **kw)
+        if backend == "cpu":
+            return r
+        host = r.copy_to_host() if hasattr(r, "copy_to_host") else np.asarray(r)
+        return host * (1 + 1e-3)
+
+    monkeypatch.setattr(fl, op, off)
+    monkeypatch.setattr(check, "run", functools.partial(check.run, V_list=[37], rows=1, sample_shape=(2, 37),
+                                                         dtypes=("float32",)))
+    assert check.main(argparse.Namespace(json=False)) == 1
+    table = capsys.readouterr().out
+    failing = {line.split("|")[1].strip() for line in table.splitlines() if line.endswith("FAIL |")}
+    assert failing == ({op, "cross_entropy_mean_device"} if op == "cross_entropy" else {op})
+    assert "passed, " in table and " failed" in table
