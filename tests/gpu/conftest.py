@@ -8,6 +8,7 @@ subprocess without the simulator, so it needs no GPU either.
 
 import os
 import sys
+import threading
 
 import pytest
 
@@ -49,6 +50,46 @@ def _fast_simulator_switching():
     sys.setswitchinterval(5e-4)
     yield
     sys.setswitchinterval(old)
+
+
+@pytest.fixture(autouse=True, scope="package")
+def _atomic_simulator_shared_arrays():
+    """The simulator's cuda.shared.array (FakeCUDAShared.array, numba-cuda 0.30) creates a block's array
+    on the first call from a source line with a get, then a set, of a dict shared by the block's Python
+    threads: two threads can both miss and get different arrays, so that one thread's shared writes are
+    lost to the rest. It happens only in the first block of a launch (the dict is kept for the later
+    ones); a top-k test once saw row 0 come out wrong from it. Here the get-or-create is atomic, keyed by
+    the calling line as numba-cuda keys it. Restored afterwards; nothing changes on a real GPU."""
+    from numba.core import config
+
+    if not config.ENABLE_CUDASIM:
+        yield
+        return
+    import numpy as np
+    from numba.core import types as numba_types
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+
+    cls = kernelapi.FakeCUDAShared
+    original = cls.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:      # dynamic shared memory, or numba's error
+            return original(self, shape, dtype, alignment)
+        if isinstance(dtype, numba_types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        frame = sys._getframe(1)
+        caller = (frame.f_code.co_filename, frame.f_lineno)
+        with lock:
+            res = self._allocations.get(caller)
+            if res is None:
+                res = self._allocations[caller] = np.empty(shape, dtype)
+        return res
+
+    cls.array = array
+    yield
+    cls.array = original
 
 
 REPORT = []     # lines for the terminal summary: agreement rates the GPU tests measured
