@@ -418,16 +418,15 @@ def softmax(x, dtype, temperature, softcap, log, out, out_dtype, chunk, threads)
     bf16 = out_dtype == "bfloat16"
     kd = np.dtype(np.uint16) if bf16 else _NP[out_dtype]
     mapk = kern.softmax_map_bf16 if bf16 else kern.softmax_map
+    if out_dev:        # the caller's device array, as the map writes it (bfloat16 as its bits)
+        dv = _device_view(out)
+        dv = dv if np.dtype(dv.dtype) == kd else dv.view(kd)
     for blk in _blocks(x, dtype, temperature):
         pm, ps, pt = _stats(blk, kern, softcap, K.LSE, w, chunk)
         lse_ = blk.array(blk.rows, np.float64, "lse")
         blk.launch(K.stats_finish, *_grid1(blk.rows))(pm, ps, pt, K.LSE, lse_)
         nseg, seglen = _segments(blk.rows, blk.V, chunk)
-        if out_dev:        # the caller's device array, this block's rows of it
-            dv = _device_view(out)
-            y = (dv if np.dtype(dv.dtype) == kd else dv.view(kd))[blk.sl]
-        else:
-            y = blk.array((blk.rows, blk.V), kd)
+        y = dv[blk.sl] if out_dev else blk.array((blk.rows, blk.V), kd)
         if blk.V:
             blk.launch(mapk, (blk.rows, nseg))(blk.d, blk.dtemp, float(softcap), seglen, pm, ps, bool(log), y)
         if not out_dev:

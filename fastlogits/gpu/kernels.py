@@ -72,19 +72,36 @@ def _load_f64(x, r, j):
     return np.float64(x[r, j])
 
 
+# ---- float32 bit casts (the simulator has no libdevice: a NumPy view gives the same bits) ----------------
+
 if config.ENABLE_CUDASIM:
     @cuda.jit(device=True)
-    def _load_bf16(x, r, j):
-        # the GPU's shift into a float32's high half, its bit cast done by a NumPy view (the simulator has
-        # no libdevice)
-        return np.array(np.uint32(x[r, j]) << np.uint32(16), np.uint32).view(np.float32)[()]
+    def f32_bits(y):
+        """The bits of float32(y), as uint32."""
+        return np.array(y, np.float32).view(np.uint32)[()]
+
+    @cuda.jit(device=True)
+    def f32_from_bits(b):
+        """The float32 whose bits are the low 32 of b."""
+        return np.array(b, np.uint32).view(np.float32)[()]
 else:
     from numba.cuda import libdevice
 
     @cuda.jit(device=True)
-    def _load_bf16(x, r, j):
-        # bfloat16 is the high half of a float32: one shift and a reinterpretation (shl.b32 in PTX)
-        return libdevice.int_as_float(np.int32(np.uint32(x[r, j]) << np.uint32(16)))
+    def f32_bits(y):
+        """The bits of float32(y), as uint32."""
+        return np.uint32(libdevice.float_as_int(np.float32(y)))
+
+    @cuda.jit(device=True)
+    def f32_from_bits(b):
+        """The float32 whose bits are the low 32 of b."""
+        return libdevice.int_as_float(np.int32(np.uint32(b)))
+
+
+@cuda.jit(device=True)
+def _load_bf16(x, r, j):
+    # bfloat16 is the high half of a float32: one shift and a reinterpretation (shl.b32 in PTX)
+    return f32_from_bits(np.uint32(x[r, j]) << np.uint32(16))
 
 
 _LOADS = {"float16": (_load_f16, np.float32), "bfloat16": (_load_bf16, np.float32),
@@ -96,18 +113,6 @@ _LOADS = {"float16": (_load_f16, np.float32), "bfloat16": (_load_bf16, np.float3
 @cuda.jit(device=True)
 def store_value(out, r, j, y):
     out[r, j] = y
-
-
-if config.ENABLE_CUDASIM:
-    @cuda.jit(device=True)
-    def f32_bits(y):
-        """The bits of float32(y), as uint32 (a NumPy view: the simulator has no libdevice)."""
-        return np.array(y, np.float32).view(np.uint32)[()]
-else:
-    @cuda.jit(device=True)
-    def f32_bits(y):
-        """The bits of float32(y), as uint32."""
-        return np.uint32(libdevice.float_as_int(np.float32(y)))
 
 
 @cuda.jit(device=True)

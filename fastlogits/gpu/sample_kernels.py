@@ -114,10 +114,6 @@ def _bits32(v):
 if config.ENABLE_CUDASIM:
     # the simulator has no libdevice; NumPy views give the same bits
     @cuda.jit(device=True)
-    def _from_bits32(b):
-        return np.array(b, np.uint32).view(np.float32)[()]
-
-    @cuda.jit(device=True)
     def _bits64(v):
         return np.array(v, np.float64).view(np.uint64)[()]
 
@@ -126,10 +122,6 @@ if config.ENABLE_CUDASIM:
         return np.array(b, np.uint64).view(np.float64)[()]
 else:
     from numba.cuda import libdevice
-
-    @cuda.jit(device=True)
-    def _from_bits32(b):
-        return libdevice.int_as_float(np.int32(np.uint32(b)))
 
     @cuda.jit(device=True)
     def _bits64(v):
@@ -152,8 +144,8 @@ def key32(v):
 @cuda.jit(device=True)
 def value32(key):
     if key & SIGN32:
-        return _from_bits32(key & LOW31)
-    return _from_bits32((~key) & MASK32)
+        return K.f32_from_bits(key & LOW31)
+    return K.f32_from_bits((~key) & MASK32)
 
 
 @cuda.jit(device=True)
