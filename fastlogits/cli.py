@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 
@@ -18,7 +19,7 @@ import fastlogits as fl
 
 def _add_common(p):
     p.add_argument("--backend", choices=["cpu", "gpu"], default=None, help="backend (default: cpu)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_positive, default=None,
                    help="CPU threads (default: all cores, or FASTLOGITS_NUM_THREADS)")
     p.add_argument("--memory", default=None, help="memory budget, e.g. 256MiB (default: 256MiB)")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on standard output")
@@ -29,7 +30,7 @@ def _add_input(p):
                    "or - for raw rows on standard input")
     p.add_argument("--dtype", default=None, help="element type of raw input, or bfloat16 to re-declare a |V2 "
                    ".npy file")
-    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (raw input)")
+    p.add_argument("--vocab", type=_positive, default=None, help="vocabulary size (raw input)")
     p.add_argument("--tensor", default=None, help="which tensor of a .safetensors file")
 
 
@@ -63,11 +64,32 @@ def _common_kw(args):
     return {"backend": args.backend, "threads": args.threads}
 
 
+def _json_value(v):
+    """v for strict JSON (RFC 8259 has no NaN or infinity): a non-finite float becomes null."""
+    if isinstance(v, dict):
+        return {k: _json_value(u) for k, u in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_value(u) for u in v]
+    if isinstance(v, (float, np.floating)):
+        return float(v) if np.isfinite(v) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
 def _emit(args, summary, lines):
     if args.json:
-        print(json.dumps(summary, indent=1, default=float))
+        print(json.dumps(_json_value(summary), indent=1, allow_nan=False))
     else:
         print("\n".join(lines))
+
+
+_PER_ROW = (".npy", ".csv", ".jsonl")
+
+
+def _check_per_row_path(path):
+    if not path.endswith(_PER_ROW):
+        raise ValueError(f"{path}: per-row output must end in .npy, .csv or .jsonl")
 
 
 def write_rows(path, columns):
@@ -75,6 +97,7 @@ def write_rows(path, columns):
     renamed when complete."""
     from fastlogits.stream.run import atomic_output
 
+    _check_per_row_path(path)
     names = list(columns)
     arrays = [np.asarray(columns[n]) for n in names]
     rows = arrays[0].shape[0]
@@ -98,16 +121,23 @@ def write_rows(path, columns):
         elif path.endswith(".jsonl"):
             with open(tmp, "w") as f:
                 for i in range(rows):
-                    f.write(json.dumps({n: a[i].tolist() for n, a in zip(names, arrays)}) + "\n")
-        else:
-            raise ValueError(f"{path}: per-row output must end in .npy, .csv or .jsonl")
+                    f.write(json.dumps({n: _json_value(a[i].tolist()) for n, a in zip(names, arrays)},
+                                       allow_nan=False) + "\n")
 
 
 def _load_labels(path, rows):
-    if path.endswith(".npy"):
-        y = np.load(path, allow_pickle=False)
-    else:
-        y = np.loadtxt(path, dtype=np.int64, ndmin=1)
+    try:
+        if path.endswith(".npy"):
+            y = np.load(path, allow_pickle=False)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")      # an empty file: an empty array, not a warning
+                y = np.loadtxt(path, dtype=np.int64, ndmin=1)
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read labels (.npy of integers, or text with one per line): "
+                         f"{e}") from None
     if y.dtype.kind not in "iu":
         raise ValueError(f"{path}: labels must be integers, found {y.dtype}")
     y = y.reshape(-1)
@@ -129,6 +159,8 @@ def cmd_info(args):
 def cmd_stats(args):
     from fastlogits.stream import run
 
+    if args.per_row:
+        _check_per_row_path(args.per_row)       # before the pass, not after it
     src = _open(args)
     labels = _load_labels(args.labels, src.rows) if args.labels else None
     bar = _Bar(src.rows, "stats")
@@ -151,7 +183,8 @@ def cmd_stats(args):
         lines.append(f"  mean NLL      {mean_nll:.4f} nats over {n} rows   "
                      f"perplexity {summary['perplexity']:.3f}")
         lines.append(f"  accuracy      {summary['accuracy']:.4f}")
-    lines.append(f"  mean entropy  {summary['mean_entropy']:.4f} nats")
+    if st["rows"]:
+        lines.append(f"  mean entropy  {summary['mean_entropy']:.4f} nats")
     if args.per_row:
         cols = {"argmax": st["argmax"], "entropy": st["entropy"]}
         if labels is not None:
@@ -227,7 +260,8 @@ def cmd_demo(args):
             st = run.stats(src, labels, threads=args.threads, progress=bar)
         finally:
             secs = bar.close()
-        lp, top = fl.top_k_logprobs(src.read(0, 1), 5, threads=args.threads)
+        k = min(5, vocab)
+        lp, top = fl.top_k_logprobs(src.read(0, 1), k, threads=args.threads)
         size = os.path.getsize(path)
     mean_nll = float(np.mean(st["nll"]))
     summary = {"rows": rows, "vocab": vocab, "dtype": "bfloat16", "bytes": size,
@@ -242,7 +276,7 @@ def cmd_demo(args):
         f"  mean NLL      {mean_nll:.4f} nats   perplexity {summary['perplexity']:.1f}",
         f"  accuracy      {summary['accuracy']:.4f}",
         f"  mean entropy  {summary['mean_entropy']:.4f} nats",
-        f"  row 0's top-5 tokens {top[0].tolist()} with probabilities "
+        f"  row 0's top-{k} tokens {top[0].tolist()} with probabilities "
         f"{[round(float(p), 4) for p in np.exp(lp[0])]}",
         f"  one pass (cross-entropy, entropy, argmax) in {secs:.3f} s: {summary['GB/s']:.2f} GB/s "
         f"[simd={summary['config']['simd']}, threads={summary['config']['threads']}]",
@@ -286,15 +320,32 @@ def cmd_bench(args):
     return bench.main(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (the usage is one --help away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive(text):
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="fastlogits", description="Fast operations on neural-network logits.")
+    p = _Parser(prog="fastlogits", description="Fast operations on neural-network logits.")
     p.add_argument("--version", action="version", version=f"fastlogits {fl.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="write a synthetic dump with labels and stream it: NLL, perplexity, ...")
     _add_common(d)
-    d.add_argument("--rows", type=int, default=2048)
-    d.add_argument("--vocab", type=int, default=32000)
+    d.add_argument("--rows", type=_positive, default=2048)
+    d.add_argument("--vocab", type=_positive, default=32000)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
 
@@ -326,7 +377,7 @@ def build_parser():
     _add_input(k)
     k.add_argument("output", help="output: .npy, .csv or .jsonl")
     _add_common(k)
-    k.add_argument("-k", type=int, default=5)
+    k.add_argument("-k", type=_positive, default=5)
     k.add_argument("--temperature", type=float, default=1.0)
     k.set_defaults(func=cmd_topk)
 
@@ -339,7 +390,7 @@ def build_parser():
     sm.add_argument("--top-p", type=float, default=None)
     sm.add_argument("--min-p", type=float, default=None)
     sm.add_argument("--seed", type=int, default=None, help="the same seed gives the same tokens")
-    sm.add_argument("--num-samples", type=int, default=1)
+    sm.add_argument("--num-samples", type=_positive, default=1)
     sm.add_argument("--logprobs", action="store_true", help="also each token's log-probability and rank")
     sm.set_defaults(func=cmd_sample)
 
@@ -349,14 +400,14 @@ def build_parser():
 
     b = sub.add_parser("bench", help="fastlogits against NumPy/SciPy and PyTorch, with the read ceiling")
     _add_common(b)
-    b.add_argument("--rows", type=int, default=512)
-    b.add_argument("--vocab", type=int, default=128256)
+    b.add_argument("--rows", type=_positive, default=512)
+    b.add_argument("--vocab", type=_positive, default=128256)
     b.add_argument("--ops", nargs="+", default=["logsumexp", "cross_entropy", "softmax", "entropy"],
                    choices=["logsumexp", "cross_entropy", "softmax", "log_softmax", "entropy", "argmax",
                             "top_k"])
     b.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16"],
                    choices=["float16", "bfloat16", "float32", "float64"])
-    b.add_argument("--repeat", type=int, default=5)
+    b.add_argument("--repeat", type=_positive, default=5)
     b.add_argument("--no-peers", action="store_true", help="skip NumPy/SciPy and PyTorch")
     b.set_defaults(func=cmd_bench)
     return p
@@ -364,9 +415,6 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if getattr(args, "threads", None) is not None and args.threads < 1:
-        print(f"fastlogits {args.command}: error: --threads must be a positive integer", file=sys.stderr)
-        return 2
     try:
         if args.backend is not None:
             fl.set_backend(args.backend)
@@ -381,6 +429,7 @@ def main(argv=None):
         return 0
     except (ValueError, TypeError, IndexError, RuntimeError, OSError, MemoryError, KeyError) as e:
         msg = str(e) or type(e).__name__
+        msg = msg.removeprefix("fastlogits: ")
         if isinstance(e, FileNotFoundError) and e.filename:
             msg = f"{e.filename}: no such file"
         print(f"fastlogits {args.command}: error: {msg}", file=sys.stderr)

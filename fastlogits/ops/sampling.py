@@ -250,8 +250,9 @@ def _sample_source(src, temperature, top_k, top_p, min_p, seed, ns, logprobs, kw
         arg.check_rows(rows)
     lead = lead_all if lead_all is not None else (rows,)
     shape = lead + ((ns,) if ns > 1 else ())
+    lp_dtype = np.float64 if src.dtype == "float64" else np.float32
     cat = [np.concatenate([pt[j] for pt in parts]) if parts else
-           np.empty((0, ns), (np.int64, np.float32, np.int64)[j]) for j in range(3 if logprobs else 1)]
+           np.empty((0, ns), (np.int64, lp_dtype, np.int64)[j]) for j in range(3 if logprobs else 1)]
 
     def fit(a):
         a = a.reshape(shape)

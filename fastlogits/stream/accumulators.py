@@ -30,9 +30,18 @@ class CrossEntropyState(NamedTuple):
     columns: int         # number of vocabulary columns folded in
 
 
+def _row_state(value, rows, name, dtype=np.float64):
+    """One field of another accumulator's state, as a C-contiguous array of one value per row."""
+    a = np.ascontiguousarray(value, dtype=dtype)
+    if a.shape != (rows,):
+        raise ValueError(f"merge: the other state's {name} must have one value per row, shape ({rows},), got "
+                         f"shape {a.shape}")
+    return a
+
+
 def _merge_lse(m, s, m2, s2):
-    _reduce.merge_lse_states(m, s, np.ascontiguousarray(m2, dtype=np.float64),
-                             np.ascontiguousarray(s2, dtype=np.float64))
+    rows = m.shape[0]
+    _reduce.merge_lse_states(m, s, _row_state(m2, rows, "m"), _row_state(s2, rows, "s"))
 
 
 class _Base:
@@ -47,20 +56,54 @@ class _Base:
         self.m = np.full(self.rows, -np.inf)
         self.s = np.zeros(self.rows)
         self.columns = 0
+        # the column ranges folded in, as sorted [start, end) pairs; None once a bare state of unknown
+        # columns was merged. Folding a column twice would count it twice, so an overlap raises.
+        self.ranges = []
+        # checks temperature and softcap now, not at the first update
+        prepare(np.zeros((self.rows, 0), np.float32), temperature=temperature, softcap=softcap,
+                backend="cpu", threads=threads, chunk_size=chunk_size)
 
-    def _fold(self, chunk, start, weight=None, want_sum=False):
-        """The chunk's row states (m, s, sum) after the usual checks."""
+    def _check_chunk(self, chunk, start):
+        """chunk as an array of shape (rows, c) and start as an int, after the usual checks."""
         x = as_array(chunk, argname="chunk")
         if x.ndim != 2 or x.shape[0] != self.rows:
             raise ValueError(f"chunk must have shape (rows, c) = ({self.rows}, c), got {x.shape}")
         if isinstance(start, bool) or not hasattr(start, "__index__") or int(start) < 0:
             raise ValueError(f"start must be a non-negative integer column index, got {start!r}")
+        return x, int(start)
+
+    def _cover(self, ranges):
+        """Record that the columns of `ranges` ([start, end) pairs; None: unknown) were folded in."""
+        if ranges is None or self.ranges is None:
+            self.ranges = None
+            return
+        merged = sorted(self.ranges + [r for r in ranges if r[1] > r[0]])
+        for (a0, a1), (b0, b1) in zip(merged, merged[1:]):
+            if b0 < a1:
+                raise ValueError(f"columns {max(a0, b0)}:{min(a1, b1)} were already folded in (once in "
+                                 f"columns {a0}:{a1}, again in {b0}:{b1}); each column must be folded in "
+                                 "once")
+        out = []
+        for a, b in merged:   # keep the list short: join touching ranges
+            if out and out[-1][1] == a:
+                out[-1] = (out[-1][0], b)
+            else:
+                out.append((a, b))
+        self.ranges = out
+
+    def _fold(self, chunk, start, weight=None, want_sum=False):
+        """The chunk's row states (m, s, sum) after the usual checks."""
+        x, start = self._check_chunk(chunk, start)
+        if weight is not None and start + x.shape[1] > weight.shape[0]:
+            raise ValueError(f"weight has {weight.shape[0]} values (one per class), but columns "
+                             f"{start}:{start + x.shape[1]} were given")
+        self._cover([(start, start + x.shape[1])])
         r = prepare(x, temperature=self._temperature, softcap=self._softcap, backend="cpu",
                     threads=self._threads, chunk_size=self._chunk_size)
         m, s, tot = (np.empty(self.rows) for _ in range(3))
         w = None
         if weight is not None:
-            w = np.ascontiguousarray(weight[int(start):int(start) + x.shape[1]], dtype=compute_dtype(r.dtype))
+            w = np.ascontiguousarray(weight[start:start + x.shape[1]], dtype=compute_dtype(r.dtype))
         _reduce.lse_states(r.x, CODES[r.dtype], r.temperature, r.softcap, w, want_sum, m, s, tot, r.chunk,
                            r.threads)
         self.columns += x.shape[1]
@@ -100,12 +143,12 @@ class LogSumExp(_Base):
     def merge(self, other):
         """Fold in the state of other columns: a LogSumExp, or a (m, s) pair of arrays."""
         m2, s2 = other.state if isinstance(other, LogSumExp) else other
-        m2, s2 = np.asarray(m2, dtype=np.float64), np.asarray(s2, dtype=np.float64)
-        if m2.shape != (self.rows,) or s2.shape != (self.rows,):
-            raise ValueError(f"merge: the other state must have {self.rows} rows, got {m2.shape}")
         _merge_lse(self.m, self.s, m2, s2)
         if isinstance(other, LogSumExp):
+            self._cover(other.ranges)
             self.columns += other.columns
+        else:
+            self._cover(None)
         return self
 
     def result(self):
@@ -135,6 +178,8 @@ class CrossEntropy(_Base):
             i = int(np.argmax((self.labels < 0) & (self.labels != int(ignore_index))))
             raise IndexError(f"labels: label {int(self.labels[i])} at row {i} is out of range")
         self.weight = None if weight is None else np.asarray(weight, dtype=np.float64)
+        if self.weight is not None and self.weight.ndim != 1:
+            raise ValueError(f"weight must be 1-D (one value per class), got shape {self.weight.shape}")
         self.ignore_index = int(ignore_index)
         self.label_smoothing = float(label_smoothing)
         if not 0.0 <= self.label_smoothing <= 1.0:
@@ -167,20 +212,47 @@ class CrossEntropy(_Base):
                                  self.wsum.copy(), self.columns)
 
     def merge(self, other):
-        """Fold in the state of other columns: a CrossEntropy, or a CrossEntropyState."""
-        st = other.state if isinstance(other, CrossEntropy) else CrossEntropyState(*other)
+        """Fold in the state of other columns: a CrossEntropy (of the same labels and options), or a
+        CrossEntropyState."""
+        if isinstance(other, CrossEntropy):
+            self._check_same(other)
+            st = other.state
+        else:
+            st = CrossEntropyState(*other)
+        rows = self.rows
+        found = _row_state(st.found, rows, "found", bool)
+        target = _row_state(st.target, rows, "target")
+        wsum = _row_state(st.wsum, rows, "wsum")
         _merge_lse(self.m, self.s, st.m, st.s)
-        found = np.asarray(st.found, bool)
-        self.target = np.where(found, st.target, self.target)
+        self.target = np.where(found, target, self.target)
         self.found |= found
-        self.wsum += np.asarray(st.wsum, dtype=np.float64)
+        self.wsum += wsum
         self.columns += int(st.columns)
+        self._cover(other.ranges if isinstance(other, CrossEntropy) else None)
         return self
+
+    def _check_same(self, other):
+        if other.rows != self.rows:
+            raise ValueError(f"merge: the other CrossEntropy has {other.rows} rows, this one {self.rows}")
+        for name in ("labels", "weight", "ignore_index", "label_smoothing", "z_loss", "_temperature",
+                     "_softcap"):
+            a, b = getattr(self, name), getattr(other, name)
+            if (a is None) != (b is None) or (a is not None and not np.array_equal(a, b)):
+                raise ValueError(f"merge: the other CrossEntropy has a different {name.lstrip('_')}; only "
+                                 "accumulators of the same labels and options can be merged")
 
     def terms(self):
         """Per-row terms of the loss (see fastlogits.ops.reductions.ce_terms), for callers that reduce
         over many accumulators (streaming)."""
         V = self.columns
+        if self.ranges is not None and self.ranges not in ([], [(0, V)]):
+            ends = [0] + [b for _, b in self.ranges]
+            gap = next((e, a) for e, (a, _) in zip(ends, self.ranges) if a != e)
+            raise ValueError(f"columns {gap[0]}:{gap[1]} were never folded in (folded in: "
+                             f"{', '.join(f'{a}:{b}' for a, b in self.ranges)}); the loss needs every column")
+        if self.weight is not None and self.weight.shape[0] != V:
+            raise ValueError(f"weight has {self.weight.shape[0]} values (one per class), but {V} columns "
+                             "were folded in")
         counted = self.labels != self.ignore_index
         if np.any(counted & (self.labels >= V)):
             i = int(np.argmax(counted & (self.labels >= V)))
@@ -218,9 +290,9 @@ class Entropy(_Base):
         self._h = np.full(self.rows, np.nan)
 
     def update(self, chunk, start=0):
-        x = as_array(chunk, argname="chunk")
-        if x.ndim != 2 or x.shape[0] != self.rows:
-            raise ValueError(f"chunk must have shape (rows, c) = ({self.rows}, c), got {x.shape}")
+        """Fold in columns start .. start + c of every row; chunk has shape (rows, c)."""
+        x, start = self._check_chunk(chunk, start)
+        self._cover([(start, start + x.shape[1])])
         r = prepare(x, temperature=self._temperature, softcap=self._softcap, backend="cpu",
                     threads=self._threads, chunk_size=self._chunk_size)
         m, s, t = (np.empty(self.rows) for _ in range(3))
@@ -256,9 +328,8 @@ class TopK(_Base):
     def update(self, chunk, start=0):
         from fastlogits.ops.selection import _top_k
 
-        x = as_array(chunk, argname="chunk")
-        if x.ndim != 2 or x.shape[0] != self.rows:
-            raise ValueError(f"chunk must have shape (rows, c) = ({self.rows}, c), got {x.shape}")
+        x, start = self._check_chunk(chunk, start)
+        self._cover([(start, start + x.shape[1])])
         # values in the compute dtype (not rounded back to a 16-bit input dtype): log-probs come from them
         _, v, i = _top_k(x, min(self.k, x.shape[1]), False, self._temperature, self._softcap, "cpu",
                          self._threads, self._chunk_size)

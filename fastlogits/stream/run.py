@@ -8,8 +8,10 @@ reader thread reads the next block into a second buffer while the kernels work o
 peak memory is set by the budget, not by the dump's size.
 """
 import contextlib
+import math
 import os
 import re
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +41,8 @@ def parse_memory(memory, argname="memory"):
         value = float(memory)
     if not value >= 1 << 16:
         raise ValueError(f"{argname} must be at least 64 KiB, got {memory!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{argname} must be a finite byte count, got {memory!r}")
     return int(value)
 
 
@@ -134,21 +138,68 @@ def column_chunks(source, cols):
             return read
         order = ((i, c0) for i in range(source.rows) for c0 in range(0, source.V, cols))
         yield from _ahead(reader(k, i, c0) for k, (i, c0) in enumerate(order))
-    else:
+    elif hasattr(source, "chunks"):      # standard input: read a row chunk by chunk
+        chunks = source.chunks(cols)
+
+        def reads():
+            while True:
+                yield lambda: next(chunks, None)
+        yield from _ahead(reads())
+    else:                                # an iterable: its blocks are in memory already
         for r0, block in row_blocks(source, 1):
             for i in range(block.shape[0]):
                 for c0 in range(0, block.shape[1], cols):
                     yield r0 + i, c0, block[i:i + 1, c0:c0 + cols]
 
 
+def single_rows(source, cols):
+    """(i, one-row random-access source) for every row, for work that reads a row twice (the two passes
+    of a map): rows of random-access sources are read where they are, a row of an iterable is in memory
+    already, and a row from standard input is spooled to a temporary file first (bounded memory)."""
+    from fastlogits.stream.sources import ArraySource, open_raw
+
+    if source.random_access:
+        for i in range(source.rows):
+            yield i, _RowView(source, i)
+    elif hasattr(source, "chunks"):
+        with tempfile.TemporaryDirectory(prefix="fastlogits-spool-") as folder:
+            path = os.path.join(folder, "row.raw")
+
+            def spooled(f):
+                f.close()
+                return open_raw(path, source.dtype, source.V)
+
+            f, row = None, -1
+            for i, c0, chunk in column_chunks(source, cols):
+                if c0 == 0:
+                    if f is not None:
+                        with spooled(f) as spool:
+                            yield row, spool
+                    f, row = open(path, "wb"), i  # noqa: SIM115 - closed when the row is complete
+                f.write(_bytes(chunk))
+            if f is not None:
+                with spooled(f) as spool:
+                    yield row, spool
+    else:
+        for r0, block in row_blocks(source, 1):
+            for i in range(block.shape[0]):
+                yield r0 + i, ArraySource(block[i:i + 1])
+
+
+def _bytes(a):
+    """The bytes of an array, C-ordered, as a buffer (no copy when it is contiguous already)."""
+    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+
+
 class RowArg:
     """A per-row argument of a streamed call (temperature, labels): a scalar, or one value per row,
     sliced block by block."""
 
-    def __init__(self, value, name, source, dtype=np.float64):
+    def __init__(self, value, name, source, dtype=np.float64, per_row=False):
         self.name = name
         a = np.asarray(value)
-        self.scalar = a.ndim == 0
+        # per_row (labels): a 0-d value is the one row's value of a 1-D source, else never a broadcast
+        self.scalar = a.ndim == 0 and not (per_row and tuple(source.shape[:-1]) == ())
         if not self.scalar:
             lead = tuple(source.shape[:-1])
             if source.shape[0] is not None and a.shape != lead:
@@ -239,7 +290,8 @@ def reduce(op, source, kw, memory=None, progress=None):
     lead = _lead(source, rows)
     if op in ("top_k", "top_k_logprobs"):
         k = kw["k"]
-        vals = np.concatenate([v for v, _ in parts]) if parts else np.empty((0, k))
+        vdt = NP_DTYPES[source.dtype] if op == "top_k" else _result_dtype(source, op)
+        vals = np.concatenate([v for v, _ in parts]) if parts else np.empty((0, k), vdt)
         idx = np.concatenate([i for _, i in parts]) if parts else np.empty((0, k), np.int64)
         return vals.reshape(lead + (k,)), idx.reshape(lead + (k,))
     out = np.concatenate(parts) if parts else np.empty(0, _result_dtype(source, op))
@@ -276,7 +328,7 @@ def cross_entropy(source, labels, kw, memory=None, progress=None):
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
     temp = RowArg(kw.pop("temperature", 1.0), "temperature", source)
-    lab = RowArg(labels, "labels", source, dtype=None)
+    lab = RowArg(labels, "labels", source, dtype=None, per_row=True)
     if lab.scalar or lab.value.dtype.kind not in "iu":
         raise TypeError(f"labels must be an integer array with one class index per row, got {labels!r}")
     progress = progress or Progress()
@@ -316,7 +368,8 @@ def cross_entropy(source, labels, kw, memory=None, progress=None):
     rdt = _result_dtype(source, "cross_entropy")
     if reduction == "none":
         out = np.concatenate(per_row) if per_row else np.empty(0)
-        return out.astype(rdt).reshape(_lead(source, rows))
+        out = out.astype(rdt).reshape(_lead(source, rows))
+        return out if out.ndim else out[()]
     return rdt.type(ce_total(sums[0], sums[1], sums[2], count, reduction))
 
 
@@ -329,7 +382,10 @@ def softmax(source, log, out, kw, memory=None, progress=None):
     from fastlogits.stream.accumulators import LogSumExp
 
     kw = dict(kw)
-    out_name = dtype_name(kw.pop("dtype", None) or source.dtype)
+    dtype, argname = kw.pop("dtype", None), "dtype"
+    if dtype is None and isinstance(out, np.ndarray):
+        dtype, argname = out.dtype, "out"   # as the in-memory maps: an out array sets the result's dtype
+    out_name = dtype_name(dtype or source.dtype, argname)
     temp = RowArg(kw.pop("temperature", 1.0), "temperature", source)
     progress = progress or Progress()
     if out is None:
@@ -345,15 +401,18 @@ def softmax(source, log, out, kw, memory=None, progress=None):
                 progress(block.shape[0], block.nbytes)
         else:
             common = {k: kw.get(k) for k in ("softcap", "threads", "chunk_size")}
-            for i in range(source.rows):
+            # a read-once source is spooled through two more input buffers: half the chunk fits the budget
+            cols = p.cols if source.random_access else max(1, p.cols // 2)
+            ybuf = np.empty((1, cols), NP_DTYPES[out_name])
+            for i, row in single_rows(source, cols):
                 t = temp.block(i, i + 1)
                 acc = LogSumExp(1, temperature=t, **common)
-                for _, c0, chunk in column_chunks(_RowView(source, i), p.cols):
+                for _, c0, chunk in column_chunks(row, cols):
                     acc.update(chunk, c0)
                 state = (acc.m, acc.s)
-                for _, c0, chunk in column_chunks(_RowView(source, i), p.cols):
+                for _, c0, chunk in column_chunks(row, cols):
                     r = prepare(chunk, temperature=t, backend="cpu", **common)
-                    y = np.empty(chunk.shape, NP_DTYPES[out_name])
+                    y = ybuf[:, :chunk.shape[1]]
                     _maps.softmax(r.x, _code(r.dtype), r.temperature, r.softcap, y, _code(out_name), log,
                                   r.chunk, r.threads, state)
                     sink.write(i, c0, y)
@@ -399,7 +458,7 @@ class _Sink:
             self.result = out
         elif isinstance(out, (str, os.PathLike)):
             self.path = os.fspath(out)
-            self.npy = self.path.endswith(".npy")
+            self.npy = self.path.lower().endswith(".npy")
             self.lead = None if source.shape[0] is None else tuple(source.shape[:-1])
             self.result = self.path
         else:
@@ -411,7 +470,8 @@ class _Sink:
             tmp = self._atomic.__enter__()
             self._f = open(tmp, "wb")  # noqa: SIM115 - closed in __exit__
             if self.npy:
-                self._header_len = _write_npy_header(self._f, self.lead or (0,), self.V, self.dtype)
+                lead = self.lead if self.lead is not None else (0,)   # (0,): rewritten at the end
+                self._header_len = _write_npy_header(self._f, lead, self.V, self.dtype)
         return self
 
     def write(self, r0, c0, block):
@@ -419,7 +479,7 @@ class _Sink:
         if self._array is not None:
             self._array[r0:r0 + block.shape[0], c0:c0 + block.shape[1]] = block
         else:
-            self._f.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
+            self._f.write(_bytes(block.astype(self.dtype, copy=False)))
         if c0 + block.shape[1] >= self.V:
             self.rows = max(self.rows, r0 + block.shape[0])
 
@@ -464,14 +524,20 @@ class _Atomic(contextlib.AbstractContextManager):
         self.tmp = os.path.join(folder, f".{base}.partial-{os.getpid()}-{threading.get_ident()}")
 
     def __enter__(self):
+        folder = os.path.dirname(self.tmp)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{self.path}: cannot write there, no such folder {folder}")
+        if os.path.isdir(self.path):
+            raise IsADirectoryError(f"{self.path}: is a folder; expected the name of the file to write")
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
+        try:
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+        finally:
             with contextlib.suppress(FileNotFoundError):
-                os.remove(self.tmp)
+                os.remove(self.tmp)      # after a rename, nothing is left to remove
         return False
 
 
@@ -489,7 +555,7 @@ def stats(source, labels=None, *, ignore_index=-100, temperature=1.0, softcap=No
 
     source = as_source(source) or ArraySource(np.asarray(source))
     temp = RowArg(temperature, "temperature", source)
-    lab = RowArg(labels, "labels", source, dtype=None) if labels is not None else None
+    lab = RowArg(labels, "labels", source, dtype=None, per_row=True) if labels is not None else None
     if lab is not None and (lab.scalar or lab.value.dtype.kind not in "iu"):
         raise TypeError("labels must be an integer array with one class index per row")
     common = {"softcap": softcap, "threads": threads, "chunk_size": chunk_size}

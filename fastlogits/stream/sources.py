@@ -13,6 +13,7 @@ fill up with a dump larger than memory); a truncated file, a bad header or an un
 :class:`SourceError`, which says what was expected and what was found.
 """
 import builtins
+import itertools
 import json
 import math
 import os
@@ -37,8 +38,9 @@ class _FileSource:
 
     random_access = True
 
-    def __init__(self, path, shape, dtype, offset, fmt):
+    def __init__(self, path, shape, dtype, offset, fmt, byteswap=False):
         self.path = os.fspath(path)
+        self.byteswap = byteswap
         self.shape = tuple(int(d) for d in shape)
         if len(self.shape) == 0:
             raise SourceError(f"{self.path}: expected logits with at least one axis, found a scalar")
@@ -88,6 +90,8 @@ class _FileSource:
         c1 = self.V if c1 is None else c1
         if not (0 <= r0 <= r1 <= self.rows and 0 <= c0 <= c1 <= self.V):
             raise IndexError(f"rows {r0}:{r1}, columns {c0}:{c1} outside shape ({self.rows}, {self.V})")
+        if self._fd is None:
+            raise ValueError(f"{self.path}: this source was closed; open the file again")
         dt = NP_DTYPES[self.dtype]
         shape = (r1 - r0, c1 - c0)
         if out is None or out.shape[0] < shape[0] or out.shape[1] < shape[1] or out.dtype != dt:
@@ -101,6 +105,8 @@ class _FileSource:
             for i in range(shape[0]):
                 row = out[i]
                 self._pread_into(row, self.offset + ((r0 + i) * self.V + c0) * isz)
+        if self.byteswap:
+            out.view(f"u{isz}").byteswap(inplace=True)   # a big-endian file, read into native order
         return out
 
     def blocks(self, max_rows):
@@ -116,7 +122,9 @@ def open_npy(path, dtype=None):
     with builtins.open(path, "rb") as f:
         try:
             version = npf.read_magic(f)
-            read_header = {(1, 0): npf.read_array_header_1_0, (2, 0): npf.read_array_header_2_0}.get(version)
+            # version 3.0 differs from 2.0 only in allowing UTF-8 in the header, which the 2.0 reader reads
+            read_header = {(1, 0): npf.read_array_header_1_0, (2, 0): npf.read_array_header_2_0,
+                           (3, 0): npf.read_array_header_2_0}.get(version)
             if read_header is None:
                 raise ValueError(f"unsupported .npy format version {version}")
             shape, fortran, dt = read_header(f, max_header_size=1 << 20)
@@ -127,6 +135,8 @@ def open_npy(path, dtype=None):
         raise SourceError(f"{path}: expected a C-ordered .npy array, found a Fortran-ordered one")
     if dt.hasobject:
         raise SourceError(f"{path}: expected float logits, found an object array")
+    swap = not dt.isnative and dt.itemsize > 1      # big-endian data: swapped as it is read
+    dt = dt.newbyteorder("=") if swap else dt
     if dtype is not None and dtype_name(dtype) == "bfloat16":
         if dt.itemsize != 2:
             raise SourceError(f"{path}: dtype='bfloat16' re-declares 2-byte data, but the file holds {dt}")
@@ -135,8 +145,6 @@ def open_npy(path, dtype=None):
         if dt.kind == "V" and dt.itemsize == 2:
             raise SourceError(f"{path}: the file holds raw 2-byte values ({dt.str}); if they are bfloat16, "
                               "open it with dtype='bfloat16'")
-        if not dt.isnative and dt.itemsize > 1:
-            raise SourceError(f"{path}: expected native byte order, found {dt.str}")
         if dt == BF16:
             name = "bfloat16"
         else:
@@ -147,18 +155,17 @@ def open_npy(path, dtype=None):
                                   f"{dt}") from None
         if dtype is not None and dtype_name(dtype) != name:
             raise SourceError(f"{path}: dtype={dtype!r} was asked for, but the file holds {name}")
-    return _FileSource(path, shape, name, offset, "npy")
+    return _FileSource(path, shape, name, offset, "npy", byteswap=swap)
 
 
 def open_raw(path, dtype, vocab, offset=0):
     """Raw little-endian rows of `vocab` values of `dtype`, back to back."""
     path = os.fspath(path)
     if dtype is None or vocab is None:
-        raise SourceError(f"{path}: a raw file needs dtype= and vocab= (its rows are not self-describing)")
+        raise SourceError(f"{path}: a raw file needs dtype= and vocab= (--dtype and --vocab on the command "
+                          "line): its rows are not self-describing")
     name = dtype_name(dtype)
-    vocab = int(vocab)
-    if vocab < 1:
-        raise ValueError(f"vocab must be a positive integer, got {vocab}")
+    vocab = check_vocab(vocab)
     size = os.path.getsize(path) - offset
     row_bytes = vocab * _itemsize(name)
     if size % row_bytes:
@@ -201,22 +208,53 @@ def open_safetensors(path, tensor=None):
         tensor = next(iter(tensors))
     if tensor not in tensors:
         raise SourceError(f"{path}: no tensor named {tensor!r}; the file holds: {', '.join(sorted(tensors))}")
-    info = tensors[tensor]
-    try:
-        st_dtype, shape, (b0, b1) = info["dtype"], info["shape"], info["data_offsets"]
-    except (KeyError, TypeError, ValueError):
-        raise SourceError(f"{path}: corrupt safetensors entry for {tensor!r}: {info!r}") from None
-    if st_dtype not in _ST_DTYPES:
-        raise SourceError(f"{path}: tensor {tensor!r} has dtype {st_dtype}; expected one of "
-                          f"{', '.join(_ST_DTYPES)}")
-    name = _ST_DTYPES[st_dtype]
-    need = math.prod(shape) * _itemsize(name)
-    if b1 - b0 != need:
-        raise SourceError(f"{path}: tensor {tensor!r}: shape {shape} of {name} needs {need} bytes, its "
-                          f"offsets span {b1 - b0}")
+    data = size - 8 - n
+    spans = {k: _st_entry(path, k, v) for k, v in tensors.items()}
+    end = 0     # the format's rule: the tensors' data is back to back, no holes, no overlaps
+    for k, (_, _, b0, b1) in sorted(spans.items(), key=lambda kv: kv[1][2:]):
+        if b0 != end:
+            raise SourceError(f"{path}: corrupt safetensors header: tensor {k!r} starts at byte {b0} of the "
+                              f"data, expected {end} (the tensors' data must be back to back)")
+        end = b1
+    if end > data:
+        raise SourceError(f"{path}: truncated safetensors file: its tensors need {end} bytes of data after "
+                          f"the {8 + n}-byte header, found {data}")
+    if end < data:
+        raise SourceError(f"{path}: corrupt safetensors file: {data - end} bytes after the last tensor's "
+                          "data")
+    name, shape, b0, _ = spans[tensor]
     src = _FileSource(path, shape, name, 8 + n + b0, "safetensors")
     src.tensor = tensor
     return src
+
+
+def _st_entry(path, key, info):
+    """(dtype name, shape, begin, end) of one tensor's header entry, checked."""
+    try:
+        st_dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    except (KeyError, TypeError):
+        raise SourceError(f"{path}: corrupt safetensors entry for {key!r} (expected dtype, shape and "
+                          f"data_offsets), found {info!r}") from None
+
+    def ints(v, n=None):
+        return (isinstance(v, list) and (n is None or len(v) == n)
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v))
+
+    if not ints(shape):
+        raise SourceError(f"{path}: corrupt safetensors entry for {key!r}: expected a shape of non-negative "
+                          f"integers, found {shape!r}")
+    if not ints(offsets, 2) or offsets[0] > offsets[1]:
+        raise SourceError(f"{path}: corrupt safetensors entry for {key!r}: expected data_offsets [begin, "
+                          f"end] with 0 <= begin <= end, found {offsets!r}")
+    b0, b1 = offsets
+    if st_dtype not in _ST_DTYPES:      # other tensors of any dtype may share the file; only sizes matter
+        return None, shape, b0, b1
+    name = _ST_DTYPES[st_dtype]
+    need = math.prod(shape) * _itemsize(name)
+    if b1 - b0 != need:
+        raise SourceError(f"{path}: tensor {key!r}: shape {shape} of {name} needs {need} bytes, its "
+                          f"offsets span {b1 - b0}")
+    return name, shape, b0, b1
 
 
 class ArraySource:
@@ -258,6 +296,9 @@ class ArraySource:
     def read(self, r0, r1, c0=0, c1=None, out=None):
         c1 = self.V if c1 is None else c1
         block = np.asarray(self._rows(r0, r1, c0, c1))
+        if block.shape != (r1 - r0, c1 - c0):
+            raise SourceError(f"{type(self.array).__name__}: rows {r0}:{r1}, columns {c0}:{c1} came back "
+                              f"with shape {block.shape}, expected {(r1 - r0, c1 - c0)}")
         if self.dtype == "bfloat16" and block.dtype != BF16:
             block = block.view(BF16)
         return block
@@ -310,7 +351,7 @@ class IterSource:
         if i and b.shape[1] != self.V:
             raise SourceError(f"row block {i}: expected rows of {self.V} values (as the first block), found "
                               f"{b.shape[1]}")
-        if i and (b.dtype == BF16) != (self.dtype == "bfloat16"):
+        if i and b.dtype != NP_DTYPES[self.dtype]:
             raise SourceError(f"row block {i}: expected {self.dtype} (as the first block), found {b.dtype}")
         return b
 
@@ -334,44 +375,95 @@ class IterSource:
                 block = None
 
 
-class StdinSource(IterSource):
-    """Raw rows on a binary stream (standard input by default): `vocab` values of `dtype` each."""
+class StdinSource:
+    """Raw rows on a binary stream (standard input by default): `vocab` values of `dtype` each, read once,
+    in order, into two buffers that alternate (a block or chunk is valid until the next one after it is
+    read), sized by the caller's plan: row blocks, or column chunks of one row when a row does not fit."""
 
+    random_access = False
     format = "stdin"
+    nbytes = None
 
-    def __init__(self, dtype, vocab, stream=None, block_rows=256):
+    def __init__(self, dtype, vocab, stream=None):
         if dtype is None or vocab is None:
-            raise SourceError("reading raw rows from standard input needs dtype= and vocab=")
-        name = dtype_name(dtype)
+            raise SourceError("reading raw rows from standard input needs dtype= and vocab= (--dtype and "
+                              "--vocab on the command line)")
+        self.dtype = dtype_name(dtype)
+        self.V = check_vocab(vocab)
+        self.shape = (None, self.V)
+        self.rows = None
         self.stream = stream if stream is not None else sys.stdin.buffer
-        self._row_bytes = int(vocab) * _itemsize(name)
-        self._name = name
-        self._block_rows = block_rows
-        super().__init__(self._read_blocks(), dtype=name, vocab=vocab)
+        self._isz = _itemsize(self.dtype)
+        self._total = 0
+        self._used = False
 
-    def _read_blocks(self):
-        dt = NP_DTYPES[self._name]
-        total = 0
-        while True:
-            want = self._row_bytes * self._block_rows
-            buf = bytearray(want)
-            view = memoryview(buf)
-            got = 0
-            while got < want:
-                n = self.stream.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-            total += got
-            if got % self._row_bytes:
-                raise SourceError(f"standard input: {total} bytes is not a whole number of rows of "
-                                  f"{self._row_bytes // dt.itemsize} {self._name} values ({self._row_bytes} "
-                                  f"bytes each): {got % self._row_bytes} bytes left over")
-            if got:
-                vocab = self._row_bytes // dt.itemsize
-                yield np.frombuffer(buf, dt, count=got // dt.itemsize).reshape(-1, vocab)
-            if got < want:
+    def __repr__(self):
+        return f"<fastlogits source stdin V={self.V} dtype={self.dtype}>"
+
+    def _start(self):
+        if self._used:
+            raise SourceError("standard input was already read; a source of this kind is read once")
+        self._used = True
+        self.rows = 0
+
+    def _fill(self, buf):
+        """Read into buf (an array) until it is full or the stream ends; the number of bytes read."""
+        view = memoryview(buf.reshape(-1).view(np.uint8))
+        got = 0
+        while got < len(view):
+            n = self.stream.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        self._total += got
+        return got
+
+    def _left_over(self, extra):
+        row_bytes = self.V * self._isz
+        return SourceError(f"standard input: {self._total} bytes is not a whole number of rows of {self.V} "
+                           f"{self.dtype} values ({row_bytes} bytes each): {extra} bytes left over")
+
+    def blocks(self, max_rows):
+        self._start()
+        row_bytes = self.V * self._isz
+        bufs = [np.empty((max_rows, self.V), NP_DTYPES[self.dtype]) for _ in range(2)]
+        for k in itertools.count():
+            buf = bufs[k % 2]
+            got = self._fill(buf)
+            if got % row_bytes:
+                raise self._left_over(got % row_bytes)
+            n = got // row_bytes
+            if n:
+                self.rows += n
+                yield buf[:n]
+            if n < max_rows:
                 return
+
+    def chunks(self, cols):
+        """(row, c0, chunk of shape (1, c)) for every row and its columns in order, at most cols a chunk."""
+        self._start()
+        cols = min(cols, self.V) or 1
+        bufs = [np.empty((1, cols), NP_DTYPES[self.dtype]) for _ in range(2)]
+        k = 0
+        for i in itertools.count():
+            for c0 in range(0, self.V, cols):
+                buf = bufs[k % 2][:, :min(cols, self.V - c0)]
+                k += 1
+                got = self._fill(buf)
+                if got == 0 and c0 == 0:
+                    return
+                if got < buf.nbytes:
+                    raise self._left_over(c0 * self._isz + got)
+                yield i, c0, buf
+            self.rows = i + 1
+
+
+def check_vocab(vocab, argname="vocab"):
+    """vocab as a positive int (a float or a bool is refused, not truncated)."""
+    if isinstance(vocab, bool) or not hasattr(vocab, "__index__") or int(vocab) < 1:
+        raise ValueError(f"{argname} must be a positive integer (the number of values per row), got "
+                         f"{vocab!r}")
+    return int(vocab)
 
 
 def open(path, *, dtype=None, vocab=None, tensor=None, memory=None):  # noqa: A001 - the API's name
@@ -382,6 +474,9 @@ def open(path, *, dtype=None, vocab=None, tensor=None, memory=None):  # noqa: A0
     on standard input, or any other path as raw binary (``dtype`` and ``vocab`` required). ``memory``: the
     memory budget of calls on this source (default: ``fastlogits.set_memory_budget``).
     """
+    if memory is not None:
+        from fastlogits.stream.run import parse_memory
+        parse_memory(memory)         # a bad budget fails here, not at the first call
     if isinstance(path, str) and path == "-":
         src = StdinSource(dtype, vocab)
     else:
@@ -394,9 +489,9 @@ def open(path, *, dtype=None, vocab=None, tensor=None, memory=None):  # noqa: A0
             magic = f.read(8)
         if magic.startswith(b"\x93NUMPY"):
             src = open_npy(p, dtype)
-        elif p.endswith(".safetensors"):
+        elif p.lower().endswith(".safetensors"):
             src = open_safetensors(p, tensor)
-        elif p.endswith(".npy"):
+        elif p.lower().endswith(".npy"):
             raise SourceError(f"{p}: expected a .npy file (magic \\x93NUMPY), found {magic[:6]!r}")
         else:
             src = open_raw(p, dtype, vocab)
@@ -406,7 +501,7 @@ def open(path, *, dtype=None, vocab=None, tensor=None, memory=None):  # noqa: A0
 
 def as_source(obj, dtype=None):
     """obj as a source, or None when obj is an in-memory array (which the kernels take directly)."""
-    if isinstance(obj, (_FileSource, ArraySource, IterSource)):
+    if isinstance(obj, (_FileSource, ArraySource, IterSource, StdinSource)):
         return obj
     from fastlogits.ops._prep import is_gpu_array
 

@@ -1,0 +1,337 @@
+"""Streaming at its edges: accumulators fed wrongly (overlapping or missing columns, foreign states, short
+weights), standard input and iterables with rows wider than the budget, corrupt safetensors headers,
+big-endian and version-3 .npy files, outputs that cannot be written, and the command line's one-line
+errors and strict JSON. Results are compared with the in-memory functions on the same data."""
+import io
+import json
+import struct
+import subprocess
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import fastlogits as fl
+from fastlogits.stream import CrossEntropy, LogSumExp
+from fastlogits.stream.accumulators import Entropy, TopK
+from fastlogits.stream.sources import SourceError, StdinSource
+
+
+def _cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "fastlogits.cli", *map(str, args)], input=stdin,
+                          capture_output=True)
+
+
+def _one_line(res, rc=None):
+    assert res.returncode != 0 if rc is None else res.returncode == rc, res.stderr
+    assert res.stderr.count(b"\n") == 1 and b"Traceback" not in res.stderr, res.stderr
+    return res.stderr.decode()
+
+
+# ---- accumulators ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [lambda: LogSumExp(4), lambda: Entropy(4), lambda: TopK(4, 3),
+                                  lambda: CrossEntropy(np.array([1, 5, -100, 0]))],
+                         ids=["LogSumExp", "Entropy", "TopK", "CrossEntropy"])
+def test_a_column_folded_in_twice_raises(rng, make):
+    x = rng.standard_normal((4, 30)).astype(np.float32)
+    acc = make().update(x[:, :10], 0).update(x[:, 20:], 20)
+    with pytest.raises(ValueError, match="columns 5:10 were already folded in"):
+        acc.update(x[:, 5:15], 5)
+    with pytest.raises(ValueError, match="already folded in"):
+        acc.update(x[:, 25:26], 25)
+    acc.update(x[:, 10:20], 10)                       # the gap itself is fine
+    if isinstance(acc, (LogSumExp, CrossEntropy)):
+        with pytest.raises(ValueError, match="already folded in"):
+            acc.merge(make().update(x[:, 29:], 29))
+
+
+def test_merged_accumulators_equal_one_shot_and_reject_overlap(rng):
+    x = rng.standard_normal((3, 40)) * 4
+    y = np.array([3, 39, -100])
+    a = CrossEntropy(y, label_smoothing=0.2, reduction="none").update(x[:, 20:], 20)
+    b = CrossEntropy(y, label_smoothing=0.2, reduction="none").update(x[:, :20], 0)
+    got = a.merge(b).result()
+    np.testing.assert_allclose(got, fl.cross_entropy(x, y, label_smoothing=0.2, reduction="none"),
+                               rtol=1e-12)
+    lse = LogSumExp(3).update(x[:, :20], 0)
+    with pytest.raises(ValueError, match="already folded in"):
+        lse.merge(lse)                                 # the same columns twice
+
+
+def test_cross_entropy_with_a_gap_in_its_columns_raises(rng):
+    x = rng.standard_normal((2, 30))
+    acc = CrossEntropy(np.array([1, 2]), label_smoothing=0.1).update(x[:, :10], 0).update(x[:, 20:], 20)
+    with pytest.raises(ValueError, match="columns 10:20 were never folded in"):
+        acc.result()
+    acc = CrossEntropy(np.array([25, 28])).update(x[:, 20:], 20)
+    with pytest.raises(ValueError, match="columns 0:20 were never folded in"):
+        acc.result()
+
+
+def test_merge_checks_rows_and_options(rng):
+    x = rng.standard_normal((5, 50)).astype(np.float32)
+    y = np.array([3, 10, 0, -100, 25])
+    a = CrossEntropy(y).update(x[:, :20], 0)
+    with pytest.raises(ValueError, match="has 1 rows, this one 5"):
+        a.merge(CrossEntropy(np.array([30])).update(x[:1, 20:], 20))
+    with pytest.raises(ValueError, match="different labels"):
+        a.merge(CrossEntropy(np.where(y == 0, 1, y)).update(x[:, 20:], 20))
+    with pytest.raises(ValueError, match="different label_smoothing"):
+        a.merge(CrossEntropy(y, label_smoothing=0.1).update(x[:, 20:], 20))
+    with pytest.raises(ValueError, match="different temperature"):
+        a.merge(CrossEntropy(y, temperature=2.0).update(x[:, 20:], 20))
+    st = CrossEntropy(y[:3]).update(x[:3, 20:], 20).state      # a bare state of 3 rows
+    with pytest.raises(ValueError, match=r"one value per row, shape \(5,\)"):
+        a.merge(st)
+    with pytest.raises(ValueError, match=r"one value per row, shape \(5,\)"):
+        LogSumExp(5).merge((np.zeros(2), np.ones(2)))
+    # nothing was changed by the refused merges
+    a.merge(CrossEntropy(y).update(x[:, 20:], 20))
+    assert a.result() == pytest.approx(float(fl.cross_entropy(x, y)), rel=1e-6)
+
+
+def test_cross_entropy_weight_must_cover_the_columns(rng):
+    x = rng.standard_normal((1, 50)).astype(np.float32)
+    for n in (49, 10):
+        acc = CrossEntropy(np.array([1]), weight=np.ones(n), label_smoothing=0.1)
+        with pytest.raises(ValueError, match=f"weight has {n} values"):
+            acc.update(x, 0)
+    acc = CrossEntropy(np.array([1]), weight=np.ones(60)).update(x, 0)
+    with pytest.raises(ValueError, match="weight has 60 values .* but 50 columns"):
+        acc.result()
+    w = rng.random(50)
+    got = CrossEntropy(np.array([1]), weight=w, label_smoothing=0.1).update(x[:, 30:], 30).update(
+        x[:, :30], 0).result()
+    assert got == pytest.approx(float(fl.cross_entropy(x, np.array([1]), weight=w, label_smoothing=0.1)),
+                                rel=1e-6)
+
+
+def test_accumulator_options_checked_at_construction():
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        LogSumExp(4, temperature=-1)
+    with pytest.raises(ValueError, match="temperature must be a scalar or one value per row"):
+        Entropy(3, temperature=np.ones(2))
+    with pytest.raises(ValueError, match="softcap"):
+        TopK(3, 2, softcap=0.0)
+
+
+# ---- standard input and iterables with rows wider than the budget ---------------------------------------
+
+def test_stdin_reads_by_the_plan_in_bounded_memory(rng):
+    """A row of 2^19 float32 (2 MiB) under a 256 KiB budget: standard input is read in column chunks,
+    not 256 rows at a time (which would allocate 512 MiB here)."""
+    x = rng.standard_normal((3, 1 << 19)).astype(np.float32)
+    data = x.tobytes()
+    src = StdinSource("float32", x.shape[1], stream=io.BytesIO(data))
+    src.memory = "256KiB"
+    tracemalloc.start()
+    try:
+        got = fl.logsumexp(src)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_allclose(got, fl.logsumexp(x), rtol=1e-6)
+    assert peak < 2 * 2**20, f"peak {peak / 2**20:.1f} MiB under a 256 KiB budget"
+
+
+@pytest.mark.parametrize("kind", ["stdin", "iterable"])
+@pytest.mark.parametrize("log", [False, True])
+def test_maps_of_rows_wider_than_the_budget_from_read_once_sources(tmp_path, rng, kind, log):
+    x = (rng.standard_normal((3, 40001)) * 4).astype(np.float32)
+    x[1, ::7] = -np.inf
+    src = (StdinSource("float32", x.shape[1], stream=io.BytesIO(x.tobytes())) if kind == "stdin"
+           else iter([x[:2], x[2:]]))
+    fn = fl.log_softmax if log else fl.softmax
+    out = tmp_path / "o.npy"
+    fl.set_memory_budget("64KiB")
+    try:
+        assert fn(src, out=out) == str(out)
+    finally:
+        fl.set_memory_budget("256MiB")
+    # the row's logsumexp is folded over column chunks: equal to the one-shot result up to rounding
+    np.testing.assert_allclose(np.load(out), fn(x), rtol=2e-6, atol=0)
+
+
+def test_stdin_truncated_mid_row_and_bad_vocab(rng):
+    x = rng.standard_normal((2, 50000)).astype(np.float32)
+    src = StdinSource("float32", 50000, stream=io.BytesIO(x.tobytes()[:-12]))
+    src.memory = "64KiB"
+    with pytest.raises(SourceError, match="not a whole number of rows .* 199988 bytes left over"):
+        fl.logsumexp(src)
+    for vocab in (0, 7.5, True):
+        with pytest.raises(ValueError, match="vocab must be a positive integer"):
+            StdinSource("float32", vocab, stream=io.BytesIO(b""))
+
+
+# ---- files -------------------------------------------------------------------------------------------
+
+def _safetensors(path, header, data):
+    h = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(h)) + h + data)
+    return path
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"dtype": "F32", "shape": [5, 7], "data_offsets": [-4, 136]}, "expected data_offsets"),
+    ({"dtype": "F32", "shape": [5, -7], "data_offsets": [140, 0]}, "shape of non-negative integers"),
+    ({"dtype": "F32", "shape": 7, "data_offsets": [0, 28]}, "shape of non-negative integers"),
+    ({"dtype": "F32", "shape": [5, "7"], "data_offsets": [0, 140]}, "shape of non-negative integers"),
+    ({"dtype": "F32", "shape": [5, 7], "data_offsets": ["0", "140"]}, "expected data_offsets"),
+    ({"dtype": "F32", "shape": [4, 7], "data_offsets": [28, 140]}, "starts at byte 28 of the data, expected"),
+    ({"dtype": "F32", "shape": [4, 7], "data_offsets": [0, 112]}, "28 bytes after the last tensor"),
+    ({"dtype": "F32", "shape": [5, 7]}, "expected dtype, shape and data_offsets"),
+])
+def test_corrupt_safetensors_headers(tmp_path, entry, message):
+    path = _safetensors(tmp_path / "t.safetensors", {"a": entry}, np.arange(35, dtype=np.float32).tobytes())
+    with pytest.raises(SourceError, match=message):
+        fl.open(path)
+
+
+def test_safetensors_overlap_and_other_tensors(tmp_path):
+    data = np.arange(35, dtype=np.float32).tobytes()
+    a = {"dtype": "F32", "shape": [5, 7], "data_offsets": [0, 140]}
+    path = _safetensors(tmp_path / "o.safetensors", {"a": a, "b": {"dtype": "F32", "shape": [7],
+                                                                   "data_offsets": [0, 28]}}, data)
+    with pytest.raises(SourceError, match="must be back to back"):
+        fl.open(path, tensor="a")
+    # an integer tensor beside the logits is fine; only its bytes are counted
+    header = {"a": {"dtype": "F32", "shape": [4, 7], "data_offsets": [0, 112]},
+              "ids": {"dtype": "I32", "shape": [7], "data_offsets": [112, 140]}}
+    path = _safetensors(tmp_path / "i.safetensors", header, data)
+    got = fl.logsumexp(fl.open(path, tensor="a"))
+    np.testing.assert_array_equal(got, fl.logsumexp(np.arange(28, dtype=np.float32).reshape(4, 7)))
+    path = _safetensors(tmp_path / "t.safetensors", {"a": a}, data[:100])
+    with pytest.raises(SourceError, match="truncated safetensors file: its tensors need 140 bytes .* 100"):
+        fl.open(path)
+
+
+def test_big_endian_and_version_3_npy(tmp_path, rng):
+    x = (rng.standard_normal((6, 77)) * 3).astype(np.float32)
+    for dt in (">f4", ">f2", ">f8"):
+        np.save(tmp_path / "be.npy", x.astype(dt))
+        want = x.astype(dt).astype(np.dtype(dt).newbyteorder("="))
+        np.testing.assert_array_equal(fl.logsumexp(fl.open(tmp_path / "be.npy", memory="64KiB")),
+                                      fl.logsumexp(want))
+        np.testing.assert_array_equal(fl.top_k(fl.open(tmp_path / "be.npy"), 3)[0], fl.top_k(want, 3)[0])
+    with open(tmp_path / "v3.npy", "wb") as f:
+        np.lib.format.write_array(f, x, version=(3, 0))
+    np.testing.assert_array_equal(fl.entropy(fl.open(tmp_path / "v3.npy")), fl.entropy(x))
+
+
+def test_one_dimensional_source(tmp_path, rng):
+    x = rng.standard_normal(11).astype(np.float32)
+    np.save(tmp_path / "one.npy", x)
+    fl.softmax(fl.open(tmp_path / "one.npy"), out=tmp_path / "p.npy")
+    p = np.load(tmp_path / "p.npy")
+    assert p.shape == (11,)
+    np.testing.assert_array_equal(p, fl.softmax(x))
+    for reduction in ("none", "mean", "sum"):
+        got = fl.cross_entropy(fl.open(tmp_path / "one.npy"), np.array(3), reduction=reduction)
+        want = fl.cross_entropy(x, np.array(3), reduction=reduction)
+        assert type(got) is type(want) and got == want
+
+
+def test_outputs_that_cannot_be_written_leave_nothing(tmp_path, rng):
+    np.save(tmp_path / "x.npy", rng.standard_normal((4, 9)).astype(np.float32))
+    (tmp_path / "folder.jsonl").mkdir()
+    with pytest.raises(IsADirectoryError, match="folder.jsonl: is a folder"):
+        fl.softmax(fl.open(tmp_path / "x.npy"), out=tmp_path / "folder.jsonl")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        fl.softmax(fl.open(tmp_path / "x.npy"), out=tmp_path / "nowhere" / "p.npy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.jsonl", "x.npy"]
+    res = _cli("topk", tmp_path / "x.npy", tmp_path / "folder.jsonl")
+    assert "is a folder" in _one_line(res, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.jsonl", "x.npy"]
+
+
+def test_source_arguments_checked_when_opened(tmp_path, rng):
+    np.save(tmp_path / "x.npy", rng.standard_normal((4, 9)).astype(np.float32))
+    with pytest.raises(ValueError, match="memory must be a byte count"):
+        fl.open(tmp_path / "x.npy", memory="12XB")
+    with pytest.raises(ValueError, match="finite"):
+        fl.set_memory_budget(float("inf"))
+    (tmp_path / "r.bin").write_bytes(b"\0" * 60)
+    with pytest.raises(ValueError, match="vocab must be a positive integer"):
+        fl.open(tmp_path / "r.bin", dtype="float32", vocab=7.5)
+    src = fl.open(tmp_path / "x.npy")
+    src.close()
+    with pytest.raises(ValueError, match="this source was closed"):
+        fl.logsumexp(src)
+
+
+def test_blocks_that_disagree_with_the_first(rng):
+    x = rng.standard_normal((2, 9)).astype(np.float32)
+    with pytest.raises(SourceError, match="row block 1: expected float32"):
+        fl.logsumexp(iter([x, x.astype(np.float64)]))
+
+    class Wrong:                     # an array-like whose rows come back too short
+        shape, dtype = (2, 9), np.dtype(np.float32)
+
+        def __getitem__(self, key):
+            return x[key][:, :5]
+    with pytest.raises(SourceError, match=r"came back with shape \(2, 5\), expected \(2, 9\)"):
+        fl.logsumexp(Wrong())
+
+
+def test_streamed_results_keep_the_in_memory_dtypes(tmp_path, rng):
+    x = rng.standard_normal((5, 9)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = np.empty(x.shape)                            # an out array sets the result's dtype, as in memory
+    fl.softmax(fl.open(tmp_path / "x.npy"), out=out)
+    np.testing.assert_array_equal(out, fl.softmax(x, out=np.empty(x.shape)))
+    for dt in (np.float32, np.float64):
+        np.save(tmp_path / "z.npy", np.zeros((0, 9), dt))
+        for fn in (fl.top_k, fl.top_k_logprobs):
+            got, want = fn(fl.open(tmp_path / "z.npy"), 2), fn(np.zeros((0, 9), dt), 2)
+            assert got[0].dtype == want[0].dtype and got[0].shape == want[0].shape
+        got = fl.sample(fl.open(tmp_path / "z.npy"), seed=1, return_logprobs=True)
+        want = fl.sample(np.zeros((0, 9), dt), seed=1, return_logprobs=True)
+        assert got[1].dtype == want[1].dtype
+
+
+# ---- the command line ---------------------------------------------------------------------------------
+
+def test_cli_strict_json_and_empty_inputs(tmp_path):
+    np.save(tmp_path / "z.npy", np.zeros((0, 7), np.float32))
+    res = _cli("stats", tmp_path / "z.npy", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["rows"] == 0
+    np.save(tmp_path / "inf.npy", np.full((2, 3), -np.inf, np.float32))
+    np.save(tmp_path / "y.npy", np.array([-100, -100]))
+    res = _cli("stats", tmp_path / "inf.npy", "--labels", tmp_path / "y.npy", "--json")
+    s = json.loads(res.stdout, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert s["mean_nll"] is None and s["counted_rows"] == 0
+    res = _cli("topk", tmp_path / "inf.npy", tmp_path / "t.jsonl", "-k", "2")
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+            for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert rows == [{"ids": [0, 1], "logprobs": [None, None]}] * 2
+
+
+def test_cli_errors_on_one_line(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((2, 3), np.float32))
+    (tmp_path / "bad.txt").write_text("1\nabc\n")
+    (tmp_path / "empty.txt").write_text("")
+    cases = [
+        (("stats", tmp_path / "x.npy", "--labels", tmp_path / "bad.txt"), "bad.txt: cannot read labels"),
+        (("stats", tmp_path / "x.npy", "--labels", tmp_path / "empty.txt"), "0 labels for 2 rows"),
+        (("stats", tmp_path / "x.npy", "--threads", "abc"), "--threads: expected a positive integer"),
+        (("stats", tmp_path / "x.npy", "--threads", "0"), "--threads: expected a positive integer"),
+        (("stats", "-", "--dtype", "float32", "--vocab", "0"), "--vocab: expected a positive integer"),
+        (("bench", "--repeat", "0"), "--repeat: expected a positive integer"),
+        (("demo", "--rows", "0"), "--rows: expected a positive integer"),
+        (("stats", tmp_path / "x.npy", "--backend", "tpu"), "invalid choice: 'tpu'"),
+        (("info", tmp_path / "r.bin"), "no such file"),
+    ]
+    for args, message in cases:
+        assert message in _one_line(_cli(*args, stdin=b"")), args
+    (tmp_path / "r.bin").write_bytes(b"\0" * 12)
+    assert "--dtype and --vocab" in _one_line(_cli("info", tmp_path / "r.bin"), 1)
+
+
+def test_cli_demo_with_a_tiny_vocabulary():
+    res = _cli("demo", "--rows", "10", "--vocab", "3", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["vocab"] == 3
