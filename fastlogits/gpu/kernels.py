@@ -289,24 +289,15 @@ def block_sum(sh, tid):
         sh[0] = v
 
 
-@cuda.jit(device=True)
-def ratio(a, b):
-    """a / b as NumPy divides float64 (no exception): 0 / 0 and NaN give NaN, a / 0 an infinity."""
-    if b != 0.0:
-        return a / b
-    if a == 0.0 or a != a:
-        return math.nan
-    return math.inf if a > 0.0 else -math.inf
-
-
 @cuda.jit
 def ce_reduce(labels, ignore_index, V, w, has_w, eps, z, nll, smooth, lse, reduction, call, loss, total, err):
     """One block: the cross-entropy from the per-row parts, as ``fastlogits.ops.reductions.ce_terms`` and
     ``ce_total`` compute it on the host. Per row (0 for ignored rows): l = w[y] nll, mixed
     (1 - eps) l + (eps / V) smooth when eps > 0, and zt = z lse^2; loss[r] = l + zt. total[0] = the
-    reduction (CE_MEAN: sum l / sum w[y], plus sum zt / counted rows when there is z-loss; CE_SUM: sum l +
-    sum zt; CE_NONE: not written). A label out of range makes its row's loss and the total NaN, and the
-    first such row is reported in ``err`` (host-visible memory, read by the backend later, with no wait):
+    reduction (CE_MEAN: sum l / sum w[y] (NaN when that is 0), plus sum zt / counted rows when there is
+    z-loss; CE_SUM: sum l + sum zt; CE_NONE: not written). A label out of range makes its row's loss and
+    the total NaN, and the first such row is reported in ``err`` (host-visible memory, read by the backend
+    later, with no wait):
     err = (call, row, label), written only while err[0] < 0 (nothing reported)."""
     tid = cuda.threadIdx.x
     sl = 0.0
@@ -357,10 +348,12 @@ def ce_reduce(labels, ignore_index, V, w, has_w, eps, z, nll, smooth, lse, reduc
             err[0] = call            # (the backend waits for the device before it reads err[1:])
         if reduction == CE_SUM:
             res = sh_l[0] + sh_z[0]
+        elif sh_w[0] == 0.0:       # no target weight: NaN, as ce_total (PyTorch's 0 / 0)
+            res = math.nan
         else:
-            res = ratio(sh_l[0], sh_w[0])
+            res = sh_l[0] / sh_w[0]
             if sh_z[0] != 0.0:
-                res += ratio(sh_z[0], sh_c[0])
+                res += sh_z[0] / sh_c[0]     # (z-loss terms come from counted rows: sh_c > 0)
         if bad != INT64_MAX:
             res = math.nan
         if reduction != CE_NONE:

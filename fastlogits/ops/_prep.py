@@ -67,12 +67,28 @@ def is_gpu_array(x):
                                              or bool(getattr(x, "__cuda_ndarray__", False)))
 
 
+def host_array(obj):
+    """A host array-like as a NumPy array: DLPack producers (a PyTorch CPU tensor, bfloat16 included) are
+    read in place, anything else through np.asarray."""
+    if hasattr(obj, "__dlpack__") and not isinstance(obj, np.ndarray):
+        if hasattr(obj, "detach"):
+            obj = obj.detach()       # a tensor that requires grad: read, never written
+        if str(getattr(obj, "dtype", "")) == "torch.bfloat16":    # NumPy has no DLPack bfloat16
+            import torch
+            return np.from_dlpack(obj.view(torch.int16)).view(BF16)
+        try:
+            return np.from_dlpack(obj)
+        except (BufferError, TypeError, RuntimeError):
+            pass
+    return np.asarray(obj)
+
+
 def as_array(logits, dtype=None, argname="logits"):
     """logits as an array with a supported float dtype (GPU arrays are left where they are). dtype=
     "bfloat16" re-declares 2-byte data (e.g. a |V2 or uint16 array) as bfloat16."""
     if is_gpu_array(logits):
         return logits
-    x = logits if isinstance(logits, np.ndarray) else np.asarray(logits)
+    x = logits if isinstance(logits, np.ndarray) else host_array(logits)
     if dtype is not None and dtype_name(dtype) == "bfloat16" and x.dtype != BF16:
         if x.dtype.itemsize != 2 or x.dtype.kind not in "uiV":
             raise TypeError(f"{argname}: dtype='bfloat16' re-declares 2-byte data, but {argname} has "
@@ -110,36 +126,66 @@ def broadcast_rows(a, lead, argname):
                          f"{a.shape}") from None
 
 
-def temperatures(temperature, lead, rows, argname="temperature", allow_zero=False):
-    """One float64 temperature per row: a scalar, or an array of the leading shape."""
-    if isinstance(temperature, (float, int)):          # the common case, quickly
+# float32's smallest normal and largest finite numbers: a temperature or softcap outside them cannot be
+# held by the float32 arithmetic of float16, bfloat16 and float32 logits (it would round to 0 or inf)
+F32_TINY, F32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+
+
+def _f32_range(v, argname, name, where=""):
+    return ValueError(f"{argname} {v!r}{where} is outside float32's range [{F32_TINY:.4g}, {F32_MAX:.4g}], "
+                      f"the arithmetic of {name} logits (float64 logits take it)")
+
+
+def temperatures(temperature, lead, rows, argname="temperature", allow_zero=False, name="float64"):
+    """One float64 temperature per row: a scalar, or an array of the leading shape (``name``: the logits'
+    dtype name; below float64, a temperature must be a normal float32)."""
+    f32 = name != "float64"
+    if isinstance(temperature, (float, int)) and not isinstance(temperature, bool):   # the common case
         t = float(temperature)
-        if math.isfinite(t) and (t >= 0 if allow_zero else t > 0):
+        if math.isfinite(t) and (t >= 0 if allow_zero else t > 0) and (
+                not f32 or t == 0 or F32_TINY <= t <= F32_MAX):
             return np.full(rows, t)
+    if isinstance(temperature, (bool, str, bytes)) or temperature is None:
+        raise TypeError(f"{argname} must be a float or an array of floats, got {temperature!r}")
     try:
-        t = np.asarray(temperature, dtype=np.float64)
+        t = np.asarray(temperature)
+        if t.dtype.kind not in "fiu":
+            raise TypeError
+        t = t.astype(np.float64)
     except (TypeError, ValueError):
         raise TypeError(f"{argname} must be a float or an array of floats, got {temperature!r}") from None
     t = broadcast_rows(t, lead, argname)
+
+    def first(bad):
+        i = np.argwhere(np.atleast_1d(bad))[0]
+        return np.atleast_1d(t)[tuple(i)], f" (row {tuple(int(j) for j in i)})" if t.ndim else ""
+
     bad = ~(np.isfinite(t) & ((t >= 0) if allow_zero else (t > 0)))
     if np.any(bad):
-        first = np.argwhere(np.atleast_1d(bad))[0]
-        val = np.atleast_1d(t)[tuple(first)]
-        where = f" (row {tuple(int(i) for i in first)})" if t.ndim else ""
+        val, where = first(bad)
         need = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{argname} must be finite and {need}, got {val!r}{where}")
+    if f32:
+        bad = (t != 0) & ((t < F32_TINY) | (t > F32_MAX))
+        if np.any(bad):
+            raise _f32_range(float(first(bad)[0]), argname, name, first(bad)[1])
     return np.ascontiguousarray(np.broadcast_to(t, lead).reshape(rows), dtype=np.float64)
 
 
-def softcap_value(softcap):
+def softcap_value(softcap, name="float64"):
+    """softcap as a float (0.0 for None); below float64 it must be a normal float32 (see temperatures)."""
     if softcap is None:
         return 0.0
+    if isinstance(softcap, (bool, str, bytes)):
+        raise TypeError(f"softcap must be None or a float > 0, got {softcap!r}")
     try:
         c = float(softcap)
     except (TypeError, ValueError):
         raise TypeError(f"softcap must be None or a float > 0, got {softcap!r}") from None
     if not (c > 0 and math.isfinite(c)):
         raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
+    if name != "float64" and not F32_TINY <= c <= F32_MAX:
+        raise _f32_range(c, "softcap", name)
     return c
 
 
@@ -170,8 +216,9 @@ def prepare(logits, *, temperature=1.0, softcap=None, backend=None, threads=None
         x=x2,
         dtype=name,
         lead=lead,
-        temperature=temperatures(temperature, lead, x2.shape[0], allow_zero=allow_zero_temperature),
-        softcap=softcap_value(softcap),
+        temperature=temperatures(temperature, lead, x2.shape[0], allow_zero=allow_zero_temperature,
+                                 name=name),
+        softcap=softcap_value(softcap, name),
         backend=backend,
         chunk=min(_config.resolve_chunk(chunk_size), max(1, x2.shape[1])),
         threads=_config.resolve_threads(threads),

@@ -111,6 +111,8 @@ def _map(logits, log, temperature, softcap, out, dtype, backend, threads, chunk_
             raise ValueError(f"{name}: dtype={dtype!r} disagrees with out.dtype={out.dtype}")
         if not out.flags.writeable:
             raise ValueError(f"{name}: out is read-only")
+        if any(st == 0 and n > 1 for st, n in zip(out.strides, out.shape)):
+            raise ValueError(f"{name}: out overlaps itself (a zero stride): every value needs its own place")
         if isinstance(x, np.ndarray) and np.shares_memory(out, x):
             raise ValueError(f"{name}: out overlaps logits; the caller's logits are never written to")
     out2 = out.reshape(r.x.shape) if len(shape) != 2 else out
@@ -164,7 +166,8 @@ def check_labels(labels, lead, V, ignore_index):
         raise ValueError(f"labels must have the leading shape of logits {tuple(lead)} (one class index per "
                          f"row), got shape {lab.shape}")
     if lab.dtype.kind == "u" and lab.dtype.itemsize == 8 and lab.size and lab.max() > np.iinfo(np.int64).max:
-        raise ValueError("labels has values beyond int64")
+        i = int(np.argmax(lab.reshape(-1) > np.iinfo(np.int64).max))
+        raise label_error(int(lab.reshape(-1)[i]), i, lead, V, ignore_index)
     lab = np.ascontiguousarray(lab, dtype=np.int64).reshape(-1)
     bad = (lab != ignore_index) & ((lab < 0) | (lab >= V))
     if np.any(bad):
@@ -243,22 +246,42 @@ def _ce_prepare(logits, *, weight, ignore_index, label_smoothing, z_loss, temper
     """The prepared rows and the checked (eps, z, ignore_index, weight) of a cross-entropy call."""
     r = prepare(logits, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
                 chunk_size=chunk_size)
-    eps = float(label_smoothing)
+    eps = _number(label_smoothing, "label_smoothing")
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    z = float(z_loss)
+    z = _number(z_loss, "z_loss")
     if not (z >= 0 and np.isfinite(z)):
         raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
-    try:
-        ignore_index = int(ignore_index)
-    except (TypeError, ValueError):
-        raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}") from None
+    ignore_index = check_ignore_index(ignore_index)
     w = None
     if weight is not None:
-        w = np.asarray(weight, dtype=np.float64)
+        try:
+            w = np.asarray(weight, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"weight must be an array of floats (one per class), got {weight!r}") from None
         if w.shape != (r.V,):
             raise ValueError(f"weight must have one value per class, shape ({r.V},), got shape {w.shape}")
     return r, eps, z, ignore_index, w
+
+
+def _number(value, argname):
+    """value as a float; None, a bool or a string is refused (naming the argument)."""
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        raise TypeError(f"{argname} must be a float, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{argname} must be a float, got {value!r}") from None
+
+
+def check_ignore_index(ignore_index):
+    """ignore_index as an int64-sized int (a float is refused, as PyTorch refuses it)."""
+    if isinstance(ignore_index, bool) or not hasattr(ignore_index, "__index__"):
+        raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}")
+    i = int(ignore_index)
+    if not -2**63 <= i < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {i}")
+    return i
 
 
 def _ce_rows_terms(B, r, labels, eps, z, ignore_index, w):
@@ -283,10 +306,14 @@ def ce_terms(nll, smooth, lse, labels, ignore_index, weight, eps, z, V):
     """Per-row terms of PyTorch's cross-entropy (float64, 0 for ignored rows): (loss without the z-loss,
     the target's weight w[y], the z-loss term, counted). nll = lse - x[label], smooth = -sum_c w_c log p_c."""
     counted = labels != ignore_index
-    wy = np.where(counted, weight[np.where(counted, labels, 0)] if weight is not None else 1.0, 0.0)
+    if weight is None:
+        wy = np.where(counted, 1.0, 0.0)
+    else:                        # (an empty weight for V = 0: every row is ignored)
+        wy = np.where(counted, weight[np.where(counted, labels, 0)], 0.0) if weight.size else 0.0 * counted
     loss = wy * np.where(counted, nll, 0.0)
     if eps > 0:
-        loss = (1.0 - eps) * loss + (eps / V) * np.where(counted, smooth, 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):   # V = 0: eps / V = inf, NaN as in PyTorch
+            loss = (1.0 - eps) * loss + (np.float64(eps) / V) * np.where(counted, smooth, 0.0)
     zterm = z * np.where(counted, lse * lse, 0.0) if z > 0 else np.zeros_like(loss)
     return loss, wy, zterm, counted
 
@@ -296,6 +323,8 @@ def ce_total(loss_sum, wy_sum, z_sum, count, reduction):
     weights (PyTorch), the z-loss by the number of counted rows (Liger-Kernel); all ignored: NaN / 0."""
     if reduction == "sum":
         return np.float64(loss_sum + z_sum)
+    if wy_sum == 0:   # PyTorch divides its NLL part 0 / 0 here: NaN, also when smoothing adds to the sum
+        return np.float64(np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         total = np.float64(loss_sum) / np.float64(wy_sum)
         if z_sum:

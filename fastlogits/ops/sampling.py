@@ -74,6 +74,8 @@ def _seeds(seed, lead, rows):
     if a.dtype.kind not in "iu" or a.dtype == bool:
         raise TypeError(f"seed must be an int, one int per row (an integer array), or None, got dtype "
                         f"{a.dtype}")
+    if a.ndim == 0:                  # a 0-d integer array is one int
+        return _seeds(int(a), lead, rows)
     if a.shape != tuple(lead):
         raise ValueError(f"seed must be one int or one per row (shape {tuple(lead)}), got shape {a.shape}")
     if a.dtype.kind == "i" and np.any(a < 0):
@@ -314,7 +316,11 @@ def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperatu
     batch, k = rows // W, min(2 * W, V)
     lp, idx = _backend.get(r.backend).top_k(r.x, r.dtype, r.temperature, r.softcap, k, True, r.chunk,
                                             r.threads)
-    lp, idx = np.asarray(lp, np.float64), np.asarray(idx)
+    lp, idx = np.asarray(lp, np.float64), np.array(idx)
+    # a finished beam (score -inf) ties all its continuations at -inf: the lowest tokens are its best, by
+    # the tie rule below (its top-k by log-probability would not be)
+    dead = (bs == -np.inf) & ~np.isnan(lp).any(axis=1)
+    idx[dead] = np.arange(idx.shape[1])
     out_dtype = (np.dtype(np.float64) if r.dtype == "float64" or bs.dtype == np.float64
                  else np.dtype(np.float32))
     scores = (bs.astype(np.float64)[:, None] + lp).reshape(batch, W * k)

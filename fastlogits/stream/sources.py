@@ -505,8 +505,8 @@ def as_source(obj, dtype=None):
         return obj
     from fastlogits.ops._prep import is_gpu_array
 
-    if isinstance(obj, np.ndarray) or is_gpu_array(obj):
-        return None
+    if isinstance(obj, (np.ndarray, np.generic)) or is_gpu_array(obj) or hasattr(obj, "__dlpack__"):
+        return None        # in memory (a PyTorch CPU tensor too): the kernels read it in place
     if isinstance(obj, (str, bytes, os.PathLike)):
         raise TypeError("logits: a path is not logits; open it first: fastlogits.open(path)")
     if hasattr(obj, "shape") and hasattr(obj, "dtype") and hasattr(obj, "__getitem__"):

@@ -121,6 +121,12 @@ def test_cross_entropy_device_labels(cuda, rng, label_dtype):
     ignored = cuda.to_device(np.full((2, 3), -1, label_dtype))
     assert np.isnan(_scalar(fl.cross_entropy(dx, ignored, ignore_index=-1)))          # like PyTorch
     assert _scalar(fl.cross_entropy(dx, ignored, ignore_index=-1, reduction="sum")) == 0.0
+    # counted rows whose targets all weigh 0: NaN (PyTorch's 0 / 0), with smoothing too, not inf
+    w0 = np.ones(V)
+    w0[np.asarray(y).reshape(-1)[np.asarray(y).reshape(-1) >= 0]] = 0.0
+    for eps in (0.0, 0.2):
+        assert np.isnan(_scalar(fl.cross_entropy(dx, dy, weight=w0, label_smoothing=eps)))
+        assert np.isnan(fl.cross_entropy(x, y.astype(np.int64), weight=w0, label_smoothing=eps))
     # the result dtype: float32, float64 for float64 logits (cast on the device)
     assert np.dtype(fl.cross_entropy(dx, dy).dtype) == np.float32
     assert np.dtype(fl.cross_entropy(d64, dy, reduction="sum").dtype) == np.float64

@@ -1,0 +1,147 @@
+"""Edges an audit found, each against an independent reference: the float32 softcap's tanh near 0 (a large
+cap turned every logit into 0), caps and temperatures float32 cannot hold, cross-entropy with no target
+weight or no classes (PyTorch's NaN), arguments of the wrong type, PyTorch CPU tensors as logits, and the
+tie rule of beam_search_step for finished beams."""
+import math
+
+import numpy as np
+import pytest
+
+import fastlogits as fl
+from tests.helpers import BF16
+
+F32 = np.float32
+
+
+def test_float32_softcap_tanh_is_accurate_near_zero(rng):
+    """A one-value row's logsumexp is the transformed value itself: c * tanh(x / c), computed by the C
+    core's float32 tanh. Against float64 tanh over x / c from 1e-30 to 20 (the old form cancelled to 0
+    below 3e-8 and was 16 ulp off near 0.02)."""
+    ratios = np.geomspace(1e-30, 20.0, 4000) * rng.choice([-1.0, 1.0], 4000)
+    c = F32(rng.uniform(1.0, 100.0))
+    x = (ratios * np.float64(c)).astype(F32)
+    got = np.array([fl.logsumexp(v[None], softcap=float(c)) for v in x], dtype=np.float64)
+    # the kernel divides in float32 and multiplies by c in float32: the same two roundings here
+    want = np.float64(c) * np.tanh((x / c).astype(np.float64))
+    ulp = np.spacing(np.abs(want).astype(F32)).astype(np.float64)
+    err = np.abs(got - want) / ulp
+    assert err.max() <= 4.0, (err.max(), x[np.argmax(err)])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_a_large_softcap_is_nearly_the_identity(dtype, rng):
+    x = (rng.standard_normal((3, 50)) * 4).astype(dtype)
+    want = fl.logsumexp(x)
+    for c in (1e4, 1e8, 1e20, 3e38):
+        np.testing.assert_allclose(fl.logsumexp(x, softcap=c), want, rtol=2e-6, err_msg=f"softcap={c}")
+        np.testing.assert_allclose(fl.softmax(x, softcap=c).astype(np.float64),
+                                   fl.softmax(x).astype(np.float64), rtol=2e-2 if dtype != np.float32 and
+                                   dtype != np.float64 else 2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32])
+def test_caps_and_temperatures_float32_cannot_hold(dtype):
+    x = np.array([[0.0, 1.0, -1.0]], dtype=dtype)
+    for kw in ({"softcap": 1e39}, {"softcap": 1e-46}, {"temperature": 1e-50}, {"temperature": 1e39},
+               {"temperature": np.array([1e-45])}):
+        with pytest.raises(ValueError, match=r"outside float32.s range .* \(float64 logits take it\)"):
+            fl.logsumexp(x, **kw)
+    with pytest.raises(ValueError, match="outside float32's range"):
+        fl.sample(x, temperature=1e-45, seed=0)
+    assert fl.sample(x, temperature=0.0, seed=0)[0] == 1          # greedy is still fine
+    # float64 logits hold them: c * tanh(x / c) tends to x, and to 0 for a tiny cap
+    x64 = x.astype(np.float64)
+    assert fl.logsumexp(x64, softcap=1e39)[0] == pytest.approx(math.log(1 + math.e + 1 / math.e), rel=1e-12)
+    np.testing.assert_allclose(fl.softmax(x64, softcap=1e-46), [[1 / 3] * 3], rtol=1e-12)
+    np.testing.assert_allclose(fl.softmax(x64, temperature=1e-50), [[0.0, 1.0, 0.0]])
+
+
+def test_cross_entropy_with_no_target_weight_is_nan_as_in_pytorch():
+    """F.cross_entropy(x, [0], weight=[0, 1, 1], label_smoothing=0.1) is NaN (its NLL part is 0 / 0): the
+    smoothing term must not turn it into inf. Literal PyTorch 2.13 values."""
+    x = np.array([[1.0, 2.0, 3.0], [0.5, 0.1, -1.0]])
+    w = np.array([0.0, 1.0, 1.0])
+    for eps in (0.0, 0.1, 1.0):
+        assert np.isnan(fl.cross_entropy(x, np.array([0, 0]), weight=w, label_smoothing=eps))
+        assert np.isnan(fl.cross_entropy(x, np.array([0, -100]), weight=w, label_smoothing=eps))
+    # one target of weight 1 is enough for a number (PyTorch 2.13, float64)
+    got = fl.cross_entropy(x, np.array([0, 1]), weight=w, label_smoothing=0.1)
+    assert got == pytest.approx(1.100961046048517, rel=1e-12)
+
+
+def test_cross_entropy_of_an_empty_vocabulary_when_every_row_is_ignored():
+    """V = 0 and every row ignored: no exception (API.md). PyTorch 2.13: with label_smoothing every
+    reduction is NaN (eps / C with C = 0); with an empty weight none = [0, 0], sum = 0, mean = NaN."""
+    x, y = np.zeros((2, 0)), np.array([-100, -100])
+    for reduction in ("none", "sum", "mean"):
+        assert np.all(np.isnan(fl.cross_entropy(x, y, label_smoothing=0.1, reduction=reduction)))
+    np.testing.assert_array_equal(fl.cross_entropy(x, y, weight=np.zeros(0), reduction="none"), [0.0, 0.0])
+    assert fl.cross_entropy(x, y, weight=np.zeros(0), reduction="sum") == 0.0
+    assert np.isnan(fl.cross_entropy(x, y, weight=np.zeros(0)))
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    ({"weight": "abc"}, TypeError, "weight must be an array of floats"),
+    ({"label_smoothing": None}, TypeError, "label_smoothing must be a float, got None"),
+    ({"z_loss": None}, TypeError, "z_loss must be a float, got None"),
+    ({"z_loss": "0.1"}, TypeError, "z_loss must be a float"),
+    ({"ignore_index": 2**70}, ValueError, "ignore_index must fit in int64"),
+    ({"ignore_index": -100.7}, TypeError, "ignore_index must be an integer"),
+    ({"ignore_index": True}, TypeError, "ignore_index must be an integer"),
+    ({"temperature": None}, TypeError, "temperature must be a float or an array of floats, got None"),
+    ({"temperature": "2"}, TypeError, "temperature must be a float"),
+    ({"temperature": np.array(["2"])}, TypeError, "temperature must be a float"),
+    ({"softcap": True}, TypeError, "softcap must be None or a float"),
+    ({"softcap": "3"}, TypeError, "softcap must be None or a float"),
+])
+def test_arguments_of_the_wrong_type_are_named(kw, error, match):
+    x = np.ones((2, 3), np.float32)
+    with pytest.raises(error, match=match):
+        fl.cross_entropy(x, np.array([0, 1]), **kw)
+
+
+def test_uint64_labels_past_int64_name_their_row():
+    y = np.array([0, 2**63 + 5], np.uint64)
+    with pytest.raises(IndexError, match=r"label 9223372036854775813 at row 1 is out of range for 3"):
+        fl.cross_entropy(np.ones((2, 3)), y)
+
+
+def test_an_out_that_overlaps_itself_is_refused():
+    x = np.ones((2, 3), np.float32)
+    out = np.lib.stride_tricks.as_strided(np.zeros(3, np.float32), (2, 3), (0, 4))
+    with pytest.raises(ValueError, match="out overlaps itself"):
+        fl.softmax(x, out=out)
+
+
+def test_torch_cpu_tensors_are_logits(rng):
+    torch = pytest.importorskip("torch")
+    x = rng.standard_normal((3, 50)).astype(np.float32)
+    t = torch.from_numpy(x.copy())
+    np.testing.assert_array_equal(fl.logsumexp(t), fl.logsumexp(x))
+    np.testing.assert_array_equal(fl.top_k(t[:, ::2], 3)[1], fl.top_k(x[:, ::2], 3)[1])   # a strided view
+    tb = t.to(torch.bfloat16)
+    np.testing.assert_array_equal(fl.logsumexp(tb), fl.logsumexp(tb.float().numpy().astype(BF16)))
+    tg = t.clone().requires_grad_(True)
+    np.testing.assert_array_equal(fl.softmax(tg), fl.softmax(x))
+    np.testing.assert_array_equal(t.numpy(), x)                    # never written to
+
+
+def test_a_zero_d_seed_array_is_one_seed():
+    x = np.random.default_rng(1).standard_normal((4, 30))
+    np.testing.assert_array_equal(fl.sample(x, seed=np.array(7)), fl.sample(x, seed=7))
+    np.testing.assert_array_equal(fl.sample(x, seed=np.uint64(7)), fl.sample(x, seed=7))
+
+
+def test_beam_search_ties_of_finished_beams_go_to_the_lowest_tokens():
+    """All continuations of a finished beam (score -inf) tie at -inf; the documented tie rule (lower
+    parent, then lower token) picks its lowest token ids, whatever their logits."""
+    x = np.array([[0.0, 1, 2, 3, 4, 5]] * 2)
+    s, p, t = fl.beam_search_step(x, np.array([-np.inf, -np.inf]), 2)
+    assert np.all(s == -np.inf) and p.tolist() == [[0, 0, 0, 0]] and t.tolist() == [[0, 1, 2, 3]]
+    # a live beam's continuations come first; the dead beam's fill in by the same rule
+    x = np.log(np.array([[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]]))
+    s, p, t = fl.beam_search_step(x, np.array([0.0, -np.inf]), 2)
+    assert p.tolist() == [[0, 0, 0, 0]] and t.tolist() == [[3, 2, 1, 0]]
+    x = np.log(np.array([[0.5, 0.5], [0.5, 0.5], [0.9, 0.1], [0.9, 0.1]]))
+    s, p, t = fl.beam_search_step(x, np.array([-np.inf, -np.inf, 0.0, -1.0]), 2)
+    assert p.tolist() == [[0, 0, 1, 1], [0, 1, 0, 1]] and t.tolist() == [[0, 1, 0, 1], [0, 0, 1, 1]]
