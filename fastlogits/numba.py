@@ -54,6 +54,8 @@ def cross_entropy_row(x, label):
     """-log softmax(x)[label] for a 1-D float32/float64 array (any stride); NaN where PyTorch's
     log_softmax is NaN (a NaN or +inf in x, or all -inf); IndexError for a label outside [0, len(x))."""
     code = _code(x, "cross_entropy_row")
+    if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
+        raise TypeError(f"cross_entropy_row: label must be an integer class index, got {label!r}")
     if not 0 <= label < x.size:
         raise IndexError(f"cross_entropy_row: label {label} is out of range for {x.size} classes")
     return _ce(x.ctypes.data, x.size, x.strides[0], code, label)
@@ -79,6 +81,9 @@ def _logsumexp_row_nb(x):
 @overload(cross_entropy_row)
 def _cross_entropy_row_nb(x, label):
     code = _numba_code(x, "cross_entropy_row")
+    if not isinstance(label, types.Integer):      # a float would be truncated (NaN to INT64_MIN): refused
+        raise numba.core.errors.TypingError(f"cross_entropy_row: label must be an integer class index, got "
+                                            f"{label}")
 
     def impl(x, label):
         if label < 0 or label >= x.size:

@@ -134,8 +134,53 @@ def test_header_compiles_warning_free_and_computes(tmp_path, rng, std):
     np.testing.assert_array_equal(vals[:, 8], ref.argmax(x))
 
 
+MIXED_STATES = r"""
+#include <stdio.h>
+#include "fastlogits.h"
+/* states made by float64 work (max beyond float's range), folded on with float and 16-bit data */
+int main(void) {
+    double d[2] = {1e300, 1e300}, lo[2] = {-1e300, -1e300};
+    float f[2] = {0.0f, 1.0f};
+    uint16_t h[2] = {0x3c00, 0x0000}, b[2] = {0x3f80, 0x0000};     /* 1 and 0 as f16 and bf16 */
+    fl_lse_state s;
+    fl_lse_init(&s); fl_lse_update_f64(&s, d, 2); fl_lse_update_f32(&s, f, 2);
+    printf("%.17g\n", fl_lse_result(&s));
+    fl_lse_init(&s); fl_lse_update_f64(&s, d, 2); fl_lse_update_f16(&s, h, 2);
+    printf("%.17g\n", fl_lse_result(&s));
+    fl_lse_init(&s); fl_lse_update_f64(&s, lo, 2); fl_lse_update_bf16(&s, b, 2);
+    printf("%.17g\n", fl_lse_result(&s));
+    fl_lse_init(&s); fl_lse_update_f64(&s, lo, 2); fl_lse_update_f32(&s, f, 2);
+    printf("%.17g\n", fl_lse_result(&s));
+    return 0;
+}
+"""
+
+
+@needs_cc
+def test_states_beyond_float_range_fold_float_data(tmp_path):
+    """A state whose max float cannot hold (made from float64 data, or merged from elsewhere) folds float
+    and 16-bit chunks through the merge, not a one-pass shift by an infinite float max (that gave +inf)."""
+    src = tmp_path / "mixed.c"
+    src.write_text(MIXED_STATES)
+    _compile(CC, src, tmp_path / "mixed", ["-O2", "-std=c99", "-Wall", "-Wextra", "-Werror"])
+    out = subprocess.run([tmp_path / "mixed"], capture_output=True, text=True, check=True).stdout.split()
+    got = [float(v) for v in out]
+    assert got[0] == 1e300 + np.log(2) and got[1] == 1e300 + np.log(2)       # (ln 2 is below 1e300's ulp)
+    want = np.log(np.exp(1.0) + 1.0)                                          # the -1e300 terms vanish
+    assert got[2] == pytest.approx(want, rel=1e-6) and got[3] == pytest.approx(want, rel=1e-6)
+
+
+@needs_cc
+def test_header_warns_under_fast_math(tmp_path):
+    src = tmp_path / "fm.c"
+    src.write_text('#include "fastlogits.h"\nint main(void) { return 0; }\n')
+    warnings = _compile(CC, src, tmp_path / "fm", ["-O2", "-ffast-math"])
+    assert "fastlogits.h needs NaN and inf" in warnings
+
+
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler on PATH")
-def test_header_compiles_as_cpp17(tmp_path):
+@pytest.mark.parametrize("std", ["c++11", "c++14", "c++17"])
+def test_header_compiles_as_cpp(tmp_path, std):
     src = tmp_path / "prog.cpp"
     src.write_text(
         textwrap.dedent("""
@@ -152,7 +197,7 @@ def test_header_compiles_as_cpp17(tmp_path):
         }
     """)
     )
-    warnings = _compile(CXX, src, tmp_path / "prog", ["-O2", "-std=c++17", "-Wall", "-Wextra", "-Werror"])
+    warnings = _compile(CXX, src, tmp_path / "prog", ["-O2", f"-std={std}", "-Wall", "-Wextra", "-Werror"])
     assert warnings == ""
     out = subprocess.run([tmp_path / "prog"], capture_output=True, text=True, check=True).stdout.split()
     assert abs(float(out[0]) - np.log(1000)) < 1e-6 and abs(float(out[1]) - np.log(1000)) < 1e-6
@@ -267,3 +312,9 @@ def test_numba_entry_points(rng):
         cross_entropy_row(np.zeros(3), 3)
     with pytest.raises(IndexError):
         numba.njit(lambda a: cross_entropy_row(a, 5))(np.zeros(3))
+    # a float label would be truncated (NaN to INT64_MIN, an address far outside the row): refused
+    for bad in (2.9999, np.nan, True):
+        with pytest.raises(numba.core.errors.TypingError, match="label must be an integer"):
+            numba.njit(lambda a, lab: cross_entropy_row(a, lab))(np.zeros(3), bad)
+        with pytest.raises(TypeError, match="label must be an integer"):
+            cross_entropy_row(np.zeros(3), bad)

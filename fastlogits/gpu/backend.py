@@ -117,6 +117,42 @@ def _rows_view(d):
     return cuda.as_cuda_array(_Interface(cai, d), sync=False)     # (d is ordered already: _device_view)
 
 
+def rows_out(out):
+    """A GPU ``out`` as a 2-D (rows, V) device array over the caller's memory, for the maps to write in
+    place; a ValueError where its leading axes do not merge into one (a copy would not be written)."""
+    d = _device_view(out)
+    v = d if d.ndim == 2 else _rows_view(d)
+    if v is None:
+        raise ValueError(f"out: a device array of shape {tuple(d.shape)} and strides {tuple(d.strides)} "
+                         "whose leading axes do not merge into rows cannot be written in place; pass a "
+                         "contiguous out, or none")
+    return v
+
+
+def _extent(x):
+    """[lo, hi): the device addresses the elements of device array x span."""
+    if hasattr(x, "_ary"):                 # the simulator's arrays: host memory
+        a = x._ary
+        ptr, shape, strides, itemsize = a.__array_interface__["data"][0], a.shape, a.strides, a.itemsize
+    else:
+        cai = x.__cuda_array_interface__
+        ptr, shape = cai["data"][0], tuple(cai["shape"])
+        itemsize = np.dtype(cai["typestr"]).itemsize
+        strides = cai.get("strides") or tuple(int(np.prod(shape[i + 1:], dtype=np.int64)) * itemsize
+                                              for i in range(len(shape)))
+    if any(n == 0 for n in shape):
+        return ptr, ptr
+    lo = ptr + sum((n - 1) * st for n, st in zip(shape, strides) if st < 0)
+    hi = ptr + sum((n - 1) * st for n, st in zip(shape, strides) if st > 0) + itemsize
+    return lo, hi
+
+
+def overlaps(a, b):
+    """Whether device arrays a and b share memory (by their address ranges: conservative)."""
+    (a0, a1), (b0, b1) = _extent(a), _extent(b)
+    return a0 < b1 and b0 < a1
+
+
 # element types as read from a device array's dtype: "<V2" is how ml_dtypes and PyTorch export bfloat16
 # through __cuda_array_interface__
 _KIND_OF = {**{npd: n for n, npd in _NP.items()}, np.dtype("V2"): "bfloat16"}

@@ -289,6 +289,16 @@ def block_sum(sh, tid):
         sh[0] = v
 
 
+@cuda.jit(device=True)
+def nll_of(m, s, xt):
+    """-log softmax at a logit xt of the row whose logsumexp state is (m, s), as the C core forms it:
+    (m - xt) + log s, exact for huge logits (lse - xt would round m + log s to m first: ln 2 became 0 for
+    [3e38, -3e38, 3e38]); NaN when the row's max is not finite (all -inf, a +inf, a NaN)."""
+    if m == -math.inf or m == math.inf or m != m:
+        return math.nan
+    return (m - xt) + math.log(s)
+
+
 @cuda.jit
 def ce_reduce(labels, ignore_index, V, w, has_w, eps, z, nll, smooth, lse, reduction, call, loss, total, err):
     """One block: the cross-entropy from the per-row parts, as ``fastlogits.ops.reductions.ce_terms`` and
@@ -556,10 +566,7 @@ def _build(kind):
         top[r] = 0 if bi == INT64_MAX else bi
         nll[r] = 0.0
         if has_labels and labels[r] != ignore_index:
-            val = lse_result(m, s)
-            if val == math.inf:
-                val = math.nan
-            nll[r] = val - value(x, r, labels[r], CT(softcap), CT(temp[r]))
+            nll[r] = nll_of(m, s, value(x, r, labels[r], CT(softcap), CT(temp[r])))
 
     def make_softmax_map(store):
         @cuda.jit
@@ -691,8 +698,8 @@ def _build(kind):
     def ce_finish(x, temp, softcap, labels, ignore_index, wtotal, smoothing, pm, ps, pt, nll, smooth,
                   lse):
         """Per row: merge the segment states; lse (NaN where a +inf makes log-softmax NaN), nll = lse -
-        x[label], smooth = wtotal * lse - sum w * x (when smoothing); ignored rows get 0, rows whose label
-        is out of range NaN (x is not read there)."""
+        x[label] (formed as nll_of does), smooth = wtotal * lse - sum w * x (when smoothing); ignored rows
+        get 0, rows whose label is out of range NaN (x is not read there)."""
         r = cuda.grid(1)
         if r >= pm.shape[0]:
             return
@@ -716,8 +723,7 @@ def _build(kind):
             nll[r] = math.nan
             smooth[r] = math.nan
             return
-        xt = value(x, r, lab, CT(softcap), CT(temp[r]))
-        nll[r] = val - xt
+        nll[r] = nll_of(m, s, value(x, r, lab, CT(softcap), CT(temp[r])))
         smooth[r] = wtotal * val - t if smoothing else 0.0
 
     k = Kernels()

@@ -1,5 +1,5 @@
 /*
- * fastlogits.h: the C core of fastlogits. Header-only; C99 and C++; link with -lm and nothing else.
+ * fastlogits.h: the C core of fastlogits. Header-only; C99 and C++11; link with -lm and nothing else.
  *
  * Design. Every operation folds a row of logits into a small per-row state, chunk by chunk, and two states
  * of different column ranges merge associatively (in any order: chunks, threads, machines). The row state
@@ -14,7 +14,9 @@
  *      second-pass maps over a chunk that sits in L1. They are plain C loops over fixed-width lanes, which
  *      GCC and Clang vectorize without fast-math flags; on x86-64 Linux with GCC they are compiled three times
  *      (x86-64-v4 = AVX-512, x86-64-v3 = AVX2+FMA, baseline) and the loader picks one at start-up
- *      (target_clones), so the includer's own flags never matter;
+ *      (target_clones), so the includer's -march flags do not matter. IEEE semantics do: -ffast-math or
+ *      -ffinite-math-only drop the NaN and inf checks (the header warns), and x87 math (-mfpmath=387)
+ *      needs -fexcess-precision=standard for exp's add-and-subtract rounding;
  *   3. the public API (below), and row drivers that read any dtype and stride, apply softcap and
  *      temperature, and fold.
  *
@@ -22,7 +24,8 @@
  *   fl_lse_state, fl_lse_init, fl_lse_update_{f32,f64,f16,bf16}, fl_lse_merge, fl_lse_result
  *       the online logsumexp of a row that arrives in pieces (16-bit values as their uint16_t bits);
  *   fl_ce_state, fl_ce_init, fl_ce_update_{f32,f64}, fl_ce_merge, fl_ce_result, fl_cross_entropy_f32
- *       cross-entropy against a class index, as PyTorch's -log_softmax(x)[label];
+ *       cross-entropy against a class index, as PyTorch's -log_softmax(x)[label] (NaN for a label
+ *       outside 0 .. n-1, where PyTorch raises: C has no exception to raise);
  *   fl_ent_state, fl_ent_init, fl_ent_merge, fl_ent_result   entropy (nats) of softmax;
  *   fl_argmax_state, fl_argmax_init, fl_argmax_update_f32, fl_argmax_merge, fl_argmax_f32;
  *   fl_f16_to_f32, fl_f32_to_f16, fl_bf16_to_f32, fl_f32_to_bf16   exact / round-to-nearest-even;
@@ -43,10 +46,15 @@
 #define FASTLOGITS_VERSION_MAJOR 0
 #define FASTLOGITS_VERSION_MINOR 1
 
+#include <float.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+
+#if defined(__FAST_MATH__) || (defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__)
+#warning "fastlogits.h needs NaN and inf: under -ffast-math or -ffinite-math-only, rows holding them give wrong results"
+#endif
 
 #ifdef __cplusplus
 extern "C" {
@@ -126,7 +134,7 @@ FL_INLINE uint32_t fl__bits_from_f32(float f) { uint32_t u; memcpy(&u, &f, 4); r
 FL_INLINE float fl_f16_to_f32(uint16_t h) {
     uint32_t sign = ((uint32_t)h & 0x8000u) << 16;
     uint32_t em = (uint32_t)h & 0x7fffu;
-    float f = fl__f32_from_bits(em << 13) * 0x1p112f;
+    float f = fl__f32_from_bits(em << 13) * 5192296858534827628530496329220096.0f;   /* 2^112 */
     uint32_t u = fl__bits_from_f32(f);
     u = em >= 0x7c00u ? (0x7f800000u | (em << 13)) : u;   /* inf and NaN keep their payload */
     return fl__f32_from_bits(u | sign);
@@ -405,7 +413,9 @@ typedef struct fl_row {
 #define FL_EXP fl__expf
 #define FL_EXP_NEG fl__expf_neg
 #define FL_TANH fl__tanhf
+#define FL_T_MAX ((double)FLT_MAX)
 #include "fastlogits_impl.h"
+#undef FL_T_MAX
 #undef FL_T
 #undef FL_SUF
 #undef FL_LANES
@@ -419,7 +429,9 @@ typedef struct fl_row {
 #define FL_EXP fl__exp
 #define FL_EXP_NEG fl__exp_neg
 #define FL_TANH fl__tanh
+#define FL_T_MAX DBL_MAX
 #include "fastlogits_impl.h"
+#undef FL_T_MAX
 #undef FL_T
 #undef FL_SUF
 #undef FL_LANES

@@ -212,7 +212,8 @@ static inline void FL_FN(fl_lse_fold)(fl_lse_state *st, const FL_T *x, int64_t n
                                       uintptr_t pf_step) {
     fl_lse_state c;
     if (n <= 0) return;
-    if (st->m > -FL_INF && st->m < FL_INF) {
+    /* one pass around the state's max, when FL_T holds it (a state merged from float64 work may not) */
+    if (st->m >= -FL_T_MAX && st->m <= FL_T_MAX) {
         FL_T sh = (FL_T)st->m, cmax;
         double s = FL_FN(fl__sumexp_max)(x, n, sh, &cmax, pf, pf_step);
         if (s == s && cmax <= sh + 64) {

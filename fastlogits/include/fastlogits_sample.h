@@ -114,7 +114,7 @@ static inline uint32_t fl_rng_word(const fl_rng *g, int64_t t, uint32_t stream) 
 /* Gumbel noise from the token's two words, in float64 (see the top of the file). */
 static inline double fl_gumbel_from_words(uint32_t hi, uint32_t lo) {
     uint64_t k = ((uint64_t)hi << 20) | (uint64_t)(lo >> 12);
-    double u = (double)(2 * k + 1) * 0x1p-53;
+    double u = (double)(2 * k + 1) * 1.1102230246251565404236316680908203125e-16;   /* 2^-53 */
     return -log(-log(u));
 }
 
@@ -323,7 +323,7 @@ FL_INLINE FLS_T FLS_FN(fl__round_up)(double theta) {
 FL_INLINE int FLS_FN(fl__may_win)(FLS_T x, uint32_t w, FLS_T bl, FLS_T theta) {
     FLS_T d = x >= theta ? x - bl : -(FLS_T)INFINITY;
     FLS_T e = FLS_EXP(d) * (FLS_T)1.002;
-    FLS_T a = (FLS_T)(int32_t)((~w) >> 1) * (FLS_T)0x1p-31;
+    FLS_T a = (FLS_T)(int32_t)((~w) >> 1) * (FLS_T)4.656612873077392578125e-10;
     return a <= e;
 }
 
@@ -338,7 +338,7 @@ FL_MULTIVERSION static FL_UNUSED int FLS_FN(fl__gumbel_block)(const FLS_T *x, ui
         FLS_T v = x[j];
         FLS_T d = v >= theta ? v - bl : -(FLS_T)INFINITY;
         FLS_T e = FLS_EXP(d) * (FLS_T)1.002;
-        FLS_T a = (FLS_T)(int32_t)((~w[j]) >> 1) * (FLS_T)0x1p-31;
+        FLS_T a = (FLS_T)(int32_t)((~w[j]) >> 1) * (FLS_T)4.656612873077392578125e-10;
         int f = a <= e;
         flags[j] = (unsigned char)f;
         cnt += f;

@@ -101,6 +101,9 @@ def _map(logits, log, temperature, softcap, out, dtype, backend, threads, chunk_
         out_name = B.out_kind(out, dtype)
         if dtype is not None and dtype_name(dtype) != out_name:
             raise ValueError(f"{name}: dtype={dtype!r} disagrees with out's dtype {out_name}")
+        if is_gpu_array(x) and B.overlaps(out, x):
+            raise ValueError(f"{name}: out and logits span overlapping device memory; the caller's logits "
+                             "are never written to")
     else:
         if not isinstance(out, np.ndarray):
             raise TypeError(f"{name}: out must be a NumPy or GPU array, got {type(out).__name__}")
@@ -115,9 +118,12 @@ def _map(logits, log, temperature, softcap, out, dtype, backend, threads, chunk_
             raise ValueError(f"{name}: out overlaps itself (a zero stride): every value needs its own place")
         if isinstance(x, np.ndarray) and np.shares_memory(out, x):
             raise ValueError(f"{name}: out overlaps logits; the caller's logits are never written to")
-    out2 = out.reshape(r.x.shape) if len(shape) != 2 else out
-    if isinstance(out, np.ndarray) and len(shape) > 2 and not np.shares_memory(out2, out):  # pragma: no cover
-        out2 = np.empty(r.x.shape, out.dtype)
+    if is_gpu_array(out):
+        out2 = B.rows_out(out)   # (rows, V) over the caller's memory, or a ValueError
+    else:
+        out2 = out.reshape(r.x.shape) if len(shape) != 2 else out
+        if len(shape) > 2 and not np.shares_memory(out2, out):  # pragma: no cover
+            out2 = np.empty(r.x.shape, out.dtype)
     B.softmax(r.x, r.dtype, r.temperature, r.softcap, log, out2, out_name, r.chunk, r.threads)
     if out2 is not out and isinstance(out, np.ndarray) and not np.shares_memory(out2, out):
         out[...] = out2.reshape(out.shape)  # pragma: no cover

@@ -151,6 +151,25 @@ def test_edge_rows(gpu, dtype):
         agree("top_k_logprobs", x, k=2)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cross_entropy_of_huge_logits(gpu, dtype):
+    """(m - x) + log s, not lse - x: at |x| ~ 3e38 the latter rounds ln 2 away (README's example). Exact
+    values, not the M-scaled tolerance of agree(); the fused statistics pass too."""
+    from fastlogits.gpu import backend as gpu_backend
+
+    x = np.array([[3e38, -3e38, 3e38], [1e30, 0, 1e30], [3e38, 3e38, 3e38], [-3e38, 3e38, 0]], dtype)
+    y = np.array([2, 2, 1, 0])
+    want = [np.log(2), np.log(2), np.log(3)]
+    got = fl.cross_entropy(x, y, reduction="none", backend="gpu")
+    np.testing.assert_allclose(got[:3], want, rtol=1e-6)
+    # 6e38 overflows a float32 result, not a float64 one
+    assert got[3] == fl.cross_entropy(x, y, reduction="none", backend="cpu")[3] == np.dtype(dtype).type(6e38)
+    nll = gpu_backend.stats(x, np.dtype(dtype).name, np.ones(4), 0.0, y, -100, 4096, 1)[0]
+    np.testing.assert_allclose(nll[:3], want, rtol=1e-6)
+    smooth = fl.cross_entropy(x[:3], y[:3], reduction="none", label_smoothing=0.1, backend="gpu")
+    np.testing.assert_array_equal(np.isfinite(smooth), [True, True, True])
+
+
 @pytest.mark.parametrize("V", [1, 127, 128, 129, 1024, 1025])
 def test_block_boundaries(gpu, rng, V):
     x = (rng.standard_normal((2, V)) * 3).astype(np.float32)

@@ -236,3 +236,30 @@ def test_bfloat16_maps_stay_on_the_device(cuda, rng, in_dtype):
         fl.softmax(dx, out=cuda.device_array(x.shape, np.float32), dtype="float16")
     with pytest.raises(ValueError, match="backend='gpu'"):
         fl.softmax(xh, backend="cpu", out=cuda.device_array(x.shape, np.float32))
+
+
+def test_device_out_layouts_and_overlap(cuda, rng):
+    """A device out is written in place through a (rows, V) view of the caller's memory: strided last
+    axes and 3-D outs whose leading axes merge work; leading axes that do not merge raise (a reshaped copy
+    would never be written); an out over the logits' own memory is refused, as on the CPU."""
+    x = rng.standard_normal((2, 3, 5)).astype(np.float32)
+    dx = cuda.to_device(x)
+    want = fl.softmax(x)
+    for sl in (np.s_[:, :, ::-1], np.s_[:, :, :], np.s_[:1]):
+        base = cuda.to_device(np.full((2, 3, 5), 7.0, np.float32))
+        out = base[sl]
+        got = fl.log_softmax(dx[sl], out=out)
+        assert got is out
+        np.testing.assert_allclose(_host(base)[sl], fl.log_softmax(x[sl]), rtol=2e-6, atol=1e-6)
+    for sl in (np.s_[::-1], np.s_[:, ::-1]):
+        out = cuda.to_device(np.full((2, 3, 5), 7.0, np.float32))[sl]
+        with pytest.raises(ValueError, match="leading axes do not merge"):
+            fl.softmax(dx, out=out)
+    strided = cuda.to_device(np.zeros((2, 6, 5), np.float32))[:, ::2]
+    fl.softmax(dx, out=strided)                       # rows 6 apart in memory merge: leading (2, 3)
+    np.testing.assert_allclose(_host(strided), want, rtol=2e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="overlapping device memory"):
+        fl.softmax(dx, out=dx)
+    d = cuda.to_device(rng.standard_normal((4, 6)).astype(np.float32))
+    fl.softmax(d[:2], out=d[2:])                      # disjoint rows of one array are fine
+    np.testing.assert_allclose(_host(d)[2:], fl.softmax(_host(d)[:2]), rtol=2e-6, atol=1e-7)
