@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import fastlogits as fl
+from fastlogits.ops._prep import BF16
 from fastlogits.stream import CrossEntropy, LogSumExp
 from fastlogits.stream.accumulators import Entropy, TopK
 from fastlogits.stream.sources import SourceError, StdinSource
@@ -231,6 +232,17 @@ def test_one_dimensional_source(tmp_path, rng):
         got = fl.cross_entropy(fl.open(tmp_path / "one.npy"), np.array(3), reduction=reduction)
         want = fl.cross_entropy(x, np.array(3), reduction=reduction)
         assert type(got) is type(want) and got == want
+
+
+def test_maps_of_arrays_and_memmaps_to_a_path(tmp_path, rng):
+    x = (rng.standard_normal((5, 301)) * 3).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    mm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    assert fl.log_softmax(mm, out=tmp_path / "a.npy") == str(tmp_path / "a.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), fl.log_softmax(x))
+    fl.softmax(x[:, ::-1], out=tmp_path / "b.npy", dtype="bfloat16", temperature=0.5)
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npy").view(BF16),
+                                  fl.softmax(x[:, ::-1], dtype="bfloat16", temperature=0.5))
 
 
 def test_outputs_that_cannot_be_written_leave_nothing(tmp_path, rng):

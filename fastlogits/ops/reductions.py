@@ -1,10 +1,12 @@
 """Row reductions and maps: logsumexp, softmax, log_softmax, entropy, cross_entropy."""
+import os
+
 import numpy as np
 
 from fastlogits.ops import _backend
 from fastlogits.ops._prep import NP_DTYPES, as_array, dtype_name, is_gpu_array, prepare
 from fastlogits.stream import run as stream_run
-from fastlogits.stream.sources import as_source
+from fastlogits.stream.sources import ArraySource, as_source
 
 
 def _finish(r, values):
@@ -76,6 +78,8 @@ def entropy(logits, *, temperature=1.0, softcap=None, backend=None, threads=None
 
 def _map(logits, log, temperature, softcap, out, dtype, backend, threads, chunk_size):
     src = as_source(logits)
+    if src is None and isinstance(out, (str, os.PathLike)) and not is_gpu_array(logits):
+        src = ArraySource(as_array(logits))   # an array (a memmap, say) whose map goes to a file
     if src is not None:
         return stream_run.softmax(src, log, out, dict(
             temperature=temperature, softcap=softcap, dtype=dtype, backend=backend, threads=threads,
@@ -135,8 +139,11 @@ def softmax(logits, *, temperature=1.0, softcap=None, out=None, dtype=None, back
     """softmax(x / T) over the last axis.
 
     Returns an array of the logits' shape, in the logits' dtype unless ``dtype=`` (or ``out=``) says
-    otherwise. A row of all -inf, or holding +inf or NaN, is all NaN (like PyTorch); -inf entries of
-    other rows get probability 0. Arithmetic is float32 (float64 for float64 input).
+    otherwise. ``out`` may be an array (NumPy, or a GPU array for GPU logits) or, for host logits and
+    sources, a path: a ``.npy`` file (raw rows for any other name) written block by block, under a
+    temporary name until complete; the path is returned. A row of all -inf, or holding +inf or NaN, is
+    all NaN (like PyTorch); -inf entries of other rows get probability 0. Arithmetic is float32 (float64
+    for float64 input).
 
     Examples
     --------
