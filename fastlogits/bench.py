@@ -5,12 +5,12 @@ columns are meaningful on a noisy shared machine even when absolute figures drif
 machine's read bandwidth over the same array, measured in the same run (a vectorized, threaded sum in C;
 and ``torch.sum`` or ``numpy.sum`` for reference).
 """
-import json
 import time
 
 import numpy as np
 
 import fastlogits as fl
+from fastlogits import _json
 from fastlogits.ops._prep import NP_DTYPES
 
 OPS = ("logsumexp", "cross_entropy", "softmax", "log_softmax", "entropy", "argmax", "top_k")
@@ -199,8 +199,8 @@ def main(args):
     cfg = fl.show_config(as_dict=True)
     gpu = gpu_figures(args)
     if args.json:
-        print(json.dumps({"config": cfg, "shape": [args.rows, args.vocab], "results": results, "gpu": gpu},
-                         indent=1))
+        print(_json.dumps({"config": cfg, "shape": [args.rows, args.vocab], "results": results, "gpu": gpu},
+                          indent=1))
     else:
         print(f"fastlogits {cfg['version']}  simd={cfg['simd']}  openmp={cfg['openmp']}  "
               f"shape=({args.rows}, {args.vocab})  median of {args.repeat}")

@@ -11,7 +11,6 @@ logits and device labels (computed on the device, no host copy) against the CPU'
 On a machine without a GPU it runs under numba's CUDA simulator when NUMBA_ENABLE_CUDASIM=1 is set
 (small shapes: the simulator runs every thread in Python).
 """
-import json
 import os
 import warnings
 
@@ -19,6 +18,7 @@ import ml_dtypes
 import numpy as np
 
 import fastlogits as fl
+from fastlogits import _json
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = {"float16": np.dtype(np.float16), "bfloat16": BF16, "float32": np.dtype(np.float32),
@@ -165,7 +165,7 @@ def main(args):
     results = run()
     failed = [r for r in results if not r["ok"]]
     if args.json:
-        print(json.dumps({"results": results, "failed": len(failed)}, indent=1))
+        print(_json.dumps({"results": results, "failed": len(failed)}, indent=1))
     else:
         agg = {}
         for r in results:

@@ -5,7 +5,6 @@ and shows a progress bar on standard error when it is a terminal. Bad input gets
 standard error and a non-zero exit, never a traceback.
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -15,6 +14,7 @@ import warnings
 import numpy as np
 
 import fastlogits as fl
+from fastlogits import _json
 
 
 def _add_common(p):
@@ -64,22 +64,9 @@ def _common_kw(args):
     return {"backend": args.backend, "threads": args.threads}
 
 
-def _json_value(v):
-    """v for strict JSON (RFC 8259 has no NaN or infinity): a non-finite float becomes null."""
-    if isinstance(v, dict):
-        return {k: _json_value(u) for k, u in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_value(u) for u in v]
-    if isinstance(v, (float, np.floating)):
-        return float(v) if np.isfinite(v) else None
-    if isinstance(v, np.integer):
-        return int(v)
-    return v
-
-
 def _emit(args, summary, lines):
     if args.json:
-        print(json.dumps(_json_value(summary), indent=1, allow_nan=False))
+        print(_json.dumps(summary, indent=1))
     else:
         print("\n".join(lines))
 
@@ -88,7 +75,7 @@ _PER_ROW = (".npy", ".csv", ".jsonl")
 
 
 def _check_per_row_path(path):
-    if not path.endswith(_PER_ROW):
+    if not path.lower().endswith(_PER_ROW):
         raise ValueError(f"{path}: per-row output must end in .npy, .csv or .jsonl")
 
 
@@ -102,14 +89,14 @@ def write_rows(path, columns):
     arrays = [np.asarray(columns[n]) for n in names]
     rows = arrays[0].shape[0]
     with atomic_output(path) as tmp:
-        if path.endswith(".npy"):
+        if path.lower().endswith(".npy"):
             dt = [(n, a.dtype, a.shape[1:]) for n, a in zip(names, arrays)]
             rec = np.empty(rows, dt)
             for n, a in zip(names, arrays):
                 rec[n] = a
             with open(tmp, "wb") as f:
                 np.save(f, rec)
-        elif path.endswith(".csv"):
+        elif path.lower().endswith(".csv"):
             with open(tmp, "w") as f:
                 head = []
                 for n, a in zip(names, arrays):
@@ -118,11 +105,10 @@ def write_rows(path, columns):
                 for i in range(rows):
                     cells = (",".join(map(repr, np.atleast_1d(a[i]).tolist())) for a in arrays)
                     f.write(",".join(cells) + "\n")
-        elif path.endswith(".jsonl"):
+        else:
             with open(tmp, "w") as f:
                 for i in range(rows):
-                    f.write(json.dumps({n: _json_value(a[i].tolist()) for n, a in zip(names, arrays)},
-                                       allow_nan=False) + "\n")
+                    f.write(_json.dumps({n: a[i] for n, a in zip(names, arrays)}) + "\n")
 
 
 def _load_labels(path, rows):

@@ -197,7 +197,8 @@ def test_header_compiles_as_cpp(tmp_path, std):
         }
     """)
     )
-    warnings = _compile(CXX, src, tmp_path / "prog", ["-O2", f"-std={std}", "-Wall", "-Wextra", "-Werror"])
+    warnings = _compile(CXX, src, tmp_path / "prog", ["-O2", f"-std={std}", "-pedantic-errors", "-Wall",
+                                                      "-Wextra", "-Werror"])
     assert warnings == ""
     out = subprocess.run([tmp_path / "prog"], capture_output=True, text=True, check=True).stdout.split()
     assert abs(float(out[0]) - np.log(1000)) < 1e-6 and abs(float(out[1]) - np.log(1000)) < 1e-6

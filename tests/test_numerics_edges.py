@@ -126,6 +126,17 @@ def test_torch_cpu_tensors_are_logits(rng):
     np.testing.assert_array_equal(t.numpy(), x)                    # never written to
 
 
+def test_torch_negative_views_are_read_as_their_values(rng):
+    """A lazily negated PyTorch view (the negative bit: DLPack does not carry it) is read as its values."""
+    torch = pytest.importorskip("torch")
+    z = torch.from_numpy(rng.standard_normal((3, 6)) + 1j * rng.standard_normal((3, 6))).to(torch.complex64)
+    v = z.conj().imag
+    assert v.is_neg()
+    want = -z.imag.numpy()
+    np.testing.assert_array_equal(fl.argmax(v), fl.argmax(want))
+    np.testing.assert_allclose(fl.logsumexp(v), fl.logsumexp(want), rtol=1e-6)
+
+
 def test_a_zero_d_seed_array_is_one_seed():
     x = np.random.default_rng(1).standard_normal((4, 30))
     np.testing.assert_array_equal(fl.sample(x, seed=np.array(7)), fl.sample(x, seed=7))

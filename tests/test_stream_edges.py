@@ -4,6 +4,7 @@ big-endian and version-3 .npy files, outputs that cannot be written, and the com
 errors and strict JSON. Results are compared with the in-memory functions on the same data."""
 import io
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -347,3 +348,89 @@ def test_cli_demo_with_a_tiny_vocabulary():
     res = _cli("demo", "--rows", "10", "--vocab", "3", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["vocab"] == 3
+
+
+# ---- from a review of the above -------------------------------------------------------------------
+
+def test_accumulators_take_float64_temperatures_and_check_float32_chunks(rng):
+    x = rng.standard_normal((2, 40))
+    acc = LogSumExp(2, temperature=1e-300).update(x[:, :20], 0).update(x[:, 20:], 20)
+    np.testing.assert_array_equal(acc.result(), fl.logsumexp(x, temperature=1e-300))
+    acc = LogSumExp(2, temperature=1e-300)
+    with pytest.raises(ValueError, match="outside float32's range"):
+        acc.update(x.astype(np.float32), 0)
+    assert acc.columns == 0 and acc.ranges == [] and np.all(acc.m == -np.inf)   # nothing was folded
+
+
+def test_a_refused_merge_changes_nothing(rng):
+    x = rng.standard_normal((2, 10))
+    y = np.array([1, 8])
+    for make in (lambda: LogSumExp(2), lambda: CrossEntropy(y)):
+        a, b = make().update(x[:, :6], 0), make().update(x[:, 4:], 4)
+        before = a.state
+        with pytest.raises(ValueError, match="columns 4:6 were already folded in"):
+            a.merge(b)
+        after = a.state
+        for u, v in zip(before, after):
+            np.testing.assert_array_equal(u, v)
+        assert a.ranges == [(0, 6)] and a.columns == 6
+        a.update(x[:, 6:], 6)                              # and it goes on as if nothing happened
+        if isinstance(a, LogSumExp):
+            np.testing.assert_allclose(a.result(), fl.logsumexp(x), rtol=1e-12)
+        else:
+            assert a.result() == pytest.approx(float(fl.cross_entropy(x, y)), rel=1e-12)
+
+
+def _open_fds():
+    return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+
+
+def test_a_map_of_standard_input_cut_short_leaves_nothing(tmp_path, rng):
+    x = rng.standard_normal((2, 50000)).astype(np.float32)
+    before = _open_fds()
+    src = StdinSource("float32", 50000, stream=io.BytesIO(x.tobytes()[:-12]))
+    src.memory = "64KiB"
+    with pytest.raises(SourceError, match="not a whole number of rows"):
+        fl.softmax(src, out=tmp_path / "p.npy")
+    assert _open_fds() == before
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_streamed_calls_check_the_backend():
+    if "gpu" in fl.available_backends():
+        pytest.skip("this machine has a GPU")
+    for op in (lambda s: fl.logsumexp(s, backend="gpu"), lambda s: fl.cross_entropy(s, [0, 1], backend="gpu"),
+               lambda s: fl.softmax(s, out=np.empty((2, 40000)), backend="gpu")):
+        with pytest.raises(RuntimeError, match="backend 'gpu' is not available"):
+            op(iter([np.zeros((2, 40000))]))
+
+
+def test_an_out_array_must_match_a_read_once_source(rng):
+    x = rng.standard_normal((3, 5)).astype(np.float32)
+    with pytest.raises(ValueError, match="out has 2 rows, but the source has more"):
+        fl.softmax(iter([x]), out=np.empty((2, 5), np.float32))
+    with pytest.raises(ValueError, match="out has 4 rows, but the source had 3"):
+        fl.softmax(iter([x]), out=np.empty((4, 5), np.float32))
+
+
+def test_an_iterable_of_torch_blocks(rng):
+    torch = pytest.importorskip("torch")
+    x = rng.standard_normal((4, 30)).astype(np.float32)
+    t = torch.from_numpy(x).to(torch.bfloat16)
+    got = fl.logsumexp(iter([t[:3], t[3:]]))
+    np.testing.assert_array_equal(got, fl.logsumexp(t.float().numpy().astype(BF16)))
+
+
+def test_strict_json():
+    from fastlogits import _json
+
+    text = _json.dumps({"a": np.float32("nan"), "b": [np.inf, 1.5], "c": np.int64(3),
+                        "d": np.array([-np.inf]), "e": np.bool_(True)})
+    assert json.loads(text) == {"a": None, "b": [None, 1.5], "c": 3, "d": [None], "e": True}
+
+
+def test_per_row_output_suffixes_in_any_case(tmp_path, rng):
+    np.save(tmp_path / "x.npy", rng.standard_normal((3, 9)).astype(np.float32))
+    res = _cli("topk", tmp_path / "x.npy", tmp_path / "t.CSV", "-k", "2")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "t.CSV").read_text().splitlines()[0] == "ids_0,ids_1,logprobs_0,logprobs_1"

@@ -119,8 +119,11 @@ def _rows_view(d):
 
 def rows_out(out):
     """A GPU ``out`` as a 2-D (rows, V) device array over the caller's memory, for the maps to write in
-    place; a ValueError where its leading axes do not merge into one (a copy would not be written)."""
+    place; a ValueError where its leading axes do not merge into one (a copy would not be written) or a
+    zero stride makes values share a place (as the CPU refuses)."""
     d = _device_view(out)
+    if any(st == 0 and n > 1 for st, n in zip(d.strides, d.shape)):
+        raise ValueError("out overlaps itself (a zero stride): every value needs its own place")
     v = d if d.ndim == 2 else _rows_view(d)
     if v is None:
         raise ValueError(f"out: a device array of shape {tuple(d.shape)} and strides {tuple(d.strides)} "
@@ -129,28 +132,28 @@ def rows_out(out):
     return v
 
 
-def _extent(x):
-    """[lo, hi): the device addresses the elements of device array x span."""
-    if hasattr(x, "_ary"):                 # the simulator's arrays: host memory
-        a = x._ary
-        ptr, shape, strides, itemsize = a.__array_interface__["data"][0], a.shape, a.strides, a.itemsize
-    else:
-        cai = x.__cuda_array_interface__
-        ptr, shape = cai["data"][0], tuple(cai["shape"])
-        itemsize = np.dtype(cai["typestr"]).itemsize
-        strides = cai.get("strides") or tuple(int(np.prod(shape[i + 1:], dtype=np.int64)) * itemsize
-                                              for i in range(len(shape)))
-    if any(n == 0 for n in shape):
-        return ptr, ptr
-    lo = ptr + sum((n - 1) * st for n, st in zip(shape, strides) if st < 0)
-    hi = ptr + sum((n - 1) * st for n, st in zip(shape, strides) if st > 0) + itemsize
-    return lo, hi
+class _AtAddresses:
+    """A NumPy array interface at a device array's addresses: never read, only for np.shares_memory's
+    arithmetic on (address, shape, strides)."""
+
+    def __init__(self, cai):
+        self.__array_interface__ = {"data": (cai["data"][0], True), "shape": tuple(cai["shape"]),
+                                    "strides": cai.get("strides"), "typestr": cai["typestr"], "version": 3}
 
 
 def overlaps(a, b):
-    """Whether device arrays a and b share memory (by their address ranges: conservative)."""
-    (a0, a1), (b0, b1) = _extent(a), _extent(b)
-    return a0 < b1 and b0 < a1
+    """Whether device arrays a and b share memory: exactly, as np.shares_memory decides for host arrays
+    (disjoint interleaved views do not), by the addresses alone."""
+    views = []
+    for x in (a, b):
+        if any(n == 0 for n in x.shape):
+            return False
+        views.append(x._ary if hasattr(x, "_ary") else np.asarray(_AtAddresses(_device_view(x)
+                                                                               .__cuda_array_interface__)))
+    try:
+        return bool(np.shares_memory(views[0], views[1], max_work=10**6))
+    except np.exceptions.TooHardError:      # (strides too awkward to decide cheaply): assume they do
+        return True
 
 
 # element types as read from a device array's dtype: "<V2" is how ml_dtypes and PyTorch export bfloat16

@@ -73,6 +73,8 @@ def host_array(obj):
     if hasattr(obj, "__dlpack__") and not isinstance(obj, np.ndarray):
         if hasattr(obj, "detach"):
             obj = obj.detach()       # a tensor that requires grad: read, never written
+        if hasattr(obj, "resolve_neg"):
+            obj = obj.resolve_neg()  # a lazily negated view (DLPack carries no negative bit): materialised
         if str(getattr(obj, "dtype", "")) == "torch.bfloat16":    # NumPy has no DLPack bfloat16
             import torch
             return np.from_dlpack(obj.view(torch.int16)).view(BF16)

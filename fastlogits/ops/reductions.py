@@ -106,8 +106,7 @@ def _map(logits, log, temperature, softcap, out, dtype, backend, threads, chunk_
         if dtype is not None and dtype_name(dtype) != out_name:
             raise ValueError(f"{name}: dtype={dtype!r} disagrees with out's dtype {out_name}")
         if is_gpu_array(x) and B.overlaps(out, x):
-            raise ValueError(f"{name}: out and logits span overlapping device memory; the caller's logits "
-                             "are never written to")
+            raise ValueError(f"{name}: out overlaps logits; the caller's logits are never written to")
     else:
         if not isinstance(out, np.ndarray):
             raise TypeError(f"{name}: out must be a NumPy or GPU array, got {type(out).__name__}")
@@ -123,7 +122,10 @@ def _map(logits, log, temperature, softcap, out, dtype, backend, threads, chunk_
         if isinstance(x, np.ndarray) and np.shares_memory(out, x):
             raise ValueError(f"{name}: out overlaps logits; the caller's logits are never written to")
     if is_gpu_array(out):
-        out2 = B.rows_out(out)   # (rows, V) over the caller's memory, or a ValueError
+        try:
+            out2 = B.rows_out(out)   # (rows, V) over the caller's memory, or a ValueError
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
     else:
         out2 = out.reshape(r.x.shape) if len(shape) != 2 else out
         if len(shape) > 2 and not np.shares_memory(out2, out):  # pragma: no cover

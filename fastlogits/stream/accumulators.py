@@ -59,8 +59,9 @@ class _Base:
         # the column ranges folded in, as sorted [start, end) pairs; None once a bare state of unknown
         # columns was merged. Folding a column twice would count it twice, so an overlap raises.
         self.ranges = []
-        # checks temperature and softcap now, not at the first update
-        prepare(np.zeros((self.rows, 0), np.float32), temperature=temperature, softcap=softcap,
+        # checks temperature and softcap now, not at the first update (float64's rules: the dtype of the
+        # chunks is not known yet; float32's narrower range is checked when a chunk comes)
+        prepare(np.zeros((self.rows, 0), np.float64), temperature=temperature, softcap=softcap,
                 backend="cpu", threads=threads, chunk_size=chunk_size)
 
     def _check_chunk(self, chunk, start):
@@ -72,11 +73,12 @@ class _Base:
             raise ValueError(f"start must be a non-negative integer column index, got {start!r}")
         return x, int(start)
 
-    def _cover(self, ranges):
-        """Record that the columns of `ranges` ([start, end) pairs; None: unknown) were folded in."""
+    def _covered(self, ranges):
+        """The column ranges after folding in `ranges` ([start, end) pairs; None: unknown), or a
+        ValueError for a column folded in twice. Nothing is changed: the caller stores the result once its
+        fold or merge has succeeded."""
         if ranges is None or self.ranges is None:
-            self.ranges = None
-            return
+            return None
         merged = sorted(self.ranges + [r for r in ranges if r[1] > r[0]])
         for (a0, a1), (b0, b1) in zip(merged, merged[1:]):
             if b0 < a1:
@@ -89,7 +91,7 @@ class _Base:
                 out[-1] = (out[-1][0], b)
             else:
                 out.append((a, b))
-        self.ranges = out
+        return out
 
     def _fold(self, chunk, start, weight=None, want_sum=False):
         """The chunk's row states (m, s, sum) after the usual checks."""
@@ -97,7 +99,7 @@ class _Base:
         if weight is not None and start + x.shape[1] > weight.shape[0]:
             raise ValueError(f"weight has {weight.shape[0]} values (one per class), but columns "
                              f"{start}:{start + x.shape[1]} were given")
-        self._cover([(start, start + x.shape[1])])
+        ranges = self._covered([(start, start + x.shape[1])])
         r = prepare(x, temperature=self._temperature, softcap=self._softcap, backend="cpu",
                     threads=self._threads, chunk_size=self._chunk_size)
         m, s, tot = (np.empty(self.rows) for _ in range(3))
@@ -107,6 +109,7 @@ class _Base:
         _reduce.lse_states(r.x, CODES[r.dtype], r.temperature, r.softcap, w, want_sum, m, s, tot, r.chunk,
                            r.threads)
         self.columns += x.shape[1]
+        self.ranges = ranges
         return r, m, s, tot
 
     def __repr__(self):
@@ -143,12 +146,11 @@ class LogSumExp(_Base):
     def merge(self, other):
         """Fold in the state of other columns: a LogSumExp, or a (m, s) pair of arrays."""
         m2, s2 = other.state if isinstance(other, LogSumExp) else other
+        ranges = self._covered(other.ranges if isinstance(other, LogSumExp) else None)
         _merge_lse(self.m, self.s, m2, s2)
+        self.ranges = ranges
         if isinstance(other, LogSumExp):
-            self._cover(other.ranges)
             self.columns += other.columns
-        else:
-            self._cover(None)
         return self
 
     def result(self):
@@ -223,12 +225,14 @@ class CrossEntropy(_Base):
         found = _row_state(st.found, rows, "found", bool)
         target = _row_state(st.target, rows, "target")
         wsum = _row_state(st.wsum, rows, "wsum")
-        _merge_lse(self.m, self.s, st.m, st.s)
+        m2, s2 = _row_state(st.m, rows, "m"), _row_state(st.s, rows, "s")
+        ranges = self._covered(other.ranges if isinstance(other, CrossEntropy) else None)
+        _merge_lse(self.m, self.s, m2, s2)
         self.target = np.where(found, target, self.target)
         self.found |= found
         self.wsum += wsum
         self.columns += int(st.columns)
-        self._cover(other.ranges if isinstance(other, CrossEntropy) else None)
+        self.ranges = ranges
         return self
 
     def _check_same(self, other):
@@ -247,8 +251,8 @@ class CrossEntropy(_Base):
         V = self.columns
         if self.ranges is not None and self.ranges not in ([], [(0, V)]):
             ends = [0] + [b for _, b in self.ranges]
-            gap = next((e, a) for e, (a, _) in zip(ends, self.ranges) if a != e)
-            raise ValueError(f"columns {gap[0]}:{gap[1]} were never folded in (folded in: "
+            e, a = next((e, a) for e, (a, _) in zip(ends, self.ranges) if a != e)   # the first gap
+            raise ValueError(f"columns {e}:{a} were never folded in (folded in: "
                              f"{', '.join(f'{a}:{b}' for a, b in self.ranges)}); the loss needs every column")
         if self.weight is not None and self.weight.shape[0] != V:
             raise ValueError(f"weight has {self.weight.shape[0]} values (one per class), but {V} columns "
@@ -292,13 +296,14 @@ class Entropy(_Base):
     def update(self, chunk, start=0):
         """Fold in columns start .. start + c of every row; chunk has shape (rows, c)."""
         x, start = self._check_chunk(chunk, start)
-        self._cover([(start, start + x.shape[1])])
+        ranges = self._covered([(start, start + x.shape[1])])
         r = prepare(x, temperature=self._temperature, softcap=self._softcap, backend="cpu",
                     threads=self._threads, chunk_size=self._chunk_size)
         m, s, t = (np.empty(self.rows) for _ in range(3))
         _reduce.ent_states(r.x, CODES[r.dtype], r.temperature, r.softcap, m, s, t, r.chunk, r.threads)
         _reduce.merge_ent_states(self.m, self.s, self.t, m, s, t, self._h)
         self.columns += x.shape[1]
+        self.ranges = ranges
         return self
 
     def result(self):
@@ -329,7 +334,7 @@ class TopK(_Base):
         from fastlogits.ops.selection import _top_k
 
         x, start = self._check_chunk(chunk, start)
-        self._cover([(start, start + x.shape[1])])
+        ranges = self._covered([(start, start + x.shape[1])])
         # values in the compute dtype (not rounded back to a 16-bit input dtype): log-probs come from them
         _, v, i = _top_k(x, min(self.k, x.shape[1]), False, self._temperature, self._softcap, "cpu",
                          self._threads, self._chunk_size)
@@ -342,6 +347,7 @@ class TopK(_Base):
         if self._lse is not None:
             self._lse.update(x, start)
         self.columns += x.shape[1]
+        self.ranges = ranges
         return self
 
     def result(self):

@@ -170,16 +170,20 @@ def single_rows(source, cols):
                 return open_raw(path, source.dtype, source.V)
 
             f, row = None, -1
-            for i, c0, chunk in column_chunks(source, cols):
-                if c0 == 0:
-                    if f is not None:
-                        with spooled(f) as spool:
-                            yield row, spool
-                    f, row = open(path, "wb"), i  # noqa: SIM115 - closed when the row is complete
-                f.write(_bytes(chunk))
-            if f is not None:
-                with spooled(f) as spool:
-                    yield row, spool
+            try:
+                for i, c0, chunk in column_chunks(source, cols):
+                    if c0 == 0:
+                        if f is not None:
+                            with spooled(f) as spool:
+                                yield row, spool
+                        f, row = open(path, "wb"), i  # noqa: SIM115 - closed when the row is complete
+                    f.write(_bytes(chunk))
+                if f is not None:
+                    with spooled(f) as spool:
+                        yield row, spool
+            finally:
+                if f is not None:
+                    f.close()             # (a row cut short: standard input ended, or the caller raised)
     else:
         for r0, block in row_blocks(source, 1):
             for i in range(block.shape[0]):
@@ -256,11 +260,21 @@ def _row_accumulator(op, temperature, kw):
     raise ValueError(op)
 
 
+def check_backend(backend):
+    """The backend a streamed call asks for must exist, as for an array; rows too wide for the budget are
+    folded by the CPU's accumulators whichever it is."""
+    from fastlogits.ops import _backend
+    from fastlogits.ops._prep import resolve_backend
+
+    _backend.get(resolve_backend(backend, None))
+
+
 def reduce(op, source, kw, memory=None, progress=None):
     """logsumexp, entropy, argmax, top_k or top_k_logprobs of every row of a source (kw: the call's
     keyword arguments; `k` for the top-k functions)."""
     import fastlogits as fl
 
+    check_backend(kw.get("backend"))
     kw = dict(kw)
     temp = RowArg(kw.pop("temperature", 1.0), "temperature", source)
     progress = progress or Progress()
@@ -323,6 +337,7 @@ def cross_entropy(source, labels, kw, memory=None, progress=None):
     from fastlogits.ops.reductions import ce_total, cross_entropy_terms
     from fastlogits.stream.accumulators import CrossEntropy
 
+    check_backend(kw.get("backend"))
     kw = dict(kw)
     reduction = kw.pop("reduction", "mean")
     if reduction not in ("none", "mean", "sum"):
@@ -381,6 +396,7 @@ def softmax(source, log, out, kw, memory=None, progress=None):
     from fastlogits.ops._prep import dtype_name, prepare
     from fastlogits.stream.accumulators import LogSumExp
 
+    check_backend(kw.get("backend"))
     kw = dict(kw)
     dtype, argname = kw.pop("dtype", None), "dtype"
     if dtype is None and isinstance(out, np.ndarray):
@@ -477,6 +493,9 @@ class _Sink:
     def write(self, r0, c0, block):
         block = np.asarray(block)
         if self._array is not None:
+            if r0 + block.shape[0] > self._array.shape[0]:
+                raise ValueError(f"out has {self._array.shape[0]} rows, but the source has more (at least "
+                                 f"{r0 + block.shape[0]})")
             self._array[r0:r0 + block.shape[0], c0:c0 + block.shape[1]] = block
         else:
             self._f.write(_bytes(block.astype(self.dtype, copy=False)))
@@ -485,6 +504,9 @@ class _Sink:
 
     def __exit__(self, exc_type, exc, tb):
         if self._array is not None:
+            if exc_type is None and self.rows != self._array.shape[0]:
+                raise ValueError(f"out has {self._array.shape[0]} rows, but the source had {self.rows}: the "
+                                 "rest of out was not written")
             return False
         try:
             if exc_type is None and self.npy and self.lead is None:

@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-from fastlogits.ops._prep import BF16, NP_DTYPES, dtype_name
+from fastlogits.ops._prep import BF16, NP_DTYPES, dtype_name, host_array
 
 
 class SourceError(ValueError):
@@ -341,7 +341,7 @@ class IterSource:
         return f"<fastlogits source iterable V={self.V} dtype={self.dtype}>"
 
     def _check(self, block, i):
-        b = np.asarray(block)
+        b = host_array(block)
         if self._declared is not None and dtype_name(self._declared) == "bfloat16" and b.dtype != BF16:
             if b.dtype.itemsize != 2:
                 raise SourceError(f"row block {i}: dtype='bfloat16' re-declares 2-byte data, found {b.dtype}")

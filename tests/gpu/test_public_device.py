@@ -6,6 +6,9 @@ import pytest
 import fastlogits as fl
 from tests.helpers import awkward_rows
 
+# the simulator computes with NumPy scalars, which warn where the GPU silently gives inf or NaN
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
 
 def _host(a):
     return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
@@ -258,8 +261,37 @@ def test_device_out_layouts_and_overlap(cuda, rng):
     strided = cuda.to_device(np.zeros((2, 6, 5), np.float32))[:, ::2]
     fl.softmax(dx, out=strided)                       # rows 6 apart in memory merge: leading (2, 3)
     np.testing.assert_allclose(_host(strided), want, rtol=2e-6, atol=1e-7)
-    with pytest.raises(ValueError, match="overlapping device memory"):
+    with pytest.raises(ValueError, match="out overlaps logits"):
         fl.softmax(dx, out=dx)
+    with pytest.raises(ValueError, match="out overlaps logits"):
+        fl.softmax(dx[:, :2], out=dx[:, 1:])
     d = cuda.to_device(rng.standard_normal((4, 6)).astype(np.float32))
     fl.softmax(d[:2], out=d[2:])                      # disjoint rows of one array are fine
     np.testing.assert_allclose(_host(d)[2:], fl.softmax(_host(d)[:2]), rtol=2e-6, atol=1e-7)
+    h = _host(d)
+    fl.softmax(d[:, ::2], out=d[:, 1::2])             # and interleaved columns, as on the CPU
+    np.testing.assert_allclose(_host(d)[:, 1::2], fl.softmax(h[:, ::2]), rtol=2e-6, atol=1e-7)
+    zero = cuda.to_device(np.zeros((1, 5), np.float32))
+    flat = type(zero)(np.lib.stride_tricks.as_strided(zero._ary, (3, 5), (0, 4))) if hasattr(zero, "_ary") \
+        else None
+    if flat is not None:                              # (the simulator's arrays can carry a zero stride)
+        with pytest.raises(ValueError, match="out overlaps itself"):
+            fl.softmax(dx[0], out=flat)
+
+
+def test_overlap_of_device_addresses(gpu):
+    """backend.overlaps on real device arrays goes by their __cuda_array_interface__ addresses (the
+    simulator's arrays are host arrays): np.shares_memory's exact answer, no memory read."""
+    at = gpu._AtAddresses
+    base = 0x7F0000000000
+
+    def cai(offset, shape, strides, typestr="<f4"):
+        return np.asarray(at({"data": (base + offset, False), "shape": shape, "strides": strides,
+                              "typestr": typestr}))
+
+    evens, odds = cai(0, (4, 3), (24, 8)), cai(4, (4, 3), (24, 8))      # interleaved columns of (4, 6)
+    assert not np.shares_memory(evens, odds)
+    assert np.shares_memory(evens, cai(8, (4, 2), (24, 4)))             # columns 2..3 meet column 2
+    assert not np.shares_memory(cai(0, (2, 6), None), cai(48, (2, 6), None))   # rows 0-1 and 2-3
+    assert np.shares_memory(cai(0, (2, 6), None), cai(44, (1, 1), None))
+    assert np.shares_memory(cai(0, (3,), None, "<V2"), cai(4, (1,), None, "<V2"))
