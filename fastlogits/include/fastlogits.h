@@ -338,12 +338,25 @@ FL_INLINE float fl__tanhf(float z) {
     return z < 0.0f ? -t : t;
 }
 
+/* The same in double. Below |z| = 0.5, 1 - e cancels (7000 ulp near 1e-5): there tanh z = z + z^3 g(z^2),
+ * g the degree-10 Chebyshev fit of (tanh(a) / a - 1) / a^2 on a^2 in [0, 0.25] (within 1.1e-18 of it). */
 FL_INLINE double fl__tanh(double z) {
     double a = z < 0.0 ? -z : z;
     double e = fl__exp(-2.0 * a);
     double t = (1.0 - e) / (1.0 + e);
-    /* near 0, 1 - e loses relative precision; double has plenty, but keep tanh(z) ~ z exact there */
-    t = a < 1e-5 ? a * (1.0 - a * a / 3.0) : t;
+    double u = a * a;
+    double g = -0.0000229533046533373290281;
+    g = g * u + 0.0000881958030574506437743;
+    g = g * u - 0.000236353642941362434543;
+    g = g * u + 0.000589466741910190505897;
+    g = g * u - 0.00145576081386558738619;
+    g = g * u + 0.00359212179694987048952;
+    g = g * u - 0.00886323519865913438443;
+    g = g * u + 0.0218694885258675977473;
+    g = g * u - 0.0539682539680897542681;
+    g = g * u + 0.133333333333332309162;
+    g = g * u - 0.333333333333333332276;
+    t = a < 0.5 ? a + a * u * g : t;
     return z < 0.0 ? -t : t;
 }
 
