@@ -1,11 +1,12 @@
 """Process-wide settings: the default backend, thread count and chunk size, and what this build has."""
 import contextlib
+import contextvars
 import os
-import threading
 
-_state = threading.local()
+_using = contextvars.ContextVar("fastlogits_use_backend", default=())   # use_backend's stack
 _default_backend = "cpu"
 DEFAULT_CHUNK = 4096
+MAX_THREADS = 4096      # more is a typo, not a machine (and each thread gets a scratch buffer)
 
 
 def _env_threads():
@@ -14,9 +15,10 @@ def _env_threads():
         try:
             n = int(v)
         except ValueError:
-            raise ValueError(f"FASTLOGITS_NUM_THREADS must be a positive integer, got {v!r}") from None
-        if n < 1:
-            raise ValueError(f"FASTLOGITS_NUM_THREADS must be a positive integer, got {v!r}")
+            raise ValueError(f"FASTLOGITS_NUM_THREADS must be an integer from 1 to {MAX_THREADS}, got "
+                             f"{v!r}") from None
+        if not 1 <= n <= MAX_THREADS:
+            raise ValueError(f"FASTLOGITS_NUM_THREADS must be an integer from 1 to {MAX_THREADS}, got {v!r}")
         return n
     try:
         return len(os.sched_getaffinity(0))
@@ -35,9 +37,9 @@ def resolve_threads(threads):
     if isinstance(threads, bool) or not hasattr(threads, "__index__"):
         raise TypeError(f"threads must be a positive integer or None, got {threads!r}")
     threads = int(threads)
-    if threads < 1:
-        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
-    return int(threads)
+    if not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"threads must be an integer from 1 to {MAX_THREADS} or None, got {threads!r}")
+    return threads
 
 
 def resolve_chunk(chunk_size):
@@ -64,14 +66,18 @@ def gpu_unavailable_reason():
     """None when the GPU backend can run, else a sentence saying why not."""
     try:
         from fastlogits.gpu import availability
-    except ImportError as e:
-        return f"the GPU backend does not load ({e})"
+    except Exception as e:  # pragma: no cover - a broken install: say so, never fail the caller
+        return f"the GPU backend does not load ({type(e).__name__}: {e})"
     return availability()
 
 
 def _check_backend(name):
     if name not in ("cpu", "gpu"):
-        raise ValueError(f"backend must be 'cpu', 'gpu' or None, got {name!r}")
+        raise ValueError(f"backend must be 'cpu' or 'gpu', got {name!r}")
+    if name == "gpu":
+        reason = gpu_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"fastlogits: backend 'gpu' is not available: {reason}")
     return name
 
 
@@ -79,36 +85,28 @@ def set_backend(name):
     """Set the process default backend ("cpu" or "gpu") used when a call says backend=None and its data
     is not on a GPU."""
     global _default_backend
-    name = _check_backend(name)
-    if name == "gpu":
-        reason = gpu_unavailable_reason()
-        if reason is not None:
-            raise RuntimeError(f"fastlogits: backend 'gpu' is not available: {reason}")
-    _default_backend = name
+    _default_backend = _check_backend(name)
 
 
 def get_backend():
     """The backend used when a call says backend=None (the innermost use_backend, else set_backend)."""
-    stack = getattr(_state, "stack", None)
+    stack = _using.get()
     return stack[-1] if stack else _default_backend
 
 
-@contextlib.contextmanager
 def use_backend(name):
-    """Within the block, backend=None means `name` (in this thread)."""
-    name = _check_backend(name)
-    if name == "gpu":
-        reason = gpu_unavailable_reason()
-        if reason is not None:
-            raise RuntimeError(f"fastlogits: backend 'gpu' is not available: {reason}")
-    stack = getattr(_state, "stack", None)
-    if stack is None:
-        stack = _state.stack = []
-    stack.append(name)
+    """A context manager: within the block, backend=None means `name`, in this thread (or asyncio task)
+    only; other threads keep the process default of set_backend. The name is checked at the call."""
+    return _use(_check_backend(name))
+
+
+@contextlib.contextmanager
+def _use(name):
+    token = _using.set(_using.get() + (name,))
     try:
         yield
     finally:
-        stack.pop()
+        _using.reset(token)
 
 
 def get_include():
@@ -122,20 +120,23 @@ def show_config(as_dict=False):
     from fastlogits import __version__
     from fastlogits.cpu import _info
 
+    try:
+        threads = default_threads()
+    except ValueError as e:           # a bad FASTLOGITS_NUM_THREADS: reported, not raised
+        threads = f"invalid: {e}"
+    reason = gpu_unavailable_reason()
     cfg = {
         "version": __version__,
         "simd": _info.simd_path(),
         "openmp": _info.openmp_enabled(),
-        "threads": default_threads(),
+        "threads": threads,
         "backends": available_backends(),
         "default_backend": get_backend(),
         "include": get_include(),
+        "gpu": "available" if reason is None else f"unavailable: {reason}",
     }
     if not as_dict:
         for k, v in cfg.items():
             print(f"{k:16s} {v}")
-        reason = gpu_unavailable_reason()
-        if reason is not None:
-            print(f"{'gpu':16s} unavailable: {reason}")
         return None
     return cfg

@@ -48,8 +48,19 @@ def _fastlogits_call(op, x, labels, threads):
     if op == "argmax":
         return lambda: fl.argmax(x, threads=threads)
     if op == "top_k":
-        return lambda: fl.top_k(x, 50, threads=threads)
+        return lambda: fl.top_k(x, min(TOP_K, x.shape[-1]), threads=threads)
     raise ValueError(f"unknown op {op!r}")
+
+
+TOP_K = 50      # (fewer for a smaller vocabulary)
+
+
+def _numpy_top_k(xs, k):
+    """NumPy's top-k as fastlogits returns it: values and indices, sorted by value."""
+    i = np.argpartition(xs, -k, axis=-1)[:, -k:]
+    v = np.take_along_axis(xs, i, -1)
+    order = np.argsort(-v, axis=-1, kind="stable")
+    return np.take_along_axis(v, order, -1), np.take_along_axis(i, order, -1)
 
 
 def _numpy_call(op, x, labels):
@@ -71,7 +82,7 @@ def _numpy_call(op, x, labels):
     if op == "argmax":
         return lambda: np.argmax(xs, axis=-1)
     if op == "top_k":
-        return lambda: np.argpartition(xs, -50, axis=-1)[:, -50:]
+        return lambda: _numpy_top_k(xs, min(TOP_K, xs.shape[-1]))
     raise ValueError(op)
 
 
@@ -90,7 +101,7 @@ def _torch_call(torch, op, t, tl):
     if op == "argmax":
         return lambda: torch.argmax(t, -1)
     if op == "top_k":
-        return lambda: torch.topk(t, 50, -1)
+        return lambda: torch.topk(t, min(TOP_K, t.shape[-1]), -1)
     raise ValueError(op)
 
 
@@ -123,7 +134,7 @@ def run(rows=512, vocab=128256, ops=("logsumexp", "cross_entropy", "softmax", "e
     rng = np.random.default_rng(seed)
     base = (rng.standard_normal((rows, vocab), dtype=np.float32) * 3).astype(np.float32)
     labels = rng.integers(0, vocab, rows)
-    thread_counts = sorted({1, fl.show_config(as_dict=True)["threads"]} if threads is None else set(threads))
+    thread_counts = sorted({1, fl._config.default_threads()} if threads is None else set(threads))
     torch = _torch() if peers else None
     results = []
 
@@ -197,6 +208,8 @@ def main(args):
     results = run(rows=args.rows, vocab=args.vocab, ops=args.ops, dtypes=args.dtypes, threads=args.threads,
                   repeat=args.repeat, peers=not args.no_peers, progress=None if args.json else progress)
     cfg = fl.show_config(as_dict=True)
+    if args.threads:
+        cfg["threads"] = args.threads       # what this run used, not the default
     gpu = gpu_figures(args)
     if args.json:
         print(_json.dumps({"config": cfg, "shape": [args.rows, args.vocab], "results": results, "gpu": gpu},

@@ -152,7 +152,7 @@ def cmd_stats(args):
     bar = _Bar(src.rows, "stats")
     try:
         st = run.stats(src, labels, ignore_index=args.ignore_index, temperature=args.temperature,
-                       threads=args.threads, memory=args.memory, progress=bar)
+                       backend=args.backend, threads=args.threads, memory=args.memory, progress=bar)
     finally:
         secs = bar.close()
     summary = {"rows": st["rows"], "vocab": src.V, "dtype": src.dtype, "seconds": secs,
@@ -243,7 +243,7 @@ def cmd_demo(args):
         src = fl.open(path, dtype="bfloat16", memory=args.memory or "64MiB")
         bar = _Bar(rows, "demo")
         try:
-            st = run.stats(src, labels, threads=args.threads, progress=bar)
+            st = run.stats(src, labels, backend=args.backend, threads=args.threads, progress=bar)
         finally:
             secs = bar.close()
         k = min(5, vocab)
@@ -413,7 +413,8 @@ def main(argv=None):
     except BrokenPipeError:   # the reader of standard output went away (| head): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ValueError, TypeError, IndexError, RuntimeError, OSError, MemoryError, KeyError) as e:
+    except (ValueError, TypeError, IndexError, RuntimeError, OSError, MemoryError, KeyError,
+            ArithmeticError) as e:
         msg = str(e) or type(e).__name__
         msg = msg.removeprefix("fastlogits: ")
         if isinstance(e, FileNotFoundError) and e.filename:

@@ -136,3 +136,61 @@ def test_gpu_backend_matches_cpu(rng):
     for name in ("logsumexp", "softmax", "log_softmax", "entropy", "argmax", "top_k", "top_k_logprobs"):
         check(name, x, backend="gpu")
     check("cross_entropy", x, labels=np.array([0, 1, 2, -100]), backend="gpu", reduction="none")
+
+
+def test_use_backend_is_per_thread_and_checked_at_the_call(restore_backend, monkeypatch):
+    """use_backend holds in its own thread (and asyncio task) only; set_backend is the process default."""
+    import threading
+
+    import fastlogits.gpu
+
+    monkeypatch.setattr(fastlogits.gpu, "availability", lambda: None)    # as if a GPU were here
+    seen = {}
+    with fl.use_backend("gpu"):
+        t = threading.Thread(target=lambda: seen.setdefault("other", fl._config.get_backend()))
+        t.start()
+        t.join()
+        seen["here"] = fl._config.get_backend()
+    assert seen == {"other": "cpu", "here": "gpu"} and fl._config.get_backend() == "cpu"
+    with pytest.raises(ValueError, match="backend must be 'cpu' or 'gpu', got 'bogus'"):
+        fl.use_backend("bogus")                                            # not only when entered
+    with pytest.raises(ValueError, match="backend must be 'cpu' or 'gpu', got None"):
+        fl.set_backend(None)
+
+
+@pytest.mark.parametrize("threads", [0, -1, 4097, 10**20])
+def test_thread_counts_out_of_range(threads):
+    with pytest.raises(ValueError, match="threads must be an integer from 1 to 4096"):
+        fl.logsumexp(np.zeros((2, 3)), threads=threads)
+
+
+def test_a_bad_thread_variable_is_reported_not_raised_by_show_config():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "import fastlogits; print(fastlogits.show_config(as_dict=True)['threads'])"
+    for bad in ("abc", "0", "99999999999999999999"):
+        env = dict(os.environ, FASTLOGITS_NUM_THREADS=bad, PYTHONPATH=root)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                             timeout=120, cwd=root)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("invalid: FASTLOGITS_NUM_THREADS must be an integer from 1 to 4096")
+        res = subprocess.run([sys.executable, "-m", "fastlogits.cli", "demo", "--rows", "4", "--vocab", "50",
+                              "--threads", "1"], env=env, capture_output=True, text=True, timeout=120,
+                             cwd=root)
+        assert res.returncode == 0, res.stderr
+    env = dict(os.environ, PYTHONPATH=root)
+    res = subprocess.run([sys.executable, "-m", "fastlogits.cli", "demo", "--rows", "4", "--vocab", "50",
+                          "--threads", "99999999999999999999"], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=root)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "from 1 to 4096" in res.stderr
+
+
+def test_bench_top_k_of_a_small_vocabulary():
+    from fastlogits import bench
+
+    res = bench.run(rows=2, vocab=10, ops=["top_k"], dtypes=["float32"], threads=[1], repeat=1, peers=True)
+    assert {r["library"].split()[0] for r in res} >= {"fastlogits"}
+    x = np.random.default_rng(0).standard_normal((3, 80)).astype(np.float32)
+    v, i = bench._numpy_top_k(x, 5)
+    fv, fi = fl.top_k(x, 5)
+    np.testing.assert_array_equal(i, fi)
+    np.testing.assert_array_equal(v, fv)

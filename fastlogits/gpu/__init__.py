@@ -13,6 +13,8 @@ def availability():
         from numba import cuda
     except ImportError as e:
         return f"numba-cuda is not installed ({e}); install fastlogits[gpu]"
+    except Exception as e:  # pragma: no cover - a broken install: say so, never fail the caller
+        return f"numba.cuda does not import ({type(e).__name__}: {e})"
     try:
         if not cuda.is_available():
             return "numba-cuda finds no usable CUDA device or driver"

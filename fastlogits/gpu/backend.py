@@ -199,7 +199,8 @@ def as_rows(x, dtype):
         lead, V = x.shape[:-1], x.shape[-1]
         if x.ndim == 1:
             return x[None, :], lead, name
-        return (x if x.ndim == 2 else x.reshape(-1, V)), lead, name
+        # (rows counted, not inferred: -1 cannot be inferred for V = 0)
+        return (x if x.ndim == 2 else x.reshape(int(np.prod(lead, dtype=np.int64)), V)), lead, name
     d = _device_view(x)
     dt = np.dtype(d.dtype)
     name = kind_name(x, d, dtype, "logits")
@@ -214,7 +215,8 @@ def as_rows(x, dtype):
     v = _rows_view(d)
     if v is None:        # leading axes that do not merge (rare): a compact copy, through the host
         host = d.copy_to_host()
-        v = cuda.to_device(np.ascontiguousarray(host).reshape(-1, shape[-1]))
+        rows = int(np.prod(lead, dtype=np.int64))
+        v = cuda.to_device(np.ascontiguousarray(host).reshape(rows, shape[-1]))
     return v, lead, name
 
 

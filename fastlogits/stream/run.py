@@ -563,8 +563,8 @@ class _Atomic(contextlib.AbstractContextManager):
         return False
 
 
-def stats(source, labels=None, *, ignore_index=-100, temperature=1.0, softcap=None, threads=None,
-          chunk_size=None, memory=None, progress=None):
+def stats(source, labels=None, *, ignore_index=-100, temperature=1.0, softcap=None, backend=None,
+          threads=None, chunk_size=None, memory=None, progress=None):
     """One pass over a source (or an in-memory array) for an evaluation summary: per row the NLL (with
     labels), entropy and argmax, and whether the argmax is the label. Returns a dict of per-row arrays.
     Row blocks go through one fused kernel (the entropy state holds the logsumexp state, and the argmax
@@ -576,6 +576,7 @@ def stats(source, labels=None, *, ignore_index=-100, temperature=1.0, softcap=No
     from fastlogits.stream.sources import ArraySource, as_source
 
     source = as_source(source) or ArraySource(np.asarray(source))
+    check_backend(backend)
     temp = RowArg(temperature, "temperature", source)
     lab = RowArg(labels, "labels", source, dtype=None, per_row=True) if labels is not None else None
     if lab is not None and (lab.scalar or lab.value.dtype.kind not in "iu"):
@@ -587,10 +588,10 @@ def stats(source, labels=None, *, ignore_index=-100, temperature=1.0, softcap=No
     if p.rows:
         for r0, block in row_blocks(source, p.rows):
             r1 = r0 + block.shape[0]
-            r = prepare(block, temperature=temp.block(r0, r1), **common)
+            r = prepare(block, temperature=temp.block(r0, r1), backend=backend, **common)
             y = None if lab is None else check_labels(lab.block(r0, r1), r.lead, r.V, ignore_index)
-            a, b, c = _backend.get("cpu").stats(r.x, r.dtype, r.temperature, r.softcap, y, ignore_index,
-                                                r.chunk, r.threads)
+            a, b, c = _backend.get(r.backend).stats(r.x, r.dtype, r.temperature, r.softcap, y, ignore_index,
+                                                    r.chunk, r.threads)
             nll.append(a)
             ent.append(b)
             top.append(c)

@@ -290,6 +290,12 @@ def test_empty_shapes(gpu):
     y = np.zeros((0, 5), np.float32)
     assert fl.logsumexp(y, backend="gpu").shape == (0,)
     assert fl.top_k(y, 2, backend="gpu")[1].shape == (0, 2)
+    z = np.zeros((2, 3, 0), np.float32)                      # V = 0 under two leading axes
+    assert np.array_equal(fl.logsumexp(z, backend="gpu"), np.full((2, 3), -np.inf, np.float32))
+    for call in (lambda b: fl.argmax(z, backend=b), lambda b: fl.sample(z, backend=b)):
+        for b in ("cpu", "gpu"):                                 # the same clear error on both
+            with pytest.raises(ValueError, match="empty vocabulary"):
+                call(b)
 
 
 def test_host_row_blocks(gpu, rng, monkeypatch):

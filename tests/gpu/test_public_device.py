@@ -295,3 +295,23 @@ def test_overlap_of_device_addresses(gpu):
     assert not np.shares_memory(cai(0, (2, 6), None), cai(48, (2, 6), None))   # rows 0-1 and 2-3
     assert np.shares_memory(cai(0, (2, 6), None), cai(44, (1, 1), None))
     assert np.shares_memory(cai(0, (3,), None, "<V2"), cai(4, (1,), None, "<V2"))
+
+
+def test_streamed_statistics_follow_the_backend(gpu, rng, monkeypatch):
+    """fastlogits stats / demo's pass (stream.run.stats) runs its row blocks on the backend asked for (it
+    ran on the CPU whatever --backend said), with the same results."""
+    from fastlogits.stream import run
+
+    x = (rng.standard_normal((5, 40)) * 3).astype(np.float32)
+    x[2, 7] = np.inf
+    y = rng.integers(0, 40, 5)
+    y[1] = -100
+    calls = []
+    real = gpu.stats
+    monkeypatch.setattr(gpu, "stats", lambda *a: calls.append(1) or real(*a))
+    got = run.stats(x, y, backend="gpu")
+    assert calls, "the GPU backend was not used"
+    want = run.stats(x, y, backend="cpu")
+    for key in ("nll", "entropy"):
+        np.testing.assert_allclose(got[key], want[key], rtol=2e-5, atol=2e-5, equal_nan=True, err_msg=key)
+    np.testing.assert_array_equal(got["argmax"], want["argmax"])
