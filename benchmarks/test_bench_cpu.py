@@ -54,15 +54,43 @@ def test_logsumexp_scipy(benchmark, data):
     _check(benchmark(sp.logsumexp, x, axis=-1), ref.logsumexp(x))
 
 
-def test_logsumexp_torch(benchmark, data):
-    torch = pytest.importorskip("torch")
-    x, _ = data
-    t = torch.from_numpy(x)
-    _check(benchmark(torch.logsumexp, t, -1).numpy(), ref.logsumexp(x))
-
-
-def test_cross_entropy_torch(benchmark, data):
-    torch = pytest.importorskip("torch")
+def test_cross_entropy_scipy(benchmark, data):
+    sp = pytest.importorskip("scipy.special")
     x, y = data
-    t, ty = torch.from_numpy(x), torch.from_numpy(y)
-    _check(benchmark(torch.nn.functional.cross_entropy, t, ty).numpy(), ref.cross_entropy(x, y))
+    rows = np.arange(x.shape[0])
+    _check(benchmark(lambda: np.mean(sp.logsumexp(x, axis=-1) - x[rows, y])), ref.cross_entropy(x, y))
+
+
+def test_softmax_scipy(benchmark, data):
+    sp = pytest.importorskip("scipy.special")
+    x, _ = data
+    got = benchmark(sp.softmax, x, axis=-1)
+    np.testing.assert_allclose(got[:4].astype(np.float64), ref.softmax(x[:4]), rtol=1e-4, atol=1e-12)
+
+
+@pytest.fixture(params=[1, None], ids=["1thread", "allthreads"])
+def torch_threads(request):
+    """torch on as many threads as the fastlogits case of the same id (its own default differs)."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param or fl._config.default_threads())
+    yield torch
+    torch.set_num_threads(before)
+
+
+def test_logsumexp_torch(benchmark, data, torch_threads):
+    x, _ = data
+    t = torch_threads.from_numpy(x)
+    _check(benchmark(torch_threads.logsumexp, t, -1).numpy(), ref.logsumexp(x))
+
+
+def test_cross_entropy_torch(benchmark, data, torch_threads):
+    x, y = data
+    t, ty = torch_threads.from_numpy(x), torch_threads.from_numpy(y)
+    _check(benchmark(torch_threads.nn.functional.cross_entropy, t, ty).numpy(), ref.cross_entropy(x, y))
+
+
+def test_softmax_torch(benchmark, data, torch_threads):
+    x, _ = data
+    got = benchmark(torch_threads.softmax, torch_threads.from_numpy(x), -1).numpy()
+    np.testing.assert_allclose(got[:4].astype(np.float64), ref.softmax(x[:4]), rtol=1e-4, atol=1e-12)

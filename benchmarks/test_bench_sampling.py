@@ -5,9 +5,10 @@ Disabled in the normal test run (``--benchmark-disable``), where each benchmark 
 and checks its result. Measure with
 ``FASTLOGITS_BENCH_SHAPE=512x128256 pytest benchmarks/test_bench_sampling.py --benchmark-enable
 --benchmark-columns=median,ops``; the smoke run uses 64x32000. PyTorch runs on as many threads as
-fastlogits (``torch.set_num_threads``). The issue's targets, on a 2-core machine at 512x128256: plain
-temperature sampling at least 20x ``torch.multinomial(torch.softmax(x, -1), 1)``, and temperature=0.8,
-top_k=50, top_p=0.9 at least 30x the HF pipeline (``test_sample_topk_topp_torch_hf``).
+fastlogits by default (``torch.set_num_threads``): compare it with the ``allthreads`` cases. The issue's
+targets, on a 2-core machine at 512x128256: plain temperature sampling at least 20x
+``torch.multinomial(torch.softmax(x, -1), 1)``, and temperature=0.8, top_k=50, top_p=0.9 at least 30x the
+HF pipeline (``test_sample_topk_topp_torch_hf``).
 
 Measured on the 2-core AVX-512 development machine (shared, noisy), 512x128256 float32 N(0, 3) logits,
 medians of one run, PyTorch 2.13 on 2 threads:
