@@ -42,9 +42,10 @@ def test_cross_entropy_fastlogits(benchmark, data, threads):
     _check(got, ref.cross_entropy(x, y))
 
 
-def test_softmax_fastlogits(benchmark, data):
+@pytest.mark.parametrize("threads", [1, None], ids=["1thread", "allthreads"])
+def test_softmax_fastlogits(benchmark, data, threads):
     x, _ = data
-    got = benchmark(fl.softmax, x)
+    got = benchmark(fl.softmax, x, threads=threads)
     np.testing.assert_allclose(got[:4].astype(np.float64), ref.softmax(x[:4]), rtol=1e-4, atol=1e-12)
 
 

@@ -91,22 +91,27 @@ def set_backend(name):
 def get_backend():
     """The backend used when a call says backend=None (the innermost use_backend, else set_backend)."""
     stack = _using.get()
-    return stack[-1] if stack else _default_backend
+    return stack[-1][0] if stack else _default_backend
 
 
 def use_backend(name):
-    """A context manager: within the block, backend=None means `name`, in this thread (or asyncio task)
-    only; other threads keep the process default of set_backend. The name is checked at the call."""
+    """A context manager: within the block, backend=None means `name`, in this thread or asyncio task
+    (and what starts inside the block with a copy of its context, as contextvars go); other threads keep
+    the process default of set_backend. The name is checked at the call."""
     return _use(_check_backend(name))
 
 
 @contextlib.contextmanager
 def _use(name):
-    token = _using.set(_using.get() + (name,))
+    entry = (name, object())          # this block's own entry: blocks may end out of order (generators)
+    _using.set(_using.get() + (entry,))
     try:
         yield
     finally:
-        _using.reset(token)
+        stack = _using.get()
+        if entry in stack:            # (absent when the block ends in another context: nothing to undo)
+            i = len(stack) - 1 - stack[::-1].index(entry)
+            _using.set(stack[:i] + stack[i + 1:])
 
 
 def get_include():

@@ -19,6 +19,8 @@ def value(v):
         return int(v)
     if isinstance(v, np.bool_):
         return bool(v)
+    if isinstance(v, np.generic):      # other NumPy scalars (an ml_dtypes bfloat16, say)
+        return value(v.item())
     return v
 
 

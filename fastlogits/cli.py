@@ -255,6 +255,8 @@ def cmd_demo(args):
                "perplexity": float(np.exp(mean_nll)), "accuracy": float(np.mean(st["correct"])),
                "mean_entropy": float(np.mean(st["entropy"])), "seconds": secs, "GB/s": size / secs / 1e9,
                "config": fl.show_config(as_dict=True)}
+    if args.threads:
+        summary["config"]["threads"] = args.threads      # what this run used, not the default
     lines = [
         f"fastlogits demo: wrote {rows} rows x {vocab} vocabulary of bfloat16 logits with labels "
         f"({size / 1e6:.0f} MB, {made:.1f} s), then streamed it with a "

@@ -194,3 +194,39 @@ def test_bench_top_k_of_a_small_vocabulary():
     fv, fi = fl.top_k(x, 5)
     np.testing.assert_array_equal(i, fi)
     np.testing.assert_array_equal(v, fv)
+
+
+def test_use_backend_blocks_ending_out_of_order(restore_backend, monkeypatch):
+    """Blocks held open by generators can end in any order; each removes its own entry, and a block
+    ended in another context undoes nothing there and raises nothing."""
+    import contextvars
+
+    import fastlogits.gpu
+
+    monkeypatch.setattr(fastlogits.gpu, "availability", lambda: None)
+
+    def gen(name):
+        with fl.use_backend(name):
+            yield fl._config.get_backend()
+
+    a, b = gen("gpu"), gen("cpu")
+    assert next(a) == "gpu" and next(b) == "cpu"
+    a.close()
+    assert fl._config.get_backend() == "cpu"
+    b.close()
+    assert fl._config.get_backend() == "cpu" and fl._config._using.get() == ()
+    c = gen("gpu")
+    next(c)
+    contextvars.copy_context().run(c.close)        # no "created in a different Context" error
+    assert fl._config.get_backend() == "gpu"       # (this context's entry: its block never ended here)
+    fl._config._using.set(())
+
+
+def test_demo_reports_the_threads_it_ran_on():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    res = subprocess.run([sys.executable, "-m", "fastlogits.cli", "demo", "--rows", "4", "--vocab", "50",
+                          "--threads", "1", "--json"], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=root)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["config"]["threads"] == 1

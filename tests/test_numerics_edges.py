@@ -33,7 +33,8 @@ def test_float64_softcap_tanh_is_accurate_near_zero(rng):
     """The same for float64 logits, against mpmath: below 0.5 a Chebyshev fit (the old form was 16000 ulp
     off near 1e-5, outside the float64 contract for caps of 1e5)."""
     mpmath = pytest.importorskip("mpmath")
-    ratios = np.geomspace(1e-300, 40.0, 1500) * rng.choice([-1.0, 1.0], 1500)
+    ratios = np.concatenate([np.geomspace(1e-300, 40.0, 1500), rng.uniform(0.45, 0.6, 500),
+                             [5e-324, 2.2250738585072014e-308]]) * rng.choice([-1.0, 1.0], 2002)
     c = float(rng.uniform(1.0, 1e5))
     x = ratios * c
     got = np.array([fl.logsumexp(np.array([v]), softcap=c) for v in x])
@@ -41,6 +42,17 @@ def test_float64_softcap_tanh_is_accurate_near_zero(rng):
         want = np.array([float(mpmath.mpf(c) * mpmath.tanh(mpmath.mpf(v / c))) for v in x])
     err = np.abs(got - want) / np.spacing(np.abs(want))
     assert err.max() <= 4.0, (err.max(), x[np.argmax(err)])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_softcap_keeps_the_sign_of_zero_and_edges(dtype):
+    """c * tanh(-0 / c) is -0 (as PyTorch gives); inf and NaN go to +-c and NaN."""
+    x = np.array([[-0.0, -1.0, 0.0, np.inf, -np.inf]], dtype=dtype)
+    v, i = fl.top_k(x, 5, softcap=5.0)
+    got = dict(zip(i[0].tolist(), v[0].astype(np.float64).tolist()))
+    assert np.signbit(got[0]) and not np.signbit(got[2])
+    assert got[3] == 5.0 and got[4] == -5.0
+    assert np.isnan(fl.top_k(np.array([[np.nan, 1.0]], dtype=dtype), 1, softcap=5.0)[0][0, 0])
 
 
 @pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)

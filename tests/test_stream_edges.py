@@ -434,3 +434,36 @@ def test_per_row_output_suffixes_in_any_case(tmp_path, rng):
     res = _cli("topk", tmp_path / "x.npy", tmp_path / "t.CSV", "-k", "2")
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "t.CSV").read_text().splitlines()[0] == "ids_0,ids_1,logprobs_0,logprobs_1"
+
+
+def test_a_refused_merge_of_a_malformed_state_changes_nothing(rng):
+    x = rng.standard_normal((2, 10))
+    a = CrossEntropy(np.array([1, 8])).update(x[:, :6], 0)
+    before = a.state
+    bad = CrossEntropy(np.array([1, 8])).update(x[:, 6:], 6).state
+    for columns in (None, -4, 2.5):
+        with pytest.raises(ValueError, match="columns must be a non-negative integer"):
+            a.merge(bad._replace(columns=columns))
+        for u, v in zip(before, a.state):
+            np.testing.assert_array_equal(u, v)
+
+
+def test_streamed_maps_into_outs_whose_rows_do_not_merge(tmp_path, rng):
+    """An out whose leading axes do not merge into rows is written row by row (a reshaped copy would
+    never reach it); V = 0 works too."""
+    x = rng.standard_normal((2, 3, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = np.zeros((3, 2, 6), np.float32).transpose(1, 0, 2)
+    fl.softmax(fl.open(tmp_path / "x.npy", memory="64KiB"), out=out)
+    np.testing.assert_array_equal(out, fl.softmax(x))
+    empty = np.empty((2, 0), np.float32)
+    assert fl.softmax(iter([np.zeros((2, 0), np.float32)]), out=empty) is empty
+    with pytest.raises(ValueError, match="out must have the source's shape"):
+        fl.softmax(iter([np.zeros((2, 4), np.float32)]), out=np.empty((2, 5), np.float32))
+
+
+def test_strict_json_of_bfloat16_scalars():
+    from fastlogits import _json
+
+    v = np.array([1.5, np.nan], BF16)
+    assert json.loads(_json.dumps({"v": v[0], "w": v[1]})) == {"v": 1.5, "w": None}

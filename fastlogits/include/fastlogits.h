@@ -332,10 +332,8 @@ FL_INLINE float fl__tanhf(float z) {
     float e = fl__expf(-2.0f * a);
     float t = (1.0f - e) / (1.0f + e);
     float a2 = a * a;
-    float p = a + a * a2 * (-1.0f / 3.0f + a2 * (2.0f / 15.0f
-                                                 + a2 * (-17.0f / 315.0f + a2 * (62.0f / 2835.0f))));
-    t = a < 0.28f ? p : t;
-    return z < 0.0f ? -t : t;
+    float p = a2 * (-1.0f / 3.0f + a2 * (2.0f / 15.0f + a2 * (-17.0f / 315.0f + a2 * (62.0f / 2835.0f))));
+    return a < 0.28f ? z * (1.0f + p) : (z < 0.0f ? -t : t);      /* (z * ...: -0 keeps its sign) */
 }
 
 /* The same in double. Below |z| = 0.5, 1 - e cancels (7000 ulp near 1e-5): there tanh z = z + z^3 g(z^2),
@@ -356,8 +354,7 @@ FL_INLINE double fl__tanh(double z) {
     g = g * u - 0.0539682539680897542681;
     g = g * u + 0.133333333333332309162;
     g = g * u - 0.333333333333333332276;
-    t = a < 0.5 ? a + a * u * g : t;
-    return z < 0.0 ? -t : t;
+    return a < 0.5 ? z * (1.0 + u * g) : (z < 0.0 ? -t : t);     /* (z * ...: -0 keeps its sign) */
 }
 
 /* ------------------------------------------------------------------------------------------------ */

@@ -226,12 +226,16 @@ class CrossEntropy(_Base):
         target = _row_state(st.target, rows, "target")
         wsum = _row_state(st.wsum, rows, "wsum")
         m2, s2 = _row_state(st.m, rows, "m"), _row_state(st.s, rows, "s")
+        columns = st.columns
+        if isinstance(columns, bool) or not hasattr(columns, "__index__") or int(columns) < 0:
+            raise ValueError(f"merge: the other state's columns must be a non-negative integer, got "
+                             f"{columns!r}")
         ranges = self._covered(other.ranges if isinstance(other, CrossEntropy) else None)
         _merge_lse(self.m, self.s, m2, s2)
         self.target = np.where(found, target, self.target)
         self.found |= found
         self.wsum += wsum
-        self.columns += int(st.columns)
+        self.columns += int(columns)
         self.ranges = ranges
         return self
 

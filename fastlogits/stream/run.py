@@ -463,14 +463,20 @@ class _Sink:
         self.dtype = NP_DTYPES[out_name]
         self.V = source.V
         self.rows = 0
-        self._array = None
+        self._array = self._out = None
         self._atomic = None
         if isinstance(out, np.ndarray):
-            if source.shape[0] is not None and out.shape != tuple(source.shape):
+            if (source.shape[0] is not None and out.shape != tuple(source.shape)) or out.ndim == 0 \
+                    or out.shape[-1] != self.V:
                 raise ValueError(f"out must have the source's shape {tuple(source.shape)}, got {out.shape}")
             if out.dtype != self.dtype:
                 raise ValueError(f"out has dtype {out.dtype}, expected {out_name}")
-            self._array = out.reshape(-1, self.V)
+            rows = int(np.prod(out.shape[:-1], dtype=np.int64))
+            view = out.reshape(rows, self.V)
+            # rows written through a (rows, V) view of out, or row by row where its axes do not merge
+            # (a reshaped copy would never reach out)
+            self._array = view if out.size == 0 or np.shares_memory(view, out) else None
+            self._out = out
             self.result = out
         elif isinstance(out, (str, os.PathLike)):
             self.path = os.fspath(out)
@@ -481,7 +487,7 @@ class _Sink:
             raise TypeError(f"out must be a path or a NumPy array, got {type(out).__name__}")
 
     def __enter__(self):
-        if self._array is None:
+        if self._out is None:
             self._atomic = atomic_output(self.path)
             tmp = self._atomic.__enter__()
             self._f = open(tmp, "wb")  # noqa: SIM115 - closed in __exit__
@@ -492,21 +498,27 @@ class _Sink:
 
     def write(self, r0, c0, block):
         block = np.asarray(block)
-        if self._array is not None:
-            if r0 + block.shape[0] > self._array.shape[0]:
-                raise ValueError(f"out has {self._array.shape[0]} rows, but the source has more (at least "
+        if self._out is not None:
+            rows = int(np.prod(self._out.shape[:-1], dtype=np.int64))
+            if r0 + block.shape[0] > rows:
+                raise ValueError(f"out has {rows} rows, but the source has more (at least "
                                  f"{r0 + block.shape[0]})")
-            self._array[r0:r0 + block.shape[0], c0:c0 + block.shape[1]] = block
+            if self._array is not None:
+                self._array[r0:r0 + block.shape[0], c0:c0 + block.shape[1]] = block
+            else:
+                at = np.unravel_index(np.arange(r0, r0 + block.shape[0]), self._out.shape[:-1])
+                self._out[at + (slice(c0, c0 + block.shape[1]),)] = block
         else:
             self._f.write(_bytes(block.astype(self.dtype, copy=False)))
         if c0 + block.shape[1] >= self.V:
             self.rows = max(self.rows, r0 + block.shape[0])
 
     def __exit__(self, exc_type, exc, tb):
-        if self._array is not None:
-            if exc_type is None and self.rows != self._array.shape[0]:
-                raise ValueError(f"out has {self._array.shape[0]} rows, but the source had {self.rows}: the "
-                                 "rest of out was not written")
+        if self._out is not None:
+            rows = int(np.prod(self._out.shape[:-1], dtype=np.int64))
+            if exc_type is None and self.rows != rows:
+                raise ValueError(f"out has {rows} rows, but the source had {self.rows}: the rest of out was "
+                                 "not written")
             return False
         try:
             if exc_type is None and self.npy and self.lead is None:
