@@ -148,8 +148,9 @@ def overlaps(a, b):
     for x in (a, b):
         if any(n == 0 for n in x.shape):
             return False
-        views.append(x._ary if hasattr(x, "_ary") else np.asarray(_AtAddresses(_device_view(x)
-                                                                               .__cuda_array_interface__)))
+        # the simulator's arrays are host arrays; any other device array says where it is through its
+        # __cuda_array_interface__ (numba's own arrays included)
+        views.append(x._ary if hasattr(x, "_ary") else np.asarray(_AtAddresses(x.__cuda_array_interface__)))
     try:
         return bool(np.shares_memory(views[0], views[1], max_work=10**6))
     except np.exceptions.TooHardError:      # (strides too awkward to decide cheaply): assume they do

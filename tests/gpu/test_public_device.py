@@ -296,6 +296,16 @@ def test_overlap_of_device_addresses(gpu):
     assert np.shares_memory(cai(0, (2, 6), None), cai(44, (1, 1), None))
     assert np.shares_memory(cai(0, (3,), None, "<V2"), cai(4, (1,), None, "<V2"))
 
+    class Device:                  # a foreign device array: only its interface, never read
+        def __init__(self, offset, shape, strides):
+            self.shape = shape
+            self.__cuda_array_interface__ = {"data": (base + offset, False), "shape": shape,
+                                             "strides": strides, "typestr": "<f4", "version": 3}
+
+    assert not gpu.overlaps(Device(0, (4, 3), (24, 8)), Device(4, (4, 3), (24, 8)))
+    assert gpu.overlaps(Device(0, (4, 3), (24, 8)), Device(8, (4, 2), (24, 4)))
+    assert not gpu.overlaps(Device(0, (2, 6), None), Device(0, (0, 6), None))
+
 
 def test_streamed_statistics_follow_the_backend(gpu, rng, monkeypatch):
     """fastlogits stats / demo's pass (stream.run.stats) runs its row blocks on the backend asked for (it
