@@ -9,6 +9,11 @@ DEFAULT_CHUNK = 4096
 MAX_THREADS = 4096      # more is a typo, not a machine (and each thread gets a scratch buffer)
 
 
+def is_int(value):
+    """An integer argument: a Python or NumPy int (anything with __index__), not a bool."""
+    return not isinstance(value, bool) and hasattr(value, "__index__")
+
+
 def _env_threads():
     v = os.environ.get("FASTLOGITS_NUM_THREADS", "").strip()
     if v:
@@ -34,7 +39,7 @@ def default_threads():
 def resolve_threads(threads):
     if threads is None:
         return default_threads()
-    if isinstance(threads, bool) or not hasattr(threads, "__index__"):
+    if not is_int(threads):
         raise TypeError(f"threads must be a positive integer or None, got {threads!r}")
     threads = int(threads)
     if not 1 <= threads <= MAX_THREADS:
@@ -45,7 +50,7 @@ def resolve_threads(threads):
 def resolve_chunk(chunk_size):
     if chunk_size is None:
         return DEFAULT_CHUNK
-    if isinstance(chunk_size, bool) or not hasattr(chunk_size, "__index__"):
+    if not is_int(chunk_size):
         raise TypeError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     chunk_size = int(chunk_size)
     if chunk_size < 1:

@@ -119,11 +119,8 @@ def _rows_view(d):
 
 def rows_out(out):
     """A GPU ``out`` as a 2-D (rows, V) device array over the caller's memory, for the maps to write in
-    place; a ValueError where its leading axes do not merge into one (a copy would not be written) or a
-    zero stride makes values share a place (as the CPU refuses)."""
+    place; a ValueError where its leading axes do not merge into one (a copy would not be written)."""
     d = _device_view(out)
-    if any(st == 0 and n > 1 for st, n in zip(d.strides, d.shape)):
-        raise ValueError("out overlaps itself (a zero stride): every value needs its own place")
     v = d if d.ndim == 2 else _rows_view(d)
     if v is None:
         raise ValueError(f"out: a device array of shape {tuple(d.shape)} and strides {tuple(d.strides)} "

@@ -14,9 +14,10 @@
  *      second-pass maps over a chunk that sits in L1. They are plain C loops over fixed-width lanes, which
  *      GCC and Clang vectorize without fast-math flags; on x86-64 Linux with GCC they are compiled three times
  *      (x86-64-v4 = AVX-512, x86-64-v3 = AVX2+FMA, baseline) and the loader picks one at start-up
- *      (target_clones), so the includer's -march flags do not matter. IEEE semantics do: -ffast-math or
- *      -ffinite-math-only drop the NaN and inf checks (the header warns), and x87 math (-mfpmath=387)
- *      needs -fexcess-precision=standard for exp's add-and-subtract rounding;
+ *      (target_clones), so the includer's target flags do not matter. IEEE semantics do: GCC's fast-math
+ *      and finite-math-only options drop the NaN and inf checks (the header warns when the compiler says
+ *      they are on), and x87 math (-mfpmath=387) needs -fexcess-precision=standard for exp's
+ *      add-and-subtract rounding;
  *   3. the public API (below), and row drivers that read any dtype and stride, apply softcap and
  *      temperature, and fold.
  *
@@ -53,7 +54,7 @@
 #include <string.h>
 
 #if defined(__FAST_MATH__) || (defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__)
-#warning "fastlogits.h needs NaN and inf: under -ffast-math or -ffinite-math-only, rows holding them give wrong results"
+#warning "fastlogits.h needs NaN and inf: under fast-math or finite-math-only options, rows holding them give wrong results"
 #endif
 
 #ifdef __cplusplus

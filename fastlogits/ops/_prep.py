@@ -107,6 +107,12 @@ def as_array(logits, dtype=None, argname="logits"):
     return x
 
 
+def check_own_places(shape, strides, name="out"):
+    """A ValueError when a zero stride makes values of an output array share a place (host or device)."""
+    if any(st == 0 and n > 1 for st, n in zip(strides, shape)):
+        raise ValueError(f"{name}: out overlaps itself (a zero stride): every value needs its own place")
+
+
 def to_rows(x):
     """(x2d, lead): a 2-D (rows, V) view of x when its strides allow one, else a copy."""
     lead, V = x.shape[:-1], x.shape[-1]

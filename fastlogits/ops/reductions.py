@@ -3,8 +3,9 @@ import os
 
 import numpy as np
 
+from fastlogits._config import is_int
 from fastlogits.ops import _backend
-from fastlogits.ops._prep import NP_DTYPES, as_array, dtype_name, is_gpu_array, prepare
+from fastlogits.ops._prep import NP_DTYPES, as_array, check_own_places, dtype_name, is_gpu_array, prepare
 from fastlogits.stream import run as stream_run
 from fastlogits.stream.sources import ArraySource, as_source
 
@@ -117,8 +118,7 @@ def _map(logits, log, temperature, softcap, out, dtype, backend, threads, chunk_
             raise ValueError(f"{name}: dtype={dtype!r} disagrees with out.dtype={out.dtype}")
         if not out.flags.writeable:
             raise ValueError(f"{name}: out is read-only")
-        if any(st == 0 and n > 1 for st, n in zip(out.strides, out.shape)):
-            raise ValueError(f"{name}: out overlaps itself (a zero stride): every value needs its own place")
+        check_own_places(out.shape, out.strides, name)
         if isinstance(x, np.ndarray) and np.shares_memory(out, x):
             raise ValueError(f"{name}: out overlaps logits; the caller's logits are never written to")
     if is_gpu_array(out):
@@ -126,6 +126,7 @@ def _map(logits, log, temperature, softcap, out, dtype, backend, threads, chunk_
             out2 = B.rows_out(out)   # (rows, V) over the caller's memory, or a ValueError
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
+        check_own_places(out2.shape, out2.strides, name)
     else:
         out2 = out.reshape(r.x.shape) if len(shape) != 2 else out
         if len(shape) > 2 and not np.shares_memory(out2, out):  # pragma: no cover
@@ -291,7 +292,7 @@ def _number(value, argname):
 
 def check_ignore_index(ignore_index):
     """ignore_index as an int64-sized int (a float is refused, as PyTorch refuses it)."""
-    if isinstance(ignore_index, bool) or not hasattr(ignore_index, "__index__"):
+    if not is_int(ignore_index):
         raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}")
     i = int(ignore_index)
     if not -2**63 <= i < 2**63:

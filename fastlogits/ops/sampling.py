@@ -24,6 +24,7 @@ import secrets
 
 import numpy as np
 
+from fastlogits._config import is_int
 from fastlogits.ops import _backend
 from fastlogits.ops._prep import broadcast_rows, is_gpu_array, prepare
 from fastlogits.stream.sources import as_source
@@ -155,7 +156,7 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, seed=
     >>> t.tolist()
     [0, 2]
     """
-    if isinstance(num_samples, bool) or not hasattr(num_samples, "__index__"):
+    if not is_int(num_samples):
         raise TypeError(f"num_samples must be a positive integer, got {num_samples!r}")
     ns = int(num_samples)
     if not 1 <= ns < 2**32:
@@ -286,7 +287,7 @@ def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperatu
     >>> p.tolist(), t.tolist()
     ([[1, 0, 0, 1]], [[0, 0, 1, 1]])
     """
-    if isinstance(beam_width, bool) or not hasattr(beam_width, "__index__"):
+    if not is_int(beam_width):
         raise TypeError(f"beam_width must be a positive integer, got {beam_width!r}")
     W = int(beam_width)
     if W < 1:

@@ -1,6 +1,7 @@
 """Selection: argmax, top_k, top_k_logprobs."""
 import numpy as np
 
+from fastlogits._config import is_int
 from fastlogits.ops import _backend
 from fastlogits.ops._prep import NP_DTYPES, prepare
 from fastlogits.stream import run as stream_run
@@ -8,7 +9,7 @@ from fastlogits.stream.sources import as_source
 
 
 def _check_k(k, V):
-    if isinstance(k, bool) or not hasattr(k, "__index__"):
+    if not is_int(k):
         raise TypeError(f"k must be a positive integer, got {k!r}")
     k = int(k)
     if not 1 <= k <= V:

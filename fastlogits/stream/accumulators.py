@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fastlogits._config import is_int
 from fastlogits.cpu import _reduce
 from fastlogits.cpu.backend import CODES, compute_dtype
 from fastlogits.ops._prep import as_array, prepare
@@ -46,7 +47,7 @@ def _merge_lse(m, s, m2, s2):
 
 class _Base:
     def __init__(self, rows, temperature, softcap, threads, chunk_size):
-        if isinstance(rows, bool) or not hasattr(rows, "__index__") or int(rows) < 0:
+        if not is_int(rows) or int(rows) < 0:
             raise ValueError(f"rows must be a non-negative integer, got {rows!r}")
         self.rows = int(rows)
         self._temperature = temperature
@@ -69,7 +70,7 @@ class _Base:
         x = as_array(chunk, argname="chunk")
         if x.ndim != 2 or x.shape[0] != self.rows:
             raise ValueError(f"chunk must have shape (rows, c) = ({self.rows}, c), got {x.shape}")
-        if isinstance(start, bool) or not hasattr(start, "__index__") or int(start) < 0:
+        if not is_int(start) or int(start) < 0:
             raise ValueError(f"start must be a non-negative integer column index, got {start!r}")
         return x, int(start)
 
@@ -227,7 +228,7 @@ class CrossEntropy(_Base):
         wsum = _row_state(st.wsum, rows, "wsum")
         m2, s2 = _row_state(st.m, rows, "m"), _row_state(st.s, rows, "s")
         columns = st.columns
-        if isinstance(columns, bool) or not hasattr(columns, "__index__") or int(columns) < 0:
+        if not is_int(columns) or int(columns) < 0:
             raise ValueError(f"merge: the other state's columns must be a non-negative integer, got "
                              f"{columns!r}")
         ranges = self._covered(other.ranges if isinstance(other, CrossEntropy) else None)
@@ -326,7 +327,7 @@ class TopK(_Base):
     def __init__(self, rows, k, *, logprobs=False, temperature=1.0, softcap=None, threads=None,
                  chunk_size=None):
         super().__init__(rows, temperature, softcap, threads, chunk_size)
-        if isinstance(k, bool) or not hasattr(k, "__index__") or int(k) < 1:
+        if not is_int(k) or int(k) < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         self.k = int(k)
         self.values = np.empty((self.rows, 0))

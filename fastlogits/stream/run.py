@@ -471,7 +471,7 @@ class _Sink:
                 raise ValueError(f"out must have the source's shape {tuple(source.shape)}, got {out.shape}")
             if out.dtype != self.dtype:
                 raise ValueError(f"out has dtype {out.dtype}, expected {out_name}")
-            rows = int(np.prod(out.shape[:-1], dtype=np.int64))
+            self._out_rows = rows = int(np.prod(out.shape[:-1], dtype=np.int64))
             view = out.reshape(rows, self.V)
             # rows written through a (rows, V) view of out, or row by row where its axes do not merge
             # (a reshaped copy would never reach out)
@@ -499,9 +499,8 @@ class _Sink:
     def write(self, r0, c0, block):
         block = np.asarray(block)
         if self._out is not None:
-            rows = int(np.prod(self._out.shape[:-1], dtype=np.int64))
-            if r0 + block.shape[0] > rows:
-                raise ValueError(f"out has {rows} rows, but the source has more (at least "
+            if r0 + block.shape[0] > self._out_rows:
+                raise ValueError(f"out has {self._out_rows} rows, but the source has more (at least "
                                  f"{r0 + block.shape[0]})")
             if self._array is not None:
                 self._array[r0:r0 + block.shape[0], c0:c0 + block.shape[1]] = block
@@ -515,10 +514,9 @@ class _Sink:
 
     def __exit__(self, exc_type, exc, tb):
         if self._out is not None:
-            rows = int(np.prod(self._out.shape[:-1], dtype=np.int64))
-            if exc_type is None and self.rows != rows:
-                raise ValueError(f"out has {rows} rows, but the source had {self.rows}: the rest of out was "
-                                 "not written")
+            if exc_type is None and self.rows != self._out_rows:
+                raise ValueError(f"out has {self._out_rows} rows, but the source had {self.rows}: the rest "
+                                 "of out was not written")
             return False
         try:
             if exc_type is None and self.npy and self.lead is None:

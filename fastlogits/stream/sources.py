@@ -22,6 +22,7 @@ import sys
 
 import numpy as np
 
+from fastlogits._config import is_int
 from fastlogits.ops._prep import BF16, NP_DTYPES, dtype_name, host_array
 
 
@@ -460,7 +461,7 @@ class StdinSource:
 
 def check_vocab(vocab, argname="vocab"):
     """vocab as a positive int (a float or a bool is refused, not truncated)."""
-    if isinstance(vocab, bool) or not hasattr(vocab, "__index__") or int(vocab) < 1:
+    if not is_int(vocab) or int(vocab) < 1:
         raise ValueError(f"{argname} must be a positive integer (the number of values per row), got "
                          f"{vocab!r}")
     return int(vocab)
