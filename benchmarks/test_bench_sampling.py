@@ -20,6 +20,9 @@ medians of one run, PyTorch 2.13 on 2 threads:
     greedy                 fastlogits  5.2 ms
     one row (1, 128256)    fastlogits  155 us on 1 thread, 104 us on 2 (its draw split over columns)
     beam step, 4 beams     fastlogits 19.5 ms    log_softmax + topk            226 ms   (12x)
+
+Rows wider than the memory budget (`test_sample_wide_rows_*`) are measured against the same rows in
+memory on one thread and one streamed logsumexp pass over the source (the cost of reading it once).
 """
 import os
 
@@ -176,3 +179,41 @@ def test_beam_search_step_torch(benchmark, data, torch):
     v, p, t = benchmark(run)
     s, p2, t2 = beam_search_step(data[:rows], np.zeros(rows, np.float32), BEAMS)
     np.testing.assert_allclose(v.numpy(), s, rtol=1e-4, atol=1e-4)
+
+
+# ---- rows wider than the memory budget -------------------------------------------------------------------
+
+WIDE_ROWS = 4
+
+
+@pytest.fixture(scope="module")
+def wide_source(tmp_path_factory, data):
+    """The first rows of the data as a .npy source whose budget (64 KiB) holds an eighth of a row or less:
+    each row is drawn in passes over its columns (fastlogits/stream/wide.py). The file is read once
+    first, so it is in the page cache."""
+    import fastlogits
+
+    path = tmp_path_factory.mktemp("wide") / "x.npy"
+    np.save(path, data[:WIDE_ROWS])
+    path.read_bytes()
+    return fastlogits.open(path, memory="64KiB")
+
+
+@pytest.mark.parametrize("kw", [{}, KW, {"top_p": 0.9}], ids=["plain", "topk-topp", "topp"])
+def test_sample_wide_rows_fastlogits(benchmark, data, wide_source, kw):
+    out = benchmark(sample, wide_source, seed=0, **kw)
+    np.testing.assert_array_equal(out, sample(data[:WIDE_ROWS], seed=0, **kw))
+
+
+@pytest.mark.parametrize("kw", [{}, KW, {"top_p": 0.9}], ids=["plain", "topk-topp", "topp"])
+def test_sample_wide_rows_in_memory_peer(benchmark, data, kw):
+    """The same rows in memory, one thread (the wide-row passes run on one)."""
+    _check_tokens(benchmark(sample, data[:WIDE_ROWS], seed=0, threads=1, **kw), data[:WIDE_ROWS])
+
+
+def test_logsumexp_wide_rows_streaming_peer(benchmark, data, wide_source):
+    """One streamed pass over the same source (the accumulators): the cost of reading the rows once."""
+    import fastlogits
+
+    out = benchmark(fastlogits.logsumexp, wide_source, threads=1)
+    np.testing.assert_allclose(out, fastlogits.logsumexp(data[:WIDE_ROWS]), rtol=1e-5)

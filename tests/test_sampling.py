@@ -687,7 +687,7 @@ def test_sources_stream_by_row_blocks(tmp_path, rng):
     T = rng.uniform(0.5, 1.5, (3, 20))
     kw = {"temperature": T, "top_k": 50, "top_p": 0.9, "num_samples": 2, "return_logprobs": True}
     want = sample(x, seed=7, **kw)
-    src = fastlogits.open(tmp_path / "x.npy", memory=65536)      # blocks of 2 rows
+    src = fastlogits.open(tmp_path / "x.npy", memory=262144)     # blocks of 2 rows (40 bytes a value)
     got = sample(src, seed=7, **kw)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)

@@ -326,8 +326,9 @@ def test_cli_sample_streams_and_reproduces(tmp_path, rng):
     assert res.returncode == 0, res.stderr
     got = np.load(tmp_path / "s.npy")
     tokens, lp, ranks = fl.sample(x, temperature=0.8, top_k=50, top_p=0.9, seed=7, return_logprobs=True)
-    np.testing.assert_array_equal(got["token"], tokens)       # same seed, other budget and threads
-    np.testing.assert_allclose(got["logprob"], lp)
+    # same seed, other budget (rows wider than it: drawn in passes) and threads: the same tokens
+    np.testing.assert_array_equal(got["token"], tokens)
+    np.testing.assert_allclose(got["logprob"], lp, rtol=2e-6)
     np.testing.assert_array_equal(got["rank"], ranks)
     res = _cli("sample", tmp_path / "x.npy", tmp_path / "s.npy", "--top-p", "1.5")
     assert res.returncode == 1 and b"top_p" in res.stderr and b"Traceback" not in res.stderr

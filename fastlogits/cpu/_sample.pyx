@@ -257,6 +257,87 @@ cdef extern from "fastlogits.h" nogil:
     fl_rng fl_rng_make(uint64_t seed, uint64_t row, uint32_t sample)
     uint32_t fl_rng_word(const fl_rng *g, int64_t t, uint32_t stream)
     double fl_rng_gumbel(const fl_rng *g, int64_t t)
+    # the pieces of one row's passes, for rows drawn in parts (fastlogits/stream/wide.py)
+    const float *fl_row_chunk_f32(const fl_row *r, int64_t start, int64_t len, float *buf)
+    const double *fl_row_chunk_f64(const fl_row *r, int64_t start, int64_t len, double *buf)
+    float fl__round_up_f32(double theta)
+    double fl__round_up_f64(double theta)
+    void fl__gumbel_chunk_f32(const float *x, int64_t c0, int64_t len, float theta, const fl_rng *g,
+                              double *best, int64_t *best_i, uint32_t *w, unsigned char *flags)
+    void fl__gumbel_chunk_f64(const double *x, int64_t c0, int64_t len, double theta, const fl_rng *g,
+                              double *best, int64_t *best_i, uint32_t *w, unsigned char *flags)
+    double fl__rank_mass_f32(const float *x, int64_t n, float xt, float theta, float m, int64_t *rank)
+    double fl__rank_mass_f64(const double *x, int64_t n, double xt, double theta, double m, int64_t *rank)
+
+
+ctypedef fused real:
+    float
+    double
+
+
+def values(x, int dtype, temperature, double softcap, real[::1] out):
+    """The values of the one row of x (1, n) after softcap and temperature, in the compute type (out: n
+    float32, or float64 for float64 logits), as every kernel computes them."""
+    cdef Block b = make_block(x, dtype, temperature, softcap, max(1, x.shape[1]))
+    cdef fl_row r = row_of(&b, 0)
+    cdef int64_t j, n = b.n
+    if out.shape[0] != n or n == 0:
+        return
+    if real is float:
+        p32 = fl_row_chunk_f32(&r, 0, n, &out[0])
+        if p32 != &out[0]:
+            for j in range(n):
+                out[j] = p32[j]
+    else:
+        p64 = fl_row_chunk_f64(&r, 0, n, &out[0])
+        if p64 != &out[0]:
+            for j in range(n):
+                out[j] = p64[j]
+
+
+def gumbel_values(const real[::1] v, int64_t tok0, double theta, uint64_t seed, uint64_t row_id,
+                  double[::1] best, int64_t[::1] best_i):
+    """The Gumbel-max of tokens tok0 .. tok0 + len(v) - 1 (values v, as `values` gives them) restricted to
+    v >= theta, for samples 0 .. len(best) - 1: updates each sample's best key and token (start them at
+    -inf and -1 and pass a row's parts in increasing order: ties keep the lower token, as one pass over
+    the row would). The same keys and tokens as fl_row_sample."""
+    cdef int64_t n = v.shape[0], s, j
+    cdef uint32_t w[64]
+    cdef unsigned char flags[64]
+    cdef fl_rng g
+    cdef double vmax = -INFINITY
+    cdef float t32 = -INFINITY if theta == -INFINITY else fl__round_up_f32(theta)
+    cdef double t64 = -INFINITY if theta == -INFINITY else fl__round_up_f64(theta)
+    if n == 0:
+        return
+    for j in range(n):
+        vmax = v[j] if v[j] > vmax else vmax
+    with nogil:
+        for s in range(best.shape[0]):
+            if vmax < theta or vmax + 36.75 < best[s]:      # no token here can win (FL_GUMBEL_MAX)
+                continue
+            g = fl_rng_make(seed, row_id, <uint32_t> s)
+            if real is float:
+                fl__gumbel_chunk_f32(&v[0], tok0, n, t32, &g, &best[s], &best_i[s], w, flags)
+            else:
+                fl__gumbel_chunk_f64(&v[0], tok0, n, t64, &g, &best[s], &best_i[s], w, flags)
+
+
+def rank_mass_values(const real[::1] v, const double[::1] xt, double theta, double m, int64_t[::1] ranks,
+                     double[::1] mass):
+    """For each sample s: adds to ranks[s] the number of v above xt[s] (its token's value), and to
+    mass[s] the sum of exp(v - m) over v >= theta (m >= every value), as fl_row_rank_mass does."""
+    cdef int64_t n = v.shape[0], s
+    cdef float t32 = -INFINITY if theta == -INFINITY else fl__round_up_f32(theta)
+    cdef double t64 = -INFINITY if theta == -INFINITY else fl__round_up_f64(theta)
+    if n == 0:
+        return
+    with nogil:
+        for s in range(xt.shape[0]):
+            if real is float:
+                mass[s] += fl__rank_mass_f32(&v[0], n, <float> xt[s], t32, <float> m, &ranks[s])
+            else:
+                mass[s] += fl__rank_mass_f64(&v[0], n, xt[s], t64, m, &ranks[s])
 
 
 def philox4x32_10(counter, key):

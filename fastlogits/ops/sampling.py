@@ -26,7 +26,7 @@ import numpy as np
 
 from fastlogits._config import is_int
 from fastlogits.ops import _backend
-from fastlogits.ops._prep import broadcast_rows, is_gpu_array, prepare
+from fastlogits.ops._prep import NP_DTYPES, broadcast_rows, is_gpu_array, prepare
 from fastlogits.stream.sources import as_source
 
 
@@ -106,8 +106,10 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, seed=
     Parameters
     ----------
     logits : array (..., V), or a source (see ``fastlogits.open``)
-        float16, bfloat16, float32 or float64; any strides. A source is streamed by blocks of rows (a row
-        must fit the memory budget); the tokens are the same as for the array in memory.
+        float16, bfloat16, float32 or float64; any strides. A source is streamed by blocks of rows; a row
+        larger than the memory budget is drawn in passes over its columns (a radix select finds the
+        filters' thresholds, see fastlogits/stream/wide.py). The tokens are the same as for the array in
+        memory (for a wide row, except where a top-p mass lands within rounding of top_p).
     temperature : float >= 0 or one per row
         0 is greedy: the argmax, lowest index on ties, whatever the filters (the argmax always survives
         them). Any positive temperature samples, however small (vLLM switches to greedy below 1e-5; we
@@ -216,14 +218,15 @@ def _draw(r, k, p, mp, seeds, row_ids, ns, logprobs, lead, row0=0):
 
 
 def _sample_source(src, temperature, top_k, top_p, min_p, seed, ns, logprobs, kw):
-    """sample() of a source, block of rows by block of rows (a row must fit the memory budget). Per-row
-    arguments are sliced with the blocks; one seed keys every row by its index in the whole source."""
+    """sample() of a source, block of rows by block of rows. Per-row arguments are sliced with the blocks;
+    one seed keys every row by its index in the whole source. A row larger than the memory budget is
+    drawn in passes over its columns (fastlogits/stream/wide.py): the same tokens."""
     from fastlogits.stream import run as stream_run
+    from fastlogits.stream import wide
 
-    plan = stream_run.plan(src)
-    if not plan.rows:
-        raise ValueError("sample: one row of this source is larger than the memory budget; raise it "
-                         "(fastlogits.set_memory_budget, or memory= when opening the source)")
+    # the sampler's scratch for top-k and top-p: 4 values of 8 bytes per column of a row
+    filtered = top_k is not None or top_p is not None
+    plan = stream_run.plan(src, out_itemsize=32 if filtered else 0)
     args = {name: stream_run.RowArg(v, name, src, dtype=None) for name, v in
             (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p))
             if v is not None}
@@ -234,21 +237,44 @@ def _sample_source(src, temperature, top_k, top_p, min_p, seed, ns, logprobs, kw
         seed = secrets.randbits(64)
     parts, rows = [], 0
     lead_all = tuple(src.shape[:-1]) if src.shape[0] is not None else None
-    for r0, block in stream_run.row_blocks(src, plan.rows):
-        r1 = r0 + block.shape[0]
+
+    def params(r0, r1, r):
+        """The filters, seeds and row ids of rows r0 .. r1 (prepared as r)."""
         a = {name: arg.block(r0, r1) for name, arg in args.items()}
-        lead = (block.shape[0],)
-        r = prepare(block, temperature=a.get("temperature", 1.0), allow_zero_temperature=True, **kw)
-        if r.V == 0:
-            raise ValueError("sample: logits has an empty vocabulary (last axis of length 0)")
-        k, p, mp = _filters(a.get("top_k"), a.get("top_p"), a.get("min_p"), lead, r.rows)
-        if per_row_seed:
-            seeds, row_ids = _seeds(a["seed"], lead, r.rows)
-        else:
-            seeds, row_ids = _seeds(seed, lead, r.rows)
+        k, p, mp = _filters(a.get("top_k"), a.get("top_p"), a.get("min_p"), r.lead, r.rows)
+        seeds, row_ids = _seeds(a["seed"] if per_row_seed else seed, r.lead, r.rows)
+        if not per_row_seed:
             row_ids += np.uint64(r0)
-        parts.append(_draw(r, k, p, mp, seeds, row_ids, ns, logprobs, lead_all or (r1,), r0))
-        rows = r1
+        return k, p, mp, seeds, row_ids
+
+    if plan.rows:
+        for r0, block in stream_run.row_blocks(src, plan.rows):
+            r1 = r0 + block.shape[0]
+            t = args["temperature"].block(r0, r1) if "temperature" in args else 1.0
+            r = prepare(block, temperature=t, allow_zero_temperature=True, **kw)
+            if r.V == 0:
+                raise ValueError("sample: logits has an empty vocabulary (last axis of length 0)")
+            parts.append(_draw(r, *params(r0, r1, r), ns, logprobs, lead_all or (r1,), r0))
+            rows = r1
+    else:
+        stream_run.check_backend(kw["backend"])       # such rows are drawn on the CPU whatever it is
+        cols = stream_run.plan(src, out_itemsize=wide.BYTES_PER_VALUE).cols
+        empty = np.zeros((1, 0), NP_DTYPES[src.dtype])
+        for i, row in stream_run.single_rows(src, cols):
+            t = args["temperature"].block(i, i + 1) if "temperature" in args else 1.0
+            r = prepare(empty, temperature=t, allow_zero_temperature=True, **dict(kw, backend="cpu"))
+            k, p, mp, seeds, row_ids = params(i, i + 1, r)
+            status, tok, lp, rk = wide.sample_row(
+                row, temperature=float(r.temperature[0]), softcap=r.softcap, top_k=int(k[0]),
+                top_p=float(p[0]), min_p=float(mp[0]), seed=int(seeds[0]), row_id=int(row_ids[0]),
+                num_samples=ns, logprobs=logprobs, cols=cols)
+            if status:
+                lead = lead_all or (i + 1,)
+                where = f" (row {tuple(int(v) for v in np.unravel_index(i, lead))})" if lead else ""
+                raise ValueError(f"sample: cannot sample from a row that {_STATUS[status]}{where}")
+            parts.append((tok[None], None if lp is None else lp[None].astype(r.result_dtype),
+                          None if rk is None else rk[None]))
+            rows = i + 1
     for arg in args.values():
         arg.check_rows(rows)
     lead = lead_all if lead_all is not None else (rows,)
@@ -272,11 +298,13 @@ def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperatu
     Face lays beams out) and ``beam_scores`` ``(batch * beam_width,)``, the beams' cumulative
     log-probabilities. A continuation (beam j, token t) scores ``beam_scores[j] + log_softmax(logits[j])[t]``
     (after ``softcap`` and ``temperature``). Returns ``(scores, parents, tokens)``, each
-    ``(batch, 2 * beam_width)``, best first; ties go to the lower (parent, token). A source in place of
-    ``logits`` is read whole. ``parents`` are beam
+    ``(batch, 2 * beam_width)``, best first; ties go to the lower (parent, token). ``parents`` are beam
     indices within the batch item (0 .. beam_width - 1), as HF's ``next_indices``. One streaming pass over
-    each row (a running top-2W with the logsumexp in the same pass). Scores are float64 when the logits or
-    beam_scores are float64, else float32; a NaN score (a row whose log-softmax is NaN) sorts last.
+    each row: ``top_k_logprobs(logits, 2 * beam_width)`` (a running top-2W with the logsumexp in the same
+    pass), so a source in place of ``logits`` streams in bounded memory, rows wider than the budget
+    included, with the same results. The log-probabilities are float32 (float64 for float64 logits), as
+    ``top_k_logprobs`` gives them; scores are float64 when the logits or beam_scores are float64, else
+    float32; a NaN score (a row whose log-softmax is NaN) sorts last.
 
     Examples
     --------
@@ -293,18 +321,19 @@ def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperatu
     if W < 1:
         raise ValueError(f"beam_width must be a positive integer, got {W}")
     src = as_source(logits)
-    if src is not None:      # a step's logits are small: read them whole
-        from fastlogits.stream import run as stream_run
-
-        blocks = [np.array(b) for _, b in stream_run.row_blocks(src, max(1, stream_run.plan(src).rows))]
-        logits = np.concatenate(blocks) if blocks else np.empty((0, src.V), np.float32)
-    r = prepare(logits, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
-                chunk_size=chunk_size)
-    if len(r.lead) != 1:
-        raise ValueError(f"beam_search_step: logits must be 2-D (batch * beam_width, V), got shape "
-                         f"{r.lead + (r.V,)}")
-    rows, V = r.rows, r.V
-    if rows % W:
+    if src is not None:
+        if len(src.shape) != 2:
+            raise ValueError(f"beam_search_step: logits must be 2-D (batch * beam_width, V), got shape "
+                             f"{src.shape}")
+        rows, V, dtype, device = src.shape[0], src.V, src.dtype, None
+    else:
+        r = prepare(logits, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
+                    chunk_size=chunk_size)
+        if len(r.lead) != 1:
+            raise ValueError(f"beam_search_step: logits must be 2-D (batch * beam_width, V), got shape "
+                             f"{r.lead + (r.V,)}")
+        rows, V, dtype, device = r.rows, r.V, r.dtype, r.x if is_gpu_array(r.x) else None
+    if rows is not None and rows % W:
         raise ValueError(f"beam_search_step: logits has {rows} rows, not a multiple of beam_width={W}")
     if V * W < 2 * W or V == 0:
         raise ValueError(f"beam_search_step: a vocabulary of {V} tokens cannot give 2 * beam_width "
@@ -312,17 +341,29 @@ def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperatu
     bs = np.asarray(beam_scores)
     if bs.dtype.kind not in "fiu" or bs.dtype == bool:
         raise TypeError(f"beam_scores must be a float array, got dtype {bs.dtype}")
-    if bs.shape != (rows,):
+    if rows is not None and bs.shape != (rows,):
         raise ValueError(f"beam_scores must have shape ({rows},) (one per row of logits), got {bs.shape}")
-    batch, k = rows // W, min(2 * W, V)
-    lp, idx = _backend.get(r.backend).top_k(r.x, r.dtype, r.temperature, r.softcap, k, True, r.chunk,
-                                            r.threads)
+    k = min(2 * W, V)
+    if src is not None:      # streamed as top_k_logprobs (rows wider than the budget included)
+        from fastlogits.ops.selection import top_k_logprobs
+
+        lp, idx = top_k_logprobs(src, k, temperature=temperature, softcap=softcap, backend=backend,
+                                 threads=threads, chunk_size=chunk_size)
+        rows = lp.shape[0]
+        if rows % W or bs.shape != (rows,):
+            raise ValueError(f"beam_search_step: logits has {rows} rows, expected a multiple of "
+                             f"beam_width={W} and one per beam score (beam_scores has shape {bs.shape})")
+    else:
+        lp, idx = _backend.get(r.backend).top_k(r.x, r.dtype, r.temperature, r.softcap, k, True, r.chunk,
+                                                r.threads)
+        lp = np.asarray(lp).astype(r.result_dtype)     # as top_k_logprobs gives them, from a source too
     lp, idx = np.asarray(lp, np.float64), np.array(idx)
+    batch = rows // W
     # a finished beam (score -inf) ties all its continuations at -inf: the lowest tokens are its best, by
     # the tie rule below (its top-k by log-probability would not be)
     dead = (bs == -np.inf) & ~np.isnan(lp).any(axis=1)
     idx[dead] = np.arange(idx.shape[1])
-    out_dtype = (np.dtype(np.float64) if r.dtype == "float64" or bs.dtype == np.float64
+    out_dtype = (np.dtype(np.float64) if dtype == "float64" or bs.dtype == np.float64
                  else np.dtype(np.float32))
     scores = (bs.astype(np.float64)[:, None] + lp).reshape(batch, W * k)
     parents = np.broadcast_to(np.repeat(np.arange(W), k)[None, :], (batch, W * k))
@@ -332,7 +373,7 @@ def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperatu
     take = np.take_along_axis
     out = (take(scores, order, -1).astype(out_dtype), take(parents, order, -1).astype(np.int64),
            take(toks, order, -1).astype(np.int64))
-    if is_gpu_array(r.x):        # GPU arrays in, GPU arrays out (the step's small result goes back)
+    if device is not None:       # GPU arrays in, GPU arrays out (the step's small result goes back)
         be = _backend.get(r.backend)
-        out = tuple(be.to_device_like(a, r.x) for a in out)
+        out = tuple(be.to_device_like(a, device) for a in out)
     return out

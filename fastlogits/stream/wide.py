@@ -1,0 +1,146 @@
+"""Sampling a row wider than the memory budget, in passes over its columns.
+
+``sample`` of a source draws the rows that fit the budget with the in-memory sampler, a block of rows at
+a time. A row that does not fit is drawn here, from a one-row random-access source (a row of a file or
+an array, or a row of standard input spooled to a temporary file), in passes over its column chunks;
+memory is set by the chunk, not by the row:
+
+1. the max and argmax of the values (after softcap and temperature), which also finds a row that cannot
+   be sampled (a NaN, a +inf, no possible token); a greedy row ends here;
+2. top-k: the k-th largest value, by a radix select on the values' order-preserving bit patterns
+   (``DIGIT`` bits a pass: 3 passes for float32 values, 6 for float64) counting each bucket's tokens;
+   every token tied with it survives, as Hugging Face keeps them;
+3. top-p: the nucleus' boundary value by the same radix select on probability mass instead of counts,
+   over the top-k survivors renormalised (a mass within 16 eps of top_p reaches it, as in memory);
+4. min-p: ``x_max + log(min_p)``;
+5. the Gumbel-max over the survivors (the values at or above the largest of those thresholds), with the
+   in-memory sampler's noise and conservative test (``fl__gumbel_chunk``), all samples in one pass;
+6. with log-probabilities, one more pass for the sampled tokens' ranks and the survivors' mass.
+
+In both samplers the survivors are the tokens at or above one threshold and a token's key is the same
+float64 number, so the tokens are those the row in memory gives, except where top-p's cumulative mass
+lands within rounding of top_p (the two add the mass in different orders, as the GPU sampler does too);
+log-probabilities agree to rounding.
+"""
+import math
+
+import numpy as np
+
+from fastlogits.cpu import _sample
+from fastlogits.cpu.backend import CODES, compute_dtype
+from fastlogits.stream.run import column_chunks
+
+DIGIT = 11               # bits of the value's key per radix pass
+BYTES_PER_VALUE = 64     # per column of a chunk: its values (8) and the radix passes' NumPy temporaries
+
+OK, NAN, POSINF, EMPTY = 0, 1, 2, 3   # statuses, as the in-memory sampler's
+
+
+def _keys(v):
+    """Unsigned keys in the order of the values v (no NaN): a larger value has a larger key, and -0 and
+    +0 share one."""
+    u = np.uint32 if v.itemsize == 4 else np.uint64
+    top = u(1) << u(8 * v.itemsize - 1)
+    b = (v + v.dtype.type(0)).view(u)        # -0 + 0 = +0
+    return np.where(b & top, ~b, b | top).astype(np.uint64, copy=False)
+
+
+def _value(key, vdt):
+    """The value of a key (the inverse of _keys), as a Python float."""
+    bits = 8 * vdt.itemsize
+    top, mask = 1 << (bits - 1), (1 << bits) - 1
+    b = key ^ top if key & top else ~key & mask
+    return float(np.array(b, np.uint32 if bits == 32 else np.uint64).view(vdt)[()])
+
+
+def _select(passes, vdt, want, mass=None):
+    """The largest value x* such that the tokens with values >= x* reach `want`: a count of tokens, or,
+    with mass = (theta, m), the fraction `want` of the mass exp(x - m) of the tokens with x >= theta. A
+    radix select from the top: each pass histograms one digit of the keys of the tokens whose higher
+    digits are those chosen so far, and chooses the bucket where the cumulative count (or mass) from the
+    top reaches the goal."""
+    bits = 8 * vdt.itemsize
+    prefix, above, goal, shift = 0, 0, None if mass else want, bits
+    while shift:
+        width = min(DIGIT, shift)
+        shift -= width
+        hist = np.zeros(1 << width, np.float64 if mass else np.int64)
+        for _, v in passes():
+            key, w = _keys(v), None
+            if mass:
+                theta, m = mass
+                w = np.exp(v.astype(np.float64) - m)
+                w[v < theta] = 0.0
+            if shift + width < bits:
+                inside = (key >> np.uint64(shift + width)) == prefix
+                key, w = key[inside], (None if w is None else w[inside])
+            digit = ((key >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.intp)
+            hist += np.bincount(digit, weights=w, minlength=1 << width)
+        if goal is None:
+            goal = want * hist.sum()      # the first pass holds every token
+        down = hist[::-1]
+        cum = above + np.cumsum(down)
+        hits = np.flatnonzero(cum >= goal)
+        # rounding may leave a deeper pass's total below the goal: its lowest bucket with mass then
+        j = int(hits[0]) if hits.size else int(np.flatnonzero(down > 0)[-1])
+        above = cum[j - 1] if j else above
+        prefix = (prefix << width) | ((1 << width) - 1 - j)
+    return _value(prefix, vdt)
+
+
+def sample_row(row, *, temperature, softcap, top_k, top_p, min_p, seed, row_id, num_samples, logprobs,
+               cols):
+    """Draws num_samples tokens from one row (a random-access source of one row) in chunks of `cols`
+    columns, with checked arguments: temperature a float (0: greedy), softcap a float (0: none), top_k an
+    int (0: none), top_p in (0, 1], min_p in [0, 1], the generator's seed and row id. Returns (status,
+    tokens, logprobs, ranks): arrays of num_samples (logprobs and ranks None unless asked for), or the
+    status alone (NAN, POSINF, EMPTY) when the row cannot be sampled."""
+    vdt = compute_dtype(row.dtype)
+    greedy = temperature == 0.0
+    t = np.array([1.0 if greedy else temperature])        # greedy: the argmax of the capped logits
+    code, buf, ns = CODES[row.dtype], np.empty(max(1, cols), vdt), num_samples
+
+    def passes():
+        for _, c0, chunk in column_chunks(row, cols):
+            v = buf[:chunk.shape[1]]
+            _sample.values(chunk, code, t, softcap, v)
+            yield c0, v
+
+    m, top = -math.inf, -1
+    for c0, v in passes():
+        cm = v.max()
+        if np.isnan(cm):
+            return NAN, None, None, None
+        if cm > m:
+            m, top = float(cm), c0 + int(np.argmax(v))
+    if m == -math.inf:
+        return EMPTY, None, None, None
+    if greedy:
+        tokens = np.full(ns, top, np.int64)
+        if not logprobs:
+            return OK, tokens, None, None
+        return OK, tokens, np.zeros(ns), np.zeros(ns, np.int64)
+    if m == math.inf:
+        return POSINF, None, None, None
+    theta = -math.inf
+    if 0 < top_k < row.V:
+        theta = _select(passes, vdt, top_k)
+    if top_p < 1.0:
+        tol = 16 * float(np.finfo(vdt).eps)
+        p = top_p - tol if top_p - tol > 0.5 * top_p else 0.5 * top_p
+        theta = max(theta, _select(passes, vdt, p, mass=(theta, m)))
+    if min_p > 0.0:
+        theta = max(theta, m + math.log(min_p))
+    best, tokens, xt = np.full(ns, -np.inf), np.full(ns, -1, np.int64), np.zeros(ns)
+    for c0, v in passes():
+        _sample.gumbel_values(v, c0, theta, seed, row_id, best, tokens)
+        here = (tokens >= c0) & (tokens < c0 + v.shape[0])     # the values of the tokens found here
+        xt[here] = v[tokens[here] - c0]
+    if np.any(tokens < 0):
+        return EMPTY, None, None, None
+    if not logprobs:
+        return OK, tokens, None, None
+    ranks, mass = np.zeros(ns, np.int64), np.zeros(ns)
+    for _, v in passes():
+        _sample.rank_mass_values(v, xt, theta, m, ranks, mass)
+    return OK, tokens, xt - (m + np.log(mass)), ranks

@@ -1,0 +1,330 @@
+"""Sampling and beam search of sources whose rows are wider than the memory budget: the radix selects
+against a sorted float64 reference, the wide-row sampler against the documented generator and Hugging
+Face's filters (tests/test_sampling.py's references), sources of every kind against the same rows in
+memory, rows that cannot be sampled, and the memory the passes use."""
+import gc
+import io
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastlogits as fl
+from fastlogits.cpu import _sample
+from fastlogits.ops._prep import BF16
+from fastlogits.stream import wide
+from fastlogits.stream.sources import ArraySource, StdinSource
+from tests.test_sampling import exactness_case
+
+V_WIDE = 20011        # float16 to float64 rows wider than a 64 KiB budget (odd: chunks end mid-block)
+
+
+@pytest.fixture
+def small_budget():
+    fl.set_memory_budget("64KiB")
+    yield
+    fl.set_memory_budget("256MiB")
+
+
+@pytest.fixture
+def wide_rows(monkeypatch):
+    """Counts the rows drawn by the wide-row sampler (so a test knows it ran)."""
+    calls = []
+    real = wide.sample_row
+
+    def counted(row, **kw):
+        calls.append(kw)
+        return real(row, **kw)
+    monkeypatch.setattr(wide, "sample_row", counted)
+    return calls
+
+
+# ---- the radix selects ----------------------------------------------------------------------------------
+
+def _passes(v, cols):
+    def passes():
+        for c0 in range(0, v.shape[0], cols):
+            yield c0, v[c0:c0 + cols]
+    return passes
+
+
+def _awkward(rng, n, dtype):
+    """Values with ties, -inf, both zeros, subnormals and huge magnitudes."""
+    v = rng.standard_normal(n) * rng.choice([1.0, 50.0])
+    v[rng.random(n) < 0.2] = rng.choice([0.5, -0.0, 0.0], size=1)[0]
+    v[rng.random(n) < 0.05] = -np.inf
+    v[rng.random(n) < 0.02] = np.finfo(dtype).tiny / 4 * rng.choice([-1, 1])
+    v[rng.random(n) < 0.01] = np.finfo(dtype).max * rng.choice([-1, 1])
+    return v.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_keys_keep_the_order_of_values(rng, dtype):
+    v = _awkward(rng, 5000, dtype)
+    v = np.concatenate([v, np.array([np.inf, -np.inf, -0.0, 0.0], dtype)])
+    keys = wide._keys(v)
+    order = np.argsort(v, kind="stable")
+    assert np.all(np.diff(keys[order].astype(np.float64)) >= 0)
+    vs, ks = v[order], keys[order]
+    assert np.array_equal(vs[1:] > vs[:-1], ks[1:] > ks[:-1])          # equal values (both zeros): one key
+    for i in rng.integers(0, v.shape[0], 200):
+        assert wide._value(int(keys[i]), np.dtype(dtype)) == v[i]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_count_select_is_the_kth_largest(rng, dtype):
+    for _ in range(20):
+        n = int(rng.integers(1, 3000))
+        v = _awkward(rng, n, dtype)
+        k = int(rng.integers(1, n + 1))
+        got = wide._select(_passes(v, int(rng.integers(1, n + 1))), np.dtype(dtype), k)
+        assert got == np.sort(v)[::-1][k - 1], (n, k)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mass_select_is_the_nucleus_boundary(rng, dtype):
+    """The largest value whose tokens at or above it hold the fraction p of the mass exp(x - m) of the
+    tokens at or above theta, against a float64 sort."""
+    for _ in range(30):
+        n = int(rng.integers(1, 3000))
+        v = _awkward(rng, n, dtype) / dtype(40)
+        v[v > 1e30] = 3.0
+        m = float(np.max(v))
+        if m == -np.inf:
+            continue
+        theta = -np.inf if rng.random() < 0.5 else float(np.sort(v)[::-1][int(rng.integers(0, n))])
+        p = float(rng.uniform(0.01, 0.99))
+        x = np.sort(v.astype(np.float64))[::-1]
+        w = np.where(x >= theta, np.exp(x - m), 0.0)
+        levels = np.unique(x)[::-1]
+        cum = np.array([w[x >= lv].sum() for lv in levels])
+        goal = p * w.sum()
+        if np.any(np.abs(cum - goal) < 1e-9 * goal):
+            continue                                  # within rounding of the boundary
+        want = levels[np.argmax(cum >= goal)]
+        got = wide._select(_passes(v, int(rng.integers(1, n + 1))), np.dtype(dtype), p, mass=(theta, m))
+        assert got == want, (n, p, theta)
+
+
+# ---- the wide-row sampler -------------------------------------------------------------------------------
+
+@given(data=st.data())
+@settings(max_examples=80, deadline=None)
+def test_wide_row_exactness_property(data):
+    """Random rows (ties, -inf) and filters, read in chunks of 1 to V columns: the token is the argmax of
+    x / T + g over exactly the survivors of the reference filters (tests/test_sampling.py)."""
+    kw, want = exactness_case(data, chunks=(1, 3, 64, 1000))
+    x = kw["logits"]
+    status, tokens, _, _ = wide.sample_row(
+        ArraySource(x[None]), temperature=kw["temperature"], softcap=0.0, top_k=kw["top_k"] or 0,
+        top_p=kw["top_p"] or 1.0, min_p=kw["min_p"] or 0.0, seed=kw["seed"], row_id=0, num_samples=1,
+        logprobs=False, cols=kw["chunk_size"])
+    if np.all(x == -np.inf):
+        assert status == wide.EMPTY
+    else:
+        assert status == wide.OK and tokens[0] == want
+
+
+def _rows(rng, dtype, rows=6, V=V_WIDE):
+    x = rng.standard_normal((rows, V)) * 3
+    x[0, rng.integers(0, V, 40)] = 7.0                   # ties at the top
+    x[1, ::3] = -np.inf
+    x[2, :] = np.round(x[2] * 2) / 2                     # few levels: ties at every boundary
+    x[2, rng.integers(0, V, 300)] = -0.0
+    x[3, :-5] = -np.inf                                  # five possible tokens
+    x[4 % rows] *= 100.0                                 # a peaked row
+    return x.astype(dtype)
+
+
+CONFIGS = [{}, {"top_k": 50}, {"top_p": 0.9}, {"min_p": 0.05}, {"top_k": 1000, "top_p": 0.5, "min_p": 0.01},
+           {"temperature": 0.7, "top_k": 7}, {"top_k": 1}, {"top_p": 1e-4}, {"min_p": 1.0},
+           {"top_k": V_WIDE - 1, "top_p": 0.999}, {"softcap": 5.0, "top_p": 0.8}]
+
+
+def _top_p_zone(x, i, kw):
+    """Row i's values (in the compute type) where its cumulative mass, from the top over its top-k
+    survivors, lands within rounding of top_p, with the next value down, and their mass: there the two
+    samplers, which add the mass in other orders, may keep different tokens (documented). Returns (the
+    row's values, the smallest and largest such value, their mass), the mass 0 when there are none."""
+    def arg(name, default):
+        a = kw.get(name, default)
+        return default if a is None else float(np.broadcast_to(a, x.shape[:1])[i])
+    top_p, top_k, T = arg("top_p", 1.0), int(arg("top_k", 0)), arg("temperature", 1.0)
+    if top_p >= 1.0 or T == 0.0:
+        return None, np.inf, -np.inf, 0.0
+    code = {np.dtype(np.float16): 0, BF16: 1, np.dtype(np.float32): 2, np.dtype(np.float64): 3}[x.dtype]
+    v = np.empty(x.shape[1], np.float64 if code == 3 else np.float32)
+    _sample.values(x[i:i + 1], code, np.array([T]), float(kw.get("softcap") or 0.0), v)
+    tol, values = 16 * np.finfo(v.dtype).eps, v.astype(np.float64)
+    v = np.sort(values)[::-1]
+    v = v[v > -np.inf]
+    if 0 < top_k < x.shape[1]:
+        v = v[v >= v[min(top_k, v.size) - 1]]
+    w = np.exp(v - v[0])
+    level, first = np.unique(-v, return_index=True)            # distinct values, from the top
+    mass = np.add.reduceat(w, first) / w.sum()
+    near = np.abs(np.cumsum(mass) - max(top_p - tol, top_p / 2)) < 1e-6
+    near[1:] |= near[:-1]                                      # and the next value down
+    if not near.any():
+        return values, np.inf, -np.inf, 0.0
+    return values, float(-level[near].max()), float(-level[near].min()), float(mass[near].sum())
+
+
+def _same_draws(got, want, x, kw, rtol):
+    """Tokens and ranks equal and log-probabilities equal to rounding, except where top-p's boundary
+    lies within rounding: there a token may differ only if one of the two lies in that zone, and the
+    log-probabilities by the zone's mass."""
+    tokens, lp, ranks = (a.reshape(x.shape[0], -1) for a in got)
+    want_t, want_lp, want_r = (a.reshape(x.shape[0], -1) for a in want)
+    assert lp.dtype == want_lp.dtype
+    for i in range(x.shape[0]):
+        values, low, high, zone = _top_p_zone(x, i, kw)
+        for s in range(tokens.shape[1]):
+            if tokens[i, s] != want_t[i, s]:
+                assert any(low <= values[t] <= high for t in (tokens[i, s], want_t[i, s])), (i, s)
+                continue
+            assert ranks[i, s] == want_r[i, s], (i, s)
+            np.testing.assert_allclose(lp[i, s], want_lp[i, s], rtol=rtol, atol=rtol + 2 * zone)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32, np.float64], ids=str)
+@pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "plain")
+def test_wide_rows_draw_the_in_memory_tokens(tmp_path, rng, small_budget, wide_rows, dtype, kw):
+    x = _rows(rng, dtype)
+    np.save(tmp_path / "x.npy", x)
+    src = fl.open(tmp_path / "x.npy", dtype="bfloat16" if dtype == BF16 else None)
+    seed = int(rng.integers(0, 2**64, dtype=np.uint64))
+    want = fl.sample(x, seed=seed, num_samples=3, return_logprobs=True, **kw)
+    got = fl.sample(src, seed=seed, num_samples=3, return_logprobs=True, **kw)
+    assert len(wide_rows) == x.shape[0]
+    _same_draws(got, want, x, kw, 1e-12 if dtype == np.float64 else 2e-6)
+
+
+def test_per_row_arguments_and_seeds(tmp_path, rng, small_budget, wide_rows):
+    x = _rows(rng, np.float32)
+    np.save(tmp_path / "x.npy", x)
+    kw = dict(temperature=np.array([0.0, 0.5, 1.0, 2.0, 0.0, 1.3]),
+              top_k=np.array([0, 3, V_WIDE, 10**9, 5, 40]), top_p=np.array([1.0, 0.3, 0.9, 0.95, 0.5, 0.7]),
+              min_p=np.array([0.0, 0.0, 0.1, 0.0, 0.2, 0.02]))
+    seeds = rng.integers(0, 2**63, 6)
+    for seed in (seeds, int(seeds[0])):
+        want = fl.sample(x, seed=seed, num_samples=4, return_logprobs=True, **kw)
+        got = fl.sample(fl.open(tmp_path / "x.npy"), seed=seed, num_samples=4, return_logprobs=True, **kw)
+        _same_draws(got, want, x, kw, 2e-6)
+    assert wide_rows and wide_rows[0]["temperature"] == 0.0
+
+
+@pytest.mark.parametrize("kind", ["stdin", "iterable", "3-d"])
+def test_wide_rows_of_every_source_kind(tmp_path, rng, small_budget, wide_rows, kind):
+    x = _rows(rng, np.float32)
+    if kind == "stdin":
+        src = StdinSource("float32", V_WIDE, stream=io.BytesIO(x.tobytes()))
+    elif kind == "iterable":
+        src = iter([x[:4], x[4:]])
+    else:
+        x = x.reshape(2, 3, V_WIDE)
+        np.save(tmp_path / "x.npy", x)
+        src = fl.open(tmp_path / "x.npy")
+    want = fl.sample(x, top_k=100, top_p=0.9, seed=3)
+    got = fl.sample(src, top_k=100, top_p=0.9, seed=3)
+    assert got.shape == want.shape and len(wide_rows) == 6
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.nan, "holds a NaN"), (np.inf, r"holds a \+inf logit"), (-np.inf, "has no possible token")])
+def test_wide_rows_that_cannot_be_sampled(tmp_path, rng, small_budget, bad, message):
+    x = _rows(rng, np.float32, rows=4)
+    if bad == -np.inf:
+        x[2] = -np.inf
+    else:
+        x[2, 777] = bad
+    np.save(tmp_path / "x.npy", x)
+    for kw in ({}, {"top_k": 5}, {"top_p": 0.5}):
+        with pytest.raises(ValueError, match=message + r".*\(row \(2,\)\)"):
+            fl.sample(x, seed=1, **kw)
+        with pytest.raises(ValueError, match=message + r".*\(row \(2,\)\)"):
+            fl.sample(fl.open(tmp_path / "x.npy"), seed=1, **kw)
+    if bad == np.inf:                  # greedy rows take +inf: the first one wins, as argmax
+        x[2, 900] = np.inf
+        np.save(tmp_path / "x.npy", x)
+        got = fl.sample(fl.open(tmp_path / "x.npy"), temperature=0)
+        np.testing.assert_array_equal(got, fl.sample(x, temperature=0))
+        assert got[2] == 777
+
+
+def test_wide_sampling_memory_is_bounded(tmp_path, rng):
+    """Rows of 2^19 float32 (2 MiB) under a 256 KiB budget, with every filter: the passes hold a chunk
+    at a time (the in-memory sampler would take 2 MiB of row and 16 MiB of candidates a row)."""
+    x = rng.standard_normal((2, 1 << 19)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    src = fl.open(tmp_path / "x.npy", memory="256KiB")
+    gc.collect()                     # what earlier tests left is not this call's
+    tracemalloc.start()
+    try:
+        got = fl.sample(src, top_k=5000, top_p=0.9, min_p=0.001, seed=9, num_samples=2, return_logprobs=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    want = fl.sample(x, top_k=5000, top_p=0.9, min_p=0.001, seed=9, num_samples=2, return_logprobs=True)
+    np.testing.assert_array_equal(got[0], want[0])
+    assert peak < 2 * 2**20, f"peak {peak / 2**20:.1f} MiB under a 256 KiB budget"
+
+
+# ---- beam search of sources -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["file", "stdin"])
+@pytest.mark.parametrize("budget", ["64KiB", "256MiB"])
+def test_beam_search_step_of_a_source(tmp_path, rng, kind, budget):
+    W = 3
+    x = _rows(rng, np.float32, rows=2 * W)
+    scores = np.log(rng.dirichlet(np.ones(2 * W)))
+    scores[4] = -np.inf                                    # a finished beam
+    np.save(tmp_path / "x.npy", x)
+    src = (fl.open(tmp_path / "x.npy", memory=budget) if kind == "file"
+           else StdinSource("float32", V_WIDE, stream=io.BytesIO(x.tobytes())))
+    src.memory = budget
+    want = fl.beam_search_step(x, scores, W, temperature=0.8)
+    got = fl.beam_search_step(src, scores, W, temperature=0.8)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[2], want[2])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    with pytest.raises(ValueError, match="beam_scores has shape"):
+        fl.beam_search_step(StdinSource("float32", V_WIDE, stream=io.BytesIO(x.tobytes())), scores[:3], W)
+    with pytest.raises(ValueError, match="not a multiple of beam_width=4"):
+        fl.beam_search_step(fl.open(tmp_path / "x.npy"), scores, 4)
+
+
+HF_CASES = [  # (probabilities, filters, the tokens Hugging Face's warpers keep)
+    ([0.3, 0.1, 0.1, 0.5], {"top_p": 0.8}, [0, 3]),
+    ([0.15, 0.3, 0.3, 0.25], {"top_p": 0.8}, [1, 2, 3]),
+    ([0.4, 0.2, 0.2, 0.2], {"top_p": 0.5}, [0, 1, 2, 3]),            # ties at the boundary: all kept
+    ([0.4, 0.2, 0.2, 0.2], {"top_p": 0.4}, [0]),
+    ([0.5, 0.25, 0.125, 0.125], {"top_p": 0.75}, [0, 1]),            # a mass exactly at p reaches it
+    ([0.125, 0.5, 0.125, 0.25], {"top_p": 0.625}, [1, 3]),
+    ([0.9, 0.0274, 0.047, 0.0274], {"min_p": 0.05}, [0, 2]),
+    ([0.97, 0.01, 0.01, 0.01], {"min_p": 0.05}, [0]),
+    ([0.3, 0.2, 0.2, 0.2, 0.1], {"top_k": 2}, [0, 1, 2, 3]),          # ties with the k-th value
+    ([0.3, 0.25, 0.25, 0.1, 0.1], {"top_k": 3, "top_p": 0.5}, [0, 1, 2]),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("probs, kw, keep", HF_CASES)
+def test_hf_vectors_in_wide_rows(rng, dtype, probs, kw, keep):
+    """Hugging Face's filter vectors spread over a wide row of impossible tokens, read in chunks: the
+    tokens drawn are exactly those HF keeps."""
+    V = 5003
+    at = np.sort(rng.choice(V, len(probs), replace=False))
+    x = np.full(V, -np.inf, dtype)
+    x[at] = np.log(np.array(probs)).astype(dtype)
+    status, tokens, _, _ = wide.sample_row(
+        ArraySource(x[None]), temperature=1.0, softcap=0.0, top_k=kw.get("top_k", 0),
+        top_p=kw.get("top_p", 1.0), min_p=kw.get("min_p", 0.0), seed=int(rng.integers(0, 2**63)), row_id=0,
+        num_samples=3000, logprobs=False, cols=int(rng.integers(1, 2000)))
+    assert status == wide.OK
+    assert sorted(set(tokens.tolist())) == at[keep].tolist()
