@@ -98,10 +98,10 @@ def sample_agreement(x, kw, num_samples=4):
 MIN_SAME_TOKEN_RATE = 0.999
 
 
-def _ce_mean(backend, x, y, w):
+def _ce_mean(backend, x, y, w, threads=None):
     """The "mean" cross-entropy (class weights, smoothing, z-loss): on the GPU from device logits and
     device labels (all on the device, a 0-d device result), on the CPU from the host arrays."""
-    kw = dict(weight=w, label_smoothing=0.1, z_loss=1e-4)
+    kw = dict(weight=w, label_smoothing=0.1, z_loss=1e-4, threads=threads)
     if backend == "cpu":
         return fl.cross_entropy(x, y, backend="cpu", **kw)
     from numba import cuda
@@ -109,13 +109,14 @@ def _ce_mean(backend, x, y, w):
     return fl.cross_entropy(dx, cuda.to_device(y.astype(np.int32)), **kw)
 
 
-def run(V_list=None, rows=None, seed=0, sample_shape=None, dtypes=tuple(DTYPES)):
-    """A list of {op, dtype, V, max_diff, ok}. sample_shape: (rows, V) of the sampling check."""
+def run(V_list=None, rows=None, seed=0, sample_shape=None, dtypes=tuple(DTYPES), threads=None):
+    """A list of {op, dtype, V, max_diff, ok}. sample_shape: (rows, V) of the sampling check; threads:
+    the CPU backend's (default: all cores)."""
     sim = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
     V_list = V_list or ([127, 129] if sim else [127, 128, 129, 1025, 32000, 128256])
     rows = rows or (2 if sim else 64)
     rng = np.random.default_rng(seed)
-    out = []
+    out, th = [], {"threads": threads}
     for dtype in dtypes:
         for V in V_list:
             x = _rows(rng, V, dtype, rows)
@@ -123,17 +124,18 @@ def run(V_list=None, rows=None, seed=0, sample_shape=None, dtypes=tuple(DTYPES))
             t = rng.uniform(0.5, 2.0, x.shape[0])
             w = rng.uniform(0.5, 2.0, V)
             calls = {
-                "logsumexp": lambda b, x=x, t=t: fl.logsumexp(x, temperature=t, backend=b),
-                "entropy": lambda b, x=x: fl.entropy(x, backend=b),
-                "softmax": lambda b, x=x: fl.softmax(x, softcap=30.0, backend=b),
-                "log_softmax": lambda b, x=x: fl.log_softmax(x, backend=b),
+                "logsumexp": lambda b, x=x, t=t: fl.logsumexp(x, temperature=t, backend=b, **th),
+                "entropy": lambda b, x=x: fl.entropy(x, backend=b, **th),
+                "softmax": lambda b, x=x: fl.softmax(x, softcap=30.0, backend=b, **th),
+                "log_softmax": lambda b, x=x: fl.log_softmax(x, backend=b, **th),
                 "cross_entropy": lambda b, x=x, y=y: fl.cross_entropy(x, y, reduction="none", backend=b,
-                                                                      label_smoothing=0.1),
+                                                                      label_smoothing=0.1, **th),
                 # the random rows (the edge rows would make it NaN) as device arrays
-                "cross_entropy_mean_device": lambda b, x=x, y=y, w=w: _ce_mean(b, x[:rows], y[:rows], w),
-                "argmax": lambda b, x=x: fl.argmax(x, backend=b),
-                "top_k_indices": lambda b, x=x: fl.top_k(x, 5, backend=b)[1],
-                "top_k_logprobs": lambda b, x=x: fl.top_k_logprobs(x, 5, backend=b)[0],
+                "cross_entropy_mean_device": lambda b, x=x, y=y, w=w: _ce_mean(b, x[:rows], y[:rows], w,
+                                                                               threads),
+                "argmax": lambda b, x=x: fl.argmax(x, backend=b, **th),
+                "top_k_indices": lambda b, x=x: fl.top_k(x, 5, backend=b, **th)[1],
+                "top_k_logprobs": lambda b, x=x: fl.top_k_logprobs(x, 5, backend=b, **th)[0],
             }
             for op, call in calls.items():
                 want = call("cpu")
@@ -148,6 +150,7 @@ def run(V_list=None, rows=None, seed=0, sample_shape=None, dtypes=tuple(DTYPES))
     srows, sV = sample_shape or ((16, 129) if sim else (4096, 32000))
     for dtype in [d for d in ("float32", "bfloat16") if d in dtypes]:
         x, kw = sample_inputs(rng, srows, sV, dtype)
+        kw["threads"] = threads
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             pairs, same, draws, same_draws = sample_agreement(x, kw)
@@ -162,7 +165,7 @@ def main(args):
     if reason is not None:
         raise RuntimeError(f"no GPU backend to check against the CPU: {reason} (set NUMBA_ENABLE_CUDASIM=1 "
                            "to run the check under numba's CUDA simulator)")
-    results = run()
+    results = run(threads=getattr(args, "threads", None))
     failed = [r for r in results if not r["ok"]]
     if args.json:
         print(_json.dumps({"results": results, "failed": len(failed)}, indent=1))

@@ -43,3 +43,20 @@ def test_check_reports_a_wrong_gpu_result(gpu, monkeypatch, capsys, op):
     failing = {line.split("|")[1].strip() for line in table.splitlines() if line.endswith("FAIL |")}
     assert failing == ({op, "cross_entropy_mean_device"} if op == "cross_entropy" else {op})
     assert "passed, " in table and " failed" in table
+
+
+def test_check_runs_the_cpu_on_the_threads_asked_for(gpu, monkeypatch, capsys):
+    """`fastlogits check --threads N`: every CPU call of the check runs on N threads, and still agrees."""
+    seen = []
+    real_resolve = fl._config.resolve_threads
+
+    def resolve(threads):
+        seen.append(threads)
+        return real_resolve(threads)
+
+    monkeypatch.setattr(fl._config, "resolve_threads", resolve)
+    monkeypatch.setattr(check, "run", functools.partial(check.run, V_list=[37], rows=1, sample_shape=(2, 37),
+                                                         dtypes=("float32",)))
+    assert check.main(argparse.Namespace(json=True, threads=3)) == 0
+    assert seen and set(seen) == {3}
+    assert '"failed": 0' in capsys.readouterr().out
