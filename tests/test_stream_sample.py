@@ -61,19 +61,6 @@ def _awkward(rng, n, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_keys_keep_the_order_of_values(rng, dtype):
-    v = _awkward(rng, 5000, dtype)
-    v = np.concatenate([v, np.array([np.inf, -np.inf, -0.0, 0.0], dtype)])
-    keys = wide._keys(v)
-    order = np.argsort(v, kind="stable")
-    assert np.all(np.diff(keys[order].astype(np.float64)) >= 0)
-    vs, ks = v[order], keys[order]
-    assert np.array_equal(vs[1:] > vs[:-1], ks[1:] > ks[:-1])          # equal values (both zeros): one key
-    for i in rng.integers(0, v.shape[0], 200):
-        assert wide._value(int(keys[i]), np.dtype(dtype)) == v[i]
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_count_select_is_the_kth_largest(rng, dtype):
     for _ in range(20):
         n = int(rng.integers(1, 3000))

@@ -15,6 +15,7 @@ from cython.parallel cimport prange, parallel, threadid
 from libc.stdint cimport int64_t, int32_t, uint32_t, uint64_t
 from libc.math cimport INFINITY
 from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
 
 import numpy as np
 
@@ -268,6 +269,7 @@ cdef extern from "fastlogits.h" nogil:
                               double *best, int64_t *best_i, uint32_t *w, unsigned char *flags)
     double fl__rank_mass_f32(const float *x, int64_t n, float xt, float theta, float m, int64_t *rank)
     double fl__rank_mass_f64(const double *x, int64_t n, double xt, double theta, double m, int64_t *rank)
+    void fl__exp_shift(const double *v, double *w, int64_t n, double shift)
 
 
 ctypedef fused real:
@@ -321,6 +323,63 @@ def gumbel_values(const real[::1] v, int64_t tok0, double theta, uint64_t seed, 
                 fl__gumbel_chunk_f32(&v[0], tok0, n, t32, &g, &best[s], &best_i[s], w, flags)
             else:
                 fl__gumbel_chunk_f64(&v[0], tok0, n, t64, &g, &best[s], &best_i[s], w, flags)
+
+
+cdef inline uint64_t _key(real x) noexcept nogil:
+    """The value's key: unsigned, in the order of the values (no NaN), one key for -0 and +0."""
+    cdef uint32_t u32
+    cdef uint64_t u64
+    if real is float:
+        x = x + <float> 0.0                    # -0 + 0 = +0
+        memcpy(&u32, &x, 4)
+        return <uint64_t> ((~u32) if u32 >> 31 else u32 | 0x80000000u)
+    else:
+        x = x + 0.0
+        memcpy(&u64, &x, 8)
+        return (~u64) if u64 >> 63 else u64 | 0x8000000000000000u
+
+
+def radix_counts(const real[::1] v, int shift, int width, uint64_t prefix, int64_t[::1] hist):
+    """A radix select's counting pass over values v: hist[d] += the number of values whose key has the
+    digit d in bits [shift, shift + width) and the bits above them equal to prefix (every value when
+    there are none above: the first pass). Keys: unsigned, in the order of the values, -0 and +0 one."""
+    cdef int64_t i, n = v.shape[0]
+    cdef int hi = shift + width
+    cdef bint every = hi >= <int> (8 * sizeof(real))
+    cdef uint64_t k, mask = (<uint64_t> 1 << width) - 1
+    with nogil:
+        for i in range(n):
+            k = _key(v[i])
+            if every or k >> hi == prefix:
+                hist[(k >> shift) & mask] += 1
+
+
+def radix_mass(const real[::1] v, int shift, int width, uint64_t prefix, double theta, double m,
+               double[::1] hist):
+    """As radix_counts, adding the mass exp(v - m) of the values v >= theta instead of counts (the same
+    float64 mass for a value in every pass)."""
+    cdef int64_t i, j, b0, cnt, n = v.shape[0]
+    cdef int hi = shift + width
+    cdef bint every = hi >= <int> (8 * sizeof(real))
+    cdef uint64_t k, mask = (<uint64_t> 1 << width) - 1
+    cdef double vals[256]
+    cdef double w[256]
+    cdef uint64_t digit[256]
+    with nogil:
+        for b0 in range(0, n, 256):
+            cnt = 0
+            for i in range(b0, min(n, b0 + 256)):
+                if not v[i] >= theta:
+                    continue
+                k = _key(v[i])
+                if every or k >> hi == prefix:
+                    vals[cnt] = v[i]
+                    digit[cnt] = (k >> shift) & mask
+                    cnt = cnt + 1
+            if cnt:
+                fl__exp_shift(vals, w, cnt, m)
+                for j in range(cnt):
+                    hist[digit[j]] += w[j]
 
 
 def rank_mass_values(const real[::1] v, const double[::1] xt, double theta, double m, int64_t[::1] ranks,

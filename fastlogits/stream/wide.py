@@ -7,9 +7,10 @@ memory is set by the chunk, not by the row:
 
 1. the max and argmax of the values (after softcap and temperature), which also finds a row that cannot
    be sampled (a NaN, a +inf, no possible token); a greedy row ends here;
-2. top-k: the k-th largest value, by a radix select on the values' order-preserving bit patterns
-   (``DIGIT`` bits a pass: 3 passes for float32 values, 6 for float64) counting each bucket's tokens;
-   every token tied with it survives, as Hugging Face keeps them;
+2. top-k: the k-th largest value, by one pass keeping the k largest when they fit in a chunk's memory,
+   else by a radix select on the values' order-preserving bit patterns (``DIGIT`` bits a pass: 3 passes
+   for float32 values, 6 for float64) counting each bucket's tokens; every token tied with it survives,
+   as Hugging Face keeps them;
 3. top-p: the nucleus' boundary value by the same radix select on probability mass instead of counts,
    over the top-k survivors renormalised (a mass within 16 eps of top_p reaches it, as in memory);
 4. min-p: ``x_max + log(min_p)``;
@@ -31,22 +32,13 @@ from fastlogits.cpu.backend import CODES, compute_dtype
 from fastlogits.stream.run import column_chunks
 
 DIGIT = 11               # bits of the value's key per radix pass
-BYTES_PER_VALUE = 64     # per column of a chunk: its values (8) and the radix passes' NumPy temporaries
+BYTES_PER_VALUE = 8      # per column of a chunk: its values in the compute type (at most 8 bytes)
 
 OK, NAN, POSINF, EMPTY = 0, 1, 2, 3   # statuses, as the in-memory sampler's
 
 
-def _keys(v):
-    """Unsigned keys in the order of the values v (no NaN): a larger value has a larger key, and -0 and
-    +0 share one."""
-    u = np.uint32 if v.itemsize == 4 else np.uint64
-    top = u(1) << u(8 * v.itemsize - 1)
-    b = (v + v.dtype.type(0)).view(u)        # -0 + 0 = +0
-    return np.where(b & top, ~b, b | top).astype(np.uint64, copy=False)
-
-
 def _value(key, vdt):
-    """The value of a key (the inverse of _keys), as a Python float."""
+    """The value of a key (the radix passes' keys: unsigned, in the order of the values), a float."""
     bits = 8 * vdt.itemsize
     top, mask = 1 << (bits - 1), (1 << bits) - 1
     b = key ^ top if key & top else ~key & mask
@@ -57,8 +49,8 @@ def _select(passes, vdt, want, mass=None):
     """The largest value x* such that the tokens with values >= x* reach `want`: a count of tokens, or,
     with mass = (theta, m), the fraction `want` of the mass exp(x - m) of the tokens with x >= theta. A
     radix select from the top: each pass histograms one digit of the keys of the tokens whose higher
-    digits are those chosen so far, and chooses the bucket where the cumulative count (or mass) from the
-    top reaches the goal."""
+    digits are those chosen so far (``_sample.radix_counts``, ``radix_mass``), and chooses the bucket
+    where the cumulative count (or mass) from the top reaches the goal."""
     bits = 8 * vdt.itemsize
     prefix, above, goal, shift = 0, 0, None if mass else want, bits
     while shift:
@@ -66,16 +58,10 @@ def _select(passes, vdt, want, mass=None):
         shift -= width
         hist = np.zeros(1 << width, np.float64 if mass else np.int64)
         for _, v in passes():
-            key, w = _keys(v), None
             if mass:
-                theta, m = mass
-                w = np.exp(v.astype(np.float64) - m)
-                w[v < theta] = 0.0
-            if shift + width < bits:
-                inside = (key >> np.uint64(shift + width)) == prefix
-                key, w = key[inside], (None if w is None else w[inside])
-            digit = ((key >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.intp)
-            hist += np.bincount(digit, weights=w, minlength=1 << width)
+                _sample.radix_mass(v, shift, width, prefix, mass[0], mass[1], hist)
+            else:
+                _sample.radix_counts(v, shift, width, prefix, hist)
         if goal is None:
             goal = want * hist.sum()      # the first pass holds every token
         down = hist[::-1]
@@ -86,6 +72,18 @@ def _select(passes, vdt, want, mass=None):
         above = cum[j - 1] if j else above
         prefix = (prefix << width) | ((1 << width) - 1 - j)
     return _value(prefix, vdt)
+
+
+def _kth_largest(passes, k):
+    """The k-th largest value of a row (k below its length) in one pass: the k largest of each chunk (the
+    C top-k), merged with those of the chunks before."""
+    from fastlogits.ops.selection import _top_k
+
+    best = np.empty(0)
+    for _, v in passes():
+        _, top, _ = _top_k(v[None], min(k, v.shape[0]), False, 1.0, None, "cpu", 1, None)
+        best = np.sort(np.concatenate([best, np.asarray(top[0], np.float64)]))[::-1][:k]
+    return float(best[k - 1])
 
 
 def sample_row(row, *, temperature, softcap, top_k, top_p, min_p, seed, row_id, num_samples, logprobs,
@@ -124,7 +122,9 @@ def sample_row(row, *, temperature, softcap, top_k, top_p, min_p, seed, row_id, 
         return POSINF, None, None, None
     theta = -math.inf
     if 0 < top_k < row.V:
-        theta = _select(passes, vdt, top_k)
+        # a few k: one pass keeping the k largest (4 k values of 8 bytes fit in a chunk's); else a radix
+        # select counting tokens (3 passes for float32 values, 6 for float64)
+        theta = _kth_largest(passes, top_k) if top_k <= cols // 4 else _select(passes, vdt, top_k)
     if top_p < 1.0:
         tol = 16 * float(np.finfo(vdt).eps)
         p = top_p - tol if top_p - tol > 0.5 * top_p else 0.5 * top_p
