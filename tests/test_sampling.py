@@ -295,6 +295,38 @@ def test_top_p_ties_at_the_boundary_are_kept():
     assert support(x, top_p=0.4) == [0]
 
 
+# A seed under which token 31 of row 0, sample 0, has the largest high random word, 2^32 - 1 (found by a
+# search over seeds with a C program on fastlogits.h): its Gumbel noise may reach 36.7, and the sampler's
+# conservative test cannot rule it out by its word, only by the filters' threshold.
+MAX_WORD_SEED, MAX_WORD_TOKEN = 39896521, 31
+
+
+def test_the_largest_random_word_is_documented():
+    from fastlogits.cpu import _sample
+    hi, _, g = _sample.noise(MAX_WORD_SEED, 0, 0, np.array([MAX_WORD_TOKEN], np.int64))
+    assert hi[0] == 2**32 - 1
+    np.testing.assert_array_equal(np_gumbel(MAX_WORD_SEED, 0, 0, [MAX_WORD_TOKEN])[0], hi)
+    assert g[0] > 20
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kw", [{"top_p": 0.5}, {"min_p": 0.5}, {"top_p": 0.9, "min_p": 0.3}, {"top_k": 1},
+                                {"top_k": 3, "top_p": 0.5}])
+@pytest.mark.parametrize("V", [64, 70001])
+def test_a_filtered_token_never_wins_with_the_largest_word(dtype, kw, V):
+    """Token 31 lies far below the threshold of every filter here, and its noise (> 20) would beat the
+    only survivor's: it must never be drawn (it was, by top-p and min-p, with probability 2 / 2^32 per
+    filtered token and draw). The one row is also drawn split over column ranges (threads=2)."""
+    x = np.zeros(V, dtype)
+    x[0], x[MAX_WORD_TOKEN] = 12.0, -5.0          # token 0 holds most of the mass
+    keep = ref_probs(x, 1.0, kw.get("top_k"), kw.get("top_p"), kw.get("min_p")) > 0
+    assert keep[0] and not keep[MAX_WORD_TOKEN]
+    for threads in (1, 2):
+        for chunk in (None, 16, 100):
+            t = int(sample(x, seed=MAX_WORD_SEED, threads=threads, chunk_size=chunk, **kw))
+            assert keep[t], (threads, chunk, t)
+
+
 def test_filters_compose_in_hf_order():
     # top-p applies to the top-k-renormalised distribution: with top_k=2 the two best hold 0.4/0.7 and
     # 0.3/0.7, so top_p=0.5 keeps only the first; on the full distribution it would keep two

@@ -315,3 +315,19 @@ def test_hf_vectors_in_wide_rows(rng, dtype, probs, kw, keep):
         num_samples=3000, logprobs=False, cols=int(rng.integers(1, 2000)))
     assert status == wide.OK
     assert sorted(set(tokens.tolist())) == at[keep].tolist()
+
+
+@pytest.mark.parametrize("kw", [{"top_p": 0.5}, {"min_p": 0.5}, {"top_k": 3, "top_p": 0.5}, {"top_k": 1}])
+def test_a_filtered_token_never_wins_in_a_wide_row(kw):
+    """Token 31 has the largest random word under this seed (tests/test_sampling.py) and lies below every
+    filter's threshold: the wide-row passes never draw it either."""
+    from tests.test_sampling import MAX_WORD_SEED, MAX_WORD_TOKEN
+
+    x = np.zeros((1, V_WIDE), np.float32)
+    x[0, 0], x[0, MAX_WORD_TOKEN] = 12.0, -5.0
+    for cols in (7, 64, 4096):
+        status, tokens, _, _ = wide.sample_row(
+            ArraySource(x), temperature=1.0, softcap=0.0, top_k=kw.get("top_k", 0),
+            top_p=kw.get("top_p", 1.0), min_p=kw.get("min_p", 0.0), seed=MAX_WORD_SEED, row_id=0,
+            num_samples=1, logprobs=False, cols=cols)
+        assert status == wide.OK and tokens[0] == 0, cols

@@ -318,13 +318,14 @@ FL_INLINE FLS_T FLS_FN(fl__round_up)(double theta) {
 }
 
 /* The conservative test of one token: can x + g beat best (bl = best rounded down)? w: its high word.
- * Tokens below theta are out. exp(x - bl) gets a margin of 0.2% (it covers the exp's and the
+ * Tokens below theta are out, whatever their word: a word of 2^32 - 1 or 2^32 - 2 gives a = 0, which
+ * passes a <= e even where e = 0. exp(x - bl) gets a margin of 0.2% (it covers the exp's and the
  * subtraction's rounding and the word's conversion). */
 FL_INLINE int FLS_FN(fl__may_win)(FLS_T x, uint32_t w, FLS_T bl, FLS_T theta) {
     FLS_T d = x >= theta ? x - bl : -(FLS_T)INFINITY;
     FLS_T e = FLS_EXP(d) * (FLS_T)1.002;
     FLS_T a = (FLS_T)(int32_t)((~w) >> 1) * (FLS_T)4.656612873077392578125e-10;
-    return a <= e;
+    return (a <= e) & (x >= theta);
 }
 
 /* The words of the 64-token block starting at token 64 * (ctr0 / 16), and the tokens x[0:64) of it that
@@ -339,7 +340,7 @@ FL_MULTIVERSION static FL_UNUSED int FLS_FN(fl__gumbel_block)(const FLS_T *x, ui
         FLS_T d = v >= theta ? v - bl : -(FLS_T)INFINITY;
         FLS_T e = FLS_EXP(d) * (FLS_T)1.002;
         FLS_T a = (FLS_T)(int32_t)((~w[j]) >> 1) * (FLS_T)4.656612873077392578125e-10;
-        int f = a <= e;
+        int f = (a <= e) & (v >= theta);                 /* (as fl__may_win) */
         flags[j] = (unsigned char)f;
         cnt += f;
     }

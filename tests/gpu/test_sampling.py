@@ -13,7 +13,7 @@ from fastlogits import check
 from fastlogits.ops._prep import is_gpu_array
 from fastlogits.ops.sampling import beam_search_step, sample
 from tests.helpers import awkward_rows
-from tests.test_sampling import _ref_keep, exactness_case, np_gumbel
+from tests.test_sampling import MAX_WORD_SEED, MAX_WORD_TOKEN, _ref_keep, exactness_case, np_gumbel, ref_probs
 
 from .conftest import REPORT
 
@@ -198,3 +198,15 @@ def test_cli_sample_on_the_gpu(gpu, tmp_path, rng):
     np.testing.assert_array_equal(got["token"], tokens)
     np.testing.assert_array_equal(got["rank"], ranks)
     np.testing.assert_allclose(got["logprob"], lp, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("kw", [{"top_p": 0.5}, {"min_p": 0.5}, {"top_k": 3, "top_p": 0.5}])
+def test_a_filtered_token_never_wins_with_the_largest_word(gpu, kw):
+    """Token 31 has the largest random word under this seed (tests/test_sampling.py) and lies below every
+    filter's threshold: neither backend draws it."""
+    x = np.zeros((1, 64), np.float32)
+    x[0, 0], x[0, MAX_WORD_TOKEN] = 12.0, -5.0
+    keep = ref_probs(x[0], 1.0, kw.get("top_k"), kw.get("top_p"), kw.get("min_p")) > 0
+    for backend in ("gpu", "cpu"):
+        t = int(np.asarray(sample(x, seed=MAX_WORD_SEED, backend=backend, **kw))[0])
+        assert keep[t], (backend, t)
