@@ -746,3 +746,31 @@ def test_beam_search_step_of_a_source(rng):
     got = beam_search_step(iter([x[:4], x[4:]]), np.zeros(6), 3)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("x", [
+    np.concatenate([[1e308, -1e308, -1e308], np.zeros(997)]),     # a span past the largest float64
+    np.arange(2000) * 5e-324,                                        # a subnormal span
+    np.concatenate([[3.0], np.arange(1999) * 5e-324]),
+], ids=["span-overflows", "span-subnormal", "subnormal-tail"])
+@pytest.mark.parametrize("kw", [{"top_k": 999, "top_p": 0.5}, {"top_k": 1500, "top_p": 0.9}, {"top_p": 0.3}])
+def test_top_p_over_extreme_float64_spans(x, kw):
+    """The top-p threshold of top-k's candidates histograms their values over the span max - min; a span
+    that overflows (scale 0) or is subnormal (scale inf) made a NaN bucket index (a crash). The token is
+    the argmax of x + g over the reference survivors."""
+    seed = 12345
+    got = int(sample(x, seed=seed, **kw))
+    with np.errstate(over="ignore"):             # x - max overflows to -inf: probability 0
+        keep = _ref_keep(x, kw.get("top_k"), kw.get("top_p"), None, 16 * np.finfo(np.float64).eps)
+    _, _, g = np_gumbel(seed, 0, 0, np.arange(x.shape[0]))
+    assert got == int(np.argmax(np.where(keep, x + g, -np.inf)))
+
+
+@pytest.mark.parametrize("kw", [{"top_k": 5}, {"top_p": 0.5}, {}, {"min_p": 0.1}, {"top_k": 5, "top_p": 0.5}])
+@pytest.mark.parametrize("chunk", [None, 16, 4000])
+def test_a_nan_after_a_posinf_names_the_nan(kw, chunk):
+    """NaN anywhere in a row is the row's status, also after a +inf (the top-k pass stopped at the +inf)."""
+    x = np.random.default_rng(0).standard_normal((2, 4000)).astype(np.float32)
+    x[1, 3], x[1, 3990] = np.inf, np.nan
+    with pytest.raises(ValueError, match=r"holds a NaN \(row \(1,\)\)"):
+        sample(x, seed=1, chunk_size=chunk, **kw)

@@ -234,8 +234,11 @@ static inline double fl__topp_bucketed(double *v, double *w, int64_t n, double m
     int64_t i, nb = 0;
     int b, hit = 256;
     for (i = 0; i < n; i++) vmin = v[i] < vmin ? v[i] : vmin;
-    if (n < 512 || !(m - vmin > 0.0) || vmin == -FL_INF) return fl__topp_threshold(v, w, n, p, 0.0);
     scale = 255.999 / (m - vmin);
+    /* (a span that overflows, 1e308 to -1e308, gives a scale of 0, a subnormal span one of inf: either
+     * would make a NaN bucket index) */
+    if (n < 512 || !(m - vmin > 0.0) || vmin == -FL_INF || !(scale > 0.0 && scale < FL_INF))
+        return fl__topp_threshold(v, w, n, p, 0.0);
     for (b = 0; b < 257; b++) mass[b] = 0.0;
     for (i = 0; i < n; i++) mass[(int)((m - v[i]) * scale)] += w[i];
     for (b = 0; b < 256; b++) {
@@ -403,17 +406,19 @@ static inline int FLS_FN(fl__greedy)(const fl_row *r, int64_t chunk, FLS_T *buf,
 }
 
 /* One pass keeping the k best values (heap hv/hi, root the worst) and the tokens tied with the root
- * (ties[0:*nt), the root's value); -inf ties are not kept (impossible tokens). Status NaN or POSINF. */
+ * (ties[0:*nt), the root's value); -inf ties are not kept (impossible tokens). Status NaN (a NaN
+ * anywhere in the row, even after a +inf, as the other paths) or POSINF. */
 static inline int FLS_FN(fl__topk_pass)(const fl_row *r, int64_t k, int64_t chunk, FLS_T *buf, FLS_T *hv,
                                         int64_t *hi, int64_t *ties, int64_t *nt_out) {
     int64_t size = 0, nt = 0, c0, i, sb;
-    int has_nan;
+    int has_nan, posinf = 0;
     for (c0 = 0; c0 < r->n; c0 += chunk) {
         int64_t len = r->n - c0 < chunk ? r->n - c0 : chunk;
         const FLS_T *x = FLS_FN(fl_row_chunk)(r, c0, len, buf);
         FLS_T m = FLS_FN(fl__max)(x, len, &has_nan);
         if (has_nan) return FL_SAMPLE_NAN;
-        if (m == (FLS_T)INFINITY) return FL_SAMPLE_POSINF;
+        if (m == (FLS_T)INFINITY) posinf = 1;
+        if (posinf) continue;             /* a bad row: only a NaN could change its status now */
         if (size == k && m < hv[0]) continue;
         for (sb = 0; sb < len; sb += 256) {
             int64_t sl = len - sb < 256 ? len - sb : 256;
@@ -446,7 +451,7 @@ static inline int FLS_FN(fl__topk_pass)(const fl_row *r, int64_t k, int64_t chun
         }
     }
     *nt_out = nt;
-    return FL_SAMPLE_OK;
+    return posinf ? FL_SAMPLE_POSINF : FL_SAMPLE_OK;
 }
 
 /* Top-p over a whole row: the bucket of each token of x[0:n) (token i of a chunk), (m - x) * scale for
