@@ -26,7 +26,7 @@ import numpy as np
 
 from fastlogits._config import is_int
 from fastlogits.ops import _backend
-from fastlogits.ops._prep import NP_DTYPES, broadcast_rows, is_gpu_array, prepare
+from fastlogits.ops._prep import NP_DTYPES, broadcast_rows, is_gpu_array, prepare, temperatures
 from fastlogits.stream.sources import as_source
 
 
@@ -224,9 +224,6 @@ def _sample_source(src, temperature, top_k, top_p, min_p, seed, ns, logprobs, kw
     from fastlogits.stream import run as stream_run
     from fastlogits.stream import wide
 
-    # the sampler's scratch for top-k and top-p: 4 values of 8 bytes per column of a row
-    filtered = top_k is not None or top_p is not None
-    plan = stream_run.plan(src, out_itemsize=32 if filtered else 0)
     args = {name: stream_run.RowArg(v, name, src, dtype=None) for name, v in
             (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p))
             if v is not None}
@@ -237,6 +234,22 @@ def _sample_source(src, temperature, top_k, top_p, min_p, seed, ns, logprobs, kw
         seed = secrets.randbits(64)
     parts, rows = [], 0
     lead_all = tuple(src.shape[:-1]) if src.shape[0] is not None else None
+    # every argument is checked over the whole source first: an error names its row there, as in memory,
+    # and comes before any row is read
+    for name, arg in args.items():
+        value = arg.value if arg.scalar or lead_all is None else arg.value.reshape(lead_all)
+        lead = value.shape
+        n = int(np.prod(lead, dtype=np.int64))
+        if name == "temperature":
+            temperatures(value, lead, n, allow_zero=True, name=src.dtype)
+        elif name == "seed":
+            _seeds(value, lead, n)
+        else:
+            _filters(*(value if f == name else None for f in ("top_k", "top_p", "min_p")), lead, n)
+    # the sampler's scratch where a row uses top-k or top-p: 4 values of 8 bytes per column
+    filtered = (("top_k" in args and np.any((args["top_k"].value > 0) & (args["top_k"].value < src.V)))
+                or ("top_p" in args and np.any(args["top_p"].value < 1)))
+    plan = stream_run.plan(src, out_itemsize=32 if filtered else 0)
 
     def params(r0, r1, r):
         """The filters, seeds and row ids of rows r0 .. r1 (prepared as r)."""
@@ -254,11 +267,14 @@ def _sample_source(src, temperature, top_k, top_p, min_p, seed, ns, logprobs, kw
             r = prepare(block, temperature=t, allow_zero_temperature=True, **kw)
             if r.V == 0:
                 raise ValueError("sample: logits has an empty vocabulary (last axis of length 0)")
-            parts.append(_draw(r, *params(r0, r1, r), ns, logprobs, lead_all or (r1,), r0))
+            lead = lead_all if lead_all is not None else (r1,)
+            parts.append(_draw(r, *params(r0, r1, r), ns, logprobs, lead, r0))
             rows = r1
     else:
         stream_run.check_backend(kw["backend"])       # such rows are drawn on the CPU whatever it is
         cols = stream_run.plan(src, out_itemsize=wide.BYTES_PER_VALUE).cols
+        # a read-once source is spooled through two more input buffers: half the chunk fits the budget
+        cols = cols if src.random_access else max(1, cols // 2)
         empty = np.zeros((1, 0), NP_DTYPES[src.dtype])
         for i, row in stream_run.single_rows(src, cols):
             t = args["temperature"].block(i, i + 1) if "temperature" in args else 1.0
@@ -269,7 +285,7 @@ def _sample_source(src, temperature, top_k, top_p, min_p, seed, ns, logprobs, kw
                 top_p=float(p[0]), min_p=float(mp[0]), seed=int(seeds[0]), row_id=int(row_ids[0]),
                 num_samples=ns, logprobs=logprobs, cols=cols)
             if status:
-                lead = lead_all or (i + 1,)
+                lead = lead_all if lead_all is not None else (i + 1,)
                 where = f" (row {tuple(int(v) for v in np.unravel_index(i, lead))})" if lead else ""
                 raise ValueError(f"sample: cannot sample from a row that {_STATUS[status]}{where}")
             parts.append((tok[None], None if lp is None else lp[None].astype(r.result_dtype),

@@ -7,10 +7,10 @@ memory is set by the chunk, not by the row:
 
 1. the max and argmax of the values (after softcap and temperature), which also finds a row that cannot
    be sampled (a NaN, a +inf, no possible token); a greedy row ends here;
-2. top-k: the k-th largest value, by one pass keeping the k largest when they fit in a chunk's memory,
+2. top-k: the k-th largest value, by one pass keeping the k largest when they fit in a chunk's scratch,
    else by a radix select on the values' order-preserving bit patterns (``DIGIT`` bits a pass: 3 passes
-   for float32 values, 6 for float64) counting each bucket's tokens; every token tied with it survives,
-   as Hugging Face keeps them;
+   for float32 values, 6 for float64; 8 bits for small chunks) counting each bucket's tokens; every
+   token tied with it survives, as Hugging Face keeps them;
 3. top-p: the nucleus' boundary value by the same radix select on probability mass instead of counts,
    over the top-k survivors renormalised (a mass within 16 eps of top_p reaches it, as in memory);
 4. min-p: ``x_max + log(min_p)``;
@@ -31,8 +31,9 @@ from fastlogits.cpu import _sample
 from fastlogits.cpu.backend import CODES, compute_dtype
 from fastlogits.stream.run import column_chunks
 
-DIGIT = 11               # bits of the value's key per radix pass
-BYTES_PER_VALUE = 8      # per column of a chunk: its values in the compute type (at most 8 bytes)
+DIGIT = 11               # bits of the value's key per radix pass (8 for chunks under 2^16 columns)
+BYTES_PER_VALUE = 16     # per column of a chunk: its values in the compute type (at most 8 bytes), and 8
+                         # for the selections' scratch (histograms, the k largest)
 
 OK, NAN, POSINF, EMPTY = 0, 1, 2, 3   # statuses, as the in-memory sampler's
 
@@ -45,7 +46,7 @@ def _value(key, vdt):
     return float(np.array(b, np.uint32 if bits == 32 else np.uint64).view(vdt)[()])
 
 
-def _select(passes, vdt, want, mass=None):
+def _select(passes, vdt, want, mass=None, digit=DIGIT):
     """The largest value x* such that the tokens with values >= x* reach `want`: a count of tokens, or,
     with mass = (theta, m), the fraction `want` of the mass exp(x - m) of the tokens with x >= theta. A
     radix select from the top: each pass histograms one digit of the keys of the tokens whose higher
@@ -54,7 +55,7 @@ def _select(passes, vdt, want, mass=None):
     bits = 8 * vdt.itemsize
     prefix, above, goal, shift = 0, 0, None if mass else want, bits
     while shift:
-        width = min(DIGIT, shift)
+        width = min(digit, shift)
         shift -= width
         hist = np.zeros(1 << width, np.float64 if mass else np.int64)
         for _, v in passes():
@@ -121,14 +122,16 @@ def sample_row(row, *, temperature, softcap, top_k, top_p, min_p, seed, row_id, 
     if m == math.inf:
         return POSINF, None, None, None
     theta = -math.inf
+    digit = DIGIT if cols >= 1 << 16 else 8     # histograms of 2^11 values of 8 bytes, or of 2^8
     if 0 < top_k < row.V:
-        # a few k: one pass keeping the k largest (4 k values of 8 bytes fit in a chunk's); else a radix
-        # select counting tokens (3 passes for float32 values, 6 for float64)
-        theta = _kth_largest(passes, top_k) if top_k <= cols // 4 else _select(passes, vdt, top_k)
+        # a few k: one pass keeping the k largest (their copies, 80 bytes each at most, fit in the scratch
+        # of a chunk); else a radix select counting tokens (3 passes for float32 values, 6 for float64)
+        few = top_k <= cols // 16
+        theta = _kth_largest(passes, top_k) if few else _select(passes, vdt, top_k, None, digit)
     if top_p < 1.0:
         tol = 16 * float(np.finfo(vdt).eps)
         p = top_p - tol if top_p - tol > 0.5 * top_p else 0.5 * top_p
-        theta = max(theta, _select(passes, vdt, p, mass=(theta, m)))
+        theta = max(theta, _select(passes, vdt, p, (theta, m), digit))
     if min_p > 0.0:
         theta = max(theta, m + math.log(min_p))
     best, tokens, xt = np.full(ns, -np.inf), np.full(ns, -1, np.int64), np.zeros(ns)
