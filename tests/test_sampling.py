@@ -774,3 +774,29 @@ def test_a_nan_after_a_posinf_names_the_nan(kw, chunk):
     x[1, 3], x[1, 3990] = np.inf, np.nan
     with pytest.raises(ValueError, match=r"holds a NaN \(row \(1,\)\)"):
         sample(x, seed=1, chunk_size=chunk, **kw)
+
+
+@pytest.mark.parametrize("dtype, gap", [(np.float32, 1e-4), (np.float64, 1e-13)])
+@pytest.mark.parametrize("path", ["rows", "top-k", "split", "wide"])
+def test_top_p_of_large_logits_keeps_the_exact_nucleus(dtype, gap, path):
+    """Logits near 1e4 (a low temperature makes them): the logsumexp rounded to the compute type is off
+    by up to ulp(lse) / 2, 4e-4 relative in float32 and 1e-12 in float64, far above the 16-eps tolerance
+    of top-p, so masses are weighed against the exact max. p0 being token 0's probability, top_p = p0 -
+    gap keeps token 0 alone and p0 + gap keeps tokens 0 and 1 (gap: about 800 eps of the compute type),
+    on every path: many rows, the top-k path, one row split over threads, a row wider than the budget."""
+    from fastlogits.stream import wide
+    from fastlogits.stream.sources import ArraySource
+
+    x = np.full(64, -np.inf, dtype)
+    x[:3] = [10000.0, 9999.78, 9997.0]
+    p0 = _softmax(x.astype(np.float64))[0]
+    for top_p, keep in ((p0 - gap, [0]), (p0 + gap, [0, 1])):
+        if path == "wide":
+            _, t, _, _ = wide.sample_row(ArraySource(x[None]), temperature=1.0, softcap=0.0, top_k=0,
+                                         top_p=top_p, min_p=0.0, seed=3, row_id=0, num_samples=2000,
+                                         logprobs=False, cols=5)
+        elif path == "split":
+            t = sample(x, top_p=top_p, seed=3, num_samples=2000, threads=2, chunk_size=4)
+        else:
+            t = sample(np.tile(x, (2000, 1)), top_p=top_p, seed=3, top_k=3 if path == "top-k" else None)
+        assert sorted(set(np.asarray(t).ravel().tolist())) == keep, (top_p, keep)

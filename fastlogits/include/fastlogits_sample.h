@@ -200,9 +200,9 @@ FL_MULTIVERSION static FL_UNUSED void fl__exp_shift(const double *v, double *w, 
 }
 
 /* The smallest value tau among v[0:n) such that the mass strictly above it, the sum of w_i (the
- * probabilities) over v_i > tau, is below p (so every value >= tau is kept: the nucleus of top-p with its
- * boundary ties), `above` being the mass of the tokens above all of v (0 for the whole distribution;
- * below p). The mass of all of v must reach p. Three-way quickselect on mass: expected O(n); v and w are
+ * tokens' masses: probabilities in any common scale, p in the same) over v_i > tau, is below p (so every
+ * value >= tau is kept: the nucleus of top-p with its boundary ties), `above` being the mass of the tokens
+ * above all of v (0 for the whole distribution; below p). The mass of all of v must reach p. Three-way quickselect on mass: expected O(n); v and w are
  * reordered together. */
 static inline double fl__topp_threshold(double *v, double *w, int64_t n, double p, double above) {
     int64_t lo = 0, hi = n;
@@ -226,7 +226,7 @@ static inline double fl__topp_threshold(double *v, double *w, int64_t n, double 
     return v[lo < n ? lo : n - 1];         /* not reached while the invariants hold */
 }
 
-/* The top-p threshold of candidates v[0:n) (max m) with probabilities w[0:n) (both reordered): first a
+/* The top-p threshold of candidates v[0:n) (max m) with masses w[0:n) (both reordered): first a
  * histogram of the mass over 256 value buckets between the smallest candidate and m (branch-free), which
  * finds the one bucket where the cumulative mass reaches p; then the quickselect on that bucket only. */
 static inline double fl__topp_bucketed(double *v, double *w, int64_t n, double m, double p) {
@@ -257,16 +257,18 @@ static inline double fl__topp_bucketed(double *v, double *w, int64_t n, double m
 }
 
 /* The threshold of the filters top_p (p < 1) and min_p (> 0) over candidate values cv[0:n) (the whole
- * distribution, or what top-k left), whose max is m and logsumexp lse; tmp: 2 n doubles of scratch.
- * Tokens with value >= the result survive. tol: the rounding slack on p. */
-static inline double fl__filter_threshold(const double *cv, int64_t n, double m, double lse, double top_p,
+ * distribution, or what top-k left), whose max is m and sum of exp(cv - m) is sum; tmp: 2 n doubles of
+ * scratch. Tokens with value >= the result survive. tol: the rounding slack on p. The masses are
+ * exp(cv - m) against p * sum, not exp(cv - lse) against p: the max is exact, the logsumexp rounded
+ * (by ulp(lse) / 2, far more than tol where |lse| is large: at a low temperature, say). */
+static inline double fl__filter_threshold(const double *cv, int64_t n, double m, double sum, double top_p,
                                           double min_p, double tol, double *tmp) {
     double theta = -FL_INF;
     if (top_p < 1.0) {
         double p = top_p - tol > 0.5 * top_p ? top_p - tol : 0.5 * top_p;
         memcpy(tmp, cv, (size_t)n * sizeof(double));
-        fl__exp_shift(cv, tmp + n, n, lse);
-        theta = fl__topp_bucketed(tmp, tmp + n, n, m, p);
+        fl__exp_shift(cv, tmp + n, n, m);
+        theta = fl__topp_bucketed(tmp, tmp + n, n, m, p * sum);
     }
     if (min_p > 0.0) {
         double t = m + log(min_p);
@@ -456,31 +458,34 @@ static inline int FLS_FN(fl__topk_pass)(const fl_row *r, int64_t k, int64_t chun
 
 /* Top-p over a whole row: the bucket of each token of x[0:n) (token i of a chunk), (m - x) * scale for
  * x >= t0, clamped to FL_TOPP_BUCKETS, and below t0 one of 8 unused buckets after that (so that the
- * histogram's adds form no long store-to-load chains); and its probability exp(x - lse), 0 below t0. */
+ * histogram's adds form no long store-to-load chains); and its mass exp(x - m) (m the row's max: its
+ * probability times the row's sum of exp(x - m)), 0 below t0. */
 #ifndef FL_TOPP_BUCKETS
 #define FL_TOPP_BUCKETS 1024
 #endif
-FL_MULTIVERSION static FL_UNUSED void FLS_FN(fl__topp_weights)(const FLS_T *x, int64_t n, FLS_T m, FLS_T lse,
-                                                                FLS_T scale, FLS_T t0, int32_t *bi, FLS_T *w) {
+FL_MULTIVERSION static FL_UNUSED void FLS_FN(fl__topp_weights)(const FLS_T *x, int64_t n, FLS_T m, FLS_T scale,
+                                                                FLS_T t0, int32_t *bi, FLS_T *w) {
     for (int64_t i = 0; i < n; i++) {
         FLS_T v = x[i];
         FLS_T q = (m - v) * scale;
-        FLS_T e = FLS_EXP(v - lse);
+        FLS_T e = FLS_EXP(v - m);
         int32_t b = (int32_t)(q < (FLS_T)FL_TOPP_BUCKETS ? q : (FLS_T)FL_TOPP_BUCKETS);
         bi[i] = v >= t0 ? b : FL_TOPP_BUCKETS + 1 + (int32_t)((i >> 2) & 7);
         w[i] = v >= t0 ? e : (FLS_T)0;
     }
 }
 
-/* The top-p threshold tau of a whole row (max m, logsumexp lse; p already lowered by the tolerance), in
- * two passes and no sort: only tokens above t0 = lse + log(1 - p) - log(V) can be in the nucleus (those
- * below hold less than 1 - p of the mass); pass 1 histograms the mass of those over FL_TOPP_BUCKETS value
- * buckets between t0 and m, which finds the bucket where the cumulative mass (from the top) reaches p;
- * pass 2 collects that bucket's tokens, and a quickselect on mass among them gives tau. */
+/* The top-p threshold tau of a whole row (max m, sum s of exp(x - m), logsumexp lse; p already lowered
+ * by the tolerance), in two passes and no sort: only tokens above t0 = lse + log(1 - p) - log(V) can be
+ * in the nucleus (those below hold less than 1 - p of the mass); pass 1 histograms the mass of those over
+ * FL_TOPP_BUCKETS value buckets between t0 and m, which finds the bucket where the cumulative mass (from
+ * the top) reaches p; pass 2 collects that bucket's tokens, and a quickselect on mass among them gives
+ * tau. Masses are exp(x - m) against p * s (see fl__filter_threshold). */
 static inline double FLS_FN(fl__topp_row)(const fl_row *r, int64_t chunk, fl_sample_scratch *sc, double m,
-                                          double lse, double p) {
+                                          double s, double lse, double p) {
     double mass[4][FL_TOPP_BUCKETS + 9], above = 0.0, t0d = lse + log1p(-p) - log((double)r->n) - 1e-3;
-    FLS_T *buf = (FLS_T *)sc->buf, t0, scale, mt = (FLS_T)m, lt = (FLS_T)lse;
+    double goal = p * s;
+    FLS_T *buf = (FLS_T *)sc->buf, t0, scale, mt = (FLS_T)m;
     int32_t *bi = (int32_t *)(void *)sc->tmp;
     FLS_T *w = (FLS_T *)(void *)(sc->tmp + (chunk + 1) / 2);
     double *cw = (double *)(void *)sc->ci;
@@ -496,12 +501,12 @@ static inline double FLS_FN(fl__topp_row)(const fl_row *r, int64_t chunk, fl_sam
     for (c0 = 0; c0 < r->n; c0 += chunk) {
         int64_t len = r->n - c0 < chunk ? r->n - c0 : chunk;
         const FLS_T *x = FLS_FN(fl_row_chunk)(r, c0, len, buf);
-        FLS_FN(fl__topp_weights)(x, len, mt, lt, scale, t0, bi, w);
+        FLS_FN(fl__topp_weights)(x, len, mt, scale, t0, bi, w);
         for (i = 0; i < len; i++) mass[i & 3][bi[i]] += (double)w[i];   /* four: no store-load chains */
     }
     for (b = 0; b <= FL_TOPP_BUCKETS; b++) {
         double mb = mass[0][b] + mass[1][b] + mass[2][b] + mass[3][b];
-        if (above + mb >= p) { hit = b; break; }
+        if (above + mb >= goal) { hit = b; break; }
         above += mb;
     }
     if (hit < 0) {                                 /* rounding kept the mass below p: all the row */
@@ -515,17 +520,17 @@ static inline double FLS_FN(fl__topp_row)(const fl_row *r, int64_t chunk, fl_sam
     for (c0 = 0; c0 < r->n; c0 += chunk) {
         int64_t len = r->n - c0 < chunk ? r->n - c0 : chunk;
         const FLS_T *x = FLS_FN(fl_row_chunk)(r, c0, len, buf);
-        FLS_FN(fl__topp_weights)(x, len, mt, lt, scale, t0, bi, w);
+        FLS_FN(fl__topp_weights)(x, len, mt, scale, t0, bi, w);
         for (i = 0; i < len; i++) {       /* one well-predicted test: bucket in [lo_b, lo_b + span] */
             if ((uint32_t)(bi[i] - lo_b) <= span) {
                 sc->cv[nc] = (double)x[i];
-                cw[nc] = exp((double)x[i] - lse);
+                cw[nc] = exp((double)x[i] - m);
                 nc++;
             }
         }
     }
     if (nc == 0) return m;                         /* not reached */
-    return fl__topp_threshold(sc->cv, cw, nc, p, above);
+    return fl__topp_threshold(sc->cv, cw, nc, goal, above);
 }
 
 /* The number of x[0:n) above xt (added to *rank), and the sum of exp(x - m) over x >= theta (m >= every
@@ -578,7 +583,7 @@ static inline int FLS_FN(fl_row_sample_setup)(const fl_row *r, const fl_sample_p
         pp->lse = pp->st.m + log(pp->st.s);
     }
     if (p->top_p < 1.0) {
-        pp->theta = FLS_FN(fl__topp_row)(r, chunk, sc, pp->st.m, pp->lse,
+        pp->theta = FLS_FN(fl__topp_row)(r, chunk, sc, pp->st.m, pp->st.s, pp->lse,
                                          p->top_p - tol > 0.5 * p->top_p ? p->top_p - tol : 0.5 * p->top_p);
         if (p->min_p > 0.0 && pp->st.m + log(p->min_p) > pp->theta) pp->theta = pp->st.m + log(p->min_p);
     } else if (p->min_p > 0.0) {
@@ -668,7 +673,7 @@ static inline int FLS_FN(fl_row_sample)(const fl_row *r, const fl_sample_params 
         /* top-k: candidates are the heap and the ties; everything else happens on them */
         FLS_T *hv = (FLS_T *)sc->hv;
         int64_t nt = 0;
-        double m, sum = 0.0, lse, theta, lse_s, ssum = 0.0;
+        double m, sum = 0.0, theta, lse_s, ssum = 0.0;
         int st = FLS_FN(fl__topk_pass)(r, k, chunk, buf, hv, sc->hi, sc->ci + k, &nt);
         if (st != FL_SAMPLE_OK) return st;
         m = -FL_INF;
@@ -678,8 +683,7 @@ static inline int FLS_FN(fl_row_sample)(const fl_row *r, const fl_sample_params 
         for (i = 0; i < nc; i++) m = sc->cv[i] > m ? sc->cv[i] : m;
         if (m == -FL_INF) return FL_SAMPLE_EMPTY;
         for (i = 0; i < nc; i++) sum += exp(sc->cv[i] - m);
-        lse = m + log(sum);
-        theta = fl__filter_threshold(sc->cv, nc, m, lse, p->top_p, p->min_p, tol, sc->tmp);
+        theta = fl__filter_threshold(sc->cv, nc, m, sum, p->top_p, p->min_p, tol, sc->tmp);
         for (i = 0; i < nc; i++)
             if (sc->cv[i] >= theta) ssum += exp(sc->cv[i] - m);
         lse_s = m + log(ssum);
