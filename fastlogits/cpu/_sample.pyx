@@ -270,6 +270,7 @@ cdef extern from "fastlogits.h" nogil:
     double fl__rank_mass_f32(const float *x, int64_t n, float xt, float theta, float m, int64_t *rank)
     double fl__rank_mass_f64(const double *x, int64_t n, double xt, double theta, double m, int64_t *rank)
     void fl__exp_shift(const double *v, double *w, int64_t n, double shift)
+    double FL_GUMBEL_MAX
 
 
 ctypedef fused real:
@@ -316,7 +317,7 @@ def gumbel_values(const real[::1] v, int64_t tok0, double theta, uint64_t seed, 
         vmax = v[j] if v[j] > vmax else vmax
     with nogil:
         for s in range(best.shape[0]):
-            if vmax < theta or vmax + 36.75 < best[s]:      # no token here can win (FL_GUMBEL_MAX)
+            if vmax < theta or vmax + FL_GUMBEL_MAX < best[s]:      # no token here can win
                 continue
             g = fl_rng_make(seed, row_id, <uint32_t> s)
             if real is float:

@@ -202,8 +202,8 @@ FL_MULTIVERSION static FL_UNUSED void fl__exp_shift(const double *v, double *w, 
 /* The smallest value tau among v[0:n) such that the mass strictly above it, the sum of w_i (the
  * tokens' masses: probabilities in any common scale, p in the same) over v_i > tau, is below p (so every
  * value >= tau is kept: the nucleus of top-p with its boundary ties), `above` being the mass of the tokens
- * above all of v (0 for the whole distribution; below p). The mass of all of v must reach p. Three-way quickselect on mass: expected O(n); v and w are
- * reordered together. */
+ * above all of v (0 for the whole distribution; below p). The mass of all of v must reach p. Three-way
+ * quickselect on mass: expected O(n); v and w are reordered together. */
 static inline double fl__topp_threshold(double *v, double *w, int64_t n, double p, double above) {
     int64_t lo = 0, hi = n;
     while (hi > lo) {
@@ -327,8 +327,7 @@ FL_INLINE FLS_T FLS_FN(fl__round_up)(double theta) {
  * passes a <= e even where e = 0. exp(x - bl) gets a margin of 0.2% (it covers the exp's and the
  * subtraction's rounding and the word's conversion). */
 FL_INLINE int FLS_FN(fl__may_win)(FLS_T x, uint32_t w, FLS_T bl, FLS_T theta) {
-    FLS_T d = x >= theta ? x - bl : -(FLS_T)INFINITY;
-    FLS_T e = FLS_EXP(d) * (FLS_T)1.002;
+    FLS_T e = FLS_EXP(x - bl) * (FLS_T)1.002;
     FLS_T a = (FLS_T)(int32_t)((~w) >> 1) * (FLS_T)4.656612873077392578125e-10;
     return (a <= e) & (x >= theta);
 }
@@ -342,8 +341,7 @@ FL_MULTIVERSION static FL_UNUSED int FLS_FN(fl__gumbel_block)(const FLS_T *x, ui
     fl__philox_block(w, ctr0, g);
     for (j = 0; j < 64; j++) {
         FLS_T v = x[j];
-        FLS_T d = v >= theta ? v - bl : -(FLS_T)INFINITY;
-        FLS_T e = FLS_EXP(d) * (FLS_T)1.002;
+        FLS_T e = FLS_EXP(v - bl) * (FLS_T)1.002;
         FLS_T a = (FLS_T)(int32_t)((~w[j]) >> 1) * (FLS_T)4.656612873077392578125e-10;
         int f = (a <= e) & (v >= theta);                 /* (as fl__may_win) */
         flags[j] = (unsigned char)f;
@@ -463,8 +461,9 @@ static inline int FLS_FN(fl__topk_pass)(const fl_row *r, int64_t k, int64_t chun
 #ifndef FL_TOPP_BUCKETS
 #define FL_TOPP_BUCKETS 1024
 #endif
-FL_MULTIVERSION static FL_UNUSED void FLS_FN(fl__topp_weights)(const FLS_T *x, int64_t n, FLS_T m, FLS_T scale,
-                                                                FLS_T t0, int32_t *bi, FLS_T *w) {
+FL_MULTIVERSION static FL_UNUSED void FLS_FN(fl__topp_weights)(const FLS_T *x, int64_t n, FLS_T m,
+                                                                FLS_T scale, FLS_T t0, int32_t *bi,
+                                                                FLS_T *w) {
     for (int64_t i = 0; i < n; i++) {
         FLS_T v = x[i];
         FLS_T q = (m - v) * scale;
