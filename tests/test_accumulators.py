@@ -229,3 +229,42 @@ def test_accumulator_rejects_wrong_rows():
     ce = CrossEntropy(np.array([0, 1, 2]))
     with pytest.raises(ValueError):
         ce.update(np.zeros((2, 5)), 0)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_cross_entropy_smoothing_at_large_offsets(rng, weighted):
+    """Label smoothing's distance sums (from each range's max) are shifted to the merged max when chunks
+    and accumulators merge in any order, so the term keeps float64's precision at logits near 1e9, where
+    W lse - sum w x lost 2e-9 relative. A hand-made state (distances from its own max, the weight sum of
+    its columns), as another machine would send it, merges the same way."""
+    rows, n = 5, 400
+    x = 1e9 + 3.0 * rng.standard_normal((rows, n))
+    x[0, :150] -= 40.0            # the max of row 0 arrives late
+    x[1, 300:] = -inf             # row 1 ends in -inf: its smoothing term is inf
+    y = random_labels(rng, (rows,), 150)
+    y[1] = 7                      # (random_labels may ignore a row)
+    kw = dict(label_smoothing=0.1, reduction="none")
+    if weighted:
+        kw["weight"] = rng.uniform(0.2, 2.0, n)
+    want = ref.cross_entropy(x, y, **kw)
+    assert want[1] == inf
+    for n_acc in (1, 3):
+        got = _feed(rng, lambda: CrossEntropy(y, **kw), x, n_acc).result()
+        np.testing.assert_allclose(got, want, rtol=1e-13, err_msg=f"{n_acc} accumulators")
+    # the last 100 columns' state made by hand
+    part = x[:, 300:]
+    w = kw["weight"][300:] if weighted else np.ones(100)
+    m = part.max(axis=1)
+    with np.errstate(invalid="ignore"):
+        s = np.where(np.isfinite(m), np.exp(part - np.where(np.isfinite(m), m, 0)[:, None]).sum(axis=1), 0.0)
+        dist = np.where(np.isfinite(m), (w * (m[:, None] - part)).sum(axis=1), (w * -part).sum(axis=1))
+    found = y >= 300
+    state = fl.stream.CrossEntropyState(m, s, np.zeros(rows), found, dist, float(w.sum()), 100)
+    acc = CrossEntropy(y, **kw)
+    acc.update(x[:, :300], 0)
+    acc.merge(state)
+    np.testing.assert_allclose(acc.result(), want, rtol=1e-13)
+    # and its own state round-trips
+    fresh = CrossEntropy(y, **kw)
+    fresh.merge(acc.state)
+    np.testing.assert_array_equal(fresh.result(), acc.result())

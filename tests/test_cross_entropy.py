@@ -299,8 +299,8 @@ def test_against_torch_edge_rows():
 
 
 def test_smoothing_sum_of_logits_near_the_float_range():
-    """The label-smoothing term sums the logits: +-3e38 of both signs must not overflow a float partial
-    sum (the C core and the GPU kernels accumulate it in double)."""
+    """The label-smoothing term sums distances from the max: 6e38 between logits of +-3e38 must not
+    overflow a float partial sum (the C core and the GPU kernels accumulate it in double)."""
     x = np.tile(np.array([3e38, -3e38], np.float32), 40)[None, :]
     x[0, :3] = [1.0, 2.0, 3.0]
     for y in (0, 2):
@@ -309,3 +309,74 @@ def test_smoothing_sum_of_logits_near_the_float_range():
         # the exact value (~1e38 here) is finite in float32
         assert np.isfinite(want).all() and np.isfinite(got).all()
         np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def _offset_rows(rng, dtype, offset, rows=3, n=1001):
+    """Rows of logits offset + 3 N(0, 1): the spread is small against their magnitude."""
+    return (offset + 3.0 * rng.standard_normal((rows, n))).astype(dtype)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("offset", [-1e12, 1e6, 1e9, 1e12])
+def test_smoothing_keeps_its_precision_at_large_offsets(rng, offset, weighted):
+    """Label smoothing's sum_c w_c (lse - x_c) is kept as distances from the running max (their terms are
+    never negative), not as W lse - sum w x, which cancels: float64 lost 2e-12 relative at logits near 1e6
+    and 2e-6 near 1e12 (PyTorch keeps 2e-16). Every chunking and thread count merges the distances at a
+    new max: chunks of 7, 64 and all columns, 1 and 4 threads (4 threads split each of 3 rows in segments)."""
+    x = _offset_rows(rng, np.float64, offset)
+    y = random_labels(rng, (x.shape[0],), x.shape[1])
+    kw = dict(label_smoothing=0.1, reduction="none")
+    if weighted:
+        kw["weight"] = rng.uniform(0.2, 2.0, x.shape[1])
+    want = ref.cross_entropy(x, y, **kw)
+    for chunk in (7, 64, None):
+        for threads in (1, 4):
+            got = fl.cross_entropy(x, y, chunk_size=chunk, threads=threads, **kw)
+            np.testing.assert_allclose(got, want, rtol=1e-13, err_msg=f"chunk {chunk}, {threads} threads")
+    # float32 logits at the same offsets: the distances are formed in double, so only float32's own
+    # rounding of the logits and of exp remains
+    x32 = _offset_rows(rng, np.float32, min(abs(offset), 1e9))
+    want32 = ref.cross_entropy(x32, y, **kw)
+    for chunk in (7, None):
+        got = fl.cross_entropy(x32, y, chunk_size=chunk, threads=4, **kw)
+        np.testing.assert_allclose(got, want32, rtol=2e-6)
+
+
+def test_smoothing_against_torch_at_large_offsets(rng):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    x = _offset_rows(rng, np.float64, 1e9, rows=4, n=300)
+    y = random_labels(rng, (4,), 300)
+    w = rng.uniform(0.2, 2.0, 300)
+    for kw in (dict(), dict(weight=w)):
+        tw = {k: torch.from_numpy(v) for k, v in kw.items()}
+        want = F.cross_entropy(torch.from_numpy(x), torch.from_numpy(y), label_smoothing=0.2,
+                               reduction="none", **tw).numpy()
+        got = fl.cross_entropy(x, y, label_smoothing=0.2, reduction="none", chunk_size=16, **kw)
+        np.testing.assert_allclose(got, want, rtol=1e-13)
+
+
+def test_smoothing_with_minus_inf_chunks():
+    """A chunk (or a thread's segment) of only -inf comes before or after the finite columns: its distances
+    are infinite, so the smoothing term is inf, as PyTorch's -sum log p; NaN where such a column has weight 0
+    (PyTorch: 0 * -inf). Whatever the chunking, and at a large offset."""
+    n = 64
+    for offset in (0.0, 1e9):
+        fin = offset + np.linspace(-3, 3, n - 16)
+        rows = [np.concatenate([np.full(16, -inf), fin]), np.concatenate([fin, np.full(16, -inf)])]
+        x = np.array(rows)
+        y = np.array([20, 3])
+        w_zero = np.ones(n)
+        w_zero[[0, n - 1]] = 0.0         # a -inf column of each row has weight 0
+        for chunk in (8, 16, None):
+            for threads in (1, 4):
+                kw = dict(label_smoothing=0.1, reduction="none", chunk_size=chunk, threads=threads)
+                got = fl.cross_entropy(x, y, **kw)
+                assert np.all(got == inf), (offset, chunk, threads, got)
+                got = fl.cross_entropy(x, y, weight=w_zero, **kw)
+                assert np.all(np.isnan(got)), (offset, chunk, threads, got)
+                # without -inf the term is finite and exact at any chunking
+                xf = np.where(np.isinf(x), offset - 5.0, x)
+                np.testing.assert_allclose(fl.cross_entropy(xf, y, **kw),
+                                           ref.cross_entropy(xf, y, label_smoothing=0.1, reduction="none"),
+                                           rtol=1e-13)

@@ -14,6 +14,7 @@ import pytest
 
 import fastlogits as fl
 from fastlogits.stream import run
+from tests import reference as ref
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -332,3 +333,18 @@ def test_cli_sample_streams_and_reproduces(tmp_path, rng):
     np.testing.assert_array_equal(got["rank"], ranks)
     res = _cli("sample", tmp_path / "x.npy", tmp_path / "s.npy", "--top-p", "1.5")
     assert res.returncode == 1 and b"top_p" in res.stderr and b"Traceback" not in res.stderr
+
+
+def test_wide_rows_keep_smoothing_precision(tmp_path, rng):
+    """Rows wider than the budget are folded in column chunks by CrossEntropy accumulators: label
+    smoothing's distance sums merge at each new max, so float64 logits near 1e9 keep 1e-13 relative (the
+    sum of the logits lost 7e-10 here)."""
+    x = 1e9 + 3.0 * rng.standard_normal((3, 50000))
+    x[0, :30000] -= 40.0          # row 0's max comes in a late chunk
+    y = np.array([3, 40000, 49999])
+    np.save(tmp_path / "x.npy", x)
+    src = fl.open(tmp_path / "x.npy", memory="64KiB")
+    for kw in (dict(), dict(weight=rng.uniform(0.2, 2.0, 50000))):
+        want = ref.cross_entropy(x, y, label_smoothing=0.1, reduction="none", **kw)
+        got = fl.cross_entropy(src, y, label_smoothing=0.1, reduction="none", **kw)
+        np.testing.assert_allclose(got, want, rtol=1e-13)

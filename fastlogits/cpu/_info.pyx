@@ -7,7 +7,7 @@ from fastlogits.clib cimport fl_simd_path
 
 
 cdef extern from "fastlogits.h" nogil:
-    double fl__sum_f32(const float *x, const float *w, int64_t n)
+    double fl__sum_f32(const float *x, int64_t n)
 
 cdef extern from *:
     """
@@ -47,5 +47,5 @@ def read_sum(x, int threads):
     cdef double tot = 0.0
     with nogil:
         for i in prange(rows, num_threads=threads, schedule="static"):
-            tot += fl__sum_f32(p + i * n, NULL, n)
+            tot += fl__sum_f32(p + i * n, n)
     return tot

@@ -16,7 +16,7 @@ from libc.math cimport NAN, INFINITY, log
 from fastlogits.clib cimport (fl_lse_state, fl_ent_state, fl_lse_merge, fl_lse_result, fl_ent_merge,
                               fl_ent_result)
 from fastlogits.cpu._rows cimport (Block, make_block, n_segments, row_of, fold_lse, fl_row,
-                                   fl_row_entropy_f32,
+                                   fl__dist_merge, fl_row_entropy_f32,
                                    fl_row_entropy_f64, fl_row_ce_f32, fl_row_ce_f64,
                                    fl_row_value_f32, fl_row_value_f64, fl_row_stats_f32,
                                    fl_row_stats_f64)
@@ -85,24 +85,27 @@ def cross_entropy(x, int dtype, temperature, double softcap, const int64_t[::1] 
                   double[::1] smooth, double[::1] lse_out, int64_t chunk, int threads):
     """Per row i with labels[i] != ignore_index (labels already checked to lie in [0, V)):
     lse_out[i] = logsumexp, nll[i] = lse - x[label] (unweighted), and when smoothing,
-    smooth[i] = -sum_c w[c] log p[c] (w = 1 when weight is None; wtotal = sum of w). Ignored rows get 0.
-    weight: None or a C-contiguous array of V values in the compute dtype. A row whose log-softmax is
-    NaN (all -inf, a +inf, a NaN) gives NaN."""
+    smooth[i] = -sum_c w[c] log p[c] (w = 1 when weight is None; wtotal = sum of w), formed as
+    sum_c w[c] (m - x[c]) + wtotal log s (fl__dist_merge). Ignored rows get 0. weight: None or a
+    C-contiguous array of V values in the compute dtype. A row whose log-softmax is NaN (all -inf, a
+    +inf, a NaN) gives NaN."""
     cdef Block b = make_block(x, dtype, temperature, softcap, chunk)
     cdef int64_t nseg = n_segments(&b, threads), items = b.rows * nseg
     cdef int64_t it, i, g, start, stop
     cdef fl_row r
     cdef char *buf
-    cdef double lse_i, xt, m
+    cdef double lse_i, xt, m, m1
     cdef const char *w = NULL
     if weight is not None:
         w = <const char *> <size_t> weight.__array_interface__["data"][0]
     cdef char *bufs = alloc_buffers(threads, chunk * 8)
     cdef fl_lse_state *st = <fl_lse_state *> malloc(max(items, 1) * sizeof(fl_lse_state))
+    cdef double *ds = <double *> malloc(max(items, 1) * sizeof(double))
     cdef double *ws = <double *> malloc(max(items, 1) * sizeof(double))
-    if st == NULL or ws == NULL:
+    if st == NULL or ds == NULL or ws == NULL:
         free(bufs)
         free(st)
+        free(ds)
         free(ws)
         raise MemoryError("fastlogits: cannot allocate row states")
     with nogil, parallel(num_threads=threads):
@@ -117,10 +120,10 @@ def cross_entropy(x, int dtype, temperature, double softcap, const int64_t[::1] 
             stop = (g + 1) * b.n // nseg
             if b.f64:
                 st[it] = fl_row_ce_f64(&r, start, stop, chunk, <const double *> w,
-                                       &ws[it] if smoothing else NULL, <double *> buf)
+                                       &ds[it] if smoothing else NULL, &ws[it], <double *> buf)
             else:
                 st[it] = fl_row_ce_f32(&r, start, stop, chunk, <const float *> w,
-                                       &ws[it] if smoothing else NULL, <float *> buf)
+                                       &ds[it] if smoothing else NULL, &ws[it], <float *> buf)
     with nogil:
         for i in range(b.rows):
             if labels[i] == ignore_index:
@@ -129,9 +132,11 @@ def cross_entropy(x, int dtype, temperature, double softcap, const int64_t[::1] 
                 lse_out[i] = 0.0
                 continue
             for g in range(1, nseg):
+                m1 = st[i * nseg].m
                 fl_lse_merge(&st[i * nseg], &st[i * nseg + g])
                 if smoothing:
-                    ws[i * nseg] += ws[i * nseg + g]
+                    fl__dist_merge(&ds[i * nseg], &ws[i * nseg], m1, ds[i * nseg + g], ws[i * nseg + g],
+                                   st[i * nseg + g].m, st[i * nseg].m)
             r = row_of(&b, i)
             if b.f64:
                 xt = fl_row_value_f64(&r, labels[i])
@@ -146,25 +151,28 @@ def cross_entropy(x, int dtype, temperature, double softcap, const int64_t[::1] 
             lse_out[i] = lse_i
             # (m - x) + log s, not lse - x: exact when x and m are huge and close (x = 3e38)
             nll[i] = (m - xt) + log(st[i * nseg].s)
-            smooth[i] = wtotal * lse_i - ws[i * nseg] if smoothing else 0.0
+            # sum w (lse - x) = sum w (m - x) + W log s: no cancellation however large x is
+            smooth[i] = ds[i * nseg] + wtotal * log(st[i * nseg].s) if smoothing else 0.0
     free(st)
+    free(ds)
     free(ws)
     free(bufs)
 
 
 # ---- row states, for the accumulators of fastlogits.stream --------------------------------------------
 
-def lse_states(x, int dtype, temperature, double softcap, weight, bint want_sum, double[::1] m_out,
-               double[::1] s_out, double[::1] sum_out, int64_t chunk, int threads):
+def lse_states(x, int dtype, temperature, double softcap, weight, bint want_dist, double[::1] m_out,
+               double[::1] s_out, double[::1] dist_out, int64_t chunk, int threads):
     """The logsumexp state (m, s) of each row of x (columns of one chunk of the vocabulary); when
-    want_sum, also sum_out[i] = sum of the row's (transformed) logits, weighted by weight (None or a
-    C-contiguous array of V values in the compute dtype)."""
+    want_dist, also label smoothing's dist_out[i] = sum_c w[c] (m - x[c]) of the row's (transformed)
+    logits from its max m (relative to 0 where m is not finite: fl__dist_merge), with weight (None, for
+    w = 1, or a C-contiguous array of V values in the compute dtype)."""
     cdef Block b = make_block(x, dtype, temperature, softcap, chunk)
     cdef int64_t i
     cdef fl_row r
     cdef fl_lse_state s
     cdef char *buf
-    cdef double acc
+    cdef double acc, wacc
     cdef const char *w = NULL
     if weight is not None:
         w = <const char *> <size_t> weight.__array_interface__["data"][0]
@@ -174,15 +182,16 @@ def lse_states(x, int dtype, temperature, double softcap, weight, bint want_sum,
         for i in prange(b.rows, schedule="guided"):
             r = row_of(&b, i)
             acc = 0.0
+            wacc = 0.0
             if b.f64:
-                s = fl_row_ce_f64(&r, 0, b.n, chunk, <const double *> w, &acc if want_sum else NULL,
-                                  <double *> buf)
+                s = fl_row_ce_f64(&r, 0, b.n, chunk, <const double *> w, &acc if want_dist else NULL,
+                                  &wacc, <double *> buf)
             else:
-                s = fl_row_ce_f32(&r, 0, b.n, chunk, <const float *> w, &acc if want_sum else NULL,
-                                  <float *> buf)
+                s = fl_row_ce_f32(&r, 0, b.n, chunk, <const float *> w, &acc if want_dist else NULL,
+                                  &wacc, <float *> buf)
             m_out[i] = s.m
             s_out[i] = s.s
-            sum_out[i] = acc
+            dist_out[i] = acc
     free(bufs)
 
 
@@ -199,6 +208,19 @@ def merge_lse_states(double[::1] m, double[::1] s, const double[::1] m2, const d
             fl_lse_merge(&a, &b)
             m[i] = a.m
             s[i] = a.s
+
+
+def merge_dist_states(double[::1] d, double w, const double[::1] m, const double[::1] d2, double w2,
+                      const double[::1] m2, const double[::1] merged):
+    """Label smoothing's distance sums d (of columns of weight sum w, row maxes m) <- merged with those of
+    other columns (d2, w2, m2), at the rows' merged maxes (fl__dist_merge); returns the weight sum w + w2."""
+    cdef int64_t i
+    cdef double wi
+    with nogil:
+        for i in range(d.shape[0]):
+            wi = w
+            fl__dist_merge(&d[i], &wi, m[i], d2[i], w2, m2[i], merged[i])
+    return w + w2
 
 
 def lse_results(const double[::1] m, const double[::1] s, double[::1] out):

@@ -31,9 +31,10 @@ cdef extern from "fastlogits.h" nogil:
     fl_ent_state fl_row_entropy_f64(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
                                     double *buf)
     fl_lse_state fl_row_ce_f32(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
-                               const float *w, double *wsum, float *buf)
+                               const float *w, double *dist, double *wsum, float *buf)
     fl_lse_state fl_row_ce_f64(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
-                               const double *w, double *wsum, double *buf)
+                               const double *w, double *dist, double *wsum, double *buf)
+    void fl__dist_merge(double *d, double *w, double m, double d2, double w2, double m2, double M)
     float fl_row_value_f32(const fl_row *r, int64_t j)
     double fl_row_value_f64(const fl_row *r, int64_t j)
     void fl_row_softmax_f32(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,

@@ -411,17 +411,20 @@ def _weights(dtype, weight=None):
 
 
 def _stats(blk, kern, softcap, mode, w, chunk, best=False):
-    """The per-segment states (pm, ps, pt) of block blk, (rows, nseg) each; with best, also the segments'
-    best (value, index), (pv, pi), from the same pass."""
+    """The per-segment states (pm, ps, pt) of block blk, (rows, nseg) each; for the modes SUM and WSUM
+    also the distance sums' weight sums pw; with best, also the segments' best (value, index), (pv, pi),
+    from the same pass."""
     nseg, seglen = _segments(blk.rows, blk.V, chunk)
+    dist = mode in (K.SUM, K.WSUM)
     pm = blk.array((blk.rows, nseg), np.float64, "pm")
     ps = blk.array((blk.rows, nseg), np.float64, "ps")
     pt = blk.array((blk.rows, nseg), np.float64, "pt")
+    pw = blk.array((blk.rows, nseg) if dist else (1, 1), np.float64, "pw")
     pv = blk.array((blk.rows, nseg) if best else (1, 1), np.float64, "best values")
     pi = blk.array((blk.rows, nseg) if best else (1, 1), np.int64, "best indices")
     blk.launch(kern.stats_part[mode, best], (blk.rows, nseg))(blk.d, blk.dtemp, float(softcap), seglen, w, pm,
-                                                               ps, pt, pv, pi)
-    return (pm, ps, pt, pv, pi) if best else (pm, ps, pt)
+                                                               ps, pt, pw, pv, pi)
+    return (pm, ps, pt) + ((pw,) if dist else ()) + ((pv, pi) if best else ())
 
 
 def _reduce(x, dtype, temperature, softcap, chunk, mode):
@@ -497,13 +500,15 @@ def cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, wei
         labels = labels.copy_to_host() if is_device_array(labels) else np.asarray(labels)
         labels = np.ascontiguousarray(labels, dtype=np.int64)
     for blk in _blocks(x, dtype, temperature):
-        pm, ps, pt = _stats(blk, kern, softcap, mode, w, chunk)
+        parts = _stats(blk, kern, softcap, mode, w, chunk)
+        pm, ps, pt = parts[:3]
+        pw = parts[3] if smoothing else pt        # (not read without smoothing)
         dlab = labels if on_device else blk.upload("labels", np.ascontiguousarray(labels[blk.sl]))
         outs = [blk.array(blk.rows, np.float64, name) if blk.host else o
                 for o, name in ((nll, "nll"), (smooth, "smooth"), (lse_, "lse"))]
         blk.launch(kern.ce_finish, *_grid1(blk.rows))(blk.d, blk.dtemp, float(softcap), dlab,
                                                       int(ignore_index), wtotal, bool(smoothing), pm, ps, pt,
-                                                      *outs)
+                                                      pw, *outs)
         if blk.host:
             for host, dev in zip((nll, smooth, lse_), outs):
                 blk.fetch(dev, host)

@@ -127,48 +127,75 @@ def store_bf16(out, r, j, y):
         out[r, j] = np.uint16((b + np.uint32(0x7FFF) + (hi & np.uint32(1))) >> np.uint32(16))
 
 
+# ---- label smoothing's distance sums -----------------------------------------------------------------
+
+@cuda.jit(device=True)
+def dist_shift(d, w, frm, to):
+    """The C core's fl__dist_shift: a distance sum d = sum w (m - x) (weight sum w) moved from max frm
+    to a larger max to."""
+    if w != 0.0 and to != frm:
+        return d + w * (to - frm)
+    return d
+
+
+@cuda.jit(device=True)
+def dist_merge(d, w, m, d2, w2, m2, M):
+    """The C core's fl__dist_merge: the distance sums (d, w) and (d2, w2) of two column ranges with maxes
+    m and m2, merged at their merged max M; returns (d, w)."""
+    return dist_shift(d, w, m, M) + dist_shift(d2, w2, m2, M), w + w2
+
+
+@cuda.jit(device=True)
+def state_merge(m, s, t, w, m2, s2, t2, w2, mode):
+    """(m, s, t, w) merged with another range's state: entropy states for mode ENTROPY; else logsumexp
+    states, with (t, w) label smoothing's distance sum and weight sum for SUM/WSUM."""
+    if mode == ENTROPY:
+        m, s, t = ent_merge(m, s, t, m2, s2, t2)
+    else:
+        M, s = lse_merge(m, s, m2, s2)
+        if mode != LSE:
+            t, w = dist_merge(t, w, m, t2, w2, m2, M)
+        m = M
+    return m, s, t, w
+
+
 # ---- block reductions over shared memory ----------------------------------------------------------------
 # Two levels, three barriers: the first WARP threads each merge every WARP-th state, then thread 0 merges
 # those WARP states in order. (A tree would need log2(TPB) barriers; warp shuffles would be faster but the
 # simulator has none, and the merge is a negligible part of a block's time next to its loads.)
 
 @cuda.jit(device=True)
-def block_merge(sh_m, sh_s, sh_t, mode, tid):
-    """Merge the TPB states (sh_m, sh_s, sh_t) into entry 0: entropy states for mode ENTROPY, else
-    logsumexp states with t summed (pass sh_s as sh_t when there is no t). Ends with entry 0 valid for
-    thread 0 only."""
+def block_merge(sh_m, sh_s, sh_t, sh_w, mode, tid):
+    """Merge the TPB states (sh_m, sh_s, sh_t, sh_w) into entry 0 with state_merge (pass sh_s as sh_t
+    and sh_w where the mode has no t or w). Ends with entry 0 valid for thread 0 only."""
     cuda.syncthreads()
     if tid < WARP:
         m = sh_m[tid]
         s = sh_s[tid]
         t = sh_t[tid]
+        w = sh_w[tid]
         for o in range(tid + WARP, TPB, WARP):
-            if mode == ENTROPY:
-                m, s, t = ent_merge(m, s, t, sh_m[o], sh_s[o], sh_t[o])
-            else:
-                m, s = lse_merge(m, s, sh_m[o], sh_s[o])
-                if mode != LSE:
-                    t += sh_t[o]
+            m, s, t, w = state_merge(m, s, t, w, sh_m[o], sh_s[o], sh_t[o], sh_w[o], mode)
         sh_m[tid] = m
         sh_s[tid] = s
         if mode != LSE:
             sh_t[tid] = t
+        if mode == SUM or mode == WSUM:
+            sh_w[tid] = w
     cuda.syncthreads()
     if tid == 0:
         m = sh_m[0]
         s = sh_s[0]
         t = sh_t[0]
+        w = sh_w[0]
         for o in range(1, WARP):
-            if mode == ENTROPY:
-                m, s, t = ent_merge(m, s, t, sh_m[o], sh_s[o], sh_t[o])
-            else:
-                m, s = lse_merge(m, s, sh_m[o], sh_s[o])
-                if mode != LSE:
-                    t += sh_t[o]
+            m, s, t, w = state_merge(m, s, t, w, sh_m[o], sh_s[o], sh_t[o], sh_w[o], mode)
         sh_m[0] = m
         sh_s[0] = s
         if mode != LSE:
             sh_t[0] = t
+        if mode == SUM or mode == WSUM:
+            sh_w[0] = w
 
 
 @cuda.jit(device=True)
@@ -202,7 +229,7 @@ def block_best(sh_v, sh_i, win_v, win_i, tid):
 @cuda.jit
 def stats_finish(pm, ps, pt, mode, out):
     """Merge the segment states of each row (in order) into column 0, and finalize into out (lse, or
-    entropy for mode ENTROPY); SUM/WSUM add t."""
+    entropy for mode ENTROPY)."""
     r = cuda.grid(1)
     if r >= pm.shape[0]:
         return
@@ -214,7 +241,6 @@ def stats_finish(pm, ps, pt, mode, out):
             m, s, t = ent_merge(m, s, t, pm[r, g], ps[r, g], pt[r, g])
         else:
             m, s = lse_merge(m, s, pm[r, g], ps[r, g])
-            t += pt[r, g]
     pm[r, 0] = m
     ps[r, 0] = s
     pt[r, 0] = t
@@ -491,21 +517,24 @@ def _build(kind):
         of 9)."""
 
         @cuda.jit
-        def stats_part(x, temp, softcap, seglen, w, pm, ps, pt, pv, pi):
+        def stats_part(x, temp, softcap, seglen, w, pm, ps, pt, pw, pv, pi):
             """Segment state of block (row, segment): (m, s) and, by mode, t = the entropy sum (ENTROPY),
-            the sum of the logits (SUM) or of w * logits (WSUM); when best, also the segment's best
-            (value, index) in the top-k order into (pv, pi) ((-inf, INT64_MAX) for none), from the same
-            pass (what `fastlogits stats` needs: the entropy state and the argmax)."""
+            or label smoothing's distance sum t = sum (m - x) (SUM) or sum w (m - x) (WSUM) with its
+            weight sum in pw (see dist_merge); when best, also the segment's best (value, index) in the
+            top-k order into (pv, pi) ((-inf, INT64_MAX) for none), from the same pass (what
+            `fastlogits stats` needs: the entropy state and the argmax)."""
             r, g, tid, sc, T, start, stop = block_segment(x, temp, softcap, seglen)
             lv = cuda.local.array(UNROLL, CT)
             m = CT(-math.inf)
             s = 0.0
             t = 0.0
-            tsum = 0.0
+            dsum = 0.0
+            wsum = 0.0
             bv = CT(-math.inf)
             bi = INT64_MAX
             for base in range(start + tid, stop, TPB * UNROLL):
                 cmax = load_chunk(x, r, base, stop, sc, T, lv)
+                m0 = m
                 m, s, t = fold_chunk(lv, cmax, m, s, t, mode == ENTROPY)
                 if best and (cmax >= bv or has_nan(lv)):
                     for u in range(UNROLL):
@@ -514,22 +543,36 @@ def _build(kind):
                             bv = lv[u]
                             bi = j
                 if mode == SUM or mode == WSUM:
-                    # in double, as the C core: logits near +-3e38 must not overflow a float partial sum
+                    # the chunk's distances from the new max (from 0 where it is not finite), in double
+                    # as the C core's fl_row_ce
+                    ref = float64(m) if m > -math.inf and m < math.inf else 0.0
+                    d = 0.0
+                    cw = 0.0
                     for u in range(UNROLL):
                         j = base + u * TPB
                         if j < stop:
-                            tsum += float64(lv[u]) if mode == SUM else float64(w[j]) * float64(lv[u])
+                            wj = float64(w[j]) if mode == WSUM else 1.0
+                            d += wj * (ref - float64(lv[u]))
+                            cw += wj
+                    dsum, wsum = dist_merge(dsum, wsum, float64(m0), d, cw, float64(m), float64(m))
             sh_m = cuda.shared.array(TPB, float64)
             sh_s = cuda.shared.array(TPB, float64)
             sh_t = cuda.shared.array(TPB, float64)
+            if mode == SUM or mode == WSUM:
+                sh_w = cuda.shared.array(TPB, float64)
+                sh_w[tid] = wsum
+            else:
+                sh_w = sh_s         # (not used)
             sh_m[tid] = m
             sh_s[tid] = s
-            sh_t[tid] = t if mode == ENTROPY else tsum
-            block_merge(sh_m, sh_s, sh_t, mode, tid)
+            sh_t[tid] = t if mode == ENTROPY else dsum
+            block_merge(sh_m, sh_s, sh_t, sh_w, mode, tid)
             if tid == 0:
                 pm[r, g] = sh_m[0]
                 ps[r, g] = sh_s[0]
                 pt[r, g] = sh_t[0]
+                if mode == SUM or mode == WSUM:
+                    pw[r, g] = sh_w[0]
             if best:
                 sh_v = cuda.shared.array(TPB, float64)
                 sh_i = cuda.shared.array(TPB, int64)
@@ -689,17 +732,18 @@ def _build(kind):
             sh_s = cuda.shared.array(TPB, float64)
             sh_m[tid] = m
             sh_s[tid] = s
-            block_merge(sh_m, sh_s, sh_s, LSE, tid)
+            block_merge(sh_m, sh_s, sh_s, sh_s, LSE, tid)
             if tid == 0:
                 pm[r, g] = sh_m[0]
                 ps[r, g] = sh_s[0]
 
     @cuda.jit
-    def ce_finish(x, temp, softcap, labels, ignore_index, wtotal, smoothing, pm, ps, pt, nll, smooth,
+    def ce_finish(x, temp, softcap, labels, ignore_index, wtotal, smoothing, pm, ps, pt, pw, nll, smooth,
                   lse):
         """Per row: merge the segment states; lse (NaN where a +inf makes log-softmax NaN), nll = lse -
-        x[label] (formed as nll_of does), smooth = wtotal * lse - sum w * x (when smoothing); ignored rows
-        get 0, rows whose label is out of range NaN (x is not read there)."""
+        x[label] (formed as nll_of does), smooth = sum w (lse - x) = sum w (m - x) + wtotal log s from the
+        segments' distance sums (pt, pw) (when smoothing; NaN where log-softmax is); ignored rows get 0,
+        rows whose label is out of range NaN (x is not read there)."""
         r = cuda.grid(1)
         if r >= pm.shape[0]:
             return
@@ -711,10 +755,14 @@ def _build(kind):
             return
         m = pm[r, 0]
         s = ps[r, 0]
-        t = pt[r, 0]
+        t = 0.0
+        wt = 0.0
+        if smoothing:
+            t = pt[r, 0]
+            wt = pw[r, 0]
         for g in range(1, pm.shape[1]):
-            m, s = lse_merge(m, s, pm[r, g], ps[r, g])
-            t += pt[r, g]
+            m, s, t, wt = state_merge(m, s, t, wt, pm[r, g], ps[r, g], pt[r, g] if smoothing else 0.0,
+                                      pw[r, g] if smoothing else 0.0, SUM if smoothing else LSE)
         val = lse_result(m, s)
         if val == math.inf:
             val = math.nan
@@ -724,7 +772,9 @@ def _build(kind):
             smooth[r] = math.nan
             return
         nll[r] = nll_of(m, s, value(x, r, lab, CT(softcap), CT(temp[r])))
-        smooth[r] = wtotal * val - t if smoothing else 0.0
+        smooth[r] = 0.0
+        if smoothing:
+            smooth[r] = t + wtotal * math.log(s) if m > -math.inf and m < math.inf else math.nan
 
     k = Kernels()
     k.kind = kind
@@ -782,7 +832,7 @@ def compile_signatures():
         for mode, best in STATS_VARIANTS:
             name = f"stats_part[{kind}, mode {mode}{', best' if best else ''}]"
             out.append((name, k.stats_part[mode, best],
-                        (xt, row_f8, f8, i8, types.Array(ct, 1, "C"), st2, st2, st2, st2,
+                        (xt, row_f8, f8, i8, types.Array(ct, 1, "C"), st2, st2, st2, st2, st2,
                          types.Array(i8, 2, "C"))))
         out.append((f"stats_fused_finish[{kind}]", k.stats_fused_finish,
                     (xt, row_f8, f8, types.Array(i8, 1, "C"), boolean, i8, st2, st2, st2, st2,
@@ -798,8 +848,8 @@ def compile_signatures():
                      st2)))
         for lt in (types.int64, types.int32):     # labels: the host's int64, or a device array's int32
             out.append((f"ce_finish[{kind}, {lt}]", k.ce_finish,
-                        (xt, row_f8, f8, types.Array(lt, 1, "C"), i8, f8, boolean, st2, st2, st2, row_f8,
-                         row_f8, row_f8)))
+                        (xt, row_f8, f8, types.Array(lt, 1, "C"), i8, f8, boolean, st2, st2, st2, st2,
+                         row_f8, row_f8, row_f8)))
     for rt in (types.float32, types.float64):        # out: float64, or a device result's dtype
         out.append((f"stats_finish[{rt}]", stats_finish, (st2, st2, st2, i8, types.Array(rt, 1, "C"))))
     for lt in (types.int64, types.int32):

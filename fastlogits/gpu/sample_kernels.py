@@ -284,7 +284,7 @@ def _build(kind):
                     m, s, t = fold_chunk(lv, cmax, m, s, t, False)
                 sh_m[tid] = m
                 sh_s[tid] = s
-                K.block_merge(sh_m, sh_s, sh_s, K.LSE, tid)
+                K.block_merge(sh_m, sh_s, sh_s, sh_s, K.LSE, tid)
                 if tid == 0:
                     bc[0] = sh_m[0]
                     bc[1] = sh_s[0]

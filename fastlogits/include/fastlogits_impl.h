@@ -147,22 +147,46 @@ FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp_t)(const FL_T *x, int64
     return tot[0];
 }
 
-/* sum x[0:n), or sum w * x when w is not NULL, accumulated in double lanes: logits of opposite signs
- * near the float range (+-3e38) must not overflow a float partial sum. */
-FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sum)(const FL_T *x, const FL_T *w, int64_t n) {
+/* sum x[0:n), accumulated in double lanes: logits of opposite signs near the float range (+-3e38) must
+ * not overflow a float partial sum. */
+FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sum)(const FL_T *x, int64_t n) {
     double acc[FL_LANES];
     int64_t i = 0;
     int j;
     for (j = 0; j < FL_LANES; j++) acc[j] = 0.0;
-    if (w)
+    for (; i + FL_LANES <= n; i += FL_LANES)
+        FL_LANE_LOOP
+        for (j = 0; j < FL_LANES; j++) acc[j] += (double)x[i + j];
+    for (; i < n; i++) acc[0] += (double)x[i];
+    for (j = 1; j < FL_LANES; j++) acc[0] += acc[j];
+    return acc[0];
+}
+
+/* sum w (ref - x) over x[0:n) (w = 1 when w is NULL), and *wsum = sum w: label smoothing's distances from
+ * the running max (see fl__dist_merge), in double lanes. */
+FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__dist)(const FL_T *x, const FL_T *w, int64_t n, double ref,
+                                                        double *wsum) {
+    double acc[FL_LANES], wa[FL_LANES];
+    int64_t i = 0;
+    int j;
+    for (j = 0; j < FL_LANES; j++) acc[j] = wa[j] = 0.0;
+    if (w) {
         for (; i + FL_LANES <= n; i += FL_LANES)
             FL_LANE_LOOP
-            for (j = 0; j < FL_LANES; j++) acc[j] += (double)w[i + j] * (double)x[i + j];
-    else
+            for (j = 0; j < FL_LANES; j++) {
+                acc[j] += (double)w[i + j] * (ref - (double)x[i + j]);
+                wa[j] += (double)w[i + j];
+            }
+        for (; i < n; i++) { acc[0] += (double)w[i] * (ref - (double)x[i]); wa[0] += (double)w[i]; }
+        for (j = 1; j < FL_LANES; j++) wa[0] += wa[j];
+        *wsum = wa[0];
+    } else {
         for (; i + FL_LANES <= n; i += FL_LANES)
             FL_LANE_LOOP
-            for (j = 0; j < FL_LANES; j++) acc[j] += (double)x[i + j];
-    for (; i < n; i++) acc[0] += w ? (double)w[i] * (double)x[i] : (double)x[i];
+            for (j = 0; j < FL_LANES; j++) acc[j] += ref - (double)x[i + j];
+        for (; i < n; i++) acc[0] += ref - (double)x[i];
+        *wsum = (double)n;
+    }
     for (j = 1; j < FL_LANES; j++) acc[0] += acc[j];
     return acc[0];
 }
@@ -311,19 +335,26 @@ static inline fl_ent_state FL_FN(fl_row_entropy)(const fl_row *r, int64_t start,
     return st;
 }
 
-/* Cross-entropy pass over columns [start, stop): the logsumexp state, and, when wsum is not NULL, the
- * sum of the (transformed) logits, weighted by w[column] when w is not NULL (label smoothing). */
+/* Cross-entropy pass over columns [start, stop): the logsumexp state, and, when dist is not NULL, label
+ * smoothing's distance sum *dist = sum w[c] (m - x[c]) from the state's max m, with *wsum = sum w[c]
+ * (x transformed; w = 1 when w is NULL; see fl__dist_merge). */
 static inline fl_lse_state FL_FN(fl_row_ce)(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
-                                             const FL_T *w, double *wsum, FL_T *buf) {
+                                             const FL_T *w, double *dist, double *wsum, FL_T *buf) {
     fl_lse_state st;
+    double m0, d, cw;
     fl_lse_init(&st);
-    if (wsum) *wsum = 0.0;
+    if (dist) *dist = *wsum = 0.0;
     for (int64_t c0 = start; c0 < stop; c0 += chunk) {
         int64_t len = stop - c0 < chunk ? stop - c0 : chunk;
         uintptr_t step, pf = FL_FN(fl_row_prefetch)(r, c0 + len, &step);
         const FL_T *x = FL_FN(fl_row_chunk)(r, c0, len, buf);
+        m0 = st.m;
         FL_FN(fl_lse_fold)(&st, x, len, pf, step);
-        if (wsum) *wsum += FL_FN(fl__sum)(x, w ? w + c0 : NULL, len);
+        if (dist) {
+            d = FL_FN(fl__dist)(x, w ? w + c0 : NULL, len, st.m > -FL_INF && st.m < FL_INF ? st.m : 0.0,
+                                &cw);
+            fl__dist_merge(dist, wsum, m0, d, cw, st.m, st.m);
+        }
     }
     return st;
 }

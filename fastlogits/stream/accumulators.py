@@ -27,7 +27,8 @@ class CrossEntropyState(NamedTuple):
     s: np.ndarray
     target: np.ndarray   # the label's (transformed) logit, once its column was seen
     found: np.ndarray    # bool: the label's column was seen
-    wsum: np.ndarray     # sum of (weighted) logits seen, for label smoothing
+    dist: np.ndarray     # label smoothing: sum of w (m - x) over the columns seen (w = 1 without weights)
+    wseen: float         # the sum of w over the columns seen
     columns: int         # number of vocabulary columns folded in
 
 
@@ -94,8 +95,9 @@ class _Base:
                 out.append((a, b))
         return out
 
-    def _fold(self, chunk, start, weight=None, want_sum=False):
-        """The chunk's row states (m, s, sum) after the usual checks."""
+    def _fold(self, chunk, start, weight=None, want_dist=False):
+        """The chunk's row states (m, s, dist) after the usual checks (dist: label smoothing's distance
+        sums, see CrossEntropy)."""
         x, start = self._check_chunk(chunk, start)
         if weight is not None and start + x.shape[1] > weight.shape[0]:
             raise ValueError(f"weight has {weight.shape[0]} values (one per class), but columns "
@@ -107,7 +109,7 @@ class _Base:
         w = None
         if weight is not None:
             w = np.ascontiguousarray(weight[start:start + x.shape[1]], dtype=compute_dtype(r.dtype))
-        _reduce.lse_states(r.x, CODES[r.dtype], r.temperature, r.softcap, w, want_sum, m, s, tot, r.chunk,
+        _reduce.lse_states(r.x, CODES[r.dtype], r.temperature, r.softcap, w, want_dist, m, s, tot, r.chunk,
                            r.threads)
         self.columns += x.shape[1]
         self.ranges = ranges
@@ -166,6 +168,11 @@ class CrossEntropy(_Base):
 
     ``labels`` has one class index per row; ``result()`` gives what :func:`fastlogits.cross_entropy`
     gives for the whole rows (the vocabulary size is the number of columns folded in).
+
+    Label smoothing's term ``sum_c w_c (lse - x_c)`` is kept as the distance sum ``dist = sum_c w_c (m -
+    x_c)`` from the row's running max m, with ``wseen = sum_c w_c``: its terms are never negative, so it
+    keeps its precision however large the logits are (``W lse - sum w x`` would cancel), and a new max m'
+    adds ``wseen (m' - m)``.
     """
 
     def __init__(self, labels, *, weight=None, ignore_index=-100, label_smoothing=0.0, reduction="mean",
@@ -193,16 +200,27 @@ class CrossEntropy(_Base):
         self.z_loss = float(z_loss)
         self.target = np.zeros(self.rows)
         self.found = np.zeros(self.rows, bool)
-        self.wsum = np.zeros(self.rows)
+        self.dist = np.zeros(self.rows)
+        self.wseen = 0.0
+
+    def _merge_states(self, m, s, dist, wseen):
+        """Merge the logsumexp states and smoothing distance sums of other columns into this one."""
+        m_old = self.m.copy()
+        _merge_lse(self.m, self.s, m, s)
+        if self.label_smoothing > 0:
+            self.wseen = _reduce.merge_dist_states(self.dist, self.wseen, m_old, dist, wseen, m, self.m)
+        else:
+            self.wseen += wseen
 
     def update(self, chunk, start=0):
         """Fold in columns start .. start + c of every row; chunk has shape (rows, c)."""
-        smoothing = self.label_smoothing > 0
-        r, m, s, tot = self._fold(chunk, start, self.weight, smoothing)
+        r, m, s, dist = self._fold(chunk, start, self.weight, self.label_smoothing > 0)
         start, c = int(start), r.V
-        _merge_lse(self.m, self.s, m, s)
-        if smoothing:
-            self.wsum += tot
+        wseen = float(c)
+        if self.weight is not None:      # as the kernels weigh: in the compute dtype, summed in float64
+            w = self.weight[start:start + c].astype(compute_dtype(r.dtype))
+            wseen = float(np.sum(w, dtype=np.float64))
+        self._merge_states(m, s, dist, wseen)
         here = (self.labels >= start) & (self.labels < start + c) & (self.labels != self.ignore_index)
         cols = np.where(here, self.labels - start, -1).astype(np.int64)
         _reduce.row_values(r.x, CODES[r.dtype], r.temperature, r.softcap, cols, self.target)
@@ -212,7 +230,7 @@ class CrossEntropy(_Base):
     @property
     def state(self):
         return CrossEntropyState(self.m.copy(), self.s.copy(), self.target.copy(), self.found.copy(),
-                                 self.wsum.copy(), self.columns)
+                                 self.dist.copy(), self.wseen, self.columns)
 
     def merge(self, other):
         """Fold in the state of other columns: a CrossEntropy (of the same labels and options), or a
@@ -225,17 +243,20 @@ class CrossEntropy(_Base):
         rows = self.rows
         found = _row_state(st.found, rows, "found", bool)
         target = _row_state(st.target, rows, "target")
-        wsum = _row_state(st.wsum, rows, "wsum")
+        dist = _row_state(st.dist, rows, "dist")
         m2, s2 = _row_state(st.m, rows, "m"), _row_state(st.s, rows, "s")
         columns = st.columns
         if not is_int(columns) or int(columns) < 0:
             raise ValueError(f"merge: the other state's columns must be a non-negative integer, got "
                              f"{columns!r}")
+        try:
+            wseen = float(st.wseen)
+        except (TypeError, ValueError):
+            raise ValueError(f"merge: the other state's wseen must be a number, got {st.wseen!r}") from None
         ranges = self._covered(other.ranges if isinstance(other, CrossEntropy) else None)
-        _merge_lse(self.m, self.s, m2, s2)
+        self._merge_states(m2, s2, dist, wseen)
         self.target = np.where(found, target, self.target)
         self.found |= found
-        self.wsum += wsum
         self.columns += int(columns)
         self.ranges = ranges
         return self
@@ -277,8 +298,10 @@ class CrossEntropy(_Base):
         with np.errstate(invalid="ignore", divide="ignore"):
             nll = np.where(finite, (self.m - self.target) + np.log(self.s), np.nan)  # exact for huge x
         eps = self.label_smoothing
-        wtotal = float(np.sum(self.weight)) if self.weight is not None else float(V)
-        smooth = wtotal * lse - self.wsum if eps > 0 else None
+        smooth = None
+        if eps > 0:      # sum w (lse - x) = sum w (m - x) + W log s
+            with np.errstate(invalid="ignore", divide="ignore"):
+                smooth = np.where(finite, self.dist + self.wseen * np.log(self.s), np.nan)
         return ce_terms(nll, smooth, lse, self.labels, self.ignore_index, self.weight, eps, self.z_loss, V)
 
     def result(self):

@@ -314,3 +314,28 @@ def test_use_backend(gpu, rng):
         a = fl.logsumexp(x)
     np.testing.assert_allclose(a, fl.logsumexp(x, backend="cpu"), rtol=2e-5)
     assert "gpu" in fl.available_backends()
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_smoothing_at_large_offsets(gpu, rng, weighted):
+    """Label smoothing's distance sums from each thread's, block's and segment's max merge at the row's
+    max (the C core's rule): float64 logits near 1e9 keep 1e-13 relative, where W lse - sum w x lost 2e-9.
+    Row 0's max arrives in a late segment; row 1 has a segment of only -inf (its term is inf, or NaN where
+    such a column has weight 0, as on the CPU and in PyTorch)."""
+    from tests import reference as ref
+
+    x = 1e9 + 3.0 * rng.standard_normal((3, 300))
+    x[0, :200] -= 40.0
+    x[1, :64] = -np.inf
+    y = np.array([5, 100, 299])
+    w = rng.uniform(0.2, 2.0, 300) if weighted else None
+    if weighted:
+        w[10] = 0.0
+    kw = dict(label_smoothing=0.1, reduction="none", weight=w)
+    want = ref.cross_entropy(x, y, **kw)
+    assert (np.isnan(want[1]) if weighted else want[1] == np.inf)
+    for chunk in (64, None):
+        got = fl.cross_entropy(x, y, chunk_size=chunk, backend="gpu", **kw)
+        np.testing.assert_allclose(got, want, rtol=1e-13, err_msg=f"chunk_size {chunk}")
+        cpu = fl.cross_entropy(x, y, chunk_size=chunk, backend="cpu", **kw)
+        np.testing.assert_allclose(got, cpu, rtol=1e-13)
