@@ -643,6 +643,29 @@ def test_beam_search_step_ties_go_to_lower_parent_and_token():
     assert p.tolist() == [[0, 1, 0, 1]] and t.tolist() == [[0, 0, 1, 1]]
 
 
+def test_beam_search_step_ties_of_rounded_log_probabilities():
+    """Logits one ulp apart whose float32 log-probabilities round to the same value: the beam's top 2W are
+    chosen by logit, and equal scores of a beam keep that order (the more likely token first), so the
+    candidates and their order agree (found by a soak agent: token 2 was chosen, then ranked after the
+    dropped token 1). Across beams the lower parent still wins a tie."""
+    one_up = np.nextafter(np.float32(1), np.float32(2))
+    x = np.array([[100.0, 1.0, one_up]], np.float32)
+    from fastlogits import top_k_logprobs
+
+    lp, i = top_k_logprobs(x, 3)
+    assert lp[0, 1] == lp[0, 2] and i[0].tolist() == [0, 2, 1]    # equal rounded log-probabilities
+    for bs_dtype in (np.float32, np.float64):
+        s, p, t = beam_search_step(x, np.zeros(1, bs_dtype), 1)
+        assert t.tolist() == [[0, 2]] and p.tolist() == [[0, 0]]
+    x = np.array([[100.0, 1.0, one_up, one_up, 0.5], [100.0, -50, -50, -50, -50]], np.float32)
+    s, p, t = beam_search_step(x, np.array([0, -1000], np.float32), 2)
+    assert t.tolist() == [[0, 2, 3, 1]] and p.tolist() == [[0, 0, 0, 0]] and s[0, 1] == s[0, 2] == s[0, 3]
+    # two beams with the same rounded score: the lower parent first, whatever the tokens
+    x = np.array([[100.0, 1.0, 0.0], [100.0, 0.0, one_up]], np.float32)
+    s, p, t = beam_search_step(x, np.zeros(2, np.float32), 2)
+    assert p.tolist() == [[0, 1, 0, 1]] and t.tolist() == [[0, 0, 1, 2]]
+
+
 def test_beam_search_step_bad_arguments():
     x = np.zeros((6, 10), np.float32)
     with pytest.raises(ValueError, match="multiple of beam_width"):

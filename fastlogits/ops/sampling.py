@@ -316,9 +316,13 @@ def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperatu
     Face lays beams out) and ``beam_scores`` ``(batch * beam_width,)``, the beams' cumulative
     log-probabilities. A continuation (beam j, token t) scores ``beam_scores[j] + log_softmax(logits[j])[t]``
     (after ``softcap`` and ``temperature``). Returns ``(scores, parents, tokens)``, each
-    ``(batch, 2 * beam_width)``, best first; ties go to the lower (parent, token). ``parents`` are beam
-    indices within the batch item (0 .. beam_width - 1), as HF's ``next_indices``. One streaming pass over
-    each row: ``top_k_logprobs(logits, 2 * beam_width)`` (a running top-2W with the logsumexp in the same
+    ``(batch, 2 * beam_width)``, best first (by the float64 sums, before a float32 result rounds them);
+    equal scores go to the lower parent, and within a beam keep the order of the logits (the larger logit,
+    then the lower token): two tokens whose log-probabilities round to the same value come in the order of
+    their exact likelihood, as the beam's top 2W are chosen by logit (Hugging Face's ``topk`` of float32
+    scores would take the lower token). ``parents`` are beam indices within the batch item (0 ..
+    beam_width - 1), as HF's ``next_indices``. One streaming pass over each row:
+    ``top_k_logprobs(logits, 2 * beam_width)`` (a running top-2W with the logsumexp in the same
     pass), so a source in place of ``logits`` streams in bounded memory, rows wider than the budget
     included, with the same results. The log-probabilities are float32 (float64 for float64 logits), as
     ``top_k_logprobs`` gives them; scores are float64 when the logits or beam_scores are float64, else
@@ -386,8 +390,10 @@ def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperatu
     scores = (bs.astype(np.float64)[:, None] + lp).reshape(batch, W * k)
     parents = np.broadcast_to(np.repeat(np.arange(W), k)[None, :], (batch, W * k))
     toks = idx.reshape(batch, W * k)
+    # a beam's candidates in top_k's order (larger logit, then lower token; a dead beam's by token)
+    rank = np.broadcast_to(np.tile(np.arange(k), W)[None, :], (batch, W * k))
     key = np.where(np.isnan(scores), np.inf, -scores)        # best first, NaN last
-    order = np.lexsort((toks, parents, key), axis=-1)[:, : 2 * W]
+    order = np.lexsort((rank, parents, key), axis=-1)[:, : 2 * W]
     take = np.take_along_axis
     out = (take(scores, order, -1).astype(out_dtype), take(parents, order, -1).astype(np.int64),
            take(toks, order, -1).astype(np.int64))
