@@ -228,11 +228,12 @@ static inline double fl_ent_result(const fl_ent_state *st) {
 }
 
 /* Label smoothing's distance sum of a column range: d = sum w[c] (m - x[c]) from the range's max m, with
- * w's sum over the range (w = 1 without class weights). Its terms are never negative, so d keeps its
- * precision however large the logits, where W lse - sum w x cancels. A range whose max is not finite has d
- * relative to 0 instead: inf (or NaN for a zero weight, as 0 * log 0 in PyTorch) for -inf logits, and the
- * row's smoothing term is NaN anyway once its max is +inf or NaN. fl__dist_shift moves d to a larger max
- * `to`; fl__dist_merge merges the sums of two ranges into the first at their merged max M. */
+ * w's sum over the range (w = 1 without class weights). Its terms are never negative (for weights >= 0),
+ * so d keeps its precision however large the logits, where W lse - sum w x cancels. A range whose max is
+ * not finite has d relative to 0 instead: inf (or NaN for a zero weight, as 0 * log 0 in PyTorch) for
+ * -inf logits, and the row's smoothing term is NaN anyway once its max is +inf or NaN. fl__dist_shift
+ * moves d to a larger max `to`; fl__dist_merge merges the sums of two ranges into the first at their
+ * merged max M. */
 static inline double fl__dist_shift(double d, double w, double from, double to) {
     return w != 0.0 && to != from ? d + w * (to - from) : d;
 }

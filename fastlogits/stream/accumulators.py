@@ -170,9 +170,9 @@ class CrossEntropy(_Base):
     gives for the whole rows (the vocabulary size is the number of columns folded in).
 
     Label smoothing's term ``sum_c w_c (lse - x_c)`` is kept as the distance sum ``dist = sum_c w_c (m -
-    x_c)`` from the row's running max m, with ``wseen = sum_c w_c``: its terms are never negative, so it
-    keeps its precision however large the logits are (``W lse - sum w x`` would cancel), and a new max m'
-    adds ``wseen (m' - m)``.
+    x_c)`` from the row's running max m, with ``wseen = sum_c w_c``: its terms are never negative (for
+    weights >= 0), so it keeps its precision however large the logits are (``W lse - sum w x`` would
+    cancel), and a new max m' adds ``wseen (m' - m)``.
     """
 
     def __init__(self, labels, *, weight=None, ignore_index=-100, label_smoothing=0.0, reduction="mean",
