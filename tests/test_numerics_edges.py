@@ -145,6 +145,18 @@ def test_an_out_that_overlaps_itself_is_refused():
         fl.softmax(x, out=out)
 
 
+def test_empty_outs_are_not_overlaps():
+    """An empty out has no values to share a place, though NumPy gives its axes zero strides: softmax of
+    V = 0 or of no rows fills it (it was refused as overlapping itself; found by a soak agent)."""
+    for shape in [(3, 0), (0, 5), (2, 0, 4), (2, 3, 0)]:
+        x = np.zeros(shape, np.float32)
+        out = np.empty(shape, np.float32)
+        assert 0 in out.strides
+        for f in (fl.softmax, fl.log_softmax):
+            assert f(x, out=out) is out
+            assert f(x).shape == shape
+
+
 def test_torch_cpu_tensors_are_logits(rng):
     torch = pytest.importorskip("torch")
     x = rng.standard_normal((3, 50)).astype(np.float32)

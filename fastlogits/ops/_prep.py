@@ -108,8 +108,9 @@ def as_array(logits, dtype=None, argname="logits"):
 
 
 def check_own_places(shape, strides, name="out"):
-    """A ValueError when a zero stride makes values of an output array share a place (host or device)."""
-    if any(st == 0 and n > 1 for st, n in zip(strides, shape)):
+    """A ValueError when a zero stride makes values of an output array share a place (host or device). An
+    empty array has no values to share one (NumPy and numba give its axes zero strides)."""
+    if 0 not in shape and any(st == 0 and n > 1 for st, n in zip(strides, shape)):
         raise ValueError(f"{name}: out overlaps itself (a zero stride): every value needs its own place")
 
 

@@ -279,6 +279,18 @@ def test_device_out_layouts_and_overlap(cuda, rng):
             fl.softmax(dx[0], out=flat)
 
 
+def test_empty_device_maps(cuda):
+    """softmax of empty device logits gives an empty device array (its own result was refused as an out
+    that overlaps itself: an empty array's axes have zero strides); an empty device out is filled."""
+    for shape in [(3, 0), (0, 5), (2, 0, 4)]:
+        dx = cuda.to_device(np.zeros(shape, np.float32))
+        for f in (fl.softmax, fl.log_softmax):
+            got = f(dx)
+            assert not isinstance(got, np.ndarray) and hasattr(got, "copy_to_host") and got.shape == shape
+            out = cuda.to_device(np.zeros(shape, np.float32))
+            assert f(dx, out=out) is out
+
+
 def test_overlap_of_device_addresses(gpu):
     """backend.overlaps on real device arrays goes by their __cuda_array_interface__ addresses (the
     simulator's arrays are host arrays): np.shares_memory's exact answer, no memory read."""
