@@ -163,8 +163,11 @@ def run(V_list=None, rows=None, seed=0, sample_shape=None, dtypes=tuple(DTYPES),
 def main(args):
     reason = fl._config.gpu_unavailable_reason()
     if reason is not None:
-        raise RuntimeError(f"no GPU backend to check against the CPU: {reason} (set NUMBA_ENABLE_CUDASIM=1 "
-                           "to run the check under numba's CUDA simulator)")
+        import importlib.util
+
+        hint = (" (set NUMBA_ENABLE_CUDASIM=1 to run the check under numba-cuda's CUDA simulator)"
+                if importlib.util.find_spec("numba_cuda") is not None else "")
+        raise RuntimeError(f"no GPU backend to check against the CPU: {reason}{hint}")
     results = run(threads=getattr(args, "threads", None))
     failed = [r for r in results if not r["ok"]]
     if args.json:

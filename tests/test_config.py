@@ -196,6 +196,43 @@ def test_bench_top_k_of_a_small_vocabulary():
     np.testing.assert_array_equal(v, fv)
 
 
+def test_gpu_without_numba_cuda(restore_backend, monkeypatch, capsys):
+    """numba alone (older numba has its own numba.cuda) is not the GPU backend: without the numba-cuda
+    package the reason says so, and `fastlogits check` does not suggest the simulator, which needs
+    numba-cuda too (its advice ended in an AttributeError; found by a new-user audit)."""
+    import importlib.util
+
+    import fastlogits.gpu
+    from fastlogits.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "numba_cuda"
+                        else real(name, *a))
+    reason = fastlogits.gpu.availability()
+    assert "numba-cuda is not installed" in reason and "fastlogits[gpu]" in reason
+    assert fl.available_backends() == ["cpu"]
+    with pytest.raises(RuntimeError, match="numba-cuda is not installed"):
+        fl.logsumexp(np.zeros((2, 3)), backend="gpu")
+    assert main(["check"]) != 0
+    err = capsys.readouterr().err
+    assert "numba-cuda is not installed" in err and "NUMBA_ENABLE_CUDASIM" not in err
+
+
+def test_bench_without_scipy():
+    """SciPy is a test extra, not a dependency: where it is missing, `fastlogits bench` leaves its column
+    out, as PyTorch's (it ended in a traceback after the first row; found by a new-user audit)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys; sys.modules['scipy'] = None; sys.modules['scipy.special'] = None\n"
+            "from fastlogits.cli import main\n"
+            "sys.exit(main(['bench', '--rows', '4', '--vocab', '64', '--repeat', '1', '--threads', '1',"
+            " '--json']))")
+    res = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=root),
+                         capture_output=True, text=True, timeout=300, cwd=root)
+    assert res.returncode == 0, res.stderr
+    libs = {r["library"] for r in json.loads(res.stdout)["results"]}
+    assert "fastlogits" in libs and "numpy/scipy" not in libs
+
+
 def test_use_backend_blocks_ending_out_of_order(restore_backend, monkeypatch):
     """Blocks held open by generators can end in any order; each removes its own entry, and a block
     ended in another context undoes nothing there and raises nothing."""

@@ -9,10 +9,16 @@ CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) everything runs on the CPU, slowly: 
 def availability():
     """None when the GPU backend can run here (a CUDA device numba-cuda can use, or its simulator), else
     a sentence saying why not."""
+    import importlib.util
+
+    if importlib.util.find_spec("numba_cuda") is None:
+        # numba's own numba.cuda (older numba) imports, but is not the numba-cuda the kernels are written
+        # for: its simulator has no default_stream, for one
+        return "numba-cuda is not installed; install fastlogits[gpu] (pip install 'numba-cuda[cu13]')"
     try:
         from numba import cuda
     except ImportError as e:
-        return f"numba-cuda is not installed ({e}); install fastlogits[gpu]"
+        return f"numba-cuda does not import ({e}); reinstall fastlogits[gpu]"
     except Exception as e:  # pragma: no cover - a broken install: say so, never fail the caller
         return f"numba.cuda does not import ({type(e).__name__}: {e})"
     try:
