@@ -164,7 +164,9 @@ def cmd_stats(args):
         counted = st["counted"]
         n = int(np.count_nonzero(counted))
         mean_nll = float(np.mean(st["nll"][counted])) if n else float("nan")
-        summary.update({"counted_rows": n, "mean_nll": mean_nll, "perplexity": float(np.exp(mean_nll)),
+        with np.errstate(over="ignore"):             # a mean NLL past 709 nats: perplexity inf, no warning
+            perplexity = float(np.exp(mean_nll))
+        summary.update({"counted_rows": n, "mean_nll": mean_nll, "perplexity": perplexity,
                         "accuracy": float(np.mean(st["correct"][counted])) if n else float("nan")})
         lines.append(f"  mean NLL      {mean_nll:.4f} nats over {n} rows   "
                      f"perplexity {summary['perplexity']:.3f}")

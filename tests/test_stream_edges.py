@@ -17,7 +17,7 @@ import fastlogits as fl
 from fastlogits.ops._prep import BF16
 from fastlogits.stream import CrossEntropy, LogSumExp
 from fastlogits.stream.accumulators import Entropy, TopK
-from fastlogits.stream.sources import SourceError, StdinSource
+from fastlogits.stream.sources import ArraySource, IterSource, SourceError, StdinSource
 
 
 def _cli(*args, stdin=None):
@@ -210,6 +210,53 @@ def test_safetensors_overlap_and_other_tensors(tmp_path):
         fl.open(path)
 
 
+def test_self_describing_files_check_what_they_are_told(tmp_path, rng):
+    """dtype, vocab and tensor given for a .npy or .safetensors file must agree with it (they were ignored:
+    --vocab 5 on a file of 9 columns read 9; found by a new-user audit), and dtype='bfloat16' re-declares
+    raw 2-byte data only: float16 values are not bfloat16 bits (they were read as such, silently)."""
+    x = rng.standard_normal((4, 9)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    with pytest.raises(SourceError, match="vocab=5 was given, but the file's rows hold 9 values"):
+        fl.open(tmp_path / "x.npy", vocab=5)
+    assert fl.open(tmp_path / "x.npy", vocab=9, dtype="float32").V == 9
+    with pytest.raises(SourceError, match="tensor= .* names a tensor of a .safetensors file"):
+        fl.open(tmp_path / "x.npy", tensor="x")
+    path = _safetensors(tmp_path / "t.safetensors", {"a": {"dtype": "F32", "shape": [4, 9],
+                                                             "data_offsets": [0, 144]}}, x.tobytes())
+    with pytest.raises(SourceError, match="dtype='float16' was asked for, but the tensor holds float32"):
+        fl.open(path, dtype="float16")
+    with pytest.raises(SourceError, match="vocab=7 was given"):
+        fl.open(path, vocab=7)
+    np.testing.assert_array_equal(fl.logsumexp(fl.open(path, dtype="float32", vocab=9)), fl.logsumexp(x))
+    with pytest.raises(SourceError, match="tensor= .* standard input holds raw rows"):
+        fl.open("-", dtype="float32", vocab=9, tensor="a")
+    # float16 is refused as bfloat16 in every kind of source; raw 2-byte data is re-declared
+    h = x.astype(np.float16)
+    np.save(tmp_path / "h.npy", h)
+    with pytest.raises(SourceError, match="re-declares raw 2-byte data .* the values are float16"):
+        fl.open(tmp_path / "h.npy", dtype="bfloat16")
+    with pytest.raises(SourceError, match="the values are float16"):
+        fl.logsumexp(ArraySource(np.load(tmp_path / "h.npy", mmap_mode="r"), "bfloat16"))
+    with pytest.raises(SourceError, match="row block 0: .* the values are float16"):
+        fl.logsumexp(IterSource(iter([h]), "bfloat16"))
+    b = x.astype(BF16)
+    np.save(tmp_path / "u.npy", b.view(np.uint16))
+    got = fl.logsumexp(fl.open(tmp_path / "u.npy", dtype="bfloat16"))
+    np.testing.assert_array_equal(got, fl.logsumexp(b))
+    # the command line names its own flags and prints plain numbers
+    assert "vocab=5 was given" in _one_line(_cli("info", tmp_path / "x.npy", "--vocab", "5"), 1)
+    assert "the values are float16" in _one_line(_cli("info", tmp_path / "h.npy", "--dtype", "bfloat16"), 1)
+    np.save(tmp_path / "v.npy", b.view("V2"))
+    assert "--dtype bfloat16 on the command line" in _one_line(_cli("info", tmp_path / "v.npy"), 1)
+    err = _one_line(_cli("softmax", tmp_path / "x.npy", tmp_path / "o.npy", "--temperature", "0"), 1)
+    assert "got 0.0" in err and "np." not in err
+    # a scalar argument names no row; one given per row names the bad row
+    cases = ((dict(top_p=1.5), r"got 1\.5"), (dict(min_p=[0.5, 2.0, 0, 0]), r"got 2\.0 \(row \(1,\)\)"))
+    for kw, shown in cases:
+        with pytest.raises(ValueError, match=f"{shown}$"):
+            fl.sample(x, seed=0, **kw)
+
+
 def test_big_endian_and_version_3_npy(tmp_path, rng):
     x = (rng.standard_normal((6, 77)) * 3).astype(np.float32)
     for dt in (">f4", ">f2", ">f8"):
@@ -322,6 +369,15 @@ def test_cli_strict_json_and_empty_inputs(tmp_path):
     rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
             for line in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert rows == [{"ids": [0, 1], "logprobs": [None, None]}] * 2
+    # a mean NLL past 709 nats: perplexity inf (null in JSON), and no NumPy overflow warning on stderr
+    x = np.zeros((2, 3), np.float32)
+    x[:, 0] = -1000.0
+    np.save(tmp_path / "far.npy", x)
+    np.save(tmp_path / "y0.npy", np.array([0, 0]))
+    res = _cli("stats", tmp_path / "far.npy", "--labels", tmp_path / "y0.npy")
+    assert res.returncode == 0 and res.stderr == b"" and b"perplexity inf" in res.stdout, res.stderr
+    res = _cli("stats", tmp_path / "far.npy", "--labels", tmp_path / "y0.npy", "--json")
+    assert res.stderr == b"" and json.loads(res.stdout)["perplexity"] is None
 
 
 def test_cli_errors_on_one_line(tmp_path):

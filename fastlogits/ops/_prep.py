@@ -173,7 +173,7 @@ def temperatures(temperature, lead, rows, argname="temperature", allow_zero=Fals
     if np.any(bad):
         val, where = first(bad)
         need = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{argname} must be finite and {need}, got {val!r}{where}")
+        raise ValueError(f"{argname} must be finite and {need}, got {float(val)!r}{where}")
     if f32:
         bad = (t != 0) & ((t < F32_TINY) | (t > F32_MAX))
         if np.any(bad):

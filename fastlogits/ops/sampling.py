@@ -189,20 +189,23 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, seed=
 
 
 def _filters(top_k, top_p, min_p, lead, rows):
+    def where(bad, value):          # the row, for an argument given per row
+        return _first_bad(bad, lead) if np.ndim(value) else ""
+
     k = _per_row(top_k, "top_k", lead, rows, np.int64, 0)
     if np.any(k < 0):
         raise ValueError(f"top_k must be >= 0 (0 or None: no top-k), got {int(k[k < 0][0])}"
-                         f"{_first_bad(k < 0, lead)}")
+                         f"{where(k < 0, top_k)}")
     p = _per_row(top_p, "top_p", lead, rows, np.float64, 1.0)
     bad = ~((p > 0) & (p <= 1))
     if np.any(bad):
-        raise ValueError(f"top_p must be in (0, 1] (1 or None: no top-p), got {p[bad][0]!r}"
-                         f"{_first_bad(bad, lead)}")
+        raise ValueError(f"top_p must be in (0, 1] (1 or None: no top-p), got {float(p[bad][0])!r}"
+                         f"{where(bad, top_p)}")
     mp = _per_row(min_p, "min_p", lead, rows, np.float64, 0.0)
     bad = ~((mp >= 0) & (mp <= 1))
     if np.any(bad):
-        raise ValueError(f"min_p must be in [0, 1] (0 or None: no min-p), got {mp[bad][0]!r}"
-                         f"{_first_bad(bad, lead)}")
+        raise ValueError(f"min_p must be in [0, 1] (0 or None: no min-p), got {float(mp[bad][0])!r}"
+                         f"{where(bad, min_p)}")
     return k, p, mp
 
 

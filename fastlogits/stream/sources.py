@@ -115,6 +115,17 @@ class _FileSource:
             yield self.read(r0, min(self.rows, r0 + max_rows))
 
 
+def _bf16_redeclares(dt):
+    """Whether dtype="bfloat16" may re-declare data of dtype dt: raw 2-byte values (|V2, bfloat16 itself,
+    uint16, int16), not float16 or any other size: those are values of their own."""
+    return dt.itemsize == 2 and dt.kind in "Vui"
+
+
+def _bf16_refusal(dt):
+    return (f"dtype='bfloat16' re-declares raw 2-byte data (|V2, uint16, int16), but "
+            f"{'the values are float16' if dt.kind == 'f' else f'it holds {dt}'}")
+
+
 def open_npy(path, dtype=None):
     """A .npy file, read lazily; dtype="bfloat16" re-declares a 2-byte (|V2, <u2, <i2) file."""
     from numpy.lib import format as npf
@@ -139,13 +150,13 @@ def open_npy(path, dtype=None):
     swap = not dt.isnative and dt.itemsize > 1      # big-endian data: swapped as it is read
     dt = dt.newbyteorder("=") if swap else dt
     if dtype is not None and dtype_name(dtype) == "bfloat16":
-        if dt.itemsize != 2:
-            raise SourceError(f"{path}: dtype='bfloat16' re-declares 2-byte data, but the file holds {dt}")
+        if not _bf16_redeclares(dt):
+            raise SourceError(f"{path}: {_bf16_refusal(dt)}")
         name = "bfloat16"
     else:
         if dt.kind == "V" and dt.itemsize == 2:
             raise SourceError(f"{path}: the file holds raw 2-byte values ({dt.str}); if they are bfloat16, "
-                              "open it with dtype='bfloat16'")
+                              "open it with dtype='bfloat16' (--dtype bfloat16 on the command line)")
         if dt == BF16:
             name = "bfloat16"
         else:
@@ -205,7 +216,7 @@ def open_safetensors(path, tensor=None):
         if len(tensors) > 1:
             names = ", ".join(sorted(tensors))
             raise SourceError(f"{path}: the file holds {len(tensors)} tensors ({names}); say which with "
-                              "tensor=")
+                              "tensor= (--tensor on the command line)")
         tensor = next(iter(tensors))
     if tensor not in tensors:
         raise SourceError(f"{path}: no tensor named {tensor!r}; the file holds: {', '.join(sorted(tensors))}")
@@ -271,8 +282,8 @@ class ArraySource:
             raise SourceError("expected logits with at least one axis, found a scalar")
         dt = np.dtype(array.dtype)
         if dtype is not None and dtype_name(dtype) == "bfloat16":
-            if dt.itemsize != 2:
-                raise SourceError(f"dtype='bfloat16' re-declares 2-byte data, but the array holds {dt}")
+            if not _bf16_redeclares(dt):
+                raise SourceError(_bf16_refusal(dt))
             self.dtype = "bfloat16"
         else:
             self.dtype = "bfloat16" if dt == BF16 else dtype_name(dt, "logits")
@@ -344,8 +355,8 @@ class IterSource:
     def _check(self, block, i):
         b = host_array(block)
         if self._declared is not None and dtype_name(self._declared) == "bfloat16" and b.dtype != BF16:
-            if b.dtype.itemsize != 2:
-                raise SourceError(f"row block {i}: dtype='bfloat16' re-declares 2-byte data, found {b.dtype}")
+            if not _bf16_redeclares(b.dtype):
+                raise SourceError(f"row block {i}: {_bf16_refusal(b.dtype)}")
             b = b.view(BF16)
         if b.ndim != 2:
             raise SourceError(f"row block {i}: expected a 2-D (rows, V) block, found shape {b.shape}")
@@ -472,13 +483,18 @@ def open(path, *, dtype=None, vocab=None, tensor=None, memory=None):  # noqa: A0
 
     ``path``: a ``.npy`` file (read lazily; ``dtype="bfloat16"`` re-declares a ``|V2`` file), a
     ``.safetensors`` file (``tensor=`` picks one when there are several; BF16 supported), ``"-"`` for raw rows
-    on standard input, or any other path as raw binary (``dtype`` and ``vocab`` required). ``memory``: the
-    memory budget of calls on this source (default: ``fastlogits.set_memory_budget``).
+    on standard input, or any other path as raw binary (``dtype`` and ``vocab`` required). For a file that
+    describes itself, a ``dtype`` or ``vocab`` given must agree with it, and ``tensor`` is for safetensors
+    only (a SourceError otherwise). ``memory``: the memory budget of calls on this source (default:
+    ``fastlogits.set_memory_budget``).
     """
     if memory is not None:
         from fastlogits.stream.run import parse_memory
         parse_memory(memory)         # a bad budget fails here, not at the first call
     if isinstance(path, str) and path == "-":
+        if tensor is not None:
+            raise SourceError("standard input: tensor= (--tensor) names a tensor of a .safetensors file; "
+                              "standard input holds raw rows")
         src = StdinSource(dtype, vocab)
     else:
         p = os.fspath(path)
@@ -488,14 +504,22 @@ def open(path, *, dtype=None, vocab=None, tensor=None, memory=None):  # noqa: A0
             raise SourceError(f"{p}: is a folder, expected a logit dump (.npy, .safetensors or raw)")
         with builtins.open(p, "rb") as f:
             magic = f.read(8)
+        safetensors = p.lower().endswith(".safetensors")
+        if tensor is not None and not safetensors:
+            raise SourceError(f"{p}: tensor= (--tensor) names a tensor of a .safetensors file; this file is "
+                              "not one")
         if magic.startswith(b"\x93NUMPY"):
             src = open_npy(p, dtype)
-        elif p.lower().endswith(".safetensors"):
+        elif safetensors:
             src = open_safetensors(p, tensor)
+            if dtype is not None and dtype_name(dtype) != src.dtype:
+                raise SourceError(f"{p}: dtype={dtype!r} was asked for, but the tensor holds {src.dtype}")
         elif p.lower().endswith(".npy"):
             raise SourceError(f"{p}: expected a .npy file (magic \\x93NUMPY), found {magic[:6]!r}")
         else:
             src = open_raw(p, dtype, vocab)
+        if vocab is not None and check_vocab(vocab) != src.V:
+            raise SourceError(f"{p}: vocab={vocab!r} was given, but the file's rows hold {src.V} values")
     src.memory = memory
     return src
 
