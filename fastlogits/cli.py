@@ -17,11 +17,11 @@ import fastlogits as fl
 from fastlogits import _json
 
 
-def _add_common(p):
+def _add_common(p, memory="256MiB"):
     p.add_argument("--backend", choices=["cpu", "gpu"], default=None, help="backend (default: cpu)")
     p.add_argument("--threads", type=_positive, default=None,
                    help="CPU threads (default: all cores, or FASTLOGITS_NUM_THREADS)")
-    p.add_argument("--memory", default=None, help="memory budget, e.g. 256MiB (default: 256MiB)")
+    p.add_argument("--memory", default=None, help=f"memory budget, e.g. 256MiB (default: {memory})")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on standard output")
 
 
@@ -72,6 +72,17 @@ def _emit(args, summary, lines):
 
 
 _PER_ROW = (".npy", ".csv", ".jsonl")
+
+
+DEMO_MEMORY = "64MiB"      # the demo's budget: small, to show that the dump is streamed
+
+
+def _binary_size(n):
+    """n bytes as the largest binary unit that keeps it at least 1: 64 MiB, 64 KiB, 512 B."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
 
 
 def _check_per_row_path(path):
@@ -203,6 +214,7 @@ def cmd_softmax(args):
 def cmd_topk(args):
     from fastlogits.stream import run
 
+    _check_per_row_path(args.output)       # before the pass, not after it
     src = _open(args)
     bar = _Bar(src.rows, "topk")
     try:
@@ -242,7 +254,7 @@ def cmd_demo(args):
         del out
         np.save(lab_path, labels)
         made = time.perf_counter() - t0
-        src = fl.open(path, dtype="bfloat16", memory=args.memory or "64MiB")
+        src = fl.open(path, dtype="bfloat16", memory=args.memory or DEMO_MEMORY)
         bar = _Bar(rows, "demo")
         try:
             st = run.stats(src, labels, backend=args.backend, threads=args.threads, progress=bar)
@@ -253,7 +265,7 @@ def cmd_demo(args):
         size = os.path.getsize(path)
     mean_nll = float(np.mean(st["nll"]))
     summary = {"rows": rows, "vocab": vocab, "dtype": "bfloat16", "bytes": size,
-               "memory_budget": run.parse_memory(args.memory or "64MiB"), "mean_nll": mean_nll,
+               "memory_budget": run.parse_memory(args.memory or DEMO_MEMORY), "mean_nll": mean_nll,
                "perplexity": float(np.exp(mean_nll)), "accuracy": float(np.mean(st["correct"])),
                "mean_entropy": float(np.mean(st["entropy"])), "seconds": secs, "GB/s": size / secs / 1e9,
                "config": fl.show_config(as_dict=True)}
@@ -262,7 +274,7 @@ def cmd_demo(args):
     lines = [
         f"fastlogits demo: wrote {rows} rows x {vocab} vocabulary of bfloat16 logits with labels "
         f"({size / 1e6:.0f} MB, {made:.1f} s), then streamed it with a "
-        f"{summary['memory_budget'] / 2**20:.0f} MiB budget:",
+        f"{_binary_size(summary['memory_budget'])} budget:",
         f"  mean NLL      {mean_nll:.4f} nats   perplexity {summary['perplexity']:.1f}",
         f"  accuracy      {summary['accuracy']:.4f}",
         f"  mean entropy  {summary['mean_entropy']:.4f} nats",
@@ -276,13 +288,17 @@ def cmd_demo(args):
 
 
 def cmd_sample(args):
+    from fastlogits.ops.sampling import sample_source
+
+    _check_per_row_path(args.output)       # before the pass, not after it
     src = _open(args)
     bar = _Bar(src.rows, "sample")
     t0 = time.perf_counter()
     try:
-        res = fl.sample(src, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        min_p=args.min_p, seed=args.seed, num_samples=args.num_samples,
-                        return_logprobs=args.logprobs, threads=args.threads)
+        res = sample_source(src, args.temperature, args.top_k, args.top_p, args.min_p, args.seed,
+                            args.num_samples, args.logprobs,
+                            dict(softcap=None, backend=args.backend, threads=args.threads, chunk_size=None),
+                            progress=bar)
     finally:
         bar.close()
     secs = time.perf_counter() - t0
@@ -333,7 +349,7 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="write a synthetic dump with labels and stream it: NLL, perplexity, ...")
-    _add_common(d)
+    _add_common(d, memory=DEMO_MEMORY)
     d.add_argument("--rows", type=_positive, default=2048)
     d.add_argument("--vocab", type=_positive, default=32000)
     d.add_argument("--seed", type=int, default=0)

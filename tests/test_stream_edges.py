@@ -322,6 +322,16 @@ def test_source_arguments_checked_when_opened(tmp_path, rng):
         fl.logsumexp(src)
 
 
+def test_a_list_of_blocks_is_one_array(rng):
+    """A list or tuple is an array to NumPy, so fastlogits reads it as one (README); a ragged one, most
+    likely blocks meant to be streamed, says to pass an iterator (NumPy's bare message did not)."""
+    x = rng.standard_normal((10, 9)).astype(np.float32)
+    np.testing.assert_array_equal(fl.logsumexp([x[:5], x[5:]]), fl.logsumexp(np.stack([x[:5], x[5:]])))
+    with pytest.raises(ValueError, match=r"logits: a list or tuple is read as one array.*iter\(blocks\)"):
+        fl.logsumexp([x[:3], x[3:]])
+    np.testing.assert_array_equal(fl.logsumexp(iter([x[:3], x[3:]])), fl.logsumexp(x))
+
+
 def test_blocks_that_disagree_with_the_first(rng):
     x = rng.standard_normal((2, 9)).astype(np.float32)
     with pytest.raises(SourceError, match="row block 1: expected float32"):
@@ -405,6 +415,31 @@ def test_cli_demo_with_a_tiny_vocabulary():
     res = _cli("demo", "--rows", "10", "--vocab", "3", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["vocab"] == 3
+
+
+def test_cli_demo_budget_and_sample_progress(tmp_path, rng):
+    """demo's help gives its own default budget (64MiB, not the 256MiB of the other commands) and a small
+    budget prints as such (64KiB printed as "0 MiB"); sample's progress callback counts every row, of row
+    blocks and of rows wider than the budget (the bar never moved); sample and topk refuse an output name
+    before they read the input. Found by a new-user audit."""
+    from fastlogits.ops.sampling import sample_source
+
+    help_text = _cli("demo", "--help").stdout.decode()
+    assert "default: 64MiB" in " ".join(help_text.split())
+    res = _cli("demo", "--rows", "20", "--vocab", "50", "--memory", "64KiB")
+    assert res.returncode == 0 and b"with a 64 KiB budget" in res.stdout, res.stdout
+    x = rng.standard_normal((6, 40000)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    for memory in ("16MiB", "64KiB"):           # one block of rows; rows wider than the budget
+        seen = []
+        tok = sample_source(fl.open(tmp_path / "x.npy", memory=memory), 1.0, None, 0.9, None, 5, 1, False,
+                            dict(softcap=None, backend=None, threads=None, chunk_size=None),
+                            progress=lambda rows, nbytes, seen=seen: seen.append((rows, nbytes)))
+        assert sum(r for r, _ in seen) == 6 and sum(b for _, b in seen) == x.nbytes, (memory, seen)
+        np.testing.assert_array_equal(tok, fl.sample(x, top_p=0.9, seed=5))
+    for cmd in ("sample", "topk"):
+        err = _one_line(_cli(cmd, tmp_path / "missing.npy", tmp_path / "out.txt"))
+        assert "per-row output must end in .npy, .csv or .jsonl" in err, err
 
 
 # ---- from a review of the above -------------------------------------------------------------------

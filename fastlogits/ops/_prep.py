@@ -90,7 +90,13 @@ def as_array(logits, dtype=None, argname="logits"):
     "bfloat16" re-declares 2-byte data (e.g. a |V2 or uint16 array) as bfloat16."""
     if is_gpu_array(logits):
         return logits
-    x = logits if isinstance(logits, np.ndarray) else host_array(logits)
+    try:
+        x = logits if isinstance(logits, np.ndarray) else host_array(logits)
+    except ValueError as e:
+        if isinstance(logits, (list, tuple)):      # ragged: most likely blocks meant to be streamed
+            raise ValueError(f"{argname}: a list or tuple is read as one array, and this one is ragged "
+                             f"({e}); to stream row blocks, pass an iterator: iter(blocks)") from None
+        raise
     if dtype is not None and dtype_name(dtype) == "bfloat16" and x.dtype != BF16:
         if x.dtype.itemsize != 2 or x.dtype.kind not in "uiV":
             raise TypeError(f"{argname}: dtype='bfloat16' re-declares 2-byte data, but {argname} has "

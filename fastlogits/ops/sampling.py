@@ -160,15 +160,11 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, seed=
     >>> t.tolist()
     [0, 2]
     """
-    if not is_int(num_samples):
-        raise TypeError(f"num_samples must be a positive integer, got {num_samples!r}")
-    ns = int(num_samples)
-    if not 1 <= ns < 2**32:
-        raise ValueError(f"num_samples must be a positive integer below 2**32, got {ns}")
+    ns = _num_samples(num_samples)
     src = as_source(logits)
     if src is not None:
-        return _sample_source(src, temperature, top_k, top_p, min_p, seed, ns, bool(return_logprobs),
-                              dict(softcap=softcap, backend=backend, threads=threads, chunk_size=chunk_size))
+        return sample_source(src, temperature, top_k, top_p, min_p, seed, ns, bool(return_logprobs),
+                             dict(softcap=softcap, backend=backend, threads=threads, chunk_size=chunk_size))
     r = prepare(logits, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
                 chunk_size=chunk_size, allow_zero_temperature=True)
     if r.V == 0:
@@ -222,10 +218,21 @@ def _draw(r, k, p, mp, seeds, row_ids, ns, logprobs, lead, row0=0):
     return tokens, (lp.astype(r.result_dtype) if logprobs else None), ranks
 
 
-def _sample_source(src, temperature, top_k, top_p, min_p, seed, ns, logprobs, kw):
+def _num_samples(num_samples):
+    if not is_int(num_samples):
+        raise TypeError(f"num_samples must be a positive integer, got {num_samples!r}")
+    ns = int(num_samples)
+    if not 1 <= ns < 2**32:
+        raise ValueError(f"num_samples must be a positive integer below 2**32, got {ns}")
+    return ns
+
+
+def sample_source(src, temperature, top_k, top_p, min_p, seed, ns, logprobs, kw, progress=None):
     """sample() of a source, block of rows by block of rows. Per-row arguments are sliced with the blocks;
     one seed keys every row by its index in the whole source. A row larger than the memory budget is
-    drawn in passes over its columns (fastlogits/stream/wide.py): the same tokens."""
+    drawn in passes over its columns (fastlogits/stream/wide.py): the same tokens. progress(rows, nbytes)
+    is called after each block or wide row (the command line's bar)."""
+    ns = _num_samples(ns)
     from fastlogits.stream import run as stream_run
     from fastlogits.stream import wide
 
@@ -275,6 +282,8 @@ def _sample_source(src, temperature, top_k, top_p, min_p, seed, ns, logprobs, kw
             lead = lead_all if lead_all is not None else (r1,)
             parts.append(_draw(r, *params(r0, r1, r), ns, logprobs, lead, r0))
             rows = r1
+            if progress:
+                progress(block.shape[0], block.nbytes)
     else:
         stream_run.check_backend(kw["backend"])       # such rows are drawn on the CPU whatever it is
         cols = stream_run.plan(src, out_itemsize=wide.BYTES_PER_VALUE).cols
@@ -296,6 +305,8 @@ def _sample_source(src, temperature, top_k, top_p, min_p, seed, ns, logprobs, kw
             parts.append((tok[None], None if lp is None else lp[None].astype(r.result_dtype),
                           None if rk is None else rk[None]))
             rows = i + 1
+            if progress:
+                progress(1, src.V * NP_DTYPES[src.dtype].itemsize)
     for arg in args.values():
         arg.check_rows(rows)
     lead = lead_all if lead_all is not None else (rows,)

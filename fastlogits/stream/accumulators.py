@@ -345,7 +345,7 @@ class Entropy(_Base):
 class TopK(_Base):
     """Running top-k (values after softcap and temperature, and indices) of rows whose columns arrive in
     chunks; with ``logprobs=True`` the log-probabilities under softmax(x / T) instead of the values. The
-    order is PyTorch's topk: NaN first, then larger values, then lower indices."""
+    order is fastlogits.top_k's: NaN first (as PyTorch's topk), then larger values, then lower indices."""
 
     def __init__(self, rows, k, *, logprobs=False, temperature=1.0, softcap=None, threads=None,
                  chunk_size=None):
