@@ -81,7 +81,8 @@ def _binary_size(n):
     """n bytes as the largest binary unit that keeps it at least 1: 64 MiB, 64 KiB, 512 B."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
-            return f"{n / size:.3g} {unit}"
+            v = n / size
+            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.2f} {unit}"
     return f"{n} B"
 
 

@@ -228,6 +228,18 @@ def test_self_describing_files_check_what_they_are_told(tmp_path, rng):
     with pytest.raises(SourceError, match="vocab=7 was given"):
         fl.open(path, vocab=7)
     np.testing.assert_array_equal(fl.logsumexp(fl.open(path, dtype="float32", vocab=9)), fl.logsumexp(x))
+    # a U16 (or I16) tensor: refused with a clear error (it was a bare KeyError), or re-declared as bfloat16
+    b16 = x.astype(BF16)
+    path = _safetensors(tmp_path / "u.safetensors", {"a": {"dtype": "U16", "shape": [4, 9],
+                                                             "data_offsets": [0, 72]}}, b16.tobytes())
+    with pytest.raises(SourceError, match="tensor 'a' holds U16 values; expected F16, BF16, F32 or F64 "
+                       r"logits \(if they are bfloat16 bits, open it with dtype='bfloat16'\)"):
+        fl.open(path)
+    np.testing.assert_array_equal(fl.logsumexp(fl.open(path, dtype="bfloat16")), fl.logsumexp(b16))
+    path = _safetensors(tmp_path / "i8.safetensors", {"a": {"dtype": "I8", "shape": [4, 9],
+                                                              "data_offsets": [0, 36]}}, bytes(36))
+    with pytest.raises(SourceError, match="holds I8 values; expected F16, BF16, F32 or F64 logits$"):
+        fl.open(path, dtype="bfloat16")
     with pytest.raises(SourceError, match="tensor= .* standard input holds raw rows"):
         fl.open("-", dtype="float32", vocab=9, tensor="a")
     # float16 is refused as bfloat16 in every kind of source; raw 2-byte data is re-declared
@@ -330,6 +342,10 @@ def test_a_list_of_blocks_is_one_array(rng):
     with pytest.raises(ValueError, match=r"logits: a list or tuple is read as one array.*iter\(blocks\)"):
         fl.logsumexp([x[:3], x[3:]])
     np.testing.assert_array_equal(fl.logsumexp(iter([x[:3], x[3:]])), fl.logsumexp(x))
+    with pytest.raises(ValueError, match=r"chunk: a list or tuple is read as one array, and this one is "
+                       r"ragged") as e:      # an accumulator's chunk cannot be an iterator: no advice
+        LogSumExp(2).update([x[0, :3], x[0, :2]], 0)
+    assert "iter(" not in str(e.value)
 
 
 def test_blocks_that_disagree_with_the_first(rng):
@@ -428,6 +444,11 @@ def test_cli_demo_budget_and_sample_progress(tmp_path, rng):
     assert "default: 64MiB" in " ".join(help_text.split())
     res = _cli("demo", "--rows", "20", "--vocab", "50", "--memory", "64KiB")
     assert res.returncode == 0 and b"with a 64 KiB budget" in res.stdout, res.stdout
+    from fastlogits.cli import _binary_size
+
+    # no exponent at 1000-1023 of a unit (it printed 1e+03 MiB)
+    assert [_binary_size(n) for n in (512, 1000 << 20, 1023 << 10, 2048 << 30, 3 << 19)] == \
+        ["512 B", "1000 MiB", "1023 KiB", "2048 GiB", "1.50 MiB"]
     x = rng.standard_normal((6, 40000)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     for memory in ("16MiB", "64KiB"):           # one block of rows; rows wider than the budget

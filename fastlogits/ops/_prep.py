@@ -94,8 +94,9 @@ def as_array(logits, dtype=None, argname="logits"):
         x = logits if isinstance(logits, np.ndarray) else host_array(logits)
     except ValueError as e:
         if isinstance(logits, (list, tuple)):      # ragged: most likely blocks meant to be streamed
+            hint = "; to stream row blocks, pass an iterator: iter(blocks)" if argname == "logits" else ""
             raise ValueError(f"{argname}: a list or tuple is read as one array, and this one is ragged "
-                             f"({e}); to stream row blocks, pass an iterator: iter(blocks)") from None
+                             f"({e}){hint}") from None
         raise
     if dtype is not None and dtype_name(dtype) == "bfloat16" and x.dtype != BF16:
         if x.dtype.itemsize != 2 or x.dtype.kind not in "uiV":

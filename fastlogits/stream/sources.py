@@ -190,8 +190,9 @@ def open_raw(path, dtype, vocab, offset=0):
 _ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
-def open_safetensors(path, tensor=None):
-    """A .safetensors file (header parsed here: the safetensors package's NumPy loader has no BF16)."""
+def open_safetensors(path, tensor=None, dtype=None):
+    """A .safetensors file (header parsed here: the safetensors package's NumPy loader has no BF16); dtype,
+    when given, must be the tensor's, or "bfloat16" to re-declare a U16 or I16 tensor, as for .npy."""
     path = os.fspath(path)
     size = os.path.getsize(path)
     with builtins.open(path, "rb") as f:
@@ -235,6 +236,17 @@ def open_safetensors(path, tensor=None):
         raise SourceError(f"{path}: corrupt safetensors file: {data - end} bytes after the last tensor's "
                           "data")
     name, shape, b0, _ = spans[tensor]
+    st_dtype = tensors[tensor]["dtype"]
+    bf16 = dtype is not None and dtype_name(dtype) == "bfloat16"
+    if name is None and bf16 and st_dtype in ("U16", "I16"):
+        name = "bfloat16"
+    elif name is None:
+        bits = st_dtype in ("U16", "I16")
+        hint = " (if they are bfloat16 bits, open it with dtype='bfloat16')" if bits else ""
+        raise SourceError(f"{path}: tensor {tensor!r} holds {st_dtype} values; expected F16, BF16, F32 or "
+                          f"F64 logits{hint}")
+    elif dtype is not None and dtype_name(dtype) != name:
+        raise SourceError(f"{path}: dtype={dtype!r} was asked for, but the tensor holds {name}")
     src = _FileSource(path, shape, name, 8 + n + b0, "safetensors")
     src.tensor = tensor
     return src
@@ -511,9 +523,7 @@ def open(path, *, dtype=None, vocab=None, tensor=None, memory=None):  # noqa: A0
         if magic.startswith(b"\x93NUMPY"):
             src = open_npy(p, dtype)
         elif safetensors:
-            src = open_safetensors(p, tensor)
-            if dtype is not None and dtype_name(dtype) != src.dtype:
-                raise SourceError(f"{p}: dtype={dtype!r} was asked for, but the tensor holds {src.dtype}")
+            src = open_safetensors(p, tensor, dtype)
         elif p.lower().endswith(".npy"):
             raise SourceError(f"{p}: expected a .npy file (magic \\x93NUMPY), found {magic[:6]!r}")
         else:
