@@ -200,3 +200,30 @@ def test_beam_search_ties_of_finished_beams_go_to_the_lowest_tokens():
     x = np.log(np.array([[0.5, 0.5], [0.5, 0.5], [0.9, 0.1], [0.9, 0.1]]))
     s, p, t = fl.beam_search_step(x, np.array([-np.inf, -np.inf, 0.0, -1.0]), 2)
     assert p.tolist() == [[0, 0, 1, 1], [0, 1, 0, 1]] and t.tolist() == [[0, 1, 0, 1], [0, 0, 1, 1]]
+
+
+def test_entropy_of_float64_chunks_whose_maxima_are_past_the_double_range_apart():
+    """Merging the entropy states of chunks with maxima 1e308 and -1e308: their gap overflows to -inf and
+    the smaller state's weight exp(gap) is 0, but its t term s * gap was inf * 0 = NaN. The merge now skips
+    a vanished state, as the GPU's ent_merge does (found by two soak agents). Whatever the chunking, the
+    threads or the accumulator's order, the entropy is that of the row without its vanishing values."""
+    from fastlogits.stream.accumulators import Entropy
+
+    n = 5000
+    z = np.concatenate([np.full(n, -1e308), np.full(n, 1e308)])
+    want = np.log(n)                         # n equal maxima; the others weigh exp(-2e308) = 0
+    for row in (z, z[::-1]):
+        for chunk in (1, 7, n, None):
+            for threads in (1, 4):
+                got = fl.entropy(row, chunk_size=chunk, threads=threads)
+                np.testing.assert_allclose(got, want, rtol=1e-12, err_msg=f"chunk {chunk}, {threads} threads")
+    x = np.array([1e308, -1e308])           # entropy 0 (within the exp floor's 2e-305 in one chunk)
+    for chunk in (1, 2):
+        np.testing.assert_allclose(fl.entropy(x, chunk_size=chunk), 0.0, rtol=0, atol=1e-300)
+    for order in ((0, 1), (1, 0)):
+        acc = Entropy(1)
+        for j in order:
+            acc.update(x[None, j:j + 1], j)
+        np.testing.assert_allclose(acc.result(), [0.0], rtol=0, atol=1e-300)
+    got = fl.entropy(np.array([1e300, -1e300, 1e300]), temperature=1e-8, chunk_size=1)
+    np.testing.assert_allclose(got, np.log(2), rtol=1e-15)

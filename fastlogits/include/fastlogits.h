@@ -208,14 +208,23 @@ static inline void fl_ent_merge(fl_ent_state *into, const fl_ent_state *other) {
     if (m2 == -FL_INF) return;
     if (m1 == -FL_INF) { *into = *other; return; }
     if (m1 == FL_INF || m2 == FL_INF) { into->m = FL_INF; into->s = 1.0; into->t = 0.0; return; }
+    /* f = 0: the smaller range's terms vanish; skipped, as s * (m2 - m1) may overflow (maxima of +-1e308
+     * are 2e308 apart: inf * 0 was NaN) */
     if (m1 >= m2) {
         f = exp(m2 - m1);
-        into->s += other->s * f;
-        into->t += (other->t + other->s * (m2 - m1)) * f;
+        if (f > 0) {
+            into->s += other->s * f;
+            into->t += (other->t + other->s * (m2 - m1)) * f;
+        }
     } else {
         f = exp(m1 - m2);
-        into->t = other->t + (into->t + into->s * (m1 - m2)) * f;
-        into->s = other->s + into->s * f;
+        if (f > 0) {
+            into->t = other->t + (into->t + into->s * (m1 - m2)) * f;
+            into->s = other->s + into->s * f;
+        } else {
+            into->t = other->t;
+            into->s = other->s;
+        }
         into->m = m2;
     }
 }

@@ -339,3 +339,15 @@ def test_smoothing_at_large_offsets(gpu, rng, weighted):
         np.testing.assert_allclose(got, want, rtol=1e-13, err_msg=f"chunk_size {chunk}")
         cpu = fl.cross_entropy(x, y, chunk_size=chunk, backend="cpu", **kw)
         np.testing.assert_allclose(got, cpu, rtol=1e-13)
+
+
+def test_entropy_of_maxima_past_the_double_range_apart(gpu):
+    """float64 chunks with maxima 1e308 and -1e308 (their gap overflows): the GPU's merges skip the vanished
+    state, as the C core's now does too; both give the entropy of the n equal maxima."""
+    n = 300
+    z = np.concatenate([np.full(n, -1e308), np.full(n, 1e308)])
+    for row in (z, z[::-1]):
+        for chunk in (64, None):
+            got = fl.entropy(row, backend="gpu", chunk_size=chunk)
+            np.testing.assert_allclose(got, np.log(n), rtol=1e-12)
+            np.testing.assert_allclose(got, fl.entropy(row, backend="cpu", chunk_size=chunk), rtol=1e-12)
