@@ -232,7 +232,9 @@ def test_cython_cimport_downstream(tmp_path, rng):
         textwrap.dedent("""
         # cython: language_level=3
         from fastlogits.clib cimport (fl_lse_state, fl_lse_init, fl_lse_update_f32, fl_lse_result,
-                                      fl_cross_entropy_f32)
+                                      fl_cross_entropy_f32, fl_ce_state, fl_ce_init, fl_ce_update_f32,
+                                      fl_ce_merge, fl_ce_result, fl_argmax_state, fl_argmax_init,
+                                      fl_argmax_update_f32, fl_argmax_merge, fl_argmax_f32)
 
         def lse_rows(float[:, ::1] x):
             cdef fl_lse_state st
@@ -250,6 +252,24 @@ def test_cython_cimport_downstream(tmp_path, rng):
             with nogil:
                 r = fl_cross_entropy_f32(&x[0], x.shape[0], label)
             return r
+
+        def ce_argmax_in_halves(float[::1] x, long label):
+            # the second half first, then the first, merged: the pieces' states as another thread's
+            cdef fl_ce_state a, b
+            cdef fl_argmax_state p, q
+            cdef Py_ssize_t h = x.shape[0] // 2
+            with nogil:
+                fl_ce_init(&a, label)
+                fl_ce_init(&b, label)
+                fl_ce_update_f32(&a, &x[h], x.shape[0] - h, h)
+                fl_ce_update_f32(&b, &x[0], h, 0)
+                fl_ce_merge(&a, &b)
+                fl_argmax_init(&p)
+                fl_argmax_init(&q)
+                fl_argmax_update_f32(&p, &x[h], x.shape[0] - h, h)
+                fl_argmax_update_f32(&q, &x[0], h, 0)
+                fl_argmax_merge(&p, &q)
+            return fl_ce_result(&a), p.index, fl_argmax_f32(&x[0], x.shape[0])
     """)
     )
     # Cython finds fastlogits/clib.pxd through sys.path after a regular install; an editable install
@@ -272,7 +292,8 @@ def test_cython_cimport_downstream(tmp_path, rng):
     x = _awkward_rows(rng, 4, 3001)
     code = (
         "import sys, numpy as np; sys.path.insert(0, '.'); import downstream; "
-        "x = np.load('x.npy'); print(repr(downstream.lse_rows(x))); print(downstream.ce_row(x[0], 17))"
+        "x = np.load('x.npy'); print(repr(downstream.lse_rows(x))); print(downstream.ce_row(x[0], 17)); "
+        "print(repr(downstream.ce_argmax_in_halves(x[0], 17)))"
     )
     np.save(tmp_path / "x.npy", x)
     out = subprocess.run(
@@ -280,6 +301,9 @@ def test_cython_cimport_downstream(tmp_path, rng):
     ).stdout.splitlines()
     np.testing.assert_allclose(eval(out[0]), fl.logsumexp(x), rtol=2e-6)  # noqa: S307 - our own output
     assert float(out[1]) == pytest.approx(float(fl.cross_entropy(x[:1], [17])), rel=2e-6)
+    ce, top_halves, top = eval(out[2])  # noqa: S307 - our own output
+    assert ce == pytest.approx(float(fl.cross_entropy(x[:1], [17])), rel=2e-6)
+    assert top_halves == top == int(fl.argmax(x[0]))
 
 
 def test_numba_entry_points(rng):
