@@ -823,3 +823,13 @@ def test_top_p_of_large_logits_keeps_the_exact_nucleus(dtype, gap, path):
         else:
             t = sample(np.tile(x, (2000, 1)), top_p=top_p, seed=3, top_k=3 if path == "top-k" else None)
         assert sorted(set(np.asarray(t).ravel().tolist())) == keep, (top_p, keep)
+
+
+def test_a_temperature_that_overflows_the_compute_type_is_named():
+    """float32 logits of 3e38 at T = 0.25 overflow to +inf in the compute type (as in PyTorch): the row
+    cannot be sampled, and the error says where the +inf came from (the input holds none)."""
+    x = np.array([[3e38, 1.0], [0.0, 1.0]], np.float32)
+    with pytest.raises(ValueError, match=r"\+inf logit \(after softcap and temperature.*x / T may overflow.*"
+                       r"\(row \(0,\)\)"):
+        sample(x, temperature=0.25, seed=0)
+    assert sample(x.astype(np.float64), temperature=0.25, seed=0)[0] == 0     # float64 holds 1.2e39

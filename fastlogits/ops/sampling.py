@@ -86,7 +86,8 @@ def _seeds(seed, lead, rows):
 
 _STATUS = {
     1: "holds a NaN",
-    2: "holds a +inf logit (its softmax is NaN, as in PyTorch)",
+    2: "holds a +inf logit (after softcap and temperature, in the compute type: x / T may overflow; "
+       "its softmax is NaN, as in PyTorch)",
     3: "has no possible token (every logit is -inf)",
 }
 
