@@ -335,6 +335,55 @@ def test_a_filtered_token_never_wins_in_a_wide_row(kw):
         assert status == wide.OK and tokens[0] == 0, cols
 
 
+def _sample_in_chunks(x, cols, **kw):
+    """wide.sample_row of the 1-D row x read in chunks of cols columns, with every filter's default."""
+    args = dict(temperature=1.0, softcap=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, row_id=0,
+                num_samples=1, logprobs=False) | kw
+    return wide.sample_row(ArraySource(x[None]), cols=cols, **args)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ties_with_the_kth_value_across_chunks(rng, dtype):
+    """A few k are found with the max in one pass, and top-p, min-p and the draw run on them in memory.
+    Tokens tied with the k-th value that the chunks' top-k leave out still survive: one pass counts them
+    for top-p's mass, and the draw runs in passes when they survive every filter. Rows of few levels
+    put the k-th value's ties in many chunks; tokens, log-probabilities and ranks are the in-memory
+    sampler's (on the k-th value, above it after top-p or min-p, and with ties that all fit)."""
+    V, k = 4099, 37
+    for _ in range(40):
+        x = rng.integers(-3, 4, V).astype(dtype)
+        x[rng.integers(0, V, 30)] = rng.standard_normal(30) + 3.5      # fewer than k above the levels
+        x[rng.random(V) < 0.3] = -np.inf
+        kw = dict(top_k=k, top_p=float(rng.choice([1.0, 0.95, 0.6, 0.2])),
+                  min_p=float(rng.choice([0.0, 0.3])), temperature=float(rng.choice([1.0, 0.5])),
+                  seed=int(rng.integers(0, 2**63)), num_samples=3, logprobs=True)
+        cols = int(rng.integers(16 * k, 4 * 16 * k))
+        status, tokens, lp, ranks = _sample_in_chunks(x, cols, **kw)
+        want = fl.sample(x, top_k=k, top_p=kw["top_p"], min_p=kw["min_p"] or None,
+                         temperature=kw["temperature"], seed=kw["seed"], num_samples=3, return_logprobs=True)
+        assert status == wide.OK
+        np.testing.assert_array_equal(tokens, want[0])
+        np.testing.assert_allclose(lp, want[1], rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(ranks, want[2])
+
+
+def test_top_k_and_top_p_of_a_wide_row_read_it_once(rng, monkeypatch):
+    """With a few k, top-k with top-p and min-p (and log-probabilities) read the row once, the passes'
+    reading of a plain draw, where a radix select on the mass would read it three times more."""
+    reads = []
+    real = wide.column_chunks
+    monkeypatch.setattr(wide, "column_chunks", lambda row, cols: reads.append(cols) or real(row, cols))
+    x = rng.standard_normal(50021).astype(np.float32)
+    kw = dict(top_k=50, top_p=0.9, min_p=0.01, seed=int(rng.integers(0, 2**63)), num_samples=4)
+    status, tokens, lp, _ = _sample_in_chunks(x, 4096, logprobs=True, **kw)
+    assert status == wide.OK and len(reads) == 1
+    want = fl.sample(x, top_k=50, top_p=0.9, min_p=0.01, seed=kw["seed"], num_samples=4, return_logprobs=True)
+    np.testing.assert_array_equal(tokens, want[0])
+    np.testing.assert_allclose(lp, want[1], rtol=1e-6, atol=1e-6)
+    reads.clear()
+    assert _sample_in_chunks(x, 4096, seed=kw["seed"], num_samples=4)[0] == wide.OK and len(reads) == 2
+
+
 @pytest.mark.parametrize("wide_budget", [True, False])
 @pytest.mark.parametrize("name, value, message", [
     ("top_k", -5, "top_k must be >= 0"), ("top_p", 1.5, "top_p must be in"),

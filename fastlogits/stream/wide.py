@@ -7,16 +7,22 @@ memory is set by the chunk, not by the row:
 
 1. the max and argmax of the values (after softcap and temperature), which also finds a row that cannot
    be sampled (a NaN, a +inf, no possible token); a greedy row ends here;
-2. top-k: the k-th largest value, by one pass keeping the k largest when they fit in a chunk's scratch,
-   else by a radix select on the values' order-preserving bit patterns (``DIGIT`` bits a pass: 3 passes
-   for float32 values, 6 for float64; 8 bits for small chunks) counting each bucket's tokens; every
-   token tied with it survives, as Hugging Face keeps them;
+2. top-k: the k-th largest value by a radix select on the values' order-preserving bit patterns
+   (``DIGIT`` bits a pass: 3 passes for float32 values, 6 for float64; 8 bits for small chunks)
+   counting each bucket's tokens; every token tied with it survives, as Hugging Face keeps them;
 3. top-p: the nucleus' boundary value by the same radix select on probability mass instead of counts,
    over the top-k survivors renormalised (a mass within 16 eps of top_p reaches it, as in memory);
 4. min-p: ``x_max + log(min_p)``;
 5. the Gumbel-max over the survivors (the values at or above the largest of those thresholds), with the
    in-memory sampler's noise and conservative test (``fl__gumbel_chunk``), all samples in one pass;
 6. with log-probabilities, one more pass for the sampled tokens' ranks and the survivors' mass.
+
+A few k (their copies fit in a chunk's scratch: top_k at most cols / 16) take one pass instead: it keeps
+the k largest values and their tokens, with the max, and the survivors are among them, so top-p, min-p,
+the draw (the same float64 keys, from ``_sample.noise``) and the log-probabilities run in memory. Only
+where tokens tied with the k-th value were left out of the k does one more pass count them (for top-p's
+mass), and the draw then runs in passes if they survive every filter. Top-k with top-p reads a row once,
+with or without log-probabilities, where it read float32 values six or seven times.
 
 In both samplers the survivors are the tokens at or above one threshold and a token's key is the same
 float64 number, so the tokens are those the row in memory gives, except where top-p's cumulative mass
@@ -75,16 +81,39 @@ def _select(passes, vdt, want, mass=None, digit=DIGIT):
     return _value(prefix, vdt)
 
 
-def _kth_largest(passes, k):
-    """The k-th largest value of a row (k below its length) in one pass: the k largest of each chunk (the
-    C top-k), merged with those of the chunks before."""
+def _k_largest(passes, k):
+    """The k largest values of a row (k below its length) and their tokens, by value descending then
+    token, in one pass: the k + 1 largest of each chunk (the C top-k, NaN first) merged with those of
+    the chunks before. Returns (values, tokens, cut), cut the largest value left out (so a value equal to
+    the k-th may have been left out only if cut equals it), or None for a row holding a NaN."""
     from fastlogits.ops.selection import _top_k
 
-    best = np.empty(0)
-    for _, v in passes():
-        _, top, _ = _top_k(v[None], min(k, v.shape[0]), False, 1.0, None, "cpu", 1, None)
-        best = np.sort(np.concatenate([best, np.asarray(top[0], np.float64)]))[::-1][:k]
-    return float(best[k - 1])
+    vals, toks, cut = np.empty(0), np.empty(0, np.int64), -math.inf
+    for c0, v in passes():
+        _, top, idx = _top_k(v[None], min(k + 1, v.shape[0]), False, 1.0, None, "cpu", 1, None)
+        top = np.asarray(top[0], np.float64)
+        if np.isnan(top[0]):
+            return None
+        vals, toks = np.concatenate([vals, top]), np.concatenate([toks, idx[0] + c0])
+        order = np.lexsort((toks, -vals))
+        vals, toks = vals[order], toks[order]
+        if vals.size > k:
+            cut = max(cut, float(vals[k]))
+            vals, toks = vals[:k], toks[:k]
+    return vals, toks, cut
+
+
+def _nucleus(vals, extra, m, p):
+    """The nucleus' boundary value among survivors held in memory: values `vals` (descending) and `extra`
+    more tokens equal to the last; the largest value whose tokens at or above it reach the fraction p of
+    their mass exp(x - m), as ``_select`` finds it by passes."""
+    w = np.exp(vals - m)
+    cum = np.cumsum(w)
+    cum[-1] += extra * w[-1]
+    ends = np.append(vals[:-1] != vals[1:], True)        # the last token of each value
+    hits = np.flatnonzero(ends & (cum >= p * cum[-1]))
+    # rounding may leave the total below the goal: the lowest value with mass then
+    return float(vals[hits[0]] if hits.size else vals[np.flatnonzero(w > 0)[-1]])
 
 
 def sample_row(row, *, temperature, softcap, top_k, top_p, min_p, seed, row_id, num_samples, logprobs,
@@ -105,6 +134,15 @@ def sample_row(row, *, temperature, softcap, top_k, top_p, min_p, seed, row_id, 
             _sample.values(chunk, code, t, softcap, v)
             yield c0, v
 
+    tol = 16 * float(np.finfo(vdt).eps)          # a mass within 16 eps of top_p reaches it, as in memory
+    p = 1.0 if top_p >= 1.0 else top_p - tol if top_p - tol > 0.5 * top_p else 0.5 * top_p
+    if not greedy and 0 < top_k < row.V and top_k <= cols // 16:
+        # a few k: their copies (80 bytes each at most) fit in the scratch of a chunk, and the k largest,
+        # found with the max in one pass, hold the survivors, so the filters and the draw run in memory
+        found = _k_largest(passes, top_k)
+        if found is None:
+            return NAN, None, None, None
+        return _sample_survivors(passes, *found, min_p, p, seed, row_id, ns, logprobs, vdt)
     m, top = -math.inf, -1
     for c0, v in passes():
         cm = v.max()
@@ -123,17 +161,18 @@ def sample_row(row, *, temperature, softcap, top_k, top_p, min_p, seed, row_id, 
         return POSINF, None, None, None
     theta = -math.inf
     digit = DIGIT if cols >= 1 << 16 else 8     # histograms of 2^11 values of 8 bytes, or of 2^8
-    if 0 < top_k < row.V:
-        # a few k: one pass keeping the k largest (their copies, 80 bytes each at most, fit in the scratch
-        # of a chunk); else a radix select counting tokens (3 passes for float32 values, 6 for float64)
-        few = top_k <= cols // 16
-        theta = _kth_largest(passes, top_k) if few else _select(passes, vdt, top_k, None, digit)
+    if 0 < top_k < row.V:                        # a radix select counting tokens (3 passes for float32
+        theta = _select(passes, vdt, top_k, None, digit)          # values, 6 for float64)
     if top_p < 1.0:
-        tol = 16 * float(np.finfo(vdt).eps)
-        p = top_p - tol if top_p - tol > 0.5 * top_p else 0.5 * top_p
         theta = max(theta, _select(passes, vdt, p, (theta, m), digit))
     if min_p > 0.0:
         theta = max(theta, m + math.log(min_p))
+    return _draw(passes, theta, m, seed, row_id, ns, logprobs)
+
+
+def _draw(passes, theta, m, seed, row_id, ns, logprobs):
+    """The Gumbel-max over the tokens at or above theta in one pass, and their log-probabilities in one
+    more; returns sample_row's tuple."""
     best, tokens, xt = np.full(ns, -np.inf), np.full(ns, -1, np.int64), np.zeros(ns)
     for c0, v in passes():
         _sample.gumbel_values(v, c0, theta, seed, row_id, best, tokens)
@@ -146,4 +185,39 @@ def sample_row(row, *, temperature, softcap, top_k, top_p, min_p, seed, row_id, 
     ranks, mass = np.zeros(ns, np.int64), np.zeros(ns)
     for _, v in passes():
         _sample.rank_mass_values(v, xt, theta, m, ranks, mass)
+    return OK, tokens, xt - (m + np.log(mass)), ranks
+
+
+def _sample_survivors(passes, vals, toks, cut, min_p, p, seed, row_id, ns, logprobs, vdt):
+    """sample_row from the k largest values of a row (``_k_largest``): top-p and min-p on them, and the
+    Gumbel-max over the survivors with the noise of their tokens (``_sample.noise``: the same float64 keys
+    as the passes'). Where tokens tied with the k-th value were left out (cut equals it), one pass
+    counts them for top-p's mass, and if they survive every filter the draw runs in passes."""
+    m, kth = float(vals[0]), float(vals[-1])
+    if m == -math.inf:
+        return EMPTY, None, None, None
+    if m == math.inf:
+        return POSINF, None, None, None
+    extra = 0
+    if cut == kth > -math.inf:
+        extra = sum(int(np.count_nonzero(v == kth)) for _, v in passes()) - int(np.count_nonzero(vals == kth))
+    theta = kth
+    if p < 1.0:
+        theta = _nucleus(vals, extra, m, p)
+    if min_p > 0.0:
+        theta = max(theta, m + math.log(min_p))
+    if extra and theta <= kth:
+        return _draw(passes, theta, m, seed, row_id, ns, logprobs)
+    keep = vals >= theta
+    sv, st = vals[keep], toks[keep]
+    order = np.argsort(st)                        # by token: the lowest wins a tie of keys, as in passes
+    sv, st = sv[order], st[order]
+    tokens, xt = np.empty(ns, np.int64), np.empty(ns)
+    for s in range(ns):
+        j = int(np.argmax(sv + _sample.noise(seed, row_id, s, st)[2]))
+        tokens[s], xt[s] = st[j], sv[j]
+    if not logprobs:
+        return OK, tokens, None, None
+    ranks, mass = np.zeros(ns, np.int64), np.zeros(ns)
+    _sample.rank_mass_values(sv.astype(vdt), xt, theta, m, ranks, mass)
     return OK, tokens, xt - (m + np.log(mass)), ranks
