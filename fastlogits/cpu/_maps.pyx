@@ -24,7 +24,7 @@ def softmax(x, int dtype, temperature, double softcap, out, int out_dtype, bint 
     cdef int64_t nseg = n_segments(&b, threads), items = b.rows * nseg
     cdef int64_t it, i, g, start, stop
     cdef fl_row r
-    cdef char *buf
+    cdef char *buf = NULL
     cdef char *obase = <char *> <size_t> out.__array_interface__["data"][0]
     cdef int64_t orow = out.strides[0], ocol = out.strides[1]
     cdef char *bufs = <char *> malloc(threads * chunk * 16)

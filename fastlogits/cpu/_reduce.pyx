@@ -53,7 +53,7 @@ def entropy(x, int dtype, temperature, double softcap, double[::1] out, int64_t 
     cdef int64_t nseg = n_segments(&b, threads), items = b.rows * nseg
     cdef int64_t it, i, g, start, stop
     cdef fl_row r
-    cdef char *buf
+    cdef char *buf = NULL
     cdef char *bufs = alloc_buffers(threads, chunk * 8)
     cdef fl_ent_state *st = <fl_ent_state *> malloc(max(items, 1) * sizeof(fl_ent_state))
     if st == NULL:
@@ -93,7 +93,7 @@ def cross_entropy(x, int dtype, temperature, double softcap, const int64_t[::1] 
     cdef int64_t nseg = n_segments(&b, threads), items = b.rows * nseg
     cdef int64_t it, i, g, start, stop
     cdef fl_row r
-    cdef char *buf
+    cdef char *buf = NULL
     cdef double lse_i, xt, m, m1
     cdef const char *w = NULL
     if weight is not None:
@@ -171,7 +171,7 @@ def lse_states(x, int dtype, temperature, double softcap, weight, bint want_dist
     cdef int64_t i
     cdef fl_row r
     cdef fl_lse_state s
-    cdef char *buf
+    cdef char *buf = NULL
     cdef double acc, wacc
     cdef const char *w = NULL
     if weight is not None:
@@ -254,7 +254,7 @@ def ent_states(x, int dtype, temperature, double softcap, double[::1] m_out, dou
     cdef int64_t i
     cdef fl_row r
     cdef fl_ent_state e
-    cdef char *buf
+    cdef char *buf = NULL
     cdef char *bufs = alloc_buffers(threads, chunk * 8)
     with nogil, parallel(num_threads=threads):
         buf = bufs + threadid() * chunk * 8
@@ -301,7 +301,7 @@ def stats(x, int dtype, temperature, double softcap, const int64_t[::1] labels, 
     cdef fl_row r
     cdef fl_ent_state e
     cdef double xt
-    cdef char *buf
+    cdef char *buf = NULL
     cdef bint have_labels = labels.shape[0] > 0
     cdef char *bufs = alloc_buffers(threads, chunk * 8)
     with nogil, parallel(num_threads=threads):

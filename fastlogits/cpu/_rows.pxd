@@ -117,7 +117,7 @@ cdef inline void fold_lse(const Block *b, int64_t nseg, fl_lse_state *st, char *
     merged in order, so the result does not depend on the thread count."""
     cdef int64_t it, i, g, start, stop
     cdef fl_row r
-    cdef char *buf
+    cdef char *buf = NULL
     with parallel(num_threads=threads):
         buf = bufs + threadid() * per_thread
         for it in prange(b.rows * nseg, schedule="guided"):

@@ -119,7 +119,7 @@ def sample(x, int dtype, temperature, double softcap, const int64_t[::1] top_k, 
     threads = max(1, min(threads, b.rows))
     cdef fl_sample_params p
     cdef fl_sample_scratch sc
-    cdef char *base
+    cdef char *base = NULL
     cdef char *bufs = <char *> malloc(threads * per_thread)
     if bufs == NULL:
         raise MemoryError("fastlogits: cannot allocate %d scratch buffers of %d bytes"
@@ -187,7 +187,7 @@ cdef draw_split(const Block *b, int64_t nseg, const unsigned char[::1] split, co
     cdef int64_t[::1] grank = np.zeros(items if want_lp else 1, np.int64)
     cdef fl_row r
     cdef fl_sample_params p
-    cdef char *buf
+    cdef char *buf = NULL
     cdef int phase
     for phase in range(2 if want_lp else 1):      # 0: the draws, 1: the log-probability passes
         with nogil, parallel(num_threads=threads):

@@ -21,7 +21,7 @@ def argmax(x, int dtype, temperature, double softcap, int64_t[::1] out, int64_t 
     cdef Block b = make_block(x, dtype, temperature, softcap, chunk)
     cdef int64_t i
     cdef fl_row r
-    cdef char *buf
+    cdef char *buf = NULL
     cdef char *bufs = <char *> malloc(threads * chunk * 8)
     if bufs == NULL:
         raise MemoryError("fastlogits: cannot allocate scratch buffers")
@@ -45,8 +45,8 @@ def top_k(x, int dtype, temperature, double softcap, int64_t k, values, int64_t[
     cdef Block b = make_block(x, dtype, temperature, softcap, chunk)
     cdef int64_t i, j
     cdef fl_row r
-    cdef char *buf
-    cdef fl_lse_state *st
+    cdef char *buf = NULL
+    cdef fl_lse_state *st = NULL
     cdef double log_s, v
     cdef bint want_lp = logprobs is not None
     cdef char *vals = <char *> <size_t> values.__array_interface__["data"][0]
