@@ -55,6 +55,10 @@ cdef extern from "fastlogits.h" nogil:
     int64_t fl_argmax_f32(const float *x, size_t n)
 
     void fl_ent_init(fl_ent_state *st)
+    void fl_ent_update_f32(fl_ent_state *st, const float *x, size_t n)
+    void fl_ent_update_f64(fl_ent_state *st, const double *x, size_t n)
+    void fl_ent_update_f16(fl_ent_state *st, const uint16_t *x, size_t n)
+    void fl_ent_update_bf16(fl_ent_state *st, const uint16_t *x, size_t n)
     void fl_ent_merge(fl_ent_state *into, const fl_ent_state *other)
     double fl_ent_result(const fl_ent_state *st)
 

@@ -36,7 +36,8 @@ C_PROGRAM = r"""
 #include "fastlogits.h"
 
 /* reads rows x V float32 and rows int64 labels from files; prints per row:
-   lse (whole), lse (folded in 3 pieces, merged out of order), ce, argmax, entropy-free checks */
+   lse (whole, in 3 pieces merged out of order, f16, bf16, f64), ce (whole, in pieces), argmax (whole,
+   in pieces), entropy (f32 in pieces, f16, bf16, f64 in pieces) */
 int main(int argc, char **argv) {
     if (argc != 5) return 2;
     long rows = atol(argv[1]), V = atol(argv[2]);
@@ -79,10 +80,21 @@ int main(int argc, char **argv) {
         fl_argmax_update_f32(&am2, r + c1, V - c1, c1);
         fl_argmax_update_f32(&am1, r, c1, 0);
         fl_argmax_merge(&am1, &am2);
-        printf("%.17g %.17g %.17g %.17g %.17g %.17g %.17g %lld %lld\n", fl_lse_result(&w),
-               fl_lse_result(&c), fl_lse_result(&s16), fl_lse_result(&sb16), fl_lse_result(&s64),
-               fl_cross_entropy_f32(r, V, y[i]), fl_ce_result(&ce1), (long long)fl_argmax_f32(r, V),
-               (long long)am1.index);
+        fl_ent_state e1, e2, e16, eb16, e64;                       /* entropy: two pieces, merged */
+        fl_ent_init(&e1); fl_ent_init(&e2); fl_ent_init(&e16); fl_ent_init(&eb16); fl_ent_init(&e64);
+        fl_ent_update_f32(&e2, r + c1, V - c1);
+        fl_ent_update_f32(&e1, r, c1);
+        fl_ent_merge(&e1, &e2);
+        fl_ent_update_f16(&e16, h, V);
+        fl_ent_update_bf16(&eb16, bh, V);
+        fl_ent_update_f64(&e64, d + c2, V - c2);
+        fl_ent_init(&e2); fl_ent_update_f64(&e2, d, c2);
+        fl_ent_merge(&e64, &e2);
+        printf("%.17g %.17g %.17g %.17g %.17g %.17g %.17g %lld %lld %.17g %.17g %.17g %.17g\n",
+               fl_lse_result(&w), fl_lse_result(&c), fl_lse_result(&s16), fl_lse_result(&sb16),
+               fl_lse_result(&s64), fl_cross_entropy_f32(r, V, y[i]), fl_ce_result(&ce1),
+               (long long)fl_argmax_f32(r, V), (long long)am1.index, fl_ent_result(&e1),
+               fl_ent_result(&e16), fl_ent_result(&eb16), fl_ent_result(&e64));
         free(h); free(bh); free(d);
     }
     printf("%d.%d %s\n", FASTLOGITS_VERSION_MAJOR, FASTLOGITS_VERSION_MINOR, fl_simd_path());
@@ -132,6 +144,40 @@ def test_header_compiles_warning_free_and_computes(tmp_path, rng, std):
     np.testing.assert_allclose(vals[:, 6], ce, rtol=0, atol=tol)
     np.testing.assert_array_equal(vals[:, 7], ref.argmax(x))
     np.testing.assert_array_equal(vals[:, 8], ref.argmax(x))
+    ent = ref.entropy(x)
+    np.testing.assert_allclose(vals[:, 9], ent, rtol=0, atol=tol)
+    np.testing.assert_allclose(vals[[0, 1, 2], 10], ref.entropy(x16)[[0, 1, 2]], rtol=1e-6, atol=1e-5)
+    assert np.isnan(vals[3, 10])                                  # 1e30 is +inf in float16
+    np.testing.assert_allclose(vals[:, 11], ref.entropy(x.astype(fl.ops._prep.BF16)), rtol=1e-6, atol=tol)
+    np.testing.assert_allclose(vals[:, 12], ent, rtol=1e-12, atol=1e-12)
+    assert abs(vals[3, 9] - np.log(V)) < 1e-9 and vals[2, 9] < 1e-6   # tied: log V; one dominant: 0
+
+
+def _cpu_flags():
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((ln.split(":")[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+
+
+@needs_cc
+@pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"} <= _cpu_flags(),
+                    reason="needs an x86-64 CPU with AVX-512 to run all three builds")
+@pytest.mark.parametrize("flags, path", [([], None), (["-DFL_NO_MULTIVERSION"], "baseline"),
+                                         (["-DFL_NO_MULTIVERSION", "-mavx2", "-mfma"], "avx2"),
+                                         (["-DFL_NO_MULTIVERSION", "-march=x86-64-v4"], "avx512")])
+def test_simd_path_names_the_path_compiled_in(tmp_path, flags, path):
+    """fl_simd_path() of a default build is the loader's choice, the Python package's on this machine; a
+    single-version build (FL_NO_MULTIVERSION, or Clang) names the target it was compiled for."""
+    from fastlogits.cpu import _info
+
+    src = tmp_path / "p.c"
+    src.write_text('#include <stdio.h>\n#include "fastlogits.h"\n'
+                   'int main(void) { printf("%s\\n", fl_simd_path()); return 0; }\n')
+    _compile(CC, src, tmp_path / "p", ["-O2", *flags])
+    out = subprocess.run([tmp_path / "p"], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == (path or _info.simd_path())
 
 
 MIXED_STATES = r"""
@@ -234,7 +280,8 @@ def test_cython_cimport_downstream(tmp_path, rng):
         from fastlogits.clib cimport (fl_lse_state, fl_lse_init, fl_lse_update_f32, fl_lse_result,
                                       fl_cross_entropy_f32, fl_ce_state, fl_ce_init, fl_ce_update_f32,
                                       fl_ce_merge, fl_ce_result, fl_argmax_state, fl_argmax_init,
-                                      fl_argmax_update_f32, fl_argmax_merge, fl_argmax_f32)
+                                      fl_argmax_update_f32, fl_argmax_merge, fl_argmax_f32, fl_ent_state,
+                                      fl_ent_init, fl_ent_update_f32, fl_ent_merge, fl_ent_result)
 
         def lse_rows(float[:, ::1] x):
             cdef fl_lse_state st
@@ -253,10 +300,11 @@ def test_cython_cimport_downstream(tmp_path, rng):
                 r = fl_cross_entropy_f32(&x[0], x.shape[0], label)
             return r
 
-        def ce_argmax_in_halves(float[::1] x, long label):
+        def in_halves(float[::1] x, long label):
             # the second half first, then the first, merged: the pieces' states as another thread's
             cdef fl_ce_state a, b
             cdef fl_argmax_state p, q
+            cdef fl_ent_state e, f
             cdef Py_ssize_t h = x.shape[0] // 2
             with nogil:
                 fl_ce_init(&a, label)
@@ -269,7 +317,12 @@ def test_cython_cimport_downstream(tmp_path, rng):
                 fl_argmax_update_f32(&p, &x[h], x.shape[0] - h, h)
                 fl_argmax_update_f32(&q, &x[0], h, 0)
                 fl_argmax_merge(&p, &q)
-            return fl_ce_result(&a), p.index, fl_argmax_f32(&x[0], x.shape[0])
+                fl_ent_init(&e)
+                fl_ent_init(&f)
+                fl_ent_update_f32(&e, &x[h], x.shape[0] - h)
+                fl_ent_update_f32(&f, &x[0], h)
+                fl_ent_merge(&e, &f)
+            return fl_ce_result(&a), p.index, fl_argmax_f32(&x[0], x.shape[0]), fl_ent_result(&e)
     """)
     )
     # Cython finds fastlogits/clib.pxd through sys.path after a regular install; an editable install
@@ -293,7 +346,7 @@ def test_cython_cimport_downstream(tmp_path, rng):
     code = (
         "import sys, numpy as np; sys.path.insert(0, '.'); import downstream; "
         "x = np.load('x.npy'); print(repr(downstream.lse_rows(x))); print(downstream.ce_row(x[0], 17)); "
-        "print(repr(downstream.ce_argmax_in_halves(x[0], 17)))"
+        "print(repr(downstream.in_halves(x[0], 17)))"
     )
     np.save(tmp_path / "x.npy", x)
     out = subprocess.run(
@@ -301,7 +354,8 @@ def test_cython_cimport_downstream(tmp_path, rng):
     ).stdout.splitlines()
     np.testing.assert_allclose(eval(out[0]), fl.logsumexp(x), rtol=2e-6)  # noqa: S307 - our own output
     assert float(out[1]) == pytest.approx(float(fl.cross_entropy(x[:1], [17])), rel=2e-6)
-    ce, top_halves, top = eval(out[2])  # noqa: S307 - our own output
+    ce, top_halves, top, ent = eval(out[2])  # noqa: S307 - our own output
+    assert ent == pytest.approx(float(ref.entropy(x[0])), rel=2e-6)
     assert ce == pytest.approx(float(fl.cross_entropy(x[:1], [17])), rel=2e-6)
     assert top_halves == top == int(fl.argmax(x[0]))
 

@@ -27,7 +27,8 @@
  *   fl_ce_state, fl_ce_init, fl_ce_update_{f32,f64}, fl_ce_merge, fl_ce_result, fl_cross_entropy_f32
  *       cross-entropy against a class index, as PyTorch's -log_softmax(x)[label] (NaN for a label
  *       outside 0 .. n-1, where PyTorch raises: C has no exception to raise);
- *   fl_ent_state, fl_ent_init, fl_ent_merge, fl_ent_result   entropy (nats) of softmax;
+ *   fl_ent_state, fl_ent_init, fl_ent_update_{f32,f64,f16,bf16}, fl_ent_merge, fl_ent_result
+ *       entropy (nats) of softmax, in pieces as the logsumexp state;
  *   fl_argmax_state, fl_argmax_init, fl_argmax_update_f32, fl_argmax_merge, fl_argmax_f32;
  *   fl_f16_to_f32, fl_f32_to_f16, fl_bf16_to_f32, fl_f32_to_bf16   exact / round-to-nearest-even;
  *   fl_row with fl_row_{lse,entropy,ce,softmax,argmax,topk}_{f32,f64}: one row of any dtype and stride,
@@ -118,8 +119,14 @@ static inline const char *fl_simd_path(void) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("x86-64-v4")) return "avx512";
     if (__builtin_cpu_supports("x86-64-v3")) return "avx2";
-#endif
     return "baseline";
+#elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+    return "avx512";   /* one version, compiled for the includer's target (FL_NO_MULTIVERSION, Clang) */
+#elif defined(__AVX2__) && defined(__FMA__)
+    return "avx2";
+#else
+    return "baseline";
+#endif
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -514,6 +521,45 @@ static inline void fl_lse_update_bf16(fl_lse_state *st, const uint16_t *x, size_
         size_t c = n < FL_CONVERT_BLOCK ? n : FL_CONVERT_BLOCK;
         fl_load_bf16(buf, x, (int64_t)c);
         fl_lse_update_f32(st, buf, c);
+        x += c; n -= c;
+    }
+}
+
+/* Fold n values into the entropy state (as the fl_lse_update_* twins: the 16-bit ones take the bits). */
+static inline void fl_ent_update_f32(fl_ent_state *st, const float *x, size_t n) {
+    for (size_t c0 = 0; c0 < n; c0 += FL_CHUNK) {
+        size_t len = n - c0 < FL_CHUNK ? n - c0 : FL_CHUNK;
+        fl_ent_state c = fl_ent_chunk_f32(x + c0, (int64_t)len, (uintptr_t)(x + c0) + len * sizeof(float),
+                                          64);
+        fl_ent_merge(st, &c);
+    }
+}
+
+static inline void fl_ent_update_f64(fl_ent_state *st, const double *x, size_t n) {
+    for (size_t c0 = 0; c0 < n; c0 += FL_CHUNK) {
+        size_t len = n - c0 < FL_CHUNK ? n - c0 : FL_CHUNK;
+        fl_ent_state c = fl_ent_chunk_f64(x + c0, (int64_t)len, (uintptr_t)(x + c0) + len * sizeof(double),
+                                          64);
+        fl_ent_merge(st, &c);
+    }
+}
+
+static inline void fl_ent_update_f16(fl_ent_state *st, const uint16_t *x, size_t n) {
+    float buf[FL_CONVERT_BLOCK];
+    while (n > 0) {
+        size_t c = n < FL_CONVERT_BLOCK ? n : FL_CONVERT_BLOCK;
+        fl_load_f16(buf, x, (int64_t)c);
+        fl_ent_update_f32(st, buf, c);
+        x += c; n -= c;
+    }
+}
+
+static inline void fl_ent_update_bf16(fl_ent_state *st, const uint16_t *x, size_t n) {
+    float buf[FL_CONVERT_BLOCK];
+    while (n > 0) {
+        size_t c = n < FL_CONVERT_BLOCK ? n : FL_CONVERT_BLOCK;
+        fl_load_bf16(buf, x, (int64_t)c);
+        fl_ent_update_f32(st, buf, c);
         x += c; n -= c;
     }
 }
