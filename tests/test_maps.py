@@ -71,6 +71,18 @@ def test_out_never_aliases_input_silently(name, rng):
 
 
 @pytest.mark.parametrize("name", MAPS)
+def test_out_over_big_endian_logits_is_refused(name, rng):
+    """Big-endian logits are swapped into a copy for the kernels; an out over the caller's own bytes is
+    still refused (it was checked against the copy, and the logits were overwritten)."""
+    x = random_logits(rng, (4, 300), np.float32).astype(">f4")
+    keep = x.copy()
+    alias = np.ndarray(x.shape, "<f4", buffer=x)
+    with pytest.raises(ValueError, match="out overlaps logits"):
+        getattr(fl, name)(x, out=alias)
+    assert_unchanged(x, keep)
+
+
+@pytest.mark.parametrize("name", MAPS)
 def test_out_wrong_shape(name, rng):
     x = random_logits(rng, (4, 30), np.float32)
     with pytest.raises((ValueError, TypeError), match="out"):

@@ -282,6 +282,55 @@ def test_big_endian_and_version_3_npy(tmp_path, rng):
     np.testing.assert_array_equal(fl.entropy(fl.open(tmp_path / "v3.npy")), fl.entropy(x))
 
 
+def test_big_endian_array_likes_and_blocks(rng):
+    """Big-endian arrays behind the array-like interface, and big-endian row blocks (alone or after
+    native ones), are their values, as in memory and in .npy files."""
+    x = (rng.standard_normal((6, 77)) * 3).astype(np.float32)
+
+    class Dataset:                    # what h5py offers: shape, dtype, slicing
+        def __init__(self, a):
+            self.a, self.shape, self.dtype = a, a.shape, a.dtype
+
+        def __getitem__(self, key):
+            return self.a[key]
+
+    for dt in (">f4", ">f2", ">f8"):
+        want = x.astype(dt).astype(np.dtype(dt).newbyteorder("="))
+        be = x.astype(dt)
+        for src in (Dataset(be), iter([be]), iter([want[:2], be[2:]])):
+            np.testing.assert_array_equal(fl.logsumexp(src), fl.logsumexp(want))
+        out = np.empty(x.shape, want.dtype)
+        fl.softmax(Dataset(be), out=out)
+        np.testing.assert_array_equal(out, fl.softmax(want))
+
+
+def test_an_out_over_the_sources_logits_is_refused(rng):
+    """A streamed map never writes over the caller's logits: an out array sharing memory with a row block
+    of an iterable (the same array, a shifted or reversed view, a later block) raises as in memory (an
+    array in memory given out= is mapped in memory, where the same check runs), as does an out with a
+    zero stride or a read-only one."""
+    x = rng.standard_normal((8, 50)).astype(np.float32)
+    buf = np.zeros((9, 50), np.float32)
+    buf[:8] = x
+    later = x.copy()        # its rows 4: are the second block's logits; rows :4 only out's
+    cases = [(lambda: iter([x]), x, "row block 0", x), (lambda: iter([buf[:8]]), buf[1:], "row block 0", buf),
+             (lambda: iter([x[:4].copy(), later[4:]]), later, "row block 1", later[4:]),
+             (lambda: iter([x]), x[::-1], "row block 0", x)]
+    for make, out, what, logits in cases:
+        keep = logits.copy()
+        for f in (fl.softmax, fl.log_softmax):
+            with pytest.raises(ValueError, match=f"out overlaps {what}; the caller's logits are never"):
+                f(make(), out=out)
+            np.testing.assert_array_equal(logits, keep)
+    zero = np.lib.stride_tricks.as_strided(np.zeros(50, np.float32), (8, 50), (0, 4))
+    with pytest.raises(ValueError, match="out overlaps itself"):
+        fl.softmax(iter([x]), out=zero)
+    ro = np.zeros_like(x)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out is read-only"):
+        fl.softmax(iter([x]), out=ro)
+
+
 def test_one_dimensional_source(tmp_path, rng):
     x = rng.standard_normal(11).astype(np.float32)
     np.save(tmp_path / "one.npy", x)

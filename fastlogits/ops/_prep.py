@@ -102,7 +102,7 @@ def as_array(logits, dtype=None, argname="logits"):
         if x.dtype.itemsize != 2 or x.dtype.kind not in "uiV":
             raise TypeError(f"{argname}: dtype='bfloat16' re-declares 2-byte data, but {argname} has "
                             f"dtype {x.dtype}")
-        x = x.view(BF16)
+        x = as_bf16(x)
     if x.dtype.newbyteorder("=") not in _NAMES:
         kind = {"i": "integer", "u": "integer", "b": "bool", "c": "complex"}.get(x.dtype.kind, str(x.dtype))
         raise TypeError(f"{argname} must be floating point (float16, bfloat16, float32 or float64), "
@@ -112,6 +112,14 @@ def as_array(logits, dtype=None, argname="logits"):
     if not x.dtype.isnative:
         x = x.astype(x.dtype.newbyteorder("="))   # the kernels read native byte order
     return x
+
+
+def as_bf16(x):
+    """2-byte data (|V2, uint16, int16) re-declared as bfloat16 bits; big-endian integers are swapped
+    first, as big-endian floats are."""
+    if x.dtype.kind in "ui" and not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))
+    return x.view(BF16)
 
 
 def check_own_places(shape, strides, name="out"):

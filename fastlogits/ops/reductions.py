@@ -119,7 +119,8 @@ def _map(logits, log, temperature, softcap, out, dtype, backend, threads, chunk_
         if not out.flags.writeable:
             raise ValueError(f"{name}: out is read-only")
         check_own_places(out.shape, out.strides, name)
-        if isinstance(x, np.ndarray) and np.shares_memory(out, x):
+        # the caller's array, not only x: big-endian logits were swapped into a copy
+        if any(isinstance(a, np.ndarray) and np.shares_memory(out, a) for a in (x, logits)):
             raise ValueError(f"{name}: out overlaps logits; the caller's logits are never written to")
     if is_gpu_array(out):
         try:

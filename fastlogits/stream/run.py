@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastlogits.ops._prep import NP_DTYPES
+from fastlogits.ops._prep import NP_DTYPES, check_own_places
 
 DEFAULT_BUDGET = 256 * 2**20
 BLOCK_BYTES = 16 * 2**20     # the largest input block a plan makes, whatever the budget
@@ -471,6 +471,11 @@ class _Sink:
                 raise ValueError(f"out must have the source's shape {tuple(source.shape)}, got {out.shape}")
             if out.dtype != self.dtype:
                 raise ValueError(f"out has dtype {out.dtype}, expected {out_name}")
+            if not out.flags.writeable:
+                raise ValueError("out is read-only")
+            check_own_places(out.shape, out.strides)
+            if hasattr(source, "protect"):
+                source.protect(out)      # as in memory: out may not overlap the logits
             self._out_rows = rows = int(np.prod(out.shape[:-1], dtype=np.int64))
             view = out.reshape(rows, self.V)
             # rows written through a (rows, V) view of out, or row by row where its axes do not merge

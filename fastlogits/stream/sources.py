@@ -23,7 +23,7 @@ import sys
 import numpy as np
 
 from fastlogits._config import is_int
-from fastlogits.ops._prep import BF16, NP_DTYPES, dtype_name, host_array
+from fastlogits.ops._prep import BF16, NP_DTYPES, as_bf16, dtype_name, host_array
 
 
 class SourceError(ValueError):
@@ -119,6 +119,15 @@ def _bf16_redeclares(dt):
     """Whether dtype="bfloat16" may re-declare data of dtype dt: raw 2-byte values (|V2, bfloat16 itself,
     uint16, int16), not float16 or any other size: those are values of their own."""
     return dt.itemsize == 2 and dt.kind in "Vui"
+
+
+def _native(dt):
+    """The dtype dt in native byte order: big-endian float data is swapped as it is read."""
+    return dt.newbyteorder("=") if dt.kind == "f" and not dt.isnative else dt
+
+
+def _overlap_error(what):
+    return ValueError(f"out overlaps {what}; the caller's logits are never written to")
 
 
 def _bf16_refusal(dt):
@@ -298,7 +307,7 @@ class ArraySource:
                 raise SourceError(_bf16_refusal(dt))
             self.dtype = "bfloat16"
         else:
-            self.dtype = "bfloat16" if dt == BF16 else dtype_name(dt, "logits")
+            self.dtype = "bfloat16" if dt == BF16 else dtype_name(_native(dt), "logits")
         self.V = self.shape[-1]
         self.rows = math.prod(self.shape[:-1])
         self.nbytes = self.rows * self.V * _itemsize(self.dtype)
@@ -324,8 +333,8 @@ class ArraySource:
             raise SourceError(f"{type(self.array).__name__}: rows {r0}:{r1}, columns {c0}:{c1} came back "
                               f"with shape {block.shape}, expected {(r1 - r0, c1 - c0)}")
         if self.dtype == "bfloat16" and block.dtype != BF16:
-            block = block.view(BF16)
-        return block
+            block = as_bf16(block)
+        return block.astype(_native(block.dtype), copy=False)
 
     def blocks(self, max_rows):
         for r0 in range(0, self.rows, max_rows):
@@ -343,7 +352,7 @@ class IterSource:
     def __init__(self, iterable, dtype=None, vocab=None):
         self._it = iter(iterable)
         self._declared = dtype
-        self._first = None
+        self._first = self._first_raw = self._protected = None
         try:
             self._first = next(self._it)
         except StopIteration:
@@ -353,7 +362,7 @@ class IterSource:
         if self._first is not None:
             self._first = self._check(self._first, 0)
             self.V = self._first.shape[1]
-            self.dtype = "bfloat16" if self._first.dtype == BF16 else dtype_name(self._first.dtype)
+            self.dtype = "bfloat16" if self._first.dtype == BF16 else dtype_name(self._first.dtype, "logits")
         else:
             self.V = int(vocab)
             self.dtype = dtype_name(dtype or "float32")
@@ -364,17 +373,29 @@ class IterSource:
     def __repr__(self):
         return f"<fastlogits source iterable V={self.V} dtype={self.dtype}>"
 
+    def protect(self, out):
+        """A ValueError, as each block is read, if it shares memory with the output array `out` (blocks not
+        yet read may only be checked then: an iterable's blocks must not share memory with out)."""
+        self._protected = out
+        if self._first is not None and np.shares_memory(self._first_raw, out):
+            raise _overlap_error("row block 0")
+
     def _check(self, block, i):
         b = host_array(block)
+        if self._protected is not None and np.shares_memory(b, self._protected):
+            raise _overlap_error(f"row block {i}")
+        if i == 0:
+            self._first_raw = b
         if self._declared is not None and dtype_name(self._declared) == "bfloat16" and b.dtype != BF16:
             if not _bf16_redeclares(b.dtype):
                 raise SourceError(f"row block {i}: {_bf16_refusal(b.dtype)}")
-            b = b.view(BF16)
+            b = as_bf16(b)
         if b.ndim != 2:
             raise SourceError(f"row block {i}: expected a 2-D (rows, V) block, found shape {b.shape}")
         if i and b.shape[1] != self.V:
             raise SourceError(f"row block {i}: expected rows of {self.V} values (as the first block), found "
                               f"{b.shape[1]}")
+        b = b.astype(_native(b.dtype), copy=False)
         if i and b.dtype != NP_DTYPES[self.dtype]:
             raise SourceError(f"row block {i}: expected {self.dtype} (as the first block), found {b.dtype}")
         return b
@@ -386,7 +407,7 @@ class IterSource:
         self._used = True
         self.rows = 0
         i = 0
-        block = self._first
+        block, self._first, self._first_raw = self._first, None, None
         while block is not None:
             for r0 in range(0, block.shape[0], max_rows):
                 part = block[r0:r0 + max_rows]
