@@ -31,19 +31,40 @@ def _env_threads():
         return os.cpu_count() or 1
 
 
+# GNU OpenMP's thread pool does not survive fork(): a child forked after its parent ran a parallel region
+# of 2 or more threads hangs in its own first one (PyTorch's CPU kernels do too). Such a child runs on
+# one thread, whatever it asks for (multiprocessing's "spawn" and "forkserver" children are fresh).
+_parallel_ran = False         # a call of this process was given 2 or more threads
+_forked_after_parallel = False
+
+
+def _after_fork_in_child():
+    global _forked_after_parallel
+    _forked_after_parallel = _forked_after_parallel or _parallel_ran
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def default_threads():
-    """FASTLOGITS_NUM_THREADS if set, else every core this process may run on."""
-    return _env_threads()
+    """FASTLOGITS_NUM_THREADS if set, else every core this process may run on; 1 in a child forked after
+    its parent ran threads (see _after_fork_in_child)."""
+    return 1 if _forked_after_parallel else _env_threads()
 
 
 def resolve_threads(threads):
+    global _parallel_ran
     if threads is None:
-        return default_threads()
-    if not is_int(threads):
+        threads = default_threads()
+    elif not is_int(threads):
         raise TypeError(f"threads must be a positive integer or None, got {threads!r}")
-    threads = int(threads)
-    if not 1 <= threads <= MAX_THREADS:
-        raise ValueError(f"threads must be an integer from 1 to {MAX_THREADS} or None, got {threads!r}")
+    else:
+        threads = int(threads)
+        if not 1 <= threads <= MAX_THREADS:
+            raise ValueError(f"threads must be an integer from 1 to {MAX_THREADS} or None, got {threads!r}")
+    if _forked_after_parallel:
+        return 1
+    _parallel_ran = _parallel_ran or threads > 1
     return threads
 
 

@@ -267,3 +267,37 @@ def test_demo_reports_the_threads_it_ran_on():
                          cwd=root)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["config"]["threads"] == 1
+
+
+FORK_AFTER_THREADS = r"""
+import os, sys
+import numpy as np
+import fastlogits as fl
+
+x = np.random.default_rng(int(sys.argv[1])).standard_normal((64, 5000)).astype(np.float32)
+want = fl.logsumexp(x, threads=2)            # the parent runs a parallel region of 2 threads
+pid = os.fork()
+if pid == 0:                                   # GNU OpenMP's pool is gone in the child
+    ok = np.array_equal(fl.logsumexp(x, threads=2), want) and np.array_equal(fl.logsumexp(x), want)
+    ok = ok and fl.show_config(as_dict=True)["threads"] == 1
+    os._exit(0 if ok else 1)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform")
+def test_a_child_forked_after_parallel_work_runs_on_one_thread(rng):
+    """GNU OpenMP's thread pool does not survive fork(): a child forked after its parent ran threads hung
+    in its first parallel region (multiprocessing's default on Linux). It now runs on one thread, with
+    the same results."""
+    proc = subprocess.Popen([sys.executable, "-c", FORK_AFTER_THREADS, str(rng.integers(2**32))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        pytest.fail("the forked child hung in its first parallel region")
+    assert proc.returncode == 0, err
+    assert out.strip() == "0", "the forked child's results differ from its parent's"
