@@ -1,13 +1,17 @@
 """The ``fastlogits`` command line. It calls the public API only.
 
-Subcommands: demo, info, stats, softmax, topk, bench. Each takes --backend, --threads, --memory and --json,
-and shows a progress bar on standard error when it is a terminal. Bad input gets one clear line on
-standard error and a non-zero exit, never a traceback.
+Subcommands: demo, info, stats, softmax, topk, sample, check, bench. Each takes --backend, --threads,
+--memory and --json, and shows a progress bar on standard error when it is a terminal. Bad input gets one
+clear line on standard error and a non-zero exit, never a traceback; Ctrl-C and SIGTERM leave no partial
+output (exit status 130, 143). ``python -m fastlogits`` runs it too.
 """
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 
@@ -420,17 +424,42 @@ def build_parser():
     return p
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the main thread runs, so that the work unwinds: an output written under a
+    temporary name is removed, as after Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    if threading.current_thread() is not threading.main_thread():
+        yield                                 # (handlers are the main thread's to set)
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        if args.backend is not None:
-            fl.set_backend(args.backend)
-        if args.memory is not None:
-            fl.set_memory_budget(args.memory)
-        return args.func(args)
+        with _sigterm_unwinds():
+            if args.backend is not None:
+                fl.set_backend(args.backend)
+            if args.memory is not None:
+                fl.set_memory_budget(args.memory)
+            return args.func(args)
     except KeyboardInterrupt:
         print(f"fastlogits {args.command}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"fastlogits {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:   # the reader of standard output went away (| head): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -5,9 +5,11 @@ errors and strict JSON. Results are compared with the in-memory functions on the
 import io
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 import tracemalloc
 
 import numpy as np
@@ -629,3 +631,30 @@ def test_strict_json_of_bfloat16_scalars():
 
     v = np.array([1.5, np.nan], BF16)
     assert json.loads(_json.dumps({"v": v[0], "w": v[1]})) == {"v": 1.5, "w": None}
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "posix", reason="POSIX signals")
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_killed_command_leaves_no_file(tmp_path, rng, sig, code):
+    """`fastlogits softmax` stopped by SIGTERM (what kill, timeout and job schedulers send) or Ctrl-C in
+    the middle of a dump read from standard input: the work unwinds, the temporary output is removed, and
+    the exit status is 128 + the signal's number (SIGTERM used to kill it on the spot, leaving the
+    partial file)."""
+    x = rng.standard_normal((64, 1000)).astype(np.float32)
+    proc = subprocess.Popen([sys.executable, "-m", "fastlogits", "softmax", "-", str(tmp_path / "p.npy"),
+                             "--dtype", "float32", "--vocab", "1000", "--memory", "64KiB"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write(x.tobytes())                 # some rows, and the pipe left open: the dump goes on
+    proc.stdin.flush()
+    deadline = time.monotonic() + 60
+    while not [n for n in os.listdir(tmp_path) if ".partial-" in n]:
+        assert time.monotonic() < deadline and proc.poll() is None, "the command never started writing"
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, sig))
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err
+    assert os.listdir(tmp_path) == [], "a partial output was left"
+    assert err.decode().strip().endswith(("terminated", "interrupted"))
