@@ -224,6 +224,12 @@ def test_memory_budget_setting():
         assert fl.get_memory_budget() == 2**30
         with pytest.raises(ValueError, match="memory"):
             fl.set_memory_budget("lots")
+        for n in (np.float32(2**20), np.float64(2**21), np.int32(2**22), 2.0**23):   # any real number type
+            fl.set_memory_budget(n)
+            assert fl.get_memory_budget() == int(n)
+        for bad in (True, np.bool_(True), 1j, None):
+            with pytest.raises(TypeError, match="memory must be a byte count"):
+                fl.set_memory_budget(bad)
     finally:
         fl.set_memory_budget(old)
 

@@ -3,8 +3,9 @@
 
 Design: each work item is (row, column range); a thread folds its range into a row state with the C
 core's row drivers, and the states of one row are merged afterwards in a fixed order, so results do not
-depend on the thread count. With at least as many rows as threads a row is one range; a few long rows are
-split into several (``n_segments``). Scratch buffers are one per thread, allocated before the parallel
+depend on which thread folds which range. With at least as many rows as threads a row is one range; a few
+long rows are split into several (``n_segments``, more for more threads), which moves a result by
+rounding only (a few ulp of float64). Scratch buffers are one per thread, allocated before the parallel
 region (so an allocation failure raises MemoryError instead of crashing a thread). Results are float64;
 the Python layer casts them to the API's result dtype.
 """

@@ -114,7 +114,8 @@ cdef inline void fold_lse(const Block *b, int64_t nseg, fl_lse_state *st, char *
                           int threads) noexcept nogil:
     """The logsumexp state of every row into st[i * nseg]: range g of row i folded by some thread into
     st[i * nseg + g] (bufs: one scratch buffer of per_thread bytes a thread), then the ranges of each row
-    merged in order, so the result does not depend on the thread count."""
+    merged in order, so the result does not depend on which thread folds which range (the number of
+    ranges, n_segments, moves it by rounding only)."""
     cdef int64_t it, i, g, start, stop
     cdef fl_row r
     cdef char *buf = NULL

@@ -35,7 +35,8 @@ def parse_memory(memory, argname="memory"):
         if not m or m.group(2).lower() not in _UNITS:
             raise ValueError(f"{argname} must be a byte count such as 268435456 or '256MiB', got {memory!r}")
         value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    elif isinstance(memory, bool) or not isinstance(memory, (int, float, np.integer)):
+    elif isinstance(memory, (bool, np.bool_)) or not isinstance(memory, (int, float, np.number)) \
+            or isinstance(memory, np.complexfloating):
         raise TypeError(f"{argname} must be a byte count such as 268435456 or '256MiB', got {memory!r}")
     else:
         value = float(memory)
