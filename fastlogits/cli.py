@@ -91,8 +91,12 @@ def _binary_size(n):
 
 
 def _check_per_row_path(path):
+    """Before the pass, not after it: the name's format, and a place where it can be written."""
+    from fastlogits.stream.run import check_output_path
+
     if not path.lower().endswith(_PER_ROW):
         raise ValueError(f"{path}: per-row output must end in .npy, .csv or .jsonl")
+    check_output_path(path)
 
 
 def write_rows(path, columns):

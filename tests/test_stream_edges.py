@@ -658,3 +658,150 @@ def test_a_killed_command_leaves_no_file(tmp_path, rng, sig, code):
     assert proc.returncode == code, err
     assert os.listdir(tmp_path) == [], "a partial output was left"
     assert err.decode().strip().endswith(("terminated", "interrupted"))
+
+
+# ---- pipes, odd headers and paths, row numbers of streamed errors (found by an audit agent) ------------
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+def test_a_pipe_given_by_its_path_is_read_as_standard_input(tmp_path, rng):
+    """A FIFO, /dev/stdin or a shell's <(zcat dump.gz) holds raw rows read once, in order, as "-" does
+    (it was sized as a 0-byte file: 0 rows and a zero exit; a FIFO hung). A .npy or .safetensors name is
+    refused: those are read at offsets."""
+    import threading
+
+    x = rng.standard_normal((37, 300)).astype(np.float32)
+    fifo = tmp_path / "rows.fifo"
+    os.mkfifo(fifo)
+    got = []
+
+    def read():
+        src = fl.open(fifo, dtype="float32", vocab=300, memory="64KiB")   # opened at the first read
+        got.extend([fl.logsumexp(src), src])
+
+    # daemon threads: a regression hangs them (a FIFO opened twice waits for a second writer), not the run
+    writer = threading.Thread(target=lambda: fifo.write_bytes(x.tobytes()), daemon=True)
+    reader = threading.Thread(target=read, daemon=True)
+    writer.start()
+    reader.start()
+    reader.join(60)
+    assert got, "reading the FIFO hung"
+    np.testing.assert_array_equal(got[0], fl.logsumexp(x))
+    assert got[1].format == "pipe" and got[1].rows == 37
+    with pytest.raises(SourceError, match=r"rows\.fifo needs dtype= and vocab="):
+        fl.open(fifo)
+    os.mkfifo(tmp_path / "d.npy")
+    with pytest.raises(SourceError, match=r"d\.npy: expected a regular file .* found a pipe or device"):
+        fl.open(tmp_path / "d.npy")
+    res = subprocess.run([sys.executable, "-m", "fastlogits", "stats", "/dev/stdin", "--dtype", "float32",
+                          "--vocab", "300", "--json"], input=x.tobytes(), capture_output=True)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["rows"] == 37
+
+
+def test_npy_headers_with_negative_dimensions_are_refused(tmp_path):
+    """np.load refuses them; fastlogits read rows = -4 and returned an empty result (found by an audit
+    agent)."""
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (-4, 6), }"
+    header += " " * (117 - len(header)) + "\n"
+    (tmp_path / "neg.npy").write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little")
+                                       + header.encode() + bytes(96))
+    with pytest.raises(SourceError, match=r"neg\.npy: not a valid \.npy file \(a negative dimension"):
+        fl.open(tmp_path / "neg.npy")
+
+
+def test_odd_paths_headers_and_iterables_give_clear_errors(tmp_path, rng):
+    x = rng.standard_normal((4, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.testing.assert_array_equal(fl.logsumexp(fl.open(os.fsencode(tmp_path / "x.npy"))), fl.logsumexp(x))
+    for dt in (np.float32, np.float64):              # the message named float16 for every float
+        np.save(tmp_path / "f.npy", x.astype(dt))
+        with pytest.raises(SourceError, match=f"but the values are {np.dtype(dt).name}$"):
+            fl.open(tmp_path / "f.npy", dtype="bfloat16")
+    deep = b'{"a": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    (tmp_path / "deep.safetensors").write_bytes(struct.pack("<Q", len(deep)) + deep)
+    with pytest.raises(SourceError, match="corrupt safetensors header .* nested too deep"):
+        fl.open(tmp_path / "deep.safetensors")
+    with pytest.raises(SourceError, match=r"an empty one, \(0, V\), says it"):
+        fl.logsumexp(iter([]))
+    np.testing.assert_array_equal(fl.logsumexp(iter([np.empty((0, 6), np.float32), x])), fl.logsumexp(x))
+    assert fl.logsumexp(iter([np.empty((0, 6), np.float32)])).shape == (0,)
+
+
+def test_a_one_dimensional_array_like_indexed_by_slices_only(rng):
+    """h5py and zarr index with ints and slices only (no None): a 1-D one is one row."""
+    x = rng.standard_normal(5000).astype(np.float32)
+
+    class Dataset:
+        shape, dtype = x.shape, x.dtype
+
+        def __getitem__(self, key):
+            keys = key if isinstance(key, tuple) else (key,)
+            if not all(isinstance(k, (int, slice)) for k in keys):
+                raise TypeError(f"only ints and slices, got {key!r}")
+            return x[key]
+
+    np.testing.assert_allclose(fl.logsumexp(Dataset()), fl.logsumexp(x), rtol=1e-6)
+    fl.set_memory_budget("64KiB")                   # a row wider than the budget: column chunks
+    try:
+        np.testing.assert_allclose(fl.entropy(Dataset()), fl.entropy(x), rtol=1e-5)
+    finally:
+        fl.set_memory_budget("256MiB")
+
+
+@pytest.mark.parametrize("budget", ["64KiB", "1MiB"])
+def test_streamed_errors_name_the_row_in_the_whole_source(tmp_path, rng, budget):
+    """A bad label or per-row temperature is found before the pass and named by its row in the source,
+    as in memory (blocks counted rows from their own first: row 2 for row 50; rows wider than the budget
+    were each row 0)."""
+    x = rng.standard_normal((100, 1000)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    src = lambda: fl.open(tmp_path / "x.npy", memory=budget)      # noqa: E731
+    lab = rng.integers(0, 1000, 100)
+    for bad in (1000, -5):
+        lab[50] = bad
+        with pytest.raises(IndexError, match=f"label {bad} at row 50 is out of range"):
+            fl.cross_entropy(src(), lab)
+    t = np.ones(100)
+    t[50] = -1.0
+    for call in (lambda: fl.logsumexp(src(), temperature=t), lambda: fl.entropy(src(), temperature=t),
+                 lambda: fl.softmax(src(), temperature=t, out=tmp_path / "p.npy")):
+        with pytest.raises(ValueError, match=r"got -1\.0 \(row \(50,\)\)"):
+            call()
+    assert sorted(os.listdir(tmp_path)) == ["x.npy"]
+    wide = rng.standard_normal((3, 20000)).astype(np.float32)
+    np.save(tmp_path / "w.npy", wide)
+    with pytest.raises(IndexError, match="label 20000 at row 2 is out of range"):
+        fl.cross_entropy(fl.open(tmp_path / "w.npy", memory="64KiB"), [0, 1, 20000])
+
+
+def test_an_out_mapping_the_file_being_read_is_refused(tmp_path, rng):
+    x = rng.standard_normal((10, 100)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    mm = np.load(tmp_path / "x.npy", mmap_mode="r+")
+    with pytest.raises(ValueError, match="out overlaps the file being read"):
+        fl.softmax(fl.open(tmp_path / "x.npy"), out=mm)
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), x)
+    other = np.lib.format.open_memmap(tmp_path / "o.npy", mode="w+", dtype=np.float32, shape=x.shape)
+    fl.softmax(fl.open(tmp_path / "x.npy"), out=other)                     # another file's map is fine
+    np.testing.assert_array_equal(other, fl.softmax(x))
+
+
+@pytest.mark.parametrize("cmd", [["topk", "-", "{out}", "-k", "3"], ["sample", "-", "{out}"],
+                                 ["stats", "-", "--per-row", "{out}"]])
+def test_commands_check_their_output_folder_before_the_pass(tmp_path, cmd):
+    """A missing output folder is an error before any input is read (it came after the whole pass, with
+    the dump lost when it came through a pipe): standard input is left open and unwritten here."""
+    out = str(tmp_path / "nodir" / "t.jsonl")
+    args = [a.format(out=out) for a in cmd] + ["--dtype", "float32", "--vocab", "10"]
+    proc = subprocess.Popen([sys.executable, "-m", "fastlogits", *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        proc.wait(timeout=60)         # (communicate() would close standard input: an empty dump)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the command waited for its input before checking where its output goes")
+    finally:
+        proc.stdin.close()
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.returncode == 1 and b"no such folder" in err, err

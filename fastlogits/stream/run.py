@@ -213,6 +213,32 @@ class RowArg:
             a = a.reshape(-1)
         self.value = a if dtype is None else a.astype(dtype, copy=False)
 
+    def _lead(self, source):
+        """The leading shape of the values: the source's, or one axis where its rows are not known yet."""
+        return tuple(source.shape[:-1]) if source.shape[0] is not None else self.value.shape
+
+    def temperatures(self, source):
+        """Checks per-row temperatures before the pass, so that an error names the row in the whole
+        source (a block's own check counts from the block's first row); returns self."""
+        from fastlogits.ops._prep import temperatures
+
+        if not self.scalar:
+            lead = self._lead(source)
+            temperatures(self.value.reshape(lead), lead, self.value.size, name=source.dtype)
+        return self
+
+    def labels(self, source, ignore_index):
+        """Checks labels before the pass (integers, each a class of the source or ignore_index), naming
+        a bad one's row in the whole source; returns self."""
+        from fastlogits.ops.reductions import check_labels
+
+        if self.scalar or self.value.dtype.kind not in "iu":
+            raise TypeError(f"labels must be an integer array with one class index per row, got "
+                            f"{self.value!r}")
+        lead = self._lead(source)
+        self.value = check_labels(self.value.reshape(lead), lead, source.V, ignore_index)
+        return self
+
     def block(self, r0, r1):
         if self.scalar:
             return self.value[()]
@@ -277,7 +303,7 @@ def reduce(op, source, kw, memory=None, progress=None):
 
     check_backend(kw.get("backend"))
     kw = dict(kw)
-    temp = RowArg(kw.pop("temperature", 1.0), "temperature", source)
+    temp = RowArg(kw.pop("temperature", 1.0), "temperature", source).temperatures(source)
     progress = progress or Progress()
     p = plan(source, memory)
     parts, rows = [], 0
@@ -343,10 +369,9 @@ def cross_entropy(source, labels, kw, memory=None, progress=None):
     reduction = kw.pop("reduction", "mean")
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    temp = RowArg(kw.pop("temperature", 1.0), "temperature", source)
-    lab = RowArg(labels, "labels", source, dtype=None, per_row=True)
-    if lab.scalar or lab.value.dtype.kind not in "iu":
-        raise TypeError(f"labels must be an integer array with one class index per row, got {labels!r}")
+    temp = RowArg(kw.pop("temperature", 1.0), "temperature", source).temperatures(source)
+    lab = RowArg(labels, "labels", source, dtype=None, per_row=True).labels(source, kw.get("ignore_index",
+                                                                                          -100))
     progress = progress or Progress()
     p = plan(source, memory)
     per_row, sums, rows = [], np.zeros(3), 0
@@ -403,7 +428,7 @@ def softmax(source, log, out, kw, memory=None, progress=None):
     if dtype is None and isinstance(out, np.ndarray):
         dtype, argname = out.dtype, "out"   # as the in-memory maps: an out array sets the result's dtype
     out_name = dtype_name(dtype or source.dtype, argname)
-    temp = RowArg(kw.pop("temperature", 1.0), "temperature", source)
+    temp = RowArg(kw.pop("temperature", 1.0), "temperature", source).temperatures(source)
     progress = progress or Progress()
     if out is None:
         raise ValueError("softmax of a source writes to out=: a path (.npy or raw) or an array of the "
@@ -548,6 +573,18 @@ def _write_npy_header(f, lead, V, dtype, length=None):
     return length
 
 
+def check_output_path(path):
+    """An error now, before any work, if a file cannot be written at `path`: its folder is missing or
+    not writable, or the name is a folder's."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path}: cannot write there, no such folder {folder}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a folder; expected the name of the file to write")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"{path}: cannot write there, the folder {folder} is not writable")
+
+
 def atomic_output(path):
     """A context manager giving a temporary path next to `path`, renamed to `path` when the block ends
     normally and removed when it raises (Ctrl-C, a crash, a full disk): no half-written file is ever left
@@ -562,11 +599,7 @@ class _Atomic(contextlib.AbstractContextManager):
         self.tmp = os.path.join(folder, f".{base}.partial-{os.getpid()}-{threading.get_ident()}")
 
     def __enter__(self):
-        folder = os.path.dirname(self.tmp)
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"{self.path}: cannot write there, no such folder {folder}")
-        if os.path.isdir(self.path):
-            raise IsADirectoryError(f"{self.path}: is a folder; expected the name of the file to write")
+        check_output_path(self.path)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -593,10 +626,9 @@ def stats(source, labels=None, *, ignore_index=-100, temperature=1.0, softcap=No
 
     source = as_source(source) or ArraySource(np.asarray(source))
     check_backend(backend)
-    temp = RowArg(temperature, "temperature", source)
-    lab = RowArg(labels, "labels", source, dtype=None, per_row=True) if labels is not None else None
-    if lab is not None and (lab.scalar or lab.value.dtype.kind not in "iu"):
-        raise TypeError("labels must be an integer array with one class index per row")
+    temp = RowArg(temperature, "temperature", source).temperatures(source)
+    lab = None if labels is None else RowArg(labels, "labels", source, dtype=None, per_row=True).labels(
+        source, ignore_index)
     common = {"softcap": softcap, "threads": threads, "chunk_size": chunk_size}
     progress = progress or Progress()
     p = plan(source, memory)

@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import os
+import stat
 import struct
 import sys
 
@@ -87,6 +88,12 @@ class _FileSource:
                                   f"offset {pos})")
             done += n
 
+    def protect(self, out):
+        """A ValueError if the output array `out` maps this file (a memmap of the dump being read)."""
+        name = getattr(out, "filename", None)
+        if isinstance(out, np.memmap) and name and os.path.exists(name) and os.path.samefile(name, self.path):
+            raise _overlap_error(f"the file being read, {self.path}")
+
     def read(self, r0, r1, c0=0, c1=None, out=None):
         c1 = self.V if c1 is None else c1
         if not (0 <= r0 <= r1 <= self.rows and 0 <= c0 <= c1 <= self.V):
@@ -131,8 +138,8 @@ def _overlap_error(what):
 
 
 def _bf16_refusal(dt):
-    return (f"dtype='bfloat16' re-declares raw 2-byte data (|V2, uint16, int16), but "
-            f"{'the values are float16' if dt.kind == 'f' else f'it holds {dt}'}")
+    found = f"the values are {_native(dt).name}" if dt.kind == "f" else f"it holds {dt}"
+    return f"dtype='bfloat16' re-declares raw 2-byte data (|V2, uint16, int16), but {found}"
 
 
 def open_npy(path, dtype=None):
@@ -154,6 +161,8 @@ def open_npy(path, dtype=None):
         offset = f.tell()
     if fortran and len(shape) > 1:
         raise SourceError(f"{path}: expected a C-ordered .npy array, found a Fortran-ordered one")
+    if any(d < 0 for d in shape):
+        raise SourceError(f"{path}: not a valid .npy file (a negative dimension in shape {shape})")
     if dt.hasobject:
         raise SourceError(f"{path}: expected float logits, found an object array")
     swap = not dt.isnative and dt.itemsize > 1      # big-endian data: swapped as it is read
@@ -217,6 +226,9 @@ def open_safetensors(path, tensor=None, dtype=None):
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SourceError(f"{path}: corrupt safetensors header (not JSON: {e})") from None
+        except RecursionError:
+            raise SourceError(f"{path}: corrupt safetensors header (expected a JSON object of tensor "
+                              "entries, found values nested too deep to read)") from None
     if not isinstance(header, dict):
         raise SourceError(f"{path}: corrupt safetensors header (expected a JSON object)")
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
@@ -320,8 +332,8 @@ class ArraySource:
         if self._flat:
             return self.array[r0:r1, c0:c1]
         lead = self.shape[:-1]
-        if len(lead) == 0:
-            return self.array[None, c0:c1]
+        if len(lead) == 0:     # (h5py and zarr index with ints and slices only)
+            return np.asarray(self.array[c0:c1])[None]
         # rows of a (..., V) array-like: slice row by row through the leading index
         return np.stack([self.array[np.unravel_index(r, lead) + (slice(c0, c1),)] for r in range(r0, r1)]) \
             if r1 > r0 else np.empty((0, c1 - c0), NP_DTYPES[self.dtype])
@@ -357,8 +369,8 @@ class IterSource:
             self._first = next(self._it)
         except StopIteration:
             if vocab is None:
-                raise SourceError("an empty iterable of row blocks, and no vocab= to say how wide its rows "
-                                  "are") from None
+                raise SourceError("an empty iterable of row blocks: nothing says how wide its rows are "
+                                  "(yield at least one block; an empty one, (0, V), says it)") from None
         if self._first is not None:
             self._first = self._check(self._first, 0)
             self.V = self._first.shape[1]
@@ -429,27 +441,33 @@ class StdinSource:
     format = "stdin"
     nbytes = None
 
-    def __init__(self, dtype, vocab, stream=None):
+    def __init__(self, dtype, vocab, stream=None, path=None):
+        name = "standard input" if path is None else path
         if dtype is None or vocab is None:
-            raise SourceError("reading raw rows from standard input needs dtype= and vocab= (--dtype and "
-                              "--vocab on the command line)")
+            raise SourceError(f"reading raw rows from {name} needs dtype= and vocab= (--dtype and --vocab "
+                              "on the command line)")
         self.dtype = dtype_name(dtype)
         self.V = check_vocab(vocab)
         self.shape = (None, self.V)
         self.rows = None
-        self.stream = stream if stream is not None else sys.stdin.buffer
+        self.name, self.path = name, path      # path: a pipe, opened at the first read (a FIFO waits there)
+        self.format = "stdin" if path is None else "pipe"
+        self.stream = stream if stream is not None or path is not None else sys.stdin.buffer
         self._isz = _itemsize(self.dtype)
         self._total = 0
         self._used = False
 
     def __repr__(self):
-        return f"<fastlogits source stdin V={self.V} dtype={self.dtype}>"
+        where = "stdin" if self.path is None else self.path
+        return f"<fastlogits source {where} V={self.V} dtype={self.dtype}>"
 
     def _start(self):
         if self._used:
-            raise SourceError("standard input was already read; a source of this kind is read once")
+            raise SourceError(f"{self.name} was already read; a source of this kind is read once")
         self._used = True
         self.rows = 0
+        if self.stream is None:
+            self.stream = builtins.open(self.path, "rb", buffering=0)  # noqa: SIM115 - read to its end
 
     def _fill(self, buf):
         """Read into buf (an array) until it is full or the stream ends; the number of bytes read."""
@@ -465,7 +483,7 @@ class StdinSource:
 
     def _left_over(self, extra):
         row_bytes = self.V * self._isz
-        return SourceError(f"standard input: {self._total} bytes is not a whole number of rows of {self.V} "
+        return SourceError(f"{self.name}: {self._total} bytes is not a whole number of rows of {self.V} "
                            f"{self.dtype} values ({row_bytes} bytes each): {extra} bytes left over")
 
     def blocks(self, max_rows):
@@ -516,7 +534,8 @@ def open(path, *, dtype=None, vocab=None, tensor=None, memory=None):  # noqa: A0
 
     ``path``: a ``.npy`` file (read lazily; ``dtype="bfloat16"`` re-declares a ``|V2`` file), a
     ``.safetensors`` file (``tensor=`` picks one when there are several; BF16 supported), ``"-"`` for raw rows
-    on standard input, or any other path as raw binary (``dtype`` and ``vocab`` required). For a file that
+    on standard input (or the path of a pipe: a FIFO, ``/dev/stdin``, a shell's ``<(zcat dump.gz)``), or
+    any other path as raw binary (``dtype`` and ``vocab`` required). For a file that
     describes itself, a ``dtype`` or ``vocab`` given must agree with it, and ``tensor`` is for safetensors
     only (a SourceError otherwise). ``memory``: the memory budget of calls on this source (default:
     ``fastlogits.set_memory_budget``).
@@ -530,17 +549,25 @@ def open(path, *, dtype=None, vocab=None, tensor=None, memory=None):  # noqa: A0
                               "standard input holds raw rows")
         src = StdinSource(dtype, vocab)
     else:
-        p = os.fspath(path)
+        p = os.fsdecode(os.fspath(path))
         if not os.path.exists(p):
             raise FileNotFoundError(f"{p}: no such file")
         if os.path.isdir(p):
             raise SourceError(f"{p}: is a folder, expected a logit dump (.npy, .safetensors or raw)")
-        with builtins.open(p, "rb") as f:
-            magic = f.read(8)
         safetensors = p.lower().endswith(".safetensors")
         if tensor is not None and not safetensors:
             raise SourceError(f"{p}: tensor= (--tensor) names a tensor of a .safetensors file; this file is "
                               "not one")
+        if not stat.S_ISREG(os.stat(p).st_mode):
+            # a pipe (/dev/stdin, <(zcat ...), a FIFO) or a device: read once, in order, as standard input
+            if safetensors or p.lower().endswith(".npy"):
+                raise SourceError(f"{p}: expected a regular file (a .npy or .safetensors dump is read at "
+                                  "offsets), found a pipe or device; raw rows may come through a pipe")
+            src = StdinSource(dtype, vocab, path=p)
+            src.memory = memory
+            return src
+        with builtins.open(p, "rb") as f:
+            magic = f.read(8)
         if magic.startswith(b"\x93NUMPY"):
             src = open_npy(p, dtype)
         elif safetensors:
