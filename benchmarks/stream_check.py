@@ -85,7 +85,10 @@ print(x.nbytes / np.median(times) / 1e9)
                        ("sample", "int(fl.sample(src, seed=0)[0])"),
                        ("sample_top_p_0.9", "int(fl.sample(src, seed=0, top_p=0.9)[0])"),
                        ("sample_T0.8_top_k_50_top_p_0.9",
-                        "int(fl.sample(src, seed=0, temperature=0.8, top_k=50, top_p=0.9)[0])")):
+                        "int(fl.sample(src, seed=0, temperature=0.8, top_k=50, top_p=0.9)[0])"),
+                       ("sample_T0.8_top_k_50_top_p_0.9_logprobs",
+                        "float(fl.sample(src, seed=0, temperature=0.8, top_k=50, top_p=0.9, "
+                        "return_logprobs=True)[1][0])")):
         out, peak2 = _child(f"""
 import time, fastlogits as fl
 src = fl.open({raw!r}, dtype="float32", vocab={BIG_ROW}, memory="64MiB")
