@@ -439,8 +439,11 @@ def _terminate(signum, frame):
 
 @contextlib.contextmanager
 def _sigterm_unwinds():
-    if threading.current_thread() is not threading.main_thread():
-        yield                                 # (handlers are the main thread's to set)
+    # handlers are the main thread's to set; a SIGTERM ignored (trap '' TERM) or handled by the caller
+    # stays so
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
         return
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -637,27 +637,54 @@ def test_strict_json_of_bfloat16_scalars():
 @pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
 def test_a_killed_command_leaves_no_file(tmp_path, rng, sig, code):
     """`fastlogits softmax` stopped by SIGTERM (what kill, timeout and job schedulers send) or Ctrl-C in
-    the middle of a dump read from standard input: the work unwinds, the temporary output is removed, and
-    the exit status is 128 + the signal's number (SIGTERM used to kill it on the spot, leaving the
-    partial file)."""
+    the middle of a dump read from standard input, whose writer stalls with the pipe open: the work
+    unwinds at once (the read blocked on the pipe is left to the reader thread), the temporary output is
+    removed, and the exit status is 128 + the signal's number. (SIGTERM used to kill it on the spot,
+    leaving the partial file; then, handled, it waited for the stalled read.)"""
     x = rng.standard_normal((64, 1000)).astype(np.float32)
     proc = subprocess.Popen([sys.executable, "-m", "fastlogits", "softmax", "-", str(tmp_path / "p.npy"),
                              "--dtype", "float32", "--vocab", "1000", "--memory", "64KiB"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc.stdin.write(x.tobytes())                 # some rows, and the pipe left open: the dump goes on
-    proc.stdin.flush()
-    deadline = time.monotonic() + 60
-    while not [n for n in os.listdir(tmp_path) if ".partial-" in n]:
-        assert time.monotonic() < deadline and proc.poll() is None, "the command never started writing"
-        time.sleep(0.05)
-    proc.send_signal(getattr(signal, sig))
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        _, err = proc.communicate(timeout=60)
+        proc.stdin.write(x.tobytes())             # some rows, and the pipe left open: the writer stalls
+        proc.stdin.flush()
+        deadline = time.monotonic() + 60
+        while not [n for n in os.listdir(tmp_path) if ".partial-" in n]:
+            assert time.monotonic() < deadline and proc.poll() is None, "the command never started writing"
+            time.sleep(0.05)
+        time.sleep(0.2)                           # into the read that waits for more rows
+        proc.send_signal(getattr(signal, sig))
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{sig} did not stop the command while its input stalled")
     finally:
         proc.kill()
+        proc.stdin.close()
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
     assert proc.returncode == code, err
     assert os.listdir(tmp_path) == [], "a partial output was left"
-    assert err.decode().strip().endswith(("terminated", "interrupted"))
+    assert err.strip().endswith(("terminated", "interrupted"))
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "posix", reason="POSIX signals")
+def test_an_ignored_sigterm_stays_ignored(tmp_path, rng):
+    """A command started with SIGTERM ignored (trap '' TERM, nohup-like wrappers) keeps running."""
+    x = rng.standard_normal((64, 1000)).astype(np.float32)
+    proc = subprocess.Popen([sys.executable, "-m", "fastlogits", "softmax", "-", str(tmp_path / "p.npy"),
+                             "--dtype", "float32", "--vocab", "1000"], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))
+    proc.stdin.write(x[:32].tobytes())
+    proc.stdin.flush()
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(x[32:].tobytes(), timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), fl.softmax(x), rtol=1e-6, atol=1e-30)
 
 
 # ---- pipes, odd headers and paths, row numbers of streamed errors (found by an audit agent) ------------

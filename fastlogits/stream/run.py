@@ -10,10 +10,10 @@ peak memory is set by the budget, not by the dump's size.
 import contextlib
 import math
 import os
+import queue
 import re
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,18 +84,43 @@ def plan(source, memory=None, out_itemsize=0):
 
 def _ahead(reads):
     """Items of `reads` (callables; None ends), each read on a reader thread while the consumer works on
-    the previous one. At most two items exist at a time, so a source can alternate two buffers."""
+    the previous one. At most two items exist at a time, so a source can alternate two buffers.
+
+    The reader is a daemon thread, joined when the items end: when the consumer raises instead (Ctrl-C,
+    SIGTERM, a bad block), the read in progress is left to finish on its own, so that a read blocked on a
+    stalled pipe holds up neither the unwinding nor the interpreter's exit."""
     reads = iter(reads)
-    with ThreadPoolExecutor(1, thread_name_prefix="fastlogits-reader") as ex:
-        first = next(reads, None)
-        fut = ex.submit(first) if first is not None else None
-        while fut is not None:
-            item = fut.result()
+    requests, results = queue.SimpleQueue(), queue.SimpleQueue()
+
+    def work():
+        for read in iter(requests.get, None):
+            try:
+                results.put((True, read()))
+            except BaseException as e:   # noqa: BLE001 - re-raised in the consumer
+                results.put((False, e))
+
+    reader = threading.Thread(target=work, name="fastlogits-reader", daemon=True)
+    reader.start()
+    ended = False
+    try:
+        pending = next(reads, None)
+        if pending is not None:
+            requests.put(pending)
+        while pending is not None:
+            ok, item = results.get()
+            if not ok:
+                raise item
             if item is None:
-                return
-            read = next(reads, None)
-            fut = ex.submit(read) if read is not None else None
+                break
+            pending = next(reads, None)
+            if pending is not None:
+                requests.put(pending)
             yield item
+        ended = True
+    finally:
+        requests.put(None)
+        if ended:
+            reader.join()
 
 
 def row_blocks(source, rows):

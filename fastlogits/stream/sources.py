@@ -452,7 +452,11 @@ class StdinSource:
         self.rows = None
         self.name, self.path = name, path      # path: a pipe, opened at the first read (a FIFO waits there)
         self.format = "stdin" if path is None else "pipe"
-        self.stream = stream if stream is not None or path is not None else sys.stdin.buffer
+        if stream is None and path is None:
+            # the file under sys.stdin's buffer: a read blocked on a stalled pipe then holds no buffer lock
+            # (the interpreter's exit, after Ctrl-C, takes that lock and aborts if a reader holds it)
+            stream = getattr(sys.stdin.buffer, "raw", sys.stdin.buffer)
+        self.stream = stream
         self._isz = _itemsize(self.dtype)
         self._total = 0
         self._used = False
