@@ -32,28 +32,29 @@ def _env_threads():
 
 
 # GNU OpenMP's thread pool does not survive fork(): a child forked after its parent ran a parallel region
-# of 2 or more threads hangs in its own first one (PyTorch's CPU kernels do too). Such a child runs on
-# one thread, whatever it asks for (multiprocessing's "spawn" and "forkserver" children are fresh).
-_parallel_ran = False         # a call of this process was given 2 or more threads
-_forked_after_parallel = False
+# of 2 or more threads (ours, PyTorch's, numba's: one libgomp serves the process) hangs in its own first
+# one, as PyTorch's kernels do. Which library ran threads before a fork cannot be told reliably (NumPy's
+# OpenBLAS alone starts threads at import), so a forked child runs on one thread, whatever it asks for, as
+# PyTorch's DataLoader sets its forked workers to one; multiprocessing's "spawn" and "forkserver" children
+# are fresh processes and use every core.
+_forked = False
 
 
 def _after_fork_in_child():
-    global _forked_after_parallel
-    _forked_after_parallel = _forked_after_parallel or _parallel_ran
+    global _forked
+    _forked = True
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def default_threads():
-    """FASTLOGITS_NUM_THREADS if set, else every core this process may run on; 1 in a child forked after
-    its parent ran threads (see _after_fork_in_child)."""
-    return 1 if _forked_after_parallel else _env_threads()
+    """FASTLOGITS_NUM_THREADS if set, else every core this process may run on; 1 in a forked child (see
+    _after_fork_in_child)."""
+    return 1 if _forked else _env_threads()
 
 
 def resolve_threads(threads):
-    global _parallel_ran
     if threads is None:
         threads = default_threads()
     elif not is_int(threads):
@@ -62,10 +63,7 @@ def resolve_threads(threads):
         threads = int(threads)
         if not 1 <= threads <= MAX_THREADS:
             raise ValueError(f"threads must be an integer from 1 to {MAX_THREADS} or None, got {threads!r}")
-    if _forked_after_parallel:
-        return 1
-    _parallel_ran = _parallel_ran or threads > 1
-    return threads
+    return 1 if _forked else threads
 
 
 def resolve_chunk(chunk_size):

@@ -275,23 +275,33 @@ import numpy as np
 import fastlogits as fl
 
 x = np.random.default_rng(int(sys.argv[1])).standard_normal((64, 5000)).astype(np.float32)
-want = fl.logsumexp(x, threads=2)            # the parent runs a parallel region of 2 threads
+want = fl.logsumexp(x, threads=1)              # (64 rows: one range a row, any thread count)
+if sys.argv[2] == "torch":                     # PyTorch's threads: the same libgomp
+    import torch
+    torch.set_num_threads(2)
+    torch.ones(500, 500) @ torch.ones(500, 500)
+elif sys.argv[2] == "ours":                    # our own parallel region of 2 threads
+    fl.logsumexp(x, threads=2)
 pid = os.fork()
 if pid == 0:                                   # GNU OpenMP's pool is gone in the child
     ok = np.array_equal(fl.logsumexp(x, threads=2), want) and np.array_equal(fl.logsumexp(x), want)
     ok = ok and fl.show_config(as_dict=True)["threads"] == 1
     os._exit(0 if ok else 1)
 _, status = os.waitpid(pid, 0)
-print(os.waitstatus_to_exitcode(status))
+print(os.waitstatus_to_exitcode(status), fl.show_config(as_dict=True)["threads"])
 """
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform")
-def test_a_child_forked_after_parallel_work_runs_on_one_thread(rng):
-    """GNU OpenMP's thread pool does not survive fork(): a child forked after its parent ran threads hung
-    in its first parallel region (multiprocessing's default on Linux). It now runs on one thread, with
-    the same results."""
-    proc = subprocess.Popen([sys.executable, "-c", FORK_AFTER_THREADS, str(rng.integers(2**32))],
+@pytest.mark.parametrize("parent", ["ours", "torch", "none"])
+def test_a_forked_child_runs_on_one_thread(rng, parent):
+    """GNU OpenMP's thread pool does not survive fork(): a child forked after its parent ran threads
+    (ours, or PyTorch's through the same libgomp) hung in its first parallel region (multiprocessing's
+    default on Linux). A forked child runs on one thread, whatever it asks for, with the same results;
+    the parent keeps its threads."""
+    if parent == "torch":
+        pytest.importorskip("torch")
+    proc = subprocess.Popen([sys.executable, "-c", FORK_AFTER_THREADS, str(rng.integers(2**32)), parent],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=60)
@@ -300,4 +310,6 @@ def test_a_child_forked_after_parallel_work_runs_on_one_thread(rng):
         proc.communicate()
         pytest.fail("the forked child hung in its first parallel region")
     assert proc.returncode == 0, err
-    assert out.strip() == "0", "the forked child's results differ from its parent's"
+    status, parent_threads = out.split()
+    assert status == "0", "the forked child's results or thread count are wrong"
+    assert int(parent_threads) == fl.show_config(as_dict=True)["threads"]
