@@ -307,23 +307,36 @@ def test_big_endian_array_likes_and_blocks(rng):
 
 
 def test_an_out_over_the_sources_logits_is_refused(rng):
-    """A streamed map never writes over the caller's logits: an out array sharing memory with a row block
-    of an iterable (the same array, a shifted or reversed view, a later block) raises as in memory (an
-    array in memory given out= is mapped in memory, where the same check runs), as does an out with a
-    zero stride or a read-only one."""
+    """A streamed map checks each block it reads against out: an out array sharing memory with a row block
+    of an iterable or an array-like's slices (the same array, a shifted or reversed view) raises before
+    any row is written, as in memory (an array in memory given out= is mapped in memory, where the same
+    check runs); one over a later block raises when that block is read, saying rows of earlier blocks may
+    already be in it. So does an out with a zero stride or a read-only one."""
     x = rng.standard_normal((8, 50)).astype(np.float32)
     buf = np.zeros((9, 50), np.float32)
     buf[:8] = x
-    later = x.copy()        # its rows 4: are the second block's logits; rows :4 only out's
+
+    class Dataset:                   # an array-like whose slices are views of an array in memory
+        def __init__(self, a):
+            self.a, self.shape, self.dtype = a, a.shape, a.dtype
+
+        def __getitem__(self, key):
+            return self.a[key]
+
     cases = [(lambda: iter([x]), x, "row block 0", x), (lambda: iter([buf[:8]]), buf[1:], "row block 0", buf),
-             (lambda: iter([x[:4].copy(), later[4:]]), later, "row block 1", later[4:]),
-             (lambda: iter([x]), x[::-1], "row block 0", x)]
+             (lambda: iter([x]), x[::-1], "row block 0", x),
+             (lambda: Dataset(x), x, "rows 0:8 of the source", x), (lambda: Dataset(buf[:8]), buf[1:],
+                                                                    "rows 0:8 of the source", buf)]
     for make, out, what, logits in cases:
         keep = logits.copy()
         for f in (fl.softmax, fl.log_softmax):
             with pytest.raises(ValueError, match=f"out overlaps {what}; the caller's logits are never"):
                 f(make(), out=out)
             np.testing.assert_array_equal(logits, keep)
+    later = x.copy()        # its rows 4: are the second block's logits
+    with pytest.raises(ValueError, match="out overlaps row block 1: out must not share memory with the "
+                                         "logits .the rows written for earlier blocks may already"):
+        fl.softmax(iter([x[:4].copy(), later[4:]]), out=later)
     zero = np.lib.stride_tricks.as_strided(np.zeros(50, np.float32), (8, 50), (0, 4))
     with pytest.raises(ValueError, match="out overlaps itself"):
         fl.softmax(iter([x]), out=zero)
@@ -714,6 +727,15 @@ def test_a_pipe_given_by_its_path_is_read_as_standard_input(tmp_path, rng):
     assert got, "reading the FIFO hung"
     np.testing.assert_array_equal(got[0], fl.logsumexp(x))
     assert got[1].format == "pipe" and got[1].rows == 37
+    assert got[1].stream.closed                      # at the end of its pass (it stayed open)
+    # a bad end closes it too; and a pipe's source is a context manager, as a file's
+    writer = threading.Thread(target=lambda: fifo.write_bytes(x.tobytes() + b"12345"), daemon=True)
+    writer.start()
+    with fl.open(fifo, dtype="float32", vocab=300) as src:
+        with pytest.raises(SourceError, match=r"rows\.fifo: 44405 bytes is not a whole number of rows"):
+            fl.entropy(src)
+        assert src.stream.closed
+    writer.join(60)
     with pytest.raises(SourceError, match=r"rows\.fifo needs dtype= and vocab="):
         fl.open(fifo)
     os.mkfifo(tmp_path / "d.npy")
@@ -802,12 +824,19 @@ def test_streamed_errors_name_the_row_in_the_whole_source(tmp_path, rng, budget)
 
 
 def test_an_out_mapping_the_file_being_read_is_refused(tmp_path, rng):
+    """An out over a map of the dump being read (a memmap, a plain array viewing one, any part of the
+    file) is refused before anything is written (a plain array over the map was written into the file
+    being read: wrong rows, a rewritten input)."""
     x = rng.standard_normal((10, 100)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    mm = np.load(tmp_path / "x.npy", mmap_mode="r+")
-    with pytest.raises(ValueError, match="out overlaps the file being read"):
-        fl.softmax(fl.open(tmp_path / "x.npy"), out=mm)
-    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), x)
+    p = tmp_path / "x.npy"
+    maps = [np.load(p, mmap_mode="r+"),
+            np.asarray(np.memmap(p, np.float32, "r+", offset=128, shape=(10, 100))),
+            np.asarray(np.memmap(p, np.float16, "r+", offset=128 + 2000, shape=(10, 100)))]
+    for mm in maps:
+        with pytest.raises(ValueError, match="out overlaps the file being read"):
+            fl.softmax(fl.open(p, memory="64KiB"), out=mm, dtype=mm.dtype)
+        np.testing.assert_array_equal(np.load(p), x)
     other = np.lib.format.open_memmap(tmp_path / "o.npy", mode="w+", dtype=np.float32, shape=x.shape)
     fl.softmax(fl.open(tmp_path / "x.npy"), out=other)                     # another file's map is fine
     np.testing.assert_array_equal(other, fl.softmax(x))
@@ -832,3 +861,63 @@ def test_commands_check_their_output_folder_before_the_pass(tmp_path, cmd):
     err = proc.stderr.read()
     proc.stderr.close()
     assert proc.returncode == 1 and b"no such folder" in err, err
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (2, 3, 7), (7,)])
+def test_streamed_arguments_are_checked_as_in_memory(tmp_path, rng, shape):
+    """A source's temperature and labels are checked as the in-memory functions check them: the same
+    exception and message (bool or string temperatures were taken or gave NumPy's message, a (1, 3)
+    temperature of a (2, 3, V) source was refused, labels=3 was a TypeError). An iterable's rows are
+    counted as it is read: its per-row values must be 1-D, and the same exception type is raised."""
+    x = rng.standard_normal(shape).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    temps = [np.array([True] * 5), np.array(["a"] * 5), np.ones((1, 3)), -1.0, np.array([1, 1, -1, 1, 1.0]),
+             "x", None, np.ones((5, 1)), np.ones(4), np.full(5, 1e-40), np.nan, np.array([[1, 1, -2.0]])]
+    labels = [3, np.array([0, 1, 2, 7, 1]), np.array([0, 1, 2, -5, 1]), np.full(5, 0.5), np.ones(5, bool),
+              np.zeros((1, 5), int), np.zeros(4, int), np.zeros((2, 3), int),
+              np.array([[0, 1, 9], [1, 1, 1]])]
+
+    def outcome(f, *args, **kw):
+        try:
+            f(*args, **kw)
+        except (TypeError, ValueError, IndexError) as e:
+            return type(e), str(e)
+        return None, None
+
+    sources = [lambda: fl.open(tmp_path / "x.npy", memory="64KiB")]
+    if len(shape) == 2:
+        sources.append(lambda: iter([x]))
+    for k, source in enumerate(sources):
+        for t in temps:
+            want = outcome(fl.logsumexp, x, temperature=t)
+            got = outcome(fl.logsumexp, source(), temperature=t)
+            assert got[0] is want[0] and (k or got == want), (t, want, got)
+        for y in labels:
+            want, got = outcome(fl.cross_entropy, x, y), outcome(fl.cross_entropy, source(), y)
+            assert got[0] is want[0] and (k or got == want), (y, want, got)
+
+
+def test_output_names_that_cannot_be_written(tmp_path):
+    """An empty output name, or one under a file, is refused before any work (an empty name put the
+    temporary output in the parent folder and failed after the pass)."""
+    from fastlogits.stream.run import check_output_path
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="the output's name is empty"):
+        check_output_path("")
+    with pytest.raises(NotADirectoryError, match="afile is a file, not a folder"):
+        check_output_path(str(tmp_path / "afile" / "out.npy"))
+    np.save(tmp_path / "x.npy", np.zeros((2, 3), np.float32))
+    res = _cli("softmax", tmp_path / "x.npy", "")
+    assert "the output's name is empty" in _one_line(res)
+
+
+def test_memory_budgets_of_any_real_number_type():
+    from fractions import Fraction
+
+    from fastlogits.stream.run import parse_memory
+
+    assert parse_memory(Fraction(2**20)) == parse_memory(np.float32(2**20)) == parse_memory(np.uint64(2**20))
+    for bad, match in ((10**400, "finite"), (float("nan"), "finite"), (-1, "at least 64 KiB")):
+        with pytest.raises(ValueError, match=match):
+            parse_memory(bad)

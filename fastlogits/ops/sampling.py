@@ -116,7 +116,9 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, seed=
         them). Any positive temperature samples, however small (vLLM switches to greedy below 1e-5; we
         do not: with 1e-6 ties at the top are still broken at random). The keys x / T + g are float64:
         once ulp(x / T) nears the noise's spread (|x / T| past about 1e14), ties at the top lean to the
-        lower index (measured with two tied logits of 30: 0.508 at T = 1e-13, 0.888 at 1e-15).
+        lower index (measured with two tied logits of 30: 0.508 at T = 1e-13, 0.888 at 1e-15). Below
+        float64 input, x / T is a float32 (as in PyTorch): draws are exact for its rounded values, whose
+        rounding (2^-24 |x / T|) already moves near-ties at |x / T| of about 1e7.
     top_k : int >= 0, None, or one per row
         None or 0 (as in HF and vLLM) or >= V: no top-k.
     top_p : float in (0, 1], None, or one per row

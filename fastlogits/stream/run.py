@@ -9,6 +9,7 @@ peak memory is set by the budget, not by the dump's size.
 """
 import contextlib
 import math
+import numbers
 import os
 import queue
 import re
@@ -35,15 +36,17 @@ def parse_memory(memory, argname="memory"):
         if not m or m.group(2).lower() not in _UNITS:
             raise ValueError(f"{argname} must be a byte count such as 268435456 or '256MiB', got {memory!r}")
         value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    elif isinstance(memory, (bool, np.bool_)) or not isinstance(memory, (int, float, np.number)) \
-            or isinstance(memory, np.complexfloating):
+    elif isinstance(memory, (bool, np.bool_)) or not isinstance(memory, numbers.Real):
         raise TypeError(f"{argname} must be a byte count such as 268435456 or '256MiB', got {memory!r}")
     else:
-        value = float(memory)
-    if not value >= 1 << 16:
-        raise ValueError(f"{argname} must be at least 64 KiB, got {memory!r}")
+        try:
+            value = float(memory)
+        except OverflowError:            # an int past float's range
+            value = math.inf
     if not math.isfinite(value):
         raise ValueError(f"{argname} must be a finite byte count, got {memory!r}")
+    if not value >= 1 << 16:
+        raise ValueError(f"{argname} must be at least 64 KiB, got {memory!r}")
     return int(value)
 
 
@@ -238,31 +241,39 @@ class RowArg:
             a = a.reshape(-1)
         self.value = a if dtype is None else a.astype(dtype, copy=False)
 
-    def _lead(self, source):
-        """The leading shape of the values: the source's, or one axis where its rows are not known yet."""
-        return tuple(source.shape[:-1]) if source.shape[0] is not None else self.value.shape
+    @staticmethod
+    def _lead(value, source, name):
+        """The leading shape of per-row values: the source's, or the values' own (1-D) for a source whose
+        rows are counted as they are read."""
+        if source.shape[0] is not None:
+            return tuple(source.shape[:-1])
+        shape = np.shape(value)
+        if len(shape) > 1 or (name == "labels" and len(shape) != 1):
+            what = "1-D" if name == "labels" else "a scalar or 1-D"
+            raise ValueError(f"{name} must be {what} (one value per row) for a source whose rows are counted "
+                             f"as they are read, got shape {shape}")
+        return shape
 
-    def temperatures(self, source):
-        """Checks per-row temperatures before the pass, so that an error names the row in the whole
-        source (a block's own check counts from the block's first row); returns self."""
+    @classmethod
+    def temperature(cls, value, source):
+        """The temperature of a streamed call, checked before the pass as in memory (a float, or values
+        broadcast to the leading shape), so that an error names its row in the whole source (a block's
+        own check counts rows from the block's first)."""
         from fastlogits.ops._prep import temperatures
 
-        if not self.scalar:
-            lead = self._lead(source)
-            temperatures(self.value.reshape(lead), lead, self.value.size, name=source.dtype)
-        return self
+        lead = cls._lead(value, source, "temperature")
+        t = temperatures(value, lead, math.prod(lead), name=source.dtype)
+        return cls(value if np.ndim(value) == 0 else t.reshape(lead), "temperature", source)
 
-    def labels(self, source, ignore_index):
-        """Checks labels before the pass (integers, each a class of the source or ignore_index), naming
-        a bad one's row in the whole source; returns self."""
+    @classmethod
+    def labels(cls, value, source, ignore_index):
+        """The labels of a streamed call, checked before the pass as in memory (integers of the leading
+        shape, each a class of the source or ignore_index), naming a bad one's row in the whole source."""
         from fastlogits.ops.reductions import check_labels
 
-        if self.scalar or self.value.dtype.kind not in "iu":
-            raise TypeError(f"labels must be an integer array with one class index per row, got "
-                            f"{self.value!r}")
-        lead = self._lead(source)
-        self.value = check_labels(self.value.reshape(lead), lead, source.V, ignore_index)
-        return self
+        lead = cls._lead(value, source, "labels")
+        flat = check_labels(value, lead, source.V, ignore_index)
+        return cls(flat.reshape(lead), "labels", source, dtype=None, per_row=True)
 
     def block(self, r0, r1):
         if self.scalar:
@@ -328,7 +339,7 @@ def reduce(op, source, kw, memory=None, progress=None):
 
     check_backend(kw.get("backend"))
     kw = dict(kw)
-    temp = RowArg(kw.pop("temperature", 1.0), "temperature", source).temperatures(source)
+    temp = RowArg.temperature(kw.pop("temperature", 1.0), source)
     progress = progress or Progress()
     p = plan(source, memory)
     parts, rows = [], 0
@@ -394,9 +405,8 @@ def cross_entropy(source, labels, kw, memory=None, progress=None):
     reduction = kw.pop("reduction", "mean")
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    temp = RowArg(kw.pop("temperature", 1.0), "temperature", source).temperatures(source)
-    lab = RowArg(labels, "labels", source, dtype=None, per_row=True).labels(source, kw.get("ignore_index",
-                                                                                          -100))
+    temp = RowArg.temperature(kw.pop("temperature", 1.0), source)
+    lab = RowArg.labels(labels, source, kw.get("ignore_index", -100))
     progress = progress or Progress()
     p = plan(source, memory)
     per_row, sums, rows = [], np.zeros(3), 0
@@ -453,7 +463,7 @@ def softmax(source, log, out, kw, memory=None, progress=None):
     if dtype is None and isinstance(out, np.ndarray):
         dtype, argname = out.dtype, "out"   # as the in-memory maps: an out array sets the result's dtype
     out_name = dtype_name(dtype or source.dtype, argname)
-    temp = RowArg(kw.pop("temperature", 1.0), "temperature", source).temperatures(source)
+    temp = RowArg.temperature(kw.pop("temperature", 1.0), source)
     progress = progress or Progress()
     if out is None:
         raise ValueError("softmax of a source writes to out=: a path (.npy or raw) or an array of the "
@@ -601,7 +611,11 @@ def _write_npy_header(f, lead, V, dtype, length=None):
 def check_output_path(path):
     """An error now, before any work, if a file cannot be written at `path`: its folder is missing or
     not writable, or the name is a folder's."""
+    if not os.fspath(path):
+        raise ValueError("the output's name is empty")
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(f"{path}: cannot write there, {folder} is a file, not a folder")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{path}: cannot write there, no such folder {folder}")
     if os.path.isdir(path):
@@ -651,9 +665,8 @@ def stats(source, labels=None, *, ignore_index=-100, temperature=1.0, softcap=No
 
     source = as_source(source) or ArraySource(np.asarray(source))
     check_backend(backend)
-    temp = RowArg(temperature, "temperature", source).temperatures(source)
-    lab = None if labels is None else RowArg(labels, "labels", source, dtype=None, per_row=True).labels(
-        source, ignore_index)
+    temp = RowArg.temperature(temperature, source)
+    lab = None if labels is None else RowArg.labels(labels, source, ignore_index)
     common = {"softcap": softcap, "threads": threads, "chunk_size": chunk_size}
     progress = progress or Progress()
     p = plan(source, memory)

@@ -35,7 +35,20 @@ def _itemsize(name):
     return NP_DTYPES[name].itemsize
 
 
-class _FileSource:
+class _Closing:
+    """A source holding an open file: closed by close(), at the end of a with block, or when collected."""
+
+    def __del__(self):
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _FileSource(_Closing):
     """Rows of a C-ordered array stored at `offset` in a file."""
 
     random_access = True
@@ -66,15 +79,6 @@ class _FileSource:
             os.close(self._fd)
             self._fd = None
 
-    def __del__(self):
-        self.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def __repr__(self):
         return f"<fastlogits source {self.format} {self.path!r} shape={self.shape} dtype={self.dtype}>"
 
@@ -89,9 +93,9 @@ class _FileSource:
             done += n
 
     def protect(self, out):
-        """A ValueError if the output array `out` maps this file (a memmap of the dump being read)."""
-        name = getattr(out, "filename", None)
-        if isinstance(out, np.memmap) and name and os.path.exists(name) and os.path.samefile(name, self.path):
+        """A ValueError if the output array `out` lies in a mapping of this file (a memmap of the dump
+        being read, or any array over such a map's memory)."""
+        if _maps_file(out, self.path):
             raise _overlap_error(f"the file being read, {self.path}")
 
     def read(self, r0, r1, c0=0, c1=None, out=None):
@@ -133,8 +137,43 @@ def _native(dt):
     return dt.newbyteorder("=") if dt.kind == "f" and not dt.isnative else dt
 
 
-def _overlap_error(what):
-    return ValueError(f"out overlaps {what}; the caller's logits are never written to")
+def _maps_file(arr, path):
+    """Whether the memory of array `arr` lies in a mapping of the file at `path`: on Linux, by the process'
+    mappings (/proc/self/maps: the file's device and inode, or its name); elsewhere, by the file name of
+    the np.memmap it views."""
+    try:
+        with builtins.open("/proc/self/maps") as f:
+            maps = f.read().splitlines()
+    except OSError:  # pragma: no cover - not Linux
+        while isinstance(arr, np.ndarray) and not isinstance(arr, np.memmap):
+            arr = arr.base
+        name = getattr(arr, "filename", None)
+        return bool(name) and os.path.exists(name) and os.path.samefile(name, path)
+    if arr.size == 0:
+        return False
+    try:
+        from numpy.lib.array_utils import byte_bounds
+    except ImportError:  # pragma: no cover - NumPy 1.x
+        byte_bounds = np.byte_bounds
+    lo, hi = byte_bounds(arr)
+    st, real = os.stat(path), os.path.realpath(path)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    for line in maps:
+        parts = line.split(maxsplit=5)
+        a, b = (int(v, 16) for v in parts[0].split("-"))
+        if a < hi and lo < b and len(parts) == 6 and (
+                (parts[3] == dev and parts[4] == str(st.st_ino)) or parts[5] == real):
+            return True
+    return False
+
+
+def _overlap_error(what, first=True):
+    """The ValueError for an out array over the logits: found before any row was written (first), or
+    only when a later block was read, after rows of earlier blocks may have been written over it."""
+    if first:
+        return ValueError(f"out overlaps {what}; the caller's logits are never written to")
+    return ValueError(f"out overlaps {what}: out must not share memory with the logits (the rows written "
+                      "for earlier blocks may already be in them)")
 
 
 def _bf16_refusal(dt):
@@ -338,9 +377,16 @@ class ArraySource:
         return np.stack([self.array[np.unravel_index(r, lead) + (slice(c0, c1),)] for r in range(r0, r1)]) \
             if r1 > r0 else np.empty((0, c1 - c0), NP_DTYPES[self.dtype])
 
+    def protect(self, out):
+        """Each block read is then checked against the output array `out` (an array-like's slices may be
+        views of an array in memory): a ValueError if they share memory."""
+        self._protected = out
+
     def read(self, r0, r1, c0=0, c1=None, out=None):
         c1 = self.V if c1 is None else c1
         block = np.asarray(self._rows(r0, r1, c0, c1))
+        if getattr(self, "_protected", None) is not None and np.shares_memory(block, self._protected):
+            raise _overlap_error(f"rows {r0}:{r1} of the source", first=r0 == 0 and c0 == 0)
         if block.shape != (r1 - r0, c1 - c0):
             raise SourceError(f"{type(self.array).__name__}: rows {r0}:{r1}, columns {c0}:{c1} came back "
                               f"with shape {block.shape}, expected {(r1 - r0, c1 - c0)}")
@@ -395,7 +441,7 @@ class IterSource:
     def _check(self, block, i):
         b = host_array(block)
         if self._protected is not None and np.shares_memory(b, self._protected):
-            raise _overlap_error(f"row block {i}")
+            raise _overlap_error(f"row block {i}", first=i == 0)
         if i == 0:
             self._first_raw = b
         if self._declared is not None and dtype_name(self._declared) == "bfloat16" and b.dtype != BF16:
@@ -432,7 +478,7 @@ class IterSource:
                 block = None
 
 
-class StdinSource:
+class StdinSource(_Closing):
     """Raw rows on a binary stream (standard input by default): `vocab` values of `dtype` each, read once,
     in order, into two buffers that alternate (a block or chunk is valid until the next one after it is
     read), sized by the caller's plan: row blocks, or column chunks of one row when a row does not fit."""
@@ -465,6 +511,11 @@ class StdinSource:
         where = "stdin" if self.path is None else self.path
         return f"<fastlogits source {where} V={self.V} dtype={self.dtype}>"
 
+    def close(self):
+        """Closes a pipe opened by its path (at the end of the pass, or now); standard input stays open."""
+        if getattr(self, "path", None) is not None and self.stream is not None:
+            self.stream.close()
+
     def _start(self):
         if self._used:
             raise SourceError(f"{self.name} was already read; a source of this kind is read once")
@@ -494,17 +545,20 @@ class StdinSource:
         self._start()
         row_bytes = self.V * self._isz
         bufs = [np.empty((max_rows, self.V), NP_DTYPES[self.dtype]) for _ in range(2)]
-        for k in itertools.count():
-            buf = bufs[k % 2]
-            got = self._fill(buf)
-            if got % row_bytes:
-                raise self._left_over(got % row_bytes)
-            n = got // row_bytes
-            if n:
-                self.rows += n
-                yield buf[:n]
-            if n < max_rows:
-                return
+        try:
+            for k in itertools.count():
+                buf = bufs[k % 2]
+                got = self._fill(buf)
+                if got % row_bytes:
+                    raise self._left_over(got % row_bytes)
+                n = got // row_bytes
+                if n:
+                    self.rows += n
+                    yield buf[:n]
+                if n < max_rows:
+                    return
+        finally:
+            self.close()
 
     def chunks(self, cols):
         """(row, c0, chunk of shape (1, c)) for every row and its columns in order, at most cols a chunk."""
@@ -512,17 +566,20 @@ class StdinSource:
         cols = min(cols, self.V) or 1
         bufs = [np.empty((1, cols), NP_DTYPES[self.dtype]) for _ in range(2)]
         k = 0
-        for i in itertools.count():
-            for c0 in range(0, self.V, cols):
-                buf = bufs[k % 2][:, :min(cols, self.V - c0)]
-                k += 1
-                got = self._fill(buf)
-                if got == 0 and c0 == 0:
-                    return
-                if got < buf.nbytes:
-                    raise self._left_over(c0 * self._isz + got)
-                yield i, c0, buf
-            self.rows = i + 1
+        try:
+            for i in itertools.count():
+                for c0 in range(0, self.V, cols):
+                    buf = bufs[k % 2][:, :min(cols, self.V - c0)]
+                    k += 1
+                    got = self._fill(buf)
+                    if got == 0 and c0 == 0:
+                        return
+                    if got < buf.nbytes:
+                        raise self._left_over(c0 * self._isz + got)
+                    yield i, c0, buf
+                self.rows = i + 1
+        finally:
+            self.close()
 
 
 def check_vocab(vocab, argname="vocab"):
