@@ -921,3 +921,30 @@ def test_memory_budgets_of_any_real_number_type():
     for bad, match in ((10**400, "finite"), (float("nan"), "finite"), (-1, "at least 64 KiB")):
         with pytest.raises(ValueError, match=match):
             parse_memory(bad)
+
+
+def test_an_output_that_is_the_file_being_read_is_refused(tmp_path, rng):
+    """softmax to the input's own path (or a hard or symbolic link to it, or the file behind a memmap
+    given as logits) replaced the dump with its softmax, silently; so did the command line, and topk,
+    sample and stats --per-row would have written their results over it (found by an audit agent)."""
+    x = rng.standard_normal((4, 10)).astype(np.float32)
+    p = tmp_path / "e.npy"
+    np.save(p, x)
+    os.link(p, tmp_path / "hard.npy")
+    os.symlink(p, tmp_path / "soft.npy")
+    for out in (p, tmp_path / "hard.npy", tmp_path / "soft.npy"):
+        with pytest.raises(ValueError, match="is the file being read"):
+            fl.softmax(fl.open(p), out=out)
+    with pytest.raises(ValueError, match="is the file being read"):
+        fl.log_softmax(np.load(p, mmap_mode="r"), out=p)
+    x.tofile(tmp_path / "e.bin")
+    with pytest.raises(ValueError, match="is the file being read"):
+        fl.softmax(fl.open(tmp_path / "e.bin", dtype="float32", vocab=10), out=tmp_path / "e.bin")
+    np.save(tmp_path / "e2.npy", x)
+    for args in (["softmax", p, p], ["topk", tmp_path / "e2.npy", tmp_path / "e2.npy"],
+                 ["sample", p, tmp_path / "hard.npy"],
+                 ["stats", tmp_path / "e2.npy", "--per-row", tmp_path / "e2.npy"]):
+        assert "is the file being read" in _one_line(_cli(*args))
+    np.testing.assert_array_equal(np.load(p), x)
+    np.testing.assert_array_equal(np.load(tmp_path / "e2.npy"), x)
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "e.bin", np.float32).reshape(4, 10), x)

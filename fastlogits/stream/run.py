@@ -516,6 +516,20 @@ class _RowView:
         return self.source.read(self.i + r0, self.i + r1, c0, c1, out=out)
 
 
+def _reads_file(source, path):
+    """Whether the source reads the file at `path` (the same file by any name: a hard link, a symbolic
+    link), as a file source or through a map of it."""
+    from fastlogits.stream.sources import _maps_file
+
+    if not os.path.exists(path):
+        return False
+    own = getattr(source, "path", None)
+    if own is not None and os.path.exists(own) and os.path.samefile(own, path):
+        return True
+    array = getattr(source, "array", None)
+    return isinstance(array, np.ndarray) and _maps_file(array, path)
+
+
 class _Sink:
     """Where a streamed map writes: an array, or a file written under a temporary name and renamed when
     complete (see atomic_output)."""
@@ -546,6 +560,9 @@ class _Sink:
             self.result = out
         elif isinstance(out, (str, os.PathLike)):
             self.path = os.fspath(out)
+            if _reads_file(source, self.path):
+                raise ValueError(f"out={self.path!r} is the file being read: the result would replace the "
+                                 "logits; write it to another file")
             self.npy = self.path.lower().endswith(".npy")
             self.lead = None if source.shape[0] is None else tuple(source.shape[:-1])
             self.result = self.path
