@@ -90,15 +90,20 @@ def _binary_size(n):
     return f"{n} B"
 
 
-def _check_per_row_path(path, source=None):
-    """Before the pass, not after it: the name's format, a place where it can be written, and not the
-    file being read."""
-    from fastlogits.stream.run import _reads_file, check_output_path
+def _check_per_row_path(path):
+    """Before the input is opened, not after the pass: the name's format and a place to write it."""
+    from fastlogits.stream.run import check_output_path
 
     if not path.lower().endswith(_PER_ROW):
         raise ValueError(f"{path}: per-row output must end in .npy, .csv or .jsonl")
     check_output_path(path)
-    if source is not None and _reads_file(source, path):
+
+
+def _check_not_input(path, source):
+    """Once the input is open: the per-row output is not the file being read."""
+    from fastlogits.stream.run import _reads_file
+
+    if _reads_file(source, path):
         raise ValueError(f"{path}: is the file being read; write the results to another file")
 
 
@@ -168,9 +173,11 @@ def cmd_info(args):
 def cmd_stats(args):
     from fastlogits.stream import run
 
+    if args.per_row:
+        _check_per_row_path(args.per_row)
     src = _open(args)
     if args.per_row:
-        _check_per_row_path(args.per_row, src)       # before the pass, not after it
+        _check_not_input(args.per_row, src)
     labels = _load_labels(args.labels, src.rows) if args.labels else None
     bar = _Bar(src.rows, "stats")
     try:
@@ -226,8 +233,9 @@ def cmd_softmax(args):
 def cmd_topk(args):
     from fastlogits.stream import run
 
+    _check_per_row_path(args.output)
     src = _open(args)
-    _check_per_row_path(args.output, src)       # before the pass, not after it
+    _check_not_input(args.output, src)
     bar = _Bar(src.rows, "topk")
     try:
         kw = {"k": args.k, "temperature": args.temperature, "threads": args.threads}
@@ -302,8 +310,9 @@ def cmd_demo(args):
 def cmd_sample(args):
     from fastlogits.ops.sampling import sample_source
 
+    _check_per_row_path(args.output)
     src = _open(args)
-    _check_per_row_path(args.output, src)       # before the pass, not after it
+    _check_not_input(args.output, src)
     bar = _Bar(src.rows, "sample")
     t0 = time.perf_counter()
     try:
