@@ -596,15 +596,19 @@ def open(path, *, dtype=None, vocab=None, tensor=None, memory=None):  # noqa: A0
     ``path``: a ``.npy`` file (read lazily; ``dtype="bfloat16"`` re-declares a ``|V2`` file), a
     ``.safetensors`` file (``tensor=`` picks one when there are several; BF16 supported), ``"-"`` for raw rows
     on standard input (or the path of a pipe: a FIFO, ``/dev/stdin``, a shell's ``<(zcat dump.gz)``), or
-    any other path as raw binary (``dtype`` and ``vocab`` required). For a file that
-    describes itself, a ``dtype`` or ``vocab`` given must agree with it, and ``tensor`` is for safetensors
-    only (a SourceError otherwise). ``memory``: the memory budget of calls on this source (default:
-    ``fastlogits.set_memory_budget``).
+    any other path as raw binary (``dtype`` and ``vocab`` required). ``path`` may also be logits that
+    are already in memory or made by code: an array-like (a NumPy array, an h5py dataset, ...) or an
+    iterable of 2-D row blocks, where ``dtype="bfloat16"`` declares 2-byte data (|V2, uint16, int16) as
+    bfloat16. For logits that describe themselves, a ``dtype`` or ``vocab`` given must agree with them,
+    and ``tensor`` is for safetensors only (a SourceError otherwise). ``memory``: the memory budget of
+    calls on this source (default: ``fastlogits.set_memory_budget``).
     """
     if memory is not None:
         from fastlogits.stream.run import parse_memory
         parse_memory(memory)         # a bad budget fails here, not at the first call
-    if isinstance(path, str) and path == "-":
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        src = _open_object(path, dtype, vocab, tensor)
+    elif isinstance(path, str) and path == "-":
         if tensor is not None:
             raise SourceError("standard input: tensor= (--tensor) names a tensor of a .safetensors file; "
                               "standard input holds raw rows")
@@ -640,6 +644,29 @@ def open(path, *, dtype=None, vocab=None, tensor=None, memory=None):  # noqa: A0
         if vocab is not None and check_vocab(vocab) != src.V:
             raise SourceError(f"{p}: vocab={vocab!r} was given, but the file's rows hold {src.V} values")
     src.memory = memory
+    return src
+
+
+def _open_object(obj, dtype, vocab, tensor):
+    """fastlogits.open of logits in memory or made by code: an array-like or an iterable of row blocks."""
+    if tensor is not None:
+        raise SourceError("tensor= (--tensor) names a tensor of a .safetensors file; these logits are not "
+                          "one")
+    if hasattr(obj, "__dlpack__") and not isinstance(obj, np.ndarray):
+        obj = host_array(obj)                  # a PyTorch CPU tensor, read in place
+    if isinstance(obj, (list, tuple)):
+        obj = np.asarray(obj)                  # one array, as NumPy reads it
+    if hasattr(obj, "shape") and hasattr(obj, "dtype") and hasattr(obj, "__getitem__"):
+        src = ArraySource(obj, dtype)
+    elif hasattr(obj, "__iter__"):
+        src = IterSource(obj, dtype, vocab)
+    else:
+        raise TypeError(f"fastlogits.open takes a path, an array-like or an iterable of row blocks, got "
+                        f"{type(obj).__name__}")
+    if dtype is not None and dtype_name(dtype) != src.dtype:
+        raise SourceError(f"dtype={dtype!r} was given, but the logits are {src.dtype}")
+    if vocab is not None and check_vocab(vocab) != src.V:
+        raise SourceError(f"vocab={vocab!r} was given, but the rows hold {src.V} values")
     return src
 
 
