@@ -2,9 +2,10 @@
 
 Each accumulator holds one row state per row (the C core's logsumexp state: running max m and running
 sum s of exp(x - m)), updated by ``update(chunk, start)`` and merged with the states of other column
-ranges by ``merge`` (another accumulator, or a ``state`` tuple made elsewhere: another process, another
-backend, another machine). Merging is associative and commutative, so the order of chunks and merges
-does not matter beyond rounding.
+ranges by ``merge`` (``LogSumExp`` and ``CrossEntropy``: another accumulator, or a ``state`` tuple made
+elsewhere: another process, another backend, another machine). Merging is associative and commutative,
+so the order of chunks and merges does not matter beyond rounding. ``Entropy`` and ``TopK`` fold chunks
+only. Chunks are host arrays: the accumulators fold on the CPU.
 """
 from typing import NamedTuple
 
@@ -13,7 +14,7 @@ import numpy as np
 from fastlogits._config import is_int
 from fastlogits.cpu import _reduce
 from fastlogits.cpu.backend import CODES, compute_dtype
-from fastlogits.ops._prep import as_array, prepare
+from fastlogits.ops._prep import as_array, is_gpu_array, prepare
 from fastlogits.ops.reductions import ce_terms, ce_total
 
 
@@ -68,6 +69,10 @@ class _Base:
 
     def _check_chunk(self, chunk, start):
         """chunk as an array of shape (rows, c) and start as an int, after the usual checks."""
+        if is_gpu_array(chunk):
+            raise ValueError(f"{type(self).__name__}.update: the accumulators fold chunks on the CPU, and "
+                             "this chunk lives on a GPU: copy it to the host first (a logsumexp computed on "
+                             "the GPU, fastlogits.logsumexp(chunk), merges as the state (lse, 1) instead)")
         x = as_array(chunk, argname="chunk")
         if x.ndim != 2 or x.shape[0] != self.rows:
             raise ValueError(f"chunk must have shape (rows, c) = ({self.rows}, c), got {x.shape}")

@@ -567,7 +567,11 @@ class _Sink:
             self.lead = None if source.shape[0] is None else tuple(source.shape[:-1])
             self.result = self.path
         else:
-            raise TypeError(f"out must be a path or a NumPy array, got {type(out).__name__}")
+            from fastlogits.ops._prep import is_gpu_array
+
+            where = (" (a source is written block by block from the host: copy the result to the GPU "
+                     "afterwards)") if is_gpu_array(out) else ""
+            raise TypeError(f"out must be a path or a NumPy array, got {type(out).__name__}{where}")
 
     def __enter__(self):
         if self._out is None:

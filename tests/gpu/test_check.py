@@ -60,3 +60,26 @@ def test_check_runs_the_cpu_on_the_threads_asked_for(gpu, monkeypatch, capsys):
     assert check.main(argparse.Namespace(json=True, threads=3)) == 0
     assert seen and set(seen) == {3}
     assert '"failed": 0' in capsys.readouterr().out
+
+
+def test_a_non_finite_value_on_one_backend_is_an_infinite_difference():
+    """A NaN or an infinity on one backend only was reported as a largest difference of 0 (the differences
+    were taken where both were finite; found by an audit agent); it is inf, and a failure. (No GPU needed:
+    the comparison alone.)"""
+    x = np.zeros((3, 4))
+    want = np.array([1.0, 2.0, np.inf])
+    for got in ([np.nan, 2.0, np.inf], [1.0, np.inf, np.inf], [1.0, 2.0, -np.inf], [1.0, 2.0, 3.0]):
+        assert check._compare("logsumexp", np.array(got), want, x, "float32") == (np.inf, False)
+    assert check._compare("logsumexp", want.copy(), want, x, "float32") == (0.0, True)
+    both_nan = np.array([np.nan, 2.0, np.inf])
+    assert check._compare("logsumexp", both_nan, both_nan.copy(), x, "float32") == (0.0, True)
+
+
+def test_the_log_domain_tolerance_scales_with_x_over_t():
+    """The documented tolerance is 2e-5 x (1 + the row's largest |x / T|): with T = 0.5 the scale
+    doubles (it used |x|)."""
+    x = np.full((1, 4), 100.0)
+    want = np.array([0.0])
+    err = 2e-5 * (1 + 150)                     # inside 2e-5 (1 + 200), outside 2e-5 (1 + 100)
+    assert check._compare("logsumexp", want + err, want, x, "float32", temperature=np.array([0.5]))[1]
+    assert not check._compare("logsumexp", want + err, want, x, "float32")[1]

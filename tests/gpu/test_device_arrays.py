@@ -236,3 +236,22 @@ def test_store_bf16_rounds_as_ml_dtypes(gpu, rng):
     np.testing.assert_array_equal(got[~nan], want[~nan])
     g = got[nan].view(BF16).astype(np.float32)
     assert np.isnan(g).all() and np.array_equal(np.signbit(g), np.signbit(src[0][nan]))
+
+
+def test_accumulators_and_sources_say_what_to_do_with_device_arrays(gpu, rng, tmp_path):
+    """A device chunk given to an accumulator, or a device out given for a source, is refused with what to
+    do instead (the accumulators' error advised backend='gpu', which they do not take; found by an audit
+    agent), and the state (lse, 1) of a logsumexp computed on the device merges as advised."""
+    from numba import cuda
+
+    x = rng.standard_normal((2, 40)).astype(np.float32)
+    for acc in (fl.stream.LogSumExp(2), fl.stream.CrossEntropy(np.array([1, 2]))):
+        with pytest.raises(ValueError, match=r"fold chunks on the CPU, and this chunk lives on a GPU: copy"):
+            acc.update(cuda.to_device(np.ascontiguousarray(x[:, :20])), 0)
+    acc = fl.stream.LogSumExp(2).update(x[:, :20], 0)
+    lse = fl.logsumexp(cuda.to_device(np.ascontiguousarray(x[:, 20:])), backend="gpu")
+    acc.merge((np.asarray(lse.copy_to_host(), np.float64), np.ones(2)))
+    np.testing.assert_allclose(acc.result(), fl.logsumexp(x), rtol=2e-6)
+    np.save(tmp_path / "x.npy", x)
+    with pytest.raises(TypeError, match="a source is written block by block from the host"):
+        fl.softmax(fl.open(tmp_path / "x.npy"), out=cuda.device_array((2, 40), np.float32), backend="gpu")
