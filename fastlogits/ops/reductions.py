@@ -5,7 +5,15 @@ import numpy as np
 
 from fastlogits._config import is_int
 from fastlogits.ops import _backend
-from fastlogits.ops._prep import NP_DTYPES, as_array, check_own_places, dtype_name, is_gpu_array, prepare
+from fastlogits.ops._prep import (
+    NP_DTYPES,
+    as_array,
+    check_own_places,
+    dtype_name,
+    host_array,
+    is_gpu_array,
+    prepare,
+)
 from fastlogits.stream import run as stream_run
 from fastlogits.stream.sources import ArraySource, as_source
 
@@ -80,7 +88,9 @@ def entropy(logits, *, temperature=1.0, softcap=None, backend=None, threads=None
 def _map(logits, log, temperature, softcap, out, dtype, backend, threads, chunk_size):
     src = as_source(logits)
     if src is None and isinstance(out, (str, os.PathLike)) and not is_gpu_array(logits):
-        src = ArraySource(as_array(logits))   # an array (a memmap, say) whose map goes to a file
+        # an array (a memmap, say) whose map goes to a file: the caller's own array (big-endian data is
+        # swapped as it is read), so that a map of the output's file is recognised
+        src = ArraySource(logits if isinstance(logits, np.ndarray) else host_array(logits))
     if src is not None:
         return stream_run.softmax(src, log, out, dict(
             temperature=temperature, softcap=softcap, dtype=dtype, backend=backend, threads=threads,

@@ -70,9 +70,11 @@ class _Base:
     def _check_chunk(self, chunk, start):
         """chunk as an array of shape (rows, c) and start as an int, after the usual checks."""
         if is_gpu_array(chunk):
+            hint = (" (or merge the state (lse, 1) of fastlogits.logsumexp(chunk, temperature=..., "
+                    "softcap=...) computed on the GPU with this accumulator's temperature and softcap)"
+                    if type(self) is LogSumExp else "")
             raise ValueError(f"{type(self).__name__}.update: the accumulators fold chunks on the CPU, and "
-                             "this chunk lives on a GPU: copy it to the host first (a logsumexp computed on "
-                             "the GPU, fastlogits.logsumexp(chunk), merges as the state (lse, 1) instead)")
+                             f"this chunk lives on a GPU: copy it to the host first{hint}")
         x = as_array(chunk, argname="chunk")
         if x.ndim != 2 or x.shape[0] != self.rows:
             raise ValueError(f"chunk must have shape (rows, c) = ({self.rows}, c), got {x.shape}")

@@ -13,6 +13,7 @@ import numbers
 import os
 import queue
 import re
+import stat
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -525,6 +526,13 @@ def _reads_file(source, path):
         return False
     own = getattr(source, "path", None)
     if own is not None and os.path.exists(own) and os.path.samefile(own, path):
+        return True
+    stream = getattr(source, "stream", None)        # standard input redirected from a file (< path)
+    try:
+        st = os.fstat(stream.fileno()) if stream is not None else None
+    except (AttributeError, OSError, ValueError):
+        st = None
+    if st is not None and stat.S_ISREG(st.st_mode) and os.path.samestat(st, os.stat(path)):
         return True
     array = getattr(source, "array", None)
     return isinstance(array, np.ndarray) and _maps_file(array, path)

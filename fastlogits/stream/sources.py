@@ -13,6 +13,7 @@ fill up with a dump larger than memory); a truncated file, a bad header or an un
 :class:`SourceError`, which says what was expected and what was found.
 """
 import builtins
+import io
 import itertools
 import json
 import math
@@ -597,11 +598,12 @@ def open(path, *, dtype=None, vocab=None, tensor=None, memory=None):  # noqa: A0
     ``.safetensors`` file (``tensor=`` picks one when there are several; BF16 supported), ``"-"`` for raw rows
     on standard input (or the path of a pipe: a FIFO, ``/dev/stdin``, a shell's ``<(zcat dump.gz)``), or
     any other path as raw binary (``dtype`` and ``vocab`` required). ``path`` may also be logits that
-    are already in memory or made by code: an array-like (a NumPy array, an h5py dataset, ...) or an
-    iterable of 2-D row blocks, where ``dtype="bfloat16"`` declares 2-byte data (|V2, uint16, int16) as
-    bfloat16. For logits that describe themselves, a ``dtype`` or ``vocab`` given must agree with them,
-    and ``tensor`` is for safetensors only (a SourceError otherwise). ``memory``: the memory budget of
-    calls on this source (default: ``fastlogits.set_memory_budget``).
+    are already in host memory or made by code: an array-like (a NumPy array, a PyTorch CPU tensor, an
+    h5py dataset, ...; a list or tuple is one array, as NumPy reads it) or an iterator of 2-D row blocks,
+    where ``dtype="bfloat16"`` declares 2-byte data (|V2, uint16, int16) as bfloat16. For logits that
+    describe themselves, a ``dtype`` or ``vocab`` given must agree with them, and ``tensor`` is for
+    safetensors only (a SourceError otherwise). ``memory``: the memory budget of calls on this source
+    (default: ``fastlogits.set_memory_budget``).
     """
     if memory is not None:
         from fastlogits.stream.run import parse_memory
@@ -652,10 +654,23 @@ def _open_object(obj, dtype, vocab, tensor):
     if tensor is not None:
         raise SourceError("tensor= (--tensor) names a tensor of a .safetensors file; these logits are not "
                           "one")
+    from fastlogits.ops._prep import is_gpu_array
+
+    if is_gpu_array(obj):
+        raise TypeError("fastlogits.open reads logits into host memory, and these are on a GPU: pass them to "
+                        "the functions directly")
+    if isinstance(obj, (io.IOBase, str, bytes, bytearray, dict)):
+        raise TypeError(f"fastlogits.open takes a path, an array-like or an iterable of row blocks, got "
+                        f"{type(obj).__name__}" + (" (pass the file's path, or '-' for standard input)"
+                                                   if isinstance(obj, io.IOBase) else ""))
     if hasattr(obj, "__dlpack__") and not isinstance(obj, np.ndarray):
         obj = host_array(obj)                  # a PyTorch CPU tensor, read in place
-    if isinstance(obj, (list, tuple)):
-        obj = np.asarray(obj)                  # one array, as NumPy reads it
+    if isinstance(obj, (list, tuple, memoryview)):
+        try:
+            obj = np.asarray(obj)              # one array, as NumPy reads it
+        except ValueError as e:
+            raise ValueError(f"a list or tuple is read as one array, and this one is ragged ({e}); to "
+                             "stream row blocks, pass an iterator: iter(blocks)") from None
     if hasattr(obj, "shape") and hasattr(obj, "dtype") and hasattr(obj, "__getitem__"):
         src = ArraySource(obj, dtype)
     elif hasattr(obj, "__iter__"):

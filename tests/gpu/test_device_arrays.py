@@ -246,8 +246,11 @@ def test_accumulators_and_sources_say_what_to_do_with_device_arrays(gpu, rng, tm
 
     x = rng.standard_normal((2, 40)).astype(np.float32)
     for acc in (fl.stream.LogSumExp(2), fl.stream.CrossEntropy(np.array([1, 2]))):
-        with pytest.raises(ValueError, match=r"fold chunks on the CPU, and this chunk lives on a GPU: copy"):
+        with pytest.raises(ValueError, match=r"fold chunks on the CPU, and this chunk lives on a GPU: copy") \
+                as e:
             acc.update(cuda.to_device(np.ascontiguousarray(x[:, :20])), 0)
+        # only a LogSumExp merges a bare (lse, 1) state, made with its own temperature and softcap
+        assert ("(lse, 1)" in str(e.value)) == isinstance(acc, fl.stream.LogSumExp)
     acc = fl.stream.LogSumExp(2).update(x[:, :20], 0)
     lse = fl.logsumexp(cuda.to_device(np.ascontiguousarray(x[:, 20:])), backend="gpu")
     acc.merge((np.asarray(lse.copy_to_host(), np.float64), np.ones(2)))
