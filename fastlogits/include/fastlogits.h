@@ -503,26 +503,27 @@ static inline void fl_lse_update_f64(fl_lse_state *st, const double *x, size_t n
 
 #define FL_CONVERT_BLOCK 1024
 
+/* The body of the 16-bit fl_*_update functions: n values given as their bits (x), converted to float a
+ * block at a time by `load` and folded into the state st by the float32 `update`. */
+#define FL__FOLD_CONVERTED(update, load, st, x, n)                         \
+    do {                                                                   \
+        float buf_[FL_CONVERT_BLOCK];                                      \
+        while ((n) > 0) {                                                  \
+            size_t c_ = (n) < FL_CONVERT_BLOCK ? (n) : FL_CONVERT_BLOCK;   \
+            load(buf_, (x), (int64_t)c_);                                  \
+            update((st), buf_, c_);                                        \
+            (x) += c_; (n) -= c_;                                          \
+        }                                                                  \
+    } while (0)
+
 /* Fold n IEEE half values (given as their bits). */
 static inline void fl_lse_update_f16(fl_lse_state *st, const uint16_t *x, size_t n) {
-    float buf[FL_CONVERT_BLOCK];
-    while (n > 0) {
-        size_t c = n < FL_CONVERT_BLOCK ? n : FL_CONVERT_BLOCK;
-        fl_load_f16(buf, x, (int64_t)c);
-        fl_lse_update_f32(st, buf, c);
-        x += c; n -= c;
-    }
+    FL__FOLD_CONVERTED(fl_lse_update_f32, fl_load_f16, st, x, n);
 }
 
 /* Fold n bfloat16 values (given as their bits). */
 static inline void fl_lse_update_bf16(fl_lse_state *st, const uint16_t *x, size_t n) {
-    float buf[FL_CONVERT_BLOCK];
-    while (n > 0) {
-        size_t c = n < FL_CONVERT_BLOCK ? n : FL_CONVERT_BLOCK;
-        fl_load_bf16(buf, x, (int64_t)c);
-        fl_lse_update_f32(st, buf, c);
-        x += c; n -= c;
-    }
+    FL__FOLD_CONVERTED(fl_lse_update_f32, fl_load_bf16, st, x, n);
 }
 
 /* Fold n values into the entropy state (as the fl_lse_update_* twins: the 16-bit ones take the bits). */
@@ -545,23 +546,11 @@ static inline void fl_ent_update_f64(fl_ent_state *st, const double *x, size_t n
 }
 
 static inline void fl_ent_update_f16(fl_ent_state *st, const uint16_t *x, size_t n) {
-    float buf[FL_CONVERT_BLOCK];
-    while (n > 0) {
-        size_t c = n < FL_CONVERT_BLOCK ? n : FL_CONVERT_BLOCK;
-        fl_load_f16(buf, x, (int64_t)c);
-        fl_ent_update_f32(st, buf, c);
-        x += c; n -= c;
-    }
+    FL__FOLD_CONVERTED(fl_ent_update_f32, fl_load_f16, st, x, n);
 }
 
 static inline void fl_ent_update_bf16(fl_ent_state *st, const uint16_t *x, size_t n) {
-    float buf[FL_CONVERT_BLOCK];
-    while (n > 0) {
-        size_t c = n < FL_CONVERT_BLOCK ? n : FL_CONVERT_BLOCK;
-        fl_load_bf16(buf, x, (int64_t)c);
-        fl_ent_update_f32(st, buf, c);
-        x += c; n -= c;
-    }
+    FL__FOLD_CONVERTED(fl_ent_update_f32, fl_load_bf16, st, x, n);
 }
 
 /* The cross-entropy state of one row against class `label`, for a row that arrives in pieces: the
