@@ -380,17 +380,20 @@ static inline void FL_FN(fl_row_softmax)(const fl_row *r, int64_t start, int64_t
                                           const fl_lse_state *st, int log_, char *out, int64_t out_stride,
                                           int out_dtype, FL_T *buf, FL_T *ybuf) {
     int finite = st->m > -FL_INF && st->m < FL_INF;
+    /* an output of the compute type, contiguous, is written in place; any other goes through ybuf */
+    int direct = out_dtype == (sizeof(FL_T) == 4 ? FL_F32 : FL_F64) && out_stride == (int64_t)sizeof(FL_T);
     FL_T m = (FL_T)st->m;
     for (int64_t c0 = start; c0 < stop; c0 += chunk) {
         int64_t len = stop - c0 < chunk ? stop - c0 : chunk, i;
+        FL_T *y = direct ? (FL_T *)(out + c0 * out_stride) : ybuf;
         if (!finite) {
-            for (i = 0; i < len; i++) ybuf[i] = (FL_T)NAN;
+            for (i = 0; i < len; i++) y[i] = (FL_T)NAN;
         } else {
             const FL_T *x = FL_FN(fl_row_chunk)(r, c0, len, buf);
-            if (log_) FL_FN(fl__log_softmax)(x, ybuf, len, m, (FL_T)log(st->s));
-            else FL_FN(fl__softmax)(x, ybuf, len, m, (FL_T)(1.0 / st->s));
+            if (log_) FL_FN(fl__log_softmax)(x, y, len, m, (FL_T)log(st->s));
+            else FL_FN(fl__softmax)(x, y, len, m, (FL_T)(1.0 / st->s));
         }
-        FL_FN(fl_store)(out + c0 * out_stride, out_stride, out_dtype, ybuf, len);
+        if (!direct) FL_FN(fl_store)(out + c0 * out_stride, out_stride, out_dtype, ybuf, len);
     }
 }
 
