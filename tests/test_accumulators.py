@@ -1,11 +1,11 @@
-"""fastlogits.stream.LogSumExp and CrossEntropy: a row block cut into random column chunks, fed in shuffled
-order to several accumulators and merged in random order, equals the one-shot result; states round-trip."""
+"""fastlogits.stream's accumulators: a row block cut into random column chunks, fed in shuffled order to
+several accumulators and merged in random order, equals the one-shot result; states round-trip."""
 
 import numpy as np
 import pytest
 
 import fastlogits as fl
-from fastlogits.stream import CrossEntropy, LogSumExp
+from fastlogits.stream import CrossEntropy, Entropy, EntropyState, LogSumExp, TopK, TopKState
 from tests import reference as ref
 from tests import tolerances as tols
 from tests.helpers import BF16, DTYPE_IDS, DTYPES, random_labels, random_logits
@@ -268,3 +268,125 @@ def test_cross_entropy_smoothing_at_large_offsets(rng, weighted):
     fresh = CrossEntropy(y, **kw)
     fresh.merge(acc.state)
     np.testing.assert_array_equal(fresh.result(), acc.result())
+
+
+def _awkward(rng, x):
+    """x with the awkward rows: all -inf, a NaN, a +inf, ties, a -inf tail (rows 0-4 of >= 6)."""
+    n = x.shape[1]
+    x[0] = -inf
+    x[1, n // 2] = nan
+    x[2, n - 1] = inf
+    x[3] = np.round(x[3])                     # ties
+    x[4, n // 3:] = -inf
+    return x
+
+
+@pytest.mark.parametrize("n_acc", [1, 2, 5])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_entropy_random_chunks(dtype, n_acc, rng):
+    for n in (1, 2, 37, 1000):
+        x = random_logits(rng, (7, n), dtype, scale=5.0)
+        if n > 2:
+            x = _awkward(rng, x)
+        temperature = float(rng.uniform(0.5, 2.0))
+        acc = _feed(rng, lambda t=temperature: Entropy(7, temperature=t), x, n_acc)
+        want = ref.entropy(x, temperature=temperature)
+        got = acc.result()
+        tols.assert_close(got, want, tols.log_tol(dtype, want, ref.row_scale(x, temperature=temperature)),
+                          None, f"Entropy n={n}")
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+
+
+@pytest.mark.parametrize("logprobs", [False, True], ids=["values", "logprobs"])
+@pytest.mark.parametrize("n_acc", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_top_k_random_chunks(dtype, n_acc, logprobs, rng):
+    """Merged in any order, the k largest (NaN first, ties by the lower column) equal the one-shot top_k,
+    indices exactly; with logprobs, the log-probabilities of the whole rows."""
+    for n in (1, 5, 37, 300):
+        x = random_logits(rng, (7, n), dtype, scale=4.0)
+        if n > 2:
+            x = _awkward(rng, x)
+        x[5] = np.round(x[5].astype(np.float64) / 2).astype(dtype)   # many ties, across chunks
+        k = int(rng.integers(1, n + 3))
+        acc = _feed(rng, lambda k=k: TopK(7, k, logprobs=logprobs, temperature=0.7), x, n_acc)
+        got, idx = acc.result()
+        assert idx.shape == (7, min(k, n)) and idx.dtype == np.int64
+        # x / T is computed in the compute type (float32 below float64), as PyTorch does: the order is its
+        cd = np.dtype(tols.reduction_dtype(dtype))
+        y = x.astype(cd) / cd.type(0.7)
+        want_idx = ref.top_k_order(y, min(k, n))
+        if logprobs:
+            want = np.take_along_axis(ref.log_softmax(x, temperature=0.7), want_idx, 1)
+            tol = tols.log_tol(dtype, want, ref.row_scale(x, temperature=0.7)[:, None])
+            finite = np.isfinite(want)
+            np.testing.assert_array_less(np.abs(got[finite] - want[finite]), tol[finite])
+            np.testing.assert_array_equal(got[~finite], want[~finite])     # NaN rows, -inf tokens
+        else:
+            np.testing.assert_array_equal(got, np.take_along_axis(y, want_idx, 1))
+        np.testing.assert_array_equal(idx, want_idx, err_msg=f"n={n} k={k}")
+
+
+def test_entropy_and_top_k_states_made_elsewhere(rng):
+    """States computed by hand with NumPy (as another machine would send them) merge like accumulators'."""
+    x = random_logits(rng, (4, 300), np.float64, scale=10.0)
+    x[3, 200:] = -inf                 # the hand-made part of row 3 is empty: m = -inf, s = t = 0
+    part = x[:, 200:]
+    m = part.max(axis=1)
+    shift = np.where(np.isfinite(m), m, 0)[:, None]
+    with np.errstate(invalid="ignore"):
+        e = np.exp(part - shift)
+        s = e.sum(axis=1)
+        t = np.where(e > 0, e * (part - shift), 0).sum(axis=1)
+    acc = Entropy(4).update(x[:, :200], 0).merge(EntropyState(m, s, t))
+    np.testing.assert_allclose(acc.result(), ref.entropy(x), rtol=1e-12)
+    fresh = Entropy(4).merge(acc.state)
+    np.testing.assert_array_equal(fresh.result(), acc.result())
+
+    order = np.argsort(-part, axis=1, kind="stable")[:, :6]
+    hand = (np.take_along_axis(part, order, 1), order + 200)
+    got = TopK(4, 6).update(x[:, :200], 0).merge(hand).result()          # (values, indices) suffices
+    want = ref.top_k(x, 6)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    lp = TopK(4, 6, logprobs=True).update(x[:, :200], 0).merge(TopKState(*hand, m, s)).result()
+    want = ref.top_k_logprobs(x, 6)
+    np.testing.assert_allclose(lp[0], want[0], rtol=1e-12)
+    np.testing.assert_array_equal(lp[1], want[1])
+    fresh = TopK(4, 6, logprobs=True).merge(TopK(4, 6, logprobs=True).update(x, 0).state)
+    np.testing.assert_allclose(fresh.result()[0], want[0], rtol=1e-12)
+
+
+def test_merge_refuses_other_kinds_options_and_bad_states(rng):
+    x = rng.standard_normal((3, 40))
+    with pytest.raises(ValueError, match="different temperature"):
+        LogSumExp(3).update(x[:, :20], 0).merge(LogSumExp(3, temperature=2.0).update(x[:, 20:], 20))
+    with pytest.raises(ValueError, match="different softcap"):
+        Entropy(3).update(x[:, :20], 0).merge(Entropy(3, softcap=5.0).update(x[:, 20:], 20))
+    with pytest.raises(ValueError, match="different k"):
+        TopK(3, 2).merge(TopK(3, 3).update(x[:, 20:], 20))
+    with pytest.raises(ValueError, match="different logprobs"):
+        TopK(3, 2).merge(TopK(3, 2, logprobs=True).update(x[:, 20:], 20))
+    with pytest.raises(TypeError, match="a LogSumExp merges another LogSumExp or a LogSumExpState, got a "
+                                        "Entropy"):
+        LogSumExp(3).merge(Entropy(3))
+    with pytest.raises(TypeError, match=r"expected a Entropy or a EntropyState \(m, s, t\)"):
+        Entropy(3).merge((np.zeros(3), np.ones(3)))
+    with pytest.raises(TypeError, match="expected a LogSumExp"):
+        LogSumExp(3).merge(5)
+    top = TopK(3, 2).update(x[:, :20], 0)
+    before = top.result()
+    with pytest.raises(ValueError, match=r"j <= k = 2, got \(3, 3\)"):
+        top.merge((np.zeros((3, 3)), np.zeros((3, 3), np.int64)))
+    with pytest.raises(ValueError, match="indices must be non-negative integers"):
+        top.merge((np.zeros((3, 1)), -np.ones((3, 1), np.int64)))
+    with pytest.raises(ValueError, match="logprobs=False, so the other state's m and s must be None"):
+        top.merge((np.zeros((3, 1)), np.ones((3, 1), np.int64), np.zeros(3), np.ones(3)))
+    with pytest.raises(ValueError, match="logprobs=True, so the other state's m and s must be arrays"):
+        TopK(3, 2, logprobs=True).merge((np.zeros((3, 1)), np.ones((3, 1), np.int64)))
+    with pytest.raises(ValueError, match="already folded in"):
+        top.merge(TopK(3, 2).update(x[:, 19:21], 19))
+    # nothing was changed by the refused merges
+    np.testing.assert_array_equal(top.result()[1], before[1])
+    np.testing.assert_array_equal(top.merge(TopK(3, 2).update(x[:, 20:], 20)).result()[1],
+                                  ref.top_k(x, 2)[1])

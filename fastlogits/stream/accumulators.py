@@ -2,10 +2,10 @@
 
 Each accumulator holds one row state per row (the C core's logsumexp state: running max m and running
 sum s of exp(x - m)), updated by ``update(chunk, start)`` and merged with the states of other column
-ranges by ``merge`` (``LogSumExp`` and ``CrossEntropy``: another accumulator, or a ``state`` tuple made
+ranges by ``merge`` (another accumulator of the same kind and options, or a ``state`` tuple made
 elsewhere: another process, another backend, another machine). Merging is associative and commutative,
-so the order of chunks and merges does not matter beyond rounding. ``Entropy`` and ``TopK`` fold chunks
-only. Chunks are host arrays: the accumulators fold on the CPU.
+so the order of chunks and merges does not matter beyond rounding. Chunks are host arrays: the
+accumulators fold on the CPU.
 """
 from typing import NamedTuple
 
@@ -31,6 +31,19 @@ class CrossEntropyState(NamedTuple):
     dist: np.ndarray     # label smoothing: sum of w (m - x) over the columns seen (w = 1 without weights)
     wseen: float         # the sum of w over the columns seen
     columns: int         # number of vocabulary columns folded in
+
+
+class EntropyState(NamedTuple):
+    m: np.ndarray   # as LogSumExpState
+    s: np.ndarray
+    t: np.ndarray   # running sum of exp(x - m) (x - m) per row
+
+
+class TopKState(NamedTuple):
+    values: np.ndarray    # (rows, j), j <= k: the largest values seen (after softcap and temperature)
+    indices: np.ndarray   # (rows, j) int64: their columns
+    m: np.ndarray = None  # logprobs=True: the rows' LogSumExpState (m, s); None otherwise
+    s: np.ndarray = None
 
 
 def _row_state(value, rows, name, dtype=np.float64):
@@ -122,6 +135,31 @@ class _Base:
         self.ranges = ranges
         return r, m, s, tot
 
+    def _other(self, other, State):
+        """(state, column ranges, columns) of what merge was given: an accumulator of this kind, made
+        with the same options, or a bare state (its ranges unknown, its columns not counted)."""
+        if isinstance(other, type(self)):
+            self._check_same(other)
+            return other.state, other.ranges, other.columns
+        if isinstance(other, _Base):
+            raise TypeError(f"merge: a {type(self).__name__} merges another {type(self).__name__} or a "
+                            f"{State.__name__}, got a {type(other).__name__}")
+        try:
+            return State(*other), None, 0
+        except TypeError:
+            raise TypeError(f"merge: expected a {type(self).__name__} or a {State.__name__} "
+                            f"({', '.join(State._fields)}), got {other!r:.80}") from None
+
+    def _check_same(self, other, names=()):
+        if other.rows != self.rows:
+            raise ValueError(f"merge: the other {type(self).__name__} has {other.rows} rows, this one "
+                             f"{self.rows}")
+        for name in (*names, "_temperature", "_softcap"):
+            a, b = getattr(self, name), getattr(other, name)
+            if (a is None) != (b is None) or (a is not None and not np.array_equal(a, b)):
+                raise ValueError(f"merge: the other {type(self).__name__} has a different "
+                                 f"{name.lstrip('_')}; only accumulators of the same options can be merged")
+
     def __repr__(self):
         return f"{type(self).__name__}(rows={self.rows}, columns={self.columns})"
 
@@ -154,13 +192,13 @@ class LogSumExp(_Base):
         return LogSumExpState(self.m.copy(), self.s.copy())
 
     def merge(self, other):
-        """Fold in the state of other columns: a LogSumExp, or a (m, s) pair of arrays."""
-        m2, s2 = other.state if isinstance(other, LogSumExp) else other
-        ranges = self._covered(other.ranges if isinstance(other, LogSumExp) else None)
+        """Fold in the state of other columns: a LogSumExp of the same temperature and softcap, or a
+        (m, s) pair of arrays."""
+        (m2, s2), ranges, columns = self._other(other, LogSumExpState)
+        ranges = self._covered(ranges)
         _merge_lse(self.m, self.s, m2, s2)
         self.ranges = ranges
-        if isinstance(other, LogSumExp):
-            self.columns += other.columns
+        self.columns += columns
         return self
 
     def result(self):
@@ -242,11 +280,7 @@ class CrossEntropy(_Base):
     def merge(self, other):
         """Fold in the state of other columns: a CrossEntropy (of the same labels and options), or a
         CrossEntropyState."""
-        if isinstance(other, CrossEntropy):
-            self._check_same(other)
-            st = other.state
-        else:
-            st = CrossEntropyState(*other)
+        st, ranges, _ = self._other(other, CrossEntropyState)
         rows = self.rows
         found = _row_state(st.found, rows, "found", bool)
         target = _row_state(st.target, rows, "target")
@@ -260,7 +294,7 @@ class CrossEntropy(_Base):
             wseen = float(st.wseen)
         except (TypeError, ValueError):
             raise ValueError(f"merge: the other state's wseen must be a number, got {st.wseen!r}") from None
-        ranges = self._covered(other.ranges if isinstance(other, CrossEntropy) else None)
+        ranges = self._covered(ranges)
         self._merge_states(m2, s2, dist, wseen)
         self.target = np.where(found, target, self.target)
         self.found |= found
@@ -268,15 +302,8 @@ class CrossEntropy(_Base):
         self.ranges = ranges
         return self
 
-    def _check_same(self, other):
-        if other.rows != self.rows:
-            raise ValueError(f"merge: the other CrossEntropy has {other.rows} rows, this one {self.rows}")
-        for name in ("labels", "weight", "ignore_index", "label_smoothing", "z_loss", "_temperature",
-                     "_softcap"):
-            a, b = getattr(self, name), getattr(other, name)
-            if (a is None) != (b is None) or (a is not None and not np.array_equal(a, b)):
-                raise ValueError(f"merge: the other CrossEntropy has a different {name.lstrip('_')}; only "
-                                 "accumulators of the same labels and options can be merged")
+    def _check_same(self, other, names=()):
+        super()._check_same(other, ("labels", "weight", "ignore_index", "label_smoothing", "z_loss"))
 
     def terms(self):
         """Per-row terms of the loss (see fastlogits.ops.reductions.ce_terms), for callers that reduce
@@ -341,6 +368,21 @@ class Entropy(_Base):
         self.ranges = ranges
         return self
 
+    @property
+    def state(self):
+        return EntropyState(self.m.copy(), self.s.copy(), self.t.copy())
+
+    def merge(self, other):
+        """Fold in the state of other columns: an Entropy of the same temperature and softcap, or an
+        EntropyState (m, s, t) of arrays."""
+        (m, s, t), ranges, columns = self._other(other, EntropyState)
+        ranges = self._covered(ranges)
+        _reduce.merge_ent_states(self.m, self.s, self.t, _row_state(m, self.rows, "m"),
+                                 _row_state(s, self.rows, "s"), _row_state(t, self.rows, "t"), self._h)
+        self.ranges = ranges
+        self.columns += columns
+        return self
+
     def result(self):
         """Entropy per row, float64 (rows,)."""
         out = np.empty(self.rows)
@@ -373,17 +415,55 @@ class TopK(_Base):
         # values in the compute dtype (not rounded back to a 16-bit input dtype): log-probs come from them
         _, v, i = _top_k(x, min(self.k, x.shape[1]), False, self._temperature, self._softcap, "cpu",
                          self._threads, self._chunk_size)
-        v = np.concatenate([self.values, np.asarray(v, np.float64)], axis=1)
-        i = np.concatenate([self.indices, i + int(start)], axis=1)
+        if self._lse is not None:
+            self._lse.update(x, start)
+        self._keep(np.asarray(v, np.float64), i + int(start))
+        self.columns += x.shape[1]
+        self.ranges = ranges
+        return self
+
+    def _keep(self, v, i):
+        """Keep the k first of the held values and v (indices i), in top_k's order."""
+        v = np.concatenate([self.values, v], axis=1)
+        i = np.concatenate([self.indices, i], axis=1)
         nan = np.isnan(v)
         order = np.lexsort((i, -np.where(nan, 0.0, v), ~nan), axis=1)[:, :self.k]
         self.values = np.take_along_axis(v, order, 1)
         self.indices = np.take_along_axis(i, order, 1)
+
+    @property
+    def state(self):
+        m, s = self._lse.state if self._lse is not None else (None, None)
+        return TopKState(self.values.copy(), self.indices.copy(), m, s)
+
+    def merge(self, other):
+        """Fold in the state of other columns: a TopK of the same k, logprobs, temperature and softcap,
+        or a TopKState (values, indices, m, s): values and indices of shape (rows, j), j <= k, with the
+        logsumexp state (m, s) of the columns when logprobs=True (None otherwise)."""
+        st, ranges, columns = self._other(other, TopKState)
+        v = np.asarray(st.values, dtype=np.float64)
+        i = np.asarray(st.indices)
+        if v.ndim != 2 or v.shape[0] != self.rows or v.shape[1] > self.k or i.shape != v.shape:
+            raise ValueError(f"merge: the other state's values and indices must both have shape (rows, j) = "
+                             f"({self.rows}, j) with j <= k = {self.k}, got {v.shape} and {i.shape}")
+        if i.dtype.kind not in "iu" or (i.size and i.min() < 0):
+            raise ValueError("merge: the other state's indices must be non-negative integers (columns)")
+        if (st.m is None) != (self._lse is None):
+            raise ValueError(f"merge: this TopK has logprobs={self._lse is not None}, so the other state's "
+                             f"m and s must {'be arrays' if self._lse is not None else 'be None'}")
+        ranges = self._covered(ranges)
         if self._lse is not None:
-            self._lse.update(x, start)
-        self.columns += x.shape[1]
+            self._lse.merge((st.m, st.s))
+        self._keep(v, i.astype(np.int64))
         self.ranges = ranges
+        self.columns += columns
         return self
+
+    def _check_same(self, other, names=()):
+        super()._check_same(other, ("k",))
+        if (other._lse is None) != (self._lse is None):
+            raise ValueError("merge: the other TopK has a different logprobs; only accumulators of the same "
+                             "options can be merged")
 
     def result(self):
         """(values or log-probabilities, indices), float64 and int64, each (rows, min(k, columns))."""
