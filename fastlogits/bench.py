@@ -5,6 +5,8 @@ columns are meaningful on a noisy shared machine even when absolute figures drif
 machine's read bandwidth over the same array, measured in the same run (a vectorized, threaded sum in C;
 and ``torch.sum`` or ``numpy.sum`` for reference).
 """
+import os
+import sys
 import time
 
 import numpy as np
@@ -14,6 +16,7 @@ from fastlogits import _json
 from fastlogits.ops._prep import NP_DTYPES
 
 OPS = ("logsumexp", "cross_entropy", "softmax", "log_softmax", "entropy", "argmax", "top_k")
+DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 def _median_time(fn, repeat):
@@ -43,25 +46,21 @@ def _scipy_special():
     return scipy.special
 
 
-def _fastlogits_call(op, x, labels, threads):
-    if op == "logsumexp":
-        return lambda: fl.logsumexp(x, threads=threads)
-    if op == "cross_entropy":
-        return lambda: fl.cross_entropy(x, labels, threads=threads)
-    if op == "softmax":
-        return lambda: fl.softmax(x, threads=threads)
-    if op == "log_softmax":
-        return lambda: fl.log_softmax(x, threads=threads)
-    if op == "entropy":
-        return lambda: fl.entropy(x, threads=threads)
-    if op == "argmax":
-        return lambda: fl.argmax(x, threads=threads)
-    if op == "top_k":
-        return lambda: fl.top_k(x, min(TOP_K, x.shape[-1]), threads=threads)
-    raise ValueError(f"unknown op {op!r}")
-
-
 TOP_K = 50      # (fewer for a smaller vocabulary)
+
+
+def _fastlogits_call(op, x, labels, threads):
+    """fastlogits on the CPU (the GPU column is measured apart, on device-resident logits)."""
+    kw = {"threads": threads, "backend": "cpu"}
+    return {
+        "logsumexp": lambda: fl.logsumexp(x, **kw),
+        "cross_entropy": lambda: fl.cross_entropy(x, labels, **kw),
+        "softmax": lambda: fl.softmax(x, **kw),
+        "log_softmax": lambda: fl.log_softmax(x, **kw),
+        "entropy": lambda: fl.entropy(x, **kw),
+        "argmax": lambda: fl.argmax(x, **kw),
+        "top_k": lambda: fl.top_k(x, min(TOP_K, x.shape[-1]), **kw),
+    }[op]
 
 
 def _numpy_top_k(xs, k):
@@ -76,40 +75,28 @@ def _numpy_call(sp, op, x, labels):
     """NumPy/SciPy's way (float32 arithmetic where they allow it); sp: scipy.special."""
     xs = x if x.dtype in (np.float32, np.float64) else x.astype(np.float32)
     rows = np.arange(x.shape[0])
-    if op == "logsumexp":
-        return lambda: sp.logsumexp(xs, axis=-1)
-    if op == "cross_entropy":
-        return lambda: np.mean(sp.logsumexp(xs, axis=-1) - xs[rows, labels])
-    if op == "softmax":
-        return lambda: sp.softmax(xs, axis=-1)
-    if op == "log_softmax":
-        return lambda: sp.log_softmax(xs, axis=-1)
-    if op == "entropy":
-        return lambda: sp.entr(sp.softmax(xs, axis=-1)).sum(-1)
-    if op == "argmax":
-        return lambda: np.argmax(xs, axis=-1)
-    if op == "top_k":
-        return lambda: _numpy_top_k(xs, min(TOP_K, xs.shape[-1]))
-    raise ValueError(op)
+    return {
+        "logsumexp": lambda: sp.logsumexp(xs, axis=-1),
+        "cross_entropy": lambda: np.mean(sp.logsumexp(xs, axis=-1) - xs[rows, labels]),
+        "softmax": lambda: sp.softmax(xs, axis=-1),
+        "log_softmax": lambda: sp.log_softmax(xs, axis=-1),
+        "entropy": lambda: sp.entr(sp.softmax(xs, axis=-1)).sum(-1),
+        "argmax": lambda: np.argmax(xs, axis=-1),
+        "top_k": lambda: _numpy_top_k(xs, min(TOP_K, xs.shape[-1])),
+    }[op]
 
 
 def _torch_call(torch, op, t, tl):
     F = torch.nn.functional
-    if op == "logsumexp":
-        return lambda: torch.logsumexp(t, -1)
-    if op == "cross_entropy":
-        return lambda: F.cross_entropy(t, tl)
-    if op == "softmax":
-        return lambda: torch.softmax(t, -1)
-    if op == "log_softmax":
-        return lambda: torch.log_softmax(t, -1)
-    if op == "entropy":
-        return lambda: torch.distributions.Categorical(logits=t).entropy()
-    if op == "argmax":
-        return lambda: torch.argmax(t, -1)
-    if op == "top_k":
-        return lambda: torch.topk(t, min(TOP_K, t.shape[-1]), -1)
-    raise ValueError(op)
+    return {
+        "logsumexp": lambda: torch.logsumexp(t, -1),
+        "cross_entropy": lambda: F.cross_entropy(t, tl),
+        "softmax": lambda: torch.softmax(t, -1),
+        "log_softmax": lambda: torch.log_softmax(t, -1),
+        "entropy": lambda: torch.distributions.Categorical(logits=t).entropy(),
+        "argmax": lambda: torch.argmax(t, -1),
+        "top_k": lambda: torch.topk(t, min(TOP_K, t.shape[-1]), -1),
+    }[op]
 
 
 def hf_sample_pipeline(torch, t, T=0.8, k=50, p=0.9):
@@ -206,38 +193,50 @@ def table(results):
 
 
 def main(args):
-    """Entry point of ``fastlogits bench`` (args from the CLI parser)."""
-    import sys
-
+    """Entry point of ``fastlogits bench`` (args from the CLI parser). ``--backend cpu``: the CPU table
+    only; ``gpu``: the GPU figures only (an error without a real GPU); neither: the CPU table, and the GPU
+    figures where a real GPU is present."""
     def progress(r):
         print(f"  {r['op']:14s} {r['dtype']:9s} threads={r['threads']} {r['library']:18s} "
               f"{r['GB/s']:7.2f} GB/s", file=sys.stderr)
 
-    results = run(rows=args.rows, vocab=args.vocab, ops=args.ops, dtypes=args.dtypes, threads=args.threads,
-                  repeat=args.repeat, peers=not args.no_peers, progress=None if args.json else progress)
+    if args.backend == "gpu" and _no_gpu_timing() is not None:
+        raise RuntimeError(f"bench --backend gpu: {_no_gpu_timing()}")
+    results = []
+    if args.backend != "gpu":
+        results = run(rows=args.rows, vocab=args.vocab, ops=args.ops, dtypes=args.dtypes,
+                      threads=None if args.threads is None else [args.threads], repeat=args.repeat,
+                      peers=not args.no_peers, progress=None if args.json else progress)
     cfg = fl.show_config(as_dict=True)
     if args.threads:
         cfg["threads"] = args.threads       # what this run used, not the default
-    gpu = gpu_figures(args)
+    gpu = gpu_figures(args) if args.backend != "cpu" else None
     if args.json:
         print(_json.dumps({"config": cfg, "shape": [args.rows, args.vocab], "results": results, "gpu": gpu},
                           indent=1))
     else:
         print(f"fastlogits {cfg['version']}  simd={cfg['simd']}  openmp={cfg['openmp']}  "
               f"shape=({args.rows}, {args.vocab})  median of {args.repeat}")
-        print(table(results))
+        if results:
+            print(table(results))
         if gpu is not None:
             print()
             print(gpu_table(gpu))
     return 0
 
 
+def _no_gpu_timing():
+    """Why the GPU cannot be timed here (None: it can)."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return "numba-cuda's CUDA simulator has no timing; the GPU figures need a real GPU"
+    return fl._config.gpu_unavailable_reason()
+
+
 def gpu_figures(args):
     """The GPU column: logsumexp and cross-entropy on device-resident logits, CUDA events, against
     PyTorch on the same GPU and the device-to-device copy ceiling; None without a real GPU (the simulator
     has no timing)."""
-    import os
-    if "gpu" not in fl.available_backends() or os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    if _no_gpu_timing() is not None:
         return None
     from fastlogits.gpu import timing
     rows = max(args.rows, 8192)

@@ -1,4 +1,5 @@
-"""The ``fastlogits`` command line. It calls the public API only.
+"""The ``fastlogits`` command line: the public API, and fastlogits.stream.run's drivers where a command
+shows a progress bar.
 
 Subcommands: demo, info, stats, softmax, topk, sample, check, bench. Each takes --backend, --threads,
 --memory and --json, and shows a progress bar on standard error when it is a terminal. Bad input gets one
@@ -8,6 +9,7 @@ output (exit status 130, 143). ``python -m fastlogits`` runs it too.
 import argparse
 import contextlib
 import os
+import secrets
 import signal
 import sys
 import tempfile
@@ -21,11 +23,12 @@ import fastlogits as fl
 from fastlogits import _json
 
 
-def _add_common(p, memory="256MiB"):
-    p.add_argument("--backend", choices=["cpu", "gpu"], default=None, help="backend (default: cpu)")
-    p.add_argument("--threads", type=_positive, default=None,
-                   help="CPU threads (default: all cores, or FASTLOGITS_NUM_THREADS)")
-    p.add_argument("--memory", default=None, help=f"memory budget, e.g. 256MiB (default: {memory})")
+def _add_common(p, memory="256MiB", backend="backend (default: cpu)",
+                threads="CPU threads (default: all cores, or FASTLOGITS_NUM_THREADS)"):
+    p.add_argument("--backend", choices=["cpu", "gpu"], default=None, help=backend)
+    p.add_argument("--threads", type=_positive, default=None, help=threads)
+    p.add_argument("--memory", default=None,
+                   help=memory if " " in memory else f"memory budget, e.g. 256MiB (default: {memory})")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on standard output")
 
 
@@ -62,10 +65,6 @@ class _Bar:
     def close(self):
         self.bar.close()
         return time.perf_counter() - self.t0
-
-
-def _common_kw(args):
-    return {"backend": args.backend, "threads": args.threads}
 
 
 def _emit(args, summary, lines):
@@ -313,26 +312,26 @@ def cmd_sample(args):
     _check_per_row_path(args.output)
     src = _open(args)
     _check_not_input(args.output, src)
+    # a seed drawn here, not by sample(): the summary reports it, so the run can be repeated
+    seed = secrets.randbits(64) if args.seed is None else args.seed
     bar = _Bar(src.rows, "sample")
-    t0 = time.perf_counter()
     try:
-        res = sample_source(src, args.temperature, args.top_k, args.top_p, args.min_p, args.seed,
+        res = sample_source(src, args.temperature, args.top_k, args.top_p, args.min_p, seed,
                             args.num_samples, args.logprobs,
                             dict(softcap=None, backend=args.backend, threads=args.threads, chunk_size=None),
                             progress=bar)
     finally:
-        bar.close()
-    secs = time.perf_counter() - t0
+        secs = bar.close()
     tokens, lp, ranks = res if args.logprobs else (res, None, None)
-    rows = int(np.asarray(tokens).reshape(-1, args.num_samples).shape[0])
-    cols = {"token": np.asarray(tokens).reshape(rows, -1) if args.num_samples > 1 else
-            np.asarray(tokens).reshape(rows)}
+    tokens = np.asarray(tokens).reshape(-1, args.num_samples)
+    rows = tokens.shape[0]
+    cols = {"token": tokens if args.num_samples > 1 else tokens[:, 0]}
     if args.logprobs:
         cols["logprob"] = np.asarray(lp).reshape(cols["token"].shape)
         cols["rank"] = np.asarray(ranks).reshape(cols["token"].shape)
     write_rows(args.output, cols)
-    summary = {"input": args.input, "output": args.output, "rows": rows, "seconds": secs, "seed": args.seed}
-    _emit(args, summary, [f"wrote {rows} sampled tokens to {args.output} in {secs:.2f} s"])
+    summary = {"input": args.input, "output": args.output, "rows": rows, "seconds": secs, "seed": seed}
+    _emit(args, summary, [f"wrote {rows} sampled tokens to {args.output} in {secs:.2f} s (seed {seed})"])
     return 0
 
 
@@ -343,7 +342,6 @@ def cmd_check(args):
 
 def cmd_bench(args):
     from fastlogits import bench
-    args.threads = None if args.threads is None else [args.threads]
     return bench.main(args)
 
 
@@ -365,28 +363,32 @@ def _positive(text):
 
 
 def build_parser():
+    from fastlogits.bench import DTYPES, OPS
+
     p = _Parser(prog="fastlogits", description="Fast operations on neural-network logits.")
     p.add_argument("--version", action="version", version=f"fastlogits {fl.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="write a synthetic dump with labels and stream it: NLL, perplexity, ...")
     _add_common(d, memory=DEMO_MEMORY)
-    d.add_argument("--rows", type=_positive, default=2048)
-    d.add_argument("--vocab", type=_positive, default=32000)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--rows", type=_positive, default=2048, help="rows of the dump (default: %(default)s)")
+    d.add_argument("--vocab", type=_positive, default=32000, help="its vocabulary (default: %(default)s)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the synthetic logits (default: %(default)s)")
     d.set_defaults(func=cmd_demo)
 
     i = sub.add_parser("info", help="format, dtype, shape and size of a logit dump")
     _add_input(i)
-    _add_common(i)
+    _add_common(i, backend="not used by info (it reads the header only)",
+                threads="not used by info (it reads the header only)")
     i.set_defaults(func=cmd_info)
 
     s = sub.add_parser("stats", help="per-row and mean NLL, perplexity, accuracy, entropy")
     _add_input(s)
     _add_common(s)
     s.add_argument("--labels", default=None, help="labels: .npy of integers, or text with one per line")
-    s.add_argument("--ignore-index", type=int, default=-100)
-    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--ignore-index", type=int, default=-100,
+                   help="the label of rows left out of NLL and accuracy (default: %(default)s)")
+    s.add_argument("--temperature", type=float, default=1.0, help="divide the logits by T > 0 first")
     s.add_argument("--per-row", default=None, metavar="OUT",
                    help="per-row results to OUT (.npy, .csv, .jsonl)")
     s.set_defaults(func=cmd_stats)
@@ -395,46 +397,55 @@ def build_parser():
     _add_input(m)
     m.add_argument("output", help="output: .npy, or raw rows for any other name")
     _add_common(m)
-    m.add_argument("--log", action="store_true")
-    m.add_argument("--temperature", type=float, default=1.0)
-    m.add_argument("--out-dtype", default=None, choices=["float16", "bfloat16", "float32", "float64"])
+    m.add_argument("--log", action="store_true", help="write log-softmax instead")
+    m.add_argument("--temperature", type=float, default=1.0, help="divide the logits by T > 0 first")
+    m.add_argument("--out-dtype", default=None, choices=["float16", "bfloat16", "float32", "float64"],
+                   help="element type of the output (default: the input's)")
     m.set_defaults(func=cmd_softmax)
 
     k = sub.add_parser("topk", help="the k most likely tokens of each row with their log-probabilities")
     _add_input(k)
     k.add_argument("output", help="output: .npy, .csv or .jsonl")
     _add_common(k)
-    k.add_argument("-k", type=_positive, default=5)
-    k.add_argument("--temperature", type=float, default=1.0)
+    k.add_argument("-k", type=_positive, default=5, help="tokens per row (default: %(default)s)")
+    k.add_argument("--temperature", type=float, default=1.0, help="divide the logits by T > 0 first")
     k.set_defaults(func=cmd_topk)
 
     sm = sub.add_parser("sample", help="one token per row: temperature, top-k, top-p, min-p, seeded")
     _add_input(sm)
     sm.add_argument("output", help="output: .npy, .csv or .jsonl")
     _add_common(sm)
-    sm.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
-    sm.add_argument("--top-k", type=int, default=None)
-    sm.add_argument("--top-p", type=float, default=None)
-    sm.add_argument("--min-p", type=float, default=None)
-    sm.add_argument("--seed", type=int, default=None, help="the same seed gives the same tokens")
-    sm.add_argument("--num-samples", type=_positive, default=1)
+    sm.add_argument("--temperature", type=float, default=1.0, help="divide the logits by T first; 0: greedy")
+    sm.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0: all)")
+    sm.add_argument("--top-p", type=float, default=None,
+                    help="keep the fewest most likely tokens whose mass reaches p, in (0, 1]")
+    sm.add_argument("--min-p", type=float, default=None,
+                    help="drop tokens less likely than min_p times the most likely one, in [0, 1]")
+    sm.add_argument("--seed", type=int, default=None,
+                    help="the same seed gives the same tokens (default: a random one, reported)")
+    sm.add_argument("--num-samples", type=_positive, default=1,
+                    help="tokens drawn per row, with replacement (default: %(default)s)")
     sm.add_argument("--logprobs", action="store_true", help="also each token's log-probability and rank")
     sm.set_defaults(func=cmd_sample)
 
     c = sub.add_parser("check", help="the GPU backend against the CPU: largest differences, pass/fail")
-    _add_common(c)
+    _add_common(c, memory="not used by check (its arrays are small)",
+                backend="not used by check (it runs both backends)")
     c.set_defaults(func=cmd_check)
 
     b = sub.add_parser("bench", help="fastlogits against NumPy/SciPy and PyTorch, with the read ceiling")
-    _add_common(b)
-    b.add_argument("--rows", type=_positive, default=512)
-    b.add_argument("--vocab", type=_positive, default=128256)
+    _add_common(b, memory="not used by bench (its arrays are in memory)",
+                backend="cpu: the CPU table only; gpu: the GPU figures only (default: the CPU table, and "
+                "the GPU figures where a GPU is present)",
+                threads="CPU threads to measure (default: 1 and all cores)")
+    b.add_argument("--rows", type=_positive, default=512, help="rows of the logits (default: %(default)s)")
+    b.add_argument("--vocab", type=_positive, default=128256, help="their vocabulary (default: %(default)s)")
     b.add_argument("--ops", nargs="+", default=["logsumexp", "cross_entropy", "softmax", "entropy"],
-                   choices=["logsumexp", "cross_entropy", "softmax", "log_softmax", "entropy", "argmax",
-                            "top_k"])
-    b.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16"],
-                   choices=["float16", "bfloat16", "float32", "float64"])
-    b.add_argument("--repeat", type=_positive, default=5)
+                   choices=OPS, help="operations to time (default: %(default)s)")
+    b.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16"], choices=DTYPES,
+                   help="logit dtypes (default: %(default)s)")
+    b.add_argument("--repeat", type=_positive, default=5,
+                   help="timed calls per figure, after a warm-up; the median is shown (default: %(default)s)")
     b.add_argument("--no-peers", action="store_true", help="skip NumPy/SciPy and PyTorch")
     b.set_defaults(func=cmd_bench)
     return p

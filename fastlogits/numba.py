@@ -38,16 +38,19 @@ _CODES = {np.dtype(np.float32): 2, np.dtype(np.float64): 3}   # FL_F32, FL_F64 i
 
 
 def _code(x, name):
-    code = _CODES.get(np.dtype(x.dtype))
-    if code is None or np.ndim(x) != 1:
-        raise TypeError(f"{name}: x must be a 1-D float32 or float64 array, got {np.ndim(x)}-D {x.dtype}")
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name}: x must be a 1-D float32 or float64 NumPy array, got {type(x).__name__}")
+    code = _CODES.get(x.dtype)
+    if code is None or x.ndim != 1:
+        raise TypeError(f"{name}: x must be a 1-D float32 or float64 array, got {x.ndim}-D {x.dtype}")
     return code
 
 
 def logsumexp_row(x):
     """log sum exp of a 1-D float32/float64 array (any stride): -inf when empty or all -inf, +inf with a
     +inf, NaN with a NaN."""
-    return _lse(x.ctypes.data, x.size, x.strides[0], _code(x, "logsumexp_row"))
+    code = _code(x, "logsumexp_row")
+    return _lse(x.ctypes.data, x.size, x.strides[0], code)
 
 
 def cross_entropy_row(x, label):

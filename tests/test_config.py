@@ -229,8 +229,25 @@ def test_bench_without_scipy():
     res = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=root),
                          capture_output=True, text=True, timeout=300, cwd=root)
     assert res.returncode == 0, res.stderr
-    libs = {r["library"] for r in json.loads(res.stdout)["results"]}
+    out = json.loads(res.stdout)
+    libs = {r["library"] for r in out["results"]}
     assert "fastlogits" in libs and "numpy/scipy" not in libs
+    assert out["config"]["threads"] == 1          # an int, as show_config and demo --json give it
+
+
+def test_bench_backend_selects_its_tables(restore_backend, capsys):
+    """--backend cpu: the CPU table only, its fastlogits column on the CPU whatever the process default;
+    --backend gpu without a GPU that can be timed: one line saying why."""
+    from fastlogits.cli import main
+
+    assert main(["bench", "--rows", "2", "--vocab", "16", "--repeat", "1", "--threads", "1", "--no-peers",
+                 "--ops", "logsumexp", "--dtypes", "float32", "--backend", "cpu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gpu"] is None
+    assert [r["library"] for r in out["results"] if r["kind"] == "op"] == ["fastlogits"]
+    if fl._config.gpu_unavailable_reason() is not None:
+        assert main(["bench", "--backend", "gpu"]) == 1
+        assert "not available" in capsys.readouterr().err
 
 
 def test_use_backend_blocks_ending_out_of_order(restore_backend, monkeypatch):

@@ -57,3 +57,25 @@ def test_readme_numba_example_runs():
     import fastlogits as fl
 
     np.testing.assert_allclose(ns["mean_nll"](x, y), fl.cross_entropy(x, y), rtol=1e-6)
+
+
+ROW_FUNCTIONS = ["logsumexp", "entropy", "softmax", "log_softmax", "cross_entropy", "argmax", "top_k",
+                 "top_k_logprobs", "sample", "beam_search_step"]
+
+
+@pytest.mark.parametrize("name", ROW_FUNCTIONS)
+def test_every_parameter_is_documented(name):
+    """help() explains every argument of the public row functions (numpydoc "name : ..." entries; the
+    shared ones put there by fastlogits.ops._doc.shared_params, whose markers must all be used)."""
+    import inspect
+    import re
+
+    import fastlogits as fl
+
+    fn = getattr(fl, name)
+    doc = inspect.getdoc(fn)
+    assert "{" + "shared}" not in doc and not re.search(r"^\{\w+\}$", doc, re.M), doc
+    section = doc.split("Parameters\n----------\n", 1)[1]
+    documented = set(re.findall(r"^(\w+) :", section, re.M))
+    missing = [p for p in inspect.signature(fn).parameters if p not in documented]
+    assert not missing, f"{name}: {missing} not in its Parameters section"

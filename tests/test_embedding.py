@@ -389,6 +389,10 @@ def test_numba_entry_points(rng):
     assert logsumexp_row(np.array([np.inf, 0.0])) == np.inf
     with pytest.raises(TypeError, match="float32 or float64"):
         logsumexp_row(np.zeros(3, np.float16))
+    for bad in ([1.0, 2.0], np.array(1.0), np.zeros((2, 2))):      # checked before the array is read
+        for fn in (logsumexp_row, lambda a: cross_entropy_row(a, 0)):
+            with pytest.raises(TypeError, match="x must be a 1-D float32 or float64"):
+                fn(bad)
     with pytest.raises(IndexError, match="out of range"):
         cross_entropy_row(np.zeros(3), 3)
     with pytest.raises(IndexError):

@@ -522,7 +522,7 @@ def test_tiny_temperature_is_greedy_without_ties(rng):
 def test_bad_rows_raise():
     x = np.zeros((3, 5), np.float32)
     x[1, 2] = np.nan
-    with pytest.raises(ValueError, match=r"NaN.*row \(1,\)"):
+    with pytest.raises(ValueError, match=r"NaN.*row 1\b"):
         sample(x, seed=0)
     with pytest.raises(ValueError, match="NaN"):
         sample(x, seed=0, temperature=0)
@@ -533,7 +533,7 @@ def test_bad_rows_raise():
     y = np.zeros((2, 5), np.float32)
     y[1] = -np.inf
     for kw in ({}, {"top_k": 2}, {"top_p": 0.5}, {"min_p": 0.1}, {"temperature": 0}):
-        with pytest.raises(ValueError, match=r"no possible token.*row \(1,\)"):
+        with pytest.raises(ValueError, match=r"no possible token.*row 1\b"):
             sample(y, seed=0, **kw)
     z = np.zeros(5, np.float32)
     z[3] = np.inf
@@ -795,7 +795,7 @@ def test_a_nan_after_a_posinf_names_the_nan(kw, chunk):
     """NaN anywhere in a row is the row's status, also after a +inf (the top-k pass stopped at the +inf)."""
     x = np.random.default_rng(0).standard_normal((2, 4000)).astype(np.float32)
     x[1, 3], x[1, 3990] = np.inf, np.nan
-    with pytest.raises(ValueError, match=r"holds a NaN \(row \(1,\)\)"):
+    with pytest.raises(ValueError, match=r"holds a NaN \(row 1\)"):
         sample(x, seed=1, chunk_size=chunk, **kw)
 
 
@@ -830,6 +830,6 @@ def test_a_temperature_that_overflows_the_compute_type_is_named():
     cannot be sampled, and the error says where the +inf came from (the input holds none)."""
     x = np.array([[3e38, 1.0], [0.0, 1.0]], np.float32)
     with pytest.raises(ValueError, match=r"\+inf logit \(after softcap and temperature.*x / T may overflow.*"
-                       r"\(row \(0,\)\)"):
+                       r"\(row 0\)"):
         sample(x, temperature=0.25, seed=0)
     assert sample(x.astype(np.float64), temperature=0.25, seed=0)[0] == 0     # float64 holds 1.2e39

@@ -339,6 +339,21 @@ def test_cli_sample_streams_and_reproduces(tmp_path, rng):
     np.testing.assert_array_equal(got["rank"], ranks)
     res = _cli("sample", tmp_path / "x.npy", tmp_path / "s.npy", "--top-p", "1.5")
     assert res.returncode == 1 and b"top_p" in res.stderr and b"Traceback" not in res.stderr
+    # without --seed, the seed drawn is reported, and repeats the run
+    res = _cli("sample", tmp_path / "x.npy", tmp_path / "s.npy", "--top-k", "50", "--json")
+    assert res.returncode == 0, res.stderr
+    seed = json.loads(res.stdout)["seed"]
+    assert isinstance(seed, int) and 0 <= seed < 2**64
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy")["token"], fl.sample(x, top_k=50, seed=seed))
+
+
+@pytest.mark.parametrize("memory", ["256MiB", "64KiB"])      # rows in blocks, and wider than the budget
+def test_cli_topk_refuses_k_past_the_vocabulary(tmp_path, rng, memory):
+    np.save(tmp_path / "x.npy", rng.standard_normal((20, 3000)).astype(np.float32))
+    res = _cli("topk", tmp_path / "x.npy", tmp_path / "t.jsonl", "-k", "3001", "--memory", memory)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.decode().strip().endswith("k must be between 1 and the vocabulary size 3000, got 3001")
+    assert not (tmp_path / "t.jsonl").exists()
 
 
 def test_wide_rows_keep_smoothing_precision(tmp_path, rng):

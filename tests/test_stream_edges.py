@@ -264,7 +264,7 @@ def test_self_describing_files_check_what_they_are_told(tmp_path, rng):
     err = _one_line(_cli("softmax", tmp_path / "x.npy", tmp_path / "o.npy", "--temperature", "0"), 1)
     assert "got 0.0" in err and "np." not in err
     # a scalar argument names no row; one given per row names the bad row
-    cases = ((dict(top_p=1.5), r"got 1\.5"), (dict(min_p=[0.5, 2.0, 0, 0]), r"got 2\.0 \(row \(1,\)\)"))
+    cases = ((dict(top_p=1.5), r"got 1\.5"), (dict(min_p=[0.5, 2.0, 0, 0]), r"got 2\.0 \(row 1\)"))
     for kw, shown in cases:
         with pytest.raises(ValueError, match=f"{shown}$"):
             fl.sample(x, seed=0, **kw)
@@ -813,7 +813,7 @@ def test_streamed_errors_name_the_row_in_the_whole_source(tmp_path, rng, budget)
     t[50] = -1.0
     for call in (lambda: fl.logsumexp(src(), temperature=t), lambda: fl.entropy(src(), temperature=t),
                  lambda: fl.softmax(src(), temperature=t, out=tmp_path / "p.npy")):
-        with pytest.raises(ValueError, match=r"got -1\.0 \(row \(50,\)\)"):
+        with pytest.raises(ValueError, match=r"got -1\.0 \(row 50\)"):
             call()
     assert sorted(os.listdir(tmp_path)) == ["x.npy"]
     wide = rng.standard_normal((3, 20000)).astype(np.float32)
@@ -980,3 +980,31 @@ def test_open_declares_2_byte_logits_in_memory_as_bfloat16(rng):
         fl.open(np.zeros((2, 3), np.float32), dtype="bfloat16")
     with pytest.raises(TypeError, match="takes a path, an array-like or an iterable of row blocks"):
         fl.open(5)
+
+
+def test_cross_entropy_accumulator_checks_options_as_cross_entropy():
+    """The accumulator refuses what fastlogits.cross_entropy refuses, with the same errors."""
+    x, y = np.zeros((2, 3)), np.array([0, 1])
+    for kw, err, match in [(dict(z_loss=-1.0), ValueError, "z_loss must be a finite float >= 0"),
+                           (dict(z_loss=np.nan), ValueError, "z_loss must be a finite float >= 0"),
+                           (dict(ignore_index=1.5), TypeError, "ignore_index must be an integer"),
+                           (dict(label_smoothing="a"), TypeError, "label_smoothing must be a float"),
+                           (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1\]"),
+                           (dict(reduction="avg"), ValueError, "reduction must be 'none', 'mean' or 'sum'"),
+                           (dict(weight="abc"), TypeError, "weight must be an array of floats")]:
+        with pytest.raises(err, match=match):
+            fl.cross_entropy(x, y, **kw)
+        with pytest.raises(err, match=match):
+            CrossEntropy(y, **kw)
+
+
+def test_accumulator_sizes_are_checked_as_the_functions_check_them():
+    """A float where an integer belongs is a TypeError (as fastlogits.top_k's k), a negative one a
+    ValueError."""
+    for make, err in [(lambda: LogSumExp(2.0), TypeError), (lambda: Entropy(-1), ValueError),
+                      (lambda: TopK(2, 1.5), TypeError), (lambda: TopK(2, 0), ValueError),
+                      (lambda: TopK(2, True), TypeError)]:
+        with pytest.raises(err, match="must be a"):
+            make()
+    with pytest.raises(TypeError, match="k must be a positive integer"):
+        fl.top_k(np.zeros((2, 3)), 1.5)

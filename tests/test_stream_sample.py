@@ -230,9 +230,9 @@ def test_wide_rows_that_cannot_be_sampled(tmp_path, rng, small_budget, bad, mess
         x[2, 777] = bad
     np.save(tmp_path / "x.npy", x)
     for kw in ({}, {"top_k": 5}, {"top_p": 0.5}):
-        with pytest.raises(ValueError, match=message + r".*\(row \(2,\)\)"):
+        with pytest.raises(ValueError, match=message + r".*\(row 2\)"):
             fl.sample(x, seed=1, **kw)
-        with pytest.raises(ValueError, match=message + r".*\(row \(2,\)\)"):
+        with pytest.raises(ValueError, match=message + r".*\(row 2\)"):
             fl.sample(fl.open(tmp_path / "x.npy"), seed=1, **kw)
     if bad == np.inf:                  # greedy rows take +inf: the first one wins, as argmax
         x[2, 900] = np.inf

@@ -160,6 +160,15 @@ def _f32_range(v, argname, name, where=""):
                       f"the arithmetic of {name} logits (float64 logits take it)")
 
 
+def row_name(pos, lead=None):
+    """How messages name a row: "row 5" where there is one leading axis, "row (1, 0)" past one. pos: a
+    flat row number in the leading shape `lead`, or the row's position along each axis (lead None)."""
+    if lead is not None:
+        pos = np.unravel_index(int(pos), lead) if len(lead) else (int(pos),)
+    pos = tuple(int(j) for j in pos)
+    return f"row {pos[0]}" if len(pos) == 1 else f"row {pos}"
+
+
 def temperatures(temperature, lead, rows, argname="temperature", allow_zero=False, name="float64"):
     """One float64 temperature per row: a scalar, or an array of the leading shape (``name``: the logits'
     dtype name; below float64, a temperature must be a normal float32)."""
@@ -182,7 +191,7 @@ def temperatures(temperature, lead, rows, argname="temperature", allow_zero=Fals
 
     def first(bad):
         i = np.argwhere(np.atleast_1d(bad))[0]
-        return np.atleast_1d(t)[tuple(i)], f" (row {tuple(int(j) for j in i)})" if t.ndim else ""
+        return np.atleast_1d(t)[tuple(i)], f" ({row_name(i)})" if t.ndim else ""
 
     bad = ~(np.isfinite(t) & ((t >= 0) if allow_zero else (t > 0)))
     if np.any(bad):

@@ -5,6 +5,7 @@ import numpy as np
 
 from fastlogits._config import is_int
 from fastlogits.ops import _backend
+from fastlogits.ops._doc import shared_params
 from fastlogits.ops._prep import (
     NP_DTYPES,
     as_array,
@@ -13,6 +14,7 @@ from fastlogits.ops._prep import (
     host_array,
     is_gpu_array,
     prepare,
+    row_name,
 )
 from fastlogits.stream import run as stream_run
 from fastlogits.stream.sources import ArraySource, as_source
@@ -25,31 +27,27 @@ def _finish(r, values):
     return out[()] if isinstance(out, np.ndarray) and out.ndim == 0 else out
 
 
+@shared_params
 def logsumexp(logits, *, temperature=1.0, softcap=None, backend=None, threads=None, chunk_size=None):
     """log sum exp(x / T) over the last axis.
 
     Parameters
     ----------
-    logits : array_like, shape (..., V)
-        float16, bfloat16, float32 or float64.
-    temperature : float or array of shape (...)
-        Logits are divided by it (after the softcap).
-    softcap : float, optional
-        Logits become ``softcap * tanh(x / softcap)`` first.
-    backend, threads, chunk_size
-        See the README.
+    {logits}
+    {temperature}
+    {shared}
 
     Returns
     -------
-    ndarray of shape (...), float32 (float64 for float64 input)
+    ndarray of shape (...) (a NumPy scalar for 1-D logits), float32 (float64 for float64 input)
         A row of all -inf gives -inf (like SciPy), a row holding +inf gives +inf, NaN anywhere gives NaN;
         an empty vocabulary gives -inf.
 
     Examples
     --------
     >>> import numpy as np, fastlogits
-    >>> fastlogits.logsumexp(np.array([1000.0, 1000.0, -np.inf]))     # 1000 + ln 2
-    np.float64(1000.6931471805599)
+    >>> float(fastlogits.logsumexp(np.array([1000.0, 1000.0, -np.inf])))     # 1000 + ln 2
+    1000.6931471805599
     """
     src = as_source(logits)
     if src is not None:
@@ -62,11 +60,19 @@ def logsumexp(logits, *, temperature=1.0, softcap=None, backend=None, threads=No
                                                   r.threads))
 
 
+@shared_params
 def entropy(logits, *, temperature=1.0, softcap=None, backend=None, threads=None, chunk_size=None):
     """Shannon entropy, in nats, of softmax(x / T) over the last axis.
 
     -inf logits are impossible classes (0 log 0 = 0). A row whose softmax is NaN (all -inf, a +inf, a
-    NaN) has NaN entropy. Returns float32 of shape (...) (float64 for float64 input).
+    NaN) has NaN entropy. Returns float32 of shape (...) (float64 for float64 input; a NumPy scalar for
+    1-D logits).
+
+    Parameters
+    ----------
+    {logits}
+    {temperature}
+    {shared}
 
     Examples
     --------
@@ -139,25 +145,28 @@ def _map(logits, log, temperature, softcap, out, dtype, backend, threads, chunk_
             raise ValueError(f"{name}: {e}") from None
         check_own_places(out2.shape, out2.strides, name)
     else:
-        out2 = out.reshape(r.x.shape) if len(shape) != 2 else out
-        if len(shape) > 2 and not np.shares_memory(out2, out):  # pragma: no cover
-            out2 = np.empty(r.x.shape, out.dtype)
+        out2 = out.reshape(r.x.shape)    # a view, or a copy where out's leading axes do not merge
     B.softmax(r.x, r.dtype, r.temperature, r.softcap, log, out2, out_name, r.chunk, r.threads)
-    if out2 is not out and isinstance(out, np.ndarray) and not np.shares_memory(out2, out):
-        out[...] = out2.reshape(out.shape)  # pragma: no cover
+    if isinstance(out, np.ndarray) and out.size and not np.shares_memory(out2, out):
+        out[...] = out2.reshape(out.shape)
     return out
 
 
+@shared_params
 def softmax(logits, *, temperature=1.0, softcap=None, out=None, dtype=None, backend=None, threads=None,
             chunk_size=None):
     """softmax(x / T) over the last axis.
 
     Returns an array of the logits' shape, in the logits' dtype unless ``dtype=`` (or ``out=``) says
-    otherwise. ``out`` may be an array (NumPy, or a GPU array for GPU logits) or, for host logits and
-    sources, a path: a ``.npy`` file (raw rows for any other name) written block by block, under a
-    temporary name until complete; the path is returned. A row of all -inf, or holding +inf or NaN, is
-    all NaN (like PyTorch); -inf entries of other rows get probability 0. Arithmetic is float32 (float64
-    for float64 input).
+    otherwise. A row of all -inf, or holding +inf or NaN, is all NaN (like PyTorch); -inf entries of
+    other rows get probability 0. Arithmetic is float32 (float64 for float64 input).
+
+    Parameters
+    ----------
+    {logits}
+    {temperature}
+    {out}
+    {shared}
 
     Examples
     --------
@@ -168,11 +177,19 @@ def softmax(logits, *, temperature=1.0, softcap=None, out=None, dtype=None, back
     return _map(logits, False, temperature, softcap, out, dtype, backend, threads, chunk_size)
 
 
+@shared_params
 def log_softmax(logits, *, temperature=1.0, softcap=None, out=None, dtype=None, backend=None,
                 threads=None, chunk_size=None):
     """log softmax(x / T) over the last axis, computed as (x - max) - log sum exp(x - max).
 
     Same conventions as :func:`softmax`; -inf entries give -inf.
+
+    Parameters
+    ----------
+    {logits}
+    {temperature}
+    {out}
+    {shared}
 
     Examples
     --------
@@ -205,12 +222,11 @@ def check_labels(labels, lead, V, ignore_index):
 
 def label_error(label, i, lead, V, ignore_index, note=None):
     """The IndexError for label ``label`` out of range at flat row ``i`` (``note``: how it was found)."""
-    row = np.unravel_index(i, lead) if len(lead) else ()
-    where = f"row {tuple(int(j) for j in row)}" if len(lead) > 1 else f"row {i}"
-    return IndexError(f"labels: label {label} at {where} is out of range for {V} classes "
+    return IndexError(f"labels: label {label} at {row_name(i, lead)} is out of range for {V} classes "
                       f"(valid: 0..{V - 1}, or ignore_index={ignore_index})" + (f"; {note}" if note else ""))
 
 
+@shared_params
 def cross_entropy(logits, labels, *, weight=None, ignore_index=-100, label_smoothing=0.0,
                   reduction="mean", z_loss=0.0, temperature=1.0, softcap=None, backend=None, threads=None,
                   chunk_size=None):
@@ -227,6 +243,22 @@ def cross_entropy(logits, labels, *, weight=None, ignore_index=-100, label_smoot
     device; device labels are checked there, and a label out of range makes the loss NaN and raises
     IndexError at the next GPU call or ``fastlogits.gpu.synchronize()`` (host labels raise at once).
 
+    Parameters
+    ----------
+    {logits}
+    labels : integer array of the leading shape (...)
+        Class indices in [0, V), or ``ignore_index``; a label out of range raises IndexError naming it
+        and its row.
+    weight : array of V floats, optional
+        Per-class weights (PyTorch's ``weight``).
+    ignore_index : int
+        Rows with this label count for nothing (default -100).
+    label_smoothing : float in [0, 1]
+    reduction : {"mean", "sum", "none"}
+    z_loss : float >= 0
+    {temperature}
+    {shared}
+
     Examples
     --------
     >>> import numpy as np, fastlogits
@@ -240,8 +272,7 @@ def cross_entropy(logits, labels, *, weight=None, ignore_index=-100, label_smoot
             weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
             z_loss=z_loss, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
             chunk_size=chunk_size))
-    if reduction not in ("none", "mean", "sum"):
-        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    check_reduction(reduction)
     r, eps, z, ignore_index, w = _ce_prepare(
         logits, weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
         temperature=temperature, softcap=softcap, backend=backend, threads=threads, chunk_size=chunk_size)
@@ -273,13 +304,7 @@ def _ce_prepare(logits, *, weight, ignore_index, label_smoothing, z_loss, temper
     """The prepared rows and the checked (eps, z, ignore_index, weight) of a cross-entropy call."""
     r = prepare(logits, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
                 chunk_size=chunk_size)
-    eps = _number(label_smoothing, "label_smoothing")
-    if not 0.0 <= eps <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    z = _number(z_loss, "z_loss")
-    if not (z >= 0 and np.isfinite(z)):
-        raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
-    ignore_index = check_ignore_index(ignore_index)
+    eps, z, ignore_index = check_ce_options(label_smoothing, z_loss, ignore_index)
     w = None
     if weight is not None:
         try:
@@ -289,6 +314,22 @@ def _ce_prepare(logits, *, weight, ignore_index, label_smoothing, z_loss, temper
         if w.shape != (r.V,):
             raise ValueError(f"weight must have one value per class, shape ({r.V},), got shape {w.shape}")
     return r, eps, z, ignore_index, w
+
+
+def check_reduction(reduction):
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+
+
+def check_ce_options(label_smoothing, z_loss, ignore_index):
+    """(label_smoothing, z_loss, ignore_index) checked, as a float, a float and an int."""
+    eps = _number(label_smoothing, "label_smoothing")
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    z = _number(z_loss, "z_loss")
+    if not (z >= 0 and np.isfinite(z)):
+        raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
+    return eps, z, check_ignore_index(ignore_index)
 
 
 def _number(value, argname):
@@ -357,12 +398,3 @@ def ce_total(loss_sum, wy_sum, z_sum, count, reduction):
         if z_sum:
             total = total + np.float64(z_sum) / np.float64(count)
     return np.float64(total)
-
-
-def ce_loss(nll, smooth, lse, labels, ignore_index, weight, eps, z, V, reduction):
-    """PyTorch's combination of per-row terms into the loss (float64): weights, label smoothing,
-    z-loss and the reduction."""
-    loss, wy, zterm, counted = ce_terms(nll, smooth, lse, labels, ignore_index, weight, eps, z, V)
-    if reduction == "none":
-        return loss + zterm
-    return ce_total(np.sum(loss), np.sum(wy), np.sum(zterm), np.count_nonzero(counted), reduction)

@@ -26,7 +26,8 @@ import numpy as np
 
 from fastlogits._config import is_int
 from fastlogits.ops import _backend
-from fastlogits.ops._prep import NP_DTYPES, broadcast_rows, is_gpu_array, prepare, temperatures
+from fastlogits.ops._doc import shared_params
+from fastlogits.ops._prep import NP_DTYPES, broadcast_rows, is_gpu_array, prepare, row_name, temperatures
 from fastlogits.stream.sources import as_source
 
 
@@ -56,7 +57,7 @@ def _per_row(value, name, lead, rows, dtype, default):
 
 def _first_bad(bad, lead):
     pos = np.argwhere(np.atleast_1d(bad.reshape(lead) if lead else bad))[0]
-    return f" (row {tuple(int(i) for i in pos)})" if lead else ""
+    return f" ({row_name(pos)})" if lead else ""
 
 
 def _seeds(seed, lead, rows):
@@ -92,6 +93,7 @@ _STATUS = {
 }
 
 
+@shared_params
 def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, seed=None, num_samples=1,
            return_logprobs=False, softcap=None, backend=None, threads=None, chunk_size=None):
     """Draw tokens from softmax(logits / temperature), filtered by top-k, top-p and min-p.
@@ -136,6 +138,7 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, seed=
         Also return each sampled token's log-probability under the filtered, renormalised distribution
         (0.0 for greedy rows), and its rank: how many of the row's tokens have a strictly larger scaled
         logit (0 = the most likely), as serving APIs report them.
+    {shared}
 
     Returns
     -------
@@ -216,7 +219,7 @@ def _draw(r, k, p, mp, seeds, row_ids, ns, logprobs, lead, row0=0):
                                                                r.threads)
     if r.rows and np.any(status):
         i = int(np.flatnonzero(status)[0])
-        where = f" (row {tuple(int(v) for v in np.unravel_index(row0 + i, lead))})" if lead else ""
+        where = f" ({row_name(row0 + i, lead)})" if lead else ""
         raise ValueError(f"sample: cannot sample from a row that {_STATUS[int(status[i])]}{where}")
     return tokens, (lp.astype(r.result_dtype) if logprobs else None), ranks
 
@@ -303,7 +306,7 @@ def sample_source(src, temperature, top_k, top_p, min_p, seed, ns, logprobs, kw,
                 num_samples=ns, logprobs=logprobs, cols=cols)
             if status:
                 lead = lead_all if lead_all is not None else (i + 1,)
-                where = f" (row {tuple(int(v) for v in np.unravel_index(i, lead))})" if lead else ""
+                where = f" ({row_name(i, lead)})" if lead else ""
                 raise ValueError(f"sample: cannot sample from a row that {_STATUS[status]}{where}")
             parts.append((tok[None], None if lp is None else lp[None].astype(r.result_dtype),
                           None if rk is None else rk[None]))
@@ -325,6 +328,7 @@ def sample_source(src, temperature, top_k, top_p, min_p, seed, ns, logprobs, kw,
     return tuple(fit(a) for a in cat) if logprobs else fit(cat[0])
 
 
+@shared_params
 def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperature=1.0, backend=None,
                      threads=None, chunk_size=None):
     """One step of beam search: the ``2 * beam_width`` best continuations of each batch item.
@@ -344,6 +348,14 @@ def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperatu
     included, with the same results. The log-probabilities are float32 (float64 for float64 logits), as
     ``top_k_logprobs`` gives them; scores are float64 when the logits or beam_scores are float64, else
     float32; a NaN score (a row whose log-softmax is NaN) sorts last.
+
+    Parameters
+    ----------
+    logits : array_like of shape (batch * beam_width, V), a GPU array, or a source (fastlogits.open)
+    beam_scores : array of shape (batch * beam_width,)
+    beam_width : int >= 1
+    {temperature}
+    {shared}
 
     Examples
     --------
@@ -374,9 +386,10 @@ def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperatu
         rows, V, dtype, device = r.rows, r.V, r.dtype, r.x if is_gpu_array(r.x) else None
     if rows is not None and rows % W:
         raise ValueError(f"beam_search_step: logits has {rows} rows, not a multiple of beam_width={W}")
-    if V * W < 2 * W or V == 0:
-        raise ValueError(f"beam_search_step: a vocabulary of {V} tokens cannot give 2 * beam_width "
-                         f"continuations per beam")
+    if V < 2:
+        raise ValueError(f"beam_search_step: a vocabulary of {V} token{'s' * (V != 1)} gives fewer than "
+                         f"2 * beam_width continuations per batch item (beam_width beams x {V}); it needs "
+                         "at least 2 tokens")
     bs = np.asarray(beam_scores)
     if bs.dtype.kind not in "fiu" or bs.dtype == bool:
         raise TypeError(f"beam_scores must be a float array, got dtype {bs.dtype}")

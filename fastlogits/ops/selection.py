@@ -3,6 +3,7 @@ import numpy as np
 
 from fastlogits._config import is_int
 from fastlogits.ops import _backend
+from fastlogits.ops._doc import shared_params
 from fastlogits.ops._prep import NP_DTYPES, prepare
 from fastlogits.stream import run as stream_run
 from fastlogits.stream.sources import as_source
@@ -17,11 +18,19 @@ def _check_k(k, V):
     return k
 
 
+@shared_params
 def argmax(logits, *, temperature=1.0, softcap=None, backend=None, threads=None, chunk_size=None):
     """Index of the largest logit of each row, int64 of shape (...).
 
     The lowest index wins a tie; a NaN counts as the largest value (the first NaN wins), like NumPy and
-    PyTorch; a row of all -inf gives 0. An empty vocabulary raises ValueError.
+    PyTorch; a row of all -inf gives 0. An empty vocabulary raises ValueError. A NumPy scalar for 1-D
+    logits.
+
+    Parameters
+    ----------
+    {logits}
+    {temperature}
+    {shared}
 
     Examples
     --------
@@ -52,12 +61,20 @@ def _top_k(logits, k, logprobs, temperature, softcap, backend, threads, chunk_si
     return r, vals, B.finish(idx, np.int64, r.lead + (k,))
 
 
+@shared_params
 def top_k(logits, k, *, temperature=1.0, softcap=None, backend=None, threads=None, chunk_size=None):
     """The k largest logits of each row and their indices, like ``torch.topk(x, k)``.
 
     Returns ``(values, indices)``, each of shape (..., k), sorted by value descending with the lower
     index first on ties; NaN counts as the largest value (as in PyTorch). Values are the logits after
-    softcap and temperature, in the logits' dtype; indices are int64. ``1 <= k <= V``.
+    softcap and temperature, in the logits' dtype; indices are int64.
+
+    Parameters
+    ----------
+    {logits}
+    k : int, 1 <= k <= V
+    {temperature}
+    {shared}
 
     Examples
     --------
@@ -69,7 +86,7 @@ def top_k(logits, k, *, temperature=1.0, softcap=None, backend=None, threads=Non
     src = as_source(logits)
     if src is not None:
         return stream_run.reduce("top_k", src, dict(
-            k=_check_k(k, src.V), temperature=temperature, softcap=softcap, backend=backend,
+            k=k, temperature=temperature, softcap=softcap, backend=backend,
             threads=threads, chunk_size=chunk_size))
     r, vals, idx = _top_k(logits, k, False, temperature, softcap, backend, threads, chunk_size)
     # values in the logits' dtype (on the device, bfloat16 stays float32: numba has no bfloat16)
@@ -77,12 +94,20 @@ def top_k(logits, k, *, temperature=1.0, softcap=None, backend=None, threads=Non
     return _backend.get(r.backend).finish(vals, dt, idx.shape), idx
 
 
+@shared_params
 def top_k_logprobs(logits, k, *, temperature=1.0, softcap=None, backend=None, threads=None,
                    chunk_size=None):
     """The k most likely tokens of each row with their log-probabilities under softmax(x / T).
 
     Returns ``(logprobs, indices)``, each of shape (..., k), most likely first; logprobs are float32
     (float64 for float64 input); one pass over each row.
+
+    Parameters
+    ----------
+    {logits}
+    k : int, 1 <= k <= V
+    {temperature}
+    {shared}
 
     Examples
     --------
@@ -94,7 +119,7 @@ def top_k_logprobs(logits, k, *, temperature=1.0, softcap=None, backend=None, th
     src = as_source(logits)
     if src is not None:
         return stream_run.reduce("top_k_logprobs", src, dict(
-            k=_check_k(k, src.V), temperature=temperature, softcap=softcap, backend=backend,
+            k=k, temperature=temperature, softcap=softcap, backend=backend,
             threads=threads, chunk_size=chunk_size))
     r, lp, idx = _top_k(logits, k, True, temperature, softcap, backend, threads, chunk_size)
     return _backend.get(r.backend).finish(lp, r.result_dtype, idx.shape), idx

@@ -7,6 +7,7 @@ elsewhere: another process, another backend, another machine). Merging is associ
 so the order of chunks and merges does not matter beyond rounding. Chunks are host arrays: the
 accumulators fold on the CPU.
 """
+import contextlib
 from typing import NamedTuple
 
 import numpy as np
@@ -15,7 +16,7 @@ from fastlogits._config import is_int
 from fastlogits.cpu import _reduce
 from fastlogits.cpu.backend import CODES, compute_dtype
 from fastlogits.ops._prep import as_array, is_gpu_array, prepare
-from fastlogits.ops.reductions import ce_terms, ce_total
+from fastlogits.ops.reductions import ce_terms, ce_total, check_ce_options, check_reduction
 
 
 class LogSumExpState(NamedTuple):
@@ -62,7 +63,9 @@ def _merge_lse(m, s, m2, s2):
 
 class _Base:
     def __init__(self, rows, temperature, softcap, threads, chunk_size):
-        if not is_int(rows) or int(rows) < 0:
+        if not is_int(rows):
+            raise TypeError(f"rows must be a non-negative integer, got {rows!r}")
+        if int(rows) < 0:
             raise ValueError(f"rows must be a non-negative integer, got {rows!r}")
         self.rows = int(rows)
         self._temperature = temperature
@@ -95,10 +98,23 @@ class _Base:
             raise ValueError(f"start must be a non-negative integer column index, got {start!r}")
         return x, int(start)
 
+    @contextlib.contextmanager
+    def _adding(self, ranges, columns):
+        """Around a fold or merge of `columns` columns in `ranges` ([start, end) pairs; None: unknown): a
+        column already folded in raises before it, and the columns are recorded once it has succeeded (a
+        fold that raises records nothing)."""
+        after = self._covered(ranges)
+        yield
+        self.ranges = after
+        self.columns += int(columns)
+
+    def _chunk(self, chunk, start):
+        """As _check_chunk, and the context of its fold (see _adding)."""
+        x, start = self._check_chunk(chunk, start)
+        return x, start, self._adding([(start, start + x.shape[1])], x.shape[1])
+
     def _covered(self, ranges):
-        """The column ranges after folding in `ranges` ([start, end) pairs; None: unknown), or a
-        ValueError for a column folded in twice. Nothing is changed: the caller stores the result once its
-        fold or merge has succeeded."""
+        """The column ranges after folding in `ranges`, or a ValueError for a column folded in twice."""
         if ranges is None or self.ranges is None:
             return None
         merged = sorted(self.ranges + [r for r in ranges if r[1] > r[0]])
@@ -115,24 +131,23 @@ class _Base:
                 out.append((a, b))
         return out
 
-    def _fold(self, chunk, start, weight=None, want_dist=False):
-        """The chunk's row states (m, s, dist) after the usual checks (dist: label smoothing's distance
-        sums, see CrossEntropy)."""
-        x, start = self._check_chunk(chunk, start)
+    def _prepare(self, x):
+        return prepare(x, temperature=self._temperature, softcap=self._softcap, backend="cpu",
+                       threads=self._threads, chunk_size=self._chunk_size)
+
+    def _lse_states(self, x, start, weight=None, want_dist=False):
+        """The prepared chunk and its row states (m, s, dist) (dist: label smoothing's distance sums, see
+        CrossEntropy)."""
         if weight is not None and start + x.shape[1] > weight.shape[0]:
             raise ValueError(f"weight has {weight.shape[0]} values (one per class), but columns "
                              f"{start}:{start + x.shape[1]} were given")
-        ranges = self._covered([(start, start + x.shape[1])])
-        r = prepare(x, temperature=self._temperature, softcap=self._softcap, backend="cpu",
-                    threads=self._threads, chunk_size=self._chunk_size)
+        r = self._prepare(x)
         m, s, tot = (np.empty(self.rows) for _ in range(3))
         w = None
         if weight is not None:
             w = np.ascontiguousarray(weight[start:start + x.shape[1]], dtype=compute_dtype(r.dtype))
         _reduce.lse_states(r.x, CODES[r.dtype], r.temperature, r.softcap, w, want_dist, m, s, tot, r.chunk,
                            r.threads)
-        self.columns += x.shape[1]
-        self.ranges = ranges
         return r, m, s, tot
 
     def _other(self, other, State):
@@ -183,8 +198,10 @@ class LogSumExp(_Base):
 
     def update(self, chunk, start=0):
         """Fold in columns start .. start + c of every row; chunk has shape (rows, c)."""
-        _, m, s, _ = self._fold(chunk, start)
-        _merge_lse(self.m, self.s, m, s)
+        x, start, adding = self._chunk(chunk, start)
+        with adding:
+            _, m, s, _ = self._lse_states(x, start)
+            _merge_lse(self.m, self.s, m, s)
         return self
 
     @property
@@ -195,10 +212,8 @@ class LogSumExp(_Base):
         """Fold in the state of other columns: a LogSumExp of the same temperature and softcap, or a
         (m, s) pair of arrays."""
         (m2, s2), ranges, columns = self._other(other, LogSumExpState)
-        ranges = self._covered(ranges)
-        _merge_lse(self.m, self.s, m2, s2)
-        self.ranges = ranges
-        self.columns += columns
+        with self._adding(ranges, columns):
+            _merge_lse(self.m, self.s, m2, s2)
         return self
 
     def result(self):
@@ -228,21 +243,20 @@ class CrossEntropy(_Base):
         super().__init__(lab.shape[0], temperature, softcap, threads, chunk_size)
         if lab.dtype.kind not in "iu":
             raise TypeError(f"labels must be integers (class indices), got dtype {lab.dtype}")
+        self.label_smoothing, self.z_loss, self.ignore_index = check_ce_options(label_smoothing, z_loss,
+                                                                                ignore_index)
+        check_reduction(reduction)
+        self.reduction = reduction
         self.labels = lab.astype(np.int64)
-        if np.any((self.labels < 0) & (self.labels != int(ignore_index))):
-            i = int(np.argmax((self.labels < 0) & (self.labels != int(ignore_index))))
+        if np.any((self.labels < 0) & (self.labels != self.ignore_index)):
+            i = int(np.argmax((self.labels < 0) & (self.labels != self.ignore_index)))
             raise IndexError(f"labels: label {int(self.labels[i])} at row {i} is out of range")
-        self.weight = None if weight is None else np.asarray(weight, dtype=np.float64)
+        try:
+            self.weight = None if weight is None else np.asarray(weight, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"weight must be an array of floats (one per class), got {weight!r}") from None
         if self.weight is not None and self.weight.ndim != 1:
             raise ValueError(f"weight must be 1-D (one value per class), got shape {self.weight.shape}")
-        self.ignore_index = int(ignore_index)
-        self.label_smoothing = float(label_smoothing)
-        if not 0.0 <= self.label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-        if reduction not in ("none", "mean", "sum"):
-            raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-        self.reduction = reduction
-        self.z_loss = float(z_loss)
         self.target = np.zeros(self.rows)
         self.found = np.zeros(self.rows, bool)
         self.dist = np.zeros(self.rows)
@@ -259,17 +273,19 @@ class CrossEntropy(_Base):
 
     def update(self, chunk, start=0):
         """Fold in columns start .. start + c of every row; chunk has shape (rows, c)."""
-        r, m, s, dist = self._fold(chunk, start, self.weight, self.label_smoothing > 0)
-        start, c = int(start), r.V
-        wseen = float(c)
-        if self.weight is not None:      # as the kernels weigh: in the compute dtype, summed in float64
-            w = self.weight[start:start + c].astype(compute_dtype(r.dtype))
-            wseen = float(np.sum(w, dtype=np.float64))
-        self._merge_states(m, s, dist, wseen)
-        here = (self.labels >= start) & (self.labels < start + c) & (self.labels != self.ignore_index)
-        cols = np.where(here, self.labels - start, -1).astype(np.int64)
-        _reduce.row_values(r.x, CODES[r.dtype], r.temperature, r.softcap, cols, self.target)
-        self.found |= here
+        x, start, adding = self._chunk(chunk, start)
+        with adding:
+            r, m, s, dist = self._lse_states(x, start, self.weight, self.label_smoothing > 0)
+            c = r.V
+            wseen = float(c)
+            if self.weight is not None:      # as the kernels weigh: in the compute dtype, summed in float64
+                w = self.weight[start:start + c].astype(compute_dtype(r.dtype))
+                wseen = float(np.sum(w, dtype=np.float64))
+            self._merge_states(m, s, dist, wseen)
+            here = (self.labels >= start) & (self.labels < start + c) & (self.labels != self.ignore_index)
+            cols = np.where(here, self.labels - start, -1).astype(np.int64)
+            _reduce.row_values(r.x, CODES[r.dtype], r.temperature, r.softcap, cols, self.target)
+            self.found |= here
         return self
 
     @property
@@ -294,12 +310,10 @@ class CrossEntropy(_Base):
             wseen = float(st.wseen)
         except (TypeError, ValueError):
             raise ValueError(f"merge: the other state's wseen must be a number, got {st.wseen!r}") from None
-        ranges = self._covered(ranges)
-        self._merge_states(m2, s2, dist, wseen)
-        self.target = np.where(found, target, self.target)
-        self.found |= found
-        self.columns += int(columns)
-        self.ranges = ranges
+        with self._adding(ranges, columns):
+            self._merge_states(m2, s2, dist, wseen)
+            self.target = np.where(found, target, self.target)
+            self.found |= found
         return self
 
     def _check_same(self, other, names=()):
@@ -357,15 +371,12 @@ class Entropy(_Base):
 
     def update(self, chunk, start=0):
         """Fold in columns start .. start + c of every row; chunk has shape (rows, c)."""
-        x, start = self._check_chunk(chunk, start)
-        ranges = self._covered([(start, start + x.shape[1])])
-        r = prepare(x, temperature=self._temperature, softcap=self._softcap, backend="cpu",
-                    threads=self._threads, chunk_size=self._chunk_size)
-        m, s, t = (np.empty(self.rows) for _ in range(3))
-        _reduce.ent_states(r.x, CODES[r.dtype], r.temperature, r.softcap, m, s, t, r.chunk, r.threads)
-        _reduce.merge_ent_states(self.m, self.s, self.t, m, s, t, self._h)
-        self.columns += x.shape[1]
-        self.ranges = ranges
+        x, start, adding = self._chunk(chunk, start)
+        with adding:
+            r = self._prepare(x)
+            m, s, t = (np.empty(self.rows) for _ in range(3))
+            _reduce.ent_states(r.x, CODES[r.dtype], r.temperature, r.softcap, m, s, t, r.chunk, r.threads)
+            _reduce.merge_ent_states(self.m, self.s, self.t, m, s, t, self._h)
         return self
 
     @property
@@ -376,11 +387,9 @@ class Entropy(_Base):
         """Fold in the state of other columns: an Entropy of the same temperature and softcap, or an
         EntropyState (m, s, t) of arrays."""
         (m, s, t), ranges, columns = self._other(other, EntropyState)
-        ranges = self._covered(ranges)
-        _reduce.merge_ent_states(self.m, self.s, self.t, _row_state(m, self.rows, "m"),
-                                 _row_state(s, self.rows, "s"), _row_state(t, self.rows, "t"), self._h)
-        self.ranges = ranges
-        self.columns += columns
+        m, s, t = (_row_state(a, self.rows, name) for a, name in ((m, "m"), (s, "s"), (t, "t")))
+        with self._adding(ranges, columns):
+            _reduce.merge_ent_states(self.m, self.s, self.t, m, s, t, self._h)
         return self
 
     def result(self):
@@ -399,7 +408,9 @@ class TopK(_Base):
     def __init__(self, rows, k, *, logprobs=False, temperature=1.0, softcap=None, threads=None,
                  chunk_size=None):
         super().__init__(rows, temperature, softcap, threads, chunk_size)
-        if not is_int(k) or int(k) < 1:
+        if not is_int(k):
+            raise TypeError(f"k must be a positive integer, got {k!r}")
+        if int(k) < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         self.k = int(k)
         self.values = np.empty((self.rows, 0))
@@ -408,18 +419,18 @@ class TopK(_Base):
                               chunk_size=chunk_size) if logprobs else None
 
     def update(self, chunk, start=0):
+        """Fold in columns start .. start + c of every row; chunk has shape (rows, c)."""
         from fastlogits.ops.selection import _top_k
 
-        x, start = self._check_chunk(chunk, start)
-        ranges = self._covered([(start, start + x.shape[1])])
-        # values in the compute dtype (not rounded back to a 16-bit input dtype): log-probs come from them
-        _, v, i = _top_k(x, min(self.k, x.shape[1]), False, self._temperature, self._softcap, "cpu",
-                         self._threads, self._chunk_size)
-        if self._lse is not None:
-            self._lse.update(x, start)
-        self._keep(np.asarray(v, np.float64), i + int(start))
-        self.columns += x.shape[1]
-        self.ranges = ranges
+        x, start, adding = self._chunk(chunk, start)
+        with adding:
+            # values in the compute dtype (not rounded back to a 16-bit input dtype): log-probs come from
+            # them
+            _, v, i = _top_k(x, min(self.k, x.shape[1]), False, self._temperature, self._softcap, "cpu",
+                             self._threads, self._chunk_size)
+            if self._lse is not None:
+                self._lse.update(x, start)
+            self._keep(np.asarray(v, np.float64), i + start)
         return self
 
     def _keep(self, v, i):
@@ -451,12 +462,10 @@ class TopK(_Base):
         if (st.m is None) != (self._lse is None):
             raise ValueError(f"merge: this TopK has logprobs={self._lse is not None}, so the other state's "
                              f"m and s must {'be arrays' if self._lse is not None else 'be None'}")
-        ranges = self._covered(ranges)
-        if self._lse is not None:
-            self._lse.merge((st.m, st.s))
-        self._keep(v, i.astype(np.int64))
-        self.ranges = ranges
-        self.columns += columns
+        with self._adding(ranges, columns):
+            if self._lse is not None:
+                self._lse.merge((st.m, st.s))
+            self._keep(v, i.astype(np.int64))
         return self
 
     def _check_same(self, other, names=()):

@@ -182,6 +182,24 @@ def column_chunks(source, cols):
                     yield r0 + i, c0, block[i:i + 1, c0:c0 + cols]
 
 
+def folded_rows(source, cols, make, progress):
+    """(i, accumulators) for each row of a source too wide for the budget: make(i) gives the row's
+    accumulators (None for one not wanted), each of which has folded in every column chunk of the row
+    when it is yielded. progress counts each row once, at its last chunk."""
+    accs, row = None, -1
+    for i, c0, chunk in column_chunks(source, cols):
+        if c0 == 0:
+            if accs is not None:
+                yield row, accs
+            accs, row = make(i), i
+        for a in accs:
+            if a is not None:
+                a.update(chunk, c0)
+        progress(int(c0 + chunk.shape[1] == source.V), chunk.nbytes)
+    if accs is not None:
+        yield row, accs
+
+
 def single_rows(source, cols):
     """(i, one-row random-access source) for every row, for work that reads a row twice (the two passes
     of a map): rows of random-access sources are read where they are, a row of an iterable is in memory
@@ -337,9 +355,12 @@ def reduce(op, source, kw, memory=None, progress=None):
     """logsumexp, entropy, argmax, top_k or top_k_logprobs of every row of a source (kw: the call's
     keyword arguments; `k` for the top-k functions)."""
     import fastlogits as fl
+    from fastlogits.ops.selection import _check_k
 
     check_backend(kw.get("backend"))
     kw = dict(kw)
+    if "k" in kw:
+        kw["k"] = _check_k(kw["k"], source.V)
     temp = RowArg.temperature(kw.pop("temperature", 1.0), source)
     progress = progress or Progress()
     p = plan(source, memory)
@@ -353,17 +374,12 @@ def reduce(op, source, kw, memory=None, progress=None):
             rows = r0 + block.shape[0]
             progress(block.shape[0], block.nbytes)
     else:
-        accum = None
-        for i, c0, chunk in column_chunks(source, p.cols):
-            if c0 == 0:
-                if accum is not None:
-                    parts.append(_finish_row(op, accum, source))
-                accum = _row_accumulator(op, temp.block(i, i + 1), kw)
-            accum.update(chunk, c0)
-            rows = i + 1
-            progress(int(c0 + chunk.shape[1] == source.V), chunk.nbytes)
-        if accum is not None:
+        def make(i):
+            return (_row_accumulator(op, temp.block(i, i + 1), kw),)
+
+        for i, (accum,) in folded_rows(source, p.cols, make, progress):
             parts.append(_finish_row(op, accum, source))
+            rows = i + 1
     temp.check_rows(rows)
     lead = _lead(source, rows)
     if op in ("top_k", "top_k_logprobs"):
@@ -398,14 +414,13 @@ def _finish_row(op, accum, source):
 
 def cross_entropy(source, labels, kw, memory=None, progress=None):
     """Cross-entropy of a source against labels (one per row), as fastlogits.cross_entropy."""
-    from fastlogits.ops.reductions import ce_total, cross_entropy_terms
+    from fastlogits.ops.reductions import ce_total, check_reduction, cross_entropy_terms
     from fastlogits.stream.accumulators import CrossEntropy
 
     check_backend(kw.get("backend"))
     kw = dict(kw)
     reduction = kw.pop("reduction", "mean")
-    if reduction not in ("none", "mean", "sum"):
-        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    check_reduction(reduction)
     temp = RowArg.temperature(kw.pop("temperature", 1.0), source)
     lab = RowArg.labels(labels, source, kw.get("ignore_index", -100))
     progress = progress or Progress()
@@ -427,19 +442,15 @@ def cross_entropy(source, labels, kw, memory=None, progress=None):
             rows = r1
             progress(block.shape[0], block.nbytes)
     else:
-        accum = None
         opts = {k: kw.get(k) for k in ("weight", "ignore_index", "label_smoothing", "z_loss", "softcap",
                                        "threads", "chunk_size") if k in kw}
-        for i, c0, chunk in column_chunks(source, p.cols):
-            if c0 == 0:
-                if accum is not None:
-                    add(*accum.terms())
-                accum = CrossEntropy(lab.block(i, i + 1), temperature=temp.block(i, i + 1), **opts)
-            accum.update(chunk, c0)
-            rows = i + 1
-            progress(int(c0 + chunk.shape[1] == source.V), chunk.nbytes)
-        if accum is not None:
+
+        def make(i):
+            return (CrossEntropy(lab.block(i, i + 1), temperature=temp.block(i, i + 1), **opts),)
+
+        for i, (accum,) in folded_rows(source, p.cols, make, progress):
             add(*accum.terms())
+            rows = i + 1
     temp.check_rows(rows)
     lab.check_rows(rows)
     rdt = _result_dtype(source, "cross_entropy")
@@ -467,8 +478,8 @@ def softmax(source, log, out, kw, memory=None, progress=None):
     temp = RowArg.temperature(kw.pop("temperature", 1.0), source)
     progress = progress or Progress()
     if out is None:
-        raise ValueError("softmax of a source writes to out=: a path (.npy or raw) or an array of the "
-                         "source's shape")
+        raise ValueError(f"{'log_softmax' if log else 'softmax'} of a source writes to out=: a path (.npy or "
+                         "raw) or an array of the source's shape")
     p = plan(source, memory, out_itemsize=NP_DTYPES[out_name].itemsize)
     fn = fl.log_softmax if log else fl.softmax
     with _Sink(out, source, out_name) as sink:
@@ -713,29 +724,18 @@ def stats(source, labels=None, *, ignore_index=-100, temperature=1.0, softcap=No
             rows = r1
             progress(block.shape[0], block.nbytes)
     else:
-        accs = None
+        def make(i):
+            t = temp.block(i, i + 1)
+            return (CrossEntropy(lab.block(i, i + 1), ignore_index=ignore_index, temperature=t, **common)
+                    if lab is not None else None,
+                    Entropy(1, temperature=t, **common), TopK(1, 1, temperature=t, **common))
 
-        def finish():
-            if lab is not None:
-                nll.append(accs[0].terms()[0])
-            ent.append(accs[1].result())
-            top.append(accs[2].result()[1][:, 0])
-
-        for i, c0, chunk in column_chunks(source, p.cols):
-            if c0 == 0:
-                if accs is not None:
-                    finish()
-                t = temp.block(i, i + 1)
-                accs = (CrossEntropy(lab.block(i, i + 1), ignore_index=ignore_index, temperature=t, **common)
-                        if lab is not None else None,
-                        Entropy(1, temperature=t, **common), TopK(1, 1, temperature=t, **common))
-            for a in accs:
-                if a is not None:
-                    a.update(chunk, c0)
+        for i, (ce, en, tk) in folded_rows(source, p.cols, make, progress):
+            if ce is not None:
+                nll.append(ce.terms()[0])
+            ent.append(en.result())
+            top.append(tk.result()[1][:, 0])
             rows = i + 1
-            progress(int(c0 + chunk.shape[1] == source.V), chunk.nbytes)
-        if accs is not None:
-            finish()
     temp.check_rows(rows)
     out = {"rows": rows, "entropy": np.concatenate(ent) if ent else np.empty(0),
            "argmax": np.concatenate(top).astype(np.int64) if top else np.empty(0, np.int64)}

@@ -592,7 +592,7 @@ def check_vocab(vocab, argname="vocab"):
 
 
 def open(path, *, dtype=None, vocab=None, tensor=None, memory=None):  # noqa: A001 - the API's name
-    """Open a logit dump as a source for every row function (API.md, Streaming).
+    """Open a logit dump as a source for every row function (README: "Streaming dumps larger than memory").
 
     ``path``: a ``.npy`` file (read lazily; ``dtype="bfloat16"`` re-declares a ``|V2`` file), a
     ``.safetensors`` file (``tensor=`` picks one when there are several; BF16 supported), ``"-"`` for raw rows
@@ -685,7 +685,7 @@ def _open_object(obj, dtype, vocab, tensor):
     return src
 
 
-def as_source(obj, dtype=None):
+def as_source(obj):
     """obj as a source, or None when obj is an in-memory array (which the kernels take directly)."""
     if isinstance(obj, (_FileSource, ArraySource, IterSource, StdinSource)):
         return obj
@@ -696,7 +696,7 @@ def as_source(obj, dtype=None):
     if isinstance(obj, (str, bytes, os.PathLike)):
         raise TypeError("logits: a path is not logits; open it first: fastlogits.open(path)")
     if hasattr(obj, "shape") and hasattr(obj, "dtype") and hasattr(obj, "__getitem__"):
-        return ArraySource(obj, dtype)
+        return ArraySource(obj, None)
     if hasattr(obj, "__iter__") and not isinstance(obj, (list, tuple)):
-        return IterSource(obj, dtype)
+        return IterSource(obj, None)
     return None

@@ -1,0 +1,37 @@
+"""The keyword arguments that the row functions share, documented once: ``@shared_params`` puts their
+numpydoc entries where a docstring's Parameters section has the line ``{shared}`` (and ``{logits}``,
+``{temperature}``, ``{out}`` for those)."""
+
+_ENTRIES = {
+    "logits": """\
+logits : array_like of shape (..., V), a GPU array, or a source (fastlogits.open)
+    float16, bfloat16 (ml_dtypes.bfloat16, or 2-byte data declared so), float32 or float64, any strides;
+    PyTorch CPU tensors are read in place. A source is streamed in bounded memory.""",
+    "temperature": """\
+temperature : float > 0, or an array of one per row (the leading shape)
+    The logits are divided by it, after the softcap (below float64 input, in float32, as PyTorch does).""",
+    "out": """\
+out : array or path, optional
+    An array of the logits' shape (NumPy, or a GPU array for GPU logits) that shares no memory with them;
+    or, for host logits and sources, a path: a ``.npy`` file (raw rows for any other name) written block
+    by block, under a temporary name until complete. Returned.
+dtype : float16, bfloat16, float32 or float64, optional
+    The result's element type (default: out's, else the logits').""",
+    "shared": """\
+softcap : float > 0, optional
+    The logits become ``softcap * tanh(x / softcap)`` first (Gemma 2's soft-capping).
+backend : {"cpu", "gpu"}, optional
+    None: "gpu" for GPU arrays, else the process default (fastlogits.set_backend, use_backend).
+threads : int in [1, 4096], optional
+    CPU threads. None: all cores, or FASTLOGITS_NUM_THREADS (1 in a forked child: see the README).
+chunk_size : int >= 1, optional
+    Vocabulary elements per step (None: 4096); results do not depend on it beyond rounding.""",
+}
+
+
+def shared_params(fn):
+    doc = fn.__doc__
+    for name, text in _ENTRIES.items():
+        doc = doc.replace("    {" + name + "}", "\n".join("    " + line for line in text.splitlines()))
+    fn.__doc__ = doc
+    return fn
