@@ -16,12 +16,9 @@ except ImportError as e:  # pragma: no cover - only on a broken install
         "(from a source tree: 'pip install .')."
     ) from e
 
+from fastlogits.ops._prep import compute_dtype
+
 CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
-
-
-def compute_dtype(dtype):
-    """float64 arithmetic for float64 input, float32 for the rest."""
-    return np.dtype(np.float64) if dtype == "float64" else np.dtype(np.float32)
 
 
 def lse(x, dtype, temperature, softcap, chunk, threads):

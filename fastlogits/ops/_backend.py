@@ -15,7 +15,10 @@
 
 and the GPU backend also, for device logits, device_labels(labels, lead), cross_entropy_device(x, dtype,
 temperature, softcap, labels, ignore_index, weight, eps, z, chunk, reduction, result_dtype, lead) -> the
-loss as a device array (all on the device, no wait), and synchronize().
+loss as a device array (all on the device, no wait), and synchronize(); for device arrays given to the
+public functions (see ops/_prep.py and ops/reductions.py), as_rows(x, dtype) (a (rows, V) view, its
+leading shape and dtype name), rows_out(out) (a device out= as (rows, V) over its memory), out_kind(out,
+dtype) (its dtype name) and overlaps(a, b).
 
 The GPU backend is imported only when asked for, so ``import fastlogits`` never needs CUDA.
 """

@@ -22,6 +22,17 @@ _NAMES = {
 NP_DTYPES = {v: k for k, v in _NAMES.items()}
 
 
+def scalar_if_0d(a):
+    """A 0-d NumPy result as a NumPy scalar (as NumPy's reductions give one); anything else as it is."""
+    return a[()] if isinstance(a, np.ndarray) and a.ndim == 0 else a
+
+
+def compute_dtype(name):
+    """The arithmetic (and the reductions' result dtype) for logits of dtype `name`: float64 for
+    float64, float32 for the rest."""
+    return np.dtype(np.float64) if name == "float64" else np.dtype(np.float32)
+
+
 @dataclass
 class Rows:
     x: object            # (rows, V) array: NumPy, or a GPU array
@@ -43,8 +54,8 @@ class Rows:
 
     @property
     def result_dtype(self):
-        """Reductions return float64 for float64 input, else float32."""
-        return np.dtype(np.float64) if self.dtype == "float64" else np.dtype(np.float32)
+        """Reductions return float64 for float64 input, else float32 (the compute dtype)."""
+        return compute_dtype(self.dtype)
 
 
 def dtype_name(dtype, argname="dtype"):

@@ -15,6 +15,7 @@ from fastlogits.ops._prep import (
     is_gpu_array,
     prepare,
     row_name,
+    scalar_if_0d,
 )
 from fastlogits.stream import run as stream_run
 from fastlogits.stream.sources import ArraySource, as_source
@@ -23,8 +24,7 @@ from fastlogits.stream.sources import ArraySource, as_source
 def _finish(r, values):
     """Per-row float64 results -> the API's result dtype and the leading shape (on the device for device
     inputs)."""
-    out = _backend.get(r.backend).finish(values, r.result_dtype, r.lead)
-    return out[()] if isinstance(out, np.ndarray) and out.ndim == 0 else out
+    return scalar_if_0d(_backend.get(r.backend).finish(values, r.result_dtype, r.lead))
 
 
 @shared_params

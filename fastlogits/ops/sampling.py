@@ -27,7 +27,16 @@ import numpy as np
 from fastlogits._config import is_int
 from fastlogits.ops import _backend
 from fastlogits.ops._doc import shared_params
-from fastlogits.ops._prep import NP_DTYPES, broadcast_rows, is_gpu_array, prepare, row_name, temperatures
+from fastlogits.ops._prep import (
+    NP_DTYPES,
+    broadcast_rows,
+    compute_dtype,
+    is_gpu_array,
+    prepare,
+    row_name,
+    scalar_if_0d,
+    temperatures,
+)
 from fastlogits.stream.sources import as_source
 
 
@@ -184,8 +193,7 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, seed=
     shape = r.lead + ((ns,) if ns > 1 else ())
 
     def fit(a):
-        a = a.reshape(shape)
-        return a[()] if isinstance(a, np.ndarray) and a.ndim == 0 else a
+        return scalar_if_0d(a.reshape(shape))
 
     return tuple(fit(a) for a in out) if return_logprobs else fit(out[0])
 
@@ -317,13 +325,12 @@ def sample_source(src, temperature, top_k, top_p, min_p, seed, ns, logprobs, kw,
         arg.check_rows(rows)
     lead = lead_all if lead_all is not None else (rows,)
     shape = lead + ((ns,) if ns > 1 else ())
-    lp_dtype = np.float64 if src.dtype == "float64" else np.float32
+    lp_dtype = compute_dtype(src.dtype)
     cat = [np.concatenate([pt[j] for pt in parts]) if parts else
            np.empty((0, ns), (np.int64, lp_dtype, np.int64)[j]) for j in range(3 if logprobs else 1)]
 
     def fit(a):
-        a = a.reshape(shape)
-        return a if a.ndim else a[()]
+        return scalar_if_0d(a.reshape(shape))
 
     return tuple(fit(a) for a in cat) if logprobs else fit(cat[0])
 

@@ -4,7 +4,7 @@ import numpy as np
 from fastlogits._config import is_int
 from fastlogits.ops import _backend
 from fastlogits.ops._doc import shared_params
-from fastlogits.ops._prep import NP_DTYPES, prepare
+from fastlogits.ops._prep import NP_DTYPES, prepare, scalar_if_0d
 from fastlogits.stream import run as stream_run
 from fastlogits.stream.sources import as_source
 
@@ -48,8 +48,8 @@ def argmax(logits, *, temperature=1.0, softcap=None, backend=None, threads=None,
     if r.V == 0:
         raise ValueError("argmax: logits has an empty vocabulary (last axis of length 0)")
     B = _backend.get(r.backend)
-    out = B.finish(B.argmax(r.x, r.dtype, r.temperature, r.softcap, r.chunk, r.threads), np.int64, r.lead)
-    return out[()] if isinstance(out, np.ndarray) and out.ndim == 0 else out
+    top = B.argmax(r.x, r.dtype, r.temperature, r.softcap, r.chunk, r.threads)
+    return scalar_if_0d(B.finish(top, np.int64, r.lead))
 
 
 def _top_k(logits, k, logprobs, temperature, softcap, backend, threads, chunk_size):

@@ -206,6 +206,7 @@ class LogSumExp(_Base):
 
     @property
     def state(self):
+        """LogSumExpState (m, s): copies of the running max and sum per row, to merge elsewhere."""
         return LogSumExpState(self.m.copy(), self.s.copy())
 
     def merge(self, other):
@@ -227,7 +228,7 @@ class CrossEntropy(_Base):
     """Running cross-entropy of rows whose columns arrive in chunks, with F.cross_entropy's options.
 
     ``labels`` has one class index per row; ``result()`` gives what :func:`fastlogits.cross_entropy`
-    gives for the whole rows (the vocabulary size is the number of columns folded in).
+    gives for the whole rows, in float64 (the vocabulary size is the number of columns folded in).
 
     Label smoothing's term ``sum_c w_c (lse - x_c)`` is kept as the distance sum ``dist = sum_c w_c (m -
     x_c)`` from the row's running max m, with ``wseen = sum_c w_c``: its terms are never negative (for
@@ -290,6 +291,7 @@ class CrossEntropy(_Base):
 
     @property
     def state(self):
+        """CrossEntropyState: copies of the row states, to merge elsewhere."""
         return CrossEntropyState(self.m.copy(), self.s.copy(), self.target.copy(), self.found.copy(),
                                  self.dist.copy(), self.wseen, self.columns)
 
@@ -381,6 +383,7 @@ class Entropy(_Base):
 
     @property
     def state(self):
+        """EntropyState (m, s, t): copies of the row states, to merge elsewhere."""
         return EntropyState(self.m.copy(), self.s.copy(), self.t.copy())
 
     def merge(self, other):
@@ -444,6 +447,7 @@ class TopK(_Base):
 
     @property
     def state(self):
+        """TopKState (values, indices, m, s): copies of the kept values, to merge elsewhere."""
         m, s = self._lse.state if self._lse is not None else (None, None)
         return TopKState(self.values.copy(), self.indices.copy(), m, s)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastlogits.ops._prep import NP_DTYPES, check_own_places
+from fastlogits.ops._prep import NP_DTYPES, check_own_places, compute_dtype, scalar_if_0d
 
 DEFAULT_BUDGET = 256 * 2**20
 BLOCK_BYTES = 16 * 2**20     # the largest input block a plan makes, whatever the budget
@@ -389,14 +389,13 @@ def reduce(op, source, kw, memory=None, progress=None):
         idx = np.concatenate([i for _, i in parts]) if parts else np.empty((0, k), np.int64)
         return vals.reshape(lead + (k,)), idx.reshape(lead + (k,))
     out = np.concatenate(parts) if parts else np.empty(0, _result_dtype(source, op))
-    out = out.reshape(lead)
-    return out if out.ndim else out[()]
+    return scalar_if_0d(out.reshape(lead))
 
 
 def _result_dtype(source, op):
     if op == "argmax":
         return np.dtype(np.int64)
-    return np.dtype(np.float64) if source.dtype == "float64" else np.dtype(np.float32)
+    return compute_dtype(source.dtype)
 
 
 def _finish_row(op, accum, source):
@@ -456,8 +455,7 @@ def cross_entropy(source, labels, kw, memory=None, progress=None):
     rdt = _result_dtype(source, "cross_entropy")
     if reduction == "none":
         out = np.concatenate(per_row) if per_row else np.empty(0)
-        out = out.astype(rdt).reshape(_lead(source, rows))
-        return out if out.ndim else out[()]
+        return scalar_if_0d(out.astype(rdt).reshape(_lead(source, rows)))
     return rdt.type(ce_total(sums[0], sums[1], sums[2], count, reduction))
 
 
