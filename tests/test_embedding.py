@@ -110,12 +110,32 @@ def _compile(compiler, source, out, flags):
     return res.stderr
 
 
+BUILDS = {
+    "c99": ["-std=c99"],
+    "c11": ["-std=c11"],
+    # x87 arithmetic with GNU C's default excess precision (32-bit x86's default): exp's round-to-integer
+    # trick was never rounded to float there, and results were off by 0.05 (found by an embedding audit)
+    "x87": ["-std=gnu99", "-mfpmath=387", "-DFL_NO_MULTIVERSION"],
+    # ThreadSanitizer instruments the load-time resolvers of the dispatch, which then crashed before the
+    # TSan runtime started: the header builds a single version under it
+    "tsan": ["-std=c11", "-fsanitize=thread"],
+}
+
+
 @needs_cc
-@pytest.mark.parametrize("std", ["c99", "c11"])
-def test_header_compiles_warning_free_and_computes(tmp_path, rng, std):
+@pytest.mark.parametrize("build", list(BUILDS))
+def test_header_compiles_warning_free_and_computes(tmp_path, rng, build):
     src = tmp_path / "prog.c"
     src.write_text(C_PROGRAM)
-    warnings = _compile(CC, src, tmp_path / "prog", ["-O2", f"-std={std}", "-Wall", "-Wextra", "-Werror"])
+    flags = ["-O2", *BUILDS[build], "-Wall", "-Wextra", "-Werror"]
+    if build == "x87" and os.uname().machine not in ("x86_64", "i686"):
+        pytest.skip("x87 arithmetic is x86's")
+    if build == "tsan":
+        probe = subprocess.run([CC, "-fsanitize=thread", "-x", "c", "-", "-o", str(tmp_path / "probe")],
+                               input="int main(void) { return 0; }", capture_output=True, text=True)
+        if probe.returncode != 0:
+            pytest.skip(f"no ThreadSanitizer runtime here: {probe.stderr.strip()[:200]}")
+    warnings = _compile(CC, src, tmp_path / "prog", flags)
     assert warnings == ""
     rows, V = 5, 4099
     x = _awkward_rows(rng, rows, V)
@@ -358,6 +378,37 @@ def test_cython_cimport_downstream(tmp_path, rng):
     assert ent == pytest.approx(float(ref.entropy(x[0])), rel=2e-6)
     assert ce == pytest.approx(float(fl.cross_entropy(x[:1], [17])), rel=2e-6)
     assert top_halves == top == int(fl.argmax(x[0]))
+
+
+def test_numba_entry_points_can_be_cached(tmp_path):
+    """A user's @njit(cache=True) function that calls them is compiled once: the second process loads it
+    from numba's cache (a ctypes pointer in the compiled code made numba refuse to cache it)."""
+    pytest.importorskip("numba")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "user_code.py").write_text(textwrap.dedent("""
+        import warnings, sys
+        import numba, numpy as np
+        from fastlogits.numba import cross_entropy_row, logsumexp_row
+
+        @numba.njit(cache=True)
+        def f(x):
+            return logsumexp_row(x) + cross_entropy_row(x, 1)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            print(repr(f(np.arange(5.0))), f.stats.cache_hits and 1 or 0)
+    """))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, str(tmp_path)]),
+               NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    outs = [subprocess.run([sys.executable, str(tmp_path / "user_code.py")], env=env, capture_output=True,
+                           text=True, timeout=300) for _ in range(2)]
+    for res in outs:
+        assert res.returncode == 0, res.stderr
+    (v1, hit1), (v2, hit2) = (res.stdout.split() for res in outs)
+    x = np.arange(5.0)
+    want = ref.logsumexp(x) + ref.cross_entropy(x[None], np.array([1]), reduction="none")[0]
+    assert float(v1) == float(v2) == pytest.approx(float(want), rel=1e-14)
+    assert (hit1, hit2) == ("0", "1")
 
 
 def test_numba_entry_points(rng):

@@ -74,16 +74,21 @@ extern "C" {
 #define FL_UNUSED
 #endif
 
-/* Run-time dispatch between AVX-512, AVX2 and baseline code (GCC on x86-64 with ifunc support). Define
- * FL_NO_MULTIVERSION to compile one version with the includer's flags.
+/* Run-time dispatch between AVX-512, AVX2 and baseline code (GCC on x86-64 Linux with glibc's ifunc; not
+ * under ThreadSanitizer, which instruments the load-time resolvers and crashed there). Define
+ * FL_NO_MULTIVERSION to compile one version with the includer's flags (other GCC builds do too, keeping
+ * no-trapping-math: without it their float selects stayed scalar, 2-8x slower).
  * no-trapping-math lets GCC turn `c ? a : b` on floats into vector blends: it only stops the compiler from
  * preserving floating-point exception *flags*; values, NaN and inf included, are unchanged (Clang assumes
  * this by default). Nothing here reads the exception flags. */
 #if !defined(FL_NO_MULTIVERSION) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) \
-    && defined(__linux__) && (__GNUC__ >= 12)
+    && defined(__linux__) && defined(__GLIBC__) && (__GNUC__ >= 12) && !defined(__SANITIZE_THREAD__)
 #define FL_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), \
                                        optimize("no-trapping-math")))
 #define FL_HAVE_MULTIVERSION 1
+#elif defined(__GNUC__) && !defined(__clang__)
+#define FL_MULTIVERSION __attribute__((optimize("no-trapping-math")))
+#define FL_HAVE_MULTIVERSION 0
 #else
 #define FL_MULTIVERSION
 #define FL_HAVE_MULTIVERSION 0
@@ -263,6 +268,19 @@ static inline void fl__dist_merge(double *d, double *w, double m, double d2, dou
 /* 2. Vectorizable exp                                                                              */
 /* ------------------------------------------------------------------------------------------------ */
 
+/* n = k - magic: the integer to which adding the rounding constant `magic` (1.5 * 2^23 or 1.5 * 2^52,
+ * plus a bias) rounded k. Where arithmetic carries excess precision (x87: FLT_EVAL_METHOD 2, and GNU C and C++ do
+ * not round at assignments by default), k was never rounded to the format, so n is taken from k's bits
+ * (a store to memory rounds): k and magic lie in one binade whose ulp is 1. Elsewhere (SSE, NEON) the
+ * plain difference, which vectorizes everywhere. */
+#if defined(__FLT_EVAL_METHOD__) && __FLT_EVAL_METHOD__ != 0
+#define FL__N32(k, magic) ((float)(int32_t)(fl__bits_from_f32(k) - fl__bits_from_f32(magic)))
+#define FL__N64(k, magic) ((double)(int64_t)(fl__bits_from_f64(k) - fl__bits_from_f64(magic)))
+#else
+#define FL__N32(k, magic) ((k) - (magic))
+#define FL__N64(k, magic) ((k) - (magic))
+#endif
+
 /* exp(x) in float: Cephes expf's polynomial after a Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2.
  * Rounding to n uses the add-and-subtract 1.5 * 2^23 trick (no floorf, which blocks vectorization), and
  * 2^n is applied as two factors so that results in the subnormal range are right. NaN propagates;
@@ -271,7 +289,7 @@ FL_INLINE float fl__expf(float x) {
     float xc = x < -104.0f ? -104.0f : x;
     xc = xc > 88.7228f ? 88.7228f : xc;
     float k = xc * 1.44269504088896341f + 12582912.0f;
-    float n = k - 12582912.0f;
+    float n = FL__N32(k, 12582912.0f);
     int32_t ni = (int32_t)(fl__bits_from_f32(k) - 0x4b400000u);
     float r = xc - n * 0.693359375f;
     r = r + n * 2.12194440e-4f;
@@ -294,13 +312,13 @@ FL_INLINE float fl__expf(float x) {
 FL_INLINE double fl__f64_from_bits(uint64_t u) { double f; memcpy(&f, &u, 8); return f; }
 FL_INLINE uint64_t fl__bits_from_f64(double f) { uint64_t u; memcpy(&u, &f, 8); return u; }
 
-/* exp(x) in double: Cephes exp's rational approximation after the same reduction; within 1 ulp,
- * subnormal results right, NaN propagates. */
+/* exp(x) in double: Cephes exp's rational approximation after the same reduction; within 2 ulp (1.7
+ * measured), subnormal results right, NaN propagates. */
 FL_INLINE double fl__exp(double x) {
     double xc = x < -745.2 ? -745.2 : x;
     xc = xc > 709.79 ? 709.79 : xc;
     double k = xc * 1.4426950408889634073599 + 6755399441055744.0;
-    double n = k - 6755399441055744.0;
+    double n = FL__N64(k, 6755399441055744.0);
     int64_t ni = (int64_t)(fl__bits_from_f64(k) - 0x4338000000000000ull);
     double r = xc - n * 6.93145751953125e-1;
     r = r - n * 1.42860682030941723212e-6;
@@ -330,7 +348,7 @@ FL_INLINE double fl__exp(double x) {
 FL_INLINE float fl__expf_neg(float x) {
     float xc = x < -87.3f ? -87.3f : x;
     float k = xc * 1.44269504088896341f + 12583039.0f;    /* 1.5 * 2^23 + 127 */
-    float n = k - 12583039.0f;
+    float n = FL__N32(k, 12583039.0f);
     float r = xc - n * 0.693359375f;
     r = r + n * 2.12194440e-4f;
     float q = 1.3812552206218243e-3f;
@@ -345,7 +363,7 @@ FL_INLINE float fl__expf_neg(float x) {
 FL_INLINE double fl__exp_neg(double x) {
     double xc = x < -708.0 ? -708.0 : x;
     double k = xc * 1.4426950408889634073599 + 6755399441055744.0;
-    double n = k - 6755399441055744.0;
+    double n = FL__N64(k, 6755399441055744.0);
     uint64_t ni = fl__bits_from_f64(k) - 0x4338000000000000ull;
     double r = xc - n * 6.93145751953125e-1;
     r = r - n * 1.42860682030941723212e-6;

@@ -41,7 +41,7 @@
  * Public entry points: fl_philox4x32_10 (Random123's function), fl_rng_make / fl_rng_word /
  * fl_rng_gumbel (the noise of one token, as the sampler computes it), and fl_row_sample_{f32,f64} (one row
  * of any dtype and stride, see fl_row; parameters in fl_sample_params, per-thread scratch in
- * fl_sample_scratch, chunk <= the row's length). A row without top-k can also be drawn in parts:
+ * fl_sample_scratch; a chunk longer than the row counts as the row's length). A row without top-k can also be drawn in parts:
  * fl_row_sample_setup_{f32,f64} once, then fl_row_gumbel_{f32,f64} over column ranges (on several threads),
  * the ranges' best keys merged (the lower index on ties), and fl_row_rank_mass / fl_sample_logprob for the
  * log-probabilities (fastlogits/cpu/_sample.pyx does so). Define FL_COUNT_EXACT to a statement before
@@ -194,7 +194,7 @@ typedef struct fl_sample_prep {
     int need_lse;      /* the logsumexp pass was made (and checked the row for NaN and +inf) */
 } fl_sample_prep;
 
-/* w[i] = exp(v[i] - shift), vectorized (fl__exp: within 1 ulp). */
+/* w[i] = exp(v[i] - shift), vectorized (fl__exp: within 2 ulp). */
 FL_MULTIVERSION static FL_UNUSED void fl__exp_shift(const double *v, double *w, int64_t n, double shift) {
     for (int64_t i = 0; i < n; i++) w[i] = fl__exp(v[i] - shift);
 }
@@ -486,12 +486,14 @@ static inline double FLS_FN(fl__topp_row)(const fl_row *r, int64_t chunk, fl_sam
     double goal = p * s;
     FLS_T *buf = (FLS_T *)sc->buf, t0, scale, mt = (FLS_T)m;
     int32_t *bi = (int32_t *)(void *)sc->tmp;
-    FLS_T *w = (FLS_T *)(void *)(sc->tmp + (chunk + 1) / 2);
+    FLS_T *w;
     double *cw = (double *)(void *)sc->ci;
     int64_t c0, i, nc = 0;
     int b, hit = -1;
     int32_t lo_b;
     uint32_t span;
+    if (chunk > r->n) chunk = r->n;   /* tmp holds 2 n doubles: chunk bucket numbers, then chunk weights */
+    w = (FLS_T *)(void *)(sc->tmp + (chunk + 1) / 2);
     if (t0d >= m) return m;                       /* p so small that the top token alone reaches it */
     t0 = FLS_FN(fl__round_down)(t0d);
     scale = (FLS_T)((FL_TOPP_BUCKETS - 0.01) / (m - (double)t0));
