@@ -19,6 +19,7 @@ users' own numba.cuda kernels are in ``fastlogits.gpu.device``.
 """
 import ctypes
 
+import llvmlite.binding
 import numba
 import numpy as np
 from numba.core import types
@@ -27,6 +28,13 @@ from numba.extending import overload
 from fastlogits.cpu import _exports
 
 _lib = ctypes.CDLL(_exports.__file__)
+# Compiled code calls the C functions by name (resolved in this process, as libm's are), not through a
+# ctypes pointer: a user's @njit(cache=True) function that calls them can be cached
+llvmlite.binding.load_library_permanently(_exports.__file__)
+_lse_nb = types.ExternalFunction("fastlogits_lse_row", types.float64(types.uintp, types.int64, types.int64,
+                                                                      types.int32))
+_ce_nb = types.ExternalFunction("fastlogits_ce_row", types.float64(types.uintp, types.int64, types.int64,
+                                                                    types.int32, types.int64))
 _lse = _lib.fastlogits_lse_row
 _lse.restype = ctypes.c_double
 _lse.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
@@ -77,7 +85,7 @@ def _logsumexp_row_nb(x):
     code = _numba_code(x, "logsumexp_row")
 
     def impl(x):
-        return _lse(x.ctypes.data, x.size, x.strides[0], code)
+        return _lse_nb(x.ctypes.data, x.size, x.strides[0], code)
     return impl
 
 
@@ -91,5 +99,5 @@ def _cross_entropy_row_nb(x, label):
     def impl(x, label):
         if label < 0 or label >= x.size:
             raise IndexError("cross_entropy_row: label is out of range")
-        return _ce(x.ctypes.data, x.size, x.strides[0], code, label)
+        return _ce_nb(x.ctypes.data, x.size, x.strides[0], code, label)
     return impl
