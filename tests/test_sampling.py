@@ -694,26 +694,27 @@ C_SAMPLER = r"""
 static long n_exact = 0;
 #define FL_COUNT_EXACT n_exact++
 #include "fastlogits.h"
+/* argv: V, the row's file (float32), seed, temperature, top_p; the scratch the header documents, no more */
 int main(int argc, char **argv) {
-    if (argc != 4) return 2;
-    long V = atol(argv[1]);
+    if (argc != 6) return 2;
+    long V = atol(argv[1]), chunk = 4096;
     float *x = malloc(sizeof(float) * V);
     FILE *f = fopen(argv[2], "rb");
     if (!f || fread(x, sizeof(float), V, f) != (size_t)V) return 3;
     fclose(f);
-    float *buf = malloc(sizeof(float) * 4096);
-    fl_sample_scratch sc = {buf, NULL, NULL, NULL, NULL, NULL};
-    fl_sample_params p = {strtoull(argv[3], NULL, 10), 0, 0, 1.0, 0.0, 1, 0};
-    fl_row r = {(const char *)x, V, 4, FL_F32, 0.9, 0.0};
+    fl_sample_scratch sc = {malloc(8 * chunk), NULL, NULL, malloc(8 * V), malloc(8 * V), malloc(16 * V)};
+    fl_sample_params p = {strtoull(argv[3], NULL, 10), 0, 0, atof(argv[5]), 0.0, 1, 0};
+    fl_row r = {(const char *)x, V, 4, FL_F32, atof(argv[4]), 0.0};
     int64_t tok = -1;
-    int st = fl_row_sample_f32(&r, &p, 4096, &sc, &tok, NULL, NULL);
+    int st = fl_row_sample_f32(&r, &p, chunk, &sc, &tok, NULL, NULL);
     printf("%d %lld %ld\n", st, (long long)tok, n_exact);
     return 0;
 }
 """
 
 
-def test_c_api_matches_and_few_tokens_get_exact_noise(tmp_path, rng):
+def _c_sampler(tmp_path):
+    """The C sampler built (under AddressSanitizer where this machine has its runtime)."""
     import shutil
     import subprocess
 
@@ -723,70 +724,43 @@ def test_c_api_matches_and_few_tokens_get_exact_noise(tmp_path, rng):
     if cc is None:
         pytest.skip("no C compiler")
     (tmp_path / "s.c").write_text(C_SAMPLER)
-    subprocess.run([cc, "-O2", "-std=c99", "-Wall", "-Wextra", "-Werror", "-I", fastlogits.get_include(),
-                    str(tmp_path / "s.c"), "-o", str(tmp_path / "s"), "-lm"], check=True)
+    flags = ["-O2", "-g", "-std=c99", "-Wall", "-Wextra", "-Werror", "-I", fastlogits.get_include()]
+    out = ["-o", str(tmp_path / "s"), "-lm"]
+    if subprocess.run([cc, *flags, "-fsanitize=address", str(tmp_path / "s.c"), *out],
+                      capture_output=True).returncode != 0:
+        subprocess.run([cc, *flags, str(tmp_path / "s.c"), *out], check=True)
+
+    def draw(x, seed, temperature, top_p):
+        import subprocess
+
+        x.astype(np.float32).tofile(tmp_path / "x.bin")
+        res = subprocess.run([str(tmp_path / "s"), str(x.size), str(tmp_path / "x.bin"), str(seed),
+                              repr(temperature), repr(top_p)], capture_output=True, text=True,
+                             env=dict(os.environ, ASAN_OPTIONS="detect_leaks=0"))
+        assert res.returncode == 0, res.stderr[-2000:]
+        return tuple(int(v) for v in res.stdout.split())
+    return draw
+
+
+def test_c_api_matches_and_few_tokens_get_exact_noise(tmp_path, rng):
+    draw = _c_sampler(tmp_path)
     V = 100_000
     for scale in (1.0, 3.0):
         x = (rng.standard_normal(V) * scale).astype(np.float32)
-        x.tofile(tmp_path / "x.bin")
         seed = int(rng.integers(2**63))
-        out = subprocess.run([str(tmp_path / "s"), str(V), str(tmp_path / "x.bin"), str(seed)],
-                             capture_output=True, text=True, check=True).stdout.split()
-        st, tok, n_exact = (int(v) for v in out)
+        st, tok, n_exact = draw(x, seed, 0.9, 1.0)
         assert st == 0 and tok == sample(x[None], temperature=0.9, seed=[seed])[0]
         assert n_exact < 300, n_exact        # of 100000 tokens: the cheap test rejects the rest
-
-
-C_TOP_P = r"""
-#include <stdio.h>
-#include <stdlib.h>
-#include "fastlogits.h"
-/* top-p of a row shorter than the chunk, with the scratch the header documents, no more (ASan checks) */
-int main(int argc, char **argv) {
-    if (argc != 4) return 2;
-    long V = atol(argv[1]);
-    float *x = malloc(sizeof(float) * V);
-    FILE *f = fopen(argv[2], "rb");
-    if (!f || fread(x, sizeof(float), V, f) != (size_t)V) return 3;
-    fclose(f);
-    long chunk = 4096;
-    fl_sample_scratch sc = {malloc(8 * chunk), NULL, NULL, malloc(8 * V), malloc(8 * V), malloc(16 * V)};
-    fl_sample_params p = {strtoull(argv[3], NULL, 10), 0, 0, 0.9, 0.0, 1, 0};
-    fl_row r = {(const char *)x, V, 4, FL_F32, 1.0, 0.0};
-    int64_t tok = -1;
-    int st = fl_row_sample_f32(&r, &p, chunk, &sc, &tok, NULL, NULL);
-    printf("%d %lld\n", st, (long long)tok);
-    return 0;
-}
-"""
 
 
 def test_c_api_top_p_of_a_row_shorter_than_the_chunk(tmp_path, rng):
     """The top-p pass took the chunk for the row's length when sizing its work space in tmp (2 n
     doubles): a chunk longer than the row overran it (found by an embedding audit under ASan)."""
-    import shutil
-    import subprocess
-
-    import fastlogits
-
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    (tmp_path / "p.c").write_text(C_TOP_P)
-    flags = ["-O1", "-g", "-std=c99", "-Wall", "-Wextra", "-Werror", "-I", fastlogits.get_include()]
-    asan = subprocess.run([cc, *flags, "-fsanitize=address", str(tmp_path / "p.c"), "-o", str(tmp_path / "p"),
-                           "-lm"], capture_output=True, text=True)
-    if asan.returncode != 0:          # no AddressSanitizer runtime here: the draw is still checked
-        subprocess.run([cc, *flags, str(tmp_path / "p.c"), "-o", str(tmp_path / "p"), "-lm"], check=True)
+    draw = _c_sampler(tmp_path)
     for V in (1, 37, 1000):
         x = (rng.standard_normal(V) * 2).astype(np.float32)
-        x.tofile(tmp_path / "x.bin")
         seed = int(rng.integers(2**63))
-        res = subprocess.run([str(tmp_path / "p"), str(V), str(tmp_path / "x.bin"), str(seed)],
-                             capture_output=True, text=True,
-                             env=dict(os.environ, ASAN_OPTIONS="detect_leaks=0"))
-        assert res.returncode == 0, res.stderr[-2000:]
-        st, tok = (int(v) for v in res.stdout.split())
+        st, tok, _ = draw(x, seed, 1.0, 0.9)
         assert st == 0 and tok == sample(x[None], top_p=0.9, seed=[seed])[0]
 
 
