@@ -41,8 +41,17 @@ def _add_input(p):
     p.add_argument("--tensor", default=None, help="which tensor of a .safetensors file")
 
 
-def _open(args):
-    return fl.open(args.input, dtype=args.dtype, vocab=args.vocab, tensor=args.tensor, memory=args.memory)
+def _open(args, output=None):
+    """The input as a source. With `output` (a file of per-row results), its name and folder are checked
+    before the input is opened, and that it is not the input after."""
+    from fastlogits.stream.run import check_not_input
+
+    if output is not None:
+        _check_per_row_path(output)
+    src = fl.open(args.input, dtype=args.dtype, vocab=args.vocab, tensor=args.tensor, memory=args.memory)
+    if output is not None:
+        check_not_input(src, output)
+    return src
 
 
 class _Bar:
@@ -96,14 +105,6 @@ def _check_per_row_path(path):
     if not path.lower().endswith(_PER_ROW):
         raise ValueError(f"{path}: per-row output must end in .npy, .csv or .jsonl")
     check_output_path(path)
-
-
-def _check_not_input(path, source):
-    """Once the input is open: the per-row output is not the file being read."""
-    from fastlogits.stream.run import _reads_file
-
-    if _reads_file(source, path):
-        raise ValueError(f"{path}: is the file being read; write the results to another file")
 
 
 def write_rows(path, columns):
@@ -172,11 +173,7 @@ def cmd_info(args):
 def cmd_stats(args):
     from fastlogits.stream import run
 
-    if args.per_row:
-        _check_per_row_path(args.per_row)
-    src = _open(args)
-    if args.per_row:
-        _check_not_input(args.per_row, src)
+    src = _open(args, args.per_row)
     labels = _load_labels(args.labels, src.rows) if args.labels else None
     bar = _Bar(src.rows, "stats")
     try:
@@ -232,9 +229,7 @@ def cmd_softmax(args):
 def cmd_topk(args):
     from fastlogits.stream import run
 
-    _check_per_row_path(args.output)
-    src = _open(args)
-    _check_not_input(args.output, src)
+    src = _open(args, args.output)
     bar = _Bar(src.rows, "topk")
     try:
         kw = {"k": args.k, "temperature": args.temperature, "threads": args.threads}
@@ -309,9 +304,7 @@ def cmd_demo(args):
 def cmd_sample(args):
     from fastlogits.ops.sampling import sample_source
 
-    _check_per_row_path(args.output)
-    src = _open(args)
-    _check_not_input(args.output, src)
+    src = _open(args, args.output)
     # a seed drawn here, not by sample(): the summary reports it, so the run can be repeated
     seed = secrets.randbits(64) if args.seed is None else args.seed
     bar = _Bar(src.rows, "sample")

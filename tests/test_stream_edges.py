@@ -1008,3 +1008,16 @@ def test_accumulator_sizes_are_checked_as_the_functions_check_them():
             make()
     with pytest.raises(TypeError, match="k must be a positive integer"):
         fl.top_k(np.zeros((2, 3)), 1.5)
+
+
+def test_every_source_gives_its_rows_in_blocks(tmp_path, rng):
+    """blocks(max_rows), the sources' documented way to be read in order, for each kind of source."""
+    x = rng.standard_normal((11, 7)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    x.tofile(tmp_path / "x.raw")
+    sources = [fl.open(tmp_path / "x.npy"), fl.open(tmp_path / "x.raw", dtype="float32", vocab=7),
+               fl.open(x), fl.open(iter([x[:4], x[4:]]))]
+    for src in sources:
+        got = [np.array(b) for b in src.blocks(3)]
+        assert all(1 <= b.shape[0] <= 3 for b in got), [b.shape for b in got]
+        np.testing.assert_array_equal(np.concatenate(got), x, err_msg=type(src).__name__)

@@ -313,15 +313,9 @@ def _lead(source, rows):
     return (rows,) if source.shape[0] is None else tuple(source.shape[:-1])
 
 
-class Progress:
-    """Counts rows and bytes; calls `callback(rows, nbytes)` after each block (the CLI's progress bar)."""
-
-    def __init__(self, callback=None):
-        self.callback = callback
-
-    def __call__(self, rows, nbytes):
-        if self.callback is not None:
-            self.callback(rows, nbytes)
+def no_progress(rows, nbytes):
+    """The default `progress`: a driver calls progress(rows, nbytes) after each block (the CLI shows a
+    bar)."""
 
 
 # ---- the row functions of a source ----------------------------------------------------------------------
@@ -362,7 +356,7 @@ def reduce(op, source, kw, memory=None, progress=None):
     if "k" in kw:
         kw["k"] = _check_k(kw["k"], source.V)
     temp = RowArg.temperature(kw.pop("temperature", 1.0), source)
-    progress = progress or Progress()
+    progress = progress or no_progress
     p = plan(source, memory)
     parts, rows = [], 0
     if p.rows:
@@ -422,7 +416,7 @@ def cross_entropy(source, labels, kw, memory=None, progress=None):
     check_reduction(reduction)
     temp = RowArg.temperature(kw.pop("temperature", 1.0), source)
     lab = RowArg.labels(labels, source, kw.get("ignore_index", -100))
-    progress = progress or Progress()
+    progress = progress or no_progress
     p = plan(source, memory)
     per_row, sums, rows = [], np.zeros(3), 0
     count = 0
@@ -474,7 +468,7 @@ def softmax(source, log, out, kw, memory=None, progress=None):
         dtype, argname = out.dtype, "out"   # as the in-memory maps: an out array sets the result's dtype
     out_name = dtype_name(dtype or source.dtype, argname)
     temp = RowArg.temperature(kw.pop("temperature", 1.0), source)
-    progress = progress or Progress()
+    progress = progress or no_progress
     if out is None:
         raise ValueError(f"{'log_softmax' if log else 'softmax'} of a source writes to out=: a path (.npy or "
                          "raw) or an array of the source's shape")
@@ -547,6 +541,13 @@ def _reads_file(source, path):
     return isinstance(array, np.ndarray) and _maps_file(array, path)
 
 
+def check_not_input(source, path):
+    """A ValueError if an output at `path` would be the file that `source` reads."""
+    if _reads_file(source, path):
+        raise ValueError(f"{path}: is the file being read; the results would replace the logits: write them "
+                         "to another file")
+
+
 class _Sink:
     """Where a streamed map writes: an array, or a file written under a temporary name and renamed when
     complete (see atomic_output)."""
@@ -577,9 +578,7 @@ class _Sink:
             self.result = out
         elif isinstance(out, (str, os.PathLike)):
             self.path = os.fspath(out)
-            if _reads_file(source, self.path):
-                raise ValueError(f"out={self.path!r} is the file being read: the result would replace the "
-                                 "logits; write it to another file")
+            check_not_input(source, self.path)
             self.npy = self.path.lower().endswith(".npy")
             self.lead = None if source.shape[0] is None else tuple(source.shape[:-1])
             self.result = self.path
@@ -706,7 +705,7 @@ def stats(source, labels=None, *, ignore_index=-100, temperature=1.0, softcap=No
     temp = RowArg.temperature(temperature, source)
     lab = None if labels is None else RowArg.labels(labels, source, ignore_index)
     common = {"softcap": softcap, "threads": threads, "chunk_size": chunk_size}
-    progress = progress or Progress()
+    progress = progress or no_progress
     p = plan(source, memory)
     nll, ent, top, rows = [], [], [], 0
     if p.rows:

@@ -49,10 +49,18 @@ class _Closing:
         self.close()
 
 
-class _FileSource(_Closing):
-    """Rows of a C-ordered array stored at `offset` in a file."""
+class _RandomAccess:
+    """A source with read(): its blocks are reads."""
 
     random_access = True
+
+    def blocks(self, max_rows):
+        for r0 in range(0, self.rows, max_rows):
+            yield self.read(r0, min(self.rows, r0 + max_rows))
+
+
+class _FileSource(_RandomAccess, _Closing):
+    """Rows of a C-ordered array stored at `offset` in a file."""
 
     def __init__(self, path, shape, dtype, offset, fmt, byteswap=False):
         self.path = os.fspath(path)
@@ -121,10 +129,6 @@ class _FileSource(_Closing):
         if self.byteswap:
             out.view(f"u{isz}").byteswap(inplace=True)   # a big-endian file, read into native order
         return out
-
-    def blocks(self, max_rows):
-        for r0 in range(0, self.rows, max_rows):
-            yield self.read(r0, min(self.rows, r0 + max_rows))
 
 
 def _bf16_redeclares(dt):
@@ -342,10 +346,9 @@ def _st_entry(path, key, info):
     return name, shape, b0, b1
 
 
-class ArraySource:
+class ArraySource(_RandomAccess):
     """Any sliceable array-like of shape (..., V): a NumPy array or memmap, an h5py dataset, a zarr array."""
 
-    random_access = True
     format = "array"
 
     def __init__(self, array, dtype=None):
@@ -394,10 +397,6 @@ class ArraySource:
         if self.dtype == "bfloat16" and block.dtype != BF16:
             block = as_bf16(block)
         return block.astype(_native(block.dtype), copy=False)
-
-    def blocks(self, max_rows):
-        for r0 in range(0, self.rows, max_rows):
-            yield self.read(r0, min(self.rows, r0 + max_rows))
 
 
 class IterSource:
