@@ -77,10 +77,19 @@ class _Bar:
 
 
 def _emit(args, summary, lines):
+    """The summary on standard output, or on standard error when the results went there (output -)."""
     if args.json:
         print(_json.dumps(summary, indent=1))
     else:
-        print("\n".join(lines))
+        print("\n".join(lines), file=sys.stderr if _results_on_stdout(args) else sys.stdout)
+
+
+def _where(path):
+    return "standard output" if path == "-" else path
+
+
+def _results_on_stdout(args):
+    return "-" in (getattr(args, "output", None), getattr(args, "per_row", None))
 
 
 _PER_ROW = (".npy", ".csv", ".jsonl")
@@ -100,22 +109,34 @@ def _binary_size(n):
 
 def _check_per_row_path(path):
     """Before the input is opened, not after the pass: the name's format and a place to write it."""
-    from fastlogits.stream.run import check_output_path
+    from fastlogits.stream.run import STDOUT, check_output_path
 
+    if path == STDOUT:
+        return
     if not path.lower().endswith(_PER_ROW):
-        raise ValueError(f"{path}: per-row output must end in .npy, .csv or .jsonl")
+        raise ValueError(f"{path}: per-row output must end in .npy, .csv or .jsonl (or be - for JSON lines "
+                         "on standard output)")
     check_output_path(path)
+
+
+def _json_lines(f, names, arrays):
+    for i in range(arrays[0].shape[0]):
+        f.write(_json.dumps({n: a[i] for n, a in zip(names, arrays)}) + "\n")
 
 
 def write_rows(path, columns):
     """Per-row results to .npy (a structured array), .csv or .jsonl, written under a temporary name and
-    renamed when complete."""
-    from fastlogits.stream.run import atomic_output
+    renamed when complete; or, for -, as JSON lines to standard output."""
+    from fastlogits.stream.run import STDOUT, atomic_output
 
     _check_per_row_path(path)
     names = list(columns)
     arrays = [np.asarray(columns[n]) for n in names]
     rows = arrays[0].shape[0]
+    if path == STDOUT:
+        _json_lines(sys.stdout, names, arrays)
+        sys.stdout.flush()
+        return
     with atomic_output(path) as tmp:
         if path.lower().endswith(".npy"):
             dt = [(n, a.dtype, a.shape[1:]) for n, a in zip(names, arrays)]
@@ -135,8 +156,7 @@ def write_rows(path, columns):
                     f.write(",".join(cells) + "\n")
         else:
             with open(tmp, "w") as f:
-                for i in range(rows):
-                    f.write(_json.dumps({n: a[i] for n, a in zip(names, arrays)}) + "\n")
+                _json_lines(f, names, arrays)
 
 
 def _load_labels(path, rows):
@@ -204,7 +224,7 @@ def cmd_stats(args):
         if labels is not None:
             cols.update({"label": labels, "nll": st["nll"], "correct": st["correct"]})
         write_rows(args.per_row, cols)
-        lines.append(f"  per-row results written to {args.per_row}")
+        lines.append(f"  per-row results written to {_where(args.per_row)}")
     _emit(args, summary, lines)
     return 0
 
@@ -221,8 +241,8 @@ def cmd_softmax(args):
         secs = bar.close()
     summary = {"input": args.input, "output": args.output, "rows": src.rows, "vocab": src.V,
                "seconds": secs, "GB/s": bar.nbytes / secs / 1e9 if secs else None}
-    _emit(args, summary, [f"wrote {args.output} ({'log-' if args.log else ''}softmax of {src.rows} rows) in "
-                          f"{secs:.2f} s"])
+    _emit(args, summary, [f"wrote {_where(args.output)} ({'log-' if args.log else ''}softmax of {src.rows} "
+                          f"rows) in {secs:.2f} s"])
     return 0
 
 
@@ -240,7 +260,7 @@ def cmd_topk(args):
     write_rows(args.output, {"ids": idx, "logprobs": lp})
     summary = {"input": args.input, "output": args.output, "rows": int(idx.shape[0]), "k": args.k,
                "seconds": secs}
-    _emit(args, summary, [f"wrote the top {args.k} tokens of {idx.shape[0]} rows to {args.output} in "
+    _emit(args, summary, [f"wrote the top {args.k} tokens of {idx.shape[0]} rows to {_where(args.output)} in "
                           f"{secs:.2f} s"])
     return 0
 
@@ -324,7 +344,8 @@ def cmd_sample(args):
         cols["rank"] = np.asarray(ranks).reshape(cols["token"].shape)
     write_rows(args.output, cols)
     summary = {"input": args.input, "output": args.output, "rows": rows, "seconds": secs, "seed": seed}
-    _emit(args, summary, [f"wrote {rows} sampled tokens to {args.output} in {secs:.2f} s (seed {seed})"])
+    _emit(args, summary, [f"wrote {rows} sampled tokens to {_where(args.output)} in {secs:.2f} s "
+                          f"(seed {seed})"])
     return 0
 
 
@@ -383,12 +404,13 @@ def build_parser():
                    help="the label of rows left out of NLL and accuracy (default: %(default)s)")
     s.add_argument("--temperature", type=float, default=1.0, help="divide the logits by T > 0 first")
     s.add_argument("--per-row", default=None, metavar="OUT",
-                   help="per-row results to OUT (.npy, .csv, .jsonl)")
+                   help="per-row results to OUT (.npy, .csv, .jsonl; -: JSON lines on standard output)")
     s.set_defaults(func=cmd_stats)
 
     m = sub.add_parser("softmax", help="softmax (or --log: log-softmax) of a dump, written to a file")
     _add_input(m)
-    m.add_argument("output", help="output: .npy, or raw rows for any other name")
+    m.add_argument("output", help="output: .npy, - for raw rows on standard output, or raw rows for any "
+                   "other name")
     _add_common(m)
     m.add_argument("--log", action="store_true", help="write log-softmax instead")
     m.add_argument("--temperature", type=float, default=1.0, help="divide the logits by T > 0 first")
@@ -398,7 +420,7 @@ def build_parser():
 
     k = sub.add_parser("topk", help="the k most likely tokens of each row with their log-probabilities")
     _add_input(k)
-    k.add_argument("output", help="output: .npy, .csv or .jsonl")
+    k.add_argument("output", help="output: .npy, .csv or .jsonl, or - for JSON lines on standard output")
     _add_common(k)
     k.add_argument("-k", type=_positive, default=5, help="tokens per row (default: %(default)s)")
     k.add_argument("--temperature", type=float, default=1.0, help="divide the logits by T > 0 first")
@@ -406,7 +428,7 @@ def build_parser():
 
     sm = sub.add_parser("sample", help="one token per row: temperature, top-k, top-p, min-p, seeded")
     _add_input(sm)
-    sm.add_argument("output", help="output: .npy, .csv or .jsonl")
+    sm.add_argument("output", help="output: .npy, .csv or .jsonl, or - for JSON lines on standard output")
     _add_common(sm)
     sm.add_argument("--temperature", type=float, default=1.0, help="divide the logits by T first; 0: greedy")
     sm.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0: all)")
@@ -469,7 +491,11 @@ def _sigterm_unwinds():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "json", False) and _results_on_stdout(args):
+        parser.error("--json prints the summary on standard output, where - sends the results: give an "
+                     "output file, or leave out --json (the summary then goes to standard error)")
     try:
         with _sigterm_unwinds():
             if args.backend is not None:

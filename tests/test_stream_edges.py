@@ -20,6 +20,7 @@ from fastlogits.ops._prep import BF16
 from fastlogits.stream import CrossEntropy, LogSumExp
 from fastlogits.stream.accumulators import Entropy, TopK
 from fastlogits.stream.sources import ArraySource, IterSource, SourceError, StdinSource
+from tests import reference as ref
 
 
 def _cli(*args, stdin=None):
@@ -1021,3 +1022,41 @@ def test_every_source_gives_its_rows_in_blocks(tmp_path, rng):
         got = [np.array(b) for b in src.blocks(3)]
         assert all(1 <= b.shape[0] <= 3 for b in got), [b.shape for b in got]
         np.testing.assert_array_equal(np.concatenate(got), x, err_msg=type(src).__name__)
+
+
+def test_cli_output_dash_is_standard_output(tmp_path, rng):
+    """An output named - goes to standard output (raw rows for softmax, JSON lines for per-row results),
+    the summary to standard error; it used to make a file named '-'."""
+    x = (rng.standard_normal((7, 20000)) * 3).astype(np.float32)
+    y = rng.integers(0, 20000, 7)
+    np.save(tmp_path / "x.npy", x)
+    x.tofile(tmp_path / "x.raw")
+    np.save(tmp_path / "y.npy", y)
+    for memory in ("256MiB", "64KiB"):       # rows in blocks, and rows wider than the budget
+        res = _cli("softmax", tmp_path / "x.npy", "-", "--log", "--memory", memory)
+        assert res.returncode == 0 and b"wrote standard output (log-softmax of 7 rows)" in res.stderr
+        got = np.frombuffer(res.stdout, np.float32).reshape(x.shape)
+        np.testing.assert_allclose(got, ref.log_softmax(x), rtol=0, atol=1e-5)
+        res = _cli("topk", tmp_path / "x.npy", "-", "-k", "3", "--memory", memory)
+        assert res.returncode == 0, res.stderr
+        lines = [json.loads(line) for line in res.stdout.decode().splitlines()]
+        lp, idx = ref.top_k_logprobs(x, 3)
+        assert [d["ids"] for d in lines] == idx.tolist()
+        np.testing.assert_allclose([d["logprobs"] for d in lines], lp, rtol=0, atol=1e-5)
+    res = _cli("stats", tmp_path / "x.npy", "--labels", tmp_path / "y.npy", "--per-row", "-")
+    assert res.returncode == 0 and b"mean NLL" in res.stderr
+    rows = [json.loads(line) for line in res.stdout.decode().splitlines()]
+    np.testing.assert_allclose([d["nll"] for d in rows], ref.cross_entropy(x, y, reduction="none"), rtol=1e-5)
+    res = _cli("sample", tmp_path / "x.npy", "-", "--seed", "5")
+    assert [json.loads(line)["token"] for line in res.stdout.decode().splitlines()] == \
+        fl.sample(x, seed=5).tolist()
+    assert not (tmp_path / "-").exists() and not os.path.exists("-")
+    # --json would share standard output with the results: refused before any work
+    assert "--json prints the summary on standard output" in _one_line(_cli("topk", tmp_path / "x.npy", "-",
+                                                                            "--json"), rc=2)
+    # standard output appended to the file being read
+    with open(tmp_path / "x.raw", "ab") as out:
+        res = subprocess.run([sys.executable, "-m", "fastlogits.cli", "softmax", str(tmp_path / "x.raw"), "-",
+                              "--dtype", "float32", "--vocab", "20000"], stdout=out, stderr=subprocess.PIPE)
+    assert res.returncode == 1 and b"standard output: is the file being read" in res.stderr
+    assert os.path.getsize(tmp_path / "x.raw") == x.nbytes

@@ -14,6 +14,7 @@ import os
 import queue
 import re
 import stat
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -541,16 +542,21 @@ def _reads_file(source, path):
     return isinstance(array, np.ndarray) and _maps_file(array, path)
 
 
+STDOUT = "-"        # an output of this name goes to standard output
+
+
 def check_not_input(source, path):
-    """A ValueError if an output at `path` would be the file that `source` reads."""
-    if _reads_file(source, path):
-        raise ValueError(f"{path}: is the file being read; the results would replace the logits: write them "
-                         "to another file")
+    """A ValueError if an output at `path` (STDOUT: standard output) would be the file that `source`
+    reads."""
+    stdout = path == STDOUT
+    if _reads_file(source, "/proc/self/fd/1" if stdout else path):
+        raise ValueError(f"{'standard output' if stdout else path}: is the file being read; the results "
+                         "would replace the logits: write them to another file")
 
 
 class _Sink:
-    """Where a streamed map writes: an array, or a file written under a temporary name and renamed when
-    complete (see atomic_output)."""
+    """Where a streamed map writes: an array, a file written under a temporary name and renamed when
+    complete (see atomic_output), or standard output (raw rows, as they come)."""
 
     def __init__(self, out, source, out_name):
         self.dtype = NP_DTYPES[out_name]
@@ -558,6 +564,7 @@ class _Sink:
         self.rows = 0
         self._array = self._out = None
         self._atomic = None
+        self.stdout = False
         if isinstance(out, np.ndarray):
             if (source.shape[0] is not None and out.shape != tuple(source.shape)) or out.ndim == 0 \
                     or out.shape[-1] != self.V:
@@ -580,6 +587,7 @@ class _Sink:
             self.path = os.fspath(out)
             check_not_input(source, self.path)
             self.npy = self.path.lower().endswith(".npy")
+            self.stdout = self.path == STDOUT
             self.lead = None if source.shape[0] is None else tuple(source.shape[:-1])
             self.result = self.path
         else:
@@ -590,7 +598,10 @@ class _Sink:
             raise TypeError(f"out must be a path or a NumPy array, got {type(out).__name__}{where}")
 
     def __enter__(self):
-        if self._out is None:
+        if self._out is None and self.stdout:
+            sys.stdout.flush()
+            self._f = sys.stdout.buffer
+        elif self._out is None:
             self._atomic = atomic_output(self.path)
             tmp = self._atomic.__enter__()
             self._f = open(tmp, "wb")  # noqa: SIM115 - closed in __exit__
@@ -620,6 +631,9 @@ class _Sink:
             if exc_type is None and self.rows != self._out_rows:
                 raise ValueError(f"out has {self._out_rows} rows, but the source had {self.rows}: the rest "
                                  "of out was not written")
+            return False
+        if self.stdout:
+            self._f.flush()
             return False
         try:
             if exc_type is None and self.npy and self.lead is None:
