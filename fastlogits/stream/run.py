@@ -604,10 +604,19 @@ class _Sink:
         elif self._out is None:
             self._atomic = atomic_output(self.path)
             tmp = self._atomic.__enter__()
-            self._f = open(tmp, "wb")  # noqa: SIM115 - closed in __exit__
-            if self.npy:
-                lead = self.lead if self.lead is not None else (0,)   # (0,): rewritten at the end
-                self._header_len = _write_npy_header(self._f, lead, self.V, self.dtype)
+            self._f = None
+            try:
+                self._f = open(tmp, "wb")  # noqa: SIM115 - closed in __exit__
+                if self.npy:
+                    lead = self.lead if self.lead is not None else (0,)   # (0,): rewritten at the end
+                    self._header_len = _write_npy_header(self._f, lead, self.V, self.dtype)
+            except BaseException as e:   # __exit__ will not run: leave no .partial file (a full disk, Ctrl-C)
+                try:
+                    if self._f is not None:
+                        self._f.close()
+                finally:
+                    self._atomic.__exit__(type(e), e, e.__traceback__)
+                raise
         return self
 
     def write(self, r0, c0, block):
