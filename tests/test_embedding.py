@@ -80,6 +80,11 @@ int main(int argc, char **argv) {
         fl_argmax_update_f32(&am2, r + c1, V - c1, c1);
         fl_argmax_update_f32(&am1, r, c1, 0);
         fl_argmax_merge(&am1, &am2);
+        fl_argmax_state bm1, bm2;                                  /* the same, merged the other way */
+        fl_argmax_init(&bm1); fl_argmax_init(&bm2);
+        fl_argmax_update_f32(&bm2, r + c1, V - c1, c1);
+        fl_argmax_update_f32(&bm1, r, c1, 0);
+        fl_argmax_merge(&bm2, &bm1);
         fl_ent_state e1, e2, e16, eb16, e64;                       /* entropy: two pieces, merged */
         fl_ent_init(&e1); fl_ent_init(&e2); fl_ent_init(&e16); fl_ent_init(&eb16); fl_ent_init(&e64);
         fl_ent_update_f32(&e2, r + c1, V - c1);
@@ -90,11 +95,11 @@ int main(int argc, char **argv) {
         fl_ent_update_f64(&e64, d + c2, V - c2);
         fl_ent_init(&e2); fl_ent_update_f64(&e2, d, c2);
         fl_ent_merge(&e64, &e2);
-        printf("%.17g %.17g %.17g %.17g %.17g %.17g %.17g %lld %lld %.17g %.17g %.17g %.17g\n",
+        printf("%.17g %.17g %.17g %.17g %.17g %.17g %.17g %lld %lld %.17g %.17g %.17g %.17g %lld\n",
                fl_lse_result(&w), fl_lse_result(&c), fl_lse_result(&s16), fl_lse_result(&sb16),
                fl_lse_result(&s64), fl_cross_entropy_f32(r, V, y[i]), fl_ce_result(&ce1),
                (long long)fl_argmax_f32(r, V), (long long)am1.index, fl_ent_result(&e1),
-               fl_ent_result(&e16), fl_ent_result(&eb16), fl_ent_result(&e64));
+               fl_ent_result(&e16), fl_ent_result(&eb16), fl_ent_result(&e64), (long long)bm2.index);
         free(h); free(bh); free(d);
     }
     printf("%d.%d %s\n", FASTLOGITS_VERSION_MAJOR, FASTLOGITS_VERSION_MINOR, fl_simd_path());
@@ -137,10 +142,12 @@ def test_header_compiles_warning_free_and_computes(tmp_path, rng, build):
             pytest.skip(f"no ThreadSanitizer runtime here: {probe.stderr.strip()[:200]}")
     warnings = _compile(CC, src, tmp_path / "prog", flags)
     assert warnings == ""
-    rows, V = 5, 4099
+    rows, V = 6, 4099
     x = _awkward_rows(rng, rows, V)
+    x[5, 10] = x[5, 3000] = np.nan  # NaN in both pieces: the first NaN wins, whichever way they merge
     y = rng.integers(0, V, rows)
     y[1] = 7  # a -inf label: loss inf
+    y[0] = V // 3  # the first column of the second piece
     x.tofile(tmp_path / "x.bin")
     y.astype(np.int64).tofile(tmp_path / "y.bin")
     out = subprocess.run(
@@ -164,6 +171,8 @@ def test_header_compiles_warning_free_and_computes(tmp_path, rng, build):
     np.testing.assert_allclose(vals[:, 6], ce, rtol=0, atol=tol)
     np.testing.assert_array_equal(vals[:, 7], ref.argmax(x))
     np.testing.assert_array_equal(vals[:, 8], ref.argmax(x))
+    np.testing.assert_array_equal(vals[:, 13], ref.argmax(x))
+    assert vals[5, 13] == 10
     ent = ref.entropy(x)
     np.testing.assert_allclose(vals[:, 9], ent, rtol=0, atol=tol)
     np.testing.assert_allclose(vals[[0, 1, 2], 10], ref.entropy(x16)[[0, 1, 2]], rtol=1e-6, atol=1e-5)
@@ -217,6 +226,11 @@ int main(void) {
     printf("%.17g\n", fl_lse_result(&s));
     fl_lse_init(&s); fl_lse_update_f64(&s, lo, 2); fl_lse_update_f32(&s, f, 2);
     printf("%.17g\n", fl_lse_result(&s));
+    /* a max that float holds only rounded (1e6 + 0.3: float's spacing there is 0.0625) */
+    double mid[1] = {1e6 + 0.3};
+    float near[2] = {1e6f, 1e6f + 0.0625f};
+    fl_lse_init(&s); fl_lse_update_f64(&s, mid, 1); fl_lse_update_f32(&s, near, 2);
+    printf("%.17g\n", fl_lse_result(&s));
     return 0;
 }
 """
@@ -234,6 +248,10 @@ def test_states_beyond_float_range_fold_float_data(tmp_path):
     assert got[0] == 1e300 + np.log(2) and got[1] == 1e300 + np.log(2)       # (ln 2 is below 1e300's ulp)
     want = np.log(np.exp(1.0) + 1.0)                                          # the -1e300 terms vanish
     assert got[2] == pytest.approx(want, rel=1e-6) and got[3] == pytest.approx(want, rel=1e-6)
+    # float data folded into a state whose max float rounds: its sum is rescaled from the rounded max
+    # (exact data, so only exp's rounding remains: 1e-9 here, against 0.01 without the rescaling)
+    want = 1e6 + float(np.log(np.exp(0.3) + 1.0 + np.exp(0.0625)))
+    assert abs(got[4] - want) < 1e-6
 
 
 @needs_cc
