@@ -21,14 +21,17 @@ import numpy as np
 
 import fastlogits as fl
 from fastlogits import _json
+from fastlogits.stream.run import STDOUT
 
 
-def _add_common(p, memory="256MiB", backend="backend (default: cpu)",
+def _add_common(p, default_memory="256MiB", memory=None, backend="backend (default: cpu)",
                 threads="CPU threads (default: all cores, or FASTLOGITS_NUM_THREADS)"):
+    """The options every command takes; memory, backend, threads: their help, for a command that uses
+    them otherwise (or not)."""
     p.add_argument("--backend", choices=["cpu", "gpu"], default=None, help=backend)
     p.add_argument("--threads", type=_positive, default=None, help=threads)
     p.add_argument("--memory", default=None,
-                   help=memory if " " in memory else f"memory budget, e.g. 256MiB (default: {memory})")
+                   help=memory or f"memory budget, e.g. 256MiB (default: {default_memory})")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on standard output")
 
 
@@ -85,11 +88,11 @@ def _emit(args, summary, lines):
 
 
 def _where(path):
-    return "standard output" if path == "-" else path
+    return "standard output" if path == STDOUT else path
 
 
 def _results_on_stdout(args):
-    return "-" in (getattr(args, "output", None), getattr(args, "per_row", None))
+    return STDOUT in (getattr(args, "output", None), getattr(args, "per_row", None))
 
 
 _PER_ROW = (".npy", ".csv", ".jsonl")
@@ -109,7 +112,7 @@ def _binary_size(n):
 
 def _check_per_row_path(path):
     """Before the input is opened, not after the pass: the name's format and a place to write it."""
-    from fastlogits.stream.run import STDOUT, check_output_path
+    from fastlogits.stream.run import check_output_path
 
     if path == STDOUT:
         return
@@ -127,7 +130,7 @@ def _json_lines(f, names, arrays):
 def write_rows(path, columns):
     """Per-row results to .npy (a structured array), .csv or .jsonl, written under a temporary name and
     renamed when complete; or, for -, as JSON lines to standard output."""
-    from fastlogits.stream.run import STDOUT, atomic_output
+    from fastlogits.stream.run import atomic_output
 
     _check_per_row_path(path)
     names = list(columns)
@@ -384,7 +387,7 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="write a synthetic dump with labels and stream it: NLL, perplexity, ...")
-    _add_common(d, memory=DEMO_MEMORY)
+    _add_common(d, default_memory=DEMO_MEMORY)
     d.add_argument("--rows", type=_positive, default=2048, help="rows of the dump (default: %(default)s)")
     d.add_argument("--vocab", type=_positive, default=32000, help="its vocabulary (default: %(default)s)")
     d.add_argument("--seed", type=int, default=0, help="seed of the synthetic logits (default: %(default)s)")
