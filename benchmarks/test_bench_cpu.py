@@ -49,6 +49,25 @@ def test_softmax_fastlogits(benchmark, data, threads):
     np.testing.assert_allclose(got[:4].astype(np.float64), ref.softmax(x[:4]), rtol=1e-4, atol=1e-12)
 
 
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("threads", [1, None], ids=["1thread", "allthreads"])
+def test_map_into_out_fastlogits(benchmark, data, threads, log):
+    """Into a given out= (no page faults): the peers are torch's out= and NumPy's multiply into out."""
+    x, _ = data
+    out = np.empty_like(x)
+    benchmark(fl.log_softmax if log else fl.softmax, x, out=out, threads=threads)
+    want = (ref.log_softmax if log else ref.softmax)(x[:4])
+    np.testing.assert_allclose(out[:4].astype(np.float64), want, rtol=1e-4, atol=1e-5 if log else 1e-12)
+
+
+def test_multiply_into_out_numpy(benchmark, data):
+    """A read and a write of the array: the floor for a map into out= (one thread)."""
+    x, _ = data
+    out = np.empty_like(x)
+    benchmark(np.multiply, x, np.float32(1.5), out=out)
+    np.testing.assert_array_equal(out[:4], x[:4] * np.float32(1.5))
+
+
 def test_logsumexp_scipy(benchmark, data):
     sp = pytest.importorskip("scipy.special")
     x, _ = data
@@ -89,6 +108,16 @@ def test_cross_entropy_torch(benchmark, data, torch_threads):
     x, y = data
     t, ty = torch_threads.from_numpy(x), torch_threads.from_numpy(y)
     _check(benchmark(torch_threads.nn.functional.cross_entropy, t, ty).numpy(), ref.cross_entropy(x, y))
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_map_into_out_torch(benchmark, data, torch_threads, log):
+    x, _ = data
+    t, out = torch_threads.from_numpy(x), torch_threads.empty(x.shape)
+    benchmark(torch_threads.log_softmax if log else torch_threads.softmax, t, -1, out=out)
+    want = (ref.log_softmax if log else ref.softmax)(x[:4])
+    got = out[:4].numpy().astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 if log else 1e-12)
 
 
 def test_softmax_torch(benchmark, data, torch_threads):
