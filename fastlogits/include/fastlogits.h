@@ -269,10 +269,10 @@ static inline void fl__dist_merge(double *d, double *w, double m, double d2, dou
 /* ------------------------------------------------------------------------------------------------ */
 
 /* n = k - magic: the integer to which adding the rounding constant `magic` (1.5 * 2^23 or 1.5 * 2^52,
- * plus a bias) rounded k. Where arithmetic carries excess precision (x87: FLT_EVAL_METHOD 2, and GNU C and C++ do
- * not round at assignments by default), k was never rounded to the format, so n is taken from k's bits
- * (a store to memory rounds): k and magic lie in one binade whose ulp is 1. Elsewhere (SSE, NEON) the
- * plain difference, which vectorizes everywhere. */
+ * plus a bias) rounded k. Where arithmetic carries excess precision (x87: FLT_EVAL_METHOD 2, and GNU C
+ * and C++ do not round at assignments by default), k was never rounded to the format, so n is taken from
+ * k's bits (a store to memory rounds): k and magic lie in one binade whose ulp is 1. Elsewhere (SSE,
+ * NEON) the plain difference, which vectorizes everywhere. */
 #if defined(__FLT_EVAL_METHOD__) && __FLT_EVAL_METHOD__ != 0
 #define FL__N32(k, magic) ((float)(int32_t)(fl__bits_from_f32(k) - fl__bits_from_f32(magic)))
 #define FL__N64(k, magic) ((double)(int64_t)(fl__bits_from_f64(k) - fl__bits_from_f64(magic)))

@@ -41,11 +41,12 @@
  * Public entry points: fl_philox4x32_10 (Random123's function), fl_rng_make / fl_rng_word /
  * fl_rng_gumbel (the noise of one token, as the sampler computes it), and fl_row_sample_{f32,f64} (one row
  * of any dtype and stride, see fl_row; parameters in fl_sample_params, per-thread scratch in
- * fl_sample_scratch; a chunk longer than the row counts as the row's length). A row without top-k can also be drawn in parts:
- * fl_row_sample_setup_{f32,f64} once, then fl_row_gumbel_{f32,f64} over column ranges (on several threads),
- * the ranges' best keys merged (the lower index on ties), and fl_row_rank_mass / fl_sample_logprob for the
- * log-probabilities (fastlogits/cpu/_sample.pyx does so). Define FL_COUNT_EXACT to a statement before
- * including fastlogits.h to count the exact noise evaluations (instrumentation).
+ * fl_sample_scratch; a chunk longer than the row counts as the row's length). A row without top-k can
+ * also be drawn in parts: fl_row_sample_setup_{f32,f64} once, then fl_row_gumbel_{f32,f64} over column
+ * ranges (on several threads), the ranges' best keys merged (the lower index on ties), and
+ * fl_row_rank_mass / fl_sample_logprob for the log-probabilities (fastlogits/cpu/_sample.pyx does so).
+ * Define FL_COUNT_EXACT to a statement before including fastlogits.h to count the exact noise
+ * evaluations (instrumentation).
  */
 #ifndef FLS_T
 #ifndef FL_COUNT_EXACT
