@@ -200,8 +200,9 @@ def main(args):
         print(f"  {r['op']:14s} {r['dtype']:9s} threads={r['threads']} {r['library']:18s} "
               f"{r['GB/s']:7.2f} GB/s", file=sys.stderr)
 
-    if args.backend == "gpu" and _no_gpu_timing() is not None:
-        raise RuntimeError(f"bench --backend gpu: {_no_gpu_timing()}")
+    why = _no_gpu_timing() if args.backend == "gpu" else None
+    if why is not None:
+        raise RuntimeError(f"bench --backend gpu: {why}")
     results = []
     if args.backend != "gpu":
         results = run(rows=args.rows, vocab=args.vocab, ops=args.ops, dtypes=args.dtypes,

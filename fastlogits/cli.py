@@ -129,10 +129,10 @@ def _json_lines(f, names, arrays):
 
 def write_rows(path, columns):
     """Per-row results to .npy (a structured array), .csv or .jsonl, written under a temporary name and
-    renamed when complete; or, for -, as JSON lines to standard output."""
+    renamed when complete; or, for -, as JSON lines to standard output. (The name was checked by _open,
+    before the input was read.)"""
     from fastlogits.stream.run import atomic_output
 
-    _check_per_row_path(path)
     names = list(columns)
     arrays = [np.asarray(columns[n]) for n in names]
     rows = arrays[0].shape[0]
