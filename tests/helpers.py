@@ -1,5 +1,7 @@
 """Shared helpers: dtypes, memory layouts, awkward rows, one checker per function vs the reference."""
 
+from pathlib import Path
+
 import ml_dtypes
 import numpy as np
 
@@ -340,3 +342,12 @@ def check(name, x, *, k=None, labels=None, softcap=None, temperature=1.0, what="
     else:
         raise ValueError(name)
     return got
+
+
+def cpu_flags():
+    """This CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((ln.split(":")[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))

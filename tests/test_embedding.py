@@ -14,6 +14,7 @@ import pytest
 
 import fastlogits as fl
 from tests import reference as ref
+from tests.helpers import cpu_flags
 
 CC = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
@@ -182,16 +183,8 @@ def test_header_compiles_warning_free_and_computes(tmp_path, rng, build):
     assert abs(vals[3, 9] - np.log(V)) < 1e-9 and vals[2, 9] < 1e-6   # tied: log V; one dominant: 0
 
 
-def _cpu_flags():
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return set(next((ln.split(":")[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
-
-
 @needs_cc
-@pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"} <= _cpu_flags(),
+@pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"} <= cpu_flags(),
                     reason="needs an x86-64 CPU with AVX-512 to run all three builds")
 @pytest.mark.parametrize("flags, path", [([], None), (["-DFL_NO_MULTIVERSION"], "baseline"),
                                          (["-DFL_NO_MULTIVERSION", "-mavx2", "-mfma"], "avx2"),

@@ -3,6 +3,7 @@ Hugging Face's filter semantics and test vectors, reproducibility (threads, chun
 the documented random-number scheme (an independent NumPy Philox), edge rows and argument errors."""
 
 import os
+import platform
 
 import ml_dtypes
 import numpy as np
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastlogits.ops.sampling import beam_search_step, sample
+from tests.helpers import cpu_flags
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 P_MIN = 1e-4          # chi-square p-value below which a test fails
@@ -762,6 +764,87 @@ def test_c_api_top_p_of_a_row_shorter_than_the_chunk(tmp_path, rng):
         seed = int(rng.integers(2**63))
         st, tok, _ = draw(x, seed, 1.0, 0.9)
         assert st == 0 and tok == sample(x[None], top_p=0.9, seed=[seed])[0]
+
+
+PHILOX_WORDS = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include "fastlogits.h"
+/* argv: seed, row, sample, V, the row's file (float32), then block numbers. Prints the 64 stream-0 words
+   of each block as the sampler makes them, then the token fl_row_sample_f32 draws from the row. */
+int main(int argc, char **argv) {
+    uint64_t seed = strtoull(argv[1], NULL, 10), row = strtoull(argv[2], NULL, 10);
+    fl_rng g = fl_rng_make(seed, row, (uint32_t)atol(argv[3]));
+    long V = atol(argv[4]), chunk = 4096;
+    uint32_t w[64];
+    for (int a = 6; a < argc; a++) {
+        fl__philox_block(w, (uint32_t)(16 * strtoull(argv[a], NULL, 10)), &g);
+        for (int j = 0; j < 64; j++) printf("%u ", w[j]);
+        printf("\n");
+    }
+    float *x = malloc(sizeof(float) * V);
+    FILE *f = fopen(argv[5], "rb");
+    if (!f || fread(x, sizeof(float), V, f) != (size_t)V) return 3;
+    fclose(f);
+    fl_sample_scratch sc = {malloc(8 * chunk), NULL, NULL, NULL, NULL, NULL};
+    fl_sample_params p = {seed, row, 0, 1.0, 0.0, 1, 0};
+    fl_row r = {(const char *)x, V, 4, FL_F32, 1.0, 0.0};
+    int64_t tok = -1;
+    int st = fl_row_sample_f32(&r, &p, chunk, &sc, &tok, NULL, NULL);
+    printf("%d %lld\n", st, (long long)tok);
+    return 0;
+}
+"""
+
+_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+_V4 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi2", "movbe"}
+
+
+@pytest.mark.parametrize("flags, needs", [
+    ([], set()),                                                   # the dispatch: this CPU's path
+    (["-DFL_NO_MULTIVERSION"], set()),                             # SSE2 intrinsics (x86-64)
+    (["-DFL_NO_MULTIVERSION", "-mavx2"], {"avx2"}),                # AVX2 intrinsics
+    (["-DFL_NO_MULTIVERSION", "-march=x86-64-v4"], _V4),           # the portable lanes as AVX-512
+    (["-DFL_NO_INTRINSICS"], set()),                               # the portable lanes' clones
+    (["-DFL_NO_INTRINSICS", "-DFL_NO_MULTIVERSION"], set()),       # the portable lanes, baseline
+], ids=["dispatch", "sse2", "avx2", "x86-64-v4", "portable-dispatch", "portable"])
+def test_philox_words_of_every_code_path(tmp_path, rng, flags, needs):
+    """Philox's block words (the sampler's noise) from each code path the header has (SSE2 and AVX2
+    intrinsics, the portable vector lanes), compiled warning-free, against the NumPy generator, and the
+    token a row draws against the Python package's."""
+    import shutil
+    import subprocess
+
+    import fastlogits
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    if any(f.startswith("-m") for f in flags) and not _X86_64:
+        pytest.skip("x86-64 flags")
+    if not needs <= cpu_flags():
+        pytest.skip(f"this CPU lacks {sorted(needs - cpu_flags())}")
+    (tmp_path / "w.c").write_text(PHILOX_WORDS)
+    subprocess.run([cc, "-O2", "-std=c99", "-Wall", "-Wextra", "-Werror", *flags, "-I",
+                    fastlogits.get_include(), str(tmp_path / "w.c"), "-o", str(tmp_path / "w"),
+                    "-lm"], check=True)
+    V = 3000
+    x = (rng.standard_normal(V) * 2).astype(np.float32)
+    x.tofile(tmp_path / "x.bin")
+    blocks = [0, 1, 46, int(rng.integers(2**28)), 2**28 - 1]       # counters up to 2^32 - 1
+    for seed, row, s in [(0, 0, 0), (int(rng.integers(2**64, dtype=np.uint64)), 2**33 + 5, 7),
+                         (2**64 - 1, 2**32 - 1, 2**32 - 1)]:
+        args = [seed, row, s, V, tmp_path / "x.bin", *blocks]
+        out = subprocess.run([str(tmp_path / "w"), *map(str, args)], capture_output=True, text=True,
+                             check=True).stdout.split("\n")
+        for b, line in zip(blocks, out):
+            want = np_philox(16 * b + np.arange(16), s, row & 0xFFFFFFFF, (row >> 32) << 1, seed & 0xFFFFFFFF,
+                             seed >> 32)
+            assert [int(v) for v in line.split()] == want.ravel().tolist(), (b, seed, row, s)
+        st, tok = (int(v) for v in out[len(blocks)].split())         # (sample 0 of the row)
+        assert st == 0 and tok == int(np.argmax(x + np_gumbel(seed, row, 0, np.arange(V))[2]))
+        if row == 0:
+            assert tok == sample(x[None], seed=[seed])[0]
 
 
 # ------------------------------------------------------------------------------------------------------

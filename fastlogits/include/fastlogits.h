@@ -17,7 +17,8 @@
  *      (target_clones), so the includer's target flags do not matter. IEEE semantics do: GCC's fast-math
  *      and finite-math-only options drop the NaN and inf checks (the header warns when the compiler says
  *      they are on), and x87 math (-mfpmath=387) needs -fexcess-precision=standard for exp's
- *      add-and-subtract rounding;
+ *      add-and-subtract rounding. The sampler's generator (Philox) uses SSE2 or AVX2 intrinsics on
+ *      x86-64, where the vectorizer misses its 32 x 32 -> 64-bit multiplies (FL_NO_INTRINSICS: none);
  *   3. the public API (below), and row drivers that read any dtype and stride, apply softcap and
  *      temperature, and fold.
  *
@@ -53,6 +54,15 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+
+/* x86-64 intrinsics: SSE2 and AVX2 code for Philox's 32 x 32 -> 64-bit multiplies (see fl__philox_block
+ * in fastlogits_sample.h). Define FL_NO_INTRINSICS before including fastlogits.h for portable C only. */
+#if !defined(FL_NO_INTRINSICS) && (defined(__x86_64__) || defined(_M_X64))
+#include <immintrin.h>
+#define FL_X86_INTRINSICS 1
+#else
+#define FL_X86_INTRINSICS 0
+#endif
 
 #if defined(__FAST_MATH__) || (defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__)
 #warning "fastlogits.h needs NaN and inf: under fast-math or finite-math-only options, rows holding them give wrong results"
@@ -92,6 +102,13 @@ extern "C" {
 #else
 #define FL_MULTIVERSION
 #define FL_HAVE_MULTIVERSION 0
+#endif
+/* A function for AVX2 CPUs only, which the dispatch calls on them; single-version builds compile one only
+ * when their flags allow AVX2. */
+#if FL_HAVE_MULTIVERSION
+#define FL_TARGET_AVX2 __attribute__((target("avx2")))
+#else
+#define FL_TARGET_AVX2
 #endif
 
 /* The inner loops over FL_LANES lanes are what the vectorizer turns into vector instructions; complete
