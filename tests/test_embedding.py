@@ -229,6 +229,92 @@ int main(void) {
 """
 
 
+CONVERSIONS = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include "fastlogits.h"
+/* argv: n, a file of n float32, a file of n uint16. Writes the halves' floats (fl_load_f16) and the floats'
+   halves (fl_store_f16), then the same by bfloat16, each converted at an odd offset too (vector tails). */
+int main(int argc, char **argv) {
+    if (argc != 4) return 2;
+    long n = atol(argv[1]);
+    float *f = malloc(4 * n), *fo = malloc(4 * n);
+    uint16_t *h = malloc(2 * n), *ho = malloc(2 * n);
+    FILE *a = fopen(argv[2], "rb"), *b = fopen(argv[3], "rb");
+    if (!a || !b || fread(f, 4, n, a) != (size_t)n || fread(h, 2, n, b) != (size_t)n) return 3;
+    fl_load_f16(fo, h, 3); fl_load_f16(fo + 3, h + 3, n - 3);
+    fwrite(fo, 4, n, stdout);
+    fl_store_f16(ho, f, 5); fl_store_f16(ho + 5, f + 5, n - 5);
+    fwrite(ho, 2, n, stdout);
+    fl_load_bf16(fo, h, 3); fl_load_bf16(fo + 3, h + 3, n - 3);
+    fwrite(fo, 4, n, stdout);
+    fl_store_bf16(ho, f, 5); fl_store_bf16(ho + 5, f + 5, n - 5);
+    fwrite(ho, 2, n, stdout);
+    return 0;
+}
+"""
+
+
+@needs_cc
+@pytest.mark.parametrize("flags, needs", [
+    ([], set()),                                                   # the dispatch: F16C on x86-64-v3
+    (["-DFL_NO_MULTIVERSION"], set()),                             # the portable loops (baseline x86-64)
+    (["-DFL_NO_MULTIVERSION", "-mavx2", "-mf16c"], {"avx2", "f16c"}),
+    (["-DFL_NO_INTRINSICS"], set()),
+], ids=["dispatch", "portable-baseline", "f16c", "portable-dispatch"])
+def test_array_conversions_of_every_code_path(tmp_path, rng, flags, needs):
+    """fl_load_f16/fl_store_f16 (F16C or portable) and the bfloat16 pair, compiled at -O2 (where GCC
+    vectorizes less) on every half and bfloat16 value and on floats around every half (ties, overflow,
+    subnormals, NaN), bit for bit against NumPy and ml_dtypes: round to nearest even; a half NaN comes in
+    quiet with its payload (as F16C gives it), a NaN goes out as the quiet half NaN 0x7e00 with its sign
+    (a bfloat16 NaN out: any NaN)."""
+    import platform
+
+    import ml_dtypes
+
+    if any(f.startswith("-m") for f in flags) and platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("x86-64 flags")
+    if not needs <= cpu_flags():
+        pytest.skip(f"this CPU lacks {sorted(needs - cpu_flags())}")
+    src = tmp_path / "c.c"
+    src.write_text(CONVERSIONS)
+    _compile(CC, src, tmp_path / "c", ["-O2", "-std=c99", "-Wall", "-Wextra", "-Werror", *flags])
+    halves = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    hf = halves.view(np.float16).astype(np.float32)
+    # floats around every half: itself, one float ulp either side, the midpoints to the next half and
+    # one ulp either side of those; random bit patterns (NaNs with payloads included); beyond the range
+    with np.errstate(invalid="ignore", over="ignore"):
+        up = np.nextafter(hf, np.float32(np.inf))
+        down = np.nextafter(hf, np.float32(-np.inf))
+        mid = ((hf.astype(np.float64) + np.roll(hf, -1).astype(np.float64)) / 2).astype(np.float32)
+        bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+        edges = np.float32([65504, 65519.996, 65520, 1e5, np.inf, -np.inf, 2**-25, 2**-24, 3e-8])
+        floats = np.concatenate([hf, up, down, mid, np.nextafter(mid, np.float32(np.inf)),
+                                 np.nextafter(mid, np.float32(-np.inf)), bits.view(np.float32), edges])
+    n = floats.size
+    h_in = np.resize(halves, n)
+    floats.tofile(tmp_path / "f.bin")
+    h_in.tofile(tmp_path / "h.bin")
+    out = subprocess.run([tmp_path / "c", str(n), tmp_path / "f.bin", tmp_path / "h.bin"],
+                         capture_output=True, check=True).stdout
+    o = [n * 4, n * 2, n * 4, n * 2]
+    parts = np.split(np.frombuffer(out, np.uint8), np.cumsum(o)[:-1])
+    load16, store16 = parts[0].view(np.uint32), parts[1].view(np.uint16)
+    loadbf, storebf = parts[2].view(np.uint32), parts[3].view(np.uint16)
+    want = h_in.view(np.float16).astype(np.float32).view(np.uint32)        # NaNs made quiet, payload kept
+    np.testing.assert_array_equal(load16, np.where(np.isnan(h_in.view(np.float16)), want | 0x400000, want))
+    np.testing.assert_array_equal(loadbf, h_in.astype(np.uint32) << 16)
+    nan = np.isnan(floats)
+    sign = (floats.view(np.uint32) >> 16).astype(np.uint16) & 0x8000
+    with np.errstate(invalid="ignore", over="ignore"):
+        want16 = floats.astype(np.float16).view(np.uint16)
+        wantbf = floats.astype(ml_dtypes.bfloat16).view(np.uint16)
+    np.testing.assert_array_equal(store16[~nan], want16[~nan])
+    np.testing.assert_array_equal(store16[nan], 0x7E00 | sign[nan])
+    np.testing.assert_array_equal(storebf[~nan], wantbf[~nan])
+    assert np.all(np.isnan(storebf[nan].view(ml_dtypes.bfloat16)))
+
+
 @needs_cc
 def test_states_beyond_float_range_fold_float_data(tmp_path):
     """A state whose max float cannot hold (made from float64 data, or merged from elsewhere) folds float
