@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -313,6 +314,36 @@ def test_array_conversions_of_every_code_path(tmp_path, rng, flags, needs):
     np.testing.assert_array_equal(store16[nan], 0x7E00 | sign[nan])
     np.testing.assert_array_equal(storebf[~nan], wantbf[~nan])
     assert np.all(np.isnan(storebf[nan].view(ml_dtypes.bfloat16)))
+
+
+CONSTANT_SIZES = r"""
+#include <stdio.h>
+#include "fastlogits.h"
+/* arrays of a size known at compile time: GCC's loop-bound analysis of the inlined, constant-propagated
+   loops warned (-Waggressive-loop-optimizations, on by default) on an F16C tail loop */
+int main(void) {
+    static float f[4096]; static uint16_t h[4096], b[4096];
+    fl_lse_state s;
+    for (int i = 0; i < 4096; i++) f[i] = (float)i / 512.0f;
+    fl_store_f16(h, f, 4096); fl_store_bf16(b, f, 4096);
+    fl_load_f16(f, h, 4096); fl_load_bf16(f, b, 4096);
+    fl_lse_init(&s); fl_lse_update_f16(&s, h, 4096); fl_lse_update_bf16(&s, b, 4096);
+    printf("%.6f\n", fl_lse_result(&s));
+    return 0;
+}
+"""
+
+
+@needs_cc
+@pytest.mark.parametrize("opt", ["-O2", "-O3"])
+def test_header_warning_free_with_constant_sizes(tmp_path, opt):
+    src = tmp_path / "k.c"
+    src.write_text(CONSTANT_SIZES)
+    _compile(CC, src, tmp_path / "k", [opt, "-std=c99", "-Wall", "-Wextra", "-Werror"])
+    got = float(subprocess.run([tmp_path / "k"], capture_output=True, text=True, check=True).stdout)
+    x = (np.arange(4096) / 512.0).astype(np.float32)
+    want = np.logaddexp(ref.logsumexp(x.astype(np.float16)), ref.logsumexp(x.astype(ml_dtypes.bfloat16)))
+    assert got == pytest.approx(float(want), rel=1e-6)
 
 
 @needs_cc

@@ -17,8 +17,9 @@
  *      (target_clones), so the includer's target flags do not matter. IEEE semantics do: GCC's fast-math
  *      and finite-math-only options drop the NaN and inf checks (the header warns when the compiler says
  *      they are on), and x87 math (-mfpmath=387) needs -fexcess-precision=standard for exp's
- *      add-and-subtract rounding. The sampler's generator (Philox) uses SSE2 or AVX2 intrinsics on
- *      x86-64, where the vectorizer misses its 32 x 32 -> 64-bit multiplies (FL_NO_INTRINSICS: none);
+ *      add-and-subtract rounding. Intrinsics serve where the vectorizer falls short, on x86-64 only
+ *      (FL_NO_INTRINSICS: none): SSE2 or AVX2 for the sampler's generator (Philox), whose 32 x 32 -> 64-bit
+ *      multiplies it misses, and F16C for float16 arrays;
  *   3. the public API (below), and row drivers that read any dtype and stride, apply softcap and
  *      temperature, and fold.
  *
@@ -56,7 +57,8 @@
 #include <string.h>
 
 /* x86-64 intrinsics: SSE2 and AVX2 code for Philox's 32 x 32 -> 64-bit multiplies (see fl__philox_block
- * in fastlogits_sample.h). Define FL_NO_INTRINSICS before including fastlogits.h for portable C only. */
+ * in fastlogits_sample.h), F16C for float16 arrays (fl_load_f16). Define FL_NO_INTRINSICS before
+ * including fastlogits.h for portable C only. */
 #if !defined(FL_NO_INTRINSICS) && (defined(__x86_64__) || defined(_M_X64))
 #include <immintrin.h>
 #define FL_X86_INTRINSICS 1
@@ -103,8 +105,8 @@ extern "C" {
 #define FL_MULTIVERSION
 #define FL_HAVE_MULTIVERSION 0
 #endif
-/* A function for AVX2 CPUs only, which the dispatch calls on them; single-version builds compile one only
- * when their flags allow AVX2. */
+/* Functions for AVX2 (and F16C) CPUs only, which the dispatch calls on them; single-version builds compile
+ * them only when their flags allow those instructions. */
 #if FL_HAVE_MULTIVERSION
 #define FL_TARGET_AVX2 __attribute__((target("avx2")))
 #define FL_TARGET_AVX2_F16C __attribute__((target("avx2,f16c")))
@@ -472,20 +474,23 @@ FL_MULTIVERSION static FL_UNUSED void fl_store_bf16(uint16_t *dst, const float *
 #if FL_X86_INTRINSICS && (FL_HAVE_MULTIVERSION || (defined(__F16C__) && defined(__AVX2__)))
 #define FL_HAVE_F16C 1
 FL_TARGET_AVX2_F16C static FL_UNUSED void fl__load_f16_f16c(float *dst, const uint16_t *src, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(src + i))));
+    int64_t i, nv = n - n % 8;
+    for (i = 0; i < nv; i += 8) {
+        __m128i h = _mm_loadu_si128((const __m128i *)(const void *)(src + i));
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+    }
     for (; i < n; i++) dst[i] = fl_f16_to_f32(src[i]);
 }
 
 FL_TARGET_AVX2_F16C static FL_UNUSED void fl__store_f16_f16c(uint16_t *dst, const float *src, int64_t n) {
     const __m256i sign = _mm256_set1_epi32((int)0x80000000u), qnan = _mm256_set1_epi32(0x7e00);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
+    int64_t i, nv = n - n % 8;
+    for (i = 0; i < nv; i += 8) {
         __m256 v = _mm256_loadu_ps(src + i);
         __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
         /* NaN lanes: the quiet NaN with the value's sign, in 32-bit lanes, packed like the others */
-        __m256i q = _mm256_or_si256(qnan, _mm256_srli_epi32(_mm256_and_si256(_mm256_castps_si256(v), sign), 16));
+        __m256i vs = _mm256_and_si256(_mm256_castps_si256(v), sign);
+        __m256i q = _mm256_or_si256(qnan, _mm256_srli_epi32(vs, 16));
         __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         __m256i hq = _mm256_packus_epi32(q, q);                      /* 16-bit q in each 128-bit half */
         __m256i nq = _mm256_packs_epi32(nan, nan);
