@@ -150,11 +150,12 @@ def test_maps_of_rows_wider_than_the_budget_from_read_once_sources(tmp_path, rng
            else iter([x[:2], x[2:]]))
     fn = fl.log_softmax if log else fl.softmax
     out = tmp_path / "o.npy"
+    old = fl.get_memory_budget()
     fl.set_memory_budget("64KiB")
     try:
         assert fn(src, out=out) == str(out)
     finally:
-        fl.set_memory_budget("256MiB")
+        fl.set_memory_budget(old)
     # the row's logsumexp is folded over column chunks: equal to the one-shot result up to rounding, an
     # absolute error for log-probabilities (a dominant token's, near 0, moves by an ulp of the sum's log)
     np.testing.assert_allclose(np.load(out), fn(x), rtol=2e-6, atol=2e-6 if log else 0)
@@ -795,11 +796,12 @@ def test_a_one_dimensional_array_like_indexed_by_slices_only(rng):
             return x[key]
 
     np.testing.assert_allclose(fl.logsumexp(Dataset()), fl.logsumexp(x), rtol=1e-6)
+    old = fl.get_memory_budget()
     fl.set_memory_budget("64KiB")                   # a row wider than the budget: column chunks
     try:
         np.testing.assert_allclose(fl.entropy(Dataset()), fl.entropy(x), rtol=1e-5)
     finally:
-        fl.set_memory_budget("256MiB")
+        fl.set_memory_budget(old)
 
 
 @pytest.mark.parametrize("budget", ["64KiB", "1MiB"])

@@ -23,9 +23,10 @@ V_WIDE = 20011        # float16 to float64 rows wider than a 64 KiB budget (odd:
 
 @pytest.fixture
 def small_budget():
+    old = fl.get_memory_budget()
     fl.set_memory_budget("64KiB")
     yield
-    fl.set_memory_budget("256MiB")
+    fl.set_memory_budget(old)
 
 
 @pytest.fixture
