@@ -239,7 +239,8 @@ def cmd_softmax(args):
     bar = _Bar(src.rows, "log_softmax" if args.log else "softmax")
     try:
         run.softmax(src, args.log, args.output, {"temperature": args.temperature, "dtype": args.out_dtype,
-                                                  "threads": args.threads}, memory=args.memory, progress=bar)
+                                                  "backend": args.backend, "threads": args.threads},
+                    memory=args.memory, progress=bar)
     finally:
         secs = bar.close()
     summary = {"input": args.input, "output": args.output, "rows": src.rows, "vocab": src.V,
@@ -255,7 +256,7 @@ def cmd_topk(args):
     src = _open(args, args.output)
     bar = _Bar(src.rows, "topk")
     try:
-        kw = {"k": args.k, "temperature": args.temperature, "threads": args.threads}
+        kw = {"k": args.k, "temperature": args.temperature, "backend": args.backend, "threads": args.threads}
         lp, idx = run.reduce("top_k_logprobs", src, kw, memory=args.memory, progress=bar)
     finally:
         secs = bar.close()
@@ -298,7 +299,7 @@ def cmd_demo(args):
         finally:
             secs = bar.close()
         k = min(5, vocab)
-        lp, top = fl.top_k_logprobs(src.read(0, 1), k, threads=args.threads)
+        lp, top = fl.top_k_logprobs(src.read(0, 1), k, backend=args.backend, threads=args.threads)
         size = os.path.getsize(path)
     mean_nll = float(np.mean(st["nll"]))
     summary = {"rows": rows, "vocab": vocab, "dtype": "bfloat16", "bytes": size,
@@ -501,11 +502,7 @@ def main(argv=None):
                      "output file, or leave out --json (the summary then goes to standard error)")
     try:
         with _sigterm_unwinds():
-            if args.backend is not None:
-                fl.set_backend(args.backend)
-            if args.memory is not None:
-                fl.set_memory_budget(args.memory)
-            return args.func(args)
+            return args.func(args)        # (each command passes --backend, --memory on: no global state)
     except KeyboardInterrupt:
         print(f"fastlogits {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -493,6 +493,29 @@ def test_cli_errors_on_one_line(tmp_path):
     assert "--dtype and --vocab" in _one_line(_cli("info", tmp_path / "r.bin"), 1)
 
 
+def test_cli_passes_backend_and_memory_on_and_leaves_the_process_alone(tmp_path, rng):
+    """Each command hands --backend and --memory to its own calls: main() changes no process-wide setting
+    (it called set_backend and set_memory_budget, which outlived it in a caller's process), and a command
+    whose help says it does not use --backend (info) runs with --backend gpu where there is no GPU."""
+    from fastlogits.cli import main
+
+    x = (rng.standard_normal((5, 300)) * 3).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    before = (fl.get_backend(), fl.get_memory_budget())
+    assert main(["softmax", str(tmp_path / "x.npy"), str(tmp_path / "p.npy"), "--backend", "cpu",
+                 "--memory", "64KiB"]) == 0
+    assert main(["topk", str(tmp_path / "x.npy"), str(tmp_path / "t.npy"), "-k", "3", "--backend", "cpu",
+                 "--memory", "64KiB"]) == 0
+    assert (fl.get_backend(), fl.get_memory_budget()) == before
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), ref.softmax(x), rtol=2e-6, atol=1e-12)
+    np.testing.assert_array_equal(np.load(tmp_path / "t.npy")["ids"], np.argsort(-x, axis=1)[:, :3])
+    if fl._config.gpu_unavailable_reason() is not None:
+        assert main(["info", str(tmp_path / "x.npy"), "--backend", "gpu"]) == 0
+        res = _cli("topk", tmp_path / "x.npy", tmp_path / "g.npy", "-k", "3", "--backend", "gpu")
+        assert res.returncode == 1 and b"gpu" in res.stderr.lower(), res.stderr
+        assert not (tmp_path / "g.npy").exists()
+
+
 def test_cli_demo_with_a_tiny_vocabulary():
     res = _cli("demo", "--rows", "10", "--vocab", "3", "--json")
     assert res.returncode == 0, res.stderr

@@ -337,3 +337,27 @@ def test_streamed_statistics_follow_the_backend(gpu, rng, monkeypatch):
     for key in ("nll", "entropy"):
         np.testing.assert_allclose(got[key], want[key], rtol=2e-5, atol=2e-5, equal_nan=True, err_msg=key)
     np.testing.assert_array_equal(got["argmax"], want["argmax"])
+
+
+def test_cli_commands_run_on_the_backend_asked_for(gpu, tmp_path, rng, monkeypatch):
+    """softmax and topk with --backend gpu run their row blocks on the GPU (each command passes --backend
+    on to its calls; main() sets no process-wide backend any more), with the CPU's results."""
+    from fastlogits.cli import main
+
+    x = (rng.standard_normal((6, 50)) * 3).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    calls = []
+    for name in ("softmax", "top_k"):
+        real = getattr(gpu, name)
+        monkeypatch.setattr(gpu, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    src = str(tmp_path / "x.npy")
+    assert main(["softmax", src, str(tmp_path / "p.npy"), "--backend", "gpu"]) == 0
+    assert main(["topk", src, str(tmp_path / "t.npy"), "-k", "4", "--backend", "gpu"]) == 0
+    assert set(calls) == {"softmax", "top_k"}, calls
+    assert fl.get_backend() == "cpu"
+    want = fl.softmax(x, backend="cpu")
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), want, rtol=2e-5, atol=1e-7)
+    lp, idx = fl.top_k_logprobs(x, 4, backend="cpu")
+    t = np.load(tmp_path / "t.npy")
+    np.testing.assert_array_equal(t["ids"], idx)
+    np.testing.assert_allclose(t["logprobs"], lp, rtol=2e-5, atol=2e-5)
