@@ -32,6 +32,7 @@ def availability():
 def synchronize():
     """Wait for the GPU's queued work (fastlogits' calls on device arrays return without waiting), then
     raise what that work found: an IndexError for a device label out of range in an earlier
-    ``cross_entropy`` call of this thread (that call's loss is NaN). The next GPU call raises it too."""
+    ``cross_entropy`` call of this thread (that call's loss is NaN), or the ValueError for a row an earlier
+    ``sample`` call could not sample (its token is -1). The next GPU call raises it too."""
     from fastlogits.ops import _backend
     _backend.get("gpu").synchronize()

@@ -188,9 +188,9 @@ def as_rows(x, dtype):
     """logits as (x2d, lead, dtype name). A GPU array: x2d is a 2-D (rows, V) device array over the same
     memory (a device copy only when the leading axes cannot be merged), bfloat16 as its uint16 bits. A
     NumPy array (already checked by the ops layer): a 2-D view of it (a copy only where strides need it),
-    copied to the device later, in row blocks. Every GPU call starts here: a device label found out of
-    range by an earlier call is raised first (raise_label_errors)."""
-    raise_label_errors()
+    copied to the device later, in row blocks. Every GPU call starts here: bad input found on the device by
+    an earlier call is raised first (raise_device_errors)."""
+    raise_device_errors()
     if not is_device_array(x):
         x = np.asarray(x)
         name = "bfloat16" if x.dtype == BF16 else x.dtype.name
@@ -539,7 +539,7 @@ def cross_entropy_device(x, dtype, temperature, softcap, labels, ignore_index, w
     """Cross-entropy of device logits, all on the device with no wait for it (kernels.ce_reduce combines
     the per-row terms): the per-row loss for reduction "none", else a 1-element array holding the loss,
     of result_dtype (new device arrays). labels: from device_labels (read in place, checked on the
-    device: a label out of range makes the loss NaN and is reported by raise_label_errors later, naming
+    device: a label out of range makes the loss NaN and is reported by raise_device_errors later, naming
     it with ``lead``, the logits' leading shape), or checked int64 host labels."""
     rows = int(x.shape[0])
     if not is_device_array(labels):
@@ -558,63 +558,71 @@ def cross_entropy_device(x, dtype, temperature, softcap, labels, ignore_index, w
     code = {"none": K.CE_NONE, "mean": K.CE_MEAN, "sum": K.CE_SUM}[reduction]
     call = _label_call(lead, int(x.shape[1]), int(ignore_index))
     _launch(K.ce_reduce, 1)(labels, int(ignore_index), int(x.shape[1]), w, weight is not None, float(eps),
-                            float(z), nll, smooth, lse_, code, call, loss, total, _label_errors())
+                            float(z), nll, smooth, lse_, code, call, loss, total, _device_errors())
     return loss if per_row else total
 
 
-# ---- labels found out of range on the device, reported later (no wait in the call) ---------------------
+# ---- bad input found on the device, reported later (no wait in the call) ------------------------------
 
-LABEL_CALLS_KEPT = 1024
+ERROR_CALLS_KEPT = 1024
 
 
-def _label_errors():
-    """This thread's report of a device label out of range: (call, row, label), call -1 while there is
-    none, in mapped memory (written by ce_reduce, read here with no copy and no wait)."""
-    e = getattr(_local, "label_errors", None)
+def _device_errors():
+    """This thread's report of bad input found on the device: (call, row, value), call -1 while there is
+    none, in mapped memory (written by kernels, read here with no copy and no wait). A cross_entropy call
+    reports a label out of range (value: the label), a sample call a row it cannot sample (value: the
+    row's status)."""
+    e = getattr(_local, "device_errors", None)
     if e is None:
         e = cuda.mapped_array(3, np.int64, portable=True)      # (for every device of the process)
         e[0] = -1
-        _local.label_errors = e
+        _local.device_errors = e
     return e
 
 
-def _label_call(lead, V, ignore_index):
-    """A number for this cross-entropy call, kept with what its error message needs (the last
-    LABEL_CALLS_KEPT calls of this thread)."""
-    calls = getattr(_local, "label_calls", None)
+def _error_call(make):
+    """A number for this call, kept with make(row, value): the exception its report raises (the last
+    ERROR_CALLS_KEPT calls of this thread)."""
+    calls = getattr(_local, "error_calls", None)
     if calls is None:
-        calls = _local.label_calls = {}
+        calls = _local.error_calls = {}
         _local.next_call = 0
     n = _local.next_call
     _local.next_call = n + 1
-    calls[n] = (tuple(lead), V, ignore_index)
-    if len(calls) > LABEL_CALLS_KEPT:
+    calls[n] = make
+    if len(calls) > ERROR_CALLS_KEPT:
         del calls[next(iter(calls))]
     return n
 
 
-def raise_label_errors():
-    """Raise the IndexError for a device label out of range that an earlier cross_entropy call of this
-    thread found on the device, if the device has reported one by now (clearing the report). Called at
-    the start of every GPU call and by ``fastlogits.gpu.synchronize``."""
-    e = getattr(_local, "label_errors", None)
+def _label_call(lead, V, ignore_index):
+    from fastlogits.ops.reductions import label_error
+
+    note = "found on the device by an earlier cross_entropy call, whose loss is NaN"
+    return _error_call(lambda row, label: label_error(label, row, lead, V, ignore_index, note=note))
+
+
+def raise_device_errors():
+    """Raise the error for bad input that an earlier call of this thread found on the device, if the
+    device has reported it by now (clearing the report). Called at the start of every GPU call and by
+    ``fastlogits.gpu.synchronize``."""
+    e = getattr(_local, "device_errors", None)
     if e is None or int(e[0]) < 0:
         return
-    cuda.synchronize()           # the report's row and label are written before its call number
-    call, row, label = (int(v) for v in e)
+    cuda.synchronize()           # the report's row and value are written before its call number
+    call, row, value = (int(v) for v in e)
     e[0] = -1
-    note = "found on the device by an earlier cross_entropy call, whose loss is NaN"
-    known = _local.label_calls.get(call)
-    if known is None:          # (more than LABEL_CALLS_KEPT calls ago)
-        raise IndexError(f"labels: label {label} at row {row} is out of range; {note}")
-    from fastlogits.ops.reductions import label_error
-    raise label_error(label, row, *known, note=note)
+    make = _local.error_calls.get(call)
+    if make is None:             # (more than ERROR_CALLS_KEPT calls ago)
+        raise ValueError(f"an earlier GPU call found bad input on the device at row {row} (a label out of "
+                         f"range, or a row that cannot be sampled: {value})")
+    raise make(row, value)
 
 
 def synchronize():
-    """Wait for this device's queued work; then raise what it found (see raise_label_errors)."""
+    """Wait for this device's queued work; then raise what it found (see raise_device_errors)."""
     cuda.synchronize()
-    raise_label_errors()
+    raise_device_errors()
 
 
 def _select(x, dtype, temperature, softcap, k, logprobs, chunk):
@@ -708,6 +716,65 @@ def _stride_grid(items):
     return max(1, min(items, SIM_GRID if numba_config.ENABLE_CUDASIM else MAX_GRID))
 
 
+def _sample_params(V, dtype, temperature, top_k, top_p, min_p, logprobs):
+    """Per row (host arrays): greedy, the temperature (1 for greedy rows), k (0: no top-k), p (lowered by
+    the tolerance; 1: no top-p), min_p, and what `prepare` computes: 0 nothing, 1 top-k's threshold only,
+    2 the max and logsumexp first."""
+    temperature = np.asarray(temperature, np.float64)
+    greedy = temperature == 0
+    temp = np.where(greedy, 1.0, temperature)
+    k = np.where(greedy | (top_k <= 0) | (top_k >= V), 0, top_k).astype(np.int64)
+    tol = 16 * float(np.finfo(compute_dtype(dtype)).eps)
+    p = np.where(greedy | (top_p >= 1.0), 1.0, np.where(top_p - tol > 0.5 * top_p, top_p - tol, 0.5 * top_p))
+    mp = np.where(greedy, 0.0, min_p)
+    need = np.where(greedy, 0, np.where((p < 1.0) | (mp > 0.0) | bool(logprobs), 2, np.where(k > 0, 1, 0)))
+    return greedy, temp, k, p, mp, need
+
+
+def _sample_block(blk, kern, softcap, prm, seeds, row_ids, ns, logprobs, chunk, results=None):
+    """Queue the sampling kernels of one block: device (tokens (R, ns), log-probabilities (R, ns) (a
+    (1, 1) placeholder without logprobs), status (R,), prank (R, nseg, ns) or None). results: the arrays
+    to write tokens, log-probabilities and status into (new ones for device results), else kept scratch."""
+    greedy, _, k, p, mp, need = prm
+    sl, R, V = blk.sl, blk.rows, blk.V
+    up = {name: blk.upload("sample " + name, np.ascontiguousarray(a[sl], dt)) for name, a, dt in
+          (("greedy", greedy, np.uint8), ("need", need, np.uint8), ("top_k", k, np.int64),
+           ("top_p", p, np.float64), ("min_p", mp, np.float64), ("seeds", seeds, np.uint64),
+           ("row_ids", row_ids, np.uint64))}
+    rowmax = blk.array(R, np.float64, "sample rowmax")
+    rowlse = blk.array(R, np.float64, "sample rowlse")
+    if need[sl].any():
+        theta = blk.array(R, np.float64, "sample theta")
+        blk.launch(kern.prepare, _stride_grid(R))(blk.d, blk.dtemp, float(softcap), up["need"], up["top_k"],
+                                                    up["top_p"], up["min_p"], rowmax, rowlse, theta)
+    else:         # no filter: every token survives (a kept upload, no copy while the rows are as many)
+        theta = blk.upload("sample no threshold", np.full(R, -np.inf))
+    nseg, seglen = _segments(R * ns, V, chunk)
+    seglen = -(-seglen // 64) * 64
+    nseg = -(-V // seglen)
+    pkey = blk.array((R, nseg, ns), np.float64, "sample pkey")
+    pidx = blk.array((R, nseg, ns), np.int64, "sample pidx")
+    pflag = blk.array((R, nseg), np.int64, "sample pflag")
+    psum = blk.array((R, nseg), np.float64, "sample psum")
+    blk.launch(kern.draw, _stride_grid(R * nseg * ns))(blk.d, blk.dtemp, float(softcap), up["greedy"], theta,
+                                                        up["seeds"], up["row_ids"], seglen, bool(logprobs),
+                                                        rowmax, pkey, pidx, pflag, psum)
+    if results is None:
+        results = (blk.array((R, ns), np.int64, "sample tokens"),
+                   blk.array((R, ns) if logprobs else (1, 1), np.float64, "sample logprobs"),
+                   blk.array(R, np.int32, "sample status"))
+    tok_d, lp_d, st_d = results
+    blk.launch(kern.finish, *_grid1(R * ns))(blk.d, blk.dtemp, float(softcap), up["greedy"], theta, rowmax,
+                                             rowlse, pkey, pidx, pflag, psum, bool(logprobs), tok_d, lp_d,
+                                             st_d)
+    prank = None
+    if logprobs:
+        prank = blk.array((R, nseg, ns), np.int64, "sample prank")
+        blk.launch(kern.rank, _stride_grid(R * nseg * ns))(blk.d, blk.dtemp, float(softcap), up["greedy"],
+                                                            tok_d, st_d, seglen, prank)
+    return tok_d, lp_d, st_d, prank
+
+
 def sample(x, dtype, temperature, softcap, top_k, top_p, min_p, seeds, row_ids, num_samples, logprobs,
            chunk, threads):
     """Seeded draws, the same tokens as the CPU backend's (see fastlogits/gpu/sample_kernels.py): the
@@ -716,61 +783,52 @@ def sample(x, dtype, temperature, softcap, top_k, top_p, min_p, seeds, row_ids, 
 
     rows, V = (int(n) for n in tuple(x.shape))
     ns = int(num_samples)
-    temperature = np.asarray(temperature, np.float64)
-    greedy = temperature == 0
-    temp = np.where(greedy, 1.0, temperature)
-    k = np.where(greedy | (top_k <= 0) | (top_k >= V), 0, top_k).astype(np.int64)
-    tol = 16 * float(np.finfo(compute_dtype(dtype)).eps)
-    p = np.where(greedy | (top_p >= 1.0), 1.0, np.where(top_p - tol > 0.5 * top_p, top_p - tol, 0.5 * top_p))
-    mp = np.where(greedy, 0.0, min_p)
-    # what `prepare` computes per row: 0 nothing, 1 top-k's threshold only, 2 the max and logsumexp first
-    need = np.where(greedy, 0, np.where((p < 1.0) | (mp > 0.0) | bool(logprobs), 2, np.where(k > 0, 1, 0)))
+    prm = _sample_params(V, dtype, temperature, top_k, top_p, min_p, logprobs)
     tokens = np.zeros((rows, ns), np.int64)
     lp = np.zeros((rows, ns), np.float64) if logprobs else None
     ranks = np.zeros((rows, ns), np.int64) if logprobs else None
     status = np.zeros(rows, np.int32)
     kern = SK.for_kind(dtype)
-    for blk in _blocks(x, dtype, temp):
-        sl, R = blk.sl, blk.rows
-        up = {name: blk.upload("sample " + name, np.ascontiguousarray(a[sl], dt)) for name, a, dt in
-              (("greedy", greedy, np.uint8), ("need", need, np.uint8), ("top_k", k, np.int64),
-               ("top_p", p, np.float64), ("min_p", mp, np.float64), ("seeds", seeds, np.uint64),
-               ("row_ids", row_ids, np.uint64))}
-        rowmax = blk.array(R, np.float64, "sample rowmax")
-        rowlse = blk.array(R, np.float64, "sample rowlse")
-        if need[sl].any():
-            theta = blk.array(R, np.float64, "sample theta")
-            blk.launch(kern.prepare, _stride_grid(R))(blk.d, blk.dtemp, float(softcap), up["need"],
-                                                        up["top_k"], up["top_p"], up["min_p"], rowmax,
-                                                        rowlse, theta)
-        else:         # no filter: every token survives (a kept upload, no copy while the rows are as many)
-            theta = blk.upload("sample no threshold", np.full(R, -np.inf))
-        nseg, seglen = _segments(R * ns, V, chunk)
-        seglen = -(-seglen // 64) * 64
-        nseg = -(-V // seglen)
-        pkey = blk.array((R, nseg, ns), np.float64, "sample pkey")
-        pidx = blk.array((R, nseg, ns), np.int64, "sample pidx")
-        pflag = blk.array((R, nseg), np.int64, "sample pflag")
-        psum = blk.array((R, nseg), np.float64, "sample psum")
-        blk.launch(kern.draw, _stride_grid(R * nseg * ns))(blk.d, blk.dtemp, float(softcap),
-                                                            up["greedy"], theta, up["seeds"], up["row_ids"],
-                                                            seglen, bool(logprobs), rowmax, pkey, pidx,
-                                                            pflag, psum)
-        tok_d = blk.array((R, ns), np.int64, "sample tokens")
-        lp_d = blk.array((R, ns) if logprobs else (1, 1), np.float64, "sample logprobs")
-        st_d = blk.array(R, np.int32, "sample status")
-        blk.launch(kern.finish, *_grid1(R * ns))(blk.d, blk.dtemp, float(softcap), up["greedy"], theta,
-                                                 rowmax, rowlse, pkey, pidx, pflag, psum, bool(logprobs),
-                                                 tok_d, lp_d, st_d)
+    for blk in _blocks(x, dtype, prm[1]):
+        tok_d, lp_d, st_d, prank = _sample_block(blk, kern, softcap, prm, seeds, row_ids, ns, logprobs, chunk)
         if logprobs:
-            prank = blk.array((R, nseg, ns), np.int64, "sample prank")
-            blk.launch(kern.rank, _stride_grid(R * nseg * ns))(blk.d, blk.dtemp, float(softcap),
-                                                                up["greedy"], tok_d, st_d, seglen, prank)
             blk.fetch(lp_d, lp)
             blk.fetch(prank, ranks, lambda h: h.sum(axis=1))
         blk.fetch(tok_d, tokens)
         blk.fetch(st_d, status)
     return tokens, lp, ranks, status
+
+
+def sample_device(x, dtype, temperature, softcap, top_k, top_p, min_p, seeds, row_ids, num_samples, logprobs,
+                  chunk, lead, lp_dtype):
+    """sample() of device logits, all on the device with no wait for it: (tokens, log-probabilities of
+    lp_dtype or None, ranks or None), new device arrays (rows, num_samples). A row that cannot be sampled
+    gets token -1 (rank -1, log-probability NaN) and is reported later (raise_device_errors) with the
+    ValueError that sample raises at once for host logits; ``lead`` (the logits' leading shape) names its
+    row."""
+    from fastlogits.gpu import sample_kernels as SK
+    from fastlogits.ops.sampling import bad_row_error
+
+    rows, V = (int(n) for n in tuple(x.shape))
+    ns = int(num_samples)
+    if rows == 0:
+        def empty(dt, want=True):
+            return cuda.device_array((0, ns), dt) if want else None
+        return empty(np.int64), empty(lp_dtype, logprobs), empty(np.int64, logprobs)
+    prm = _sample_params(V, dtype, temperature, top_k, top_p, min_p, logprobs)
+    blk = next(_blocks(x, dtype, prm[1]))        # (a device array of rows is one block)
+    lp_d = cuda.device_array((rows, ns), np.float64) if logprobs else _array((1, 1), np.float64, "sample lp")
+    results = (cuda.device_array((rows, ns), np.int64), lp_d, _array(rows, np.int32, "sample status"))
+    tok_d, lp_d, st_d, prank = _sample_block(blk, SK.for_kind(dtype), softcap, prm, seeds, row_ids, ns,
+                                             logprobs, chunk, results)
+    ranks = None
+    if logprobs:
+        ranks = cuda.device_array((rows, ns), np.int64)
+        _launch(SK.rank_total, *_grid1(rows * ns))(prank, st_d, ranks)
+    call = _error_call(lambda row, st: bad_row_error(st, row, lead, note="found on the device by an earlier "
+                                                     "sample call, which gave it token -1"))
+    _launch(SK.report, 1)(st_d, call, _device_errors())
+    return tok_d, (finish(lp_d, lp_dtype, (rows, ns)) if logprobs else None), ranks
 
 
 # ---- results of device inputs, for the ops layer --------------------------------------------------------

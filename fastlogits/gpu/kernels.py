@@ -325,6 +325,27 @@ def nll_of(m, s, xt):
     return (m - xt) + math.log(s)
 
 
+@cuda.jit(device=True)
+def first_row(sh_b):
+    """The least of the block's rows sh_b[0:TPB] (one per thread; INT64_MAX: none), read by one thread
+    after a barrier."""
+    bad = sh_b[0]
+    for o in range(1, TPB):
+        bad = min(bad, sh_b[o])
+    return bad
+
+
+@cuda.jit(device=True)
+def report(err, call, row, value):
+    """Report bad input found on the device in ``err`` (host-visible memory, read by the backend later,
+    with no wait): err = (call, row, value), written only while err[0] < 0 (nothing reported yet), the
+    call number last (the backend waits for the device before it reads err[1:])."""
+    if err[0] < 0:
+        err[1] = row
+        err[2] = value
+        err[0] = call
+
+
 @cuda.jit
 def ce_reduce(labels, ignore_index, V, w, has_w, eps, z, nll, smooth, lse, reduction, call, loss, total, err):
     """One block: the cross-entropy from the per-row parts, as ``fastlogits.ops.reductions.ce_terms`` and
@@ -376,12 +397,9 @@ def ce_reduce(labels, ignore_index, V, w, has_w, eps, z, nll, smooth, lse, reduc
     block_sum(sh_c, tid)
     cuda.syncthreads()
     if tid == 0:
-        for o in range(1, TPB):
-            bad = min(bad, sh_b[o])
-        if bad != INT64_MAX and err[0] < 0:
-            err[1] = bad
-            err[2] = int64(labels[bad])
-            err[0] = call            # (the backend waits for the device before it reads err[1:])
+        bad = first_row(sh_b)
+        if bad != INT64_MAX:
+            report(err, call, bad, int64(labels[bad]))
         if reduction == CE_SUM:
             res = sh_l[0] + sh_z[0]
         elif sh_w[0] == 0.0:       # no target weight: NaN, as ce_total (PyTorch's 0 / 0)

@@ -41,7 +41,7 @@ import numpy as np
 from numba import config, cuda, float64, int64
 
 from fastlogits.gpu import kernels as K
-from fastlogits.gpu.device import lse_result
+from fastlogits.gpu.device import INT64_MAX, lse_result
 
 TPB = K.TPB
 RADIX = 11                   # bits per radix pass
@@ -453,9 +453,9 @@ def _build(kind):
             st = 3
         if s == 0:
             status[r] = st
-        tokens[r, s] = ib
+        tokens[r, s] = ib if st == 0 else -1          # (a bad row raises: at once, or reported later)
         if want_lp:
-            lp = 0.0
+            lp = 0.0 if st == 0 else math.nan
             if st == 0 and not gr:
                 xt = float64(value(x, r, ib, CT(softcap), CT(temp[r])))
                 lse_s = rowmax[r] + math.log(sm) if theta[r] > -math.inf else rowlse[r]
@@ -501,6 +501,39 @@ def _build(kind):
 for_kind = K.kind_cache(_build)      # the sampling kernels of one input kind, built on first use
 
 
+@cuda.jit
+def rank_total(prank, status, ranks):
+    """ranks[r, s] = the sum over segments of prank[r, :, s] (-1 for a row that cannot be sampled)."""
+    i = cuda.grid(1)
+    ns = prank.shape[2]
+    if i >= prank.shape[0] * ns:
+        return
+    r = i // ns
+    s = i % ns
+    tot = int64(0)
+    for g in range(prank.shape[1]):
+        tot += prank[r, g, s]
+    ranks[r, s] = tot if status[r] == 0 else -1
+
+
+@cuda.jit
+def report(status, call, err):
+    """One block: the first row with a nonzero status, reported in ``err`` as (call, row, status) (see
+    kernels.report)."""
+    tid = cuda.threadIdx.x
+    bad = INT64_MAX
+    for r in range(tid, status.shape[0], TPB):
+        if status[r] != 0:
+            bad = min(bad, r)
+    sh_b = cuda.shared.array(TPB, int64)
+    sh_b[tid] = bad
+    cuda.syncthreads()
+    if tid == 0:
+        bad = K.first_row(sh_b)
+        if bad != INT64_MAX:
+            K.report(err, call, bad, int64(status[bad]))
+
+
 def compile_signatures():
     """(name, kernel, signature) of every sampling kernel, as the backend launches them (for the PTX
     check)."""
@@ -528,4 +561,7 @@ def compile_signatures():
         out.append((f"sample rank[{kind}]", k.rank,
                     (xt, row, f8, u8row, types.Array(i8, 2, "C"), types.Array(types.int32, 1, "C"), i8,
                      types.Array(i8, 3, "C"))))
+    i4row = types.Array(types.int32, 1, "C")
+    out.append(("sample rank_total", rank_total, (types.Array(i8, 3, "C"), i4row, types.Array(i8, 2, "C"))))
+    out.append(("sample report", report, (i4row, i8, i8row)))
     return out

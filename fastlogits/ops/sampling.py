@@ -162,7 +162,9 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, seed=
         of all -inf (no possible token), or, at a positive temperature, a row holding a +inf logit (its
         softmax is NaN, as in PyTorch; also when logits / temperature overflows the compute dtype); the
         message names the first such row. Greedy rows accept +inf
-        (the first +inf wins, as argmax).
+        (the first +inf wins, as argmax). For GPU logits the call does not wait for the device: such a
+        row gets token -1 (rank -1, log-probability NaN) and the error is raised later, by
+        ``fastlogits.gpu.synchronize()`` or the thread's next GPU call (as cross_entropy's device labels).
 
     Examples
     --------
@@ -186,10 +188,12 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, seed=
         raise ValueError("sample: logits has an empty vocabulary (last axis of length 0)")
     k, p, mp = _filters(top_k, top_p, min_p, r.lead, r.rows)
     seeds, row_ids = _seeds(seed, r.lead, r.rows)
-    out = _draw(r, k, p, mp, seeds, row_ids, ns, bool(return_logprobs), r.lead)
-    if is_gpu_array(r.x):        # GPU arrays in, GPU arrays out
-        be = _backend.get(r.backend)
-        out = tuple(None if a is None else be.to_device_like(a, r.x) for a in out)
+    if is_gpu_array(r.x):        # GPU arrays in, GPU arrays out, with no wait for the device
+        out = _backend.get(r.backend).sample_device(r.x, r.dtype, r.temperature, r.softcap, k, p, mp, seeds,
+                                                    row_ids, ns, bool(return_logprobs), r.chunk, r.lead,
+                                                    r.result_dtype)
+    else:
+        out = _draw(r, k, p, mp, seeds, row_ids, ns, bool(return_logprobs), r.lead)
     shape = r.lead + ((ns,) if ns > 1 else ())
 
     def fit(a):
@@ -227,9 +231,15 @@ def _draw(r, k, p, mp, seeds, row_ids, ns, logprobs, lead, row0=0):
                                                                r.threads)
     if r.rows and np.any(status):
         i = int(np.flatnonzero(status)[0])
-        where = f" ({row_name(row0 + i, lead)})" if lead else ""
-        raise ValueError(f"sample: cannot sample from a row that {_STATUS[int(status[i])]}{where}")
+        raise bad_row_error(int(status[i]), row0 + i, lead)
     return tokens, (lp.astype(r.result_dtype) if logprobs else None), ranks
+
+
+def bad_row_error(status, i, lead, note=None):
+    """The ValueError for flat row ``i`` that cannot be sampled (its status; ``note``: how it was found)."""
+    where = f" ({row_name(i, lead)})" if lead else ""
+    return ValueError(f"sample: cannot sample from a row that {_STATUS[status]}{where}"
+                      + (f"; {note}" if note else ""))
 
 
 def _num_samples(num_samples):
@@ -313,9 +323,7 @@ def sample_source(src, temperature, top_k, top_p, min_p, seed, ns, logprobs, kw,
                 top_p=float(p[0]), min_p=float(mp[0]), seed=int(seeds[0]), row_id=int(row_ids[0]),
                 num_samples=ns, logprobs=logprobs, cols=cols)
             if status:
-                lead = lead_all if lead_all is not None else (i + 1,)
-                where = f" ({row_name(i, lead)})" if lead else ""
-                raise ValueError(f"sample: cannot sample from a row that {_STATUS[status]}{where}")
+                raise bad_row_error(status, i, lead_all if lead_all is not None else (i + 1,))
             parts.append((tok[None], None if lp is None else lp[None].astype(r.result_dtype),
                           None if rk is None else rk[None]))
             rows = i + 1

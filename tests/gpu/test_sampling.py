@@ -156,6 +156,71 @@ def test_device_arrays_in_device_arrays_out(gpu, rng):
     np.testing.assert_allclose(lp.copy_to_host(), clp, rtol=2e-5, atol=2e-5)
 
 
+def test_device_sampling_never_waits_for_the_device(gpu, rng, monkeypatch):
+    """sample of device logits queues its kernels and returns device results: no copy to the host and no
+    wait inside the call (it fetched the tokens and the rows' statuses, and sent the tokens back)."""
+    from numba import cuda
+
+    import fastlogits.gpu.backend as B
+
+    x = (rng.standard_normal((4, 300)) * 2).astype(np.float32)
+    d = cuda.to_device(x)
+    T = rng.uniform(0.5, 1.5, 4)
+    want = sample(x, seed=3, temperature=T, top_k=40, min_p=0.02, num_samples=3, return_logprobs=True,
+                  backend="cpu")
+    sample(d, seed=9, return_logprobs=True)          # compiled and its scratch kept before the check
+    array_type = type(d)
+
+    def no_wait(*a, **k):
+        raise AssertionError("the call waited for the device")
+
+    monkeypatch.setattr(array_type, "copy_to_host", no_wait)
+    monkeypatch.setattr(B.cuda, "synchronize", no_wait)
+    monkeypatch.setattr(B._Block, "fetch", no_wait)
+    got = sample(d, seed=3, temperature=T, top_k=40, min_p=0.02, num_samples=3, return_logprobs=True)
+    none = sample(cuda.to_device(np.zeros((0, 7), np.float32)), seed=1, num_samples=2, return_logprobs=True)
+    monkeypatch.undo()
+    assert [a.shape for a in none] == [(0, 2)] * 3 and all(is_gpu_array(a) for a in none)
+    assert all(is_gpu_array(a) for a in got)
+    assert got[1].dtype == np.float32                  # as the host path gives log-probabilities
+    np.testing.assert_array_equal(got[0].copy_to_host(), want[0])
+    np.testing.assert_array_equal(got[2].copy_to_host(), want[2])
+    np.testing.assert_allclose(got[1].copy_to_host(), want[1], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("bad, what", [(np.nan, "holds a NaN"), (np.inf, r"holds a \+inf"),
+                                       (-np.inf, "no possible token")])
+def test_device_rows_that_cannot_be_sampled_are_reported_later(gpu, bad, what):
+    """A device row that cannot be sampled gets token -1 (rank -1, log-probability NaN), the others their
+    tokens; the ValueError the host path raises at once names the row at the next synchronize() (or the
+    thread's next GPU call), once."""
+    from numba import cuda
+
+    import fastlogits
+    import fastlogits.gpu
+
+    x = np.zeros((2, 3, 40), np.float32)
+    x[1, 2, 7] = bad
+    if bad == -np.inf:
+        x[1, 2] = -np.inf
+    tok, lp, rank = sample(cuda.to_device(x), seed=4, return_logprobs=True)
+    where = r".*\(row \(1, 2\)\); found on the device by an earlier sample call"
+    with pytest.raises(ValueError, match=what + where):
+        fastlogits.gpu.synchronize()
+    fastlogits.gpu.synchronize()                      # reported once
+    t, lp, rank = tok.copy_to_host(), lp.copy_to_host(), rank.copy_to_host()
+    assert t[1, 2] == -1 and rank[1, 2] == -1 and np.isnan(lp[1, 2])
+    good = np.ones((2, 3), bool)
+    good[1, 2] = False
+    want = sample(x[0], seed=4, return_logprobs=True, backend="cpu")       # rows 0..2: the same seeds
+    np.testing.assert_array_equal(t[0], want[0])
+    assert np.all(t[good] >= 0) and np.all(np.isfinite(lp[good]))
+    sample(cuda.to_device(x), seed=4)
+    cuda.synchronize()
+    with pytest.raises(ValueError, match=what):       # the thread's next GPU call raises it
+        fastlogits.logsumexp(cuda.to_device(np.zeros((1, 4), np.float32)))
+
+
 def test_tokens_do_not_depend_on_segments_or_batch(gpu, rng):
     """Per-row seeds: a row draws the same tokens alone or in a batch, whatever the column segments."""
     x = (rng.standard_normal((6, 300)) * 2).astype(np.float32)
