@@ -596,6 +596,8 @@ def _error_call(make):
 
 
 def _label_call(lead, V, ignore_index):
+    """The number of a cross_entropy call whose device labels are checked on the device (the logits'
+    leading shape ``lead``, V classes): its report raises the IndexError naming the label and its row."""
     from fastlogits.ops.reductions import label_error
 
     note = "found on the device by an earlier cross_entropy call, whose loss is NaN"
