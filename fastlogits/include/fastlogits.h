@@ -483,20 +483,14 @@ FL_TARGET_AVX2_F16C static FL_UNUSED void fl__load_f16_f16c(float *dst, const ui
 }
 
 FL_TARGET_AVX2_F16C static FL_UNUSED void fl__store_f16_f16c(uint16_t *dst, const float *src, int64_t n) {
-    const __m256i sign = _mm256_set1_epi32((int)0x80000000u), qnan = _mm256_set1_epi32(0x7e00);
     int64_t i, nv = n - n % 8;
+    int j;
     for (i = 0; i < nv; i += 8) {
         __m256 v = _mm256_loadu_ps(src + i);
-        __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        /* NaN lanes: the quiet NaN with the value's sign, in 32-bit lanes, packed like the others */
-        __m256i vs = _mm256_and_si256(_mm256_castps_si256(v), sign);
-        __m256i q = _mm256_or_si256(qnan, _mm256_srli_epi32(vs, 16));
-        __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m256i hq = _mm256_packus_epi32(q, q);                      /* 16-bit q in each 128-bit half */
-        __m256i nq = _mm256_packs_epi32(nan, nan);
-        __m128i qq = _mm_unpacklo_epi64(_mm256_castsi256_si128(hq), _mm256_extracti128_si256(hq, 1));
-        __m128i nn = _mm_unpacklo_epi64(_mm256_castsi256_si128(nq), _mm256_extracti128_si256(nq, 1));
-        _mm_storeu_si128((__m128i *)(void *)(dst + i), _mm_blendv_epi8(h, qq, nn));
+        _mm_storeu_si128((__m128i *)(void *)(dst + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT |
+                                                                           _MM_FROUND_NO_EXC));
+        if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)))     /* a NaN (rare): 0x7e00, its sign */
+            for (j = 0; j < 8; j++) dst[i + j] = fl_f32_to_f16(src[i + j]);
     }
     for (; i < n; i++) dst[i] = fl_f32_to_f16(src[i]);
 }
