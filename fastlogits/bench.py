@@ -202,7 +202,7 @@ def main(args):
 
     why = _no_gpu_timing() if args.backend == "gpu" else None
     if why is not None:
-        raise RuntimeError(f"bench --backend gpu: {why}")
+        raise RuntimeError(f"bench --backend gpu: GPU timing is not available: {why}")
     results = []
     if args.backend != "gpu":
         results = run(rows=args.rows, vocab=args.vocab, ops=args.ops, dtypes=args.dtypes,
