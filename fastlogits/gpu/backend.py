@@ -69,6 +69,12 @@ def _device_view(x):
     return d
 
 
+def device_view(x):
+    """A GPU array as a numba device array (NumPy shape and dtype), zero-copy, ordered on the device
+    after its producer's work (_device_view), for the ops layer."""
+    return _device_view(x)
+
+
 def _wait_for_stream(ptr):
     """Order the default stream's next work after the work queued so far on stream ``ptr`` (a
     __cuda_array_interface__ "stream": None for none, 1 and 2 for the legacy and per-thread default
@@ -833,6 +839,28 @@ def sample_device(x, dtype, temperature, softcap, top_k, top_p, min_p, seeds, ro
     return tok_d, (finish(lp_d, lp_dtype, (rows, ns)) if logprobs else None), ranks
 
 
+def beam_search_step_device(x, dtype, temperature, softcap, beam_scores, W, k, chunk, round32, out_dtype):
+    """beam_search_step of device logits, all on the device with no wait for it: the top-k
+    log-probabilities pass (k = min(2 W, V)), then sample_kernels.beam_merge. beam_scores: checked host
+    scores (uploaded) or a device array of shape (rows,), read in place. round32: the log-probabilities
+    are rounded to float32 before they are added, as the host path's are. Returns new device arrays
+    (scores of out_dtype, parents, tokens), each (rows // W, 2 W)."""
+    from fastlogits.gpu import sample_kernels as SK
+
+    rows = int(x.shape[0])
+    out = (cuda.device_array((rows // W, 2 * W), out_dtype), cuda.device_array((rows // W, 2 * W), np.int64),
+           cuda.device_array((rows // W, 2 * W), np.int64))
+    if rows == 0:
+        return out
+    _, idx, lp = _select(x, dtype, temperature, softcap, k, True, chunk)
+    if is_device_array(beam_scores):
+        bs = _device_view(beam_scores)
+    else:
+        bs = _upload("beam scores", 0, np.ascontiguousarray(beam_scores, np.float64))
+    _launch(SK.beam_merge, *_grid1(rows * k))(lp, idx, bs, int(W), bool(round32), *out)
+    return out
+
+
 # ---- results of device inputs, for the ops layer --------------------------------------------------------
 
 @cuda.jit
@@ -864,7 +892,9 @@ def empty(shape, dtype):
 
 
 def to_host(values):
-    return values if isinstance(values, np.ndarray) else values.copy_to_host()
+    """NumPy values as they are; a device array (numba's, or any with __cuda_array_interface__) copied
+    to the host."""
+    return values if isinstance(values, np.ndarray) else _device_view(values).copy_to_host()
 
 
 def to_device_like(values, like):

@@ -30,6 +30,8 @@
 # - Kernels loop over their work items (rows, or (row, segment, sample)) with a grid stride. The Gumbel
 #   kernel takes one barrier per item (its shared memory is double-buffered); a radix pass takes two. The
 #   CUDA simulator runs this same code; its cost (about 7 ms a barrier for 128 threads) sizes the tests.
+# - Beam search: the top-2W log-probabilities of each beam come from the top-k kernels; `beam_merge` ranks
+#   each item's W * 2W continuations by counting (one thread per continuation, no sort, no barrier).
 #
 # Statuses, as the C core's: 0 ok, 1 a NaN in the row, 2 a +inf at a positive temperature, 3 no possible
 # token (all -inf).
@@ -38,7 +40,7 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
-from numba import config, cuda, float64, int64
+from numba import config, cuda, float32, float64, int64
 
 from fastlogits.gpu import kernels as K
 from fastlogits.gpu.device import INT64_MAX, lse_result
@@ -534,6 +536,64 @@ def report(status, call, err):
             K.report(err, call, bad, int64(status[bad]))
 
 
+@cuda.jit(device=True)
+def _beam_score(lp, bs, row, j, round32):
+    """A continuation's score bs[row] + lp[row, j], in float64 (lp rounded to float32 first when round32,
+    as the host path's log-probabilities are)."""
+    v = lp[row, j]
+    if round32:
+        v = float64(float32(v))
+    return float64(bs[row]) + v
+
+
+@cuda.jit(device=True)
+def _beam_key(lp, bs, row, j, round32):
+    """A continuation's sort key: minus its score, +inf for a NaN score (sorted last)."""
+    s = _beam_score(lp, bs, row, j, round32)
+    return math.inf if s != s else -s
+
+
+@cuda.jit
+def beam_merge(lp, idx, bs, W, round32, scores, parents, tokens):
+    """beam_search_step's merge, one thread per continuation (row, j) of lp (rows, k): its place among
+    the W * k continuations of its batch item by (score, best first; NaN last), then parent, then j (a
+    total order, so places are distinct: the host path's lexsort); places below 2 W are written. A dead
+    beam (score -inf, no NaN log-probability) ties all its continuations at -inf, and its best are its
+    lowest tokens: token j."""
+    c = cuda.grid(1)
+    rows = lp.shape[0]
+    k = lp.shape[1]
+    if c >= rows * k:
+        return
+    row = c // k
+    j = c % k
+    base = row - row % W                 # the item's first row
+    own = (row - base) * k + j           # the index of (parent, j) in the item's candidates
+    key = _beam_key(lp, bs, row, j, round32)
+    place = 0
+    q = 0
+    for parent in range(W):
+        for i in range(k):
+            kq = _beam_key(lp, bs, base + parent, i, round32)
+            if kq < key or (kq == key and q < own):
+                place += 1
+            q += 1
+    if place >= 2 * W:
+        return
+    tok = idx[row, j]
+    if bs[row] == -math.inf:
+        dead = True
+        for i in range(k):
+            if lp[row, i] != lp[row, i]:
+                dead = False
+        if dead:
+            tok = j
+    b = row // W
+    scores[b, place] = _beam_score(lp, bs, row, j, round32)
+    parents[b, place] = row - base
+    tokens[b, place] = tok
+
+
 def compile_signatures():
     """(name, kernel, signature) of every sampling kernel, as the backend launches them (for the PTX
     check)."""
@@ -564,4 +624,10 @@ def compile_signatures():
     i4row = types.Array(types.int32, 1, "C")
     out.append(("sample rank_total", rank_total, (types.Array(i8, 3, "C"), i4row, types.Array(i8, 2, "C"))))
     out.append(("sample report", report, (i4row, i8, i8row)))
+    i8m = types.Array(i8, 2, "C")
+    for bt in (types.float32, f8, i8):                     # beam scores: a device array's dtype, or float64
+        for st in (types.float32, f8):                     # scores: the result dtype
+            out.append((f"beam_merge[{bt}, {st}]", beam_merge,
+                        (types.Array(f8, 2, "C"), i8m, types.Array(bt, 1, "A"), i8, boolean,
+                         types.Array(st, 2, "C"), i8m, i8m)))
     return out

@@ -367,7 +367,8 @@ def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperatu
     Parameters
     ----------
     logits : array_like of shape (batch * beam_width, V), a GPU array, or a source (fastlogits.open)
-    beam_scores : array of shape (batch * beam_width,)
+    beam_scores : array of shape (batch * beam_width,); with device logits, a host or GPU array (read
+        in place: the step runs on the device with no wait for it, and its results are device arrays)
     beam_width : int >= 1
     {temperature}
     {shared}
@@ -405,12 +406,23 @@ def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperatu
         raise ValueError(f"beam_search_step: a vocabulary of {V} token{'s' * (V != 1)} gives fewer than "
                          f"2 * beam_width continuations per batch item (beam_width beams x {V}); it needs "
                          "at least 2 tokens")
-    bs = np.asarray(beam_scores)
-    if bs.dtype.kind not in "fiu" or bs.dtype == bool:
+    if is_gpu_array(beam_scores):                 # read in place with device logits, else copied here
+        gpu = _backend.get("gpu")
+        bs = gpu.device_view(beam_scores) if device is not None else gpu.to_host(beam_scores)
+    else:
+        bs = np.asarray(beam_scores)
+    if np.dtype(bs.dtype).kind not in "fiu":
         raise TypeError(f"beam_scores must be a float array, got dtype {bs.dtype}")
-    if rows is not None and bs.shape != (rows,):
-        raise ValueError(f"beam_scores must have shape ({rows},) (one per row of logits), got {bs.shape}")
+    if rows is not None and tuple(bs.shape) != (rows,):
+        raise ValueError(f"beam_scores must have shape ({rows},) (one per row of logits), got "
+                         f"{tuple(bs.shape)}")
     k = min(2 * W, V)
+    out_dtype = (np.dtype(np.float64) if dtype == "float64" or bs.dtype == np.float64
+                 else np.dtype(np.float32))
+    if device is not None:       # GPU arrays in, GPU arrays out, with no wait for the device
+        round32 = r.result_dtype != np.float64            # log-probabilities as top_k_logprobs gives them
+        return _backend.get(r.backend).beam_search_step_device(r.x, r.dtype, r.temperature, r.softcap, bs, W,
+                                                               k, r.chunk, round32, out_dtype)
     if src is not None:      # streamed as top_k_logprobs (rows wider than the budget included)
         from fastlogits.ops.selection import top_k_logprobs
 
@@ -430,8 +442,6 @@ def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperatu
     # the tie rule below (its top-k by log-probability would not be)
     dead = (bs == -np.inf) & ~np.isnan(lp).any(axis=1)
     idx[dead] = np.arange(idx.shape[1])
-    out_dtype = (np.dtype(np.float64) if dtype == "float64" or bs.dtype == np.float64
-                 else np.dtype(np.float32))
     scores = (bs.astype(np.float64)[:, None] + lp).reshape(batch, W * k)
     parents = np.broadcast_to(np.repeat(np.arange(W), k)[None, :], (batch, W * k))
     toks = idx.reshape(batch, W * k)
@@ -440,9 +450,5 @@ def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperatu
     key = np.where(np.isnan(scores), np.inf, -scores)        # best first, NaN last
     order = np.lexsort((rank, parents, key), axis=-1)[:, : 2 * W]
     take = np.take_along_axis
-    out = (take(scores, order, -1).astype(out_dtype), take(parents, order, -1).astype(np.int64),
-           take(toks, order, -1).astype(np.int64))
-    if device is not None:       # GPU arrays in, GPU arrays out (the step's small result goes back)
-        be = _backend.get(r.backend)
-        out = tuple(be.to_device_like(a, device) for a in out)
-    return out
+    return (take(scores, order, -1).astype(out_dtype), take(parents, order, -1).astype(np.int64),
+            take(toks, order, -1).astype(np.int64))

@@ -135,6 +135,15 @@ def test_torch_tensors_through_the_public_api(gpu, rng):
         np.testing.assert_allclose(cuda.as_cuda_array(per_row).copy_to_host(),
                                    F.cross_entropy(ref, y, reduction="none").cpu().numpy(), rtol=2e-5,
                                    atol=2e-5)
+    # a beam search step with PyTorch beam scores (read in place), and host logits with device scores
+    bs = torch.log(torch.rand(256, device="cuda", generator=g) + 0.1)
+    host = x32.cpu().numpy()
+    want = fl.beam_search_step(host, bs.cpu().numpy(), 4, backend="cpu")
+    for got in (fl.beam_search_step(x32, bs, 4), fl.beam_search_step(host, bs, 4, backend="gpu")):
+        got = [cuda.as_cuda_array(a).copy_to_host() if not isinstance(a, np.ndarray) else a for a in got]
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[2], want[2])
+        np.testing.assert_allclose(got[0], want[0], rtol=2e-5, atol=2e-5)
     # earlier PyTorch releases exported bfloat16 as "<f2" (float16's typestr): the tensor's dtype decides
     class OldTorchBF16:
         dtype = torch.bfloat16

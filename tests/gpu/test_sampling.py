@@ -156,12 +156,27 @@ def test_device_arrays_in_device_arrays_out(gpu, rng):
     np.testing.assert_allclose(lp.copy_to_host(), clp, rtol=2e-5, atol=2e-5)
 
 
+def _forbid_waits(monkeypatch, array_type):
+    """Make every copy to the host and every wait for the device fail (undone by monkeypatch.undo()):
+    copy_to_host, synchronize, the backend's fetches, and NumPy's reading of a device array (which the
+    simulator's arrays allow, and numba's would copy)."""
+    import fastlogits.gpu.backend as B
+
+    def no_wait(*a, **k):
+        raise AssertionError("the call waited for the device")
+
+    monkeypatch.setattr(array_type, "copy_to_host", no_wait)
+    for name in ("__array__", "__array_interface__", "__array_struct__"):
+        monkeypatch.setattr(array_type, name, no_wait if name == "__array__" else property(no_wait),
+                            raising=False)
+    monkeypatch.setattr(B.cuda, "synchronize", no_wait)
+    monkeypatch.setattr(B._Block, "fetch", no_wait)
+
+
 def test_device_sampling_never_waits_for_the_device(gpu, rng, monkeypatch):
     """sample of device logits queues its kernels and returns device results: no copy to the host and no
     wait inside the call (it fetched the tokens and the rows' statuses, and sent the tokens back)."""
     from numba import cuda
-
-    import fastlogits.gpu.backend as B
 
     x = (rng.standard_normal((4, 300)) * 2).astype(np.float32)
     d = cuda.to_device(x)
@@ -169,14 +184,7 @@ def test_device_sampling_never_waits_for_the_device(gpu, rng, monkeypatch):
     want = sample(x, seed=3, temperature=T, top_k=40, min_p=0.02, num_samples=3, return_logprobs=True,
                   backend="cpu")
     sample(d, seed=9, return_logprobs=True)          # compiled and its scratch kept before the check
-    array_type = type(d)
-
-    def no_wait(*a, **k):
-        raise AssertionError("the call waited for the device")
-
-    monkeypatch.setattr(array_type, "copy_to_host", no_wait)
-    monkeypatch.setattr(B.cuda, "synchronize", no_wait)
-    monkeypatch.setattr(B._Block, "fetch", no_wait)
+    _forbid_waits(monkeypatch, type(d))
     got = sample(d, seed=3, temperature=T, top_k=40, min_p=0.02, num_samples=3, return_logprobs=True)
     none = sample(cuda.to_device(np.zeros((0, 7), np.float32)), seed=1, num_samples=2, return_logprobs=True)
     monkeypatch.undo()
@@ -231,20 +239,82 @@ def test_tokens_do_not_depend_on_segments_or_batch(gpu, rng):
     np.testing.assert_array_equal(sample(x[2:5], seed=seeds[2:5], backend="gpu", **kw), whole[2:5])
 
 
+def _beam_cases(rng):
+    """(logits, beam_scores, beam_width): random rows, and the awkward ones: finished beams (-inf), a NaN
+    row, a NaN score, equal beams and tied logits, V below 2 W, and an odd beam width."""
+    x = (rng.standard_normal((12, 40)) * 2).astype(np.float32)
+    bs = np.log(rng.uniform(0.1, 1.0, 12))
+    yield x, bs, 2
+    y = x.copy()
+    y[1] = np.round(y[1])                          # tied logits within a beam
+    y[2] = y[3]                                    # two beams alike ...
+    b = bs.copy()
+    b[2] = b[3]                                    # ... with equal scores: the lower parent first
+    b[4:6] = -np.inf                               # a finished item
+    b[6] = -np.inf                                 # a finished beam next to a live one
+    y[8, 5] = np.nan                               # a NaN row
+    b[10] = np.nan                                 # a NaN score
+    yield y, b, 2
+    yield x[:12, :3], bs, 3                        # V = 3 < 2 W: k = V continuations a beam
+    yield x[:, ::3].astype(np.float64), bs, 4      # float64, a strided view; V = 14
+    yield np.zeros((3, 5), np.float16), np.zeros(3), 1
+
+
 def test_beam_search_step(gpu, rng):
-    x = (rng.standard_normal((4, 40)) * 2).astype(np.float32)
-    scores = np.log(rng.uniform(0.1, 1.0, 4))
-    g = beam_search_step(x, scores, 2, backend="gpu")
-    c = beam_search_step(x, scores, 2, backend="cpu")
-    np.testing.assert_array_equal(g[1], c[1])
-    np.testing.assert_array_equal(g[2], c[2])
-    np.testing.assert_allclose(g[0], c[0], rtol=2e-5, atol=2e-5)
+    """backend="gpu" takes the CPU's continuations, with host and device logits: scores within the
+    agreement tolerance, parents and tokens exactly. Device logits give device results."""
     from numba import cuda
-    d = beam_search_step(cuda.to_device(x), scores, 2)       # device logits: device results
-    assert not any(isinstance(a, np.ndarray) for a in d)
-    for got, want in zip(d[1:], c[1:]):
-        np.testing.assert_array_equal(got.copy_to_host(), want)
-    np.testing.assert_allclose(d[0].copy_to_host(), c[0], rtol=2e-5, atol=2e-5)
+
+    for x, bs, W in _beam_cases(rng):
+        c = beam_search_step(x, bs, W, backend="cpu")
+        g = beam_search_step(x, bs, W, backend="gpu")
+        d = beam_search_step(cuda.to_device(np.ascontiguousarray(x)), bs, W)
+        assert not any(isinstance(a, np.ndarray) for a in d)
+        d = tuple(a.copy_to_host() for a in d)
+        for got in (g, d):
+            assert [a.dtype for a in got] == [a.dtype for a in c]
+            np.testing.assert_array_equal(got[1], c[1])
+            np.testing.assert_array_equal(got[2], c[2])
+            np.testing.assert_allclose(got[0], c[0], rtol=2e-5, atol=2e-5)
+    # device beam scores with host logits are read from the device; bad ones are named
+    x, bs, W = next(_beam_cases(rng))
+    c = beam_search_step(x, bs, W, backend="cpu")
+    g = beam_search_step(x, cuda.to_device(bs), W, backend="gpu")
+    for got, want in zip(g, c):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    for logits in (x, cuda.to_device(x)):
+        with pytest.raises(ValueError, match=r"beam_scores must have shape \(12,\)"):
+            beam_search_step(logits, cuda.to_device(bs[:6]), W, backend="gpu")
+        with pytest.raises(TypeError, match="beam_scores must be a float array, got dtype bool"):
+            beam_search_step(logits, cuda.to_device(bs > 0), W, backend="gpu")
+
+
+def test_device_beam_search_step_never_waits_for_the_device(gpu, rng, monkeypatch):
+    """beam_search_step of device logits is all on the device: beam scores from the host (uploaded) or
+    from the device (read in place, float32, float64 or int64), and no copy to the host or wait."""
+    from numba import cuda
+
+    x = (rng.standard_normal((8, 50)) * 2).astype(np.float32)
+    bs = np.log(rng.uniform(0.1, 1.0, 8))
+    bs[3] = -np.inf
+    d = cuda.to_device(x)
+    scores = [bs, bs.astype(np.float32), np.round(bs * 3).clip(-50).astype(np.int64)]
+    want = [beam_search_step(x, b, 4, backend="cpu") for b in scores]
+    dev = [cuda.to_device(b) for b in scores]
+    for b in dev:
+        beam_search_step(d, b, 4)                  # compiled before the check
+    _forbid_waits(monkeypatch, type(d))
+    got = [beam_search_step(d, b, 4) for b in [scores[0]] + dev]
+    none = beam_search_step(cuda.to_device(np.zeros((0, 7), np.float32)), np.zeros(0), 2)
+    monkeypatch.undo()
+    assert [a.shape for a in none] == [(0, 4)] * 3 and all(is_gpu_array(a) for a in none)
+    for g, w in zip(got, [want[0]] + want):
+        assert all(is_gpu_array(a) for a in g)
+        g = tuple(a.copy_to_host() for a in g)
+        assert g[0].dtype == w[0].dtype
+        np.testing.assert_array_equal(g[1], w[1])
+        np.testing.assert_array_equal(g[2], w[2])
+        np.testing.assert_allclose(g[0], w[0], rtol=2e-5, atol=2e-5)
 
 
 def test_cli_sample_on_the_gpu(gpu, tmp_path, rng):
