@@ -10,6 +10,7 @@ import os
 import sys
 import threading
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
@@ -34,6 +35,28 @@ def gpu():
     from fastlogits.gpu import backend
 
     return backend
+
+
+@pytest.fixture()
+def forbid_waits(gpu, monkeypatch):
+    """forbid_waits(): from then on every copy to the host and every wait for the device fails, until
+    monkeypatch.undo(): copy_to_host, synchronize, the backend's fetches, and NumPy's reading of a device
+    array (which the simulator's arrays allow, and numba's would do by a copy)."""
+    from numba import cuda
+
+    def no_wait(*a, **k):
+        raise AssertionError("the call waited for the device")
+
+    def forbid():
+        array_type = type(cuda.to_device(np.zeros(1)))
+        monkeypatch.setattr(array_type, "copy_to_host", no_wait)
+        for name in ("__array__", "__array_interface__", "__array_struct__"):
+            monkeypatch.setattr(array_type, name, no_wait if name == "__array__" else property(no_wait),
+                                raising=False)
+        monkeypatch.setattr(gpu.cuda, "synchronize", no_wait)
+        monkeypatch.setattr(gpu._Block, "fetch", no_wait)
+
+    return forbid
 
 
 def simulated():

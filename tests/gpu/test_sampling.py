@@ -156,24 +156,7 @@ def test_device_arrays_in_device_arrays_out(gpu, rng):
     np.testing.assert_allclose(lp.copy_to_host(), clp, rtol=2e-5, atol=2e-5)
 
 
-def _forbid_waits(monkeypatch, array_type):
-    """Make every copy to the host and every wait for the device fail (undone by monkeypatch.undo()):
-    copy_to_host, synchronize, the backend's fetches, and NumPy's reading of a device array (which the
-    simulator's arrays allow, and numba's would copy)."""
-    import fastlogits.gpu.backend as B
-
-    def no_wait(*a, **k):
-        raise AssertionError("the call waited for the device")
-
-    monkeypatch.setattr(array_type, "copy_to_host", no_wait)
-    for name in ("__array__", "__array_interface__", "__array_struct__"):
-        monkeypatch.setattr(array_type, name, no_wait if name == "__array__" else property(no_wait),
-                            raising=False)
-    monkeypatch.setattr(B.cuda, "synchronize", no_wait)
-    monkeypatch.setattr(B._Block, "fetch", no_wait)
-
-
-def test_device_sampling_never_waits_for_the_device(gpu, rng, monkeypatch):
+def test_device_sampling_never_waits_for_the_device(gpu, rng, monkeypatch, forbid_waits):
     """sample of device logits queues its kernels and returns device results: no copy to the host and no
     wait inside the call (it fetched the tokens and the rows' statuses, and sent the tokens back)."""
     from numba import cuda
@@ -184,7 +167,7 @@ def test_device_sampling_never_waits_for_the_device(gpu, rng, monkeypatch):
     want = sample(x, seed=3, temperature=T, top_k=40, min_p=0.02, num_samples=3, return_logprobs=True,
                   backend="cpu")
     sample(d, seed=9, return_logprobs=True)          # compiled and its scratch kept before the check
-    _forbid_waits(monkeypatch, type(d))
+    forbid_waits()
     got = sample(d, seed=3, temperature=T, top_k=40, min_p=0.02, num_samples=3, return_logprobs=True)
     none = sample(cuda.to_device(np.zeros((0, 7), np.float32)), seed=1, num_samples=2, return_logprobs=True)
     monkeypatch.undo()
@@ -289,7 +272,7 @@ def test_beam_search_step(gpu, rng):
             beam_search_step(logits, cuda.to_device(bs > 0), W, backend="gpu")
 
 
-def test_device_beam_search_step_never_waits_for_the_device(gpu, rng, monkeypatch):
+def test_device_beam_search_step_never_waits_for_the_device(gpu, rng, monkeypatch, forbid_waits):
     """beam_search_step of device logits is all on the device: beam scores from the host (uploaded) or
     from the device (read in place, float32, float64 or int64), and no copy to the host or wait."""
     from numba import cuda
@@ -303,7 +286,7 @@ def test_device_beam_search_step_never_waits_for_the_device(gpu, rng, monkeypatc
     dev = [cuda.to_device(b) for b in scores]
     for b in dev:
         beam_search_step(d, b, 4)                  # compiled before the check
-    _forbid_waits(monkeypatch, type(d))
+    forbid_waits()
     got = [beam_search_step(d, b, 4) for b in [scores[0]] + dev]
     none = beam_search_step(cuda.to_device(np.zeros((0, 7), np.float32)), np.zeros(0), 2)
     monkeypatch.undo()
