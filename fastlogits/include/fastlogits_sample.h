@@ -572,6 +572,24 @@ FL_MULTIVERSION static FL_UNUSED void FLS_FN(fl__topp_weights)(const FLS_T *x, i
     }
 }
 
+/* Pass 2 of top-p: flags[i] = 1 for the tokens of x[0:n) whose bucket lies in [lo_b, lo_b + span];
+ * returns how many. The bucket is fl__topp_weights' (the same operations, so the same number), with no
+ * exp. */
+FL_MULTIVERSION static FL_UNUSED int64_t FLS_FN(fl__topp_flags)(const FLS_T *x, int64_t n, FLS_T m,
+                                                                FLS_T scale, FLS_T t0, int32_t lo_b,
+                                                                uint32_t span, unsigned char *flags) {
+    int64_t cnt = 0;
+    for (int64_t i = 0; i < n; i++) {
+        FLS_T v = x[i];
+        FLS_T q = (m - v) * scale;
+        int32_t b = (int32_t)(q < (FLS_T)FL_TOPP_BUCKETS ? q : (FLS_T)FL_TOPP_BUCKETS);
+        int f = (v >= t0) & ((uint32_t)(b - lo_b) <= span);
+        flags[i] = (unsigned char)f;
+        cnt += f;
+    }
+    return cnt;
+}
+
 /* The top-p threshold tau of a whole row (max m, sum s of exp(x - m), logsumexp lse; p already lowered
  * by the tolerance), in two passes and no sort: only tokens above t0 = lse + log(1 - p) - log(V) can be
  * in the nucleus (those below hold less than 1 - p of the mass); pass 1 histograms the mass of those over
@@ -584,6 +602,7 @@ static inline double FLS_FN(fl__topp_row)(const fl_row *r, int64_t chunk, fl_sam
     double goal = p * s;
     FLS_T *buf = (FLS_T *)sc->buf, t0, scale, mt = (FLS_T)m;
     int32_t *bi = (int32_t *)(void *)sc->tmp;
+    unsigned char *flags = (unsigned char *)(void *)sc->tmp;      /* pass 2: in place of bi */
     FLS_T *w;
     double *cw = (double *)(void *)sc->ci;
     int64_t c0, i, nc = 0;
@@ -601,7 +620,13 @@ static inline double FLS_FN(fl__topp_row)(const fl_row *r, int64_t chunk, fl_sam
         int64_t len = r->n - c0 < chunk ? r->n - c0 : chunk;
         const FLS_T *x = FLS_FN(fl_row_chunk)(r, c0, len, buf);
         FLS_FN(fl__topp_weights)(x, len, mt, scale, t0, bi, w);
-        for (i = 0; i < len; i++) mass[i & 3][bi[i]] += (double)w[i];   /* four: no store-load chains */
+        for (i = 0; i + 4 <= len; i += 4) {        /* four tables: no store-to-load chains */
+            mass[0][bi[i]] += (double)w[i];
+            mass[1][bi[i + 1]] += (double)w[i + 1];
+            mass[2][bi[i + 2]] += (double)w[i + 2];
+            mass[3][bi[i + 3]] += (double)w[i + 3];
+        }
+        for (; i < len; i++) mass[0][bi[i]] += (double)w[i];
     }
     for (b = 0; b <= FL_TOPP_BUCKETS; b++) {
         double mb = mass[0][b] + mass[1][b] + mass[2][b] + mass[3][b];
@@ -619,12 +644,19 @@ static inline double FLS_FN(fl__topp_row)(const fl_row *r, int64_t chunk, fl_sam
     for (c0 = 0; c0 < r->n; c0 += chunk) {
         int64_t len = r->n - c0 < chunk ? r->n - c0 : chunk;
         const FLS_T *x = FLS_FN(fl_row_chunk)(r, c0, len, buf);
-        FLS_FN(fl__topp_weights)(x, len, mt, scale, t0, bi, w);
-        for (i = 0; i < len; i++) {       /* one well-predicted test: bucket in [lo_b, lo_b + span] */
-            if ((uint32_t)(bi[i] - lo_b) <= span) {
-                sc->cv[nc] = (double)x[i];
-                cw[nc] = exp((double)x[i] - m);
-                nc++;
+        if (!FLS_FN(fl__topp_flags)(x, len, mt, scale, t0, lo_b, span, flags)) continue;
+        memset(flags + len, 0, 8);                /* the last group's tail (tmp holds 16 n bytes) */
+        for (i = 0; i < len; i += 8) {            /* eight flags at a time: most are all clear */
+            int64_t j;
+            uint64_t f8;
+            memcpy(&f8, flags + i, 8);
+            if (!f8) continue;
+            for (j = i; j < i + 8; j++) {
+                if (flags[j]) {
+                    sc->cv[nc] = (double)x[j];
+                    cw[nc] = exp((double)x[j] - m);
+                    nc++;
+                }
             }
         }
     }
