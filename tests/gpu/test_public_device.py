@@ -367,11 +367,11 @@ def test_device_calls_never_wait_for_the_device(cuda, rng, monkeypatch, forbid_w
     """Every operation on device logits queues its kernels and returns device results without waiting for
     the device, as PyTorch's CUDA calls do: no copy to the host and no synchronize inside the call (host
     arguments go up, they never come back). Results equal the CPU's."""
-    x = (rng.standard_normal((6, 300)) * 3).astype(np.float32)
+    x = (rng.standard_normal((4, 200)) * 3).astype(np.float32)
     x[2, 7] = -np.inf
-    y = rng.integers(0, 300, 6)
-    y[4] = -100
-    T = rng.uniform(0.5, 1.5, 6)
+    y = rng.integers(0, 200, 4)
+    y[3] = -100
+    T = rng.uniform(0.5, 1.5, 4)
     calls = {
         "logsumexp": lambda a, lab: fl.logsumexp(a, temperature=T),
         "softmax": lambda a, lab: fl.softmax(a, softcap=20.0),
@@ -382,17 +382,18 @@ def test_device_calls_never_wait_for_the_device(cuda, rng, monkeypatch, forbid_w
         "top_k_logprobs": lambda a, lab: fl.top_k_logprobs(a, 5, temperature=T),
         "cross_entropy none": lambda a, lab: fl.cross_entropy(a, lab, reduction="none", label_smoothing=0.1),
         "cross_entropy mean": lambda a, lab: fl.cross_entropy(a, lab, z_loss=1e-3),
-        "cross_entropy sum": lambda a, lab: fl.cross_entropy(a, lab, weight=np.linspace(0.5, 2, 300),
+        "cross_entropy sum": lambda a, lab: fl.cross_entropy(a, lab, weight=np.linspace(0.5, 2, 200),
                                                              reduction="sum"),
         "sample": lambda a, lab: fl.sample(a, seed=5, top_p=0.9, return_logprobs=True),
         "beam_search_step": lambda a, lab: fl.beam_search_step(a, np.log(T / 2), 2),
     }
     dx, dy = cuda.to_device(x), cuda.to_device(y)
     for fn in calls.values():               # compiled, and scratch kept, before the check
-        fn(dx, dy)
+        fn(dx, y)
     forbid_waits()
     got = {(name, kind): fn(dx, lab) for name, fn in calls.items()
-           for kind, lab in (("host labels", y), ("device labels", dy))}
+           for kind, lab in (("host labels", y), ("device labels", dy))
+           if kind == "device labels" or name.startswith("cross_entropy")}
     monkeypatch.undo()
     for (name, kind), g in got.items():
         g = g if isinstance(g, tuple) else (g,)
