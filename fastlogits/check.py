@@ -6,8 +6,10 @@ block boundary; the table gives the largest difference and pass/fail against the
 float32 compute within 2e-5 relative (plus 2e-5 x (1 + the row's largest |x/T|) for log-domain results),
 float64 within 1e-12, 16-bit outputs one unit of their rounding more, argmax and top-k indices exactly;
 ``sample`` draws the same tokens for at least 99.9% of (row, seed) pairs (random rows, per-row seeds and
-filter combinations, 4 samples a pair). ``cross_entropy_mean_device`` is the "mean" cross-entropy of device
-logits and device labels (computed on the device, no host copy) against the CPU's of the same rows.
+filter combinations, 4 samples a pair); ``beam_search_step`` (2 beams an item) gives scores within the
+log-domain tolerance and the same parents and tokens (``beam_search_step_choices``, exactly).
+``cross_entropy_mean_device`` is the "mean" cross-entropy of device logits and device labels (computed
+on the device, no host copy) against the CPU's of the same rows.
 On a machine without a GPU it runs under numba's CUDA simulator when NUMBA_ENABLE_CUDASIM=1 is set
 (small shapes: the simulator runs every thread in Python).
 """
@@ -26,7 +28,9 @@ DTYPES = {"float16": np.dtype(np.float16), "bfloat16": BF16, "float32": np.dtype
 REL = {"float16": 2e-5, "bfloat16": 2e-5, "float32": 2e-5, "float64": 1e-12}
 ROUND = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 0.0, "float64": 0.0}
 LOG_DOMAIN = {"logsumexp", "log_softmax", "cross_entropy", "cross_entropy_mean_device", "entropy",
-              "top_k_logprobs"}
+              "top_k_logprobs", "beam_search_step_scores"}
+EXACT = ("argmax", "top_k_indices", "beam_search_step_choices")
+BEAMS = 2                       # beam_search_step's beam width: the rows are (batch * BEAMS, V)
 
 
 def _rows(rng, V, dtype, rows):
@@ -50,7 +54,7 @@ def _compare(name, got, want, x, dtype, out_dtype=None, temperature=1.0):
     w = np.asarray(want, np.float64)
     if g.shape != w.shape:
         return float("inf"), False
-    if name in ("argmax", "top_k_indices"):
+    if name in EXACT:
         return float(np.count_nonzero(g != w)), bool(np.array_equal(g, w))
     both_nan = np.isnan(g) & np.isnan(w)
     same_inf = np.isinf(g) & (g == w)
@@ -125,6 +129,9 @@ def run(V_list=None, rows=None, seed=0, sample_shape=None, dtypes=tuple(DTYPES),
             y = rng.integers(0, V, x.shape[0])
             t = rng.uniform(0.5, 2.0, x.shape[0])
             w = rng.uniform(0.5, 2.0, V)
+            xb = x[:x.shape[0] - x.shape[0] % BEAMS]                # rows of whole items, for the beams
+            bs = np.log(rng.uniform(0.1, 1.0, xb.shape[0]))      # their scores, one beam finished
+            bs[1] = -np.inf
             calls = {
                 "logsumexp": lambda b, x=x, t=t: fl.logsumexp(x, temperature=t, backend=b, **th),
                 "entropy": lambda b, x=x: fl.entropy(x, backend=b, **th),
@@ -138,6 +145,7 @@ def run(V_list=None, rows=None, seed=0, sample_shape=None, dtypes=tuple(DTYPES),
                 "argmax": lambda b, x=x: fl.argmax(x, backend=b, **th),
                 "top_k_indices": lambda b, x=x: fl.top_k(x, 5, backend=b, **th)[1],
                 "top_k_logprobs": lambda b, x=x: fl.top_k_logprobs(x, 5, backend=b, **th)[0],
+                "beam_search_step": lambda b, x=xb, bs=bs: fl.beam_search_step(x, bs, BEAMS, backend=b, **th),
             }
             for op, call in calls.items():
                 want = call("cpu")
@@ -146,8 +154,15 @@ def run(V_list=None, rows=None, seed=0, sample_shape=None, dtypes=tuple(DTYPES),
                     got = call("gpu")
                 out_dtype = dtype if op in ("softmax", "log_softmax") else None
                 xs = x[:rows] if op == "cross_entropy_mean_device" else x     # (its tolerance's scale)
-                diff, ok = _compare(op, got, want, xs, dtype, out_dtype, t if op == "logsumexp" else 1.0)
-                out.append({"op": op, "dtype": dtype, "V": V, "max_diff": diff, "ok": ok})
+                if op == "beam_search_step":    # the scores (scale: the item's rows); parents and tokens
+                    parts = [("beam_search_step_scores", got[0], want[0]),
+                             ("beam_search_step_choices", np.stack(got[1:]), np.stack(want[1:]))]
+                    xs = xb.reshape(xb.shape[0] // BEAMS, -1)
+                else:
+                    parts = [(op, got, want)]
+                for name, g, w in parts:
+                    diff, ok = _compare(name, g, w, xs, dtype, out_dtype, t if op == "logsumexp" else 1.0)
+                    out.append({"op": name, "dtype": dtype, "V": V, "max_diff": diff, "ok": ok})
     # sampling: the same tokens (the share of (row, seed) pairs, each drawing 4 samples)
     srows, sV = sample_shape or ((16, 129) if sim else (4096, 32000))
     for dtype in [d for d in ("float32", "bfloat16") if d in dtypes]:
@@ -187,7 +202,7 @@ def main(args):
         print("| op | dtype | V | largest difference (GPU vs CPU) | result |")
         print("| --- | --- | --- | --- | --- |")
         for (op, dtype), a in agg.items():
-            unit = " mismatches" if op in ("argmax", "top_k_indices") else ""
+            unit = " mismatches" if op in EXACT else ""
             if op == "sample":
                 unit = (f" of {a['pairs']} (row, seed) pairs differ ({a['same_draws']}/{a['draws']} draws "
                         "same)")

@@ -10,7 +10,8 @@ import fastlogits as fl
 from fastlogits import check
 
 OPS = {"logsumexp", "entropy", "softmax", "log_softmax", "cross_entropy", "cross_entropy_mean_device",
-       "argmax", "top_k_indices", "top_k_logprobs", "sample"}
+       "argmax", "top_k_indices", "top_k_logprobs", "sample", "beam_search_step_scores",
+       "beam_search_step_choices"}
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
