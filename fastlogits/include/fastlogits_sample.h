@@ -559,30 +559,32 @@ static inline int FLS_FN(fl__topk_pass)(const fl_row *r, int64_t k, int64_t chun
 #ifndef FL_TOPP_BUCKETS
 #define FL_TOPP_BUCKETS 1024
 #endif
+FL_INLINE int32_t FLS_FN(fl__topp_bucket)(FLS_T v, FLS_T m, FLS_T scale) {
+    FLS_T q = (m - v) * scale;
+    return (int32_t)(q < (FLS_T)FL_TOPP_BUCKETS ? q : (FLS_T)FL_TOPP_BUCKETS);
+}
+
 FL_MULTIVERSION static FL_UNUSED void FLS_FN(fl__topp_weights)(const FLS_T *x, int64_t n, FLS_T m,
                                                                 FLS_T scale, FLS_T t0, int32_t *bi,
                                                                 FLS_T *w) {
     for (int64_t i = 0; i < n; i++) {
         FLS_T v = x[i];
-        FLS_T q = (m - v) * scale;
         FLS_T e = FLS_EXP(v - m);
-        int32_t b = (int32_t)(q < (FLS_T)FL_TOPP_BUCKETS ? q : (FLS_T)FL_TOPP_BUCKETS);
+        int32_t b = FLS_FN(fl__topp_bucket)(v, m, scale);
         bi[i] = v >= t0 ? b : FL_TOPP_BUCKETS + 1 + (int32_t)((i >> 2) & 7);
         w[i] = v >= t0 ? e : (FLS_T)0;
     }
 }
 
-/* Pass 2 of top-p: flags[i] = 1 for the tokens of x[0:n) whose bucket lies in [lo_b, lo_b + span];
- * returns how many. The bucket is fl__topp_weights' (the same operations, so the same number), with no
- * exp. */
+/* Pass 2 of top-p: flags[i] = 1 for the tokens of x[0:n) whose bucket (fl__topp_bucket, as pass 1's)
+ * lies in [lo_b, lo_b + span]; returns how many. No exp. */
 FL_MULTIVERSION static FL_UNUSED int64_t FLS_FN(fl__topp_flags)(const FLS_T *x, int64_t n, FLS_T m,
                                                                 FLS_T scale, FLS_T t0, int32_t lo_b,
                                                                 uint32_t span, unsigned char *flags) {
     int64_t cnt = 0;
     for (int64_t i = 0; i < n; i++) {
         FLS_T v = x[i];
-        FLS_T q = (m - v) * scale;
-        int32_t b = (int32_t)(q < (FLS_T)FL_TOPP_BUCKETS ? q : (FLS_T)FL_TOPP_BUCKETS);
+        int32_t b = FLS_FN(fl__topp_bucket)(v, m, scale);
         int f = (v >= t0) & ((uint32_t)(b - lo_b) <= span);
         flags[i] = (unsigned char)f;
         cnt += f;
