@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with an NVIDIA GPU and no network (torch, numba-cuda and Cython installed):
-# builds fastlogits from this source tree, runs the GPU tests on the real device, `fastlogits check`, and the
-# GPU benchmarks against PyTorch, and writes every figure to one file. Its sections' time limits add up to
-# 470 s (build 60 s, 40 more if the editable install fails; tests 150; check 80; benchmarks 90 + 50).
+# builds fastlogits' kernels in this source tree, runs the GPU benchmarks against PyTorch, the launch-settings
+# sweep (gpu_sweep.py), `fastlogits check` and the GPU tests on the real device (the PTX check aside: CI runs
+# it), and writes every figure to one file, the most wanted first. Its sections' time limits add up to 540 s
+# (build 90; benchmarks 90, sweep 90, sampling 50; check 80; tests 140), each section's seconds logged.
 #
 #   bash benchmarks/gpu_check.sh [OUT]          (default OUT: gpu_check.txt, or $OUT/gpu_check.txt)
 set -uo pipefail
@@ -10,19 +11,18 @@ cd "$(dirname "$0")/.."
 out="${1:-${OUT:-.}/gpu_check.txt}"
 [ -d "$out" ] && out="$out/gpu_check.txt"
 export NUMBA_ENABLE_CUDASIM=0
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"     # this tree's fastlogits, for scripts run by path
 py=${PYTHON:-python3}
 {
   echo "# fastlogits GPU check, $(date -u +%FT%TZ)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head -3
-  echo "## build"
-  timeout 60 $py -m pip install --no-build-isolation --no-deps -q -e . 2>&1 | tail -3 \
-    || timeout 40 $py setup.py build_ext --inplace 2>&1 | tail -3
-  $py -c "import fastlogits; fastlogits.show_config()"
-  echo "## GPU tests on the device"
-  timeout 150 $py -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -18
-  echo "## fastlogits check (GPU against CPU)"
-  timeout 80 $py -m fastlogits.cli check 2>&1 | tail -44
-  echo "## GPU benchmarks: (8192, 128256), device-resident, public API, CUDA events, medians of 10"
+  t0=$SECONDS
+  section() { echo "## $1 (at ${SECONDS}s, $((SECONDS - t0))s since the last)"; t0=$SECONDS; }
+  section "build (in place, 8 jobs; python -m runs from this tree)"
+  timeout 90 $py setup.py build_ext --inplace -j 8 > /tmp/fl_build.log 2>&1 || tail -20 /tmp/fl_build.log
+  $py -c "import fastlogits, numba, numba.cuda; fastlogits.show_config(); print('numba', numba.__version__)"
+  $py -m pip show numba-cuda 2>/dev/null | head -2
+  section "GPU benchmarks: (8192, 128256), device-resident, public API, CUDA events, medians of 10"
   FL_OUT_DIR="$(dirname "$out")" timeout 90 $py - <<'PY' 2>&1
 import json
 from fastlogits.gpu import timing
@@ -61,7 +61,9 @@ for kind in ("float32", "bfloat16"):
     except Exception as e:  # nvdisasm missing, or no kernel compiled
         print(f"SASS, stats_part LSE {kind}: not dumped ({type(e).__name__}: {e})")
 PY
-  echo "## GPU sampling: (512, 128256) float32, device-resident, CUDA events, medians of 10"
+  section "launch settings of the logsumexp pass (benchmarks/gpu_sweep.py)"
+  PYTHONUNBUFFERED=1 timeout 90 $py benchmarks/gpu_sweep.py 2>&1
+  section "GPU sampling: (512, 128256) float32, device-resident, CUDA events, medians of 10"
   timeout 50 $py - <<'PY' 2>&1
 import json
 from fastlogits.gpu import timing
@@ -73,5 +75,11 @@ for case, peer in (("plain", "torch.multinomial(softmax)"), ("top_k_top_p", "HF 
         line += f"   {peer} {1e3 * r['torch_' + case + '_s']:8.2f} ms   x{r['torch_' + case + '_s'] / r[case + '_s']:.2f}"
     print(line)
 PY
+  section "fastlogits check (GPU against CPU)"
+  timeout 80 $py -m fastlogits.cli check 2>&1 | tail -44
+  section "GPU tests on the device"
+  xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
+  timeout 140 $py -m pytest -q -p no:cacheprovider $xdist --ignore=tests/gpu/test_ptx.py tests/gpu 2>&1 | tail -25
+  section "end"
 } > "$out" 2>&1
 echo "figures in $out"

@@ -87,6 +87,14 @@ def _torch_cuda():
     return torch if torch.cuda.is_available() else None
 
 
+def torch_view(torch, d, dtype):
+    """The device logits ``d`` of ``_device_logits`` as a PyTorch tensor on the same memory (bfloat16 bits
+    through int16, a type every PyTorch reads from ``__cuda_array_interface__``)."""
+    if dtype == "bfloat16":
+        return torch.as_tensor(d.view(np.int16), device="cuda").view(torch.bfloat16)
+    return torch.as_tensor(d, device="cuda")
+
+
 def benchmark(shape=(8192, 128256), dtypes=("float32", "bfloat16"), repeat=10, torch_too=True):
     """Figures for logsumexp and cross-entropy (reduction "mean", device int64 labels) on device-resident
     logits of ``shape``: per dtype, seconds and GB/s (logits read) of fastlogits, and of torch.logsumexp /
@@ -111,9 +119,7 @@ def benchmark(shape=(8192, 128256), dtypes=("float32", "bfloat16"), repeat=10, t
         calls = {"logsumexp": lambda dx=dx: fl.logsumexp(dx),
                  "cross_entropy": lambda dx=dx: fl.cross_entropy(dx, dlab)}
         if torch is not None:
-            tt = torch.as_tensor(d, device="cuda")
-            if dtype == "bfloat16":
-                tt = tt.view(torch.bfloat16)
+            tt = torch_view(torch, d, dtype)
             lab = torch.as_tensor(labels, device="cuda")
             calls["torch_logsumexp"] = lambda tt=tt: torch.logsumexp(tt, -1)
             calls["torch_cross_entropy"] = lambda tt=tt, lab=lab: torch.nn.functional.cross_entropy(tt, lab)
