@@ -2,8 +2,8 @@
 # The GPU check, for a machine with an NVIDIA GPU and no network (torch, numba-cuda and Cython installed):
 # builds fastlogits' kernels in this source tree, runs the GPU benchmarks against PyTorch, the launch-settings
 # sweep (gpu_sweep.py), `fastlogits check` and the GPU tests on the real device (the PTX check aside: CI runs
-# it), and writes every figure to one file, the most wanted first. Its sections' time limits add up to 540 s
-# (build 90; benchmarks 90, sweep 90, sampling 50; check 80; tests 140), each section's seconds logged.
+# it), and writes every figure to one file, the most wanted first. Its sections' time limits add up to 500 s
+# (build 90; benchmarks 90, sweep 90, sampling 50; check 60; tests 120), each section's seconds logged.
 #
 #   bash benchmarks/gpu_check.sh [OUT]          (default OUT: gpu_check.txt, or $OUT/gpu_check.txt)
 set -uo pipefail
@@ -76,10 +76,10 @@ for case, peer in (("plain", "torch.multinomial(softmax)"), ("top_k_top_p", "HF 
     print(line)
 PY
   section "fastlogits check (GPU against CPU)"
-  timeout 80 $py -m fastlogits.cli check 2>&1 | tail -44
+  timeout 60 $py -m fastlogits.cli check 2>&1 | tail -44
   section "GPU tests on the device"
   xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
-  timeout 140 $py -m pytest -q -p no:cacheprovider $xdist --ignore=tests/gpu/test_ptx.py tests/gpu 2>&1 | tail -25
+  timeout 120 $py -m pytest -q -p no:cacheprovider $xdist --ignore=tests/gpu/test_ptx.py tests/gpu 2>&1 | tail -25
   section "end"
 } > "$out" 2>&1
 echo "figures in $out"
