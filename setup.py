@@ -30,6 +30,11 @@ def _try_compile(compiler, source, extra_args=(), link_args=()):
 
 
 class BuildExt(build_ext):
+    def finalize_options(self):
+        super().finalize_options()
+        if self.parallel is None:      # the six modules compile independently: one job per core
+            self.parallel = os.cpu_count() or 1
+
     def build_extensions(self):
         cc = self.compiler
         if not _try_compile(cc, "int main(void) { return 0; }\n"):

@@ -6,6 +6,21 @@ CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) everything runs on the CPU, slowly: 
 """
 
 
+def _numpy_compat():
+    """numba-cuda 0.30 (the last release; it is in maintenance) registers an implementation of
+    ``np.row_stack`` whenever it compiles a kernel, and NumPy 2.5 removed that alias of ``np.vstack``: every
+    kernel would fail to compile with "module 'numpy' has no attribute 'row_stack'" (numba-cuda issue 907).
+    Where NumPy lacks it, the alias is put back, as it was: ``np.vstack`` itself. (The ``gpu`` extra asks for
+    NumPy < 2.5; this serves environments that already have 2.5, such as CUDA images.)"""
+    import numpy as np
+
+    if not hasattr(np, "row_stack"):
+        np.row_stack = np.vstack
+
+
+_numpy_compat()
+
+
 def availability():
     """None when the GPU backend can run here (a CUDA device numba-cuda can use, or its simulator), else
     a sentence saying why not."""

@@ -37,10 +37,12 @@ HOST_BLOCK_BYTES = 256 << 20   # host inputs up to this size move to the device 
 PIPELINE_BLOCK_BYTES = 64 << 20  # larger ones in row blocks of about this size, through pinned buffers
 TARGET_BLOCKS = 512            # split rows into segments until about this many blocks run
 MIN_SEGMENT = 32
-# and a block folds at most this many columns: with one block per row, (8192, 128256) would be 8192 equal
-# blocks, about 5.2 waves of the 1584 an H200 holds at once, and the last fifth of a wave cannot keep the
-# memory busy (a tail of up to a sixth of the time); 4 segments a row make it 21 waves
-MAX_SEGMENT = 32768
+# and a block folds at most this many columns. Longer blocks spread a block's fixed cost (its last, bound-
+# checked chunk, the merge in shared memory, the segments' merge) over more columns, and that outweighs a
+# last partial wave: on an H200 (benchmarks/gpu_sweep.py, (8192, 128256), logsumexp) one block a row read
+# bfloat16 at 2680 GB/s against 2379 GB/s with 4 blocks a row (32768 columns) and 1571 with 16; float32
+# 4228 against 4106 GB/s
+MAX_SEGMENT = 131072
 
 
 def compute_dtype(dtype):

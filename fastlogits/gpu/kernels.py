@@ -47,12 +47,45 @@ WARP = 32
 UNROLLS = {"float16": 16, "bfloat16": 16, "float32": 8, "float64": 8}
 KLOCAL = 8         # top-k candidates each thread keeps
 LOG2E_F32 = np.float32(1.4426950408889634)
+# a float32 term of a sum is 2^y by the GPU's ex2.approx.ftz.f32, one MUFU.EX2: results below 2^-126 are 0
+# (they are below a sum's rounding, which holds a term of 1). CUDA's exp2f (False) adds a compare and two
+# multiplies a term to return subnormal results. Read when the kernels are built.
+EXP2_FTZ = True
+FLT_MIN = np.float32(2.0**-126)
 
 # modes of the statistics kernels, and the (mode, best) variants of stats_part that are built
 LSE, ENTROPY, SUM, WSUM = 0, 1, 2, 3
 # reductions of ce_reduce
 CE_NONE, CE_MEAN, CE_SUM = 0, 1, 2
 STATS_VARIANTS = ((LSE, False), (ENTROPY, False), (ENTROPY, True), (SUM, False), (WSUM, False))
+
+
+if config.ENABLE_CUDASIM:
+    @cuda.jit(device=True)
+    def ex2_ftz(y):
+        """2^y in float32, results below 2^-126 flushed to 0, as the GPU's ex2.approx.ftz.f32 (the
+        simulator's exp2 is correctly rounded where the hardware's is within 2 ulp)."""
+        r = np.float32(math.exp2(np.float32(y)))
+        if r < FLT_MIN:
+            r = np.float32(0)
+        return r
+else:
+    from llvmlite import ir
+    from numba.cuda import types as _types
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def ex2_ftz(typingctx, y):
+        """2^y in float32 by one ex2.approx.ftz.f32 (MUFU.EX2): within 2 ulp, results below 2^-126 are 0
+        (and so are subnormal arguments' 2^0 = 1, as for 0), 2^-inf = 0, NaN stays NaN."""
+        sig = _types.float32(_types.float32)
+
+        def codegen(context, builder, signature, args):
+            f32 = ir.FloatType()
+            asm = ir.InlineAsm(ir.FunctionType(f32, [f32]), "ex2.approx.ftz.f32 $0, $1;", "=f,f")
+            return builder.call(asm, args)
+
+        return sig, codegen
 
 
 # ---- loads: one element of row r, column j, in the compute type -------------------------------------------
@@ -424,14 +457,19 @@ def _build(kind):
     load, CT = _LOADS[kind]
     UNROLL = UNROLLS[kind]      # (a constant of the kernels below: numba freezes closure variables)
 
-    if CT is np.float32:
+    if CT is np.float32 and EXP2_FTZ:
         @cuda.jit(device=True)
         def exp_le0(d):
-            """exp(d) for d <= 0 (or NaN) as a term of a sum: 2^(d log2 e), CUDA's exp2f (one MUFU.EX2 and
-            a multiply, against about ten instructions for expf: see the notes above on the instructions a
-            value may cost). Relative error at most 2 ulp + 1.3 |d| 2^-24 (the scaled argument's rounding):
-            about 2 ulp for the terms that carry a sum's weight, about 2e-7 relative on the sum.
-            exp2(-inf) = 0, exp2(0) = 1 and NaN stays NaN, as for exp."""
+            """exp(d) for d <= 0 (or NaN) as a term of a sum: 2^(d log2 e) by ex2_ftz (a multiply and one
+            MUFU.EX2, against about ten instructions for expf: see the notes above on the instructions a
+            value may cost). Relative error at most 2 ulp + 1.3 |d| 2^-24 (the scaled argument's rounding)
+            where the result is at least 2^-126, 0 below: about 2 ulp for the terms that carry a sum's
+            weight, about 2e-7 relative on the sum. exp(-inf) = 0, exp(0) = 1 and NaN stays NaN."""
+            return ex2_ftz(d * LOG2E_F32)
+    elif CT is np.float32:
+        @cuda.jit(device=True)
+        def exp_le0(d):
+            """exp_le0 by CUDA's exp2f, which returns subnormal results too (EXP2_FTZ = False)."""
             return CT(math.exp2(d * LOG2E_F32))
     else:
         @cuda.jit(device=True)
