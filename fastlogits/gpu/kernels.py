@@ -3,9 +3,10 @@
 # Design: the C core's recurrence, cut for a GPU.
 #
 # - A row is split into ``nseg`` segments of ``seglen`` columns (the backend decides: segments of at most
-#   32768 columns, more while there are too few rows to fill the device); block (row, segment) folds its
+#   MAX_SEGMENT columns, more while there are too few rows to fill the device); block (row, segment) folds its
 #   segment. Thread ``tid`` reads its chunk of UNROLL columns ``base + u * TPB`` (32 bytes: 8 columns of
-#   4 bytes, 16 of 2; coalesced across the block, all UNROLL loads in flight before any is used), and
+#   4 bytes, 16 of 2; twice that in the statistics pass, STATS_UNROLLS; coalesced across the block, all
+#   the chunk's loads in flight before any is used), and
 #   folds it into its private state as the C core folds a chunk: the chunk's max, then the sum of
 #   exp(x - max) in the compute type, added to a float64 sum, with the C core's merge rule and edge
 #   semantics (NaN sticky, +inf gives (inf, 1), all -inf changes nothing).
@@ -45,6 +46,10 @@ WARP = 32
 # columns per thread per step: its chunk, loaded together (loads in flight), by input itemsize: 32 bytes a
 # thread for 2- and 4-byte kinds, so a 16-bit row keeps as many bytes in flight as a float32 row
 UNROLLS = {"float16": 16, "bfloat16": 16, "float32": 8, "float64": 8}
+# and in the statistics pass (stats_part), twice that: on an H200 (benchmarks/gpu_sweep.py, (8192, 128256),
+# one block a row, medians of 10 calls in one run) logsumexp read bfloat16 at 2952 GB/s with 32 columns a
+# step against 2487 with 16, and float32 at 4322 GB/s with 16 against 3839 with 8
+STATS_UNROLLS = {"float16": 32, "bfloat16": 32, "float32": 16, "float64": 8}
 KLOCAL = 8         # top-k candidates each thread keeps
 LOG2E_F32 = np.float32(1.4426950408889634)
 # a float32 term of a sum is 2^y by the GPU's ex2.approx.ftz.f32, one MUFU.EX2: results below 2^-126 are 0
@@ -494,83 +499,94 @@ def _build(kind):
         start = g * seglen
         return r, g, cuda.threadIdx.x, CT(softcap), CT(temp[r]), start, min(start + seglen, x.shape[1])
 
-    @cuda.jit(device=True)
-    def load_chunk(x, r, base, stop, sc, T, lv):
-        """lv[u] = the value of column base + u * TPB (-inf past stop), u < UNROLL: the thread's chunk,
-        loaded before it is used so that UNROLL loads are in flight. Returns the chunk's max, NaN left
-        out (-inf for a chunk of NaN and -inf): has_nan(lv) says whether it had a NaN.
+    def chunk_ops(UNROLL):
+        """The chunk helpers for chunks of UNROLL columns a thread (a constant of the code: numba freezes
+        closure variables): (load_chunk, has_nan, fold_chunk)."""
 
-        Columns are indexed as unsigned (base >= 0): numba then adds no negative-index wraparound, and
-        the UNROLL loads of a full chunk are one address plus constant offsets, with no bound checks."""
-        if base + (UNROLL - 1) * TPB < stop:
-            for u in range(UNROLL):
-                lv[u] = value(x, r, np.uint64(base + u * TPB), sc, T)
-        else:
-            for u in range(UNROLL):
-                j = base + u * TPB
-                v = CT(-math.inf)
-                if j < stop:
-                    v = value(x, r, np.uint64(j), sc, T)
-                lv[u] = v
-        cmax = CT(-math.inf)
-        for u in range(UNROLL):
-            if lv[u] > cmax:
-                cmax = lv[u]
-        return cmax
+        @cuda.jit(device=True)
+        def load_chunk(x, r, base, stop, sc, T, lv):
+            """lv[u] = the value of column base + u * TPB (-inf past stop), u < UNROLL: the thread's chunk,
+            loaded before it is used so that UNROLL loads are in flight. Returns the chunk's max, NaN left
+            out (-inf for a chunk of NaN and -inf): has_nan(lv) says whether it had a NaN.
 
-    @cuda.jit(device=True)
-    def has_nan(lv):
-        """Whether the loaded chunk lv has a NaN."""
-        bad = False
-        for u in range(UNROLL):
-            bad = bad | (lv[u] != lv[u])
-        return bad
-
-    @cuda.jit(device=True)
-    def fold_chunk(lv, cmax, m, s, t, want_t):
-        """Fold a loaded chunk (its max cmax from load_chunk) into the thread's state (m, s, t), as the C
-        core folds a chunk: its max first, then sum exp(x - max) (in the compute type over UNROLL terms,
-        added to s in float64); a new max rescales the state. t = sum exp(x - m) * (x - m) when want_t.
-        NaN is sticky, +inf gives (inf, 1, 0), an all -inf chunk changes nothing. The terms are
-        exp_le0's. A NaN in a chunk with a finite max shows as a NaN sum (every other term is in [0, 1]),
-        so the common case pays no NaN test per value."""
-        if m != m:
-            return m, s, t
-        if cmax == -math.inf or m == math.inf or cmax == math.inf:
-            if has_nan(lv):
-                return CT(math.nan), math.nan, math.nan
-            if cmax == math.inf and m != math.inf:
-                return CT(math.inf), 1.0, 0.0
-            return m, s, t
-        if cmax > m:
-            d0 = m - cmax             # -inf while the state is empty: f = 0 below
-            f = math.exp(d0)
-            if f > 0:
-                if want_t:
-                    t = (t + s * d0) * f
-                s = s * f
+            Columns are indexed as unsigned (base >= 0): numba then adds no negative-index wraparound, and
+            the UNROLL loads of a full chunk are one address plus constant offsets, with no bound checks."""
+            if base + (UNROLL - 1) * TPB < stop:
+                for u in range(UNROLL):
+                    lv[u] = value(x, r, np.uint64(base + u * TPB), sc, T)
             else:
-                s = 0.0
-                t = 0.0
-            m = cmax
-        cs = CT(0)
-        ct = CT(0)
-        for u in range(UNROLL):
-            d = lv[u] - m
-            e = exp_le0(d)
-            cs += e
-            if want_t and e > 0:
-                ct += e * d
-        if cs != cs:
-            return CT(math.nan), math.nan, math.nan
-        return m, s + cs, t + ct
+                for u in range(UNROLL):
+                    j = base + u * TPB
+                    v = CT(-math.inf)
+                    if j < stop:
+                        v = value(x, r, np.uint64(j), sc, T)
+                    lv[u] = v
+            cmax = CT(-math.inf)
+            for u in range(UNROLL):
+                if lv[u] > cmax:
+                    cmax = lv[u]
+            return cmax
+
+        @cuda.jit(device=True)
+        def has_nan(lv):
+            """Whether the loaded chunk lv has a NaN."""
+            bad = False
+            for u in range(UNROLL):
+                bad = bad | (lv[u] != lv[u])
+            return bad
+
+        @cuda.jit(device=True)
+        def fold_chunk(lv, cmax, m, s, t, want_t):
+            """Fold a loaded chunk (its max cmax from load_chunk) into the thread's state (m, s, t), as the C
+            core folds a chunk: its max first, then sum exp(x - max) (in the compute type over UNROLL terms,
+            added to s in float64); a new max rescales the state. t = sum exp(x - m) * (x - m) when want_t.
+            NaN is sticky, +inf gives (inf, 1, 0), an all -inf chunk changes nothing. The terms are
+            exp_le0's. A NaN in a chunk with a finite max shows as a NaN sum (every other term is in [0, 1]),
+            so the common case pays no NaN test per value."""
+            if m != m:
+                return m, s, t
+            if cmax == -math.inf or m == math.inf or cmax == math.inf:
+                if has_nan(lv):
+                    return CT(math.nan), math.nan, math.nan
+                if cmax == math.inf and m != math.inf:
+                    return CT(math.inf), 1.0, 0.0
+                return m, s, t
+            if cmax > m:
+                d0 = m - cmax             # -inf while the state is empty: f = 0 below
+                f = math.exp(d0)
+                if f > 0:
+                    if want_t:
+                        t = (t + s * d0) * f
+                    s = s * f
+                else:
+                    s = 0.0
+                    t = 0.0
+                m = cmax
+            cs = CT(0)
+            ct = CT(0)
+            for u in range(UNROLL):
+                d = lv[u] - m
+                e = exp_le0(d)
+                cs += e
+                if want_t and e > 0:
+                    ct += e * d
+            if cs != cs:
+                return CT(math.nan), math.nan, math.nan
+            return m, s + cs, t + ct
+
+        return load_chunk, has_nan, fold_chunk
+
+    load_chunk, has_nan, fold_chunk = chunk_ops(UNROLL)
+    # the statistics pass (logsumexp, entropy, cross-entropy) folds longer chunks (STATS_UNROLLS): more
+    # loads in flight a thread, and fewer steps' fixed work (the max, the new-max test) a column
+    SU = STATS_UNROLLS[kind]
+    stats_load, stats_has_nan, stats_fold = chunk_ops(SU)
 
     def make_stats_part(mode, best):
         """stats_part for one (mode, best) of STATS_VARIANTS. They are compile-time constants (numba
         freezes closure variables): each variant carries only its own work and registers (ptxas for
-        sm_90: LSE takes 38 registers a thread for float32, 48 for bfloat16, which folds 16 columns a
-        step; one kernel for every mode took 56. For float32 that is 12 resident blocks per SM instead
-        of 9)."""
+        sm_90, when it folded 8 float32 columns a step: LSE took 38 registers a thread where one kernel
+        for every mode took 56, 12 resident blocks per SM instead of 9)."""
 
         @cuda.jit
         def stats_part(x, temp, softcap, seglen, w, pm, ps, pt, pw, pv, pi):
@@ -580,7 +596,7 @@ def _build(kind):
             top-k order into (pv, pi) ((-inf, INT64_MAX) for none), from the same pass (what
             `fastlogits stats` needs: the entropy state and the argmax)."""
             r, g, tid, sc, T, start, stop = block_segment(x, temp, softcap, seglen)
-            lv = cuda.local.array(UNROLL, CT)
+            lv = cuda.local.array(SU, CT)
             m = CT(-math.inf)
             s = 0.0
             t = 0.0
@@ -588,12 +604,12 @@ def _build(kind):
             wsum = 0.0
             bv = CT(-math.inf)
             bi = INT64_MAX
-            for base in range(start + tid, stop, TPB * UNROLL):
-                cmax = load_chunk(x, r, base, stop, sc, T, lv)
+            for base in range(start + tid, stop, TPB * SU):
+                cmax = stats_load(x, r, base, stop, sc, T, lv)
                 m0 = m
-                m, s, t = fold_chunk(lv, cmax, m, s, t, mode == ENTROPY)
-                if best and (cmax >= bv or has_nan(lv)):
-                    for u in range(UNROLL):
+                m, s, t = stats_fold(lv, cmax, m, s, t, mode == ENTROPY)
+                if best and (cmax >= bv or stats_has_nan(lv)):
+                    for u in range(SU):
                         j = base + u * TPB
                         if j < stop and better(lv[u], j, bv, bi):
                             bv = lv[u]
@@ -604,7 +620,7 @@ def _build(kind):
                     ref = float64(m) if m > -math.inf and m < math.inf else 0.0
                     d = 0.0
                     cw = 0.0
-                    for u in range(UNROLL):
+                    for u in range(SU):
                         j = base + u * TPB
                         if j < stop:
                             wj = float64(w[j]) if mode == WSUM else 1.0

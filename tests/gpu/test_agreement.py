@@ -182,15 +182,17 @@ def test_block_boundaries(gpu, rng, V):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 def test_full_chunks(gpu, rng, dtype):
-    """Rows long enough for full chunks (a thread's UNROLL columns loaded with no bound checks, the NaN
-    test left to the chunk's sum) and a tail: the edge rows, whose NaN, inf and -inf fall in the first full
-    chunk and at the row's end; a NaN and a +inf in one thread's chunk, or in its consecutive chunks; a NaN
-    in the chunk where the max grows; random rows with temperature and softcap."""
+    """Rows long enough for full chunks (a thread's STATS_UNROLLS columns loaded with no bound checks, the
+    NaN test left to the chunk's sum; the selection kernels' UNROLLS chunks are as long or shorter) and a
+    tail, no longer (the simulator's time grows with the row): the edge rows, whose NaN, inf and -inf fall
+    in the first full chunk and at the row's end; a NaN and a +inf in one thread's chunk, or in its
+    consecutive chunks; a NaN in the chunk where the max grows; random rows with temperature and
+    softcap."""
     from fastlogits.gpu import kernels as K
 
     tpb = K.TPB
-    step = tpb * K.UNROLLS["bfloat16" if dtype == BF16 else dtype.name]    # the columns of a block's chunks
-    n = 2 * step + 131
+    step = tpb * K.STATS_UNROLLS["bfloat16" if dtype == BF16 else dtype.name]   # a statistics block's chunk
+    n = step + 131                  # a full chunk for every thread, then a tail (the selection kernels: two)
     x = edge_matrix(dtype, n)
     extra = (rng.standard_normal((4, n)) * 3).astype(dtype)
     extra[0, [3, 3 + tpb]] = [np.nan, np.inf]             # thread 3's first chunk: NaN beats +inf

@@ -46,6 +46,21 @@ def test_check_reports_a_wrong_gpu_result(gpu, monkeypatch, capsys, op):
     assert "passed, " in table and " failed" in table
 
 
+def test_sixteen_bit_outputs_may_differ_by_one_unit_subnormals_included():
+    """A 16-bit output may differ by one unit of its rounding: relative above the subnormals, their spacing
+    among them (float16 softmax probabilities of a long row are mostly subnormal), never two units."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 64)).astype(np.float16)
+    f16_sub = np.array([[1, 37, 900, 1000]], np.float64) * 2.0**-24            # float16 subnormals
+    normal = np.array([[0.5, 0.25, 2.0**-3, 1.0]])
+    cases = [("float16", f16_sub, np.full(f16_sub.shape, 2.0**-24))]
+    cases += [(dtype, normal, normal * check.ROUND[dtype]) for dtype in ("float16", "bfloat16")]
+    for dtype, w, unit in cases:
+        assert check._compare("softmax", w + unit, w, x[:1], dtype, out_dtype=dtype)[1]
+        assert check._compare("softmax", w - unit, w, x[:1], dtype, out_dtype=dtype)[1]
+        assert not check._compare("softmax", w + 2.5 * unit, w, x[:1], dtype, out_dtype=dtype)[1]
+
+
 def test_check_runs_the_cpu_on_the_threads_asked_for(gpu, monkeypatch, capsys):
     """`fastlogits check --threads N`: every CPU call of the check runs on N threads, and still agrees."""
     seen = []

@@ -96,16 +96,25 @@ def test_user_kernel_merge_rule(gpu):
 
 
 def test_bf16_conversion_every_bit_pattern(gpu):
-    """The simulator's bfloat16 load (the GPU's shift into a float32's high half, bit cast by a NumPy view)
-    is exact for all 65536 patterns: zeros, subnormals, normals, infinities, NaN."""
+    """The kernels' bfloat16 load (a shift into a float32's high half and a bit cast: the simulator's by a
+    NumPy view, the GPU's by libdevice) is exact for all 65536 patterns: zeros, subnormals, normals,
+    infinities, NaN. One block whose threads stride over the patterns, so the simulator runs it quickly."""
     import ml_dtypes
 
     from fastlogits.gpu.kernels import _LOADS
 
     load = _LOADS["bfloat16"][0]
+
+    @cuda.jit
+    def apply(x, out):
+        for j in range(cuda.threadIdx.x, x.shape[1], cuda.blockDim.x):
+            out[j] = load(x, 0, j)
+
     bits = np.arange(65536, dtype=np.uint16)
+    out = cuda.device_array(bits.size, np.float32)
+    apply[1, 128](cuda.to_device(bits[None, :]), out)
+    got = out.copy_to_host()
     want = bits.view(ml_dtypes.bfloat16).astype(np.float32)
-    got = np.array([load(bits[None, :], 0, j) for j in range(65536)], dtype=np.float32)
     nan = np.isnan(want)
     assert np.array_equal(np.isnan(got), nan)
     assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))   # -0.0 included

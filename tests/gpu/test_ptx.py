@@ -9,7 +9,8 @@ import textwrap
 
 import pytest
 
-SCRIPT = textwrap.dedent("""
+# numba.cuda without a device: exit 3 without NVVM; device functions compile for sm_90
+PROLOGUE = textwrap.dedent("""
     import sys
     from numba import cuda
     import numba.cuda.dispatcher as dispatcher
@@ -26,7 +27,9 @@ SCRIPT = textwrap.dedent("""
 
     # Device functions are compiled for the current device's compute capability; there is no device here.
     dispatcher.get_current_device = lambda: _Hopper()
+""")
 
+SCRIPT = PROLOGUE + textwrap.dedent("""
     from fastlogits.gpu import kernels, sample_kernels
     sys.path.insert(0, sys.argv[1])
     from test_device_functions import user_kernels
@@ -65,3 +68,29 @@ def test_every_kernel_compiles_for_sm90():
         )
     assert p.returncode == 0, f"PTX compilation failed:\n{p.stdout}\n{p.stderr[-4000:]}"
     assert "compiled" in p.stdout
+
+
+NO_ROW_STACK = textwrap.dedent("""
+    import numpy as np
+    if hasattr(np, "row_stack"):
+        del np.row_stack                  # as NumPy 2.5 has it
+""") + PROLOGUE + textwrap.dedent("""
+    from fastlogits.gpu import kernels
+    name, kern, sig = next(item for item in kernels.compile_signatures() if item[0].startswith("stats_part"))
+    ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(9, 0))
+    print("compiled", name, "row_stack is vstack:", np.row_stack is np.vstack)
+""")
+
+
+def test_kernels_compile_under_numpy_without_row_stack():
+    """NumPy 2.5 removed np.row_stack, which numba-cuda 0.30 registers an implementation of when it first
+    compiles a kernel (numba-cuda issue 907): fastlogits.gpu puts the alias back, so kernels compile."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, "-c", NO_ROW_STACK], capture_output=True, text=True, env=env,
+                       cwd=root, timeout=600)
+    if p.returncode == 3 and "NVVM-MISSING" in p.stdout:
+        pytest.skip(f"numba-cuda's NVVM is not installed: {p.stdout.strip()}")
+    assert p.returncode == 0, f"{p.stdout}\n{p.stderr[-3000:]}"
+    assert "row_stack is vstack: True" in p.stdout
