@@ -138,6 +138,10 @@ def _map(logits, log, temperature, softcap, out, dtype, backend, threads, chunk_
         # the caller's array, not only x: big-endian logits were swapped into a copy
         if any(isinstance(a, np.ndarray) and np.shares_memory(out, a) for a in (x, logits)):
             raise ValueError(f"{name}: out overlaps logits; the caller's logits are never written to")
+    if 0 in shape:
+        # nothing to write; and numba cannot slice an empty device array (it sees one element over a
+        # null pointer: "non-empty slice into empty slice"), so no backend work at all
+        return out
     if is_gpu_array(out):
         try:
             out2 = B.rows_out(out)   # (rows, V) over the caller's memory, or a ValueError

@@ -279,9 +279,16 @@ def test_device_out_layouts_and_overlap(cuda, rng):
             fl.softmax(dx[0], out=flat)
 
 
-def test_empty_device_maps(cuda):
+def test_empty_device_maps(cuda, gpu, monkeypatch):
     """softmax of empty device logits gives an empty device array (its own result was refused as an out
-    that overlaps itself: an empty array's axes have zero strides); an empty device out is filled."""
+    that overlaps itself: an empty array's axes have zero strides); an empty device out is filled. No
+    backend work is done: numba cannot slice an empty device array on a GPU (one element over a null
+    pointer), where the simulator's arrays can."""
+    def no_work(*a, **k):
+        raise AssertionError("backend work for an empty map")
+
+    monkeypatch.setattr(gpu, "softmax", no_work)
+    monkeypatch.setattr(gpu, "rows_out", no_work)
     for shape in [(3, 0), (0, 5), (2, 0, 4)]:
         dx = cuda.to_device(np.zeros(shape, np.float32))
         for f in (fl.softmax, fl.log_softmax):
