@@ -81,8 +81,8 @@ else:
 
     @intrinsic
     def ex2_ftz(typingctx, y):
-        """2^y in float32 by one ex2.approx.ftz.f32 (MUFU.EX2): within 2 ulp, results below 2^-126 are 0
-        (and so are subnormal arguments' 2^0 = 1, as for 0), 2^-inf = 0, NaN stays NaN."""
+        """2^y in float32 by one ex2.approx.ftz.f32 (MUFU.EX2): within 2 ulp; results below 2^-126 are 0,
+        a subnormal y counts as 0 (2^y = 1), 2^-inf = 0, NaN stays NaN."""
         sig = _types.float32(_types.float32)
 
         def codegen(context, builder, signature, args):
