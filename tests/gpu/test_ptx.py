@@ -3,6 +3,7 @@ simulator accepts cannot land. Runs in a subprocess because this directory's tes
 whose numba.cuda cannot compile."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -94,3 +95,67 @@ def test_kernels_compile_under_numpy_without_row_stack():
         pytest.skip(f"numba-cuda's NVVM is not installed: {p.stdout.strip()}")
     assert p.returncode == 0, f"{p.stdout}\n{p.stderr[-3000:]}"
     assert "row_stack is vstack: True" in p.stdout
+
+
+RESOURCES = PROLOGUE + textwrap.dedent("""
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        from cuda.bindings import nvjitlink
+    except ImportError as e:
+        print("NVJITLINK-MISSING:", e)
+        sys.exit(3)
+    from fastlogits.gpu import kernels, sample_kernels
+
+    def resources(ptx):
+        # nvJitLink assembles the PTX for sm_90 as ptxas would and reports what each kernel uses
+        h = nvjitlink.create(2, ["-arch=sm_90", "-verbose"])
+        try:
+            data = ptx.encode()
+            nvjitlink.add_data(h, nvjitlink.InputType.PTX, data, len(data), "kernel")
+            nvjitlink.complete(h)
+            buf = bytearray(nvjitlink.get_info_log_size(h))
+            nvjitlink.get_info_log(h, buf)
+        finally:
+            nvjitlink.destroy(h)
+        log = buf.decode(errors="replace")
+        m = re.search(r"used (\\d+) registers.*?(\\d+) bytes smem.*?(\\d+) bytes lmem", log)
+        spills = re.search(r"(\\d+) bytes spill stores", log)
+        return int(m[1]), int(m[2]), int(m[3]), int(spills[1]) if spills else 0
+
+    hot = ("stats_part", "topk_part", "sample prepare", "sample draw")
+    items = [it for it in kernels.compile_signatures() + sample_kernels.compile_signatures()
+             if it[0].startswith(hot)]
+    ptxs = [cuda.compile_ptx(kern.py_func, sig, cc=(9, 0))[0] for _, kern, sig in items]
+    with ThreadPoolExecutor(2) as ex:
+        found = list(ex.map(resources, ptxs))
+    for (name, _, _), (regs, smem, lmem, spills) in zip(items, found):
+        print(f"{name}: {regs} registers, {smem} bytes shared, {lmem} bytes local, {spills} spilled")
+""")
+
+
+def test_hot_kernels_fit_the_device():
+    """The hot kernels, assembled for sm_90 (nvJitLink, from the numba-cuda[cu13] extra; no GPU): every
+    one launches with TPB threads (registers x TPB within the 65536 a block may use, static shared memory
+    within 48 KiB) and spills nothing; the statistics pass keeps its chunk in registers (no local memory:
+    a longer STATS_UNROLLS chunk that did not fit would be slower, not faster). The simulator knows none
+    of these limits."""
+    from fastlogits.gpu import kernels as K
+
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, "-c", RESOURCES], capture_output=True, text=True, env=env, cwd=root,
+                       timeout=900)
+    if p.returncode == 3 and "MISSING" in p.stdout:
+        pytest.skip(f"no NVVM or nvJitLink here: {p.stdout.strip()}")
+    assert p.returncode == 0, f"{p.stdout}\n{p.stderr[-3000:]}"
+    rows = [line.rsplit(": ", 1) for line in p.stdout.splitlines() if " registers, " in line]
+    assert len(rows) >= 32, p.stdout
+    for name, use in rows:
+        regs, smem, lmem, spills = (int(w) for w in re.findall(r"\d+", use))
+        assert regs * K.TPB <= 65536 and smem <= 48 * 1024, (name, use)
+        assert spills == 0, (name, use)
+        if name.startswith("stats_part"):
+            assert lmem == 0, (name, use)
