@@ -36,9 +36,10 @@ VARIANTS = {
 }
 
 
-def rebuild(kind, unroll, ftz):
-    """The kernels of ``kind`` rebuilt (on first use) with ``unroll`` columns per thread per step and the
-    exp2 of EXP2_FTZ = ``ftz``."""
+def use(kind, seg, unroll, ftz):
+    """Segments of at most ``seg`` columns, and the kernels of ``kind`` rebuilt (on first use) with ``unroll``
+    columns per thread per step in the statistics pass and the exp2 of EXP2_FTZ = ``ftz``."""
+    B.MAX_SEGMENT = seg
     K.STATS_UNROLLS[kind] = unroll
     K.EXP2_FTZ = ftz
     K.for_kind = K.kind_cache(K._build)
@@ -50,7 +51,6 @@ def main():
     print(f"device-to-device copy: {copy:.1f} GB/s (read + write)")
     torch = timing._torch_cuda()
     labels = cuda.to_device(np.random.default_rng(1).integers(0, V, rows))
-    defaults = B.MAX_SEGMENT, dict(K.STATS_UNROLLS), K.EXP2_FTZ
     for kind in ("float32", "bfloat16"):
         d = timing._device_logits(SHAPE, kind)
         dx = d.view(B.BF16) if kind == "bfloat16" else d
@@ -67,11 +67,11 @@ def main():
             print(line("torch logsumexp", timing.time_stream(lambda tt=tt: torch.logsumexp(tt, -1))))
         timing.time_stream(lambda dx=dx: fl.logsumexp(dx), repeat=30)   # clocks up: the first variant
         ref = None                                                        # is not timed cold
+        shipped = B.MAX_SEGMENT, K.STATS_UNROLLS[kind], K.EXP2_FTZ
         for seg, unroll, ftz in VARIANTS[kind]:
             label = f"seg {seg} unroll {unroll} {'ftz' if ftz else 'exp2f'}"
             try:
-                B.MAX_SEGMENT = seg
-                rebuild(kind, unroll, ftz)
+                use(kind, seg, unroll, ftz)
                 got = fl.logsumexp(dx).copy_to_host()
                 ref = got if ref is None else ref
                 ok = np.allclose(got, ref, rtol=2e-6, atol=0)
@@ -81,8 +81,7 @@ def main():
                 print(line(label + " ce", tce))
             except Exception as e:  # a variant that fails is a finding, not the end of the sweep
                 print(f"{kind:9s} {label}: {type(e).__name__}: {e}")
-        B.MAX_SEGMENT, K.STATS_UNROLLS, K.EXP2_FTZ = defaults[0], dict(defaults[1]), defaults[2]
-        K.for_kind = K.kind_cache(K._build)
+        use(kind, *shipped)
 
         if torch is not None:
             try:

@@ -148,7 +148,7 @@ def sample_benchmark(shape=(512, 128256), repeat=10, torch_too=True):
                                         repeat)}
     torch = _torch_cuda() if torch_too else None
     if torch is not None:
-        t = torch.as_tensor(d, device="cuda")
+        t = torch_view(torch, d, "float32")
         out["torch_plain_s"] = time_events(lambda: torch.multinomial(torch.softmax(t, -1), 1), repeat)
         out["torch_top_k_top_p_s"] = time_events(lambda: hf_sample_pipeline(torch, t), repeat)
     return out

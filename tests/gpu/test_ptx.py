@@ -31,11 +31,15 @@ PROLOGUE = textwrap.dedent("""
 """)
 
 SCRIPT = PROLOGUE + textwrap.dedent("""
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
     from fastlogits.gpu import kernels, sample_kernels
     sys.path.insert(0, sys.argv[1])
     from test_device_functions import user_kernels
 
     failed = []
+    hot = {}            # name -> PTX of the kernels whose resources are checked
     items = kernels.compile_signatures() + sample_kernels.compile_signatures()
     from numba import types
     f8 = types.Array(types.float64, 1, "C")
@@ -47,66 +51,18 @@ SCRIPT = PROLOGUE + textwrap.dedent("""
             ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(9, 0))
             assert ".target sm_90" in ptx, name
             print("ok", name, len(ptx))
+            if name.startswith(("stats_part", "topk_part", "sample prepare", "sample draw")):
+                hot[name] = ptx
         except Exception as e:
             failed.append(name)
             print("FAILED", name, type(e).__name__, e)
     print("compiled", len(items) - len(failed), "of", len(items))
-    sys.exit(1 if failed else 0)
-""")
-
-
-def test_every_kernel_compiles_for_sm90():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    here = os.path.dirname(os.path.abspath(__file__))
-    p = subprocess.run(
-        [sys.executable, "-c", SCRIPT, here], capture_output=True, text=True, env=env, cwd=root, timeout=600
-    )
-    if p.returncode == 3 and "NVVM-MISSING" in p.stdout:
-        pytest.skip(
-            f"numba-cuda's NVVM is not installed (pip install 'numba-cuda[cu13]'): {p.stdout.strip()}"
-        )
-    assert p.returncode == 0, f"PTX compilation failed:\n{p.stdout}\n{p.stderr[-4000:]}"
-    assert "compiled" in p.stdout
-
-
-NO_ROW_STACK = textwrap.dedent("""
-    import numpy as np
-    if hasattr(np, "row_stack"):
-        del np.row_stack                  # as NumPy 2.5 has it
-""") + PROLOGUE + textwrap.dedent("""
-    from fastlogits.gpu import kernels
-    name, kern, sig = next(item for item in kernels.compile_signatures() if item[0].startswith("stats_part"))
-    ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(9, 0))
-    print("compiled", name, "row_stack is vstack:", np.row_stack is np.vstack)
-""")
-
-
-def test_kernels_compile_under_numpy_without_row_stack():
-    """NumPy 2.5 removed np.row_stack, which numba-cuda 0.30 registers an implementation of when it first
-    compiles a kernel (numba-cuda issue 907): fastlogits.gpu puts the alias back, so kernels compile."""
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-c", NO_ROW_STACK], capture_output=True, text=True, env=env,
-                       cwd=root, timeout=600)
-    if p.returncode == 3 and "NVVM-MISSING" in p.stdout:
-        pytest.skip(f"numba-cuda's NVVM is not installed: {p.stdout.strip()}")
-    assert p.returncode == 0, f"{p.stdout}\n{p.stderr[-3000:]}"
-    assert "row_stack is vstack: True" in p.stdout
-
-
-RESOURCES = PROLOGUE + textwrap.dedent("""
-    import re
-    from concurrent.futures import ThreadPoolExecutor
 
     try:
         from cuda.bindings import nvjitlink
     except ImportError as e:
         print("NVJITLINK-MISSING:", e)
-        sys.exit(3)
-    from fastlogits.gpu import kernels, sample_kernels
+        sys.exit(1 if failed else 0)
 
     def resources(ptx):
         # nvJitLink assembles the PTX for sm_90 as ptxas would and reports what each kernel uses
@@ -124,18 +80,41 @@ RESOURCES = PROLOGUE + textwrap.dedent("""
         spills = re.search(r"(\\d+) bytes spill stores", log)
         return int(m[1]), int(m[2]), int(m[3]), int(spills[1]) if spills else 0
 
-    hot = ("stats_part", "topk_part", "sample prepare", "sample draw")
-    items = [it for it in kernels.compile_signatures() + sample_kernels.compile_signatures()
-             if it[0].startswith(hot)]
-    ptxs = [cuda.compile_ptx(kern.py_func, sig, cc=(9, 0))[0] for _, kern, sig in items]
     with ThreadPoolExecutor(2) as ex:
-        found = list(ex.map(resources, ptxs))
-    for (name, _, _), (regs, smem, lmem, spills) in zip(items, found):
-        print(f"{name}: {regs} registers, {smem} bytes shared, {lmem} bytes local, {spills} spilled")
+        found = list(ex.map(resources, hot.values()))
+    for name, (regs, smem, lmem, spills) in zip(hot, found):
+        print(f"uses {name}: {regs} registers, {smem} bytes shared, {lmem} bytes local, {spills} spilled")
+    sys.exit(1 if failed else 0)
 """)
 
 
-def test_hot_kernels_fit_the_device():
+def _run(script, *args):
+    """script run in a Python without the simulator, from the project's root; skips without NVVM."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
+                       cwd=root, timeout=900)
+    if p.returncode == 3 and "NVVM-MISSING" in p.stdout:
+        pytest.skip(
+            f"numba-cuda's NVVM is not installed (pip install 'numba-cuda[cu13]'): {p.stdout.strip()}"
+        )
+    return p
+
+
+@pytest.fixture(scope="module")
+def sm90():
+    """Every kernel compiled to PTX for sm_90, once, and the hot ones assembled (SCRIPT's output)."""
+    return _run(SCRIPT, os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_kernel_compiles_for_sm90(sm90):
+    p = sm90
+    assert p.returncode == 0, f"PTX compilation failed:\n{p.stdout}\n{p.stderr[-4000:]}"
+    assert "compiled" in p.stdout
+
+
+def test_hot_kernels_fit_the_device(sm90):
     """The hot kernels, assembled for sm_90 (nvJitLink, from the numba-cuda[cu13] extra; no GPU): every
     one launches with TPB threads (registers x TPB within the 65536 a block may use, static shared memory
     within 48 KiB) and spills nothing; the statistics pass keeps its chunk in registers (no local memory:
@@ -143,15 +122,11 @@ def test_hot_kernels_fit_the_device():
     of these limits."""
     from fastlogits.gpu import kernels as K
 
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-c", RESOURCES], capture_output=True, text=True, env=env, cwd=root,
-                       timeout=900)
-    if p.returncode == 3 and "MISSING" in p.stdout:
-        pytest.skip(f"no NVVM or nvJitLink here: {p.stdout.strip()}")
+    p = sm90
+    if "NVJITLINK-MISSING" in p.stdout:
+        pytest.skip(f"no nvJitLink here: {p.stdout.strip().splitlines()[-1]}")
     assert p.returncode == 0, f"{p.stdout}\n{p.stderr[-3000:]}"
-    rows = [line.rsplit(": ", 1) for line in p.stdout.splitlines() if " registers, " in line]
+    rows = [line[len("uses "):].rsplit(": ", 1) for line in p.stdout.splitlines() if line.startswith("uses ")]
     assert len(rows) >= 32, p.stdout
     for name, use in rows:
         regs, smem, lmem, spills = (int(w) for w in re.findall(r"\d+", use))
@@ -159,3 +134,23 @@ def test_hot_kernels_fit_the_device():
         assert spills == 0, (name, use)
         if name.startswith("stats_part"):
             assert lmem == 0, (name, use)
+
+
+NO_ROW_STACK = textwrap.dedent("""
+    import numpy as np
+    if hasattr(np, "row_stack"):
+        del np.row_stack                  # as NumPy 2.5 has it
+""") + PROLOGUE + textwrap.dedent("""
+    from fastlogits.gpu import kernels
+    name, kern, sig = next(item for item in kernels.compile_signatures() if item[0].startswith("stats_part"))
+    ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(9, 0))
+    print("compiled", name, "row_stack is vstack:", np.row_stack is np.vstack)
+""")
+
+
+def test_kernels_compile_under_numpy_without_row_stack():
+    """NumPy 2.5 removed np.row_stack, which numba-cuda 0.30 registers an implementation of when it first
+    compiles a kernel (numba-cuda issue 907): fastlogits.gpu puts the alias back, so kernels compile."""
+    p = _run(NO_ROW_STACK)
+    assert p.returncode == 0, f"{p.stdout}\n{p.stderr[-3000:]}"
+    assert "row_stack is vstack: True" in p.stdout
