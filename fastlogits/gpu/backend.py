@@ -15,6 +15,7 @@ blocks (merged afterwards) when there are too few rows to fill the device, and i
 MAX_SEGMENT columns, so that a large batch runs as many short blocks.
 """
 import math
+import sys
 import threading
 import warnings
 
@@ -61,13 +62,22 @@ def is_device_array(x):
 
 def _device_view(x):
     """x as a numba device array, zero-copy. The work queued next on the default stream (this backend's)
-    is ordered after the work x's producer queued on the stream its ``__cuda_array_interface__`` names,
-    on the device: numba's own import (``as_cuda_array`` with its default ``sync=True``) waits for that
-    stream on the host instead, which would make every call on a PyTorch tensor wait."""
+    is ordered after the work x's producer queued on x's stream (stream_of), on the device: numba's own
+    import (``as_cuda_array`` with its default ``sync=True``) waits for that stream on the host instead,
+    which would make every call on a PyTorch tensor wait. That stream is kept, so that at the end of the
+    public call its next work is ordered after this call's (order_streams)."""
     if getattr(x, "__cuda_ndarray__", False):
         return x
     d = cuda.as_cuda_array(x, sync=False)
-    _wait_for_stream(x.__cuda_array_interface__.get("stream"))
+    ptr = stream_of(x)
+    if ptr is not None and int(ptr) not in (0, 1, 2):
+        _order_event().record(stream=cuda.external_stream(int(ptr)))
+        _order_event().wait(stream=_default_stream())
+        streams = getattr(_local, "foreign_streams", None)
+        if streams is None:
+            streams = _local.foreign_streams = []
+        if int(ptr) not in streams:
+            streams.append(int(ptr))
     return d
 
 
@@ -77,19 +87,41 @@ def device_view(x):
     return _device_view(x)
 
 
-def _wait_for_stream(ptr):
-    """Order the default stream's next work after the work queued so far on stream ``ptr`` (a
-    __cuda_array_interface__ "stream": None for none, 1 and 2 for the legacy and per-thread default
-    streams, else a stream handle), without waiting on the host: an event recorded there, waited for
-    here. The default streams need nothing: the legacy default stream is this backend's, and it and the
-    per-thread default stream are ordered with each other."""
-    if ptr is None or int(ptr) in (1, 2):
-        return
+def stream_of(x):
+    """The stream on which x's producer queues its work: its ``__cuda_array_interface__``'s "stream"
+    (None for none, 1 and 2 for the legacy and per-thread default streams, else a stream handle). A
+    PyTorch tensor's interface (version 2) names none, and PyTorch runs its work on its current stream
+    (a side stream under ``torch.cuda.stream(s)``, which does not wait for the legacy default stream,
+    nor it for them): that stream is the tensor's, as for a CUDA kernel a PyTorch extension launches
+    (0 there, the legacy default stream, is this backend's own)."""
+    ptr = x.__cuda_array_interface__.get("stream")
+    if ptr is None:
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(x, torch.Tensor):
+            ptr = torch.cuda.current_stream(x.device).cuda_stream
+    return ptr
+
+
+def _order_event():
     ev = getattr(_local, "order_event", None)
     if ev is None:
         ev = _local.order_event = cuda.event(timing=False)
-    ev.record(stream=cuda.external_stream(int(ptr)))
-    ev.wait(stream=_default_stream())
+    return ev
+
+
+def order_streams():
+    """At the end of a public call (ops._backend.ordered): the work queued next on the streams of the
+    call's foreign arrays (their producers', stream_of) is ordered after the work this call queued on the
+    default stream, on the device: the producer may then read the results, or reuse the inputs' memory
+    (PyTorch's allocator does so on its stream), with no wait on the host."""
+    streams = getattr(_local, "foreign_streams", None)
+    if not streams:
+        return
+    _local.foreign_streams = None
+    ev = _order_event()
+    ev.record(stream=_default_stream())
+    for ptr in streams:
+        ev.wait(stream=cuda.external_stream(ptr))
 
 
 class _Interface:

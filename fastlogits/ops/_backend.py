@@ -22,7 +22,13 @@ dtype) (its dtype name) and overlaps(a, b).
 
 The GPU backend is imported only when asked for, so ``import fastlogits`` never needs CUDA.
 """
+import functools
+import sys
+import threading
+
 from fastlogits import _config
+
+_calls = threading.local()
 
 
 def get(name):
@@ -39,3 +45,22 @@ def get(name):
 def gpu_rows(x, dtype):
     """A GPU array as (x2d, lead, dtype name), via the GPU backend."""
     return get("gpu").as_rows(x, dtype)
+
+
+def ordered(fn):
+    """A public function that may take GPU arrays: when it returns (or raises), the work that the
+    producers of its foreign GPU arrays queue next on their streams (a PyTorch side stream, say) is ordered
+    after the kernels it queued (gpu.backend.order_streams), with no wait on the host. Nested public calls
+    order once, at the outer call's end; nothing is done when the GPU backend was never loaded."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        depth = getattr(_calls, "depth", 0)
+        _calls.depth = depth + 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _calls.depth = depth
+            gpu = sys.modules.get("fastlogits.gpu.backend") if depth == 0 else None
+            if gpu is not None:
+                gpu.order_streams()
+    return call

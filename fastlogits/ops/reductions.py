@@ -5,6 +5,7 @@ import numpy as np
 
 from fastlogits._config import is_int
 from fastlogits.ops import _backend
+from fastlogits.ops._backend import ordered
 from fastlogits.ops._doc import shared_params
 from fastlogits.ops._prep import (
     NP_DTYPES,
@@ -27,6 +28,7 @@ def _finish(r, values):
     return scalar_if_0d(_backend.get(r.backend).finish(values, r.result_dtype, r.lead))
 
 
+@ordered
 @shared_params
 def logsumexp(logits, *, temperature=1.0, softcap=None, backend=None, threads=None, chunk_size=None):
     """log sum exp(x / T) over the last axis.
@@ -60,6 +62,7 @@ def logsumexp(logits, *, temperature=1.0, softcap=None, backend=None, threads=No
                                                   r.threads))
 
 
+@ordered
 @shared_params
 def entropy(logits, *, temperature=1.0, softcap=None, backend=None, threads=None, chunk_size=None):
     """Shannon entropy, in nats, of softmax(x / T) over the last axis.
@@ -156,6 +159,7 @@ def _map(logits, log, temperature, softcap, out, dtype, backend, threads, chunk_
     return out
 
 
+@ordered
 @shared_params
 def softmax(logits, *, temperature=1.0, softcap=None, out=None, dtype=None, backend=None, threads=None,
             chunk_size=None):
@@ -181,6 +185,7 @@ def softmax(logits, *, temperature=1.0, softcap=None, out=None, dtype=None, back
     return _map(logits, False, temperature, softcap, out, dtype, backend, threads, chunk_size)
 
 
+@ordered
 @shared_params
 def log_softmax(logits, *, temperature=1.0, softcap=None, out=None, dtype=None, backend=None,
                 threads=None, chunk_size=None):
@@ -230,6 +235,7 @@ def label_error(label, i, lead, V, ignore_index, note=None):
                       f"(valid: 0..{V - 1}, or ignore_index={ignore_index})" + (f"; {note}" if note else ""))
 
 
+@ordered
 @shared_params
 def cross_entropy(logits, labels, *, weight=None, ignore_index=-100, label_smoothing=0.0,
                   reduction="mean", z_loss=0.0, temperature=1.0, softcap=None, backend=None, threads=None,

@@ -26,6 +26,7 @@ import numpy as np
 
 from fastlogits._config import is_int
 from fastlogits.ops import _backend
+from fastlogits.ops._backend import ordered
 from fastlogits.ops._doc import shared_params
 from fastlogits.ops._prep import (
     NP_DTYPES,
@@ -102,6 +103,7 @@ _STATUS = {
 }
 
 
+@ordered
 @shared_params
 def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, seed=None, num_samples=1,
            return_logprobs=False, softcap=None, backend=None, threads=None, chunk_size=None):
@@ -343,6 +345,7 @@ def sample_source(src, temperature, top_k, top_p, min_p, seed, ns, logprobs, kw,
     return tuple(fit(a) for a in cat) if logprobs else fit(cat[0])
 
 
+@ordered
 @shared_params
 def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperature=1.0, backend=None,
                      threads=None, chunk_size=None):

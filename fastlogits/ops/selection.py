@@ -3,6 +3,7 @@ import numpy as np
 
 from fastlogits._config import is_int
 from fastlogits.ops import _backend
+from fastlogits.ops._backend import ordered
 from fastlogits.ops._doc import shared_params
 from fastlogits.ops._prep import NP_DTYPES, prepare, scalar_if_0d
 from fastlogits.stream import run as stream_run
@@ -18,6 +19,7 @@ def _check_k(k, V):
     return k
 
 
+@ordered
 @shared_params
 def argmax(logits, *, temperature=1.0, softcap=None, backend=None, threads=None, chunk_size=None):
     """Index of the largest logit of each row, int64 of shape (...).
@@ -61,6 +63,7 @@ def _top_k(logits, k, logprobs, temperature, softcap, backend, threads, chunk_si
     return r, vals, B.finish(idx, np.int64, r.lead + (k,))
 
 
+@ordered
 @shared_params
 def top_k(logits, k, *, temperature=1.0, softcap=None, backend=None, threads=None, chunk_size=None):
     """The k largest logits of each row and their indices, like ``torch.topk(x, k)``.
@@ -94,6 +97,7 @@ def top_k(logits, k, *, temperature=1.0, softcap=None, backend=None, threads=Non
     return _backend.get(r.backend).finish(vals, dt, idx.shape), idx
 
 
+@ordered
 @shared_params
 def top_k_logprobs(logits, k, *, temperature=1.0, softcap=None, backend=None, threads=None,
                    chunk_size=None):

@@ -6,9 +6,11 @@ thread in Python, so shapes stay small. The PTX check (test_ptx.py) compiles the
 subprocess without the simulator, so it needs no GPU either.
 """
 
+import functools
 import os
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -113,6 +115,45 @@ def _atomic_simulator_shared_arrays():
     cls.array = array
     yield
     cls.array = original
+
+
+@functools.cache
+def _real_gpu():
+    from numba import cuda
+
+    return cuda.is_available()
+
+
+_BROKEN = []    # on a real GPU: the test after which the device reported an error, and the error
+
+
+@pytest.fixture(autouse=True)
+def _device_left_working(request):
+    """On a real GPU: a test after which the device reports an error (an illegal address, a trap: errors
+    that every later CUDA call of the process returns) fails at its teardown with that error, so that the
+    report names the test that broke the context. Under pytest-xdist its worker then exits
+    (pytest_runtest_logfinish) and a new one, with a new context, runs the tests left; in a single process
+    they are skipped, naming that test. Nothing is done under the simulator."""
+    if simulated() or not _real_gpu():
+        yield
+        return
+    if _BROKEN:
+        pytest.skip(f"the CUDA context of this process was broken after {_BROKEN[0]}")
+    yield
+    from numba import cuda
+
+    try:
+        cuda.synchronize()
+    except Exception as e:      # numba's CudaAPIError or CudaDriverError
+        _BROKEN.append(f"{request.node.nodeid} ({e})")
+        pytest.fail(f"the device reported an error after this test; every later CUDA call of this process "
+                    f"fails with it: {type(e).__name__}: {e}", pytrace=False)
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    if _BROKEN and os.environ.get("PYTEST_XDIST_WORKER"):
+        time.sleep(1.0)         # (the reports are on their way to the controller)
+        os._exit(3)             # xdist starts a new worker for the tests this one had left
 
 
 REPORT = []     # lines for the terminal summary: agreement rates the GPU tests measured

@@ -159,10 +159,17 @@ def test_segments(gpu):
 
 
 def test_foreign_arrays_are_ordered_on_the_device(gpu, monkeypatch):
-    """An array from another library (a PyTorch tensor, say) is imported without numba's host wait
-    (as_cuda_array(sync=False)); the default stream, where the kernels run, waits on the device for the
-    stream its __cuda_array_interface__ names: an event recorded there and waited for. The default streams
-    (1, 2) and no stream (None) need nothing. (The ordering itself needs a GPU: test_real_device.py.)"""
+    """An array from another library is imported without numba's host wait (as_cuda_array(sync=False));
+    the default stream, where the kernels run, waits on the device for its producer's stream: the one its
+    __cuda_array_interface__ names, or for a PyTorch tensor (whose interface names none) PyTorch's
+    current stream. The default streams (0 from PyTorch, 1, 2) and no stream need nothing. When the
+    public call ends, each such stream waits for the call's work on the default stream: once, at the end
+    of the outer call. (The ordering itself needs a GPU: test_real_device.py.)"""
+    import sys
+    import types
+
+    from fastlogits.ops._backend import ordered
+
     calls = []
 
     class FakeEvent:
@@ -195,21 +202,66 @@ def test_foreign_arrays_are_ordered_on_the_device(gpu, monkeypatch):
             self.__cuda_array_interface__ = {"shape": host.shape, "typestr": host.dtype.str, "version": 3,
                                              "data": (0, False), "strides": None, "stream": stream}
 
+    torch = types.ModuleType("torch")            # a stand-in: its current stream is what PyTorch says
+    current = {"stream": 0}
+
+    class Tensor(Foreign):
+        device = "cuda:0"
+
+        def __init__(self, host):
+            super().__init__(host, None)
+            del self.__cuda_array_interface__["stream"]          # version 2: no stream
+
+    def current_stream(device):
+        assert device == "cuda:0"
+        return types.SimpleNamespace(cuda_stream=current["stream"])
+
+    torch.Tensor = Tensor
+    torch.cuda = types.SimpleNamespace(current_stream=current_stream)
+    monkeypatch.setitem(sys.modules, "torch", torch)
     monkeypatch.setattr(gpu, "cuda", FakeCuda)
-    monkeypatch.setattr(gpu._local, "order_event", None, raising=False)
-    monkeypatch.setattr(gpu._local, "default_stream", None, raising=False)
+    for name in ("order_event", "default_stream", "foreign_streams"):
+        monkeypatch.setattr(gpu._local, name, None, raising=False)
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
-    for stream in (None, 1, 2):
+    for a in (Foreign(x, None), Foreign(x, 1), Foreign(x, 2), Tensor(x)):      # (PyTorch's stream: 0)
         calls.clear()
-        d = gpu._device_view(Foreign(x, stream))
-        assert calls == [("import", False)], stream
+        d = gpu._device_view(a)
+        assert calls == [("import", False)], a.__cuda_array_interface__
         np.testing.assert_array_equal(d.copy_to_host(), x)
+    gpu.order_streams()
+    assert calls == [("import", False)]
+
+    @ordered
+    def public(*arrays, inner=False):
+        for a in arrays:
+            gpu._device_view(a)
+        if inner:                    # a public call inside another orders nothing itself
+            public(Foreign(x, 0x7F10))
+            assert calls[-1] == "kernels"            # (and no event recorded after it)
+        calls.append("kernels")
+
     calls.clear()
-    gpu._device_view(Foreign(x, 0x7F00))
-    gpu._device_view(Foreign(x, 0x7F08))
-    assert calls == [("import", False), ("event", False), ("record", ("stream", 0x7F00)),
-                     ("wait", "default stream"),
-                     ("import", False), ("record", ("stream", 0x7F08)), ("wait", "default stream")]
+    current["stream"] = 0x7F08
+    public(Foreign(x, 0x7F00), Tensor(x), Foreign(x, 0x7F00), inner=True)
+    wait = [("wait", "default stream")]
+    assert calls == [("import", False), ("event", False), ("record", ("stream", 0x7F00)), *wait,
+                     ("import", False), ("record", ("stream", 0x7F08)), *wait,
+                     ("import", False), ("record", ("stream", 0x7F00)), *wait,
+                     ("import", False), ("record", ("stream", 0x7F10)), *wait, "kernels", "kernels",
+                     ("record", "default stream"), ("wait", ("stream", 0x7F00)), ("wait", ("stream", 0x7F08)),
+                     ("wait", ("stream", 0x7F10))]
+    calls.clear()
+    with pytest.raises(ZeroDivisionError):       # a call that raises has queued work too
+        ordered(lambda: (gpu._device_view(Foreign(x, 0x7F00)), 1 / 0))()
+    assert calls[-2:] == [("record", "default stream"), ("wait", ("stream", 0x7F00))]
+    calls.clear()
+    public(Foreign(x, None))
+    assert calls == [("import", False), "kernels"]          # nothing left over from earlier calls
+    import fastlogits as fl
+
+    for name in ("logsumexp", "entropy", "softmax", "log_softmax", "cross_entropy", "argmax", "top_k",
+                 "top_k_logprobs", "sample", "beam_search_step"):       # every public function of arrays
+        assert getattr(fl, name).__code__ is ordered(len).__code__, name
 
 
 @cuda.jit

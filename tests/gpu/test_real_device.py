@@ -168,8 +168,9 @@ def test_torch_tensors_through_the_public_api(gpu, rng):
 
 def test_tensor_from_another_stream(gpu, rng):
     """A tensor still being written on a PyTorch side stream (PyTorch's streams do not wait for the legacy
-    default stream, nor it for them): fastlogits' kernels wait for it on the device, with no wait on the
-    host, and read the finished values."""
+    default stream, nor it for them, and a PyTorch tensor's __cuda_array_interface__ names no stream):
+    fastlogits' kernels wait for PyTorch's current stream on the device, with no wait on the host, and
+    read the finished values; the side stream's next work waits for them and reads their results."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("PyTorch without CUDA")
@@ -183,7 +184,10 @@ def test_tensor_from_another_stream(gpu, rng):
             t = torch.tanh(t) * 4 + 0.5
         lse = fl.logsumexp(t)
         ce = fl.cross_entropy(t, torch.zeros(2048, dtype=torch.int64, device="cuda"), reduction="none")
+        # the side stream's next work reads the results: it waits for fastlogits' kernels, on the device
+        read = torch.as_tensor(lse, device="cuda") + 0.0
     torch.cuda.synchronize()
     np.testing.assert_allclose(lse.copy_to_host(), torch.logsumexp(t, -1).cpu().numpy(), rtol=2e-5)
+    np.testing.assert_array_equal(read.cpu().numpy(), lse.copy_to_host())
     np.testing.assert_allclose(ce.copy_to_host(), (torch.logsumexp(t, -1) - t[:, 0]).cpu().numpy(),
                                rtol=2e-5, atol=2e-5)
