@@ -117,6 +117,96 @@ def _atomic_simulator_shared_arrays():
     cls.array = original
 
 
+@pytest.fixture(autouse=True, scope="package")
+def _numba_device_array_rules():
+    """The simulator's device arrays are NumPy arrays, and its launches take any grid: they allow what
+    numba refuses on a GPU. Here they refuse it as numba-cuda 0.30 does (cudadrv/devicearray.py, with its
+    own dummyarray for the address arithmetic), so that code only the simulator accepts fails in CI (an
+    H200 run found a slice of an empty array and a 3-D transpose so): a copy to the host of negative
+    strides, a reshape or ravel that needs a copy, a transpose of more than 2 axes (numba transposes 2
+    into a new array, a copy, never a view), a slice of an empty array, a view as another item size of a
+    non-contiguous array, and a launch of an empty grid or block, or of more than 1024 threads a block or
+    65535 blocks along y or z. Restored afterwards; nothing changes on a real GPU."""
+    from numba.core import config
+
+    if not config.ENABLE_CUDASIM:
+        yield
+        return
+    import importlib.util
+    import pathlib
+
+    import numba_cuda
+    from numba.cuda.simulator import kernel as sim_kernel
+    from numba.cuda.simulator.cudadrv import devicearray as sim
+
+    # numba's dummyarray (pure Python; under the simulator numba.cuda.cudadrv.dummyarray is a stub)
+    path = pathlib.Path(numba_cuda.__file__).parent / "numba" / "cuda" / "cudadrv" / "dummyarray.py"
+    spec = importlib.util.spec_from_file_location("_numba_dummyarray", path)
+    dummyarray = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dummyarray)
+    cls = sim.FakeCUDAArray
+    names = ("copy_to_host", "reshape", "ravel", "transpose", "__getitem__", "view")
+    saved = {name: cls.__dict__[name] for name in names}
+    normalize = sim_kernel.normalize_kernel_dimensions
+
+    def dummy(a):
+        return dummyarray.Array.from_desc(0, a.shape, a.strides, a.dtype.itemsize)
+
+    def copy_to_host(self, ary=None, stream=0):
+        if any(st < 0 for st in self._ary.strides):
+            raise NotImplementedError(f"D->H copy not implemented for negative strides: {self._ary.strides}")
+        return saved["copy_to_host"](self, ary, stream)
+
+    def reshape(self, *newshape, **kws):
+        shape = newshape[0] if len(newshape) == 1 and isinstance(newshape[0], (tuple, list)) else newshape
+        if tuple(shape) != self._ary.shape:
+            d = dummy(self._ary)
+            if d.reshape(*shape, **kws)[1] != [d.extent]:
+                raise NotImplementedError("operation requires copying")
+        return saved["reshape"](self, *newshape, **kws)
+
+    def ravel(self, order="C", stream=0):
+        d = dummy(self._ary)
+        if d.ravel(order=order)[1] != [d.extent]:
+            raise NotImplementedError("operation requires copying")
+        return saved["ravel"](self, order)
+
+    def transpose(self, axes=None):
+        if axes and tuple(axes) == tuple(range(self._ary.ndim)):
+            return self
+        if self._ary.ndim != 2:
+            raise NotImplementedError("transposing a non-2D DeviceNDArray isn't supported")
+        return sim.FakeCUDAArray(np.ascontiguousarray(saved["transpose"](self, axes)._ary))
+
+    def getitem(self, idx):
+        if self._ary.size == 0:          # numba's view of a null pointer, as numba computes its extent
+            arr = dummy(self._ary)[idx]
+            extents = list(arr.iter_contiguous_extent())
+            begin, end = extents[0] if len(extents) == 1 else arr.extent
+            if end != begin:
+                raise RuntimeError("non-empty slice into empty slice")
+        return saved["__getitem__"](self, idx)
+
+    def view(self, dtype):
+        if np.dtype(dtype).itemsize != self._ary.dtype.itemsize and not self._ary.flags.c_contiguous:
+            raise ValueError("To change to a dtype of a different size, the array must be C-contiguous")
+        return saved["view"](self, dtype)
+
+    def launch_dims(griddim, blockdim):
+        g, b = normalize(griddim, blockdim)
+        if 0 in g or 0 in b or b[0] * b[1] * b[2] > 1024 or max(g[1:]) > 65535 or g[0] >= 2**31:
+            raise ValueError(f"CUDA_ERROR_INVALID_VALUE: a launch of grid {g} and block {b}")
+        return g, b
+
+    for name, fn in zip(names, (copy_to_host, reshape, ravel, transpose, getitem, view)):
+        setattr(cls, name, fn)
+    sim_kernel.normalize_kernel_dimensions = launch_dims
+    yield
+    for name in names:
+        setattr(cls, name, saved[name])
+    sim_kernel.normalize_kernel_dimensions = normalize
+
+
 @functools.cache
 def _real_gpu():
     from numba import cuda

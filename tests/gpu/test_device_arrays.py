@@ -311,3 +311,36 @@ def test_accumulators_and_sources_say_what_to_do_with_device_arrays(gpu, rng, tm
     np.save(tmp_path / "x.npy", x)
     with pytest.raises(TypeError, match="a source is written block by block from the host"):
         fl.softmax(fl.open(tmp_path / "x.npy"), out=cuda.device_array((2, 40), np.float32), backend="gpu")
+
+
+def test_device_arrays_refuse_what_numba_refuses_on_a_gpu(gpu):
+    """Under the simulator the device arrays and launches keep numba's rules on a GPU (conftest's
+    _numba_device_array_rules): each case here raises on an H200 as it does here (the first two did so in
+    the fastlogits test suite)."""
+    from .conftest import simulated
+
+    if not simulated():
+        pytest.skip("the rules are numba's own on a GPU")
+    x = cuda.to_device(np.arange(24, dtype=np.float32).reshape(2, 3, 4))
+    with pytest.raises(RuntimeError, match="non-empty slice into empty slice"):
+        cuda.to_device(np.zeros((3, 0), np.float32))[1:]
+    with pytest.raises(NotImplementedError, match="non-2D"):
+        x.transpose((1, 0, 2))
+    with pytest.raises(NotImplementedError, match="negative strides"):
+        x[:, :, ::-1].copy_to_host()
+    with pytest.raises(NotImplementedError, match="requir.* cop"):
+        x[:, :2].reshape(4, 4)
+    with pytest.raises(NotImplementedError, match="non-contiguous"):
+        x[:, ::2].ravel()
+    with pytest.raises(ValueError, match="C-contiguous"):
+        x[:, :, :2].view(np.float16)
+    for grid, block in [(0, 32), ((4, 0), 32), (1, 0), (1, 1025), ((1, 65536), 32)]:
+        with pytest.raises(ValueError, match="CUDA_ERROR_INVALID_VALUE"):
+            _store_all[grid, block](x[0], cuda.device_array((3, 4), np.uint16))
+    # what numba allows stays allowed: views, their copies, a 2-D transpose (a new array, not a view)
+    np.testing.assert_array_equal(x[:, ::2].copy_to_host(), np.arange(24).reshape(2, 3, 4)[:, ::2])
+    np.testing.assert_array_equal(x.reshape(6, 4).copy_to_host(), np.arange(24).reshape(6, 4))
+    t = x[0].T
+    np.testing.assert_array_equal(t.copy_to_host(), np.arange(12).reshape(3, 4).T)
+    assert t.is_c_contiguous()
+    assert x[1:1].shape == (0, 3, 4) and x[:, :, :2].view(np.int32).shape == (2, 3, 2)
