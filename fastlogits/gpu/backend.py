@@ -418,12 +418,18 @@ def _blocks(x, dtype, temperature):
         return _Block(sl, d, temperature, st, 1 + b % 2, True)
 
     nxt = upload(0)
-    for b in range(len(starts)):
-        cur = nxt
-        if b + 1 < len(starts):
-            nxt = upload(b + 1)
-        yield cur
-        cur.stream.synchronize()
+    try:
+        for b in range(len(starts)):
+            cur = nxt
+            if b + 1 < len(starts):
+                nxt = upload(b + 1)
+            yield cur
+            cur.stream.synchronize()
+    finally:
+        # a caller that stops early (an exception) leaves copies from the pinned buffers in flight, and the
+        # next call may refill or free those buffers: the copies finish first
+        for st in streams:
+            st.synchronize()
 
 
 def _staging(slot, shape, dtype):

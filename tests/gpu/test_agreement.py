@@ -310,6 +310,28 @@ def test_host_row_blocks(gpu, rng, monkeypatch):
     agree("cross_entropy", x, labels=np.array([0, 1, 2, -100, 63]), reduction="none")
 
 
+def test_host_row_blocks_stopped_early_wait_for_their_copies(gpu, monkeypatch):
+    """A caller that stops taking row blocks (an exception in its loop) still waits for the copies in
+    flight from the two pinned staging buffers before they can be refilled or freed: both streams are
+    synchronized when the blocks are closed."""
+    synced = []
+    stream = gpu.cuda.stream
+
+    def recorded_stream():
+        s = stream()
+        s.synchronize = lambda: synced.append(s)
+        return s
+
+    monkeypatch.setattr(gpu.cuda, "stream", recorded_stream)
+    monkeypatch.setattr(gpu, "HOST_BLOCK_BYTES", 2 * 64 * 4)    # blocks of two rows: three blocks
+    x = np.zeros((5, 64), np.float32)
+    blocks = gpu._blocks(x, "float32", np.ones(5))
+    first = next(blocks)
+    assert first.rows == 2 and not synced
+    blocks.close()
+    assert len(synced) == 2 and synced[0] is not synced[1]
+
+
 def test_use_backend(gpu, rng):
     x = rng.standard_normal((2, 10)).astype(np.float32)
     with fl.use_backend("gpu"):
