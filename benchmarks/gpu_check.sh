@@ -28,9 +28,9 @@ py=${PYTHON:-python3}
   $py -m pip show numba-cuda 2>/dev/null | head -2
   section "GPU tests on the device (tracebacks in gpu_tests.txt)"
   xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
-  timeout -s INT -k 15 180 $py -m pytest -q -p no:cacheprovider $xdist --ignore=tests/gpu/test_ptx.py -rfE \
+  timeout -s INT -k 15 180 $py -m pytest -q -p no:cacheprovider $xdist --ignore=tests/gpu/test_ptx.py -rfE --durations=12 \
     --tb=short --junitxml="$(dirname "$out")/gpu_tests.xml" tests/gpu > "$(dirname "$out")/gpu_tests.txt" 2>&1
-  grep -E "^(FAILED|ERROR)|passed|failed" "$(dirname "$out")/gpu_tests.txt" | tail -40
+  grep -E "^(FAILED|ERROR)|passed|failed|^[0-9.]+s (call|setup|teardown)" "$(dirname "$out")/gpu_tests.txt" | tail -55
   section "GPU benchmarks: (8192, 128256), device-resident, public API, CUDA events, medians of 10"
   FL_OUT_DIR="$(dirname "$out")" timeout 60 $py - <<'PY' 2>&1
 import json
