@@ -71,8 +71,9 @@ def _device_view(x):
     d = cuda.as_cuda_array(x, sync=False)
     ptr = stream_of(x)
     if ptr is not None and int(ptr) not in (0, 1, 2):
-        _order_event().record(stream=cuda.external_stream(int(ptr)))
-        _order_event().wait(stream=_default_stream())
+        ev = _order_event()
+        ev.record(stream=cuda.external_stream(int(ptr)))
+        ev.wait(stream=_default_stream())
         streams = getattr(_local, "foreign_streams", None)
         if streams is None:
             streams = _local.foreign_streams = []
