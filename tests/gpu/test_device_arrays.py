@@ -315,8 +315,8 @@ def test_accumulators_and_sources_say_what_to_do_with_device_arrays(gpu, rng, tm
 
 def test_device_arrays_refuse_what_numba_refuses_on_a_gpu(gpu):
     """Under the simulator the device arrays and launches keep numba's rules on a GPU (conftest's
-    _numba_device_array_rules): each case here raises on an H200 as it does here (the first two did so in
-    the fastlogits test suite)."""
+    _numba_device_array_rules): each case refused here is refused on a GPU too (a launch there with a CUDA
+    error rather than a ValueError); the first two once failed fastlogits' tests on an H200 only."""
     from .conftest import simulated
 
     if not simulated():
