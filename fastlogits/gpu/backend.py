@@ -158,6 +158,23 @@ def _rows_view(d):
     return cuda.as_cuda_array(_Interface(cai, d), sync=False)     # (d is ordered already: _device_view)
 
 
+def _row_block(d, sl):
+    """Rows ``sl`` (a slice of step 1) of 2-D device array d, a zero-copy view. Not d[sl]: numba's slicing
+    (its dummyarray, numba-cuda 0.30) measures a negative stride's extent as empty, so that rows of a
+    (6, 5) array of strides (20, -4) come out (6, 0), a view over a null pointer that a kernel would then
+    write through (found on an H200 as an illegal address, with an out= over reversed columns)."""
+    if sl.start == 0 and sl.stop == d.shape[0]:
+        return d
+    if hasattr(d, "_ary"):                       # the simulator's FakeCUDAArray wraps a NumPy array
+        return type(d)(d._ary[sl])
+    cai = dict(d.__cuda_array_interface__)
+    strides = tuple(d.strides)
+    cai["data"] = (cai["data"][0] + sl.start * strides[0], False)
+    cai["shape"] = (sl.stop - sl.start, d.shape[1])
+    cai["strides"] = strides
+    return cuda.as_cuda_array(_Interface(cai, d), sync=False)
+
+
 def rows_out(out):
     """A GPU ``out`` as a 2-D (rows, V) device array over the caller's memory, for the maps to write in
     place; a ValueError where its leading axes do not merge into one (a copy would not be written)."""
@@ -515,7 +532,7 @@ def softmax(x, dtype, temperature, softcap, log, out, out_dtype, chunk, threads)
         lse_ = blk.array(blk.rows, np.float64, "lse")
         blk.launch(K.stats_finish, *_grid1(blk.rows))(pm, ps, pt, K.LSE, lse_)
         nseg, seglen = _segments(blk.rows, blk.V, chunk)
-        y = dv[blk.sl] if out_dev else blk.array((blk.rows, blk.V), kd)
+        y = _row_block(dv, blk.sl) if out_dev else blk.array((blk.rows, blk.V), kd)
         if blk.V:
             blk.launch(mapk, (blk.rows, nseg))(blk.d, blk.dtemp, float(softcap), seglen, pm, ps, bool(log), y)
         if not out_dev:

@@ -125,8 +125,9 @@ def _numba_device_array_rules():
     H200 run found a slice of an empty array and a 3-D transpose so): a copy to the host of negative
     strides, a reshape or ravel that needs a copy, a transpose of more than 2 axes (numba transposes 2
     into a new array, a copy, never a view), a slice of an empty array, a view as another item size of a
-    non-contiguous array, and a launch of an empty grid or block, or of more than 1024 threads a block or
-    65535 blocks along y or z. Restored afterwards; nothing changes on a real GPU."""
+    non-contiguous array, a slice of an array with a negative stride that numba gets wrong (it comes out
+    empty), and a launch of an empty grid or block, or of more than 1024 threads a block or 65535 blocks
+    along y or z. Restored afterwards; nothing changes on a real GPU."""
     from numba.core import config
 
     if not config.ENABLE_CUDASIM:
@@ -179,13 +180,21 @@ def _numba_device_array_rules():
         return sim.FakeCUDAArray(np.ascontiguousarray(saved["transpose"](self, axes)._ary))
 
     def getitem(self, idx):
-        if self._ary.size == 0:          # numba's view of a null pointer, as numba computes its extent
-            arr = dummy(self._ary)[idx]
+        a = self._ary
+        if a.size == 0:          # numba's view of a null pointer, as numba computes its extent
+            arr = dummy(a)[idx]
             extents = list(arr.iter_contiguous_extent())
             begin, end = extents[0] if len(extents) == 1 else arr.extent
             if end != begin:
                 raise RuntimeError("non-empty slice into empty slice")
-        return saved["__getitem__"](self, idx)
+        ret = saved["__getitem__"](self, idx)
+        if a.ndim and min(a.strides) < 0:          # (kernels index elements through here: kept cheap)
+            arr = dummy(a)[idx]
+            if arr.is_array and tuple(arr.shape) != tuple(ret.shape):
+                raise RuntimeError(f"numba slices a device array of shape {a.shape} and strides {a.strides} "
+                                   f"by {idx!r} to shape {arr.shape}, where NumPy gives {ret.shape}: its "
+                                   "dummyarray counts a negative stride's extent as empty")
+        return ret
 
     def view(self, dtype):
         if np.dtype(dtype).itemsize != self._ary.dtype.itemsize and not self._ary.flags.c_contiguous:

@@ -334,6 +334,8 @@ def test_device_arrays_refuse_what_numba_refuses_on_a_gpu(gpu):
         x[:, ::2].ravel()
     with pytest.raises(ValueError, match="C-contiguous"):
         x[:, :, :2].view(np.float16)
+    with pytest.raises(RuntimeError, match=r"to shape \(2, 0\), where NumPy gives \(2, 4\)"):
+        x[0, :, ::-1][1:]                        # numba: rows of reversed columns come out empty
     for grid, block in [(0, 32), ((4, 0), 32), (1, 0), (1, 1025), ((1, 65536), 32)]:
         with pytest.raises(ValueError, match="CUDA_ERROR_INVALID_VALUE"):
             _store_all[grid, block](x[0], cuda.device_array((3, 4), np.uint16))
@@ -344,3 +346,36 @@ def test_device_arrays_refuse_what_numba_refuses_on_a_gpu(gpu):
     np.testing.assert_array_equal(t.copy_to_host(), np.arange(12).reshape(3, 4).T)
     assert t.is_c_contiguous()
     assert x[1:1].shape == (0, 3, 4) and x[:, :, :2].view(np.int32).shape == (2, 3, 2)
+
+
+def test_row_blocks_of_arrays_with_negative_strides(gpu, monkeypatch):
+    """backend._row_block takes rows of a device array by its __cuda_array_interface__ (numba's own slice
+    of an array with a negative stride comes out empty: a null pointer, written through on an H200). Here
+    the interface is a host array's, imported by a stand-in for numba's as_cuda_array, so that the
+    address arithmetic is checked against NumPy's on real memory, writes included."""
+
+    class Foreign:                    # a device array as numba's real one looks to _row_block
+        def __init__(self, a):
+            self.shape, self.strides = a.shape, a.strides
+            self.__cuda_array_interface__ = {"shape": a.shape, "strides": a.strides, "typestr": a.dtype.str,
+                                             "data": (a.__array_interface__["data"][0], False), "version": 3}
+
+    class AtAddress:
+        def __init__(self, cai):
+            self.__array_interface__ = {**cai, "version": 3}
+
+    def as_cuda_array(obj, sync=True):
+        return type(cuda.to_device(np.zeros(1)))(np.asarray(AtAddress(obj.__cuda_array_interface__)))
+
+    monkeypatch.setattr(gpu.cuda, "as_cuda_array", as_cuda_array, raising=False)
+    base = np.arange(120, dtype=np.float32).reshape(6, 20)
+    for view in (base[:, ::-4], base[::-1, 3::2], base[::-2, ::-3], base[:, :5]):
+        rows = view.shape[0]
+        whole = Foreign(view)
+        assert gpu._row_block(whole, slice(0, rows)) is whole
+        for sl in (slice(1, rows), slice(0, 1), slice(rows - 2, rows - 1)):
+            got = gpu._row_block(Foreign(view), sl)._ary
+            np.testing.assert_array_equal(got, view[sl])
+            got[...] = -1.0                              # a view: writes land in the caller's rows
+            assert np.all(view[sl] == -1.0)
+            base[...] = np.arange(120, dtype=np.float32).reshape(6, 20)

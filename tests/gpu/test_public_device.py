@@ -279,6 +279,20 @@ def test_device_out_layouts_and_overlap(cuda, rng):
             fl.softmax(dx[0], out=flat)
 
 
+def test_host_row_blocks_into_device_outs_with_negative_strides(cuda, gpu, monkeypatch, rng):
+    """Host logits moved in row blocks, mapped into a device out over reversed columns (or rows): each
+    block writes its rows of the caller's memory. (numba's own slice of such an out comes out empty, a
+    null pointer: a kernel wrote through it on an H200; the simulator now refuses that slice too.)"""
+    x = rng.standard_normal((5, 40)).astype(np.float32)
+    monkeypatch.setattr(gpu, "HOST_BLOCK_BYTES", 2 * 40 * 4)           # blocks of two rows
+    for sl in (np.s_[:, ::-1], np.s_[::-1], np.s_[::-1, ::-2]):
+        base = cuda.to_device(np.full((5, 80), 7.0, np.float32))[:, :40] if sl != np.s_[::-1, ::-2] \
+            else cuda.to_device(np.full((5, 80), 7.0, np.float32))
+        out = base[sl]
+        assert fl.log_softmax(x, out=out, backend="gpu") is out
+        np.testing.assert_allclose(_host(base)[sl], fl.log_softmax(x, backend="cpu"), rtol=2e-6, atol=1e-6)
+
+
 def test_empty_device_maps(cuda, gpu, monkeypatch):
     """softmax of empty device logits gives an empty device array (its own result was refused as an out
     that overlaps itself: an empty array's axes have zero strides); an empty device out is filled. No
