@@ -270,7 +270,7 @@ def as_rows(x, dtype):
         return d, lead, name
     v = _rows_view(d)
     if v is None:        # leading axes that do not merge (rare): a compact copy, through the host
-        host = d.copy_to_host()
+        host = _host_copy(d)
         rows = int(np.prod(lead, dtype=np.int64))
         v = cuda.to_device(np.ascontiguousarray(host).reshape(rows, shape[-1]))
     return v, lead, name
@@ -561,7 +561,7 @@ def cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, wei
     w = _weights(dtype, weight if mode == K.WSUM else None)
     on_device = device and is_device_array(labels)
     if not on_device:
-        labels = labels.copy_to_host() if is_device_array(labels) else np.asarray(labels)
+        labels = to_host(labels) if is_device_array(labels) else np.asarray(labels)
         labels = np.ascontiguousarray(labels, dtype=np.int64)
     for blk in _blocks(x, dtype, temperature):
         parts = _stats(blk, kern, softcap, mode, w, chunk)
@@ -734,7 +734,7 @@ def stats(x, dtype, temperature, softcap, labels, ignore_index, chunk, threads):
     top = _empty(rows_all, np.int64, device)
     has_labels = labels is not None
     if has_labels:
-        labels = labels.copy_to_host() if is_device_array(labels) else np.asarray(labels)
+        labels = to_host(labels) if is_device_array(labels) else np.asarray(labels)
         labels = np.ascontiguousarray(labels, dtype=np.int64)
     w = _weights(dtype)
     for blk in _blocks(x, dtype, temperature):
@@ -951,8 +951,28 @@ def empty(shape, dtype):
 
 def to_host(values):
     """NumPy values as they are; a device array (numba's, or any with __cuda_array_interface__) copied
-    to the host."""
-    return values if isinstance(values, np.ndarray) else _device_view(values).copy_to_host()
+    to the host, whatever its strides (_host_copy)."""
+    return values if isinstance(values, np.ndarray) else _host_copy(_device_view(values))
+
+
+def _host_copy(d):
+    """numba device array d copied to the host. numba refuses to copy an array with a negative stride
+    ("D->H copy not implemented"): such axes are copied through a view of the same memory with the
+    stride's sign turned (its first element then the lowest address) and turned back on the host."""
+    turn = [i for i, st in enumerate(d.strides) if st < 0]
+    if not turn or d.size == 0:
+        return d.copy_to_host() if not turn else np.empty(tuple(d.shape), d.dtype)
+    if hasattr(d, "_ary"):                       # the simulator's FakeCUDAArray wraps a NumPy array
+        return np.array(d._ary)
+    cai = dict(d.__cuda_array_interface__)
+    strides = list(d.strides)
+    ptr = cai["data"][0]
+    for i in turn:
+        ptr += (d.shape[i] - 1) * strides[i]
+        strides[i] = -strides[i]
+    cai.update(data=(ptr, False), strides=tuple(strides), shape=tuple(d.shape))
+    host = cuda.as_cuda_array(_Interface(cai, d), sync=False).copy_to_host()
+    return np.ascontiguousarray(np.flip(host, axis=tuple(turn)))
 
 
 def to_device_like(values, like):

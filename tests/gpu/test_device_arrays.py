@@ -348,34 +348,62 @@ def test_device_arrays_refuse_what_numba_refuses_on_a_gpu(gpu):
     assert x[1:1].shape == (0, 3, 4) and x[:, :, :2].view(np.int32).shape == (2, 3, 2)
 
 
+class _AtHostAddress:
+    """A device array as numba's real one looks to the backend's address arithmetic (shape, strides,
+    dtype, size and a __cuda_array_interface__), over host memory, and the NumPy view of an interface."""
+
+    def __init__(self, a):
+        self.shape, self.strides, self.dtype, self.size = a.shape, a.strides, a.dtype, a.size
+        self.__cuda_array_interface__ = {"shape": a.shape, "strides": a.strides, "typestr": a.dtype.str,
+                                         "data": (a.__array_interface__["data"][0], False), "version": 3}
+
+    def copy_to_host(self):
+        return np.array(self.as_cuda_array(self)._ary)
+
+    @staticmethod
+    def as_cuda_array(obj, sync=True):
+        """numba's as_cuda_array for interfaces over host memory: a simulator array viewing it."""
+        view = type("View", (), {"__array_interface__": {**obj.__cuda_array_interface__, "version": 3}})()
+        return type(cuda.to_device(np.zeros(1)))(np.asarray(view))
+
+
 def test_row_blocks_of_arrays_with_negative_strides(gpu, monkeypatch):
     """backend._row_block takes rows of a device array by its __cuda_array_interface__ (numba's own slice
     of an array with a negative stride comes out empty: a null pointer, written through on an H200). Here
     the interface is a host array's, imported by a stand-in for numba's as_cuda_array, so that the
     address arithmetic is checked against NumPy's on real memory, writes included."""
-
-    class Foreign:                    # a device array as numba's real one looks to _row_block
-        def __init__(self, a):
-            self.shape, self.strides = a.shape, a.strides
-            self.__cuda_array_interface__ = {"shape": a.shape, "strides": a.strides, "typestr": a.dtype.str,
-                                             "data": (a.__array_interface__["data"][0], False), "version": 3}
-
-    class AtAddress:
-        def __init__(self, cai):
-            self.__array_interface__ = {**cai, "version": 3}
-
-    def as_cuda_array(obj, sync=True):
-        return type(cuda.to_device(np.zeros(1)))(np.asarray(AtAddress(obj.__cuda_array_interface__)))
-
-    monkeypatch.setattr(gpu.cuda, "as_cuda_array", as_cuda_array, raising=False)
+    monkeypatch.setattr(gpu.cuda, "as_cuda_array", _AtHostAddress.as_cuda_array, raising=False)
     base = np.arange(120, dtype=np.float32).reshape(6, 20)
     for view in (base[:, ::-4], base[::-1, 3::2], base[::-2, ::-3], base[:, :5]):
         rows = view.shape[0]
-        whole = Foreign(view)
+        whole = _AtHostAddress(view)
         assert gpu._row_block(whole, slice(0, rows)) is whole
         for sl in (slice(1, rows), slice(0, 1), slice(rows - 2, rows - 1)):
-            got = gpu._row_block(Foreign(view), sl)._ary
+            got = gpu._row_block(_AtHostAddress(view), sl)._ary
             np.testing.assert_array_equal(got, view[sl])
             got[...] = -1.0                              # a view: writes land in the caller's rows
             assert np.all(view[sl] == -1.0)
             base[...] = np.arange(120, dtype=np.float32).reshape(6, 20)
+
+
+def test_host_copies_of_arrays_with_negative_strides(gpu, monkeypatch):
+    """backend.to_host (labels, beam scores) and as_rows' fallback copy a device array of any strides:
+    numba refuses a negative one, so such axes are copied through a view with the sign turned and turned
+    back on the host. The address arithmetic runs on host memory (see _AtHostAddress); a device array of
+    leading axes that do not merge, with a negative stride, goes through the public API."""
+    monkeypatch.setattr(gpu.cuda, "as_cuda_array", _AtHostAddress.as_cuda_array, raising=False)
+    base = np.arange(2 * 3 * 20, dtype=np.float64).reshape(2, 3, 20)
+    for view in (base[:, :, ::-3], base[::-1, ::-1, 1::4], base[:, ::-2, :], base[::-1, :1, ::-1],
+                 base[0, 0, ::-1], base[:, 1:2, :7]):
+        got = gpu._host_copy(_AtHostAddress(view))
+        assert got.shape == view.shape and not np.shares_memory(got, base)
+        np.testing.assert_array_equal(got, view)
+    assert gpu._host_copy(_AtHostAddress(base[:, :0, ::-1])).shape == (2, 0, 20)
+    monkeypatch.undo()
+    x = np.random.default_rng(5).standard_normal((2, 3, 16)).astype(np.float32)
+    d = cuda.to_device(x)[:, ::-1]                 # leading axes that do not merge: copied once
+    np.testing.assert_allclose(fl.logsumexp(d).copy_to_host(), fl.logsumexp(x[:, ::-1]), rtol=2e-6)
+    labels = cuda.to_device(np.arange(6) % 16)[::-1]
+    np.testing.assert_allclose(fl.cross_entropy(x.reshape(6, 16), labels, reduction="none"),
+                               fl.cross_entropy(x.reshape(6, 16), np.arange(6)[::-1] % 16, reduction="none"),
+                               rtol=2e-6)
