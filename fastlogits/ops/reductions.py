@@ -209,6 +209,13 @@ def log_softmax(logits, *, temperature=1.0, softcap=None, out=None, dtype=None, 
     return _map(logits, True, temperature, softcap, out, dtype, backend, threads, chunk_size)
 
 
+def labels_on_host(labels):
+    """Labels as host data: GPU labels (numba, CuPy, PyTorch; any strides) copied by the GPU backend,
+    whichever backend computes (NumPy cannot read a PyTorch CUDA tensor, nor numba copy a negative
+    stride)."""
+    return _backend.get("gpu").to_host(labels) if is_gpu_array(labels) else labels
+
+
 def check_labels(labels, lead, V, ignore_index):
     """labels as a C-contiguous int64 array of one per row; out-of-range labels raise, naming the label
     and its row."""
@@ -303,7 +310,7 @@ def _cross_entropy_on_device(B, r, labels, eps, z, ignore_index, w, reduction):
     raises IndexError at this thread's next GPU call or fastlogits.gpu.synchronize()."""
     dlab = B.device_labels(labels, r.lead)
     if dlab is None:
-        dlab = check_labels(B.to_host(labels) if is_gpu_array(labels) else labels, r.lead, r.V, ignore_index)
+        dlab = check_labels(labels_on_host(labels), r.lead, r.V, ignore_index)
     out = B.cross_entropy_device(r.x, r.dtype, r.temperature, r.softcap, dlab, ignore_index, w, eps, z,
                                  r.chunk, reduction, r.result_dtype, r.lead)
     return out.reshape(r.lead if reduction == "none" else ())
@@ -364,7 +371,7 @@ def check_ignore_index(ignore_index):
 
 def _ce_rows_terms(B, r, labels, eps, z, ignore_index, w):
     """The per-row terms (see ce_terms) from the backend's per-row results, combined on the host."""
-    lab = check_labels(B.to_host(labels) if is_gpu_array(labels) else labels, r.lead, r.V, ignore_index)
+    lab = check_labels(labels_on_host(labels), r.lead, r.V, ignore_index)
     nll, smooth, lse = B.cross_entropy_rows(r.x, r.dtype, r.temperature, r.softcap, lab, ignore_index, w,
                                             eps > 0, r.chunk, r.threads)
     nll, smooth, lse = B.to_host(nll), B.to_host(smooth), B.to_host(lse)

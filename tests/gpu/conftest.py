@@ -188,7 +188,9 @@ def _numba_device_array_rules():
             if end != begin:
                 raise RuntimeError("non-empty slice into empty slice")
         ret = saved["__getitem__"](self, idx)
-        if a.ndim and min(a.strides) < 0:          # (kernels index elements through here: kept cheap)
+        # (kernels index elements through here, as compiled code does not: only slices are checked)
+        if a.ndim and min(a.strides) < 0 and any(isinstance(i, slice) or i is Ellipsis
+                                                  for i in (idx if isinstance(idx, tuple) else (idx,))):
             arr = dummy(a)[idx]
             if arr.is_array and tuple(arr.shape) != tuple(ret.shape):
                 raise RuntimeError(f"numba slices a device array of shape {a.shape} and strides {a.strides} "

@@ -371,7 +371,12 @@ def test_row_blocks_of_arrays_with_negative_strides(gpu, monkeypatch):
     """backend._row_block takes rows of a device array by its __cuda_array_interface__ (numba's own slice
     of an array with a negative stride comes out empty: a null pointer, written through on an H200). Here
     the interface is a host array's, imported by a stand-in for numba's as_cuda_array, so that the
-    address arithmetic is checked against NumPy's on real memory, writes included."""
+    address arithmetic is checked against NumPy's on real memory, writes included. (On a GPU the public
+    API checks it: test_host_row_blocks_into_device_outs_with_negative_strides.)"""
+    from .conftest import simulated
+
+    if not simulated():
+        pytest.skip("host memory as a device array: the simulator's arrays only")
     monkeypatch.setattr(gpu.cuda, "as_cuda_array", _AtHostAddress.as_cuda_array, raising=False)
     base = np.arange(120, dtype=np.float32).reshape(6, 20)
     for view in (base[:, ::-4], base[::-1, 3::2], base[::-2, ::-3], base[:, :5]):
@@ -390,16 +395,19 @@ def test_host_copies_of_arrays_with_negative_strides(gpu, monkeypatch):
     """backend.to_host (labels, beam scores) and as_rows' fallback copy a device array of any strides:
     numba refuses a negative one, so such axes are copied through a view with the sign turned and turned
     back on the host. The address arithmetic runs on host memory (see _AtHostAddress); a device array of
-    leading axes that do not merge, with a negative stride, goes through the public API."""
-    monkeypatch.setattr(gpu.cuda, "as_cuda_array", _AtHostAddress.as_cuda_array, raising=False)
-    base = np.arange(2 * 3 * 20, dtype=np.float64).reshape(2, 3, 20)
-    for view in (base[:, :, ::-3], base[::-1, ::-1, 1::4], base[:, ::-2, :], base[::-1, :1, ::-1],
-                 base[0, 0, ::-1], base[:, 1:2, :7]):
-        got = gpu._host_copy(_AtHostAddress(view))
-        assert got.shape == view.shape and not np.shares_memory(got, base)
-        np.testing.assert_array_equal(got, view)
-    assert gpu._host_copy(_AtHostAddress(base[:, :0, ::-1])).shape == (2, 0, 20)
-    monkeypatch.undo()
+    leading axes that do not merge, with a negative stride, goes through the public API (on a GPU too)."""
+    from .conftest import simulated
+
+    if simulated():                  # host memory as a device array: the simulator's arrays only
+        monkeypatch.setattr(gpu.cuda, "as_cuda_array", _AtHostAddress.as_cuda_array, raising=False)
+        base = np.arange(2 * 3 * 20, dtype=np.float64).reshape(2, 3, 20)
+        for view in (base[:, :, ::-3], base[::-1, ::-1, 1::4], base[:, ::-2, :], base[::-1, :1, ::-1],
+                     base[0, 0, ::-1], base[:, 1:2, :7]):
+            got = gpu._host_copy(_AtHostAddress(view))
+            assert got.shape == view.shape and not np.shares_memory(got, base)
+            np.testing.assert_array_equal(got, view)
+        assert gpu._host_copy(_AtHostAddress(base[:, :0, ::-1])).shape == (2, 0, 20)
+        monkeypatch.undo()
     x = np.random.default_rng(5).standard_normal((2, 3, 16)).astype(np.float32)
     d = cuda.to_device(x)[:, ::-1]                 # leading axes that do not merge: copied once
     np.testing.assert_allclose(fl.logsumexp(d).copy_to_host(), fl.logsumexp(x[:, ::-1]), rtol=2e-6)
