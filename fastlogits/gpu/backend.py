@@ -126,11 +126,25 @@ def order_streams():
 
 
 class _Interface:
-    """An object exposing another __cuda_array_interface__ (a reshaped view of the same memory)."""
+    """An object exposing another array interface (a reshaped view of the same memory): a
+    ``__cuda_array_interface__``, or for host memory (the simulator's arrays) an ``__array_interface__``."""
 
-    def __init__(self, cai, owner):
-        self.__cuda_array_interface__ = cai
+    def __init__(self, iface, owner, host=False):
+        setattr(self, "__array_interface__" if host else "__cuda_array_interface__", iface)
         self._owner = owner    # keeps the memory alive
+
+
+def _view(d, shape, strides, offset=0):
+    """A zero-copy view of device array d's memory, of ``shape`` and byte ``strides``, its first element
+    ``offset`` bytes from d's: built from the address, as neither numba's slicing (see _row_block) nor its
+    reshape can for every stride. Under the simulator, the same arithmetic over the NumPy array its
+    FakeCUDAArray wraps. (d is ordered already: _device_view.)"""
+    host = hasattr(d, "_ary")
+    src = d._ary.__array_interface__ if host else d.__cuda_array_interface__
+    iface = dict(src, data=(src["data"][0] + offset, False), shape=tuple(shape), strides=tuple(strides))
+    if host:
+        return type(d)(np.asarray(_Interface(iface, d, host=True)))
+    return cuda.as_cuda_array(_Interface(iface, d), sync=False)
 
 
 def _rows_view(d):
@@ -149,13 +163,7 @@ def _rows_view(d):
         if s1 != s2 * n2:
             return None
     row_stride = axes[-1][1] if axes else V * itemsize
-    if hasattr(d, "_ary"):                       # the simulator's FakeCUDAArray wraps a NumPy array
-        a = np.lib.stride_tricks.as_strided(d._ary, (rows, V), (row_stride, strides[-1]))
-        return type(d)(a)
-    cai = dict(d.__cuda_array_interface__)
-    cai["shape"] = (rows, V)
-    cai["strides"] = (row_stride, strides[-1])
-    return cuda.as_cuda_array(_Interface(cai, d), sync=False)     # (d is ordered already: _device_view)
+    return _view(d, (rows, V), (row_stride, strides[-1]))
 
 
 def _row_block(d, sl):
@@ -165,14 +173,7 @@ def _row_block(d, sl):
     write through (found on an H200 as an illegal address, with an out= over reversed columns)."""
     if sl.start == 0 and sl.stop == d.shape[0]:
         return d
-    if hasattr(d, "_ary"):                       # the simulator's FakeCUDAArray wraps a NumPy array
-        return type(d)(d._ary[sl])
-    cai = dict(d.__cuda_array_interface__)
-    strides = tuple(d.strides)
-    cai["data"] = (cai["data"][0] + sl.start * strides[0], False)
-    cai["shape"] = (sl.stop - sl.start, d.shape[1])
-    cai["strides"] = strides
-    return cuda.as_cuda_array(_Interface(cai, d), sync=False)
+    return _view(d, (sl.stop - sl.start, d.shape[1]), d.strides, sl.start * d.strides[0])
 
 
 def rows_out(out):
@@ -959,20 +960,14 @@ def _host_copy(d):
     """numba device array d copied to the host. numba refuses to copy an array with a negative stride
     ("D->H copy not implemented"): such axes are copied through a view of the same memory with the
     stride's sign turned (its first element then the lowest address) and turned back on the host."""
-    turn = [i for i, st in enumerate(d.strides) if st < 0]
-    if not turn or d.size == 0:
-        return d.copy_to_host() if not turn else np.empty(tuple(d.shape), d.dtype)
-    if hasattr(d, "_ary"):                       # the simulator's FakeCUDAArray wraps a NumPy array
-        return np.array(d._ary)
-    cai = dict(d.__cuda_array_interface__)
-    strides = list(d.strides)
-    ptr = cai["data"][0]
-    for i in turn:
-        ptr += (d.shape[i] - 1) * strides[i]
-        strides[i] = -strides[i]
-    cai.update(data=(ptr, False), strides=tuple(strides), shape=tuple(d.shape))
-    host = cuda.as_cuda_array(_Interface(cai, d), sync=False).copy_to_host()
-    return np.ascontiguousarray(np.flip(host, axis=tuple(turn)))
+    turn = tuple(i for i, st in enumerate(d.strides) if st < 0)
+    if not turn:
+        return d.copy_to_host()
+    if d.size == 0:
+        return np.empty(tuple(d.shape), d.dtype)
+    lowest = sum((d.shape[i] - 1) * d.strides[i] for i in turn)
+    host = _view(d, d.shape, [abs(st) for st in d.strides], lowest).copy_to_host()
+    return np.ascontiguousarray(np.flip(host, axis=turn))
 
 
 def to_device_like(values, like):
