@@ -91,6 +91,14 @@ def test_sample_plain_torch_multinomial(benchmark, data, torch):
     _check_tokens(out.numpy(), data)
 
 
+def test_sample_one_row_torch_multinomial(benchmark, data, torch):
+    """The peer of test_sample_one_row_fastlogits: a decode step at batch size 1, where a call's fixed
+    cost (argument checks, waking threads) is a large part of the time."""
+    t = torch.from_numpy(data[:1])
+    out = benchmark(lambda: torch.multinomial(torch.softmax(t, -1), 1))
+    _check_tokens(out.numpy(), data[:1])
+
+
 # ---- temperature 0.8, top-k 50, top-p 0.9 --------------------------------------------------------------
 
 KW = {"temperature": 0.8, "top_k": 50, "top_p": 0.9}

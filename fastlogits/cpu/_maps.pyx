@@ -10,8 +10,8 @@ from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
 
 from fastlogits.clib cimport fl_lse_state
-from fastlogits.cpu._rows cimport (Block, make_block, n_segments, row_of, fold_lse, fl_row,
-                                   fl_row_softmax_f32, fl_row_softmax_f64)
+from fastlogits.cpu._rows cimport (Block, make_block, n_segments, row_of, fold_lse, fl_row, work_threads,
+                                   address_of, fl_row_softmax_f32, fl_row_softmax_f64)
 
 
 def softmax(x, int dtype, temperature, double softcap, out, int out_dtype, bint log_, int64_t chunk,
@@ -25,8 +25,9 @@ def softmax(x, int dtype, temperature, double softcap, out, int out_dtype, bint 
     cdef int64_t it, i, g, start, stop
     cdef fl_row r
     cdef char *buf = NULL
-    cdef char *obase = <char *> <size_t> out.__array_interface__["data"][0]
+    cdef char *obase = <char *> address_of(out)
     cdef int64_t orow = out.strides[0], ocol = out.strides[1]
+    threads = work_threads(&b, nseg, threads)
     cdef char *bufs = <char *> malloc(threads * chunk * 16)
     cdef fl_lse_state *st = <fl_lse_state *> malloc(max(items, 1) * sizeof(fl_lse_state))
     if bufs == NULL or st == NULL:

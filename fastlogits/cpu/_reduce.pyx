@@ -16,8 +16,8 @@ from libc.math cimport NAN, INFINITY, log
 
 from fastlogits.clib cimport (fl_lse_state, fl_ent_state, fl_lse_merge, fl_lse_result, fl_ent_merge,
                               fl_ent_result)
-from fastlogits.cpu._rows cimport (Block, make_block, n_segments, row_of, fold_lse, fl_row,
-                                   fl__dist_merge, fl_row_entropy_f32,
+from fastlogits.cpu._rows cimport (Block, make_block, n_segments, row_of, fold_lse, fl_row, work_threads,
+                                   address_of, fl__dist_merge, fl_row_entropy_f32,
                                    fl_row_entropy_f64, fl_row_ce_f32, fl_row_ce_f64,
                                    fl_row_value_f32, fl_row_value_f64, fl_row_stats_f32,
                                    fl_row_stats_f64)
@@ -35,6 +35,7 @@ def lse(x, int dtype, temperature, double softcap, double[::1] out, int64_t chun
     """out[i] = logsumexp of row i of x (after softcap and temperature)."""
     cdef Block b = make_block(x, dtype, temperature, softcap, chunk)
     cdef int64_t nseg = n_segments(&b, threads), i
+    threads = work_threads(&b, nseg, threads)
     cdef char *bufs = alloc_buffers(threads, chunk * 8)
     cdef fl_lse_state *st = <fl_lse_state *> malloc(max(b.rows * nseg, 1) * sizeof(fl_lse_state))
     if st == NULL:
@@ -55,6 +56,7 @@ def entropy(x, int dtype, temperature, double softcap, double[::1] out, int64_t 
     cdef int64_t it, i, g, start, stop
     cdef fl_row r
     cdef char *buf = NULL
+    threads = work_threads(&b, nseg, threads)
     cdef char *bufs = alloc_buffers(threads, chunk * 8)
     cdef fl_ent_state *st = <fl_ent_state *> malloc(max(items, 1) * sizeof(fl_ent_state))
     if st == NULL:
@@ -98,7 +100,8 @@ def cross_entropy(x, int dtype, temperature, double softcap, const int64_t[::1] 
     cdef double lse_i, xt, m, m1
     cdef const char *w = NULL
     if weight is not None:
-        w = <const char *> <size_t> weight.__array_interface__["data"][0]
+        w = <const char *> address_of(weight)
+    threads = work_threads(&b, nseg, threads)
     cdef char *bufs = alloc_buffers(threads, chunk * 8)
     cdef fl_lse_state *st = <fl_lse_state *> malloc(max(items, 1) * sizeof(fl_lse_state))
     cdef double *ds = <double *> malloc(max(items, 1) * sizeof(double))
@@ -176,7 +179,8 @@ def lse_states(x, int dtype, temperature, double softcap, weight, bint want_dist
     cdef double acc, wacc
     cdef const char *w = NULL
     if weight is not None:
-        w = <const char *> <size_t> weight.__array_interface__["data"][0]
+        w = <const char *> address_of(weight)
+    threads = work_threads(&b, 1, threads)
     cdef char *bufs = alloc_buffers(threads, chunk * 8)
     with nogil, parallel(num_threads=threads):
         buf = bufs + threadid() * chunk * 8
@@ -256,6 +260,7 @@ def ent_states(x, int dtype, temperature, double softcap, double[::1] m_out, dou
     cdef fl_row r
     cdef fl_ent_state e
     cdef char *buf = NULL
+    threads = work_threads(&b, 1, threads)
     cdef char *bufs = alloc_buffers(threads, chunk * 8)
     with nogil, parallel(num_threads=threads):
         buf = bufs + threadid() * chunk * 8
@@ -304,6 +309,7 @@ def stats(x, int dtype, temperature, double softcap, const int64_t[::1] labels, 
     cdef double xt
     cdef char *buf = NULL
     cdef bint have_labels = labels.shape[0] > 0
+    threads = work_threads(&b, 1, threads)
     cdef char *bufs = alloc_buffers(threads, chunk * 8)
     with nogil, parallel(num_threads=threads):
         buf = bufs + threadid() * chunk * 8

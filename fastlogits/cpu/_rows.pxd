@@ -4,6 +4,7 @@
 A *block* is a 2-D array of logits as it lies in memory (any dtype, any strides in bytes), with a
 temperature per row and a softcap. ``row_of`` turns row i of a block into the C core's ``fl_row``.
 """
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_STRIDES
 from cython.parallel cimport prange, parallel, threadid
 from libc.stdint cimport int64_t
 from fastlogits.clib cimport fl_lse_state, fl_ent_state, fl_lse_merge
@@ -77,19 +78,29 @@ cdef inline fl_row row_of(const Block *b, int64_t i) noexcept nogil:
     return r
 
 
+cdef inline size_t address_of(object a) except? 0:
+    """The address of a NumPy array's first element, by the buffer protocol (without a format, so any
+    dtype, bfloat16 too): __array_interface__ builds a dict for it, a few microseconds a call."""
+    cdef Py_buffer view
+    PyObject_GetBuffer(a, &view, PyBUF_STRIDES)
+    cdef size_t p = <size_t> view.buf
+    PyBuffer_Release(&view)
+    return p
+
+
 cdef inline Block make_block(object x, int dtype, object temperature, double softcap,
                              int64_t chunk) except *:
     """x: a 2-D NumPy array (any strides); temperature: a C-contiguous float64 array, one per row (kept
     alive by the caller)."""
     cdef Block b
-    b.data = <const char *> <size_t> x.__array_interface__["data"][0]
+    b.data = <const char *> address_of(x)
     b.rows = x.shape[0]
     b.n = x.shape[1]
     b.row_stride = x.strides[0]
     b.col_stride = x.strides[1]
     b.dtype = dtype
     b.f64 = dtype == FL_F64
-    b.temperature = <const double *> <size_t> temperature.__array_interface__["data"][0]
+    b.temperature = <const double *> address_of(temperature)
     b.softcap = softcap
     b.chunk = chunk
     return b
@@ -108,6 +119,13 @@ cdef inline int64_t n_segments(const Block *b, int threads) noexcept nogil:
     if most < 1:
         return 1
     return per_row if per_row < most else most
+
+
+cdef inline int work_threads(const Block *b, int64_t nseg, int threads) noexcept nogil:
+    """The threads a parallel region over the b.rows * nseg items of a block opens: no more than there
+    are items (a thread with nothing to do still costs its wake-up), at least 1."""
+    cdef int64_t items = b.rows * nseg
+    return <int> (threads if threads <= items else max(items, 1))
 
 
 cdef inline void fold_lse(const Block *b, int64_t nseg, fl_lse_state *st, char *bufs, int64_t per_thread,

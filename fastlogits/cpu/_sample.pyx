@@ -19,7 +19,7 @@ from libc.string cimport memcpy
 
 import numpy as np
 
-from fastlogits.cpu._rows cimport Block, make_block, n_segments, row_of, fl_row
+from fastlogits.cpu._rows cimport Block, make_block, n_segments, row_of, fl_row, work_threads
 
 
 cdef extern from "fastlogits.h" nogil:
@@ -96,15 +96,22 @@ cdef inline fl_sample_params params_of(uint64_t seed, uint64_t row_id, int64_t t
 def sample(x, int dtype, temperature, double softcap, const int64_t[::1] top_k, const double[::1] top_p,
            const double[::1] min_p, const uint64_t[::1] seeds, const uint64_t[::1] row_ids,
            int64_t[:, ::1] tokens, double[:, ::1] logprobs, int64_t[:, ::1] ranks, int32_t[::1] status,
-           int64_t kmax, bint need_candidates, int64_t chunk, int threads):
+           int64_t chunk, int threads):
     """Draws tokens.shape[1] samples of each row of x into tokens; with logprobs (not None), also each
     token's log-probability under the filtered distribution and its rank (ranks). Per row: top_k (0:
     none), top_p (1: none), min_p (0: none), seeds and row_ids (the generator's key and row counter);
     a temperature of 0 is greedy. status[i]: 0 ok, 1 NaN in the row, 2 +inf at a positive temperature,
-    3 no possible token; the row's outputs are left unwritten unless 0. kmax: the largest top_k in use
-    (heap size); need_candidates: some row uses top-k or top-p (V-sized candidate arrays)."""
+    3 no possible token; the row's outputs are left unwritten unless 0."""
     cdef Block b = make_block(x, dtype, temperature, softcap, chunk)
     cdef int64_t i, ns = tokens.shape[1]
+    cdef int64_t kmax = 0                  # the largest top_k in use (the heap's size)
+    cdef bint need_candidates = False      # some row uses top-k or top-p (V-sized candidate arrays)
+    for i in range(b.rows):
+        if 0 < top_k[i] < b.n:
+            kmax = max(kmax, top_k[i])
+            need_candidates = True
+        if top_p[i] < 1.0:
+            need_candidates = True
     cdef int64_t nv = b.n if need_candidates else 0
     cdef int64_t off_hv = chunk * 8
     cdef int64_t off_hi = off_hv + kmax * 8
@@ -115,8 +122,8 @@ def sample(x, int dtype, temperature, double softcap, const int64_t[::1] top_k, 
     cdef bint want_lp = logprobs is not None
     cdef fl_row r
     cdef int64_t nseg = n_segments(&b, max(1, threads))    # > 1: fewer rows than threads, split below
-    cdef int split_threads = max(1, min(threads, b.rows * nseg))
-    threads = max(1, min(threads, b.rows))
+    cdef int split_threads = work_threads(&b, nseg, threads)
+    threads = work_threads(&b, 1, threads)
     cdef fl_sample_params p
     cdef fl_sample_scratch sc
     cdef char *base = NULL

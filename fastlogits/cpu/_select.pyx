@@ -12,8 +12,8 @@ from libc.stdlib cimport malloc, free
 from libc.math cimport log, NAN, INFINITY
 
 from fastlogits.clib cimport fl_lse_state
-from fastlogits.cpu._rows cimport (Block, make_block, row_of, fl_row, fl_row_argmax_f32,
-                                   fl_row_argmax_f64, fl_row_topk_f32, fl_row_topk_f64)
+from fastlogits.cpu._rows cimport (Block, make_block, row_of, fl_row, work_threads, address_of,
+                                   fl_row_argmax_f32, fl_row_argmax_f64, fl_row_topk_f32, fl_row_topk_f64)
 
 
 def argmax(x, int dtype, temperature, double softcap, int64_t[::1] out, int64_t chunk, int threads):
@@ -22,6 +22,7 @@ def argmax(x, int dtype, temperature, double softcap, int64_t[::1] out, int64_t 
     cdef int64_t i
     cdef fl_row r
     cdef char *buf = NULL
+    threads = work_threads(&b, 1, threads)
     cdef char *bufs = <char *> malloc(threads * chunk * 8)
     if bufs == NULL:
         raise MemoryError("fastlogits: cannot allocate scratch buffers")
@@ -49,9 +50,10 @@ def top_k(x, int dtype, temperature, double softcap, int64_t k, values, int64_t[
     cdef fl_lse_state *st = NULL
     cdef double log_s, v
     cdef bint want_lp = logprobs is not None
-    cdef char *vals = <char *> <size_t> values.__array_interface__["data"][0]
+    cdef char *vals = <char *> address_of(values)
     cdef int64_t st_off = chunk * 8 + k * 16   # per thread: chunk, heap values, heap indices, state
     cdef int64_t per_thread = st_off + sizeof(fl_lse_state)
+    threads = work_threads(&b, 1, threads)
     cdef char *bufs = <char *> malloc(threads * per_thread)
     if bufs == NULL:
         raise MemoryError("fastlogits: cannot allocate scratch buffers")

@@ -91,16 +91,13 @@ def sample(x, dtype, temperature, softcap, top_k, top_p, min_p, seeds, row_ids, 
     0 for a good row, 1 NaN, 2 +inf at a positive temperature, 3 no possible token."""
     from fastlogits.cpu import _sample
 
-    rows, V = x.shape
+    rows = x.shape[0]
     tokens = np.zeros((rows, num_samples), np.int64)
     lp = np.zeros((rows, num_samples), np.float64) if logprobs else None
     ranks = np.zeros((rows, num_samples), np.int64) if logprobs else None
     status = np.zeros(rows, np.int32)
-    k_used = np.where((top_k > 0) & (top_k < V), top_k, 0)
-    kmax = int(k_used.max()) if rows else 0
-    need = bool(rows) and (kmax > 0 or bool(np.any(top_p < 1.0)))
     _sample.sample(x, CODES[dtype], temperature, softcap, top_k, top_p, min_p, seeds, row_ids, tokens, lp,
-                   ranks, status, kmax, need, chunk, threads)
+                   ranks, status, chunk, threads)
     return tokens, lp, ranks, status
 
 

@@ -41,14 +41,20 @@ from fastlogits.ops._prep import (
 from fastlogits.stream.sources import as_source
 
 
-def _per_row(value, name, lead, rows, dtype, default):
-    """One value per row from a scalar or an array of the leading shape (None: default)."""
+def _per_row(value, name, lead, rows, dtype, default, ok, need):
+    """One value per row from a scalar or an array of the leading shape (None: default), each checked:
+    ok(values) is True where a value is allowed, and ``need`` says which are."""
     if value is None:
         value = default
-    if dtype == np.int64 and isinstance(value, int) and not isinstance(value, bool) and value > 2**62:
+    number = int if dtype == np.int64 else float
+    if (type(value) is int and -2**63 <= value < 2**63) or (type(value) is float and number is float):
+        if not ok(value):                                                            # the common case
+            raise ValueError(f"{name} must be {need}, got {number(value)!r}")
+        return np.full(rows, min(value, 2**62) if number is int else value, dtype)
+    if number is int and isinstance(value, int) and not isinstance(value, bool) and value > 2**62:
         value = 2**62            # any k >= V means no top-k
     if isinstance(value, bool) or (isinstance(value, np.ndarray) and value.dtype == bool):
-        raise TypeError(f"{name} must be {'an integer' if dtype == np.int64 else 'a float'} or one per row, "
+        raise TypeError(f"{name} must be {'an integer' if number is int else 'a float'} or one per row, "
                         f"got {value!r}")
     try:
         a = np.asarray(value)
@@ -56,13 +62,18 @@ def _per_row(value, name, lead, rows, dtype, default):
         raise TypeError(f"{name} must be a number or one per row, got {value!r}") from None
     if a.dtype == object or a.dtype.kind not in "iuf":
         raise TypeError(f"{name} must be a number or an array of numbers, got {value!r}")
-    if dtype == np.int64 and a.dtype.kind == "f":
+    if number is int and a.dtype.kind == "f":
         if not np.all(np.isfinite(a)) or np.any(a != np.round(a)):
             raise TypeError(f"{name} must be an integer or integers (one per row), got {value!r}")
-    if dtype == np.int64 and a.dtype.kind in "uf":
+    if number is int and a.dtype.kind in "uf":
         a = np.minimum(a, 2**62)
     a = broadcast_rows(a, lead, name)
-    return np.ascontiguousarray(np.broadcast_to(a, lead).reshape(rows), dtype=dtype)
+    out = np.ascontiguousarray(np.broadcast_to(a, lead).reshape(rows), dtype=dtype)
+    bad = ~ok(out)
+    if np.any(bad):
+        where = _first_bad(bad, lead) if a.ndim else ""         # the row, for an argument given per row
+        raise ValueError(f"{name} must be {need}, got {number(out[bad][0])!r}{where}")
+    return out
 
 
 def _first_bad(bad, lead):
@@ -205,23 +216,11 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, seed=
 
 
 def _filters(top_k, top_p, min_p, lead, rows):
-    def where(bad, value):          # the row, for an argument given per row
-        return _first_bad(bad, lead) if np.ndim(value) else ""
-
-    k = _per_row(top_k, "top_k", lead, rows, np.int64, 0)
-    if np.any(k < 0):
-        raise ValueError(f"top_k must be >= 0 (0 or None: no top-k), got {int(k[k < 0][0])}"
-                         f"{where(k < 0, top_k)}")
-    p = _per_row(top_p, "top_p", lead, rows, np.float64, 1.0)
-    bad = ~((p > 0) & (p <= 1))
-    if np.any(bad):
-        raise ValueError(f"top_p must be in (0, 1] (1 or None: no top-p), got {float(p[bad][0])!r}"
-                         f"{where(bad, top_p)}")
-    mp = _per_row(min_p, "min_p", lead, rows, np.float64, 0.0)
-    bad = ~((mp >= 0) & (mp <= 1))
-    if np.any(bad):
-        raise ValueError(f"min_p must be in [0, 1] (0 or None: no min-p), got {float(mp[bad][0])!r}"
-                         f"{where(bad, min_p)}")
+    k = _per_row(top_k, "top_k", lead, rows, np.int64, 0, lambda k: k >= 0, ">= 0 (0 or None: no top-k)")
+    p = _per_row(top_p, "top_p", lead, rows, np.float64, 1.0, lambda p: (p > 0) & (p <= 1),
+                 "in (0, 1] (1 or None: no top-p)")
+    mp = _per_row(min_p, "min_p", lead, rows, np.float64, 0.0, lambda m: (m >= 0) & (m <= 1),
+                  "in [0, 1] (0 or None: no min-p)")
     return k, p, mp
 
 
