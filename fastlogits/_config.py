@@ -48,15 +48,34 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+_default_threads = None
+
+
 def default_threads():
-    """FASTLOGITS_NUM_THREADS if set, else every core this process may run on; 1 in a forked child (see
-    _after_fork_in_child)."""
-    return 1 if _forked else _env_threads()
+    """FASTLOGITS_NUM_THREADS if set, else every core this process may run on, read once, when first
+    needed, as PyTorch reads OMP_NUM_THREADS (reading the environment costs a few microseconds a call, a
+    tenth of a small call); 1 in a forked child (see _after_fork_in_child)."""
+    global _default_threads
+    if _forked:
+        return 1
+    if _default_threads is None:
+        _default_threads = _env_threads()
+    return _default_threads
 
 
-def resolve_threads(threads):
+GRAIN_CHUNKS = 4       # the default thread count gives a thread at least this many chunks of logits
+
+
+def resolve_threads(threads, work=None, grain=None):
+    """threads checked, as an int. None: default_threads(), and with ``work`` (elements) and ``grain``
+    (elements a thread's share at least), no more than work // grain threads (at least 1): waking a thread
+    for a few microseconds of work costs more than it saves, many times more on a busy machine, as
+    PyTorch's grain size (32768 elements) avoids. A count given explicitly is kept (the kernels wake no
+    more threads than they have work items)."""
     if threads is None:
         threads = default_threads()
+        if work is not None:
+            threads = max(1, min(threads, work // grain))
     elif not is_int(threads):
         raise TypeError(f"threads must be a positive integer or None, got {threads!r}")
     else:

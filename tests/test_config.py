@@ -158,6 +158,39 @@ def test_use_backend_is_per_thread_and_checked_at_the_call(restore_backend, monk
         fl.set_backend(None)
 
 
+def test_default_threads_give_each_thread_a_few_chunks(monkeypatch, rng):
+    """threads=None wakes no more threads than give each GRAIN_CHUNKS chunks of logits (1 chunk for
+    sampling, whose noise costs more per logit), as PyTorch's grain size does; an explicit count is kept."""
+    from scipy.special import logsumexp as ref_lse
+
+    from fastlogits.cpu import backend as cpu
+
+    monkeypatch.setattr(fl._config, "_default_threads", 8)
+    seen = []
+    for name in ("lse", "sample"):
+        real = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, real=real: seen.append(a[-1]) or real(*a))
+    chunk = fl._config.DEFAULT_CHUNK
+    assert fl._config.GRAIN_CHUNKS == 4
+    for shape, kw, want in [((64, 8), {}, 1),                                   # 512 logits
+                            ((4, 16384), {}, 4),                                # 16 chunks
+                            ((3, 4 * chunk - 1), {}, 2),                        # 2.99 shares of 4 chunks
+                            ((64, 32000), {}, 8),
+                            ((4, 1000), {"chunk_size": 64}, 8),                 # 4000 // 256 = 15
+                            ((4, 1000), {"chunk_size": 500}, 2),
+                            ((1, 8), {"threads": 3}, 3)]:                       # kept (the kernel: 1)
+        x = rng.standard_normal(shape)
+        seen.clear()
+        np.testing.assert_allclose(fl.logsumexp(x, **kw), ref_lse(x, axis=-1), rtol=1e-13)
+        assert seen == [want], (shape, kw, seen)
+    for shape, want in [((64, 8), 1), ((16, 2000), 7), ((1, 128256), 8)]:
+        x = rng.standard_normal(shape)
+        seen.clear()
+        t = fl.sample(x, seed=5, temperature=0)
+        np.testing.assert_array_equal(t, np.argmax(x, axis=-1))
+        assert seen == [want], (shape, seen)
+
+
 @pytest.mark.parametrize("threads", [0, -1, 4097, 10**20])
 def test_thread_counts_out_of_range(threads):
     with pytest.raises(ValueError, match="threads must be an integer from 1 to 4096"):

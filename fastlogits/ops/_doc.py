@@ -23,7 +23,8 @@ softcap : float > 0, optional
 backend : {"cpu", "gpu"}, optional
     None: "gpu" for GPU arrays, else the process default (fastlogits.set_backend, use_backend).
 threads : int in [1, 4096], optional
-    CPU threads. None: all cores, or FASTLOGITS_NUM_THREADS (1 in a forked child: see the README).
+    CPU threads, at most. None: all cores, or FASTLOGITS_NUM_THREADS, but no more than give each thread
+    4 chunks of logits (1 for sample), and 1 in a forked child (see the README).
 chunk_size : int >= 1, optional
     Vocabulary elements per step (None: 4096); results do not depend on it beyond rounding.""",
 }

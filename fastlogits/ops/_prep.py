@@ -246,8 +246,9 @@ def resolve_backend(backend, x):
 
 
 def prepare(logits, *, temperature=1.0, softcap=None, backend=None, threads=None, chunk_size=None,
-            dtype=None, allow_zero_temperature=False):
-    """Check and normalise the arguments every function shares."""
+            dtype=None, allow_zero_temperature=False, grain_chunks=_config.GRAIN_CHUNKS):
+    """Check and normalise the arguments every function shares. grain_chunks: the chunks of logits that
+    the default thread count gives a thread at least (fewer for work that costs more per logit)."""
     x = as_array(logits, dtype=dtype)
     backend = resolve_backend(backend, x)
     if backend == "gpu":
@@ -256,6 +257,7 @@ def prepare(logits, *, temperature=1.0, softcap=None, backend=None, threads=None
     else:
         name = _NAMES[x.dtype]
         x2, lead = to_rows(x)
+    chunk = _config.resolve_chunk(chunk_size)
     return Rows(
         x=x2,
         dtype=name,
@@ -264,6 +266,6 @@ def prepare(logits, *, temperature=1.0, softcap=None, backend=None, threads=None
                                  name=name),
         softcap=softcap_value(softcap, name),
         backend=backend,
-        chunk=min(_config.resolve_chunk(chunk_size), max(1, x2.shape[1])),
-        threads=_config.resolve_threads(threads),
+        chunk=min(chunk, max(1, x2.shape[1])),
+        threads=_config.resolve_threads(threads, x2.shape[0] * x2.shape[1], grain_chunks * chunk),
     )

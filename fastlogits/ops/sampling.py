@@ -40,6 +40,11 @@ from fastlogits.ops._prep import (
 )
 from fastlogits.stream.sources import as_source
 
+# a draw costs 3 to 4 times a logsumexp per logit (its noise: a counter-based random number and two
+# logarithms per logit): under the default thread count a thread's share is at least 1 chunk, not 4
+# (see _config.resolve_threads)
+SAMPLE_GRAIN_CHUNKS = 1
+
 
 def _per_row(value, name, lead, rows, dtype, default, ok, need):
     """One value per row from a scalar or an array of the leading shape (None: default), each checked:
@@ -196,7 +201,7 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, seed=
         return sample_source(src, temperature, top_k, top_p, min_p, seed, ns, bool(return_logprobs),
                              dict(softcap=softcap, backend=backend, threads=threads, chunk_size=chunk_size))
     r = prepare(logits, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
-                chunk_size=chunk_size, allow_zero_temperature=True)
+                chunk_size=chunk_size, allow_zero_temperature=True, grain_chunks=SAMPLE_GRAIN_CHUNKS)
     if r.V == 0:
         raise ValueError("sample: logits has an empty vocabulary (last axis of length 0)")
     k, p, mp = _filters(top_k, top_p, min_p, r.lead, r.rows)
@@ -301,7 +306,8 @@ def sample_source(src, temperature, top_k, top_p, min_p, seed, ns, logprobs, kw,
         for r0, block in stream_run.row_blocks(src, plan.rows):
             r1 = r0 + block.shape[0]
             t = args["temperature"].block(r0, r1) if "temperature" in args else 1.0
-            r = prepare(block, temperature=t, allow_zero_temperature=True, **kw)
+            r = prepare(block, temperature=t, allow_zero_temperature=True, grain_chunks=SAMPLE_GRAIN_CHUNKS,
+                        **kw)
             if r.V == 0:
                 raise ValueError("sample: logits has an empty vocabulary (last axis of length 0)")
             lead = lead_all if lead_all is not None else (r1,)
