@@ -67,11 +67,11 @@ GRAIN_CHUNKS = 4       # the default thread count gives a thread at least this m
 
 
 def resolve_threads(threads, work=None, grain=None):
-    """threads checked, as an int. None: default_threads(), and with ``work`` (elements) and ``grain``
-    (elements a thread's share at least), no more than work // grain threads (at least 1): waking a thread
-    for a few microseconds of work costs more than it saves, many times more on a busy machine, as
-    PyTorch's grain size (32768 elements) avoids. A count given explicitly is kept (the kernels wake no
-    more threads than they have work items)."""
+    """threads checked, as an int. None: default_threads(), but given ``work`` (the call's logits) and
+    ``grain`` (the fewest logits worth a thread), no more than work // grain threads, at least 1: a thread
+    woken for a few microseconds of work costs more than it saves, many times more on a busy machine
+    (PyTorch's grain size, 32768 elements, does the same). A count given explicitly is kept (the kernels
+    wake no more threads than they have work items)."""
     if threads is None:
         threads = default_threads()
         if work is not None:

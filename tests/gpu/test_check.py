@@ -66,9 +66,9 @@ def test_check_runs_the_cpu_on_the_threads_asked_for(gpu, monkeypatch, capsys):
     seen = []
     real_resolve = fl._config.resolve_threads
 
-    def resolve(threads):
+    def resolve(threads, *args):
         seen.append(threads)
-        return real_resolve(threads)
+        return real_resolve(threads, *args)
 
     monkeypatch.setattr(fl._config, "resolve_threads", resolve)
     monkeypatch.setattr(check, "run", functools.partial(check.run, V_list=[37], rows=1, sample_shape=(2, 37),
