@@ -120,6 +120,32 @@ def test_neg_inf_logits():
     assert np.isnan(fl.cross_entropy(np.full((1, 3), -inf), np.array([1])))
 
 
+@pytest.mark.parametrize("source", ["array", "blocks of a row"])
+def test_rows_are_summed_with_compensation(source):
+    """"mean" and "sum" add the rows' losses with compensation, in memory and streamed (block sums too):
+    one loss of 1e16 does not swallow a thousand losses of log 2, as a running sum (or NumPy's pairwise
+    one) would; and an inf or a NaN among finite losses stays inf or NaN (the compensation of an inf sum
+    is NaN and must not leak)."""
+    n = 1000
+    x = np.zeros((n + 1, 2))
+    x[0, 1] = -1e16                    # row 0: label 1 has loss 1e16 (+ log1p(e^-1e16) = 0)
+    y = np.zeros(n + 1, np.int64)
+    y[0] = 1
+
+    def run(x, y, **kw):
+        src = x if source == "array" else (x[i:i + 1] for i in range(len(x)))
+        return float(fl.cross_entropy(src, y, **kw))
+
+    exact = math.fsum([1e16] + [math.log(2.0)] * n)
+    assert run(x, y, reduction="sum") == exact
+    assert run(x, y, reduction="mean") == exact / (n + 1)
+    for bad, want in ((-inf, inf), (nan, nan)):
+        xb = x.copy()
+        xb[n // 2, 0] = bad            # its label's logit: loss inf (-inf logit) or NaN
+        for reduction in ("sum", "mean"):
+            np.testing.assert_equal(run(xb, y, reduction=reduction), want)
+
+
 def test_custom_ignore_index(rng):
     x = random_logits(rng, (10, 20), np.float64)
     y = rng.integers(0, 20, size=10)

@@ -12,7 +12,7 @@ the Python layer casts them to the API's result dtype.
 from cython.parallel cimport prange, parallel, threadid
 from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
-from libc.math cimport NAN, INFINITY, log
+from libc.math cimport NAN, INFINITY, log, fabs
 
 from fastlogits.clib cimport (fl_lse_state, fl_ent_state, fl_lse_merge, fl_lse_result, fl_ent_merge,
                               fl_ent_result)
@@ -328,3 +328,77 @@ def stats(x, int dtype, temperature, double softcap, const int64_t[::1] labels, 
                 xt = fl_row_value_f64(&r, labels[i]) if b.f64 else fl_row_value_f32(&r, labels[i])
                 nll[i] = (e.m - xt) + log(e.s)
     free(bufs)
+
+
+# ---- cross_entropy's loss from its per-row parts (in memory, streamed, and the accumulators) ----------
+
+def first_bad_label(const int64_t[::1] labels, int64_t ignore_index, int64_t V):
+    """The index of the first label that is neither ignore_index nor in [0, V), or -1."""
+    cdef int64_t i, bad = -1
+    with nogil:
+        for i in range(labels.shape[0]):
+            if labels[i] != ignore_index and not 0 <= labels[i] < V:
+                bad = i
+                break
+    return bad
+
+
+cdef inline void add_to(double *s, double *c, double v) noexcept nogil:
+    """s <- s + v, with Neumaier's compensation c (the sum is s + c)."""
+    cdef double t = s[0] + v
+    if fabs(s[0]) >= fabs(v):
+        c[0] += (s[0] - t) + v
+    else:
+        c[0] += (v - t) + s[0]
+    s[0] = t
+
+
+cdef inline double total(double s, double c) noexcept nogil:
+    """A compensated sum's value (s alone where it is inf or NaN: the compensation is then NaN)."""
+    return s + c if -INFINITY < s < INFINITY else s
+
+
+def compensated_sum(const double[::1] v):
+    """The sum of v, with Neumaier's compensation (as ce_terms sums rows): for sums of block sums."""
+    cdef double s = 0.0, c = 0.0
+    cdef int64_t i
+    for i in range(v.shape[0]):
+        add_to(&s, &c, v[i])
+    return total(s, c)
+
+
+def ce_terms(const double[::1] nll, const double[::1] smooth, const double[::1] lse,
+             const int64_t[::1] labels, int64_t ignore_index, const double[::1] weight, double eps,
+             double z, int64_t V, double[::1] out):
+    """PyTorch's cross-entropy per row from its parts, and its sums. Per row n (all terms 0 where
+    labels[n] == ignore_index; nll, smooth and lse are not read there): loss = w[y] nll, then with label
+    smoothing eps > 0, loss = (1 - eps) loss + (eps / V) smooth (smooth: None when eps == 0); the z-loss
+    term is z lse^2. out (None, or one per row) gets loss plus the z-loss term. weight: None (w = 1) or V
+    values. Returns the compensated sums (of loss, of w[y], of the z-loss terms) and the number of counted
+    rows; for V = 0 and eps > 0, eps / V is inf and every (ignored) row's loss is NaN, as in PyTorch."""
+    cdef int64_t i, y, count = 0, n = labels.shape[0]
+    cdef bint weighted = weight is not None, smoothing = eps > 0, zl = z > 0, rows = out is not None
+    cdef double loss, wy, zt, a = eps / <double> V
+    cdef double ls = 0.0, lc = 0.0, ws = 0.0, wc = 0.0, zs = 0.0, zc = 0.0
+    if smoothing and smooth is None:
+        raise ValueError("ce_terms: label smoothing needs the smooth terms")
+    with nogil:
+        for i in range(n):
+            y = labels[i]
+            loss = 0.0
+            wy = 0.0
+            zt = 0.0
+            if y != ignore_index:
+                count += 1
+                wy = weight[y] if weighted else 1.0
+                loss = wy * nll[i]
+                if zl:
+                    zt = z * (lse[i] * lse[i])
+            if smoothing:
+                loss = (1.0 - eps) * loss + a * (smooth[i] if y != ignore_index else 0.0)
+            add_to(&ls, &lc, loss)
+            add_to(&ws, &wc, wy)
+            add_to(&zs, &zc, zt)
+            if rows:
+                out[i] = loss + zt
+    return total(ls, lc), total(ws, wc), total(zs, zc), count

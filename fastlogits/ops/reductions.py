@@ -1,9 +1,11 @@
 """Row reductions and maps: logsumexp, softmax, log_softmax, entropy, cross_entropy."""
+import math
 import os
 
 import numpy as np
 
 from fastlogits._config import is_int
+from fastlogits.cpu import _reduce
 from fastlogits.ops import _backend
 from fastlogits.ops._backend import ordered
 from fastlogits.ops._doc import shared_params
@@ -229,9 +231,8 @@ def check_labels(labels, lead, V, ignore_index):
         i = int(np.argmax(lab.reshape(-1) > np.iinfo(np.int64).max))
         raise label_error(int(lab.reshape(-1)[i]), i, lead, V, ignore_index)
     lab = np.ascontiguousarray(lab, dtype=np.int64).reshape(-1)
-    bad = (lab != ignore_index) & ((lab < 0) | (lab >= V))
-    if np.any(bad):
-        i = int(np.argmax(bad))
+    i = _reduce.first_bad_label(lab, ignore_index, V)
+    if i >= 0:
         raise label_error(int(lab[i]), i, lead, V, ignore_index)
     return lab
 
@@ -296,11 +297,10 @@ def cross_entropy(logits, labels, *, weight=None, ignore_index=-100, label_smoot
     B = _backend.get(r.backend)
     if r.backend == "gpu" and is_gpu_array(r.x):
         return _cross_entropy_on_device(B, r, labels, eps, z, ignore_index, w, reduction)
-    loss, wy, zterm, counted = _ce_rows_terms(B, r, labels, eps, z, ignore_index, w)
+    loss, sums = _ce_rows_terms(B, r, labels, eps, z, ignore_index, w, reduction == "none")
     if reduction == "none":
-        return _finish(r, B.to_device_like(loss + zterm, r.x))
-    return r.result_dtype.type(ce_total(np.sum(loss), np.sum(wy), np.sum(zterm), np.count_nonzero(counted),
-                                        reduction))
+        return _finish(r, B.to_device_like(loss, r.x))
+    return r.result_dtype.type(ce_total(sums, reduction))
 
 
 def _cross_entropy_on_device(B, r, labels, eps, z, ignore_index, w, reduction):
@@ -344,7 +344,7 @@ def check_ce_options(label_smoothing, z_loss, ignore_index):
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
     z = _number(z_loss, "z_loss")
-    if not (z >= 0 and np.isfinite(z)):
+    if not (z >= 0 and math.isfinite(z)):
         raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
     return eps, z, check_ignore_index(ignore_index)
 
@@ -369,49 +369,45 @@ def check_ignore_index(ignore_index):
     return i
 
 
-def _ce_rows_terms(B, r, labels, eps, z, ignore_index, w):
-    """The per-row terms (see ce_terms) from the backend's per-row results, combined on the host."""
+def _ce_rows_terms(B, r, labels, eps, z, ignore_index, w, per_row):
+    """ce_terms of the backend's per-row results, combined on the host."""
     lab = check_labels(labels_on_host(labels), r.lead, r.V, ignore_index)
     nll, smooth, lse = B.cross_entropy_rows(r.x, r.dtype, r.temperature, r.softcap, lab, ignore_index, w,
                                             eps > 0, r.chunk, r.threads)
     nll, smooth, lse = B.to_host(nll), B.to_host(smooth), B.to_host(lse)
-    return ce_terms(nll, smooth, lse, lab, ignore_index, w, eps, z, r.V)
+    return ce_terms(nll, smooth if eps > 0 else None, lse, lab, ignore_index, w, eps, z, r.V, per_row)
 
 
 def cross_entropy_terms(logits, labels, *, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
-                        temperature=1.0, softcap=None, backend=None, threads=None, chunk_size=None):
-    """The per-row terms of cross_entropy (see ce_terms) of in-memory logits, and the prepared rows."""
+                        temperature=1.0, softcap=None, backend=None, threads=None, chunk_size=None,
+                        per_row=False):
+    """ce_terms of in-memory logits, and the prepared rows."""
     r, eps, z, ignore_index, w = _ce_prepare(
         logits, weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
         temperature=temperature, softcap=softcap, backend=backend, threads=threads, chunk_size=chunk_size)
-    return _ce_rows_terms(_backend.get(r.backend), r, labels, eps, z, ignore_index, w), r
+    return _ce_rows_terms(_backend.get(r.backend), r, labels, eps, z, ignore_index, w, per_row), r
 
 
-def ce_terms(nll, smooth, lse, labels, ignore_index, weight, eps, z, V):
-    """Per-row terms of PyTorch's cross-entropy (float64, 0 for ignored rows): (loss without the z-loss,
-    the target's weight w[y], the z-loss term, counted). nll = lse - x[label], smooth = -sum_c w_c log p_c."""
-    counted = labels != ignore_index
-    if weight is None:
-        wy = np.where(counted, 1.0, 0.0)
-    else:                        # (an empty weight for V = 0: every row is ignored)
-        wy = np.where(counted, weight[np.where(counted, labels, 0)], 0.0) if weight.size else 0.0 * counted
-    loss = wy * np.where(counted, nll, 0.0)
-    if eps > 0:
-        with np.errstate(divide="ignore", invalid="ignore"):   # V = 0: eps / V = inf, NaN as in PyTorch
-            loss = (1.0 - eps) * loss + (np.float64(eps) / V) * np.where(counted, smooth, 0.0)
-    zterm = z * np.where(counted, lse * lse, 0.0) if z > 0 else np.zeros_like(loss)
-    return loss, wy, zterm, counted
+def ce_terms(nll, smooth, lse, labels, ignore_index, weight, eps, z, V, per_row):
+    """PyTorch's cross-entropy from per-row parts (nll = lse - x[label], smooth = -sum_c w_c log p_c, None
+    when eps == 0; neither read for ignored rows): (the per-row loss plus its z-loss term, float64, 0 for
+    ignored rows, or None unless per_row; the sums (of the loss without the z-loss, of the target weights
+    w[y], of the z-loss terms; compensated) and the number of counted rows). labels: checked int64."""
+    f64 = np.ascontiguousarray
+    out = np.empty(labels.shape[0]) if per_row else None
+    sums = _reduce.ce_terms(f64(nll, np.float64), None if smooth is None else f64(smooth, np.float64),
+                            f64(lse, np.float64), labels, ignore_index,
+                            None if weight is None else f64(weight, np.float64), eps, z, V, out)
+    return out, sums
 
 
-def ce_total(loss_sum, wy_sum, z_sum, count, reduction):
-    """The "mean" or "sum" reduction from sums over rows: the loss is divided by the sum of the target
+def ce_total(sums, reduction):
+    """The "mean" or "sum" reduction from ce_terms' sums: the loss is divided by the sum of the target
     weights (PyTorch), the z-loss by the number of counted rows (Liger-Kernel); all ignored: NaN / 0."""
+    loss_sum, wy_sum, z_sum, count = (float(v) for v in sums)
     if reduction == "sum":
         return np.float64(loss_sum + z_sum)
     if wy_sum == 0:   # PyTorch divides its NLL part 0 / 0 here: NaN, also when smoothing adds to the sum
         return np.float64(np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        total = np.float64(loss_sum) / np.float64(wy_sum)
-        if z_sum:
-            total = total + np.float64(z_sum) / np.float64(count)
-    return np.float64(total)
+    total = loss_sum / wy_sum            # (Python floats: inf / inf is NaN, and z_sum != 0 means count > 0)
+    return np.float64(total + z_sum / count if z_sum else total)

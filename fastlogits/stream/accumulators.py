@@ -321,9 +321,9 @@ class CrossEntropy(_Base):
     def _check_same(self, other, names=()):
         super()._check_same(other, ("labels", "weight", "ignore_index", "label_smoothing", "z_loss"))
 
-    def terms(self):
-        """Per-row terms of the loss (see fastlogits.ops.reductions.ce_terms), for callers that reduce
-        over many accumulators (streaming)."""
+    def terms(self, per_row=False):
+        """The loss's per-row values (when per_row) and sums (see fastlogits.ops.reductions.ce_terms),
+        for callers that reduce over many accumulators (streaming)."""
         V = self.columns
         if self.ranges is not None and self.ranges not in ([], [(0, V)]):
             ends = [0] + [b for _, b in self.ranges]
@@ -352,14 +352,13 @@ class CrossEntropy(_Base):
         if eps > 0:      # sum w (lse - x) = sum w (m - x) + W log s
             with np.errstate(invalid="ignore", divide="ignore"):
                 smooth = np.where(finite, self.dist + self.wseen * np.log(self.s), np.nan)
-        return ce_terms(nll, smooth, lse, self.labels, self.ignore_index, self.weight, eps, self.z_loss, V)
+        return ce_terms(nll, smooth, lse, self.labels, self.ignore_index, self.weight, eps, self.z_loss, V,
+                        per_row)
 
     def result(self):
         """The loss: a float64 scalar, or per row for reduction="none"."""
-        loss, wy, zterm, counted = self.terms()
-        if self.reduction == "none":
-            return loss + zterm
-        return ce_total(np.sum(loss), np.sum(wy), np.sum(zterm), np.count_nonzero(counted), self.reduction)
+        loss, sums = self.terms(per_row=self.reduction == "none")
+        return loss if self.reduction == "none" else ce_total(sums, self.reduction)
 
 
 class Entropy(_Base):

@@ -408,6 +408,7 @@ def _finish_row(op, accum, source):
 
 def cross_entropy(source, labels, kw, memory=None, progress=None):
     """Cross-entropy of a source against labels (one per row), as fastlogits.cross_entropy."""
+    from fastlogits.cpu import _reduce
     from fastlogits.ops.reductions import ce_total, check_reduction, cross_entropy_terms
     from fastlogits.stream.accumulators import CrossEntropy
 
@@ -419,20 +420,19 @@ def cross_entropy(source, labels, kw, memory=None, progress=None):
     lab = RowArg.labels(labels, source, kw.get("ignore_index", -100))
     progress = progress or no_progress
     p = plan(source, memory)
-    per_row, sums, rows = [], np.zeros(3), 0
-    count = 0
+    per_row, parts, rows = [], [], 0
+    none = reduction == "none"
 
-    def add(loss, wy, zterm, counted):
-        nonlocal count
-        if reduction == "none":
-            per_row.append(loss + zterm)
-        sums[:] += (np.sum(loss), np.sum(wy), np.sum(zterm))
-        count += int(np.count_nonzero(counted))
+    def add(loss, block_sums):
+        if none:
+            per_row.append(loss)
+        parts.append(block_sums)
 
     if p.rows:
         for r0, block in row_blocks(source, p.rows):
             r1 = r0 + block.shape[0]
-            add(*cross_entropy_terms(block, lab.block(r0, r1), temperature=temp.block(r0, r1), **kw)[0])
+            add(*cross_entropy_terms(block, lab.block(r0, r1), temperature=temp.block(r0, r1), per_row=none,
+                                     **kw)[0])
             rows = r1
             progress(block.shape[0], block.nbytes)
     else:
@@ -443,7 +443,7 @@ def cross_entropy(source, labels, kw, memory=None, progress=None):
             return (CrossEntropy(lab.block(i, i + 1), temperature=temp.block(i, i + 1), **opts),)
 
         for i, (accum,) in folded_rows(source, p.cols, make, progress):
-            add(*accum.terms())
+            add(*accum.terms(per_row=none))
             rows = i + 1
     temp.check_rows(rows)
     lab.check_rows(rows)
@@ -451,7 +451,8 @@ def cross_entropy(source, labels, kw, memory=None, progress=None):
     if reduction == "none":
         out = np.concatenate(per_row) if per_row else np.empty(0)
         return scalar_if_0d(out.astype(rdt).reshape(_lead(source, rows)))
-    return rdt.type(ce_total(sums[0], sums[1], sums[2], count, reduction))
+    sums = [_reduce.compensated_sum(np.array(col, np.float64)) for col in zip(*parts)] or [0.0] * 4
+    return rdt.type(ce_total(sums, reduction))
 
 
 def softmax(source, log, out, kw, memory=None, progress=None):
@@ -752,7 +753,7 @@ def stats(source, labels=None, *, ignore_index=-100, temperature=1.0, softcap=No
 
         for i, (ce, en, tk) in folded_rows(source, p.cols, make, progress):
             if ce is not None:
-                nll.append(ce.terms()[0])
+                nll.append(ce.terms(per_row=True)[0])
             ent.append(en.result())
             top.append(tk.result()[1][:, 0])
             rows = i + 1
