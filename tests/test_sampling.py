@@ -437,6 +437,27 @@ def test_per_row_seeds_make_rows_batch_invariant(rng):
     assert len(set(same.tolist())) > 1
 
 
+def test_per_row_seeds_as_python_ints_past_int64(rng):
+    """A list of Python ints with some past int64 ([2**63, 5]: NumPy makes it float64, losing bits) is
+    taken exactly, as the uint64 array of the same seeds; out-of-range ones name their row. A list of
+    per-row top_k past int64 is "no top-k" there, as the scalar is."""
+    x = (rng.standard_normal((4, 300)) * 3).astype(np.float32)
+    seeds = [2**64 - 1, int(rng.integers(0, 2**62)), 2**63 + int(rng.integers(0, 2**62)), 2**63 + 1]
+    want = sample(x, seed=np.array(seeds, np.uint64))
+    np.testing.assert_array_equal(sample(x, seed=seeds), want)
+    np.testing.assert_array_equal(sample(x, seed=tuple(seeds)), want)
+    # the lowest bit matters: 2**63 + 1 as float64 would be 2**63
+    u = np.zeros((1, 300), np.float32)
+    assert not np.array_equal(sample(u, seed=[2**63 + 1], num_samples=64),
+                              sample(u, seed=[2**63], num_samples=64))
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\), got 18446744073709551616 \(row 2\)"):
+        sample(x, seed=[1, 2**63, 2**64, 3])
+    with pytest.raises(TypeError, match="seed"):
+        sample(x, seed=[2**63, 1.0, 2, 3])
+    ks = [2**70, 3, 2**64, 7]
+    np.testing.assert_array_equal(sample(x, seed=5, top_k=ks), sample(x, seed=5, top_k=[0, 3, 0, 7]))
+
+
 def test_seed_none_draws_fresh_randomness():
     x = np.zeros((50, 1000), np.float32)
     a, b = sample(x), sample(x)

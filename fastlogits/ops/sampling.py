@@ -62,7 +62,8 @@ def _per_row(value, name, lead, rows, dtype, default, ok, need):
         raise TypeError(f"{name} must be {'an integer' if number is int else 'a float'} or one per row, "
                         f"got {value!r}")
     try:
-        a = np.asarray(value)
+        exact = _exact_ints(value) if number is int else None
+        a = np.asarray(value) if exact is None else np.clip(exact, -2**62, 2**62).astype(np.int64)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a number or one per row, got {value!r}") from None
     if a.dtype == object or a.dtype.kind not in "iuf":
@@ -79,6 +80,16 @@ def _per_row(value, name, lead, rows, dtype, default, ok, need):
         where = _first_bad(bad, lead) if a.ndim else ""         # the row, for an argument given per row
         raise ValueError(f"{name} must be {need}, got {number(out[bad][0])!r}{where}")
     return out
+
+
+def _exact_ints(value):
+    """A (nested) list of Python ints that NumPy would make floats (ints past int64 mixed with smaller
+    ones: [2**63, 5] becomes float64) or objects, as an object array of the exact ints; else None."""
+    if not isinstance(value, (list, tuple)) or np.asarray(value).dtype.kind not in "fO":
+        return None
+    o = np.array(value, dtype=object)
+    ints = o.dtype == object and o.size and all(type(v) is int or isinstance(v, np.integer) for v in o.flat)
+    return o if ints else None
 
 
 def _first_bad(bad, lead):
@@ -98,6 +109,13 @@ def _seeds(seed, lead, rows):
         if not 0 <= s < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), got {s}")
         return np.full(rows, s, np.uint64), np.arange(rows, dtype=np.uint64)
+    exact = _exact_ints(seed)                        # Python ints, some past int64
+    if exact is not None:
+        bad = (exact < 0) | (exact >= 2**64)
+        if np.any(bad):
+            where = _first_bad(bad, lead) if exact.shape == tuple(lead) else ""
+            raise ValueError(f"seed must be in [0, 2**64), got {exact[bad][0]}{where}")
+        seed = exact.astype(np.uint64)
     a = np.asarray(seed)
     if a.dtype.kind not in "iu" or a.dtype == bool:
         raise TypeError(f"seed must be an int, one int per row (an integer array), or None, got dtype "
