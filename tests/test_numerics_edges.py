@@ -125,6 +125,14 @@ def test_cross_entropy_of_an_empty_vocabulary_when_every_row_is_ignored():
     ({"temperature": np.array(["2"])}, TypeError, "temperature must be a float"),
     ({"softcap": True}, TypeError, "softcap must be None or a float"),
     ({"softcap": "3"}, TypeError, "softcap must be None or a float"),
+    # an int too large for a float, complex or bool weights: named, not a bare OverflowError or a warning
+    ({"temperature": 10**400}, ValueError, "temperature must be .* too large for a float"),
+    ({"softcap": 10**400}, ValueError, "softcap must be .* too large for a float"),
+    ({"label_smoothing": 10**400}, ValueError, "label_smoothing must be .* too large for a float"),
+    ({"z_loss": -10**400}, ValueError, "z_loss must be .* too large for a float"),
+    ({"weight": [1.0, 2.0, 10**400]}, TypeError, "weight must be an array of floats"),
+    ({"weight": np.array([1, 2, 3], complex)}, TypeError, "weight must be .* got dtype complex128"),
+    ({"weight": np.array([True, False, True])}, TypeError, "weight must be .* got dtype bool"),
 ])
 def test_arguments_of_the_wrong_type_are_named(kw, error, match):
     x = np.ones((2, 3), np.float32)

@@ -180,12 +180,24 @@ def row_name(pos, lead=None):
     return f"row {pos[0]}" if len(pos) == 1 else f"row {pos}"
 
 
+def as_float(value, argname, need):
+    """float(value), or an error naming the argument: TypeError for what is not a number, ValueError for an
+    int too large for a float (10**400)."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{argname} must be {need}, got an integer too large for a float "
+                         f"({len(str(abs(int(value))))} digits)") from None
+    except (TypeError, ValueError):
+        raise TypeError(f"{argname} must be {need}, got {value!r}") from None
+
+
 def temperatures(temperature, lead, rows, argname="temperature", allow_zero=False, name="float64"):
     """One float64 temperature per row: a scalar, or an array of the leading shape (``name``: the logits'
     dtype name; below float64, a temperature must be a normal float32)."""
     f32 = name != "float64"
     if isinstance(temperature, (float, int)) and not isinstance(temperature, bool):   # the common case
-        t = float(temperature)
+        t = as_float(temperature, argname, "a finite float " + (">= 0" if allow_zero else "> 0"))
         if math.isfinite(t) and (t >= 0 if allow_zero else t > 0) and (
                 not f32 or t == 0 or F32_TINY <= t <= F32_MAX):
             return np.full(rows, t)
@@ -222,10 +234,7 @@ def softcap_value(softcap, name="float64"):
         return 0.0
     if isinstance(softcap, (bool, str, bytes)):
         raise TypeError(f"softcap must be None or a float > 0, got {softcap!r}")
-    try:
-        c = float(softcap)
-    except (TypeError, ValueError):
-        raise TypeError(f"softcap must be None or a float > 0, got {softcap!r}") from None
+    c = as_float(softcap, "softcap", "None or a float > 0")
     if not (c > 0 and math.isfinite(c)):
         raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
     if name != "float64" and not F32_TINY <= c <= F32_MAX:

@@ -12,6 +12,7 @@ from fastlogits.ops._doc import shared_params
 from fastlogits.ops._prep import (
     NP_DTYPES,
     as_array,
+    as_float,
     check_own_places,
     dtype_name,
     host_array,
@@ -322,15 +323,26 @@ def _ce_prepare(logits, *, weight, ignore_index, label_smoothing, z_loss, temper
     r = prepare(logits, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
                 chunk_size=chunk_size)
     eps, z, ignore_index = check_ce_options(label_smoothing, z_loss, ignore_index)
-    w = None
-    if weight is not None:
-        try:
-            w = np.asarray(weight, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise TypeError(f"weight must be an array of floats (one per class), got {weight!r}") from None
+    w = as_weight(weight)
+    if w is not None:
         if w.shape != (r.V,):
             raise ValueError(f"weight must have one value per class, shape ({r.V},), got shape {w.shape}")
     return r, eps, z, ignore_index, w
+
+
+def as_weight(weight):
+    """Class weights as a float64 array (None stays None); anything but real numbers (complex, bool,
+    objects such as ints past float64) raises TypeError."""
+    if weight is None:
+        return None
+    try:
+        w = np.asarray(weight)
+    except (TypeError, ValueError):
+        w = None
+    if w is None or w.dtype.kind not in "fiu":
+        got = f"dtype {w.dtype}" if isinstance(weight, np.ndarray) else repr(weight)[:60]
+        raise TypeError(f"weight must be an array of floats (one per class), got {got}")
+    return w.astype(np.float64)
 
 
 def check_reduction(reduction):
@@ -353,10 +365,7 @@ def _number(value, argname):
     """value as a float; None, a bool or a string is refused (naming the argument)."""
     if isinstance(value, (bool, str, bytes)) or value is None:
         raise TypeError(f"{argname} must be a float, got {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{argname} must be a float, got {value!r}") from None
+    return as_float(value, argname, "a float")
 
 
 def check_ignore_index(ignore_index):

@@ -30,6 +30,7 @@ from fastlogits.ops._backend import ordered
 from fastlogits.ops._doc import shared_params
 from fastlogits.ops._prep import (
     NP_DTYPES,
+    as_float,
     broadcast_rows,
     compute_dtype,
     is_gpu_array,
@@ -52,6 +53,8 @@ def _per_row(value, name, lead, rows, dtype, default, ok, need):
     if value is None:
         value = default
     number = int if dtype == np.int64 else float
+    if number is float and type(value) is int:
+        value = as_float(value, name, need)                 # (10**400 raises, naming the argument)
     if (type(value) is int and -2**63 <= value < 2**63) or (type(value) is float and number is float):
         if not ok(value):                                                            # the common case
             raise ValueError(f"{name} must be {need}, got {number(value)!r}")

@@ -16,7 +16,7 @@ from fastlogits._config import is_int
 from fastlogits.cpu import _reduce
 from fastlogits.cpu.backend import CODES, compute_dtype
 from fastlogits.ops._prep import as_array, is_gpu_array, prepare
-from fastlogits.ops.reductions import ce_terms, ce_total, check_ce_options, check_reduction
+from fastlogits.ops.reductions import as_weight, ce_terms, ce_total, check_ce_options, check_reduction
 
 
 class LogSumExpState(NamedTuple):
@@ -252,10 +252,7 @@ class CrossEntropy(_Base):
         if np.any((self.labels < 0) & (self.labels != self.ignore_index)):
             i = int(np.argmax((self.labels < 0) & (self.labels != self.ignore_index)))
             raise IndexError(f"labels: label {int(self.labels[i])} at row {i} is out of range")
-        try:
-            self.weight = None if weight is None else np.asarray(weight, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise TypeError(f"weight must be an array of floats (one per class), got {weight!r}") from None
+        self.weight = as_weight(weight)
         if self.weight is not None and self.weight.ndim != 1:
             raise ValueError(f"weight must be 1-D (one value per class), got shape {self.weight.shape}")
         self.target = np.zeros(self.rows)
