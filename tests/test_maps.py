@@ -156,3 +156,36 @@ def test_tiny_probabilities_round_to_16bit(in_dtype, out_dtype):
     np.testing.assert_array_equal(got, want.astype(out_dtype).astype(np.float64))
     check("softmax", x, dtype=out_dtype)
     check("log_softmax", x, dtype=out_dtype)
+
+
+def _round_significand(v, bits):
+    """v rounded to `bits` significant bits, to nearest even (normal range), exactly: frexp's significand
+    times 2**bits is exact in float64, and np.round rounds half to even."""
+    m, e = np.frexp(v)
+    return np.ldexp(np.round(m * 2.0**bits) / 2.0**bits, e)
+
+
+@pytest.mark.parametrize("out_dtype, bits", [(np.float16, 11), (BF16, 8)], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("name", MAPS)
+def test_float64_results_round_once_to_16bit(name, out_dtype, bits, rng):
+    """float64 results stored as float16 / bfloat16 round once, to nearest even: not through a float, which
+    rounds values just past a tie onto it (1 + 2^-11 + 2^-30 to 1 + 2^-11, then to 1 in float16). Logits
+    at or below -800 next to a 0 have log-softmax equal to themselves (their exp underflows against 1), so
+    the values stored are known exactly; they sit a hair either side of ties of the output format."""
+    k = rng.integers(10, 15, 200)                          # magnitudes 2^10 .. 2^15: below -800
+    j = rng.integers(0, 2**(bits - 1), 200)                 # which tie of the binade
+    tie = 1.0 + (2.0 * j + 1.0) * 2.0**-bits               # halfway between two representable values
+    off = rng.choice([-1.0, 1.0], 200) * 2.0**-30
+    v = -np.ldexp(tie + off, k)
+    x = np.concatenate([[0.0], v])
+    lsm = np.asarray(fl.log_softmax(x, dtype=out_dtype)).astype(np.float64)
+    np.testing.assert_array_equal(lsm[1:], _round_significand(v, bits))
+    if name == "softmax":                                  # random rows; NumPy's float16 cast rounds once
+        x = rng.standard_normal((100, 1000)) * 4
+        got = np.asarray(fl.softmax(x, dtype=out_dtype)).astype(np.float64)
+        want = np.asarray(fl.softmax(x))
+        if out_dtype is np.float16:
+            np.testing.assert_array_equal(got, want.astype(np.float16).astype(np.float64))
+        else:
+            norm = want > 2.0**-126                           # bfloat16 normals (the reference's range)
+            np.testing.assert_array_equal(got[norm], _round_significand(want[norm], bits))

@@ -154,9 +154,24 @@ def store_value(out, r, j, y):
 
 
 @cuda.jit(device=True)
+def f32_odd(y):
+    """float32(y) rounded to odd, as the C core's fl__f64_to_f32_odd: rounding it again to bfloat16 rounds
+    a float64 y once (through a float32 rounded to nearest, a y just past a tie would land on it). A
+    float32 y comes back as it is."""
+    f = np.float32(y)
+    if np.float64(f) != y and y == y:
+        b = f32_bits(f)
+        if abs(np.float64(f)) > abs(y):
+            b = b - np.uint32(1)                    # rounded away from 0: the truncation is one below
+        f = f32_from_bits(b | np.uint32(1))
+    return f
+
+
+@cuda.jit(device=True)
 def store_bf16(out, r, j, y):
-    """out[r, j] = float32 y rounded to bfloat16 (to nearest, ties to even, as ml_dtypes and the CPU
-    round), as its bits; a NaN stays a NaN of its sign."""
+    """out[r, j] = y (float32 or float64) rounded once to bfloat16 (to nearest, ties to even, as ml_dtypes
+    rounds a float32 and the CPU any value), as its bits; a NaN stays a NaN of its sign."""
+    y = f32_odd(y)
     b = f32_bits(y)
     hi = b >> np.uint32(16)
     if y != y:

@@ -530,12 +530,26 @@ FL_INLINE double fl__load_one(const char *p, int dtype) {
     }
 }
 
+/* double -> float rounded to odd: truncated, with the last bit set where v was inexact. Rounding that
+ * float again to a format of at most 22 significant bits (half, bfloat16) gives v rounded once, as if
+ * through a float rounded to nearest, 1 + 2^-11 + 2^-30 would become the tie 1 + 2^-11, then 1 in half.
+ * NaN and inf are left to the plain conversion. */
+FL_INLINE float fl__f64_to_f32_odd(double v) {
+    float f = (float)v;
+    if ((double)f != v && v == v) {
+        uint32_t u = fl__bits_from_f32(f);
+        if (fabs((double)f) > fabs(v)) u -= 1;     /* rounded away from 0: the truncation is one below */
+        f = fl__f32_from_bits(u | 1u);
+    }
+    return f;
+}
+
 /* Store one double as any dtype (rounding once, to nearest even). */
 FL_INLINE void fl__store_one(char *p, int dtype, double v) {
     uint16_t h; float f = (float)v;
     switch (dtype) {
-    case FL_F16: h = fl_f32_to_f16(f); memcpy(p, &h, 2); break;
-    case FL_BF16: h = fl_f32_to_bf16(f); memcpy(p, &h, 2); break;
+    case FL_F16: h = fl_f32_to_f16(fl__f64_to_f32_odd(v)); memcpy(p, &h, 2); break;
+    case FL_BF16: h = fl_f32_to_bf16(fl__f64_to_f32_odd(v)); memcpy(p, &h, 2); break;
     case FL_F32: memcpy(p, &f, 4); break;
     default: memcpy(p, &v, 8); break;
     }

@@ -291,6 +291,22 @@ def test_store_bf16_rounds_as_ml_dtypes(gpu, rng):
     assert np.isnan(g).all() and np.array_equal(np.signbit(g), np.signbit(src[0][nan]))
 
 
+def test_store_bf16_rounds_float64_once(gpu, rng):
+    """A float64 value just past a bfloat16 tie rounds away from it (through a float32 rounded to nearest
+    it would land on the tie and go to even): the stored value is the float64 rounded once, exactly."""
+    k = rng.integers(-20, 20, 200)
+    tie = 1.0 + (2.0 * rng.integers(0, 2**7, 200) + 1.0) * 2.0**-8
+    v = rng.choice([-1.0, 1.0], 200) * np.ldexp(tie + rng.choice([-1.0, 1.0], 200) * 2.0**-30, k)
+    src = np.concatenate([v, [0.0, -0.0, 1.0, 3e38, -np.inf]])[None, :]
+    out = cuda.to_device(np.zeros(src.shape, np.uint16))
+    _store_all[(src.shape[1] + 127) // 128, 128](cuda.to_device(src), out)
+    got = out.copy_to_host()[0].view(BF16).astype(np.float64)
+    m, e = np.frexp(src[0])                         # exact: the significand rounded to 8 bits, half to even
+    want = np.ldexp(np.round(m * 2.0**8) / 2.0**8, e)
+    np.testing.assert_array_equal(got, want)
+    assert np.signbit(got[201])
+
+
 def test_accumulators_and_sources_say_what_to_do_with_device_arrays(gpu, rng, tmp_path):
     """A device chunk given to an accumulator, or a device out given for a source, is refused with what to
     do instead (the accumulators' error advised backend='gpu', which they do not take; found by an audit
