@@ -110,6 +110,23 @@ def test_entropy_literals(dtype):
     assert float(fl.entropy(2 * x, temperature=2.0)) == pytest.approx(want, rel=1e-12)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_entropy_of_a_certain_row_is_exactly_zero(dtype, rng):
+    """A row whose other logits are -inf (a masked row: top-k, grammar) or lie far below its max has entropy
+    exactly 0, as PyTorch's -sum p log p (0 log 0 = 0; e^-2000 is 0 in float64) gives: every chunking and
+    thread split. Before, each such logit added its clamped exp(-87.3) * -87.3 (1e-36) to the sum."""
+    V = int(rng.integers(3000, 9000))
+    x = np.full((3, V), -inf)
+    x[1, :] = -2000.0 - rng.random(V) * 1e4       # far below the max, finite
+    x[2, ::2] = -inf
+    hot = rng.integers(0, V, 3)
+    x[np.arange(3), hot] = rng.uniform(-5, 5, 3)
+    x = x.astype(dtype)
+    for chunk_size, threads in ((None, None), (64, 2), (1000, 3), (7, 1)):
+        got = np.asarray(fl.entropy(x, chunk_size=chunk_size, threads=threads), np.float64)
+        np.testing.assert_array_equal(got, 0.0, err_msg=f"chunk_size={chunk_size}, threads={threads}")
+
+
 def test_temperature_softcap_literals():
     x = np.array([2.0, 4.0])
     assert float(fl.logsumexp(x, temperature=2.0)) == pytest.approx(math.log(math.e + math.e**2), rel=1e-13)

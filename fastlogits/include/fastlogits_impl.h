@@ -110,8 +110,9 @@ FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp_max)(const FL_T *x, int
 }
 
 /* sum exp(x - m) and sum exp(x - m) * (x - m) over x[0:n); m finite, no NaN in x. x - m is clamped
- * where exp() flushes (as in fl__sumexp), so -inf logits add (almost exactly) 0 to both sums: 0 log 0 = 0,
- * -inf logits are impossible classes. */
+ * where exp() flushes (as in fl__sumexp), so -inf logits add almost exactly 0 to the first sum (a term
+ * of 1e-38 or 1e-308, below its rounding) and exactly 0 to the second: 0 log 0 = 0, -inf logits are
+ * impossible classes, and a one-hot row has entropy 0, not the clamped terms' -87.3 * 1e-38 each. */
 FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp_t)(const FL_T *x, int64_t n, FL_T m, double *t,
                                                             uintptr_t pf, uintptr_t pf_step) {
     double tot[FL_LANES], tt[FL_LANES];
@@ -127,20 +128,20 @@ FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp_t)(const FL_T *x, int64
             FL_LANE_LOOP
             for (j = 0; j < FL_LANES; j++) {
                 FL_T d = x[i + j] - m;
-                d = d < FL_EXP_FLOOR ? FL_EXP_FLOOR : d;
-                FL_T e = FL_EXP_NEG(d);
+                FL_T dc = d < FL_EXP_FLOOR ? FL_EXP_FLOOR : d;
+                FL_T e = FL_EXP_NEG(dc);
                 acc[j] += e;
-                act[j] += e * d;
+                act[j] += d < FL_EXP_FLOOR ? (FL_T)0 : e * dc;
             }
         }
         for (j = 0; j < FL_LANES; j++) { tot[j] += acc[j]; tt[j] += act[j]; }
     }
     for (; i < n; i++) {
         FL_T d = x[i] - m;
-        d = d < FL_EXP_FLOOR ? FL_EXP_FLOOR : d;
-        FL_T e = FL_EXP_NEG(d);
+        FL_T dc = d < FL_EXP_FLOOR ? FL_EXP_FLOOR : d;
+        FL_T e = FL_EXP_NEG(dc);
         tot[0] += e;
-        tt[0] += e * d;
+        tt[0] += d < FL_EXP_FLOOR ? (FL_T)0 : e * dc;
     }
     for (j = 1; j < FL_LANES; j++) { tot[0] += tot[j]; tt[0] += tt[j]; }
     *t = tt[0];
