@@ -120,6 +120,19 @@ def test_neg_inf_logits():
     assert np.isnan(fl.cross_entropy(np.full((1, 3), -inf), np.array([1])))
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_a_float32_loss_past_its_range_is_inf_quietly(reduction, recwarn):
+    """A loss beyond float32's range (logits 3e38 and -3e38, the label on the second: 6e38) is inf, like
+    PyTorch's, with no RuntimeWarning from the cast, in memory and streamed."""
+    x = np.array([[3e38, -3e38], [0.0, 0.0]], np.float32)
+    y = np.array([1, -100])
+    for src in (x, iter([x[:1], x[1:]])):
+        got = fl.cross_entropy(src, y, reduction=reduction)
+        assert np.asarray(got).dtype == np.float32
+        assert np.asarray(got).ravel()[0] == inf
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)], [str(w) for w in recwarn]
+
+
 @pytest.mark.parametrize("source", ["array", "blocks of a row"])
 def test_rows_are_summed_with_compensation(source):
     """"mean" and "sum" add the rows' losses with compensation, in memory and streamed (block sums too):

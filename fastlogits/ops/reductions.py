@@ -301,7 +301,7 @@ def cross_entropy(logits, labels, *, weight=None, ignore_index=-100, label_smoot
     loss, sums = _ce_rows_terms(B, r, labels, eps, z, ignore_index, w, reduction == "none")
     if reduction == "none":
         return _finish(r, B.to_device_like(loss, r.x))
-    return r.result_dtype.type(ce_total(sums, reduction))
+    return ce_total(sums, reduction, r.result_dtype)
 
 
 def _cross_entropy_on_device(B, r, labels, eps, z, ignore_index, w, reduction):
@@ -410,13 +410,16 @@ def ce_terms(nll, smooth, lse, labels, ignore_index, weight, eps, z, V, per_row)
     return out, sums
 
 
-def ce_total(sums, reduction):
-    """The "mean" or "sum" reduction from ce_terms' sums: the loss is divided by the sum of the target
-    weights (PyTorch), the z-loss by the number of counted rows (Liger-Kernel); all ignored: NaN / 0."""
+def ce_total(sums, reduction, dtype=np.float64):
+    """The "mean" or "sum" reduction from ce_terms' sums, as a scalar of dtype (a float32 beyond its range
+    is inf, quietly): the loss is divided by the sum of the target weights (PyTorch), the z-loss by the
+    number of counted rows (Liger-Kernel); all ignored: NaN / 0."""
     loss_sum, wy_sum, z_sum, count = (float(v) for v in sums)
     if reduction == "sum":
-        return np.float64(loss_sum + z_sum)
-    if wy_sum == 0:   # PyTorch divides its NLL part 0 / 0 here: NaN, also when smoothing adds to the sum
-        return np.float64(np.nan)
-    total = loss_sum / wy_sum            # (Python floats: inf / inf is NaN, and z_sum != 0 means count > 0)
-    return np.float64(total + z_sum / count if z_sum else total)
+        total = loss_sum + z_sum
+    elif wy_sum == 0:  # PyTorch divides its NLL part 0 / 0 here: NaN, also when smoothing adds to the sum
+        total = math.nan
+    else:              # (Python floats: inf / inf is NaN, and z_sum != 0 means count > 0)
+        total = loss_sum / wy_sum + (z_sum / count if z_sum else 0.0)
+    with np.errstate(over="ignore"):
+        return np.dtype(dtype).type(total)

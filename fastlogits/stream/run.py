@@ -450,9 +450,10 @@ def cross_entropy(source, labels, kw, memory=None, progress=None):
     rdt = _result_dtype(source, "cross_entropy")
     if reduction == "none":
         out = np.concatenate(per_row) if per_row else np.empty(0)
-        return scalar_if_0d(out.astype(rdt).reshape(_lead(source, rows)))
+        with np.errstate(over="ignore"):          # a float32 loss beyond its range is inf, by design
+            return scalar_if_0d(out.astype(rdt).reshape(_lead(source, rows)))
     sums = [_reduce.compensated_sum(np.array(col, np.float64)) for col in zip(*parts)] or [0.0] * 4
-    return rdt.type(ce_total(sums, reduction))
+    return ce_total(sums, reduction, rdt)
 
 
 def softmax(source, log, out, kw, memory=None, progress=None):
