@@ -10,6 +10,7 @@ from fastlogits.ops import _backend
 from fastlogits.ops._backend import ordered
 from fastlogits.ops._doc import shared_params
 from fastlogits.ops._prep import (
+    F32_MAX,
     NP_DTYPES,
     as_array,
     as_float,
@@ -421,5 +422,7 @@ def ce_total(sums, reduction, dtype=np.float64):
         total = math.nan
     else:              # (Python floats: inf / inf is NaN, and z_sum != 0 means count > 0)
         total = loss_sum / wy_sum + (z_sum / count if z_sum else 0.0)
+    if abs(total) <= F32_MAX:
+        return np.dtype(dtype).type(total)
     with np.errstate(over="ignore"):
         return np.dtype(dtype).type(total)

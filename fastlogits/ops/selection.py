@@ -76,6 +76,7 @@ def top_k(logits, k, *, temperature=1.0, softcap=None, backend=None, threads=Non
     ----------
     {logits}
     k : int, 1 <= k <= V
+        (``torch.topk`` also takes k = 0 and returns empty arrays; here k = 0 raises ValueError.)
     {temperature}
     {shared}
 
@@ -110,6 +111,7 @@ def top_k_logprobs(logits, k, *, temperature=1.0, softcap=None, backend=None, th
     ----------
     {logits}
     k : int, 1 <= k <= V
+        (``torch.topk`` also takes k = 0 and returns empty arrays; here k = 0 raises ValueError.)
     {temperature}
     {shared}
 
