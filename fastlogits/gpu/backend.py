@@ -342,9 +342,9 @@ def _launch(kernel, grid, tpb=K.TPB, stream=0):
 def _upload(name, slot, host, stream=0):
     """Small host array ``host`` on the device, in the kept scratch array (name, slot) when it fits one;
     not copied again while that array still holds these values (a call's temperatures are most often the
-    last call's). The copy is queued on ``stream`` (for 0, the default stream as a stream object): a copy
-    from pageable memory queued so does not wait for the device's queued work, where a plain copy (stream
-    0) first waits for all of it."""
+    last call's; nothing is copied for an empty one). The copy is queued on ``stream`` (for 0, the default
+    stream as a stream object): a copy from pageable memory queued so does not wait for the device's queued
+    work, where a plain copy (stream 0) first waits for all of it."""
     stream = stream or _default_stream()
     if host.nbytes > SCRATCH_MAX_BYTES:
         return cuda.to_device(host, stream=stream)
@@ -353,7 +353,7 @@ def _upload(name, slot, host, stream=0):
     if sent is None:
         sent = _local.sent = {}
     last = sent.get((name, slot))
-    if last is None or last[0] is not a or not np.array_equal(last[1], host):
+    if host.size and (last is None or last[0] is not a or not np.array_equal(last[1], host)):
         a.copy_to_device(host, stream=stream)
         sent[(name, slot)] = (a, np.array(host, copy=True))
     return a

@@ -5,8 +5,9 @@ numpydoc entries where a docstring's Parameters section has the line ``{shared}`
 _ENTRIES = {
     "logits": """\
 logits : array_like of shape (..., V), a GPU array, or a source (fastlogits.open)
-    float16, bfloat16 (ml_dtypes.bfloat16, or 2-byte data declared so), float32 or float64, any strides;
-    PyTorch CPU tensors are read in place. A source is streamed in bounded memory.""",
+    float16, bfloat16 (ml_dtypes.bfloat16 or a PyTorch bfloat16 tensor; host bits in uint16 or |V2
+    through ``fastlogits.open(bits, dtype="bfloat16")``), float32 or float64, any strides; PyTorch CPU
+    tensors are read in place. A source is streamed in bounded memory.""",
     "temperature": """\
 temperature : float > 0, or an array of one per row (the leading shape)
     The logits are divided by it, after the softcap (below float64 input, in float32, as PyTorch does).""",

@@ -298,6 +298,12 @@ def test_empty_shapes(gpu):
         for b in ("cpu", "gpu"):                                 # the same clear error on both
             with pytest.raises(ValueError, match="empty vocabulary"):
                 call(b)
+    # no rows, on the device, with host labels (nothing to upload: the simulator refused the empty copy)
+    d = gpu.cuda.to_device(y)
+    for reduction, want in (("none", np.zeros(0)), ("mean", np.nan), ("sum", 0.0)):
+        got = fl.cross_entropy(d, np.zeros(0, np.int64), reduction=reduction).copy_to_host()
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(fl.cross_entropy(y, np.zeros(0, np.int64), reduction=reduction), want)
 
 
 def test_host_row_blocks(gpu, rng, monkeypatch):
