@@ -124,3 +124,31 @@ def test_softmax_torch(benchmark, data, torch_threads):
     x, _ = data
     got = benchmark(torch_threads.softmax, torch_threads.from_numpy(x), -1).numpy()
     np.testing.assert_allclose(got[:4].astype(np.float64), ref.softmax(x[:4]), rtol=1e-4, atol=1e-12)
+
+
+# ---- a call's fixed cost: a small classifier's batch (32 rows of 10 classes), whatever the shape above ----
+
+@pytest.fixture(scope="module")
+def small():
+    rng = np.random.default_rng(1)
+    return (rng.standard_normal((32, 10)) * 3).astype(np.float32), rng.integers(0, 10, 32)
+
+
+def test_cross_entropy_small_fastlogits(benchmark, small):
+    x, y = small
+    _check(benchmark(fl.cross_entropy, x, y), ref.cross_entropy(x, y))
+
+
+def test_cross_entropy_small_torch(benchmark, small):
+    torch = pytest.importorskip("torch")
+    t, ty = torch.from_numpy(small[0]), torch.from_numpy(small[1])
+    _check(benchmark(torch.nn.functional.cross_entropy, t, ty).numpy(), ref.cross_entropy(*small))
+
+
+def test_logsumexp_small_fastlogits(benchmark, small):
+    _check(benchmark(fl.logsumexp, small[0]), ref.logsumexp(small[0]))
+
+
+def test_logsumexp_small_torch(benchmark, small):
+    torch = pytest.importorskip("torch")
+    _check(benchmark(torch.logsumexp, torch.from_numpy(small[0]), -1).numpy(), ref.logsumexp(small[0]))
