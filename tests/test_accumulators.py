@@ -327,6 +327,30 @@ def test_top_k_random_chunks(dtype, n_acc, logprobs, rng):
         np.testing.assert_array_equal(idx, want_idx, err_msg=f"n={n} k={k}")
 
 
+@pytest.mark.parametrize("make", [
+    lambda y: LogSumExp(5), lambda y: Entropy(5), lambda y: CrossEntropy(y, label_smoothing=0.1),
+    lambda y: TopK(5, 3), lambda y: TopK(5, 3, logprobs=True)],
+    ids=["lse", "entropy", "ce", "topk", "topk-lp"])
+def test_empty_chunks_add_nothing(make, rng):
+    """A chunk of shape (rows, 0) is a chunk (API.md: "chunk is (rows, c)"), before, between and after the
+    others, in every accumulator: TopK refused it (a top-0 of nothing), found by an embedding audit."""
+    x = random_logits(rng, (5, 40), np.float32, scale=3.0)
+    y = rng.integers(0, 40, 5)
+    acc, plain = make(y), make(y)
+    for a, b in ((0, 0), (0, 17), (17, 17), (17, 40), (40, 40)):
+        acc.update(x[:, a:b], a)
+    for a, b in ((0, 17), (17, 40)):
+        plain.update(x[:, a:b], a)
+
+    def arrays(acc):
+        r = acc.result()
+        return [np.asarray(a) for a in (r if isinstance(r, tuple) else (r,))]
+
+    for got, want in zip(arrays(acc), arrays(plain)):          # bit for bit: the empties add nothing
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(arrays(acc)[0], arrays(make(y).update(x, 0))[0], rtol=1e-6)
+
+
 def test_entropy_and_top_k_states_made_elsewhere(rng):
     """States computed by hand with NumPy (as another machine would send them) merge like accumulators'."""
     x = random_logits(rng, (4, 300), np.float64, scale=10.0)

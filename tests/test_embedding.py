@@ -225,6 +225,25 @@ int main(void) {
     float near[2] = {1e6f, 1e6f + 0.0625f};
     fl_lse_init(&s); fl_lse_update_f64(&s, mid, 1); fl_lse_update_f32(&s, near, 2);
     printf("%.17g\n", fl_lse_result(&s));
+    /* maxes that float rounds by far more than 64 (1e11: spacing 8192; 1e30): the one-pass rescaling by
+       exp(float(m) - m) overflowed, giving NaN or +inf (found by an embedding audit) */
+    double a[1] = {99999996952.0}, e30[1] = {1e30};     /* float(a) = a + 1000 */
+    float fa[1] = {99999997952.0f}, small[3] = {0.0f, 1.0f, 2.0f}, f30[1] = {(float)1e30};
+    fl_lse_init(&s); fl_lse_update_f64(&s, a, 1); fl_lse_update_f32(&s, fa, 1);
+    printf("%.17g\n", fl_lse_result(&s));
+    fl_lse_init(&s); fl_lse_update_f64(&s, a, 1); fl_lse_update_f32(&s, small, 3);
+    printf("%.17g\n", fl_lse_result(&s));
+    fl_lse_init(&s); fl_lse_update_f64(&s, a, 1); fl_lse_update_f16(&s, h, 2);
+    printf("%.17g\n", fl_lse_result(&s));
+    fl_lse_init(&s); fl_lse_update_f64(&s, e30, 1); fl_lse_update_f32(&s, f30, 1);
+    printf("%.17g\n", fl_lse_result(&s));
+    /* the top 0 of a row with its logsumexp state: no scratch (k values: none), nothing written; the
+       heap's root hv[0] was read, and written, all the same */
+    float row[5] = {0.5f, 3.0f, -1.0f, 2.0f, 0.0f}, buf[2], outv[1] = {0};
+    int64_t outi[1] = {-7};
+    fl_row r = {(const char *)row, 5, 4, FL_F32, 1.0, 0.0};
+    fl_row_topk_f32(&r, 0, 2, buf, NULL, NULL, outv, outi, &s);
+    printf("%.17g %lld\n", fl_lse_result(&s), (long long)outi[0]);
     return 0;
 }
 """
@@ -362,16 +381,23 @@ def test_states_beyond_float_range_fold_float_data(tmp_path):
     # (exact data, so only exp's rounding remains: 1e-9 here, against 0.01 without the rescaling)
     want = 1e6 + float(np.log(np.exp(0.3) + 1.0 + np.exp(0.0625)))
     assert abs(got[4] - want) < 1e-6
+    # maxes that float rounds by more than 64: the larger value, the others below its ulp
+    assert got[5:9] == [99999997952.0, 99999996952.0, 99999996952.0, float(np.float32(1e30))]
+    assert got[9] == pytest.approx(float(ref.logsumexp(np.array([0.5, 3.0, -1.0, 2.0, 0.0]))), rel=1e-6)
+    assert got[10] == -7                                                      # top 0: nothing written
 
 
 @needs_cc
 def test_header_warns_under_fast_math(tmp_path):
     src = tmp_path / "fm.c"
     src.write_text('#include "fastlogits.h"\nint main(void) { return 0; }\n')
-    # the macro GCC and Clang define under their fast-math options (the options themselves stay out of
+    # the macros GCC and Clang define under those options (the options themselves stay out of
     # the tree: nothing here should ever be built with them)
-    warnings = _compile(CC, src, tmp_path / "fm", ["-O2", "-D__FAST_MATH__=1"])
-    assert "fastlogits.h needs NaN and inf" in warnings
+    for macro in ("__FAST_MATH__", "__ASSOCIATIVE_MATH__", "__FINITE_MATH_ONLY__"):
+        warnings = _compile(CC, src, tmp_path / "fm", ["-O2", f"-D{macro}=1"])
+        assert "fastlogits.h needs IEEE arithmetic" in warnings, macro
+    # without them, not a word
+    assert "fastlogits.h" not in _compile(CC, src, tmp_path / "fm", ["-O2", "-Wall", "-Wextra"])
 
 
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler on PATH")

@@ -14,10 +14,10 @@
  *      second-pass maps over a chunk that sits in L1. They are plain C loops over fixed-width lanes, which
  *      GCC and Clang vectorize without fast-math flags; on x86-64 Linux with GCC they are compiled three times
  *      (x86-64-v4 = AVX-512, x86-64-v3 = AVX2+FMA, baseline) and the loader picks one at start-up
- *      (target_clones), so the includer's target flags do not matter. IEEE semantics do: GCC's fast-math
- *      and finite-math-only options drop the NaN and inf checks (the header warns when the compiler says
- *      they are on), and x87 math (-mfpmath=387) needs -fexcess-precision=standard for exp's
- *      add-and-subtract rounding. Intrinsics serve where the vectorizer falls short, on x86-64 only
+ *      (target_clones), so the includer's target flags do not matter. IEEE semantics do: GCC's fast-math,
+ *      associative-math and finite-math-only options fold exp's add-and-subtract rounding away (every
+ *      result is wrong) or drop the NaN and inf checks (the header warns when the compiler says they are
+ *      on). Intrinsics serve where the vectorizer falls short, on x86-64 only
  *      (FL_NO_INTRINSICS: none): SSE2 or AVX2 for the sampler's generator (Philox), whose 32 x 32 -> 64-bit
  *      multiplies it misses, and F16C for float16 arrays;
  *   3. the public API (below), and row drivers that read any dtype and stride, apply softcap and
@@ -66,8 +66,11 @@
 #define FL_X86_INTRINSICS 0
 #endif
 
-#if defined(__FAST_MATH__) || (defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__)
-#warning "fastlogits.h needs NaN and inf: under fast-math or finite-math-only options, rows holding them give wrong results"
+/* exp's round-to-integer trick needs floating-point addition as written, and the edge cases need NaN and
+ * inf: under -ffast-math, -fassociative-math or -ffinite-math-only every result may be wrong */
+#if defined(__FAST_MATH__) || defined(__ASSOCIATIVE_MATH__) || \
+    (defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__)
+#warning "fastlogits.h needs IEEE arithmetic: under fast-math, associative-math or finite-math-only options its results are wrong"
 #endif
 
 #ifdef __cplusplus

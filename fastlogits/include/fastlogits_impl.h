@@ -237,8 +237,10 @@ static inline void FL_FN(fl_lse_fold)(fl_lse_state *st, const FL_T *x, int64_t n
                                       uintptr_t pf_step) {
     fl_lse_state c;
     if (n <= 0) return;
-    /* one pass around the state's max, when FL_T holds it (a state merged from float64 work may not) */
-    if (st->m >= -FL_T_MAX && st->m <= FL_T_MAX) {
+    /* one pass around the state's max rounded to FL_T, when FL_T holds it within 64 (a state merged from
+     * float64 work may have a max beyond float's range, or one that float rounds by more: above 2^30 its
+     * spacing passes 128, and the rescaling by exp(sh - m) below would overflow) */
+    if (st->m >= -FL_T_MAX && st->m <= FL_T_MAX && fabs((double)(FL_T)st->m - st->m) <= 64.0) {
         FL_T sh = (FL_T)st->m, cmax;
         double s = FL_FN(fl__sumexp_max)(x, n, sh, &cmax, pf, pf_step);
         if (s == s && cmax <= sh + 64) {
@@ -470,9 +472,9 @@ static inline void FL_FN(fl__sift_down)(FL_T *hv, int64_t *hi, int64_t k, int64_
     }
 }
 
-/* The k best elements of r (transformed; k <= r->n), best first, into out_v and out_i. hv and hi are
+/* The k best elements of r (transformed; 0 <= k <= r->n), best first, into out_v and out_i. hv and hi are
  * scratch space of k values; buf holds chunk values. When st is not NULL, the row's logsumexp state is
- * folded in the same pass (for log-probabilities). */
+ * folded in the same pass (for log-probabilities; k = 0 computes only that). */
 static inline void FL_FN(fl_row_topk)(const fl_row *r, int64_t k, int64_t chunk, FL_T *buf, FL_T *hv,
                                       int64_t *hi, FL_T *out_v, int64_t *out_i, fl_lse_state *st) {
     int64_t size = 0, i, c0;
@@ -485,6 +487,7 @@ static inline void FL_FN(fl_row_topk)(const fl_row *r, int64_t k, int64_t chunk,
             uintptr_t step, pf = FL_FN(fl_row_prefetch)(r, c0 + len, &step);
             FL_FN(fl_lse_fold)(st, x, len, pf, step);
         }
+        if (k <= 0) continue;                          /* no heap to fill (and hv[0] to read) */
         i = 0;
         for (; i < len && size < k; i++) {            /* fill: sift up */
             int64_t p = size++;

@@ -425,11 +425,12 @@ class TopK(_Base):
         with adding:
             # values in the compute dtype (not rounded back to a 16-bit input dtype): log-probs come from
             # them
-            _, v, i = _top_k(x, min(self.k, x.shape[1]), False, self._temperature, self._softcap, "cpu",
-                             self._threads, self._chunk_size)
+            if x.shape[1]:                     # (an empty chunk adds no candidates, as it adds nothing
+                _, v, i = _top_k(x, min(self.k, x.shape[1]), False, self._temperature, self._softcap,
+                                 "cpu", self._threads, self._chunk_size)     # to the other accumulators)
+                self._keep(np.asarray(v, np.float64), i + start)
             if self._lse is not None:
                 self._lse.update(x, start)
-            self._keep(np.asarray(v, np.float64), i + start)
         return self
 
     def _keep(self, v, i):
