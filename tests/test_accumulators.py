@@ -387,6 +387,16 @@ def test_merge_refuses_other_kinds_options_and_bad_states(rng):
     x = rng.standard_normal((3, 40))
     with pytest.raises(ValueError, match="different temperature"):
         LogSumExp(3).update(x[:, :20], 0).merge(LogSumExp(3, temperature=2.0).update(x[:, 20:], 20))
+    with pytest.raises(ValueError, match="different temperature"):
+        LogSumExp(3, temperature=[1.0, 2.0, 1.0]).merge(LogSumExp(3, temperature=1.0))
+    # the same temperatures, one given per row: merged, as the whole row gives
+    t = np.full(3, 0.5)
+    got = LogSumExp(3, temperature=t).update(x[:, :20], 0).merge(LogSumExp(3, temperature=0.5).update(
+        x[:, 20:], 20)).result()
+    np.testing.assert_allclose(got, ref.logsumexp(x, temperature=0.5), rtol=1e-12)
+    y = rng.integers(0, 40, 3)
+    with pytest.raises(ValueError, match="different reduction"):
+        CrossEntropy(y).update(x[:, :20], 0).merge(CrossEntropy(y, reduction="sum").update(x[:, 20:], 20))
     with pytest.raises(ValueError, match="different softcap"):
         Entropy(3).update(x[:, :20], 0).merge(Entropy(3, softcap=5.0).update(x[:, 20:], 20))
     with pytest.raises(ValueError, match="different k"):

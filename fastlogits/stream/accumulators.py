@@ -171,6 +171,8 @@ class _Base:
                              f"{self.rows}")
         for name in (*names, "_temperature", "_softcap"):
             a, b = getattr(self, name), getattr(other, name)
+            if name == "_temperature":          # one value, or one per row: the same temperatures either way
+                a, b = (np.broadcast_to(np.asarray(t, np.float64), (self.rows,)) for t in (a, b))
             if (a is None) != (b is None) or (a is not None and not np.array_equal(a, b)):
                 raise ValueError(f"merge: the other {type(self).__name__} has a different "
                                  f"{name.lstrip('_')}; only accumulators of the same options can be merged")
@@ -316,7 +318,8 @@ class CrossEntropy(_Base):
         return self
 
     def _check_same(self, other, names=()):
-        super()._check_same(other, ("labels", "weight", "ignore_index", "label_smoothing", "z_loss"))
+        super()._check_same(other, ("labels", "weight", "ignore_index", "label_smoothing", "z_loss",
+                                    "reduction"))
 
     def terms(self, per_row=False):
         """The loss's per-row values (when per_row) and sums (see fastlogits.ops.reductions.ce_terms),
@@ -402,7 +405,9 @@ class Entropy(_Base):
 class TopK(_Base):
     """Running top-k (values after softcap and temperature, and indices) of rows whose columns arrive in
     chunks; with ``logprobs=True`` the log-probabilities under softmax(x / T) instead of the values. The
-    order is fastlogits.top_k's: NaN first (as PyTorch's topk), then larger values, then lower indices."""
+    order is fastlogits.top_k's: NaN first (as PyTorch's topk), then larger values, then lower indices.
+    Values are float64, as computed (x / T in float32 for float32 and 16-bit chunks): not rounded back to
+    a 16-bit chunk's dtype as fastlogits.top_k's are."""
 
     def __init__(self, rows, k, *, logprobs=False, temperature=1.0, softcap=None, threads=None,
                  chunk_size=None):
