@@ -348,7 +348,8 @@ def test_empty_chunks_add_nothing(make, rng):
 
     for got, want in zip(arrays(acc), arrays(plain)):          # bit for bit: the empties add nothing
         np.testing.assert_array_equal(got, want)
-    np.testing.assert_allclose(arrays(acc)[0], arrays(make(y).update(x, 0))[0], rtol=1e-6)
+    # and near the one-chunk result (float32 rounding of a different merge order: 16 eps32 (1 + M))
+    np.testing.assert_allclose(arrays(acc)[0], arrays(make(y).update(x, 0))[0], rtol=2e-5, atol=2e-5)
 
 
 def test_entropy_and_top_k_states_made_elsewhere(rng):
