@@ -535,8 +535,8 @@ FL_INLINE double fl__load_one(const char *p, int dtype) {
 
 /* double -> float rounded to odd: truncated, with the last bit set where v was inexact. Rounding that
  * float again to a format of at most 22 significant bits (half, bfloat16) gives v rounded once, as if
- * through a float rounded to nearest, 1 + 2^-11 + 2^-30 would become the tie 1 + 2^-11, then 1 in half.
- * NaN and inf are left to the plain conversion. */
+ * directly (through a float rounded to nearest, 1 + 2^-11 + 2^-30 would become the tie 1 + 2^-11, then 1
+ * in half). NaN and inf are left to the plain conversion. */
 FL_INLINE float fl__f64_to_f32_odd(double v) {
     float f = (float)v;
     if ((double)f != v && v == v) {

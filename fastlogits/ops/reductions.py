@@ -325,9 +325,8 @@ def _ce_prepare(logits, *, weight, ignore_index, label_smoothing, z_loss, temper
                 chunk_size=chunk_size)
     eps, z, ignore_index = check_ce_options(label_smoothing, z_loss, ignore_index)
     w = as_weight(weight)
-    if w is not None:
-        if w.shape != (r.V,):
-            raise ValueError(f"weight must have one value per class, shape ({r.V},), got shape {w.shape}")
+    if w is not None and w.shape != (r.V,):
+        raise ValueError(f"weight must have one value per class, shape ({r.V},), got shape {w.shape}")
     return r, eps, z, ignore_index, w
 
 
@@ -403,11 +402,12 @@ def ce_terms(nll, smooth, lse, labels, ignore_index, weight, eps, z, V, per_row)
     when eps == 0; neither read for ignored rows): (the per-row loss plus its z-loss term, float64, 0 for
     ignored rows, or None unless per_row; the sums (of the loss without the z-loss, of the target weights
     w[y], of the z-loss terms; compensated) and the number of counted rows). labels: checked int64."""
-    f64 = np.ascontiguousarray
+    def f64(a):
+        return None if a is None else np.ascontiguousarray(a, dtype=np.float64)
+
     out = np.empty(labels.shape[0]) if per_row else None
-    sums = _reduce.ce_terms(f64(nll, np.float64), None if smooth is None else f64(smooth, np.float64),
-                            f64(lse, np.float64), labels, ignore_index,
-                            None if weight is None else f64(weight, np.float64), eps, z, V, out)
+    sums = _reduce.ce_terms(f64(nll), f64(smooth), f64(lse), labels, ignore_index, f64(weight), eps, z, V,
+                            out)
     return out, sums
 
 
