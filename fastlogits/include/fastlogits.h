@@ -67,7 +67,7 @@
 #endif
 
 /* exp's round-to-integer trick needs floating-point addition as written, and the edge cases need NaN and
- * inf: under -ffast-math, -fassociative-math or -ffinite-math-only every result may be wrong */
+ * inf: under GCC's fast-math, associative-math or finite-math-only options every result may be wrong */
 #if defined(__FAST_MATH__) || defined(__ASSOCIATIVE_MATH__) || \
     (defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__)
 #warning "fastlogits.h needs IEEE arithmetic: under fast-math, associative-math or finite-math-only options its results are wrong"
