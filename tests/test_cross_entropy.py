@@ -133,6 +133,24 @@ def test_a_float32_loss_past_its_range_is_inf_quietly(reduction, recwarn):
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)], [str(w) for w in recwarn]
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_mean_divides_by_the_target_weights_as_ieee_does(smoothing, recwarn):
+    """"mean" divides by the sum of the target weights with IEEE's rules, as PyTorch does: class weights
+    of both signs summing to 0 give ±inf, only zero-weight targets give 0 / 0 = NaN; in memory, streamed
+    and from the accumulator, quietly. (torch 2.13 gives the same, except NaN for labels [1, 0] with
+    smoothing: it divides its NLL and smoothing parts separately, -inf + inf.)"""
+    x = np.array([[0.0, 1.0, 2.0], [2.0, 1.0, 0.0]], np.float32)
+    w = np.array([1.0, -1.0, 0.0], np.float32)
+    for y, want in (([1, 0], -inf), ([0, 1], inf), ([2, 2], nan)):
+        y = np.array(y)
+        for src in (x, iter([x[:1], x[1:]])):
+            np.testing.assert_equal(fl.cross_entropy(src, y, weight=w, label_smoothing=smoothing), want)
+        acc = fl.stream.CrossEntropy(y, weight=w, label_smoothing=smoothing)
+        acc.update(x, 0)
+        np.testing.assert_equal(acc.result(), want)
+    assert not [m for m in recwarn if issubclass(m.category, RuntimeWarning)], [str(m) for m in recwarn]
+
+
 @pytest.mark.parametrize("source", ["array", "blocks of a row"])
 def test_rows_are_summed_with_compensation(source):
     """"mean" and "sum" add the rows' losses with compensation, in memory and streamed (block sums too):

@@ -369,6 +369,54 @@ def block_sum(sh, tid):
 
 
 @cuda.jit(device=True)
+def add_to(s, c, v):
+    """(s, c) + v: s + v with Neumaier's compensation c (the sum is s + c), as the CPU's _reduce.add_to."""
+    t = s + v
+    if abs(s) >= abs(v):
+        c += (s - t) + v
+    else:
+        c += (v - t) + s
+    return t, c
+
+
+@cuda.jit(device=True)
+def block_sum_compensated(sh, shc, tid):
+    """block_sum of compensated sums (sh[i] + shc[i], one per thread): the total, compensated the same
+    way, into sh[0] (sh[0] alone where it is inf or NaN: its compensation is then NaN), valid for
+    thread 0 after the call."""
+    cuda.syncthreads()
+    if tid < WARP:
+        v = sh[tid]
+        c = shc[tid]
+        for o in range(tid + WARP, TPB, WARP):
+            v, c = add_to(v, c, sh[o])
+            c += shc[o]
+        sh[tid] = v
+        shc[tid] = c
+    cuda.syncthreads()
+    if tid == 0:
+        v = sh[0]
+        c = shc[0]
+        for o in range(1, WARP):
+            v, c = add_to(v, c, sh[o])
+            c += shc[o]
+        if -math.inf < v < math.inf:
+            v += c
+        sh[0] = v
+
+
+@cuda.jit(device=True)
+def ieee_div(a, b):
+    """a / b with IEEE's results for b == 0 (the simulator's Python floats would raise there): ±inf, or
+    NaN for 0 / 0, as PyTorch divides."""
+    if b != 0.0 or b != b:
+        return a / b
+    if a == 0.0 or a != a:
+        return math.nan
+    return math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
+@cuda.jit(device=True)
 def nll_of(m, s, xt):
     """-log softmax at a logit xt of the row whose logsumexp state is (m, s), as the C core forms it:
     (m - xt) + log s, exact for huge logits (lse - xt would round m + log s to m first: ln 2 became 0 for
@@ -404,8 +452,9 @@ def ce_reduce(labels, ignore_index, V, w, has_w, eps, z, nll, smooth, lse, reduc
     """One block: the cross-entropy from the per-row parts, as ``fastlogits.ops.reductions.ce_terms`` and
     ``ce_total`` compute it on the host. Per row (0 for ignored rows): l = w[y] nll, mixed
     (1 - eps) l + (eps / V) smooth when eps > 0, and zt = z lse^2; loss[r] = l + zt. total[0] = the
-    reduction (CE_MEAN: sum l / sum w[y] (NaN when that is 0), plus sum zt / counted rows when there is
-    z-loss; CE_SUM: sum l + sum zt; CE_NONE: not written). A label out of range makes its row's loss and
+    reduction (CE_MEAN: sum l / sum w[y] (IEEE's division, as ce_total), plus sum zt / counted rows when
+    there is z-loss; CE_SUM: sum l + sum zt; CE_NONE: not written), the sums compensated as on the CPU
+    (add_to, block_sum_compensated). A label out of range makes its row's loss and
     the total NaN, and the first such row is reported in ``err`` (host-visible memory, read by the backend
     later, with no wait):
     err = (call, row, label), written only while err[0] < 0 (nothing reported)."""
@@ -413,6 +462,9 @@ def ce_reduce(labels, ignore_index, V, w, has_w, eps, z, nll, smooth, lse, reduc
     sl = 0.0
     sw = 0.0
     sz = 0.0
+    cl = 0.0
+    cw = 0.0
+    cz = 0.0
     cnt = 0.0
     bad = INT64_MAX
     for r in range(tid, labels.shape[0], TPB):
@@ -430,23 +482,29 @@ def ce_reduce(labels, ignore_index, V, w, has_w, eps, z, nll, smooth, lse, reduc
             lr = (1.0 - eps) * lr + (eps / V) * smooth[r]
         zt = z * lse[r] * lse[r] if z > 0 else 0.0
         loss[r] = lr + zt
-        sl += lr
-        sw += wy
-        sz += zt
+        sl, cl = add_to(sl, cl, lr)
+        sw, cw = add_to(sw, cw, wy)
+        sz, cz = add_to(sz, cz, zt)
         cnt += 1.0
     sh_l = cuda.shared.array(TPB, float64)
     sh_w = cuda.shared.array(TPB, float64)
     sh_z = cuda.shared.array(TPB, float64)
+    sh_lc = cuda.shared.array(TPB, float64)
+    sh_wc = cuda.shared.array(TPB, float64)
+    sh_zc = cuda.shared.array(TPB, float64)
     sh_c = cuda.shared.array(TPB, float64)
     sh_b = cuda.shared.array(TPB, int64)
     sh_l[tid] = sl
     sh_w[tid] = sw
     sh_z[tid] = sz
+    sh_lc[tid] = cl
+    sh_wc[tid] = cw
+    sh_zc[tid] = cz
     sh_c[tid] = cnt
     sh_b[tid] = bad
-    block_sum(sh_l, tid)
-    block_sum(sh_w, tid)
-    block_sum(sh_z, tid)
+    block_sum_compensated(sh_l, sh_lc, tid)
+    block_sum_compensated(sh_w, sh_wc, tid)
+    block_sum_compensated(sh_z, sh_zc, tid)
     block_sum(sh_c, tid)
     cuda.syncthreads()
     if tid == 0:
@@ -455,10 +513,8 @@ def ce_reduce(labels, ignore_index, V, w, has_w, eps, z, nll, smooth, lse, reduc
             report(err, call, bad, int64(labels[bad]))
         if reduction == CE_SUM:
             res = sh_l[0] + sh_z[0]
-        elif sh_w[0] == 0.0:       # no target weight: NaN, as ce_total (PyTorch's 0 / 0)
-            res = math.nan
         else:
-            res = sh_l[0] / sh_w[0]
+            res = ieee_div(sh_l[0], sh_w[0])
             if sh_z[0] != 0.0:
                 res += sh_z[0] / sh_c[0]     # (z-loss terms come from counted rows: sh_c > 0)
         if bad != INT64_MAX:

@@ -411,17 +411,27 @@ def ce_terms(nll, smooth, lse, labels, ignore_index, weight, eps, z, V, per_row)
     return out, sums
 
 
+def _ieee_div(a, b):
+    """a / b for Python floats with IEEE's results where Python raises: ±inf, or NaN for 0 / 0."""
+    if b != 0 or math.isnan(b):
+        return a / b
+    if a == 0 or math.isnan(a):
+        return math.nan
+    return math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
 def ce_total(sums, reduction, dtype=np.float64):
     """The "mean" or "sum" reduction from ce_terms' sums, as a scalar of dtype (a float32 beyond its range
     is inf, quietly): the loss is divided by the sum of the target weights (PyTorch), the z-loss by the
-    number of counted rows (Liger-Kernel); all ignored: NaN / 0."""
+    number of counted rows (Liger-Kernel). The division is IEEE's, as in PyTorch: all rows ignored (or
+    only zero-weight targets) gives 0 / 0 = NaN, and weights of both signs that sum to 0 give ±inf, by
+    the sign of the whole sum (PyTorch divides its NLL and smoothing parts separately, so there it can
+    also be inf - inf = NaN)."""
     loss_sum, wy_sum, z_sum, count = (float(v) for v in sums)
     if reduction == "sum":
         total = loss_sum + z_sum
-    elif wy_sum == 0:  # PyTorch divides its NLL part 0 / 0 here: NaN, also when smoothing adds to the sum
-        total = math.nan
-    else:              # (Python floats: inf / inf is NaN, and z_sum != 0 means count > 0)
-        total = loss_sum / wy_sum + (z_sum / count if z_sum else 0.0)
+    else:              # (z_sum != 0 means count > 0)
+        total = _ieee_div(loss_sum, wy_sum) + (z_sum / count if z_sum else 0.0)
     if abs(total) <= F32_MAX:
         return np.dtype(dtype).type(total)
     with np.errstate(over="ignore"):

@@ -78,6 +78,37 @@ def test_device_results(gpu, rng):
     np.testing.assert_array_equal(host(d), x)  # the caller's logits were not written to
 
 
+def test_device_cross_entropy_sums_with_compensation(gpu):
+    """The device path's "mean" and "sum" (ce_reduce) add the rows' losses with compensation, as the CPU
+    does: one loss of 1e16 does not swallow 40 losses of log 2 (a plain sum, per thread or in the block's
+    tree, does); an inf or NaN loss stays inf or NaN; and the mean divides as IEEE and PyTorch do (class
+    weights of both signs summing to 0 give -inf here, not NaN)."""
+    import math
+
+    n = 40
+    x = np.zeros((n + 1, 2))
+    x[0, 1] = -1e16                    # row 0: label 1 has loss 1e16
+    y = np.zeros(n + 1, np.int64)
+    y[0] = 1
+    exact = math.fsum([1e16] + [math.log(2.0)] * n)
+
+    def loss(x, y, **kw):
+        return float(host(fl.cross_entropy(cuda.to_device(x), cuda.to_device(np.array(y)), **kw)))
+
+    assert loss(x, y, reduction="sum") == exact
+    assert loss(x, y, reduction="mean") == exact / (n + 1)
+    for bad, want in ((-np.inf, np.inf), (np.nan, np.nan)):
+        xb = x.copy()
+        xb[n // 2, 0] = bad
+        for reduction in ("sum", "mean"):
+            np.testing.assert_equal(loss(xb, y, reduction=reduction), want)
+    xs = np.array([[0.0, 1.0, 2.0], [2.0, 1.0, 0.0]], np.float32)
+    for w, ys, want in (([1.0, -1.0, 0.0], [1, 0], -np.inf), ([1.0, 2.0, 0.0], [2, 2], np.nan)):
+        w = np.array(w, np.float32)
+        np.testing.assert_equal(loss(xs, ys, weight=w), want)
+        np.testing.assert_equal(fl.cross_entropy(xs, np.array(ys), weight=w, backend="cpu"), want)
+
+
 def test_host_logits_unchanged(gpu, rng):
     x = (rng.standard_normal((3, 30)) * 3).astype(BF16)
     copy = x.copy()
