@@ -162,7 +162,10 @@ def write_rows(path, columns):
                 _json_lines(f, names, arrays)
 
 
-def _load_labels(path, rows):
+def _load_labels(path, src):
+    """The labels file at `path` for the rows of `src`: one label per row, in any shape holding that
+    many (a 2-D file for a 3-D dump, or one label per line), given the dump's leading shape."""
+    rows = src.rows
     try:
         if path.endswith(".npy"):
             y = np.load(path, allow_pickle=False)
@@ -180,6 +183,8 @@ def _load_labels(path, rows):
     y = y.reshape(-1)
     if rows is not None and y.shape[0] != rows:
         raise ValueError(f"{path}: {y.shape[0]} labels for {rows} rows of logits")
+    if rows is not None:
+        y = y.reshape(tuple(src.shape[:-1]))      # the rows of a 1-D or 3-D dump (a 2-D one: as it is)
     return y.astype(np.int64)
 
 
@@ -197,7 +202,7 @@ def cmd_stats(args):
     from fastlogits.stream import run
 
     src = _open(args, args.per_row)
-    labels = _load_labels(args.labels, src.rows) if args.labels else None
+    labels = _load_labels(args.labels, src) if args.labels else None
     bar = _Bar(src.rows, "stats")
     try:
         st = run.stats(src, labels, ignore_index=args.ignore_index, temperature=args.temperature,
@@ -225,7 +230,7 @@ def cmd_stats(args):
     if args.per_row:
         cols = {"argmax": st["argmax"], "entropy": st["entropy"]}
         if labels is not None:
-            cols.update({"label": labels, "nll": st["nll"], "correct": st["correct"]})
+            cols.update({"label": labels.reshape(-1), "nll": st["nll"], "correct": st["correct"]})
         write_rows(args.per_row, cols)
         lines.append(f"  per-row results written to {_where(args.per_row)}")
     _emit(args, summary, lines)

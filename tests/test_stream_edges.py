@@ -189,6 +189,7 @@ def _safetensors(path, header, data):
     ({"dtype": "F32", "shape": [4, 7], "data_offsets": [28, 140]}, "starts at byte 28 of the data, expected"),
     ({"dtype": "F32", "shape": [4, 7], "data_offsets": [0, 112]}, "28 bytes after the last tensor"),
     ({"dtype": "F32", "shape": [5, 7]}, "expected dtype, shape and data_offsets"),
+    ({"dtype": ["F32"], "shape": [5, 7], "data_offsets": [0, 140]}, "expected a dtype name such as"),
 ])
 def test_corrupt_safetensors_headers(tmp_path, entry, message):
     path = _safetensors(tmp_path / "t.safetensors", {"a": entry}, np.arange(35, dtype=np.float32).tobytes())
@@ -1107,3 +1108,100 @@ def test_a_failure_while_the_output_is_opened_leaves_no_partial_file(tmp_path, r
     with pytest.raises(OSError, match="No space left"):
         fl.softmax(fl.open(x), out=str(tmp_path / "p.npy"))
     assert os.listdir(tmp_path) == []
+
+
+def test_a_corrupt_npy_header_length_is_refused_before_it_is_read(tmp_path):
+    """A version 2 .npy header claiming 4 GiB is refused at once (NumPy would read all of it before its
+    own size check), and a header of normal size in any version still opens."""
+    import tracemalloc
+
+    bad = tmp_path / "bad.npy"
+    with open(bad, "wb") as f:
+        f.write(b"\x93NUMPY\x02\x00" + struct.pack("<I", 2**32 - 1) + b"{}")
+        f.truncate(64 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(SourceError, match="its header claims 4294967295 bytes, expected at most"):
+            fl.open(bad)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    for version in ((1, 0), (2, 0), (3, 0)):
+        with open(tmp_path / "v.npy", "wb") as f:
+            np.lib.format.write_array(f, x, version=version)
+        np.testing.assert_array_equal(fl.argmax(fl.open(tmp_path / "v.npy")), [3, 3, 3])
+
+
+def test_stats_labels_for_dumps_of_any_rank(tmp_path, rng):
+    """`stats --labels` of a 1-D or 3-D dump takes one label per row, flat or in the rows' shape, and
+    gives the mean NLL of the rows (it refused both before: the labels were flattened)."""
+    from scipy.special import logsumexp
+
+    x = rng.standard_normal((2, 3, 13)).astype(np.float32)
+    y = rng.integers(0, 13, size=(2, 3))
+    np.save(tmp_path / "d3.npy", x)
+    np.save(tmp_path / "d1.npy", x[0, 0])
+    np.save(tmp_path / "l23.npy", y)
+    np.save(tmp_path / "l6.npy", y.reshape(-1))
+    (tmp_path / "l1.txt").write_text(f"{y[0, 0]}\n")
+    x64 = x.astype(np.float64).reshape(6, 13)
+    nll = logsumexp(x64, axis=1) - x64[np.arange(6), y.reshape(-1)]
+    for dump, labels, want in (("d3.npy", "l23.npy", nll.mean()), ("d3.npy", "l6.npy", nll.mean()),
+                               ("d1.npy", "l1.txt", nll[0])):
+        res = _cli("stats", tmp_path / dump, "--labels", tmp_path / labels, "--json",
+                   "--per-row", tmp_path / "rows.csv")
+        assert res.returncode == 0, res.stderr
+        got = json.loads(res.stdout)
+        assert got["counted_rows"] == (1 if dump == "d1.npy" else 6)
+        np.testing.assert_allclose(got["mean_nll"], want, rtol=1e-6)
+        lines = (tmp_path / "rows.csv").read_text().splitlines()
+        assert [int(line.split(",")[2]) for line in lines[1:]] == y.reshape(-1)[:len(lines) - 1].tolist()
+
+
+def test_outputs_through_links_and_pipes(tmp_path, rng):
+    """A symbolic link as the output: its target is replaced (keeping its permissions), the link stays. A
+    FIFO: written in place, the rows reach its reader (a rename used to put a file in its place). A
+    read-only file is refused before the pass, where the user cannot write it."""
+    import stat
+    import threading
+
+    x = rng.standard_normal((5, 40)).astype(np.float32)
+    want = np.exp(x - np.log(np.exp(x.astype(np.float64)).sum(1, keepdims=True)))
+    target, link = tmp_path / "target.bin", tmp_path / "link.bin"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o600)
+    link.symlink_to(target)
+    fl.softmax(fl.open(x), out=str(link))
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+    np.testing.assert_allclose(np.fromfile(target, np.float32).reshape(5, 40), want, rtol=1e-5)
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    fl.softmax(fl.open(x), out=str(fifo))
+    reader.join(30)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    np.testing.assert_allclose(np.frombuffer(got[0], np.float32).reshape(5, 40), want, rtol=1e-5)
+    assert sorted(os.listdir(tmp_path)) == ["fifo", "link.bin", "target.bin"]
+
+
+def test_a_read_only_output_is_refused(tmp_path, rng, monkeypatch):
+    """An existing file this user cannot write is refused before the pass (a rename would replace it);
+    os.access decides, so that root, who may write anything, is simulated by faking it."""
+    x = rng.standard_normal((5, 40)).astype(np.float32)
+    target = tmp_path / "target.bin"
+    target.write_bytes(b"old")
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and os.path.basename(p) != "target.bin")
+    for out in (target, tmp_path / "link.bin"):
+        if out.name == "link.bin":
+            out.symlink_to(target)
+        with pytest.raises(PermissionError, match=f"{out.name}: is read-only"):
+            fl.softmax(fl.open(x), out=str(out))
+        assert target.read_bytes() == b"old"
+    assert sorted(os.listdir(tmp_path)) == ["link.bin", "target.bin"]

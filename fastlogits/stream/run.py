@@ -13,6 +13,7 @@ import numbers
 import os
 import queue
 import re
+import shutil
 import stat
 import sys
 import tempfile
@@ -609,6 +610,10 @@ class _Sink:
             self._f = None
             try:
                 self._f = open(tmp, "wb")  # noqa: SIM115 - closed in __exit__
+                if self.npy and self.lead is None and not self._f.seekable():
+                    raise ValueError(f"{self.path}: a .npy file whose number of rows is known only at "
+                                     "the end needs its header rewritten, which a pipe or device cannot "
+                                     "do: write to a regular file, or raw rows (another name)")
                 if self.npy:
                     lead = self.lead if self.lead is not None else (0,)   # (0,): rewritten at the end
                     self._header_len = _write_npy_header(self._f, lead, self.V, self.dtype)
@@ -670,43 +675,75 @@ def _write_npy_header(f, lead, V, dtype, length=None):
     return length
 
 
+def _written_in_place(target):
+    """Whether an output at `target` (links resolved) is written in place rather than replaced: an
+    existing FIFO, device or socket (a pipe to another program, /dev/null), which a rename would
+    replace by a file."""
+    return os.path.exists(target) and not os.path.isfile(target)
+
+
 def check_output_path(path):
     """An error now, before any work, if a file cannot be written at `path`: its folder is missing or
-    not writable, or the name is a folder's."""
+    not writable, the name is a folder's, or it names a read-only file. A symbolic link is followed:
+    its target is what gets written."""
     if not os.fspath(path):
         raise ValueError("the output's name is empty")
-    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a folder; expected the name of the file to write")
+    target = os.path.realpath(path)
+    if _written_in_place(target):
+        if not os.access(target, os.W_OK):
+            raise PermissionError(f"{path}: cannot write there, {target} is not writable")
+        return
+    folder = os.path.dirname(target)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise NotADirectoryError(f"{path}: cannot write there, {folder} is a file, not a folder")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{path}: cannot write there, no such folder {folder}")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path}: is a folder; expected the name of the file to write")
     if not os.access(folder, os.W_OK):
         raise PermissionError(f"{path}: cannot write there, the folder {folder} is not writable")
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        raise PermissionError(f"{path}: is read-only; make it writable or choose another name")
 
 
 def atomic_output(path):
-    """A context manager giving a temporary path next to `path`, renamed to `path` when the block ends
-    normally and removed when it raises (Ctrl-C, a crash, a full disk): no half-written file is ever left
-    under the final name."""
+    """A context manager giving a temporary path next to `path` (a link's target: the link stays),
+    renamed to it when the block ends normally and removed when it raises (Ctrl-C, a crash, a full disk):
+    no half-written file is ever left under the final name. A file it replaces keeps its permissions.
+    An existing FIFO or device (a pipe, /dev/null) is given as it is, to be written in place."""
     return _Atomic(os.fspath(path))
 
 
 class _Atomic(contextlib.AbstractContextManager):
     def __init__(self, path):
         self.path = path
-        folder, base = os.path.split(os.path.abspath(path))
+        self.target = os.path.realpath(path)
+        folder, base = os.path.split(self.target)
         self.tmp = os.path.join(folder, f".{base}.partial-{os.getpid()}-{threading.get_ident()}")
+        self.in_place = False
 
     def __enter__(self):
         check_output_path(self.path)
+        if _written_in_place(self.target):
+            self.in_place = True
+            return self.target
+        try:
+            with open(self.tmp, "xb"):
+                pass
+            if os.path.isfile(self.target):
+                shutil.copymode(self.target, self.tmp)
+        except OSError as e:         # named by the caller's path, not the temporary one
+            with contextlib.suppress(OSError):
+                os.remove(self.tmp)
+            raise type(e)(f"{self.path}: cannot write there ({e.strerror or e})") from None
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
+        if self.in_place:
+            return False
         try:
             if exc_type is None:
-                os.replace(self.tmp, self.path)
+                os.replace(self.tmp, self.target)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.tmp)      # after a rename, nothing is left to remove

@@ -186,6 +186,9 @@ def _bf16_refusal(dt):
     return f"dtype='bfloat16' re-declares raw 2-byte data (|V2, uint16, int16), but {found}"
 
 
+NPY_HEADER_MAX = 1 << 20     # bytes of a .npy header (NumPy writes under 64 KiB; its own limit is 10000)
+
+
 def open_npy(path, dtype=None):
     """A .npy file, read lazily; dtype="bfloat16" re-declares a 2-byte (|V2, <u2, <i2) file."""
     from numpy.lib import format as npf
@@ -199,7 +202,12 @@ def open_npy(path, dtype=None):
                            (3, 0): npf.read_array_header_2_0}.get(version)
             if read_header is None:
                 raise ValueError(f"unsupported .npy format version {version}")
-            shape, fortran, dt = read_header(f, max_header_size=1 << 20)
+            # the header's length, checked before NumPy reads that many bytes (a corrupt v2 length: 4 GiB)
+            size = int.from_bytes(f.read(2 if version == (1, 0) else 4), "little")
+            if size > NPY_HEADER_MAX:
+                raise ValueError(f"its header claims {size} bytes, expected at most {NPY_HEADER_MAX}")
+            f.seek(-(2 if version == (1, 0) else 4), os.SEEK_CUR)
+            shape, fortran, dt = read_header(f, max_header_size=NPY_HEADER_MAX)
         except ValueError as e:
             raise SourceError(f"{path}: not a valid .npy file ({e})") from None
         offset = f.tell()
@@ -329,6 +337,9 @@ def _st_entry(path, key, info):
         return (isinstance(v, list) and (n is None or len(v) == n)
                 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v))
 
+    if not isinstance(st_dtype, str):
+        raise SourceError(f"{path}: corrupt safetensors entry for {key!r}: expected a dtype name such as "
+                          f"\"F32\", found {st_dtype!r}")
     if not ints(shape):
         raise SourceError(f"{path}: corrupt safetensors entry for {key!r}: expected a shape of non-negative "
                           f"integers, found {shape!r}")
