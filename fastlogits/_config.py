@@ -1,6 +1,7 @@
 """Process-wide settings: the default backend, thread count and chunk size, and what this build has."""
 import contextlib
 import contextvars
+import operator
 import os
 
 _using = contextvars.ContextVar("fastlogits_use_backend", default=())   # use_backend's stack
@@ -10,8 +11,15 @@ MAX_THREADS = 4096      # more is a typo, not a machine (and each thread gets a 
 
 
 def is_int(value):
-    """An integer argument: a Python or NumPy int (anything with __index__), not a bool."""
-    return not isinstance(value, bool) and hasattr(value, "__index__")
+    """An integer argument: a Python or NumPy int, or a 0-d integer array (what operator.index takes),
+    not a bool. (Every NumPy array has __index__, which raises for a float or an array of several.)"""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _env_threads():

@@ -134,15 +134,17 @@ def test_a_float32_loss_past_its_range_is_inf_quietly(reduction, recwarn):
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_the_mean_divides_by_the_target_weights_as_ieee_does(smoothing, recwarn):
-    """"mean" divides by the sum of the target weights with IEEE's rules, as PyTorch does: class weights
-    of both signs summing to 0 give ±inf, only zero-weight targets give 0 / 0 = NaN; in memory, streamed
-    and from the accumulator, quietly. (torch 2.13 gives the same, except NaN for labels [1, 0] with
-    smoothing: it divides its NLL and smoothing parts separately, -inf + inf.)"""
-    x = np.array([[0.0, 1.0, 2.0], [2.0, 1.0, 0.0]], np.float32)
+def test_the_mean_divides_by_the_target_weights_as_pytorch_does(smoothing, recwarn):
+    """"mean" divides its NLL part and its smoothing part each by the sum of the target weights, with
+    IEEE's rules, as PyTorch does: class weights of both signs summing to 0 give ±inf, or NaN where the
+    two parts' infinities differ in sign; zero-weight targets give 0 / 0 = NaN; in memory, streamed and
+    from the accumulator, quietly. Literal torch 2.13 values (F.cross_entropy, float32)."""
     w = np.array([1.0, -1.0, 0.0], np.float32)
-    for y, want in (([1, 0], -inf), ([0, 1], inf), ([2, 2], nan)):
-        y = np.array(y)
+    cases = (([[0, 1, 2], [0, 2, 3]], [1, 0], inf, inf),     # both parts +inf
+             ([[0, 0, 5], [0, 1, 0]], [1, 0], -inf, nan),    # NLL part -inf, smoothing part +inf
+             ([[0, 1, 2], [2, 1, 0]], [2, 2], nan, nan))     # zero-weight targets: 0 / 0
+    for x, y, *wants in cases:
+        x, y, want = np.array(x, np.float32), np.array(y), wants[smoothing > 0]
         for src in (x, iter([x[:1], x[1:]])):
             np.testing.assert_equal(fl.cross_entropy(src, y, weight=w, label_smoothing=smoothing), want)
         acc = fl.stream.CrossEntropy(y, weight=w, label_smoothing=smoothing)

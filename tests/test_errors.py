@@ -80,6 +80,37 @@ def test_bad_k(name, k):
         getattr(fl, name)(x, k)
 
 
+@pytest.mark.parametrize("bad", [np.array(2.5), np.array([1, 2]), np.float64(2.0), np.True_],
+                         ids=["0-d float array", "1-d int array", "numpy float", "numpy bool"])
+def test_integer_arguments_refuse_arrays_that_are_not_one_integer(bad):
+    """k, threads, chunk_size, ignore_index and beam_width take an int, a NumPy int or a 0-d integer
+    array; a float array (which has __index__, raising only when called) is refused naming the argument,
+    never truncated: ignore_index=np.array(0.5) silently ignored the rows labelled 0."""
+    x = np.zeros((2, 5), np.float32)
+    y = np.array([0, 1])
+    calls = {"k": lambda v: fl.top_k(x, v), "threads": lambda v: fl.logsumexp(x, threads=v),
+             "chunk_size": lambda v: fl.logsumexp(x, chunk_size=v),
+             "ignore_index": lambda v: fl.cross_entropy(x, y, ignore_index=v, reduction="none"),
+             "beam_width": lambda v: fl.beam_search_step(x, np.zeros(2), v)}
+    for name, f in calls.items():
+        with pytest.raises(TypeError, match=rf"^{name} must be "):
+            f(bad)
+    assert fl.top_k(x, np.array(2))[1].shape == (2, 2)        # a 0-d integer array is an integer
+    got = fl.cross_entropy(x, y, ignore_index=np.int32(0), reduction="none")
+    np.testing.assert_allclose(got, [0.0, np.log(5)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("source", ["array", "blocks", "accumulator"])
+def test_ragged_labels_name_the_argument(source):
+    x = np.zeros((2, 5), np.float32)
+    ragged = [[0, 1], [2]]
+    with pytest.raises(ValueError, match="^labels: a list or tuple is read as one array, and this one is"):
+        if source == "accumulator":
+            fl.stream.CrossEntropy(ragged)
+        else:
+            fl.cross_entropy(x if source == "array" else iter([x]), ragged)
+
+
 def test_label_out_of_range_names_value_and_row():
     x = np.zeros((8, 10), dtype=np.float32)
     y = np.arange(8) % 10

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy.special import logsumexp
 
 import fastlogits as fl
 from tests import reference as ref
@@ -189,3 +190,29 @@ def test_float64_results_round_once_to_16bit(name, out_dtype, bits, rng):
         else:
             norm = want > 2.0**-126                           # bfloat16 normals (the reference's range)
             np.testing.assert_array_equal(got[norm], _round_significand(want[norm], bits))
+
+
+@pytest.mark.parametrize("layout", ["dtype=", "out contiguous", "out strided", "streamed"])
+def test_log_softmax_of_float32_into_float64_does_not_overflow(layout, rng):
+    """Float32 logits written as float64 log-probabilities: x - m is formed in double, so [3e38, -3e38]
+    gives -6e38 (torch.log_softmax(x, dtype=torch.float64) gives -6.00000001e+38), not float32's -inf;
+    ordinary rows agree with the float64 reference to float32's accuracy, on one thread or split."""
+    x = rng.standard_normal((3, 300)).astype(np.float32) * 5
+    x[0, :2] = [3e38, -3e38]
+    x[1, 7] = -np.inf
+    x[2, 0] = -3.3e38
+    x[2, 1] = 3.3e38
+    x64 = x.astype(np.float64)
+    want = x64 - logsumexp(x64, axis=1, keepdims=True)
+    for threads in (1, 2):
+        if layout == "dtype=":
+            got = fl.log_softmax(x, dtype=np.float64, threads=threads, chunk_size=64)
+        elif layout == "streamed":
+            got = np.empty((3, 300))
+            fl.log_softmax(iter([x[:1], x[1:]]), out=got, threads=threads)
+        else:
+            got = np.empty((3, 600))[:, ::2] if layout == "out strided" else np.empty((3, 300))
+            fl.log_softmax(x, out=got, threads=threads, chunk_size=64)
+        assert got.dtype == np.float64 and np.isfinite(got[[0, 2]]).all() and got[1, 7] == -np.inf
+        np.testing.assert_allclose(got, want, rtol=2e-7, atol=2e-6)
+    assert want[0, 1] < -6e38 and want[2, 0] < -6e38       # (past float32: -3.4e38)

@@ -374,31 +374,36 @@ def ce_terms(const double[::1] nll, const double[::1] smooth, const double[::1] 
     labels[n] == ignore_index; nll, smooth and lse are not read there): loss = w[y] nll, then with label
     smoothing eps > 0, loss = (1 - eps) loss + (eps / V) smooth (smooth: None when eps == 0); the z-loss
     term is z lse^2. out (None, or one per row) gets loss plus the z-loss term. weight: None (w = 1) or V
-    values. Returns the compensated sums (of loss, of w[y], of the z-loss terms) and the number of counted
-    rows; for V = 0 and eps > 0, eps / V is inf and every (ignored) row's loss is NaN, as in PyTorch."""
+    values. Returns the compensated sums of the loss's two parts, (1 - eps) w[y] nll and (eps / V) smooth
+    (PyTorch divides each by the target weights' sum: with a sum of 0 that keeps its NaN + inf = NaN), of
+    w[y] and of the z-loss terms, and the number of counted rows; for V = 0 and eps > 0, eps / V is inf
+    and every (ignored) row's loss is NaN, as in PyTorch."""
     cdef int64_t i, y, count = 0, n = labels.shape[0]
     cdef bint weighted = weight is not None, smoothing = eps > 0, zl = z > 0, rows = out is not None
-    cdef double loss, wy, zt, a = eps / <double> V
-    cdef double ls = 0.0, lc = 0.0, ws = 0.0, wc = 0.0, zs = 0.0, zc = 0.0
+    cdef double part, spart, wy, zt, a = eps / <double> V
+    cdef double ns = 0.0, nc = 0.0, ss = 0.0, sc = 0.0, ws = 0.0, wc = 0.0, zs = 0.0, zc = 0.0
     if smoothing and smooth is None:
         raise ValueError("ce_terms: label smoothing needs the smooth terms")
     with nogil:
         for i in range(n):
             y = labels[i]
-            loss = 0.0
+            part = 0.0
+            spart = 0.0
             wy = 0.0
             zt = 0.0
             if y != ignore_index:
                 count += 1
                 wy = weight[y] if weighted else 1.0
-                loss = wy * nll[i]
+                part = wy * nll[i]
                 if zl:
                     zt = z * (lse[i] * lse[i])
             if smoothing:
-                loss = (1.0 - eps) * loss + a * (smooth[i] if y != ignore_index else 0.0)
-            add_to(&ls, &lc, loss)
+                part = (1.0 - eps) * part
+                spart = a * (smooth[i] if y != ignore_index else 0.0)
+                add_to(&ss, &sc, spart)
+            add_to(&ns, &nc, part)
             add_to(&ws, &wc, wy)
             add_to(&zs, &zc, zt)
             if rows:
-                out[i] = loss + zt
-    return total(ls, lc), total(ws, wc), total(zs, zc), count
+                out[i] = (part + spart) + zt
+    return total(ns, nc), total(ss, sc), total(ws, wc), total(zs, zc), count

@@ -525,6 +525,7 @@ def softmax(x, dtype, temperature, softcap, log, out, out_dtype, chunk, threads)
     bf16 = out_dtype == "bfloat16"
     kd = np.dtype(np.uint16) if bf16 else _NP[out_dtype]
     mapk = kern.softmax_map_bf16 if bf16 else kern.softmax_map
+    wide = bool(log) and out_dtype == "float64" and dtype != "float64"    # (see kernels.softmax_map)
     if out_dev:        # the caller's device array, as the map writes it (bfloat16 as its bits)
         dv = _device_view(out)
         dv = dv if np.dtype(dv.dtype) == kd else dv.view(kd)
@@ -535,7 +536,8 @@ def softmax(x, dtype, temperature, softcap, log, out, out_dtype, chunk, threads)
         nseg, seglen = _segments(blk.rows, blk.V, chunk)
         y = _row_block(dv, blk.sl) if out_dev else blk.array((blk.rows, blk.V), kd)
         if blk.V:
-            blk.launch(mapk, (blk.rows, nseg))(blk.d, blk.dtemp, float(softcap), seglen, pm, ps, bool(log), y)
+            blk.launch(mapk, (blk.rows, nseg))(blk.d, blk.dtemp, float(softcap), seglen, pm, ps, bool(log),
+                                               wide, y)
         if not out_dev:
             blk.fetch(y, out, (lambda h: h.view(BF16)) if bf16 else None)
     return out

@@ -450,19 +450,21 @@ def report(err, call, row, value):
 @cuda.jit
 def ce_reduce(labels, ignore_index, V, w, has_w, eps, z, nll, smooth, lse, reduction, call, loss, total, err):
     """One block: the cross-entropy from the per-row parts, as ``fastlogits.ops.reductions.ce_terms`` and
-    ``ce_total`` compute it on the host. Per row (0 for ignored rows): l = w[y] nll, mixed
-    (1 - eps) l + (eps / V) smooth when eps > 0, and zt = z lse^2; loss[r] = l + zt. total[0] = the
-    reduction (CE_MEAN: sum l / sum w[y] (IEEE's division, as ce_total), plus sum zt / counted rows when
-    there is z-loss; CE_SUM: sum l + sum zt; CE_NONE: not written), the sums compensated as on the CPU
-    (add_to, block_sum_compensated). A label out of range makes its row's loss and
-    the total NaN, and the first such row is reported in ``err`` (host-visible memory, read by the backend
-    later, with no wait):
+    ``ce_total`` compute it on the host. Per row (0 for ignored rows): the NLL part l = w[y] nll, times
+    (1 - eps) when eps > 0, the smoothing part ls = (eps / V) smooth, and zt = z lse^2; loss[r] = l + ls
+    + zt. total[0] = the reduction (CE_MEAN: sum l / sum w[y] + sum ls / sum w[y] (IEEE's division, each
+    part, as ce_total and PyTorch), plus sum zt / counted rows when there is z-loss; CE_SUM: sum l + sum
+    ls + sum zt; CE_NONE: not written), the sums compensated as on the CPU (add_to,
+    block_sum_compensated). A label out of range makes its row's loss and the total NaN, and the first
+    such row is reported in ``err`` (host-visible memory, read by the backend later, with no wait):
     err = (call, row, label), written only while err[0] < 0 (nothing reported)."""
     tid = cuda.threadIdx.x
     sl = 0.0
+    ss = 0.0
     sw = 0.0
     sz = 0.0
     cl = 0.0
+    cs = 0.0
     cw = 0.0
     cz = 0.0
     cnt = 0.0
@@ -478,31 +480,39 @@ def ce_reduce(labels, ignore_index, V, w, has_w, eps, z, nll, smooth, lse, reduc
             continue
         wy = float64(w[lab]) if has_w else 1.0
         lr = wy * nll[r]
+        lsm = 0.0
         if eps > 0:
-            lr = (1.0 - eps) * lr + (eps / V) * smooth[r]
+            lr = (1.0 - eps) * lr
+            lsm = (eps / V) * smooth[r]
         zt = z * lse[r] * lse[r] if z > 0 else 0.0
-        loss[r] = lr + zt
+        loss[r] = (lr + lsm) + zt
         sl, cl = add_to(sl, cl, lr)
+        ss, cs = add_to(ss, cs, lsm)
         sw, cw = add_to(sw, cw, wy)
         sz, cz = add_to(sz, cz, zt)
         cnt += 1.0
     sh_l = cuda.shared.array(TPB, float64)
+    sh_s = cuda.shared.array(TPB, float64)
     sh_w = cuda.shared.array(TPB, float64)
     sh_z = cuda.shared.array(TPB, float64)
     sh_lc = cuda.shared.array(TPB, float64)
+    sh_sc = cuda.shared.array(TPB, float64)
     sh_wc = cuda.shared.array(TPB, float64)
     sh_zc = cuda.shared.array(TPB, float64)
     sh_c = cuda.shared.array(TPB, float64)
     sh_b = cuda.shared.array(TPB, int64)
     sh_l[tid] = sl
+    sh_s[tid] = ss
     sh_w[tid] = sw
     sh_z[tid] = sz
     sh_lc[tid] = cl
+    sh_sc[tid] = cs
     sh_wc[tid] = cw
     sh_zc[tid] = cz
     sh_c[tid] = cnt
     sh_b[tid] = bad
     block_sum_compensated(sh_l, sh_lc, tid)
+    block_sum_compensated(sh_s, sh_sc, tid)
     block_sum_compensated(sh_w, sh_wc, tid)
     block_sum_compensated(sh_z, sh_zc, tid)
     block_sum(sh_c, tid)
@@ -512,9 +522,11 @@ def ce_reduce(labels, ignore_index, V, w, has_w, eps, z, nll, smooth, lse, reduc
         if bad != INT64_MAX:
             report(err, call, bad, int64(labels[bad]))
         if reduction == CE_SUM:
-            res = sh_l[0] + sh_z[0]
+            res = (sh_l[0] + sh_s[0]) + sh_z[0]
         else:
             res = ieee_div(sh_l[0], sh_w[0])
+            if eps > 0:
+                res += ieee_div(sh_s[0], sh_w[0])
             if sh_z[0] != 0.0:
                 res += sh_z[0] / sh_c[0]     # (z-loss terms come from counted rows: sh_c > 0)
         if bad != INT64_MAX:
@@ -756,9 +768,11 @@ def _build(kind):
 
     def make_softmax_map(store):
         @cuda.jit
-        def softmax_map(x, temp, softcap, seglen, pm, ps, log, out):
+        def softmax_map(x, temp, softcap, seglen, pm, ps, log, wide, out):
             """out[r, j] = softmax (or log-softmax) from the row's finished state (pm[r, 0], ps[r, 0]),
-            written by store; rows whose max is not finite (all -inf, +inf, NaN) are NaN, like PyTorch."""
+            written by store; rows whose max is not finite (all -inf, +inf, NaN) are NaN, like PyTorch.
+            wide: the log-softmax in float64 (float32 logits into a float64 out: x - m can pass float32's
+            range where the result fits, as the C core's fl__log_softmax_wide)."""
             r, g, tid, sc, T, start, stop = block_segment(x, temp, softcap, seglen)
             M = pm[r, 0]
             S = ps[r, 0]
@@ -778,6 +792,9 @@ def _build(kind):
                     j = base + u * TPB
                     if j < stop:
                         y = CT(math.nan)
+                        if finite and wide:
+                            store(out, r, j, (float64(lv[u]) - M) - math.log(S))
+                            continue
                         if finite:
                             if log:
                                 y = (lv[u] - m) - ls
@@ -983,9 +1000,9 @@ def compile_signatures():
         for o in ("float16", "float32", "float64"):
             ot = types.Array(from_dtype(np.dtype(o)), 2, "C")
             out.append((f"softmax_map[{kind}->{o}]", k.softmax_map,
-                        (xt, row_f8, f8, i8, st2, st2, boolean, ot)))
+                        (xt, row_f8, f8, i8, st2, st2, boolean, boolean, ot)))
         out.append((f"softmax_map_bf16[{kind}]", k.softmax_map_bf16,
-                    (xt, row_f8, f8, i8, st2, st2, boolean, types.Array(types.uint16, 2, "C"))))
+                    (xt, row_f8, f8, i8, st2, st2, boolean, boolean, types.Array(types.uint16, 2, "C"))))
         out.append((f"topk_part[{kind}]", k.topk_part,
                     (xt, row_f8, f8, i8, boolean, types.Array(f8, 3, "C"), types.Array(i8, 3, "C"), st2,
                      st2)))

@@ -203,6 +203,13 @@ FL_MULTIVERSION static FL_UNUSED void FL_FN(fl__log_softmax)(const FL_T *x, FL_T
     for (int64_t i = 0; i < n; i++) y[i] = (x[i] - m) - log_s;
 }
 
+/* Log-softmax in double into a double output (float logits written as float64): x - m of float32
+ * logits can pass float32's range (3e38 - -3e38) where the result fits a double, as in PyTorch. */
+FL_MULTIVERSION static FL_UNUSED void FL_FN(fl__log_softmax_wide)(const FL_T *x, double *y, int64_t n,
+                                                                  double m, double log_s) {
+    for (int64_t i = 0; i < n; i++) y[i] = ((double)x[i] - m) - log_s;
+}
+
 /* x = softcap * tanh(x / softcap) when softcap > 0, then x = x / temperature; in place. */
 FL_MULTIVERSION static FL_UNUSED void FL_FN(fl__transform)(FL_T *x, int64_t n, FL_T softcap,
                                                            FL_T temperature) {
@@ -385,10 +392,23 @@ static inline void FL_FN(fl_row_softmax)(const fl_row *r, int64_t start, int64_t
     int finite = st->m > -FL_INF && st->m < FL_INF;
     /* an output of the compute type, contiguous, is written in place; any other goes through ybuf */
     int direct = out_dtype == (sizeof(FL_T) == 4 ? FL_F32 : FL_F64) && out_stride == (int64_t)sizeof(FL_T);
+    /* the log-softmax of float logits into float64: computed in double (fl__log_softmax_wide) */
+    int wide = log_ && finite && sizeof(FL_T) == 4 && out_dtype == FL_F64;
     FL_T m = (FL_T)st->m;
     for (int64_t c0 = start; c0 < stop; c0 += chunk) {
         int64_t len = stop - c0 < chunk ? stop - c0 : chunk, i;
         FL_T *y = direct ? (FL_T *)(out + c0 * out_stride) : ybuf;
+        if (wide) {
+            const FL_T *x = FL_FN(fl_row_chunk)(r, c0, len, buf);
+            double ls = log(st->s);
+            if (out_stride == 8) {
+                FL_FN(fl__log_softmax_wide)(x, (double *)(void *)(out + c0 * out_stride), len, st->m, ls);
+            } else {
+                for (i = 0; i < len; i++)
+                    fl__store_one(out + (c0 + i) * out_stride, FL_F64, ((double)x[i] - st->m) - ls);
+            }
+            continue;
+        }
         if (!finite) {
             for (i = 0; i < len; i++) y[i] = (FL_T)NAN;
         } else {

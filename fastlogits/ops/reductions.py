@@ -220,10 +220,19 @@ def labels_on_host(labels):
     return _backend.get("gpu").to_host(labels) if is_gpu_array(labels) else labels
 
 
+def as_labels(labels):
+    """labels as a NumPy array (not yet checked); a ragged list raises, naming the argument."""
+    try:
+        return np.asarray(labels)
+    except ValueError as e:
+        raise ValueError(f"labels: a list or tuple is read as one array, and this one is ragged ({e})") \
+            from None
+
+
 def check_labels(labels, lead, V, ignore_index):
     """labels as a C-contiguous int64 array of one per row; out-of-range labels raise, naming the label
     and its row."""
-    lab = np.asarray(labels)
+    lab = as_labels(labels)
     if lab.dtype.kind not in "iu" or lab.dtype == np.bool_:
         raise TypeError(f"labels must be integers (class indices), got dtype {lab.dtype}")
     if lab.shape != tuple(lead):
@@ -302,7 +311,7 @@ def cross_entropy(logits, labels, *, weight=None, ignore_index=-100, label_smoot
     loss, sums = _ce_rows_terms(B, r, labels, eps, z, ignore_index, w, reduction == "none")
     if reduction == "none":
         return _finish(r, B.to_device_like(loss, r.x))
-    return ce_total(sums, reduction, r.result_dtype)
+    return ce_total(sums, reduction, r.result_dtype, eps > 0)
 
 
 def _cross_entropy_on_device(B, r, labels, eps, z, ignore_index, w, reduction):
@@ -400,8 +409,9 @@ def cross_entropy_terms(logits, labels, *, weight=None, ignore_index=-100, label
 def ce_terms(nll, smooth, lse, labels, ignore_index, weight, eps, z, V, per_row):
     """PyTorch's cross-entropy from per-row parts (nll = lse - x[label], smooth = -sum_c w_c log p_c, None
     when eps == 0; neither read for ignored rows): (the per-row loss plus its z-loss term, float64, 0 for
-    ignored rows, or None unless per_row; the sums (of the loss without the z-loss, of the target weights
-    w[y], of the z-loss terms; compensated) and the number of counted rows). labels: checked int64."""
+    ignored rows, or None unless per_row; the sums (of the loss's NLL part and its smoothing part, of the
+    target weights w[y], of the z-loss terms; compensated) and the number of counted rows). labels:
+    checked int64."""
     def f64(a):
         return None if a is None else np.ascontiguousarray(a, dtype=np.float64)
 
@@ -420,18 +430,19 @@ def _ieee_div(a, b):
     return math.copysign(math.inf, a) * math.copysign(1.0, b)
 
 
-def ce_total(sums, reduction, dtype=np.float64):
+def ce_total(sums, reduction, dtype=np.float64, smoothing=False):
     """The "mean" or "sum" reduction from ce_terms' sums, as a scalar of dtype (a float32 beyond its range
-    is inf, quietly): the loss is divided by the sum of the target weights (PyTorch), the z-loss by the
-    number of counted rows (Liger-Kernel). The division is IEEE's, as in PyTorch: all rows ignored (or
-    only zero-weight targets) gives 0 / 0 = NaN, and weights of both signs that sum to 0 give ±inf, by
-    the sign of the whole sum (PyTorch divides its NLL and smoothing parts separately, so there it can
-    also be inf - inf = NaN)."""
-    loss_sum, wy_sum, z_sum, count = (float(v) for v in sums)
+    is inf, quietly). As PyTorch: "mean" divides the NLL part and (with label smoothing) the smoothing
+    part each by the sum of the target weights, with IEEE's division: all rows ignored (or only
+    zero-weight targets) gives 0 / 0 = NaN, and weights of both signs that sum to 0 give ±inf (or NaN,
+    where the two parts' infinities have opposite signs); the z-loss is divided by the number of counted
+    rows (Liger-Kernel)."""
+    nll_sum, smooth_sum, wy_sum, z_sum, count = (float(v) for v in sums)
     if reduction == "sum":
-        total = loss_sum + z_sum
+        total = (nll_sum + smooth_sum) + z_sum
     else:              # (z_sum != 0 means count > 0)
-        total = _ieee_div(loss_sum, wy_sum) + (z_sum / count if z_sum else 0.0)
+        total = _ieee_div(nll_sum, wy_sum) + (_ieee_div(smooth_sum, wy_sum) if smoothing else 0.0) \
+            + (z_sum / count if z_sum else 0.0)
     if abs(total) <= F32_MAX:
         return np.dtype(dtype).type(total)
     with np.errstate(over="ignore"):

@@ -16,7 +16,14 @@ from fastlogits._config import is_int
 from fastlogits.cpu import _reduce
 from fastlogits.cpu.backend import CODES, compute_dtype
 from fastlogits.ops._prep import as_array, is_gpu_array, prepare
-from fastlogits.ops.reductions import as_weight, ce_terms, ce_total, check_ce_options, check_reduction
+from fastlogits.ops.reductions import (
+    as_labels,
+    as_weight,
+    ce_terms,
+    ce_total,
+    check_ce_options,
+    check_reduction,
+)
 
 
 class LogSumExpState(NamedTuple):
@@ -240,7 +247,7 @@ class CrossEntropy(_Base):
 
     def __init__(self, labels, *, weight=None, ignore_index=-100, label_smoothing=0.0, reduction="mean",
                  z_loss=0.0, temperature=1.0, softcap=None, threads=None, chunk_size=None):
-        lab = np.asarray(labels)
+        lab = as_labels(labels)
         if lab.ndim != 1:
             raise ValueError(f"labels must be 1-D (one class index per row), got shape {lab.shape}")
         super().__init__(lab.shape[0], temperature, softcap, threads, chunk_size)
@@ -358,7 +365,8 @@ class CrossEntropy(_Base):
     def result(self):
         """The loss: a float64 scalar, or per row for reduction="none"."""
         loss, sums = self.terms(per_row=self.reduction == "none")
-        return loss if self.reduction == "none" else ce_total(sums, self.reduction)
+        return loss if self.reduction == "none" else ce_total(sums, self.reduction,
+                                                              smoothing=self.label_smoothing > 0)
 
 
 class Entropy(_Base):

@@ -268,6 +268,10 @@ class RowArg:
         rows are counted as they are read."""
         if source.shape[0] is not None:
             return tuple(source.shape[:-1])
+        if name == "labels":
+            from fastlogits.ops.reductions import as_labels
+
+            value = as_labels(value)
         shape = np.shape(value)
         if len(shape) > 1 or (name == "labels" and len(shape) != 1):
             what = "1-D" if name == "labels" else "a scalar or 1-D"
@@ -453,8 +457,8 @@ def cross_entropy(source, labels, kw, memory=None, progress=None):
         out = np.concatenate(per_row) if per_row else np.empty(0)
         with np.errstate(over="ignore"):          # a float32 loss beyond its range is inf, by design
             return scalar_if_0d(out.astype(rdt).reshape(_lead(source, rows)))
-    sums = [_reduce.compensated_sum(np.array(col, np.float64)) for col in zip(*parts)] or [0.0] * 4
-    return ce_total(sums, reduction, rdt)
+    sums = [_reduce.compensated_sum(np.array(col, np.float64)) for col in zip(*parts)] or [0.0] * 5
+    return ce_total(sums, reduction, rdt, (kw.get("label_smoothing") or 0.0) > 0)
 
 
 def softmax(source, log, out, kw, memory=None, progress=None):

@@ -170,6 +170,21 @@ def test_cross_entropy_of_huge_logits(gpu, dtype):
     np.testing.assert_array_equal(np.isfinite(smooth), [True, True, True])
 
 
+def test_log_softmax_of_float32_into_float64_does_not_overflow(gpu):
+    """As on the CPU: float32 logits [3e38, -3e38] written as float64 log-probabilities give -6e38 (x - m
+    in double), not float32's -inf; the same values as the CPU, for a host and a device out."""
+    from numba import cuda
+
+    x = np.array([[3e38, -3e38, 1.0], [0.5, -3.3e38, 3.3e38]], np.float32)
+    want = fl.log_softmax(x, dtype=np.float64, backend="cpu")
+    assert want[0, 1] < -6e38 and want[1, 1] < -6e38
+    np.testing.assert_allclose(fl.log_softmax(x, dtype=np.float64, backend="gpu"), want, rtol=1e-15)
+    out = cuda.device_array(x.shape, np.float64)
+    fl.log_softmax(cuda.to_device(x), out=out)
+    np.testing.assert_allclose(out.copy_to_host(), want, rtol=1e-15)
+    np.testing.assert_allclose(fl.log_softmax(x, backend="gpu"), fl.log_softmax(x, backend="cpu"), rtol=1e-7)
+
+
 @pytest.mark.parametrize("V", [1, 127, 128, 129, 1024, 1025])
 def test_block_boundaries(gpu, rng, V):
     x = (rng.standard_normal((2, V)) * 3).astype(np.float32)

@@ -81,8 +81,8 @@ def test_device_results(gpu, rng):
 def test_device_cross_entropy_sums_with_compensation(gpu):
     """The device path's "mean" and "sum" (ce_reduce) add the rows' losses with compensation, as the CPU
     does: one loss of 1e16 does not swallow 40 losses of log 2 (a plain sum, per thread or in the block's
-    tree, does); an inf or NaN loss stays inf or NaN; and the mean divides as IEEE and PyTorch do (class
-    weights of both signs summing to 0 give -inf here, not NaN)."""
+    tree, does); an inf or NaN loss stays inf or NaN; and the mean divides its two parts as IEEE and
+    PyTorch do (class weights of both signs summing to 0 give ±inf, or NaN for infinities of both signs)."""
     import math
 
     n = 40
@@ -102,11 +102,12 @@ def test_device_cross_entropy_sums_with_compensation(gpu):
         xb[n // 2, 0] = bad
         for reduction in ("sum", "mean"):
             np.testing.assert_equal(loss(xb, y, reduction=reduction), want)
-    xs = np.array([[0.0, 1.0, 2.0], [2.0, 1.0, 0.0]], np.float32)
-    for w, ys, want in (([1.0, -1.0, 0.0], [1, 0], -np.inf), ([1.0, 2.0, 0.0], [2, 2], np.nan)):
-        w = np.array(w, np.float32)
-        np.testing.assert_equal(loss(xs, ys, weight=w), want)
-        np.testing.assert_equal(fl.cross_entropy(xs, np.array(ys), weight=w, backend="cpu"), want)
+    w = np.array([1.0, -1.0, 0.0], np.float32)      # the CPU test's cases (torch 2.13's values)
+    for xs, ys, *wants in (([[0, 1, 2], [0, 2, 3]], [1, 0], np.inf, np.inf),
+                           ([[0, 0, 5], [0, 1, 0]], [1, 0], -np.inf, np.nan),
+                           ([[0, 1, 2], [2, 1, 0]], [2, 2], np.nan, np.nan)):
+        for eps, want in zip((0.0, 0.1), wants):
+            np.testing.assert_equal(loss(np.array(xs, np.float32), ys, weight=w, label_smoothing=eps), want)
 
 
 def test_host_logits_unchanged(gpu, rng):
