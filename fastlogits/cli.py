@@ -402,7 +402,8 @@ def build_parser():
     i = sub.add_parser("info", help="format, dtype, shape and size of a logit dump")
     _add_input(i)
     _add_common(i, backend="not used by info (it reads the header only)",
-                threads="not used by info (it reads the header only)")
+                threads="not used by info (it reads the header only)",
+                memory="not used by info (it reads the header only; still checked)")
     i.set_defaults(func=cmd_info)
 
     s = sub.add_parser("stats", help="per-row and mean NLL, perplexity, accuracy, entropy")
@@ -435,7 +436,7 @@ def build_parser():
     k.add_argument("--temperature", type=float, default=1.0, help="divide the logits by T > 0 first")
     k.set_defaults(func=cmd_topk)
 
-    sm = sub.add_parser("sample", help="one token per row: temperature, top-k, top-p, min-p, seeded")
+    sm = sub.add_parser("sample", help="tokens drawn per row: temperature, top-k, top-p, min-p, seeded")
     _add_input(sm)
     sm.add_argument("output", help="output: .npy, .csv or .jsonl, or - for JSON lines on standard output")
     _add_common(sm)

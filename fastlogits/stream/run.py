@@ -499,6 +499,7 @@ def softmax(source, log, out, kw, memory=None, progress=None):
                 for _, c0, chunk in column_chunks(row, cols):
                     acc.update(chunk, c0)
                 state = (acc.m, acc.s)
+                chunk = None           # a pass's last buffer, freed before the next pass reads two more
                 for _, c0, chunk in column_chunks(row, cols):
                     r = prepare(chunk, temperature=t, backend="cpu", **common)
                     y = ybuf[:, :chunk.shape[1]]
@@ -506,6 +507,7 @@ def softmax(source, log, out, kw, memory=None, progress=None):
                                   r.chunk, r.threads, state)
                     sink.write(i, c0, y)
                     progress(int(c0 + chunk.shape[1] == source.V), chunk.nbytes)
+                chunk = r = None
         temp.check_rows(sink.rows)
     return sink.result
 
