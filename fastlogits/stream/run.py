@@ -734,7 +734,7 @@ class _Atomic(contextlib.AbstractContextManager):
             self.in_place = True
             return self.target
         try:
-            with open(self.tmp, "xb"):
+            with open(self.tmp, "wb"):    # (a stale one, left by a killed process of the same pid: reused)
                 pass
             if os.path.isfile(self.target):
                 shutil.copymode(self.target, self.tmp)

@@ -203,10 +203,11 @@ def open_npy(path, dtype=None):
             if read_header is None:
                 raise ValueError(f"unsupported .npy format version {version}")
             # the header's length, checked before NumPy reads that many bytes (a corrupt v2 length: 4 GiB)
-            size = int.from_bytes(f.read(2 if version == (1, 0) else 4), "little")
+            width = 2 if version == (1, 0) else 4
+            size = int.from_bytes(f.read(width), "little")
             if size > NPY_HEADER_MAX:
                 raise ValueError(f"its header claims {size} bytes, expected at most {NPY_HEADER_MAX}")
-            f.seek(-(2 if version == (1, 0) else 4), os.SEEK_CUR)
+            f.seek(-width, os.SEEK_CUR)
             shape, fortran, dt = read_header(f, max_header_size=NPY_HEADER_MAX)
         except ValueError as e:
             raise SourceError(f"{path}: not a valid .npy file ({e})") from None
