@@ -977,3 +977,15 @@ def test_a_temperature_that_overflows_the_compute_type_is_named():
                        r"\(row 0\)"):
         sample(x, temperature=0.25, seed=0)
     assert sample(x.astype(np.float64), temperature=0.25, seed=0)[0] == 0     # float64 holds 1.2e39
+
+
+def test_per_row_parameters_are_private_copies():
+    """Per-row top_k (and the other filters) reach the kernels as a checked private copy, as labels do:
+    the caller's int64 array, contiguous, was passed through, and another thread could change it after
+    the check."""
+    from fastlogits.ops.sampling import _per_row
+
+    k = np.array([1, 2, 3], np.int64)
+    got = _per_row(k, "top_k", (3,), 3, np.int64, 0, lambda v: v >= 0, "an integer >= 0")
+    np.testing.assert_array_equal(got, k)
+    assert not np.shares_memory(got, k)

@@ -1224,3 +1224,59 @@ def test_maps_of_several_rows_wider_than_the_budget_stay_within_it(tmp_path, rng
     assert peak < 1.05 * budget, f"peak {peak / budget:.3f} x the budget"
     got = np.fromfile(tmp_path / "y.bin", out_dtype or np.float32).reshape(3, V)
     np.testing.assert_allclose(got, getattr(fl, op)(x, dtype=out_dtype), rtol=1e-6, atol=1e-12)
+
+
+def test_an_iterable_is_read_in_the_callers_context(rng):
+    """Every next() of an iterable source, on the reader thread too, sees the caller's context variables
+    (use_backend's among them): the reader runs in a copy of the caller's context."""
+    import contextvars
+    import threading
+
+    var = contextvars.ContextVar("test_var", default="unset")
+    x = rng.standard_normal((40, 7)).astype(np.float32)
+    seen = []
+
+    def blocks():
+        for i in range(0, 40, 10):
+            seen.append((threading.current_thread().name, var.get()))
+            yield x[i:i + 10].copy()
+
+    token = var.set("caller's")
+    try:
+        got = fl.logsumexp(fl.open(blocks(), memory="64KiB"))
+    finally:
+        var.reset(token)
+    np.testing.assert_array_equal(got, fl.logsumexp(x))
+    assert [v for _, v in seen] == ["caller's"] * 4, seen
+    assert any(name == "fastlogits-reader" for name, _ in seen), seen
+
+
+def test_labels_changed_by_another_thread_during_a_call_are_never_read_unchecked():
+    """The kernels read a private copy of the labels, made when they are checked: another thread writing
+    an out-of-range label into the caller's array during calls gives an IndexError or the loss of the
+    labels as they were, never an out-of-bounds read (the process died of SIGSEGV within a second)."""
+    code = """if True:
+        import sys, threading, time
+        import numpy as np
+        import fastlogits as fl
+        sys.setswitchinterval(1e-6)
+        x = np.random.default_rng(0).standard_normal((4, 1000), dtype=np.float32)
+        labels = np.zeros(4, np.int64)
+        def mutate():
+            while True:
+                labels[0] = 1 << 40
+                labels[0] = 0
+        threading.Thread(target=mutate, daemon=True).start()
+        want = fl.cross_entropy(x, np.zeros(4, np.int64), reduction="none", threads=1)
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:
+            for src in (x, fl.open(x, memory="64KiB")):
+                try:
+                    got = fl.cross_entropy(src, labels, reduction="none", threads=1)
+                except IndexError:
+                    continue
+                assert np.array_equal(got, want), got
+        print("ok")
+    """
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == b"ok", (res.returncode, res.stderr[-2000:])

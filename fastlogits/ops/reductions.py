@@ -230,8 +230,8 @@ def as_labels(labels):
 
 
 def check_labels(labels, lead, V, ignore_index):
-    """labels as a C-contiguous int64 array of one per row; out-of-range labels raise, naming the label
-    and its row."""
+    """labels as a private C-contiguous int64 copy, one per row; out-of-range labels raise, naming the
+    label and its row."""
     lab = as_labels(labels)
     if lab.dtype.kind not in "iu" or lab.dtype == np.bool_:
         raise TypeError(f"labels must be integers (class indices), got dtype {lab.dtype}")
@@ -241,7 +241,9 @@ def check_labels(labels, lead, V, ignore_index):
     if lab.dtype.kind == "u" and lab.dtype.itemsize == 8 and lab.size and lab.max() > np.iinfo(np.int64).max:
         i = int(np.argmax(lab.reshape(-1) > np.iinfo(np.int64).max))
         raise label_error(int(lab.reshape(-1)[i]), i, lead, V, ignore_index)
-    lab = np.ascontiguousarray(lab, dtype=np.int64).reshape(-1)
+    # a private copy: the kernels read it after this check, with the GIL released (another thread
+    # changing the caller's labels in between would make them read out of bounds)
+    lab = np.array(lab, dtype=np.int64, order="C", copy=True).reshape(-1)
     i = _reduce.first_bad_label(lab, ignore_index, V)
     if i >= 0:
         raise label_error(int(lab[i]), i, lead, V, ignore_index)

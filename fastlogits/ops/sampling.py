@@ -77,7 +77,8 @@ def _per_row(value, name, lead, rows, dtype, default, ok, need):
     if number is int and a.dtype.kind in "uf":
         a = np.minimum(a, 2**62)
     a = broadcast_rows(a, lead, name)
-    out = np.ascontiguousarray(np.broadcast_to(a, lead).reshape(rows), dtype=dtype)
+    # a private copy, checked: the kernels read it with the GIL released (the caller's array could change)
+    out = np.array(np.broadcast_to(a, lead).reshape(rows), dtype=dtype, order="C", copy=True)
     bad = ~ok(out)
     if np.any(bad):
         where = _first_bad(bad, lead) if a.ndim else ""         # the row, for an argument given per row

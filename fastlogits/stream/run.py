@@ -8,6 +8,7 @@ reader thread reads the next block into a second buffer while the kernels work o
 peak memory is set by the budget, not by the dump's size.
 """
 import contextlib
+import contextvars
 import math
 import numbers
 import os
@@ -105,7 +106,9 @@ def _ahead(reads):
             except BaseException as e:   # noqa: BLE001 - re-raised in the consumer
                 results.put((False, e))
 
-    reader = threading.Thread(target=work, name="fastlogits-reader", daemon=True)
+    # reads run in a copy of the caller's context (its use_backend, for an iterable that calls fastlogits)
+    reader = threading.Thread(target=contextvars.copy_context().run, args=(work,), name="fastlogits-reader",
+                              daemon=True)
     reader.start()
     ended = False
     try:
