@@ -351,24 +351,6 @@ def topk_finish(pv, pi, pm, ps, logprobs, vals, idx, lp):
 
 
 @cuda.jit(device=True)
-def block_sum(sh, tid):
-    """The sum of the TPB values sh[...] into sh[0] (valid for thread 0 after the call), in a fixed order
-    (two levels, as block_merge)."""
-    cuda.syncthreads()
-    if tid < WARP:
-        v = sh[tid]
-        for o in range(tid + WARP, TPB, WARP):
-            v += sh[o]
-        sh[tid] = v
-    cuda.syncthreads()
-    if tid == 0:
-        v = sh[0]
-        for o in range(1, WARP):
-            v += sh[o]
-        sh[0] = v
-
-
-@cuda.jit(device=True)
 def add_to(s, c, v):
     """(s, c) + v: s + v with Neumaier's compensation c (the sum is s + c), as the CPU's _reduce.add_to."""
     t = s + v
@@ -380,10 +362,10 @@ def add_to(s, c, v):
 
 
 @cuda.jit(device=True)
-def block_sum_compensated(sh, shc, tid):
-    """block_sum of compensated sums (sh[i] + shc[i], one per thread): the total, compensated the same
-    way, into sh[0] (sh[0] alone where it is inf or NaN: its compensation is then NaN), valid for
-    thread 0 after the call."""
+def block_sum(sh, shc, tid):
+    """The sum of the TPB compensated sums sh[i] + shc[i] (one per thread), in a fixed order (two levels,
+    as block_merge) and compensated the same way (add_to), into sh[0] (sh[0] alone where it is inf or
+    NaN: its compensation is then NaN); valid for thread 0 after the call."""
     cuda.syncthreads()
     if tid < WARP:
         v = sh[tid]
@@ -455,7 +437,7 @@ def ce_reduce(labels, ignore_index, V, w, has_w, eps, z, nll, smooth, lse, reduc
     + zt. total[0] = the reduction (CE_MEAN: sum l / sum w[y] + sum ls / sum w[y] (IEEE's division, each
     part, as ce_total and PyTorch), plus sum zt / counted rows when there is z-loss; CE_SUM: sum l + sum
     ls + sum zt; CE_NONE: not written), the sums compensated as on the CPU (add_to,
-    block_sum_compensated). A label out of range makes its row's loss and the total NaN, and the first
+    block_sum). A label out of range makes its row's loss and the total NaN, and the first
     such row is reported in ``err`` (host-visible memory, read by the backend later, with no wait):
     err = (call, row, label), written only while err[0] < 0 (nothing reported)."""
     tid = cuda.threadIdx.x
@@ -500,6 +482,7 @@ def ce_reduce(labels, ignore_index, V, w, has_w, eps, z, nll, smooth, lse, reduc
     sh_wc = cuda.shared.array(TPB, float64)
     sh_zc = cuda.shared.array(TPB, float64)
     sh_c = cuda.shared.array(TPB, float64)
+    sh_cc = cuda.shared.array(TPB, float64)
     sh_b = cuda.shared.array(TPB, int64)
     sh_l[tid] = sl
     sh_s[tid] = ss
@@ -510,12 +493,13 @@ def ce_reduce(labels, ignore_index, V, w, has_w, eps, z, nll, smooth, lse, reduc
     sh_wc[tid] = cw
     sh_zc[tid] = cz
     sh_c[tid] = cnt
+    sh_cc[tid] = 0.0               # (counts add exactly)
     sh_b[tid] = bad
-    block_sum_compensated(sh_l, sh_lc, tid)
-    block_sum_compensated(sh_s, sh_sc, tid)
-    block_sum_compensated(sh_w, sh_wc, tid)
-    block_sum_compensated(sh_z, sh_zc, tid)
-    block_sum(sh_c, tid)
+    block_sum(sh_l, sh_lc, tid)
+    block_sum(sh_s, sh_sc, tid)
+    block_sum(sh_w, sh_wc, tid)
+    block_sum(sh_z, sh_zc, tid)
+    block_sum(sh_c, sh_cc, tid)
     cuda.syncthreads()
     if tid == 0:
         bad = first_row(sh_b)
@@ -780,9 +764,11 @@ def _build(kind):
             m = CT(0)
             ls = CT(0)
             inv = CT(0)
+            LS = 0.0
             if finite:
                 m = CT(M)
-                ls = CT(math.log(S))
+                LS = math.log(S)
+                ls = CT(LS)
                 inv = CT(1.0 / S)
             lv = cuda.local.array(UNROLL, CT)
             for base in range(start + tid, stop, TPB * UNROLL):
@@ -793,7 +779,7 @@ def _build(kind):
                     if j < stop:
                         y = CT(math.nan)
                         if finite and wide:
-                            store(out, r, j, (float64(lv[u]) - M) - math.log(S))
+                            store(out, r, j, (float64(lv[u]) - M) - LS)
                             continue
                         if finite:
                             if log:
