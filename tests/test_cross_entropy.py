@@ -153,6 +153,32 @@ def test_the_mean_divides_by_the_target_weights_as_pytorch_does(smoothing, recwa
     assert not [m for m in recwarn if issubclass(m.category, RuntimeWarning)], [str(m) for m in recwarn]
 
 
+@pytest.mark.parametrize("chunk_size", [None, 1])
+def test_an_infinite_class_weight_with_smoothing_is_infinite_as_in_pytorch(chunk_size, recwarn):
+    """Label smoothing adds w (lse - x) for every class: an infinite weight on the row's max class gives
+    inf (PyTorch), not inf * 0 = NaN from the distance to the max; weights inf and -inf give NaN. In
+    memory, streamed (column blocks: the max reached in a later chunk) and from the accumulator. Literal
+    torch 2.13 values (F.cross_entropy, float32, label_smoothing=0.1)."""
+    x = np.array([[2.0, 1.0, 0.5], [0.1, 3.0, -1.0]], np.float32)
+    y = np.array([1, 0])
+    cases = (([inf, 1, 1], [inf, inf], inf, nan),      # row 0's max has weight inf
+             ([1, inf, 1], [inf, inf], inf, nan),      # row 1's max has weight inf
+             ([1, 1, -inf], [-inf, -inf], -inf, -inf),
+             ([inf, 1, -inf], [nan, nan], nan, nan))
+    for w, *wants in cases:
+        w = np.array(w, np.float32)
+        for reduction, want in zip(("none", "sum", "mean"), wants):
+            for src in (x, iter([x[:1], x[1:]])):
+                got = fl.cross_entropy(src, y, weight=w, label_smoothing=0.1, reduction=reduction,
+                                       chunk_size=chunk_size)
+                np.testing.assert_equal(np.asarray(got), np.float32(want), err_msg=f"{w} {reduction}")
+        acc = fl.stream.CrossEntropy(y, weight=w, label_smoothing=0.1, reduction="none")
+        for c in range(3):
+            acc.update(x[:, c:c + 1], c)
+        np.testing.assert_equal(acc.result(), np.float32(wants[0]), err_msg=f"{w} accumulator")
+    assert not [m for m in recwarn if issubclass(m.category, RuntimeWarning)], [str(m) for m in recwarn]
+
+
 @pytest.mark.parametrize("source", ["array", "blocks of a row"])
 def test_rows_are_summed_with_compensation(source):
     """"mean" and "sum" add the rows' losses with compensation, in memory and streamed (block sums too):

@@ -49,7 +49,8 @@ def cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, wei
     wtotal = float(x.shape[1])
     if weight is not None:
         w = np.ascontiguousarray(weight, dtype=compute_dtype(dtype))
-        wtotal = float(np.sum(w, dtype=np.float64))
+        with np.errstate(invalid="ignore"):     # weights inf and -inf: NaN (as PyTorch), quietly
+            wtotal = float(np.sum(w, dtype=np.float64))
     _reduce.cross_entropy(x, CODES[dtype], temperature, softcap, labels, ignore_index, w, wtotal,
                           bool(smoothing), nll, smooth, lse_, chunk, threads)
     return nll, smooth, lse_

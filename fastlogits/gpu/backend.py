@@ -558,7 +558,8 @@ def cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, wei
     mode = K.SUM if smoothing else K.LSE
     if weight is not None:
         w_host = np.ascontiguousarray(weight, dtype=compute_dtype(dtype))
-        wtotal = float(np.sum(w_host, dtype=np.float64))
+        with np.errstate(invalid="ignore"):     # weights inf and -inf: NaN (as PyTorch), quietly
+            wtotal = float(np.sum(w_host, dtype=np.float64))
         if smoothing:
             mode = K.WSUM
     w = _weights(dtype, weight if mode == K.WSUM else None)

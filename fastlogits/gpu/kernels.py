@@ -192,6 +192,13 @@ def dist_shift(d, w, frm, to):
 
 
 @cuda.jit(device=True)
+def wdist(w, d):
+    """The C core's FL__WDIST: one weighted distance w (m - x), 0 at the max whatever the weight (an
+    infinite weight there then gives PyTorch's inf through the shift to lse, not NaN)."""
+    return 0.0 if d == 0.0 else w * d
+
+
+@cuda.jit(device=True)
 def dist_merge(d, w, m, d2, w2, m2, M):
     """The C core's fl__dist_merge: the distance sums (d, w) and (d2, w2) of two column ranges with maxes
     m and m2, merged at their merged max M; returns (d, w)."""
@@ -691,7 +698,7 @@ def _build(kind):
                         j = base + u * TPB
                         if j < stop:
                             wj = float64(w[j]) if mode == WSUM else 1.0
-                            d += wj * (ref - float64(lv[u]))
+                            d += wdist(wj, ref - float64(lv[u]))
                             cw += wj
                     dsum, wsum = dist_merge(dsum, wsum, float64(m0), d, cw, float64(m), float64(m))
             sh_m = cuda.shared.array(TPB, float64)

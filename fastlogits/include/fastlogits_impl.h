@@ -164,7 +164,9 @@ FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sum)(const FL_T *x, int64_t n)
 }
 
 /* sum w (ref - x) over x[0:n) (w = 1 when w is NULL), and *wsum = sum w: label smoothing's distances from
- * the running max (see fl__dist_merge), in double lanes. */
+ * the running max (see fl__dist_merge), in double lanes. A logit at the max adds 0 whatever its weight:
+ * PyTorch's term w (lse - x) is inf for an infinite weight there, which the shift to lse (W (lse - m))
+ * gives, where w * 0 would have made it NaN. */
 FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__dist)(const FL_T *x, const FL_T *w, int64_t n, double ref,
                                                         double *wsum) {
     double acc[FL_LANES], wa[FL_LANES];
@@ -175,10 +177,15 @@ FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__dist)(const FL_T *x, const FL_
         for (; i + FL_LANES <= n; i += FL_LANES)
             FL_LANE_LOOP
             for (j = 0; j < FL_LANES; j++) {
-                acc[j] += (double)w[i + j] * (ref - (double)x[i + j]);
+                double d = ref - (double)x[i + j];
+                acc[j] += FL__WDIST((double)w[i + j], d);
                 wa[j] += (double)w[i + j];
             }
-        for (; i < n; i++) { acc[0] += (double)w[i] * (ref - (double)x[i]); wa[0] += (double)w[i]; }
+        for (; i < n; i++) {
+            double d = ref - (double)x[i];
+            acc[0] += FL__WDIST((double)w[i], d);
+            wa[0] += (double)w[i];
+        }
         for (j = 1; j < FL_LANES; j++) wa[0] += wa[j];
         *wsum = wa[0];
     } else {

@@ -386,6 +386,22 @@ def test_smoothing_at_large_offsets(gpu, rng, weighted):
         np.testing.assert_allclose(got, cpu, rtol=1e-13)
 
 
+def test_an_infinite_class_weight_with_smoothing(gpu):
+    """An infinite class weight on a row's max gives PyTorch's inf with label smoothing, not inf * 0 = NaN
+    (the C core's fl__wdist rule in the kernel's distance sums); weights inf and -inf give NaN. Whole rows
+    and rows split over chunks of one column, so the max arrives after the distances were taken. Literal
+    torch 2.13 values (F.cross_entropy, float32, label_smoothing=0.1), as in tests/test_cross_entropy.py."""
+    inf, nan = np.inf, np.nan
+    x = np.array([[2.0, 1.0, 0.5], [0.1, 3.0, -1.0]], np.float32)
+    y = np.array([1, 0])
+    for w, want in (([inf, 1, 1], [inf, inf]), ([1, inf, 1], [inf, inf]), ([1, 1, -inf], [-inf, -inf]),
+                    ([inf, 1, -inf], [nan, nan])):
+        for chunk in (1, None):
+            got = fl.cross_entropy(x, y, weight=np.array(w, np.float32), label_smoothing=0.1,
+                                   reduction="none", chunk_size=chunk, backend="gpu")
+            np.testing.assert_equal(got, np.float32(want), err_msg=f"weights {w}, chunk_size {chunk}")
+
+
 def test_entropy_of_maxima_past_the_double_range_apart(gpu):
     """float64 chunks with maxima 1e308 and -1e308 (their gap overflows): the GPU's merges skip the vanished
     state, as the C core's now does too; both give the entropy of the n equal maxima."""
