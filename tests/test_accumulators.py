@@ -172,6 +172,23 @@ def test_cross_entropy_random_chunks(dtype, case, n_acc, rng):
     np.testing.assert_allclose(np.asarray(fresh.result(), dtype=np.float64), got, rtol=1e-12, atol=1e-300)
 
 
+def test_cross_entropy_keeps_its_own_weights(rng):
+    """The accumulator keeps a copy of the class weights (float64 ones too, which a call does not copy):
+    the caller's array changed between updates changes nothing."""
+    x = rng.standard_normal((3, 40))
+    y = np.array([0, 7, 39])
+    w = rng.uniform(0.5, 2.0, 40)
+    for eps in (0.0, 0.2):
+        want = _ce_reference(x, y, weight=w.copy(), label_smoothing=eps)
+        acc = CrossEntropy(y, weight=w, label_smoothing=eps)
+        acc.update(x[:, :20], 0)
+        w_saved = w.copy()
+        w[:] = 100.0
+        acc.update(x[:, 20:], 20)
+        w[:] = w_saved
+        np.testing.assert_allclose(acc.result(), want, rtol=1e-12)
+
+
 def test_cross_entropy_all_ignored():
     acc = CrossEntropy(np.array([-100, -100]))
     acc.update(np.zeros((2, 5)), 0)

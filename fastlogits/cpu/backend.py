@@ -47,7 +47,7 @@ def cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, wei
     nll, smooth, lse_ = (np.empty(rows, np.float64) for _ in range(3))
     w = None
     wtotal = float(x.shape[1])
-    if weight is not None:
+    if weight is not None and smoothing:     # (without smoothing the kernel reads no weights)
         w = np.ascontiguousarray(weight, dtype=compute_dtype(dtype))
         with np.errstate(invalid="ignore"):     # weights inf and -inf: NaN (as PyTorch), quietly
             wtotal = float(np.sum(w, dtype=np.float64))

@@ -556,12 +556,11 @@ def cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, wei
     nll, smooth, lse_ = out if out is not None else (_empty(rows_all, np.float64, device) for _ in range(3))
     wtotal = float(x.shape[1])
     mode = K.SUM if smoothing else K.LSE
-    if weight is not None:
+    if weight is not None and smoothing:     # (without smoothing the weights are not read here)
         w_host = np.ascontiguousarray(weight, dtype=compute_dtype(dtype))
         with np.errstate(invalid="ignore"):     # weights inf and -inf: NaN (as PyTorch), quietly
             wtotal = float(np.sum(w_host, dtype=np.float64))
-        if smoothing:
-            mode = K.WSUM
+        mode = K.WSUM
     w = _weights(dtype, weight if mode == K.WSUM else None)
     on_device = device and is_device_array(labels)
     if not on_device:

@@ -341,9 +341,9 @@ def _ce_prepare(logits, *, weight, ignore_index, label_smoothing, z_loss, temper
     return r, eps, z, ignore_index, w
 
 
-def as_weight(weight):
-    """Class weights as a float64 array (None stays None); anything but real numbers (complex, bool,
-    objects such as ints past float64) raises TypeError."""
+def as_weight(weight, copy=False):
+    """Class weights as a float64 array (None stays None), a private copy with copy; anything but real
+    numbers (complex, bool, objects such as ints past float64) raises TypeError."""
     if weight is None:
         return None
     try:
@@ -353,7 +353,7 @@ def as_weight(weight):
     if w is None or w.dtype.kind not in "fiu":
         got = f"dtype {w.dtype}" if isinstance(weight, np.ndarray) else repr(weight)[:60]
         raise TypeError(f"weight must be an array of floats (one per class), got {got}")
-    return w.astype(np.float64)
+    return np.array(w, np.float64) if copy else np.asarray(w, np.float64)
 
 
 def check_reduction(reduction):

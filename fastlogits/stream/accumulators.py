@@ -261,7 +261,7 @@ class CrossEntropy(_Base):
         if np.any((self.labels < 0) & (self.labels != self.ignore_index)):
             i = int(np.argmax((self.labels < 0) & (self.labels != self.ignore_index)))
             raise IndexError(f"labels: label {int(self.labels[i])} at row {i} is out of range")
-        self.weight = as_weight(weight)
+        self.weight = as_weight(weight, copy=True)     # kept across updates
         if self.weight is not None and self.weight.ndim != 1:
             raise ValueError(f"weight must be 1-D (one value per class), got shape {self.weight.shape}")
         self.target = np.zeros(self.rows)
