@@ -63,6 +63,65 @@ def _fastlogits_call(op, x, labels, threads):
     }[op]
 
 
+VERIFY_ROWS = 4     # rows of each per-row result checked against the float64 reference (all, for a mean)
+
+
+def reference(op, x, labels, k=TOP_K):
+    """The float64 NumPy reference of a fastlogits op on host logits x (2-D) in the dtype the API
+    documents (reductions: float32, or float64 for float64 logits; maps and top-k values: x's dtype;
+    indices int64); cross_entropy is the mean over x's rows, read by blocks of rows."""
+    red = np.float64 if x.dtype == np.float64 else np.float32
+
+    def lse(a):
+        m = np.max(a, axis=-1, keepdims=True)
+        return (m + np.log(np.sum(np.exp(a - m), axis=-1, keepdims=True)))[:, 0]
+
+    if op == "cross_entropy":
+        total = 0.0
+        for r0 in range(0, x.shape[0], 64):
+            a = x[r0:r0 + 64].astype(np.float64)
+            total += float(np.sum(lse(a) - a[np.arange(a.shape[0]), labels[r0:r0 + 64]]))
+        return red(total / x.shape[0])
+    a = x.astype(np.float64)
+    if op == "logsumexp":
+        return lse(a).astype(red)
+    if op == "entropy":
+        p = np.exp(a - lse(a)[:, None])
+        return (lse(a) - np.sum(p * a, axis=-1)).astype(red)
+    if op in ("softmax", "log_softmax"):
+        lp = a - lse(a)[:, None]
+        return (np.exp(lp) if op == "softmax" else lp).astype(x.dtype)
+    if op == "argmax":
+        return np.argmax(a, axis=-1).astype(np.int64)
+    if op == "top_k":
+        i = np.argsort(-a, axis=-1, kind="stable")[:, :min(k, x.shape[-1])]     # lower index first on ties
+        return np.take_along_axis(x, i, -1), i.astype(np.int64)
+    raise ValueError(f"no reference for {op!r}")
+
+
+def verify(op, got, x, labels):
+    """(largest difference, ok) of fastlogits' result ``got`` of ``op`` on host logits x (2-D): its first
+    VERIFY_ROWS rows (a mean: the whole) against the float64 reference, within the tolerance ``fastlogits
+    check`` documents (and the same dtype and shape)."""
+    from fastlogits.check import _compare
+
+    dtype = "bfloat16" if x.dtype == NP_DTYPES["bfloat16"] else str(x.dtype)
+    out_dtype = dtype if op in ("softmax", "log_softmax", "top_k") else None
+    n = min(VERIFY_ROWS, x.shape[0])
+    if op == "cross_entropy":
+        return _compare(op, got, reference(op, x, labels), x, dtype)
+    got = got if isinstance(got, tuple) else (got,)
+    want = reference(op, x[:n], labels[:n])
+    want = want if isinstance(want, tuple) else (want,)
+    diff, ok = 0.0, True
+    for name, g, w in zip(("top_k_values", "top_k_indices") if op == "top_k" else (op,), got, want):
+        g = g.copy_to_host() if hasattr(g, "copy_to_host") else np.asarray(g)
+        d, o = _compare(name, g[:n], w, x[:n], dtype,
+                        None if name.endswith("indices") or name == "argmax" else out_dtype)
+        diff, ok = max(diff, d), ok and o
+    return diff, ok
+
+
 def _numpy_top_k(xs, k):
     """NumPy's top-k as fastlogits returns it: values and indices, sorted by value."""
     i = np.argpartition(xs, -k, axis=-1)[:, -k:]
@@ -153,8 +212,10 @@ def run(rows=512, vocab=128256, ops=("logsumexp", "cross_entropy", "softmax", "e
         x = base.astype(NP_DTYPES[dtype])
         for op in ops:
             for th in thread_counts:
-                add("op", op, dtype, th, "fastlogits",
-                    _median_time(_fastlogits_call(op, x, labels, th), repeat), x.nbytes)
+                fn = _fastlogits_call(op, x, labels, th)
+                add("op", op, dtype, th, "fastlogits", _median_time(fn, repeat), x.nbytes)
+                # the result checked: a fast wrong answer is not a result
+                results[-1]["max_diff"], results[-1]["ok"] = verify(op, fn(), x, labels)
                 if torch is not None:
                     torch.set_num_threads(th)
                     add("op", op, dtype, th, "torch",
@@ -185,7 +246,8 @@ def table(results):
             f"| {r['op']} | {r['dtype']} | {r['threads']} | {r['GB/s']:.2f} | {r['rows/s']:.0f} | "
             + (f"{t['GB/s']:.2f} | {t['seconds'] / r['seconds']:.1f} | " if t else "- | - | ")
             + (f"{n['GB/s']:.2f} | {n['seconds'] / r['seconds']:.1f} | " if n else "- | - | ")
-            + (f"{100 * r['GB/s'] / c:.0f}% |" if c else "- |"))
+            + (f"{100 * r['GB/s'] / c:.0f}%" if c else "-")
+            + (" |" if r.get("ok", True) else " WRONG RESULT |"))
     lines.append("")
     lines.append("Read ceiling (same array, same run): " + ", ".join(
         f"{lib} {th} thread{'s' if th > 1 else ''}: {v:.1f} GB/s" for (th, lib), v in sorted(ceil.items())))
@@ -223,7 +285,30 @@ def main(args):
         if gpu is not None:
             print()
             print(gpu_table(gpu))
-    return 0
+    wrong = wrong_results(results, gpu)
+    for line in wrong:
+        print(f"fastlogits bench: error: {line}", file=sys.stderr)
+    return 1 if wrong else 0
+
+
+def wrong_results(results, gpu):
+    """One line per fastlogits figure whose result was wrong (op, dtype, where, largest difference)."""
+    lines = [f"fastlogits {r['op']} {r['dtype']} on the CPU ({r['threads']} thread(s)) gave a wrong result: "
+             f"largest difference {r['max_diff']:.3g} from the float64 reference, beyond the documented "
+             "tolerance; its timing is meaningless"
+             for r in results if r["kind"] == "op" and r["library"] == "fastlogits" and not r.get("ok", True)]
+    for dt in ("float32", "bfloat16"):
+        d = (gpu or {}).get(dt, {})
+        for op in ("logsumexp", "cross_entropy"):
+            if d.get(op + "_ok") is False:
+                lines.append(f"fastlogits {op} {dt} on the GPU gave a wrong result: largest difference "
+                             f"{d[op + '_max_diff']:.3g} from the float64 reference, beyond the documented "
+                             "tolerance; its timing is meaningless")
+    smp = (gpu or {}).get("sampling") or {}
+    if smp.get("ok") is False:
+        lines.append(f"fastlogits sample float32 on the GPU drew tokens unlike the CPU's with the same seed "
+                     f"({smp['same_rows']} of {smp['rows_checked']} rows the same)")
+    return lines
 
 
 def _no_gpu_timing():
@@ -261,10 +346,11 @@ def gpu_table(gpu):
                 continue
             t = d.get("torch_" + op + "_GBps")
             ratio = d["torch_" + op + "_s"] / d[op + "_s"] if t else None
-            pct = 100 * d[op + "_GBps"] / gpu["copy_GBps"]
+            pct = f"{100 * d[op + '_GBps'] / gpu['copy_GBps']:.0f}%"
+            pct += " WRONG RESULT" if d.get(op + "_ok") is False else ""
             waited = f" ({d[op + '_wait_GBps']:.0f})" if op + "_wait_GBps" in d else ""
             tw = f" ({d['torch_' + op + '_wait_GBps']:.0f})" if "torch_" + op + "_wait_GBps" in d else ""
-            lines.append(f"| {op} | {dt} | {d[op + '_GBps']:.0f}{waited} | {pct:.0f}% | "
+            lines.append(f"| {op} | {dt} | {d[op + '_GBps']:.0f}{waited} | {pct} | "
                          + (f"{t:.0f}{tw} | {ratio:.2f} |" if t else "- | - |"))
     smp = gpu.get("sampling")
     if smp:

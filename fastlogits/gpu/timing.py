@@ -63,13 +63,20 @@ def copy_bandwidth(nbytes=1 << 30, repeat=10):
     return 2 * a.nbytes / t if t > 0 else float("nan")
 
 
+def _host_block(shape, dtype, seed=0):
+    """The host rows that _device_logits repeats down the device array (at most 256)."""
+    rows, V = shape
+    n = max(1, min(rows, 256))
+    return (np.random.default_rng(seed).standard_normal((n, V), dtype=np.float32) * 3).astype(B._NP[dtype])
+
+
 def _device_logits(shape, dtype, seed=0):
     """Random logits on the device as the kernels read them (bfloat16 as uint16 bits): a block of at most
     256 random rows, repeated down the array (drawing 10^9 normals on the host would take most of the
     GPU check's time; the figures are unchanged, the array being far larger than the device's caches)."""
     rows, V = shape
-    n = max(1, min(rows, 256))
-    x = (np.random.default_rng(seed).standard_normal((n, V), dtype=np.float32) * 3).astype(B._NP[dtype])
+    x = _host_block(shape, dtype, seed)
+    n = x.shape[0]
     bits = np.ascontiguousarray(x.view(np.uint16) if dtype == "bfloat16" else x)
     d = cuda.device_array(shape, bits.dtype)
     for i in range(0, rows, n):
@@ -129,7 +136,32 @@ def benchmark(shape=(8192, 128256), dtypes=("float32", "bfloat16"), repeat=10, t
             res[name + "_wait_s"] = time_events(fn, repeat)
         for key in list(res):
             res[key[:-2] + "_GBps"] = nbytes / res[key] / 1e9 if res[key] > 0 else float("nan")
+        res.update(verify(shape, dtype, labels, calls["logsumexp"](), calls["cross_entropy"]()))
         out[dtype] = res
+    return out
+
+
+def verify(shape, dtype, labels, lse, ce):
+    """fastlogits' results on the benchmark's device logits against the float64 reference, within the
+    tolerance ``fastlogits check`` documents: logsumexp's first rows, and the mean cross-entropy of all
+    rows (the device rows repeat a host block, so the reference is that block's). Returns
+    ``{op}_max_diff`` and ``{op}_ok`` for logsumexp and cross_entropy."""
+    from fastlogits.bench import VERIFY_ROWS, reference
+    from fastlogits.check import _compare
+
+    x = _host_block(shape, dtype)
+    xv = x.view(B.BF16) if dtype == "bfloat16" else x
+    n = x.shape[0]
+    out = {}
+    out["logsumexp_max_diff"], out["logsumexp_ok"] = _compare(
+        "logsumexp", lse.copy_to_host()[:VERIFY_ROWS], reference("logsumexp", xv[:VERIFY_ROWS], None),
+        xv[:VERIFY_ROWS], dtype)
+    rows = np.arange(shape[0])
+    lse_ref = np.array([float(reference("logsumexp", xv[i:i + 1], None)[0]) for i in range(n)])
+    terms = lse_ref[rows % n] - xv[rows % n, labels].astype(np.float64)
+    want = np.float32(np.mean(terms))
+    got = ce.copy_to_host() if hasattr(ce, "copy_to_host") else np.asarray(ce)
+    out["cross_entropy_max_diff"], out["cross_entropy_ok"] = _compare("cross_entropy", got, want, xv, dtype)
     return out
 
 
@@ -146,6 +178,12 @@ def sample_benchmark(shape=(512, 128256), repeat=10, torch_too=True):
            "plain_s": time_events(lambda: sample(d, seed=0), repeat),
            "top_k_top_p_s": time_events(lambda: sample(d, seed=0, temperature=0.8, top_k=50, top_p=0.9),
                                         repeat)}
+    # checked: the first rows draw the CPU's tokens with the same seed (the backends differ only where
+    # two candidates tie to within rounding: one row in 8 may)
+    n = min(8, shape[0])
+    got = sample(d, seed=0).copy_to_host()[:n]
+    same = int(np.sum(got == sample(_host_block(shape, "float32")[:n], seed=0, backend="cpu")))
+    out.update(rows_checked=n, same_rows=same, ok=same >= n - 1)
     torch = _torch_cuda() if torch_too else None
     if torch is not None:
         t = torch_view(torch, d, "float32")
