@@ -2,13 +2,20 @@
 
 Every operation and dtype runs on backend="gpu" and backend="cpu" over the same random rows plus the edge
 rows of the numerics contract (-inf, all -inf, +inf, NaN, ties, huge values), at sizes around the GPU's
-block boundary; the table gives the largest difference and pass/fail against the documented tolerance:
-float32 compute within 2e-5 relative (plus 2e-5 x (1 + the row's largest |x/T|) for log-domain results),
-float64 within 1e-12, 16-bit outputs one unit of their rounding more (the subnormals' spacing for the
-smallest), argmax and top-k indices exactly;
-``sample`` draws the same tokens for at least 99.9% of (row, seed) pairs (random rows, per-row seeds and
-filter combinations, 4 samples a pair); ``beam_search_step`` (2 beams an item) gives scores within the
-log-domain tolerance and the same parents and tokens (``beam_search_step_choices``, exactly).
+block boundary, with the options a backend could ignore: per-row temperatures and a softcap (every op that
+takes them), and cross-entropy's class weights, ignore_index, label smoothing and z-loss. Every output of
+every op is compared: its shape and dtype exactly, and its values; the table gives the largest difference
+and pass/fail against the documented tolerance:
+float32 compute within 2e-5 relative (plus 2e-5 x (1 + the row's largest |x/T|, x after the softcap) for
+log-domain results), float64 within 1e-12, 16-bit outputs one unit of their rounding more (the subnormals'
+spacing for the smallest), argmax, top-k indices, sampled ranks and the stats pass's argmax exactly. (So a
+value 1e-3 relative off fails, except in a 16-bit output, whose rounding unit is larger.)
+``stats_*`` are the GPU's fused one-pass statistics (``fastlogits stats``, ``demo``): per-row NLL with
+labels, entropy and argmax. ``sample`` draws the same tokens for at least 99.9% of (row, seed) pairs
+(random rows, per-row seeds and filter combinations, 4 samples a pair), and where the tokens agree,
+``sample_logprobs`` (log-domain tolerance) and ``sample_ranks`` (exactly) agree too;
+``beam_search_step`` (2 beams an item) gives scores within the log-domain tolerance and the same parents
+and tokens (``beam_search_step_choices``, exactly).
 ``cross_entropy_mean_device`` is the "mean" cross-entropy of device logits and device labels (computed
 on the device, no host copy) against the CPU's of the same rows.
 On a machine without a GPU it runs under numba's CUDA simulator when NUMBA_ENABLE_CUDASIM=1 is set
@@ -33,8 +40,20 @@ ROUND = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 0.0, "float64": 0.
 # backends' float32 results one ulp apart can round to neighbours
 SUBNORMAL_UNIT = {"float16": 2.0**-24, "bfloat16": 2.0**-133}
 LOG_DOMAIN = {"logsumexp", "log_softmax", "cross_entropy", "cross_entropy_mean_device", "entropy",
-              "top_k_logprobs", "beam_search_step_scores"}
-EXACT = ("argmax", "top_k_indices", "beam_search_step_choices")
+              "top_k_logprobs", "beam_search_step_scores", "stats_nll", "stats_entropy", "sample_logprobs"}
+EXACT = ("argmax", "top_k_indices", "top_k_logprobs_indices", "beam_search_step_choices", "stats_argmax",
+         "sample_ranks")
+# the operations (``fastlogits check --ops``), each reported as one or more results
+OPS = {"logsumexp": ("logsumexp",), "entropy": ("entropy",), "softmax": ("softmax",),
+       "log_softmax": ("log_softmax",), "cross_entropy": ("cross_entropy",),
+       "cross_entropy_mean_device": ("cross_entropy_mean_device",), "argmax": ("argmax",),
+       "top_k": ("top_k_values", "top_k_indices"),
+       "top_k_logprobs": ("top_k_logprobs", "top_k_logprobs_indices"),
+       "beam_search_step": ("beam_search_step_scores", "beam_search_step_choices"),
+       "stats": ("stats_nll", "stats_entropy", "stats_argmax"),
+       "sample": ("sample", "sample_logprobs", "sample_ranks")}
+SOFTCAP = 30.0                  # the softcap of the calls that take one (it changes the rows' large values)
+IGNORE_INDEX = -1               # cross-entropy's and the stats pass's ignore_index (not the default -100)
 BEAMS = 2                       # beam_search_step's beam width: the rows are (batch * BEAMS, V)
 
 
@@ -51,20 +70,35 @@ def _rows(rng, V, dtype, rows):
     return np.concatenate([x, edge]).astype(DTYPES[dtype])
 
 
-def _compare(name, got, want, x, dtype, out_dtype=None, temperature=1.0):
-    """(max difference, ok) of one result against the CPU's; a NaN or an infinity on one backend only
-    (or infinities of opposite signs) is a difference of inf. The log-domain tolerance scales with the
-    row's largest |x / T|."""
-    g = np.asarray(got.copy_to_host() if hasattr(got, "copy_to_host") else got, np.float64)
-    w = np.asarray(want, np.float64)
-    if g.shape != w.shape:
+def _host(a):
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+
+
+def _scaled(x, softcap=None, temperature=1.0):
+    """The logits as the op sees them, in float64: softcapped, then divided by the temperature (one or one
+    per row; 0, greedy, as 1): the scale of the log-domain tolerance."""
+    xs = np.asarray(x, np.float64)
+    if softcap is not None:
+        xs = softcap * np.tanh(xs / softcap)
+    t = np.asarray(temperature, np.float64)
+    return xs / np.reshape(np.where(t > 0, t, 1.0), t.shape + (1,))
+
+
+def _compare(name, got, want, x, dtype, out_dtype=None, temperature=1.0, softcap=None):
+    """(max difference, ok) of one result against the CPU's: the same shape and dtype (else inf), and
+    values within the tolerance; a NaN or an infinity on one backend only (or infinities of opposite
+    signs) is a difference of inf. The log-domain tolerance scales with the row's largest |x / T| (x after
+    the softcap)."""
+    g, w = _host(got), np.asarray(want)
+    if g.shape != w.shape or g.dtype != w.dtype:
         return float("inf"), False
+    g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
     if name in EXACT:
         return float(np.count_nonzero(g != w)), bool(np.array_equal(g, w))
     both_nan = np.isnan(g) & np.isnan(w)
     same_inf = np.isinf(g) & (g == w)
     fin = np.isfinite(w) & np.isfinite(g)
-    xs = np.asarray(x, np.float64) / np.reshape(temperature, np.shape(temperature) + (1,))
+    xs = _scaled(x, softcap, temperature)
     with np.errstate(invalid="ignore"):
         scale = np.nanmax(np.where(np.isfinite(xs), np.abs(xs), 0), axis=-1, initial=0)
     scale = scale.reshape(scale.shape + (1,) * (w.ndim - scale.ndim)) if w.ndim else np.max(scale, initial=0)
@@ -109,10 +143,14 @@ def sample_agreement(x, kw, num_samples=4):
 MIN_SAME_TOKEN_RATE = 0.999
 
 
-def _ce_mean(backend, x, y, w, threads=None):
-    """The "mean" cross-entropy (class weights, smoothing, z-loss): on the GPU from device logits and
-    device labels (all on the device, a 0-d device result), on the CPU from the host arrays."""
-    kw = dict(weight=w, label_smoothing=0.1, z_loss=1e-4, threads=threads)
+CE_OPTIONS = dict(label_smoothing=0.1, z_loss=1e-4, ignore_index=IGNORE_INDEX, softcap=SOFTCAP)
+
+
+def _ce_mean(backend, x, y, w, t, threads=None):
+    """The "mean" cross-entropy (class weights, smoothing, z-loss, ignore_index, softcap, per-row
+    temperatures): on the GPU from device logits and device labels (all on the device, a 0-d device
+    result), on the CPU from the host arrays."""
+    kw = dict(weight=w, temperature=t, threads=threads, **CE_OPTIONS)
     if backend == "cpu":
         return fl.cross_entropy(x, y, backend="cpu", **kw)
     from numba import cuda
@@ -120,65 +158,125 @@ def _ce_mean(backend, x, y, w, threads=None):
     return fl.cross_entropy(dx, cuda.to_device(y.astype(np.int32)), **kw)
 
 
-def run(V_list=None, rows=None, seed=0, sample_shape=None, dtypes=tuple(DTYPES), threads=None):
-    """A list of {op, dtype, V, max_diff, ok}. sample_shape: (rows, V) of the sampling check; threads:
-    the CPU backend's (default: all cores)."""
+def _stats(backend, x, y, t, threads=None):
+    """The fused one-pass statistics of ``fastlogits stats`` (on the GPU: fastlogits.gpu.backend.stats):
+    per-row NLL, entropy and argmax."""
+    from fastlogits.stream import run as stream_run
+
+    st = stream_run.stats(x, y, ignore_index=IGNORE_INDEX, temperature=t, softcap=SOFTCAP, backend=backend,
+                          threads=threads)
+    return st["nll"], st["entropy"], st["argmax"]
+
+
+def _gpu(call):
+    with warnings.catch_warnings():     # the simulator's NumPy scalars warn where GPUs don't
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return call("gpu")
+
+
+def _check_ops(ops):
+    ops = tuple(OPS) if ops is None else tuple(ops)
+    bad = [op for op in ops if op not in OPS]
+    if bad:
+        raise ValueError(f"ops: unknown operation {bad[0]!r} (one of {', '.join(OPS)})")
+    return ops
+
+
+def run(V_list=None, rows=None, seed=0, sample_shape=None, dtypes=tuple(DTYPES), threads=None, ops=None):
+    """A list of {op, dtype, V, max_diff, ok}, op being a result's name (see OPS). sample_shape: (rows, V)
+    of the sampling check; threads: the CPU backend's (default: all cores); ops: the operations to check
+    (keys of OPS; default: all)."""
+    ops = _check_ops(ops)
     sim = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
     V_list = V_list or ([127, 129] if sim else [127, 128, 129, 1025, 32000, 128256])
     rows = rows or (2 if sim else 64)
     rng = np.random.default_rng(seed)
     out, th = [], {"threads": threads}
+    sc = {"softcap": SOFTCAP}
+    tb = 0.7                                                      # the beams' temperature
     for dtype in dtypes:
         for V in V_list:
             x = _rows(rng, V, dtype, rows)
             y = rng.integers(0, V, x.shape[0])
+            y[1:rows:2] = IGNORE_INDEX                  # some rows ignored: random ones (row 0 is counted),
+            y[rows + 1::3] = IGNORE_INDEX               # and the all -inf and the tied edge rows
             t = rng.uniform(0.5, 2.0, x.shape[0])
             w = rng.uniform(0.5, 2.0, V)
             xb = x[:x.shape[0] - x.shape[0] % BEAMS]                # rows of whole items, for the beams
             bs = np.log(rng.uniform(0.1, 1.0, xb.shape[0]))      # their scores, one beam finished
             bs[1] = -np.inf
             calls = {
-                "logsumexp": lambda b, x=x, t=t: fl.logsumexp(x, temperature=t, backend=b, **th),
-                "entropy": lambda b, x=x: fl.entropy(x, backend=b, **th),
-                "softmax": lambda b, x=x: fl.softmax(x, softcap=30.0, backend=b, **th),
-                "log_softmax": lambda b, x=x: fl.log_softmax(x, backend=b, **th),
-                "cross_entropy": lambda b, x=x, y=y: fl.cross_entropy(x, y, reduction="none", backend=b,
-                                                                      label_smoothing=0.1, **th),
+                "logsumexp": lambda b, x=x, t=t: fl.logsumexp(x, temperature=t, backend=b, **sc, **th),
+                "entropy": lambda b, x=x, t=t: fl.entropy(x, temperature=t, backend=b, **sc, **th),
+                "softmax": lambda b, x=x, t=t: fl.softmax(x, temperature=t, backend=b, **sc, **th),
+                "log_softmax": lambda b, x=x, t=t: fl.log_softmax(x, temperature=t, backend=b, **sc, **th),
+                "cross_entropy": lambda b, x=x, y=y, t=t, w=w: fl.cross_entropy(
+                    x, y, reduction="none", weight=w, temperature=t, backend=b, **CE_OPTIONS, **th),
                 # the random rows (the edge rows would make it NaN) as device arrays
-                "cross_entropy_mean_device": lambda b, x=x, y=y, w=w: _ce_mean(b, x[:rows], y[:rows], w,
-                                                                               threads),
+                "cross_entropy_mean_device": lambda b, x=x, y=y, w=w, t=t: _ce_mean(b, x[:rows], y[:rows], w,
+                                                                                    t[:rows], threads),
                 "argmax": lambda b, x=x: fl.argmax(x, backend=b, **th),
-                "top_k_indices": lambda b, x=x: fl.top_k(x, 5, backend=b, **th)[1],
-                "top_k_logprobs": lambda b, x=x: fl.top_k_logprobs(x, 5, backend=b, **th)[0],
-                "beam_search_step": lambda b, x=xb, bs=bs: fl.beam_search_step(x, bs, BEAMS, backend=b, **th),
+                "top_k": lambda b, x=x, t=t: fl.top_k(x, 5, temperature=t, backend=b, **sc, **th),
+                "top_k_logprobs": lambda b, x=x, t=t: fl.top_k_logprobs(x, 5, temperature=t, backend=b, **sc,
+                                                                        **th),
+                "beam_search_step": lambda b, x=xb, bs=bs: fl.beam_search_step(x, bs, BEAMS, temperature=tb,
+                                                                               backend=b, **sc, **th),
+                "stats": lambda b, x=x, y=y, t=t: _stats(b, x, y, t, threads),
             }
-            for op, call in calls.items():
+            for op in ops:
+                if op not in calls:
+                    continue
+                call = calls[op]
                 want = call("cpu")
-                with warnings.catch_warnings():     # the simulator's NumPy scalars warn where GPUs don't
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    got = call("gpu")
-                out_dtype = dtype if op in ("softmax", "log_softmax") else None
-                xs = x[:rows] if op == "cross_entropy_mean_device" else x     # (its tolerance's scale)
-                if op == "beam_search_step":    # the scores (scale: the item's rows); parents and tokens
-                    parts = [("beam_search_step_scores", got[0], want[0]),
-                             ("beam_search_step_choices", np.stack(got[1:]), np.stack(want[1:]))]
-                    xs = xb.reshape(xb.shape[0] // BEAMS, -1)
-                else:
-                    parts = [(op, got, want)]
-                for name, g, w in parts:
-                    diff, ok = _compare(name, g, w, xs, dtype, out_dtype, t if op == "logsumexp" else 1.0)
+                try:
+                    got = _gpu(call)
+                except Exception as e:          # an error on the GPU only: every result of the op fails
+                    out += [{"op": name, "dtype": dtype, "V": V, "max_diff": float("inf"), "ok": False,
+                             "error": f"{type(e).__name__}: {e}"} for name in OPS[op]]
+                    continue
+                xs, temp, cap = x, t, SOFTCAP           # (the tolerance's scale)
+                if op == "cross_entropy_mean_device":
+                    xs, temp = x[:rows], t[:rows]
+                elif op == "argmax":
+                    temp, cap = 1.0, None
+                elif op == "beam_search_step":          # the scale: the item's rows
+                    xs, temp = xb.reshape(xb.shape[0] // BEAMS, -1), tb
+                if op == "beam_search_step":            # the scores; parents and tokens exactly
+                    got, want = (got[0], np.stack([_host(a) for a in got[1:]])), (want[0], np.stack(want[1:]))
+                got = got if isinstance(got, tuple) else (got,)
+                want = want if isinstance(want, tuple) else (want,)
+                out_dtype = dtype if op in ("softmax", "log_softmax", "top_k") else None
+                for name, g, wnt in zip(OPS[op], got, want):
+                    od = None if name in EXACT else out_dtype
+                    diff, ok = _compare(name, g, wnt, xs, dtype, od, temp, cap)
                     out.append({"op": name, "dtype": dtype, "V": V, "max_diff": diff, "ok": ok})
-    # sampling: the same tokens (the share of (row, seed) pairs, each drawing 4 samples)
+    # sampling: the same tokens (the share of (row, seed) pairs, each drawing 4 samples), and where they
+    # are the same, the same log-probabilities and ranks
     srows, sV = sample_shape or ((16, 129) if sim else (4096, 32000))
-    for dtype in [d for d in ("float32", "bfloat16") if d in dtypes]:
+    for dtype in [d for d in ("float32", "bfloat16") if d in dtypes and "sample" in ops]:
         x, kw = sample_inputs(rng, srows, sV, dtype)
         kw["threads"] = threads
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            pairs, same, draws, same_draws = sample_agreement(x, kw)
-        out.append({"op": "sample", "dtype": dtype, "V": sV, "max_diff": float(pairs - same), "pairs": pairs,
-                    "same_pairs": same, "draws": draws, "same_draws": same_draws,
-                    "ok": same >= MIN_SAME_TOKEN_RATE * pairs})
+        kw.update(num_samples=4, return_logprobs=True)
+        want = fl.sample(x, backend="cpu", **kw)
+        try:
+            got = _gpu(lambda b, x=x, kw=kw: fl.sample(x, backend=b, **kw))
+        except Exception as e:
+            out += [{"op": name, "dtype": dtype, "V": sV, "max_diff": float("inf"), "ok": False,
+                     "error": f"{type(e).__name__}: {e}"} for name in OPS["sample"]]
+            continue
+        tokens = _host(got[0])
+        same = tokens == want[0] if tokens.shape == want[0].shape else np.zeros(want[0].shape, bool)
+        pairs, same_pairs = same.shape[0], int(np.all(same, axis=1).sum())
+        out.append({"op": "sample", "dtype": dtype, "V": sV, "max_diff": float(pairs - same_pairs),
+                    "pairs": pairs, "same_pairs": same_pairs, "draws": same.size,
+                    "same_draws": int(same.sum()),
+                    "ok": tokens.dtype == want[0].dtype and same_pairs >= MIN_SAME_TOKEN_RATE * pairs})
+        keep = np.all(same, axis=1)             # the pairs whose tokens agree
+        for name, g, wnt in zip(("sample_logprobs", "sample_ranks"), got[1:], want[1:]):
+            g = _host(g)
+            g = g[keep] if g.shape == wnt.shape else g
+            diff, ok = _compare(name, g, wnt[keep], x[keep], dtype, None, kw["temperature"][keep], None)
+            out.append({"op": name, "dtype": dtype, "V": sV, "max_diff": diff, "ok": ok})
     return out
 
 
@@ -190,7 +288,12 @@ def main(args):
         hint = (" (set NUMBA_ENABLE_CUDASIM=1 to run the check under numba-cuda's CUDA simulator)"
                 if importlib.util.find_spec("numba_cuda") is not None else "")
         raise RuntimeError(f"no GPU backend to check against the CPU: {reason}{hint}")
-    results = run(threads=getattr(args, "threads", None))
+    kw = {"threads": getattr(args, "threads", None)}
+    if getattr(args, "ops", None):
+        kw["ops"] = args.ops
+    if getattr(args, "dtypes", None):
+        kw["dtypes"] = tuple(args.dtypes)
+    results = run(**kw)
     failed = [r for r in results if not r["ok"]]
     if args.json:
         print(_json.dumps({"results": results, "failed": len(failed)}, indent=1))
@@ -203,6 +306,8 @@ def main(args):
                 if key in r:
                     a[key] = r[key]
             a["ok"] &= r["ok"]
+            if "error" in r:
+                a["error"] = r["error"]
             a["sizes"].append(r["V"])
         print("| op | dtype | V | largest difference (GPU vs CPU) | result |")
         print("| --- | --- | --- | --- | --- |")
@@ -211,6 +316,8 @@ def main(args):
             if op == "sample":
                 unit = (f" of {a['pairs']} (row, seed) pairs differ ({a['same_draws']}/{a['draws']} draws "
                         "same)")
+            if "error" in a:
+                unit = f" (the GPU raised {a['error']})".replace("|", "/")
             print(f"| {op} | {dtype} | {','.join(map(str, a['sizes']))} | {a['max_diff']:.3g}{unit} | "
                   f"{'pass' if a['ok'] else 'FAIL'} |")
         print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")

@@ -387,6 +387,7 @@ def _positive(text):
 
 def build_parser():
     from fastlogits.bench import DTYPES, OPS
+    from fastlogits.check import OPS as CHECK_OPS
 
     p = _Parser(prog="fastlogits", description="Fast operations on neural-network logits.")
     p.add_argument("--version", action="version", version=f"fastlogits {fl.__version__}")
@@ -456,6 +457,9 @@ def build_parser():
     c = sub.add_parser("check", help="the GPU backend against the CPU: largest differences, pass/fail")
     _add_common(c, memory="not used by check (its arrays are small)",
                 backend="not used by check (it runs both backends)")
+    c.add_argument("--ops", nargs="+", default=None, choices=list(CHECK_OPS),
+                   help="operations to check (default: all)")
+    c.add_argument("--dtypes", nargs="+", default=None, choices=DTYPES, help="logit dtypes (default: all)")
     c.set_defaults(func=cmd_check)
 
     b = sub.add_parser("bench", help="fastlogits against NumPy/SciPy and PyTorch, with the read ceiling")

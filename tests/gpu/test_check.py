@@ -9,9 +9,7 @@ import pytest
 import fastlogits as fl
 from fastlogits import check
 
-OPS = {"logsumexp", "entropy", "softmax", "log_softmax", "cross_entropy", "cross_entropy_mean_device",
-       "argmax", "top_k_indices", "top_k_logprobs", "sample", "beam_search_step_scores",
-       "beam_search_step_choices"}
+OPS = {name for names in check.OPS.values() for name in names}
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -99,3 +97,132 @@ def test_the_log_domain_tolerance_scales_with_x_over_t():
     err = 2e-5 * (1 + 150)                     # inside 2e-5 (1 + 200), outside 2e-5 (1 + 100)
     assert check._compare("logsumexp", want + err, want, x, "float32", temperature=np.array([0.5]))[1]
     assert not check._compare("logsumexp", want + err, want, x, "float32")[1]
+
+
+def _small(**kw):
+    return functools.partial(check.run, V_list=[37], rows=1, sample_shape=(4, 37), dtypes=("float32",), **kw)
+
+
+def _failing(monkeypatch, capsys, *ops):
+    """`fastlogits check` of these ops (float32, tiny shapes): (exit status, the results' names that FAIL)."""
+    monkeypatch.setattr(check, "run", _small(ops=ops))
+    rc = check.main(argparse.Namespace(json=False, threads=1))
+    table = capsys.readouterr().out
+    return rc, {line.split("|")[1].strip() for line in table.splitlines() if line.endswith("FAIL |")}
+
+
+def _on_gpu(monkeypatch, op, change):
+    """fl.<op> whose GPU result goes through change(result, kwargs); the CPU's is left alone."""
+    real = getattr(fl, op)
+
+    def patched(*args, backend=None, **kw):
+        r = real(*args, backend=backend, **kw)
+        return r if backend == "cpu" else change(r, kw)
+
+    monkeypatch.setattr(fl, op, patched)
+
+
+def _host(a):
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+
+
+def _off(a):
+    """A GPU result 1e-3 relative off, in its own dtype."""
+    a = _host(a)
+    return (a * (1 + 1e-3)).astype(a.dtype)
+
+
+def _nth(i, change):
+    return lambda r, kw: tuple(change(a) if j == i else a for j, a in enumerate(r))
+
+
+# (op, the GPU result changed, the results expected to fail): values 1e-3 relative off, in every value
+# output of every op; a float64 softmax of float32 logits; the log-probabilities and ranks of sample
+WRONG = {
+    "logsumexp": ("logsumexp", lambda r, kw: _off(r), {"logsumexp"}),
+    "entropy": ("entropy", lambda r, kw: _off(r), {"entropy"}),
+    "softmax": ("softmax", lambda r, kw: _off(r), {"softmax"}),
+    "softmax_float64": ("softmax", lambda r, kw: _host(r).astype(np.float64), {"softmax"}),
+    "log_softmax": ("log_softmax", lambda r, kw: _off(r), {"log_softmax"}),
+    "cross_entropy": ("cross_entropy", lambda r, kw: _off(r), {"cross_entropy", "cross_entropy_mean_device"}),
+    "top_k_values": ("top_k", _nth(0, _off), {"top_k_values"}),
+    "top_k_logprobs": ("top_k_logprobs", _nth(0, _off), {"top_k_logprobs"}),
+    "beam_scores": ("beam_search_step", _nth(0, _off), {"beam_search_step_scores"}),
+    "sample_logprobs": ("sample", lambda r, kw: _nth(1, _off)(r, kw) if kw.get("return_logprobs") else r,
+                        {"sample_logprobs"}),
+    "sample_ranks": ("sample", lambda r, kw: _nth(2, lambda a: _host(a) + 1)(r, kw)
+                     if kw.get("return_logprobs") else r, {"sample_ranks"}),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG))
+def test_check_fails_a_wrong_value_or_dtype_of_any_output(gpu, monkeypatch, capsys, case):
+    """Every value output of every op is compared, and its dtype: top_k's values, sample's log-probabilities
+    and ranks, and a softmax of the wrong dtype passed before (only indices, tokens and float64 values
+    were compared; found by an audit)."""
+    op, change, expected = WRONG[case]
+    _on_gpu(monkeypatch, op, change)
+    rc, failing = _failing(monkeypatch, capsys, *({op} | expected if op == "cross_entropy" else {op}))
+    assert rc == 1
+    assert failing == expected
+
+
+@pytest.mark.parametrize("option", ["temperature", "softcap"])
+@pytest.mark.parametrize("op", ["softmax", "logsumexp", "top_k_logprobs"])
+def test_check_fails_a_gpu_that_ignores_an_option(gpu, monkeypatch, capsys, op, option):
+    """No map or reduction was run with a temperature or a softcap (softmax had a softcap only): a GPU
+    that ignored them passed."""
+    real = getattr(fl, op)
+
+    def ignoring(*args, backend=None, **kw):
+        if backend != "cpu":
+            kw.pop(option, None)
+        return real(*args, backend=backend, **kw)
+
+    monkeypatch.setattr(fl, op, ignoring)
+    rc, failing = _failing(monkeypatch, capsys, op)
+    assert rc == 1 and failing == {op}
+
+
+@pytest.mark.parametrize("option", ["weight", "ignore_index", "label_smoothing", "z_loss", "temperature",
+                                    "softcap"])
+def test_check_fails_a_gpu_cross_entropy_that_ignores_an_option(gpu, monkeypatch, capsys, option):
+    real = fl.cross_entropy
+
+    def ignoring(*args, backend=None, **kw):
+        if backend != "cpu":
+            kw.pop(option, None)
+        return real(*args, backend=backend, **kw)
+
+    monkeypatch.setattr(fl, "cross_entropy", ignoring)
+    rc, failing = _failing(monkeypatch, capsys, "cross_entropy", "cross_entropy_mean_device")
+    assert rc == 1
+    assert "cross_entropy" in failing
+
+
+@pytest.mark.parametrize("part", [0, 1, 2])
+def test_check_runs_the_gpu_fused_stats_pass(gpu, monkeypatch, capsys, part):
+    """fastlogits.gpu.backend.stats (`fastlogits stats`, `demo --backend gpu`) was never checked: an NLL
+    1 nat off passed. Its NLL and entropy 1e-3 relative off, or its argmax off by one, fail."""
+    real = gpu.stats
+
+    def wrong(*args, **kw):
+        out = list(real(*args, **kw))
+        a = _host(out[part])
+        out[part] = a + 1 if part == 2 else a * (1 + 1e-3)
+        return tuple(out)
+
+    monkeypatch.setattr(gpu, "stats", wrong)
+    rc, failing = _failing(monkeypatch, capsys, "stats")
+    assert rc == 1 and failing == {("stats_nll", "stats_entropy", "stats_argmax")[part]}
+
+
+def test_check_of_some_ops_passes_unperturbed(gpu, monkeypatch, capsys):
+    """The same small runs, unperturbed, pass (the ops the tests above perturb, one dtype)."""
+    monkeypatch.setattr(check, "run", _small(ops=("stats", "sample", "top_k", "softmax")))
+    assert check.main(argparse.Namespace(json=True, threads=1)) == 0
+    out = capsys.readouterr().out
+    assert '"failed": 0' in out
+    for name in ("stats_nll", "stats_entropy", "stats_argmax", "sample_logprobs", "sample_ranks",
+                 "top_k_values", "top_k_indices", "softmax"):
+        assert f'"op": "{name}"' in out
