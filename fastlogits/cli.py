@@ -297,7 +297,8 @@ def cmd_demo(args):
         del out
         np.save(lab_path, labels)
         made = time.perf_counter() - t0
-        src = fl.open(path, dtype="bfloat16", memory=args.memory or DEMO_MEMORY)
+        memory = DEMO_MEMORY if args.memory is None else args.memory     # ('' is checked, not the default)
+        src = fl.open(path, dtype="bfloat16", memory=memory)
         bar = _Bar(rows, "demo")
         try:
             st = run.stats(src, labels, backend=args.backend, threads=args.threads, progress=bar)
@@ -308,12 +309,11 @@ def cmd_demo(args):
         size = os.path.getsize(path)
     mean_nll = float(np.mean(st["nll"]))
     summary = {"rows": rows, "vocab": vocab, "dtype": "bfloat16", "bytes": size,
-               "memory_budget": run.parse_memory(args.memory or DEMO_MEMORY), "mean_nll": mean_nll,
+               "memory_budget": run.parse_memory(memory), "mean_nll": mean_nll,
                "perplexity": float(np.exp(mean_nll)), "accuracy": float(np.mean(st["correct"])),
                "mean_entropy": float(np.mean(st["entropy"])), "seconds": secs, "GB/s": size / secs / 1e9,
                "config": fl.show_config(as_dict=True)}
-    if args.threads:
-        summary["config"]["threads"] = args.threads      # what this run used, not the default
+    summary["config"]["threads"] = _demo_threads(args, src)     # what this run used, not the default
     lines = [
         f"fastlogits demo: wrote {rows} rows x {vocab} vocabulary of bfloat16 logits with labels "
         f"({size / 1e6:.0f} MB, {made:.1f} s), then streamed it with a "
@@ -328,6 +328,23 @@ def cmd_demo(args):
     ]
     _emit(args, summary, lines)
     return 0
+
+
+def _demo_threads(args, src):
+    """The CPU threads demo's pass ran on, resolved as the library resolves them: --threads, else the
+    default capped by the work of a row block (fastlogits.ops._prep.prepare), the first block being the
+    largest; for rows wider than the budget (folded by the accumulators), "up to" the default."""
+    from fastlogits import _config
+    from fastlogits.stream import run
+
+    if args.threads is not None:
+        return _config.resolve_threads(args.threads)
+    p = run.plan(src)
+    if not p.rows:
+        return f"up to {_config.default_threads()}"
+    V = src.V
+    return _config.resolve_threads(None, min(p.rows, src.rows) * V,
+                                   _config.GRAIN_CHUNKS * min(_config.DEFAULT_CHUNK, max(1, V)))
 
 
 def cmd_sample(args):
@@ -375,6 +392,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _non_negative(text):
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {n}")
+    return n
+
+
 def _positive(text):
     try:
         n = int(text)
@@ -397,7 +424,8 @@ def build_parser():
     _add_common(d, default_memory=DEMO_MEMORY)
     d.add_argument("--rows", type=_positive, default=2048, help="rows of the dump (default: %(default)s)")
     d.add_argument("--vocab", type=_positive, default=32000, help="its vocabulary (default: %(default)s)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the synthetic logits (default: %(default)s)")
+    d.add_argument("--seed", type=_non_negative, default=0,
+                   help="seed of the synthetic logits (default: %(default)s)")
     d.set_defaults(func=cmd_demo)
 
     i = sub.add_parser("info", help="format, dtype, shape and size of a logit dump")
@@ -467,7 +495,9 @@ def build_parser():
                 backend="cpu: the CPU table only; gpu: the GPU figures only (default: the CPU table, and "
                 "the GPU figures where a GPU is present)",
                 threads="CPU threads to measure (default: 1 and all cores)")
-    b.add_argument("--rows", type=_positive, default=512, help="rows of the logits (default: %(default)s)")
+    b.add_argument("--rows", type=_positive, default=512,
+                   help="rows of the logits (default: %(default)s; the GPU's logsumexp and cross-entropy "
+                   "figures use at least 8192)")
     b.add_argument("--vocab", type=_positive, default=128256, help="their vocabulary (default: %(default)s)")
     b.add_argument("--ops", nargs="+", default=["logsumexp", "cross_entropy", "softmax", "entropy"],
                    choices=OPS, help="operations to time (default: %(default)s)")
@@ -511,6 +541,9 @@ def main(argv=None):
         parser.error("--json prints the summary on standard output, where - sends the results: give an "
                      "output file, or leave out --json (the summary then goes to standard error)")
     try:
+        if getattr(args, "memory", None) is not None:     # every command, whether it uses it or not
+            from fastlogits.stream.run import parse_memory
+            parse_memory(args.memory, "--memory")
         with _sigterm_unwinds():
             return args.func(args)        # (each command passes --backend, --memory on: no global state)
     except KeyboardInterrupt:

@@ -52,3 +52,83 @@ def test_bench_reference_is_the_float64_reference(rng):
     np.testing.assert_allclose(bench.reference("softmax", x, y), ref.softmax(x), rtol=1e-6)
     v, i = bench.reference("top_k", x, y, k=4)
     np.testing.assert_array_equal(i, np.argsort(-x, axis=1, kind="stable")[:, :4])
+
+
+def _one_line_error(capsys):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("command", [["bench", "--rows", "2", "--vocab", "8", "--repeat", "1", "--no-peers",
+                                      "--backend", "cpu", "--ops", "logsumexp", "--dtypes", "float32"],
+                                     ["check"], ["demo", "--rows", "4", "--vocab", "50"]])
+@pytest.mark.parametrize("memory", ["garbage", "", "12"])
+def test_every_command_checks_memory(capsys, command, memory):
+    """bench and check ignored --memory (garbage ran, exit 0) and demo took '' for its default; all parse
+    it as info does: one line naming --memory, exit 1."""
+    assert main(command + ["--memory", memory]) == 1
+    err = _one_line_error(capsys)
+    assert "--memory must be" in err and f"fastlogits {command[0]}: error:" in err
+
+
+def test_demo_seed_must_be_non_negative_and_says_so(capsys):
+    """`demo --seed -1` said "expected non-negative integer" (NumPy's words), not naming --seed."""
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--rows", "4", "--vocab", "50", "--seed", "-1"])
+    assert e.value.code == 2
+    assert "argument --seed: expected a non-negative integer, got -1" in _one_line_error(capsys)
+
+
+def test_bench_checks_thread_counts_before_any_work(monkeypatch, capsys):
+    """`bench --threads 4097` read the array with 4097 OpenMP threads before the check fired."""
+    from fastlogits.cpu import _info
+
+    def no_work(*a, **k):
+        raise AssertionError("the read ceiling ran before the thread count was checked")
+
+    monkeypatch.setattr(_info, "read_sum", no_work)
+    assert main(["bench", "--rows", "2", "--vocab", "8", "--repeat", "1", "--threads", "4097", "--no-peers",
+                 "--backend", "cpu"]) == 1
+    assert "threads must be an integer from 1 to 4096" in _one_line_error(capsys)
+
+
+def test_demo_reports_the_threads_its_pass_ran_on(monkeypatch, capsys):
+    """`demo --rows 4 --vocab 50` reported the default thread count (2 here), but the pass ran on 1 (the
+    default is capped by the work); the count reported is the one the kernels got."""
+    from fastlogits import _config
+
+    seen = []
+    real = _config.resolve_threads
+
+    def spy(threads, *args):
+        seen.append(real(threads, *args))
+        return seen[-1]
+
+    monkeypatch.setattr(_config, "default_threads", lambda: 3)
+    for argv in (["--rows", "4", "--vocab", "50"], ["--rows", "300", "--vocab", "5000"]):
+        monkeypatch.setattr(_config, "resolve_threads", real)
+        assert main(["demo", *argv, "--json"]) == 0
+        reported = json.loads(capsys.readouterr().out)["config"]["threads"]
+        seen.clear()
+        monkeypatch.setattr(_config, "resolve_threads", spy)
+        assert main(["demo", *argv]) == 0
+        ran = seen[0]               # the first row block's (the largest)
+        assert reported == ran and f"threads={ran}]" in capsys.readouterr().out
+    assert ran == 3
+
+
+def test_the_gpu_table_says_when_it_used_more_rows_than_asked():
+    """`bench --backend gpu` silently timed max(--rows, 8192) rows."""
+    d = {"logsumexp_GBps": 1.0, "logsumexp_s": 1.0}
+    gpu = {"device": "X", "shape": [8192, 40], "copy_GBps": 2.0, "rows_asked": 8, "float32": d}
+    assert "8192 rows, not the 8 of --rows" in bench.gpu_table(gpu)
+    assert "of --rows" not in bench.gpu_table(dict(gpu, rows_asked=8192))
+
+
+def test_torch_entropy_peer_is_the_plain_formula(monkeypatch, rng):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.distributions, "Categorical", None)     # not the validating, multi-pass one
+    x = (rng.standard_normal((3, 50)) * 3).astype(np.float32)
+    got = bench._torch_call(torch, "entropy", torch.from_numpy(x), None)().numpy()
+    np.testing.assert_allclose(got, bench.reference("entropy", x, None), rtol=1e-5)
