@@ -4,13 +4,15 @@
 # the real device (the PTX check aside: CI runs it; tracebacks in gpu_tests.txt and gpu_tests.xml beside the
 # figures; stopped by SIGINT at their limit, so the failures so far are still reported), the GPU benchmarks
 # against PyTorch, the launch-settings sweep (gpu_sweep.py) and `fastlogits check`, and writes every figure
-# to one file. Its sections' time limits add up to 460 s (install 60; tests 180; benchmarks 60, sweep 60,
-# sampling 40; check 60), each section's seconds logged.
+# to one file. Its sections' time limits add up to 535 s at most (install 60, and 60 more for the in-place
+# build if pip fails; tests 180, and 15 more for the kill after SIGINT; benchmarks 60, sweep 60, sampling 40;
+# check 60), each section's seconds logged.
 #
 #   bash benchmarks/gpu_check.sh [OUT]          (default OUT: gpu_check.txt, or $OUT/gpu_check.txt)
 set -uo pipefail
-cd "$(dirname "$0")/.."
 out="${1:-${OUT:-.}/gpu_check.txt}"
+case "$out" in /*) ;; *) out="$PWD/$out" ;; esac     # a relative OUT: the caller's directory, before the cd
+cd "$(dirname "$0")/.."
 [ -d "$out" ] && out="$out/gpu_check.txt"
 export NUMBA_ENABLE_CUDASIM=0
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"     # this tree's fastlogits, for scripts run by path
