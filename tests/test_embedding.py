@@ -126,6 +126,10 @@ BUILDS = {
     # ThreadSanitizer instruments the load-time resolvers of the dispatch, which then crashed before the
     # TSan runtime started: the header builds a single version under it
     "tsan": ["-std=c11", "-fsanitize=thread"],
+    # GCC disables -fassociative-math here (it needs no-trapping-math) and says so; the kernels' own
+    # optimize("no-trapping-math") brought it back inside them, unannounced: results off by 0.08
+    "assoc": ["-std=c99", "-fassociative-math"],
+    "assoc-dispatch-off": ["-std=c99", "-fassociative-math", "-DFL_NO_MULTIVERSION"],
 }
 
 
@@ -134,7 +138,8 @@ BUILDS = {
 def test_header_compiles_warning_free_and_computes(tmp_path, rng, build):
     src = tmp_path / "prog.c"
     src.write_text(C_PROGRAM)
-    flags = ["-O2", *BUILDS[build], "-Wall", "-Wextra", "-Werror"]
+    assoc = build.startswith("assoc")
+    flags = ["-O2", *BUILDS[build], "-Wall", "-Wextra", *([] if assoc else ["-Werror"])]
     if build == "x87" and os.uname().machine not in ("x86_64", "i686"):
         pytest.skip("x87 arithmetic is x86's")
     if build == "tsan":
@@ -143,6 +148,9 @@ def test_header_compiles_warning_free_and_computes(tmp_path, rng, build):
         if probe.returncode != 0:
             pytest.skip(f"no ThreadSanitizer runtime here: {probe.stderr.strip()[:200]}")
     warnings = _compile(CC, src, tmp_path / "prog", flags)
+    if assoc:       # GCC's own notice only (another compiler may say nothing), not the header's
+        warnings = "\n".join(w for w in warnings.splitlines()
+                             if not ("-fassociative-math" in w and "disabled" in w))
     assert warnings == ""
     rows, V = 6, 4099
     x = _awkward_rows(rng, rows, V)

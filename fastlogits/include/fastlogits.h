@@ -95,14 +95,16 @@ extern "C" {
  * no-trapping-math: without it their float selects stayed scalar, 2-8x slower).
  * no-trapping-math lets GCC turn `c ? a : b` on floats into vector blends: it only stops the compiler from
  * preserving floating-point exception *flags*; values, NaN and inf included, are unchanged (Clang assumes
- * this by default). Nothing here reads the exception flags. */
+ * this by default). Nothing here reads the exception flags. no-associative-math: a -fassociative-math that
+ * GCC disabled for the includer's file (it needs no-trapping-math) would otherwise come back inside these
+ * functions, with no macro to warn, and break exp's rounding trick (results off by 0.08). */
 #if !defined(FL_NO_MULTIVERSION) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) \
     && defined(__linux__) && defined(__GLIBC__) && (__GNUC__ >= 12) && !defined(__SANITIZE_THREAD__)
 #define FL_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), \
-                                       optimize("no-trapping-math")))
+                                       optimize("no-trapping-math", "no-associative-math")))
 #define FL_HAVE_MULTIVERSION 1
 #elif defined(__GNUC__) && !defined(__clang__)
-#define FL_MULTIVERSION __attribute__((optimize("no-trapping-math")))
+#define FL_MULTIVERSION __attribute__((optimize("no-trapping-math", "no-associative-math")))
 #define FL_HAVE_MULTIVERSION 0
 #else
 #define FL_MULTIVERSION
