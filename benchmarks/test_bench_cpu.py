@@ -152,3 +152,27 @@ def test_logsumexp_small_fastlogits(benchmark, small):
 def test_logsumexp_small_torch(benchmark, small):
     torch = pytest.importorskip("torch")
     _check(benchmark(torch.logsumexp, torch.from_numpy(small[0]), -1).numpy(), ref.logsumexp(small[0]))
+
+
+@pytest.mark.parametrize("threads", [1, None], ids=["1thread", "allthreads"])
+def test_top_k_fastlogits(benchmark, data, threads):
+    x, _ = data
+    vals, idx = benchmark(fl.top_k, x, 50, threads=threads)
+    np.testing.assert_array_equal(idx, ref.top_k_order(x, 50))
+
+
+def test_top_k_torch(benchmark, data, torch_threads):
+    x, _ = data
+    got = benchmark(torch_threads.topk, torch_threads.from_numpy(x), 50)
+    np.testing.assert_array_equal(got.indices.numpy(), ref.top_k_order(x, 50))
+
+
+@pytest.mark.parametrize("threads", [1, None], ids=["1thread", "allthreads"])
+def test_argmax_fastlogits(benchmark, data, threads):
+    x, _ = data
+    np.testing.assert_array_equal(benchmark(fl.argmax, x, threads=threads), np.argmax(x, axis=-1))
+
+
+def test_argmax_numpy(benchmark, data):
+    x, _ = data
+    np.testing.assert_array_equal(benchmark(np.argmax, x, axis=-1), ref.argmax(x))

@@ -170,3 +170,23 @@ def test_top_k_more_than_finite_values():
     lp, idx = fl.top_k_logprobs(x, 5)
     np.testing.assert_array_equal(np.asarray(idx), [[3, 40, 0, 1, 2], [49, 0, 1, 2, 3]])
     assert (np.asarray(lp)[:, 2:] == -inf).all() and float(np.asarray(lp)[1, 0]) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_top_k_block_skip_finds_every_candidate(dtype, rng):
+    """Once the heap is full, blocks of 32 floats (16 doubles) without a value above its root or a NaN are
+    skipped in vector code: a candidate in the last, partial block, a NaN after the heap filled, a value
+    tied with the root (which must not enter: the lower index wins), an ascending row (every value enters)
+    and random rows, at lengths around the block sizes, against the reference order."""
+    for n in (17, 31, 32, 33, 64, 95, 1000, 4099):
+        x = rng.standard_normal((6, n)).astype(dtype)
+        x[1, -1] = 50.0                                  # the best value last, in the partial block
+        x[2, n - 1 - n // 3] = nan                       # a NaN after the heap filled
+        x[2, -1] = 40.0
+        x[3] = np.arange(n, dtype=dtype)                 # ascending: every value a candidate
+        x[4] = np.round(x[4])                            # ties with the root, later indices
+        x[5, : n // 2] = -inf                            # the heap fills with -inf first
+        for k in sorted({1, 5, min(17, n)}):
+            for chunk_size in (None, 7, 40):
+                check("top_k", x, k=k, chunk_size=chunk_size, threads=1)
+                check("top_k_logprobs", x, k=k, chunk_size=chunk_size, threads=1)

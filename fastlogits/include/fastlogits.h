@@ -586,6 +586,7 @@ typedef struct fl_row {
 #define FL_T float
 #define FL_SUF f32
 #define FL_LANES 16
+#define FL_IT int32_t        /* an integer of FL_T's width */
 #define FL_EXP fl__expf
 #define FL_EXP_NEG fl__expf_neg
 #define FL_TANH fl__tanhf
@@ -595,6 +596,7 @@ typedef struct fl_row {
 #undef FL_T
 #undef FL_SUF
 #undef FL_LANES
+#undef FL_IT
 #undef FL_EXP
 #undef FL_EXP_NEG
 #undef FL_TANH
@@ -602,6 +604,7 @@ typedef struct fl_row {
 #define FL_T double
 #define FL_SUF f64
 #define FL_LANES 8
+#define FL_IT int64_t
 #define FL_EXP fl__exp
 #define FL_EXP_NEG fl__exp_neg
 #define FL_TANH fl__tanh
@@ -611,6 +614,7 @@ typedef struct fl_row {
 #undef FL_T
 #undef FL_SUF
 #undef FL_LANES
+#undef FL_IT
 #undef FL_EXP
 #undef FL_EXP_NEG
 #undef FL_TANH

@@ -14,6 +14,7 @@
 #define FL_CAT2(a, b) FL_CAT2_(a, b)
 #define FL_FN(name) FL_CAT2(name, FL_SUF)
 #define FL_EXP_FLOOR (sizeof(FL_T) == 4 ? (FL_T)-87.3 : (FL_T)-708.0)
+#define FL_SCAN (2 * FL_LANES)      /* fl__scan_above's block: 32 floats, 16 doubles */
 
 /* Largest value of x[0:n), NaN ignored (-inf when n == 0); *has_nan tells whether a NaN was seen. */
 FL_MULTIVERSION static FL_UNUSED FL_T FL_FN(fl__max)(const FL_T *x, int64_t n, int *has_nan) {
@@ -161,6 +162,24 @@ FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sum)(const FL_T *x, int64_t n)
     for (; i < n; i++) acc[0] += (double)x[i];
     for (j = 1; j < FL_LANES; j++) acc[0] += acc[j];
     return acc[0];
+}
+
+/* The start of the first block of FL_SCAN values of x[0:n) that holds one above t or a NaN (a candidate
+ * for a top-k heap whose root is t), or the start of the last, partial block (n - result < FL_SCAN): the
+ * caller scans that block one value at a time. Once the heap is full, candidates are rare. */
+FL_MULTIVERSION static FL_UNUSED int64_t FL_FN(fl__scan_above)(const FL_T *x, int64_t n, FL_T t) {
+    int64_t i = 0;
+    int j, u;
+    for (; i + FL_SCAN <= n; i += FL_SCAN) {
+        FL_IT hit[FL_LANES], any = 0;     /* integer flags: their OR reduces as a tree, not in order */
+        for (j = 0; j < FL_LANES; j++) hit[j] = 0;
+        for (u = 0; u < FL_SCAN; u += FL_LANES)
+            FL_LANE_LOOP
+            for (j = 0; j < FL_LANES; j++) hit[j] |= !(x[i + u + j] <= t);
+        for (j = 0; j < FL_LANES; j++) any |= hit[j];
+        if (any != 0) return i;
+    }
+    return i;
 }
 
 /* sum w (ref - x) over x[0:n) (w = 1 when w is NULL), and *wsum = sum w: label smoothing's distances from
@@ -505,7 +524,6 @@ static inline void FL_FN(fl__sift_down)(FL_T *hv, int64_t *hi, int64_t k, int64_
 static inline void FL_FN(fl_row_topk)(const fl_row *r, int64_t k, int64_t chunk, FL_T *buf, FL_T *hv,
                                       int64_t *hi, FL_T *out_v, int64_t *out_i, fl_lse_state *st) {
     int64_t size = 0, i, c0;
-    int has_nan;
     if (st) fl_lse_init(st);
     for (c0 = 0; c0 < r->n; c0 += chunk) {
         int64_t len = r->n - c0 < chunk ? r->n - c0 : chunk;
@@ -526,18 +544,19 @@ static inline void FL_FN(fl_row_topk)(const fl_row *r, int64_t k, int64_t chunk,
                 p = q;
             }
         }
-        if (i == len) continue;
-        /* Later elements have higher indices, so they enter only if strictly better than the root. */
-        if (hv[0] != hv[0]) continue;                  /* a heap of NaNs admits nothing more */
-        if (i == 0) {
-            FL_T m = FL_FN(fl__max)(x, len, &has_nan);  /* vectorized skip of hopeless chunks */
-            if (!has_nan && !(m > hv[0])) continue;
-        }
-        for (; i < len; i++) {
-            FL_T v = x[i];
-            if (v > hv[0] || (v != v && hv[0] == hv[0])) {
-                hv[0] = v; hi[0] = c0 + i;
-                FL_FN(fl__sift_down)(hv, hi, k, 0);
+        /* Later elements have higher indices, so they enter only if strictly better than the root: above
+         * it, or a NaN while it is not one (a heap of NaNs admits nothing more). Blocks without such a
+         * value are skipped in vector code. */
+        while (i < len && hv[0] == hv[0]) {
+            int64_t end;
+            i += FL_FN(fl__scan_above)(x + i, len - i, hv[0]);
+            end = len - i < FL_SCAN ? len : i + FL_SCAN;
+            for (; i < end; i++) {
+                FL_T v = x[i];
+                if (v > hv[0] || (v != v && hv[0] == hv[0])) {
+                    hv[0] = v; hi[0] = c0 + i;
+                    FL_FN(fl__sift_down)(hv, hi, k, 0);
+                }
             }
         }
     }
@@ -554,3 +573,4 @@ static inline void FL_FN(fl_row_topk)(const fl_row *r, int64_t k, int64_t chunk,
 #undef FL_CAT2_
 #undef FL_FLUSH
 #undef FL_EXP_FLOOR
+#undef FL_SCAN
