@@ -485,9 +485,10 @@ def build_parser():
     c = sub.add_parser("check", help="the GPU backend against the CPU: largest differences, pass/fail")
     _add_common(c, memory="not used by check (its arrays are small)",
                 backend="not used by check (it runs both backends)")
-    c.add_argument("--ops", nargs="+", default=None, choices=list(CHECK_OPS),
-                   help="operations to check (default: all)")
-    c.add_argument("--dtypes", nargs="+", default=None, choices=DTYPES, help="logit dtypes (default: all)")
+    c.add_argument("--ops", nargs="+", default=None, choices=list(CHECK_OPS), metavar="OP",
+                   help=f"operations to check: {', '.join(CHECK_OPS)} (default: all)")
+    c.add_argument("--dtypes", nargs="+", default=None, choices=DTYPES, metavar="DTYPE",
+                   help=f"logit dtypes: {', '.join(DTYPES)} (default: all)")
     c.set_defaults(func=cmd_check)
 
     b = sub.add_parser("bench", help="fastlogits against NumPy/SciPy and PyTorch, with the read ceiling")
