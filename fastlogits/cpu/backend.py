@@ -16,7 +16,7 @@ except ImportError as e:  # pragma: no cover - only on a broken install
         "(from a source tree: 'pip install .')."
     ) from e
 
-from fastlogits.ops._prep import compute_dtype
+from fastlogits.ops._prep import compute_dtype, weight_sum
 
 CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
 
@@ -49,8 +49,7 @@ def cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, wei
     wtotal = float(x.shape[1])
     if weight is not None and smoothing:     # (without smoothing the kernel reads no weights)
         w = np.ascontiguousarray(weight, dtype=compute_dtype(dtype))
-        with np.errstate(invalid="ignore"):     # weights inf and -inf: NaN (as PyTorch), quietly
-            wtotal = float(np.sum(w, dtype=np.float64))
+        wtotal = weight_sum(w)
     _reduce.cross_entropy(x, CODES[dtype], temperature, softcap, labels, ignore_index, w, wtotal,
                           bool(smoothing), nll, smooth, lse_, chunk, threads)
     return nll, smooth, lse_

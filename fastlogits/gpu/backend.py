@@ -25,6 +25,7 @@ from numba import config as numba_config
 from numba import cuda
 
 from fastlogits.gpu import kernels as K
+from fastlogits.ops._prep import compute_dtype, weight_sum
 
 CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -44,11 +45,6 @@ MIN_SEGMENT = 32
 # bfloat16 at 2680 GB/s against 2379 GB/s with 4 blocks a row (32768 columns) and 1571 with 16; float32
 # 4228 against 4106 GB/s
 MAX_SEGMENT = 131072
-
-
-def compute_dtype(dtype):
-    """float64 arithmetic for float64 input, float32 for the rest."""
-    return np.dtype(np.float64) if dtype == "float64" else np.dtype(np.float32)
 
 
 # ---- device arrays ------------------------------------------------------------------------------------
@@ -558,8 +554,7 @@ def cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, wei
     mode = K.SUM if smoothing else K.LSE
     if weight is not None and smoothing:     # (without smoothing the weights are not read here)
         w_host = np.ascontiguousarray(weight, dtype=compute_dtype(dtype))
-        with np.errstate(invalid="ignore"):     # weights inf and -inf: NaN (as PyTorch), quietly
-            wtotal = float(np.sum(w_host, dtype=np.float64))
+        wtotal = weight_sum(w_host)
         mode = K.WSUM
     w = _weights(dtype, weight if mode == K.WSUM else None)
     on_device = device and is_device_array(labels)

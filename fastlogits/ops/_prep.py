@@ -33,6 +33,13 @@ def compute_dtype(name):
     return np.dtype(np.float64) if name == "float64" else np.dtype(np.float32)
 
 
+def weight_sum(w):
+    """The sum, in float64, of class weights as the kernels read them (w in the compute dtype): label
+    smoothing's total weight. Weights inf and -inf give NaN, quietly, as in PyTorch."""
+    with np.errstate(invalid="ignore"):
+        return float(np.sum(w, dtype=np.float64))
+
+
 @dataclass
 class Rows:
     x: object            # (rows, V) array: NumPy, or a GPU array

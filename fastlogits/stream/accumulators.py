@@ -15,7 +15,7 @@ import numpy as np
 from fastlogits._config import is_int
 from fastlogits.cpu import _reduce
 from fastlogits.cpu.backend import CODES, compute_dtype
-from fastlogits.ops._prep import as_array, is_gpu_array, prepare
+from fastlogits.ops._prep import as_array, is_gpu_array, prepare, weight_sum
 from fastlogits.ops.reductions import (
     as_labels,
     as_weight,
@@ -287,7 +287,7 @@ class CrossEntropy(_Base):
             wseen = float(c)
             if self.weight is not None:      # as the kernels weigh: in the compute dtype, summed in float64
                 w = self.weight[start:start + c].astype(compute_dtype(r.dtype))
-                wseen = float(np.sum(w, dtype=np.float64))
+                wseen = weight_sum(w)
             self._merge_states(m, s, dist, wseen)
             here = (self.labels >= start) & (self.labels < start + c) & (self.labels != self.ignore_index)
             cols = np.where(here, self.labels - start, -1).astype(np.int64)
