@@ -216,3 +216,74 @@ def test_log_softmax_of_float32_into_float64_does_not_overflow(layout, rng):
         assert got.dtype == np.float64 and np.isfinite(got[[0, 2]]).all() and got[1, 7] == -np.inf
         np.testing.assert_allclose(got, want, rtol=2e-7, atol=2e-6)
     assert want[0, 1] < -6e38 and want[2, 0] < -6e38       # (past float32: -3.4e38)
+
+
+def _rising_max_rows(dtype, n, chunk, rng):
+    """Rows whose max rises from chunk to chunk, so that softmax's first pass takes the terms of early chunks
+    from a lower max than the row's and its second pass rescales them: by a little, by more than exp's
+    range in the compute type (those chunks' factor exp(m_k - m) / s is not a normal number: computed
+    again from the logits), an all -inf first chunk (computed again: zeros), a row with -inf, a row with
+    +inf (NaN), one all -inf (NaN)."""
+    jump = 100.0 if dtype == np.float32 else 735.0            # past exp's normal range in the compute type
+    x = rng.standard_normal((6, n)) * 2
+    x[0, :chunk] = -np.inf
+    x[0, chunk:3 * chunk] = np.minimum(x[0, chunk:3 * chunk], 4.5)
+    x[0, chunk + 2] = 5.0                                    # the max of chunks 1 and 2
+    x[0, 3 * chunk:4 * chunk] += 60.0
+    x[0, 6 * chunk + 3] = 5.0 + jump                         # chunks 1 and 2: a factor below the normals
+    x[1, 2 * chunk:3 * chunk] += 30.0                        # rises of 30 and 40: rescaled terms
+    x[1, 5 * chunk:6 * chunk] += 70.0
+    x[2, ::5] = -np.inf
+    x[2, -1] = 50.0                                          # the max in the last chunk
+    x[3, 4] = np.inf
+    x[4] = -np.inf
+    x[5, chunk + 1] = jump / 2
+    return x.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("path", ["whole rows", "split rows", "16-bit out", "strided out", "float64 out",
+                                  "split rows, 16-bit out", "no scratch"])
+def test_softmax_rescales_terms_from_a_rising_max(dtype, path, rng, monkeypatch):
+    """softmax computes one exp per logit: its first pass stores exp(x - m_k), m_k the running max when the
+    chunk was folded, in out or in scratch memory, and its second pass scales them by exp(m_k - m) / s.
+    Every way through that (a thread per row or rows split into ranges; terms in out, in scratch or, past
+    TERMS_LIMIT, computed twice) against the float64 reference."""
+    import fastlogits.cpu._maps as maps
+
+    n, chunk = 403, 16
+    x = _rising_max_rows(dtype, n, chunk, rng)
+    kw = dict(chunk_size=chunk, threads=2)
+    if "16-bit" in path or path == "no scratch":
+        kw["dtype"] = BF16 if dtype == np.float32 else np.float16
+    if path == "strided out":
+        kw["out"] = np.zeros((x.shape[0], 2 * n), dtype)[:, ::2]
+    if path == "float64 out":
+        kw["dtype"] = np.float64 if dtype == np.float32 else np.float32
+    if path == "no scratch":
+        monkeypatch.setattr(maps, "TERMS_LIMIT", 0)
+    # a row a call, with two threads: each row split into two ranges
+    for r in ([row for row in x] if path.startswith("split rows") else [x]):
+        got = np.asarray(check("softmax", r, **kw)).astype(np.float64)
+        kept = ~np.isnan(got).all(axis=-1)                   # rows not all NaN: -inf logits give exactly 0
+        assert (got[kept][r[kept] == -np.inf] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("chunk", [4, None])
+def test_softmax_probabilities_in_the_subnormal_range(dtype, chunk):
+    """Probabilities below the smallest normal number are the reference's, rounded once to the output
+    dtype, and 0 below half the smallest subnormal: softmax's terms are not clamped where the logsumexp's
+    are (terms below 1e-38 cannot move a sum whose largest term is 1), and where a max found later makes
+    a chunk's factor exp(m_k - m) / s subnormal (chunk 4: the max comes last), the chunk is computed again
+    rather than scaled by a factor with a few bits left."""
+    f = np.finfo(dtype)
+    lo = -103.0 if dtype == np.float32 else -744.0
+    d = np.concatenate([np.linspace(lo + 20.0, lo, 41), [lo - 1.2, lo - 30.0, -np.inf, -1.0, 0.0]])
+    x = (d + 7.25).astype(dtype)
+    got = np.asarray(fl.softmax(x, chunk_size=chunk)).astype(np.float64)
+    want = ref.softmax(x)
+    deep = want < f.smallest_subnormal * 2**9                 # rounding steps of 0.2% and more
+    assert deep.sum() > 10
+    np.testing.assert_array_equal(got[deep], want[deep].astype(dtype).astype(np.float64))
+    np.testing.assert_allclose(got, want, rtol=16 * f.eps, atol=f.smallest_subnormal)

@@ -4,14 +4,50 @@
 Design: the same (row, column range) work items as the reductions (see _reduce.pyx). The first pass folds
 each range into a logsumexp state, the states of a row are merged, and the second pass reads the
 finished state and writes every range, converting to the output dtype and stride as it goes.
+
+Softmax computes one exp per logit, as PyTorch's does: its first pass stores the terms exp(x - m_k) that
+the logsumexp sums (m_k: the running max with chunk k folded in), in the output itself when it has the
+compute type and is contiguous, else in scratch memory (a row a thread, or every row when rows are split
+into ranges), and the second pass scales them by exp(m_k - m) / s. Where that scratch would pass
+TERMS_LIMIT bytes, and for log-softmax (whose map needs no exp) or a streamed slice of rows, the second
+pass computes from the logits again.
 """
 from cython.parallel cimport prange, parallel, threadid
 from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
 
-from fastlogits.clib cimport fl_lse_state
+from fastlogits.clib cimport fl_lse_state, fl_lse_merge
 from fastlogits.cpu._rows cimport (Block, make_block, n_segments, row_of, fold_lse, fl_row, work_threads,
-                                   address_of, fl_row_softmax_f32, fl_row_softmax_f64)
+                                   address_of, FL_F32, FL_F64, fl_row_softmax_exp_f32,
+                                   fl_row_softmax_exp_f64, fl_row_softmax_f32, fl_row_softmax_f64)
+
+# the most scratch memory, in bytes, that softmax takes to hold its terms; beyond, it computes exp twice
+TERMS_LIMIT = 1 << 26
+
+
+cdef inline void exp_pass(const Block *b, int64_t i, int64_t start, int64_t stop, char *y, char *my,
+                          fl_lse_state *st, char *buf) noexcept nogil:
+    """Softmax's first pass over columns [start, stop) of row i: its state into *st, its terms into y (an
+    array of the compute type from column start) and the chunks' maxes into my."""
+    cdef fl_row r = row_of(b, i)
+    if b.f64:
+        st[0] = fl_row_softmax_exp_f64(&r, start, stop, b.chunk, <double *> y, <double *> my, <double *> buf)
+    else:
+        st[0] = fl_row_softmax_exp_f32(&r, start, stop, b.chunk, <float *> y, <float *> my, <float *> buf)
+
+
+cdef inline void map_pass(const Block *b, int64_t i, int64_t start, int64_t stop, const fl_lse_state *st,
+                          bint log_, const char *my, char *e, char *out, int64_t ocol, int out_dtype,
+                          char *buf) noexcept nogil:
+    """The map of columns [start, stop) of row i into out (the row's element 0), given the row's state:
+    from exp_pass's terms and maxes, or from the logits when my is NULL. buf: 2 chunks of doubles."""
+    cdef fl_row r = row_of(b, i)
+    if b.f64:
+        fl_row_softmax_f64(&r, start, stop, b.chunk, st, log_, <const double *> my, <double *> e, out, ocol,
+                           out_dtype, <double *> buf, <double *> (buf + b.chunk * 8))
+    else:
+        fl_row_softmax_f32(&r, start, stop, b.chunk, st, log_, <const float *> my, <float *> e, out, ocol,
+                           out_dtype, <float *> buf, <float *> (buf + b.chunk * 8))
 
 
 def softmax(x, int dtype, temperature, double softcap, out, int out_dtype, bint log_, int64_t chunk,
@@ -22,40 +58,85 @@ def softmax(x, int dtype, temperature, double softcap, out, int out_dtype, bint 
     larger than memory): then the first pass is skipped."""
     cdef Block b = make_block(x, dtype, temperature, softcap, chunk)
     cdef int64_t nseg = n_segments(&b, threads), items = b.rows * nseg
-    cdef int64_t it, i, g, start, stop
-    cdef fl_row r
+    cdef int64_t it, i, g, start
     cdef char *buf = NULL
     cdef char *obase = <char *> address_of(out)
     cdef int64_t orow = out.strides[0], ocol = out.strides[1]
     threads = work_threads(&b, nseg, threads)
+    # softmax's terms: in out, or in scratch, one row a thread (each thread's rows whole) or every row
+    cdef int64_t isz = 8 if b.f64 else 4
+    cdef bint direct = out_dtype == (FL_F64 if b.f64 else FL_F32) and ocol == isz
+    cdef bint once = not log_ and state is None
+    cdef bint whole = nseg == 1
+    cdef int64_t nck = ((b.n + nseg - 1) // nseg + chunk - 1) // chunk      # chunks in a range, at most
+    cdef int64_t term_rows = 0 if direct else (threads if whole else b.rows)
+    if term_rows * b.n * isz > TERMS_LIMIT:
+        once = False
+    cdef char *terms = NULL
+    cdef char *maxes = NULL
+    cdef char *y = NULL
+    cdef char *e = NULL
+    cdef char *my = NULL
     cdef char *bufs = <char *> malloc(threads * chunk * 16)
     cdef fl_lse_state *st = <fl_lse_state *> malloc(max(items, 1) * sizeof(fl_lse_state))
-    if bufs == NULL or st == NULL:
+    if once:
+        terms = <char *> malloc(max(term_rows * b.n * isz, 1))
+        maxes = <char *> malloc(max((threads if whole else items) * nck * isz, 1))
+    if bufs == NULL or st == NULL or (once and (terms == NULL or maxes == NULL)):
         free(bufs)
         free(st)
+        free(terms)
+        free(maxes)
         raise MemoryError("fastlogits: cannot allocate scratch buffers")
     cdef const double[::1] sm, ss
-    if state is not None:
-        sm, ss = state
-        for i in range(b.rows):
-            st[i * nseg].m = sm[i]
-            st[i * nseg].s = ss[i]
-    else:
+    if not once:
+        if state is not None:
+            sm, ss = state
+            for i in range(b.rows):
+                st[i * nseg].m = sm[i]
+                st[i * nseg].s = ss[i]
+        else:
+            with nogil:
+                fold_lse(&b, nseg, st, bufs, chunk * 16, threads)
+        with nogil, parallel(num_threads=threads):
+            buf = bufs + threadid() * chunk * 16
+            for it in prange(items, schedule="guided"):
+                i = it // nseg
+                g = it % nseg
+                map_pass(&b, i, g * b.n // nseg, (g + 1) * b.n // nseg, &st[i * nseg], log_, NULL, NULL,
+                         obase + i * orow, ocol, out_dtype, buf)
+    elif whole:             # each row by one thread, both passes at once: its terms still in cache
+        with nogil, parallel(num_threads=threads):
+            buf = bufs + threadid() * chunk * 16
+            my = maxes + threadid() * nck * isz
+            e = NULL if direct else terms + threadid() * b.n * isz
+            for i in prange(b.rows, schedule="guided"):
+                y = obase + i * orow if direct else e
+                exp_pass(&b, i, 0, b.n, y, my, &st[i], buf)
+                map_pass(&b, i, 0, b.n, &st[i], 0, my, e, obase + i * orow, ocol, out_dtype, buf)
+    else:                   # a few rows, split into ranges: every range's terms, the states merged, the map
+        with nogil, parallel(num_threads=threads):
+            buf = bufs + threadid() * chunk * 16
+            for it in prange(items, schedule="guided"):
+                i = it // nseg
+                g = it % nseg
+                start = g * b.n // nseg
+                y = obase + i * orow + start * isz if direct else terms + (i * b.n + start) * isz
+                exp_pass(&b, i, start, (g + 1) * b.n // nseg, y, maxes + it * nck * isz, &st[it], buf)
         with nogil:
-            fold_lse(&b, nseg, st, bufs, chunk * 16, threads)
-    with nogil, parallel(num_threads=threads):
-        buf = bufs + threadid() * chunk * 16
-        for it in prange(items, schedule="guided"):
-            i = it // nseg
-            g = it % nseg
-            r = row_of(&b, i)
-            start = g * b.n // nseg
-            stop = (g + 1) * b.n // nseg
-            if b.f64:
-                fl_row_softmax_f64(&r, start, stop, chunk, &st[i * nseg], log_, obase + i * orow,
-                                   ocol, out_dtype, <double *> buf, <double *> (buf + chunk * 8))
-            else:
-                fl_row_softmax_f32(&r, start, stop, chunk, &st[i * nseg], log_, obase + i * orow,
-                                   ocol, out_dtype, <float *> buf, <float *> (buf + chunk * 8))
+            for i in range(b.rows):
+                for g in range(1, nseg):
+                    fl_lse_merge(&st[i * nseg], &st[i * nseg + g])
+        with nogil, parallel(num_threads=threads):
+            buf = bufs + threadid() * chunk * 16
+            for it in prange(items, schedule="guided"):
+                i = it // nseg
+                g = it % nseg
+                start = g * b.n // nseg
+                e = NULL if direct else terms + (i * b.n + start) * isz
+                map_pass(&b, i, start, (g + 1) * b.n // nseg, &st[i * nseg], 0, maxes + it * nck * isz, e,
+                         obase + i * orow, ocol, out_dtype, buf)
+    free(maxes)
+    free(terms)
     free(st)
     free(bufs)

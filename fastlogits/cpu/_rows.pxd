@@ -38,12 +38,16 @@ cdef extern from "fastlogits.h" nogil:
     void fl__dist_merge(double *d, double *w, double m, double d2, double w2, double m2, double M)
     float fl_row_value_f32(const fl_row *r, int64_t j)
     double fl_row_value_f64(const fl_row *r, int64_t j)
+    fl_lse_state fl_row_softmax_exp_f32(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
+                                        float *y, float *my, float *buf)
+    fl_lse_state fl_row_softmax_exp_f64(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
+                                        double *y, double *my, double *buf)
     void fl_row_softmax_f32(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
-                            const fl_lse_state *st, int log_, char *out, int64_t out_stride,
-                            int out_dtype, float *buf, float *ybuf)
+                            const fl_lse_state *st, int log_, const float *my, float *e, char *out,
+                            int64_t out_stride, int out_dtype, float *buf, float *ybuf)
     void fl_row_softmax_f64(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
-                            const fl_lse_state *st, int log_, char *out, int64_t out_stride,
-                            int out_dtype, double *buf, double *ybuf)
+                            const fl_lse_state *st, int log_, const double *my, double *e, char *out,
+                            int64_t out_stride, int out_dtype, double *buf, double *ybuf)
     fl_ent_state fl_row_stats_f32(const fl_row *r, int64_t chunk, float *buf, int64_t *argmax)
     fl_ent_state fl_row_stats_f64(const fl_row *r, int64_t chunk, double *buf, int64_t *argmax)
     int64_t fl_row_argmax_f32(const fl_row *r, int64_t chunk, float *buf)

@@ -373,15 +373,15 @@ FL_INLINE double fl__exp(double x) {
 /* exp(x) for x <= 0 inside sums whose largest term is 1 (x = logit - running max): results below
  * 2^-126 are not needed there, so x is clamped at -87.3 (a term of 1e-38 at most), and the instruction
  * count is cut to the bone (this loop bounds the speed of logsumexp and cross-entropy):
- * - the rounding constant 1.5 * 2^23 + 127 leaves n + 127 in the low bits of k, so `bits(k) << 23` is
- *   2^n at once;
+ * - the rounding constant 1.5 * 2^23 + 127 + b leaves n + 127 + b in the low bits of k, so `bits(k) << 23`
+ *   is 2^(n + b) at once (b = 0 here; fl__expf_up's 32 keeps its results normal);
  * - e^r = 1 + r (1 + r q(r)), q of degree 4 fitted (minimax, relative) to (e^r - 1 - r) / r^2 on
  *   |r| <= ln2 / 2: six multiply-adds, exact at 0, within 1.2 ulp with FMA (1.7 without).
- * NaN in, NaN out; inputs above 88 (never passed here but for chunks that are then redone) give garbage. */
-FL_INLINE float fl__expf_neg(float x) {
-    float xc = x < -87.3f ? -87.3f : x;
-    float k = xc * 1.44269504088896341f + 12583039.0f;    /* 1.5 * 2^23 + 127 */
-    float n = FL__N32(k, 12583039.0f);
+ * NaN in, NaN out; inputs above 88 (never passed here but for chunks that are then redone) give garbage.
+ * fl__expf_core: exp(xc) * 2^b for xc already clamped, magic = 1.5 * 2^23 + 127 + b. */
+FL_INLINE float fl__expf_core(float xc, float magic) {
+    float k = xc * 1.44269504088896341f + magic;
+    float n = FL__N32(k, magic);
     float r = xc - n * 0.693359375f;
     r = r + n * 2.12194440e-4f;
     float q = 1.3812552206218243e-3f;
@@ -393,8 +393,12 @@ FL_INLINE float fl__expf_neg(float x) {
     return p * fl__f32_from_bits(fl__bits_from_f32(k) << 23);
 }
 
-FL_INLINE double fl__exp_neg(double x) {
-    double xc = x < -708.0 ? -708.0 : x;
+FL_INLINE float fl__expf_neg(float x) {
+    return fl__expf_core(x < -87.3f ? -87.3f : x, 12583039.0f);    /* 1.5 * 2^23 + 127 */
+}
+
+/* The same in double (Cephes exp's rational approximation; bias = 1023 + b). */
+FL_INLINE double fl__exp_core(double xc, uint64_t bias) {
     double k = xc * 1.4426950408889634073599 + 6755399441055744.0;
     double n = FL__N64(k, 6755399441055744.0);
     uint64_t ni = fl__bits_from_f64(k) - 0x4338000000000000ull;
@@ -405,7 +409,23 @@ FL_INLINE double fl__exp_neg(double x) {
                      + 9.99999999999999999910e-1);
     double qx = ((3.00198505138664455042e-6 * rr + 2.52448340349684104192e-3) * rr
                  + 2.27265548208155028766e-1) * rr + 2.00000000000000000009e0;
-    return (1.0 + 2.0 * (px / (qx - px))) * fl__f64_from_bits((ni + 1023u) << 52);
+    return (1.0 + 2.0 * (px / (qx - px))) * fl__f64_from_bits((ni + bias) << 52);
+}
+
+FL_INLINE double fl__exp_neg(double x) {
+    return fl__exp_core(x < -708.0 ? -708.0 : x, 1023u);
+}
+
+/* exp(x) * 2^32 for x <= 0 (2^64 in double): softmax's terms exp(logit - max), normal numbers for every x
+ * down to -104 (-745.2), the clamp, where exp(x) is below half the smallest subnormal. Scaled by 2^-32 /
+ * s (a normal number), they become probabilities rounded once, small ones (subnormal) included, and
+ * -inf logits' are exactly 0. NaN in, NaN out. */
+FL_INLINE float fl__expf_up(float x) {
+    return fl__expf_core(x < -104.0f ? -104.0f : x, 12583071.0f);   /* 1.5 * 2^23 + 127 + 32 */
+}
+
+FL_INLINE double fl__exp_up(double x) {
+    return fl__exp_core(x < -745.2 ? -745.2 : x, 1087u);
 }
 
 /* tanh through exp, for softcap: tanh|z| = (1 - e) / (1 + e) with e = exp(-2|z|), a few ulp. Below |z| =
@@ -587,8 +607,9 @@ typedef struct fl_row {
 #define FL_SUF f32
 #define FL_LANES 16
 #define FL_IT int32_t        /* an integer of FL_T's width */
-#define FL_EXP fl__expf
 #define FL_EXP_NEG fl__expf_neg
+#define FL_EXP_UP fl__expf_up
+#define FL_UP 2.3283064365386963e-10    /* 2^-32: FL_EXP_UP's scale, undone */
 #define FL_TANH fl__tanhf
 #define FL_T_MAX ((double)FLT_MAX)
 #include "fastlogits_impl.h"
@@ -597,16 +618,18 @@ typedef struct fl_row {
 #undef FL_SUF
 #undef FL_LANES
 #undef FL_IT
-#undef FL_EXP
 #undef FL_EXP_NEG
+#undef FL_EXP_UP
+#undef FL_UP
 #undef FL_TANH
 
 #define FL_T double
 #define FL_SUF f64
 #define FL_LANES 8
 #define FL_IT int64_t
-#define FL_EXP fl__exp
 #define FL_EXP_NEG fl__exp_neg
+#define FL_EXP_UP fl__exp_up
+#define FL_UP 5.421010862427522e-20     /* 2^-64 */
 #define FL_TANH fl__tanh
 #define FL_T_MAX DBL_MAX
 #include "fastlogits_impl.h"
@@ -615,8 +638,9 @@ typedef struct fl_row {
 #undef FL_SUF
 #undef FL_LANES
 #undef FL_IT
-#undef FL_EXP
 #undef FL_EXP_NEG
+#undef FL_EXP_UP
+#undef FL_UP
 #undef FL_TANH
 
 /* ------------------------------------------------------------------------------------------------ */

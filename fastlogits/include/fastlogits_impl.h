@@ -218,10 +218,20 @@ FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__dist)(const FL_T *x, const FL_
     return acc[0];
 }
 
-/* y = exp(x - m) * inv_s (softmax), or y = (x - m) - log_s (log-softmax). */
-FL_MULTIVERSION static FL_UNUSED void FL_FN(fl__softmax)(const FL_T *x, FL_T *y, int64_t n, FL_T m,
-                                                         FL_T inv_s) {
-    for (int64_t i = 0; i < n; i++) y[i] = FL_EXP(x[i] - m) * inv_s;
+/* y = exp(x - m) * f (softmax: f = FL_UP / s, m the row's max; see FL_EXP_UP), or y = (x - m) - log_s
+ * (log-softmax). */
+FL_MULTIVERSION static FL_UNUSED void FL_FN(fl__softmax)(const FL_T *x, FL_T *y, int64_t n, FL_T m, FL_T f) {
+    for (int64_t i = 0; i < n; i++) y[i] = FL_EXP_UP(x[i] - m) * f;
+}
+
+/* y = exp(x - m) / FL_UP, m >= x: softmax's terms (see FL_EXP_UP). */
+FL_MULTIVERSION static FL_UNUSED void FL_FN(fl__exp_terms)(const FL_T *x, FL_T *y, int64_t n, FL_T m) {
+    for (int64_t i = 0; i < n; i++) y[i] = FL_EXP_UP(x[i] - m);
+}
+
+/* y = y * f, in place: softmax's terms scaled to probabilities. */
+FL_MULTIVERSION static FL_UNUSED void FL_FN(fl__scale)(FL_T *y, int64_t n, FL_T f) {
+    for (int64_t i = 0; i < n; i++) y[i] *= f;
 }
 
 FL_MULTIVERSION static FL_UNUSED void FL_FN(fl__log_softmax)(const FL_T *x, FL_T *y, int64_t n, FL_T m,
@@ -357,6 +367,25 @@ static inline fl_lse_state FL_FN(fl_row_lse)(const fl_row *r, int64_t start, int
     return st;
 }
 
+/* Softmax's first pass over a contiguous chunk: folds it into the running state *st, whose max becomes *my,
+ * and stores its terms y[i] = exp(x[i] - *my) / FL_UP (see FL_EXP_UP), whose sum the state takes (times
+ * FL_UP, exactly). Where that max is not finite (a NaN or +inf: the row's softmax is NaN; all -inf so far:
+ * the chunk's probabilities are 0), nothing is stored and the chunk's state is fl_lse_chunk_pf's. */
+static inline void FL_FN(fl_softmax_fold)(fl_lse_state *st, const FL_T *x, int64_t n, FL_T *y, FL_T *my) {
+    int has_nan;
+    FL_T cmax = FL_FN(fl__max)(x, n, &has_nan);
+    FL_T m = (double)cmax > st->m ? cmax : (FL_T)st->m;   /* st->m: a max of FL_T values, or NaN */
+    *my = m;
+    if (has_nan || !(m > -FL_INF && m < FL_INF)) {
+        fl_lse_state c = FL_FN(fl_lse_chunk_pf)(x, n, 0, 0);
+        fl_lse_merge(st, &c);
+        return;
+    }
+    FL_FN(fl__exp_terms)(x, y, n, m);
+    st->s = st->s * exp(st->m - (double)m) + FL_FN(fl__sum)(y, n) * FL_UP;
+    st->m = m;
+}
+
 /* Entropy state of columns [start, stop) of r. */
 static inline fl_ent_state FL_FN(fl_row_entropy)(const fl_row *r, int64_t start, int64_t stop,
                                                  int64_t chunk, FL_T *buf) {
@@ -409,21 +438,43 @@ static inline void FL_FN(fl_store)(char *out, int64_t stride, int dtype, const F
     }
 }
 
+/* Softmax's first pass over columns [start, stop) of r: their logsumexp state, with the terms stored,
+ * y[c - start] = exp(x[c] - my[k]) / FL_UP for the columns c of the k-th chunk (see fl_softmax_fold).
+ * fl_row_softmax scales them to probabilities once the row's state is known: softmax computes one exp per
+ * logit, as PyTorch's does. */
+static inline fl_lse_state FL_FN(fl_row_softmax_exp)(const fl_row *r, int64_t start, int64_t stop,
+                                                     int64_t chunk, FL_T *y, FL_T *my, FL_T *buf) {
+    fl_lse_state st;
+    fl_lse_init(&st);
+    for (int64_t c0 = start, k = 0; c0 < stop; c0 += chunk, k++) {
+        int64_t len = stop - c0 < chunk ? stop - c0 : chunk;
+        FL_FN(fl_softmax_fold)(&st, FL_FN(fl_row_chunk)(r, c0, len, buf), len, y + (c0 - start), &my[k]);
+    }
+    return st;
+}
+
 /* Softmax (log_ == 0) or log-softmax of columns [start, stop) of r, given the row's finished logsumexp
  * state, written to out (element `start` of the row at out + start * out_stride). A row whose state is
- * not finite (all -inf, +inf or NaN seen) is all NaN, like PyTorch. buf and ybuf hold chunk values. */
+ * not finite (all -inf, +inf or NaN seen) is all NaN, like PyTorch. buf and ybuf hold chunk values.
+ * my: NULL, or (softmax) the maxes of fl_row_softmax_exp, whose terms are in out when it has the compute
+ * type and is contiguous (fl_row_softmax_exp wrote there), else in e (e[c - start] for column c): then a
+ * chunk's probabilities are its terms times FL_UP exp(my[k] - m) / s, rounded once, where that factor
+ * is a normal number: in every chunk but all -inf ones and those before a max higher by about 65 (664 in
+ * double), which compute exp(x - m) / s from the logits (as log-softmax and a streamed slice do). */
 static inline void FL_FN(fl_row_softmax)(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
-                                          const fl_lse_state *st, int log_, char *out, int64_t out_stride,
-                                          int out_dtype, FL_T *buf, FL_T *ybuf) {
+                                          const fl_lse_state *st, int log_, const FL_T *my, FL_T *e,
+                                          char *out, int64_t out_stride, int out_dtype, FL_T *buf,
+                                          FL_T *ybuf) {
     int finite = st->m > -FL_INF && st->m < FL_INF;
-    /* an output of the compute type, contiguous, is written in place; any other goes through ybuf */
+    /* an output of the compute type, contiguous, is written in place; any other goes through ybuf (or e) */
     int direct = out_dtype == (sizeof(FL_T) == 4 ? FL_F32 : FL_F64) && out_stride == (int64_t)sizeof(FL_T);
     /* the log-softmax of float logits into float64: computed in double (fl__log_softmax_wide) */
     int wide = log_ && finite && sizeof(FL_T) == 4 && out_dtype == FL_F64;
     FL_T m = (FL_T)st->m;
-    for (int64_t c0 = start; c0 < stop; c0 += chunk) {
+    for (int64_t c0 = start, k = 0; c0 < stop; c0 += chunk, k++) {
         int64_t len = stop - c0 < chunk ? stop - c0 : chunk, i;
-        FL_T *y = direct ? (FL_T *)(out + c0 * out_stride) : ybuf;
+        FL_T *y = direct ? (FL_T *)(out + c0 * out_stride) : my ? e + (c0 - start) : ybuf;
+        double f = 0.0;
         if (wide) {
             const FL_T *x = FL_FN(fl_row_chunk)(r, c0, len, buf);
             double ls = log(st->s);
@@ -435,14 +486,17 @@ static inline void FL_FN(fl_row_softmax)(const fl_row *r, int64_t start, int64_t
             }
             continue;
         }
+        if (my && finite) f = exp((double)my[k] - st->m) / st->s * FL_UP;    /* 0: all -inf chunk */
         if (!finite) {
             for (i = 0; i < len; i++) y[i] = (FL_T)NAN;
+        } else if (f >= (sizeof(FL_T) == 4 ? (double)FLT_MIN : DBL_MIN)) {
+            FL_FN(fl__scale)(y, len, (FL_T)f);
         } else {
             const FL_T *x = FL_FN(fl_row_chunk)(r, c0, len, buf);
             if (log_) FL_FN(fl__log_softmax)(x, y, len, m, (FL_T)log(st->s));
-            else FL_FN(fl__softmax)(x, y, len, m, (FL_T)(1.0 / st->s));
+            else FL_FN(fl__softmax)(x, y, len, m, (FL_T)(FL_UP / st->s));
         }
-        if (!direct) FL_FN(fl_store)(out + c0 * out_stride, out_stride, out_dtype, ybuf, len);
+        if (!direct) FL_FN(fl_store)(out + c0 * out_stride, out_stride, out_dtype, y, len);
     }
 }
 
