@@ -603,6 +603,8 @@ typedef struct fl_row {
 /* 2c. Chunk primitives, one set per compute type                                                   */
 /* ------------------------------------------------------------------------------------------------ */
 
+#define FL_SCAN_BYTES 128       /* fl__scan_above's block: two 512-bit vectors */
+
 #define FL_T float
 #define FL_SUF f32
 #define FL_LANES 16

@@ -14,7 +14,7 @@
 #define FL_CAT2(a, b) FL_CAT2_(a, b)
 #define FL_FN(name) FL_CAT2(name, FL_SUF)
 #define FL_EXP_FLOOR (sizeof(FL_T) == 4 ? (FL_T)-87.3 : (FL_T)-708.0)
-#define FL_SCAN (2 * FL_LANES)      /* fl__scan_above's block: 32 floats, 16 doubles */
+#define FL_SCAN (FL_SCAN_BYTES / (int)sizeof(FL_T))     /* fl__scan_above's block: 32 floats, 16 doubles */
 
 /* Largest value of x[0:n), NaN ignored (-inf when n == 0); *has_nan tells whether a NaN was seen. */
 FL_MULTIVERSION static FL_UNUSED FL_T FL_FN(fl__max)(const FL_T *x, int64_t n, int *has_nan) {
@@ -572,6 +572,18 @@ static inline void FL_FN(fl__sift_down)(FL_T *hv, int64_t *hi, int64_t k, int64_
     }
 }
 
+/* Adds (v, i) to the heap hv/hi of *size entries, below its capacity: sift up. */
+static inline void FL_FN(fl__heap_push)(FL_T *hv, int64_t *hi, int64_t *size, FL_T v, int64_t i) {
+    int64_t p = (*size)++;
+    hv[p] = v; hi[p] = i;
+    while (p > 0 && FL_FN(fl__better)(hv[(p - 1) / 2], hi[(p - 1) / 2], hv[p], hi[p])) {
+        int64_t q = (p - 1) / 2;
+        FL_T tv = hv[p]; hv[p] = hv[q]; hv[q] = tv;
+        int64_t ti = hi[p]; hi[p] = hi[q]; hi[q] = ti;
+        p = q;
+    }
+}
+
 /* The k best elements of r (transformed; 0 <= k <= r->n), best first, into out_v and out_i. hv and hi are
  * scratch space of k values; buf holds chunk values. When st is not NULL, the row's logsumexp state is
  * folded in the same pass (for log-probabilities; k = 0 computes only that). */
@@ -588,16 +600,7 @@ static inline void FL_FN(fl_row_topk)(const fl_row *r, int64_t k, int64_t chunk,
         }
         if (k <= 0) continue;                          /* no heap to fill (and hv[0] to read) */
         i = 0;
-        for (; i < len && size < k; i++) {            /* fill: sift up */
-            int64_t p = size++;
-            hv[p] = x[i]; hi[p] = c0 + i;
-            while (p > 0 && FL_FN(fl__better)(hv[(p - 1) / 2], hi[(p - 1) / 2], hv[p], hi[p])) {
-                int64_t q = (p - 1) / 2;
-                FL_T tv = hv[p]; hv[p] = hv[q]; hv[q] = tv;
-                int64_t ti = hi[p]; hi[p] = hi[q]; hi[q] = ti;
-                p = q;
-            }
-        }
+        for (; i < len && size < k; i++) FL_FN(fl__heap_push)(hv, hi, &size, x[i], c0 + i);
         /* Later elements have higher indices, so they enter only if strictly better than the root: above
          * it, or a NaN while it is not one (a heap of NaNs admits nothing more). Blocks without such a
          * value are skipped in vector code. */

@@ -405,6 +405,7 @@ static inline double fl__filter_threshold(const double *cv, int64_t n, double m,
 #define FLS_CAT2_(a, b) a##_##b
 #define FLS_CAT2(a, b) FLS_CAT2_(a, b)
 #define FLS_FN(name) FLS_CAT2(name, FLS_SUF)
+#define FLS_SCAN (FL_SCAN_BYTES / (int64_t)sizeof(FLS_T))    /* fl__scan_above's block */
 
 /* best rounded down to the compute type (for the conservative float test). */
 FL_INLINE FLS_T FLS_FN(fl__round_down)(double best) {
@@ -508,7 +509,7 @@ static inline int FLS_FN(fl__greedy)(const fl_row *r, int64_t chunk, FLS_T *buf,
  * anywhere in the row, even after a +inf, as the other paths) or POSINF. */
 static inline int FLS_FN(fl__topk_pass)(const fl_row *r, int64_t k, int64_t chunk, FLS_T *buf, FLS_T *hv,
                                         int64_t *hi, int64_t *ties, int64_t *nt_out) {
-    int64_t size = 0, nt = 0, c0, i, sb;
+    int64_t size = 0, nt = 0, c0, i;
     int has_nan, posinf = 0;
     for (c0 = 0; c0 < r->n; c0 += chunk) {
         int64_t len = r->n - c0 < chunk ? r->n - c0 : chunk;
@@ -518,24 +519,17 @@ static inline int FLS_FN(fl__topk_pass)(const fl_row *r, int64_t k, int64_t chun
         if (m == (FLS_T)INFINITY) posinf = 1;
         if (posinf) continue;             /* a bad row: only a NaN could change its status now */
         if (size == k && m < hv[0]) continue;
-        for (sb = 0; sb < len; sb += 256) {
-            int64_t sl = len - sb < 256 ? len - sb : 256;
-            if (size == k) {
-                FLS_T sm = FLS_FN(fl__max)(x + sb, sl, &has_nan);
-                if (sm < hv[0]) continue;
-            }
-            for (i = sb; i < sb + sl; i++) {
+        i = 0;
+        for (; i < len && size < k; i++) FLS_FN(fl__heap_push)(hv, hi, &size, x[i], c0 + i);
+        /* then only values at or above the root matter: blocks without one are skipped in vector code
+         * (x > the float below the root: no NaN is left in the chunk) */
+        while (i < len) {
+            int64_t end;
+            i += FLS_FN(fl__scan_above)(x + i, len - i, FLS_NEXTAFTER(hv[0], -(FLS_T)INFINITY));
+            end = len - i < FLS_SCAN ? len : i + FLS_SCAN;
+            for (; i < end; i++) {
                 FLS_T v = x[i];
-                if (size < k) {                            /* fill: sift up */
-                    int64_t p = size++;
-                    hv[p] = v; hi[p] = c0 + i;
-                    while (p > 0 && FLS_FN(fl__better)(hv[(p - 1) / 2], hi[(p - 1) / 2], hv[p], hi[p])) {
-                        int64_t q = (p - 1) / 2;
-                        FLS_T tv = hv[p]; hv[p] = hv[q]; hv[q] = tv;
-                        int64_t ti = hi[p]; hi[p] = hi[q]; hi[q] = ti;
-                        p = q;
-                    }
-                } else if (v > hv[0]) {
+                if (v > hv[0]) {
                     FLS_T ev = hv[0];
                     int64_t ei = hi[0];
                     hv[0] = v; hi[0] = c0 + i;
@@ -860,6 +854,7 @@ static inline int FLS_FN(fl_row_sample)(const fl_row *r, const fl_sample_params 
 }
 
 #undef FLS_FN
+#undef FLS_SCAN
 #undef FLS_CAT2
 #undef FLS_CAT2_
 
