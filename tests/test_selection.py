@@ -2,6 +2,12 @@
 NaN as
 the largest value, infinities, k = V, and NumPy / PyTorch on the same rows."""
 
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -11,6 +17,7 @@ from tests import tolerances as tols
 from tests.helpers import BF16, DTYPE_IDS, DTYPES, check, random_logits
 
 inf, nan = np.inf, np.nan
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("chunk_size", [None, 1, 2, 3])
@@ -190,3 +197,56 @@ def test_top_k_block_skip_finds_every_candidate(dtype, rng):
             for chunk_size in (None, 7, 40):
                 check("top_k", x, k=k, chunk_size=chunk_size, threads=1)
                 check("top_k_logprobs", x, k=k, chunk_size=chunk_size, threads=1)
+
+
+DAZ_SCRIPT = r"""
+import ctypes, sys
+import numpy as np
+import fastlogits as fl
+from fastlogits.stream import run as stream_run
+from fastlogits.stream.sources import ArraySource
+
+lib = ctypes.CDLL(sys.argv[1])
+lib.set_daz()
+assert float(np.float32(1e-40) * np.float32(1.0)) == 0.0, "DAZ/FTZ did not take effect"
+out = {}
+for dt in (np.float32, np.float64):
+    tiny = np.finfo(dt).smallest_subnormal
+    rows = [[-np.inf, 0.0, -np.inf], [-1.0] * 40 + [0.0] + [-1.0] * 23, [-1.0] * 4099 + [0.0],
+            [tiny, 0.0, 3 * tiny, -1.0] * 20, [-np.inf] * 70 + [-0.0, 0.0]]
+    out[np.dtype(dt).name] = [
+        [int(fl.argmax(np.array(r, dt), threads=1, chunk_size=c)) for r in rows for c in (None, 16)],
+        [int(i) for r in rows for i in stream_run.stats(ArraySource(np.array([r], dt)), labels=None,
+                                                       threads=1)["argmax"]],
+        sorted({int(t) for t in fl.sample(np.array([0.0] * 8 + [-1.0] * 56, dt), top_k=1, seed=0,
+                                          num_samples=256, threads=1)}),
+    ]
+print(repr(out))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"),
+                    reason="MXCSR: x86-64")
+def test_argmax_and_top_k_ties_when_the_cpu_treats_subnormals_as_zero(tmp_path):
+    """A CPU that treats subnormals as zero (DAZ, set by torch.set_flush_denormal(True) or any library
+    built with -ffast-math) reads the float below 0 as -0: argmax found the max's index as the first value
+    above the float below the max, read past the row for a max of 0 (index 10 of 3 values), and top-k
+    sampling dropped the tokens tied at 0 with the k-th value. Both compare with the max itself now."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler on PATH")
+    src = tmp_path / "daz.c"
+    src.write_text("#include <xmmintrin.h>\nvoid set_daz(void) { _mm_setcsr(_mm_getcsr() | 0x8040); }\n")
+    lib = tmp_path / "libdaz.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-c", DAZ_SCRIPT, str(lib)], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = eval(res.stdout.strip())
+    want_argmax = [1, 40, 4099, 0, 70]           # under DAZ, subnormals compare equal to 0
+    for name in ("float32", "float64"):
+        argmax, stats_argmax, tokens = got[name]
+        assert argmax == [a for a in want_argmax for _ in (None, 16)], (name, argmax)
+        assert stats_argmax == want_argmax, (name, stats_argmax)
+        assert tokens == list(range(8)), (name, tokens)

@@ -613,7 +613,6 @@ typedef struct fl_row {
 #define FL_EXP_UP fl__expf_up
 #define FL_UP 2.3283064365386963e-10    /* 2^-32: FL_EXP_UP's scale, undone */
 #define FL_TANH fl__tanhf
-#define FL_NEXTDOWN(v) nextafterf((v), -INFINITY)
 #define FL_T_MAX ((double)FLT_MAX)
 #include "fastlogits_impl.h"
 #undef FL_T_MAX
@@ -625,7 +624,6 @@ typedef struct fl_row {
 #undef FL_EXP_UP
 #undef FL_UP
 #undef FL_TANH
-#undef FL_NEXTDOWN
 
 #define FL_T double
 #define FL_SUF f64
@@ -635,7 +633,6 @@ typedef struct fl_row {
 #define FL_EXP_UP fl__exp_up
 #define FL_UP 5.421010862427522e-20     /* 2^-64 */
 #define FL_TANH fl__tanh
-#define FL_NEXTDOWN(v) nextafter((v), -INFINITY)
 #define FL_T_MAX DBL_MAX
 #include "fastlogits_impl.h"
 #undef FL_T_MAX
@@ -647,7 +644,6 @@ typedef struct fl_row {
 #undef FL_EXP_UP
 #undef FL_UP
 #undef FL_TANH
-#undef FL_NEXTDOWN
 
 /* ------------------------------------------------------------------------------------------------ */
 /* 3. Public API: the logsumexp state over plain arrays                                             */

@@ -164,16 +164,25 @@ FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sum)(const FL_T *x, int64_t n)
     return acc[0];
 }
 
-/* The start of the first block of FL_SCAN values of x[0:n) that holds one above t or a NaN (a candidate
- * for a top-k heap whose root is t), or the start of the last, partial block (n - result < FL_SCAN): the
- * caller scans that block one value at a time. Once the heap is full, candidates are rare. */
-FL_MULTIVERSION static FL_UNUSED int64_t FL_FN(fl__scan_above)(const FL_T *x, int64_t n, FL_T t) {
+/* The start of the first block of FL_SCAN values of x[0:n) that holds a candidate, a value above t (at
+ * least t when at_least) or a NaN, or the start of the last, partial block (n - result < FL_SCAN): the
+ * caller scans that block one value at a time. Above t: a candidate for a top-k heap whose root is t (once
+ * the heap is full, candidates are rare); at least t: the first element equal to a max t, or a token tied
+ * with the root. (At least t is not above the float below t: a CPU that treats subnormals as zero, DAZ,
+ * reads the float below 0 as -0.) */
+FL_MULTIVERSION static FL_UNUSED int64_t FL_FN(fl__scan_above)(const FL_T *x, int64_t n, FL_T t,
+                                                               int at_least) {
     int64_t i = 0;
     for (; i + FL_SCAN <= n; i += FL_SCAN) {
         FL_IT any = 0;      /* integer flags, one loop: a vector OR, reduced as a tree (written as an OR
                              * over lanes, GCC reduced it in 16 scalar steps, 3.6x slower) */
-        FL_LANE_LOOP
-        for (int u = 0; u < FL_SCAN; u++) any |= !(x[i + u] <= t);
+        if (at_least) {
+            FL_LANE_LOOP
+            for (int u = 0; u < FL_SCAN; u++) any |= !(x[i + u] < t);
+        } else {
+            FL_LANE_LOOP
+            for (int u = 0; u < FL_SCAN; u++) any |= !(x[i + u] <= t);
+        }
         if (any != 0) return i;
     }
     return i;
@@ -497,12 +506,12 @@ static inline void FL_FN(fl_row_softmax)(const fl_row *r, int64_t start, int64_t
     }
 }
 
-/* The index of the first element of x[0:n) above t, or NaN, which the caller knows is there: blocks
- * without one are skipped in vector code (fl__scan_above), then one block is scanned. With t = +inf it
- * finds the first NaN; with t just below a max m of x (and no NaN in x), the first m. */
-static inline int64_t FL_FN(fl__first_above)(const FL_T *x, int64_t n, FL_T t) {
-    int64_t i = FL_FN(fl__scan_above)(x, n, t);
-    while (x[i] <= t) i++;
+/* The index of the first candidate in x[0:n) (see fl__scan_above), which the caller knows is there (n - 1
+ * if it is not: never past x). With t = +inf, not at_least, it finds the first NaN; with a max t of x (no
+ * NaN in x), at_least, the first element equal to it. */
+static inline int64_t FL_FN(fl__first_above)(const FL_T *x, int64_t n, FL_T t, int at_least) {
+    int64_t i = FL_FN(fl__scan_above)(x, n, t, at_least);
+    while (i + 1 < n && (at_least ? x[i] < t : x[i] <= t)) i++;
     return i;
 }
 
@@ -516,10 +525,10 @@ static inline int64_t FL_FN(fl_row_argmax)(const fl_row *r, int64_t chunk, FL_T 
         int64_t len = r->n - c0 < chunk ? r->n - c0 : chunk;
         const FL_T *x = FL_FN(fl_row_chunk)(r, c0, len, buf);
         FL_T m = FL_FN(fl__max)(x, len, &has_nan);
-        if (has_nan) return c0 + FL_FN(fl__first_above)(x, len, (FL_T)INFINITY);
+        if (has_nan) return c0 + FL_FN(fl__first_above)(x, len, (FL_T)INFINITY, 0);
         if (m > best) {
             best = m;
-            best_i = c0 + FL_FN(fl__first_above)(x, len, FL_NEXTDOWN(m));
+            best_i = c0 + FL_FN(fl__first_above)(x, len, m, 1);
         }
     }
     return best_i;
@@ -541,11 +550,11 @@ static inline fl_ent_state FL_FN(fl_row_stats)(const fl_row *r, int64_t chunk, F
         fl_ent_merge(&st, &c);
         if (found_nan) continue;
         if (c.m != c.m) {                                   /* the first NaN wins */
-            best_i = c0 + FL_FN(fl__first_above)(x, len, (FL_T)INFINITY);
+            best_i = c0 + FL_FN(fl__first_above)(x, len, (FL_T)INFINITY, 0);
             found_nan = 1;
         } else if ((FL_T)c.m > best) {
             best = (FL_T)c.m;
-            best_i = c0 + FL_FN(fl__first_above)(x, len, FL_NEXTDOWN(best));
+            best_i = c0 + FL_FN(fl__first_above)(x, len, best, 1);
         }
     }
     *argmax = best_i;
@@ -606,7 +615,7 @@ static inline void FL_FN(fl_row_topk)(const fl_row *r, int64_t k, int64_t chunk,
          * value are skipped in vector code. */
         while (i < len && hv[0] == hv[0]) {
             int64_t end;
-            i += FL_FN(fl__scan_above)(x + i, len - i, hv[0]);
+            i += FL_FN(fl__scan_above)(x + i, len - i, hv[0], 0);
             end = len - i < FL_SCAN ? len : i + FL_SCAN;
             for (; i < end; i++) {
                 FL_T v = x[i];

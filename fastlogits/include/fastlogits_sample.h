@@ -521,11 +521,11 @@ static inline int FLS_FN(fl__topk_pass)(const fl_row *r, int64_t k, int64_t chun
         if (size == k && m < hv[0]) continue;
         i = 0;
         for (; i < len && size < k; i++) FLS_FN(fl__heap_push)(hv, hi, &size, x[i], c0 + i);
-        /* then only values at or above the root matter: blocks without one are skipped in vector code
-         * (x > the float below the root: no NaN is left in the chunk) */
+        /* then only values at or above the root matter (above it when it is -inf: -inf ties are not
+         * kept): blocks without one are skipped in vector code */
         while (i < len) {
             int64_t end;
-            i += FLS_FN(fl__scan_above)(x + i, len - i, FLS_NEXTAFTER(hv[0], -(FLS_T)INFINITY));
+            i += FLS_FN(fl__scan_above)(x + i, len - i, hv[0], hv[0] > -(FLS_T)INFINITY);
             end = len - i < FLS_SCAN ? len : i + FLS_SCAN;
             for (; i < end; i++) {
                 FLS_T v = x[i];
