@@ -464,9 +464,10 @@ static inline fl_lse_state FL_FN(fl_row_softmax_exp)(const fl_row *r, int64_t st
  * not finite (all -inf, +inf or NaN seen) is all NaN, like PyTorch. buf and ybuf hold chunk values.
  * my: NULL, or (softmax) the maxes of fl_row_softmax_exp, whose terms are in out when it has the compute
  * type and is contiguous (fl_row_softmax_exp wrote there), else in e (e[c - start] for column c): then a
- * chunk's probabilities are its terms times FL_UP exp(my[k] - m) / s, rounded once, where that factor
- * is a normal number: in every chunk but all -inf ones and those before a max higher by about 65 (664 in
- * double), which compute exp(x - m) / s from the logits (as log-softmax and a streamed slice do). */
+ * chunk's probabilities are its terms times FL_UP exp(my[k] - m) / s (a product of normal numbers, rounded
+ * once if it is subnormal), where that factor is a normal number: in every chunk but all -inf ones and
+ * those before a max higher by about 65 (664 in double), which compute exp(x - m) / s from the logits (as
+ * log-softmax and a streamed slice do). */
 static inline void FL_FN(fl_row_softmax)(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
                                           const fl_lse_state *st, int log_, const FL_T *my, FL_T *e,
                                           char *out, int64_t out_stride, int out_dtype, FL_T *buf,
