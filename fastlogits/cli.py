@@ -185,7 +185,7 @@ def _load_labels(path, src):
         raise ValueError(f"{path}: {y.shape[0]} labels for {rows} rows of logits")
     if rows is not None:
         y = y.reshape(tuple(src.shape[:-1]))      # the rows of a 1-D or 3-D dump (a 2-D one: as it is)
-    return y.astype(np.int64)
+    return y        # as stored: the library checks the range (a uint64 label past 2^63 would wrap in int64)
 
 
 def cmd_info(args):
@@ -202,6 +202,10 @@ def cmd_stats(args):
     from fastlogits.stream import run
 
     src = _open(args, args.per_row)
+    if args.labels and args.per_row not in (None, STDOUT) and os.path.exists(args.per_row) \
+            and os.path.exists(args.labels) and os.path.samefile(args.labels, args.per_row):
+        raise ValueError(f"{args.per_row}: is the labels file; the per-row results would replace the "
+                         "labels: write them to another file")
     labels = _load_labels(args.labels, src) if args.labels else None
     bar = _Bar(src.rows, "stats")
     try:
@@ -230,7 +234,8 @@ def cmd_stats(args):
     if args.per_row:
         cols = {"argmax": st["argmax"], "entropy": st["entropy"]}
         if labels is not None:
-            cols.update({"label": labels.reshape(-1), "nll": st["nll"], "correct": st["correct"]})
+            cols.update({"label": labels.reshape(-1).astype(np.int64), "nll": st["nll"],
+                         "correct": st["correct"]})
         write_rows(args.per_row, cols)
         lines.append(f"  per-row results written to {_where(args.per_row)}")
     _emit(args, summary, lines)

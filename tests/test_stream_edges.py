@@ -1285,3 +1285,67 @@ def test_labels_changed_by_another_thread_during_a_call_are_never_read_unchecked
     """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == b"ok", (res.returncode, res.stderr[-2000:])
+
+
+# ---- found by an audit: labels, headers, options and output names -----------------------------------------
+
+def test_cli_uint64_label_past_int64_names_the_row(tmp_path, rng):
+    """A uint64 label past 2^63 was cast to int64 before the check, wrapping to -100 (the ignore_index): the
+    row was silently left out of the mean."""
+    np.save(tmp_path / "x.npy", rng.standard_normal((10, 50)).astype(np.float32))
+    np.save(tmp_path / "y.npy", np.array([2**64 - 100] + [1] * 9, np.uint64))
+    err = _one_line(_cli("stats", tmp_path / "x.npy", "--labels", tmp_path / "y.npy"))
+    assert "row 0" in err and "18446744073709551516" in err, err
+
+
+def test_cli_per_row_output_may_not_replace_the_labels(tmp_path, rng):
+    np.save(tmp_path / "x.npy", rng.standard_normal((10, 50)).astype(np.float32))
+    y = rng.integers(0, 50, 10)
+    np.save(tmp_path / "y.npy", y)
+    err = _one_line(_cli("stats", tmp_path / "x.npy", "--labels", tmp_path / "y.npy", "--per-row",
+                         tmp_path / "y.npy"))
+    assert "labels file" in err, err
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), y)
+
+
+def test_npy_with_more_data_than_its_header_is_refused(tmp_path, rng):
+    """Rows past the header's shape were dropped silently (a truncated file was refused, a long one not)."""
+    x = rng.standard_normal((10, 50)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    data = (tmp_path / "x.npy").read_bytes()
+    (tmp_path / "long.npy").write_bytes(data + x[:1].tobytes())
+    with pytest.raises(SourceError, match=r"\(10, 50\).*2000 bytes.*found 200 bytes more"):
+        fl.open(tmp_path / "long.npy")
+    err = _one_line(_cli("info", tmp_path / "long.npy"))
+    assert "200 bytes more" in err, err
+    np.testing.assert_allclose(fl.logsumexp(fl.open(tmp_path / "x.npy")), fl.logsumexp(x))
+
+
+@pytest.mark.parametrize("ignore_index, exc", [(10**24, ValueError), (1.5, TypeError), (None, TypeError),
+                                                (-100.0, TypeError)])
+def test_streamed_cross_entropy_and_stats_check_ignore_index_first(tmp_path, rng, ignore_index, exc):
+    """Streamed, the labels were checked against ignore_index before ignore_index itself: a float gave an
+    'out of range' label error, a huge int an unnamed OverflowError, and stats truncated 1.5 to 1 in the
+    kernel (a row's NLL 0) while still counting it."""
+    from fastlogits.stream import run
+
+    x = rng.standard_normal((10, 50)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    y = np.arange(10)
+    y[3] = -100
+    for call in (lambda: fl.cross_entropy(fl.open(tmp_path / "x.npy"), y, ignore_index=ignore_index),
+                 lambda: run.stats(fl.open(tmp_path / "x.npy"), y, ignore_index=ignore_index),
+                 lambda: fl.cross_entropy(x, y, ignore_index=ignore_index)):
+        with pytest.raises(exc, match="ignore_index"):
+            call()
+
+
+def test_output_name_ending_in_a_separator_is_a_folder(tmp_path, rng):
+    """out='newdir/' for a folder that does not exist wrote a file named newdir."""
+    x = rng.standard_normal((4, 30)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    with pytest.raises(IsADirectoryError, match="ends in a separator"):
+        fl.softmax(fl.open(tmp_path / "x.npy"), out=str(tmp_path / "newdir") + os.sep)
+    err = _one_line(_cli("softmax", tmp_path / "x.npy", str(tmp_path / "nodir") + os.sep))
+    assert "ends in a separator" in err, err
+    assert not (tmp_path / "newdir").exists() and not (tmp_path / "nodir").exists()

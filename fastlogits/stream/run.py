@@ -417,13 +417,15 @@ def _finish_row(op, accum, source):
 def cross_entropy(source, labels, kw, memory=None, progress=None):
     """Cross-entropy of a source against labels (one per row), as fastlogits.cross_entropy."""
     from fastlogits.cpu import _reduce
-    from fastlogits.ops.reductions import ce_total, check_reduction, cross_entropy_terms
+    from fastlogits.ops.reductions import ce_total, check_ce_options, check_reduction, cross_entropy_terms
     from fastlogits.stream.accumulators import CrossEntropy
 
     check_backend(kw.get("backend"))
     kw = dict(kw)
     reduction = kw.pop("reduction", "mean")
     check_reduction(reduction)
+    # the options before the labels, whose check reads ignore_index
+    check_ce_options(kw.get("label_smoothing", 0.0), kw.get("z_loss", 0.0), kw.get("ignore_index", -100))
     temp = RowArg.temperature(kw.pop("temperature", 1.0), source)
     lab = RowArg.labels(labels, source, kw.get("ignore_index", -100))
     progress = progress or no_progress
@@ -699,6 +701,9 @@ def check_output_path(path):
         raise ValueError("the output's name is empty")
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path}: is a folder; expected the name of the file to write")
+    if os.fspath(path).endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
+        raise IsADirectoryError(f"{path}: names a folder (it ends in a separator), and there is none; "
+                                "expected the name of the file to write")
     target = os.path.realpath(path)
     if _written_in_place(target):
         if not os.access(target, os.W_OK):
@@ -767,12 +772,13 @@ def stats(source, labels=None, *, ignore_index=-100, temperature=1.0, softcap=No
     falls out of the same chunk maxima); rows too long for the budget through the accumulators."""
     from fastlogits.ops import _backend
     from fastlogits.ops._prep import prepare
-    from fastlogits.ops.reductions import check_labels
+    from fastlogits.ops.reductions import check_ignore_index, check_labels
     from fastlogits.stream.accumulators import CrossEntropy, Entropy, TopK
     from fastlogits.stream.sources import ArraySource, as_source
 
     source = as_source(source) or ArraySource(np.asarray(source))
     check_backend(backend)
+    ignore_index = check_ignore_index(ignore_index)
     temp = RowArg.temperature(temperature, source)
     lab = None if labels is None else RowArg.labels(labels, source, ignore_index)
     common = {"softcap": softcap, "threads": threads, "chunk_size": chunk_size}

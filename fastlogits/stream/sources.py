@@ -238,7 +238,14 @@ def open_npy(path, dtype=None):
                                   f"{dt}") from None
         if dtype is not None and dtype_name(dtype) != name:
             raise SourceError(f"{path}: dtype={dtype!r} was asked for, but the file holds {name}")
-    return _FileSource(path, shape, name, offset, "npy", byteswap=swap)
+    src = _FileSource(path, shape, name, offset, "npy", byteswap=swap)
+    extra = os.fstat(src._fd).st_size - offset - src.nbytes
+    if extra > 0:           # np.save writes none: rows past the header's shape would be dropped
+        src.close()
+        raise SourceError(f"{path}: its header's shape {src.shape} of {name} describes {src.nbytes} bytes of "
+                          f"data after a {offset}-byte header, found {extra} bytes more: a header that "
+                          "does not match the data")
+    return src
 
 
 def open_raw(path, dtype, vocab, offset=0):
