@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fastlogits
 from fastlogits.ops.sampling import beam_search_step, sample
 from tests.helpers import cpu_flags
 from tests.reference import row_scale
@@ -989,3 +990,24 @@ def test_per_row_parameters_are_private_copies():
     got = _per_row(k, "top_k", (3,), 3, np.int64, 0, lambda v: v >= 0, "an integer >= 0")
     np.testing.assert_array_equal(got, k)
     assert not np.shares_memory(got, k)
+
+
+@pytest.mark.parametrize("path", ["memory", "top_k", "top_p", "streamed wide rows", "streamed top_k"])
+def test_logprobs_of_huge_logits_keep_log_sum(tmp_path, path):
+    """Log-probabilities are (x - m) - log(sum), as log-softmax forms them: x - (m + log(sum)) rounded
+    log(2) away next to m = 1e20 (0.0 for two equal logits; -0.75 at 1e15)."""
+    V = 20000 if path.startswith("streamed") else 3
+    for big in (1e15, 1e20):
+        x = np.zeros((1, V))
+        x[0, :2] = big
+        kw = {"top_k": 2} if "top_k" in path else {"top_p": 0.9} if path == "top_p" else {}
+        if path.startswith("streamed"):
+            np.save(tmp_path / "x.npy", x)
+            src = fastlogits.open(tmp_path / "x.npy", memory="64KiB")     # a row wider than the budget
+            got = sample(src, seed=1, num_samples=4, return_logprobs=True, **kw)[1]
+        else:
+            got = sample(x, seed=1, num_samples=4, return_logprobs=True, **kw)[1]
+        np.testing.assert_allclose(got, np.full((1, 4), -np.log(2.0)), rtol=1e-15)
+    x32 = np.array([30.0, 30.0], np.float32)        # x / T = 3e19 in float32
+    got = sample(x32, temperature=1e-18, seed=1, return_logprobs=True)[1]
+    np.testing.assert_allclose(got, -np.log(2.0), rtol=1e-6)

@@ -806,11 +806,10 @@ def _sample_block(blk, kern, softcap, prm, seeds, row_ids, ns, logprobs, chunk, 
            ("top_p", p, np.float64), ("min_p", mp, np.float64), ("seeds", seeds, np.uint64),
            ("row_ids", row_ids, np.uint64))}
     rowmax = blk.array(R, np.float64, "sample rowmax")
-    rowlse = blk.array(R, np.float64, "sample rowlse")
     if need[sl].any():
         theta = blk.array(R, np.float64, "sample theta")
         blk.launch(kern.prepare, _stride_grid(R))(blk.d, blk.dtemp, float(softcap), up["need"], up["top_k"],
-                                                    up["top_p"], up["min_p"], rowmax, rowlse, theta)
+                                                    up["top_p"], up["min_p"], rowmax, theta)
     else:         # no filter: every token survives (a kept upload, no copy while the rows are as many)
         theta = blk.upload("sample no threshold", np.full(R, -np.inf))
     nseg, seglen = _segments(R * ns, V, chunk)
@@ -829,8 +828,7 @@ def _sample_block(blk, kern, softcap, prm, seeds, row_ids, ns, logprobs, chunk, 
                    blk.array(R, np.int32, "sample status"))
     tok_d, lp_d, st_d = results
     blk.launch(kern.finish, *_grid1(R * ns))(blk.d, blk.dtemp, float(softcap), up["greedy"], theta, rowmax,
-                                             rowlse, pkey, pidx, pflag, psum, bool(logprobs), tok_d, lp_d,
-                                             st_d)
+                                             pkey, pidx, pflag, psum, bool(logprobs), tok_d, lp_d, st_d)
     prank = None
     if logprobs:
         prank = blk.array((R, nseg, ns), np.int64, "sample prank")

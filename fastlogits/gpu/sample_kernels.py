@@ -251,10 +251,10 @@ def _build(kind):
         return value_of(prefix)
 
     @cuda.jit
-    def prepare(x, temp, softcap, need, top_k, top_p, min_p, rowmax, rowlse, theta):
+    def prepare(x, temp, softcap, need, top_k, top_p, min_p, rowmax, theta):
         """Per row, by need[r]: 0, theta = -inf (no filter); 1, top-k only: theta from the radix select
-        alone; 2: first the logsumexp state (rowmax M, rowlse), then theta, the largest of the thresholds of
-        top_k (0: none; < V), top_p (1: none; already lowered by the tolerance) and min_p (0: none). One
+        alone; 2: first the logsumexp state (its max into rowmax), then theta, the largest of the thresholds
+        of top_k (0: none; < V), top_p (1: none; already lowered by the tolerance) and min_p (0: none). One
         block per row at a time (grid stride)."""
         tid = cuda.threadIdx.x
         V = x.shape[1]
@@ -320,7 +320,6 @@ def _build(kind):
             if tid == 0:
                 theta[r] = th
                 rowmax[r] = M
-                rowlse[r] = lse
 
     @cuda.jit
     def draw(x, temp, softcap, greedy, theta, seeds, row_ids, seglen, want_sum, rowmax, pkey, pidx, pflag,
@@ -423,7 +422,7 @@ def _build(kind):
             par = 1 - par
 
     @cuda.jit
-    def finish(x, temp, softcap, greedy, theta, rowmax, rowlse, pkey, pidx, pflag, psum, want_lp, tokens,
+    def finish(x, temp, softcap, greedy, theta, rowmax, pkey, pidx, pflag, psum, want_lp, tokens,
                logprobs, status):
         """Per (row, sample): merge the segments (in order) into the token, the row's status (s = 0) and,
         when want_lp, the token's log-probability under the filtered distribution."""
@@ -460,8 +459,9 @@ def _build(kind):
             lp = 0.0 if st == 0 else math.nan
             if st == 0 and not gr:
                 xt = float64(value(x, r, ib, CT(softcap), CT(temp[r])))
-                lse_s = rowmax[r] + math.log(sm) if theta[r] > -math.inf else rowlse[r]
-                lp = xt - lse_s
+                # (x - M) - log(sum) over the survivors (every token when theta is -inf), as log-softmax
+                # forms it and the CPU does: x - (M + log(sum)) loses log(sum) once |M| passes about 1e14
+                lp = (xt - rowmax[r]) - math.log(sm)
             logprobs[r, s] = lp
 
     @cuda.jit
@@ -610,12 +610,12 @@ def compile_signatures():
         k = for_kind(kind)
         xt = types.Array(types.uint16 if kind == "bfloat16" else from_dtype(np.dtype(kind)), 2, "A")
         out.append((f"sample prepare[{kind}]", k.prepare,
-                    (xt, row, f8, u8row, i8row, row, row, row, row, row)))
+                    (xt, row, f8, u8row, i8row, row, row, row, row)))
         out.append((f"sample draw[{kind}]", k.draw,
                     (xt, row, f8, u8row, row, u64row, u64row, i8, boolean, row, types.Array(f8, 3, "C"),
                      types.Array(i8, 3, "C"), types.Array(i8, 2, "C"), types.Array(f8, 2, "C"))))
         out.append((f"sample finish[{kind}]", k.finish,
-                    (xt, row, f8, u8row, row, row, row, types.Array(f8, 3, "C"), types.Array(i8, 3, "C"),
+                    (xt, row, f8, u8row, row, row, types.Array(f8, 3, "C"), types.Array(i8, 3, "C"),
                      types.Array(i8, 2, "C"), types.Array(f8, 2, "C"), boolean, types.Array(i8, 2, "C"),
                      types.Array(f8, 2, "C"), types.Array(types.int32, 1, "C"))))
         out.append((f"sample rank[{kind}]", k.rank,

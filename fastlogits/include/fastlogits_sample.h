@@ -766,11 +766,12 @@ static inline double FLS_FN(fl_row_rank_mass)(const fl_row *r, const fl_sample_p
 }
 
 /* Token t's log-probability under the filtered, renormalised distribution, from the survivors' sum
- * of exp(x - max) (fl_row_rank_mass over the whole row). */
+ * of exp(x - max) (fl_row_rank_mass over the whole row): (x - m) - log(sum), as log-softmax forms it
+ * (x - (m + log(sum)) loses log(sum) in m's rounding once |m| passes about 1e14). */
 static inline double FLS_FN(fl_sample_logprob)(const fl_row *r, const fl_sample_prep *pp, int64_t t,
                                                double ssum) {
-    double lse_s = pp->theta > -FL_INF ? pp->st.m + log(ssum) : pp->lse;
-    return (double)FLS_FN(fl_row_value)(r, t) - lse_s;
+    double ls = log(pp->theta > -FL_INF ? ssum : pp->st.s);
+    return ((double)FLS_FN(fl_row_value)(r, t) - pp->st.m) - ls;
 }
 
 /* Draws p->num_samples tokens from row r (see the top of the file) into tokens[s]; when logprobs is not
@@ -800,7 +801,7 @@ static inline int FLS_FN(fl_row_sample)(const fl_row *r, const fl_sample_params 
         /* top-k: candidates are the heap and the ties; everything else happens on them */
         FLS_T *hv = (FLS_T *)sc->hv;
         int64_t nt = 0;
-        double m, sum = 0.0, theta, lse_s, ssum = 0.0;
+        double m, sum = 0.0, theta, log_s, ssum = 0.0;
         int st = FLS_FN(fl__topk_pass)(r, k, chunk, buf, hv, sc->hi, sc->ci + k, &nt);
         if (st != FL_SAMPLE_OK) return st;
         m = -FL_INF;
@@ -813,7 +814,7 @@ static inline int FLS_FN(fl_row_sample)(const fl_row *r, const fl_sample_params 
         theta = fl__filter_threshold(sc->cv, nc, m, sum, p->top_p, p->min_p, tol, sc->tmp);
         for (i = 0; i < nc; i++)
             if (sc->cv[i] >= theta) ssum += exp(sc->cv[i] - m);
-        lse_s = m + log(ssum);
+        log_s = log(ssum);
         for (s = 0; s < p->num_samples; s++) {
             fl_rng g = fl_rng_make(p->seed, p->row_id, (uint32_t)s);
             double best = -FL_INF;
@@ -828,7 +829,7 @@ static inline int FLS_FN(fl_row_sample)(const fl_row *r, const fl_sample_params 
             if (logprobs) {
                 int64_t rank = 0;
                 for (i = 0; i < nc; i++) rank += sc->cv[i] > sc->cv[bj];
-                logprobs[s] = sc->cv[bj] - lse_s;
+                logprobs[s] = (sc->cv[bj] - m) - log_s;       /* as fl_sample_logprob */
                 ranks[s] = rank;
             }
         }

@@ -185,7 +185,7 @@ def _draw(passes, theta, m, seed, row_id, ns, logprobs):
     ranks, mass = np.zeros(ns, np.int64), np.zeros(ns)
     for _, v in passes():
         _sample.rank_mass_values(v, xt, theta, m, ranks, mass)
-    return OK, tokens, xt - (m + np.log(mass)), ranks
+    return OK, tokens, (xt - m) - np.log(mass), ranks      # as log-softmax forms it: exact at any m
 
 
 def _sample_survivors(passes, vals, toks, cut, min_p, p, seed, row_id, ns, logprobs, vdt):
@@ -220,4 +220,4 @@ def _sample_survivors(passes, vals, toks, cut, min_p, p, seed, row_id, ns, logpr
         return OK, tokens, None, None
     ranks, mass = np.zeros(ns, np.int64), np.zeros(ns)
     _sample.rank_mass_values(sv.astype(vdt), xt, theta, m, ranks, mass)
-    return OK, tokens, xt - (m + np.log(mass)), ranks
+    return OK, tokens, (xt - m) - np.log(mass), ranks      # as log-softmax forms it: exact at any m

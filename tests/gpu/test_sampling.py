@@ -108,6 +108,17 @@ def test_logprobs_and_ranks(gpu, rng, dtype):
             assert abs(float(lp[i, s]) - want) <= tol, (i, s, lp[i, s], want)
 
 
+@pytest.mark.parametrize("kw", [{}, {"top_p": 0.9}, {"top_k": 2}, {"min_p": 0.2}],
+                         ids=["plain", "top_p", "top_k", "min_p"])
+def test_logprobs_of_huge_logits_keep_log_sum(gpu, kw):
+    """(x - M) - log(sum), as on the CPU: x - (M + log(sum)) rounded log(2) away next to M = 1e20."""
+    for big in (1e15, 1e20):
+        x = np.zeros((2, 5))
+        x[:, :2] = big
+        lp = sample(x, backend="gpu", seed=3, num_samples=2, return_logprobs=True, **kw)[1]
+        np.testing.assert_allclose(lp, np.full((2, 2), -np.log(2.0)), rtol=1e-15)
+
+
 @pytest.mark.parametrize("kw", [{}, {"top_p": 0.5}, {"top_k": 3}, {"min_p": 0.2}, {"temperature": 0.0}],
                          ids=["plain", "top_p", "top_k", "min_p", "greedy"])
 def test_edge_rows_status_and_tokens(gpu, kw):
