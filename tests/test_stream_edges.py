@@ -1349,3 +1349,24 @@ def test_output_name_ending_in_a_separator_is_a_folder(tmp_path, rng):
     err = _one_line(_cli("softmax", tmp_path / "x.npy", str(tmp_path / "nodir") + os.sep))
     assert "ends in a separator" in err, err
     assert not (tmp_path / "newdir").exists() and not (tmp_path / "nodir").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_named_pipe_output_whose_reader_goes_away_is_an_error(tmp_path, rng):
+    """The command line took every BrokenPipeError for a | head on standard output and exited 0, silently,
+    when the reader of a named pipe given as the output went away: rows were lost."""
+    import threading
+
+    np.save(tmp_path / "x.npy", rng.standard_normal((20000, 200)).astype(np.float32))
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+
+    def read_a_little():
+        with open(fifo, "rb") as f:
+            f.read(10)
+
+    reader = threading.Thread(target=read_a_little)
+    reader.start()
+    err = _one_line(_cli("softmax", tmp_path / "x.npy", fifo, "--memory", "1MiB"), rc=1)
+    reader.join()
+    assert "reader went away" in err, err

@@ -649,7 +649,12 @@ class _Sink:
                 at = np.unravel_index(np.arange(r0, r0 + block.shape[0]), self._out.shape[:-1])
                 self._out[at + (slice(c0, c0 + block.shape[1]),)] = block
         else:
-            self._f.write(_bytes(block.astype(self.dtype, copy=False)))
+            try:
+                self._f.write(_bytes(block.astype(self.dtype, copy=False)))
+            except BrokenPipeError:
+                if self.stdout:      # (the command line exits quietly when a | head stops reading)
+                    raise
+                raise self._reader_gone() from None
         if c0 + block.shape[1] >= self.V:
             self.rows = max(self.rows, r0 + block.shape[0])
 
@@ -666,10 +671,19 @@ class _Sink:
             if exc_type is None and self.npy and self.lead is None:
                 self._f.seek(0)
                 _write_npy_header(self._f, (self.rows,), self.V, self.dtype, self._header_len)
-            self._f.close()
+            try:
+                self._f.close()
+            except BrokenPipeError:
+                raise self._reader_gone() from None
         finally:
             self._atomic.__exit__(exc_type, exc, tb)
         return False
+
+    def _reader_gone(self):
+        """A named pipe's reader went away: an error (not BrokenPipeError, which the command line takes for
+        a | head on standard output, and exits 0), since rows were lost."""
+        return OSError(f"{self.path}: the pipe's reader went away after {self.rows} rows; the rest were not "
+                       "written")
 
 
 def _write_npy_header(f, lead, V, dtype, length=None):
