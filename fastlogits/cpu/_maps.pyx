@@ -16,9 +16,9 @@ from cython.parallel cimport prange, parallel, threadid
 from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
 
-from fastlogits.clib cimport fl_lse_state, fl_lse_merge
-from fastlogits.cpu._rows cimport (Block, make_block, n_segments, row_of, fold_lse, fl_row, work_threads,
-                                   address_of, FL_F32, FL_F64, fl_row_softmax_exp_f32,
+from fastlogits.clib cimport fl_lse_state
+from fastlogits.cpu._rows cimport (Block, make_block, n_segments, row_of, fold_lse, merge_ranges, fl_row,
+                                   work_threads, address_of, FL_F32, FL_F64, fl_row_softmax_exp_f32,
                                    fl_row_softmax_exp_f64, fl_row_softmax_f32, fl_row_softmax_f64)
 
 # the most scratch memory, in bytes, that softmax takes to hold its terms; beyond, it computes exp twice
@@ -124,9 +124,7 @@ def softmax(x, int dtype, temperature, double softcap, out, int out_dtype, bint 
                 y = obase + i * orow + start * isz if direct else terms + (i * b.n + start) * isz
                 exp_pass(&b, i, start, (g + 1) * b.n // nseg, y, maxes + it * nck * isz, &st[it], buf)
         with nogil:
-            for i in range(b.rows):
-                for g in range(1, nseg):
-                    fl_lse_merge(&st[i * nseg], &st[i * nseg + g])
+            merge_ranges(st, b.rows, nseg)
         with nogil, parallel(num_threads=threads):
             buf = bufs + threadid() * chunk * 16
             for it in prange(items, schedule="guided"):

@@ -153,6 +153,12 @@ cdef inline void fold_lse(const Block *b, int64_t nseg, fl_lse_state *st, char *
                 st[it] = fl_row_lse_f64(&r, start, stop, b.chunk, <double *> buf)
             else:
                 st[it] = fl_row_lse_f32(&r, start, stop, b.chunk, <float *> buf)
-    for i in range(b.rows):
+    merge_ranges(st, b.rows, nseg)
+
+
+cdef inline void merge_ranges(fl_lse_state *st, int64_t rows, int64_t nseg) noexcept nogil:
+    """The nseg range states of each row (st[i * nseg + g]) merged in order into st[i * nseg]."""
+    cdef int64_t i, g
+    for i in range(rows):
         for g in range(1, nseg):
             fl_lse_merge(&st[i * nseg], &st[i * nseg + g])
