@@ -444,3 +444,79 @@ def test_merge_refuses_other_kinds_options_and_bad_states(rng):
     np.testing.assert_array_equal(top.result()[1], before[1])
     np.testing.assert_array_equal(top.merge(TopK(3, 2).update(x[:, 20:], 20)).result()[1],
                                   ref.top_k(x, 2)[1])
+
+
+def test_merging_an_accumulator_into_itself_is_refused_even_after_a_bare_state(rng):
+    """Once a bare state was merged the column ranges are unknown, so the overlap check cannot see a merge
+    of the accumulator into itself: it is refused by identity (it would count every column twice)."""
+    x = rng.standard_normal((3, 8))
+    for make in (lambda: LogSumExp(3), lambda: CrossEntropy(np.array([0, 5, 7])), lambda: Entropy(3),
+                 lambda: TopK(3, 2, logprobs=True)):
+        a, b = make(), make()
+        a.update(x[:, :4], 0)
+        b.update(x[:, 4:], 4)
+        a.merge(b.state)
+        assert a.ranges is None
+        with pytest.raises(ValueError, match="merged into itself"):
+            a.merge(a)
+        b.update(x[:, :4], 0)                       # the same columns, folded the other way round
+        np.testing.assert_array_equal(np.asarray(a.result()[0] if isinstance(a, TopK) else a.result()),
+                                      np.asarray(b.result()[0] if isinstance(b, TopK) else b.result()))
+
+
+def test_accumulators_keep_their_own_copy_of_per_row_temperatures(rng):
+    """A per-row temperature array is copied when the accumulator is made: the caller reusing its buffer
+    changes neither later chunks nor what merge compares."""
+    x = rng.standard_normal((2, 10))
+    t = np.array([0.5, 2.0])
+    want = ref.logsumexp(x / t[:, None])
+    for make in (lambda t: LogSumExp(2, temperature=t), lambda t: Entropy(2, temperature=t),
+                 lambda t: CrossEntropy(np.array([1, 3]), temperature=t, reduction="none"),
+                 lambda t: TopK(2, 3, temperature=t)):
+        buf = t.copy()
+        acc = make(buf)
+        acc.update(x[:, :5], 0)
+        buf[:] = 1.0
+        acc.update(x[:, 5:], 5)
+        whole = make(t).update(x, 0)
+        np.testing.assert_allclose(np.asarray(acc.result()[0] if isinstance(acc, TopK) else acc.result()),
+                                   np.asarray(whole.result()[0] if isinstance(acc, TopK) else whole.result()),
+                                   rtol=1e-12)
+        with pytest.raises(ValueError, match="different temperature"):
+            acc.merge(make(buf))                    # made at T = 1: not the same options
+    lse = LogSumExp(2, temperature=t)
+    lse.update(x, 0)
+    t[:] = 1.0
+    np.testing.assert_allclose(lse.result(), want, rtol=1e-13)
+
+
+def test_cross_entropy_accumulator_refuses_uint64_labels_past_int64():
+    """A uint64 label of 2**64 - 100 is out of range, as fastlogits.cross_entropy says, not -100 (the
+    default ignore_index) after a wrap to int64, which would drop the row quietly."""
+    x = np.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]])
+    for label in (2**64 - 100, 2**63 + 5):
+        lab = np.array([0, label], np.uint64)
+        with pytest.raises(IndexError, match=f"label {label} at row 1"):
+            fl.cross_entropy(x, lab)
+        with pytest.raises(IndexError, match=f"label {label} at row 1"):
+            CrossEntropy(lab)
+    lab = np.array([0, 1], np.uint64)                 # in range: accepted, the same loss
+    assert CrossEntropy(lab).update(x, 0).result() == pytest.approx(float(fl.cross_entropy(x, lab)),
+                                                                    rel=1e-6)
+
+
+def test_a_state_made_on_the_gpu_merges_as_the_hint_says(rng):
+    """update() refuses a GPU chunk and suggests merging (lse, np.ones(rows)) of its logsumexp: that state
+    merges to the same result (fastlogits.logsumexp on the CPU stands in for the GPU's here)."""
+    x = rng.standard_normal((3, 12))
+    acc = LogSumExp(3).update(x[:, :5], 0)
+
+    class OnDevice:                           # what fastlogits takes for a GPU array
+        __cuda_array_interface__ = {}
+
+    with pytest.raises(ValueError, match=r"copy it to the host first .*\(lse, np\.ones\(rows\)\)"):
+        acc.update(OnDevice(), 5)
+    acc.merge((fl.logsumexp(x[:, 5:].astype(np.float64)), np.ones(3)))
+    np.testing.assert_allclose(acc.result(), ref.logsumexp(x), rtol=1e-13)
+    with pytest.raises(ValueError, match=r"s must have one value per row, shape \(3,\), got shape \(\)"):
+        acc.merge((np.zeros(3), 1.0))

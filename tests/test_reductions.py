@@ -10,7 +10,7 @@ import pytest
 import fastlogits as fl
 from tests import reference as ref
 from tests import tolerances as tols
-from tests.helpers import DTYPE_IDS, DTYPES, check
+from tests.helpers import BF16, DTYPE_IDS, DTYPES, check
 
 inf, nan = np.inf, np.nan
 LN2 = math.log(2.0)
@@ -322,3 +322,21 @@ def test_torch_entropy(rng):
     tols.assert_close(
         fl.entropy(x), want, tols.log_tol(np.float64, want, ref.row_scale(x)) * 10, None, "torch entropy"
     )
+
+
+def test_bfloat16_and_tensor_arguments_are_read_as_their_values(rng):
+    """Per-row temperatures and class weights given as bfloat16 (NumPy's kind "V") or as PyTorch tensors
+    (bfloat16 included, where torch is installed) are read as the numbers they hold, as float16 ones are."""
+    x = rng.standard_normal((3, 40)).astype(np.float32)
+    y = np.array([1, 7, 39])
+    t = np.array([0.5, 1.0, 3.0])
+    w = rng.uniform(0.5, 2.0, 40).astype(BF16)
+    want_t = fl.logsumexp(x, temperature=t)
+    want_w = fl.cross_entropy(x, y, weight=w.astype(np.float64), label_smoothing=0.1)
+    np.testing.assert_allclose(want_t, ref.logsumexp(x / t[:, None]), rtol=1e-6)
+    np.testing.assert_array_equal(fl.logsumexp(x, temperature=t.astype(BF16)), want_t)
+    assert fl.cross_entropy(x, y, weight=w, label_smoothing=0.1) == want_w
+    torch = pytest.importorskip("torch")
+    np.testing.assert_array_equal(fl.logsumexp(x, temperature=torch.tensor(t, dtype=torch.bfloat16)), want_t)
+    assert fl.cross_entropy(x, y, weight=torch.tensor(w.astype(np.float32), dtype=torch.bfloat16),
+                            label_smoothing=0.1) == want_w

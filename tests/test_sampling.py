@@ -628,6 +628,16 @@ def test_bad_arguments(kw, match):
         sample(x, **kw)
 
 
+@pytest.mark.parametrize("top_k, where", [(-2**70, ""), ([1, -2**70, 3], r" \(row 1\)"),
+                                           ([5, 2**70, -2**64], r" \(row 2\)")])
+def test_a_negative_top_k_past_int64_is_a_value_error_naming_it(top_k, where):
+    """A Python int below int64 is a bad value (ValueError), reported as given: not a TypeError for an
+    object array, nor the value clipped to int64."""
+    bad = min(top_k) if isinstance(top_k, list) else top_k
+    with pytest.raises(ValueError, match=f"top_k must be >= 0 .*got {bad}{where}$"):
+        sample(np.zeros((3, 5), np.float32), top_k=top_k, seed=0)
+
+
 def test_bad_logits():
     with pytest.raises(TypeError):
         sample(np.zeros((2, 5), np.int32), seed=0)

@@ -61,8 +61,10 @@ def test_merged_accumulators_equal_one_shot_and_reject_overlap(rng):
     np.testing.assert_allclose(got, fl.cross_entropy(x, y, label_smoothing=0.2, reduction="none"),
                                rtol=1e-12)
     lse = LogSumExp(3).update(x[:, :20], 0)
-    with pytest.raises(ValueError, match="already folded in"):
+    with pytest.raises(ValueError, match="cannot be merged into itself"):
         lse.merge(lse)                                 # the same columns twice
+    with pytest.raises(ValueError, match="columns 5:20 were already folded in"):
+        lse.merge(LogSumExp(3).update(x[:, 5:30], 5))
 
 
 def test_cross_entropy_with_a_gap_in_its_columns_raises(rng):

@@ -427,3 +427,29 @@ def test_disabled_filters_take_no_scratch(tmp_path, rng, wide_rows):
     assert wide_rows == []
     fl.sample(src, seed=2, top_p=0.9)                           # 120 KB a row with the scratch
     assert len(wide_rows) == 4
+
+
+@pytest.mark.parametrize("budget", ["64KiB", "256MiB"])
+def test_per_row_arguments_broadcast_as_in_memory(tmp_path, rng, budget):
+    """Per-row arguments broadcast to the leading shape by NumPy's rules, streamed (rows in blocks, or wide
+    rows under a small budget) as in memory: shape (3,) or (1,) for a (2, 3) leading shape, and bfloat16 or
+    float16 values (read as float32). The same tokens and log-probabilities."""
+    x = rng.standard_normal((2, 3, V_WIDE)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    cases = (dict(temperature=np.array([0.5, 1.0, 2.0]), top_k=np.array([3, 0, 50])),
+             dict(top_p=np.array([0.9]), min_p=np.array([[0.05], [0.0]])),
+             dict(temperature=np.array([0.75, 1.5], BF16)[:, None],
+                  top_p=np.array([0.5, 0.9, 1.0], np.float16)))
+    for kw in cases:
+        want = fl.sample(x, seed=11, num_samples=2, return_logprobs=True, **kw)
+        as_f64 = {k: np.asarray(v, np.float64) for k, v in kw.items()}
+        np.testing.assert_array_equal(fl.sample(x, seed=11, num_samples=2, **as_f64), want[0])
+        got = fl.sample(fl.open(tmp_path / "x.npy", memory=budget), seed=11, num_samples=2,
+                        return_logprobs=True, **kw)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_allclose(got[1], want[1], rtol=2e-6)
+    with pytest.raises(ValueError, match=r"top_k must be a scalar or one value per row \(an array that "
+                                         r"broadcasts to the leading shape \(2, 3\)\), got shape \(2,\)"):
+        fl.sample(fl.open(tmp_path / "x.npy", memory=budget), top_k=np.array([1, 2]), seed=0)
+    with pytest.raises(ValueError, match=r"seed must have one value per row \(shape \(2, 3\)\)"):
+        fl.sample(fl.open(tmp_path / "x.npy", memory=budget), seed=np.arange(3), num_samples=1)

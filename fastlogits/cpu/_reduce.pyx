@@ -17,7 +17,7 @@ from libc.math cimport NAN, INFINITY, log, fabs
 from fastlogits.clib cimport (fl_lse_state, fl_ent_state, fl_lse_merge, fl_lse_result, fl_ent_merge,
                               fl_ent_result)
 from fastlogits.cpu._rows cimport (Block, make_block, n_segments, row_of, fold_lse, fl_row, work_threads,
-                                   address_of, fl__dist_merge, fl_row_entropy_f32,
+                                   address_of, fl__dist_merge, fl__dist_total, fl_row_entropy_f32,
                                    fl_row_entropy_f64, fl_row_ce_f32, fl_row_ce_f64,
                                    fl_row_value_f32, fl_row_value_f64, fl_row_stats_f32,
                                    fl_row_stats_f64)
@@ -156,7 +156,7 @@ def cross_entropy(x, int dtype, temperature, double softcap, const int64_t[::1] 
             # (m - x) + log s, not lse - x: exact when x and m are huge and close (x = 3e38)
             nll[i] = (m - xt) + log(st[i * nseg].s)
             # sum w (lse - x) = sum w (m - x) + W log s: no cancellation however large x is
-            smooth[i] = ds[i * nseg] + wtotal * log(st[i * nseg].s) if smoothing else 0.0
+            smooth[i] = fl__dist_total(ds[i * nseg], wtotal, log(st[i * nseg].s)) if smoothing else 0.0
     free(st)
     free(ds)
     free(ws)

@@ -927,7 +927,10 @@ def _build(kind):
         nll[r] = nll_of(m, s, value(x, r, lab, CT(softcap), CT(temp[r])))
         smooth[r] = 0.0
         if smoothing:
-            smooth[r] = t + wtotal * math.log(s) if m > -math.inf and m < math.inf else math.nan
+            smooth[r] = math.nan
+            if m > -math.inf and m < math.inf:     # W log s: 0 where log s is, whatever W (fl__dist_total)
+                log_s = math.log(s)
+                smooth[r] = t + (wtotal * log_s if log_s != 0.0 else 0.0)
 
     k = Kernels()
     k.kind = kind

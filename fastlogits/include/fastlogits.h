@@ -297,6 +297,13 @@ static inline void fl__dist_merge(double *d, double *w, double m, double d2, dou
     *w += w2;
 }
 
+/* A row's smoothing sum, sum w (lse - x) = d + W log s, from its distance sum d (fl__dist) and weight sum W.
+ * W log s is the sum of w log s over the classes: 0 where log s is (the max holds all the mass), whatever
+ * the weights, an infinite one included (W * 0 would make it NaN where PyTorch's sum is inf). */
+static inline double fl__dist_total(double d, double W, double log_s) {
+    return d + FL__WDIST(W, log_s);
+}
+
 /* ------------------------------------------------------------------------------------------------ */
 /* 2. Vectorizable exp                                                                              */
 /* ------------------------------------------------------------------------------------------------ */

@@ -9,7 +9,7 @@ logits : array_like of shape (..., V), a GPU array, or a source (fastlogits.open
     through ``fastlogits.open(bits, dtype="bfloat16")``), float32 or float64, any strides; PyTorch CPU
     tensors are read in place. A source is streamed in bounded memory.""",
     "temperature": """\
-temperature : float > 0, or an array of one per row (the leading shape)
+temperature : float > 0, or an array of one per row (the leading shape, or one that broadcasts to it)
     The logits are divided by it, after the softcap (below float64 input, in float32, as PyTorch does).""",
     "out": """\
 out : array or path, optional

@@ -103,6 +103,14 @@ def host_array(obj):
     return np.asarray(obj)
 
 
+def number_array(value):
+    """A numeric argument (temperatures, weights, per-row filters) as a NumPy array: read as host_array
+    reads logits (a PyTorch tensor in place), bfloat16 values as float32 (exactly: NumPy's kind for
+    bfloat16 is "V", not "f")."""
+    a = host_array(value)
+    return a.astype(np.float32) if a.dtype == BF16 else a
+
+
 def as_array(logits, dtype=None, argname="logits"):
     """logits as an array with a supported float dtype (GPU arrays are left where they are). dtype=
     "bfloat16" re-declares 2-byte data (e.g. a |V2 or uint16 array) as bfloat16."""
@@ -164,8 +172,8 @@ def broadcast_rows(a, lead, argname):
     try:
         return np.broadcast_to(a, lead)
     except ValueError:
-        raise ValueError(f"{argname} must be a scalar or one value per row (shape {lead}), got shape "
-                         f"{a.shape}") from None
+        raise ValueError(f"{argname} must be a scalar or one value per row (an array that broadcasts to the "
+                         f"leading shape {lead}), got shape {a.shape}") from None
 
 
 # float32's smallest normal and largest finite numbers: a temperature or softcap outside them cannot be
@@ -211,7 +219,7 @@ def temperatures(temperature, lead, rows, argname="temperature", allow_zero=Fals
     if isinstance(temperature, (bool, str, bytes)) or temperature is None:
         raise TypeError(f"{argname} must be a float or an array of floats, got {temperature!r}")
     try:
-        t = np.asarray(temperature)
+        t = number_array(temperature)
         if t.dtype.kind not in "fiu":
             raise TypeError
         t = t.astype(np.float64)

@@ -18,6 +18,7 @@ from fastlogits.ops._prep import (
     dtype_name,
     host_array,
     is_gpu_array,
+    number_array,
     prepare,
     row_name,
     scalar_if_0d,
@@ -281,7 +282,9 @@ def cross_entropy(logits, labels, *, weight=None, ignore_index=-100, label_smoot
         Class indices in [0, V), or ``ignore_index``; a label out of range raises IndexError naming it
         and its row.
     weight : array of V floats, optional
-        Per-class weights (PyTorch's ``weight``).
+        Per-class weights (PyTorch's ``weight``). With label smoothing, a weight w adds w (-log p) of its
+        class: an infinite weight gives ±inf where p < 1 and, as in PyTorch, a zero weight NaN where p = 0;
+        where p is 1 (-log p = 0) the class adds 0, whatever its weight (PyTorch: NaN for inf * 0).
     ignore_index : int
         Rows with this label count for nothing (default -100).
     label_smoothing : float in [0, 1]
@@ -347,7 +350,7 @@ def as_weight(weight, copy=False):
     if weight is None:
         return None
     try:
-        w = np.asarray(weight)
+        w = number_array(weight)
     except (TypeError, ValueError):
         w = None
     if w is None or w.dtype.kind not in "fiu":

@@ -34,6 +34,7 @@ from fastlogits.ops._prep import (
     broadcast_rows,
     compute_dtype,
     is_gpu_array,
+    number_array,
     prepare,
     row_name,
     scalar_if_0d,
@@ -59,16 +60,24 @@ def _per_row(value, name, lead, rows, dtype, default, ok, need):
         if not ok(value):                                                            # the common case
             raise ValueError(f"{name} must be {need}, got {number(value)!r}")
         return np.full(rows, min(value, 2**62) if number is int else value, dtype)
-    if number is int and isinstance(value, int) and not isinstance(value, bool) and value > 2**62:
-        value = 2**62            # any k >= V means no top-k
+    if number is int and type(value) is int:     # past int64 (any k >= V means no top-k)
+        if not ok(value):
+            raise ValueError(f"{name} must be {need}, got {value!r}")
+        value = 2**62
     if isinstance(value, bool) or (isinstance(value, np.ndarray) and value.dtype == bool):
         raise TypeError(f"{name} must be {'an integer' if number is int else 'a float'} or one per row, "
                         f"got {value!r}")
     try:
         exact = _exact_ints(value) if number is int else None
-        a = np.asarray(value) if exact is None else np.clip(exact, -2**62, 2**62).astype(np.int64)
+        a = number_array(value) if exact is None else np.minimum(exact, 2**62)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a number or one per row, got {value!r}") from None
+    if exact is not None:       # ints past int64 (any k >= V means no top-k): checked as given
+        bad = ~ok(exact).astype(bool)
+        if np.any(bad):
+            where = _first_bad(bad, lead) if exact.shape == tuple(lead) else ""
+            raise ValueError(f"{name} must be {need}, got {exact[bad][0]!r}{where}")
+        a = a.astype(np.int64)
     if a.dtype == object or a.dtype.kind not in "iuf":
         raise TypeError(f"{name} must be a number or an array of numbers, got {value!r}")
     if number is int and a.dtype.kind == "f":
@@ -293,7 +302,7 @@ def sample_source(src, temperature, top_k, top_p, min_p, seed, ns, logprobs, kw,
             if v is not None}
     per_row_seed = seed is not None and not isinstance(seed, (int, np.integer)) and np.ndim(seed) > 0
     if per_row_seed:
-        args["seed"] = stream_run.RowArg(seed, "seed", src, dtype=None)
+        args["seed"] = stream_run.RowArg(seed, "seed", src, dtype=None, per_row=True)   # never broadcast
     elif seed is None:
         seed = secrets.randbits(64)
     parts, rows = [], 0

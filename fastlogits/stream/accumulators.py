@@ -56,11 +56,11 @@ class TopKState(NamedTuple):
 
 def _row_state(value, rows, name, dtype=np.float64):
     """One field of another accumulator's state, as a C-contiguous array of one value per row."""
-    a = np.ascontiguousarray(value, dtype=dtype)
+    a = np.asarray(value, dtype=dtype)
     if a.shape != (rows,):
         raise ValueError(f"merge: the other state's {name} must have one value per row, shape ({rows},), got "
                          f"shape {a.shape}")
-    return a
+    return np.ascontiguousarray(a)
 
 
 def _merge_lse(m, s, m2, s2):
@@ -75,7 +75,12 @@ class _Base:
         if int(rows) < 0:
             raise ValueError(f"rows must be a non-negative integer, got {rows!r}")
         self.rows = int(rows)
-        self._temperature = temperature
+        # checks temperature and softcap now, not at the first update (float64's rules: the dtype of the
+        # chunks is not known yet; float32's narrower range is checked when a chunk comes)
+        r = prepare(np.zeros((self.rows, 0), np.float64), temperature=temperature, softcap=softcap,
+                    backend="cpu", threads=threads, chunk_size=chunk_size)
+        # one float64 per row, a private copy (the caller may reuse its array)
+        self._temperature = r.temperature
         self._softcap = softcap
         self._threads = threads
         self._chunk_size = chunk_size
@@ -85,16 +90,13 @@ class _Base:
         # the column ranges folded in, as sorted [start, end) pairs; None once a bare state of unknown
         # columns was merged. Folding a column twice would count it twice, so an overlap raises.
         self.ranges = []
-        # checks temperature and softcap now, not at the first update (float64's rules: the dtype of the
-        # chunks is not known yet; float32's narrower range is checked when a chunk comes)
-        prepare(np.zeros((self.rows, 0), np.float64), temperature=temperature, softcap=softcap,
-                backend="cpu", threads=threads, chunk_size=chunk_size)
 
     def _check_chunk(self, chunk, start):
         """chunk as an array of shape (rows, c) and start as an int, after the usual checks."""
         if is_gpu_array(chunk):
-            hint = (" (or merge the state (lse, 1) of fastlogits.logsumexp(chunk, temperature=..., "
-                    "softcap=...) computed on the GPU with this accumulator's temperature and softcap)"
+            hint = (" (or merge the state (lse, np.ones(rows)) of fastlogits.logsumexp(chunk, "
+                    "temperature=..., softcap=...) computed on the GPU with this accumulator's temperature "
+                    "and softcap)"
                     if type(self) is LogSumExp else "")
             raise ValueError(f"{type(self).__name__}.update: the accumulators fold chunks on the CPU, and "
                              f"this chunk lives on a GPU: copy it to the host first{hint}")
@@ -160,6 +162,9 @@ class _Base:
     def _other(self, other, State):
         """(state, column ranges, columns) of what merge was given: an accumulator of this kind, made
         with the same options, or a bare state (its ranges unknown, its columns not counted)."""
+        if other is self:      # (the column ranges cannot tell once a bare state was merged)
+            raise ValueError(f"merge: a {type(self).__name__} cannot be merged into itself (its columns "
+                             "would count twice)")
         if isinstance(other, type(self)):
             self._check_same(other)
             return other.state, other.ranges, other.columns
@@ -178,8 +183,6 @@ class _Base:
                              f"{self.rows}")
         for name in (*names, "_temperature", "_softcap"):
             a, b = getattr(self, name), getattr(other, name)
-            if name == "_temperature":          # one value, or one per row: the same temperatures either way
-                a, b = (np.broadcast_to(np.asarray(t, np.float64), (self.rows,)) for t in (a, b))
             if (a is None) != (b is None) or (a is not None and not np.array_equal(a, b)):
                 raise ValueError(f"merge: the other {type(self).__name__} has a different "
                                  f"{name.lstrip('_')}; only accumulators of the same options can be merged")
@@ -257,6 +260,9 @@ class CrossEntropy(_Base):
                                                                                 ignore_index)
         check_reduction(reduction)
         self.reduction = reduction
+        if lab.dtype == np.uint64 and lab.size and lab.max() > np.iinfo(np.int64).max:
+            i = int(np.argmax(lab > np.iinfo(np.int64).max))
+            raise IndexError(f"labels: label {int(lab[i])} at row {i} is out of range")
         self.labels = lab.astype(np.int64)
         if np.any((self.labels < 0) & (self.labels != self.ignore_index)):
             i = int(np.argmax((self.labels < 0) & (self.labels != self.ignore_index)))
@@ -358,7 +364,8 @@ class CrossEntropy(_Base):
         smooth = None
         if eps > 0:      # sum w (lse - x) = sum w (m - x) + W log s
             with np.errstate(invalid="ignore", divide="ignore"):
-                smooth = np.where(finite, self.dist + self.wseen * np.log(self.s), np.nan)
+                log_s = np.log(self.s)     # W log s: 0 where log s is, whatever W (fl__dist_total)
+                smooth = np.where(finite, self.dist + np.where(log_s == 0, 0.0, self.wseen * log_s), np.nan)
         return ce_terms(nll, smooth, lse, self.labels, self.ignore_index, self.weight, eps, self.z_loss, V,
                         per_row)
 

@@ -23,7 +23,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastlogits.ops._prep import NP_DTYPES, check_own_places, compute_dtype, scalar_if_0d
+from fastlogits.ops._prep import (
+    NP_DTYPES,
+    broadcast_rows,
+    check_own_places,
+    compute_dtype,
+    number_array,
+    scalar_if_0d,
+)
 
 DEFAULT_BUDGET = 256 * 2**20
 BLOCK_BYTES = 16 * 2**20     # the largest input block a plan makes, whatever the budget
@@ -254,14 +261,16 @@ class RowArg:
 
     def __init__(self, value, name, source, dtype=np.float64, per_row=False):
         self.name = name
-        a = np.asarray(value)
+        a = number_array(value)
         # per_row (labels): a 0-d value is the one row's value of a 1-D source, else never a broadcast
         self.scalar = a.ndim == 0 and not (per_row and tuple(source.shape[:-1]) == ())
         if not self.scalar:
             lead = tuple(source.shape[:-1])
             if source.shape[0] is not None and a.shape != lead:
-                raise ValueError(f"{name} must be a scalar or one value per row (shape {lead}), got shape "
-                                 f"{a.shape}")
+                if per_row:
+                    raise ValueError(f"{name} must have one value per row (shape {lead}), got shape "
+                                     f"{a.shape}")
+                a = broadcast_rows(a, lead, name)     # as in memory
             a = a.reshape(-1)
         self.value = a if dtype is None else a.astype(dtype, copy=False)
 
