@@ -238,7 +238,7 @@ FL_TARGET_AVX2 static FL_UNUSED void fl__philox_block_avx2(uint32_t *w, uint32_t
  * x86-64-v3, against 1.6 for the SSE2 intrinsics and 1.1 for the AVX2 ones, the same words. */
 static inline void fl__philox_block(uint32_t *w, uint32_t ctr0, const fl_rng *g) {
 #if FL_X86_INTRINSICS && FL_HAVE_MULTIVERSION
-    if (__builtin_cpu_supports("x86-64-v4")) fl__philox_lanes(w, ctr0, g);    /* its x86-64-v4 clone */
+    if (FL__CPU_AVX512DQ()) fl__philox_lanes(w, ctr0, g);    /* its x86-64-v4 clone */
     else if (__builtin_cpu_supports("avx2")) fl__philox_block_avx2(w, ctr0, g);
     else fl__philox_block_sse2(w, ctr0, g);
 #elif FL_X86_INTRINSICS && defined(__AVX512DQ__)
