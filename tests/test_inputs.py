@@ -204,3 +204,13 @@ def test_python_number_arguments(name, rng):
     check(name, x, labels=labels, temperature=2, **_ce(name))
     check(name, x, labels=labels, softcap=3, **_ce(name))
     check(name, x, labels=labels, temperature=np.array([1, 2, 3]), **_ce(name))
+
+
+def test_the_kernels_refuse_what_is_not_two_dimensional():
+    """The Cython kernels read a block's shape and strides from the buffer protocol: anything but a 2-D
+    (rows, V) array is refused there, not read past its one or three axes."""
+    from fastlogits.cpu import _reduce
+
+    for x in (np.zeros(5, np.float32), np.zeros((2, 3, 4), np.float32)):
+        with pytest.raises(ValueError, match=f"2-D \\(rows, V\\) array, got {x.ndim} axes"):
+            _reduce.lse(x, 2, np.ones(2), 0.0, np.empty(2), 16, 1)

@@ -36,6 +36,7 @@ cdef extern from "fastlogits.h" nogil:
     fl_lse_state fl_row_ce_f64(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
                                const double *w, double *dist, double *wsum, double *buf)
     void fl__dist_merge(double *d, double *w, double m, double d2, double w2, double m2, double M)
+    double fl__dist_total(double d, double W, double log_s)
     float fl_row_value_f32(const fl_row *r, int64_t j)
     double fl_row_value_f64(const fl_row *r, int64_t j)
     fl_lse_state fl_row_softmax_exp_f32(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
@@ -97,11 +98,17 @@ cdef inline Block make_block(object x, int dtype, object temperature, double sof
     """x: a 2-D NumPy array (any strides); temperature: a C-contiguous float64 array, one per row (kept
     alive by the caller)."""
     cdef Block b
-    b.data = <const char *> address_of(x)
-    b.rows = x.shape[0]
-    b.n = x.shape[1]
-    b.row_stride = x.strides[0]
-    b.col_stride = x.strides[1]
+    cdef Py_buffer view
+    PyObject_GetBuffer(x, &view, PyBUF_STRIDES)    # x's address, shape and strides in one call
+    if view.ndim != 2:
+        PyBuffer_Release(&view)
+        raise ValueError(f"fastlogits: the kernels take a 2-D (rows, V) array, got {view.ndim} axes")
+    b.data = <const char *> view.buf
+    b.rows = view.shape[0]
+    b.n = view.shape[1]
+    b.row_stride = view.strides[0]
+    b.col_stride = view.strides[1]
+    PyBuffer_Release(&view)
     b.dtype = dtype
     b.f64 = dtype == FL_F64
     b.temperature = <const double *> address_of(temperature)

@@ -27,14 +27,14 @@ import sys
 import threading
 
 from fastlogits import _config
+from fastlogits.cpu import backend as cpu_backend
 
 _calls = threading.local()
 
 
 def get(name):
     if name == "cpu":
-        from fastlogits.cpu import backend
-        return backend
+        return cpu_backend
     reason = _config.gpu_unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"fastlogits: backend 'gpu' is not available: {reason}")

@@ -129,7 +129,7 @@ def as_array(logits, dtype=None, argname="logits"):
             raise TypeError(f"{argname}: dtype='bfloat16' re-declares 2-byte data, but {argname} has "
                             f"dtype {x.dtype}")
         x = as_bf16(x)
-    if x.dtype.newbyteorder("=") not in _NAMES:
+    if x.dtype not in _NAMES and x.dtype.newbyteorder("=") not in _NAMES:
         kind = {"i": "integer", "u": "integer", "b": "bool", "c": "complex"}.get(x.dtype.kind, str(x.dtype))
         raise TypeError(f"{argname} must be floating point (float16, bfloat16, float32 or float64), "
                         f"got {kind} dtype {x.dtype}")

@@ -705,6 +705,8 @@ def _open_object(obj, dtype, vocab, tensor):
 
 def as_source(obj):
     """obj as a source, or None when obj is an in-memory array (which the kernels take directly)."""
+    if isinstance(obj, np.ndarray):     # the common case, first: a call on a small array is mostly this
+        return None
     if isinstance(obj, (_FileSource, ArraySource, IterSource, StdinSource)):
         return obj
     from fastlogits.ops._prep import is_gpu_array
