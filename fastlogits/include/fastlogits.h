@@ -14,11 +14,11 @@
  *      second-pass maps over a chunk that sits in L1. They are plain C loops over fixed-width lanes, which
  *      GCC and Clang vectorize without fast-math flags; on x86-64 Linux with GCC 12 or later they are compiled
  *      three times (x86-64-v4 = AVX-512, x86-64-v3 = AVX2+FMA, baseline; GCC 11: AVX-512F, AVX2, baseline)
- *      and the loader picks one at start-up (target_clones), so the includer's target flags do not matter. IEEE semantics do: GCC's fast-math,
- *      associative-math and finite-math-only options fold exp's add-and-subtract rounding away (every
- *      result is wrong) or drop the NaN and inf checks (the header warns when the compiler says they are
- *      on). Intrinsics serve where the vectorizer falls short, on x86-64 only
- *      (FL_NO_INTRINSICS: none): SSE2 or AVX2 for the sampler's generator (Philox), whose 32 x 32 -> 64-bit
+ *      and the loader picks one at start-up (target_clones), so the includer's target flags do not matter.
+ *      IEEE semantics do: GCC's fast-math, associative-math and finite-math-only options fold exp's
+ *      add-and-subtract rounding away (every result is wrong) or drop the NaN and inf checks (the header
+ *      warns when the compiler says they are on). Intrinsics serve where the vectorizer falls short, on
+ *      x86-64 only (FL_NO_INTRINSICS: none): SSE2 or AVX2 for the sampler's generator (Philox), whose 32 x 32 -> 64-bit
  *      multiplies it misses, and F16C for float16 arrays;
  *   3. the public API (below), and row drivers that read any dtype and stride, apply softcap and
  *      temperature, and fold.
