@@ -342,7 +342,7 @@ def test_store_bf16_rounds_float64_once(gpu, rng):
 def test_accumulators_and_sources_say_what_to_do_with_device_arrays(gpu, rng, tmp_path):
     """A device chunk given to an accumulator, or a device out given for a source, is refused with what to
     do instead (the accumulators' error advised backend='gpu', which they do not take; found by an audit
-    agent), and the state (lse, 1) of a logsumexp computed on the device merges as advised."""
+    agent), and the state (lse, np.ones(rows)) of a logsumexp computed on the device merges as advised."""
     from numba import cuda
 
     x = rng.standard_normal((2, 40)).astype(np.float32)
@@ -350,8 +350,8 @@ def test_accumulators_and_sources_say_what_to_do_with_device_arrays(gpu, rng, tm
         with pytest.raises(ValueError, match=r"fold chunks on the CPU, and this chunk lives on a GPU: copy") \
                 as e:
             acc.update(cuda.to_device(np.ascontiguousarray(x[:, :20])), 0)
-        # only a LogSumExp merges a bare (lse, 1) state, made with its own temperature and softcap
-        assert ("(lse, 1)" in str(e.value)) == isinstance(acc, fl.stream.LogSumExp)
+        # only a LogSumExp merges a bare (lse, np.ones(rows)) state, made with its own temperature and softcap
+        assert ("(lse, np.ones(rows))" in str(e.value)) == isinstance(acc, fl.stream.LogSumExp)
     acc = fl.stream.LogSumExp(2).update(x[:, :20], 0)
     lse = fl.logsumexp(cuda.to_device(np.ascontiguousarray(x[:, 20:])), backend="gpu")
     acc.merge((np.asarray(lse.copy_to_host(), np.float64), np.ones(2)))
