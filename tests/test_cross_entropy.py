@@ -490,3 +490,15 @@ def test_smoothing_with_minus_inf_chunks():
                 np.testing.assert_allclose(fl.cross_entropy(xf, y, **kw),
                                            ref.cross_entropy(xf, y, label_smoothing=0.1, reduction="none"),
                                            rtol=1e-13)
+
+
+def test_a_z_loss_term_near_the_double_range_does_not_overflow():
+    """z lse^2 is formed (z lse) lse: 1e-4 (1e155)^2 = 1e306 is a double, though lse^2 = 1e310 is not (it
+    overflowed to inf; found by an audit helper). In memory, streamed, and from the accumulator."""
+    x, y = np.array([[1e155, 0.0]]), np.array([1])
+    for reduction in ("none", "sum", "mean"):
+        for src in (x, iter([x])):
+            np.testing.assert_allclose(fl.cross_entropy(src, y, z_loss=1e-4, reduction=reduction), 1e306,
+                                       rtol=1e-15)
+        acc = fl.stream.CrossEntropy(y, z_loss=1e-4, reduction=reduction).update(x, 0)
+        np.testing.assert_allclose(acc.result(), 1e306, rtol=1e-15)

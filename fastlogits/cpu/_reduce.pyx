@@ -396,7 +396,7 @@ def ce_terms(const double[::1] nll, const double[::1] smooth, const double[::1] 
                 wy = weight[y] if weighted else 1.0
                 part = wy * nll[i]
                 if zl:
-                    zt = z * (lse[i] * lse[i])
+                    zt = (z * lse[i]) * lse[i]     # (z lse) first: no overflow where the term is finite
             if smoothing:
                 part = (1.0 - eps) * part
                 spart = a * (smooth[i] if y != ignore_index else 0.0)

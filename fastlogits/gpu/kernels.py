@@ -461,7 +461,10 @@ def ce_reduce(labels, ignore_index, V, w, has_w, eps, z, nll, smooth, lse, reduc
     for r in range(tid, labels.shape[0], TPB):
         lab = int64(labels[r])
         if lab == ignore_index:
-            loss[r] = 0.0
+            # 0, but (eps / V) * 0 = inf * 0 = NaN for V = 0 with label smoothing, as on the host (PyTorch)
+            lsm = math.nan if eps > 0 and V == 0 else 0.0
+            loss[r] = lsm
+            ss, cs = add_to(ss, cs, lsm)
             continue
         if lab < 0 or lab >= V:
             bad = min(bad, r)
@@ -473,7 +476,7 @@ def ce_reduce(labels, ignore_index, V, w, has_w, eps, z, nll, smooth, lse, reduc
         if eps > 0:
             lr = (1.0 - eps) * lr
             lsm = (eps / V) * smooth[r]
-        zt = z * lse[r] * lse[r] if z > 0 else 0.0
+        zt = (z * lse[r]) * lse[r] if z > 0 else 0.0     # as ce_terms on the host
         loss[r] = (lr + lsm) + zt
         sl, cl = add_to(sl, cl, lr)
         ss, cs = add_to(ss, cs, lsm)

@@ -423,3 +423,23 @@ def test_device_calls_never_wait_for_the_device(cuda, rng, monkeypatch, forbid_w
         assert not any(isinstance(a, (np.ndarray, np.generic, float)) for a in g), (name, kind)
         for a, b in zip(g, want):
             np.testing.assert_allclose(_host(a), b, rtol=2e-5, atol=2e-5, err_msg=f"{name}, {kind}")
+
+
+def test_cross_entropy_on_device_of_edge_losses_as_on_the_host(cuda):
+    """Device logits give the host's (and PyTorch's) losses where they are edge cases (found by an audit
+    helper): an empty vocabulary with label smoothing (every row ignored: (eps / V) * 0 = inf * 0 = NaN,
+    not 0) and a z-loss term of a huge float64 logsumexp, z lse^2 = 1e306 (formed (z lse) lse on both, not
+    overflowing to inf on the host)."""
+    y = np.array([-100, -100])
+    for reduction in ("none", "sum", "mean"):
+        kw = dict(label_smoothing=0.1, reduction=reduction)
+        got = fl.cross_entropy(cuda.to_device(np.zeros((2, 0))), y, **kw).copy_to_host()
+        np.testing.assert_equal(got, fl.cross_entropy(np.zeros((2, 0)), y, **kw))
+        assert np.all(np.isnan(got))
+    x = np.array([[1e155, 0.0]])
+    for reduction in ("none", "sum", "mean"):
+        kw = dict(z_loss=1e-4, reduction=reduction)
+        got = fl.cross_entropy(cuda.to_device(x), np.array([1]), **kw).copy_to_host()
+        host = fl.cross_entropy(x, np.array([1]), **kw)
+        np.testing.assert_allclose(got, 1e306, rtol=1e-15)        # 1e155 + 1e-4 (1e155)^2, exactly 1e306
+        np.testing.assert_allclose(host, 1e306, rtol=1e-15)
