@@ -287,7 +287,6 @@ typedef struct fl_sample_scratch {
  * masses. */
 typedef struct fl_sample_prep {
     fl_lse_state st;   /* the row's logsumexp state, when need_lse */
-    double lse;        /* its logsumexp */
     double theta;      /* the survivors are the tokens with x >= theta (-inf: all) */
     int need_lse;      /* the logsumexp pass was made (and checked the row for NaN and +inf) */
 } fl_sample_prep;
@@ -586,15 +585,16 @@ FL_MULTIVERSION static FL_UNUSED int64_t FLS_FN(fl__topp_flags)(const FLS_T *x, 
     return cnt;
 }
 
-/* The top-p threshold tau of a whole row (max m, sum s of exp(x - m), logsumexp lse; p already lowered
- * by the tolerance), in two passes and no sort: only tokens above t0 = lse + log(1 - p) - log(V) can be
+/* The top-p threshold tau of a whole row (max m, sum s of exp(x - m): logsumexp lse = m + log s; p already
+ * lowered by the tolerance), in two passes and no sort: only tokens above t0 = lse + log(1 - p) - log(V) can be
  * in the nucleus (those below hold less than 1 - p of the mass); pass 1 histograms the mass of those over
  * FL_TOPP_BUCKETS value buckets between t0 and m, which finds the bucket where the cumulative mass (from
  * the top) reaches p; pass 2 collects that bucket's tokens, and a quickselect on mass among them gives
  * tau. Masses are exp(x - m) against p * s (see fl__filter_threshold). */
 static inline double FLS_FN(fl__topp_row)(const fl_row *r, int64_t chunk, fl_sample_scratch *sc, double m,
-                                          double s, double lse, double p) {
-    double mass[4][FL_TOPP_BUCKETS + 9], above = 0.0, t0d = lse + log1p(-p) - log((double)r->n) - 1e-3;
+                                          double s, double p) {
+    double mass[4][FL_TOPP_BUCKETS + 9], above = 0.0;
+    double t0d = (m + log(s)) + log1p(-p) - log((double)r->n) - 1e-3;
     double goal = p * s;
     FLS_T *buf = (FLS_T *)sc->buf, t0, scale, mt = (FLS_T)m;
     int32_t *bi = (int32_t *)(void *)sc->tmp;
@@ -700,17 +700,15 @@ static inline int FLS_FN(fl_row_sample_setup)(const fl_row *r, const fl_sample_p
     pp->need_lse = p->top_p < 1.0 || p->min_p > 0.0 || want_lp;
     pp->st.m = 0.0;
     pp->st.s = 0.0;
-    pp->lse = 0.0;
     pp->theta = -FL_INF;
     if (pp->need_lse) {
         pp->st = FLS_FN(fl_row_lse)(r, 0, r->n, chunk, (FLS_T *)sc->buf);
         if (pp->st.m != pp->st.m) return FL_SAMPLE_NAN;
         if (pp->st.m == FL_INF) return FL_SAMPLE_POSINF;
         if (pp->st.m == -FL_INF) return FL_SAMPLE_EMPTY;
-        pp->lse = pp->st.m + log(pp->st.s);
     }
     if (p->top_p < 1.0) {
-        pp->theta = FLS_FN(fl__topp_row)(r, chunk, sc, pp->st.m, pp->st.s, pp->lse,
+        pp->theta = FLS_FN(fl__topp_row)(r, chunk, sc, pp->st.m, pp->st.s,
                                          p->top_p - tol > 0.5 * p->top_p ? p->top_p - tol : 0.5 * p->top_p);
         if (p->min_p > 0.0 && pp->st.m + log(p->min_p) > pp->theta) pp->theta = pp->st.m + log(p->min_p);
     } else if (p->min_p > 0.0) {

@@ -239,8 +239,8 @@ def check_labels(labels, lead, V, ignore_index):
     if lab.shape != tuple(lead):
         raise ValueError(f"labels must have the leading shape of logits {tuple(lead)} (one class index per "
                          f"row), got shape {lab.shape}")
-    if lab.dtype.kind == "u" and lab.dtype.itemsize == 8 and lab.size and lab.max() > np.iinfo(np.int64).max:
-        i = int(np.argmax(lab.reshape(-1) > np.iinfo(np.int64).max))
+    i = first_past_int64(lab)
+    if i >= 0:
         raise label_error(int(lab.reshape(-1)[i]), i, lead, V, ignore_index)
     # a private copy: the kernels read it after this check, with the GIL released (another thread
     # changing the caller's labels in between would make them read out of bounds)
@@ -249,6 +249,15 @@ def check_labels(labels, lead, V, ignore_index):
     if i >= 0:
         raise label_error(int(lab[i]), i, lead, V, ignore_index)
     return lab
+
+
+def first_past_int64(labels):
+    """The flat index of the first label that int64 cannot hold (a uint64 past 2^63, which a cast would
+    wrap, to ignore_index perhaps), or -1."""
+    big = np.iinfo(np.int64).max
+    if labels.dtype.kind != "u" or labels.dtype.itemsize < 8 or not labels.size or labels.max() <= big:
+        return -1
+    return int(np.argmax(labels.reshape(-1) > big))
 
 
 def label_error(label, i, lead, V, ignore_index, note=None):

@@ -56,14 +56,10 @@ def _per_row(value, name, lead, rows, dtype, default, ok, need):
     number = int if dtype == np.int64 else float
     if number is float and type(value) is int:
         value = as_float(value, name, need)                 # (10**400 raises, naming the argument)
-    if (type(value) is int and -2**63 <= value < 2**63) or (type(value) is float and number is float):
-        if not ok(value):                                                            # the common case
+    if type(value) is int or (type(value) is float and number is float):           # the common case
+        if not ok(value):                     # (an int is checked as given, past int64 too)
             raise ValueError(f"{name} must be {need}, got {number(value)!r}")
-        return np.full(rows, min(value, 2**62) if number is int else value, dtype)
-    if number is int and type(value) is int:     # past int64 (any k >= V means no top-k)
-        if not ok(value):
-            raise ValueError(f"{name} must be {need}, got {value!r}")
-        value = 2**62
+        return np.full(rows, min(value, 2**62) if number is int else value, dtype)   # k >= V: no top-k
     if isinstance(value, bool) or (isinstance(value, np.ndarray) and value.dtype == bool):
         raise TypeError(f"{name} must be {'an integer' if number is int else 'a float'} or one per row, "
                         f"got {value!r}")

@@ -23,6 +23,7 @@ from fastlogits.ops.reductions import (
     ce_total,
     check_ce_options,
     check_reduction,
+    first_past_int64,
 )
 
 
@@ -260,13 +261,12 @@ class CrossEntropy(_Base):
                                                                                 ignore_index)
         check_reduction(reduction)
         self.reduction = reduction
-        if lab.dtype == np.uint64 and lab.size and lab.max() > np.iinfo(np.int64).max:
-            i = int(np.argmax(lab > np.iinfo(np.int64).max))
+        i = first_past_int64(lab)
+        if i < 0 and np.any((lab < 0) & (lab != self.ignore_index)):
+            i = int(np.argmax((lab < 0) & (lab != self.ignore_index)))
+        if i >= 0:
             raise IndexError(f"labels: label {int(lab[i])} at row {i} is out of range")
         self.labels = lab.astype(np.int64)
-        if np.any((self.labels < 0) & (self.labels != self.ignore_index)):
-            i = int(np.argmax((self.labels < 0) & (self.labels != self.ignore_index)))
-            raise IndexError(f"labels: label {int(self.labels[i])} at row {i} is out of range")
         self.weight = as_weight(weight, copy=True)     # kept across updates
         if self.weight is not None and self.weight.ndim != 1:
             raise ValueError(f"weight must be 1-D (one value per class), got shape {self.weight.shape}")
