@@ -630,14 +630,15 @@ ERROR_CALLS_KEPT = 1024
 
 
 def _device_errors():
-    """This thread's report of bad input found on the device: (call, row, value), call -1 while there is
-    none, in mapped memory (written by kernels, read here with no copy and no wait). A cross_entropy call
-    reports a label out of range (value: the label), a sample call a row it cannot sample (value: the
-    row's status)."""
+    """This thread's report of bad input found on the device: (call, row, value, later), call -1 while
+    there is none, later the number of calls that found bad input after it (kernels.report), in mapped
+    memory (written by kernels, read here with no copy and no wait). A cross_entropy call reports a label
+    out of range (value: the label), a sample call a row it cannot sample (value: the row's status)."""
     e = getattr(_local, "device_errors", None)
     if e is None:
-        e = cuda.mapped_array(3, np.int64, portable=True)      # (for every device of the process)
+        e = cuda.mapped_array(4, np.int64, portable=True)      # (for every device of the process)
         e[0] = -1
+        e[3] = 0
         _local.device_errors = e
     return e
 
@@ -669,18 +670,27 @@ def _label_call(lead, V, ignore_index):
 def raise_device_errors():
     """Raise the error for bad input that an earlier call of this thread found on the device, if the
     device has reported it by now (clearing the report). Called at the start of every GPU call and by
-    ``fastlogits.gpu.synchronize``."""
+    ``fastlogits.gpu.synchronize``. Calls queued behind the first that found bad input too (a real GPU
+    runs them before the host looks) are counted in its message: their results are invalid as well."""
     e = getattr(_local, "device_errors", None)
     if e is None or int(e[0]) < 0:
         return
     cuda.synchronize()           # the report's row and value are written before its call number
-    call, row, value = (int(v) for v in e)
+    call, row, value, later = (int(v) for v in e)
     e[0] = -1
+    e[3] = 0
     make = _local.error_calls.get(call)
     if make is None:             # (more than ERROR_CALLS_KEPT calls ago)
-        raise ValueError(f"an earlier GPU call found bad input on the device at row {row} (a label out of "
+        err = ValueError(f"an earlier GPU call found bad input on the device at row {row} (a label out of "
                          f"range, or a row that cannot be sampled: {value})")
-    raise make(row, value)
+    else:
+        err = make(row, value)
+    if later:
+        calls = "1 later GPU call" if later == 1 else f"{later} later GPU calls"
+        their = "its" if later == 1 else "their"
+        err = type(err)(f"{err}; {calls} also found bad input on the device before this was raised: "
+                        f"{their} results (NaN losses, tokens -1) are invalid too")
+    raise err
 
 
 def synchronize():

@@ -24,8 +24,9 @@
 #   finished state.
 # - Every kernel that reads logits is built once per input kind by ``_build``: float16 (read as float16),
 #   bfloat16 (read as uint16 bits and converted exactly), float32, float64. Logits are transformed as the
-#   C core does, in the compute type (float32, float64 for float64 input): ``softcap * tanh(x / softcap)``,
-#   then divided by the row's temperature.
+#   C core does, in the compute type (float32, float64 for float64 input): ``softcap * tanh(x / softcap)``
+#   with the C core's tanh (``tanh_f32``/``tanh_f64``: saturated logits are exactly +-softcap on both
+#   backends, so they tie alike), then divided by the row's temperature.
 # - Selection (argmax = top-1, top-k) ranks by the C core's strict total order (NaN first, then larger
 #   value, then lower index), so ties and NaN come out exactly as on the CPU: each thread keeps its
 #   min(k, KLOCAL) best candidates in one pass, then k block-wide rounds take the best remaining head; a
@@ -108,6 +109,56 @@ def _load_f32(x, r, j):
 @cuda.jit(device=True)
 def _load_f64(x, r, j):
     return np.float64(x[r, j])
+
+
+# ---- tanh for softcap, as the C core computes it ----------------------------------------------------------
+
+F32_ONE = np.float32(1)
+F32_MINUS_TWO = np.float32(-2)
+F32_TANH_SMALL = np.float32(0.28)
+# tanh's Taylor coefficients as fl__tanhf writes them: float32 quotients (-1.0f / 3.0f, ...)
+F32_T3, F32_T5, F32_T7, F32_T9 = (np.float32(a) / np.float32(b) for a, b in ((-1, 3), (2, 15), (-17, 315),
+                                                                           (62, 2835)))
+
+
+@cuda.jit(device=True)
+def tanh_f32(z):
+    """tanh(z) in float32 as the C core's fl__tanhf (fastlogits.h): (1 - e) / (1 + e), e = exp(-2|z|), and
+    tanh's Taylor series to z^9 below |z| = 0.28, where 1 - e cancels. Past |z| = 9 it is exactly +-1
+    (CUDA's tanhf can be an ulp short), so logits saturated by a softcap tie exactly as on the CPU. NaN
+    stays NaN, -0 keeps its sign."""
+    a = abs(z)
+    e = math.exp(F32_MINUS_TWO * a)
+    t = (F32_ONE - e) / (F32_ONE + e)
+    a2 = a * a
+    p = a2 * (F32_T3 + a2 * (F32_T5 + a2 * (F32_T7 + a2 * F32_T9)))
+    if a < F32_TANH_SMALL:
+        return z * (F32_ONE + p)
+    return -t if z < 0 else t
+
+
+@cuda.jit(device=True)
+def tanh_f64(z):
+    """tanh(z) in float64 as the C core's fl__tanh: (1 - e) / (1 + e), e = exp(-2|z|), exactly +-1 past
+    |z| = 19, and below |z| = 0.5 z + z^3 g(z^2) with fl__tanh's degree-10 Chebyshev g."""
+    a = abs(z)
+    e = math.exp(-2.0 * a)
+    t = (1.0 - e) / (1.0 + e)
+    u = a * a
+    g = -0.0000229533046533373290281
+    g = g * u + 0.0000881958030574506437743
+    g = g * u - 0.000236353642941362434543
+    g = g * u + 0.000589466741910190505897
+    g = g * u - 0.00145576081386558738619
+    g = g * u + 0.00359212179694987048952
+    g = g * u - 0.00886323519865913438443
+    g = g * u + 0.0218694885258675977473
+    g = g * u - 0.0539682539680897542681
+    g = g * u + 0.133333333333332309162
+    g = g * u - 0.333333333333333332276
+    if a < 0.5:
+        return z * (1.0 + u * g)
+    return -t if z < 0 else t
 
 
 # ---- float32 bit casts (the simulator has no libdevice: a NumPy view gives the same bits) ----------------
@@ -428,12 +479,16 @@ def first_row(sh_b):
 @cuda.jit(device=True)
 def report(err, call, row, value):
     """Report bad input found on the device in ``err`` (host-visible memory, read by the backend later,
-    with no wait): err = (call, row, value), written only while err[0] < 0 (nothing reported yet), the
-    call number last (the backend waits for the device before it reads err[1:])."""
+    with no wait): err = (call, row, value, later), the first three written only while err[0] < 0
+    (nothing reported yet), the call number last (the backend waits for the device before it reads
+    err[1:]); a report after the first counts itself in err[3], so that the error raised for the first
+    says how many later calls' results are invalid too."""
     if err[0] < 0:
         err[1] = row
         err[2] = value
         err[0] = call
+    else:
+        cuda.atomic.add(err, 3, 1)
 
 
 @cuda.jit
@@ -445,8 +500,7 @@ def ce_reduce(labels, ignore_index, V, w, has_w, eps, z, nll, smooth, lse, reduc
     part, as ce_total and PyTorch), plus sum zt / counted rows when there is z-loss; CE_SUM: sum l + sum
     ls + sum zt; CE_NONE: not written), the sums compensated as on the CPU (add_to,
     block_sum). A label out of range makes its row's loss and the total NaN, and the first
-    such row is reported in ``err`` (host-visible memory, read by the backend later, with no wait):
-    err = (call, row, label), written only while err[0] < 0 (nothing reported)."""
+    such row is reported in ``err`` (see report)."""
     tid = cuda.threadIdx.x
     sl = 0.0
     ss = 0.0
@@ -558,11 +612,13 @@ def _build(kind):
         def exp_le0(d):
             return math.exp(d)
 
+    tanh = tanh_f32 if CT is np.float32 else tanh_f64
+
     @cuda.jit(device=True)
     def value(x, r, j, sc, T):
         v = load(x, r, j)
         if sc > 0:
-            v = sc * CT(math.tanh(v / sc))
+            v = sc * tanh(v / sc)
         if T != 1:
             v = v / T
         return v

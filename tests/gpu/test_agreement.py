@@ -422,3 +422,34 @@ def test_entropy_of_maxima_past_the_double_range_apart(gpu):
             got = fl.entropy(row, backend="gpu", chunk_size=chunk)
             np.testing.assert_allclose(got, np.log(n), rtol=1e-12)
             np.testing.assert_allclose(got, fl.entropy(row, backend="cpu", chunk_size=chunk), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(np.float64)], ids=str)
+def test_softcap_saturates_and_ties_as_on_the_cpu(gpu, rng, dtype):
+    """The GPU's softcap uses the C core's tanh, (1 - e) / (1 + e): logits from |x / c| = 8.7 (float32) or
+    18.75 (float64) on are exactly +-c on both backends, so ties among them break alike, lowest index first
+    (argmax, top_k, greedy sampling). CUDA's tanh, correctly rounded up to |x / c| = 9 or 19, left them an
+    ulp short of 1 there, and the ties broke otherwise. Near 0, against mpmath: within 4 ulp."""
+    mpmath = pytest.importorskip("mpmath")
+    c = 5.0
+    lo, hi = (8.7, 9.0) if dtype == np.float32 else (18.75, 19.05)
+    z = np.concatenate([rng.uniform(lo, hi, 5), rng.uniform(hi, 40.0, 3), -rng.uniform(lo, 40.0, 3),
+                        rng.uniform(-3.0, 3.0, 6), [44.956295 / c]])      # (the audit's value, float32)
+    x = (rng.permutation(z) * c).astype(dtype)[None]
+    saturated = np.flatnonzero(x[0] / c >= lo)
+    for b in ("cpu", "gpu"):
+        assert fl.argmax(x, softcap=c, backend=b)[0] == saturated[0], b
+        v, i = fl.top_k(x, 4, softcap=c, backend=b)
+        np.testing.assert_array_equal(i[0], saturated[:4], err_msg=b)
+        np.testing.assert_array_equal(v[0], np.full(4, c, dtype), err_msg=b)
+        assert fl.sample(x, temperature=0.0, softcap=c, backend=b)[0] == saturated[0], b
+        v, i = fl.top_k(-x, 3, softcap=c, backend=b)          # and -c for the negated ones
+        np.testing.assert_array_equal(v[0], np.full(3, c, dtype), err_msg=b)
+    # small and middling |x / c|: one-value rows, whose logsumexp is the transformed value
+    r = np.concatenate([np.geomspace(1e-30, 20.0, 24), [0.27, 0.29, 0.49, 0.51]]) * rng.choice([-1, 1], 28)
+    xs = (r * c).astype(dtype)[:, None]
+    got = fl.logsumexp(xs, softcap=c, backend="gpu").astype(np.float64)
+    with mpmath.workdps(40):       # of the rounded quotient x / c, as both backends divide first
+        want = np.array([float(c * mpmath.tanh(mpmath.mpf(float(v)))) for v in (xs[:, 0] / dtype.type(c))])
+    err = np.abs(got - want) / np.spacing(np.abs(want).astype(dtype)).astype(np.float64)
+    assert err.max() <= 4.0, (err.max(), xs[np.argmax(err), 0])

@@ -167,16 +167,21 @@ def test_cross_entropy_bad_device_labels(cuda, rng):
                                              reduction="sum")))
     with pytest.raises(IndexError, match=r"label 99 at row 2 .*ignore_index=-1\)"):
         fastlogits.gpu.synchronize()
-    # two bad calls before the report is read (the backend, which does not check): the first is reported
+    # bad calls queued before the report is read (the backend, which does not check; a real GPU runs them
+    # before the host looks): the first is reported, and the later ones counted, as invalid too
     from fastlogits.ops import _backend
     from fastlogits.ops._prep import prepare
     B = _backend.get("gpu")
     r = prepare(cuda.to_device(x[0]))
-    for labels, lead in ((np.array([1, 50, 2], np.int64), (3,)), (np.array([60, 0, 0], np.int64), (3,))):
-        B.cross_entropy_device(r.x, r.dtype, r.temperature, r.softcap, cuda.to_device(labels), -100, None,
-                               0.0, 0.0, r.chunk, "mean", np.dtype(np.float32), lead)
-    with pytest.raises(IndexError, match=r"label 50 at row 1 "):
-        fastlogits.gpu.synchronize()
+    for n_bad in (1, 2):
+        for labels in (np.array([1, 50, 2], np.int64), np.array([60, 0, 0], np.int64),
+                       np.array([0, 1, 2], np.int64), np.array([0, 1, 70], np.int64))[:n_bad + 2]:
+            B.cross_entropy_device(r.x, r.dtype, r.temperature, r.softcap, cuda.to_device(labels), -100,
+                                   None, 0.0, 0.0, r.chunk, "mean", np.dtype(np.float32), (3,))
+        later = r"1 later GPU call also .*: its" if n_bad == 1 else r"2 later GPU calls also .*: their"
+        with pytest.raises(IndexError, match=rf"label 50 at row 1 .*; {later} results .* are invalid too"):
+            fastlogits.gpu.synchronize()
+        fastlogits.gpu.synchronize()                  # the count goes with the report
     with pytest.raises(TypeError, match="labels must be integers"):
         fl.cross_entropy(dx, cuda.to_device(np.zeros((2, 3), np.float32)))
     with pytest.raises(ValueError, match="leading shape"):

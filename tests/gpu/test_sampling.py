@@ -192,7 +192,7 @@ def test_device_sampling_never_waits_for_the_device(gpu, rng, monkeypatch, forbi
 
 @pytest.mark.parametrize("bad, what", [(np.nan, "holds a NaN"), (np.inf, r"holds a \+inf"),
                                        (-np.inf, "no possible token")])
-def test_device_rows_that_cannot_be_sampled_are_reported_later(gpu, bad, what):
+def test_device_rows_that_cannot_be_sampled_are_reported_later(gpu, bad, what, monkeypatch):
     """A device row that cannot be sampled gets token -1 (rank -1, log-probability NaN), the others their
     tokens; the ValueError the host path raises at once names the row at the next synchronize() (or the
     thread's next GPU call), once."""
@@ -221,6 +221,18 @@ def test_device_rows_that_cannot_be_sampled_are_reported_later(gpu, bad, what):
     cuda.synchronize()
     with pytest.raises(ValueError, match=what):       # the thread's next GPU call raises it
         fastlogits.logsumexp(cuda.to_device(np.zeros((1, 4), np.float32)))
+    # queued behind a bad cross_entropy call, before its report reached the host (a real GPU's timing,
+    # emulated by skipping the entry check the simulator's synchronous kernels make too early): the first
+    # error is raised, and says that this call's tokens are invalid too
+    from fastlogits.gpu import backend as GB
+    fastlogits.cross_entropy(cuda.to_device(x[0]), cuda.to_device(np.array([0, 40, 0])))
+    with monkeypatch.context() as m:
+        m.setattr(GB, "raise_device_errors", lambda: None)
+        tok = sample(cuda.to_device(x), seed=4)
+    with pytest.raises(IndexError, match=r"label 40 at row 1 .*; 1 later GPU call also found bad input"):
+        fastlogits.gpu.synchronize()
+    fastlogits.gpu.synchronize()
+    assert tok.copy_to_host()[1, 2] == -1
 
 
 def test_tokens_do_not_depend_on_segments_or_batch(gpu, rng):
