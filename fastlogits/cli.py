@@ -127,10 +127,18 @@ def _json_lines(f, names, arrays):
         f.write(_json.dumps({n: a[i] for n, a in zip(names, arrays)}) + "\n")
 
 
-def write_rows(path, columns):
-    """Per-row results to .npy (a structured array), .csv or .jsonl, written under a temporary name and
-    renamed when complete; or, for -, as JSON lines to standard output. (The name was checked by _open,
-    before the input was read.)"""
+def _lead(src):
+    """The leading shape of src's rows (a (B, T, V) dump: (B, T)), or None where it is not known ahead
+    (raw rows from standard input)."""
+    lead = tuple(src.shape[:-1])
+    return None if None in lead else lead
+
+
+def write_rows(path, columns, lead=None):
+    """Per-row results to .npy (a structured array of the dump's leading shape ``lead``, as the in-memory
+    functions return them; flat where lead is None), .csv or .jsonl (a line a row, in C order), written
+    under a temporary name and renamed when complete; or, for -, as JSON lines to standard output. (The
+    name was checked by _open, before the input was read.)"""
     from fastlogits.stream.run import atomic_output
 
     names = list(columns)
@@ -147,7 +155,7 @@ def write_rows(path, columns):
             for n, a in zip(names, arrays):
                 rec[n] = a
             with open(tmp, "wb") as f:
-                np.save(f, rec)
+                np.save(f, rec if lead is None else rec.reshape(lead))
         elif path.lower().endswith(".csv"):
             with open(tmp, "w") as f:
                 head = []
@@ -236,7 +244,7 @@ def cmd_stats(args):
         if labels is not None:
             cols.update({"label": labels.reshape(-1).astype(np.int64), "nll": st["nll"],
                          "correct": st["correct"]})
-        write_rows(args.per_row, cols)
+        write_rows(args.per_row, cols, _lead(src))
         lines.append(f"  per-row results written to {_where(args.per_row)}")
     _emit(args, summary, lines)
     return 0
@@ -271,7 +279,7 @@ def cmd_topk(args):
     finally:
         secs = bar.close()
     lp, idx = np.asarray(lp).reshape(-1, args.k), np.asarray(idx).reshape(-1, args.k)
-    write_rows(args.output, {"ids": idx, "logprobs": lp})
+    write_rows(args.output, {"ids": idx, "logprobs": lp}, _lead(src))
     summary = {"input": args.input, "output": args.output, "rows": int(idx.shape[0]), "k": args.k,
                "seconds": secs}
     _emit(args, summary, [f"wrote the top {args.k} tokens of {idx.shape[0]} rows to {_where(args.output)} in "
@@ -373,7 +381,7 @@ def cmd_sample(args):
     if args.logprobs:
         cols["logprob"] = np.asarray(lp).reshape(cols["token"].shape)
         cols["rank"] = np.asarray(ranks).reshape(cols["token"].shape)
-    write_rows(args.output, cols)
+    write_rows(args.output, cols, _lead(src))
     summary = {"input": args.input, "output": args.output, "rows": rows, "seconds": secs, "seed": seed}
     _emit(args, summary, [f"wrote {rows} sampled tokens to {_where(args.output)} in {secs:.2f} s "
                           f"(seed {seed})"])

@@ -275,6 +275,60 @@ def test_cli_stats_info_topk_softmax(tmp_path, rng):
     _same(np.load(tmp_path / "p.npy").view(BF16), fl.log_softmax(x))
 
 
+def test_cli_npy_results_keep_the_leading_shape(tmp_path, rng):
+    """topk, sample and stats --per-row into .npy: records of the dump's leading shape ((2, 3) for a
+    (2, 3, V) dump, () for one row), as the in-memory functions return them; .jsonl and .csv: a line a row,
+    in C order. Raw rows from standard input, whose count is not known ahead, are a flat (rows,)."""
+    x = (rng.standard_normal((2, 3, 301)) * 3).astype(np.float32)
+    y = rng.integers(0, 301, (2, 3))
+    y[0, 2] = -100
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    lp, ids = fl.top_k_logprobs(x, 4)
+    tokens, slp, ranks = fl.sample(x, top_k=20, seed=3, return_logprobs=True)
+    for args in (("topk", tmp_path / "x.npy", tmp_path / "t.npy", "-k", "4"),
+                 ("sample", tmp_path / "x.npy", tmp_path / "s.npy", "--top-k", "20", "--seed", "3",
+                  "--logprobs"),
+                 ("stats", tmp_path / "x.npy", "--labels", tmp_path / "y.npy", "--per-row",
+                  tmp_path / "r.npy"),
+                 ("stats", tmp_path / "x.npy", "--labels", tmp_path / "y.npy", "--per-row",
+                  tmp_path / "r.csv"),
+                 ("topk", tmp_path / "x.npy", tmp_path / "t.jsonl", "-k", "4")):
+        res = _cli(*args, "--memory", "64KiB")
+        assert res.returncode == 0, res.stderr
+    t = np.load(tmp_path / "t.npy")
+    assert t.shape == (2, 3)
+    np.testing.assert_array_equal(t["ids"], ids)
+    np.testing.assert_allclose(t["logprobs"], lp, rtol=1e-6)
+    s = np.load(tmp_path / "s.npy")
+    assert s.shape == (2, 3)
+    np.testing.assert_array_equal(s["token"], tokens)
+    np.testing.assert_array_equal(s["rank"], ranks)
+    r = np.load(tmp_path / "r.npy")
+    assert r.shape == (2, 3)
+    np.testing.assert_array_equal(r["argmax"], fl.argmax(x))
+    np.testing.assert_array_equal(r["label"], y)
+    np.testing.assert_allclose(r["nll"], fl.cross_entropy(x, y, reduction="none"), rtol=1e-6)
+    csv = (tmp_path / "r.csv").read_text().splitlines()
+    assert len(csv) == 7 and [int(line.split(",")[0]) for line in csv[1:]] == fl.argmax(x).ravel().tolist()
+    lines = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert [d["ids"] for d in lines] == ids.reshape(6, 4).tolist()
+    # one row (a 1-D dump): one record, 0-d
+    x1 = x[1, 0].copy()
+    x1[5] = np.inf
+    np.save(tmp_path / "x1.npy", x1)
+    res = _cli("topk", tmp_path / "x1.npy", tmp_path / "t1.npy", "-k", "2")
+    assert res.returncode == 0, res.stderr
+    t1 = np.load(tmp_path / "t1.npy")
+    assert t1.shape == () and t1["ids"].tolist() == fl.top_k(x1, 2)[1].tolist()
+    assert t1["ids"][0] == 5
+    # standard input: flat
+    res = _cli("topk", "-", tmp_path / "t2.npy", "-k", "4", "--dtype", "float32", "--vocab", "301",
+               stdin=x.tobytes())
+    assert res.returncode == 0, res.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "t2.npy")["ids"], ids.reshape(6, 4))
+
+
 def test_cli_stdin_and_errors(tmp_path, rng):
     x = (rng.standard_normal((20, 500)) * 3).astype(np.float32)
     y = rng.integers(0, 500, 20)
