@@ -482,13 +482,15 @@ def report(err, call, row, value):
     with no wait): err = (call, row, value, later), the first three written only while err[0] < 0
     (nothing reported yet), the call number last (the backend waits for the device before it reads
     err[1:]); a report after the first counts itself in err[3], so that the error raised for the first
-    says how many later calls' results are invalid too."""
+    says how many later calls' results are invalid too. One thread of a one-block kernel reports, and a
+    host thread's reporting kernels run in turn on its default stream: plain stores, no atomics (which
+    mapped host memory may not support)."""
     if err[0] < 0:
         err[1] = row
         err[2] = value
         err[0] = call
     else:
-        cuda.atomic.add(err, 3, 1)
+        err[3] += 1
 
 
 @cuda.jit
