@@ -653,7 +653,7 @@ def _error_call(make):
     n = _local.next_call
     _local.next_call = n + 1
     calls[n] = make
-    if len(calls) > ERROR_CALLS_KEPT:
+    while len(calls) > ERROR_CALLS_KEPT:
         del calls[next(iter(calls))]
     return n
 

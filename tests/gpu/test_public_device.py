@@ -135,7 +135,7 @@ def test_cross_entropy_device_labels(cuda, rng, label_dtype):
     assert np.dtype(fl.cross_entropy(d64, dy, reduction="sum").dtype) == np.float64
 
 
-def test_cross_entropy_bad_device_labels(cuda, rng):
+def test_cross_entropy_bad_device_labels(cuda, rng, monkeypatch):
     """A device label out of range is found on the device, without a wait in the call: the loss is NaN,
     and the IndexError naming the label and its row is raised by fastlogits.gpu.synchronize() or the
     thread's next GPU call, once. Host labels are checked at once. A device label array of the wrong
@@ -182,6 +182,17 @@ def test_cross_entropy_bad_device_labels(cuda, rng):
         with pytest.raises(IndexError, match=rf"label 50 at row 1 .*; {later} results .* are invalid too"):
             fastlogits.gpu.synchronize()
         fastlogits.gpu.synchronize()                  # the count goes with the report
+    # a report whose call is no longer kept (more than ERROR_CALLS_KEPT calls of the thread since) is still
+    # raised, with the row and the value the device found
+    from fastlogits.gpu import backend as GB
+    monkeypatch.setattr(GB, "ERROR_CALLS_KEPT", 2)
+    for labels in (np.array([1, 50, 2]), np.array([0, 1, 2]), np.array([0, 1, 2]), np.array([0, 77, 2])):
+        B.cross_entropy_device(r.x, r.dtype, r.temperature, r.softcap, cuda.to_device(labels), -100,
+                               None, 0.0, 0.0, r.chunk, "mean", np.dtype(np.float32), (3,))
+    with pytest.raises(ValueError, match=r"an earlier GPU call found bad input on the device at row 1 \(a "
+                                         r"label out of range, .*: 50\); 1 later GPU call also found"):
+        fastlogits.gpu.synchronize()
+    monkeypatch.undo()
     with pytest.raises(TypeError, match="labels must be integers"):
         fl.cross_entropy(dx, cuda.to_device(np.zeros((2, 3), np.float32)))
     with pytest.raises(ValueError, match="leading shape"):
