@@ -128,7 +128,7 @@ def tanh_f32(z):
     (CUDA's tanhf can be an ulp short), so logits saturated by a softcap tie exactly as on the CPU. NaN
     stays NaN, -0 keeps its sign."""
     a = abs(z)
-    e = math.exp(F32_MINUS_TWO * a)
+    e = np.float32(math.exp(F32_MINUS_TWO * a))       # (float32 already on the GPU; the simulator's is not)
     t = (F32_ONE - e) / (F32_ONE + e)
     a2 = a * a
     p = a2 * (F32_T3 + a2 * (F32_T5 + a2 * (F32_T7 + a2 * F32_T9)))
