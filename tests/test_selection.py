@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import fastlogits as fl
+from fastlogits.stream.accumulators import TopK
 from tests import reference as ref
 from tests import tolerances as tols
 from tests.helpers import BF16, DTYPE_IDS, DTYPES, check, random_logits
@@ -137,6 +138,34 @@ def test_against_numpy_and_torch(rng):
         # PyTorch does not order ties; the values agree (NaN first)
         np.testing.assert_array_equal(np.asarray(vals), tv.numpy())
         np.testing.assert_array_equal(np.asarray(idx), ref.top_k_order(x, 20))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_k_0_gives_empty_results_as_torch_topk(dtype, rng, tmp_path):
+    """k = 0: values (or log-probabilities) and indices of shape (..., 0), in the dtypes k > 0 gives, as
+    torch.topk(x, 0) returns (V = 0 included); from a file too, with rows wider than the budget, and from
+    the TopK accumulator. Arguments are still checked. k below 0 or past V raises, naming k."""
+    x = random_logits(rng, (2, 3, 41), dtype)
+    for fn in (fl.top_k, fl.top_k_logprobs):
+        want_v = fn(x, 1)[0].dtype
+        for a in (x, x[0, 0], x[:, :, :0], x[..., ::2]):
+            v, i = fn(a, 0)
+            assert v.shape == i.shape == a.shape[:-1] + (0,), (fn.__name__, a.shape)
+            assert v.dtype == want_v and i.dtype == np.int64
+        with pytest.raises(ValueError, match="k must be between 0 and the vocabulary size 41, got -1"):
+            fn(x, -1)
+        with pytest.raises(ValueError, match="temperature"):
+            fn(x, 0, temperature=-1.0)
+    np.save(tmp_path / "x.npy", random_logits(rng, (3, 70001), np.float32))
+    for memory in (None, 64 * 1024):
+        v, i = fl.top_k_logprobs(fl.open(tmp_path / "x.npy", memory=memory), 0)
+        assert v.shape == i.shape == (3, 0) and i.dtype == np.int64
+    for logprobs in (False, True):
+        v, i = TopK(2, 0, logprobs=logprobs).update(x[0, :2], 0).result()
+        assert v.shape == i.shape == (2, 0)
+    torch = pytest.importorskip("torch")
+    tv, ti = torch.topk(torch.zeros(2, 3, 0), 0)
+    assert tuple(tv.shape) == tuple(ti.shape) == fl.top_k(x[:, :, :0], 0)[0].shape
 
 
 @pytest.mark.parametrize("dtype", [np.float16, BF16], ids=["float16", "bfloat16"])

@@ -412,7 +412,7 @@ def test_cli_topk_refuses_k_past_the_vocabulary(tmp_path, rng, memory):
     np.save(tmp_path / "x.npy", rng.standard_normal((20, 3000)).astype(np.float32))
     res = _cli("topk", tmp_path / "x.npy", tmp_path / "t.jsonl", "-k", "3001", "--memory", memory)
     assert res.returncode == 1, res.stderr
-    assert res.stderr.decode().strip().endswith("k must be between 1 and the vocabulary size 3000, got 3001")
+    assert res.stderr.decode().strip().endswith("k must be between 0 and the vocabulary size 3000, got 3001")
     assert not (tmp_path / "t.jsonl").exists()
 
 

@@ -707,7 +707,7 @@ def _select(x, dtype, temperature, softcap, k, logprobs, chunk):
     values = _empty((rows_all, k), cd, device)
     indices = _empty((rows_all, k), np.int64, device)
     lp = _empty((rows_all, k), np.float64, device) if logprobs else None
-    for blk in _blocks(x, dtype, temperature):
+    for blk in _blocks(x, dtype, temperature) if k else ():       # (k = 0: nothing to select)
         rows = blk.rows
         nseg, seglen = _segments(rows, blk.V, chunk)
         pv = blk.array((rows, nseg, k), np.float64, "pv")

@@ -12,10 +12,10 @@ from fastlogits.stream.sources import as_source
 
 def _check_k(k, V):
     if not is_int(k):
-        raise TypeError(f"k must be a positive integer, got {k!r}")
+        raise TypeError(f"k must be a non-negative integer, got {k!r}")
     k = int(k)
-    if not 1 <= k <= V:
-        raise ValueError(f"k must be between 1 and the vocabulary size {V}, got {k}")
+    if not 0 <= k <= V:
+        raise ValueError(f"k must be between 0 and the vocabulary size {V}, got {k}")
     return k
 
 
@@ -75,8 +75,8 @@ def top_k(logits, k, *, temperature=1.0, softcap=None, backend=None, threads=Non
     Parameters
     ----------
     {logits}
-    k : int, 1 <= k <= V
-        (``torch.topk`` also takes k = 0 and returns empty arrays; here k = 0 raises ValueError.)
+    k : int, 0 <= k <= V
+        (k = 0 gives empty arrays of shape (..., 0), as ``torch.topk`` does.)
     {temperature}
     {shared}
 
@@ -110,8 +110,8 @@ def top_k_logprobs(logits, k, *, temperature=1.0, softcap=None, backend=None, th
     Parameters
     ----------
     {logits}
-    k : int, 1 <= k <= V
-        (``torch.topk`` also takes k = 0 and returns empty arrays; here k = 0 raises ValueError.)
+    k : int, 0 <= k <= V
+        (k = 0 gives empty arrays of shape (..., 0), as ``torch.topk`` does.)
     {temperature}
     {shared}
 

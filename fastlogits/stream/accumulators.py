@@ -428,9 +428,9 @@ class TopK(_Base):
                  chunk_size=None):
         super().__init__(rows, temperature, softcap, threads, chunk_size)
         if not is_int(k):
-            raise TypeError(f"k must be a positive integer, got {k!r}")
-        if int(k) < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+            raise TypeError(f"k must be a non-negative integer, got {k!r}")
+        if int(k) < 0:
+            raise ValueError(f"k must be a non-negative integer, got {k!r}")
         self.k = int(k)
         self.values = np.empty((self.rows, 0))
         self.indices = np.empty((self.rows, 0), np.int64)

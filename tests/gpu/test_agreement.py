@@ -299,7 +299,7 @@ def test_layouts_and_leading_axes(gpu, rng):
     agree("softmax", np.asfortranarray(base[0]))  # Fortran order
 
 
-def test_empty_shapes(gpu):
+def test_empty_shapes(gpu, monkeypatch):
     x = np.zeros((3, 0), np.float32)
     assert np.array_equal(fl.logsumexp(x, backend="gpu"), np.full(3, -np.inf, np.float32))
     assert np.isnan(fl.entropy(x, backend="gpu")).all()
@@ -307,6 +307,18 @@ def test_empty_shapes(gpu):
     y = np.zeros((0, 5), np.float32)
     assert fl.logsumexp(y, backend="gpu").shape == (0,)
     assert fl.top_k(y, 2, backend="gpu")[1].shape == (0, 2)
+    # k = 0 (as torch.topk): empty results, host or device, in the dtypes k > 0 gives; nothing launched
+    from fastlogits.gpu import backend as GB
+    w = np.ones((3, 5), np.float32)
+    for fn in (fl.top_k, fl.top_k_logprobs):
+        dw = gpu.cuda.to_device(w)
+        for a, b in ((w, w), (x, w), (dw, dw)):                  # (b: the same kind, with V > 0)
+            want = fn(b, 1, backend="gpu")
+            with monkeypatch.context() as m:
+                m.setattr(GB, "_blocks", lambda *args: pytest.fail("k = 0 queued work"))
+                got = fn(a, 0, backend="gpu")
+            for g, h in zip(got, want):
+                assert g.shape == (3, 0) and g.dtype == h.dtype and type(g) is type(h), (fn.__name__, g)
     z = np.zeros((2, 3, 0), np.float32)                      # V = 0 under two leading axes
     assert np.array_equal(fl.logsumexp(z, backend="gpu"), np.full((2, 3), -np.inf, np.float32))
     for call in (lambda b: fl.argmax(z, backend=b), lambda b: fl.sample(z, backend=b)):
