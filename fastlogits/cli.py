@@ -175,7 +175,7 @@ def _load_labels(path, src):
     many (a 2-D file for a 3-D dump, or one label per line), given the dump's leading shape."""
     rows = src.rows
     try:
-        if path.endswith(".npy"):
+        if path.lower().endswith(".npy"):
             y = np.load(path, allow_pickle=False)
         else:
             with warnings.catch_warnings():

@@ -105,3 +105,115 @@ def test_a_safetensors_tensor_whose_offsets_do_not_fit_its_shape_is_refused(tmp_
     p.write_bytes(struct.pack("<Q", len(hdr)) + hdr + a[:4].tobytes() + b.tobytes())
     with pytest.raises(fl.SourceError, match="tensor 'a': shape \\[2, 4\\] of float32 needs 32 bytes"):
         fl.open(p, tensor="a")
+
+
+# ---- from a second hand mutation pass (selection, _prep, sampling, cli) ----------------------------------
+
+@pytest.mark.parametrize("shape", [(0,), (2, 0), (0, 0), (2, 3, 0)])
+def test_argmax_of_an_empty_vocabulary_raises(shape):
+    """argmax of an empty vocabulary raises the documented ValueError (without the check it gave 0, a
+    token that does not exist, for every row)."""
+    with pytest.raises(ValueError, match="empty vocabulary"):
+        fl.argmax(np.zeros(shape, np.float32))
+
+
+def test_argmax_of_1d_logits_is_a_numpy_scalar(rng):
+    """1-D logits give a NumPy scalar, as np.argmax does (not a 0-d array)."""
+    x = rng.normal(size=17)
+    got = fl.argmax(x)
+    assert isinstance(got, np.int64) and not isinstance(got, np.ndarray)
+    assert got == np.argmax(x)
+
+
+def test_temperature_array_at_float32_tiny_is_accepted():
+    """float32's smallest normal number is inside the documented temperature range [tiny, max] for an
+    array as for a scalar. x / T = 0 for any T: the logsumexp is log 3."""
+    x = np.zeros((2, 3), np.float32)
+    got = fl.logsumexp(x, temperature=np.array([np.finfo(np.float32).tiny, 1.0]))
+    np.testing.assert_allclose(got, [math.log(3)] * 2, rtol=1e-6)
+
+
+def test_temperature_error_names_the_first_bad_row():
+    """The message names the first bad row and its value, as an index of the leading shape."""
+    with pytest.raises(ValueError, match=r"got -1\.0 \(row 1\)"):
+        fl.logsumexp(np.zeros((4, 3)), temperature=np.array([1.0, -1.0, 2.0, 0.0]))
+    with pytest.raises(ValueError, match=r"got -1\.0 \(row \(0, 1\)\)"):
+        fl.logsumexp(np.zeros((2, 2, 3)), temperature=np.array([[1.0, -1.0], [0.0, 1.0]]))
+
+
+def test_label_smoothing_total_weight_is_summed_in_float64():
+    """The smoothing term's weight total is summed in float64, where 1e8 + 1 - 1e8 = 1 (float32 gives 0).
+    Equal logits: p_c = 1/3, so with eps = 1 the loss is (1/V) sum_c w_c (-log p_c) = log(3) / 3."""
+    x = np.zeros((1, 3), np.float32)
+    got = fl.cross_entropy(x, np.array([1]), weight=np.array([1e8, 1.0, -1e8]), label_smoothing=1.0,
+                           reduction="none")
+    np.testing.assert_allclose(got, [math.log(3) / 3], rtol=1e-6)
+
+
+def test_binary_size_at_exactly_one_unit(capsys):
+    """The largest unit that keeps the number at least 1: exactly 1 MiB is "1 MiB", not "1024 KiB", in
+    the helper and in demo's summary."""
+    from fastlogits.cli import _binary_size, main
+
+    assert [_binary_size(n) for n in (1 << 10, 1 << 20, 1 << 30, (1 << 10) - 1)] == \
+        ["1 KiB", "1 MiB", "1 GiB", "1023 B"]
+    assert main(["demo", "--rows", "8", "--vocab", "50", "--memory", "1MiB"]) == 0
+    assert "with a 1 MiB budget" in capsys.readouterr().out
+
+
+def test_cli_stats_accuracy_leaves_out_ignored_rows(tmp_path, capsys, rng):
+    """stats' accuracy is over counted rows, as its mean NLL: two rows labelled with their argmax
+    (NumPy's) and two ignored give 1.0 over 2 rows (counting ignored rows as wrong gave 0.5)."""
+    from fastlogits.cli import main
+
+    x = rng.normal(size=(4, 10)).astype(np.float32)
+    y = np.array([np.argmax(x[0]), np.argmax(x[1]), -100, -100])
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    assert main(["stats", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["counted_rows"] == 2 and summary["accuracy"] == 1.0
+
+
+def test_cli_stats_per_row_labels_are_int64_and_any_suffix_case_reads_npy(tmp_path, rng):
+    """The per-row "label" field is int64 (as argmax), whatever the labels file's dtype; a labels file
+    named Y.NPY is read as .npy (it was parsed as text: a UnicodeDecodeError), as output names are."""
+    from fastlogits.cli import main
+
+    x = rng.normal(size=(2, 3, 7)).astype(np.float32)
+    y = rng.integers(0, 7, (2, 3)).astype(np.int32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    os.rename(tmp_path / "y.npy", tmp_path / "Y.NPY")
+    out = tmp_path / "rows.npy"
+    assert main(["stats", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "Y.NPY"), "--per-row",
+                 str(out)]) == 0
+    rec = np.load(out)
+    assert rec.shape == (2, 3) and rec["label"].dtype == np.int64 and rec["argmax"].dtype == np.int64
+    np.testing.assert_array_equal(rec["label"], y)
+    np.testing.assert_array_equal(rec["argmax"], np.argmax(x, axis=-1))
+
+
+def test_sample_error_names_the_first_bad_row(rng):
+    """The message names the first row that cannot be sampled (a NaN in row 1), not a later one (row 3,
+    all -inf)."""
+    x = rng.normal(size=(4, 6))
+    x[1, 2] = np.nan
+    x[3, :] = -np.inf
+    with pytest.raises(ValueError, match=r"holds a NaN \(row 1\)"):
+        sample(x, seed=0)
+
+
+def test_beam_search_scores_are_float64_for_float64_beam_scores(rng):
+    """float32 logits with float64 beam scores give float64 scores (the docs: float64 when either is):
+    the float64 sum of the parent's score and the float32 log-softmax, not rounded to float32."""
+    from fastlogits.ops.sampling import beam_search_step
+
+    x = rng.normal(size=(4, 9)).astype(np.float32)
+    bs = rng.normal(size=4) * 1e-3 + np.array([0.1, 0.2, 0.3, 0.4]) / 3      # not float32 values
+    s, p, t = beam_search_step(x, bs, 2)
+    assert s.dtype == np.float64
+    lp = fl.log_softmax(x).astype(np.float64)
+    rows = 2 * np.arange(2)[:, None] + p                                   # the parent's row
+    np.testing.assert_allclose(s, bs[rows] + lp[rows, t], rtol=0, atol=1e-6)
+    assert np.any(s != s.astype(np.float32).astype(np.float64))
