@@ -163,9 +163,14 @@ def test_k_0_gives_empty_results_as_torch_topk(dtype, rng, tmp_path):
     for logprobs in (False, True):
         v, i = TopK(2, 0, logprobs=logprobs).update(x[0, :2], 0).result()
         assert v.shape == i.shape == (2, 0)
-    torch = pytest.importorskip("torch")
+    # torch 2.13: torch.topk(torch.zeros(2, 3, 0), 0) gives values and indices of shape (2, 3, 0)
+    assert fl.top_k(x[:, :, :0], 0)[0].shape == fl.top_k(x[:, :, :0], 0)[1].shape == (2, 3, 0)
+    try:
+        import torch
+    except ImportError:
+        return
     tv, ti = torch.topk(torch.zeros(2, 3, 0), 0)
-    assert tuple(tv.shape) == tuple(ti.shape) == fl.top_k(x[:, :, :0], 0)[0].shape
+    assert tuple(tv.shape) == tuple(ti.shape) == (2, 3, 0)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, BF16], ids=["float16", "bfloat16"])
