@@ -217,3 +217,217 @@ def test_beam_search_scores_are_float64_for_float64_beam_scores(rng):
     rows = 2 * np.arange(2)[:, None] + p                                   # the parent's row
     np.testing.assert_allclose(s, bs[rows] + lp[rows, t], rtol=0, atol=1e-6)
     assert np.any(s != s.astype(np.float32).astype(np.float64))
+
+
+# ---- from a hand mutation pass over the streaming layer and the reductions' checks ---------------------
+
+def test_streamed_per_row_values_longer_than_a_counted_source_are_refused(rng):
+    """R5 (run.py RowArg.check_rows: 'and self.value.shape[0] != rows' -> 'and False'): per-row labels or
+    temperatures with more values than the rows an iterable source turns out to hold must raise, not be
+    silently truncated (the in-memory functions refuse a length mismatch)."""
+    x = rng.standard_normal((10, 37)).astype(np.float32)
+    y = rng.integers(0, 37, 10)
+    with pytest.raises(ValueError, match="labels has 10 values, but the source has 3 rows"):
+        fl.cross_entropy(iter([x[:3]]), y)
+    with pytest.raises(ValueError, match="temperature has 10 values, but the source has 3 rows"):
+        fl.logsumexp(iter([x[:3]]), temperature=rng.uniform(0.5, 2.0, 10))
+
+
+@pytest.mark.parametrize("op, dtype", [("logsumexp", np.float32), ("entropy", np.float32),
+                                       ("argmax", np.int64)])
+def test_streamed_reductions_of_zero_rows_have_the_in_memory_dtype(tmp_path, op, dtype):
+    """R8 (run.py: 'np.empty(0, _result_dtype(source, op))' -> 'np.empty(0)'): a source of no rows gives
+    an empty result in the dtype the in-memory function returns (float32 for float16/float32 logits,
+    int64 for argmax), not float64."""
+    for src_dtype in (np.float16, np.float32):
+        x = np.empty((0, 7), src_dtype)
+        np.save(tmp_path / "e.npy", x)
+        want = getattr(fl, op)(x)
+        assert want.dtype == dtype and want.shape == (0,)
+        got = getattr(fl, op)(fl.open(tmp_path / "e.npy"))
+        assert got.dtype == dtype and got.shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_streamed_top_k_of_rows_wider_than_the_budget_keeps_the_logits_dtype(tmp_path, rng, dtype):
+    """R9 (run.py _finish_row: 'return v.astype(NP_DTYPES[source.dtype]), i' -> 'return v, i'): top_k of
+    rows folded in column chunks returns values in the logits' dtype, as in memory, equal to the k
+    largest values of each row (float64 NumPy sort)."""
+    x = rng.standard_normal((3, 40000)).astype(dtype)
+    np.save(tmp_path / "w.npy", x)
+    k = 5
+    v, i = fl.top_k(fl.open(tmp_path / "w.npy", memory="64KiB"), k=k)
+    assert v.dtype == dtype and i.dtype == np.int64 and v.shape == i.shape == (3, k)
+    want = -np.sort(-x.astype(np.float64), axis=1)[:, :k]
+    np.testing.assert_array_equal(v.astype(np.float64), want)
+    np.testing.assert_array_equal(np.take_along_axis(x, i, axis=1), v)
+
+
+@pytest.mark.parametrize("out_dtype", [np.float64, np.float16])
+def test_streamed_map_refuses_an_out_whose_dtype_disagrees_with_dtype(tmp_path, rng, out_dtype):
+    """R12 (run.py _Sink: 'if out.dtype != self.dtype:' -> 'if False:'): as in memory (which raises
+    'dtype=... disagrees with out.dtype'), a streamed softmax given dtype='float32' and an out array of
+    another dtype raises, and leaves out unwritten."""
+    x = rng.standard_normal((4, 33)).astype(np.float32)
+    np.save(tmp_path / "a.npy", x)
+    out = np.zeros((4, 33), out_dtype)
+    with pytest.raises(ValueError, match="disagrees with out.dtype"):
+        fl.softmax(x, out=out, dtype="float32")
+    with pytest.raises(ValueError, match=f"out has dtype {np.dtype(out_dtype).name}, expected float32"):
+        fl.softmax(fl.open(tmp_path / "a.npy"), out=out, dtype="float32")
+    assert not out.any()
+
+
+@pytest.mark.parametrize("V", [100, 257, 999])
+def test_streamed_softmax_to_npy_of_a_many_axis_source_is_a_valid_npy(tmp_path, rng, V):
+    """R15 (run.py _write_npy_header: '+ 10 + 64 + 63' -> '+ 10 + 63'): the header written for a
+    shape whose header dict is 118 characters long (20 leading axes of 1 and a 3-digit V: len(d) + 10
+    is a multiple of 64) must still be padded and end in a newline, so that np.load reads the file back
+    (the mutant leaves no room: the declared header length misses its last byte and the data shifts)."""
+    shape = (1,) * 20 + (V,)
+    d = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape!r}, }}"
+    assert (len(d) + 10) % 64 == 0          # the case the padding rule must cover
+    x = rng.standard_normal(shape).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    fl.softmax(fl.open(tmp_path / "x.npy"), out=tmp_path / "p.npy")
+    raw = (tmp_path / "p.npy").read_bytes()
+    hlen = int.from_bytes(raw[8:10], "little")
+    assert (10 + hlen) % 64 == 0 and raw[10 + hlen - 1:10 + hlen] == b"\n"
+    got = np.load(tmp_path / "p.npy")
+    x64 = x.astype(np.float64)
+    want = np.exp(x64 - x64.max(-1, keepdims=True))
+    want /= want.sum(-1, keepdims=True)
+    assert got.dtype == np.float32 and got.shape == shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("make", [lambda: fl.stream.accumulators.LogSumExp(2),
+                                  lambda: fl.stream.accumulators.CrossEntropy(np.array([0, 1])),
+                                  lambda: fl.stream.accumulators.TopK(2, 1)])
+def test_accumulator_update_refuses_a_negative_start(rng, make):
+    """A2 (accumulators.py _check_chunk: ' or int(start) < 0' -> ''): a negative start column is refused
+    (a CrossEntropy would otherwise look for labels at columns that do not exist), and nothing is
+    folded in."""
+    acc = make()
+    chunk = rng.standard_normal((2, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="start must be a non-negative integer column index, got -1"):
+        acc.update(chunk, start=-1)
+    assert acc.columns == 0
+
+
+@pytest.mark.parametrize("asked", ["float32", "float64", "float16"])
+def test_open_npy_refuses_a_dtype_the_file_does_not_hold(tmp_path, rng, asked):
+    """Q6 (sources.py open_npy: 'if dtype is not None and dtype_name(dtype) != name:' -> 'if False:'):
+    fl.open(path, dtype=...) of a .npy file holding another float dtype raises SourceError naming both,
+    instead of quietly reading the file's own dtype."""
+    file_dtype = np.float32 if asked == "float16" else np.float16
+    x = rng.standard_normal((4, 50)).astype(file_dtype)
+    np.save(tmp_path / "h.npy", x)
+    with pytest.raises(fl.SourceError, match=f"dtype='{asked}' was asked for, but the file holds "
+                                             f"{np.dtype(file_dtype).name}"):
+        fl.open(tmp_path / "h.npy", dtype=asked)
+    assert fl.open(tmp_path / "h.npy", dtype=np.dtype(file_dtype).name).dtype == np.dtype(file_dtype).name
+
+
+@pytest.mark.parametrize("extra", [1, 4, 8])
+def test_open_npy_refuses_a_few_bytes_past_the_headers_shape(tmp_path, rng, extra):
+    """Q7 (sources.py open_npy: 'if extra > 0:' -> 'if extra > 8:'): even one byte past the data the
+    header's shape describes (np.save writes none) is refused, with the count."""
+    x = rng.standard_normal((4, 50)).astype(np.float32)
+    np.save(tmp_path / "t.npy", x)
+    with open(tmp_path / "t.npy", "ab") as f:
+        f.write(b"\0" * extra)
+    with pytest.raises(fl.SourceError, match=rf"its header's shape \(4, 50\) of float32 describes 800 bytes "
+                                             rf"of data after a 128-byte header, found {extra} bytes more"):
+        fl.open(tmp_path / "t.npy")
+
+
+def _safetensors(path, entries, data):
+    h = json.dumps(entries).encode()
+    path.write_bytes(struct.pack("<Q", len(h)) + h + data)
+
+
+@pytest.mark.parametrize("extra", [1, 4, 400])
+def test_a_safetensors_entry_spanning_more_bytes_than_its_shape_is_refused(tmp_path, rng, extra):
+    """Q13 (sources.py _st_entry: 'if b1 - b0 != need:' -> 'if b1 - b0 < need:'): a tensor whose
+    data_offsets span more bytes than its shape and dtype need is a corrupt header, refused (as the
+    safetensors library refuses it), not read as the first `need` bytes."""
+    x = rng.standard_normal((4, 50)).astype(np.float32)
+    data = x.tobytes() + b"\0" * extra
+    _safetensors(tmp_path / "s.safetensors",
+                 {"x": {"dtype": "F32", "shape": [4, 50], "data_offsets": [0, len(data)]}}, data)
+    with pytest.raises(fl.SourceError, match=rf"tensor 'x': shape \[4, 50\] of float32 needs 800 bytes, its "
+                                             rf"offsets span {800 + extra}"):
+        fl.open(tmp_path / "s.safetensors")
+
+
+@pytest.mark.parametrize("fn", [fl.softmax, fl.log_softmax])
+@pytest.mark.parametrize("out_dtype", [np.float64, np.float16])
+def test_in_memory_map_refuses_an_out_whose_dtype_disagrees_with_dtype(rng, fn, out_dtype):
+    """D2 (reductions.py _map: 'if dtype is not None and dtype_name(dtype) != out_name:' -> 'if False:'):
+    dtype='float32' with a NumPy out of another dtype raises, naming both, and out is left unwritten."""
+    x = rng.standard_normal((4, 33)).astype(np.float32)
+    out = np.zeros((4, 33), out_dtype)
+    name = np.dtype(out_dtype).name
+    with pytest.raises(ValueError, match=f"dtype='float32' disagrees with out.dtype={name}"):
+        fn(x, out=out, dtype="float32")
+    assert not out.any()
+
+
+@pytest.mark.parametrize("V", [5, 1000])
+def test_out_of_range_label_message_names_the_last_valid_class(rng, V):
+    """D6 (reductions.py label_error: '(valid: 0..{V - 1}' -> '(valid: 0..{V}'): the error for a label V
+    (one past the last class) names the valid range 0..V-1, as the classes are 0-based."""
+    x = rng.standard_normal((3, V)).astype(np.float32)
+    y = np.array([0, V, 1])
+    with pytest.raises(IndexError, match=rf"labels: label {V} at row 1 is out of range for {V} classes "
+                                         rf"\(valid: 0\.\.{V - 1}, or ignore_index=-100\)"):
+        fl.cross_entropy(x, y)
+
+
+@pytest.mark.parametrize("z", [float("inf"), np.float32("inf")])
+def test_z_loss_of_infinity_is_refused(rng, z):
+    """D9 (reductions.py check_ce_options: 'z >= 0 and math.isfinite(z)' -> 'z >= 0'): z_loss = inf is
+    refused (a finite float >= 0), in memory and by the CrossEntropy accumulator."""
+    x = rng.standard_normal((3, 5)).astype(np.float32)
+    y = np.array([0, 4, 2])
+    with pytest.raises(ValueError, match="z_loss must be a finite float >= 0, got "):
+        fl.cross_entropy(x, y, z_loss=z)
+    with pytest.raises(ValueError, match="z_loss must be a finite float >= 0, got "):
+        fl.stream.accumulators.CrossEntropy(y, z_loss=z)
+
+
+@pytest.mark.parametrize("ignore_index", [2**63, 2**64, -2**63 - 1])
+def test_ignore_index_past_int64_is_refused(rng, ignore_index):
+    """D10 (reductions.py check_ignore_index: '-2**63 <= i < 2**63' -> '-2**63 <= i <= 2**63'):
+    2**63 (one past int64's largest) is refused with the documented ValueError, as PyTorch's int64
+    ignore_index cannot hold it; int64's own bounds are accepted."""
+    x = rng.standard_normal((3, 5)).astype(np.float32)
+    y = np.array([0, 4, 2])
+    with pytest.raises(ValueError, match=f"ignore_index must fit in int64, got {ignore_index}"):
+        fl.cross_entropy(x, y, ignore_index=ignore_index)
+    x64 = x.astype(np.float64)
+    lse = np.log(np.exp(x64).sum(1))
+    want = np.mean(lse - x64[np.arange(3), y])
+    for ok in (2**63 - 1, -2**63):
+        np.testing.assert_allclose(fl.cross_entropy(x, y, ignore_index=ok), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("label", [0, 2])
+def test_mean_of_zero_weight_targets_over_nan_logits_is_nan(label):
+    """D11 (reductions.py _ieee_div: 'if a == 0 or math.isnan(a):' -> 'if a == 0:'): as PyTorch,
+    "mean" is sum(w[y] * nll) / sum(w[y]); with every target's weight 0 and a NaN logit in a row the
+    numerator is NaN (0 * NaN) and the denominator 0, so the loss is NaN / 0 = NaN, not +-inf."""
+    x = np.zeros((2, 4))
+    x[0, 1] = np.nan
+    w = np.array([1.0, 1.0, 1.0, 1.0])
+    w[label] = 0.0
+    y = np.array([label, label])
+    per_row = fl.cross_entropy(x, y, weight=w, reduction="none")
+    assert np.isnan(per_row[0])
+    with np.errstate(invalid="ignore", divide="ignore"):      # the float64 reference: NaN / 0
+        nll = np.log(np.exp(x).sum(1)) - x[np.arange(2), y]
+        want = np.sum(w[y] * nll) / np.sum(w[y])
+    assert np.isnan(want)
+    assert np.isnan(fl.cross_entropy(x, y, weight=w))
+    assert np.isnan(fl.cross_entropy(x.astype(np.float32), y, weight=w))
