@@ -262,8 +262,9 @@ class CrossEntropy(_Base):
         check_reduction(reduction)
         self.reduction = reduction
         i = first_past_int64(lab)
-        if i < 0 and np.any((lab < 0) & (lab != self.ignore_index)):
-            i = int(np.argmax((lab < 0) & (lab != self.ignore_index)))
+        if i < 0:
+            negative = (lab < 0) & (lab != self.ignore_index)     # (the columns bound the rest later)
+            i = int(np.argmax(negative)) if negative.any() else -1
         if i >= 0:
             raise IndexError(f"labels: label {int(lab[i])} at row {i} is out of range")
         self.labels = lab.astype(np.int64)
