@@ -154,6 +154,44 @@ def test_logsumexp_small_torch(benchmark, small):
     _check(benchmark(torch.logsumexp, torch.from_numpy(small[0]), -1).numpy(), ref.logsumexp(small[0]))
 
 
+# ---- many short rows: a classifier's outputs over a dataset (65536 rows of 10 classes), a cost a row ----
+
+@pytest.fixture(scope="module")
+def short_rows():
+    rng = np.random.default_rng(2)
+    return (rng.standard_normal((65536, 10)) * 3).astype(np.float32), rng.integers(0, 10, 65536)
+
+
+@pytest.mark.parametrize("op", ["logsumexp", "cross_entropy", "argmax"])
+def test_short_rows_fastlogits(benchmark, short_rows, op):
+    x, y = short_rows
+    if op == "logsumexp":
+        _check(benchmark(fl.logsumexp, x, threads=1), ref.logsumexp(x))
+    elif op == "cross_entropy":
+        _check(benchmark(fl.cross_entropy, x, y, reduction="none", threads=1),
+               ref.cross_entropy(x, y, reduction="none"))
+    else:
+        np.testing.assert_array_equal(benchmark(fl.argmax, x, threads=1), ref.argmax(x))
+
+
+@pytest.mark.parametrize("op", ["logsumexp", "cross_entropy", "argmax"])
+def test_short_rows_torch(benchmark, short_rows, op):
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t, ty = torch.from_numpy(short_rows[0]), torch.from_numpy(short_rows[1])
+        if op == "logsumexp":
+            _check(benchmark(torch.logsumexp, t, -1).numpy(), ref.logsumexp(short_rows[0]))
+        elif op == "cross_entropy":
+            got = benchmark(torch.nn.functional.cross_entropy, t, ty, reduction="none").numpy()
+            _check(got, ref.cross_entropy(*short_rows, reduction="none"))
+        else:
+            np.testing.assert_array_equal(benchmark(torch.argmax, t, -1).numpy(), ref.argmax(short_rows[0]))
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("threads", [1, None], ids=["1thread", "allthreads"])
 def test_top_k_fastlogits(benchmark, data, threads):
     x, _ = data

@@ -97,7 +97,7 @@ def cross_entropy(x, int dtype, temperature, double softcap, const int64_t[::1] 
     cdef int64_t it, i, g, start, stop
     cdef fl_row r
     cdef char *buf = NULL
-    cdef double lse_i, xt, m, m1
+    cdef double log_s, xt, m, m1
     cdef const char *w = NULL
     if weight is not None:
         w = <const char *> address_of(weight)
@@ -151,12 +151,12 @@ def cross_entropy(x, int dtype, temperature, double softcap, const int64_t[::1] 
                 # all -inf, a +inf or a NaN: log_softmax is NaN there (PyTorch)
                 lse_out[i] = nll[i] = smooth[i] = NAN
                 continue
-            lse_i = fl_lse_result(&st[i * nseg])
-            lse_out[i] = lse_i
+            log_s = log(st[i * nseg].s)      # once: log may set errno, so C compilers keep each call
+            lse_out[i] = m + log_s              # fl_lse_result's formula
             # (m - x) + log s, not lse - x: exact when x and m are huge and close (x = 3e38)
-            nll[i] = (m - xt) + log(st[i * nseg].s)
+            nll[i] = (m - xt) + log_s
             # sum w (lse - x) = sum w (m - x) + W log s: no cancellation however large x is
-            smooth[i] = fl__dist_total(ds[i * nseg], wtotal, log(st[i * nseg].s)) if smoothing else 0.0
+            smooth[i] = fl__dist_total(ds[i * nseg], wtotal, log_s) if smoothing else 0.0
     free(st)
     free(ds)
     free(ws)

@@ -1,4 +1,4 @@
-# cython: language_level=3
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Internal declarations: the row drivers of fastlogits.h, and the block that the kernels share.
 
 A *block* is a 2-D array of logits as it lies in memory (any dtype, any strides in bytes), with a
