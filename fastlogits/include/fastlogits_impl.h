@@ -5,9 +5,11 @@
  * Chunk primitives work on a contiguous chunk that sits in L1, as fixed-width lanes (FL_LANES values, one
  * 512-bit vector) so that GCC and Clang vectorize the reductions without reassociation flags. They are the
  * only multiversioned functions: everything around them is scalar bookkeeping once per chunk.
- * A reduction over fewer values than one vector (n < FL_LANES: rows of a few classes) runs its scalar tail
- * loop alone, with the same result: setting up the lanes and reducing them cost more than such a row (in
- * GCC's code the lanes live on the stack; float32 logsumexp of V = 2 rows, 50 against 29 ns a row).
+ * A reduction combines its lanes pairwise (log2 FL_LANES vector steps, where a sum in lane order took
+ * FL_LANES - 1 dependent scalar ones), then adds the last, partial vector one value at a time; a range
+ * shorter than one vector (rows of a few classes) sets up no lanes at all. In GCC's code the lanes live
+ * on the stack, and for short and middling rows their setup and reduction cost more than the row: float32
+ * logsumexp a row, V = 2: 50 -> 29 ns, V = 100: 89 -> 75 ns, V = 1000: 409 -> 333 ns.
  */
 #ifndef FL_T
 #error "fastlogits_impl.h is included by fastlogits.h only"
@@ -21,43 +23,37 @@
 
 /* Largest value of x[0:n), NaN ignored (-inf when n == 0); *has_nan tells whether a NaN was seen. */
 FL_MULTIVERSION static FL_UNUSED FL_T FL_FN(fl__max)(const FL_T *x, int64_t n, int *has_nan) {
-    FL_T acc[FL_LANES], nan[FL_LANES];
+    FL_T a = -(FL_T)INFINITY, z = 0;
     int64_t i = 0;
-    int j;
-    if (n < FL_LANES) {                 /* the tail loop below, alone */
-        FL_T a = -(FL_T)INFINITY, z = 0;
-        for (; i < n; i++) {
-            FL_T v = x[i];
-            a = v > a ? v : a;
-            z += v - v;
+    int j, h;
+    if (n >= FL_LANES) {
+        FL_T acc[FL_LANES], nan[FL_LANES];
+        for (j = 0; j < FL_LANES; j++) { acc[j] = -(FL_T)INFINITY; nan[j] = 0; }
+        for (; i + FL_LANES <= n; i += FL_LANES) {
+            FL_LANE_LOOP
+            for (j = 0; j < FL_LANES; j++) {
+                FL_T v = x[i + j];
+                acc[j] = v > acc[j] ? v : acc[j];
+                nan[j] += v - v;        /* 0, or NaN for NaN and +-inf: rescanned below */
+            }
         }
-        *has_nan = 0;
-        if (z != z)
-            for (i = 0; i < n; i++) *has_nan |= x[i] != x[i];
-        return a;
-    }
-    for (j = 0; j < FL_LANES; j++) { acc[j] = -(FL_T)INFINITY; nan[j] = 0; }
-    for (; i + FL_LANES <= n; i += FL_LANES) {
-        FL_LANE_LOOP
-        for (j = 0; j < FL_LANES; j++) {
-            FL_T v = x[i + j];
-            acc[j] = v > acc[j] ? v : acc[j];
-            nan[j] += v - v;            /* 0, or NaN for NaN and +-inf: rescanned below */
-        }
+        for (h = FL_LANES / 2; h > 0; h /= 2)
+            for (j = 0; j < h; j++) {
+                acc[j] = acc[j + h] > acc[j] ? acc[j + h] : acc[j];
+                nan[j] += nan[j + h];
+            }
+        a = acc[0];
+        z = nan[0];
     }
     for (; i < n; i++) {
         FL_T v = x[i];
-        acc[0] = v > acc[0] ? v : acc[0];
-        nan[0] += v - v;
+        a = v > a ? v : a;
+        z += v - v;
     }
     *has_nan = 0;
-    for (j = 1; j < FL_LANES; j++) acc[0] = acc[j] > acc[0] ? acc[j] : acc[0];
-    for (j = 0; j < FL_LANES; j++) *has_nan |= nan[j] != nan[j];
-    if (*has_nan) {                     /* an infinity or a NaN: tell them apart (rare) */
-        *has_nan = 0;
+    if (z != z)                         /* an infinity or a NaN: tell them apart (rare) */
         for (i = 0; i < n; i++) *has_nan |= x[i] != x[i];
-    }
-    return acc[0];
+    return a;
 }
 
 /* Lane sums are flushed to double every FL_FLUSH vectors: at most 16 float additions per lane. */
@@ -69,29 +65,29 @@ FL_MULTIVERSION static FL_UNUSED FL_T FL_FN(fl__max)(const FL_T *x, int64_t n, i
  * memory-bound, step will read: one cache line at pf + k * pf_step for the k-th vector (pf = 0: none). */
 FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp)(const FL_T *x, int64_t n, FL_T m, uintptr_t pf,
                                                           uintptr_t pf_step) {
-    double tot[FL_LANES];
-    FL_T acc[FL_LANES];
+    double t = 0.0;
     int64_t i = 0;
-    int j;
-    if (n < FL_LANES) {                 /* the tail loop below, alone */
-        double t = 0.0;
-        for (; i < n; i++) t += FL_EXP_NEG(x[i] - m);
-        return t;
-    }
-    for (j = 0; j < FL_LANES; j++) tot[j] = 0.0;
-    while (i + FL_LANES <= n) {
-        int64_t stop = i + FL_FLUSH * FL_LANES < n ? i + FL_FLUSH * FL_LANES : n;
-        for (j = 0; j < FL_LANES; j++) acc[j] = 0;
-        for (; i + FL_LANES <= stop; i += FL_LANES) {
-            if (pf) FL_PREFETCH(pf + (uintptr_t)(i / FL_LANES) * pf_step);
-            FL_LANE_LOOP
-            for (j = 0; j < FL_LANES; j++) acc[j] += FL_EXP_NEG(x[i + j] - m);
+    int j, h;
+    if (n >= FL_LANES) {
+        double tot[FL_LANES];
+        FL_T acc[FL_LANES];
+        for (j = 0; j < FL_LANES; j++) tot[j] = 0.0;
+        while (i + FL_LANES <= n) {
+            int64_t stop = i + FL_FLUSH * FL_LANES < n ? i + FL_FLUSH * FL_LANES : n;
+            for (j = 0; j < FL_LANES; j++) acc[j] = 0;
+            for (; i + FL_LANES <= stop; i += FL_LANES) {
+                if (pf) FL_PREFETCH(pf + (uintptr_t)(i / FL_LANES) * pf_step);
+                FL_LANE_LOOP
+                for (j = 0; j < FL_LANES; j++) acc[j] += FL_EXP_NEG(x[i + j] - m);
+            }
+            for (j = 0; j < FL_LANES; j++) tot[j] += acc[j];
         }
-        for (j = 0; j < FL_LANES; j++) tot[j] += acc[j];
+        for (h = FL_LANES / 2; h > 0; h /= 2)
+            for (j = 0; j < h; j++) tot[j] += tot[j + h];
+        t = tot[0];
     }
-    for (; i < n; i++) tot[0] += FL_EXP_NEG(x[i] - m);
-    for (j = 1; j < FL_LANES; j++) tot[0] += tot[j];
-    return tot[0];
+    for (; i < n; i++) t += FL_EXP_NEG(x[i] - m);
+    return t;
 }
 
 /* One pass over a chunk, for rows whose running max m is already known (every chunk but the first): sum
@@ -101,44 +97,43 @@ FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp)(const FL_T *x, int64_t
  * (rare: the max of a row is usually found early). */
 FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp_max)(const FL_T *x, int64_t n, FL_T m, FL_T *cmax,
                                                               uintptr_t pf, uintptr_t pf_step) {
-    double tot[FL_LANES];
-    FL_T acc[FL_LANES], mx[FL_LANES];
+    double t = 0.0;
+    FL_T a = -(FL_T)INFINITY;
     int64_t i = 0;
-    int j;
-    if (n < FL_LANES) {                 /* the tail loop below, alone */
-        double t = 0.0;
-        FL_T a = -(FL_T)INFINITY;
-        for (; i < n; i++) {
-            FL_T v = x[i];
-            a = v > a ? v : a;
-            t += FL_EXP_NEG(v - m);
-        }
-        *cmax = a;
-        return t;
-    }
-    for (j = 0; j < FL_LANES; j++) { tot[j] = 0.0; mx[j] = -(FL_T)INFINITY; }
-    while (i + FL_LANES <= n) {
-        int64_t stop = i + FL_FLUSH * FL_LANES < n ? i + FL_FLUSH * FL_LANES : n;
-        for (j = 0; j < FL_LANES; j++) acc[j] = 0;
-        for (; i + FL_LANES <= stop; i += FL_LANES) {
-            if (pf) FL_PREFETCH(pf + (uintptr_t)(i / FL_LANES) * pf_step);
-            FL_LANE_LOOP
-            for (j = 0; j < FL_LANES; j++) {
-                FL_T v = x[i + j];
-                mx[j] = v > mx[j] ? v : mx[j];
-                acc[j] += FL_EXP_NEG(v - m);
+    int j, h;
+    if (n >= FL_LANES) {
+        double tot[FL_LANES];
+        FL_T acc[FL_LANES], mx[FL_LANES];
+        for (j = 0; j < FL_LANES; j++) { tot[j] = 0.0; mx[j] = -(FL_T)INFINITY; }
+        while (i + FL_LANES <= n) {
+            int64_t stop = i + FL_FLUSH * FL_LANES < n ? i + FL_FLUSH * FL_LANES : n;
+            for (j = 0; j < FL_LANES; j++) acc[j] = 0;
+            for (; i + FL_LANES <= stop; i += FL_LANES) {
+                if (pf) FL_PREFETCH(pf + (uintptr_t)(i / FL_LANES) * pf_step);
+                FL_LANE_LOOP
+                for (j = 0; j < FL_LANES; j++) {
+                    FL_T v = x[i + j];
+                    mx[j] = v > mx[j] ? v : mx[j];
+                    acc[j] += FL_EXP_NEG(v - m);
+                }
             }
+            for (j = 0; j < FL_LANES; j++) tot[j] += acc[j];
         }
-        for (j = 0; j < FL_LANES; j++) tot[j] += acc[j];
+        for (h = FL_LANES / 2; h > 0; h /= 2)
+            for (j = 0; j < h; j++) {
+                tot[j] += tot[j + h];
+                mx[j] = mx[j + h] > mx[j] ? mx[j + h] : mx[j];
+            }
+        t = tot[0];
+        a = mx[0];
     }
     for (; i < n; i++) {
         FL_T v = x[i];
-        mx[0] = v > mx[0] ? v : mx[0];
-        tot[0] += FL_EXP_NEG(v - m);
+        a = v > a ? v : a;
+        t += FL_EXP_NEG(v - m);
     }
-    for (j = 1; j < FL_LANES; j++) { tot[0] += tot[j]; mx[0] = mx[j] > mx[0] ? mx[j] : mx[0]; }
-    *cmax = mx[0];
-    return tot[0];
+    *cmax = a;
+    return t;
 }
 
 /* sum exp(x - m) and sum exp(x - m) * (x - m) over x[0:n); m finite, no NaN in x. x - m is clamped
@@ -147,69 +142,63 @@ FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp_max)(const FL_T *x, int
  * impossible classes, and a one-hot row has entropy 0, not the clamped terms' -87.3 * 1e-38 each. */
 FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp_t)(const FL_T *x, int64_t n, FL_T m, double *t,
                                                             uintptr_t pf, uintptr_t pf_step) {
-    double tot[FL_LANES], tt[FL_LANES];
-    FL_T acc[FL_LANES], act[FL_LANES];
+    double s = 0.0, st = 0.0;
     int64_t i = 0;
-    int j;
-    if (n < FL_LANES) {                 /* the tail loop below, alone */
-        double s = 0.0, st = 0.0;
-        for (; i < n; i++) {
-            FL_T d = x[i] - m;
-            FL_T dc = d < FL_EXP_FLOOR ? FL_EXP_FLOOR : d;
-            FL_T e = FL_EXP_NEG(dc);
-            s += e;
-            st += d < FL_EXP_FLOOR ? (FL_T)0 : e * dc;
-        }
-        *t = st;
-        return s;
-    }
-    for (j = 0; j < FL_LANES; j++) { tot[j] = 0.0; tt[j] = 0.0; }
-    while (i + FL_LANES <= n) {
-        int64_t stop = i + FL_FLUSH * FL_LANES < n ? i + FL_FLUSH * FL_LANES : n;
-        for (j = 0; j < FL_LANES; j++) { acc[j] = 0; act[j] = 0; }
-        for (; i + FL_LANES <= stop; i += FL_LANES) {
-            if (pf) FL_PREFETCH(pf + (uintptr_t)(i / FL_LANES) * pf_step);   /* as in fl__sumexp */
-            FL_LANE_LOOP
-            for (j = 0; j < FL_LANES; j++) {
-                FL_T d = x[i + j] - m;
-                FL_T dc = d < FL_EXP_FLOOR ? FL_EXP_FLOOR : d;
-                FL_T e = FL_EXP_NEG(dc);
-                acc[j] += e;
-                act[j] += d < FL_EXP_FLOOR ? (FL_T)0 : e * dc;
+    int j, h;
+    if (n >= FL_LANES) {
+        double tot[FL_LANES], tt[FL_LANES];
+        FL_T acc[FL_LANES], act[FL_LANES];
+        for (j = 0; j < FL_LANES; j++) { tot[j] = 0.0; tt[j] = 0.0; }
+        while (i + FL_LANES <= n) {
+            int64_t stop = i + FL_FLUSH * FL_LANES < n ? i + FL_FLUSH * FL_LANES : n;
+            for (j = 0; j < FL_LANES; j++) { acc[j] = 0; act[j] = 0; }
+            for (; i + FL_LANES <= stop; i += FL_LANES) {
+                if (pf) FL_PREFETCH(pf + (uintptr_t)(i / FL_LANES) * pf_step);   /* as in fl__sumexp */
+                FL_LANE_LOOP
+                for (j = 0; j < FL_LANES; j++) {
+                    FL_T d = x[i + j] - m;
+                    FL_T dc = d < FL_EXP_FLOOR ? FL_EXP_FLOOR : d;
+                    FL_T e = FL_EXP_NEG(dc);
+                    acc[j] += e;
+                    act[j] += d < FL_EXP_FLOOR ? (FL_T)0 : e * dc;
+                }
             }
+            for (j = 0; j < FL_LANES; j++) { tot[j] += acc[j]; tt[j] += act[j]; }
         }
-        for (j = 0; j < FL_LANES; j++) { tot[j] += acc[j]; tt[j] += act[j]; }
+        for (h = FL_LANES / 2; h > 0; h /= 2)
+            for (j = 0; j < h; j++) { tot[j] += tot[j + h]; tt[j] += tt[j + h]; }
+        s = tot[0];
+        st = tt[0];
     }
     for (; i < n; i++) {
         FL_T d = x[i] - m;
         FL_T dc = d < FL_EXP_FLOOR ? FL_EXP_FLOOR : d;
         FL_T e = FL_EXP_NEG(dc);
-        tot[0] += e;
-        tt[0] += d < FL_EXP_FLOOR ? (FL_T)0 : e * dc;
+        s += e;
+        st += d < FL_EXP_FLOOR ? (FL_T)0 : e * dc;
     }
-    for (j = 1; j < FL_LANES; j++) { tot[0] += tot[j]; tt[0] += tt[j]; }
-    *t = tt[0];
-    return tot[0];
+    *t = st;
+    return s;
 }
 
 /* sum x[0:n), accumulated in double lanes: logits of opposite signs near the float range (+-3e38) must
  * not overflow a float partial sum. */
 FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sum)(const FL_T *x, int64_t n) {
-    double acc[FL_LANES];
+    double t = 0.0;
     int64_t i = 0;
-    int j;
-    if (n < FL_LANES) {                 /* the tail loop below, alone */
-        double t = 0.0;
-        for (; i < n; i++) t += (double)x[i];
-        return t;
+    int j, h;
+    if (n >= FL_LANES) {
+        double acc[FL_LANES];
+        for (j = 0; j < FL_LANES; j++) acc[j] = 0.0;
+        for (; i + FL_LANES <= n; i += FL_LANES)
+            FL_LANE_LOOP
+            for (j = 0; j < FL_LANES; j++) acc[j] += (double)x[i + j];
+        for (h = FL_LANES / 2; h > 0; h /= 2)
+            for (j = 0; j < h; j++) acc[j] += acc[j + h];
+        t = acc[0];
     }
-    for (j = 0; j < FL_LANES; j++) acc[j] = 0.0;
-    for (; i + FL_LANES <= n; i += FL_LANES)
-        FL_LANE_LOOP
-        for (j = 0; j < FL_LANES; j++) acc[j] += (double)x[i + j];
-    for (; i < n; i++) acc[0] += (double)x[i];
-    for (j = 1; j < FL_LANES; j++) acc[0] += acc[j];
-    return acc[0];
+    for (; i < n; i++) t += (double)x[i];
+    return t;
 }
 
 /* The start of the first block of FL_SCAN values of x[0:n) that holds a candidate, a value above t (at
@@ -242,44 +231,42 @@ FL_MULTIVERSION static FL_UNUSED int64_t FL_FN(fl__scan_above)(const FL_T *x, in
  * gives, where w * 0 would have made it NaN. */
 FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__dist)(const FL_T *x, const FL_T *w, int64_t n, double ref,
                                                         double *wsum) {
-    double acc[FL_LANES], wa[FL_LANES];
+    double a = 0.0, wt = 0.0;
     int64_t i = 0;
-    int j;
-    if (n < FL_LANES) {                 /* the tail loops below, alone */
-        double a = 0.0, wt = 0.0;
+    int j, h;
+    if (n >= FL_LANES) {
+        double acc[FL_LANES], wa[FL_LANES];
+        for (j = 0; j < FL_LANES; j++) acc[j] = wa[j] = 0.0;
+        if (w) {
+            for (; i + FL_LANES <= n; i += FL_LANES)
+                FL_LANE_LOOP
+                for (j = 0; j < FL_LANES; j++) {
+                    double d = ref - (double)x[i + j];
+                    acc[j] += FL__WDIST((double)w[i + j], d);
+                    wa[j] += (double)w[i + j];
+                }
+        } else {
+            for (; i + FL_LANES <= n; i += FL_LANES)
+                FL_LANE_LOOP
+                for (j = 0; j < FL_LANES; j++) acc[j] += ref - (double)x[i + j];
+        }
+        for (h = FL_LANES / 2; h > 0; h /= 2)
+            for (j = 0; j < h; j++) { acc[j] += acc[j + h]; wa[j] += wa[j + h]; }
+        a = acc[0];
+        wt = wa[0];
+    }
+    if (w) {
         for (; i < n; i++) {
             double d = ref - (double)x[i];
-            a += w ? FL__WDIST((double)w[i], d) : d;
-            wt += w ? (double)w[i] : 1.0;
+            a += FL__WDIST((double)w[i], d);
+            wt += (double)w[i];
         }
         *wsum = wt;
-        return a;
-    }
-    for (j = 0; j < FL_LANES; j++) acc[j] = wa[j] = 0.0;
-    if (w) {
-        for (; i + FL_LANES <= n; i += FL_LANES)
-            FL_LANE_LOOP
-            for (j = 0; j < FL_LANES; j++) {
-                double d = ref - (double)x[i + j];
-                acc[j] += FL__WDIST((double)w[i + j], d);
-                wa[j] += (double)w[i + j];
-            }
-        for (; i < n; i++) {
-            double d = ref - (double)x[i];
-            acc[0] += FL__WDIST((double)w[i], d);
-            wa[0] += (double)w[i];
-        }
-        for (j = 1; j < FL_LANES; j++) wa[0] += wa[j];
-        *wsum = wa[0];
     } else {
-        for (; i + FL_LANES <= n; i += FL_LANES)
-            FL_LANE_LOOP
-            for (j = 0; j < FL_LANES; j++) acc[j] += ref - (double)x[i + j];
-        for (; i < n; i++) acc[0] += ref - (double)x[i];
+        for (; i < n; i++) a += ref - (double)x[i];
         *wsum = (double)n;
     }
-    for (j = 1; j < FL_LANES; j++) acc[0] += acc[j];
-    return acc[0];
+    return a;
 }
 
 /* y = exp(x - m) * f (softmax: f = FL_UP / s, m the row's max; see FL_EXP_UP), or y = (x - m) - log_s
