@@ -3,6 +3,7 @@ Cython module built against the installed package, and the Numba entry points. E
 the system compiler against ``fastlogits.get_include()``, and checked against the float64 reference."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -248,6 +249,44 @@ def test_gcc_11_builds_dispatch_to_vectorized_clones(tmp_path):
 
     assert body("fl__sumexp_f32.avx512f.0").count("zmm") >= 8
     assert body("fl__sumexp_f32.avx2.1").count("ymm") >= 8
+
+
+def hot_loops(asm, function):
+    """The loops (backward jumps, bodies of at most 80 instructions) of `function` in objdump output, each
+    as its list of instructions, the one with the most 512-bit instructions first."""
+    start = asm.index(f"<{function}>:")
+    text = asm[start:asm.index("\n\n", start)]
+    lines = [ln for ln in text.splitlines()[1:] if re.match(r"\s+[0-9a-f]+:", ln)]
+    addrs = [int(ln.split(":")[0], 16) for ln in lines]
+    loops = []
+    for at, ln in zip(addrs, lines):
+        jump = re.search(r"\sj[a-z]+\s+([0-9a-f]+) <", ln)
+        if jump and int(jump.group(1), 16) < at:
+            body = [x for x, a in zip(lines, addrs) if int(jump.group(1), 16) <= a <= at]
+            if len(body) <= 80:
+                loops.append(body)
+    return sorted(loops, key=lambda b: -sum("zmm" in x for x in b))
+
+
+@pytest.mark.skipif(not shutil.which("objdump"), reason="needs objdump")
+@pytest.mark.parametrize("function", ["fl__max_f32", "fl__sumexp_f32", "fl__sumexp_max_f32",
+                                      "fl__sumexp_t_f32", "fl__max_f64", "fl__sumexp_max_f64"])
+def test_package_reductions_keep_their_lanes_in_registers(function):
+    """The AVX-512 clones of the C core's lane reductions, as the package was built: their hot loop keeps
+    the lanes in registers. GCC kept them on the stack while the scalar tail added into lane 0 (the float
+    accumulator stored and reloaded every vector in fl__sumexp_max: long float32 rows ran at 14 GB/s a
+    thread, 18.7 without)."""
+    from fastlogits.cpu import _reduce
+
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", _reduce.__file__], capture_output=True,
+                         text=True, check=True).stdout
+    names = [f"{function}.arch_x86_64_v4", f"{function}.avx512f.0"]     # GCC 12 and later; GCC 11
+    name = next((n for n in names if f"<{n}>:" in asm), None)
+    if name is None:
+        pytest.skip("no AVX-512 clone in this build (not GCC 11+ on x86-64 Linux)")
+    loop = hot_loops(asm, name)[0]
+    assert sum("zmm" in x for x in loop) >= 3, loop
+    assert not [x for x in loop if "(%rsp" in x or "(%rbp" in x], "\n".join(loop)
 
 
 MIXED_STATES = r"""
