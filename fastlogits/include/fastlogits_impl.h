@@ -5,11 +5,14 @@
  * Chunk primitives work on a contiguous chunk that sits in L1, as fixed-width lanes (FL_LANES values, one
  * 512-bit vector) so that GCC and Clang vectorize the reductions without reassociation flags. They are the
  * only multiversioned functions: everything around them is scalar bookkeeping once per chunk.
- * A reduction combines its lanes pairwise (log2 FL_LANES vector steps, where a sum in lane order took
- * FL_LANES - 1 dependent scalar ones), then adds the last, partial vector one value at a time; a range
- * shorter than one vector (rows of a few classes) sets up no lanes at all. In GCC's code the lanes live
- * on the stack, and for short and middling rows their setup and reduction cost more than the row: float32
- * logsumexp a row, V = 2: 50 -> 29 ns, V = 100: 89 -> 75 ns, V = 1000: 409 -> 333 ns.
+ * A reduction runs its lanes over whole vectors only, combines them pairwise (log2 FL_LANES vector steps,
+ * where a sum in lane order took FL_LANES - 1 dependent scalar ones), and adds the last, partial vector in
+ * a scalar of its own. So a range shorter than one vector (rows of a few classes) sets up no lanes, and
+ * GCC keeps the lanes, which the scalar tail never touches, in registers: while the tail added into lane
+ * 0 it kept fl__sumexp_max's float accumulator on the stack, stored and reloaded every vector
+ * (tests/test_embedding.py checks the package's loops). float32 logsumexp with GCC 12: V = 2 rows 50 -> 29
+ * ns a row, V = 100 89 -> 75, V = 1000 409 -> 333, long rows 14.0 -> 18.7 GB/s a thread; with Clang 19 at
+ * -O3 -march=x86-64-v3: V = 10 62 -> 42 ns, long rows the same, but V = 1000 476 -> 613 ns.
  */
 #ifndef FL_T
 #error "fastlogits_impl.h is included by fastlogits.h only"
