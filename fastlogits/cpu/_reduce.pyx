@@ -106,11 +106,13 @@ def cross_entropy(x, int dtype, temperature, double softcap, const int64_t[::1] 
     cdef fl_lse_state *st = <fl_lse_state *> malloc(max(items, 1) * sizeof(fl_lse_state))
     cdef double *ds = <double *> malloc(max(items, 1) * sizeof(double))
     cdef double *ws = <double *> malloc(max(items, 1) * sizeof(double))
-    if st == NULL or ds == NULL or ws == NULL:
+    cdef double *xl = <double *> malloc(max(b.rows, 1) * sizeof(double))    # each row's label logit
+    if st == NULL or ds == NULL or ws == NULL or xl == NULL:
         free(bufs)
         free(st)
         free(ds)
         free(ws)
+        free(xl)
         raise MemoryError("fastlogits: cannot allocate row states")
     with nogil, parallel(num_threads=threads):
         buf = bufs + threadid() * chunk * 8
@@ -128,6 +130,10 @@ def cross_entropy(x, int dtype, temperature, double softcap, const int64_t[::1] 
             else:
                 st[it] = fl_row_ce_f32(&r, start, stop, chunk, <const float *> w,
                                        &ds[it] if smoothing else NULL, &ws[it], <float *> buf)
+            # the label's logit, read by the range holding it while the row is in cache (read after the
+            # loop, it was a cache miss a row: cross_entropy of 204800 x 32 took 31 ms, logsumexp 14)
+            if start <= labels[i] < stop:
+                xl[i] = fl_row_value_f64(&r, labels[i]) if b.f64 else fl_row_value_f32(&r, labels[i])
     with nogil:
         for i in range(b.rows):
             if labels[i] == ignore_index:
@@ -141,11 +147,7 @@ def cross_entropy(x, int dtype, temperature, double softcap, const int64_t[::1] 
                 if smoothing:
                     fl__dist_merge(&ds[i * nseg], &ws[i * nseg], m1, ds[i * nseg + g], ws[i * nseg + g],
                                    st[i * nseg + g].m, st[i * nseg].m)
-            r = row_of(&b, i)
-            if b.f64:
-                xt = fl_row_value_f64(&r, labels[i])
-            else:
-                xt = fl_row_value_f32(&r, labels[i])
+            xt = xl[i]
             m = st[i * nseg].m
             if m == INFINITY or m == -INFINITY or m != m:
                 # all -inf, a +inf or a NaN: log_softmax is NaN there (PyTorch)
@@ -160,6 +162,7 @@ def cross_entropy(x, int dtype, temperature, double softcap, const int64_t[::1] 
     free(st)
     free(ds)
     free(ws)
+    free(xl)
     free(bufs)
 
 
