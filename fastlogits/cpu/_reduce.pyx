@@ -131,7 +131,7 @@ def cross_entropy(x, int dtype, temperature, double softcap, const int64_t[::1] 
                 st[it] = fl_row_ce_f32(&r, start, stop, chunk, <const float *> w,
                                        &ds[it] if smoothing else NULL, &ws[it], <float *> buf)
             # the label's logit, read by the range holding it while the row is in cache (read after the
-            # loop, it was a cache miss a row: cross_entropy of 204800 x 32 took 31 ms, logsumexp 14)
+            # loop, a cache miss a row: float32 (65536, 100) took 12.5 ms, now 8.3; logsumexp 6.4)
             if start <= labels[i] < stop:
                 xl[i] = fl_row_value_f64(&r, labels[i]) if b.f64 else fl_row_value_f32(&r, labels[i])
     with nogil:
