@@ -153,8 +153,8 @@ def cross_entropy(x, int dtype, temperature, double softcap, const int64_t[::1] 
                 # all -inf, a +inf or a NaN: log_softmax is NaN there (PyTorch)
                 lse_out[i] = nll[i] = smooth[i] = NAN
                 continue
-            log_s = log(st[i * nseg].s)      # once: log may set errno, so C compilers keep each call
-            lse_out[i] = m + log_s              # fl_lse_result's formula
+            log_s = log(st[i * nseg].s)     # once: log may set errno, so C compilers keep each call
+            lse_out[i] = m + log_s          # fl_lse_result's formula
             # (m - x) + log s, not lse - x: exact when x and m are huge and close (x = 3e38)
             nll[i] = (m - xt) + log_s
             # sum w (lse - x) = sum w (m - x) + W log s: no cancellation however large x is
