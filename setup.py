@@ -13,7 +13,7 @@ import tempfile
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-MODULES = ["_reduce", "_maps", "_select", "_info", "_exports", "_sample"]
+MODULES = ["_reduce", "_maps", "_select", "_info", "_exports", "_sample", "_layout"]
 
 
 def _try_compile(compiler, source, extra_args=(), link_args=()):
@@ -32,7 +32,7 @@ def _try_compile(compiler, source, extra_args=(), link_args=()):
 class BuildExt(build_ext):
     def finalize_options(self):
         super().finalize_options()
-        if self.parallel is None:      # the six modules compile independently: one job per core
+        if self.parallel is None:      # the modules compile independently: one job per core
             self.parallel = os.cpu_count() or 1
 
     def build_extensions(self):

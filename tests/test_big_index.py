@@ -6,7 +6,7 @@ Two (65539, 32769) float16 inputs, 2^31 + 196611 elements each, without 4 GiB of
   checkable exactly with cumulative sums; it exercises flat element counts past 2^31;
 - a C-contiguous ``np.zeros`` array: 4 GiB of virtual memory whose untouched pages are the kernel's shared
   zero page; a few rows past element 2^31 (byte 2^32) get planted values, so an offset that wraps reads
-  the wrong row.
+  the wrong row; and the same in Fortran order.
 
 Each runs in a child process whose address space is capped (``RLIMIT_AS``): a library that copied or upcast
 these inputs would need 4-16 GiB of real memory; capped, it fails with a MemoryError instead of taking the
@@ -61,10 +61,10 @@ def sliding_window_rows(seed):
     assert not bad.any(), f"cross_entropy: {bad.sum()} rows wrong, first at {np.argmax(bad)}"
 
 
-def rows_past_2_31_elements():
+def rows_past_2_31_elements(order="C"):
     import fastlogits as fl
 
-    x = np.zeros((ROWS, V), dtype=np.float16)
+    x = np.zeros((ROWS, V), dtype=np.float16, order=order)
     first_past = 2**31 // V + 1  # the first row that starts past element 2^31
     planted = {first_past - 1: 7, first_past: 11, first_past + 1: V - 1, ROWS - 1: 12345, 2**16: 0, 3: 5}
     for r, j in planted.items():
@@ -117,5 +117,8 @@ def test_sliding_window_rows(rng):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and the zero page: Linux")
-def test_rows_past_2_31_elements():
-    _run_capped("rows_past_2_31_elements")
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_rows_past_2_31_elements(order):
+    """In Fortran order (copied into C order a block of rows at a time, cpu/_layout.pyx) the planted
+    columns lie past element 2^31 too: a column's offset is its index times ROWS."""
+    _run_capped("rows_past_2_31_elements", order)
