@@ -98,6 +98,16 @@ def torch_threads(request):
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def torch_1thread():
+    """torch on one thread, for the one-thread fastlogits cases."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield torch
+    torch.set_num_threads(before)
+
+
 def test_logsumexp_torch(benchmark, data, torch_threads):
     x, _ = data
     t = torch_threads.from_numpy(x)
@@ -175,21 +185,52 @@ def test_short_rows_fastlogits(benchmark, short_rows, op):
 
 
 @pytest.mark.parametrize("op", ["logsumexp", "cross_entropy", "argmax"])
-def test_short_rows_torch(benchmark, short_rows, op):
-    torch = pytest.importorskip("torch")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        t, ty = torch.from_numpy(short_rows[0]), torch.from_numpy(short_rows[1])
-        if op == "logsumexp":
-            _check(benchmark(torch.logsumexp, t, -1).numpy(), ref.logsumexp(short_rows[0]))
-        elif op == "cross_entropy":
-            got = benchmark(torch.nn.functional.cross_entropy, t, ty, reduction="none").numpy()
-            _check(got, ref.cross_entropy(*short_rows, reduction="none"))
-        else:
-            np.testing.assert_array_equal(benchmark(torch.argmax, t, -1).numpy(), ref.argmax(short_rows[0]))
-    finally:
-        torch.set_num_threads(before)
+def test_short_rows_torch(benchmark, short_rows, op, torch_1thread):
+    torch = torch_1thread
+    t, ty = torch.from_numpy(short_rows[0]), torch.from_numpy(short_rows[1])
+    if op == "logsumexp":
+        _check(benchmark(torch.logsumexp, t, -1).numpy(), ref.logsumexp(short_rows[0]))
+    elif op == "cross_entropy":
+        got = benchmark(torch.nn.functional.cross_entropy, t, ty, reduction="none").numpy()
+        _check(got, ref.cross_entropy(*short_rows, reduction="none"))
+    else:
+        np.testing.assert_array_equal(benchmark(torch.argmax, t, -1).numpy(), ref.argmax(short_rows[0]))
+
+
+# ---- logits laid out by columns: a transposed (V, rows) matrix, as W @ H gives them, one thread ----------
+
+@pytest.fixture(scope="module")
+def by_columns():
+    rng = np.random.default_rng(3)
+    rows, vocab = (1024, 32000) if _enabled else (64, 2000)
+    a = (rng.standard_normal((vocab, rows), dtype=np.float32) * 3).astype(np.float32)
+    return a.T, rng.integers(0, vocab, rows)
+
+
+@pytest.mark.parametrize("op", ["logsumexp", "softmax", "cross_entropy"])
+def test_by_columns_fastlogits(benchmark, by_columns, op):
+    x, y = by_columns
+    if op == "logsumexp":
+        _check(benchmark(fl.logsumexp, x, threads=1), ref.logsumexp(x))
+    elif op == "softmax":
+        _check(benchmark(fl.softmax, x, threads=1), ref.softmax(x))
+    else:
+        _check(benchmark(fl.cross_entropy, x, y, reduction="none", threads=1),
+               ref.cross_entropy(x, y, reduction="none"))
+
+
+@pytest.mark.parametrize("op", ["logsumexp", "softmax", "cross_entropy"])
+def test_by_columns_torch(benchmark, by_columns, op, torch_1thread):
+    torch = torch_1thread
+    x, y = by_columns
+    t, ty = torch.from_numpy(x.T).T, torch.from_numpy(y)
+    if op == "logsumexp":
+        _check(benchmark(torch.logsumexp, t, -1).numpy(), ref.logsumexp(x))
+    elif op == "softmax":
+        _check(benchmark(torch.softmax, t, -1).numpy(), ref.softmax(x))
+    else:
+        got = benchmark(torch.nn.functional.cross_entropy, t, ty, reduction="none").numpy()
+        _check(got, ref.cross_entropy(x, y, reduction="none"))
 
 
 @pytest.mark.parametrize("threads", [1, None], ids=["1thread", "allthreads"])
