@@ -14,8 +14,8 @@ from tests.helpers import BF16, DTYPE_IDS, DTYPES, FUNCTIONS, call, check, rando
 
 
 def _views(x):
-    """x's values in layouts that read it by columns: transposed, Fortran order, and a transposed view
-    with negative strides and gaps between rows."""
+    """x's values in layouts that read it by columns: transposed, Fortran order, a transposed view with
+    negative strides and gaps between rows, and one whose rows lie more than a cache line apart."""
     rows, n = x.shape
     t = np.ascontiguousarray(x.T).T
     f = np.asfortranarray(x)
@@ -23,7 +23,9 @@ def _views(x):
     buf[::-1, ::-2] = x.T
     g = buf[::-1, ::-2].T
     assert np.array_equal(g, x, equal_nan=True) and g.strides[0] < 0 and g.strides[1] < 0
-    return {"T": t, "F": f, "gaps": g}
+    wide = np.full((n, 40 * rows), np.nan).astype(x.dtype)     # rows more than a cache line apart
+    wide[:, ::40] = x.T
+    return {"T": t, "F": f, "gaps": g, "sparse": wide[:, ::40].T}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

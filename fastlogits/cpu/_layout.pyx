@@ -35,38 +35,40 @@ cdef enum:
 
 cdef extern from *:
     """
-    /* Prefetch the lines of bytes [lo, hi] from p, for reading (into L2, which takes more misses in
-     * flight than L1) or writing. Integer arithmetic: they may lie past the array (the last tile's
-     * step TILE ahead), where a prefetch is harmless but a pointer may not point. A macro: GCC drops the
-     * calls to a helper function that prefetches, taking it for one without effects. */
+    /* Prefetch the lines of bytes lo, lo + step, ... up to hi (and hi) from p, for reading (into L2,
+     * which takes more misses in flight than L1) or writing. Integer arithmetic: they may lie past the
+     * array (the last tile's step TILE ahead), where a prefetch is harmless but a pointer may not point.
+     * A macro: GCC drops the calls to a helper function that prefetches, taking it for one without
+     * effects. */
     #define FL__AT(p, off) ((const void *)((uintptr_t)(p) + (uintptr_t)(off)))
-    #define FL__SPAN(p, lo, hi, rw, loc) do {                                              \
-        for (int64_t o_ = (lo); o_ < (hi); o_ += 64) __builtin_prefetch(FL__AT(p, o_), rw, loc); \
+    #define FL__SPAN(p, lo, hi, step, rw, loc) do {                                        \
+        for (int64_t o_ = (lo); o_ < (hi); o_ += (step)) __builtin_prefetch(FL__AT(p, o_), rw, loc); \
         __builtin_prefetch(FL__AT(p, hi), rw, loc);                                    \
     } while (0)
-    #define FL__SPAN_READ(p, lo, hi) FL__SPAN(p, lo, hi, 0, 2)
-    #define FL__SPAN_WRITE(p, lo, hi) FL__SPAN(p, lo, hi, 1, 3)
+    #define FL__SPAN_READ(p, lo, hi, step) FL__SPAN(p, lo, hi, step, 0, 2)
+    #define FL__SPAN_WRITE(p, lo, hi, step) FL__SPAN(p, lo, hi, step, 1, 3)
     """
-    void prefetch_read "FL__SPAN_READ"(const void *p, int64_t lo, int64_t hi) noexcept nogil
-    void prefetch_write "FL__SPAN_WRITE"(const void *p, int64_t lo, int64_t hi) noexcept nogil
+    void prefetch_read "FL__SPAN_READ"(const void *p, int64_t lo, int64_t hi, int64_t step) noexcept nogil
+    void prefetch_write "FL__SPAN_WRITE"(const void *p, int64_t lo, int64_t hi, int64_t step) noexcept nogil
 
 
 cdef void copy_tile(const elem *src, int64_t so, int64_t si, elem *dst, int64_t wo, int64_t wi,
                     int64_t nout, int64_t nin) noexcept nogil:
     """dst[k, u] = src[k, u] for k < nout, u < nin, strides in elements: (so, si) for the source, (wo,
     wi) for the destination. A side whose memory runs along the inner axis gets the lines of step k +
-    TILE prefetched at step k."""
+    TILE prefetched at step k: each line of it, or each element's where they lie a line apart or more."""
     cdef int64_t k, u, a, b, e = sizeof(elem)
     cdef bint src_runs = llabs(si) <= llabs(so), dst_runs = llabs(wi) <= llabs(wo)
+    cdef int64_t src_step = max(64, llabs(si) * e), dst_step = max(64, llabs(wi) * e)
     for k in range(nout):
         if src_runs:
             a = (k + TILE) * so * e
             b = a + (nin - 1) * si * e
-            prefetch_read(src, min(a, b), max(a, b))
+            prefetch_read(src, min(a, b), max(a, b), src_step)
         if dst_runs:
             a = (k + TILE) * wo * e
             b = a + (nin - 1) * wi * e
-            prefetch_write(dst, min(a, b), max(a, b))
+            prefetch_write(dst, min(a, b), max(a, b), dst_step)
         for u in range(nin):
             dst[k * wo + u * wi] = src[k * so + u * si]
 
