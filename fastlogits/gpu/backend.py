@@ -24,6 +24,8 @@ import numpy as np
 from numba import config as numba_config
 from numba import cuda
 
+from fastlogits._config import default_threads
+from fastlogits.cpu.backend import copy_rows
 from fastlogits.gpu import kernels as K
 from fastlogits.ops._prep import compute_dtype, weight_sum
 
@@ -416,7 +418,9 @@ def _blocks(x, dtype, temperature):
         pass
     if rows * row_bytes <= budget:          # one block: a plain synchronous copy, no staging
         xs = x if x.dtype == kd else x.view(kd)
-        yield _Block(slice(0, rows), cuda.to_device(np.ascontiguousarray(xs)), temperature, 0, 0, True)
+        if not xs.flags.c_contiguous:
+            xs = copy_rows(xs, np.empty(xs.shape, kd), default_threads())
+        yield _Block(slice(0, rows), cuda.to_device(xs), temperature, 0, 0, True)
         return
     step = max(1, min(rows, min(budget, PIPELINE_BLOCK_BYTES) // row_bytes))
     starts = range(0, rows, step)
@@ -427,7 +431,7 @@ def _blocks(x, dtype, temperature):
         sl = slice(starts[b], min(rows, starts[b] + step))
         buf = staging[b % 2][: sl.stop - sl.start]
         src = x[sl]
-        np.copyto(buf, src if src.dtype == kd else src.view(kd))
+        copy_rows(src if src.dtype == kd else src.view(kd), buf, default_threads())
         st = streams[b % 2]
         d = cuda.to_device(buf, stream=st)
         return _Block(sl, d, temperature, st, 1 + b % 2, True)

@@ -343,6 +343,28 @@ def test_host_row_blocks(gpu, rng, monkeypatch):
     agree("cross_entropy", x, labels=np.array([0, 1, 2, -100, 63]), reduction="none")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("block_bytes", [None, 2 * 64 * 4], ids=["one_block", "row_blocks"])
+def test_host_rows_laid_out_by_columns(gpu, rng, monkeypatch, dtype, block_bytes):
+    """Host logits laid out by columns (transposed, Fortran order) are uploaded through the tiled copy
+    of the CPU backend (NumPy's copy of them goes a row at a time), in one block or in row blocks."""
+    from fastlogits.cpu import backend as cpu
+
+    if block_bytes:
+        monkeypatch.setattr(gpu, "HOST_BLOCK_BYTES", block_bytes)
+    tiled = []
+    copy = cpu._layout.copy
+    monkeypatch.setattr(cpu._layout, "copy", lambda a, b, t: tiled.append(a.shape) or copy(a, b, t))
+    x = (rng.standard_normal((5, 64)) * 3).astype(dtype)
+    for view in (np.asfortranarray(x), np.ascontiguousarray(x.T).T):
+        agree("logsumexp", view)
+        agree("cross_entropy", view, labels=np.array([0, 1, 2, -100, 63]), reduction="none")
+        tiled.clear()
+        got = fl.logsumexp(view, backend="gpu")
+        assert tiled, "the upload did not use the tiled copy"
+        np.testing.assert_array_equal(got, fl.logsumexp(x, backend="gpu"))
+
+
 def test_host_row_blocks_stopped_early_wait_for_their_copies(gpu, monkeypatch):
     """A caller that stops taking row blocks (an exception in its loop) still waits for the copies in
     flight from the two pinned staging buffers before they can be refilled or freed: both streams are
