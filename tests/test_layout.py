@@ -56,17 +56,19 @@ def test_copy_rejects_what_it_cannot_copy():
 
 
 def test_blocks_cover_every_row_once(monkeypatch):
-    """Blocks: whole cache lines of each column (rows a line holds), at most BLOCK_BYTES beyond that, the
-    last one partial; arrays in C order or with rows a line apart and more pass through unchanged."""
+    """Blocks: about BLOCK_BYTES, or a row a thread, in whole cache lines of each column (the rows a line
+    holds), the last one taking the rest; arrays not laid out by columns pass through unchanged."""
     x = np.asfortranarray(np.arange(100 * 30, dtype=np.float32).reshape(100, 30))
     monkeypatch.setattr(cpu, "BLOCK_BYTES", 40 * 30 * 4)
     seen = []
     for r, b in cpu.blocks(x, 1):
         assert b.flags.c_contiguous and np.array_equal(b, x[r])
         seen.append((r.start, r.stop))
-    assert seen == [(0, 32), (32, 64), (64, 96), (96, 100)]
+    assert seen == [(0, 48), (48, 100)]                # 40 rows, rounded up to lines; the rest
     monkeypatch.setattr(cpu, "BLOCK_BYTES", 1)
-    assert [r.stop - r.start for r, _ in cpu.blocks(x, 1)] == [16] * 6 + [4]
+    assert [r.stop - r.start for r, _ in cpu.blocks(x, 1)] == [16] * 5 + [20]
+    assert [r.stop - r.start for r, _ in cpu.blocks(x, 20)] == [32, 32, 36]    # a row a thread
+    assert [r.stop - r.start for r, _ in cpu.blocks(x, 200)] == [100]
     c = np.ascontiguousarray(x)
     for a in (c, c[:, ::2], c[::3, ::2], np.broadcast_to(x[0], x.shape), x[:1]):
         assert [(r, b) for r, b in cpu.blocks(a, 1)] == [(slice(None), a)]
@@ -81,12 +83,13 @@ def _kwargs(name, rng, x):
     return kw
 
 
+@pytest.mark.parametrize("threads", [1, 40])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("name", FUNCTIONS)
-def test_by_columns_is_c_order(name, dtype, rng, monkeypatch):
+def test_by_columns_is_c_order(name, dtype, threads, rng, monkeypatch):
     """Every function, every dtype, with per-row temperatures and labels: the results over blocks of
-    rows (small blocks here, a partial one last, awkward rows among them) are those in C order, and the
-    reference's."""
+    rows (small blocks here, the last one longer, awkward rows among them; with more threads than a
+    block's lines hold rows) are those in C order, bit for bit, and the reference's."""
     monkeypatch.setattr(cpu, "BLOCK_BYTES", 2048)
     x = random_logits(rng, (101, 67), dtype)
     x[3, :] = -np.inf
@@ -96,10 +99,10 @@ def test_by_columns_is_c_order(name, dtype, rng, monkeypatch):
     labels = random_labels(rng, x.shape[:1], x.shape[1]) if name == "cross_entropy" else None
     kw = _kwargs(name, rng, x)
     k = 5 if name.startswith("top_k") else None
-    want = call(name, np.ascontiguousarray(x), k=k, labels=labels, threads=1, **kw)
+    want = call(name, np.ascontiguousarray(x), k=k, labels=labels, threads=threads, chunk_size=8, **kw)
     for layout, view in _views(x).items():
         assert cpu.by_columns(view)
-        got = call(name, view, k=k, labels=labels, threads=1, **kw)
+        got = call(name, view, k=k, labels=labels, threads=threads, chunk_size=8, **kw)
         pairs = zip(got, want) if isinstance(got, tuple) else [(got, want)]
         for g, w in pairs:
             assert np.array_equal(np.asarray(g), np.asarray(w), equal_nan=True), f"{name}, {layout}"

@@ -42,8 +42,8 @@ ALL = slice(None)
 
 def blocks(a, threads, out=False):
     """(rows, block) pairs that cover a 2-D array: just (ALL, a) when it is not laid out by columns;
-    else slices of rows and C-order buffers of them, the rows of a whole cache line of each column (or
-    more, up to BLOCK_BYTES) at a time, so that each line is read from memory once. The buffer is
+    else slices of rows and C-order buffers of them, about BLOCK_BYTES (L2's size) or a row per thread,
+    in whole cache lines of each column, so that each line is read from memory once. The buffer is
     reused: each block is meant to be done with before the next. With out=True the buffer starts empty
     and is written back into its rows of a when the next pair is asked for (so the loop over the pairs
     must run to its end)."""
@@ -55,11 +55,16 @@ def blocks(a, threads, out=False):
 def _column_blocks(a, threads, out):
     rows, row_bytes = a.shape[0], a.shape[1] * a.itemsize
     per_line = max(LINE // abs(a.strides[0]), 1)
-    n = max(per_line, BLOCK_BYTES // row_bytes // per_line * per_line)
-    buf = np.empty((min(n, rows), a.shape[1]), a.dtype)
-    for i in range(0, rows, n):
-        r = slice(i, min(i + n, rows))
-        b = buf[:r.stop - i]
+    # a row a thread at least, and the last block takes the rest: a block of fewer rows than threads
+    # would split them into column ranges (n_segments), and results would move by rounding from those of
+    # the same rows in C order
+    n = max(per_line, BLOCK_BYTES // row_bytes, threads)
+    n = (n + per_line - 1) // per_line * per_line
+    count = max(rows // n, 1)
+    buf = np.empty((rows - (count - 1) * n, a.shape[1]), a.dtype)
+    for i in range(count):
+        r = slice(i * n, rows if i == count - 1 else (i + 1) * n)
+        b = buf[:r.stop - r.start]
         if not out:
             _layout.copy(a[r], b, threads)
         yield r, b
