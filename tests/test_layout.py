@@ -29,9 +29,10 @@ def _views(x):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", [(33, 70), (65, 31), (1, 40), (40, 1), (7, 3), (96, 64)])
+@pytest.mark.parametrize("shape", [(33, 70), (65, 31), (1, 40), (40, 1), (7, 3), (96, 64), (300, 45)])
 def test_copy_is_numpy_copy(dtype, shape, rng):
-    """Every element's bits, between any two layouts (both ways), tiles at and off TILE."""
+    """Every element's bits, between any two layouts (both ways), tiles whole and partial on both axes
+    (TILE = 32 columns by TILE_IN = 128 rows)."""
     x = random_logits(rng, shape, dtype)
     layouts = dict(_views(x), C=np.ascontiguousarray(x), neg=np.ascontiguousarray(x[::-1, ::-1])[::-1, ::-1])
     bits = np.dtype(f"u{np.dtype(dtype).itemsize}")
