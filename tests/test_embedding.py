@@ -247,8 +247,8 @@ def test_gcc_11_builds_dispatch_to_vectorized_clones(tmp_path):
         start = asm.index(f"<{name}>:")
         return asm[start:asm.index("\n\n", start)]
 
-    assert body("fl__sumexp_f32.avx512f.0").count("zmm") >= 8
-    assert body("fl__sumexp_f32.avx2.1").count("ymm") >= 8
+    assert body("fl_lse_chunk_pf_f32.avx512f.0").count("zmm") >= 8
+    assert body("fl_lse_chunk_pf_f32.avx2.1").count("ymm") >= 8
 
 
 def hot_loops(asm, function):
@@ -269,21 +269,25 @@ def hot_loops(asm, function):
 
 
 @pytest.mark.skipif(not shutil.which("objdump"), reason="needs objdump")
-@pytest.mark.parametrize("function", ["fl__max_f32", "fl__sumexp_f32", "fl__sumexp_max_f32",
-                                      "fl__sumexp_t_f32", "fl__max_f64", "fl__sumexp_max_f64"])
-def test_package_reductions_keep_their_lanes_in_registers(function):
+@pytest.mark.parametrize("module, function", [
+    ("_reduce", "fl_lse_chunk_pf_f32"), ("_reduce", "fl__sumexp_max_f32"), ("_reduce", "fl_ent_chunk_f32"),
+    ("_reduce", "fl_lse_chunk_pf_f64"), ("_reduce", "fl__sumexp_max_f64"), ("_maps", "fl__softmax_terms_f32"),
+    ("_select", "fl__max_f32"), ("_select", "fl__max_f64")])
+def test_package_reductions_keep_their_lanes_in_registers(module, function):
     """The AVX-512 clones of the C core's lane reductions, as the package was built: their hot loop keeps
     the lanes in registers. GCC kept them on the stack while the scalar tail added into lane 0 (the float
     accumulator stored and reloaded every vector in fl__sumexp_max: long float32 rows ran at 14 GB/s a
     thread, 18.7 without)."""
-    from fastlogits.cpu import _reduce
+    import importlib
 
-    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", _reduce.__file__], capture_output=True,
-                         text=True, check=True).stdout
+    path = importlib.import_module(f"fastlogits.cpu.{module}").__file__
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", path], capture_output=True, text=True,
+                         check=True).stdout
+    if ".arch_x86_64_v4>:" not in asm and ".avx512f.0>:" not in asm:
+        pytest.skip("no AVX-512 clones in this build (not GCC 11+ on x86-64 Linux)")
     names = [f"{function}.arch_x86_64_v4", f"{function}.avx512f.0"]     # GCC 12 and later; GCC 11
     name = next((n for n in names if f"<{n}>:" in asm), None)
-    if name is None:
-        pytest.skip("no AVX-512 clone in this build (not GCC 11+ on x86-64 Linux)")
+    assert name is not None, f"no AVX-512 clone of {function} in {path}"
     loop = hot_loops(asm, name)[0]
     assert sum("zmm" in x for x in loop) >= 3, loop
     assert not [x for x in loop if "(%rsp" in x or "(%rbp" in x], "\n".join(loop)
