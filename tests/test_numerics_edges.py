@@ -153,6 +153,54 @@ def test_an_out_that_overlaps_itself_is_refused():
         fl.softmax(x, out=out)
 
 
+def test_an_out_whose_rows_overlap_is_refused(rng):
+    """Rows that interleave onto each other (nonzero strides) were accepted, and written over each other
+    (row sums 1.157 and 1.210; found by an audit); an odd layout whose elements are all apart is
+    written."""
+    x = rng.standard_normal((3, 5)).astype(np.float32)
+    buf = np.zeros(20, np.float32)
+    rows = np.lib.stride_tricks.as_strided(buf, (3, 5), (8, 4))       # row i starts 2 elements on
+    for f in (fl.softmax, fl.log_softmax):
+        with pytest.raises(ValueError, match=r"out overlaps itself \(shape \(3, 5\), strides \(8, 4\)"):
+            f(x, out=rows)
+        with pytest.raises(ValueError, match="out overlaps itself"):
+            f(iter([x]), out=rows)                                    # a streamed source's out too
+    assert not buf.any()
+    # rows 3 elements apart, columns 2: offsets 0, 2, 4, 3, 5, 7, ... never meet
+    buf = np.zeros(16, np.float32)
+    odd = np.lib.stride_tricks.as_strided(buf, (3, 3), (12, 8))
+    assert fl.softmax(x[:, :3], out=odd) is odd
+    np.testing.assert_allclose(odd, ref.softmax(x[:, :3]), rtol=2e-6)
+
+
+def test_overlaps_itself_against_every_address(rng, monkeypatch):
+    """The layout test against the byte addresses of every element, over random shapes and strides
+    (negative, zero, smaller than an element, interleaved); past the exact limit an odd layout is
+    unsettled and refused as maybe overlapping, while a plain one is still settled."""
+    from fastlogits.ops import _prep
+
+    for _ in range(3000):
+        nd = int(rng.integers(1, 4))
+        shape = tuple(int(n) for n in rng.integers(0, 5, nd))
+        isz = int(rng.choice([2, 4, 8]))
+        strides = tuple(int(st) for st in rng.integers(-3, 4, nd) * int(rng.choice([1, 2, 4])))
+        taken = set()
+        clash = False
+        for idx in np.ndindex(*shape):
+            start = sum(i * st for i, st in zip(idx, strides))
+            here = set(range(start, start + isz))
+            clash |= bool(taken & here)
+            taken |= here
+        assert _prep.overlaps_itself(shape, strides, isz) == clash, (shape, strides, isz)
+    monkeypatch.setattr(_prep, "EXACT_OVERLAP_LIMIT", 8)
+    assert _prep.overlaps_itself((3, 3), (12, 8), 4) is None
+    assert _prep.overlaps_itself((3, 30), (120, 4), 4) is False
+    x = np.ones((3, 3), np.float32)
+    out = np.lib.stride_tricks.as_strided(np.zeros(16, np.float32), (3, 3), (12, 8))
+    with pytest.raises(ValueError, match=r"out may overlap itself .* \(a C-order one\)"):
+        fl.softmax(x, out=out)
+
+
 def test_empty_outs_are_not_overlaps():
     """An empty out has no values to share a place, though NumPy gives its axes zero strides: softmax of
     V = 0 or of no rows fills it (it was refused as overlapping itself; found by a soak agent)."""

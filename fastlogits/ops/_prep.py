@@ -148,11 +148,51 @@ def as_bf16(x):
     return x.view(BF16)
 
 
-def check_own_places(shape, strides, name="out"):
-    """A ValueError when a zero stride makes values of an output array share a place (host or device). An
-    empty array has no values to share one (NumPy and numba give its axes zero strides)."""
-    if 0 not in shape and any(st == 0 and n > 1 for st, n in zip(strides, shape)):
+# the most elements whose byte offsets overlaps_itself lists (8 bytes each) to settle an odd layout
+EXACT_OVERLAP_LIMIT = 1 << 24
+
+
+def overlaps_itself(shape, strides, itemsize):
+    """Whether two elements of an array (shape, strides in bytes, elements of itemsize bytes) share memory:
+    True, False, or None where that was not settled (an odd layout of more than EXACT_OVERLAP_LIMIT
+    elements). Any view that slicing, transposing or reshaping makes passes the quick test: with its axes
+    in increasing order of |stride|, each stride steps past the whole extent of the axes before it."""
+    if 0 in shape:
+        return False
+    axes = sorted((abs(st), n) for st, n in zip(strides, shape) if n > 1)
+    if any(st == 0 for st, _ in axes):
+        return True
+    extent = itemsize
+    for st, n in axes:
+        if st < extent:
+            break
+        extent += (n - 1) * st
+    else:
+        return False
+    size = math.prod(n for _, n in axes)
+    if size > EXACT_OVERLAP_LIMIT:
+        return None
+    offsets = np.zeros(1, np.int64)
+    for st, n in axes:
+        offsets = (offsets[:, None] + np.arange(n, dtype=np.int64) * st).reshape(-1)
+    offsets.sort()
+    return bool(np.any(np.diff(offsets) < itemsize))
+
+
+def check_own_places(shape, strides, itemsize, name="out"):
+    """A ValueError when elements of an output array (host or device) share a place: a zero stride, or
+    strides that make rows or columns interleave onto each other (np.lib.stride_tricks.as_strided can).
+    An empty array has no values to share one (NumPy and numba give its axes zero strides)."""
+    if 0 in shape:
+        return
+    if any(st == 0 and n > 1 for st, n in zip(strides, shape)):
         raise ValueError(f"{name}: out overlaps itself (a zero stride): every value needs its own place")
+    verdict = overlaps_itself(shape, strides, itemsize)
+    if verdict is not False:
+        raise ValueError(f"{name}: out {'overlaps' if verdict else 'may overlap'} itself (shape "
+                         f"{tuple(shape)}, strides {tuple(strides)} of {itemsize}-byte elements): every "
+                         "value needs its own place; pass an array without overlapping elements (a C-order "
+                         "one)")
 
 
 def to_rows(x):

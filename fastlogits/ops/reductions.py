@@ -142,7 +142,7 @@ def _map(logits, log, temperature, softcap, out, dtype, backend, threads, chunk_
             raise ValueError(f"{name}: dtype={dtype!r} disagrees with out.dtype={out.dtype}")
         if not out.flags.writeable:
             raise ValueError(f"{name}: out is read-only")
-        check_own_places(out.shape, out.strides, name)
+        check_own_places(out.shape, out.strides, out.dtype.itemsize, name)
         # the caller's array, not only x: big-endian logits were swapped into a copy
         if any(isinstance(a, np.ndarray) and np.shares_memory(out, a) for a in (x, logits)):
             raise ValueError(f"{name}: out overlaps logits; the caller's logits are never written to")
@@ -155,7 +155,7 @@ def _map(logits, log, temperature, softcap, out, dtype, backend, threads, chunk_
             out2 = B.rows_out(out)   # (rows, V) over the caller's memory, or a ValueError
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
-        check_own_places(out2.shape, out2.strides, name)
+        check_own_places(out2.shape, out2.strides, out2.dtype.itemsize, name)
     else:
         out2 = out.reshape(r.x.shape)    # a view, or a copy where out's leading axes do not merge
     B.softmax(r.x, r.dtype, r.temperature, r.softcap, log, out2, out_name, r.chunk, r.threads)

@@ -596,7 +596,7 @@ class _Sink:
                 raise ValueError(f"out has dtype {out.dtype}, expected {out_name}")
             if not out.flags.writeable:
                 raise ValueError("out is read-only")
-            check_own_places(out.shape, out.strides)
+            check_own_places(out.shape, out.strides, out.dtype.itemsize)
             if hasattr(source, "protect"):
                 source.protect(out)      # as in memory: out may not overlap the logits
             self._out_rows = rows = int(np.prod(out.shape[:-1], dtype=np.int64))
