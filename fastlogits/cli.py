@@ -22,6 +22,7 @@ import numpy as np
 import fastlogits as fl
 from fastlogits import _json
 from fastlogits.stream.run import STDOUT
+from fastlogits.stream.sources import reason
 
 
 def _add_common(p, default_memory="256MiB", memory=None, backend="backend (default: cpu)",
@@ -176,16 +177,20 @@ def _load_labels(path, src):
     rows = src.rows
     try:
         if path.lower().endswith(".npy"):
-            y = np.load(path, allow_pickle=False)
+            # the .npy reader itself: np.load takes a zip archive (.npz) for one, and reads a file too
+            # short for the magic string as pickled data
+            with open(path, "rb") as f:
+                y = np.lib.format.read_array(f, allow_pickle=False)
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")      # an empty file: an empty array, not a warning
                 y = np.loadtxt(path, dtype=np.int64, ndmin=1)
     except FileNotFoundError:
         raise
-    except (ValueError, OSError, EOFError) as e:
+    except Exception as e:      # what a corrupt file makes NumPy raise: ValueError, EOFError, tokenize's
+        # TokenError (a garbled header), ...
         raise ValueError(f"{path}: cannot read labels (.npy of integers, or text with one per line): "
-                         f"{e}") from None
+                         f"{reason(e)}") from None
     if y.dtype.kind not in "iu":
         raise ValueError(f"{path}: labels must be integers, found {y.dtype}")
     y = y.reshape(-1)

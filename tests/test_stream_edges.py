@@ -1372,3 +1372,106 @@ def test_named_pipe_output_whose_reader_goes_away_is_an_error(tmp_path, rng):
     err = _one_line(_cli("softmax", tmp_path / "x.npy", fifo, "--memory", "1MiB"), rc=1)
     reader.join()
     assert "reader went away" in err, err
+
+
+# ---- found by a second audit: header fuzz, labels files, short writes, empty vocabularies -----------------
+
+def test_corrupt_npy_headers_raise_source_errors(tmp_path, rng):
+    """Garbled .npy headers: NumPy's parser lets tokenize's TokenError through for some (378 of 4000 in the
+    audit's fuzz), which escaped fl.open and gave the command line a traceback. Every corruption now opens
+    (it left a valid header) or raises SourceError naming the file."""
+    np.save(tmp_path / "x.npy", rng.standard_normal((4, 10)).astype(np.float32))
+    good = (tmp_path / "x.npy").read_bytes()
+    for k in range(400):
+        b = bytearray(good)
+        start = int(rng.integers(10, 70))
+        stop = int(rng.integers(start + 1, 128))
+        b[start:stop] = bytes(rng.choice(list(b"x'\"({[,: \n"), stop - start))
+        path = tmp_path / f"bad{k}.npy"
+        path.write_bytes(bytes(b))
+        try:
+            fl.open(path).close()
+        except SourceError as e:
+            assert str(path) in str(e), e
+    bad = bytearray(good)
+    bad[10:60] = b"x" * 50          # the audit's case: EOF in a multi-line statement
+    (tmp_path / "tok.npy").write_bytes(bytes(bad))
+    with pytest.raises(SourceError, match=r"tok.npy: not a valid .npy file \(EOF in multi-line statement\)"):
+        fl.open(tmp_path / "tok.npy")
+    assert "not a valid .npy file" in _one_line(_cli("info", tmp_path / "tok.npy"))
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, r"the magic string is not correct; expected b'\\x93NUMPY', got b'PK"),    # an .npz archive
+    (b"PK\x03\x04xxxxxxxx", r"the magic string is not correct"),
+    (b"\x93NU", r"EOF: reading magic string, expected 8 bytes got 3"),
+    ("garbled", r"EOF in multi-line statement")])
+def test_cli_labels_files_that_are_not_npy_arrays(tmp_path, rng, content, message):
+    """np.load took a zip archive for labels (AttributeError: 'NpzFile' has no dtype, a traceback), let
+    BadZipFile through, and called a 3-byte file pickled data."""
+    np.save(tmp_path / "x.npy", rng.standard_normal((4, 10)).astype(np.float32))
+    labels = tmp_path / "labels.npy"
+    if content is None:
+        np.savez(tmp_path / "lab.npz", np.arange(4))
+        labels.write_bytes((tmp_path / "lab.npz").read_bytes())
+    elif content == "garbled":
+        np.save(labels, np.arange(4))
+        b = bytearray(labels.read_bytes())
+        b[10:60] = b"x" * 50
+        labels.write_bytes(bytes(b))
+    else:
+        labels.write_bytes(content)
+    err = _one_line(_cli("stats", tmp_path / "x.npy", "--labels", labels), rc=1)
+    assert "labels.npy: cannot read labels" in err, err
+    assert __import__("re").search(message, err), err
+
+
+def test_a_short_write_is_written_again(tmp_path):
+    """A BufferedWriter may take part of a buffer and return the count without raising (standard output to
+    a pipe whose reader left: 65536 of 16 MB); every byte is written, and a write that takes none raises."""
+    from fastlogits.stream.run import _write_all
+
+    class Dribble(io.RawIOBase):
+        def __init__(self, most):
+            self.data, self.most = bytearray(), most
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            n = min(len(b), self.most)
+            self.data += bytes(b[:n])
+            return n
+
+    data = np.arange(1000, dtype=np.float32)
+    sink = Dribble(7)
+    _write_all(sink, memoryview(data.view(np.uint8)))
+    assert bytes(sink.data) == data.tobytes()
+    with pytest.raises(OSError, match="a write took none of 4000 bytes"):
+        _write_all(Dribble(0), memoryview(data.view(np.uint8)))
+
+
+def test_softmax_to_standard_output_whose_reader_leaves_is_not_a_success(tmp_path, rng):
+    """The whole 16 MB dump is one block: its one write took 64 KiB and returned, and the command reported
+    'wrote standard output (softmax of 4000 rows)', exit 0, with 99.6% of the rows dropped. Now the rest is
+    written again: BrokenPipeError, and the command exits quietly, as for a | head over several blocks."""
+    np.save(tmp_path / "big.npy", rng.standard_normal((4000, 1000)).astype(np.float32))
+    proc = subprocess.Popen([sys.executable, "-m", "fastlogits", "softmax", str(tmp_path / "big.npy"), "-"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(proc.stdout.read(10)) == 10
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, err
+    assert b"wrote" not in err and b"Traceback" not in err, err
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (3, 0)])
+def test_streamed_picks_from_an_empty_vocabulary_raise_as_in_memory(tmp_path, shape):
+    """A (0, 0) dump gave an empty argmax and sample when streamed (no block ever reached the check), while
+    the array raised, as NumPy's argmax and PyTorch's do."""
+    np.save(tmp_path / "e.npy", np.zeros(shape, np.float32))
+    for name, f in [("argmax", fl.argmax), ("sample", lambda s: fl.sample(s, seed=0))]:
+        for src in (np.load(tmp_path / "e.npy"), fl.open(tmp_path / "e.npy"),
+                    iter([np.zeros(shape, np.float32)])):
+            with pytest.raises(ValueError, match=f"{name}: logits has an empty vocabulary"):
+                f(src)

@@ -195,6 +195,13 @@ def check_own_places(shape, strides, itemsize, name="out"):
                          "one)")
 
 
+def need_vocab(name, V):
+    """A ValueError for a function that picks a token (argmax, sample) when there is none to pick, as
+    NumPy's argmax and PyTorch's raise; a source with no rows too (its blocks never reach the check)."""
+    if V == 0:
+        raise ValueError(f"{name}: logits has an empty vocabulary (last axis of length 0)")
+
+
 def to_rows(x):
     """(x2d, lead): a 2-D (rows, V) view of x when its strides allow one, else a copy."""
     lead, V = x.shape[:-1], x.shape[-1]

@@ -34,6 +34,7 @@ from fastlogits.ops._prep import (
     broadcast_rows,
     compute_dtype,
     is_gpu_array,
+    need_vocab,
     number_array,
     prepare,
     row_name,
@@ -229,8 +230,7 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, seed=
                              dict(softcap=softcap, backend=backend, threads=threads, chunk_size=chunk_size))
     r = prepare(logits, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
                 chunk_size=chunk_size, allow_zero_temperature=True, grain_chunks=SAMPLE_GRAIN_CHUNKS)
-    if r.V == 0:
-        raise ValueError("sample: logits has an empty vocabulary (last axis of length 0)")
+    need_vocab("sample", r.V)
     k, p, mp = _filters(top_k, top_p, min_p, r.lead, r.rows)
     seeds, row_ids = _seeds(seed, r.lead, r.rows)
     if is_gpu_array(r.x):        # GPU arrays in, GPU arrays out, with no wait for the device
@@ -290,6 +290,7 @@ def sample_source(src, temperature, top_k, top_p, min_p, seed, ns, logprobs, kw,
     drawn in passes over its columns (fastlogits/stream/wide.py): the same tokens. progress(rows, nbytes)
     is called after each block or wide row (the command line's bar)."""
     ns = _num_samples(ns)
+    need_vocab("sample", src.V)
     from fastlogits.stream import run as stream_run
     from fastlogits.stream import wide
 
@@ -335,8 +336,6 @@ def sample_source(src, temperature, top_k, top_p, min_p, seed, ns, logprobs, kw,
             t = args["temperature"].block(r0, r1) if "temperature" in args else 1.0
             r = prepare(block, temperature=t, allow_zero_temperature=True, grain_chunks=SAMPLE_GRAIN_CHUNKS,
                         **kw)
-            if r.V == 0:
-                raise ValueError("sample: logits has an empty vocabulary (last axis of length 0)")
             lead = lead_all if lead_all is not None else (r1,)
             parts.append(_draw(r, *params(r0, r1, r), ns, logprobs, lead, r0))
             rows = r1

@@ -5,7 +5,7 @@ from fastlogits._config import is_int
 from fastlogits.ops import _backend
 from fastlogits.ops._backend import ordered
 from fastlogits.ops._doc import shared_params
-from fastlogits.ops._prep import NP_DTYPES, prepare, scalar_if_0d
+from fastlogits.ops._prep import NP_DTYPES, need_vocab, prepare, scalar_if_0d
 from fastlogits.stream import run as stream_run
 from fastlogits.stream.sources import as_source
 
@@ -42,13 +42,13 @@ def argmax(logits, *, temperature=1.0, softcap=None, backend=None, threads=None,
     """
     src = as_source(logits)
     if src is not None:
+        need_vocab("argmax", src.V)
         return stream_run.reduce("argmax", src, dict(
             temperature=temperature, softcap=softcap, backend=backend, threads=threads,
             chunk_size=chunk_size))
     r = prepare(logits, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
                 chunk_size=chunk_size)
-    if r.V == 0:
-        raise ValueError("argmax: logits has an empty vocabulary (last axis of length 0)")
+    need_vocab("argmax", r.V)
     B = _backend.get(r.backend)
     top = B.argmax(r.x, r.dtype, r.temperature, r.softcap, r.chunk, r.threads)
     return scalar_if_0d(B.finish(top, np.int64, r.lead))
