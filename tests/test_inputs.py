@@ -1,6 +1,6 @@
 """Inputs that C code tends to misread: byte-swapped, unaligned, zero-stride (broadcast) and read-only arrays,
-lists, non-contiguous labels and weights, more threads than cores, chunks larger than a row, and calls from
-several Python threads at once."""
+lists, memoryviews, masked arrays, non-contiguous labels and weights, more threads than cores, chunks larger
+than a row, and calls from several Python threads at once."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -69,6 +69,57 @@ def test_lists_are_float64():
     assert got.dtype == np.float64
     assert abs(float(got) - 4.248354255291589e-18) <= 1e-16
     np.testing.assert_allclose(np.asarray(fl.softmax([[0.0, 0.0], [1.0, 1.0]])), 0.5, rtol=1e-15)
+
+
+def test_buffers_are_arrays(rng):
+    """Objects NumPy reads through the buffer protocol are logits in memory: a 2-D memoryview was taken
+    for an iterable of row blocks and iterated (NotImplementedError), an array.array row likewise."""
+    import array
+
+    x = rng.standard_normal((3, 7))
+    np.testing.assert_array_equal(fl.logsumexp(memoryview(x)), fl.logsumexp(x))
+    np.testing.assert_array_equal(fl.softmax(memoryview(x[::2])), fl.softmax(x[::2]))
+    assert fl.logsumexp(array.array("d", x[1])) == fl.logsumexp(x[1])
+    check("logsumexp", np.asarray(memoryview(x.astype(np.float32))))
+
+
+@pytest.mark.parametrize("call_with", [
+    (lambda m: fl.logsumexp(m), "logits", r"logits.filled\(-np.inf\)"),
+    (lambda m: fl.softmax(m[None]), "logits", r"logits.filled\(-np.inf\)"),
+    (lambda m: fl.open(m[None]), "logits", r"logits.filled\(-np.inf\)"),
+    (lambda m: fl.logsumexp(iter([m[None]])), "logits", r"logits.filled\(-np.inf\)"),
+    (lambda m: fl.cross_entropy(np.zeros((4, 3)), m.astype(np.int64) % 3), "labels",
+     r"labels.filled\(ignore_index\)"),
+    (lambda m: fl.cross_entropy(np.zeros((3, 4)), [0, 1, 2], weight=m), "weight", r"weight.filled"),
+    (lambda m: fl.logsumexp(np.zeros((4, 3)), temperature=m + 1), "temperature", r"temperature.filled"),
+    (lambda m: fl.sample(np.zeros((4, 3)), top_p=m * 0 + 0.5, seed=0), "top_p", r"top_p.filled"),
+    (lambda m: fl.sample(np.zeros((4, 3)), seed=m.astype(np.int64) % 3), "seed", r"seed.filled"),
+    (lambda m: fl.beam_search_step(np.zeros((4, 3)), m, 2), "beam_scores", r"beam_scores.filled")])
+def test_masked_arrays_are_refused(call_with, rng):
+    """np.asarray drops a masked array's mask (SciPy and PyTorch then compute over the masked entries as
+    if they were data): the result of logsumexp over [1, --, 3] was log(e + e^2 + e^3). A masked array
+    with a masked entry is refused, naming the argument and how to fill it."""
+    f, name, fill = call_with
+    m = np.ma.masked_array(rng.standard_normal(4), mask=[False, True, False, False])
+    with pytest.raises(TypeError, match=f"{name} is a masked array, whose mask fastlogits would ignore; "
+                                        f"fill the masked entries first: {fill}"):
+        f(m)
+
+
+def test_masked_arrays_with_nothing_masked_are_their_data(rng):
+    """netCDF readers return masked arrays with no entry masked: nothing would be dropped, so they are read
+    as their data, logits and every other argument."""
+    x = rng.standard_normal((4, 9)).astype(np.float32)
+    y = rng.integers(0, 9, 4)
+    w = rng.uniform(0.5, 2, 9)
+    t = rng.uniform(0.5, 2, 4)
+    mk = lambda a: np.ma.masked_array(a, mask=False)        # noqa: E731
+    np.testing.assert_array_equal(fl.logsumexp(mk(x), temperature=mk(t)), fl.logsumexp(x, temperature=t))
+    np.testing.assert_array_equal(fl.cross_entropy(mk(x), mk(y), weight=mk(w), reduction="none"),
+                                  fl.cross_entropy(x, y, weight=w, reduction="none"))
+    np.testing.assert_array_equal(fl.sample(mk(x), top_p=mk(t / 2), seed=mk(np.arange(4))),
+                                  fl.sample(x, top_p=t / 2, seed=np.arange(4)))
+    np.testing.assert_array_equal(fl.logsumexp(fl.open(mk(x))), fl.logsumexp(x))
 
 
 @pytest.mark.parametrize("threads", [3, 7, 64])

@@ -85,9 +85,23 @@ def is_gpu_array(x):
                                              or bool(getattr(x, "__cuda_ndarray__", False)))
 
 
-def host_array(obj):
+def unmasked(a, argname, fill="..."):
+    """a, or a NumPy masked array's data when no entry is masked (netCDF readers return such arrays); one
+    with masked entries raises TypeError: np.asarray would drop its mask, and so would every kernel (SciPy
+    and PyTorch compute over the masked entries as if they were data), so the caller says what a masked
+    entry means by filling it."""
+    if not isinstance(a, np.ma.MaskedArray):
+        return a
+    if np.ma.is_masked(a):
+        raise TypeError(f"{argname} is a masked array, whose mask fastlogits would ignore; fill the masked "
+                        f"entries first: {argname}.filled({fill})")
+    return np.ma.getdata(a)
+
+
+def host_array(obj, argname="logits"):
     """A host array-like as a NumPy array: DLPack producers (a PyTorch CPU tensor, bfloat16 included) are
-    read in place, anything else through np.asarray."""
+    read in place, anything else through np.asarray (a masked array is refused)."""
+    obj = unmasked(obj, argname, "-np.inf" if argname == "logits" else "...")
     if hasattr(obj, "__dlpack__") and not isinstance(obj, np.ndarray):
         if hasattr(obj, "detach"):
             obj = obj.detach()       # a tensor that requires grad: read, never written
@@ -103,11 +117,11 @@ def host_array(obj):
     return np.asarray(obj)
 
 
-def number_array(value):
+def number_array(value, argname="value"):
     """A numeric argument (temperatures, weights, per-row filters) as a NumPy array: read as host_array
     reads logits (a PyTorch tensor in place), bfloat16 values as float32 (exactly: NumPy's kind for
     bfloat16 is "V", not "f")."""
-    a = host_array(value)
+    a = host_array(value, argname)
     return a.astype(np.float32) if a.dtype == BF16 else a
 
 
@@ -116,8 +130,9 @@ def as_array(logits, dtype=None, argname="logits"):
     "bfloat16" re-declares 2-byte data (e.g. a |V2 or uint16 array) as bfloat16."""
     if is_gpu_array(logits):
         return logits
+    logits = unmasked(logits, argname, "-np.inf")     # (masked classes: impossible ones)
     try:
-        x = logits if isinstance(logits, np.ndarray) else host_array(logits)
+        x = logits if isinstance(logits, np.ndarray) else host_array(logits, argname)
     except ValueError as e:
         if isinstance(logits, (list, tuple)):      # ragged: most likely blocks meant to be streamed
             hint = "; to stream row blocks, pass an iterator: iter(blocks)" if argname == "logits" else ""
@@ -265,8 +280,9 @@ def temperatures(temperature, lead, rows, argname="temperature", allow_zero=Fals
             return np.full(rows, t)
     if isinstance(temperature, (bool, str, bytes)) or temperature is None:
         raise TypeError(f"{argname} must be a float or an array of floats, got {temperature!r}")
+    temperature = unmasked(temperature, argname)
     try:
-        t = number_array(temperature)
+        t = number_array(temperature, argname)
         if t.dtype.kind not in "fiu":
             raise TypeError
         t = t.astype(np.float64)

@@ -22,6 +22,7 @@ from fastlogits.ops._prep import (
     prepare,
     row_name,
     scalar_if_0d,
+    unmasked,
 )
 from fastlogits.stream import run as stream_run
 from fastlogits.stream.sources import ArraySource, as_source
@@ -223,6 +224,7 @@ def labels_on_host(labels):
 
 def as_labels(labels):
     """labels as a NumPy array (not yet checked); a ragged list raises, naming the argument."""
+    labels = unmasked(labels, "labels", "ignore_index")     # (masked rows: ignored ones)
     try:
         return np.asarray(labels)
     except ValueError as e:
@@ -358,12 +360,13 @@ def as_weight(weight, copy=False):
     numbers (complex, bool, objects such as ints past float64) raises TypeError."""
     if weight is None:
         return None
+    weight = unmasked(weight, "weight")
     try:
-        w = number_array(weight)
+        w = number_array(weight, "weight")
     except (TypeError, ValueError):
         w = None
     if w is None or w.dtype.kind not in "fiu":
-        got = f"dtype {w.dtype}" if isinstance(weight, np.ndarray) else repr(weight)[:60]
+        got = f"dtype {weight.dtype}" if isinstance(weight, np.ndarray) else repr(weight)[:60]
         raise TypeError(f"weight must be an array of floats (one per class), got {got}")
     return np.array(w, np.float64) if copy else np.asarray(w, np.float64)
 

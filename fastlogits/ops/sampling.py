@@ -40,6 +40,7 @@ from fastlogits.ops._prep import (
     row_name,
     scalar_if_0d,
     temperatures,
+    unmasked,
 )
 from fastlogits.stream.sources import as_source
 
@@ -64,9 +65,10 @@ def _per_row(value, name, lead, rows, dtype, default, ok, need):
     if isinstance(value, bool) or (isinstance(value, np.ndarray) and value.dtype == bool):
         raise TypeError(f"{name} must be {'an integer' if number is int else 'a float'} or one per row, "
                         f"got {value!r}")
+    value = unmasked(value, name)
     try:
         exact = _exact_ints(value) if number is int else None
-        a = number_array(value) if exact is None else np.minimum(exact, 2**62)
+        a = number_array(value, name) if exact is None else np.minimum(exact, 2**62)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a number or one per row, got {value!r}") from None
     if exact is not None:       # ints past int64 (any k >= V means no top-k): checked as given
@@ -119,6 +121,7 @@ def _seeds(seed, lead, rows):
         if not 0 <= s < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), got {s}")
         return np.full(rows, s, np.uint64), np.arange(rows, dtype=np.uint64)
+    seed = unmasked(seed, "seed")
     exact = _exact_ints(seed)                        # Python ints, some past int64
     if exact is not None:
         bad = (exact < 0) | (exact >= 2**64)
@@ -444,6 +447,7 @@ def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperatu
         gpu = _backend.get("gpu")
         bs = gpu.device_view(beam_scores) if device is not None else gpu.to_host(beam_scores)
     else:
+        beam_scores = unmasked(beam_scores, "beam_scores")
         bs = np.asarray(beam_scores)
     if np.dtype(bs.dtype).kind not in "fiu":
         raise TypeError(f"beam_scores must be a float array, got dtype {bs.dtype}")

@@ -25,7 +25,7 @@ import sys
 import numpy as np
 
 from fastlogits._config import is_int
-from fastlogits.ops._prep import BF16, NP_DTYPES, as_bf16, dtype_name, host_array
+from fastlogits.ops._prep import BF16, NP_DTYPES, as_bf16, dtype_name, host_array, unmasked
 
 
 class SourceError(ValueError):
@@ -382,6 +382,7 @@ class ArraySource(_RandomAccess):
     format = "array"
 
     def __init__(self, array, dtype=None):
+        array = unmasked(array, "logits", "-np.inf")
         self.array = array
         self.shape = tuple(int(d) for d in array.shape)
         if len(self.shape) == 0:
@@ -714,6 +715,15 @@ def _open_object(obj, dtype, vocab, tensor):
     return src
 
 
+def _is_buffer(obj):
+    """Whether obj exports the buffer protocol (a memoryview, an array.array)."""
+    try:
+        memoryview(obj).release()
+    except TypeError:
+        return False
+    return True
+
+
 def as_source(obj):
     """obj as a source, or None when obj is an in-memory array (which the kernels take directly)."""
     if isinstance(obj, np.ndarray):     # the common case, first: a call on a small array is mostly this
@@ -728,6 +738,8 @@ def as_source(obj):
         raise TypeError("logits: a path is not logits; open it first: fastlogits.open(path)")
     if hasattr(obj, "shape") and hasattr(obj, "dtype") and hasattr(obj, "__getitem__"):
         return ArraySource(obj, None)
+    if hasattr(obj, "__array__") or hasattr(obj, "__array_interface__") or _is_buffer(obj):
+        return None        # NumPy reads these whole (a 2-D memoryview was iterated: NotImplementedError)
     if hasattr(obj, "__iter__") and not isinstance(obj, (list, tuple)):
         return IterSource(obj, None)
     return None
