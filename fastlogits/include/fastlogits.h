@@ -67,7 +67,8 @@
 #endif
 
 /* exp's round-to-integer trick needs floating-point addition as written, and the edge cases need NaN and
- * inf: under GCC's fast-math, associative-math or finite-math-only options every result may be wrong */
+ * inf: under GCC's fast-math, associative-math or finite-math-only options every result may be wrong (GCC 11
+ * and Clang define no macro for associative math: it goes unannounced there) */
 #if defined(__FAST_MATH__) || defined(__ASSOCIATIVE_MATH__) || \
     (defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__)
 #warning "fastlogits.h needs IEEE arithmetic: under fast-math, associative-math or finite-math-only options its results are wrong"
