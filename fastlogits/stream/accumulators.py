@@ -6,6 +6,12 @@ ranges by ``merge`` (another accumulator of the same kind and options, or a ``st
 elsewhere: another process, another backend, another machine). Merging is associative and commutative,
 so the order of chunks and merges does not matter beyond rounding. Chunks are host arrays: the
 accumulators fold on the CPU.
+
+Each accumulator records the column ranges it has folded, and a column folded twice raises. LogSumExp,
+Entropy and TopK give the result over the columns they were given, whichever those are (one shard of a
+vocabulary split over devices is a whole input to them): columns never folded in are not an error.
+CrossEntropy needs every column from 0 on (its labels and weights index them) and raises for a gap. A bare
+state merged in carries no column ranges, so past it neither check is made.
 """
 import contextlib
 from typing import NamedTuple
