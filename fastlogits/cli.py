@@ -8,6 +8,7 @@ output (exit status 130, 143). ``python -m fastlogits`` runs it too.
 """
 import argparse
 import contextlib
+import io
 import os
 import secrets
 import signal
@@ -140,8 +141,6 @@ def write_rows(path, columns, lead=None):
     functions return them; flat where lead is None), .csv or .jsonl (a line a row, in C order), written
     under a temporary name and renamed when complete; or, for -, as JSON lines to standard output. (The
     name was checked by _open, before the input was read.)"""
-    from fastlogits.stream.run import atomic_output
-
     names = list(columns)
     arrays = [np.asarray(columns[n]) for n in names]
     rows = arrays[0].shape[0]
@@ -149,14 +148,31 @@ def write_rows(path, columns, lead=None):
         _json_lines(sys.stdout, names, arrays)
         sys.stdout.flush()
         return
+    try:
+        _write_rows_file(path, names, arrays, rows, lead)
+    except BrokenPipeError:     # a named pipe's reader left: rows were lost (not the | head of stdout)
+        raise OSError(f"{path}: the pipe's reader went away; the per-row results were not all written") \
+            from None
+    except OSError as e:
+        if e.filename or str(path) in str(e):
+            raise
+        raise type(e)(f"{path}: cannot write ({e.strerror or e})") from None    # a full disk, say
+
+
+def _write_rows_file(path, names, arrays, rows, lead):
+    from fastlogits.stream.run import _write_all, atomic_output
+
     with atomic_output(path) as tmp:
         if path.lower().endswith(".npy"):
             dt = [(n, a.dtype, a.shape[1:]) for n, a in zip(names, arrays)]
             rec = np.empty(rows, dt)
             for n, a in zip(names, arrays):
                 rec[n] = a
+            # through memory, then written out in order: np.save asks a named pipe for its position
+            buf = io.BytesIO()
+            np.save(buf, rec if lead is None else rec.reshape(lead))
             with open(tmp, "wb") as f:
-                np.save(f, rec if lead is None else rec.reshape(lead))
+                _write_all(f, buf.getbuffer())
         elif path.lower().endswith(".csv"):
             with open(tmp, "w") as f:
                 head = []
@@ -175,6 +191,9 @@ def _load_labels(path, src):
     """The labels file at `path` for the rows of `src`: one label per row, in any shape holding that
     many (a 2-D file for a 3-D dump, or one label per line), given the dump's leading shape."""
     rows = src.rows
+    if path in ("", STDOUT):     # ('' from an unset shell variable: the labels would be dropped silently)
+        raise ValueError(f"--labels {path!r}: expected the name of a labels file, "
+                         + ("got an empty name" if not path else "and standard input is not read for labels"))
     try:
         if path.lower().endswith(".npy"):
             # the .npy reader itself: np.load takes a zip archive (.npz) for one, and reads a file too
@@ -203,7 +222,7 @@ def _load_labels(path, src):
 
 def cmd_info(args):
     src = _open(args)
-    summary = {"path": args.input, "format": src.format, "dtype": src.dtype, "shape": list(src.shape),
+    summary = {"input": args.input, "format": src.format, "dtype": src.dtype, "shape": list(src.shape),
                "rows": src.rows, "vocab": src.V, "bytes": src.nbytes}
     if getattr(src, "tensor", None):
         summary["tensor"] = src.tensor
@@ -215,18 +234,18 @@ def cmd_stats(args):
     from fastlogits.stream import run
 
     src = _open(args, args.per_row)
-    if args.labels and args.per_row not in (None, STDOUT) and os.path.exists(args.per_row) \
+    if args.labels is not None and args.per_row not in (None, STDOUT) and os.path.exists(args.per_row) \
             and os.path.exists(args.labels) and os.path.samefile(args.labels, args.per_row):
         raise ValueError(f"{args.per_row}: is the labels file; the per-row results would replace the "
                          "labels: write them to another file")
-    labels = _load_labels(args.labels, src) if args.labels else None
+    labels = _load_labels(args.labels, src) if args.labels is not None else None
     bar = _Bar(src.rows, "stats")
     try:
         st = run.stats(src, labels, ignore_index=args.ignore_index, temperature=args.temperature,
                        backend=args.backend, threads=args.threads, memory=args.memory, progress=bar)
     finally:
         secs = bar.close()
-    summary = {"rows": st["rows"], "vocab": src.V, "dtype": src.dtype, "seconds": secs,
+    summary = {"input": args.input, "rows": st["rows"], "vocab": src.V, "dtype": src.dtype, "seconds": secs,
                "GB/s": (bar.nbytes / secs / 1e9) if secs else None,
                "mean_entropy": float(np.mean(st["entropy"])) if st["rows"] else None}
     lines = [f"{args.input}: {st['rows']} rows x {src.V} ({src.dtype}) in {secs:.2f} s "
@@ -326,12 +345,13 @@ def cmd_demo(args):
         lp, top = fl.top_k_logprobs(src.read(0, 1), k, backend=args.backend, threads=args.threads)
         size = os.path.getsize(path)
     mean_nll = float(np.mean(st["nll"]))
-    summary = {"rows": rows, "vocab": vocab, "dtype": "bfloat16", "bytes": size,
+    summary = {"rows": rows, "vocab": vocab, "dtype": "bfloat16", "file_bytes": size,
                "memory_budget": run.parse_memory(memory), "mean_nll": mean_nll,
                "perplexity": float(np.exp(mean_nll)), "accuracy": float(np.mean(st["correct"])),
                "mean_entropy": float(np.mean(st["entropy"])), "seconds": secs, "GB/s": size / secs / 1e9,
                "config": fl.show_config(as_dict=True)}
-    summary["config"]["threads"] = _demo_threads(args, src)     # what this run used, not the default
+    threads, at_most = _demo_threads(args, src)
+    summary["config"]["threads"] = threads        # what this run used, not the default
     lines = [
         f"fastlogits demo: wrote {rows} rows x {vocab} vocabulary of bfloat16 logits with labels "
         f"({size / 1e6:.0f} MB, {made:.1f} s), then streamed it with a "
@@ -342,35 +362,37 @@ def cmd_demo(args):
         f"  row 0's top-{k} tokens {top[0].tolist()} with probabilities "
         f"{[round(float(p), 4) for p in np.exp(lp[0])]}",
         f"  one pass (cross-entropy, entropy, argmax) in {secs:.3f} s: {summary['GB/s']:.2f} GB/s "
-        f"[simd={summary['config']['simd']}, threads={summary['config']['threads']}]",
+        f"[simd={summary['config']['simd']}, threads={'up to ' if at_most else ''}{threads}]",
     ]
     _emit(args, summary, lines)
     return 0
 
 
 def _demo_threads(args, src):
-    """The CPU threads demo's pass ran on, resolved as the library resolves them: --threads, else the
-    default capped by the work of a row block (fastlogits.ops._prep.prepare), the first block being the
-    largest; for rows wider than the budget (folded by the accumulators), "up to" the default."""
+    """(threads, at_most): the CPU threads demo's pass ran on, resolved as the library resolves them:
+    --threads, else the default capped by the work of a row block (fastlogits.ops._prep.prepare), the
+    first block being the largest; for rows wider than the budget (folded by the accumulators, chunk by
+    chunk), at most the default (at_most True)."""
     from fastlogits import _config
     from fastlogits.stream import run
 
     if args.threads is not None:
-        return _config.resolve_threads(args.threads)
+        return _config.resolve_threads(args.threads), False
     p = run.plan(src)
     if not p.rows:
-        return f"up to {_config.default_threads()}"
+        return _config.default_threads(), True
     V = src.V
     return _config.resolve_threads(None, min(p.rows, src.rows) * V,
-                                   _config.GRAIN_CHUNKS * min(_config.DEFAULT_CHUNK, max(1, V)))
+                                   _config.GRAIN_CHUNKS * min(_config.DEFAULT_CHUNK, max(1, V))), False
 
 
 def cmd_sample(args):
     from fastlogits.ops.sampling import sample_source
 
     src = _open(args, args.output)
-    # a seed drawn here, not by sample(): the summary reports it, so the run can be repeated
-    seed = secrets.randbits(64) if args.seed is None else args.seed
+    # a seed drawn here, not by sample(): the summary reports it, so the run can be repeated; 53 bits, so
+    # that JSON readers (jq, JavaScript) read the reported number back exactly (RFC 8259, section 6)
+    seed = secrets.randbits(53) if args.seed is None else args.seed
     bar = _Bar(src.rows, "sample")
     try:
         res = sample_source(src, args.temperature, args.top_k, args.top_p, args.min_p, seed,
@@ -388,8 +410,9 @@ def cmd_sample(args):
         cols["rank"] = np.asarray(ranks).reshape(cols["token"].shape)
     write_rows(args.output, cols, _lead(src))
     summary = {"input": args.input, "output": args.output, "rows": rows, "seconds": secs, "seed": seed}
-    _emit(args, summary, [f"wrote {rows} sampled tokens to {_where(args.output)} in {secs:.2f} s "
-                          f"(seed {seed})"])
+    drawn = f"{rows} sampled tokens" if args.num_samples == 1 else \
+        f"{rows * args.num_samples} sampled tokens ({args.num_samples} a row, {rows} rows)"
+    _emit(args, summary, [f"wrote {drawn} to {_where(args.output)} in {secs:.2f} s (seed {seed})"])
     return 0
 
 

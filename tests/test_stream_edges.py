@@ -1475,3 +1475,81 @@ def test_streamed_picks_from_an_empty_vocabulary_raise_as_in_memory(tmp_path, sh
                     iter([np.zeros(shape, np.float32)])):
             with pytest.raises(ValueError, match=f"{name}: logits has an empty vocabulary"):
                 f(src)
+
+
+# ---- found by an audit of the command line: per-row outputs into pipes, labels names, reports ------------
+
+def test_per_row_output_into_a_pipe_whose_reader_leaves_is_an_error(tmp_path, rng):
+    """topk, sample and stats --per-row into a named pipe whose reader left exited 0, silently, with most
+    rows unwritten (BrokenPipeError was taken for a | head on standard output)."""
+    np.save(tmp_path / "x.npy", rng.standard_normal((20000, 80)).astype(np.float32))
+    for args in (["topk", "{x}", "{fifo}"], ["sample", "{x}", "{fifo}", "--seed", "1"],
+                 ["stats", "{x}", "--per-row", "{fifo}"]):
+        fifo = tmp_path / f"rows-{args[0]}.jsonl"
+        os.mkfifo(fifo)
+        proc = subprocess.Popen([sys.executable, "-m", "fastlogits",
+                                 *(a.format(x=tmp_path / "x.npy", fifo=fifo) for a in args)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with open(fifo, "rb") as reader:
+            assert len(reader.read(100)) == 100
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 1, err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"{fifo}: the pipe's reader went away; the per-row results were not all written" in err
+
+
+def test_npy_per_row_output_into_a_pipe(tmp_path, rng):
+    """np.save asked a named pipe for its position ('obtaining file position failed', after the whole pass,
+    with the header alone written); the .npy is now written in order, and reads back whole."""
+    x = rng.standard_normal((37, 100)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    fifo = tmp_path / "top.npy"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([sys.executable, "-m", "fastlogits", "topk", str(tmp_path / "x.npy"), str(fifo),
+                             "-k", "3"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with open(fifo, "rb") as reader:
+        data = reader.read()
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    got = np.load(io.BytesIO(data))
+    lp, ids = fl.top_k_logprobs(x, 3)
+    np.testing.assert_array_equal(got["ids"], ids)
+    np.testing.assert_array_equal(got["logprobs"], lp)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("", r"--labels '': expected the name of a labels file, got an empty name"),
+    ("-", r"--labels '-': expected the name of a labels file, and standard input is not read for labels"),
+    ("binary", r"binary: cannot read labels .*: 'utf-8' codec can't decode")])
+def test_cli_labels_names_that_name_no_labels(tmp_path, rng, name, message):
+    """--labels '' (an unset shell variable) was ignored: stats without NLL, exit 0. A binary labels file
+    said only 'utf-8'."""
+    np.save(tmp_path / "x.npy", rng.standard_normal((4, 10)).astype(np.float32))
+    if name == "binary":
+        name = str(tmp_path / "binary")
+        (tmp_path / "binary").write_bytes(b"\x00\xbf\xff" * 10)
+    err = _one_line(_cli("stats", tmp_path / "x.npy", "--labels", name), rc=1)
+    assert __import__("re").search(message, err), err
+
+
+def test_cli_reports(tmp_path, rng):
+    """An audit's list: sample's message counted rows, not tokens; its reported seed (64 random bits) came
+    back from jq 1.6 as another number; a full disk's error named no file; info called its input "path"
+    where the other commands say "input"; demo's "threads" was a string ("up to 2") for wide rows."""
+    np.save(tmp_path / "x.npy", rng.standard_normal((37, 100)).astype(np.float32))
+    res = _cli("sample", tmp_path / "x.npy", tmp_path / "s.npy", "--seed", "1", "--num-samples", "3")
+    assert "wrote 111 sampled tokens (3 a row, 37 rows)" in res.stdout.decode(), res
+    for _ in range(20):
+        res = _cli("sample", tmp_path / "x.npy", tmp_path / "s.npy", "--json")
+        seed = json.loads(res.stdout)["seed"]
+        assert isinstance(seed, int) and 0 <= seed < 2**53 and float(seed) == seed
+    again = _cli("sample", tmp_path / "x.npy", tmp_path / "t.npy", "--seed", str(seed))
+    assert again.returncode == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), np.load(tmp_path / "t.npy"))
+    if os.path.exists("/dev/full"):
+        os.symlink("/dev/full", tmp_path / "full.csv")
+        err = _one_line(_cli("stats", tmp_path / "x.npy", "--per-row", tmp_path / "full.csv"), rc=1)
+        assert f"{tmp_path / 'full.csv'}: cannot write (No space left on device)" in err, err
+    info = json.loads(_cli("info", tmp_path / "x.npy", "--json").stdout)
+    assert info["input"] == str(tmp_path / "x.npy") and "path" not in info
+    demo = json.loads(_cli("demo", "--rows", "4", "--vocab", "100000", "--memory", "64KiB", "--json").stdout)
+    assert isinstance(demo["config"]["threads"], int) and demo["file_bytes"] > 4 * 100000 * 2

@@ -21,6 +21,7 @@ import os
 import stat
 import struct
 import sys
+import tokenize
 
 import numpy as np
 
@@ -33,10 +34,10 @@ class SourceError(ValueError):
 
 
 def reason(e):
-    """What an exception of a file parser says, for a message: its text (tokenize's TokenError, which NumPy's
-    .npy header parser lets through, holds a (text, position) pair), else its type's name."""
-    if e.args and isinstance(e.args[0], str):
-        return e.args[0]
+    """What an exception of a file parser says, for a message (tokenize's TokenError, which NumPy's .npy
+    header parser lets through, holds a (text, position) pair: its text), else its type's name."""
+    if isinstance(e, tokenize.TokenError) and e.args:
+        return str(e.args[0])
     return str(e) or type(e).__name__
 
 
