@@ -287,3 +287,26 @@ def test_softmax_probabilities_in_the_subnormal_range(dtype, chunk):
     assert deep.sum() > 10
     np.testing.assert_array_equal(got[deep], want[deep].astype(dtype).astype(np.float64))
     np.testing.assert_allclose(got, want, rtol=16 * f.eps, atol=f.smallest_subnormal)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rows_in_one_call_are_the_general_paths_bit_for_bit(dtype, rng):
+    """A row that is one chunk, read and written in place in the compute type, is computed in one call
+    (fl__softmax_row); anything else (a strided view of the same values, an output of another dtype) goes
+    through the two passes. Same arithmetic: the same bits, edge rows included, against the
+    reference too."""
+    for V in (1, 2, 15, 16, 17, 33, 100, 1000):
+        x = random_logits(rng, (40, V), dtype)
+        x[1] = -np.inf
+        x[2, V // 2] = np.inf
+        x[3, V // 3] = np.nan
+        x[4, :V // 2] = -np.inf
+        x[5] = rng.choice([-3e38, 3e38], V) if dtype == np.float32 else rng.choice([-1e308, 1e308], V)
+        x[6] = 1e30
+        wide = np.zeros((40, 2 * V), dtype)
+        wide[:, ::2] = x
+        fast = fl.softmax(x, threads=2)
+        assert fast.tobytes() == fl.softmax(wide[:, ::2], threads=2).tobytes(), V
+        other = np.float64 if dtype == np.float32 else np.float32      # written through a buffer
+        assert fast.astype(other).tobytes() == fl.softmax(x, dtype=other, threads=1).tobytes(), V
+        check("softmax", x[[0, 7, 8]], what=f"V={V}")

@@ -19,7 +19,8 @@ from libc.stdlib cimport malloc, free
 from fastlogits.clib cimport fl_lse_state
 from fastlogits.cpu._rows cimport (Block, make_block, n_segments, row_of, fold_lse, merge_ranges, fl_row,
                                    work_threads, address_of, FL_F32, FL_F64, fl_row_softmax_exp_f32,
-                                   fl_row_softmax_exp_f64, fl_row_softmax_f32, fl_row_softmax_f64)
+                                   fl_row_softmax_exp_f64, fl_row_softmax_f32, fl_row_softmax_f64,
+                                   fl__softmax_row_f32, fl__softmax_row_f64)
 
 # the most scratch memory, in bytes, that softmax takes to hold its terms; beyond, it computes exp twice
 TERMS_LIMIT = 1 << 26
@@ -34,6 +35,14 @@ cdef inline void exp_pass(const Block *b, int64_t i, int64_t start, int64_t stop
         st[0] = fl_row_softmax_exp_f64(&r, start, stop, b.chunk, <double *> y, <double *> my, <double *> buf)
     else:
         st[0] = fl_row_softmax_exp_f32(&r, start, stop, b.chunk, <float *> y, <float *> my, <float *> buf)
+
+
+cdef inline bint row_at_once(const Block *b, int64_t i, char *y, fl_lse_state *st) noexcept nogil:
+    """Softmax of row i (one chunk, compute type, contiguous, no transform) into y in one call, when the
+    row allows it (see fl__softmax_row)."""
+    if b.f64:
+        return fl__softmax_row_f64(<const double *> (b.data + i * b.row_stride), b.n, <double *> y, st)
+    return fl__softmax_row_f32(<const float *> (b.data + i * b.row_stride), b.n, <float *> y, st)
 
 
 cdef inline void map_pass(const Block *b, int64_t i, int64_t start, int64_t stop, const fl_lse_state *st,
@@ -68,6 +77,9 @@ def softmax(x, int dtype, temperature, double softcap, out, int out_dtype, bint 
     cdef bint direct = out_dtype == (FL_F64 if b.f64 else FL_F32) and ocol == isz
     cdef bint once = not log_ and state is None
     cdef bint whole = nseg == 1
+    # a row that is one chunk of the compute type, read in place and written in place: one call
+    cdef bint one_call = (direct and b.n <= chunk and b.softcap == 0 and b.col_stride == isz
+                          and b.dtype == (FL_F64 if b.f64 else FL_F32))
     cdef int64_t nck = ((b.n + nseg - 1) // nseg + chunk - 1) // chunk      # chunks in a range, at most
     cdef int64_t term_rows = 0 if direct else (threads if whole else b.rows)
     if term_rows * b.n * isz > TERMS_LIMIT:
@@ -112,6 +124,8 @@ def softmax(x, int dtype, temperature, double softcap, out, int out_dtype, bint 
             e = NULL if direct else terms + threadid() * b.n * isz
             for i in prange(b.rows, schedule="guided"):
                 y = obase + i * orow if direct else e
+                if one_call and b.temperature[i] == 1.0 and row_at_once(&b, i, y, &st[i]):
+                    continue
                 exp_pass(&b, i, 0, b.n, y, my, &st[i], buf)
                 map_pass(&b, i, 0, b.n, &st[i], 0, my, e, obase + i * orow, ocol, out_dtype, buf)
     else:                   # a few rows, split into ranges: every range's terms, the states merged, the map

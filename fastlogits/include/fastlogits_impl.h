@@ -460,6 +460,25 @@ FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__softmax_terms)(const FL_T *x, 
     return FL_FN(fl__sum)(y, n);
 }
 
+/* Softmax of a whole row that is one contiguous chunk, into y: fl_row_softmax_exp then fl_row_softmax in
+ * one call, the same arithmetic (the terms, their sum s, then each term times FL_UP / s); *st gets the
+ * row's state. 0 where the row needs the general path instead (a NaN, a max that is not finite, or a
+ * scale factor below the smallest normal), with nothing stored. */
+FL_MULTIVERSION static FL_UNUSED int FL_FN(fl__softmax_row)(const FL_T *x, int64_t n, FL_T *y, fl_lse_state *st) {
+    int has_nan;
+    FL_T m = FL_FN(fl__max_lanes)(x, n, &has_nan);
+    double s, f;
+    if (has_nan || !(m > -FL_INF && m < FL_INF)) return 0;
+    for (int64_t i = 0; i < n; i++) y[i] = FL_EXP_UP(x[i] - m);
+    s = FL_FN(fl__sum)(y, n) * FL_UP;
+    f = 1.0 / s * FL_UP;
+    if (!(f >= (sizeof(FL_T) == 4 ? (double)FLT_MIN : DBL_MIN))) return 0;
+    for (int64_t i = 0; i < n; i++) y[i] *= (FL_T)f;
+    st->m = m;
+    st->s = s;
+    return 1;
+}
+
 /* Softmax's first pass over a contiguous chunk: folds it into the running state *st, whose max becomes *my,
  * and stores its terms y[i] = exp(x[i] - *my) / FL_UP, whose sum the state takes (times FL_UP, exactly).
  * Where that max is not finite (a NaN or +inf: the row's softmax is NaN; all -inf so far: the chunk's
