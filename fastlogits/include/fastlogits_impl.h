@@ -449,8 +449,8 @@ static inline fl_lse_state FL_FN(fl_row_lse)(const fl_row *r, int64_t start, int
 /* Softmax's terms of a contiguous chunk, y[i] = exp(x[i] - *my) / FL_UP (see FL_EXP_UP), where *my is the
  * larger of the chunk's max and prev (a running max: a max of FL_T values, or NaN), and their sum (the
  * return value); -1 when that max is not finite or the chunk holds a NaN (nothing is stored then). */
-FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__softmax_terms)(const FL_T *x, int64_t n, FL_T *y, double prev,
-                                                                 FL_T *my) {
+FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__softmax_terms)(const FL_T *x, int64_t n, FL_T *y,
+                                                                 double prev, FL_T *my) {
     int has_nan;
     FL_T cmax = FL_FN(fl__max_lanes)(x, n, &has_nan);
     FL_T m = (double)cmax > prev ? cmax : (FL_T)prev;
