@@ -272,7 +272,7 @@ def hot_loops(asm, function):
 @pytest.mark.parametrize("module, function", [
     ("_reduce", "fl_lse_chunk_pf_f32"), ("_reduce", "fl__sumexp_max_f32"), ("_reduce", "fl_ent_chunk_f32"),
     ("_reduce", "fl_lse_chunk_pf_f64"), ("_reduce", "fl__sumexp_max_f64"), ("_maps", "fl__softmax_terms_f32"),
-    ("_maps", "fl__softmax_row_f32"),
+    ("_maps", "fl__softmax_row_f32"), ("_maps", "fl__log_softmax_row_f32"),
     ("_select", "fl__max_f32"), ("_select", "fl__max_f64")])
 def test_package_reductions_keep_their_lanes_in_registers(module, function):
     """The AVX-512 clones of the C core's lane reductions, as the package was built: their hot loop keeps

@@ -51,6 +51,8 @@ cdef extern from "fastlogits.h" nogil:
                             int64_t out_stride, int out_dtype, double *buf, double *ybuf)
     int fl__softmax_row_f32(const float *x, int64_t n, float *y, fl_lse_state *st)
     int fl__softmax_row_f64(const double *x, int64_t n, double *y, fl_lse_state *st)
+    int fl__log_softmax_row_f32(const float *x, int64_t n, float *y)
+    int fl__log_softmax_row_f64(const double *x, int64_t n, double *y)
     fl_ent_state fl_row_stats_f32(const fl_row *r, int64_t chunk, float *buf, int64_t *argmax)
     fl_ent_state fl_row_stats_f64(const fl_row *r, int64_t chunk, double *buf, int64_t *argmax)
     int64_t fl_row_argmax_f32(const fl_row *r, int64_t chunk, float *buf)

@@ -481,6 +481,18 @@ FL_MULTIVERSION static FL_UNUSED int FL_FN(fl__softmax_row)(const FL_T *x, int64
     return 1;
 }
 
+/* Log-softmax of a whole row that is one contiguous chunk, into y: its logsumexp state (fl_lse_chunk_pf's)
+ * and fl_row_softmax's map in one call, the same arithmetic. 0 where the row needs the general path (a
+ * NaN, or a max that is not finite), with nothing stored. */
+FL_MULTIVERSION static FL_UNUSED int FL_FN(fl__log_softmax_row)(const FL_T *x, int64_t n, FL_T *y) {
+    int has_nan;
+    FL_T m = FL_FN(fl__max_lanes)(x, n, &has_nan), log_s;
+    if (has_nan || !(m > -FL_INF && m < FL_INF)) return 0;
+    log_s = (FL_T)log(FL_FN(fl__sumexp)(x, n, m, 0, 0));
+    for (int64_t i = 0; i < n; i++) y[i] = (x[i] - m) - log_s;
+    return 1;
+}
+
 /* Softmax's first pass over a contiguous chunk: folds it into the running state *st, whose max becomes *my,
  * and stores its terms y[i] = exp(x[i] - *my) / FL_UP, whose sum the state takes (times FL_UP, exactly).
  * Where that max is not finite (a NaN or +inf: the row's softmax is NaN; all -inf so far: the chunk's
