@@ -221,7 +221,7 @@ def open_npy(path, dtype=None):
         except OSError:
             raise
         except Exception as e:    # NumPy's header parser: ValueError, and for some corrupt headers
-            # tokenize's TokenError (found by a fuzz: 378 of 4000 corruptions) or a RecursionError
+            # tokenize's TokenError (found by a fuzz: 378 of 4000 random corruptions)
             raise SourceError(f"{path}: not a valid .npy file ({reason(e)})") from None
         offset = f.tell()
     if fortran and len(shape) > 1:
