@@ -372,7 +372,7 @@ def compensated_sum(const double[::1] v):
 
 def ce_terms(const double[::1] nll, const double[::1] smooth, const double[::1] lse,
              const int64_t[::1] labels, int64_t ignore_index, const double[::1] weight, double eps,
-             double z, int64_t V, double[::1] out):
+             double z, int64_t V, double[::1] out, bint sums=True):
     """PyTorch's cross-entropy per row from its parts, and its sums. Per row n (all terms 0 where
     labels[n] == ignore_index; nll, smooth and lse are not read there): loss = w[y] nll, then with label
     smoothing eps > 0, loss = (1 - eps) loss + (eps / V) smooth (smooth: None when eps == 0); the z-loss
@@ -380,7 +380,8 @@ def ce_terms(const double[::1] nll, const double[::1] smooth, const double[::1] 
     values. Returns the compensated sums of the loss's two parts, (1 - eps) w[y] nll and (eps / V) smooth
     (PyTorch divides each by the target weights' sum: with a sum of 0 that keeps its NaN + inf = NaN), of
     w[y] and of the z-loss terms, and the number of counted rows; for V = 0 and eps > 0, eps / V is inf
-    and every (ignored) row's loss is NaN, as in PyTorch."""
+    and every (ignored) row's loss is NaN, as in PyTorch. sums=False (per-row losses alone, for
+    reduction="none"): the four sums are left at 0 (they took 4.0 of 4.4 ms at 409600 rows)."""
     cdef int64_t i, y, count = 0, n = labels.shape[0]
     cdef bint weighted = weight is not None, smoothing = eps > 0, zl = z > 0, rows = out is not None
     cdef double part, spart, wy, zt, a = eps / <double> V
@@ -403,10 +404,12 @@ def ce_terms(const double[::1] nll, const double[::1] smooth, const double[::1] 
             if smoothing:
                 part = (1.0 - eps) * part
                 spart = a * (smooth[i] if y != ignore_index else 0.0)
-                add_to(&ss, &sc, spart)
-            add_to(&ns, &nc, part)
-            add_to(&ws, &wc, wy)
-            add_to(&zs, &zc, zt)
+                if sums:
+                    add_to(&ss, &sc, spart)
+            if sums:
+                add_to(&ns, &nc, part)
+                add_to(&ws, &wc, wy)
+                add_to(&zs, &zc, zt)
             if rows:
                 out[i] = (part + spart) + zt
     return total(ns, nc), total(ss, sc), total(ws, wc), total(zs, zc), count

@@ -324,7 +324,8 @@ def cross_entropy(logits, labels, *, weight=None, ignore_index=-100, label_smoot
     B = _backend.get(r.backend)
     if r.backend == "gpu" and is_gpu_array(r.x):
         return _cross_entropy_on_device(B, r, labels, eps, z, ignore_index, w, reduction)
-    loss, sums = _ce_rows_terms(B, r, labels, eps, z, ignore_index, w, reduction == "none")
+    loss, sums = _ce_rows_terms(B, r, labels, eps, z, ignore_index, w, reduction == "none",
+                                sums=reduction != "none")
     if reduction == "none":
         return _finish(r, B.to_device_like(loss, r.x))
     return ce_total(sums, reduction, r.result_dtype, eps > 0)
@@ -404,13 +405,13 @@ def check_ignore_index(ignore_index):
     return i
 
 
-def _ce_rows_terms(B, r, labels, eps, z, ignore_index, w, per_row):
+def _ce_rows_terms(B, r, labels, eps, z, ignore_index, w, per_row, sums=True):
     """ce_terms of the backend's per-row results, combined on the host."""
     lab = check_labels(labels_on_host(labels), r.lead, r.V, ignore_index)
     nll, smooth, lse = B.cross_entropy_rows(r.x, r.dtype, r.temperature, r.softcap, lab, ignore_index, w,
                                             eps > 0, r.chunk, r.threads)
     nll, smooth, lse = B.to_host(nll), B.to_host(smooth), B.to_host(lse)
-    return ce_terms(nll, smooth if eps > 0 else None, lse, lab, ignore_index, w, eps, z, r.V, per_row)
+    return ce_terms(nll, smooth if eps > 0 else None, lse, lab, ignore_index, w, eps, z, r.V, per_row, sums)
 
 
 def cross_entropy_terms(logits, labels, *, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
@@ -423,19 +424,19 @@ def cross_entropy_terms(logits, labels, *, weight=None, ignore_index=-100, label
     return _ce_rows_terms(_backend.get(r.backend), r, labels, eps, z, ignore_index, w, per_row), r
 
 
-def ce_terms(nll, smooth, lse, labels, ignore_index, weight, eps, z, V, per_row):
+def ce_terms(nll, smooth, lse, labels, ignore_index, weight, eps, z, V, per_row, sums=True):
     """PyTorch's cross-entropy from per-row parts (nll = lse - x[label], smooth = -sum_c w_c log p_c, None
     when eps == 0; neither read for ignored rows): (the per-row loss plus its z-loss term, float64, 0 for
     ignored rows, or None unless per_row; the sums (of the loss's NLL part and its smoothing part, of the
-    target weights w[y], of the z-loss terms; compensated) and the number of counted rows). labels:
-    checked int64."""
+    target weights w[y], of the z-loss terms; compensated; 0 when not sums, for per-row losses alone) and
+    the number of counted rows). labels: checked int64."""
     def f64(a):
         return None if a is None else np.ascontiguousarray(a, dtype=np.float64)
 
     out = np.empty(labels.shape[0]) if per_row else None
-    sums = _reduce.ce_terms(f64(nll), f64(smooth), f64(lse), labels, ignore_index, f64(weight), eps, z, V,
-                            out)
-    return out, sums
+    totals = _reduce.ce_terms(f64(nll), f64(smooth), f64(lse), labels, ignore_index, f64(weight), eps, z, V,
+                              out, sums)
+    return out, totals
 
 
 def _ieee_div(a, b):
