@@ -160,7 +160,7 @@ def write_rows(path, columns, lead=None):
 
 
 def _write_rows_file(path, names, arrays, rows, lead):
-    from fastlogits.stream.run import _write_all, atomic_output
+    from fastlogits.stream.run import atomic_output, write_all
 
     with atomic_output(path) as tmp:
         if path.lower().endswith(".npy"):
@@ -172,7 +172,7 @@ def _write_rows_file(path, names, arrays, rows, lead):
             buf = io.BytesIO()
             np.save(buf, rec if lead is None else rec.reshape(lead))
             with open(tmp, "wb") as f:
-                _write_all(f, buf.getbuffer())
+                write_all(f, buf.getbuffer())
         elif path.lower().endswith(".csv"):
             with open(tmp, "w") as f:
                 head = []

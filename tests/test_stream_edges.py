@@ -1429,7 +1429,7 @@ def test_cli_labels_files_that_are_not_npy_arrays(tmp_path, rng, content, messag
 def test_a_short_write_is_written_again(tmp_path):
     """A BufferedWriter may take part of a buffer and return the count without raising (standard output to
     a pipe whose reader left: 65536 of 16 MB); every byte is written, and a write that takes none raises."""
-    from fastlogits.stream.run import _write_all
+    from fastlogits.stream.run import write_all
 
     class Dribble(io.RawIOBase):
         def __init__(self, most):
@@ -1445,10 +1445,10 @@ def test_a_short_write_is_written_again(tmp_path):
 
     data = np.arange(1000, dtype=np.float32)
     sink = Dribble(7)
-    _write_all(sink, memoryview(data.view(np.uint8)))
+    write_all(sink, memoryview(data.view(np.uint8)))
     assert bytes(sink.data) == data.tobytes()
     with pytest.raises(OSError, match="a write took none of 4000 bytes"):
-        _write_all(Dribble(0), memoryview(data.view(np.uint8)))
+        write_all(Dribble(0), memoryview(data.view(np.uint8)))
 
 
 def test_softmax_to_standard_output_whose_reader_leaves_is_not_a_success(tmp_path, rng):

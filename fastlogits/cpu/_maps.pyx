@@ -26,7 +26,7 @@ from fastlogits.cpu._rows cimport (Block, make_block, n_segments, row_of, fold_l
                                    work_threads, address_of, FL_F32, FL_F64, fl_row_softmax_exp_f32,
                                    fl_row_softmax_exp_f64, fl_row_softmax_f32, fl_row_softmax_f64,
                                    fl__softmax_row_f32, fl__softmax_row_f64, fl__log_softmax_row_f32,
-                                   fl__log_softmax_row_f64, fl_row_lse_f32, fl_row_lse_f64)
+                                   fl__log_softmax_row_f64, row_lse)
 
 # the most scratch memory, in bytes, that softmax takes to hold its terms; beyond, it computes exp twice
 TERMS_LIMIT = 1 << 26
@@ -43,7 +43,7 @@ cdef inline void exp_pass(const Block *b, int64_t i, int64_t start, int64_t stop
         st[0] = fl_row_softmax_exp_f32(&r, start, stop, b.chunk, <float *> y, <float *> my, <float *> buf)
 
 
-cdef inline bint row_at_once(const Block *b, int64_t i, bint log_, char *y, fl_lse_state *st) noexcept nogil:
+cdef inline bint row_at_once(const Block *b, int64_t i, bint log_, char *y) noexcept nogil:
     """Softmax (or log-softmax when log_) of row i (one chunk, compute type, contiguous, no transform) into
     y in one call, when the row allows it (see fl__softmax_row, fl__log_softmax_row)."""
     cdef const char *x = b.data + i * b.row_stride
@@ -52,16 +52,8 @@ cdef inline bint row_at_once(const Block *b, int64_t i, bint log_, char *y, fl_l
             return fl__log_softmax_row_f64(<const double *> x, b.n, <double *> y)
         return fl__log_softmax_row_f32(<const float *> x, b.n, <float *> y)
     if b.f64:
-        return fl__softmax_row_f64(<const double *> x, b.n, <double *> y, st)
-    return fl__softmax_row_f32(<const float *> x, b.n, <float *> y, st)
-
-
-cdef inline fl_lse_state fold_row(const Block *b, int64_t i, char *buf) noexcept nogil:
-    """The logsumexp state of row i (fold_lse's, for one row)."""
-    cdef fl_row r = row_of(b, i)
-    if b.f64:
-        return fl_row_lse_f64(&r, 0, b.n, b.chunk, <double *> buf)
-    return fl_row_lse_f32(&r, 0, b.n, b.chunk, <float *> buf)
+        return fl__softmax_row_f64(<const double *> x, b.n, <double *> y)
+    return fl__softmax_row_f32(<const float *> x, b.n, <float *> y)
 
 
 cdef inline void map_pass(const Block *b, int64_t i, int64_t start, int64_t stop, const fl_lse_state *st,
@@ -124,9 +116,9 @@ def softmax(x, int dtype, temperature, double softcap, out, int out_dtype, bint 
         with nogil, parallel(num_threads=threads):
             buf = bufs + threadid() * chunk * 16
             for i in prange(b.rows, schedule="guided"):
-                if b.temperature[i] == 1.0 and row_at_once(&b, i, 1, obase + i * orow, &st[i]):
+                if b.temperature[i] == 1.0 and row_at_once(&b, i, 1, obase + i * orow):
                     continue
-                st[i] = fold_row(&b, i, buf)
+                st[i] = row_lse(&b, i, 0, b.n, buf)
                 map_pass(&b, i, 0, b.n, &st[i], 1, NULL, NULL, obase + i * orow, ocol, out_dtype, buf)
     elif not once:
         if state is not None:
@@ -151,7 +143,7 @@ def softmax(x, int dtype, temperature, double softcap, out, int out_dtype, bint 
             e = NULL if direct else terms + threadid() * b.n * isz
             for i in prange(b.rows, schedule="guided"):
                 y = obase + i * orow if direct else e
-                if one_call and b.temperature[i] == 1.0 and row_at_once(&b, i, 0, y, &st[i]):
+                if one_call and b.temperature[i] == 1.0 and row_at_once(&b, i, 0, y):
                     continue
                 exp_pass(&b, i, 0, b.n, y, my, &st[i], buf)
                 map_pass(&b, i, 0, b.n, &st[i], 0, my, e, obase + i * orow, ocol, out_dtype, buf)

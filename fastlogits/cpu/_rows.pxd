@@ -49,8 +49,8 @@ cdef extern from "fastlogits.h" nogil:
     void fl_row_softmax_f64(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
                             const fl_lse_state *st, int log_, const double *my, double *e, char *out,
                             int64_t out_stride, int out_dtype, double *buf, double *ybuf)
-    int fl__softmax_row_f32(const float *x, int64_t n, float *y, fl_lse_state *st)
-    int fl__softmax_row_f64(const double *x, int64_t n, double *y, fl_lse_state *st)
+    int fl__softmax_row_f32(const float *x, int64_t n, float *y)
+    int fl__softmax_row_f64(const double *x, int64_t n, double *y)
     int fl__log_softmax_row_f32(const float *x, int64_t n, float *y)
     int fl__log_softmax_row_f64(const double *x, int64_t n, double *y)
     fl_ent_state fl_row_stats_f32(const fl_row *r, int64_t chunk, float *buf, int64_t *argmax)
@@ -143,27 +143,29 @@ cdef inline int work_threads(const Block *b, int64_t nseg, int threads) noexcept
     return <int> (threads if threads <= items else max(items, 1))
 
 
+cdef inline fl_lse_state row_lse(const Block *b, int64_t i, int64_t start, int64_t stop,
+                                 char *buf) noexcept nogil:
+    """The logsumexp state of columns [start, stop) of row i (buf: a chunk of the compute type)."""
+    cdef fl_row r = row_of(b, i)
+    if b.f64:
+        return fl_row_lse_f64(&r, start, stop, b.chunk, <double *> buf)
+    return fl_row_lse_f32(&r, start, stop, b.chunk, <float *> buf)
+
+
 cdef inline void fold_lse(const Block *b, int64_t nseg, fl_lse_state *st, char *bufs, int64_t per_thread,
                           int threads) noexcept nogil:
     """The logsumexp state of every row into st[i * nseg]: range g of row i folded by some thread into
     st[i * nseg + g] (bufs: one scratch buffer of per_thread bytes a thread), then the ranges of each row
     merged in order, so the result does not depend on which thread folds which range (the number of
     ranges, n_segments, moves it by rounding only)."""
-    cdef int64_t it, i, g, start, stop
-    cdef fl_row r
+    cdef int64_t it, i, g
     cdef char *buf = NULL
     with parallel(num_threads=threads):
         buf = bufs + threadid() * per_thread
         for it in prange(b.rows * nseg, schedule="guided"):
             i = it // nseg
             g = it % nseg
-            r = row_of(b, i)
-            start = g * b.n // nseg
-            stop = (g + 1) * b.n // nseg
-            if b.f64:
-                st[it] = fl_row_lse_f64(&r, start, stop, b.chunk, <double *> buf)
-            else:
-                st[it] = fl_row_lse_f32(&r, start, stop, b.chunk, <float *> buf)
+            st[it] = row_lse(b, i, g * b.n // nseg, (g + 1) * b.n // nseg, buf)
     merge_ranges(st, b.rows, nseg)
 
 

@@ -237,7 +237,7 @@ def single_rows(source, cols):
                             with spooled(f) as spool:
                                 yield row, spool
                         f, row = open(path, "wb"), i  # noqa: SIM115 - closed when the row is complete
-                    _write_all(f, _bytes(chunk))
+                    write_all(f, _bytes(chunk))
                 if f is not None:
                     with spooled(f) as spool:
                         yield row, spool
@@ -255,7 +255,7 @@ def _bytes(a):
     return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
 
 
-def _write_all(f, data):
+def write_all(f, data):
     """Write every byte of the buffer `data` to the binary file f. A BufferedWriter may return fewer bytes
     than it was given, without raising: standard output to a pipe whose reader left during a 16 MB write
     took 65536 bytes and reported success (found by an audit); the rest is written again, which raises
@@ -672,7 +672,7 @@ class _Sink:
                 self._out[at + (slice(c0, c0 + block.shape[1]),)] = block
         else:
             try:
-                _write_all(self._f, _bytes(block.astype(self.dtype, copy=False)))
+                write_all(self._f, _bytes(block.astype(self.dtype, copy=False)))
             except BrokenPipeError:
                 if self.stdout:      # (the command line exits quietly when a | head stops reading)
                     raise
@@ -718,7 +718,7 @@ def _write_npy_header(f, lead, V, dtype, length=None):
     length = length or (len(d) + 10 + 64 + 63) // 64 * 64   # room for a longer shape later
     pad = length - 10 - len(d) - 1
     header = b"\x93NUMPY\x01\x00" + (length - 10).to_bytes(2, "little") + (d + " " * pad + "\n").encode()
-    _write_all(f, header)
+    write_all(f, header)
     return length
 
 
