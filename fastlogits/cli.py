@@ -223,7 +223,8 @@ def _load_labels(path, src):
 def cmd_info(args):
     src = _open(args)
     summary = {"input": args.input, "format": src.format, "dtype": src.dtype, "shape": list(src.shape),
-               "rows": src.rows, "vocab": src.V, "bytes": src.nbytes}
+               "rows": src.rows, "vocab": src.V, "bytes": src.nbytes,
+               "order": "F" if getattr(src, "fortran", False) else "C"}
     if getattr(src, "tensor", None):
         summary["tensor"] = src.tensor
     _emit(args, summary, [f"{k:8s} {v}" for k, v in summary.items()])

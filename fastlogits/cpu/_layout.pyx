@@ -1,6 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Copies between memory layouts: a 2-D array of 2-, 4- or 8-byte elements into another of the same shape,
-any strides on either side, a tile at a time.
+any strides on either side, a tile at a time; and the reads of a Fortran-order file's rows, a column at
+a time (``read_columns``).
 
 The row kernels read a row of a transposed or Fortran-order array one element per cache line, and each
 line holds the same column of the neighbouring rows: by the time they are read, it has left the cache. So
@@ -19,7 +20,10 @@ all of its lines.
 """
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+from libc.errno cimport EINTR, errno
 from libc.stdlib cimport llabs
+from libc.string cimport strerror
+from posix.unistd cimport pread
 
 from fastlogits.cpu._rows cimport address_of
 
@@ -109,3 +113,38 @@ def copy(src, dst, int threads):
             copy_2d(<const uint32_t *> ps, sr, sc, <uint32_t *> pd, dr, dc, rows, cols, threads)
         else:
             copy_2d(<const uint64_t *> ps, sr, sc, <uint64_t *> pd, dr, dc, rows, cols, threads)
+
+
+def read_columns(int fd, out, int64_t pos, int64_t stride):
+    """Read the columns of `out`, a 2-D NumPy array whose columns are contiguous (n, c), from the file
+    descriptor fd: column j's n values from byte pos + j * stride (the rows r0..r0 + n of a Fortran-order
+    file, a column at a time), with the GIL released. Returns the number of columns read whole: c, or
+    fewer where the file ended (a file that shrank)."""
+    if out.ndim != 2:
+        raise ValueError(f"fastlogits: read_columns takes a 2-D array, got shape {out.shape}")
+    cdef int64_t size = out.itemsize, n = out.shape[0], c = out.shape[1]
+    if n == 0 or c == 0:
+        return c
+    if n > 1 and out.strides[0] != size:
+        raise ValueError(f"fastlogits: read_columns takes a 2-D array with contiguous columns, got shape "
+                         f"{out.shape}, strides {out.strides}")
+    cdef char *base = <char *> address_of(out)
+    cdef int64_t step = out.strides[1], seg = n * size, j = 0, done
+    cdef ssize_t got = 1
+    cdef int err = 0
+    with nogil:
+        while j < c and got > 0:
+            done = 0
+            while done < seg:
+                got = pread(fd, base + j * step + done, seg - done, pos + j * stride + done)
+                if got < 0 and errno == EINTR:
+                    continue
+                if got <= 0:
+                    err = errno if got < 0 else 0
+                    break
+                done += got
+            if got > 0:
+                j += 1
+    if err:
+        raise OSError(err, strerror(err))
+    return j

@@ -91,7 +91,9 @@ def plan(source, memory=None, out_itemsize=0):
         # A bigger block is no faster: past a few tens of MB the copy out of the page cache no longer
         # stays in the last-level cache for the kernels to read (measured: 256 MiB blocks 4.4-5.0 GB/s,
         # 16-32 MiB blocks 5.6-5.9 GB/s, stats over a 2 GB float16 dump on this 2-core machine).
-        cap = max(1, BLOCK_BYTES // max(1, source.V * isz))
+        # A Fortran-order file is read a column segment a block at a time: the whole budget, for longer
+        # segments and fewer reads.
+        cap = rows if getattr(source, "fortran", False) else max(1, BLOCK_BYTES // max(1, source.V * isz))
         return Plan(rows=int(min(rows, cap, 1 << 16)), cols=source.V)
     return Plan(rows=0, cols=int(budget // per_value))
 
@@ -432,7 +434,8 @@ def _finish_row(op, accum, source):
         return v.astype(NP_DTYPES[source.dtype]), i
     if op == "top_k_logprobs":
         v, i = accum.result()
-        return v.astype(_result_dtype(source, op)), i
+        with np.errstate(over="ignore"):   # a log-probability past float32's range is -inf, as in memory
+            return v.astype(_result_dtype(source, op)), i
     return accum.result().astype(_result_dtype(source, op))
 
 

@@ -69,14 +69,17 @@ class _RandomAccess:
 
 
 class _FileSource(_RandomAccess, _Closing):
-    """Rows of a C-ordered array stored at `offset` in a file."""
+    """Rows of an array stored at `offset` in a file: C-ordered, or a 2-D array in Fortran order (a column
+    after another: np.save of a transposed array writes one), whose rows are read a column segment at a
+    time into a block laid out by columns, as the CPU kernels take a transposed array."""
 
-    def __init__(self, path, shape, dtype, offset, fmt, byteswap=False):
+    def __init__(self, path, shape, dtype, offset, fmt, byteswap=False, fortran=False):
         self.path = os.fspath(path)
         self.byteswap = byteswap
         self.shape = tuple(int(d) for d in shape)
         if len(self.shape) == 0:
             raise SourceError(f"{self.path}: expected logits with at least one axis, found a scalar")
+        self.fortran = fortran and len(self.shape) > 1
         self.dtype = dtype
         self.offset = offset
         self.format = fmt
@@ -124,19 +127,42 @@ class _FileSource(_RandomAccess, _Closing):
             raise ValueError(f"{self.path}: this source was closed; open the file again")
         dt = NP_DTYPES[self.dtype]
         shape = (r1 - r0, c1 - c0)
+        out = (self._read_columns if self.fortran else self._read_rows)(r0, c0, shape, dt, out)
+        if self.byteswap:
+            out.view(f"u{dt.itemsize}").byteswap(inplace=True)   # a big-endian file, read into native order
+        return out
+
+    def _read_rows(self, r0, c0, shape, dt, out):
+        """Rows r0.. and columns c0.. (`shape`) of a C-order file, into `out` when it is large enough:
+        one read for whole rows, else one a row."""
         if out is None or out.shape[0] < shape[0] or out.shape[1] < shape[1] or out.dtype != dt:
             out = np.empty(shape, dt)
         else:
             out = out[:shape[0], :shape[1]]
         isz = dt.itemsize
-        if c0 == 0 and c1 == self.V and out.flags.c_contiguous:
+        if c0 == 0 and shape[1] == self.V and out.flags.c_contiguous:
             self._pread_into(out, self.offset + r0 * self.V * isz)
         else:
             for i in range(shape[0]):
-                row = out[i]
-                self._pread_into(row, self.offset + ((r0 + i) * self.V + c0) * isz)
-        if self.byteswap:
-            out.view(f"u{isz}").byteswap(inplace=True)   # a big-endian file, read into native order
+                self._pread_into(out[i], self.offset + ((r0 + i) * self.V + c0) * isz)
+        return out
+
+    def _read_columns(self, r0, c0, shape, dt, out):
+        """Rows r0.. and columns c0.. (`shape`) of a Fortran-order file, into an array laid out by columns
+        (`out` when it is one of that shape): the whole slab in one read where the rows are all of
+        them, else one read per column (``_layout.read_columns``, the GIL released)."""
+        from fastlogits.cpu import _layout
+
+        n, c = shape
+        if out is None or out.shape != shape or out.dtype != dt or not out.flags.f_contiguous:
+            out = np.empty(shape, dt, order="F")
+        isz, height = dt.itemsize, self.rows * dt.itemsize
+        pos = self.offset + c0 * height + r0 * isz
+        if n == self.rows:
+            self._pread_into(out.T, pos)
+        elif _layout.read_columns(self._fd, out, pos, height) < c:
+            raise SourceError(f"{self.path}: file shrank while being read (expected {n * isz} bytes at "
+                              f"each of {c} columns from offset {pos})")
         return out
 
 
@@ -224,8 +250,10 @@ def open_npy(path, dtype=None):
             # tokenize's TokenError (found by a fuzz: 378 of 4000 random corruptions)
             raise SourceError(f"{path}: not a valid .npy file ({reason(e)})") from None
         offset = f.tell()
-    if fortran and len(shape) > 1:
-        raise SourceError(f"{path}: expected a C-ordered .npy array, found a Fortran-ordered one")
+    if fortran and len(shape) > 2:
+        raise SourceError(f"{path}: expected a C-ordered .npy array or a 2-D Fortran-ordered one, found a "
+                          f"Fortran-ordered array of shape {tuple(shape)} (save it in C order: "
+                          "np.save(path, np.ascontiguousarray(a)))")
     if any(d < 0 for d in shape):
         raise SourceError(f"{path}: not a valid .npy file (a negative dimension in shape {shape})")
     if dt.hasobject:
@@ -250,7 +278,7 @@ def open_npy(path, dtype=None):
                                   f"{dt}") from None
         if dtype is not None and dtype_name(dtype) != name:
             raise SourceError(f"{path}: dtype={dtype!r} was asked for, but the file holds {name}")
-    src = _FileSource(path, shape, name, offset, "npy", byteswap=swap)
+    src = _FileSource(path, shape, name, offset, "npy", byteswap=swap, fortran=fortran)
     extra = os.fstat(src._fd).st_size - offset - src.nbytes
     if extra > 0:           # np.save writes none: rows past the header's shape would be dropped
         src.close()
