@@ -956,6 +956,11 @@ def test_memory_budgets_of_any_real_number_type():
     from fastlogits.stream.run import parse_memory
 
     assert parse_memory(Fraction(2**20)) == parse_memory(np.float32(2**20)) == parse_memory(np.uint64(2**20))
+    # a string in exponent notation is the number it reads as, with or without a unit
+    assert parse_memory("1e9") == parse_memory(1e9) == 10**9 and parse_memory(" 2.5E+2 MiB") == 250 * 2**20
+    for bad in ("1e", "e9", "1e9.5", "1e-", "1 e9"):
+        with pytest.raises(ValueError, match="byte count such as"):
+            parse_memory(bad)
     for bad, match in ((10**400, "finite"), (float("nan"), "finite"), (-1, "at least 64 KiB")):
         with pytest.raises(ValueError, match=match):
             parse_memory(bad)

@@ -41,9 +41,9 @@ _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb"
 
 
 def parse_memory(memory, argname="memory"):
-    """Bytes from an int or a string such as "64MiB", "1.5G", "300MB" (at least 64 KiB)."""
+    """Bytes from a number or a string such as "64MiB", "1.5G", "300MB", "1e9" (at least 64 KiB)."""
     if isinstance(memory, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", memory)
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", memory)
         if not m or m.group(2).lower() not in _UNITS:
             raise ValueError(f"{argname} must be a byte count such as 268435456 or '256MiB', got {memory!r}")
         value = float(m.group(1)) * _UNITS[m.group(2).lower()]
