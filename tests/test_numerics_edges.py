@@ -55,6 +55,24 @@ def test_softcap_keeps_the_sign_of_zero_and_edges(dtype):
     assert np.isnan(fl.top_k(np.array([[np.nan, 1.0]], dtype=dtype), 1, softcap=5.0)[0][0, 0])
 
 
+def test_softcap_turns_infinities_into_finite_logits_as_pytorch_does():
+    """The README's rule: with softcap the edge table holds for c * tanh(x / c), so -inf is -c (a masked
+    logit gets a probability), a row holding +inf is finite and an all -inf row uniform, as PyTorch's
+    c * tanh(x / c) gives. Against that formula in float64."""
+    c = 5.0
+    x = np.array([[0.0, -np.inf, 1.0], [0.0, np.inf, 1.0], [-np.inf] * 3])
+    z = c * np.tanh(x / c)
+    lse = np.log(np.exp(z).sum(axis=1))
+    np.testing.assert_allclose(fl.logsumexp(x, softcap=c), lse, rtol=1e-14)
+    np.testing.assert_allclose(fl.softmax(x, softcap=c), np.exp(z - lse[:, None]), rtol=1e-14)
+    np.testing.assert_allclose(fl.softmax(x[2:], softcap=c), np.full((1, 3), 1 / 3), rtol=1e-14)
+    np.testing.assert_allclose(fl.cross_entropy(x, np.array([1, 1, 0]), softcap=c, reduction="none"),
+                               lse - z[[0, 1, 2], [1, 1, 0]], rtol=1e-14, atol=1e-14)
+    tokens = fl.sample(np.repeat(x[:1], 20000, axis=0), softcap=c, seed=3)
+    p = np.exp(z[0, 1] - lse[0])                         # 0.0018: drawn about 36 times in 20000
+    assert 0 < np.count_nonzero(tokens == 1) < 20000 * p * 3
+
+
 @pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
 def test_large_softcaps_against_the_reference(dtype, rng):
     """c * tanh(x / c) for caps up to float32's largest: a float64 reference of the same (rounded) input

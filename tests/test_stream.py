@@ -197,13 +197,21 @@ def test_bad_files(tmp_path, rng):
     (tmp_path / "c.npy").write_bytes(b"\x93NUMPY\x01\x00garbage" + data[20:])
     with pytest.raises(fl.SourceError, match="not a valid .npy file"):
         fl.open(tmp_path / "c.npy")
-    np.save(tmp_path / "i.npy", np.zeros((2, 3), np.int32))
-    with pytest.raises(fl.SourceError,
-                       match="expected float16, bfloat16, float32 or float64 logits, found int32"):
-        fl.open(tmp_path / "i.npy")
+    # values that are not float logits: a SourceError that is a TypeError too, as in memory
+    for values, found in ((np.zeros((2, 3), np.int32), "found int32"), (np.ones((2, 3), bool), "found bool"),
+                          (np.ones((2, 3), np.complex64), "found complex64"),
+                          (np.array([[1.0, None]], dtype=object), "found an object array")):
+        np.save(tmp_path / "i.npy", values)
+        with pytest.raises(TypeError, match="logits, " + found):
+            fl.logsumexp(fl.open(tmp_path / "i.npy"))
+        with pytest.raises(fl.SourceError, match=found):
+            fl.open(tmp_path / "i.npy")
+    with pytest.raises(TypeError):           # the same values in memory
+        fl.logsumexp(np.zeros((2, 3), np.int32))
     np.save(tmp_path / "v.npy", x.astype(BF16))
-    with pytest.raises(fl.SourceError, match="dtype='bfloat16'"):
+    with pytest.raises(fl.SourceError, match="dtype='bfloat16'") as e:
         fl.open(tmp_path / "v.npy")
+    assert isinstance(e.value, TypeError)
     with pytest.raises(FileNotFoundError):
         fl.open(tmp_path / "missing.npy")
 

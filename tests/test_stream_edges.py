@@ -250,8 +250,9 @@ def test_self_describing_files_check_what_they_are_told(tmp_path, rng):
     np.testing.assert_array_equal(fl.logsumexp(fl.open(path, dtype="bfloat16")), fl.logsumexp(b16))
     path = _safetensors(tmp_path / "i8.safetensors", {"a": {"dtype": "I8", "shape": [4, 9],
                                                               "data_offsets": [0, 36]}}, bytes(36))
-    with pytest.raises(SourceError, match="holds I8 values; expected F16, BF16, F32 or F64 logits$"):
+    with pytest.raises(SourceError, match="holds I8 values; expected F16, BF16, F32 or F64 logits$") as e:
         fl.open(path, dtype="bfloat16")
+    assert isinstance(e.value, TypeError)      # as integer logits in memory
     with pytest.raises(SourceError, match="tensor= .* standard input holds raw rows"):
         fl.open("-", dtype="float32", vocab=9, tensor="a")
     # float16 is refused as bfloat16 in every kind of source; raw 2-byte data is re-declared

@@ -12,7 +12,7 @@ logits : array_like of shape (..., V), a GPU array, or a source (fastlogits.open
 temperature : float > 0, or an array of one per row (the leading shape, or one that broadcasts to it)
     The logits are divided by it, after the softcap (below float64 input, in float32, as PyTorch does).""",
     "out": """\
-out : array or path, optional
+out : array or path, optional (required for a source)
     An array of the logits' shape (NumPy, or a GPU array for GPU logits) that shares no memory with them;
     or, for host logits and sources, a path: a ``.npy`` file (raw rows for any other name) written block
     by block, under a temporary name until complete, or ``"-"``: raw rows to standard output. Returned.
@@ -20,7 +20,8 @@ dtype : float16, bfloat16, float32 or float64, optional
     The result's element type (default: out's, else the logits').""",
     "shared": """\
 softcap : float > 0, optional
-    The logits become ``softcap * tanh(x / softcap)`` first (Gemma 2's soft-capping).
+    The logits become ``softcap * tanh(x / softcap)`` first (Gemma 2's soft-capping): -inf becomes
+    -softcap, as in PyTorch, so a masked logit is masked no more (see the README's edge cases).
 backend : {"cpu", "gpu"}, optional
     None: "gpu" for GPU arrays, else the process default (fastlogits.set_backend, use_backend).
 threads : int in [1, 4096], optional

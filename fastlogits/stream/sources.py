@@ -33,6 +33,12 @@ class SourceError(ValueError):
     """A logit dump that cannot be read as asked: the message says what was expected and what was found."""
 
 
+class SourceDtypeError(SourceError, TypeError):
+    """A logit dump whose values are not float logits (integers, bools, complex numbers, objects, raw
+    2-byte values not declared bfloat16): a SourceError, and a TypeError, as the same values in memory
+    raise."""
+
+
 def reason(e):
     """What an exception of a file parser says, for a message (tokenize's TokenError, which NumPy's .npy
     header parser lets through, holds a (text, position) pair: its text), else its type's name."""
@@ -257,7 +263,7 @@ def open_npy(path, dtype=None):
     if any(d < 0 for d in shape):
         raise SourceError(f"{path}: not a valid .npy file (a negative dimension in shape {shape})")
     if dt.hasobject:
-        raise SourceError(f"{path}: expected float logits, found an object array")
+        raise SourceDtypeError(f"{path}: expected float logits, found an object array")
     swap = not dt.isnative and dt.itemsize > 1      # big-endian data: swapped as it is read
     dt = dt.newbyteorder("=") if swap else dt
     if dtype is not None and dtype_name(dtype) == "bfloat16":
@@ -266,16 +272,17 @@ def open_npy(path, dtype=None):
         name = "bfloat16"
     else:
         if dt.kind == "V" and dt.itemsize == 2:
-            raise SourceError(f"{path}: the file holds raw 2-byte values ({dt.str}); if they are bfloat16, "
-                              "open it with dtype='bfloat16' (--dtype bfloat16 on the command line)")
+            raise SourceDtypeError(f"{path}: the file holds raw 2-byte values ({dt.str}); if they are "
+                                   "bfloat16, open it with dtype='bfloat16' (--dtype bfloat16 on the "
+                                   "command line)")
         if dt == BF16:
             name = "bfloat16"
         else:
             try:
                 name = dtype_name(dt)
             except TypeError:
-                raise SourceError(f"{path}: expected float16, bfloat16, float32 or float64 logits, found "
-                                  f"{dt}") from None
+                raise SourceDtypeError(f"{path}: expected float16, bfloat16, float32 or float64 logits, "
+                                       f"found {dt}") from None
         if dtype is not None and dtype_name(dtype) != name:
             raise SourceError(f"{path}: dtype={dtype!r} was asked for, but the file holds {name}")
     src = _FileSource(path, shape, name, offset, "npy", byteswap=swap, fortran=fortran)
@@ -364,8 +371,8 @@ def open_safetensors(path, tensor=None, dtype=None):
     elif name is None:
         bits = st_dtype in ("U16", "I16")
         hint = " (if they are bfloat16 bits, open it with dtype='bfloat16')" if bits else ""
-        raise SourceError(f"{path}: tensor {tensor!r} holds {st_dtype} values; expected F16, BF16, F32 or "
-                          f"F64 logits{hint}")
+        raise SourceDtypeError(f"{path}: tensor {tensor!r} holds {st_dtype} values; expected F16, BF16, "
+                               f"F32 or F64 logits{hint}")
     elif dtype is not None and dtype_name(dtype) != name:
         raise SourceError(f"{path}: dtype={dtype!r} was asked for, but the tensor holds {name}")
     src = _FileSource(path, shape, name, 8 + n + b0, "safetensors")
