@@ -1559,3 +1559,31 @@ def test_cli_reports(tmp_path, rng):
     assert info["input"] == str(tmp_path / "x.npy") and "path" not in info
     demo = json.loads(_cli("demo", "--rows", "4", "--vocab", "100000", "--memory", "64KiB", "--json").stdout)
     assert isinstance(demo["config"]["threads"], int) and demo["file_bytes"] > 4 * 100000 * 2
+
+
+def test_a_close_interrupted_after_the_descriptor_is_closed_never_closes_it_again(tmp_path, monkeypatch):
+    """A Ctrl-C handled right after os.close returns (the interpreter checks for signals there) must not
+    leave the source holding the closed number: a later close() (a with block's exit, the collector)
+    would close it again, when another file may have it by then."""
+    import fastlogits.stream.sources as sources
+
+    np.save(tmp_path / "x.npy", np.zeros((2, 3), np.float32))
+    src = fl.open(tmp_path / "x.npy")
+    real, closed = os.close, []
+
+    def close_then_interrupt(fd):
+        real(fd)
+        closed.append(fd)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sources.os, "close", close_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        src.close()
+    other = os.open(tmp_path / "x.npy", os.O_RDONLY)      # most likely the same number again
+    try:
+        src.close()
+        del src
+        assert len(closed) == 1
+        os.fstat(other)                                    # still open
+    finally:
+        real(other)

@@ -95,16 +95,18 @@ class _FileSource(_RandomAccess, _Closing):
         self._fd = os.open(self.path, os.O_RDONLY)
         size = os.fstat(self._fd).st_size
         if size < offset + self.nbytes:
-            os.close(self._fd)
-            self._fd = None
+            self.close()
             raise SourceError(
                 f"{self.path}: truncated {fmt} file: shape {self.shape} of {dtype} needs {self.nbytes} bytes "
                 f"of data after a {offset}-byte header ({offset + self.nbytes} in all), found {size} bytes")
 
     def close(self):
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
-            self._fd = None
+        # the descriptor is let go before it is closed: a signal handled between the two (Ctrl-C right
+        # after os.close returns) must not leave a number that a later close() would close again, when it
+        # may name another file by then
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
 
     def __repr__(self):
         return f"<fastlogits source {self.format} {self.path!r} shape={self.shape} dtype={self.dtype}>"
