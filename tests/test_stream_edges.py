@@ -357,6 +357,53 @@ def test_an_out_over_the_sources_logits_is_refused(rng):
         fl.softmax(iter([x]), out=ro)
 
 
+def test_a_guarded_call_leaves_the_source_as_it_was(rng):
+    """The overlap check of a map's out is the call's: after a refused softmax(out=the logits) the same
+    source serves later calls (it refused every one), keeps no reference to any out, and a call in
+    another thread is checked against its own out alone."""
+    import gc
+    import threading
+    import weakref
+
+    x = rng.standard_normal((8, 1000)).astype(np.float32)
+    src = fl.open(x, memory="64KiB")
+    with pytest.raises(ValueError, match="out overlaps rows 0:5 of the source"):
+        fl.softmax(src, out=x)
+    np.testing.assert_array_equal(fl.logsumexp(src), fl.logsumexp(x))
+    out = np.empty_like(x)
+    np.testing.assert_array_equal(fl.softmax(src, out=out), fl.softmax(x))
+    gone = weakref.ref(out)
+    del out
+    gc.collect()
+    assert gone() is None
+    # one thread's refused out is not another's
+    errors, results = [], []
+    barrier = threading.Barrier(2)
+
+    def refused():
+        barrier.wait()
+        for _ in range(20):
+            with pytest.raises(ValueError, match="out overlaps"):
+                fl.log_softmax(src, out=x)
+
+    def fine():
+        barrier.wait()
+        try:
+            for _ in range(20):
+                results.append(fl.log_softmax(src, out=np.empty_like(x)))
+        except Exception as e:     # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=refused), threading.Thread(target=fine)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 20
+    for r in results:
+        np.testing.assert_array_equal(r, fl.log_softmax(x))
+
+
 def test_one_dimensional_source(tmp_path, rng):
     x = rng.standard_normal(11).astype(np.float32)
     np.save(tmp_path / "one.npy", x)

@@ -1,8 +1,8 @@
 """Fortran-order .npy dumps (``np.save`` of a transposed array writes one): streamed in row blocks read a
-column segment at a time (``_FileSource._read_columns``), and in column chunks of one row where a row is
-wider than the budget. The rows are the same values as in C order, so every streamed result is that of the
-C-order dump of the same values under the same budget, bit for bit, and per-row results are the in-memory
-function's."""
+column segment at a time or whole columns a tile at a time (``_FileSource._read_columns``), and in column
+chunks of one row where a row is wider than the budget. The rows are the same values as in C order, so on
+one thread every streamed result is that of the C-order dump of the same values under the same budget, bit
+for bit, and per-row results are the in-memory function's."""
 import json
 import os
 import subprocess
@@ -14,6 +14,7 @@ import pytest
 import fastlogits as fl
 from fastlogits.cpu import _layout
 from fastlogits.ops._prep import BF16
+from fastlogits.stream import sources
 from fastlogits.stream.run import stats
 from fastlogits.stream.sources import SourceError
 from tests.helpers import DTYPE_IDS, DTYPES, awkward_matrix
@@ -49,33 +50,40 @@ def _logits(rng, dtype, rows, V):
 
 
 def _streamed(path, dtype, memory, y, k, tmp_path, tag):
-    """Every streamed function of the dump at `path` under the budget `memory`: a dict of results."""
+    """Every streamed function of the dump at `path` under the budget `memory`, on one thread (on more, a
+    row alone in its block is split among them, and its last bits depend on the blocks): a dict."""
     def src():
         return fl.open(path, dtype=dtype, memory=memory)
 
-    out = {name: getattr(fl, name)(src()) for name in ("logsumexp", "entropy", "argmax")}
+    one = {"threads": 1}
+    out = {name: getattr(fl, name)(src(), **one) for name in ("logsumexp", "entropy", "argmax")}
     for name in ("top_k", "top_k_logprobs"):
-        out[name] = getattr(fl, name)(src(), k)
-    out["ce_none"] = fl.cross_entropy(src(), y, reduction="none", label_smoothing=0.1)
-    out["ce_mean"] = fl.cross_entropy(src(), y)
+        out[name] = getattr(fl, name)(src(), k, **one)
+    out["ce_none"] = fl.cross_entropy(src(), y, reduction="none", label_smoothing=0.1, **one)
+    out["ce_mean"] = fl.cross_entropy(src(), y, **one)
     try:                      # a row that cannot be sampled (+inf, NaN): the same error, naming the row
-        out["sample"] = fl.sample(src(), top_p=0.9, seed=7)
+        out["sample"] = fl.sample(src(), top_p=0.9, seed=7, **one)
     except ValueError as e:
         out["sample"] = np.array(str(e))
-    out.update({f"stats_{k}": v for k, v in stats(src(), y).items()})
+    out.update({f"stats_{key}": v for key, v in stats(src(), y, **one).items()})
     for fn in (fl.softmax, fl.log_softmax):
         dst = tmp_path / f"{tag}_{fn.__name__}.npy"
-        fn(src(), out=dst)
-        y = np.load(dst)
-        out[fn.__name__] = y.view(BF16) if y.dtype.kind == "V" else y     # (bfloat16 is saved as |V2)
+        fn(src(), out=dst, **one)
+        res = np.load(dst)
+        out[fn.__name__] = res.view(BF16) if res.dtype.kind == "V" else res     # (bfloat16 is saved as |V2)
     return out
 
 
+@pytest.mark.parametrize("reads", ["per-column", "coalesced"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape, memory", [((301, 517), None), ((301, 517), "64KiB"), ((67, 61), "64KiB"),
                                            ((9, 9001), "64KiB"), ((1, 5), None), ((7, 1), None)],
                          ids=["one-block", "row-blocks", "blocks-odd", "wide-rows", "one-row", "V=1"])
-def test_a_fortran_dump_streams_as_its_c_order_twin(tmp_path, rng, dtype, shape, memory):
+def test_a_fortran_dump_streams_as_its_c_order_twin(tmp_path, rng, monkeypatch, dtype, shape, memory, reads):
+    """Blocks of some of the rows are read either way: a read per column segment, or whole columns a tile
+    at a time (the rule picks by how many bytes a column's other rows hold; here, forced)."""
+    monkeypatch.setattr(sources, "COALESCE_BYTES", -1 if reads == "per-column" else 1 << 40)
+    monkeypatch.setattr(sources, "TILE_BYTES", 3000)           # several tiles a block
     x = _logits(rng, dtype, *shape)
     y = rng.integers(0, shape[1], shape[0])
     y[rng.random(shape[0]) < 0.2] = -100
@@ -88,9 +96,10 @@ def test_a_fortran_dump_streams_as_its_c_order_twin(tmp_path, rng, dtype, shape,
         for w, g in zip(*pairs, strict=True):
             _assert_same(g, w, name)
     if memory is None or shape[1] < 1000:        # rows in blocks: each is the in-memory function's row
-        _assert_same(got["logsumexp"], fl.logsumexp(x), "logsumexp")
-        _assert_same(got["log_softmax"], fl.log_softmax(x), "log_softmax")
-        _assert_same(got["ce_none"], fl.cross_entropy(x, y, reduction="none", label_smoothing=0.1), "ce")
+        _assert_same(got["logsumexp"], fl.logsumexp(x, threads=1), "logsumexp")
+        _assert_same(got["log_softmax"], fl.log_softmax(x, threads=1), "log_softmax")
+        _assert_same(got["ce_none"], fl.cross_entropy(x, y, reduction="none", label_smoothing=0.1, threads=1),
+                     "ce")
 
 
 def _assert_same(got, want, what):
@@ -116,22 +125,34 @@ def test_fortran_dumps_of_big_endian_and_reused_buffers(tmp_path, rng):
         buf = src.read(r0, r1, c0, c1, out=buf)
         np.testing.assert_array_equal(buf, x[r0:r1, c0:c1])
     for out in (np.empty((17, 34), np.float32), np.empty((17, 34), np.float32, order="F"),
-                np.empty((17, 34), np.float64, order="F"), np.empty((40, 40), np.float32, order="F")):
-        np.testing.assert_array_equal(src.read(3, 20, 5, 39, out=out), x[3:20, 5:39])
+                np.empty((17, 34), np.float64, order="F"), np.empty((40, 40), np.float32, order="F"),
+                np.empty((40, 40), np.float32, order="F")[::2], np.empty((50, 40), np.float32).T):
+        got = src.read(3, 20, 5, 39, out=out)
+        np.testing.assert_array_equal(got, x[3:20, 5:39])
+        # a buffer large enough, with contiguous columns, is read into (the last block of a pass is
+        # read into its first's buffer: no third one beyond the budget)
+        assert np.shares_memory(got, out) == (out.dtype == np.float32 and out.strides[0] == 4), out.strides
+    # a read-only buffer is never written: the rows come back in a new array
+    blob = bytes(17 * 34 * 4)
+    ro = np.frombuffer(blob, np.float32).reshape(34, 17).T
+    np.testing.assert_array_equal(src.read(3, 20, 5, 39, out=ro), x[3:20, 5:39])
+    assert not any(blob)
     src.close()
 
 
-def test_a_fortran_dump_that_shrinks_while_read(tmp_path, rng):
+@pytest.mark.parametrize("coalesce", [-1, 1 << 40], ids=["per-column", "coalesced"])
+def test_a_fortran_dump_that_shrinks_while_read(tmp_path, rng, monkeypatch, coalesce):
+    monkeypatch.setattr(sources, "COALESCE_BYTES", coalesce)
     x = rng.standard_normal((40, 30)).astype(np.float32)
     path = tmp_path / "f.npy"
     save_fortran(path, x)
     src = fl.open(path)
     os.truncate(path, os.path.getsize(path) - 30 * 4)       # the last column's rows 10..40 are gone
-    np.testing.assert_array_equal(src.read(0, 10, 0, 30), x[:10])
-    with pytest.raises(SourceError, match="file shrank while being read"):
-        src.read(10, 20, 0, 30)
-    with pytest.raises(SourceError, match="file shrank while being read"):
-        src.read(0, 40, 0, 30)                               # whole columns: one read
+    if coalesce < 0:                                         # (whole columns read: the lost rows too)
+        np.testing.assert_array_equal(src.read(0, 10, 0, 30), x[:10])
+    for r0, r1 in ((10, 20), (0, 40)):                       # (all rows: one read)
+        with pytest.raises(SourceError, match="file shrank while being read"):
+            src.read(r0, r1, 0, 30)
     src.close()
 
 
@@ -208,3 +229,29 @@ def test_the_command_line_reads_a_fortran_dump(tmp_path, rng):
     for p in (c, f):
         cli("topk", p, tmp_path / f"{p.stem}.top.npy", "-k", "4")
     np.testing.assert_array_equal(np.load(tmp_path / "f.top.npy"), np.load(tmp_path / "c.top.npy"))
+
+
+@pytest.mark.parametrize("memory", ["2MiB", "3MiB"])
+def test_a_fortran_dump_streams_within_its_budget(tmp_path, rng, memory):
+    """The buffers a pass over a Fortran dump holds (two blocks read ahead, the last one in the first's
+    buffer, and the kernels' copy of a block into C order) stay within the budget, as a C-order dump's
+    do. Counted by tracemalloc (NumPy's buffers), with a remainder block."""
+    import tracemalloc
+
+    from fastlogits.stream.run import parse_memory
+
+    x = rng.standard_normal((611, 4000)).astype(np.float32)
+    c, f, _ = _save_both(tmp_path, x)
+    del x
+    y = rng.integers(0, 4000, 611)
+    for path in (c, f):
+        for call in (lambda s: stats(s, y), fl.logsumexp, lambda s: fl.top_k(s, 5)):
+            call(fl.open(path, memory=memory))        # (the modules a first call imports are not buffers)
+            src = fl.open(path, memory=memory)
+            tracemalloc.start()
+            try:
+                call(src)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert peak <= 1.1 * parse_memory(memory), (path.name, peak / parse_memory(memory))

@@ -80,20 +80,23 @@ class Plan:
 
 def plan(source, memory=None, out_itemsize=0):
     """Row blocks when a row fits the budget, else column chunks of one row. Per value in flight: two
-    input buffers (one read ahead) and, for maps, the output; the kernels' own scratch is a few chunks."""
+    input buffers (one read ahead) and, for maps, the output; the kernels' own scratch is a few chunks.
+    A Fortran-order file's blocks are laid out by columns, and copied into C order to be worked on (on
+    the CPU a few rows at a time, for the GPU the whole block): one more buffer."""
     if memory is None:
         memory = getattr(source, "memory", None)
     budget = _budget if memory is None else parse_memory(memory)
     isz = NP_DTYPES[source.dtype].itemsize
+    fortran = getattr(source, "fortran", False)
     per_value = 2 * isz + out_itemsize
-    rows = budget // (source.V * per_value + 64) if source.V else 1 << 16
+    rows = budget // (source.V * (per_value + fortran * isz) + 64) if source.V else 1 << 16
     if rows >= 1:
         # A bigger block is no faster: past a few tens of MB the copy out of the page cache no longer
         # stays in the last-level cache for the kernels to read (measured: 256 MiB blocks 4.4-5.0 GB/s,
         # 16-32 MiB blocks 5.6-5.9 GB/s, stats over a 2 GB float16 dump on this 2-core machine).
         # A Fortran-order file is read a column segment a block at a time: the whole budget, for longer
         # segments and fewer reads.
-        cap = rows if getattr(source, "fortran", False) else max(1, BLOCK_BYTES // max(1, source.V * isz))
+        cap = rows if fortran else max(1, BLOCK_BYTES // max(1, source.V * isz))
         return Plan(rows=int(min(rows, cap, 1 << 16)), cols=source.V)
     return Plan(rows=0, cols=int(budget // per_value))
 
@@ -513,6 +516,7 @@ def softmax(source, log, out, kw, memory=None, progress=None):
     p = plan(source, memory, out_itemsize=NP_DTYPES[out_name].itemsize)
     fn = fl.log_softmax if log else fl.softmax
     with _Sink(out, source, out_name) as sink:
+        source = sink.source
         if p.rows:
             for r0, block in row_blocks(source, p.rows):
                 r1 = r0 + block.shape[0]
@@ -598,6 +602,7 @@ class _Sink:
     complete (see atomic_output), or standard output (raw rows, as they come)."""
 
     def __init__(self, out, source, out_name):
+        self.source = source     # what the call reads: for an out array, guarded against overlapping it
         self.dtype = NP_DTYPES[out_name]
         self.V = source.V
         self.rows = 0
@@ -614,7 +619,7 @@ class _Sink:
                 raise ValueError("out is read-only")
             check_own_places(out.shape, out.strides, out.dtype.itemsize)
             if hasattr(source, "protect"):
-                source.protect(out)      # as in memory: out may not overlap the logits
+                self.source = source.protect(out)      # as in memory: out may not overlap the logits
             self._out_rows = rows = int(np.prod(out.shape[:-1], dtype=np.int64))
             view = out.reshape(rows, self.V)
             # rows written through a (rows, V) view of out, or row by row where its axes do not merge

@@ -126,6 +126,7 @@ class _FileSource(_RandomAccess, _Closing):
         being read, or any array over such a map's memory)."""
         if _maps_file(out, self.path):
             raise _overlap_error(f"the file being read, {self.path}")
+        return self
 
     def read(self, r0, r1, c0=0, c1=None, out=None):
         c1 = self.V if c1 is None else c1
@@ -156,18 +157,31 @@ class _FileSource(_RandomAccess, _Closing):
         return out
 
     def _read_columns(self, r0, c0, shape, dt, out):
-        """Rows r0.. and columns c0.. (`shape`) of a Fortran-order file, into an array laid out by columns
-        (`out` when it is one of that shape): the whole slab in one read where the rows are all of
-        them, else one read per column (``_layout.read_columns``, the GIL released)."""
+        """Rows r0.. and columns c0.. (`shape`) of a Fortran-order file, into an array whose columns are
+        contiguous (a view of `out` when it is one large enough, as row_blocks passes the buffer of the
+        block before). Each column's rows are a segment of the file: the whole slab in one read when the
+        block holds every row; whole columns a tile at a time, the block's rows copied out, when a column's
+        other rows are a few KiB (one read per column would cost more); else one read per column
+        (``_layout.read_columns``, the GIL released)."""
         from fastlogits.cpu import _layout
 
         n, c = shape
-        if out is None or out.shape != shape or out.dtype != dt or not out.flags.f_contiguous:
-            out = np.empty(shape, dt, order="F")
         isz, height = dt.itemsize, self.rows * dt.itemsize
+        if (out is None or out.ndim != 2 or out.dtype != dt or not out.flags.writeable
+                or out.shape[0] < n or out.shape[1] < c or (out.shape[0] > 1 and out.strides[0] != isz)):
+            out = np.empty(shape, dt, order="F")
+        out = out[:n, :c]
         pos = self.offset + c0 * height + r0 * isz
-        if n == self.rows:
+        if n == 0 or c == 0:
+            pass
+        elif n == self.rows and out.flags.f_contiguous:
             self._pread_into(out.T, pos)
+        elif (self.rows - n) * isz <= COALESCE_BYTES:
+            tile = np.empty((min(c, max(1, TILE_BYTES // height)), self.rows), dt)   # a column a row
+            for j in range(0, c, tile.shape[0]):
+                k = min(tile.shape[0], c - j)
+                self._pread_into(tile[:k], self.offset + (c0 + j) * height)
+                out[:, j:j + k] = tile[:k, r0:r0 + n].T
         elif _layout.read_columns(self._fd, out, pos, height) < c:
             raise SourceError(f"{self.path}: file shrank while being read (expected {n * isz} bytes at "
                               f"each of {c} columns from offset {pos})")
@@ -228,6 +242,10 @@ def _bf16_refusal(dt):
     found = f"the values are {_native(dt).name}" if dt.kind == "f" else f"it holds {dt}"
     return f"dtype='bfloat16' re-declares raw 2-byte data (|V2, uint16, int16), but {found}"
 
+
+COALESCE_BYTES = 2 << 10   # a Fortran file's column rows a block skips, read along below this: a read
+                           # costs about as much as copying 2-4 KiB (one per element: 0.6 us)
+TILE_BYTES = 1 << 20       # the whole columns read at a time then
 
 NPY_HEADER_MAX = 1 << 20     # bytes of a .npy header (NumPy writes under 64 KiB; its own limit is 10000)
 
@@ -451,14 +469,15 @@ class ArraySource(_RandomAccess):
             if r1 > r0 else np.empty((0, c1 - c0), NP_DTYPES[self.dtype])
 
     def protect(self, out):
-        """Each block read is then checked against the output array `out` (an array-like's slices may be
-        views of an array in memory): a ValueError if they share memory."""
-        self._protected = out
+        """This source for one call writing to the output array `out`, each block it reads checked against
+        out (an array-like's slices may be views of an array in memory): a ValueError if they share
+        memory. The source itself is left as it is, for other calls and threads."""
+        return _Guarded(self, out)
 
-    def read(self, r0, r1, c0=0, c1=None, out=None):
+    def read(self, r0, r1, c0=0, c1=None, out=None, *, protect=None):
         c1 = self.V if c1 is None else c1
         block = np.asarray(self._rows(r0, r1, c0, c1))
-        if getattr(self, "_protected", None) is not None and np.shares_memory(block, self._protected):
+        if protect is not None and np.shares_memory(block, protect):
             raise _overlap_error(f"rows {r0}:{r1} of the source", first=r0 == 0 and c0 == 0)
         if block.shape != (r1 - r0, c1 - c0):
             raise SourceError(f"{type(self.array).__name__}: rows {r0}:{r1}, columns {c0}:{c1} came back "
@@ -466,6 +485,19 @@ class ArraySource(_RandomAccess):
         if self.dtype == "bfloat16" and block.dtype != BF16:
             block = as_bf16(block)
         return block.astype(_native(block.dtype), copy=False)
+
+
+class _Guarded(_RandomAccess):
+    """An ArraySource for one call of a map: its reads are checked against the call's output array."""
+
+    def __init__(self, source, out):
+        self._source, self._out = source, out
+
+    def __getattr__(self, name):          # shape, dtype, rows, V, ... of the source
+        return getattr(self._source, name)
+
+    def read(self, r0, r1, c0=0, c1=None, out=None):
+        return self._source.read(r0, r1, c0, c1, out=out, protect=self._out)
 
 
 class IterSource:
@@ -503,9 +535,10 @@ class IterSource:
     def protect(self, out):
         """A ValueError, as each block is read, if it shares memory with the output array `out` (blocks not
         yet read may only be checked then: an iterable's blocks must not share memory with out)."""
-        self._protected = out
+        self._protected = out          # (an iterable is read once: by this call)
         if self._first is not None and np.shares_memory(self._first_raw, out):
             raise _overlap_error("row block 0")
+        return self
 
     def _check(self, block, i):
         b = host_array(block)
