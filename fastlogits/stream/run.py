@@ -227,28 +227,26 @@ def single_rows(source, cols):
         for i in range(source.rows):
             yield i, _RowView(source, i)
     elif hasattr(source, "chunks"):
-        with tempfile.TemporaryDirectory(prefix="fastlogits-spool-") as folder:
-            path = os.path.join(folder, "row.raw")
+        # one anonymous file, reused row after row: it has no name to leave behind, whatever interrupts
+        # the pass (a second Ctrl-C during the cleanup of a first left a folder holding a whole row)
+        with tempfile.TemporaryFile(prefix="fastlogits-spool-") as f:
+            def spooled(i):
+                f.flush()
+                return open_raw(f"<row {i} of {source!r}, spooled>", source.dtype, source.V, fd=f.fileno())
 
-            def spooled(f):
-                f.close()
-                return open_raw(path, source.dtype, source.V)
-
-            f, row = None, -1
-            try:
-                for i, c0, chunk in column_chunks(source, cols):
-                    if c0 == 0:
-                        if f is not None:
-                            with spooled(f) as spool:
-                                yield row, spool
-                        f, row = open(path, "wb"), i  # noqa: SIM115 - closed when the row is complete
-                    write_all(f, _bytes(chunk))
-                if f is not None:
-                    with spooled(f) as spool:
-                        yield row, spool
-            finally:
-                if f is not None:
-                    f.close()             # (a row cut short: standard input ended, or the caller raised)
+            row = -1
+            for i, c0, chunk in column_chunks(source, cols):
+                if c0 == 0:
+                    if row >= 0:
+                        with spooled(row) as spool:
+                            yield row, spool
+                    f.seek(0)
+                    f.truncate()
+                    row = i
+                write_all(f, _bytes(chunk))
+            if row >= 0:
+                with spooled(row) as spool:
+                    yield row, spool
     else:
         for r0, block in row_blocks(source, 1):
             for i in range(block.shape[0]):

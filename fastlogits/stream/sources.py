@@ -79,7 +79,9 @@ class _FileSource(_RandomAccess, _Closing):
     after another: np.save of a transposed array writes one), whose rows are read a column segment at a
     time into a block laid out by columns, as the CPU kernels take a transposed array."""
 
-    def __init__(self, path, shape, dtype, offset, fmt, byteswap=False, fortran=False):
+    def __init__(self, path, shape, dtype, offset, fmt, byteswap=False, fortran=False, fd=None):
+        """fd: read an open file (a duplicate of the descriptor) instead of opening `path`, which then
+        only names it in messages."""
         self.path = os.fspath(path)
         self.byteswap = byteswap
         self.shape = tuple(int(d) for d in shape)
@@ -92,7 +94,7 @@ class _FileSource(_RandomAccess, _Closing):
         self.V = self.shape[-1]
         self.rows = math.prod(self.shape[:-1])
         self.nbytes = self.rows * self.V * _itemsize(dtype)
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self._fd = os.open(self.path, os.O_RDONLY) if fd is None else os.dup(fd)
         size = os.fstat(self._fd).st_size
         if size < offset + self.nbytes:
             self.close()
@@ -315,21 +317,22 @@ def open_npy(path, dtype=None):
     return src
 
 
-def open_raw(path, dtype, vocab, offset=0):
-    """Raw little-endian rows of `vocab` values of `dtype`, back to back."""
+def open_raw(path, dtype, vocab, offset=0, fd=None):
+    """Raw little-endian rows of `vocab` values of `dtype`, back to back (fd: in that open file, which
+    `path` then only names)."""
     path = os.fspath(path)
     if dtype is None or vocab is None:
         raise SourceError(f"{path}: a raw file needs dtype= and vocab= (--dtype and --vocab on the command "
                           "line): its rows are not self-describing")
     name = dtype_name(dtype)
     vocab = check_vocab(vocab)
-    size = os.path.getsize(path) - offset
+    size = (os.path.getsize(path) if fd is None else os.fstat(fd).st_size) - offset
     row_bytes = vocab * _itemsize(name)
     if size % row_bytes:
         raise SourceError(f"{path}: {size} bytes is not a whole number of rows of {vocab} {name} values "
                           f"({row_bytes} bytes each): {size // row_bytes} rows and {size % row_bytes} bytes "
                           "left over (wrong vocab or dtype, or a truncated file)")
-    return _FileSource(path, (size // row_bytes, vocab), name, offset, "raw")
+    return _FileSource(path, (size // row_bytes, vocab), name, offset, "raw", fd=fd)
 
 
 _ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
