@@ -125,7 +125,7 @@ class _FileSource(_RandomAccess, _Closing):
 
     def protect(self, out):
         """A ValueError if the output array `out` lies in a mapping of this file (a memmap of the dump
-        being read, or any array over such a map's memory)."""
+        being read, or any array over such a map's memory); else the source, for the call to read."""
         if _maps_file(out, self.path):
             raise _overlap_error(f"the file being read, {self.path}")
         return self
@@ -537,7 +537,8 @@ class IterSource:
 
     def protect(self, out):
         """A ValueError, as each block is read, if it shares memory with the output array `out` (blocks not
-        yet read may only be checked then: an iterable's blocks must not share memory with out)."""
+        yet read may only be checked then: an iterable's blocks must not share memory with out). Returns
+        the source, for the call to read."""
         self._protected = out          # (an iterable is read once: by this call)
         if self._first is not None and np.shares_memory(self._first_raw, out):
             raise _overlap_error("row block 0")
