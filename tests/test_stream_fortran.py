@@ -14,7 +14,8 @@ import pytest
 import fastlogits as fl
 from fastlogits.cpu import _layout
 from fastlogits.ops._prep import BF16
-from fastlogits.stream import sources
+from fastlogits.stream import run, sources
+from fastlogits.stream.run import column_stripes as _column_stripes
 from fastlogits.stream.run import stats
 from fastlogits.stream.sources import SourceError
 from tests.helpers import DTYPE_IDS, DTYPES, awkward_matrix
@@ -81,20 +82,35 @@ def _streamed(path, dtype, memory, y, k, tmp_path, tag):
                          ids=["one-block", "row-blocks", "blocks-odd", "wide-rows", "one-row", "V=1"])
 def test_a_fortran_dump_streams_as_its_c_order_twin(tmp_path, rng, monkeypatch, dtype, shape, memory, reads):
     """Blocks of some of the rows are read either way: a read per column segment, or whole columns a tile
-    at a time (the rule picks by how many bytes a column's other rows hold; here, forced)."""
+    at a time (the rule picks by how many bytes a column's other rows hold; here, forced). Rows wider
+    than the budget are folded one at a time in C order, and all at once over stripes of columns in
+    Fortran order: chunked differently, the reductions agree to rounding (their picks exactly), and the
+    maps and sample, which take a row at a time either way, bit for bit."""
     monkeypatch.setattr(sources, "COALESCE_BYTES", -1 if reads == "per-column" else 1 << 40)
     monkeypatch.setattr(sources, "TILE_BYTES", 3000)           # several tiles a block
+    stripes = []
+    monkeypatch.setattr(run, "column_stripes", lambda *a: stripes.append(a) or _column_stripes(*a))
     x = _logits(rng, dtype, *shape)
     y = rng.integers(0, shape[1], shape[0])
     y[rng.random(shape[0]) < 0.2] = -100
     c, f, dt = _save_both(tmp_path, x)
     k = min(3, shape[1])
-    want, got = (_streamed(p, dt, memory, y, k, tmp_path, tag) for p, tag in ((c, "c"), (f, "f")))
+    want = _streamed(c, dt, memory, y, k, tmp_path, "c")
+    assert not stripes
+    got = _streamed(f, dt, memory, y, k, tmp_path, "f")
+    wide = run.plan(fl.open(f, dtype=dt), memory).rows == 0       # (float32 and float64 rows here)
+    assert bool(stripes) == wide and wide == (shape == (9, 9001) and x.dtype.itemsize > 2)
     assert want.keys() == got.keys()
     for name in want:
         pairs = ((v if isinstance(v, tuple) else (v,)) for v in (want[name], got[name]))
         for w, g in zip(*pairs, strict=True):
-            _assert_same(g, w, name)
+            g, w = np.asarray(g), np.asarray(w)
+            if wide and name not in ("sample", "softmax", "log_softmax") and g.dtype.kind == "f":
+                assert g.dtype == w.dtype, name
+                np.testing.assert_allclose(g.astype(np.float64), w.astype(np.float64), rtol=2e-6, atol=2e-6,
+                                           err_msg=name)
+            else:
+                _assert_same(g, w, name)
     if memory is None or shape[1] < 1000:        # rows in blocks: each is the in-memory function's row
         _assert_same(got["logsumexp"], fl.logsumexp(x, threads=1), "logsumexp")
         _assert_same(got["log_softmax"], fl.log_softmax(x, threads=1), "log_softmax")
@@ -255,3 +271,29 @@ def test_a_fortran_dump_streams_within_its_budget(tmp_path, rng, memory):
             finally:
                 tracemalloc.stop()
             assert peak <= 1.1 * parse_memory(memory), (path.name, peak / parse_memory(memory))
+
+
+def test_wide_fortran_rows_fold_in_stripes_within_half_the_budget(tmp_path, rng):
+    """Rows wider than the budget, in Fortran order: every row at once over stripes of columns, each of
+    at most half the budget over the two buffers (a quarter each), progress counting each row once and
+    every byte; the results those of the rows in memory, to rounding."""
+    x = rng.standard_normal((37, 9001)).astype(np.float32)
+    save_fortran(tmp_path / "f.npy", x)
+    src = fl.open(tmp_path / "f.npy", memory="64KiB")
+    assert run.plan(src).rows == 0
+    seen, counts = [], []
+
+    def counted(source, cols):
+        for c0, stripe in _column_stripes(source, cols):
+            seen.append(stripe.nbytes)
+            yield c0, stripe
+
+    def progress(rows, nbytes):
+        counts.append((rows, nbytes))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run, "column_stripes", counted)
+        got = run.reduce("logsumexp", src, {}, progress=progress)
+    np.testing.assert_allclose(got, fl.logsumexp(x), rtol=2e-6)
+    assert len(seen) > 1 and max(seen) <= 64 * 1024 // 4
+    assert sum(r for r, _ in counts) == 37 and sum(b for _, b in counts) == x.nbytes

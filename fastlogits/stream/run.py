@@ -199,22 +199,49 @@ def column_chunks(source, cols):
                     yield r0 + i, c0, block[i:i + 1, c0:c0 + cols]
 
 
+def column_stripes(source, cols):
+    """(c0, stripe (rows, c)) for consecutive ranges of at most `cols` columns of all the rows of a
+    random-access source, read one ahead into two buffers that alternate (a Fortran-order file's stripe
+    is one read)."""
+    bufs = [None, None]
+
+    def reader(k, c0):
+        def read():
+            bufs[k % 2] = source.read(0, source.rows, c0, min(source.V, c0 + cols), out=bufs[k % 2])
+            return c0, bufs[k % 2]
+        return read
+    yield from _ahead(reader(k, c0) for k, c0 in enumerate(range(0, source.V, cols)))
+
+
 def folded_rows(source, cols, make, progress):
-    """(i, accumulators) for each row of a source too wide for the budget: make(i) gives the row's
-    accumulators (None for one not wanted), each of which has folded in every column chunk of the row
-    when it is yielded. progress counts each row once, at its last chunk."""
+    """(r0, r1, accumulators) for the rows of a source too wide for the budget (`cols` columns of a row
+    fit it): make(r0, r1) gives the accumulators of rows r0..r1 (None for one not wanted), each of which
+    has folded in every column chunk of those rows when it is yielded. A row at a time, its chunks read
+    in turn; but a Fortran-order file's rows all at once, over stripes of columns (a read each, where a
+    row's chunk is a read per element), in half the budget (the other half for the accumulators' states
+    and the kernels' C-order copy). progress counts each row once, at its last chunk."""
+    width = cols // (2 * source.rows) if getattr(source, "fortran", False) and source.rows else 0
+    if width:
+        accs = make(0, source.rows)
+        for c0, stripe in column_stripes(source, width):
+            for a in accs:
+                if a is not None:
+                    a.update(stripe, c0)
+            progress(source.rows if c0 + stripe.shape[1] == source.V else 0, stripe.nbytes)
+        yield 0, source.rows, accs
+        return
     accs, row = None, -1
     for i, c0, chunk in column_chunks(source, cols):
         if c0 == 0:
             if accs is not None:
-                yield row, accs
-            accs, row = make(i), i
+                yield row, row + 1, accs
+            accs, row = make(i, i + 1), i
         for a in accs:
             if a is not None:
                 a.update(chunk, c0)
         progress(int(c0 + chunk.shape[1] == source.V), chunk.nbytes)
     if accs is not None:
-        yield row, accs
+        yield row, row + 1, accs
 
 
 def single_rows(source, cols):
@@ -355,18 +382,18 @@ def no_progress(rows, nbytes):
 # ---- the row functions of a source ----------------------------------------------------------------------
 
 # For each reduction: the accumulator that folds a row too large for the budget, and how to make it.
-def _row_accumulator(op, temperature, kw):
+def _row_accumulator(op, rows, temperature, kw):
     from fastlogits.stream import accumulators as acc
 
     common = {k: kw.get(k) for k in ("softcap", "threads", "chunk_size")}
     if op == "logsumexp":
-        return acc.LogSumExp(1, temperature=temperature, **common)
+        return acc.LogSumExp(rows, temperature=temperature, **common)
     if op == "entropy":
-        return acc.Entropy(1, temperature=temperature, **common)
+        return acc.Entropy(rows, temperature=temperature, **common)
     if op == "argmax":
-        return acc.TopK(1, 1, temperature=temperature, **common)
+        return acc.TopK(rows, 1, temperature=temperature, **common)
     if op in ("top_k", "top_k_logprobs"):
-        return acc.TopK(1, kw["k"], logprobs=op == "top_k_logprobs", temperature=temperature, **common)
+        return acc.TopK(rows, kw["k"], logprobs=op == "top_k_logprobs", temperature=temperature, **common)
     raise ValueError(op)
 
 
@@ -402,12 +429,12 @@ def reduce(op, source, kw, memory=None, progress=None):
             rows = r0 + block.shape[0]
             progress(block.shape[0], block.nbytes)
     else:
-        def make(i):
-            return (_row_accumulator(op, temp.block(i, i + 1), kw),)
+        def make(r0, r1):
+            return (_row_accumulator(op, r1 - r0, temp.block(r0, r1), kw),)
 
-        for i, (accum,) in folded_rows(source, p.cols, make, progress):
+        for _, r1, (accum,) in folded_rows(source, p.cols, make, progress):
             parts.append(_finish_row(op, accum, source))
-            rows = i + 1
+            rows = r1
     temp.check_rows(rows)
     lead = _lead(source, rows)
     if op in ("top_k", "top_k_logprobs"):
@@ -475,12 +502,12 @@ def cross_entropy(source, labels, kw, memory=None, progress=None):
         opts = {k: kw.get(k) for k in ("weight", "ignore_index", "label_smoothing", "z_loss", "softcap",
                                        "threads", "chunk_size") if k in kw}
 
-        def make(i):
-            return (CrossEntropy(lab.block(i, i + 1), temperature=temp.block(i, i + 1), **opts),)
+        def make(r0, r1):
+            return (CrossEntropy(lab.block(r0, r1), temperature=temp.block(r0, r1), **opts),)
 
-        for i, (accum,) in folded_rows(source, p.cols, make, progress):
+        for _, r1, (accum,) in folded_rows(source, p.cols, make, progress):
             add(*accum.terms(per_row=none))
-            rows = i + 1
+            rows = r1
     temp.check_rows(rows)
     lab.check_rows(rows)
     rdt = _result_dtype(source, "cross_entropy")
@@ -840,18 +867,18 @@ def stats(source, labels=None, *, ignore_index=-100, temperature=1.0, softcap=No
             rows = r1
             progress(block.shape[0], block.nbytes)
     else:
-        def make(i):
-            t = temp.block(i, i + 1)
-            return (CrossEntropy(lab.block(i, i + 1), ignore_index=ignore_index, temperature=t, **common)
+        def make(r0, r1):
+            t = temp.block(r0, r1)
+            return (CrossEntropy(lab.block(r0, r1), ignore_index=ignore_index, temperature=t, **common)
                     if lab is not None else None,
-                    Entropy(1, temperature=t, **common), TopK(1, 1, temperature=t, **common))
+                    Entropy(r1 - r0, temperature=t, **common), TopK(r1 - r0, 1, temperature=t, **common))
 
-        for i, (ce, en, tk) in folded_rows(source, p.cols, make, progress):
+        for _, r1, (ce, en, tk) in folded_rows(source, p.cols, make, progress):
             if ce is not None:
                 nll.append(ce.terms(per_row=True)[0])
             ent.append(en.result())
             top.append(tk.result()[1][:, 0])
-            rows = i + 1
+            rows = r1
     temp.check_rows(rows)
     out = {"rows": rows, "entropy": np.concatenate(ent) if ent else np.empty(0),
            "argmax": np.concatenate(top).astype(np.int64) if top else np.empty(0, np.int64)}
