@@ -253,7 +253,7 @@ def run(V_list=None, rows=None, seed=0, sample_shape=None, dtypes=tuple(DTYPES),
     # sampling: the same tokens (the share of (row, seed) pairs, each drawing 4 samples), and where they
     # are the same, the same log-probabilities and ranks
     srows, sV = sample_shape or ((16, 129) if sim else (4096, 32000))
-    for dtype in [d for d in ("float32", "bfloat16") if d in dtypes and "sample" in ops]:
+    for dtype in [d for d in DTYPES if d in dtypes and "sample" in ops]:
         x, kw = sample_inputs(rng, srows, sV, dtype)
         kw["threads"] = threads
         kw.update(num_samples=4, return_logprobs=True)
@@ -294,6 +294,8 @@ def main(args):
     if getattr(args, "dtypes", None):
         kw["dtypes"] = tuple(args.dtypes)
     results = run(**kw)
+    if not results:       # (a check of nothing must not pass)
+        raise ValueError(f"nothing was compared for --ops {kw.get('ops')} and --dtypes {kw.get('dtypes')}")
     failed = [r for r in results if not r["ok"]]
     if args.json:
         print(_json.dumps({"results": results, "failed": len(failed)}, indent=1))

@@ -132,3 +132,63 @@ def test_torch_entropy_peer_is_the_plain_formula(monkeypatch, rng):
     x = (rng.standard_normal((3, 50)) * 3).astype(np.float32)
     got = bench._torch_call(torch, "entropy", torch.from_numpy(x), None)().numpy()
     np.testing.assert_allclose(got, bench.reference("entropy", x, None), rtol=1e-5)
+
+
+def test_demo_that_cannot_write_its_dump_fails_in_one_line_and_leaves_nothing(tmp_path):
+    """The demo's dump was written through a memory map: a full disk was a SIGBUS (exit 135, no message,
+    the partial dump left in TMPDIR; an audit's 8 MiB tmpfs). It is written with write() now (below:
+    never through a map), and a file that cannot grow (here: a file size limit, with SIGXFSZ ignored, so
+    write() fails with EFBIG as a full disk fails it with ENOSPC) is one error line, exit 1, and the
+    temporary folder is removed."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
+            "from fastlogits.cli import main; raise SystemExit(main(['demo', '--rows', '256']))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert res.returncode == 1, (res.returncode, res.stderr)
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert "fastlogits demo: error:" in res.stderr
+    assert "File too large" in res.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_demo_writes_its_dump_within_its_budget(monkeypatch):
+    """The demo drew 256 rows at a time in float64 (730 MiB for a 128256 vocabulary and a 64 MiB budget):
+    its blocks are now sized from the budget, and written without a memory map. Counted by tracemalloc:
+    the largest NumPy buffers of the write, then of the streamed pass."""
+    import tracemalloc
+
+    def no_map(*args, **kw):
+        raise AssertionError("a write through a memory map is a SIGBUS on a full disk")
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", no_map)
+    monkeypatch.setattr(np, "memmap", no_map)
+    main(["demo", "--rows", "4", "--vocab", "50"])           # (the modules a first call imports)
+    tracemalloc.start()
+    try:
+        assert main(["demo", "--rows", "96", "--vocab", "32000", "--memory", "4MiB"]) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * 4 * 2**20, peak / 2**20
+
+
+@pytest.mark.parametrize("op", ["logsumexp", "softmax"])
+def test_bench_checks_the_last_rows_too(monkeypatch, capsys, op):
+    """Only the first 4 rows were checked: a result wrong in the rows of the last thread (here rows
+    32..63 of 64) passed (found by an audit). The last rows are checked too."""
+    real = getattr(fl, op)
+
+    def wrong_at_the_end(*args, **kw):
+        r = np.array(real(*args, **kw))
+        r[32:] = r[32:] * r.dtype.type(1 + 1e-3)
+        return r
+
+    monkeypatch.setattr(fl, op, wrong_at_the_end)
+    argv = [a if a != "8" else "64" for a in BENCH]           # 64 rows
+    assert main(argv + ["--ops", op, "--dtypes", "float32"]) == 1
+    assert "WRONG RESULT" in capsys.readouterr().out

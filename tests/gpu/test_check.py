@@ -21,6 +21,15 @@ def test_check_compares_every_op_and_dtype(gpu, rng):
     assert [r for r in res if not r["ok"]] == []
     ce = [r for r in res if r["op"] == "cross_entropy_mean_device"]
     assert len(ce) == 4 and all(np.isfinite(r["max_diff"]) for r in ce)
+    # sampling too, in every dtype (it was float32 and bfloat16 alone: `--ops sample --dtypes float16`
+    # compared nothing, and passed)
+    assert {r["dtype"] for r in res if r["op"] == "sample"} == set(check.DTYPES)
+
+
+def test_a_check_that_compares_nothing_fails(gpu, monkeypatch):
+    monkeypatch.setattr(check, "run", lambda **kw: [])
+    with pytest.raises(ValueError, match="nothing was compared"):
+        check.main(argparse.Namespace(json=False, ops=["sample"], dtypes=["float16"]))
 
 
 @pytest.mark.parametrize("op", ["logsumexp", "cross_entropy"])
