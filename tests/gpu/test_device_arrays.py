@@ -142,6 +142,31 @@ def test_benchmark_smoke(gpu):
     assert "| logsumexp | bfloat16 |" in table and "| top_k_top_p (torch: HF pipeline) |" in table
 
 
+def test_the_benchmarks_check_covers_the_last_rows(gpu):
+    """The GPU benchmark's logsumexp was checked on its first 4 rows only: a wrong last row (the last
+    blocks' rows) passed. Its first and last rows are checked, against the host block they repeat."""
+    from fastlogits.gpu import timing
+
+    shape = (300, 40)                                 # (the device rows repeat a block of 256)
+    x = timing._host_block(shape, "float32")
+    rows = np.arange(shape[0]) % x.shape[0]
+    lse = np.log(np.exp(x.astype(np.float64)).sum(-1))[rows].astype(np.float32)
+    labels = np.zeros(shape[0], np.int64)
+    ce = np.float32(np.mean(lse - x[rows, 0]))
+
+    class Host:                                       # a device array's copy_to_host
+        def __init__(self, a):
+            self.a = a
+
+        def copy_to_host(self):
+            return self.a
+
+    assert timing.verify(shape, "float32", labels, Host(lse), ce)["logsumexp_ok"]
+    bad = lse.copy()
+    bad[-1] *= 1.001
+    assert not timing.verify(shape, "float32", labels, Host(bad), ce)["logsumexp_ok"]
+
+
 def test_stats_matches_cpu(gpu, rng):
     """backend.stats (nll, entropy, argmax per row, one fused pass), as the streaming statistics call it:
     random and edge rows (NaN, +inf, all -inf, ties), rows split over several blocks (small chunk)."""
