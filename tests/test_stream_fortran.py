@@ -1,8 +1,9 @@
 """Fortran-order .npy dumps (``np.save`` of a transposed array writes one): streamed in row blocks read a
-column segment at a time or whole columns a tile at a time (``_FileSource._read_columns``), and in column
-chunks of one row where a row is wider than the budget. The rows are the same values as in C order, so on
-one thread every streamed result is that of the C-order dump of the same values under the same budget, bit
-for bit, and per-row results are the in-memory function's."""
+column segment at a time or whole columns a tile at a time (``_FileSource._read_columns``); where a row is
+wider than the budget, the reductions fold all rows over stripes of columns and the maps and sample take a
+row's column chunks. The rows are the same values as in C order, so on one thread every result streamed in
+row blocks is that of the C-order dump of the same values under the same budget, bit for bit (per-row
+results are the in-memory function's), and the stripes' reductions agree to rounding."""
 import json
 import os
 import subprocess
