@@ -407,8 +407,12 @@ def test_a_guarded_call_leaves_the_source_as_it_was(rng):
     def refused():
         barrier.wait()
         for _ in range(20):
-            with pytest.raises(ValueError, match="out overlaps"):
+            try:
                 fl.log_softmax(src, out=x)
+                errors.append("an out over the logits was not refused")
+            except ValueError as e:
+                if "out overlaps" not in str(e):
+                    errors.append(e)
 
     def fine():
         barrier.wait()
