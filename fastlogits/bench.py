@@ -67,6 +67,11 @@ VERIFY_ROWS = 4     # rows of each per-row result checked against the float64 re
                     # at the end (where the last thread's rows are), and all for a mean
 
 
+def verified_rows(n):
+    """The rows of an n-row result that are checked: the first and the last VERIFY_ROWS."""
+    return np.unique(np.r_[:VERIFY_ROWS, n - VERIFY_ROWS:n].clip(0, n - 1))
+
+
 def reference(op, x, labels, k=TOP_K):
     """The float64 NumPy reference of a fastlogits op on host logits x (2-D) in the dtype the API
     documents (reductions: float32, or float64 for float64 logits; maps and top-k values: x's dtype;
@@ -110,7 +115,7 @@ def verify(op, got, x, labels):
     out_dtype = dtype if op in ("softmax", "log_softmax", "top_k") else None
     if op == "cross_entropy":
         return _compare(op, got, reference(op, x, labels), x, dtype)
-    rows = np.unique(np.r_[:VERIFY_ROWS, x.shape[0] - VERIFY_ROWS:x.shape[0]].clip(0, x.shape[0] - 1))
+    rows = verified_rows(x.shape[0])
     got = got if isinstance(got, tuple) else (got,)
     want = reference(op, x[rows], labels[rows])
     want = want if isinstance(want, tuple) else (want,)

@@ -144,18 +144,27 @@ def _ahead(reads):
             reader.join()
 
 
+def _read_ahead(source, spans):
+    """(r0, c0, block) for each (r0, r1, c0, c1) of `spans`: rows r0..r1 and columns c0..c1 of a
+    random-access source, read one ahead into two buffers that alternate (a block is valid until the next
+    one is asked for)."""
+    bufs = [None, None]
+
+    def reader(k, r0, r1, c0, c1):
+        def read():
+            bufs[k % 2] = source.read(r0, r1, c0, c1, out=bufs[k % 2])
+            return r0, c0, bufs[k % 2]
+        return read
+    yield from _ahead(reader(k, *span) for k, span in enumerate(spans))
+
+
 def row_blocks(source, rows):
     """(r0, block) for consecutive blocks of at most `rows` rows, read one block ahead into two buffers
     that alternate (a block is valid until the next one is asked for)."""
     if source.random_access:
-        bufs = [None, None]
-
-        def reader(k, r0):
-            def read():
-                bufs[k % 2] = source.read(r0, min(source.rows, r0 + rows), out=bufs[k % 2])
-                return r0, bufs[k % 2]
-            return read
-        yield from _ahead(reader(k, r0) for k, r0 in enumerate(range(0, source.rows, rows)))
+        spans = ((r0, min(source.rows, r0 + rows), 0, source.V) for r0 in range(0, source.rows, rows))
+        for r0, _, block in _read_ahead(source, spans):
+            yield r0, block
     else:
         blocks = source.blocks(rows)
         start = [0]
@@ -176,15 +185,8 @@ def row_blocks(source, rows):
 def column_chunks(source, cols):
     """(row, c0, chunk (1, c)) for every row and its columns in order, read one chunk ahead."""
     if source.random_access:
-        bufs = [None, None]
-
-        def reader(k, i, c0):
-            def read():
-                bufs[k % 2] = source.read(i, i + 1, c0, min(source.V, c0 + cols), out=bufs[k % 2])
-                return i, c0, bufs[k % 2]
-            return read
-        order = ((i, c0) for i in range(source.rows) for c0 in range(0, source.V, cols))
-        yield from _ahead(reader(k, i, c0) for k, (i, c0) in enumerate(order))
+        yield from _read_ahead(source, ((i, i + 1, c0, min(source.V, c0 + cols)) for i in range(source.rows)
+                                        for c0 in range(0, source.V, cols)))
     elif hasattr(source, "chunks"):      # standard input: read a row chunk by chunk
         chunks = source.chunks(cols)
 
@@ -201,16 +203,10 @@ def column_chunks(source, cols):
 
 def column_stripes(source, cols):
     """(c0, stripe (rows, c)) for consecutive ranges of at most `cols` columns of all the rows of a
-    random-access source, read one ahead into two buffers that alternate (a Fortran-order file's stripe
-    is one read)."""
-    bufs = [None, None]
-
-    def reader(k, c0):
-        def read():
-            bufs[k % 2] = source.read(0, source.rows, c0, min(source.V, c0 + cols), out=bufs[k % 2])
-            return c0, bufs[k % 2]
-        return read
-    yield from _ahead(reader(k, c0) for k, c0 in enumerate(range(0, source.V, cols)))
+    random-access source, read one ahead (a Fortran-order file's stripe is one read)."""
+    spans = ((0, source.rows, c0, min(source.V, c0 + cols)) for c0 in range(0, source.V, cols))
+    for _, c0, stripe in _read_ahead(source, spans):
+        yield c0, stripe
 
 
 def folded_rows(source, cols, make, progress):
