@@ -30,6 +30,32 @@ def test_byte_swapped(name, dtype, rng):
     check(name, xs, labels=labels, chunk_size=8, **_ce(name))
 
 
+def test_byte_swapped_outputs_are_refused_naming_the_byte_order(rng):
+    """An output dtype or out= array in the other byte order is refused as such (not as an unsupported
+    dtype: '>f4' is float32); a raw file declared big-endian is told to go through a memmap."""
+    x = random_logits(rng, (2, 5), np.float32)
+    with pytest.raises(TypeError, match=r"dtype must be in this machine's byte order, got >f4 \(a "
+                                        "byte-swapped float32"):
+        fl.softmax(x, dtype=">f4")
+    with pytest.raises(TypeError, match="out must be in this machine's byte order, got >f8"):
+        fl.log_softmax(x, out=np.empty((2, 5), ">f8"))
+    with pytest.raises(TypeError, match="must be float16, bfloat16, float32 or float64, got >i4"):
+        fl.softmax(x, dtype=">i4")
+
+
+def test_raw_files_declared_big_endian_are_refused_with_the_way_to_read_them(tmp_path, rng):
+    x = random_logits(rng, (3, 4), np.float64)
+    path = tmp_path / "be.raw"
+    x.astype(">f8").tofile(path)
+    with pytest.raises(fl.stream.SourceError, match=r"little-endian.*np\.memmap") as e:
+        fl.open(path, dtype=">f8", vocab=4)
+    assert isinstance(e.value, TypeError)
+    # what the message says to do reads it
+    m = np.memmap(path, dtype=">f8").reshape(-1, 4)
+    np.testing.assert_array_equal(fl.argmax(fl.open(m)), x.argmax(-1))
+    np.testing.assert_allclose(fl.logsumexp(fl.open(m)), fl.logsumexp(x), rtol=1e-15)
+
+
 @pytest.mark.parametrize(
     "dtype", [np.float32, np.float64, np.float16, BF16], ids=["f32", "f64", "f16", "bf16"]
 )

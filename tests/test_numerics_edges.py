@@ -255,6 +255,31 @@ def test_torch_negative_views_are_read_as_their_values(rng):
     np.testing.assert_allclose(fl.logsumexp(v), fl.logsumexp(want), rtol=1e-6)
 
 
+def test_torch_conjugated_complex_views_are_refused_as_complex():
+    """A conjugated complex tensor (the conjugate bit: DLPack does not carry it either) is complex logits:
+    TypeError, as API.md says, not PyTorch's RuntimeError from reading it."""
+    torch = pytest.importorskip("torch")
+    z = torch.ones(3, dtype=torch.complex64).conj()
+    assert z.is_conj()
+    with pytest.raises(TypeError, match="complex"):
+        fl.logsumexp(z)
+
+
+def test_beam_scores_are_read_as_other_numeric_arguments(rng):
+    """beam_scores given as a bfloat16 or grad-requiring PyTorch tensor, or a bfloat16 NumPy array, are
+    their values (as temperatures and weights are read), with float32 scores."""
+    torch = pytest.importorskip("torch")
+    x = rng.standard_normal((4, 9)).astype(np.float32)
+    s = np.array([-0.5, -1.25, -2.0, -0.75], np.float32)        # exact in bfloat16
+    want = fl.beam_search_step(x, s, 2)
+    for scores in (torch.from_numpy(s).to(torch.bfloat16), torch.from_numpy(s).requires_grad_(True),
+                   s.astype(BF16)):
+        got = fl.beam_search_step(x, scores, 2)
+        assert got[0].dtype == np.float32
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_a_zero_d_seed_array_is_one_seed():
     x = np.random.default_rng(1).standard_normal((4, 30))
     np.testing.assert_array_equal(fl.sample(x, seed=np.array(7)), fl.sample(x, seed=7))

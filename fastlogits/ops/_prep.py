@@ -74,6 +74,9 @@ def dtype_name(dtype, argname="dtype"):
     except TypeError:
         raise TypeError(f"{argname} must be float16, bfloat16, float32 or float64, got {dtype!r}") from None
     if dt not in _NAMES:
+        if not dt.isnative and dt.newbyteorder("=") in _NAMES:
+            raise TypeError(f"{argname} must be in this machine's byte order, got {dt.str} (a byte-swapped "
+                            f"{_NAMES[dt.newbyteorder('=')]})")
         raise TypeError(f"{argname} must be float16, bfloat16, float32 or float64, got {dt}")
     return _NAMES[dt]
 
@@ -107,6 +110,8 @@ def host_array(obj, argname="logits"):
             obj = obj.detach()       # a tensor that requires grad: read, never written
         if hasattr(obj, "resolve_neg"):
             obj = obj.resolve_neg()  # a lazily negated view (DLPack carries no negative bit): materialised
+        if hasattr(obj, "resolve_conj"):
+            obj = obj.resolve_conj()   # likewise a conjugated complex one (refused as complex afterwards)
         if str(getattr(obj, "dtype", "")) == "torch.bfloat16":    # NumPy has no DLPack bfloat16
             import torch
             return np.from_dlpack(obj.view(torch.int16)).view(BF16)

@@ -447,8 +447,7 @@ def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperatu
         gpu = _backend.get("gpu")
         bs = gpu.device_view(beam_scores) if device is not None else gpu.to_host(beam_scores)
     else:
-        beam_scores = unmasked(beam_scores, "beam_scores")
-        bs = np.asarray(beam_scores)
+        bs = number_array(beam_scores, "beam_scores")    # (a tensor read as temperatures are)
     if np.dtype(bs.dtype).kind not in "fiu":
         raise TypeError(f"beam_scores must be a float array, got dtype {bs.dtype}")
     if rows is not None and tuple(bs.shape) != (rows,):

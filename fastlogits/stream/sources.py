@@ -317,6 +317,15 @@ def open_npy(path, dtype=None):
     return src
 
 
+def _big_endian(dtype):
+    """dtype's string (such as '>f4') when it names a big-endian dtype, else None."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        return None
+    return dt.str if dt.byteorder == ">" else None
+
+
 def open_raw(path, dtype, vocab, offset=0, fd=None):
     """Raw little-endian rows of `vocab` values of `dtype`, back to back (fd: in that open file, which
     `path` then only names)."""
@@ -324,6 +333,11 @@ def open_raw(path, dtype, vocab, offset=0, fd=None):
     if dtype is None or vocab is None:
         raise SourceError(f"{path}: a raw file needs dtype= and vocab= (--dtype and --vocab on the command "
                           "line): its rows are not self-describing")
+    big = _big_endian(dtype)
+    if big:
+        raise SourceDtypeError(f"{path}: a raw file is read as little-endian, and dtype={big!r} is "
+                               f"big-endian: pass np.memmap({path!r}, dtype={big!r}).reshape(-1, vocab) as "
+                               "the logits instead (an array-like source)")
     name = dtype_name(dtype)
     vocab = check_vocab(vocab)
     size = (os.path.getsize(path) if fd is None else os.fstat(fd).st_size) - offset
