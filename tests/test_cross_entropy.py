@@ -182,15 +182,20 @@ def test_an_infinite_class_weight_with_smoothing_is_infinite_as_in_pytorch(chunk
 @pytest.mark.parametrize("chunk_size", [None, 1])
 def test_an_infinite_class_weight_where_one_class_holds_all_the_mass(chunk_size, recwarn):
     """Rows whose max holds probability 1 (log s = 0: the other logits -inf or 200 below): a class of p = 0
-    and infinite weight adds inf, as in PyTorch, not NaN from W log s = inf * 0. Literal torch 2.13 values
+    and infinite weight adds inf, as in PyTorch, not NaN from W log s = inf * 0; an infinite or NaN weight
+    on the p = 1 class gives NaN (inf * 0, NaN * 0), as in PyTorch. Literal torch 2.13 values
     (F.cross_entropy, float32, label_smoothing=0.1, reduction="none"), but for the one documented
-    difference: a class of p = 1 adds 0 whatever its weight (PyTorch: NaN, from inf * 0)."""
-    x = np.array([[0.5, -inf, -inf], [0.5, -200.0, 3.0], [1.0, -inf, -200.0]], np.float32)
-    y = np.array([0, 2, 1])
-    cases = (([1, inf, 1], [inf, inf, inf]),
-             ([1, 1, inf], [inf, inf, inf]),
-             ([inf, 1, 1], [nan, inf, inf]),      # row 2: PyTorch nan (inf weight on its p = 1 class)
-             ([1, -inf, 1], [nan, -inf, -inf]))   # row 0: -inf + inf
+    difference: an infinite weight on the p = 1 class of a row where another class's term is infinite
+    gives that inf (PyTorch: NaN, from inf * 0)."""
+    x = np.array([[0.5, -inf, -inf], [0.5, -200.0, 3.0], [1.0, -inf, -200.0], [1.0, -250.0, -200.0]],
+                 np.float32)
+    y = np.array([0, 2, 1, 1])
+    cases = (([1, inf, 1], [inf, inf, inf, inf]),
+             ([1, 1, inf], [inf, inf, inf, inf]),
+             ([inf, 1, 1], [nan, inf, inf, nan]),       # row 2: PyTorch nan (inf weight on its p = 1 class)
+             ([1, -inf, 1], [nan, -inf, -inf, -inf]),   # row 0: -inf + inf
+             ([1, 1, -inf], [nan, -inf, nan, -inf]),    # row 2: inf + -inf
+             ([nan, 1, 1], [nan, nan, nan, nan]))       # a NaN weight anywhere
     for w, want in cases:
         w = np.array(w, np.float32)
         for src in (x, iter([x[:1], x[1:]])):

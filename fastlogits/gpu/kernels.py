@@ -250,6 +250,15 @@ def wdist(w, d):
 
 
 @cuda.jit(device=True)
+def dist_total(d, W, log_s):
+    """The C core's fl__dist_total: the smoothing sum d + W log s, W log s taken as 0 where log s is but
+    for a NaN W, or an infinite W where d is finite (PyTorch's NaN, w * log 1, for the max's own)."""
+    if log_s == 0.0 and (math.isfinite(W) or (W == W and not math.isfinite(d))):
+        return d
+    return d + W * log_s
+
+
+@cuda.jit(device=True)
 def dist_merge(d, w, m, d2, w2, m2, M):
     """The C core's fl__dist_merge: the distance sums (d, w) and (d2, w2) of two column ranges with maxes
     m and m2, merged at their merged max M; returns (d, w)."""
@@ -989,9 +998,8 @@ def _build(kind):
         smooth[r] = 0.0
         if smoothing:
             smooth[r] = math.nan
-            if m > -math.inf and m < math.inf:     # W log s: 0 where log s is, whatever W (fl__dist_total)
-                log_s = math.log(s)
-                smooth[r] = t + (wtotal * log_s if log_s != 0.0 else 0.0)
+            if m > -math.inf and m < math.inf:
+                smooth[r] = dist_total(t, wtotal, math.log(s))
 
     k = Kernels()
     k.kind = kind

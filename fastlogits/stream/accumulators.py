@@ -371,8 +371,10 @@ class CrossEntropy(_Base):
         smooth = None
         if eps > 0:      # sum w (lse - x) = sum w (m - x) + W log s
             with np.errstate(invalid="ignore", divide="ignore"):
-                log_s = np.log(self.s)     # W log s: 0 where log s is, whatever W (fl__dist_total)
-                smooth = np.where(finite, self.dist + np.where(log_s == 0, 0.0, self.wseen * log_s), np.nan)
+                log_s = np.log(self.s)     # d + W log s, as fl__dist_total forms it
+                d, W = self.dist, self.wseen
+                keep = (log_s == 0) & (np.isfinite(W) | ((W == W) & ~np.isfinite(d)))
+                smooth = np.where(finite, np.where(keep, d, d + W * log_s), np.nan)
         return ce_terms(nll, smooth, lse, self.labels, self.ignore_index, self.weight, eps, self.z_loss, V,
                         per_row)
 

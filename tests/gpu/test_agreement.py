@@ -422,7 +422,7 @@ def test_smoothing_at_large_offsets(gpu, rng, weighted):
 
 def test_an_infinite_class_weight_with_smoothing(gpu):
     """An infinite class weight on a row's max gives PyTorch's inf with label smoothing, not inf * 0 = NaN
-    (the C core's fl__wdist rule in the kernel's distance sums); weights inf and -inf give NaN. Whole rows
+    (the C core's FL__WDIST rule in the kernel's distance sums); weights inf and -inf give NaN. Whole rows
     and rows split over chunks of one column, so the max arrives after the distances were taken. Literal
     torch 2.13 values (F.cross_entropy, float32, label_smoothing=0.1), as in tests/test_cross_entropy.py."""
     inf, nan = np.inf, np.nan
@@ -434,12 +434,13 @@ def test_an_infinite_class_weight_with_smoothing(gpu):
             got = fl.cross_entropy(x, y, weight=np.array(w, np.float32), label_smoothing=0.1,
                                    reduction="none", chunk_size=chunk, backend="gpu")
             np.testing.assert_equal(got, np.float32(want), err_msg=f"weights {w}, chunk_size {chunk}")
-    # rows whose max holds all the mass (log s = 0): a p = 0 class of weight inf adds inf, not inf * 0 = NaN
-    # (fl__dist_total); a p = 1 class adds 0 whatever its weight (see tests/test_cross_entropy.py)
-    x = np.array([[0.5, -inf, -inf], [0.5, -200.0, 3.0], [1.0, -inf, -200.0]], np.float32)
-    y = np.array([0, 2, 1])
-    for w, want in (([1, inf, 1], [inf, inf, inf]), ([inf, 1, 1], [nan, inf, inf]),
-                    ([1, -inf, 1], [nan, -inf, -inf])):
+    # rows whose max holds all the mass (log s = 0): a p = 0 class of weight inf adds inf, not inf * 0 = NaN;
+    # an infinite or NaN weight on the p = 1 class gives NaN (fl__dist_total; see tests/test_cross_entropy.py)
+    x = np.array([[0.5, -inf, -inf], [0.5, -200.0, 3.0], [1.0, -inf, -200.0], [1.0, -250.0, -200.0]],
+                 np.float32)
+    y = np.array([0, 2, 1, 1])
+    for w, want in (([1, inf, 1], [inf, inf, inf, inf]), ([inf, 1, 1], [nan, inf, inf, nan]),
+                    ([1, -inf, 1], [nan, -inf, -inf, -inf]), ([nan, 1, 1], [nan, nan, nan, nan])):
         for chunk in (1, None):
             got = fl.cross_entropy(x, y, weight=np.array(w, np.float32), label_smoothing=0.1,
                                    reduction="none", chunk_size=chunk, backend="gpu")
