@@ -228,6 +228,23 @@ def test_corrupt_safetensors_headers(tmp_path, entry, message):
         fl.open(path)
 
 
+def test_a_safetensors_tensor_listed_twice_is_refused_naming_it(tmp_path):
+    """A header with the same tensor name twice (JSON readers keep the last entry) is refused as such, not
+    by a symptom of the entry dropped."""
+    data = np.arange(35, dtype=np.float32).tobytes()
+    a = '"dtype": "F32", "shape": [5, 7], "data_offsets": [0, 140]'
+    b = '"dtype": "F16", "shape": [5, 7], "data_offsets": [0, 70]'
+    path = tmp_path / "t.safetensors"
+    h = f'{{"a": {{{a}}}, "a": {{{b}}}}}'.encode()
+    path.write_bytes(struct.pack("<Q", len(h)) + h + data)
+    with pytest.raises(SourceError, match="'a' is listed more than once"):
+        fl.open(path)
+    # a key twice in the free-form metadata is no tensor's: read as the safetensors package reads it
+    h = f'{{"a": {{{a}}}, "__metadata__": {{"k": "1", "k": "2"}}}}'.encode()
+    path.write_bytes(struct.pack("<Q", len(h)) + h + data)
+    np.testing.assert_array_equal(fl.argmax(fl.open(path)), np.full(5, 6))
+
+
 def test_safetensors_overlap_and_other_tensors(tmp_path):
     data = np.arange(35, dtype=np.float32).tobytes()
     a = {"dtype": "F32", "shape": [5, 7], "data_offsets": [0, 140]}

@@ -352,6 +352,15 @@ def open_raw(path, dtype, vocab, offset=0, fd=None):
 _ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
+class _Object(dict):
+    """A JSON object read by json.loads, which keeps the last of a key given twice: `twice` is the first
+    such key, or None."""
+    def __init__(self, pairs):
+        super().__init__(pairs)
+        seen = set()
+        self.twice = next((k for k, _ in pairs if k in seen or seen.add(k)), None)
+
+
 def open_safetensors(path, tensor=None, dtype=None):
     """A .safetensors file (header parsed here: the safetensors package's NumPy loader has no BF16); dtype,
     when given, must be the tensor's, or "bfloat16" to re-declare a U16 or I16 tensor, as for .npy."""
@@ -367,7 +376,7 @@ def open_safetensors(path, tensor=None, dtype=None):
             raise SourceError(f"{path}: corrupt safetensors header: its length field says {n} bytes, the "
                               f"file has {size - 8} after it")
         try:
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(n), object_pairs_hook=_Object)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SourceError(f"{path}: corrupt safetensors header (not JSON: {e})") from None
         except RecursionError:
@@ -375,6 +384,9 @@ def open_safetensors(path, tensor=None, dtype=None):
                               "entries, found values nested too deep to read)") from None
     if not isinstance(header, dict):
         raise SourceError(f"{path}: corrupt safetensors header (expected a JSON object)")
+    if header.twice is not None:
+        raise SourceError(f"{path}: corrupt safetensors header: {header.twice!r} is listed more than once "
+                          "(expected each tensor once)")
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
     if not tensors:
         raise SourceError(f"{path}: the safetensors file holds no tensor")
