@@ -47,6 +47,7 @@ MIN_SEGMENT = 32
 # bfloat16 at 2680 GB/s against 2379 GB/s with 4 blocks a row (32768 columns) and 1571 with 16; float32
 # 4228 against 4106 GB/s
 MAX_SEGMENT = 131072
+MAX_GRID_Y = 65535             # CUDA's limit on a grid's y dimension, where the segments are launched
 
 
 # ---- device arrays ------------------------------------------------------------------------------------
@@ -279,12 +280,13 @@ def as_rows(x, dtype):
 
 def _segments(rows, V, chunk):
     """(nseg, seglen): how each row's columns are split over blocks: into segments of at most MAX_SEGMENT
-    columns, and more while the grid has under TARGET_BLOCKS blocks, down to segments of ``chunk``."""
+    columns, and more while the grid has under TARGET_BLOCKS blocks, down to segments of ``chunk``; at
+    most MAX_GRID_Y segments (a row past 65535 * MAX_SEGMENT, 8.6e9 logits, gets longer ones)."""
     if V == 0:
         return 1, 0
     want = max(-(-TARGET_BLOCKS // max(rows, 1)), -(-V // MAX_SEGMENT))
     most = max(1, V // max(int(chunk), MIN_SEGMENT))
-    nseg = min(want, most)
+    nseg = min(want, most, MAX_GRID_Y)
     seglen = -(-V // nseg)
     return -(-V // seglen), seglen
 

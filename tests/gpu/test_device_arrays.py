@@ -195,7 +195,8 @@ def test_stats_matches_cpu(gpu, rng):
 def test_segments(gpu):
     """How rows are split over blocks: at most MAX_SEGMENT columns a block (many rows of a large
     vocabulary: a block a row, measured fastest on an H200; a longer row in several), more segments while
-    the grid is small, never segments shorter than the chunk, every column in exactly one segment."""
+    the grid is small, never segments shorter than the chunk, every column in exactly one segment, and
+    never more segments than a grid's y dimension launches (65535)."""
     from fastlogits.gpu import backend as B
 
     cases = {
@@ -206,13 +207,16 @@ def test_segments(gpu):
         (3, 1000, 100): 10,               # ... but none shorter than the chunk
         (1, 50, 4096): 1,
         (7, 0, 4096): 1,
+        (1, 65535 * 131072, 4096): 65535,           # the most segments CUDA launches (grid y)
+        (1, 65535 * 131072 + 1, 4096): 65535,       # a longer row (17 GB of float16): longer segments
+        (3, 2**40 + 7, 4096): 65535,
     }
     for (rows, V, chunk), want in cases.items():
         nseg, seglen = B._segments(rows, V, chunk)
         assert nseg == want, (rows, V, chunk, nseg)
         assert (nseg - 1) * seglen < V <= nseg * seglen or V == 0, (rows, V, nseg, seglen)
-        if V // chunk >= -(-V // B.MAX_SEGMENT):        # the chunk allows segments of MAX_SEGMENT
-            assert seglen <= B.MAX_SEGMENT, (rows, V, seglen)
+        if V // chunk >= -(-V // B.MAX_SEGMENT) and V <= B.MAX_GRID_Y * B.MAX_SEGMENT:
+            assert seglen <= B.MAX_SEGMENT, (rows, V, seglen)     # (the chunk allows segments that short)
 
 
 def test_foreign_arrays_are_ordered_on_the_device(gpu, monkeypatch):
