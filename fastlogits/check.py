@@ -3,7 +3,10 @@
 Every operation and dtype runs on backend="gpu" and backend="cpu" over the same random rows plus the edge
 rows of the numerics contract (-inf, all -inf, +inf, NaN, ties, huge values), at sizes around the GPU's
 block boundary, with the options a backend could ignore: per-row temperatures and a softcap (every op that
-takes them), and cross-entropy's class weights, ignore_index, label smoothing and z-loss. Every output of
+takes them), and cross-entropy's class weights, ignore_index, label smoothing and z-loss. The GPU gets
+the logits as host arrays and, for every other (dtype, size), as device arrays (its device path, whose
+results stay on the device; by README's rules for bfloat16 device logits, their maps give their bits and
+their top-k values float32); each result says which ("input"). Every output of
 every op is compared: its shape and dtype exactly, and its values; the table gives the largest difference
 and pass/fail against the documented tolerance:
 float32 compute within 2e-5 relative (plus 2e-5 x (1 + the row's largest |x/T|, x after the softcap) for
@@ -12,7 +15,8 @@ spacing for the smallest), argmax, top-k indices, sampled ranks and the stats pa
 value 1e-3 relative off fails, except in a 16-bit output, whose rounding unit is larger.)
 ``stats_*`` are the GPU's fused one-pass statistics (``fastlogits stats``, ``demo``): per-row NLL with
 labels, entropy and argmax. ``sample`` draws the same tokens for at least 99.9% of (row, seed) pairs
-(random rows, per-row seeds and filter combinations, 4 samples a pair), and where the tokens agree,
+(random rows and filter combinations, 4 samples a pair; per-row seeds from host logits, then one seed for
+all rows, whose random numbers are keyed by each row's index, from device logits), and where the tokens agree,
 ``sample_logprobs`` (log-domain tolerance) and ``sample_ranks`` (exactly) agree too;
 ``beam_search_step`` (2 beams an item) gives scores within the log-domain tolerance and the same parents
 and tokens (``beam_search_step_choices``, exactly).
@@ -153,9 +157,7 @@ def _ce_mean(backend, x, y, w, t, threads=None):
     kw = dict(weight=w, temperature=t, threads=threads, **CE_OPTIONS)
     if backend == "cpu":
         return fl.cross_entropy(x, y, backend="cpu", **kw)
-    from numba import cuda
-    dx = cuda.to_device(x.view(np.dtype("V2")) if x.dtype == BF16 else x)    # "<V2": bfloat16 on the device
-    return fl.cross_entropy(dx, cuda.to_device(y.astype(np.int32)), **kw)
+    return fl.cross_entropy(_to_device(x), _to_device(y.astype(np.int32)), **kw)
 
 
 def _stats(backend, x, y, t, threads=None):
@@ -194,8 +196,8 @@ def run(V_list=None, rows=None, seed=0, sample_shape=None, dtypes=tuple(DTYPES),
     out, th = [], {"threads": threads}
     sc = {"softcap": SOFTCAP}
     tb = 0.7                                                      # the beams' temperature
-    for dtype in dtypes:
-        for V in V_list:
+    for i, dtype in enumerate(dtypes):
+        for j, V in enumerate(V_list):
             x = _rows(rng, V, dtype, rows)
             y = rng.integers(0, V, x.shape[0])
             y[1:rows:2] = IGNORE_INDEX                  # some rows ignored: random ones (row 0 is counted),
@@ -205,34 +207,43 @@ def run(V_list=None, rows=None, seed=0, sample_shape=None, dtypes=tuple(DTYPES),
             xb = x[:x.shape[0] - x.shape[0] % BEAMS]                # rows of whole items, for the beams
             bs = np.log(rng.uniform(0.1, 1.0, xb.shape[0]))      # their scores, one beam finished
             bs[1] = -np.inf
+            # the GPU gets the logits as host arrays or, for every other (dtype, V), as device arrays (its
+            # device path: results left on the device, bfloat16 maps as their bits); put(a): the input
+            on_device = (i + j) % 2 == 1
             calls = {
-                "logsumexp": lambda b, x=x, t=t: fl.logsumexp(x, temperature=t, backend=b, **sc, **th),
-                "entropy": lambda b, x=x, t=t: fl.entropy(x, temperature=t, backend=b, **sc, **th),
-                "softmax": lambda b, x=x, t=t: fl.softmax(x, temperature=t, backend=b, **sc, **th),
-                "log_softmax": lambda b, x=x, t=t: fl.log_softmax(x, temperature=t, backend=b, **sc, **th),
-                "cross_entropy": lambda b, x=x, y=y, t=t, w=w: fl.cross_entropy(
-                    x, y, reduction="none", weight=w, temperature=t, backend=b, **CE_OPTIONS, **th),
-                # the random rows (the edge rows would make it NaN) as device arrays
-                "cross_entropy_mean_device": lambda b, x=x, y=y, w=w, t=t: _ce_mean(b, x[:rows], y[:rows], w,
-                                                                                    t[:rows], threads),
-                "argmax": lambda b, x=x: fl.argmax(x, backend=b, **th),
-                "top_k": lambda b, x=x, t=t: fl.top_k(x, 5, temperature=t, backend=b, **sc, **th),
-                "top_k_logprobs": lambda b, x=x, t=t: fl.top_k_logprobs(x, 5, temperature=t, backend=b, **sc,
-                                                                        **th),
-                "beam_search_step": lambda b, x=xb, bs=bs: fl.beam_search_step(x, bs, BEAMS, temperature=tb,
-                                                                               backend=b, **sc, **th),
-                "stats": lambda b, x=x, y=y, t=t: _stats(b, x, y, t, threads),
+                "logsumexp": lambda b, put, x=x, t=t: fl.logsumexp(put(x), temperature=t, backend=b, **sc,
+                                                                   **th),
+                "entropy": lambda b, put, x=x, t=t: fl.entropy(put(x), temperature=t, backend=b, **sc, **th),
+                "softmax": lambda b, put, x=x, t=t: fl.softmax(put(x), temperature=t, backend=b, **sc, **th),
+                "log_softmax": lambda b, put, x=x, t=t: fl.log_softmax(put(x), temperature=t, backend=b, **sc,
+                                                                       **th),
+                "cross_entropy": lambda b, put, x=x, y=y, t=t, w=w: fl.cross_entropy(
+                    put(x), y, reduction="none", weight=w, temperature=t, backend=b, **CE_OPTIONS, **th),
+                # the random rows (the edge rows would make it NaN), always as device arrays
+                "cross_entropy_mean_device": lambda b, put, x=x, y=y, w=w, t=t: _ce_mean(
+                    b, x[:rows], y[:rows], w, t[:rows], threads),
+                "argmax": lambda b, put, x=x: fl.argmax(put(x), backend=b, **th),
+                "top_k": lambda b, put, x=x, t=t: fl.top_k(put(x), 5, temperature=t, backend=b, **sc, **th),
+                "top_k_logprobs": lambda b, put, x=x, t=t: fl.top_k_logprobs(put(x), 5, temperature=t,
+                                                                             backend=b, **sc, **th),
+                "beam_search_step": lambda b, put, x=xb, bs=bs: fl.beam_search_step(
+                    put(x), bs, BEAMS, temperature=tb, backend=b, **sc, **th),
+                "stats": lambda b, put, x=x, y=y, t=t: _stats(b, x, y, t, threads),
             }
             for op in ops:
                 if op not in calls:
                     continue
                 call = calls[op]
-                want = call("cpu")
+                # (the stats pass reads host rows, as from a dump; the mean cross-entropy device rows)
+                device = op == "cross_entropy_mean_device" or (on_device and op != "stats")
+                where = "device" if device else "host"
+                put = _to_device if where == "device" else _same
+                want = call("cpu", _same)
                 try:
-                    got = _gpu(call)
+                    got = _gpu(lambda b, call=call, put=put: call(b, put))
                 except Exception as e:          # an error on the GPU only: every result of the op fails
                     out += [{"op": name, "dtype": dtype, "V": V, "max_diff": float("inf"), "ok": False,
-                             "error": f"{type(e).__name__}: {e}"} for name in OPS[op]]
+                             "input": where, "error": f"{type(e).__name__}: {e}"} for name in OPS[op]]
                     continue
                 xs, temp, cap = x, t, SOFTCAP           # (the tolerance's scale)
                 if op == "cross_entropy_mean_device":
@@ -247,36 +258,69 @@ def run(V_list=None, rows=None, seed=0, sample_shape=None, dtypes=tuple(DTYPES),
                 want = want if isinstance(want, tuple) else (want,)
                 out_dtype = dtype if op in ("softmax", "log_softmax", "top_k") else None
                 for name, g, wnt in zip(OPS[op], got, want):
+                    if where == "device" and dtype == "bfloat16":
+                        g, wnt = _device_bfloat16(name, _host(g), wnt)
                     od = None if name in EXACT else out_dtype
                     diff, ok = _compare(name, g, wnt, xs, dtype, od, temp, cap)
-                    out.append({"op": name, "dtype": dtype, "V": V, "max_diff": diff, "ok": ok})
+                    out.append({"op": name, "dtype": dtype, "V": V, "max_diff": diff, "ok": ok,
+                                "input": where})
     # sampling: the same tokens (the share of (row, seed) pairs, each drawing 4 samples), and where they
-    # are the same, the same log-probabilities and ranks
+    # are the same, the same log-probabilities and ranks; twice: per-row seeds (each row's random numbers
+    # keyed by row 0) from host logits, and one seed for all rows (keyed by each row's index) from device
+    # logits
     srows, sV = sample_shape or ((16, 129) if sim else (4096, 32000))
     for dtype in [d for d in DTYPES if d in dtypes and "sample" in ops]:
         x, kw = sample_inputs(rng, srows, sV, dtype)
         kw["threads"] = threads
         kw.update(num_samples=4, return_logprobs=True)
-        want = fl.sample(x, backend="cpu", **kw)
-        try:
-            got = _gpu(lambda b, x=x, kw=kw: fl.sample(x, backend=b, **kw))
-        except Exception as e:
-            out += [{"op": name, "dtype": dtype, "V": sV, "max_diff": float("inf"), "ok": False,
-                     "error": f"{type(e).__name__}: {e}"} for name in OPS["sample"]]
-            continue
-        tokens = _host(got[0])
-        same = tokens == want[0] if tokens.shape == want[0].shape else np.zeros(want[0].shape, bool)
-        pairs, same_pairs = same.shape[0], int(np.all(same, axis=1).sum())
-        out.append({"op": "sample", "dtype": dtype, "V": sV, "max_diff": float(pairs - same_pairs),
-                    "pairs": pairs, "same_pairs": same_pairs, "draws": same.size,
-                    "same_draws": int(same.sum()),
-                    "ok": tokens.dtype == want[0].dtype and same_pairs >= MIN_SAME_TOKEN_RATE * pairs})
-        keep = np.all(same, axis=1)             # the pairs whose tokens agree
-        for name, g, wnt in zip(("sample_logprobs", "sample_ranks"), got[1:], want[1:]):
-            g = _host(g)
-            g = g[keep] if g.shape == wnt.shape else g
-            diff, ok = _compare(name, g, wnt[keep], x[keep], dtype, None, kw["temperature"][keep], None)
-            out.append({"op": name, "dtype": dtype, "V": sV, "max_diff": diff, "ok": ok})
+        for seed, put in ((kw["seed"], _same), (int(rng.integers(2**63)), _to_device)):
+            kw["seed"] = seed
+            out += _sample_results(x, kw, put, dtype, sV)
+    return out
+
+
+def _same(a):
+    return a
+
+
+def _to_device(a):
+    """A host array on the device (bfloat16 as "<V2", as PyTorch and ml_dtypes hand it out)."""
+    from numba import cuda
+
+    return cuda.to_device(a.view(np.dtype("V2")) if a.dtype == BF16 else a)
+
+
+def _device_bfloat16(name, got, want):
+    """(got, want) of an op on bfloat16 device logits, by README's rules for them (numba has no bfloat16):
+    a map gives its bits, uint16; top-k values come back as float32 (exact)."""
+    if got.dtype == np.uint16 and name in ("softmax", "log_softmax"):
+        return got.view(BF16), want
+    if got.dtype == np.float32 and name == "top_k_values":
+        return got, np.asarray(want).astype(np.float32)
+    return got, want
+
+
+def _sample_results(x, kw, put, dtype, V):
+    """The results of the sampling comparison of x (given to the GPU as put(x))."""
+    want = fl.sample(x, backend="cpu", **kw)
+    where = "device" if put is _to_device else "host"
+    try:
+        got = _gpu(lambda b: fl.sample(put(x), backend=b, **kw))
+    except Exception as e:
+        return [{"op": name, "dtype": dtype, "V": V, "max_diff": float("inf"), "ok": False, "input": where,
+                 "error": f"{type(e).__name__}: {e}"} for name in OPS["sample"]]
+    tokens = _host(got[0])
+    same = tokens == want[0] if tokens.shape == want[0].shape else np.zeros(want[0].shape, bool)
+    pairs, same_pairs = same.shape[0], int(np.all(same, axis=1).sum())
+    out = [{"op": "sample", "dtype": dtype, "V": V, "max_diff": float(pairs - same_pairs), "pairs": pairs,
+            "same_pairs": same_pairs, "draws": same.size, "same_draws": int(same.sum()), "input": where,
+            "ok": tokens.dtype == want[0].dtype and same_pairs >= MIN_SAME_TOKEN_RATE * pairs}]
+    keep = np.all(same, axis=1)             # the pairs whose tokens agree
+    for name, g, wnt in zip(("sample_logprobs", "sample_ranks"), got[1:], want[1:]):
+        g = _host(g)
+        g = g[keep] if g.shape == wnt.shape else g
+        diff, ok = _compare(name, g, wnt[keep], x[keep], dtype, None, kw["temperature"][keep], None)
+        out.append({"op": name, "dtype": dtype, "V": V, "max_diff": diff, "ok": ok, "input": where})
     return out
 
 

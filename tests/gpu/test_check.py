@@ -2,6 +2,7 @@
 is compared and passes; a GPU result that is off is reported as failing, by the table and the exit status."""
 import argparse
 import functools
+import json
 
 import numpy as np
 import pytest
@@ -235,3 +236,52 @@ def test_check_of_some_ops_passes_unperturbed(gpu, monkeypatch, capsys):
     for name in ("stats_nll", "stats_entropy", "stats_argmax", "sample_logprobs", "sample_ranks",
                  "top_k_values", "top_k_indices", "softmax"):
         assert f'"op": "{name}"' in out
+
+
+def test_check_gives_the_gpu_device_logits_too(gpu, monkeypatch, capsys):
+    """Every op but the stats pass (which reads host rows, as from a dump) is compared with host logits and,
+    for every other (dtype, V), with device logits, whose results stay on the device: a GPU that is off
+    only for device logits fails the check."""
+    from fastlogits.ops._prep import is_gpu_array
+
+    res = check.run(V_list=[37, 38], rows=1, sample_shape=(3, 37), dtypes=("float32", "bfloat16"),
+                    ops=[op for op in check.OPS if op != "sample"])
+    assert [r for r in res if not r["ok"]] == []
+    inputs = {}
+    for r in res:
+        inputs.setdefault(r["op"], set()).add(r["input"])
+    for name, where in inputs.items():
+        want = {"stats_nll": {"host"}, "stats_entropy": {"host"}, "stats_argmax": {"host"},
+                "cross_entropy_mean_device": {"device"}}.get(name, {"host", "device"})
+        assert where == want, name
+    real = fl.logsumexp
+
+    def off(x, **kw):                  # 1e-3 relative too large, for device logits only
+        r = real(x, **kw)
+        return r.copy_to_host() * (1 + 1e-3) if is_gpu_array(x) else r
+
+    monkeypatch.setattr(fl, "logsumexp", off)
+    monkeypatch.setattr(check, "run", functools.partial(check.run, V_list=[37, 38], rows=1,
+                                                         dtypes=("float32",), ops=("logsumexp",)))
+    assert check.main(argparse.Namespace(json=False)) == 1
+    assert "| logsumexp | float32 | 37,38 |" in capsys.readouterr().out
+
+
+def test_check_draws_with_one_seed_for_all_rows_too(gpu, monkeypatch, capsys):
+    """Sampling is compared with per-row seeds (every row's random numbers keyed by row 0) and with one
+    seed (keyed by each row's index): a GPU that keys every row by row 0 fails the check (it passed when
+    only per-row seeds were compared)."""
+    for name in ("sample", "sample_device"):
+        real = getattr(gpu, name)
+
+        def row_zero(x, dtype, temperature, softcap, top_k, top_p, min_p, seeds, row_ids, *args, real=real):
+            return real(x, dtype, temperature, softcap, top_k, top_p, min_p, seeds, np.zeros_like(row_ids),
+                        *args)
+
+        monkeypatch.setattr(gpu, name, row_zero)
+    monkeypatch.setattr(check, "run", functools.partial(check.run, V_list=[37], rows=1, sample_shape=(8, 50),
+                                                         dtypes=("float32",), ops=("sample",)))
+    assert check.main(argparse.Namespace(json=True)) == 1
+    out = capsys.readouterr().out
+    res = [r for r in json.loads(out)["results"] if r["op"] == "sample"]
+    assert [(r["input"], r["ok"]) for r in res] == [("host", True), ("device", False)]
