@@ -70,6 +70,71 @@ def test_unaligned(name, dtype, rng):
     check(name, view, labels=_labels(name, rng, x), chunk_size=16, **_ce(name))
 
 
+def _unaligned(a):
+    """a copied to one byte past an aligned address (as np.frombuffer at an odd offset gives)."""
+    raw = np.zeros(a.nbytes + 1, dtype=np.uint8)
+    view = raw[1:].view(a.dtype).reshape(a.shape)
+    view[...] = a
+    assert not view.flags.aligned
+    return view
+
+
+class _AlignedOnly:
+    """A kernel module whose functions check that every array they are given is aligned: C reads them
+    as their element type, which an unaligned address makes undefined (UBSan's misaligned load)."""
+    def __init__(self, module):
+        self.module = module
+
+    def __getattr__(self, name):
+        f = getattr(self.module, name)
+
+        def checked(*args, **kw):
+            for a in (*args, *kw.values()):
+                assert not isinstance(a, np.ndarray) or a.flags.aligned, f"{name}: an unaligned array"
+            return f(*args, **kw)
+        return checked
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, BF16],
+                         ids=["f32", "f64", "f16", "bf16"])
+def test_the_kernels_are_given_aligned_arrays_only(dtype, rng, monkeypatch):
+    """Unaligned logits, out=, temperatures, class weights and seeds reach the C kernels through aligned
+    copies (blocks of rows for the large ones), with the results of aligned arrays, bit for bit (sample
+    on the finite rows)."""
+    import fastlogits.cpu as cpu_pkg
+    from fastlogits.cpu import backend as cpu
+
+    x = random_logits(rng, (7, 131), dtype)
+    x[2, 5] = np.nan
+    x[3, :] = -np.inf
+    y = random_labels(rng, (7,), 131)
+    t = rng.uniform(0.5, 2.0, 7)
+    w = rng.uniform(0.5, 2.0, 131)
+    seeds = rng.integers(0, 2**63, 7).astype(np.uint64)
+    calls = {
+        "logsumexp": lambda x, t, w, s: fl.logsumexp(x, temperature=t),
+        "entropy": lambda x, t, w, s: fl.entropy(x, temperature=t),
+        "softmax": lambda x, t, w, s: fl.softmax(x, temperature=t),
+        "log_softmax into out": lambda x, t, w, s: fl.log_softmax(
+            x, temperature=t, out=_unaligned(np.zeros(x.shape, np.float32)) if not x.flags.aligned else
+            np.zeros(x.shape, np.float32)),
+        "cross_entropy": lambda x, t, w, s: fl.cross_entropy(x, y, weight=w, label_smoothing=0.1,
+                                                             temperature=t, reduction="none"),
+        "argmax": lambda x, t, w, s: fl.argmax(x),
+        "top_k_logprobs": lambda x, t, w, s: fl.top_k_logprobs(x, 3, temperature=t),
+        "sample": lambda x, t, w, s: fl.sample(x[4:], temperature=t[4:], top_p=0.9, seed=s[4:]),
+    }
+    want = {name: f(x, t, w, seeds) for name, f in calls.items()}
+    for name in ("_reduce", "_maps", "_select"):
+        monkeypatch.setattr(cpu, name, _AlignedOnly(getattr(cpu, name)))
+    monkeypatch.setattr(cpu_pkg, "_sample", _AlignedOnly(cpu_pkg._sample))
+    for name, f in calls.items():
+        got = f(_unaligned(x), _unaligned(t), _unaligned(w), _unaligned(seeds))
+        for g, v in zip(got, want[name]) if isinstance(got, tuple) else [(got, want[name])]:
+            assert np.asarray(g).dtype == np.asarray(v).dtype, name
+            np.testing.assert_array_equal(np.asarray(g, np.float64), np.asarray(v, np.float64), err_msg=name)
+
+
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_broadcast_rows(name, rng):
     """A zero-stride (read-only) view: every row is the same memory."""

@@ -34,27 +34,34 @@ def by_columns(a):
     column of the neighbouring rows, gone from the cache by the time they are read: float32 (1024,
     32000) logsumexp over such a view took 220 ms, against 10 ms in C order."""
     s0, s1 = a.strides
-    return 0 < abs(s0) < abs(s1) and a.shape[0] > 1 and a.flags.aligned
+    return 0 < abs(s0) < abs(s1) and a.shape[0] > 1
+
+
+def through_blocks(a):
+    """Whether the kernels take a 2-D array through C-order block buffers (blocks): laid out by columns,
+    or not aligned (an address or a stride that is not a multiple of the element size, as np.frombuffer
+    at an odd offset or a field of a packed record gives), which C may not access as its element type."""
+    return by_columns(a) or not a.flags.aligned
 
 
 ALL = slice(None)
 
 
 def blocks(a, threads, out=False):
-    """(rows, block) pairs that cover a 2-D array: just (ALL, a) when it is not laid out by columns;
-    else slices of rows and C-order buffers of them, about BLOCK_BYTES (L2's size) or a row per thread,
-    in whole cache lines of each column, so that each line is read from memory once. The buffer is
-    reused: each block is meant to be done with before the next. With out=True the buffer starts empty
-    and is written back into its rows of a when the next pair is asked for (so the loop over the pairs
-    must run to its end)."""
-    if not by_columns(a) or a.size == 0:
+    """(rows, block) pairs that cover a 2-D array: just (ALL, a) unless through_blocks(a); else slices
+    of rows and C-order buffers of them, about BLOCK_BYTES (L2's size) or a row per thread, in whole
+    cache lines of each column, so that each line is read from memory once. The buffer is reused: each
+    block is meant to be done with before the next. With out=True the buffer starts empty and is written
+    back into its rows of a when the next pair is asked for (so the loop over the pairs must run to its
+    end)."""
+    if not through_blocks(a) or a.size == 0:
         return ((ALL, a),)
     return _column_blocks(a, threads, out)
 
 
 def _column_blocks(a, threads, out):
     rows, row_bytes = a.shape[0], a.shape[1] * a.itemsize
-    per_line = max(LINE // abs(a.strides[0]), 1)
+    per_line = max(LINE // abs(a.strides[0]), 1) if by_columns(a) else 1     # (else perhaps a zero stride)
     # a row a thread at least, and the last block takes the rest: a block of fewer rows than threads
     # would split them into column ranges (n_segments), and results would move by rounding from those of
     # the same rows in C order
@@ -66,17 +73,17 @@ def _column_blocks(a, threads, out):
         r = slice(i * n, rows if i == count - 1 else (i + 1) * n)
         b = buf[:r.stop - r.start]
         if not out:
-            _layout.copy(a[r], b, threads)
+            copy_rows(a[r], b, threads)
         yield r, b
         if out:
-            _layout.copy(b, a[r], threads)
+            copy_rows(b, a[r], threads)
 
 
 def copy_rows(a, out, threads):
-    """out[...] = a, two 2-D arrays of one shape and dtype, by the tiled copy where a is laid out by
-    columns (NumPy's copy of such an array goes a row at a time, 25x slower): the GPU backend's uploads
-    of host logits."""
-    if by_columns(a) and out.flags.aligned:
+    """out[...] = a, two 2-D arrays of one shape and dtype, by the tiled copy where either is laid out by
+    columns and both are aligned (NumPy's copy of such an array goes a row at a time, 25x slower): the
+    blocks' copies, and the GPU backend's uploads of host logits."""
+    if (by_columns(a) or by_columns(out)) and a.flags.aligned and out.flags.aligned:
         _layout.copy(a, out, threads)
     else:
         np.copyto(out, a)
@@ -99,7 +106,7 @@ def entropy(x, dtype, temperature, softcap, chunk, threads):
 
 def softmax(x, dtype, temperature, softcap, log, out, out_dtype, chunk, threads):
     """Fills out (rows, V), of element type out_dtype (a name as for dtype)."""
-    if not by_columns(out):
+    if not through_blocks(out):
         for r, xb in blocks(x, threads):
             _maps.softmax(xb, CODES[dtype], temperature[r], softcap, out[r], CODES[out_dtype], log, chunk,
                           threads)
@@ -120,7 +127,7 @@ def cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, wei
     w = None
     wtotal = float(x.shape[1])
     if weight is not None and smoothing:     # (without smoothing the kernel reads no weights)
-        w = np.ascontiguousarray(weight, dtype=compute_dtype(dtype))
+        w = np.require(weight, compute_dtype(dtype), "CA")
         wtotal = weight_sum(w)
     for r, xb in blocks(x, threads):
         _reduce.cross_entropy(xb, CODES[dtype], temperature[r], softcap, labels[r], ignore_index, w, wtotal,

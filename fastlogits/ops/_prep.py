@@ -308,7 +308,7 @@ def temperatures(temperature, lead, rows, argname="temperature", allow_zero=Fals
         bad = (t != 0) & ((t < F32_TINY) | (t > F32_MAX))
         if np.any(bad):
             raise _f32_range(float(first(bad)[0]), argname, name, first(bad)[1])
-    return np.ascontiguousarray(np.broadcast_to(t, lead).reshape(rows), dtype=np.float64)
+    return np.require(np.broadcast_to(t, lead).reshape(rows), np.float64, "CA")   # (C reads it: aligned)
 
 
 def softcap_value(softcap, name="float64"):

@@ -432,7 +432,7 @@ def ce_terms(nll, smooth, lse, labels, ignore_index, weight, eps, z, V, per_row,
     target weights w[y], of the z-loss terms; compensated; 0 when not sums, for per-row losses alone) and
     the number of counted rows). labels: checked int64."""
     def f64(a):
-        return None if a is None else np.ascontiguousarray(a, dtype=np.float64)
+        return None if a is None else np.require(a, np.float64, "CA")    # (C reads them: aligned)
 
     out = np.empty(labels.shape[0]) if per_row else None
     totals = _reduce.ce_terms(f64(nll), f64(smooth), f64(lse), labels, ignore_index, f64(weight), eps, z, V,

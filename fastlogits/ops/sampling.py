@@ -139,7 +139,7 @@ def _seeds(seed, lead, rows):
         raise ValueError(f"seed must be one int or one per row (shape {tuple(lead)}), got shape {a.shape}")
     if a.dtype.kind == "i" and np.any(a < 0):
         raise ValueError(f"seed must be in [0, 2**64), got a negative seed{_first_bad(a < 0, lead)}")
-    return np.ascontiguousarray(a.reshape(rows), dtype=np.uint64), np.zeros(rows, np.uint64)
+    return np.require(a.reshape(rows), np.uint64, "CA"), np.zeros(rows, np.uint64)
 
 
 _STATUS = {
