@@ -135,6 +135,39 @@ def test_the_kernels_are_given_aligned_arrays_only(dtype, rng, monkeypatch):
             np.testing.assert_array_equal(np.asarray(g, np.float64), np.asarray(v, np.float64), err_msg=name)
 
 
+def test_streamed_chunks_and_accumulator_states_reach_the_kernels_aligned(rng, monkeypatch, tmp_path):
+    """An accumulator's unaligned chunk or merged state, and the chunks of a row wider than the budget of
+    an unaligned array (softmax's and sample's column passes), are read through aligned copies, with the
+    results of aligned arrays."""
+    import fastlogits.cpu as cpu_pkg
+    from fastlogits.stream import accumulators, wide
+
+    x = random_logits(rng, (3, 20000), np.float32)
+    y = random_labels(rng, (3,), 20000)
+
+    def run(x, m2, s2):
+        acc = fl.stream.CrossEntropy(y, label_smoothing=0.1, reduction="none")
+        acc.update(x[:, 100:], 100)
+        acc.update(x[:, :100], 0)
+        lse = fl.stream.LogSumExp(3)
+        lse.update(x[:, :100], 0)
+        lse.merge((m2, s2))
+        src = fl.open(x, memory="64KiB")                 # a row is 80 KB: column passes
+        return (acc.result(), lse.result(), fl.softmax(src, out=np.empty(x.shape, np.float32)),
+                fl.sample(src, seed=3, top_p=0.9))
+
+    m2, s2 = fl.stream.LogSumExp(3), None
+    m2.update(x[:, 100:], 100)
+    m2, s2 = m2.state.m, m2.state.s
+    want = run(x, m2, s2)
+    monkeypatch.setattr(accumulators, "_reduce", _AlignedOnly(accumulators._reduce))
+    monkeypatch.setattr(cpu_pkg, "_maps", _AlignedOnly(cpu_pkg._maps))
+    monkeypatch.setattr(wide, "_sample", _AlignedOnly(wide._sample))
+    got = run(_unaligned(x), _unaligned(m2), _unaligned(s2))
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_broadcast_rows(name, rng):
     """A zero-stride (read-only) view: every row is the same memory."""

@@ -44,6 +44,12 @@ def through_blocks(a):
     return by_columns(a) or not a.flags.aligned
 
 
+def aligned(a):
+    """a, or an aligned copy of it where through_blocks would copy it for not being aligned: for a
+    chunk that a kernel reads whole (an accumulator's, a streamed row's)."""
+    return a if a.flags.aligned else a.copy()
+
+
 ALL = slice(None)
 
 

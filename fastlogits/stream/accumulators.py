@@ -20,7 +20,7 @@ import numpy as np
 
 from fastlogits._config import is_int
 from fastlogits.cpu import _reduce
-from fastlogits.cpu.backend import CODES, compute_dtype
+from fastlogits.cpu.backend import CODES, aligned, compute_dtype
 from fastlogits.ops._prep import as_array, is_gpu_array, prepare, weight_sum
 from fastlogits.ops.reductions import (
     as_labels,
@@ -67,7 +67,7 @@ def _row_state(value, rows, name, dtype=np.float64):
     if a.shape != (rows,):
         raise ValueError(f"merge: the other state's {name} must have one value per row, shape ({rows},), got "
                          f"shape {a.shape}")
-    return np.ascontiguousarray(a)
+    return np.require(a, requirements="CA")        # (C reads it: aligned, as a received buffer may not be)
 
 
 def _merge_lse(m, s, m2, s2):
@@ -148,8 +148,11 @@ class _Base:
         return out
 
     def _prepare(self, x):
-        return prepare(x, temperature=self._temperature, softcap=self._softcap, backend="cpu",
-                       threads=self._threads, chunk_size=self._chunk_size)
+        """The prepared chunk, whole and aligned: the kernels read it as it is."""
+        r = prepare(x, temperature=self._temperature, softcap=self._softcap, backend="cpu",
+                    threads=self._threads, chunk_size=self._chunk_size)
+        r.x = aligned(r.x)
+        return r
 
     def _lse_states(self, x, start, weight=None, want_dist=False):
         """The prepared chunk and its row states (m, s, dist) (dist: label smoothing's distance sums, see
@@ -161,7 +164,7 @@ class _Base:
         m, s, tot = (np.empty(self.rows) for _ in range(3))
         w = None
         if weight is not None:
-            w = np.ascontiguousarray(weight[start:start + x.shape[1]], dtype=compute_dtype(r.dtype))
+            w = np.require(weight[start:start + x.shape[1]], compute_dtype(r.dtype), "CA")
         _reduce.lse_states(r.x, CODES[r.dtype], r.temperature, r.softcap, w, want_dist, m, s, tot, r.chunk,
                            r.threads)
         return r, m, s, tot

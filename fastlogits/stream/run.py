@@ -520,6 +520,7 @@ def softmax(source, log, out, kw, memory=None, progress=None):
     a .npy file, or raw rows for any other name) block by block; returns out."""
     import fastlogits as fl
     from fastlogits.cpu import _maps
+    from fastlogits.cpu.backend import aligned
     from fastlogits.ops._prep import dtype_name, prepare
     from fastlogits.stream.accumulators import LogSumExp
 
@@ -558,8 +559,8 @@ def softmax(source, log, out, kw, memory=None, progress=None):
                 for _, c0, chunk in column_chunks(row, cols):
                     r = prepare(chunk, temperature=t, backend="cpu", **common)
                     y = ybuf[:, :chunk.shape[1]]
-                    _maps.softmax(r.x, _code(r.dtype), r.temperature, r.softcap, y, _code(out_name), log,
-                                  r.chunk, r.threads, state)
+                    _maps.softmax(aligned(r.x), _code(r.dtype), r.temperature, r.softcap, y, _code(out_name),
+                                  log, r.chunk, r.threads, state)
                     sink.write(i, c0, y)
                     progress(int(c0 + chunk.shape[1] == source.V), chunk.nbytes)
                 chunk = r = None

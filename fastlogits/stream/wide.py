@@ -34,7 +34,7 @@ import math
 import numpy as np
 
 from fastlogits.cpu import _sample
-from fastlogits.cpu.backend import CODES, compute_dtype
+from fastlogits.cpu.backend import CODES, aligned, compute_dtype
 from fastlogits.stream.run import column_chunks
 
 DIGIT = 11               # bits of the value's key per radix pass (8 for chunks under 2^16 columns)
@@ -131,7 +131,7 @@ def sample_row(row, *, temperature, softcap, top_k, top_p, min_p, seed, row_id, 
     def passes():
         for _, c0, chunk in column_chunks(row, cols):
             v = buf[:chunk.shape[1]]
-            _sample.values(chunk, code, t, softcap, v)
+            _sample.values(aligned(chunk), code, t, softcap, v)
             yield c0, v
 
     tol = 16 * float(np.finfo(vdt).eps)          # a mass within 16 eps of top_p reaches it, as in memory
