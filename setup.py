@@ -7,6 +7,8 @@ picks AVX-512, AVX2 or baseline code at run time (target_clones in fastlogits.h)
 native-architecture flags or flags that change NaN/inf semantics.
 """
 import os
+import shlex
+import shutil
 import sys
 import tempfile
 
@@ -16,17 +18,26 @@ from setuptools.command.build_ext import build_ext
 MODULES = ["_reduce", "_maps", "_select", "_info", "_exports", "_sample", "_layout"]
 
 
+def _env_link_flags():
+    """CFLAGS and LDFLAGS from the environment. setuptools passes them where it links the extensions (its
+    shared-library link line) but not where it links an executable, so a compile flag that needs its
+    twin at link time (a sanitizer's, --coverage) would fail the probes alone: the probes link with them."""
+    return shlex.split(os.environ.get("CFLAGS", "")) + shlex.split(os.environ.get("LDFLAGS", ""))
+
+
 def _try_compile(compiler, source, extra_args=(), link_args=()):
+    """None when the C source compiles and links, else why not (the compiler's error)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "probe.c")
         with open(path, "w") as f:
             f.write(source)
         try:
             objs = compiler.compile([path], output_dir=tmp, extra_postargs=list(extra_args))
-            compiler.link_executable(objs, os.path.join(tmp, "probe"), extra_postargs=list(link_args))
-        except Exception:
-            return False
-    return True
+            compiler.link_executable(objs, os.path.join(tmp, "probe"),
+                                     extra_postargs=list(link_args) + _env_link_flags())
+        except Exception as e:
+            return str(e) or type(e).__name__
+    return None
 
 
 class BuildExt(build_ext):
@@ -37,18 +48,24 @@ class BuildExt(build_ext):
 
     def build_extensions(self):
         cc = self.compiler
-        if not _try_compile(cc, "int main(void) { return 0; }\n"):
-            sys.exit(
-                "error: fastlogits needs a working C compiler to build its kernels, and none was found "
-                f"(tried {getattr(cc, 'compiler', ['cc'])[0]!r}). Install one (Debian/Ubuntu: "
-                "'apt-get install gcc python3-dev'; macOS: 'xcode-select --install') and retry."
-            )
+        why = _try_compile(cc, "int main(void) { return 0; }\n")
+        if why is not None:
+            name = getattr(cc, "compiler", ["cc"])[0]
+            if shutil.which(name) is None:
+                sys.exit(
+                    "error: fastlogits needs a working C compiler to build its kernels, and none was found "
+                    f"(tried {name!r}). Install one (Debian/Ubuntu: 'apt-get install gcc python3-dev'; "
+                    "macOS: 'xcode-select --install') and retry."
+                )
+            sys.exit(f"error: the C compiler {name!r} could not build a trivial program with this "
+                     f"environment's flags (CFLAGS={os.environ.get('CFLAGS', '')!r}, "
+                     f"LDFLAGS={os.environ.get('LDFLAGS', '')!r}): {why}")
         omp_compile, omp_link = ["-fopenmp"], ["-fopenmp"]
         use_omp = os.environ.get("FASTLOGITS_NO_OPENMP", "") in ("", "0")
-        if use_omp and not _try_compile(
+        if use_omp and _try_compile(
             cc, "#include <omp.h>\nint main(void) { return omp_get_max_threads() > 0 ? 0 : 1; }\n",
             omp_compile, omp_link,
-        ):
+        ) is not None:
             print("warning: the C compiler has no OpenMP; fastlogits will run on one thread. "
                   "(Install libgomp / libomp to enable threads.)", file=sys.stderr)
             use_omp = False

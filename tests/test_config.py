@@ -363,3 +363,33 @@ def test_a_forked_child_runs_on_one_thread(rng, parent):
     status, parent_threads = out.split()
     assert status == "0", "the forked child's results or thread count are wrong"
     assert int(parent_threads) == fl.show_config(as_dict=True)["threads"]
+
+
+_PROBES = """
+import setuptools, sys
+setuptools.setup = lambda **kw: None          # setup.py's probes alone, not a build
+sys.argv = ["setup.py"]
+ns = {}
+exec(compile(open("setup.py").read(), "setup.py", "exec"), ns)
+from distutils.ccompiler import new_compiler
+from distutils.sysconfig import customize_compiler
+cc = new_compiler()
+customize_compiler(cc)
+print(ns["_try_compile"](cc, "int main(void) { return 0; }\\n"))
+print(ns["_try_compile"](cc, "#include <omp.h>\\nint main(void) { return omp_get_max_threads(); }\\n",
+                         ["-fopenmp"], ["-fopenmp"]))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(__file__), "..", "setup.py")),
+                    reason="setup.py is not beside the tests (an installed copy of them)")
+def test_the_build_probes_link_with_the_flags_they_compile_with(tmp_path):
+    """setup.py's compiler and OpenMP probes link with CFLAGS and LDFLAGS, as setuptools links the
+    extensions: CFLAGS=--coverage (which needs libgcov at link time) failed the probes alone, and the
+    build stopped saying no C compiler was found (a sanitizer's flags too, found by a sanitizer audit)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, CFLAGS="--coverage", LDFLAGS="")
+    r = subprocess.run([sys.executable, "-c", _PROBES], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["None", "None"], r.stdout + r.stderr
