@@ -699,3 +699,37 @@ def test_numba_entry_points(rng):
             numba.njit(lambda a, lab: cross_entropy_row(a, lab))(np.zeros(3), bad)
         with pytest.raises(TypeError, match="label must be an integer"):
             cross_entropy_row(np.zeros(3), bad)
+
+
+CE_COLUMNS = r"""
+#include <stdint.h>
+#include <stdio.h>
+#include "fastlogits.h"
+int main(void) {
+    float x[4] = {0.5f, 1.0f, 2.0f, -1.0f};
+    fl_ce_state a, b, c;
+    fl_ce_init(&a, INT64_MAX); fl_ce_update_f32(&a, x, 4, -5);       /* label - start past INT64_MAX */
+    fl_ce_init(&b, 0); fl_ce_update_f32(&b, x, 4, -2);               /* columns -2 .. 2 hold label 0 */
+    fl_ce_init(&c, INT64_MIN); fl_ce_update_f32(&c, x, 4, INT64_MAX);
+    printf("%d %d %.9g %d\n", a.found, b.found, b.target, c.found);
+    return 0;
+}
+"""
+
+
+@needs_cc
+def test_ce_columns_of_any_start_and_label_without_signed_overflow(tmp_path):
+    """fl_ce_update's test of whether its chunk holds the label, for any int64 label and start (a
+    negative start with a label near INT64_MAX overflowed `label - start`: UBSan, found by a sanitizer
+    audit). Built with UBSan where the compiler has it, failing on any report."""
+    src = tmp_path / "ce.c"
+    src.write_text(CE_COLUMNS)
+    flags = ["-O2", "-std=c99", "-Wall", "-Wextra", "-Werror"]
+    probe = subprocess.run([CC, "-fsanitize=undefined", "-x", "c", "-", "-o", str(tmp_path / "probe")],
+                           input="int main(void) { return 0; }", capture_output=True, text=True)
+    if probe.returncode == 0:
+        flags += ["-fsanitize=undefined", "-fno-sanitize-recover=all"]
+    _compile(CC, src, tmp_path / "ce", flags)
+    out = subprocess.run([tmp_path / "ce"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert out.stdout.split() == ["0", "1", "2", "0"]

@@ -767,19 +767,25 @@ static inline void fl_ce_init(fl_ce_state *st, int64_t label) {
     st->found = 0;
 }
 
+/* Whether column `label` lies in start .. start + n, for any int64 values (the difference in uint64: no
+ * signed overflow, even for a negative start). */
+static inline int fl__column_in(int64_t label, int64_t start, size_t n) {
+    return label >= start && (uint64_t)label - (uint64_t)start < (uint64_t)n;
+}
+
 /* Fold n float32 logits: columns start .. start + n of the row. */
 static inline void fl_ce_update_f32(fl_ce_state *st, const float *x, size_t n, int64_t start) {
     fl_lse_update_f32(&st->lse, x, n);
-    if (st->label >= start && st->label - start < (int64_t)n) {
-        st->target = x[st->label - start];
+    if (fl__column_in(st->label, start, n)) {
+        st->target = x[(uint64_t)st->label - (uint64_t)start];
         st->found = 1;
     }
 }
 
 static inline void fl_ce_update_f64(fl_ce_state *st, const double *x, size_t n, int64_t start) {
     fl_lse_update_f64(&st->lse, x, n);
-    if (st->label >= start && st->label - start < (int64_t)n) {
-        st->target = x[st->label - start];
+    if (fl__column_in(st->label, start, n)) {
+        st->target = x[(uint64_t)st->label - (uint64_t)start];
         st->found = 1;
     }
 }
