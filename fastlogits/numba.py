@@ -58,6 +58,7 @@ def logsumexp_row(x):
     """log sum exp of a 1-D float32/float64 array (any stride): -inf when empty or all -inf, +inf with a
     +inf, NaN with a NaN."""
     code = _code(x, "logsumexp_row")
+    x = x if x.flags.aligned else x.copy()         # (C reads it as its element type)
     return _lse(x.ctypes.data, x.size, x.strides[0], code)
 
 
@@ -69,6 +70,7 @@ def cross_entropy_row(x, label):
         raise TypeError(f"cross_entropy_row: label must be an integer class index, got {label!r}")
     if not 0 <= label < x.size:
         raise IndexError(f"cross_entropy_row: label {label} is out of range for {x.size} classes")
+    x = x if x.flags.aligned else x.copy()
     return _ce(x.ctypes.data, x.size, x.strides[0], code, label)
 
 
@@ -83,8 +85,12 @@ def _numba_code(x, name):
 @overload(logsumexp_row)
 def _logsumexp_row_nb(x):
     code = _numba_code(x, "logsumexp_row")
+    size = x.dtype.bitwidth // 8
 
     def impl(x):
+        if x.ctypes.data % size or x.strides[0] % size:     # unaligned (numba's types do not say): C reads
+            c = x.copy()                                     # it as its element type, so a copy
+            return _lse_nb(c.ctypes.data, c.size, c.strides[0], code)
         return _lse_nb(x.ctypes.data, x.size, x.strides[0], code)
     return impl
 
@@ -96,8 +102,13 @@ def _cross_entropy_row_nb(x, label):
         raise numba.core.errors.TypingError(f"cross_entropy_row: label must be an integer class index, got "
                                             f"{label}")
 
+    size = x.dtype.bitwidth // 8
+
     def impl(x, label):
         if label < 0 or label >= x.size:
             raise IndexError("cross_entropy_row: label is out of range")
+        if x.ctypes.data % size or x.strides[0] % size:     # unaligned: a copy, as logsumexp_row's
+            c = x.copy()
+            return _ce_nb(c.ctypes.data, c.size, c.strides[0], code, label)
         return _ce_nb(x.ctypes.data, x.size, x.strides[0], code, label)
     return impl
