@@ -227,7 +227,12 @@ def cmd_info(args):
                "order": "F" if getattr(src, "fortran", False) else "C"}
     if getattr(src, "tensor", None):
         summary["tensor"] = src.tensor
-    _emit(args, summary, [f"{k:8s} {v}" for k, v in summary.items()])
+    def text(v):     # standard input's rows and size are not known before it is read
+        if isinstance(v, list):
+            return "(" + ", ".join("?" if d is None else str(d) for d in v) + ")"
+        return "not known before it is read" if v is None else v
+
+    _emit(args, summary, [f"{k:8s} {text(v)}" for k, v in summary.items()])
     return 0
 
 
@@ -288,8 +293,8 @@ def cmd_softmax(args):
         secs = bar.close()
     summary = {"input": args.input, "output": args.output, "rows": src.rows, "vocab": src.V,
                "seconds": secs, "GB/s": bar.nbytes / secs / 1e9 if secs else None}
-    _emit(args, summary, [f"wrote {_where(args.output)} ({'log-' if args.log else ''}softmax of {src.rows} "
-                          f"rows) in {secs:.2f} s"])
+    _emit(args, summary, [f"wrote the {'log-' if args.log else ''}softmax of {src.rows} rows to "
+                          f"{_where(args.output)} in {secs:.2f} s"])
     return 0
 
 

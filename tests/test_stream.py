@@ -283,6 +283,21 @@ def test_cli_stats_info_topk_softmax(tmp_path, rng):
     _same(np.load(tmp_path / "p.npy").view(BF16), fl.log_softmax(x))
 
 
+def test_cli_info_text_of_a_dump_and_of_standard_input(tmp_path, rng):
+    """info's text: a dump's shape, rows and size; standard input's rows and size are not known before it
+    is read, said so (not Python's None, which --json gives as null)."""
+    x = rng.standard_normal((4, 6)).astype(np.float16)
+    np.save(tmp_path / "x.npy", x)
+    out = _cli("info", tmp_path / "x.npy").stdout.decode()
+    assert "shape    (4, 6)" in out and "rows     4" in out and f"bytes    {x.nbytes}" in out
+    res = _cli("info", "-", "--dtype", "float16", "--vocab", "6", stdin=x.tobytes())
+    out = res.stdout.decode()
+    assert res.returncode == 0 and "None" not in out, out
+    assert "shape    (?, 6)" in out and "rows     not known before it is read" in out, out
+    res = _cli("info", "-", "--dtype", "float16", "--vocab", "6", "--json", stdin=x.tobytes())
+    assert json.loads(res.stdout)["rows"] is None
+
+
 def test_cli_npy_results_keep_the_leading_shape(tmp_path, rng):
     """topk, sample and stats --per-row into .npy: records of the dump's leading shape ((2, 3) for a
     (2, 3, V) dump, () for one row), as the in-memory functions return them; .jsonl and .csv: a line a row,

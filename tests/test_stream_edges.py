@@ -1170,7 +1170,7 @@ def test_cli_output_dash_is_standard_output(tmp_path, rng):
     np.save(tmp_path / "y.npy", y)
     for memory in ("256MiB", "64KiB"):       # rows in blocks, and rows wider than the budget
         res = _cli("softmax", tmp_path / "x.npy", "-", "--log", "--memory", memory)
-        assert res.returncode == 0 and b"wrote standard output (log-softmax of 7 rows)" in res.stderr
+        assert res.returncode == 0 and b"wrote the log-softmax of 7 rows to standard output" in res.stderr
         got = np.frombuffer(res.stdout, np.float32).reshape(x.shape)
         np.testing.assert_allclose(got, ref.log_softmax(x), rtol=0, atol=1e-5)
         res = _cli("topk", tmp_path / "x.npy", "-", "-k", "3", "--memory", memory)
