@@ -346,7 +346,8 @@ def main(args):
     else:
         agg = {}
         for r in results:
-            a = agg.setdefault((r["op"], r["dtype"]), {"max_diff": 0.0, "ok": True, "sizes": []})
+            a = agg.setdefault((r["op"], r["dtype"], r.get("input", "host")),
+                               {"max_diff": 0.0, "ok": True, "sizes": []})
             a["max_diff"] = max(a["max_diff"], r["max_diff"])
             for key in ("pairs", "draws", "same_draws"):
                 if key in r:
@@ -355,16 +356,17 @@ def main(args):
             if "error" in r:
                 a["error"] = r["error"]
             a["sizes"].append(r["V"])
-        print("| op | dtype | V | largest difference (GPU vs CPU) | result |")
-        print("| --- | --- | --- | --- | --- |")
-        for (op, dtype), a in agg.items():
+        print("| op | dtype | logits | V | largest difference (GPU vs CPU) | result |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for (op, dtype, where), a in agg.items():
             unit = " mismatches" if op in EXACT else ""
             if op == "sample":
                 unit = (f" of {a['pairs']} (row, seed) pairs differ ({a['same_draws']}/{a['draws']} draws "
                         "same)")
             if "error" in a:
                 unit = f" (the GPU raised {a['error']})".replace("|", "/")
-            print(f"| {op} | {dtype} | {','.join(map(str, a['sizes']))} | {a['max_diff']:.3g}{unit} | "
+            sizes = ",".join(map(str, a["sizes"]))
+            print(f"| {op} | {dtype} | {where} | {sizes} | {a['max_diff']:.3g}{unit} | "
                   f"{'pass' if a['ok'] else 'FAIL'} |")
         print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0

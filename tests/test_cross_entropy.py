@@ -182,17 +182,17 @@ def test_an_infinite_class_weight_with_smoothing_is_infinite_as_in_pytorch(chunk
 @pytest.mark.parametrize("chunk_size", [None, 1])
 def test_an_infinite_class_weight_where_one_class_holds_all_the_mass(chunk_size, recwarn):
     """Rows whose max holds probability 1 (log s = 0: the other logits -inf or 200 below): a class of p = 0
-    and infinite weight adds inf, as in PyTorch, not NaN from W log s = inf * 0; an infinite or NaN weight
-    on the p = 1 class gives NaN (inf * 0, NaN * 0), as in PyTorch. Literal torch 2.13 values
+    and infinite weight adds inf, as in PyTorch, not NaN from W log s = inf * 0; a NaN weight gives NaN
+    wherever it stands, the p = 1 class included (NaN * 0), as in PyTorch. Literal torch 2.13 values
     (F.cross_entropy, float32, label_smoothing=0.1, reduction="none"), but for the one documented
-    difference: an infinite weight on the p = 1 class of a row where another class's term is infinite
-    gives that inf (PyTorch: NaN, from inf * 0)."""
+    difference: a class of p = 1 adds 0 whatever its weight (PyTorch: NaN for an infinite one, inf * 0;
+    row 3's 240.96666 is PyTorch's loss with that weight 0)."""
     x = np.array([[0.5, -inf, -inf], [0.5, -200.0, 3.0], [1.0, -inf, -200.0], [1.0, -250.0, -200.0]],
                  np.float32)
     y = np.array([0, 2, 1, 1])
     cases = (([1, inf, 1], [inf, inf, inf, inf]),
              ([1, 1, inf], [inf, inf, inf, inf]),
-             ([inf, 1, 1], [nan, inf, inf, nan]),       # row 2: PyTorch nan (inf weight on its p = 1 class)
+             ([inf, 1, 1], [nan, inf, inf, 240.96666]),  # rows 2, 3: PyTorch nan (inf weight, p = 1)
              ([1, -inf, 1], [nan, -inf, -inf, -inf]),   # row 0: -inf + inf
              ([1, 1, -inf], [nan, -inf, nan, -inf]),    # row 2: inf + -inf
              ([nan, 1, 1], [nan, nan, nan, nan]))       # a NaN weight anywhere
@@ -205,7 +205,23 @@ def test_an_infinite_class_weight_where_one_class_holds_all_the_mass(chunk_size,
         acc = fl.stream.CrossEntropy(y, weight=w, label_smoothing=0.1, reduction="none")
         for c in (2, 0, 1):
             acc.update(x[:, c:c + 1], c)
-        np.testing.assert_equal(acc.result(), want, err_msg=f"{w} accumulator")
+        np.testing.assert_equal(acc.result().astype(np.float32), np.float32(want), err_msg=f"{w} accumulator")
+    assert not [m for m in recwarn if issubclass(m.category, RuntimeWarning)], [str(m) for m in recwarn]
+
+
+def test_finite_class_weights_whose_sum_overflows(recwarn):
+    """Finite float64 weights past float64's range in sum, on a row whose max holds all the mass: the max's
+    class adds w * 0 = 0, as in PyTorch (torch 2.13: 3.7333e+307), not NaN from an overflowed W times
+    log s = 0; quietly (no overflow warning), in memory and from the accumulator."""
+    x = np.array([[0.0, -40.0, -41.0]])
+    y = np.array([1])
+    w = np.array([1.79e308, 1e306, 1.0])
+    got = fl.cross_entropy(x, y, weight=w, label_smoothing=0.1, reduction="none")
+    np.testing.assert_allclose(got, [3.7333333333333e307], rtol=1e-12)
+    acc = fl.stream.CrossEntropy(y, weight=w, label_smoothing=0.1, reduction="none")
+    acc.update(x[:, 1:], 1)
+    acc.update(x[:, :1], 0)
+    np.testing.assert_allclose(acc.result(), got, rtol=1e-15)
     assert not [m for m in recwarn if issubclass(m.category, RuntimeWarning)], [str(m) for m in recwarn]
 
 

@@ -252,10 +252,8 @@ def wdist(w, d):
 @cuda.jit(device=True)
 def dist_total(d, W, log_s):
     """The C core's fl__dist_total: the smoothing sum d + W log s, W log s taken as 0 where log s is but
-    for a NaN W, or an infinite W where d is finite (PyTorch's NaN, w * log 1, for the max's own)."""
-    if log_s == 0.0 and (math.isfinite(W) or (W == W and not math.isfinite(d))):
-        return d
-    return d + W * log_s
+    for a NaN W."""
+    return d if log_s == 0.0 and W == W else d + W * log_s
 
 
 @cuda.jit(device=True)

@@ -323,13 +323,12 @@ static inline void fl__dist_merge(double *d, double *w, double m, double d2, dou
 }
 
 /* A row's smoothing sum, sum w (lse - x) = d + W log s, from its distance sum d (fl__dist) and weight sum W.
- * W log s is the sum of w log s over the classes. Where log s is 0 (the max holds all the mass), so is
- * that sum for finite weights, and for an infinite weight below the max, whose term in d is already
- * infinite (W * 0 would make it NaN where PyTorch's sum is inf). A NaN weight, or an infinite one where d
- * is finite (the max's own: PyTorch's w * log 1), gives NaN, as in PyTorch. */
+ * W log s is the sum of w log s over the classes: 0 where log s is (the max holds all the mass), whatever
+ * the weights, an infinite one included (W * 0 would make it NaN where PyTorch's sum is inf) and finite
+ * ones whose sum W overflows; but a NaN weight makes the sum NaN, as in PyTorch. (An infinite weight on
+ * the max's own class adds 0 here, where PyTorch's w * log 1 is NaN: W cannot tell where it stands.) */
 static inline double fl__dist_total(double d, double W, double log_s) {
-    if (log_s == 0.0 && (isfinite(W) || (W == W && !isfinite(d)))) return d;
-    return d + W * log_s;
+    return log_s == 0.0 && W == W ? d : d + W * log_s;
 }
 
 /* ------------------------------------------------------------------------------------------------ */

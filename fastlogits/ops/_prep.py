@@ -35,8 +35,9 @@ def compute_dtype(name):
 
 def weight_sum(w):
     """The sum, in float64, of class weights as the kernels read them (w in the compute dtype): label
-    smoothing's total weight. Weights inf and -inf give NaN, quietly, as in PyTorch."""
-    with np.errstate(invalid="ignore"):
+    smoothing's total weight. Weights inf and -inf give NaN, quietly, as in PyTorch; finite ones whose sum
+    overflows give inf, quietly too (fl__dist_total reads it)."""
+    with np.errstate(invalid="ignore", over="ignore"):
         return float(np.sum(w, dtype=np.float64))
 
 

@@ -294,9 +294,9 @@ def cross_entropy(logits, labels, *, weight=None, ignore_index=-100, label_smoot
         and its row.
     weight : array of V floats, optional
         Per-class weights (PyTorch's ``weight``). With label smoothing, a weight w adds w (-log p) of its
-        class: an infinite weight gives ±inf where p < 1, a zero weight NaN where p = 0, a NaN weight NaN,
-        and an infinite weight NaN where p = 1 (inf * 0), as in PyTorch; but a row where an infinite
-        weight's class has p = 1 and another class's term is infinite gives that ±inf (PyTorch: NaN).
+        class: an infinite weight gives ±inf where p < 1, and as in PyTorch, a zero weight NaN where
+        p = 0 and a NaN weight NaN wherever it stands; where p is 1 (-log p = 0) the class adds 0,
+        whatever its weight (PyTorch: NaN for an infinite one, inf * 0).
     ignore_index : int
         Rows with this label count for nothing (default -100).
     label_smoothing : float in [0, 1]

@@ -376,7 +376,7 @@ class CrossEntropy(_Base):
             with np.errstate(invalid="ignore", divide="ignore"):
                 log_s = np.log(self.s)     # d + W log s, as fl__dist_total forms it
                 d, W = self.dist, self.wseen
-                keep = (log_s == 0) & (np.isfinite(W) | ((W == W) & ~np.isfinite(d)))
+                keep = (log_s == 0) & (W == W)
                 smooth = np.where(finite, np.where(keep, d, d + W * log_s), np.nan)
         return ce_terms(nll, smooth, lse, self.labels, self.ignore_index, self.weight, eps, self.z_loss, V,
                         per_row)
