@@ -239,6 +239,10 @@ def test_a_safetensors_tensor_listed_twice_is_refused_naming_it(tmp_path):
     path.write_bytes(struct.pack("<Q", len(h)) + h + data)
     with pytest.raises(SourceError, match="'a' is listed more than once"):
         fl.open(path)
+    h = f'{{"a": {{"dtype": "F16", {a}}}}}'.encode()                     # a field twice in an entry
+    path.write_bytes(struct.pack("<Q", len(h)) + h + data)
+    with pytest.raises(SourceError, match="entry for 'a': 'dtype' is given more than once"):
+        fl.open(path)
     # a key twice in the free-form metadata is no tensor's: read as the safetensors package reads it
     h = f'{{"a": {{{a}}}, "__metadata__": {{"k": "1", "k": "2"}}}}'.encode()
     path.write_bytes(struct.pack("<Q", len(h)) + h + data)

@@ -431,6 +431,9 @@ def open_safetensors(path, tensor=None, dtype=None):
 
 def _st_entry(path, key, info):
     """(dtype name, shape, begin, end) of one tensor's header entry, checked."""
+    if getattr(info, "twice", None) is not None:
+        raise SourceError(f"{path}: corrupt safetensors entry for {key!r}: {info.twice!r} is given more than "
+                          "once (expected dtype, shape and data_offsets once each)")
     try:
         st_dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     except (KeyError, TypeError):
