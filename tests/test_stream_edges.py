@@ -340,6 +340,21 @@ def test_big_endian_and_version_3_npy(tmp_path, rng):
     np.testing.assert_array_equal(fl.entropy(fl.open(tmp_path / "v3.npy")), fl.entropy(x))
 
 
+def test_a_big_endian_npy_opened_with_its_own_dtype(tmp_path, rng):
+    """dtype= naming a big-endian file's own dtype ('>f4' for np.save of big-endian float32) is that file's
+    dtype, read as its values; another byte-swapped dtype is refused saying what the file holds."""
+    x = (rng.standard_normal((3, 40)) * 3).astype(np.float32)
+    np.save(tmp_path / "be.npy", x.astype(">f4"))
+    src = fl.open(tmp_path / "be.npy", dtype=">f4")
+    assert src.dtype == "float32"
+    np.testing.assert_array_equal(fl.logsumexp(src), fl.logsumexp(x))
+    with pytest.raises(TypeError, match="byte order, got >f8"):
+        fl.open(tmp_path / "be.npy", dtype=">f8")
+    np.save(tmp_path / "le.npy", x)
+    with pytest.raises(TypeError, match="byte order, got >f4"):     # a native file: its dtype is '<f4'
+        fl.open(tmp_path / "le.npy", dtype=">f4")
+
+
 def test_big_endian_array_likes_and_blocks(rng):
     """Big-endian arrays behind the array-like interface, and big-endian row blocks (alone or after
     native ones), are their values, as in memory and in .npy files."""

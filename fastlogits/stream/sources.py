@@ -287,6 +287,8 @@ def open_npy(path, dtype=None):
     if dt.hasobject:
         raise SourceDtypeError(f"{path}: expected float logits, found an object array")
     swap = not dt.isnative and dt.itemsize > 1      # big-endian data: swapped as it is read
+    if swap and _big_endian(dtype) == dt.str:       # the file's own byte-swapped dtype, declared
+        dtype = dt.newbyteorder("=")
     dt = dt.newbyteorder("=") if swap else dt
     if dtype is not None and dtype_name(dtype) == "bfloat16":
         if not _bf16_redeclares(dt):
