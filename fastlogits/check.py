@@ -208,7 +208,8 @@ def run(V_list=None, rows=None, seed=0, sample_shape=None, dtypes=tuple(DTYPES),
             bs = np.log(rng.uniform(0.1, 1.0, xb.shape[0]))      # their scores, one beam finished
             bs[1] = -np.inf
             # the GPU gets the logits as host arrays or, for every other (dtype, V), as device arrays (its
-            # device path: results left on the device, bfloat16 maps as their bits); put(a): the input
+            # device path: results left on the device, bfloat16 maps as their bits); each call's put(x)
+            # gives it its input
             on_device = (i + j) % 2 == 1
             calls = {
                 "logsumexp": lambda b, put, x=x, t=t: fl.logsumexp(put(x), temperature=t, backend=b, **sc,
