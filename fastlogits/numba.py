@@ -23,7 +23,7 @@ import llvmlite.binding
 import numba
 import numpy as np
 from numba.core import types
-from numba.extending import overload
+from numba.extending import overload, register_jitable
 
 from fastlogits.cpu import _exports
 
@@ -45,32 +45,32 @@ _ce.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, c
 _CODES = {np.dtype(np.float32): 2, np.dtype(np.float64): 3}   # FL_F32, FL_F64 in fastlogits.h
 
 
-def _code(x, name):
+def _row(x, name):
+    """(x, its type's code): x checked, or an aligned copy of it where it is not aligned (C reads it as its
+    element type)."""
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name}: x must be a 1-D float32 or float64 NumPy array, got {type(x).__name__}")
     code = _CODES.get(x.dtype)
     if code is None or x.ndim != 1:
         raise TypeError(f"{name}: x must be a 1-D float32 or float64 array, got {x.ndim}-D {x.dtype}")
-    return code
+    return (x if x.flags.aligned else x.copy()), code
 
 
 def logsumexp_row(x):
     """log sum exp of a 1-D float32/float64 array (any stride): -inf when empty or all -inf, +inf with a
     +inf, NaN with a NaN."""
-    code = _code(x, "logsumexp_row")
-    x = x if x.flags.aligned else x.copy()         # (C reads it as its element type)
+    x, code = _row(x, "logsumexp_row")
     return _lse(x.ctypes.data, x.size, x.strides[0], code)
 
 
 def cross_entropy_row(x, label):
     """-log softmax(x)[label] for a 1-D float32/float64 array (any stride); NaN where PyTorch's
     log_softmax is NaN (a NaN or +inf in x, or all -inf); IndexError for a label outside [0, len(x))."""
-    code = _code(x, "cross_entropy_row")
+    x, code = _row(x, "cross_entropy_row")
     if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
         raise TypeError(f"cross_entropy_row: label must be an integer class index, got {label!r}")
     if not 0 <= label < x.size:
         raise IndexError(f"cross_entropy_row: label {label} is out of range for {x.size} classes")
-    x = x if x.flags.aligned else x.copy()
     return _ce(x.ctypes.data, x.size, x.strides[0], code, label)
 
 
@@ -82,16 +82,23 @@ def _numba_code(x, name):
     return _CODES[np.dtype(str(x.dtype))]
 
 
+@register_jitable
+def _aligned_nb(x):
+    """x, or an aligned copy of it (numba's array types do not say whether an array is aligned: checked
+    here, at run time)."""
+    size = x.itemsize
+    if x.ctypes.data % size or x.strides[0] % size:
+        return x.copy()
+    return x
+
+
 @overload(logsumexp_row)
 def _logsumexp_row_nb(x):
     code = _numba_code(x, "logsumexp_row")
-    size = x.dtype.bitwidth // 8
 
     def impl(x):
-        if x.ctypes.data % size or x.strides[0] % size:     # unaligned (numba's types do not say): C reads
-            c = x.copy()                                     # it as its element type, so a copy
-            return _lse_nb(c.ctypes.data, c.size, c.strides[0], code)
-        return _lse_nb(x.ctypes.data, x.size, x.strides[0], code)
+        a = _aligned_nb(x)
+        return _lse_nb(a.ctypes.data, a.size, a.strides[0], code)
     return impl
 
 
@@ -102,13 +109,9 @@ def _cross_entropy_row_nb(x, label):
         raise numba.core.errors.TypingError(f"cross_entropy_row: label must be an integer class index, got "
                                             f"{label}")
 
-    size = x.dtype.bitwidth // 8
-
     def impl(x, label):
         if label < 0 or label >= x.size:
             raise IndexError("cross_entropy_row: label is out of range")
-        if x.ctypes.data % size or x.strides[0] % size:     # unaligned: a copy, as logsumexp_row's
-            c = x.copy()
-            return _ce_nb(c.ctypes.data, c.size, c.strides[0], code, label)
-        return _ce_nb(x.ctypes.data, x.size, x.strides[0], code, label)
+        a = _aligned_nb(x)
+        return _ce_nb(a.ctypes.data, a.size, a.strides[0], code, label)
     return impl

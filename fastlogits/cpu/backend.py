@@ -62,10 +62,10 @@ def blocks(a, threads, out=False):
     end)."""
     if not through_blocks(a) or a.size == 0:
         return ((ALL, a),)
-    return _column_blocks(a, threads, out)
+    return _copied_blocks(a, threads, out)
 
 
-def _column_blocks(a, threads, out):
+def _copied_blocks(a, threads, out):
     rows, row_bytes = a.shape[0], a.shape[1] * a.itemsize
     per_line = max(LINE // abs(a.strides[0]), 1) if by_columns(a) else 1     # (else perhaps a zero stride)
     # a row a thread at least, and the last block takes the rest: a block of fewer rows than threads
