@@ -722,17 +722,54 @@ def test_ce_columns_of_any_start_and_label_without_signed_overflow(tmp_path):
     """fl_ce_update's test of whether its chunk holds the label, for any int64 label and start (a
     negative start with a label near INT64_MAX overflowed `label - start`: UBSan, found by a sanitizer
     audit). Built with UBSan where the compiler has it, failing on any report."""
-    src = tmp_path / "ce.c"
-    src.write_text(CE_COLUMNS)
+    out = _run_checked(tmp_path, CE_COLUMNS)
+    assert out.split() == ["0", "1", "2", "0"]
+
+
+def _run_checked(tmp_path, source):
+    """The standard output of a C program built with UBSan (float-to-int casts out of range included)
+    where the compiler has it, failing on any report."""
+    src = tmp_path / "prog.c"
+    src.write_text(source)
     flags = ["-O2", "-std=c99", "-Wall", "-Wextra", "-Werror"]
-    probe = subprocess.run([CC, "-fsanitize=undefined", "-x", "c", "-", "-o", str(tmp_path / "probe")],
+    ubsan = ["-fsanitize=undefined,float-cast-overflow", "-fno-sanitize-recover=all"]
+    probe = subprocess.run([CC, *ubsan, "-x", "c", "-", "-o", str(tmp_path / "probe")],
                            input="int main(void) { return 0; }", capture_output=True, text=True)
     if probe.returncode == 0:
-        flags += ["-fsanitize=undefined", "-fno-sanitize-recover=all"]
-    _compile(CC, src, tmp_path / "ce", flags)
-    out = subprocess.run([tmp_path / "ce"], capture_output=True, text=True)
+        flags += ubsan
+    _compile(CC, src, tmp_path / "prog", flags)
+    out = subprocess.run([tmp_path / "prog"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stderr == "", out.stderr
-    assert out.stdout.split() == ["0", "1", "2", "0"]
+    return out.stdout
+
+
+TOPP_BUCKETS = r"""
+#include <math.h>
+#include <stdio.h>
+#include "fastlogits.h"
+int main(void) {
+    /* (value, max, scale): above the max (by a little, by far), NaN, -inf, the max, inside, below */
+    double cases[][3] = {{1e30, 0, 1}, {20, 0, 134.5}, {NAN, 0, 1}, {-INFINITY, 0, 1}, {3, 3, 7},
+                         {-2.5, 0, 100}, {-1e6, 0, 1}};
+    for (unsigned i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+        printf("%d %d\n", (int)fl__topp_bucket_f32((float)cases[i][0], (float)cases[i][1],
+                                                   (float)cases[i][2]),
+               (int)fl__topp_bucket_f64(cases[i][0], cases[i][1], cases[i][2]));
+    return 0;
+}
+"""
+
+
+@needs_cc
+def test_topp_buckets_stay_in_the_table_for_values_the_max_did_not_see(tmp_path):
+    """Top-p's histogram bucket of a value: (m - v) * scale clamped to [0, 1024]. The row is read twice
+    (the max, then the buckets), and a value above the max or a NaN, which another thread writing the
+    caller's array between the two reads makes, gave INT_MIN or -2690: a write below the table, a crash
+    (found by a concurrency audit). Built with UBSan, which also reports a cast of a float out of int
+    range."""
+    out = _run_checked(tmp_path, TOPP_BUCKETS)
+    pairs = [tuple(map(int, line.split())) for line in out.splitlines()]
+    assert pairs == [(0, 0), (0, 0), (1024, 1024), (1024, 1024), (0, 0), (250, 250), (1024, 1024)]
 
 
 def test_numba_entry_points_read_unaligned_rows_through_a_copy(rng, monkeypatch):

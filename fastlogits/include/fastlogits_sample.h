@@ -546,15 +546,19 @@ static inline int FLS_FN(fl__topk_pass)(const fl_row *r, int64_t k, int64_t chun
 }
 
 /* Top-p over a whole row: the bucket of each token of x[0:n) (token i of a chunk), (m - x) * scale for
- * x >= t0, clamped to FL_TOPP_BUCKETS, and below t0 one of 8 unused buckets after that (so that the
+ * x >= t0, clamped to [0, FL_TOPP_BUCKETS], and below t0 one of 8 unused buckets after that (so that the
  * histogram's adds form no long store-to-load chains); and its mass exp(x - m) (m the row's max: its
- * probability times the row's sum of exp(x - m)), 0 below t0. */
+ * probability times the row's sum of exp(x - m)), 0 below t0. The clamp from below is for a value above
+ * m or a NaN, which the row read by the logsumexp pass cannot hold, but the caller's array, read again
+ * here, can, when another thread writes it during the call: the result may change then, but the index
+ * stays in the table (a value of 1e30 gave INT_MIN and a crash). */
 #ifndef FL_TOPP_BUCKETS
 #define FL_TOPP_BUCKETS 1024
 #endif
 FL_INLINE int32_t FLS_FN(fl__topp_bucket)(FLS_T v, FLS_T m, FLS_T scale) {
     FLS_T q = (m - v) * scale;
-    return (int32_t)(q < (FLS_T)FL_TOPP_BUCKETS ? q : (FLS_T)FL_TOPP_BUCKETS);
+    q = q < (FLS_T)FL_TOPP_BUCKETS ? q : (FLS_T)FL_TOPP_BUCKETS;
+    return (int32_t)(q > (FLS_T)0 ? q : (FLS_T)0);
 }
 
 FL_MULTIVERSION static FL_UNUSED void FLS_FN(fl__topp_weights)(const FLS_T *x, int64_t n, FLS_T m,
