@@ -127,9 +127,10 @@ def softmax(x, dtype, temperature, softcap, log, out, out_dtype, chunk, threads)
 def cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, weight, smoothing, chunk,
                        threads):
     """Per-row (nll, smooth, lse), float64: nll = lse - x[label] (unweighted), smooth = -sum_c w_c log p_c
-    (only when smoothing; w = 1 without weights), 0 for ignored rows. labels: int64 (rows,), checked."""
+    (w = 1 without weights; None unless smoothing), 0 for ignored rows. labels: int64 (rows,), checked."""
     rows = x.shape[0]
-    nll, smooth, lse_ = (np.empty(rows, np.float64) for _ in range(3))
+    nll, lse_ = np.empty(rows, np.float64), np.empty(rows, np.float64)
+    smooth = np.empty(rows, np.float64) if smoothing else None
     w = None
     wtotal = float(x.shape[1])
     if weight is not None and smoothing:     # (without smoothing the kernel reads no weights)
@@ -137,7 +138,8 @@ def cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, wei
         wtotal = weight_sum(w)
     for r, xb in blocks(x, threads):
         _reduce.cross_entropy(xb, CODES[dtype], temperature[r], softcap, labels[r], ignore_index, w, wtotal,
-                              bool(smoothing), nll[r], smooth[r], lse_[r], chunk, threads)
+                              bool(smoothing), nll[r], None if smooth is None else smooth[r], lse_[r], chunk,
+                              threads)
     return nll, smooth, lse_
 
 

@@ -5,7 +5,8 @@
     entropy(x, dtype, temperature, softcap, chunk, threads) -> as lse
     softmax(x, dtype, temperature, softcap, log, out, out_dtype, chunk, threads) -> out
     cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, weight, smoothing, chunk,
-                       threads) -> (nll, smooth, lse), float64 (rows,) each
+                       threads) -> (nll, smooth, lse), float64 (rows,) each (smooth is not read unless
+        smoothing: the CPU gives None)
     argmax(x, dtype, temperature, softcap, chunk, threads) -> int64 (rows,)
     top_k(x, dtype, temperature, softcap, k, logprobs, chunk, threads) -> (values | logprobs, indices)
     stats(x, dtype, temperature, softcap, labels, ignore_index, chunk, threads) -> (nll, entropy, argmax)

@@ -411,8 +411,8 @@ def _ce_rows_terms(B, r, labels, eps, z, ignore_index, w, per_row, sums=True):
     lab = check_labels(labels_on_host(labels), r.lead, r.V, ignore_index)
     nll, smooth, lse = B.cross_entropy_rows(r.x, r.dtype, r.temperature, r.softcap, lab, ignore_index, w,
                                             eps > 0, r.chunk, r.threads)
-    nll, smooth, lse = B.to_host(nll), B.to_host(smooth), B.to_host(lse)
-    return ce_terms(nll, smooth if eps > 0 else None, lse, lab, ignore_index, w, eps, z, r.V, per_row, sums)
+    nll, smooth, lse = B.to_host(nll), B.to_host(smooth) if eps > 0 else None, B.to_host(lse)
+    return ce_terms(nll, smooth, lse, lab, ignore_index, w, eps, z, r.V, per_row, sums)
 
 
 def cross_entropy_terms(logits, labels, *, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
