@@ -12,8 +12,14 @@ Entropy and TopK give the result over the columns they were given, whichever tho
 vocabulary split over devices is a whole input to them): columns never folded in are not an error.
 CrossEntropy needs every column from 0 on (its labels and weights index them) and raises for a gap. A bare
 state merged in carries no column ranges, so past it neither check is made.
+
+An accumulator may be updated and merged into from several threads at once: each fold, merge and read of
+its state holds the accumulator's lock (a fold runs on all the threads it is given anyway). Without it two
+threads could both find a range new and fold it in twice (off by log 2), or lose each other's ranges.
 """
 import contextlib
+import functools
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -75,6 +81,15 @@ def _merge_lse(m, s, m2, s2):
     _reduce.merge_lse_states(m, s, _row_state(m2, rows, "m"), _row_state(s2, rows, "s"))
 
 
+def _locked(method):
+    """method, holding the accumulator's lock (reentrant: result calls terms)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class _Base:
     def __init__(self, rows, temperature, softcap, threads, chunk_size):
         if not is_int(rows):
@@ -97,6 +112,7 @@ class _Base:
         # the column ranges folded in, as sorted [start, end) pairs; None once a bare state of unknown
         # columns was merged. Folding a column twice would count it twice, so an overlap raises.
         self.ranges = []
+        self._lock = threading.RLock()
 
     def _check_chunk(self, chunk, start):
         """chunk as an array of shape (rows, c) and start as an int, after the usual checks."""
@@ -118,11 +134,12 @@ class _Base:
     def _adding(self, ranges, columns):
         """Around a fold or merge of `columns` columns in `ranges` ([start, end) pairs; None: unknown): a
         column already folded in raises before it, and the columns are recorded once it has succeeded (a
-        fold that raises records nothing)."""
-        after = self._covered(ranges)
-        yield
-        self.ranges = after
-        self.columns += int(columns)
+        fold that raises records nothing). Holds the lock throughout."""
+        with self._lock:
+            after = self._covered(ranges)
+            yield
+            self.ranges = after
+            self.columns += int(columns)
 
     def _chunk(self, chunk, start):
         """As _check_chunk, and the context of its fold (see _adding)."""
@@ -177,7 +194,8 @@ class _Base:
                              "would count twice)")
         if isinstance(other, type(self)):
             self._check_same(other)
-            return other.state, other.ranges, other.columns
+            with other._lock:       # one snapshot, should another thread be updating it
+                return other.state, other.ranges, other.columns
         if isinstance(other, _Base):
             raise TypeError(f"merge: a {type(self).__name__} merges another {type(self).__name__} or a "
                             f"{State.__name__}, got a {type(other).__name__}")
@@ -227,6 +245,7 @@ class LogSumExp(_Base):
         return self
 
     @property
+    @_locked
     def state(self):
         """LogSumExpState (m, s): copies of the running max and sum per row, to merge elsewhere."""
         return LogSumExpState(self.m.copy(), self.s.copy())
@@ -239,6 +258,7 @@ class LogSumExp(_Base):
             _merge_lse(self.m, self.s, m2, s2)
         return self
 
+    @_locked
     def result(self):
         """logsumexp per row, float64 (rows,)."""
         out = np.empty(self.rows)
@@ -312,6 +332,7 @@ class CrossEntropy(_Base):
         return self
 
     @property
+    @_locked
     def state(self):
         """CrossEntropyState: copies of the row states, to merge elsewhere."""
         return CrossEntropyState(self.m.copy(), self.s.copy(), self.target.copy(), self.found.copy(),
@@ -344,6 +365,7 @@ class CrossEntropy(_Base):
         super()._check_same(other, ("labels", "weight", "ignore_index", "label_smoothing", "z_loss",
                                     "reduction"))
 
+    @_locked
     def terms(self, per_row=False):
         """The loss's per-row values (when per_row) and sums (see fastlogits.ops.reductions.ce_terms),
         for callers that reduce over many accumulators (streaming)."""
@@ -381,6 +403,7 @@ class CrossEntropy(_Base):
         return ce_terms(nll, smooth, lse, self.labels, self.ignore_index, self.weight, eps, self.z_loss, V,
                         per_row)
 
+    @_locked
     def result(self):
         """The loss: a float64 scalar, or per row for reduction="none"."""
         loss, sums = self.terms(per_row=self.reduction == "none")
@@ -408,6 +431,7 @@ class Entropy(_Base):
         return self
 
     @property
+    @_locked
     def state(self):
         """EntropyState (m, s, t): copies of the row states, to merge elsewhere."""
         return EntropyState(self.m.copy(), self.s.copy(), self.t.copy())
@@ -421,6 +445,7 @@ class Entropy(_Base):
             _reduce.merge_ent_states(self.m, self.s, self.t, m, s, t, self._h)
         return self
 
+    @_locked
     def result(self):
         """Entropy per row, float64 (rows,)."""
         out = np.empty(self.rows)
@@ -475,6 +500,7 @@ class TopK(_Base):
         self.indices = np.take_along_axis(i, order, 1)
 
     @property
+    @_locked
     def state(self):
         """TopKState (values, indices, m, s): copies of the kept values, to merge elsewhere."""
         m, s = self._lse.state if self._lse is not None else (None, None)
@@ -507,6 +533,7 @@ class TopK(_Base):
             raise ValueError("merge: the other TopK has a different logprobs; only accumulators of the same "
                              "options can be merged")
 
+    @_locked
     def result(self):
         """(values or log-probabilities, indices), float64 and int64, each (rows, min(k, columns))."""
         if self._lse is None:
