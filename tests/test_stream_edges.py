@@ -468,6 +468,34 @@ def test_a_guarded_call_leaves_the_source_as_it_was(rng):
         np.testing.assert_array_equal(r, fl.log_softmax(x))
 
 
+def test_a_refused_call_leaves_an_iterable_source_readable(rng):
+    """As for an array: a softmax of an iterable of blocks refused for an out over its first block has
+    read nothing, and the next call reads the source, unchecked against that out (the source kept it and
+    refused the next call's blocks, with no out at all: found by a concurrency audit), and the source keeps
+    no reference to it. A later block over out is refused as it is read."""
+    import gc
+    import weakref
+
+    x = rng.standard_normal((40, 300)).astype(np.float32)
+    src = fl.open((x[i:i + 10] for i in range(0, 40, 10)), memory="64KiB")
+    with pytest.raises(ValueError, match="out overlaps row block 0"):
+        fl.softmax(src, out=x)
+    np.testing.assert_array_equal(fl.logsumexp(src), fl.logsumexp(x))
+    y = x.copy()
+    src = fl.open((y[i:i + 10] for i in range(0, 40, 10)), memory="64KiB")
+    out = np.empty_like(y)
+    fl.softmax(src, out=out)
+    np.testing.assert_array_equal(out, fl.softmax(x))
+    gone = weakref.ref(out)
+    del out
+    gc.collect()
+    assert gone() is None
+    out = np.zeros_like(x)
+    src = fl.open((out[i:i + 10] if i == 20 else x[i:i + 10] for i in range(0, 40, 10)), memory="64KiB")
+    with pytest.raises(ValueError, match="out overlaps row block 2"):
+        fl.softmax(src, out=out)
+
+
 def test_one_dimensional_source(tmp_path, rng):
     x = rng.standard_normal(11).astype(np.float32)
     np.save(tmp_path / "one.npy", x)
@@ -1700,3 +1728,67 @@ def test_a_close_interrupted_after_the_descriptor_is_closed_never_closes_it_agai
         os.fstat(other)                                    # still open
     finally:
         real(other)
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_a_source_closed_during_a_read_is_closed_when_the_read_is_done(tmp_path, rng, monkeypatch, order):
+    """close() from another thread while a read is in flight: the read finishes on the open file (it
+    read a descriptor that close() had closed: EBADF as a bare "[Errno 9] b'Bad file descriptor'", a
+    TypeError, or the data of a file opened meanwhile under the same number; found by a concurrency
+    audit), the file is closed once it is done, and later reads say the source was closed."""
+    import threading
+
+    import fastlogits.stream.sources as sources
+    from fastlogits.cpu import _layout
+
+    x = rng.standard_normal((6, 50)).astype(np.float32)
+    np.save(tmp_path / "x.npy", np.asfortranarray(x) if order == "F" else x)
+    src = fl.open(tmp_path / "x.npy")
+    fd, reads = src._fd, []
+    real_preadv, real_columns = os.preadv, _layout.read_columns
+
+    def closed_meanwhile(real):
+        def read(*args):
+            if not reads:       # the first read: another thread closes the source under it
+                t = threading.Thread(target=src.close)
+                t.start()
+                t.join()
+            reads.append(args)
+            os.fstat(fd)        # still open
+            return real(*args)
+        return read
+
+    monkeypatch.setattr(sources.os, "preadv", closed_meanwhile(real_preadv))
+    monkeypatch.setattr(_layout, "read_columns", closed_meanwhile(real_columns))
+    np.testing.assert_array_equal(src.read(0, 1), x[:1])
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    with pytest.raises(ValueError, match="x.npy: this source was closed; open the file again"):
+        src.read(1, 2)
+
+
+def test_a_read_error_names_the_file(tmp_path, rng, monkeypatch):
+    """An error of the read itself (EIO, say) says which file and what happened, from the Python reads and
+    from the column reads of a Fortran-order file in C (whose message was a bytes repr)."""
+    import errno
+
+    import fastlogits.stream.sources as sources
+    from fastlogits.cpu import _layout
+
+    x = rng.standard_normal((6, 50)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+
+    def failing(*args):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(sources.os, "preadv", failing)
+    with pytest.raises(OSError, match=r"x\.npy: cannot read \(Input/output error\)") as e:
+        fl.logsumexp(fl.open(tmp_path / "x.npy"))
+    assert e.value.errno == errno.EIO
+    r, w = os.pipe()            # pread on a pipe: ESPIPE, from C
+    try:
+        with pytest.raises(OSError, match=r"^\[Errno \d+\] Illegal seek$"):
+            _layout.read_columns(r, np.empty((2, 3), np.float32, order="F"), 0, 8)
+    finally:
+        os.close(r)
+        os.close(w)

@@ -146,5 +146,5 @@ def read_columns(int fd, out, int64_t pos, int64_t stride):
             if got > 0:
                 j += 1
     if err:
-        raise OSError(err, strerror(err))
+        raise OSError(err, strerror(err).decode("utf-8", "replace"))
     return j

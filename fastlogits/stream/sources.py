@@ -13,6 +13,7 @@ fill up with a dump larger than memory); a truncated file, a bad header or an un
 :class:`SourceError`, which says what was expected and what was found.
 """
 import builtins
+import contextlib
 import io
 import itertools
 import json
@@ -21,6 +22,7 @@ import os
 import stat
 import struct
 import sys
+import threading
 import tokenize
 
 import numpy as np
@@ -94,6 +96,10 @@ class _FileSource(_RandomAccess, _Closing):
         self.V = self.shape[-1]
         self.rows = math.prod(self.shape[:-1])
         self.nbytes = self.rows * self.V * _itemsize(dtype)
+        # reads in flight (other threads may read one source at once), and the descriptor close() let go
+        # of while there were some: the last of them closes it, so that no read goes to a closed number,
+        # which a file opened meanwhile may have taken
+        self._lock, self._readers, self._closing = threading.Lock(), 0, None
         self._fd = os.open(self.path, os.O_RDONLY) if fd is None else os.dup(fd)
         size = os.fstat(self._fd).st_size
         if size < offset + self.nbytes:
@@ -103,21 +109,52 @@ class _FileSource(_RandomAccess, _Closing):
                 f"of data after a {offset}-byte header ({offset + self.nbytes} in all), found {size} bytes")
 
     def close(self):
+        """Closes the file, once the reads in flight in other threads are done (they finish; later ones
+        raise)."""
         # the descriptor is let go before it is closed: a signal handled between the two (Ctrl-C right
         # after os.close returns) must not leave a number that a later close() would close again, when it
         # may name another file by then
-        fd, self._fd = getattr(self, "_fd", None), None
+        if not hasattr(self, "_lock"):
+            return
+        with self._lock:
+            fd, self._fd = getattr(self, "_fd", None), None
+            if fd is not None and self._readers:
+                fd, self._closing = None, fd
         if fd is not None:
             os.close(fd)
 
     def __repr__(self):
         return f"<fastlogits source {self.format} {self.path!r} shape={self.shape} dtype={self.dtype}>"
 
-    def _pread_into(self, buf, pos):
+    @contextlib.contextmanager
+    def _reading(self):
+        """The open descriptor, for one read: a ValueError once the source was closed; a read error as an
+        OSError naming the file."""
+        with self._lock:
+            fd = self._fd
+            if fd is None:
+                raise ValueError(f"{self.path}: this source was closed; open the file again")
+            self._readers += 1
+        try:
+            yield fd
+        except OSError as e:
+            if e.filename is not None:
+                raise
+            raise OSError(e.errno, f"{self.path}: cannot read ({e.strerror})") from None
+        finally:
+            with self._lock:
+                self._readers -= 1
+                fd = None
+                if not self._readers:
+                    fd, self._closing = self._closing, None
+            if fd is not None:
+                os.close(fd)
+
+    def _pread_into(self, fd, buf, pos):
         view = memoryview(buf.reshape(-1).view(np.uint8))   # bytes (bfloat16 has no buffer format)
         done = 0
         while done < len(view):
-            n = os.preadv(self._fd, [view[done:]], pos + done)
+            n = os.preadv(fd, [view[done:]], pos + done)
             if n == 0:
                 raise SourceError(f"{self.path}: file shrank while being read (expected {len(view)} bytes at "
                                   f"offset {pos})")
@@ -134,16 +171,15 @@ class _FileSource(_RandomAccess, _Closing):
         c1 = self.V if c1 is None else c1
         if not (0 <= r0 <= r1 <= self.rows and 0 <= c0 <= c1 <= self.V):
             raise IndexError(f"rows {r0}:{r1}, columns {c0}:{c1} outside shape ({self.rows}, {self.V})")
-        if self._fd is None:
-            raise ValueError(f"{self.path}: this source was closed; open the file again")
         dt = NP_DTYPES[self.dtype]
         shape = (r1 - r0, c1 - c0)
-        out = (self._read_columns if self.fortran else self._read_rows)(r0, c0, shape, dt, out)
+        with self._reading() as fd:
+            out = (self._read_columns if self.fortran else self._read_rows)(fd, r0, c0, shape, dt, out)
         if self.byteswap:
             out.view(f"u{dt.itemsize}").byteswap(inplace=True)   # a big-endian file, read into native order
         return out
 
-    def _read_rows(self, r0, c0, shape, dt, out):
+    def _read_rows(self, fd, r0, c0, shape, dt, out):
         """Rows r0.. and columns c0.. (`shape`) of a C-order file, into `out` when it is large enough:
         one read for whole rows, else one a row."""
         if out is None or out.shape[0] < shape[0] or out.shape[1] < shape[1] or out.dtype != dt:
@@ -152,13 +188,13 @@ class _FileSource(_RandomAccess, _Closing):
             out = out[:shape[0], :shape[1]]
         isz = dt.itemsize
         if c0 == 0 and shape[1] == self.V and out.flags.c_contiguous:
-            self._pread_into(out, self.offset + r0 * self.V * isz)
+            self._pread_into(fd, out, self.offset + r0 * self.V * isz)
         else:
             for i in range(shape[0]):
-                self._pread_into(out[i], self.offset + ((r0 + i) * self.V + c0) * isz)
+                self._pread_into(fd, out[i], self.offset + ((r0 + i) * self.V + c0) * isz)
         return out
 
-    def _read_columns(self, r0, c0, shape, dt, out):
+    def _read_columns(self, fd, r0, c0, shape, dt, out):
         """Rows r0.. and columns c0.. (`shape`) of a Fortran-order file, into an array whose columns are
         contiguous (a view of `out` when it is one large enough, as row_blocks passes the buffer of the
         block before). Each column's rows are a segment of the file: the whole slab in one read when the
@@ -177,14 +213,14 @@ class _FileSource(_RandomAccess, _Closing):
         if n == 0 or c == 0:
             pass
         elif n == self.rows and out.flags.f_contiguous:
-            self._pread_into(out.T, pos)
+            self._pread_into(fd, out.T, pos)
         elif (self.rows - n) * isz <= COALESCE_BYTES:
             tile = np.empty((min(c, max(1, TILE_BYTES // height)), self.rows), dt)   # a column a row
             for j in range(0, c, tile.shape[0]):
                 k = min(tile.shape[0], c - j)
-                self._pread_into(tile[:k], self.offset + (c0 + j) * height)
+                self._pread_into(fd, tile[:k], self.offset + (c0 + j) * height)
                 out[:, j:j + k] = tile[:k, r0:r0 + n].T
-        elif _layout.read_columns(self._fd, out, pos, height) < c:
+        elif _layout.read_columns(fd, out, pos, height) < c:
             raise SourceError(f"{self.path}: file shrank while being read (expected {n * isz} bytes at "
                               f"each of {c} columns from offset {pos})")
         return out
@@ -545,7 +581,7 @@ class IterSource:
     def __init__(self, iterable, dtype=None, vocab=None):
         self._it = iter(iterable)
         self._declared = dtype
-        self._first = self._first_raw = self._protected = None
+        self._first = self._first_raw = None
         try:
             self._first = next(self._it)
         except StopIteration:
@@ -567,17 +603,17 @@ class IterSource:
         return f"<fastlogits source iterable V={self.V} dtype={self.dtype}>"
 
     def protect(self, out):
-        """A ValueError, as each block is read, if it shares memory with the output array `out` (blocks not
-        yet read may only be checked then: an iterable's blocks must not share memory with out). Returns
-        the source, for the call to read."""
-        self._protected = out          # (an iterable is read once: by this call)
+        """This source for one call writing to the output array `out`: a ValueError now if the first block
+        shares memory with out, and as each later block is read if it does (blocks not yet read may only
+        be checked then: an iterable's blocks must not share memory with out). The source itself is left
+        as it is: a call refused here has read nothing, and the next call may read it."""
         if self._first is not None and np.shares_memory(self._first_raw, out):
             raise _overlap_error("row block 0")
-        return self
+        return _GuardedIter(self, out)
 
-    def _check(self, block, i):
+    def _check(self, block, i, protect=None):
         b = host_array(block)
-        if self._protected is not None and np.shares_memory(b, self._protected):
+        if protect is not None and np.shares_memory(b, protect):
             raise _overlap_error(f"row block {i}", first=i == 0)
         if i == 0:
             self._first_raw = b
@@ -595,7 +631,9 @@ class IterSource:
             raise SourceError(f"row block {i}: expected {self.dtype} (as the first block), found {b.dtype}")
         return b
 
-    def blocks(self, max_rows):
+    def blocks(self, max_rows, protect=None):
+        """The row blocks, at most max_rows each; with protect (an output array), a ValueError for a block
+        that shares memory with it."""
         if self._used:
             raise SourceError("this iterable of row blocks was already consumed; a source of this kind is "
                               "read once")
@@ -610,9 +648,22 @@ class IterSource:
                 yield part
             i += 1
             try:
-                block = self._check(next(self._it), i)
+                block = self._check(next(self._it), i, protect)
             except StopIteration:
                 block = None
+
+
+class _GuardedIter:
+    """An IterSource for one call of a map: its blocks are checked against the call's output array."""
+
+    def __init__(self, source, out):
+        self._source, self._out = source, out
+
+    def __getattr__(self, name):          # shape, dtype, rows, V, ... of the source
+        return getattr(self._source, name)
+
+    def blocks(self, max_rows):
+        return self._source.blocks(max_rows, protect=self._out)
 
 
 class StdinSource(_Closing):
