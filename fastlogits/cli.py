@@ -22,7 +22,7 @@ import numpy as np
 
 import fastlogits as fl
 from fastlogits import _json
-from fastlogits.stream.run import STDOUT
+from fastlogits.stream.run import STDOUT, descriptor_of
 from fastlogits.stream.sources import reason
 
 
@@ -565,32 +565,72 @@ def build_parser():
 
 
 class _Terminated(BaseException):
-    """SIGTERM, raised where the main thread runs, so that the work unwinds: an output written under a
-    temporary name is removed, as after Ctrl-C."""
+    """SIGTERM (kill, timeout, job schedulers) or SIGHUP (a closed terminal, a dropped ssh session),
+    raised where the main thread runs, so that the work unwinds: an output written under a temporary name
+    is removed, as after Ctrl-C."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _terminate(signum, frame):
-    raise _Terminated
+    raise _Terminated(signum)
+
+
+_UNWINDING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 @contextlib.contextmanager
-def _sigterm_unwinds():
-    # handlers are the main thread's to set; a SIGTERM ignored (trap '' TERM) or handled by the caller
-    # stays so
-    if threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+def _signals_unwind():
+    """SIGTERM and SIGHUP raise _Terminated in the main thread while the block runs."""
+    # handlers are the main thread's to set; a signal ignored (trap '' TERM, nohup) or handled by the
+    # caller stays so
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = {sig: signal.signal(sig, _terminate) for sig in _UNWINDING
+                if signal.getsignal(sig) is signal.SIG_DFL}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _closed_standard_streams():
+    """The names of the standard streams that were closed when Python started (sys.stdin, sys.stdout or
+    sys.stderr is None then), with /dev/null opened on their descriptors where still free: a file this
+    command opens must not take descriptor 1 (a check that the output is not the input then compares the
+    input with itself), and what is written to a closed standard error (messages, the progress bar) goes
+    nowhere. print(file=None) writes standard output."""
+    closed = []
+    for fd, name, mode in ((0, "stdin", os.O_RDONLY), (1, "stdout", os.O_WRONLY), (2, "stderr", os.O_WRONLY)):
+        if getattr(sys, name) is None:
+            closed.append(name)
+            try:
+                os.fstat(fd)      # (taken by a file meanwhile: left as it is)
+            except OSError:
+                got = os.open(os.devnull, mode)
+                if got != fd:
+                    os.close(got)
+    if "stderr" in closed:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    return closed
 
 
 def main(argv=None):
+    closed = _closed_standard_streams()
     parser = build_parser()
+    if "stdout" in closed:    # every command's summary goes there (the shell's echo >&- fails too)
+        print("fastlogits: error: standard output is closed; redirect it to /dev/null to discard the "
+              "summary", file=sys.stderr)
+        return 1
     args = parser.parse_args(argv)
+    for name in ("output", "per_row"):     # /dev/stdout, /proc/self/fd/1: standard output, as -
+        path = getattr(args, name, None)
+        if path not in (None, STDOUT) and descriptor_of(path) == (os.getpid(), 1):
+            setattr(args, name, STDOUT)
     if getattr(args, "json", False) and _results_on_stdout(args):
         parser.error("--json prints the summary on standard output, where - sends the results: give an "
                      "output file, or leave out --json (the summary then goes to standard error)")
@@ -598,14 +638,15 @@ def main(argv=None):
         if getattr(args, "memory", None) is not None:     # every command, whether it uses it or not
             from fastlogits.stream.run import parse_memory
             parse_memory(args.memory, "--memory")
-        with _sigterm_unwinds():
+        with _signals_unwind():
             return args.func(args)        # (each command passes --backend, --memory on: no global state)
     except KeyboardInterrupt:
         print(f"fastlogits {args.command}: interrupted", file=sys.stderr)
         return 130
-    except _Terminated:
-        print(f"fastlogits {args.command}: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except _Terminated as e:
+        what = "hung up" if e.signum == getattr(signal, "SIGHUP", None) else "terminated"
+        print(f"fastlogits {args.command}: {what}", file=sys.stderr)
+        return 128 + e.signum
     except BrokenPipeError:   # the reader of standard output went away (| head): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

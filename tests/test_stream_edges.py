@@ -820,9 +820,10 @@ def test_strict_json_of_bfloat16_scalars():
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "posix", reason="POSIX signals")
-@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130), ("SIGHUP", 129)])
 def test_a_killed_command_leaves_no_file(tmp_path, rng, sig, code):
-    """`fastlogits softmax` stopped by SIGTERM (what kill, timeout and job schedulers send) or Ctrl-C in
+    """`fastlogits softmax` stopped by SIGTERM (what kill, timeout and job schedulers send), Ctrl-C or
+    SIGHUP (a closed terminal, a dropped ssh session: it left the partial file, found by an audit) in
     the middle of a dump read from standard input, whose writer stalls with the pipe open: the work
     unwinds at once (the read blocked on the pipe is left to the reader thread), the temporary output is
     removed, and the exit status is 128 + the signal's number. (SIGTERM used to kill it on the spot,
@@ -833,13 +834,13 @@ def test_a_killed_command_leaves_no_file(tmp_path, rng, sig, code):
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             # as started from a terminal: a test run in the background of a script (cmd &)
                             # inherits SIGINT ignored, and an ignored signal stays ignored in the child
-                            preexec_fn=lambda: (signal.signal(signal.SIGINT, signal.SIG_DFL),
-                                                signal.signal(signal.SIGTERM, signal.SIG_DFL)))
+                            preexec_fn=lambda: [signal.signal(getattr(signal, s), signal.SIG_DFL)
+                                                for s in ("SIGINT", "SIGTERM", "SIGHUP")])
     try:
         proc.stdin.write(x.tobytes())             # some rows, and the pipe left open: the writer stalls
         proc.stdin.flush()
         deadline = time.monotonic() + 60
-        while not [n for n in os.listdir(tmp_path) if ".partial-" in n]:
+        while not [n for n in os.listdir(tmp_path) if n.endswith(".partial")]:
             assert time.monotonic() < deadline and proc.poll() is None, "the command never started writing"
             time.sleep(0.05)
         time.sleep(0.2)                           # into the read that waits for more rows
@@ -854,7 +855,7 @@ def test_a_killed_command_leaves_no_file(tmp_path, rng, sig, code):
     proc.stderr.close()
     assert proc.returncode == code, err
     assert os.listdir(tmp_path) == [], "a partial output was left"
-    assert err.strip().endswith(("terminated", "interrupted"))
+    assert err.strip().endswith(("terminated", "interrupted", "hung up"))
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "posix", reason="POSIX signals")
@@ -1792,3 +1793,109 @@ def test_a_read_error_names_the_file(tmp_path, rng, monkeypatch):
     finally:
         os.close(r)
         os.close(w)
+
+
+# ---- the command line's outputs and standard streams under hostile conditions (found by a CLI audit) --
+
+def _cli_with(args, **popen):
+    """_cli with other Popen arguments (closed descriptors, limits): (returncode, stdout, stderr)."""
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+    res = subprocess.run([sys.executable, "-m", "fastlogits.cli", *map(str, args)], **popen)
+    return res.returncode, res.stdout, (res.stderr or b"").decode()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX descriptors")
+def test_closed_standard_streams(tmp_path, rng):
+    """A standard stream closed when the command starts (2>&-, <&-, >&-): with standard error closed the
+    work is done and the summary printed (the progress bar's isatty() on None failed it, silently);
+    with standard input closed, reading - says so (an AttributeError traceback); with standard output
+    closed, where every summary goes, the command refuses at once (the input took descriptor 1 and was
+    called "the file being read", or the summary was dropped with exit status 0)."""
+    x = rng.standard_normal((5, 40)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    rc, out, err = _cli_with(["stats", tmp_path / "x.npy", "--json"], stderr=None,
+                             preexec_fn=lambda: os.close(2))
+    assert rc == 0 and json.loads(out)["rows"] == 5
+    rc, out, err = _cli_with(["softmax", tmp_path / "x.npy", tmp_path / "p.npy"], stderr=None,
+                             preexec_fn=lambda: os.close(2))
+    assert rc == 0
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), fl.softmax(x.astype(np.float64)), rtol=1e-6)
+    rc, out, err = _cli_with(["stats", "-", "--dtype", "float32", "--vocab", "4"],
+                             preexec_fn=lambda: os.close(0))
+    assert rc == 1 and err.count("\n") == 1 and "standard input is closed" in err, err
+    for args in (["topk", tmp_path / "x.npy", "-"], ["stats", tmp_path / "x.npy", "--json"]):
+        rc, out, err = _cli_with(args, preexec_fn=lambda: os.close(1))
+        assert rc == 1 and err.count("\n") == 1 and "standard output is closed" in err, err
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="/proc's descriptor links")
+def test_softmax_to_a_descriptor_name(tmp_path, rng):
+    """/dev/stdout and /dev/fd/N (the shell's >(cmd)) are written at the descriptor, as - is: a pipe
+    behind one ("pipe:[687605]", which no path reaches) was refused, and a file redirected there was
+    replaced by a rename, taking it from the shell (what the shell wrote before and after was lost)."""
+    x = rng.standard_normal((6, 50)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    want = fl.softmax(x).tobytes()
+    rc, out, err = _cli_with(["softmax", tmp_path / "x.npy", "/dev/stdout"])
+    assert rc == 0 and out == want, err
+    with open(tmp_path / "both.bin", "wb") as f:      # { echo HEADER; fastlogits ...; } > both.bin
+        f.write(b"HEADER\n")
+        f.flush()
+        rc, _, err = _cli_with(["softmax", tmp_path / "x.npy", "/dev/stdout"], stdout=f)
+        f.write(b"TRAILER\n")
+    assert rc == 0, err
+    assert (tmp_path / "both.bin").read_bytes() == b"HEADER\n" + want + b"TRAILER\n"
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "fastlogits.cli", "softmax", str(tmp_path / "x.npy"),
+                                 f"/dev/fd/{w}"], pass_fds=(w,), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        os.close(w)
+        w = None
+        with os.fdopen(r, "rb") as pipe:
+            r = None
+            got = pipe.read()
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+        proc.stderr.close()
+        assert got == want
+    finally:
+        for fd in (r, w):
+            if fd is not None:
+                os.close(fd)
+
+
+def test_output_names_long_looping_and_unwritable(tmp_path, rng):
+    """A name of 250 bytes is written (the temporary name, 30 bytes longer, passed the 255-byte limit);
+    a loop of links is refused, as the shell refuses it (it was replaced by a file); a write that fails
+    (a file size limit, a full device) names the output (the message had no path) and leaves no file."""
+    import resource
+
+    x = rng.standard_normal((6, 50)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    long = tmp_path / ("a" * 246 + ".npy")
+    rc, _, err = _cli_with(["softmax", tmp_path / "x.npy", long])
+    assert rc == 0, err
+    np.testing.assert_array_equal(np.load(long), fl.softmax(x))
+    rc, _, err = _cli_with(["topk", tmp_path / "x.npy", long.with_suffix(".csv"), "-k", "2"])
+    assert rc == 0 and long.with_suffix(".csv").read_text().count("\n") == 7, err
+    os.symlink("loop1.npy", tmp_path / "loop2.npy")
+    os.symlink("loop2.npy", tmp_path / "loop1.npy")
+    for args in (["softmax", tmp_path / "x.npy"], ["topk", tmp_path / "x.npy", "-k", "2"]):
+        rc, _, err = _cli_with([*args, tmp_path / "loop1.npy"])
+        assert rc == 1 and err.count("\n") == 1 and "loop1.npy: cannot write there (Too many levels of " \
+            "symbolic links)" in err, err
+        assert os.path.islink(tmp_path / "loop1.npy")
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)       # (the write then fails with EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (600, 600))
+
+    rc, _, err = _cli_with(["softmax", tmp_path / "x.npy", tmp_path / "o.npy"], preexec_fn=small_files)
+    assert rc == 1 and err.count("\n") == 1 and "o.npy: cannot write (File too large)" in err, err
+    # nothing half written is left (the last rows, written when the file was closed, failed there, and
+    # the file was renamed into place all the same)
+    assert not (tmp_path / "o.npy").exists()
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".partial")]
+    if os.path.exists("/dev/full"):
+        rc, _, err = _cli_with(["softmax", tmp_path / "x.npy", "/dev/full"])
+        assert rc == 1 and "/dev/full: cannot write (No space left on device)" in err, err

@@ -9,11 +9,13 @@ peak memory is set by the budget, not by the dump's size.
 """
 import contextlib
 import contextvars
+import errno
 import math
 import numbers
 import os
 import queue
 import re
+import secrets
 import shutil
 import stat
 import sys
@@ -707,6 +709,8 @@ class _Sink:
                 if self.stdout:      # (the command line exits quietly when a | head stops reading)
                     raise
                 raise self._reader_gone() from None
+            except OSError as e:     # a full disk, a file size limit: named by the output's path
+                raise self._cannot_write(e) from None
         if c0 + block.shape[1] >= self.V:
             self.rows = max(self.rows, r0 + block.shape[0])
 
@@ -720,16 +724,28 @@ class _Sink:
             self._f.flush()
             return False
         try:
-            if exc_type is None and self.npy and self.lead is None:
-                self._f.seek(0)
-                _write_npy_header(self._f, (self.rows,), self.V, self.dtype, self._header_len)
             try:
-                self._f.close()
-            except BrokenPipeError:
-                raise self._reader_gone() from None
-        finally:
-            self._atomic.__exit__(exc_type, exc, tb)
+                if exc_type is None and self.npy and self.lead is None:
+                    self._f.seek(0)
+                    _write_npy_header(self._f, (self.rows,), self.V, self.dtype, self._header_len)
+            finally:
+                try:
+                    self._f.close()      # (the last buffered rows are written here: a full disk shows)
+                except BrokenPipeError:
+                    if exc_type is None:
+                        raise self._reader_gone() from None
+                except OSError as e:
+                    if exc_type is None:
+                        raise self._cannot_write(e) from None
+        except BaseException as e:       # the output is not whole: its temporary file goes, not renamed
+            self._atomic.__exit__(type(e), e, e.__traceback__)
+            raise
+        self._atomic.__exit__(exc_type, exc, tb)
         return False
+
+    def _cannot_write(self, e):
+        where = "standard output" if self.stdout else self.path
+        return type(e)(f"{where}: cannot write ({e.strerror or e})")
 
     def _reader_gone(self):
         """A named pipe's reader went away: an error (not BrokenPipeError, which the command line takes for
@@ -759,10 +775,53 @@ def _written_in_place(target):
     return os.path.exists(target) and not os.path.isfile(target)
 
 
+def descriptor_of(path):
+    """(pid, fd) where `path` names an open file descriptor (/dev/stdout, /dev/fd/N, /proc/PID/fd/N,
+    through links: the shell's `>(cmd)` gives /dev/fd/63), else None. Such an output is written to the
+    descriptor as it is, at its offset (as - writes standard output): the link behind it names a pipe
+    that no path reaches ("pipe:[687605]"), or a file that a rename would take from the shell's
+    redirection, or that a reopening would truncate."""
+    p = os.path.abspath(os.fspath(path))
+    for _ in range(40):           # (the kernel's own limit on links followed)
+        folder, name = os.path.split(p)
+        real = os.path.realpath(folder)
+        m = re.fullmatch(r"/proc/(\d+)(?:/task/\d+)?/fd", real)
+        if m and name.isdigit():
+            return int(m.group(1)), int(name)
+        if not os.path.islink(p):
+            return None
+        p = os.path.join(real, os.readlink(p))
+    return None
+
+
+def _target(path):
+    """The file an output at `path` writes: the end of its links (which need not exist yet), or an
+    OSError for a loop of links."""
+    try:
+        return os.path.realpath(path, strict=True)
+    except OSError as e:
+        if e.errno == errno.ELOOP:       # (the shell refuses such a name too)
+            raise OSError(f"{path}: cannot write there ({e.strerror})") from None
+        return os.path.realpath(path)    # a missing file or folder: the checks below say which
+
+
+def _new_file(folder):
+    """A new empty file in `folder` under a name of its own, made with the permissions a new file gets
+    (0666 less the umask, as open(path, "w") makes it). The name is short: the output's own may have the
+    255 bytes a name can have."""
+    while True:
+        path = os.path.join(folder, f".fl-{os.getpid()}-{secrets.token_hex(4)}.partial")
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return path
+        except FileExistsError:
+            continue
+
+
 def check_output_path(path):
     """An error now, before any work, if a file cannot be written at `path`: its folder is missing or
-    not writable, the name is a folder's, or it names a read-only file. A symbolic link is followed:
-    its target is what gets written."""
+    not writable, the name is a folder's, or it names a read-only file or a loop of links. A symbolic
+    link is followed: its target is what gets written."""
     if not os.fspath(path):
         raise ValueError("the output's name is empty")
     if os.path.isdir(path):
@@ -770,7 +829,11 @@ def check_output_path(path):
     if os.fspath(path).endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
         raise IsADirectoryError(f"{path}: names a folder (it ends in a separator), and there is none; "
                                 "expected the name of the file to write")
-    target = os.path.realpath(path)
+    if descriptor_of(path) is not None:
+        if not os.access(path, os.W_OK):
+            raise PermissionError(f"{path}: cannot write there (not an open descriptor, or not writable)")
+        return
+    target = _target(path)
     if _written_in_place(target):
         if not os.access(target, os.W_OK):
             raise PermissionError(f"{path}: cannot write there, {target} is not writable")
@@ -790,31 +853,36 @@ def atomic_output(path):
     """A context manager giving a temporary path next to `path` (a link's target: the link stays),
     renamed to it when the block ends normally and removed when it raises (Ctrl-C, a crash, a full disk):
     no half-written file is ever left under the final name. A file it replaces keeps its permissions.
-    An existing FIFO or device (a pipe, /dev/null) is given as it is, to be written in place."""
+    An existing FIFO or device (a pipe, /dev/null) is given as it is, to be written in place; a name of
+    one of this process's descriptors (/dev/stdout, /dev/fd/N) as a duplicate of it (an int, which
+    open() takes), written at its offset."""
     return _Atomic(os.fspath(path))
 
 
 class _Atomic(contextlib.AbstractContextManager):
     def __init__(self, path):
         self.path = path
-        self.target = os.path.realpath(path)
-        folder, base = os.path.split(self.target)
-        self.tmp = os.path.join(folder, f".{base}.partial-{os.getpid()}-{threading.get_ident()}")
         self.in_place = False
 
     def __enter__(self):
         check_output_path(self.path)
+        fd = descriptor_of(self.path)
+        if fd is not None:
+            self.in_place = True
+            return os.dup(fd[1]) if fd[0] == os.getpid() else self.path
+        self.target = _target(self.path)
         if _written_in_place(self.target):
             self.in_place = True
             return self.target
+        self.tmp = None
         try:
-            with open(self.tmp, "wb"):    # (a stale one, left by a killed process of the same pid: reused)
-                pass
+            self.tmp = _new_file(os.path.dirname(self.target))
             if os.path.isfile(self.target):
                 shutil.copymode(self.target, self.tmp)
         except OSError as e:         # named by the caller's path, not the temporary one
-            with contextlib.suppress(OSError):
-                os.remove(self.tmp)
+            if self.tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(self.tmp)
             raise type(e)(f"{self.path}: cannot write there ({e.strerror or e})") from None
         return self.tmp
 
@@ -823,7 +891,10 @@ class _Atomic(contextlib.AbstractContextManager):
             return False
         try:
             if exc_type is None:
-                os.replace(self.tmp, self.target)
+                try:
+                    os.replace(self.tmp, self.target)
+                except OSError as e:     # named by the caller's path (an append-only file, say)
+                    raise type(e)(f"{self.path}: cannot write there ({e.strerror or e})") from None
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.tmp)      # after a rename, nothing is left to remove

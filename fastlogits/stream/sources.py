@@ -686,6 +686,9 @@ class StdinSource(_Closing):
         self.rows = None
         self.name, self.path = name, path      # path: a pipe, opened at the first read (a FIFO waits there)
         self.format = "stdin" if path is None else "pipe"
+        if stream is None and path is None and sys.stdin is None:
+            raise SourceError("standard input is closed (the process was started with descriptor 0 "
+                              "closed, as by <&-): there are no rows to read")
         if stream is None and path is None:
             # the file under sys.stdin's buffer: a read blocked on a stalled pipe then holds no buffer lock
             # (the interpreter's exit, after Ctrl-C, takes that lock and aborts if a reader holds it)
