@@ -65,7 +65,8 @@ def logsumexp_row(x):
 
 def cross_entropy_row(x, label):
     """-log softmax(x)[label] for a 1-D float32/float64 array (any stride); NaN where PyTorch's
-    log_softmax is NaN (a NaN or +inf in x, or all -inf); IndexError for a label outside [0, len(x))."""
+    log_softmax is NaN (a NaN or +inf in x, or all -inf). A label outside [0, len(x)) raises IndexError
+    here, and gives NaN inside @njit code (Numba cannot raise from a prange loop or a @cfunc)."""
     x, code = _row(x, "cross_entropy_row")
     if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
         raise TypeError(f"cross_entropy_row: label must be an integer class index, got {label!r}")
@@ -109,9 +110,9 @@ def _cross_entropy_row_nb(x, label):
         raise numba.core.errors.TypingError(f"cross_entropy_row: label must be an integer class index, got "
                                             f"{label}")
 
+    # a label outside [0, len(x)) gives NaN, as the C functions: Numba drops an exception raised in a
+    # prange loop (the thread's other rows were left unwritten: garbage) or a @cfunc (0.0 returned)
     def impl(x, label):
-        if label < 0 or label >= x.size:
-            raise IndexError("cross_entropy_row: label is out of range")
         a = _aligned_nb(x)
         return _ce_nb(a.ctypes.data, a.size, a.strides[0], code, label)
     return impl

@@ -2,6 +2,7 @@
 Cython module built against the installed package, and the Numba entry points. Everything is built with
 the system compiler against ``fastlogits.get_include()``, and checked against the float64 reference."""
 
+import ctypes
 import os
 import re
 import shutil
@@ -691,14 +692,50 @@ def test_numba_entry_points(rng):
                 fn(bad)
     with pytest.raises(IndexError, match="out of range"):
         cross_entropy_row(np.zeros(3), 3)
-    with pytest.raises(IndexError):
-        numba.njit(lambda a: cross_entropy_row(a, 5))(np.zeros(3))
+    for bad in (5, 3, -1, np.uint64(2**63 + 1)):       # NaN in compiled code, as the C functions give
+        assert np.isnan(numba.njit(lambda a, lab: cross_entropy_row(a, lab))(np.zeros(3), bad))
     # a float label would be truncated (NaN to INT64_MIN, an address far outside the row): refused
     for bad in (2.9999, np.nan, True):
         with pytest.raises(numba.core.errors.TypingError, match="label must be an integer"):
             numba.njit(lambda a, lab: cross_entropy_row(a, lab))(np.zeros(3), bad)
         with pytest.raises(TypeError, match="label must be an integer"):
             cross_entropy_row(np.zeros(3), bad)
+
+
+def test_numba_cross_entropy_with_a_bad_label_in_a_parallel_loop(rng):
+    """A label out of range in a prange loop gives NaN for its row and leaves every other row right: the
+    raise of an IndexError there was dropped by Numba, and the rows after it in its thread's share were
+    never written (garbage such as 6.4e151; found by an embedding audit). The same in a @cfunc, which
+    printed a traceback and returned 0.0."""
+    numba = pytest.importorskip("numba")
+    from fastlogits.numba import cross_entropy_row
+
+    @numba.njit(parallel=True)
+    def losses(x, y):
+        out = np.empty(x.shape[0])
+        for i in numba.prange(x.shape[0]):
+            out[i] = cross_entropy_row(x[i], y[i])
+        return out
+
+    x = rng.standard_normal((64, 5)).astype(np.float32)
+    y = rng.integers(0, 5, 64)
+    bad = rng.choice(64, 6, replace=False)
+    y[bad] = rng.choice([-1, 5, 7, -100, 2**40], 6)
+    got = losses(x, y)
+    good = np.setdiff1d(np.arange(64), bad)
+    assert np.isnan(got[bad]).all()
+    np.testing.assert_allclose(got[good], ref.cross_entropy(x[good], y[good], reduction="none"), rtol=2e-6)
+    sig = numba.float64(numba.types.CPointer(numba.float32), numba.int64, numba.int64)
+
+    @numba.cfunc(sig)
+    def c_loss(p, n, label):
+        return cross_entropy_row(numba.carray(p, n), label)
+
+    row = np.ascontiguousarray(x[0])
+    f = ctypes.CFUNCTYPE(ctypes.c_double, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)(c_loss.address)
+    assert np.isnan(f(row.ctypes.data, 5, 5)) and np.isnan(f(row.ctypes.data, 5, -1))
+    assert f(row.ctypes.data, 5, 2) == pytest.approx(ref.cross_entropy(x[:1], np.array([2]),
+                                                                      reduction="none")[0], rel=2e-6)
 
 
 CE_COLUMNS = r"""

@@ -32,11 +32,14 @@ cdef extern from *:
         return fl_lse_result(&st);
     }
 
-    /* -log softmax(row)[label] (NaN where PyTorch's log_softmax is NaN); label already checked. */
+    /* -log softmax(row)[label] (NaN where PyTorch's log_softmax is NaN, and for a label outside
+     * [0, n), as fl_cross_entropy_f32 gives: compiled callers cannot all raise). */
     FL_EXPORT double fastlogits_ce_row(const char *data, int64_t n, int64_t stride, int dtype,
                                        int64_t label) {
         fl_row r;
-        fl_lse_state st = fastlogits__row_state(&r, data, n, stride, dtype);
+        fl_lse_state st;
+        if (label < 0 || label >= n) return NAN;
+        st = fastlogits__row_state(&r, data, n, stride, dtype);
         double xt = dtype == FL_F64 ? fl_row_value_f64(&r, label) : fl_row_value_f32(&r, label);
         if (!(st.m > -INFINITY && st.m < INFINITY)) return NAN;
         return (st.m - xt) + log(st.s);
