@@ -622,11 +622,14 @@ FL_INLINE void fl__store_one(char *p, int dtype, double v) {
 static const int fl_dtype_size[4] = {2, 2, 4, 8};
 
 /* One row of logits as it lies in memory. Values are transformed as x -> softcap * tanh(x / softcap)
- * (when softcap > 0), then divided by temperature. */
+ * (when softcap > 0), then divided by temperature. data and stride must be multiples of the element's
+ * size (its alignment): the row drivers read the elements as their C type, and an unaligned one is
+ * undefined behaviour (UBSan reports it; a vectorizing compiler may fault on it). Copy an unaligned row
+ * first, as the Python package does. */
 typedef struct fl_row {
-    const char *data;  /* element 0 */
+    const char *data;  /* element 0, aligned to its size */
     int64_t n;         /* number of elements */
-    int64_t stride;    /* bytes from one element to the next; may be negative */
+    int64_t stride;    /* bytes from one element to the next (a multiple of its size); may be negative */
     int dtype;         /* FL_F16, FL_BF16, FL_F32 or FL_F64 */
     double temperature; /* logits are divided by it; 1 for none */
     double softcap;    /* 0 for none */

@@ -412,12 +412,12 @@ static inline const FL_T *FL_FN(fl_row_chunk)(const fl_row *r, int64_t start, in
     int plain = r->temperature == 1.0 && r->softcap == 0.0;
     int64_t i;
     if (r->stride == (int64_t)sizeof(FL_T) && r->dtype == (sizeof(FL_T) == 4 ? FL_F32 : FL_F64)) {
-        if (plain) return (const FL_T *)p;
+        if (plain) return (const FL_T *)(const void *)p;     /* (aligned: see fl_row) */
         memcpy(buf, p, (size_t)len * sizeof(FL_T));
     } else if (sizeof(FL_T) == 4 && r->stride == 2 && r->dtype == FL_F16) {
-        fl_load_f16((float *)buf, (const uint16_t *)p, len);
+        fl_load_f16((float *)buf, (const uint16_t *)(const void *)p, len);
     } else if (sizeof(FL_T) == 4 && r->stride == 2 && r->dtype == FL_BF16) {
-        fl_load_bf16((float *)buf, (const uint16_t *)p, len);
+        fl_load_bf16((float *)buf, (const uint16_t *)(const void *)p, len);
     } else {
         for (i = 0; i < len; i++) buf[i] = (FL_T)fl__load_one(p + i * r->stride, r->dtype);
     }
@@ -549,9 +549,9 @@ static inline void FL_FN(fl_store)(char *out, int64_t stride, int dtype, const F
     if (dtype == (sizeof(FL_T) == 4 ? FL_F32 : FL_F64) && stride == (int64_t)sizeof(FL_T)) {
         memcpy(out, y, (size_t)n * sizeof(FL_T));
     } else if (sizeof(FL_T) == 4 && stride == 2 && dtype == FL_F16) {
-        fl_store_f16((uint16_t *)out, (const float *)y, n);
+        fl_store_f16((uint16_t *)(void *)out, (const float *)y, n);
     } else if (sizeof(FL_T) == 4 && stride == 2 && dtype == FL_BF16) {
-        fl_store_bf16((uint16_t *)out, (const float *)y, n);
+        fl_store_bf16((uint16_t *)(void *)out, (const float *)y, n);
     } else {
         for (i = 0; i < n; i++) fl__store_one(out + i * stride, dtype, (double)y[i]);
     }
@@ -593,7 +593,7 @@ static inline void FL_FN(fl_row_softmax)(const fl_row *r, int64_t start, int64_t
     FL_T m = (FL_T)st->m;
     for (int64_t c0 = start, k = 0; c0 < stop; c0 += chunk, k++) {
         int64_t len = stop - c0 < chunk ? stop - c0 : chunk, i;
-        FL_T *y = direct ? (FL_T *)(out + c0 * out_stride) : my ? e + (c0 - start) : ybuf;
+        FL_T *y = direct ? (FL_T *)(void *)(out + c0 * out_stride) : my ? e + (c0 - start) : ybuf;
         double f = 0.0;
         if (wide) {
             const FL_T *x = FL_FN(fl_row_chunk)(r, c0, len, buf);

@@ -186,10 +186,10 @@ static FL_UNUSED void fl__philox_block_sse2(uint32_t *w, uint32_t ctr0, const fl
     for (j = 0; j < 8; j += 2) {          /* the low halves of lanes 2 j .. 2 j + 3, four words a store */
 #define FL__LOW_HALVES(a, b) \
     _mm_castps_si128(_mm_shuffle_ps(_mm_castsi128_ps(a), _mm_castsi128_ps(b), _MM_SHUFFLE(2, 0, 2, 0)))
-        _mm_storeu_si128((__m128i *)(w + 2 * j), FL__LOW_HALVES(a0[j], a0[j + 1]));
-        _mm_storeu_si128((__m128i *)(w + 16 + 2 * j), FL__LOW_HALVES(a1[j], a1[j + 1]));
-        _mm_storeu_si128((__m128i *)(w + 32 + 2 * j), FL__LOW_HALVES(a2[j], a2[j + 1]));
-        _mm_storeu_si128((__m128i *)(w + 48 + 2 * j), FL__LOW_HALVES(a3[j], a3[j + 1]));
+        _mm_storeu_si128((__m128i *)(void *)(w + 2 * j), FL__LOW_HALVES(a0[j], a0[j + 1]));
+        _mm_storeu_si128((__m128i *)(void *)(w + 16 + 2 * j), FL__LOW_HALVES(a1[j], a1[j + 1]));
+        _mm_storeu_si128((__m128i *)(void *)(w + 32 + 2 * j), FL__LOW_HALVES(a2[j], a2[j + 1]));
+        _mm_storeu_si128((__m128i *)(void *)(w + 48 + 2 * j), FL__LOW_HALVES(a3[j], a3[j + 1]));
 #undef FL__LOW_HALVES
     }
 }
@@ -221,13 +221,13 @@ FL_TARGET_AVX2 static FL_UNUSED void fl__philox_block_avx2(uint32_t *w, uint32_t
         k1 += FL_PHILOX_W1;
     }
     for (j = 0; j < 4; j++) {             /* the low halves of lanes 4 j .. 4 j + 3 */
-        _mm_storeu_si128((__m128i *)(w + 4 * j),
+        _mm_storeu_si128((__m128i *)(void *)(w + 4 * j),
                          _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(a0[j], low)));
-        _mm_storeu_si128((__m128i *)(w + 16 + 4 * j),
+        _mm_storeu_si128((__m128i *)(void *)(w + 16 + 4 * j),
                          _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(a1[j], low)));
-        _mm_storeu_si128((__m128i *)(w + 32 + 4 * j),
+        _mm_storeu_si128((__m128i *)(void *)(w + 32 + 4 * j),
                          _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(a2[j], low)));
-        _mm_storeu_si128((__m128i *)(w + 48 + 4 * j),
+        _mm_storeu_si128((__m128i *)(void *)(w + 48 + 4 * j),
                          _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(a3[j], low)));
     }
 }
