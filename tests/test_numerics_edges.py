@@ -44,6 +44,37 @@ def test_float64_softcap_tanh_is_accurate_near_zero(rng):
     assert err.max() <= 4.0, (err.max(), x[np.argmax(err)])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_huge_softcaps_keep_the_bits_of_small_logits(dtype, rng):
+    """c tanh(x / c) for a cap so large that x / c is subnormal or 0: the transformed value is x to a few
+    ulp, against mpmath (c times x / c lost x's bits: a cap of 1e38 made 1e-7 into 1.4e-7, and a small
+    temperature carried the error into a logsumexp 300 times the tolerance; found by a numerics audit).
+    One-value rows (their logsumexp is the value), then the audit's rows with temperatures."""
+    mpmath = pytest.importorskip("mpmath")
+    big = 3e38 if dtype == np.float32 else 1.7e308
+    caps = [big, big / 3, 1e30 if dtype == np.float32 else 1e300]
+    x = (np.geomspace(1e-30, 1e3, 300) * rng.choice([-1.0, 1.0], 300)).astype(dtype)
+    with mpmath.workdps(60):
+        for c in caps:
+            got = np.array([fl.logsumexp(v[None], softcap=c) for v in x], np.float64)
+            want = np.array([float(mpmath.mpf(c) * mpmath.tanh(mpmath.mpf(float(v)) / mpmath.mpf(c)))
+                             for v in x])
+            err = np.abs(got - want) / np.spacing(np.abs(want).astype(dtype)).astype(np.float64)
+            assert err.max() <= 4.0, (c, err.max(), x[np.argmax(err)])
+        eps = 2.0**-23 if dtype == np.float32 else 2.0**-52
+        for row, c, t in (([1e-3, 0.0], big, 1e-30), ([1.2345e-4, -1e-4], big, 1e-30),
+                          ([1e-7, 0.0], big / 3, 1e-30)):
+            v = np.array(row, dtype)
+            z = [mpmath.mpf(c) * mpmath.tanh(mpmath.mpf(float(a)) / mpmath.mpf(c)) / mpmath.mpf(t) for a in v]
+            want = float(mpmath.log(sum(mpmath.exp(a) for a in z)))
+            M = float(max(abs(a) for a in z))
+            assert abs(fl.logsumexp(v, softcap=c, temperature=t) - want) <= 16 * eps * (1 + M + abs(want))
+    v = np.array([0.0, 1e-7], dtype)
+    np.testing.assert_allclose(fl.softmax(v, softcap=1e38, temperature=1e-7), [1 / (1 + math.e),
+                                                                               math.e / (1 + math.e)],
+                               rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
 def test_softcap_keeps_the_sign_of_zero_and_edges(dtype):
     """c * tanh(-0 / c) is -0 (as PyTorch gives); inf and NaN go to +-c and NaN."""

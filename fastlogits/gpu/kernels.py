@@ -25,8 +25,8 @@
 # - Every kernel that reads logits is built once per input kind by ``_build``: float16 (read as float16),
 #   bfloat16 (read as uint16 bits and converted exactly), float32, float64. Logits are transformed as the
 #   C core does, in the compute type (float32, float64 for float64 input): ``softcap * tanh(x / softcap)``
-#   with the C core's tanh (``tanh_f32``/``tanh_f64``: saturated logits are exactly +-softcap on both
-#   backends, so they tie alike), then divided by the row's temperature.
+#   as the C core computes it (``softcap_f32``/``softcap_f64``: saturated logits are exactly +-softcap on
+#   both backends, so they tie alike), then divided by the row's temperature.
 # - Selection (argmax = top-1, top-k) ranks by the C core's strict total order (NaN first, then larger
 #   value, then lower index), so ties and NaN come out exactly as on the CPU: each thread keeps its
 #   min(k, KLOCAL) best candidates in one pass, then k block-wide rounds take the best remaining head; a
@@ -111,36 +111,39 @@ def _load_f64(x, r, j):
     return np.float64(x[r, j])
 
 
-# ---- tanh for softcap, as the C core computes it ----------------------------------------------------------
+# ---- the softcap, as the C core computes it ---------------------------------------------------------------
 
 F32_ONE = np.float32(1)
 F32_MINUS_TWO = np.float32(-2)
 F32_TANH_SMALL = np.float32(0.28)
-# tanh's Taylor coefficients as fl__tanhf writes them: float32 quotients (-1.0f / 3.0f, ...)
+# tanh's Taylor coefficients as fl__softcapf writes them: float32 quotients (-1.0f / 3.0f, ...)
 F32_T3, F32_T5, F32_T7, F32_T9 = (np.float32(a) / np.float32(b) for a, b in ((-1, 3), (2, 15), (-17, 315),
                                                                            (62, 2835)))
 
 
 @cuda.jit(device=True)
-def tanh_f32(z):
-    """tanh(z) in float32 as the C core's fl__tanhf (fastlogits.h): (1 - e) / (1 + e), e = exp(-2|z|), and
-    tanh's Taylor series to z^9 below |z| = 0.28, where 1 - e cancels. Past |z| = 9 it is exactly +-1
-    (CUDA's tanhf can be an ulp short), so logits saturated by a softcap tie exactly as on the CPU. NaN
-    stays NaN, -0 keeps its sign."""
+def softcap_f32(x, c):
+    """c tanh(x / c) in float32 as the C core's fl__softcapf (fastlogits.h): with z = x / c, c (1 - e) /
+    (1 + e), e = exp(-2|z|), and x (1 + p(z^2)), p tanh's Taylor series to z^9, below |z| = 0.28, where
+    1 - e cancels (x times the series: z may be subnormal for a large cap). Past |z| = 9 it is exactly
+    +-c (CUDA's tanhf can be an ulp short), so logits saturated by a softcap tie exactly as on the CPU.
+    NaN stays NaN, -0 keeps its sign."""
+    z = x / c
     a = abs(z)
     e = np.float32(math.exp(F32_MINUS_TWO * a))       # (float32 already on the GPU; the simulator's is not)
     t = (F32_ONE - e) / (F32_ONE + e)
     a2 = a * a
     p = a2 * (F32_T3 + a2 * (F32_T5 + a2 * (F32_T7 + a2 * F32_T9)))
     if a < F32_TANH_SMALL:
-        return z * (F32_ONE + p)
-    return -t if z < 0 else t
+        return x * (F32_ONE + p)
+    return c * (-t if z < 0 else t)
 
 
 @cuda.jit(device=True)
-def tanh_f64(z):
-    """tanh(z) in float64 as the C core's fl__tanh: (1 - e) / (1 + e), e = exp(-2|z|), exactly +-1 past
-    |z| = 19, and below |z| = 0.5 z + z^3 g(z^2) with fl__tanh's degree-10 Chebyshev g."""
+def softcap_f64(x, c):
+    """c tanh(x / c) in float64 as the C core's fl__softcap: c (1 - e) / (1 + e), e = exp(-2|z|), exactly
+    +-c past |z| = 19, and below |z| = 0.5 x (1 + z^2 g(z^2)) with fl__softcap's degree-10 Chebyshev g."""
+    z = x / c
     a = abs(z)
     e = math.exp(-2.0 * a)
     t = (1.0 - e) / (1.0 + e)
@@ -157,8 +160,8 @@ def tanh_f64(z):
     g = g * u + 0.133333333333332309162
     g = g * u - 0.333333333333333332276
     if a < 0.5:
-        return z * (1.0 + u * g)
-    return -t if z < 0 else t
+        return x * (1.0 + u * g)
+    return c * (-t if z < 0 else t)
 
 
 # ---- float32 bit casts (the simulator has no libdevice: a NumPy view gives the same bits) ----------------
@@ -621,13 +624,13 @@ def _build(kind):
         def exp_le0(d):
             return math.exp(d)
 
-    tanh = tanh_f32 if CT is np.float32 else tanh_f64
+    softcap_of = softcap_f32 if CT is np.float32 else softcap_f64
 
     @cuda.jit(device=True)
     def value(x, r, j, sc, T):
         v = load(x, r, j)
         if sc > 0:
-            v = sc * tanh(v / sc)
+            v = softcap_of(v, sc)
         if T != 1:
             v = v / T
         return v

@@ -462,21 +462,27 @@ FL_INLINE double fl__exp_up(double x) {
     return fl__exp_core(x < -745.2 ? -745.2 : x, 1087u);
 }
 
-/* tanh through exp, for softcap: tanh|z| = (1 - e) / (1 + e) with e = exp(-2|z|), a few ulp. Below |z| =
- * 0.28, 1 - e cancels (12 ulp near 0.02, and tanh(z) = 0 for |z| < 3e-8, which turned a large cap into
- * all-zero logits): there, tanh's Taylor series to z^9, whose next term is below 0.3 ulp. */
-FL_INLINE float fl__tanhf(float z) {
+/* The softcap c tanh(x / c) (c > 0), through exp: tanh|z| = (1 - e) / (1 + e) with z = x / c and e =
+ * exp(-2|z|), a few ulp. Below |z| = 0.28, 1 - e cancels (12 ulp near 0.02, and tanh(z) = 0 for |z| <
+ * 3e-8, which turned a large cap into all-zero logits): there, x (1 + p(z^2)) with p from tanh's Taylor
+ * series to z^9, whose next term is below 0.3 ulp. x times the series, not c times z times it: for a large
+ * cap z is subnormal, or 0, and c z lost x's bits (a cap of 1e38 made x = 1e-7 into 1.4e-7; found by a
+ * numerics audit), where z^2 only underflows to a term that no longer counts. */
+FL_INLINE float fl__softcapf(float x, float c) {
+    float z = x / c;
     float a = z < 0.0f ? -z : z;
     float e = fl__expf(-2.0f * a);
     float t = (1.0f - e) / (1.0f + e);
     float a2 = a * a;
     float p = a2 * (-1.0f / 3.0f + a2 * (2.0f / 15.0f + a2 * (-17.0f / 315.0f + a2 * (62.0f / 2835.0f))));
-    return a < 0.28f ? z * (1.0f + p) : (z < 0.0f ? -t : t);      /* (z * ...: -0 keeps its sign) */
+    return a < 0.28f ? x * (1.0f + p) : c * (z < 0.0f ? -t : t);     /* (x * ...: -0 keeps its sign) */
 }
 
 /* The same in double. Below |z| = 0.5, 1 - e cancels (7000 ulp near 1e-5): there tanh z = z + z^3 g(z^2),
- * g the degree-10 Chebyshev fit of (tanh(a) / a - 1) / a^2 on a^2 in [0, 0.25] (within 1.1e-18 of it). */
-FL_INLINE double fl__tanh(double z) {
+ * g the degree-10 Chebyshev fit of (tanh(a) / a - 1) / a^2 on a^2 in [0, 0.25] (within 1.1e-18 of it),
+ * and c tanh z = x (1 + z^2 g(z^2)). */
+FL_INLINE double fl__softcap(double x, double c) {
+    double z = x / c;
     double a = z < 0.0 ? -z : z;
     double e = fl__exp(-2.0 * a);
     double t = (1.0 - e) / (1.0 + e);
@@ -492,7 +498,7 @@ FL_INLINE double fl__tanh(double z) {
     g = g * u - 0.0539682539680897542681;
     g = g * u + 0.133333333333332309162;
     g = g * u - 0.333333333333333332276;
-    return a < 0.5 ? z * (1.0 + u * g) : (z < 0.0 ? -t : t);     /* (z * ...: -0 keeps its sign) */
+    return a < 0.5 ? x * (1.0 + u * g) : c * (z < 0.0 ? -t : t);     /* (x * ...: -0 keeps its sign) */
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -649,7 +655,7 @@ typedef struct fl_row {
 #define FL_EXP_NEG fl__expf_neg
 #define FL_EXP_UP fl__expf_up
 #define FL_UP 2.3283064365386963e-10    /* 2^-32: FL_EXP_UP's scale, undone */
-#define FL_TANH fl__tanhf
+#define FL_SOFTCAP fl__softcapf
 #define FL_T_MAX ((double)FLT_MAX)
 #include "fastlogits_impl.h"
 #undef FL_T_MAX
@@ -660,7 +666,7 @@ typedef struct fl_row {
 #undef FL_EXP_NEG
 #undef FL_EXP_UP
 #undef FL_UP
-#undef FL_TANH
+#undef FL_SOFTCAP
 
 #define FL_T double
 #define FL_SUF f64
@@ -669,7 +675,7 @@ typedef struct fl_row {
 #define FL_EXP_NEG fl__exp_neg
 #define FL_EXP_UP fl__exp_up
 #define FL_UP 5.421010862427522e-20     /* 2^-64 */
-#define FL_TANH fl__tanh
+#define FL_SOFTCAP fl__softcap
 #define FL_T_MAX DBL_MAX
 #include "fastlogits_impl.h"
 #undef FL_T_MAX
@@ -680,7 +686,7 @@ typedef struct fl_row {
 #undef FL_EXP_NEG
 #undef FL_EXP_UP
 #undef FL_UP
-#undef FL_TANH
+#undef FL_SOFTCAP
 
 /* ------------------------------------------------------------------------------------------------ */
 /* 3. Public API: the logsumexp state over plain arrays                                             */

@@ -324,7 +324,7 @@ FL_MULTIVERSION static FL_UNUSED void FL_FN(fl__log_softmax_wide)(const FL_T *x,
 FL_MULTIVERSION static FL_UNUSED void FL_FN(fl__transform)(FL_T *x, int64_t n, FL_T softcap,
                                                            FL_T temperature) {
     if (softcap > 0)
-        for (int64_t i = 0; i < n; i++) x[i] = softcap * FL_TANH(x[i] / softcap);
+        for (int64_t i = 0; i < n; i++) x[i] = FL_SOFTCAP(x[i], softcap);
     if (temperature != 1)
         for (int64_t i = 0; i < n; i++) x[i] = x[i] / temperature;
 }

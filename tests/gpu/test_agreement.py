@@ -464,7 +464,8 @@ def test_softcap_saturates_and_ties_as_on_the_cpu(gpu, rng, dtype):
     """The GPU's softcap uses the C core's tanh, (1 - e) / (1 + e): logits from |x / c| = 8.7 (float32) or
     18.75 (float64) on are exactly +-c on both backends, so ties among them break alike, lowest index first
     (argmax, top_k, greedy sampling). CUDA's tanh, correctly rounded up to |x / c| = 9 or 19, left them an
-    ulp short of 1 there, and the ties broke otherwise. Near 0, against mpmath: within 4 ulp."""
+    ulp short of 1 there, and the ties broke otherwise. Near 0, against mpmath: within 4 ulp, for a huge
+    cap too."""
     mpmath = pytest.importorskip("mpmath")
     c = 5.0
     lo, hi = (8.7, 9.0) if dtype == np.float32 else (18.75, 19.05)
@@ -488,3 +489,13 @@ def test_softcap_saturates_and_ties_as_on_the_cpu(gpu, rng, dtype):
         want = np.array([float(c * mpmath.tanh(mpmath.mpf(float(v)))) for v in (xs[:, 0] / dtype.type(c))])
     err = np.abs(got - want) / np.spacing(np.abs(want).astype(dtype)).astype(np.float64)
     assert err.max() <= 4.0, (err.max(), xs[np.argmax(err), 0])
+    # a cap so large that x / c is subnormal: x itself to a few ulp, as on the CPU (c times x / c lost
+    # x's bits on both)
+    big = 3e38 if dtype == np.float32 else 1.7e308
+    xs = (np.geomspace(1e-30, 1e3, 24) * rng.choice([-1, 1], 24)).astype(dtype)[:, None]
+    got = fl.logsumexp(xs, softcap=big, backend="gpu").astype(np.float64)
+    with mpmath.workdps(60):
+        want = np.array([float(big * mpmath.tanh(mpmath.mpf(float(v)) / big)) for v in xs[:, 0]])
+    err = np.abs(got - want) / np.spacing(np.abs(want).astype(dtype)).astype(np.float64)
+    assert err.max() <= 4.0, (err.max(), xs[np.argmax(err), 0])
+    np.testing.assert_array_equal(got, fl.logsumexp(xs, softcap=big, backend="cpu"))
