@@ -83,14 +83,17 @@ class Plan:
 def plan(source, memory=None, out_itemsize=0):
     """Row blocks when a row fits the budget, else column chunks of one row. Per value in flight: two
     input buffers (one read ahead) and, for maps, the output; the kernels' own scratch is a few chunks.
-    A Fortran-order file's blocks are laid out by columns, and copied into C order to be worked on (on
-    the CPU a few rows at a time, for the GPU the whole block): one more buffer."""
+    A source whose reads make new arrays (source.allocates: an h5py or zarr dataset's slices) holds
+    three: the next block is read while the consumer's loop still names the one before the block it
+    works on (two buffers were 1.5 times the budget there; found by a memory audit). A Fortran-order
+    file's blocks are laid out by columns, and copied into C order to be worked on (on the CPU a few
+    rows at a time, for the GPU the whole block): one more buffer."""
     if memory is None:
         memory = getattr(source, "memory", None)
     budget = _budget if memory is None else parse_memory(memory)
     isz = NP_DTYPES[source.dtype].itemsize
     fortran = getattr(source, "fortran", False)
-    per_value = 2 * isz + out_itemsize
+    per_value = (3 if getattr(source, "allocates", False) else 2) * isz + out_itemsize
     rows = budget // (source.V * (per_value + fortran * isz) + 64) if source.V else 1 << 16
     if rows >= 1:
         # A bigger block is no faster: past a few tens of MB the copy out of the page cache no longer
@@ -149,13 +152,21 @@ def _ahead(reads):
 def _read_ahead(source, spans):
     """(r0, c0, block) for each (r0, r1, c0, c1) of `spans`: rows r0..r1 and columns c0..c1 of a
     random-access source, read one ahead into two buffers that alternate (a block is valid until the next
-    one is asked for)."""
+    one is asked for). A source that reads into the buffer it is given (a file: reads_into_out) keeps
+    each buffer at its largest, a row's last, shorter chunk a view of it; one that makes a new array
+    each time (an array-like's slices) has the block two back let go before the read. Either way no more
+    than two blocks are held: storing the short chunk's view, or the block two back, in place of the
+    buffer held a third (1.5 times the memory budget; found by a memory audit)."""
     bufs = [None, None]
+    into = getattr(source, "reads_into_out", False)
 
     def reader(k, r0, r1, c0, c1):
         def read():
-            bufs[k % 2] = source.read(r0, r1, c0, c1, out=bufs[k % 2])
-            return r0, c0, bufs[k % 2]
+            buf, bufs[k % 2] = bufs[k % 2], None       # (the block two back: no longer valid)
+            block = source.read(r0, r1, c0, c1, out=buf if into else None)
+            keep = into and buf is not None and np.shares_memory(block, buf)
+            bufs[k % 2] = buf if keep else block
+            return r0, c0, block
         return read
     yield from _ahead(reader(k, *span) for k, span in enumerate(spans))
 
@@ -583,6 +594,14 @@ class _RowView:
     def __init__(self, source, i):
         self.source, self.i = source, i
         self.rows, self.V, self.dtype = 1, source.V, source.dtype
+
+    @property
+    def reads_into_out(self):
+        return getattr(self.source, "reads_into_out", False)
+
+    @property
+    def allocates(self):
+        return getattr(self.source, "allocates", False)
 
     def read(self, r0, r1, c0=0, c1=None, out=None):
         return self.source.read(self.i + r0, self.i + r1, c0, c1, out=out)

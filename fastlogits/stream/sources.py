@@ -81,6 +81,8 @@ class _FileSource(_RandomAccess, _Closing):
     after another: np.save of a transposed array writes one), whose rows are read a column segment at a
     time into a block laid out by columns, as the CPU kernels take a transposed array."""
 
+    reads_into_out = True      # read(out=) fills out (a view of it) when it is large enough
+
     def __init__(self, path, shape, dtype, offset, fmt, byteswap=False, fortran=False, fd=None):
         """fd: read an open file (a duplicate of the descriptor) instead of opening `path`, which then
         only names it in messages."""
@@ -524,6 +526,10 @@ class ArraySource(_RandomAccess):
         self.rows = math.prod(self.shape[:-1])
         self.nbytes = self.rows * self.V * _itemsize(self.dtype)
         self._flat = len(self.shape) == 2
+        # whether a read makes a new array (plan() then counts three blocks, not two): a 2-D NumPy
+        # array's (a memmap's) in native order is a view; an h5py or zarr slice, the stacked rows of an
+        # N-D array and a byte-swapped copy are new
+        self.allocates = not (isinstance(array, np.ndarray) and self._flat and dt.isnative)
 
     def __repr__(self):
         return f"<fastlogits source {type(self.array).__name__} shape={self.shape} dtype={self.dtype}>"
