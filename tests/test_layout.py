@@ -56,6 +56,35 @@ def test_copy_rejects_what_it_cannot_copy():
         _layout.copy(raw[1:].view(np.float32).reshape(3, 4), a, 1)
 
 
+def _unaligned(x, gap=0):
+    """A copy of the 2-D array x at an odd address (rows `gap` elements apart beyond their width)."""
+    rows, n = x.shape
+    raw = np.zeros(rows * (n + gap) * x.itemsize + 1, np.uint8)
+    u = raw[1:].view(x.dtype).reshape(rows, n + gap)[:, :n]
+    u[...] = x
+    assert not u.flags.aligned or u.size == 0
+    return u
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(33, 70), (1, 40), (40, 1), (7, 3), (0, 5), (5, 0)])
+def test_copy_runs_is_numpy_copy(dtype, shape, rng):
+    """The memcpy a row of unaligned blocks: every element's bits, from and to arrays at odd addresses,
+    with and without gaps between rows, on 1 and 3 threads."""
+    x = random_logits(rng, shape, dtype)
+    bits = np.dtype(f"u{np.dtype(dtype).itemsize}")
+    for a in (_unaligned(x), _unaligned(x, gap=3), np.ascontiguousarray(x)):
+        for b in (np.full_like(x, np.nan), _unaligned(np.full_like(x, np.nan), gap=1)):
+            for threads in (1, 3):
+                b[...] = np.nan
+                _layout.copy_runs(a, b, threads)
+                assert np.array_equal(b.view(bits), x.view(bits))
+    with pytest.raises(ValueError, match="rows of consecutive elements"):
+        _layout.copy_runs(np.zeros((3, 4), np.float32)[:, ::2], np.zeros((3, 2), np.float32), 1)
+    with pytest.raises(ValueError, match="rows of consecutive elements"):
+        _layout.copy_runs(np.zeros((3, 4), np.float32), np.zeros((3, 4), np.float64), 1)
+
+
 def test_blocks_cover_every_row_once(monkeypatch):
     """Blocks: about BLOCK_BYTES, or a row a thread, in whole cache lines of each column (the rows a line
     holds), the last one taking the rest; arrays not laid out by columns pass through unchanged."""

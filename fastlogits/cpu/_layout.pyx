@@ -1,7 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Copies between memory layouts: a 2-D array of 2-, 4- or 8-byte elements into another of the same shape,
-any strides on either side, a tile at a time; and the reads of a Fortran-order file's rows, a column at
-a time (``read_columns``).
+any strides on either side, a tile at a time (``copy``), or rows at any address a memcpy each
+(``copy_runs``, for unaligned arrays); and the reads of a Fortran-order file's rows, a column at a time
+(``read_columns``).
 
 The row kernels read a row of a transposed or Fortran-order array one element per cache line, and each
 line holds the same column of the neighbouring rows: by the time they are read, it has left the cache. So
@@ -22,7 +23,7 @@ from cython.parallel cimport prange
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.errno cimport EINTR, errno
 from libc.stdlib cimport llabs
-from libc.string cimport strerror
+from libc.string cimport memcpy, strerror
 from posix.unistd cimport pread
 
 from fastlogits.cpu._rows cimport address_of
@@ -113,6 +114,27 @@ def copy(src, dst, int threads):
             copy_2d(<const uint32_t *> ps, sr, sc, <uint32_t *> pd, dr, dc, rows, cols, threads)
         else:
             copy_2d(<const uint64_t *> ps, sr, sc, <uint64_t *> pd, dr, dc, rows, cols, threads)
+
+
+def copy_runs(src, dst, int threads):
+    """dst[...] = src: two 2-D NumPy arrays of one shape and element size whose rows are each a run of
+    consecutive elements (the last axis's stride is the element size), at any address: a memcpy a row,
+    rows shared among the threads. For unaligned arrays (np.frombuffer at an odd offset), which the
+    kernels may not read as their element type and which NumPy copies on one thread."""
+    cdef int64_t size = src.itemsize
+    if (src.ndim != 2 or dst.shape != src.shape or dst.itemsize != size
+            or (src.size and src.shape[1] > 1 and (src.strides[1] != size or dst.strides[1] != size))):
+        raise ValueError(f"fastlogits: copy_runs takes two 2-D arrays of one shape and element size with "
+                         f"rows of consecutive elements, got {src.shape} ({src.dtype}, strides "
+                         f"{src.strides}) and {dst.shape} ({dst.dtype}, strides {dst.strides})")
+    cdef int64_t rows = src.shape[0], run = src.shape[1] * size, r
+    cdef int64_t sr = src.strides[0], dr = dst.strides[0]
+    cdef const char *ps = <const char *> address_of(src)
+    cdef char *pd = <char *> address_of(dst)
+    if rows == 0 or run == 0:
+        return
+    for r in prange(rows, nogil=True, num_threads=threads, schedule="static"):
+        memcpy(pd + r * dr, ps + r * sr, run)
 
 
 def read_columns(int fd, out, int64_t pos, int64_t stride):

@@ -87,13 +87,22 @@ def _copied_blocks(a, threads, out):
 
 def copy_rows(a, out, threads):
     """out[...] = a, two 2-D arrays of one shape and dtype, by the tiled copy where either is laid out by
-    columns and both are aligned (NumPy's copy of such an array goes a row at a time, 25x slower): the
-    blocks' copies, and the GPU backend's uploads of host logits."""
+    columns and both are aligned (NumPy's copy of such an array goes a row at a time, 25x slower), else
+    by a memcpy a row on all threads where both have rows of consecutive elements (an unaligned array's
+    block: NumPy's copy runs on one thread): the blocks' copies, and the GPU backend's uploads of host
+    logits."""
     if (by_columns(a) or by_columns(out)) and a.flags.aligned and out.flags.aligned:
         _layout.copy(a, out, threads)
+    elif a.dtype == out.dtype and runs(a) and runs(out):
+        _layout.copy_runs(a, out, threads)
     else:
         np.copyto(out, a)
     return out
+
+
+def runs(a):
+    """Whether each row of a 2-D array is a run of consecutive elements, for copy_runs' memcpy a row."""
+    return a.shape[1] <= 1 or a.strides[1] == a.itemsize
 
 
 def lse(x, dtype, temperature, softcap, chunk, threads):
