@@ -511,6 +511,18 @@ def test_header_casts_keep_alignment_warnings_quiet(tmp_path, compiler, flag):
                                                "-Werror"]) == ""
 
 
+@needs_cc
+@pytest.mark.parametrize("std", ["c89", "gnu89"])
+def test_header_says_it_needs_c99(tmp_path, std):
+    """Before C99 one clear error, not C89's 400 (found by an embedding audit)."""
+    src = tmp_path / "old.c"
+    src.write_text('#include "fastlogits.h"\nint main(void) { return 0; }\n')
+    res = subprocess.run([CC, f"-std={std}", f"-I{fl.get_include()}", "-c", str(src), "-o",
+                          str(tmp_path / "old.o")], capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "fastlogits.h needs C99 or later" in res.stderr and res.stderr.count(": error:") == 1, res.stderr
+
+
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler on PATH")
 @pytest.mark.parametrize("std", ["c++11", "c++14", "c++17"])
 def test_header_compiles_as_cpp(tmp_path, std):

@@ -50,6 +50,12 @@
 #define FASTLOGITS_VERSION_MAJOR 0
 #define FASTLOGITS_VERSION_MINOR 1
 
+/* C99 or later (declarations in for loops, inline, long long): one clear error, and the rest left out
+ * (C89 gave some 400 errors about it) */
+#if !defined(__cplusplus) && (!defined(__STDC_VERSION__) || __STDC_VERSION__ < 199901L)
+#error "fastlogits.h needs C99 or later (or C++11): compile with -std=c99, -std=c11 or newer"
+#else
+
 #include <float.h>
 #include <math.h>
 #include <stddef.h>
@@ -874,4 +880,5 @@ static inline int64_t fl_argmax_f32(const float *x, size_t n) {
 }
 #endif
 
+#endif /* C99 or later */
 #endif /* FASTLOGITS_H */
