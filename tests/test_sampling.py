@@ -571,6 +571,11 @@ def test_bad_rows_raise():
     for kw in ({}, {"top_k": 2}, {"top_p": 0.5}, {"min_p": 0.1}, {"temperature": 0}):
         with pytest.raises(ValueError, match=r"no possible token.*row 1\b"):
             sample(y, seed=0, **kw)
+    # finite logits that x / T takes past float32's range: the message says so (it said every logit was
+    # -inf; found by a sampling audit)
+    with pytest.raises(ValueError, match=r"no possible token \(every logit is -inf after softcap and "
+                                         r"temperature, in the compute type: x / T may overflow\)"):
+        sample(np.full(4, -3.4e38, np.float32), temperature=1e-3, seed=1)
     z = np.zeros(5, np.float32)
     z[3] = np.inf
     for kw in ({}, {"top_k": 2}, {"top_p": 0.5}, {"return_logprobs": True}):

@@ -146,7 +146,8 @@ _STATUS = {
     1: "holds a NaN",
     2: "holds a +inf logit (after softcap and temperature, in the compute type: x / T may overflow; "
        "its softmax is NaN, as in PyTorch)",
-    3: "has no possible token (every logit is -inf)",
+    3: "has no possible token (every logit is -inf after softcap and temperature, in the compute type: "
+       "x / T may overflow)",
 }
 
 
