@@ -22,7 +22,7 @@ import numpy as np
 
 import fastlogits as fl
 from fastlogits import _json
-from fastlogits.stream.run import STDOUT, descriptor_of
+from fastlogits.stream.run import STDOUT, descriptor_of, named_error
 from fastlogits.stream.sources import reason
 
 
@@ -93,8 +93,14 @@ def _where(path):
     return "standard output" if path == STDOUT else path
 
 
+def _on_stdout(path):
+    """Whether an output named `path` goes to standard output: -, or a name of descriptor 1 (/dev/stdout,
+    or a link to it such as out.npy -> /dev/stdout, whose format is the name's)."""
+    return path == STDOUT or (path is not None and descriptor_of(path) == (os.getpid(), 1))
+
+
 def _results_on_stdout(args):
-    return STDOUT in (getattr(args, "output", None), getattr(args, "per_row", None))
+    return _on_stdout(getattr(args, "output", None)) or _on_stdout(getattr(args, "per_row", None))
 
 
 _PER_ROW = (".npy", ".csv", ".jsonl")
@@ -156,7 +162,7 @@ def write_rows(path, columns, lead=None):
     except OSError as e:
         if e.filename or str(path) in str(e):
             raise
-        raise type(e)(f"{path}: cannot write ({e.strerror or e})") from None    # a full disk, say
+        raise named_error(e, f"{path}: cannot write ({e.strerror or e})") from None    # a full disk, say
 
 
 def _write_rows_file(path, names, arrays, rows, lead):
@@ -629,8 +635,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     for name in ("output", "per_row"):     # /dev/stdout, /proc/self/fd/1: standard output, as -
         path = getattr(args, name, None)
-        if path not in (None, STDOUT) and descriptor_of(path) == (os.getpid(), 1):
-            setattr(args, name, STDOUT)
+        if path not in (None, STDOUT) and not path.lower().endswith(_PER_ROW) and _on_stdout(path):
+            setattr(args, name, STDOUT)    # (a name with a format of its own keeps it: o.npy -> /dev/stdout)
     if getattr(args, "json", False) and _results_on_stdout(args):
         parser.error("--json prints the summary on standard output, where - sends the results: give an "
                      "output file, or leave out --json (the summary then goes to standard error)")
@@ -641,11 +647,11 @@ def main(argv=None):
         with _signals_unwind():
             return args.func(args)        # (each command passes --backend, --memory on: no global state)
     except KeyboardInterrupt:
-        print(f"fastlogits {args.command}: interrupted", file=sys.stderr)
+        _say(f"fastlogits {args.command}: interrupted")
         return 130
     except _Terminated as e:
         what = "hung up" if e.signum == getattr(signal, "SIGHUP", None) else "terminated"
-        print(f"fastlogits {args.command}: {what}", file=sys.stderr)
+        _say(f"fastlogits {args.command}: {what}")
         return 128 + e.signum
     except BrokenPipeError:   # the reader of standard output went away (| head): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -653,11 +659,20 @@ def main(argv=None):
     except (ValueError, TypeError, IndexError, RuntimeError, OSError, MemoryError, KeyError,
             ArithmeticError) as e:
         msg = str(e) or type(e).__name__
+        if isinstance(e, OSError) and e.errno is not None and e.strerror and not e.filename:
+            msg = e.strerror            # (our messages name the file; "[Errno 28]" adds nothing)
         msg = msg.removeprefix("fastlogits: ")
         if isinstance(e, FileNotFoundError) and e.filename:
             msg = f"{e.filename}: no such file"
-        print(f"fastlogits {args.command}: error: {msg}", file=sys.stderr)
+        _say(f"fastlogits {args.command}: error: {msg}")
         return 1
+
+
+def _say(line):
+    """A line on standard error, if it can still be written: after a hang-up it is a dead terminal (EIO),
+    and the exit status must still say what happened."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

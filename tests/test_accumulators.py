@@ -567,3 +567,22 @@ def test_updates_from_several_threads_at_once(kind, rng):
         assert _together([lambda c=c, b=b: b.update(x[:, c[0]:c[1]], c[0]) for c in cuts]) == [None] * 4
         assert b.columns == V and b.ranges == [(0, V)]
         np.testing.assert_allclose(b.result(), want, rtol=1e-6)
+
+
+def test_accumulators_pickle_and_copy(rng):
+    """An accumulator crosses processes (pickle) and copies with its state and column ranges, and a lock of
+    its own: the lock made them unpicklable (found by a review)."""
+    import copy
+    import pickle
+
+    x = random_logits(rng, (3, 40), np.float32)
+    y = random_labels(rng, 3, 40)
+    for make in (lambda: LogSumExp(3), lambda: CrossEntropy(y, reduction="none"), lambda: Entropy(3),
+                 lambda: TopK(3, 4)):
+        a = make().update(x[:, :25], 0)
+        for b in (pickle.loads(pickle.dumps(a)), copy.deepcopy(a)):
+            assert b.ranges == [(0, 25)] and b._lock is not a._lock
+            b.update(x[:, 25:], 25)
+            want = make().update(x[:, :25], 0).update(x[:, 25:], 25).result()
+            for g, w in zip(*(v if isinstance(v, tuple) else (v,) for v in (b.result(), want)), strict=True):
+                np.testing.assert_array_equal(g, w)

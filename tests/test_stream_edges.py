@@ -2,6 +2,7 @@
 weights), standard input and iterables with rows wider than the budget, corrupt safetensors headers,
 big-endian and version-3 .npy files, outputs that cannot be written, and the command line's one-line
 errors and strict JSON. Results are compared with the in-memory functions on the same data."""
+import contextlib
 import io
 import json
 import os
@@ -1939,3 +1940,71 @@ def test_output_names_long_looping_and_unwritable(tmp_path, rng):
     if os.path.exists("/dev/full"):
         rc, _, err = _cli_with(["softmax", tmp_path / "x.npy", "/dev/full"])
         assert rc == 1 and "/dev/full: cannot write (No space left on device)" in err, err
+
+
+def test_write_errors_keep_their_errno(tmp_path, rng, monkeypatch):
+    """A failed write is re-raised naming the output, of its type and errno still (a caller testing
+    e.errno == ENOSPC lost it when the message was added; found by a review), and the command line
+    prints the message alone."""
+    import errno
+
+    from fastlogits.stream import run as stream_run
+
+    x = rng.standard_normal((6, 50)).astype(np.float32)
+
+    real = stream_run.write_all
+    for fail_at in (1, 2):          # the header's write, then the first rows'
+        calls = []
+
+        def full(f, data, calls=calls, fail_at=fail_at):
+            calls.append(1)
+            if len(calls) == fail_at:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(f, data)
+
+        monkeypatch.setattr(stream_run, "write_all", full)
+        with pytest.raises(OSError, match=r"o\.npy: cannot write \(No space left on device\)") as e:
+            fl.softmax(fl.open(x), out=str(tmp_path / "o.npy"))
+        assert e.value.errno == errno.ENOSPC and os.listdir(tmp_path) == [], fail_at
+    err = stream_run.named_error(PermissionError(errno.EPERM, "Operation not permitted"), "f: cannot write")
+    assert type(err) is PermissionError and err.errno == errno.EPERM and err.strerror == "f: cannot write"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="/proc's descriptor links")
+def test_descriptor_outputs_by_their_flags_and_formats(tmp_path, rng):
+    """A name of a descriptor this process holds read-only is refused before the pass (os.access of the
+    file behind it said yes, and the pass failed at the first write); a link with a format of its own
+    to /dev/stdout (out.npy) writes that format there, with the summary on standard error (it was
+    written as raw rows, as - is; found by a review)."""
+    x = rng.standard_normal((6, 50)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "w.bin").write_bytes(b"")
+    fd = os.open(tmp_path / "w.bin", os.O_RDONLY)
+    try:
+        rc, _, err = _cli_with(["softmax", tmp_path / "x.npy", f"/dev/fd/{fd}"], pass_fds=(fd,))
+    finally:
+        os.close(fd)
+    assert rc == 1 and "cannot write there (not a descriptor open for writing)" in err, err
+    os.symlink("/dev/stdout", tmp_path / "o.npy")
+    rc, out, err = _cli_with(["softmax", tmp_path / "x.npy", tmp_path / "o.npy"])
+    assert rc == 0 and "wrote the softmax" in err, err
+    np.testing.assert_array_equal(np.load(io.BytesIO(out)), fl.softmax(x))
+
+
+def test_a_hang_up_exits_129_when_standard_error_is_gone(monkeypatch):
+    """After a hang-up standard error is a dead terminal: printing "hung up" failed with EIO inside the
+    handler, and the exit status was 1 (found by a review)."""
+    from fastlogits import cli
+
+    class Dead(io.TextIOBase):
+        def write(self, s):
+            raise OSError(5, "Input/output error")
+
+    @contextlib.contextmanager
+    def hang_up():
+        raise cli._Terminated(signal.SIGHUP)
+        yield
+
+    monkeypatch.setattr(cli, "_signals_unwind", hang_up)
+    monkeypatch.setattr(sys, "stderr", Dead())
+    assert cli.main(["info", "x.npy"]) == 128 + signal.SIGHUP

@@ -87,13 +87,13 @@ def _copied_blocks(a, threads, out):
 
 def copy_rows(a, out, threads):
     """out[...] = a, two 2-D arrays of one shape and dtype, by the tiled copy where either is laid out by
-    columns and both are aligned (NumPy's copy of such an array goes a row at a time, 25x slower), else
-    by a memcpy a row on all threads where both have rows of consecutive elements (an unaligned array's
-    block: NumPy's copy runs on one thread): the blocks' copies, and the GPU backend's uploads of host
-    logits."""
+    columns and both are aligned (NumPy's copy of such an array goes a row at a time, 25x slower), by a
+    memcpy a row on all threads where one is not aligned and both have rows of consecutive elements (an
+    unaligned array's block: NumPy's copy runs on one thread), else by NumPy: the blocks' copies, and the
+    GPU backend's uploads of host logits (which start no OpenMP threads for aligned rows)."""
     if (by_columns(a) or by_columns(out)) and a.flags.aligned and out.flags.aligned:
         _layout.copy(a, out, threads)
-    elif a.dtype == out.dtype and runs(a) and runs(out):
+    elif not (a.flags.aligned and out.flags.aligned) and a.dtype == out.dtype and runs(a) and runs(out):
         _layout.copy_runs(a, out, threads)
     else:
         np.copyto(out, a)

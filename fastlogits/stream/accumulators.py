@@ -114,6 +114,16 @@ class _Base:
         self.ranges = []
         self._lock = threading.RLock()
 
+    def __getstate__(self):          # pickle, copy: everything but the lock, which is the object's own
+        with self._lock:
+            state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     def _check_chunk(self, chunk, start):
         """chunk as an array of shape (rows, c) and start as an int, after the usual checks."""
         if is_gpu_array(chunk):

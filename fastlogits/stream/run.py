@@ -704,9 +704,12 @@ class _Sink:
             except BaseException as e:   # __exit__ will not run: leave no .partial file (a full disk, Ctrl-C)
                 try:
                     if self._f is not None:
-                        self._f.close()
+                        with contextlib.suppress(OSError):      # (its own error is e's, by now)
+                            self._f.close()
                 finally:
                     self._atomic.__exit__(type(e), e, e.__traceback__)
+                if isinstance(e, OSError) and self.path not in str(e):   # the header's write, say
+                    raise self._cannot_write(e) from None
                 raise
         return self
 
@@ -764,7 +767,7 @@ class _Sink:
 
     def _cannot_write(self, e):
         where = "standard output" if self.stdout else self.path
-        return type(e)(f"{where}: cannot write ({e.strerror or e})")
+        return named_error(e, f"{where}: cannot write ({e.strerror or e})")
 
     def _reader_gone(self):
         """A named pipe's reader went away: an error (not BrokenPipeError, which the command line takes for
@@ -796,10 +799,11 @@ def _written_in_place(target):
 
 def descriptor_of(path):
     """(pid, fd) where `path` names an open file descriptor (/dev/stdout, /dev/fd/N, /proc/PID/fd/N,
-    through links: the shell's `>(cmd)` gives /dev/fd/63), else None. Such an output is written to the
-    descriptor as it is, at its offset (as - writes standard output): the link behind it names a pipe
-    that no path reaches ("pipe:[687605]"), or a file that a rename would take from the shell's
-    redirection, or that a reopening would truncate."""
+    through links: the shell's `>(cmd)` gives /dev/fd/63), else None. One of this process's is written
+    as it is, at its offset (as - writes standard output): the link behind it names a pipe that no path
+    reaches ("pipe:[687605]"), or a file that a rename would take from the shell's redirection, or that
+    a reopening would truncate. Another process's is opened by its name, in place (a regular file
+    behind it is truncated, as by the shell's >)."""
     p = os.path.abspath(os.fspath(path))
     for _ in range(40):           # (the kernel's own limit on links followed)
         folder, name = os.path.split(p)
@@ -813,6 +817,21 @@ def descriptor_of(path):
     return None
 
 
+def _writable_descriptor(fd):
+    """Whether descriptor_of's (pid, fd) is open for writing: this process's by its own flags (the file
+    behind it may be one this user could not open, as a shell's 3>file of root's), another's by access()
+    of the file."""
+    pid, n = fd
+    if pid != os.getpid():
+        return os.access(f"/proc/{pid}/fd/{n}", os.W_OK)
+    import fcntl
+
+    try:
+        return fcntl.fcntl(n, fcntl.F_GETFL) & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+    except OSError:        # not open
+        return False
+
+
 def _target(path):
     """The file an output at `path` writes: the end of its links (which need not exist yet), or an
     OSError for a loop of links."""
@@ -820,8 +839,14 @@ def _target(path):
         return os.path.realpath(path, strict=True)
     except OSError as e:
         if e.errno == errno.ELOOP:       # (the shell refuses such a name too)
-            raise OSError(f"{path}: cannot write there ({e.strerror})") from None
+            raise named_error(e, f"{path}: cannot write there ({e.strerror})") from None
         return os.path.realpath(path)    # a missing file or folder: the checks below say which
+
+
+def named_error(e, message):
+    """The OSError e again, of its type and errno, with `message` (naming the file) as its text: a caller
+    may still test e.errno (ENOSPC, EFBIG), and the command line prints the message alone."""
+    return type(e)(e.errno, message) if e.errno is not None else type(e)(message)
 
 
 def _new_file(folder):
@@ -848,9 +873,10 @@ def check_output_path(path):
     if os.fspath(path).endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
         raise IsADirectoryError(f"{path}: names a folder (it ends in a separator), and there is none; "
                                 "expected the name of the file to write")
-    if descriptor_of(path) is not None:
-        if not os.access(path, os.W_OK):
-            raise PermissionError(f"{path}: cannot write there (not an open descriptor, or not writable)")
+    fd = descriptor_of(path)
+    if fd is not None:
+        if not _writable_descriptor(fd):
+            raise PermissionError(f"{path}: cannot write there (not a descriptor open for writing)")
         return
     target = _target(path)
     if _written_in_place(target):
@@ -902,7 +928,7 @@ class _Atomic(contextlib.AbstractContextManager):
             if self.tmp is not None:
                 with contextlib.suppress(OSError):
                     os.remove(self.tmp)
-            raise type(e)(f"{self.path}: cannot write there ({e.strerror or e})") from None
+            raise named_error(e, f"{self.path}: cannot write there ({e.strerror or e})") from None
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -913,7 +939,7 @@ class _Atomic(contextlib.AbstractContextManager):
                 try:
                     os.replace(self.tmp, self.target)
                 except OSError as e:     # named by the caller's path (an append-only file, say)
-                    raise type(e)(f"{self.path}: cannot write there ({e.strerror or e})") from None
+                    raise named_error(e, f"{self.path}: cannot write there ({e.strerror or e})") from None
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.tmp)      # after a rename, nothing is left to remove

@@ -668,6 +668,9 @@ class _GuardedIter:
     def __getattr__(self, name):          # shape, dtype, rows, V, ... of the source
         return getattr(self._source, name)
 
+    def __repr__(self):
+        return repr(self._source)
+
     def blocks(self, max_rows):
         return self._source.blocks(max_rows, protect=self._out)
 
