@@ -586,3 +586,18 @@ def test_accumulators_pickle_and_copy(rng):
             want = make().update(x[:, :25], 0).update(x[:, 25:], 25).result()
             for g, w in zip(*(v if isinstance(v, tuple) else (v,) for v in (b.result(), want)), strict=True):
                 np.testing.assert_array_equal(g, w)
+
+
+def test_columns_past_int64_are_refused_by_every_accumulator():
+    """update(start=) whose columns pass 2**63 - 1: a ValueError naming start from every accumulator (TopK
+    returned indices wrapped negative, CrossEntropy and TopK raised OverflowError from inside, LogSumExp
+    and Entropy recorded the range; found by an error-parity audit). The last column 2**63 - 1 itself is
+    fine."""
+    x = np.arange(12, dtype=np.float32).reshape(2, 6)
+    for make in (lambda: LogSumExp(2), lambda: Entropy(2), lambda: TopK(2, 2),
+                 lambda: CrossEntropy(np.zeros(2, np.int64))):
+        for start in (2**63 - 5, 2**63, 2**64):
+            with pytest.raises(ValueError, match=r"start: columns \d+:\d+ pass the largest column index"):
+                make().update(x, start)
+    v, i = TopK(2, 2).update(x, 2**63 - 6).result()
+    assert i.tolist() == [[2**63 - 1, 2**63 - 2]] * 2 and v.tolist() == [[5.0, 4.0], [11.0, 10.0]]

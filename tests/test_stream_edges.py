@@ -2008,3 +2008,25 @@ def test_a_hang_up_exits_129_when_standard_error_is_gone(monkeypatch):
     monkeypatch.setattr(cli, "_signals_unwind", hang_up)
     monkeypatch.setattr(sys, "stderr", Dead())
     assert cli.main(["info", "x.npy"]) == 128 + signal.SIGHUP
+
+
+def test_a_wrong_weight_is_refused_before_a_wide_source_is_read(tmp_path):
+    """cross_entropy of rows wider than the budget checks weight as in memory, before any read (it read
+    the whole dump, then said "weight has 20001 values ... but 20000 columns were folded in", or named
+    a chunk's columns; found by an error-parity audit)."""
+    x = np.zeros((4, 20000), np.float32)
+    np.save(tmp_path / "w.npy", x)
+    y = np.zeros(4, np.int64)
+    for weight, match in ((np.ones(20001), r"weight must have one value per class, shape \(20000,\), got "
+                                           r"shape \(20001,\)"),
+                          (np.ones(5), r"shape \(20000,\), got shape \(5,\)"),
+                          (np.ones((1, 20000)), r"shape \(20000,\), got shape \(1, 20000\)")):
+        src = fl.open(tmp_path / "w.npy", memory="64KiB")
+        reads = []
+        real = src.read
+        src.read = lambda *a, reads=reads, real=real, **k: reads.append(a) or real(*a, **k)
+        with pytest.raises(ValueError, match=match):
+            fl.cross_entropy(src, y, weight=weight)
+        assert reads == []
+        with pytest.raises(ValueError, match=match):
+            fl.cross_entropy(x, y, weight=weight)

@@ -351,10 +351,16 @@ def _ce_prepare(logits, *, weight, ignore_index, label_smoothing, z_loss, temper
     r = prepare(logits, temperature=temperature, softcap=softcap, backend=backend, threads=threads,
                 chunk_size=chunk_size)
     eps, z, ignore_index = check_ce_options(label_smoothing, z_loss, ignore_index)
+    return r, eps, z, ignore_index, check_weight(weight, r.V)
+
+
+def check_weight(weight, V):
+    """Class weights for V classes as a float64 array (None stays None): a TypeError for anything but
+    real numbers, a ValueError for a shape other than (V,)."""
     w = as_weight(weight)
-    if w is not None and w.shape != (r.V,):
-        raise ValueError(f"weight must have one value per class, shape ({r.V},), got shape {w.shape}")
-    return r, eps, z, ignore_index, w
+    if w is not None and w.shape != (V,):
+        raise ValueError(f"weight must have one value per class, shape ({V},), got shape {w.shape}")
+    return w
 
 
 def as_weight(weight, copy=False):

@@ -479,15 +479,23 @@ def _finish_row(op, accum, source):
 def cross_entropy(source, labels, kw, memory=None, progress=None):
     """Cross-entropy of a source against labels (one per row), as fastlogits.cross_entropy."""
     from fastlogits.cpu import _reduce
-    from fastlogits.ops.reductions import ce_total, check_ce_options, check_reduction, cross_entropy_terms
+    from fastlogits.ops.reductions import (
+        ce_total,
+        check_ce_options,
+        check_reduction,
+        check_weight,
+        cross_entropy_terms,
+    )
     from fastlogits.stream.accumulators import CrossEntropy
 
     check_backend(kw.get("backend"))
     kw = dict(kw)
     reduction = kw.pop("reduction", "mean")
     check_reduction(reduction)
-    # the options before the labels, whose check reads ignore_index
+    # the options before the labels, whose check reads ignore_index; the weights before any read, as in
+    # memory (wide rows found a wrong length after the whole pass)
     check_ce_options(kw.get("label_smoothing", 0.0), kw.get("z_loss", 0.0), kw.get("ignore_index", -100))
+    check_weight(kw.get("weight"), source.V)
     temp = RowArg.temperature(kw.pop("temperature", 1.0), source)
     lab = RowArg.labels(labels, source, kw.get("ignore_index", -100))
     progress = progress or no_progress
