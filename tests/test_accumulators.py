@@ -592,12 +592,15 @@ def test_columns_past_int64_are_refused_by_every_accumulator():
     """update(start=) whose columns pass 2**63 - 1: a ValueError naming start from every accumulator (TopK
     returned indices wrapped negative, CrossEntropy and TopK raised OverflowError from inside, LogSumExp
     and Entropy recorded the range; found by an error-parity audit). The last column 2**63 - 1 itself is
-    fine."""
+    fine. A start that is no integer is a TypeError (it was a ValueError)."""
     x = np.arange(12, dtype=np.float32).reshape(2, 6)
     for make in (lambda: LogSumExp(2), lambda: Entropy(2), lambda: TopK(2, 2),
                  lambda: CrossEntropy(np.zeros(2, np.int64))):
         for start in (2**63 - 5, 2**63, 2**64):
             with pytest.raises(ValueError, match=r"start: columns \d+:\d+ pass the largest column index"):
                 make().update(x, start)
+    for bad in (1.0, True, None, "0"):      # a TypeError, as for every other integer argument
+        with pytest.raises(TypeError, match="start must be a non-negative integer column index"):
+            LogSumExp(2).update(x, bad)
     v, i = TopK(2, 2).update(x, 2**63 - 6).result()
     assert i.tolist() == [[2**63 - 1, 2**63 - 2]] * 2 and v.tolist() == [[5.0, 4.0], [11.0, 10.0]]

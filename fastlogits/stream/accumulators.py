@@ -136,7 +136,9 @@ class _Base:
         x = as_array(chunk, argname="chunk")
         if x.ndim != 2 or x.shape[0] != self.rows:
             raise ValueError(f"chunk must have shape (rows, c) = ({self.rows}, c), got {x.shape}")
-        if not is_int(start) or int(start) < 0:
+        if not is_int(start):      # (a TypeError, as for every other integer argument)
+            raise TypeError(f"start must be a non-negative integer column index, got {start!r}")
+        if int(start) < 0:
             raise ValueError(f"start must be a non-negative integer column index, got {start!r}")
         if int(start) + x.shape[1] > 2**63:      # (the last column index past int64: TopK wrapped it)
             raise ValueError(f"start: columns {start}:{int(start) + x.shape[1]} pass the largest column "
