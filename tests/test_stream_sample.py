@@ -453,3 +453,18 @@ def test_per_row_arguments_broadcast_as_in_memory(tmp_path, rng, budget):
         fl.sample(fl.open(tmp_path / "x.npy", memory=budget), top_k=np.array([1, 2]), seed=0)
     with pytest.raises(ValueError, match=r"seed must have one value per row \(shape \(2, 3\)\)"):
         fl.sample(fl.open(tmp_path / "x.npy", memory=budget), seed=np.arange(3), num_samples=1)
+
+
+def test_a_bad_scalar_argument_is_shown_as_given(rng):
+    """A scalar temperature, top_k or top_p of the wrong type is named as the caller gave it, on a source as
+    in memory (a source showed it as a 0-d array: array('1', dtype='<U1'); found by an error-parity
+    audit)."""
+    x = rng.standard_normal((3, 5)).astype(np.float32)
+    for kw, shown in ((dict(temperature="1"), "'1'"), (dict(top_k=2.5), "2.5"), (dict(top_k=True), "True"),
+                      (dict(top_p="0.5"), "'0.5'")):
+        messages = []
+        for logits in (x, fl.open(x)):
+            with pytest.raises(TypeError) as e:
+                fl.sample(logits, seed=1, **kw)
+            messages.append(str(e.value))
+        assert messages[0] == messages[1] and messages[0].endswith(f"got {shown}"), messages

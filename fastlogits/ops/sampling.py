@@ -310,9 +310,11 @@ def sample_source(src, temperature, top_k, top_p, min_p, seed, ns, logprobs, kw,
     lead_all = tuple(src.shape[:-1]) if src.shape[0] is not None else None
     # every argument is checked over the whole source first: an error names its row there, as in memory,
     # and comes before any row is read
+    raw = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p, "seed": seed}
     for name, arg in args.items():
-        value = arg.value if arg.scalar or lead_all is None else arg.value.reshape(lead_all)
-        lead = value.shape
+        # a scalar as the caller gave it, so that an error shows it so ('1', not array('1'))
+        value = raw[name] if arg.scalar else arg.value if lead_all is None else arg.value.reshape(lead_all)
+        lead = np.shape(value)
         n = int(np.prod(lead, dtype=np.int64))
         if name == "temperature":
             temperatures(value, lead, n, allow_zero=True, name=src.dtype)
