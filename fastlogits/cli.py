@@ -22,8 +22,8 @@ import numpy as np
 
 import fastlogits as fl
 from fastlogits import _json
-from fastlogits.stream.run import STDOUT, descriptor_of, named_error
-from fastlogits.stream.sources import reason
+from fastlogits.stream.run import STDOUT, descriptor_of
+from fastlogits.stream.sources import named_error, reason
 
 
 def _add_common(p, default_memory="256MiB", memory=None, backend="backend (default: cpu)",

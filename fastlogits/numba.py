@@ -26,6 +26,7 @@ from numba.core import types
 from numba.extending import overload, register_jitable
 
 from fastlogits.cpu import _exports
+from fastlogits.cpu.backend import aligned
 
 _lib = ctypes.CDLL(_exports.__file__)
 # Compiled code calls the C functions by name (resolved in this process, as libm's are), not through a
@@ -53,7 +54,7 @@ def _row(x, name):
     code = _CODES.get(x.dtype)
     if code is None or x.ndim != 1:
         raise TypeError(f"{name}: x must be a 1-D float32 or float64 array, got {x.ndim}-D {x.dtype}")
-    return (x if x.flags.aligned else x.copy()), code
+    return aligned(x), code
 
 
 def logsumexp_row(x):

@@ -83,11 +83,28 @@ def entropy(x, int dtype, temperature, double softcap, double[::1] out, int64_t 
     free(bufs)
 
 
-cdef inline void ce_finish(fl_lse_state st, double d, double xt, double wtotal, bint smoothing,
-                           double *nll, double *smooth, double *lse_out) noexcept nogil:
-    """A row's cross-entropy parts from its merged state st, its label smoothing sum d (fl__dist_merge's)
-    and its label's logit xt."""
-    cdef double m = st.m, log_s
+cdef inline fl_lse_state row_ce(const Block *b, const fl_row *r, int64_t start, int64_t stop, const char *w,
+                                double *dist, double *wsum, char *buf) noexcept nogil:
+    """fl_row_ce of columns [start, stop) of row r in b's compute type (w: the weights, or NULL; dist:
+    NULL without label smoothing)."""
+    if b.f64:
+        return fl_row_ce_f64(r, start, stop, b.chunk, <const double *> w, dist, wsum, <double *> buf)
+    return fl_row_ce_f32(r, start, stop, b.chunk, <const float *> w, dist, wsum, <float *> buf)
+
+
+cdef inline void ce_finish(bint ignored, const fl_lse_state *st, const double *d, const double *xt,
+                           double wtotal, bint smoothing, double *nll, double *smooth,
+                           double *lse_out) noexcept nogil:
+    """A row's cross-entropy parts from its merged state st, its label smoothing sum d (fl__dist_merge's;
+    read only when smoothing) and its label's logit xt; all 0 for an ignored row (whose st, d and xt are
+    not read)."""
+    cdef double m, log_s
+    if ignored:
+        lse_out[0] = nll[0] = 0.0
+        if smoothing:
+            smooth[0] = 0.0
+        return
+    m = st.m
     if m == INFINITY or m == -INFINITY or m != m:
         # all -inf, a +inf or a NaN: log_softmax is NaN there (PyTorch)
         lse_out[0] = nll[0] = NAN
@@ -97,10 +114,10 @@ cdef inline void ce_finish(fl_lse_state st, double d, double xt, double wtotal, 
     log_s = log(st.s)               # once: log may set errno, so C compilers keep each call
     lse_out[0] = m + log_s          # fl_lse_result's formula
     # (m - x) + log s, not lse - x: exact when x and m are huge and close (x = 3e38)
-    nll[0] = (m - xt) + log_s
+    nll[0] = (m - xt[0]) + log_s
     # sum w (lse - x) = sum w (m - x) + W log s: no cancellation however large x is
     if smoothing:
-        smooth[0] = fl__dist_total(d, wtotal, log_s)
+        smooth[0] = fl__dist_total(d[0], wtotal, log_s)
 
 
 cdef enum:
@@ -117,32 +134,20 @@ cdef void ce_rows(const Block *b, int64_t i0, int64_t i1, const int64_t *labels,
     cdef fl_lse_state st[CE_BATCH]
     cdef double d[CE_BATCH]
     cdef double xt[CE_BATCH]
-    cdef double wsum
+    cdef double wsum = 0.0       # (set by row_ce with d; 0 keeps GCC from warning)
     cdef int64_t i, k
     cdef fl_row r
     for i in range(i0, i1):
         k = i - i0
-        d[k] = xt[k] = 0.0
         if labels[i] == ignore_index:
             continue
         r = row_of(b, i)
-        if b.f64:
-            st[k] = fl_row_ce_f64(&r, 0, b.n, b.chunk, <const double *> w, &d[k] if smoothing else NULL,
-                                  &wsum, <double *> buf)
-            xt[k] = fl_row_value_f64(&r, labels[i])
-        else:
-            st[k] = fl_row_ce_f32(&r, 0, b.n, b.chunk, <const float *> w, &d[k] if smoothing else NULL,
-                                  &wsum, <float *> buf)
-            xt[k] = fl_row_value_f32(&r, labels[i])
+        st[k] = row_ce(b, &r, 0, b.n, w, &d[k] if smoothing else NULL, &wsum, buf)
+        xt[k] = fl_row_value_f64(&r, labels[i]) if b.f64 else fl_row_value_f32(&r, labels[i])
     for i in range(i0, i1):
         k = i - i0
-        if labels[i] == ignore_index:
-            nll[i] = lse_out[i] = 0.0
-            if smoothing:
-                sm[i] = 0.0
-        else:
-            ce_finish(st[k], d[k], xt[k], wtotal, smoothing, &nll[i], &sm[i] if smoothing else NULL,
-                      &lse_out[i])
+        ce_finish(labels[i] == ignore_index, &st[k], &d[k], &xt[k], wtotal, smoothing, &nll[i],
+                  &sm[i] if smoothing else NULL, &lse_out[i])
 
 
 def cross_entropy(x, int dtype, temperature, double softcap, const int64_t[::1] labels,
@@ -165,8 +170,7 @@ def cross_entropy(x, int dtype, temperature, double softcap, const int64_t[::1] 
     cdef int64_t it, i, g, start, stop, nb
     cdef fl_row r
     cdef char *buf = NULL
-    cdef double m1, d, wsum
-    cdef fl_lse_state one
+    cdef double m1
     cdef const char *w = NULL
     cdef double *sm = NULL
     if smoothing:
@@ -208,35 +212,22 @@ def cross_entropy(x, int dtype, temperature, double softcap, const int64_t[::1] 
             r = row_of(&b, i)
             start = g * b.n // nseg
             stop = (g + 1) * b.n // nseg
-            d = wsum = 0.0
-            if b.f64:
-                one = fl_row_ce_f64(&r, start, stop, chunk, <const double *> w, &d if smoothing else NULL,
-                                    &wsum, <double *> buf)
-            else:
-                one = fl_row_ce_f32(&r, start, stop, chunk, <const float *> w, &d if smoothing else NULL,
-                                    &wsum, <float *> buf)
-            st[it] = one
-            ds[it] = d
-            ws[it] = wsum
+            st[it] = row_ce(&b, &r, start, stop, w, &ds[it] if smoothing else NULL, &ws[it], buf)
             # the label's logit, read by the range holding it while the row is in cache (read after the
             # loop, a cache miss a row: float32 (65536, 100) took 12.5 ms, now 8.3; logsumexp 6.4)
             if start <= labels[i] < stop:
                 xl[i] = fl_row_value_f64(&r, labels[i]) if b.f64 else fl_row_value_f32(&r, labels[i])
     with nogil:
         for i in range(b.rows):
-            if labels[i] == ignore_index:
-                nll[i] = lse_out[i] = 0.0
-                if smoothing:
-                    sm[i] = 0.0
-                continue
-            for g in range(1, nseg):
-                m1 = st[i * nseg].m
-                fl_lse_merge(&st[i * nseg], &st[i * nseg + g])
-                if smoothing:
-                    fl__dist_merge(&ds[i * nseg], &ws[i * nseg], m1, ds[i * nseg + g], ws[i * nseg + g],
-                                   st[i * nseg + g].m, st[i * nseg].m)
-            ce_finish(st[i * nseg], ds[i * nseg], xl[i], wtotal, smoothing, &nll[i],
-                      &sm[i] if smoothing else NULL, &lse_out[i])
+            if labels[i] != ignore_index:
+                for g in range(1, nseg):
+                    m1 = st[i * nseg].m
+                    fl_lse_merge(&st[i * nseg], &st[i * nseg + g])
+                    if smoothing:
+                        fl__dist_merge(&ds[i * nseg], &ws[i * nseg], m1, ds[i * nseg + g],
+                                       ws[i * nseg + g], st[i * nseg + g].m, st[i * nseg].m)
+            ce_finish(labels[i] == ignore_index, &st[i * nseg], &ds[i * nseg], &xl[i], wtotal, smoothing,
+                      &nll[i], &sm[i] if smoothing else NULL, &lse_out[i])
     free(st)
     free(ds)
     free(ws)
@@ -269,12 +260,7 @@ def lse_states(x, int dtype, temperature, double softcap, weight, bint want_dist
             r = row_of(&b, i)
             acc = 0.0
             wacc = 0.0
-            if b.f64:
-                s = fl_row_ce_f64(&r, 0, b.n, chunk, <const double *> w, &acc if want_dist else NULL,
-                                  &wacc, <double *> buf)
-            else:
-                s = fl_row_ce_f32(&r, 0, b.n, chunk, <const float *> w, &acc if want_dist else NULL,
-                                  &wacc, <float *> buf)
+            s = row_ce(&b, &r, 0, b.n, w, &acc if want_dist else NULL, &wacc, buf)
             m_out[i] = s.m
             s_out[i] = s.s
             dist_out[i] = acc

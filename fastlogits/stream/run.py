@@ -33,6 +33,7 @@ from fastlogits.ops._prep import (
     number_array,
     scalar_if_0d,
 )
+from fastlogits.stream.sources import named_error
 
 DEFAULT_BUDGET = 256 * 2**20
 BLOCK_BYTES = 16 * 2**20     # the largest input block a plan makes, whatever the budget
@@ -849,12 +850,6 @@ def _target(path):
         if e.errno == errno.ELOOP:       # (the shell refuses such a name too)
             raise named_error(e, f"{path}: cannot write there ({e.strerror})") from None
         return os.path.realpath(path)    # a missing file or folder: the checks below say which
-
-
-def named_error(e, message):
-    """The OSError e again, of its type and errno, with `message` (naming the file) as its text: a caller
-    may still test e.errno (ENOSPC, EFBIG), and the command line prints the message alone."""
-    return type(e)(e.errno, message) if e.errno is not None else type(e)(message)
 
 
 def _new_file(folder):

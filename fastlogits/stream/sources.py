@@ -66,6 +66,12 @@ class _Closing:
         self.close()
 
 
+def named_error(e, message):
+    """The OSError e again, of its type and errno, with `message` (naming the file) as its text: a caller
+    may still test e.errno (ENOSPC, EFBIG), and the command line prints the message alone."""
+    return type(e)(e.errno, message) if e.errno is not None else type(e)(message)
+
+
 class _RandomAccess:
     """A source with read(): its blocks are reads."""
 
@@ -142,7 +148,7 @@ class _FileSource(_RandomAccess, _Closing):
         except OSError as e:
             if e.filename is not None:
                 raise
-            raise OSError(e.errno, f"{self.path}: cannot read ({e.strerror})") from None
+            raise named_error(e, f"{self.path}: cannot read ({e.strerror})") from None
         finally:
             with self._lock:
                 self._readers -= 1
