@@ -22,6 +22,7 @@ import numpy as np
 
 import fastlogits as fl
 from fastlogits import _json
+from fastlogits._config import MAX_THREADS
 from fastlogits.stream.run import STDOUT, descriptor_of
 from fastlogits.stream.sources import named_error, reason
 
@@ -31,7 +32,7 @@ def _add_common(p, default_memory="256MiB", memory=None, backend="backend (defau
     """The options every command takes; memory, backend, threads: their help, for a command that uses
     them otherwise (or not)."""
     p.add_argument("--backend", choices=["cpu", "gpu"], default=None, help=backend)
-    p.add_argument("--threads", type=_positive, default=None, help=threads)
+    p.add_argument("--threads", type=_threads, default=None, help=threads)
     p.add_argument("--memory", default=None,
                    help=memory or f"memory budget, e.g. 256MiB (default: {default_memory})")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on standard output")
@@ -454,14 +455,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _int_from(least, what):
-    """An argparse type: an integer of at least `least`, else an error saying `what` was expected."""
+def _int_from(least, what, most=None):
+    """An argparse type: an integer from `least` to `most`, else an error saying `what` was expected."""
     def parse(text):
         try:
             n = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if n < least:
+        if n < least or (most is not None and n > most):
             raise argparse.ArgumentTypeError(f"expected {what}, got {n}")
         return n
     return parse
@@ -469,6 +470,7 @@ def _int_from(least, what):
 
 _non_negative = _int_from(0, "a non-negative integer")
 _positive = _int_from(1, "a positive integer")
+_threads = _int_from(1, f"an integer from 1 to {MAX_THREADS}", MAX_THREADS)
 
 
 def build_parser():

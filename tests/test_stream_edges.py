@@ -628,8 +628,10 @@ def test_cli_errors_on_one_line(tmp_path):
     cases = [
         (("stats", tmp_path / "x.npy", "--labels", tmp_path / "bad.txt"), "bad.txt: cannot read labels"),
         (("stats", tmp_path / "x.npy", "--labels", tmp_path / "empty.txt"), "0 labels for 2 rows"),
-        (("stats", tmp_path / "x.npy", "--threads", "abc"), "--threads: expected a positive integer"),
-        (("stats", tmp_path / "x.npy", "--threads", "0"), "--threads: expected a positive integer"),
+        (("stats", tmp_path / "x.npy", "--threads", "abc"), "--threads: expected an integer from 1 to 4096"),
+        (("stats", tmp_path / "x.npy", "--threads", "0"), "--threads: expected an integer from 1 to 4096"),
+        (("softmax", tmp_path / "x.npy", tmp_path / "p.npy", "--threads", "4097"),
+         "--threads: expected an integer from 1 to 4096, got 4097"),
         (("stats", "-", "--dtype", "float32", "--vocab", "0"), "--vocab: expected a positive integer"),
         (("bench", "--repeat", "0"), "--repeat: expected a positive integer"),
         (("demo", "--rows", "0"), "--rows: expected a positive integer"),
