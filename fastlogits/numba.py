@@ -28,6 +28,8 @@ from numba.extending import overload, register_jitable
 from fastlogits.cpu import _exports
 from fastlogits.cpu.backend import aligned
 
+__all__ = ["logsumexp_row", "cross_entropy_row"]
+
 _lib = ctypes.CDLL(_exports.__file__)
 # Compiled code calls the C functions by name (resolved in this process, as libm's are), not through a
 # ctypes pointer: a user's @njit(cache=True) function that calls them can be cached

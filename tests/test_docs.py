@@ -79,3 +79,21 @@ def test_every_parameter_is_documented(name):
     documented = set(re.findall(r"^(\w+) :", section, re.M))
     missing = [p for p in inspect.signature(fn).parameters if p not in documented]
     assert not missing, f"{name}: {missing} not in its Parameters section"
+
+
+@pytest.mark.parametrize("name", ["LogSumExp", "CrossEntropy", "Entropy", "TopK"])
+def test_every_accumulator_option_is_documented(name):
+    """help() of an accumulator explains every argument of its constructor (it named none of temperature,
+    softcap, threads and chunk_size; found by a docs audit)."""
+    import inspect
+    import re
+
+    import fastlogits as fl
+
+    cls = getattr(fl.stream, name)
+    doc = inspect.getdoc(cls)
+    assert "{options}" not in doc, doc
+    documented = set(re.findall(r"^(\w+) :", doc.split("Parameters\n----------\n", 1)[1], re.M))
+    missing = [p for p in inspect.signature(cls).parameters if p not in documented]
+    assert not missing, f"{name}: {missing} not in its Parameters section"
+    assert not documented - set(inspect.signature(cls).parameters), documented

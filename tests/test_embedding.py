@@ -688,6 +688,17 @@ def test_numba_entry_points_can_be_cached(tmp_path):
     assert (hit1, hit2) == ("0", "1")
 
 
+def test_a_star_import_brings_the_entry_points_alone():
+    """``from fastlogits.numba import *`` replaced a caller's ``types``, ``np`` and ``ctypes`` with its own
+    imports (found by a docs audit); it brings the public functions only (fastlogits.gpu.device: see
+    tests/gpu/test_device_functions.py)."""
+    pytest.importorskip("numba")
+    ns = {"types": "mine"}
+    exec("from fastlogits.numba import *", ns)
+    assert ns["types"] == "mine" and {k for k in ns if not k.startswith("__")} == {
+        "types", "logsumexp_row", "cross_entropy_row"}
+
+
 def test_numba_entry_points(rng):
     numba = pytest.importorskip("numba")
     from fastlogits.numba import cross_entropy_row, logsumexp_row

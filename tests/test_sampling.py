@@ -518,7 +518,7 @@ def test_disabled_filters_change_nothing(rng):
     x = (rng.standard_normal((30, 200)) * 2).astype(np.float32)
     base = sample(x, seed=9)
     for kw in ({"top_p": 1.0}, {"top_k": 200}, {"top_k": 10**6}, {"top_k": 10**30}, {"top_k": 0},
-               {"top_k": np.full(30, 2**64 - 1, np.uint64)}, {"top_k": np.full(30, 1e300)}, {"min_p": 0.0},
+               {"top_k": np.full(30, 2**64 - 1, np.uint64)}, {"top_k": [10**30] * 30}, {"min_p": 0.0},
                {"top_k": None, "top_p": None, "min_p": None}):
         np.testing.assert_array_equal(sample(x, seed=9, **kw), base)
 
@@ -641,6 +641,16 @@ def test_a_negative_top_k_past_int64_is_a_value_error_naming_it(top_k, where):
     bad = min(top_k) if isinstance(top_k, list) else top_k
     with pytest.raises(ValueError, match=f"top_k must be >= 0 .*got {bad}{where}$"):
         sample(np.zeros((3, 5), np.float32), top_k=top_k, seed=0)
+
+
+@pytest.mark.parametrize("top_k", [2.0, np.float32(2), np.array([2.0, 1.0, 3.0]), [2.0, 1, 3]])
+def test_a_float_top_k_is_a_type_error_even_when_whole(top_k):
+    """top_k is an integer, as k of top_k, num_samples and beam_width are (and torch.topk's k): 2.0 was
+    taken as 2, while 2.5 was refused (a docs audit)."""
+    with pytest.raises(TypeError, match="top_k must be an integer or integers"):
+        sample(np.zeros((3, 5), np.float32), top_k=top_k, seed=0)
+    np.testing.assert_array_equal(sample(np.zeros((3, 5), np.float32), top_k=np.array([2, 1, 3]), seed=0),
+                                  sample(np.zeros((3, 5), np.float32), top_k=[2, 1, 3], seed=0))
 
 
 def test_bad_logits():

@@ -30,6 +30,8 @@ import math
 
 from numba import cuda
 
+__all__ = ["lse_update", "lse_merge", "lse_result", "ent_update", "ent_merge", "ent_result", "better"]
+
 INT64_MAX = 9223372036854775807
 
 

@@ -79,9 +79,8 @@ def _per_row(value, name, lead, rows, dtype, default, ok, need):
         a = a.astype(np.int64)
     if a.dtype == object or a.dtype.kind not in "iuf":
         raise TypeError(f"{name} must be a number or an array of numbers, got {value!r}")
-    if number is int and a.dtype.kind == "f":
-        if not np.all(np.isfinite(a)) or np.any(a != np.round(a)):
-            raise TypeError(f"{name} must be an integer or integers (one per row), got {value!r}")
+    if number is int and a.dtype.kind == "f":      # 2.0 too, as torch.topk and k, num_samples here
+        raise TypeError(f"{name} must be an integer or integers (one per row), got {value!r}")
     if number is int and a.dtype.kind in "uf":
         a = np.minimum(a, 2**62)
     a = broadcast_rows(a, lead, name)

@@ -90,6 +90,24 @@ def _locked(method):
     return locked
 
 
+_OPTIONS = """\
+temperature : float > 0, or an array of one per row (shape (rows,), or one that broadcasts to it)
+    The logits are divided by it, after the softcap, as by the row functions (fastlogits.logsumexp).
+softcap : float > 0, optional
+    The logits become ``softcap * tanh(x / softcap)`` first (Gemma 2's soft-capping).
+threads : int in [1, 4096], optional
+    CPU threads of each update, at most (None: as for the row functions).
+chunk_size : int >= 1, optional
+    Vocabulary elements per step of an update (None: 4096); results do not depend on it beyond rounding."""
+
+
+def _documented(cls):
+    """Puts the options every accumulator takes where its docstring has the line ``{options}``."""
+    options = "\n".join("    " + line for line in _OPTIONS.splitlines())
+    cls.__doc__ = cls.__doc__.replace("    {options}", options)
+    return cls
+
+
 class _Base:
     def __init__(self, rows, temperature, softcap, threads, chunk_size):
         if not is_int(rows):
@@ -234,8 +252,15 @@ class _Base:
         return f"{type(self).__name__}(rows={self.rows}, columns={self.columns})"
 
 
+@_documented
 class LogSumExp(_Base):
     """Running logsumexp of ``rows`` rows whose columns arrive in chunks.
+
+    Parameters
+    ----------
+    rows : int >= 0
+        The number of rows; each chunk given to ``update`` has shape (rows, c).
+    {options}
 
     Examples
     --------
@@ -281,6 +306,7 @@ class LogSumExp(_Base):
         return out
 
 
+@_documented
 class CrossEntropy(_Base):
     """Running cross-entropy of rows whose columns arrive in chunks, with F.cross_entropy's options.
 
@@ -291,6 +317,22 @@ class CrossEntropy(_Base):
     x_c)`` from the row's running max m, with ``wseen = sum_c w_c``: its terms are never negative (for
     weights >= 0), so it keeps its precision however large the logits are (``W lse - sum w x`` would
     cancel), and a new max m' adds ``wseen (m' - m)``.
+
+    Parameters
+    ----------
+    labels : array_like of int, shape (rows,)
+        One class index per row (a column of the whole vocabulary), or ``ignore_index``.
+    weight : array_like of float, shape (V,), optional
+        A weight per class, as F.cross_entropy's; V is then the vocabulary that must be folded in.
+    ignore_index : int
+        Rows with this label count for nothing (default -100).
+    label_smoothing : float in [0, 1]
+        As F.cross_entropy's (default 0).
+    reduction : {"mean", "sum", "none"}
+        As F.cross_entropy's (default "mean").
+    z_loss : float >= 0
+        Adds ``z_loss * lse**2`` per counted row, as fastlogits.cross_entropy (default 0).
+    {options}
     """
 
     def __init__(self, labels, *, weight=None, ignore_index=-100, label_smoothing=0.0, reduction="mean",
@@ -426,9 +468,17 @@ class CrossEntropy(_Base):
                                                               smoothing=self.label_smoothing > 0)
 
 
+@_documented
 class Entropy(_Base):
     """Running entropy (nats) of softmax of rows whose columns arrive in chunks: the logsumexp state and
-    t = sum exp(x - m) (x - m), merged with the C core's rule."""
+    t = sum exp(x - m) (x - m), merged with the C core's rule.
+
+    Parameters
+    ----------
+    rows : int >= 0
+        The number of rows; each chunk given to ``update`` has shape (rows, c).
+    {options}
+    """
 
     def __init__(self, rows, *, temperature=1.0, softcap=None, threads=None, chunk_size=None):
         super().__init__(rows, temperature, softcap, threads, chunk_size)
@@ -469,12 +519,24 @@ class Entropy(_Base):
         return out
 
 
+@_documented
 class TopK(_Base):
     """Running top-k (values after softcap and temperature, and indices) of rows whose columns arrive in
     chunks; with ``logprobs=True`` the log-probabilities under softmax(x / T) instead of the values. The
     order is fastlogits.top_k's: NaN first (as PyTorch's topk), then larger values, then lower indices.
     Values are float64, as computed (x / T in float32 for float32 and 16-bit chunks): not rounded back to
-    a 16-bit chunk's dtype as fastlogits.top_k's are."""
+    a 16-bit chunk's dtype as fastlogits.top_k's are.
+
+    Parameters
+    ----------
+    rows : int >= 0
+        The number of rows; each chunk given to ``update`` has shape (rows, c).
+    k : int >= 0
+        Entries kept per row (fewer while fewer columns were folded in).
+    logprobs : bool
+        Keep log-probabilities (a running logsumexp beside the top k) instead of the values.
+    {options}
+    """
 
     def __init__(self, rows, k, *, logprobs=False, temperature=1.0, softcap=None, threads=None,
                  chunk_size=None):

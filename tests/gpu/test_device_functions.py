@@ -156,3 +156,11 @@ def test_exp_le0_accuracy(gpu):
         assert np.all(got[tiny] == 0)
     else:
         assert np.all((got[tiny] >= 0) & (got[tiny] < 2.0**-125))
+
+
+def test_a_star_import_brings_the_device_functions_alone():
+    """``from fastlogits.gpu.device import *`` brought its ``math`` and ``cuda`` too (and INT64_MAX)."""
+    ns = {"math": "mine"}
+    exec("from fastlogits.gpu.device import *", ns)
+    assert ns["math"] == "mine" and {k for k in ns if not k.startswith("__")} == {
+        "math", "lse_update", "lse_merge", "lse_result", "ent_update", "ent_merge", "ent_result", "better"}
