@@ -2,9 +2,10 @@
 
 Before anything is compiled, a trivial C program is built so that a missing compiler fails at once with a
 message saying what to install. OpenMP is probed the same way (set FASTLOGITS_NO_OPENMP=1 to build without
-it; ``fastlogits.show_config()`` reports what the build has). The shipped flags are portable: the C core
-picks AVX-512, AVX2 or baseline code at run time (target_clones in fastlogits.h); nothing here uses
-native-architecture flags or flags that change NaN/inf semantics.
+it; ``fastlogits.show_config()`` reports what the build has); a change of compiler, flags or OpenMP
+rebuilds every module. The shipped flags are portable: the C core picks AVX-512, AVX2 or baseline code at
+run time (target_clones in fastlogits.h); nothing here uses native-architecture flags or flags that change
+NaN/inf semantics.
 """
 import os
 import shlex
@@ -61,7 +62,8 @@ class BuildExt(build_ext):
                      f"environment's flags (CFLAGS={os.environ.get('CFLAGS', '')!r}, "
                      f"LDFLAGS={os.environ.get('LDFLAGS', '')!r}): {why}")
         omp_compile, omp_link = ["-fopenmp"], ["-fopenmp"]
-        use_omp = os.environ.get("FASTLOGITS_NO_OPENMP", "") in ("", "0")
+        no_omp = os.environ.get("FASTLOGITS_NO_OPENMP", "").strip().lower()
+        use_omp = no_omp in ("", "0", "false", "no", "off")
         if use_omp and _try_compile(
             cc, "#include <omp.h>\nint main(void) { return omp_get_max_threads() > 0 ? 0 : 1; }\n",
             omp_compile, omp_link,
@@ -73,7 +75,21 @@ class BuildExt(build_ext):
             ext.extra_compile_args = ["-O3", "-std=gnu99"] + (omp_compile if use_omp else [])
             ext.extra_link_args = omp_link if use_omp else []
             ext.libraries = ["m"]
+        # setuptools rebuilds a module only when a source is newer than it: a build with another compiler,
+        # other CFLAGS or OpenMP switched off kept the last build's modules. The settings of the last
+        # complete build are kept in a stamp file, and any change rebuilds every module.
+        settings = repr((getattr(cc, "compiler_so", None), os.environ.get("CFLAGS", ""),
+                         os.environ.get("LDFLAGS", ""), use_omp))
+        stamp = os.path.join(self.build_temp, "fastlogits-build-settings.txt")
+        try:
+            with open(stamp) as f:
+                self.force = self.force or f.read() != settings
+        except OSError:
+            self.force = True
         super().build_extensions()
+        os.makedirs(self.build_temp, exist_ok=True)
+        with open(stamp, "w") as f:
+            f.write(settings)
 
 
 def extensions():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -214,7 +215,9 @@ def test_a_bad_thread_variable_is_reported_not_raised_by_show_config():
     res = subprocess.run([sys.executable, "-m", "fastlogits.cli", "demo", "--rows", "4", "--vocab", "50",
                           "--threads", "99999999999999999999"], env=env, capture_output=True, text=True,
                          timeout=120, cwd=root)
-    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "from 1 to 4096" in res.stderr
+    # refused as the options are parsed (exit 2, as every bad option), naming the option
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "argument --threads: expected an integer from 1 to 4096" in res.stderr
 
 
 def test_bench_top_k_of_a_small_vocabulary():
@@ -395,3 +398,17 @@ def test_the_build_probes_link_with_the_flags_they_compile_with(tmp_path):
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["None", "None"], r.stdout + r.stderr      # (and nothing cythonized)
+
+
+def test_an_unbuilt_source_tree_says_so_on_import(tmp_path):
+    """README's `pip install .` leaves the clone's kernels unbuilt, and Python started in the clone imports
+    the clone: that gave "cannot import name '_reduce' from 'fastlogits.cpu'" (a packaging audit)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fl.__file__)))
+    shutil.copytree(os.path.join(root, "fastlogits"), tmp_path / "fastlogits",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", "import fastlogits"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert res.returncode == 1
+    assert f"compiled kernels are not built in {tmp_path / 'fastlogits' / 'cpu'}" in res.stderr, res.stderr
+    assert "run Python from another directory" in res.stderr

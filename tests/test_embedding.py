@@ -661,7 +661,9 @@ def test_numba_entry_points_can_be_cached(tmp_path):
     """A user's @njit(cache=True) function that calls them is compiled once: the second process loads it
     from numba's cache (a ctypes pointer in the compiled code made numba refuse to cache it)."""
     pytest.importorskip("numba")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # the fastlogits under test (installed, or this tree when editable), not the tree of this file: CI's
+    # wheel leg runs these tests against an installed wheel
+    where = os.path.dirname(os.path.dirname(os.path.abspath(fl.__file__)))
     (tmp_path / "user_code.py").write_text(textwrap.dedent("""
         import warnings, sys
         import numba, numpy as np
@@ -675,7 +677,7 @@ def test_numba_entry_points_can_be_cached(tmp_path):
             warnings.simplefilter("error")
             print(repr(f(np.arange(5.0))), f.stats.cache_hits and 1 or 0)
     """))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, str(tmp_path)]),
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([where, str(tmp_path)]),
                NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     outs = [subprocess.run([sys.executable, str(tmp_path / "user_code.py")], env=env, capture_output=True,
                            text=True, timeout=300) for _ in range(2)]
