@@ -4,9 +4,9 @@
 # the real device (the PTX check aside: CI runs it; tracebacks in gpu_tests.txt and gpu_tests.xml beside the
 # figures; stopped by SIGINT at their limit, so the failures so far are still reported), the GPU benchmarks
 # against PyTorch, the launch-settings sweep (gpu_sweep.py) and `fastlogits check`, and writes every figure
-# to one file. Its sections' time limits add up to 535 s at most (install 60, and 60 more for the in-place
-# build if pip fails; tests 180, and 15 more for the kill after SIGINT; benchmarks 60, sweep 60, sampling 40;
-# check 60), each section's seconds logged.
+# to one file (`fastlogits check`'s tables to check.txt beside it). Its sections' time limits add up to 550 s
+# at most (install 60, and 60 more for the in-place build if pip fails; tests 165, and 15 more for the kill
+# after SIGINT; benchmarks 60, sweep 60, sampling 40; check 90), each section's seconds logged.
 #
 #   bash benchmarks/gpu_check.sh [OUT]          (default OUT: gpu_check.txt, or $OUT/gpu_check.txt)
 set -uo pipefail
@@ -30,7 +30,7 @@ py=${PYTHON:-python3}
   $py -m pip show numba-cuda 2>/dev/null | head -2
   section "GPU tests on the device (tracebacks in gpu_tests.txt)"
   xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
-  timeout -s INT -k 15 180 $py -m pytest -q -p no:cacheprovider $xdist --ignore=tests/gpu/test_ptx.py -rfE --durations=12 \
+  timeout -s INT -k 15 165 $py -m pytest -q -p no:cacheprovider $xdist --ignore=tests/gpu/test_ptx.py -rfE --durations=12 \
     --tb=short --junitxml="$(dirname "$out")/gpu_tests.xml" tests/gpu > "$(dirname "$out")/gpu_tests.txt" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed|^[0-9.]+s (call|setup|teardown)" "$(dirname "$out")/gpu_tests.txt" | tail -55
   section "GPU benchmarks: (8192, 128256), device-resident, public API, CUDA events, medians of 10"
@@ -86,8 +86,21 @@ for case, peer in (("plain", "torch.multinomial(softmax)"), ("top_k_top_p", "HF 
         line += f"   {peer} {1e3 * r['torch_' + case + '_s']:8.2f} ms   x{r['torch_' + case + '_s'] / r[case + '_s']:.2f}"
     print(line)
 PY
-  section "fastlogits check (GPU against CPU)"
-  timeout 60 $py -m fastlogits.cli check 2>&1 | tail -60
+  section "fastlogits check (GPU against CPU), a dtype at a time (the whole tables in check.txt)"
+  # one process a dtype: a process compiles the kernels of its dtype only, and what ran before the time
+  # limit is kept (the table is printed at the end of a run)
+  chk="$(dirname "$out")/check.txt"
+  : > "$chk"
+  end=$((SECONDS + 90))
+  for dt in float32 bfloat16 float16 float64; do
+    left=$((end - SECONDS))
+    if [ $left -lt 10 ]; then echo "$dt: not checked (the section's 90 s are spent)"; continue; fi
+    echo "### $dt" >> "$chk"
+    timeout $left $py -m fastlogits.cli check --dtypes $dt >> "$chk" 2>&1
+    [ $? -eq 124 ] && echo "stopped at the section's time limit" >> "$chk"
+    echo "$dt: $(tail -1 "$chk")"
+  done
+  grep -E "FAIL|raised|Error" "$chk" | head -40
   section "end"
 } > "$out" 2>&1
 echo "figures in $out"

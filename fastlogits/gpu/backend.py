@@ -59,14 +59,16 @@ def is_device_array(x):
     return bool(getattr(x, "__cuda_ndarray__", False)) or hasattr(x, "__cuda_array_interface__")
 
 
-def _device_view(x):
+def _device_view(x, name="a GPU array"):
     """x as a numba device array, zero-copy. The work queued next on the default stream (this backend's)
     is ordered after the work x's producer queued on x's stream (stream_of), on the device: numba's own
     import (``as_cuda_array`` with its default ``sync=True``) waits for that stream on the host instead,
     which would make every call on a PyTorch tensor wait. That stream is kept, so that at the end of the
-    public call its next work is ordered after this call's (order_streams)."""
+    public call its next work is ordered after this call's (order_streams). An array of another device
+    than numba's current one is refused (check_device)."""
     if getattr(x, "__cuda_ndarray__", False):
         return x
+    check_device(x, name)
     d = cuda.as_cuda_array(x, sync=False)
     ptr = stream_of(x)
     if ptr is not None and int(ptr) not in (0, 1, 2):
@@ -81,10 +83,27 @@ def _device_view(x):
     return d
 
 
-def device_view(x):
+def device_view(x, name="a GPU array"):
     """A GPU array as a numba device array (NumPy shape and dtype), zero-copy, ordered on the device
     after its producer's work (_device_view), for the ops layer."""
-    return _device_view(x)
+    return _device_view(x, name)
+
+
+def check_device(x, name):
+    """A ValueError naming the argument where x is a PyTorch tensor or a CuPy array on another GPU than
+    numba's current device: the kernels run in numba's current context, and another device's memory read
+    there is an illegal address (or, with peer access, a slow read over the interconnect). PyTorch's
+    ``torch.cuda.set_device`` does not change numba's device; ``numba.cuda.select_device`` does."""
+    device = getattr(x, "device", None)
+    ordinal = getattr(device, "index", None)            # PyTorch's torch.device (None: the current one)
+    if not isinstance(ordinal, int):
+        ordinal = getattr(device, "id", None)           # CuPy's Device
+    if not isinstance(ordinal, int) or isinstance(ordinal, bool):
+        return
+    current = getattr(cuda.get_current_device(), "id", None)       # (the simulator's has none)
+    if isinstance(current, int) and ordinal != current:
+        raise ValueError(f"{name} is on GPU {ordinal}, but fastlogits runs on numba's current GPU, "
+                         f"{current}: call numba.cuda.select_device({ordinal}) first, or move the array")
 
 
 def stream_of(x):
@@ -178,7 +197,7 @@ def _row_block(d, sl):
 def rows_out(out):
     """A GPU ``out`` as a 2-D (rows, V) device array over the caller's memory, for the maps to write in
     place; a ValueError where its leading axes do not merge into one (a copy would not be written)."""
-    d = _device_view(out)
+    d = _device_view(out, "out")
     v = d if d.ndim == 2 else _rows_view(d)
     if v is None:
         raise ValueError(f"out: a device array of shape {tuple(d.shape)} and strides {tuple(d.strides)} "
@@ -206,9 +225,10 @@ def overlaps(a, b):
         # the simulator's arrays are host arrays; any other device array says where it is through its
         # __cuda_array_interface__ (numba's own arrays included)
         views.append(x._ary if hasattr(x, "_ary") else np.asarray(_AtAddresses(x.__cuda_array_interface__)))
+    too_hard = getattr(np, "exceptions", np).TooHardError      # (np.exceptions: NumPy 1.25 and later)
     try:
         return bool(np.shares_memory(views[0], views[1], max_work=10**6))
-    except np.exceptions.TooHardError:      # (strides too awkward to decide cheaply): assume they do
+    except too_hard:      # (strides too awkward to decide cheaply): assume they do
         return True
 
 
@@ -239,7 +259,7 @@ def kind_name(x, d, dtype, argname):
 
 def out_kind(out, dtype):
     """The element type name of a GPU ``out`` array (see kind_name)."""
-    return kind_name(out, _device_view(out), dtype, "out")
+    return kind_name(out, _device_view(out, "out"), dtype, "out")
 
 
 def as_rows(x, dtype):
@@ -257,7 +277,7 @@ def as_rows(x, dtype):
             return x[None, :], lead, name
         # (rows counted, not inferred: -1 cannot be inferred for V = 0)
         return (x if x.ndim == 2 else x.reshape(int(np.prod(lead, dtype=np.int64)), V)), lead, name
-    d = _device_view(x)
+    d = _device_view(x, "logits")
     dt = np.dtype(d.dtype)
     name = kind_name(x, d, dtype, "logits")
     if name == "bfloat16" and dt != np.uint16:
@@ -402,7 +422,7 @@ def _blocks(x, dtype, temperature):
     for its stream, before block b + 2 reuses its staging buffer)."""
     kd = _KERNEL_DTYPE[dtype]
     if is_device_array(x):
-        d = _device_view(x)
+        d = _device_view(x, "logits")
         if np.dtype(d.dtype) != kd:
             d = d.view(kd)
         rows = int(tuple(d.shape)[0])
@@ -529,7 +549,7 @@ def softmax(x, dtype, temperature, softcap, log, out, out_dtype, chunk, threads)
     mapk = kern.softmax_map_bf16 if bf16 else kern.softmax_map
     wide = bool(log) and out_dtype == "float64" and dtype != "float64"    # (see kernels.softmax_map)
     if out_dev:        # the caller's device array, as the map writes it (bfloat16 as its bits)
-        dv = _device_view(out)
+        dv = _device_view(out, "out")
         dv = dv if np.dtype(dv.dtype) == kd else dv.view(kd)
     for blk in _blocks(x, dtype, temperature):
         pm, ps, pt = _stats(blk, kern, softcap, K.LSE, w, chunk)
@@ -589,7 +609,7 @@ def device_labels(labels, lead):
     anything else (the caller takes the host path, which checks and explains)."""
     if not is_device_array(labels):
         return None
-    d = _device_view(labels)
+    d = _device_view(labels, "labels")
     if np.dtype(d.dtype) not in (np.dtype(np.int32), np.dtype(np.int64)) or tuple(d.shape) != tuple(lead):
         return None
     rows = int(np.prod(lead, dtype=np.int64))
@@ -924,7 +944,7 @@ def beam_search_step_device(x, dtype, temperature, softcap, beam_scores, W, k, c
         return out
     _, idx, lp = _select(x, dtype, temperature, softcap, k, True, chunk)
     if is_device_array(beam_scores):
-        bs = _device_view(beam_scores)
+        bs = _device_view(beam_scores, "beam_scores")
     else:
         bs = _upload("beam scores", 0, np.ascontiguousarray(beam_scores, np.float64))
     _launch(SK.beam_merge, *_grid1(rows * k))(lp, idx, bs, int(W), bool(round32), *out)

@@ -447,7 +447,7 @@ def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperatu
                          "at least 2 tokens")
     if is_gpu_array(beam_scores):                 # read in place with device logits, else copied here
         gpu = _backend.get("gpu")
-        bs = gpu.device_view(beam_scores) if device is not None else gpu.to_host(beam_scores)
+        bs = gpu.device_view(beam_scores, "beam_scores") if device is not None else gpu.to_host(beam_scores)
     else:
         bs = number_array(beam_scores, "beam_scores")    # (a tensor read as temperatures are)
     if np.dtype(bs.dtype).kind not in "fiu":

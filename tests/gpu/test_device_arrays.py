@@ -492,3 +492,38 @@ def test_host_copies_of_arrays_with_negative_strides(gpu, monkeypatch):
     np.testing.assert_allclose(fl.cross_entropy(x.reshape(6, 16), labels, reduction="none"),
                                fl.cross_entropy(x.reshape(6, 16), np.arange(6)[::-1] % 16, reduction="none"),
                                rtol=2e-6)
+
+
+def test_arrays_of_another_gpu_are_refused_naming_them(gpu, monkeypatch, rng):
+    """A PyTorch tensor on cuda:1 (or a CuPy array on device 1) while numba's current device is 0: the
+    kernels would read another device's memory in numba's context (an illegal address). Refused, naming
+    the argument and both devices (a GPU-code audit); one on the current device, and numba's own arrays,
+    are read as before. (The simulator's device has no id: a stand-in current device 0 here.)"""
+    import types
+
+    monkeypatch.setattr(gpu.cuda, "get_current_device", lambda: types.SimpleNamespace(id=0))
+    # (the simulator imports no foreign interface: the stand-in's data, as in the test above)
+    monkeypatch.setattr(gpu.cuda, "as_cuda_array", lambda a, sync=True: cuda.to_device(a.host), raising=False)
+    x = rng.standard_normal((3, 7)).astype(np.float32)
+
+    class Foreign:                     # a library's device array: its interface and its device
+        def __init__(self, host, device):
+            self.host, self.shape, self.dtype = host, host.shape, host.dtype
+            self.device = device
+            self.__cuda_array_interface__ = {"shape": host.shape, "typestr": host.dtype.str, "version": 3,
+                                             "data": (0, False), "strides": None, "stream": None}
+
+    torch_dev = lambda i: types.SimpleNamespace(type="cuda", index=i)      # noqa: E731
+    cupy_dev = lambda i: types.SimpleNamespace(id=i)                      # noqa: E731
+    for dev in (torch_dev(1), cupy_dev(3)):
+        n = getattr(dev, "index", None) or dev.id
+        with pytest.raises(ValueError, match=rf"^logits is on GPU {n}, but fastlogits runs on numba's "
+                                             rf"current GPU, 0: call numba.cuda.select_device\({n}\) first"):
+            fl.logsumexp(Foreign(x, dev), backend="gpu")
+        with pytest.raises(ValueError, match=rf"^labels is on GPU {n}"):
+            fl.cross_entropy(cuda.to_device(x), Foreign(np.array([0, 6, 2]), dev), backend="gpu")
+        with pytest.raises(ValueError, match=rf"^out is on GPU {n}"):
+            fl.softmax(cuda.to_device(x), out=Foreign(np.empty_like(x), dev), backend="gpu")
+    for dev in (torch_dev(0), cupy_dev(0), None):
+        got = fl.logsumexp(Foreign(x, dev), backend="gpu")
+        np.testing.assert_allclose(host(got), np.log(np.exp(x.astype(np.float64)).sum(1)), rtol=2e-6)
