@@ -227,6 +227,10 @@ def _load_labels(path, src):
     return y        # as stored: the library checks the range (a uint64 label past 2^63 would wrap in int64)
 
 
+def _rows(n):
+    return f"{n} row" if n == 1 else f"{n} rows"
+
+
 def cmd_info(args):
     src = _open(args)
     summary = {"input": args.input, "format": src.format, "dtype": src.dtype, "shape": list(src.shape),
@@ -235,8 +239,9 @@ def cmd_info(args):
     if getattr(src, "tensor", None):
         summary["tensor"] = src.tensor
     def text(v):     # standard input's rows and size are not known before it is read
-        if isinstance(v, list):
-            return "(" + ", ".join("?" if d is None else str(d) for d in v) + ")"
+        if isinstance(v, list):       # a shape, as Python writes a tuple: (50,) for one axis
+            dims = ", ".join("?" if d is None else str(d) for d in v)
+            return f"({dims},)" if len(v) == 1 else f"({dims})"
         return "not known before it is read" if v is None else v
 
     _emit(args, summary, [f"{k:8s} {text(v)}" for k, v in summary.items()])
@@ -261,7 +266,7 @@ def cmd_stats(args):
     summary = {"input": args.input, "rows": st["rows"], "vocab": src.V, "dtype": src.dtype, "seconds": secs,
                "GB/s": (bar.nbytes / secs / 1e9) if secs else None,
                "mean_entropy": float(np.mean(st["entropy"])) if st["rows"] else None}
-    lines = [f"{args.input}: {st['rows']} rows x {src.V} ({src.dtype}) in {secs:.2f} s "
+    lines = [f"{args.input}: {_rows(st['rows'])} x {src.V} ({src.dtype}) in {secs:.2f} s "
              f"({summary['GB/s'] or 0:.2f} GB/s)"]
     if labels is not None:
         counted = st["counted"]
@@ -271,7 +276,7 @@ def cmd_stats(args):
             perplexity = float(np.exp(mean_nll))
         summary.update({"counted_rows": n, "mean_nll": mean_nll, "perplexity": perplexity,
                         "accuracy": float(np.mean(st["correct"][counted])) if n else float("nan")})
-        lines.append(f"  mean NLL      {mean_nll:.4f} nats over {n} rows   "
+        lines.append(f"  mean NLL      {mean_nll:.4f} nats over {_rows(n)}   "
                      f"perplexity {summary['perplexity']:.3f}")
         lines.append(f"  accuracy      {summary['accuracy']:.4f}")
     if st["rows"]:
@@ -300,7 +305,7 @@ def cmd_softmax(args):
         secs = bar.close()
     summary = {"input": args.input, "output": args.output, "rows": src.rows, "vocab": src.V,
                "seconds": secs, "GB/s": bar.nbytes / secs / 1e9 if secs else None}
-    _emit(args, summary, [f"wrote the {'log-' if args.log else ''}softmax of {src.rows} rows to "
+    _emit(args, summary, [f"wrote the {'log-' if args.log else ''}softmax of {_rows(src.rows)} to "
                           f"{_where(args.output)} in {secs:.2f} s"])
     return 0
 
@@ -319,8 +324,8 @@ def cmd_topk(args):
     write_rows(args.output, {"ids": idx, "logprobs": lp}, _lead(src))
     summary = {"input": args.input, "output": args.output, "rows": int(idx.shape[0]), "k": args.k,
                "seconds": secs}
-    _emit(args, summary, [f"wrote the top {args.k} tokens of {idx.shape[0]} rows to {_where(args.output)} in "
-                          f"{secs:.2f} s"])
+    _emit(args, summary, [f"wrote the top {args.k} tokens of {_rows(idx.shape[0])} to {_where(args.output)} "
+                          f"in {secs:.2f} s"])
     return 0
 
 
@@ -376,7 +381,7 @@ def cmd_demo(args):
     where = ("[backend=gpu]" if resolve_backend(args.backend, None) == "gpu" else
              f"[simd={summary['config']['simd']}, threads={'up to ' if at_most else ''}{threads}]")
     lines = [
-        f"fastlogits demo: wrote {rows} rows x {vocab} vocabulary of bfloat16 logits with labels "
+        f"fastlogits demo: wrote {_rows(rows)} x {vocab} vocabulary of bfloat16 logits with labels "
         f"({size / 1e6:.0f} MB, {made:.1f} s), then streamed it with a "
         f"{_binary_size(summary['memory_budget'])} budget:",
         f"  mean NLL      {mean_nll:.4f} nats   perplexity {summary['perplexity']:.1f}",
@@ -433,7 +438,7 @@ def cmd_sample(args):
     write_rows(args.output, cols, _lead(src))
     summary = {"input": args.input, "output": args.output, "rows": rows, "seconds": secs, "seed": seed}
     drawn = f"{rows} sampled tokens" if args.num_samples == 1 else \
-        f"{rows * args.num_samples} sampled tokens ({args.num_samples} a row, {rows} rows)"
+        f"{rows * args.num_samples} sampled tokens ({args.num_samples} a row, {_rows(rows)})"
     _emit(args, summary, [f"wrote {drawn} to {_where(args.output)} in {secs:.2f} s (seed {seed})"])
     return 0
 

@@ -296,6 +296,11 @@ def test_cli_info_text_of_a_dump_and_of_standard_input(tmp_path, rng):
     assert "shape    (?, 6)" in out and "rows     not known before it is read" in out, out
     res = _cli("info", "-", "--dtype", "float16", "--vocab", "6", "--json", stdin=x.tobytes())
     assert json.loads(res.stdout)["rows"] is None
+    # one axis as Python writes a tuple, (6,) (it was "(6)"); one row is "1 row" (it was "1 rows")
+    np.save(tmp_path / "one.npy", x[0])
+    assert "shape    (6,)" in _cli("info", tmp_path / "one.npy").stdout.decode()
+    out = _cli("stats", tmp_path / "one.npy").stdout.decode()
+    assert out.startswith(f"{tmp_path / 'one.npy'}: 1 row x 6 (float16)"), out
 
 
 def test_cli_npy_results_keep_the_leading_shape(tmp_path, rng):
