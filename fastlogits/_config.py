@@ -176,15 +176,16 @@ def show_config(as_dict=False):
     from fastlogits import __version__
     from fastlogits.cpu import _info
 
+    openmp = _info.openmp_enabled()
     try:
-        threads = default_threads()
+        threads = default_threads() if openmp else 1      # (without OpenMP every call runs on one thread)
     except ValueError as e:           # a bad FASTLOGITS_NUM_THREADS: reported, not raised
         threads = f"invalid: {e}"
     reason = gpu_unavailable_reason()
     cfg = {
         "version": __version__,
         "simd": _info.simd_path(),
-        "openmp": _info.openmp_enabled(),
+        "openmp": openmp,
         "threads": threads,
         "backends": available_backends(),
         "default_backend": get_backend(),
@@ -193,6 +194,6 @@ def show_config(as_dict=False):
     }
     if not as_dict:
         for k, v in cfg.items():
-            print(f"{k:16s} {v}")
+            print(f"{k:16s} {v}" + (" (a build without OpenMP)" if k == "threads" and not openmp else ""))
         return None
     return cfg

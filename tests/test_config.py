@@ -16,7 +16,8 @@ OPENMP_OPT_OUTS = ("FASTLOGITS_NO_OPENMP", "FASTLOGITS_DISABLE_OPENMP", "FASTLOG
 
 
 def _openmp_opted_out():
-    if any(os.environ.get(v, "") not in ("", "0") for v in OPENMP_OPT_OUTS):
+    keep = ("", "0", "false", "no", "off")           # as setup.py reads FASTLOGITS_NO_OPENMP
+    if any(os.environ.get(v, "").strip().lower() not in keep for v in OPENMP_OPT_OUTS):
         return True
     return os.environ.get("FASTLOGITS_OPENMP", "1").lower() in ("0", "false", "no", "off")
 
@@ -59,6 +60,17 @@ def test_openmp_is_on():
     if not sys.platform.startswith("linux"):
         pytest.skip("the OpenMP check is for Linux builds")
     assert fl.show_config(as_dict=True)["openmp"] is True, "this build lost OpenMP"
+
+
+def test_a_build_without_openmp_shows_one_thread(monkeypatch, capsys):
+    """show_config of a build without OpenMP gave the machine's cores as its threads (a packaging audit):
+    every call runs on one thread there."""
+    from fastlogits.cpu import _info
+
+    monkeypatch.setattr(_info, "openmp_enabled", lambda: False)
+    assert fl.show_config(as_dict=True)["threads"] == 1
+    fl.show_config()
+    assert "threads          1 (a build without OpenMP)\n" in capsys.readouterr().out
 
 
 def test_simd_level_is_supported_by_this_cpu():
