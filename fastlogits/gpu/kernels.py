@@ -25,8 +25,9 @@
 # - Every kernel that reads logits is built once per input kind by ``_build``: float16 (read as float16),
 #   bfloat16 (read as uint16 bits and converted exactly), float32, float64. Logits are transformed as the
 #   C core does, in the compute type (float32, float64 for float64 input): ``softcap * tanh(x / softcap)``
-#   as the C core computes it (``softcap_f32``/``softcap_f64``: saturated logits are exactly +-softcap on
-#   both backends, so they tie alike), then divided by the row's temperature.
+#   by the C core's formula (``softcap_f32``/``softcap_f64``: within an ulp of it, where NVVM fuses an FMA;
+#   saturated logits are exactly +-softcap on both backends, so they tie alike), then divided by the row's
+#   temperature.
 # - Selection (argmax = top-1, top-k) ranks by the C core's strict total order (NaN first, then larger
 #   value, then lower index), so ties and NaN come out exactly as on the CPU: each thread keeps its
 #   min(k, KLOCAL) best candidates in one pass, then k block-wide rounds take the best remaining head; a
@@ -111,7 +112,7 @@ def _load_f64(x, r, j):
     return np.float64(x[r, j])
 
 
-# ---- the softcap, as the C core computes it ---------------------------------------------------------------
+# ---- the softcap, by the C core's formula -----------------------------------------------------------------
 
 F32_ONE = np.float32(1)
 F32_MINUS_TWO = np.float32(-2)
@@ -127,7 +128,8 @@ def softcap_f32(x, c):
     (1 + e), e = exp(-2|z|), and x (1 + p(z^2)), p tanh's Taylor series to z^9, below |z| = 0.28, where
     1 - e cancels (x times the series: z may be subnormal for a large cap). Past |z| = 9 it is exactly
     +-c (CUDA's tanhf can be an ulp short), so logits saturated by a softcap tie exactly as on the CPU.
-    NaN stays NaN, -0 keeps its sign."""
+    NaN stays NaN, -0 keeps its sign. The same formula, not always the same bits: NVVM fuses 1 + a2 (...)
+    into one FMA (one rounding; the simulator and GCC's baseline clone round twice), an ulp at most."""
     z = x / c
     a = abs(z)
     e = np.float32(math.exp(F32_MINUS_TWO * a))       # (float32 already on the GPU; the simulator's is not)
