@@ -401,7 +401,10 @@ FL_MULTIVERSION static FL_UNUSED fl_ent_state FL_FN(fl_ent_chunk)(const FL_T *x,
 /* Element j of row r, transformed, in the compute type (as the chunk loaders compute it). */
 static inline FL_T FL_FN(fl_row_value)(const fl_row *r, int64_t j) {
     FL_T v = (FL_T)fl__load_one(r->data + j * r->stride, r->dtype);
-    FL_FN(fl__transform)(&v, 1, (FL_T)r->softcap, (FL_T)r->temperature);
+    /* no call for a plain row: cross-entropy reads a value a row (float32 (262144, 16), one thread, same
+     * runs: 9.1-9.9 -> 8.6-9.2 ms) */
+    if (r->temperature != 1.0 || r->softcap != 0.0)
+        FL_FN(fl__transform)(&v, 1, (FL_T)r->softcap, (FL_T)r->temperature);
     return v;
 }
 
