@@ -195,8 +195,8 @@ def _write_rows_file(path, names, arrays, rows, lead):
 
 
 def _load_labels(path, src):
-    """The labels file at `path` for the rows of `src`: one label per row, in any shape holding that
-    many (a 2-D file for a 3-D dump, or one label per line), given the dump's leading shape."""
+    """The labels file at `path` for the rows of `src`: one label per row, flat (one per line, in the
+    rows' order) or in the dump's leading shape (a 2-D file for a 3-D dump), given that shape."""
     rows = src.rows
     if path in ("", STDOUT):     # ('' from an unset shell variable: the labels would be dropped silently)
         raise ValueError(f"--labels {path!r}: expected the name of a labels file, "
@@ -219,11 +219,17 @@ def _load_labels(path, src):
                          f"{reason(e)}") from None
     if y.dtype.kind not in "iu":
         raise ValueError(f"{path}: labels must be integers, found {y.dtype}")
+    lead = tuple(src.shape[:-1])
+    if rows is not None and y.ndim > 1 and [d for d in y.shape if d != 1] != [d for d in lead if d != 1]:
+        # a flat file is read in the rows' order; a shaped one must have their shape (axes of length 1
+        # aside): transposed labels, (T, B) for a (B, T, V) dump, gave a wrong NLL silently (a user audit)
+        raise ValueError(f"{path}: labels of shape {y.shape} for logits whose rows have shape {lead}: "
+                         "expected that shape, or one label per row in a flat file")
     y = y.reshape(-1)
     if rows is not None and y.shape[0] != rows:
         raise ValueError(f"{path}: {y.shape[0]} labels for {rows} rows of logits")
     if rows is not None:
-        y = y.reshape(tuple(src.shape[:-1]))      # the rows of a 1-D or 3-D dump (a 2-D one: as it is)
+        y = y.reshape(lead)      # the rows of a 1-D or 3-D dump (a 2-D one: as it is)
     return y        # as stored: the library checks the range (a uint64 label past 2^63 would wrap in int64)
 
 
@@ -263,14 +269,16 @@ def cmd_stats(args):
                        backend=args.backend, threads=args.threads, memory=args.memory, progress=bar)
     finally:
         secs = bar.close()
+    # every mean is over the counted rows when there are labels (padding, ignore_index, is left out: its
+    # entropy, of logits that may be anything, made the mean NaN or moved it), else over every row
+    counted = st["counted"] if labels is not None else np.ones(st["rows"], bool)
+    n = int(np.count_nonzero(counted))
     summary = {"input": args.input, "rows": st["rows"], "vocab": src.V, "dtype": src.dtype, "seconds": secs,
                "GB/s": (bar.nbytes / secs / 1e9) if secs else None,
-               "mean_entropy": float(np.mean(st["entropy"])) if st["rows"] else None}
+               "mean_entropy": float(np.mean(st["entropy"][counted])) if n else None}
     lines = [f"{args.input}: {_rows(st['rows'])} x {src.V} ({src.dtype}) in {secs:.2f} s "
              f"({summary['GB/s'] or 0:.2f} GB/s)"]
     if labels is not None:
-        counted = st["counted"]
-        n = int(np.count_nonzero(counted))
         mean_nll = float(np.mean(st["nll"][counted])) if n else float("nan")
         with np.errstate(over="ignore"):             # a mean NLL past 709 nats: perplexity inf, no warning
             perplexity = float(np.exp(mean_nll))
@@ -279,8 +287,8 @@ def cmd_stats(args):
         lines.append(f"  mean NLL      {mean_nll:.4f} nats over {_rows(n)}   "
                      f"perplexity {summary['perplexity']:.3f}")
         lines.append(f"  accuracy      {summary['accuracy']:.4f}")
-    if st["rows"]:
-        lines.append(f"  mean entropy  {summary['mean_entropy']:.4f} nats")
+    if n:
+        lines.append(f"  mean entropy  {summary['mean_entropy']:.4f} nats over {_rows(n)}")
     if args.per_row:
         cols = {"argmax": st["argmax"], "entropy": st["entropy"]}
         if labels is not None:

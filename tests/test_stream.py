@@ -283,6 +283,44 @@ def test_cli_stats_info_topk_softmax(tmp_path, rng):
     _same(np.load(tmp_path / "p.npy").view(BF16), fl.log_softmax(x))
 
 
+def test_cli_stats_means_leave_padding_out(tmp_path, rng):
+    """With labels, stats' mean entropy is over the counted rows, as its mean NLL and accuracy are: the
+    padding's entropy (logits that may be anything: here a +inf) made it NaN, or moved it (a user audit).
+    Without labels it is over every row; the text says over how many."""
+    x = (rng.standard_normal((2, 5, 40)) * 3).astype(np.float32)
+    y = rng.integers(0, 40, (2, 5))
+    y[0, 3:] = y[1, 4] = -100
+    x[0, 4, 7] = np.inf                               # padding with a +inf logit
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    counted = y != -100
+    res = _cli("stats", tmp_path / "x.npy", "--labels", tmp_path / "y.npy", "--json")
+    got = json.loads(res.stdout)
+    assert res.returncode == 0 and got["counted_rows"] == 7, res.stderr
+    np.testing.assert_allclose(got["mean_entropy"], ref.entropy(x[counted]).mean(), rtol=1e-6)
+    np.testing.assert_allclose(got["mean_nll"], ref.cross_entropy(x[counted], y[counted]), rtol=1e-6)
+    out = _cli("stats", tmp_path / "x.npy", "--labels", tmp_path / "y.npy").stdout.decode()
+    assert "nats over 7 rows" in out.splitlines()[-1], out
+    # labels in another shape of as many (transposed: (5, 2)) are refused; flat ones, and a shape with an
+    # axis of length 1 more, are read in the rows' order
+    np.save(tmp_path / "yT.npy", np.ascontiguousarray(y.T))
+    res = _cli("stats", tmp_path / "x.npy", "--labels", tmp_path / "yT.npy")
+    assert res.returncode == 1 and res.stderr.count(b"\n") == 1, res.stderr
+    assert b"yT.npy: labels of shape (5, 2) for logits whose rows have shape (2, 5)" in res.stderr
+    for name, lab in (("flat.txt", None), ("y1.npy", y[:, :, None])):
+        if lab is None:
+            np.savetxt(tmp_path / name, y.reshape(-1), fmt="%d")
+        else:
+            np.save(tmp_path / name, lab)
+        again = json.loads(_cli("stats", tmp_path / "x.npy", "--labels", tmp_path / name, "--json").stdout)
+        assert again["mean_nll"] == got["mean_nll"], name
+    x[0, 4, 7] = 0.0
+    np.save(tmp_path / "x.npy", x)
+    got = json.loads(_cli("stats", tmp_path / "x.npy", "--json").stdout)      # no labels: every row
+    np.testing.assert_allclose(got["mean_entropy"], ref.entropy(x.reshape(10, 40)).mean(), rtol=1e-6)
+    assert "nats over 10 rows" in _cli("stats", tmp_path / "x.npy").stdout.decode()
+
+
 def test_cli_info_text_of_a_dump_and_of_standard_input(tmp_path, rng):
     """info's text: a dump's shape, rows and size; standard input's rows and size are not known before it
     is read, said so (not Python's None, which --json gives as null)."""

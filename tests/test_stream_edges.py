@@ -1105,7 +1105,8 @@ def test_memory_budgets_of_any_real_number_type():
     for bad in ("1e", "e9", "1e9.5", "1e-", "1 e9"):
         with pytest.raises(ValueError, match="byte count such as"):
             parse_memory(bad)
-    for bad, match in ((10**400, "finite"), (float("nan"), "finite"), (-1, "at least 64 KiB")):
+    for bad, match in ((10**400, "finite"), (float("nan"), "finite"), (-1, "at least 64 KiB"),
+                       ("64kb", r"at least 64 KiB \(65536 bytes\), got '64kb' \(64000 bytes\)")):
         with pytest.raises(ValueError, match=match):
             parse_memory(bad)
 

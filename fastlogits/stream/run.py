@@ -60,7 +60,9 @@ def parse_memory(memory, argname="memory"):
     if not math.isfinite(value):
         raise ValueError(f"{argname} must be a finite byte count, got {memory!r}")
     if not value >= 1 << 16:
-        raise ValueError(f"{argname} must be at least 64 KiB, got {memory!r}")
+        # (the bytes said too: "64kb" is 64000, below 64 KiB = 65536)
+        given = f"{memory!r} ({value:.0f} bytes)" if isinstance(memory, str) and m.group(2) else repr(memory)
+        raise ValueError(f"{argname} must be at least 64 KiB (65536 bytes), got {given}")
     return int(value)
 
 
