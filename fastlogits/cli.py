@@ -12,6 +12,7 @@ import io
 import os
 import secrets
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -24,7 +25,7 @@ import fastlogits as fl
 from fastlogits import _json
 from fastlogits._config import MAX_THREADS
 from fastlogits.stream.run import STDOUT, descriptor_of
-from fastlogits.stream.sources import named_error, reason
+from fastlogits.stream.sources import named_error, read_npy, reason
 
 
 def _add_common(p, default_memory="256MiB", memory=None, backend="backend (default: cpu)",
@@ -201,22 +202,23 @@ def _load_labels(path, src):
     if path in ("", STDOUT):     # ('' from an unset shell variable: the labels would be dropped silently)
         raise ValueError(f"--labels {path!r}: expected the name of a labels file, "
                          + ("got an empty name" if not path else "and standard input is not read for labels"))
-    try:
-        if path.lower().endswith(".npy"):
-            # the .npy reader itself: np.load takes a zip archive (.npz) for one, and reads a file too
-            # short for the magic string as pickled data
-            with open(path, "rb") as f:
-                y = np.lib.format.read_array(f, allow_pickle=False)
-        else:
+    mode = os.stat(path).st_mode if os.path.exists(path) else stat.S_IFREG
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):     # (/dev/zero: one endless line, read until
+        raise ValueError(f"{path}: expected a labels file (or a pipe), found a folder or a device")  # OOM)
+    if path.lower().endswith(".npy"):
+        # checked as a logits file is (np.load takes a zip archive (.npz) for one and reads a file too
+        # short for the magic as pickled data; NumPy's reader allocates the header's shape unchecked)
+        y = read_npy(path)
+    else:
+        try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")      # an empty file: an empty array, not a warning
-                y = np.loadtxt(path, dtype=np.int64, ndmin=1)
-    except FileNotFoundError:
-        raise
-    except Exception as e:      # what a corrupt file makes NumPy raise: ValueError, EOFError, tokenize's
-        # TokenError (a garbled header), ...
-        raise ValueError(f"{path}: cannot read labels (.npy of integers, or text with one per line): "
-                         f"{reason(e)}") from None
+                y = np.loadtxt(path, dtype=np.int64, ndmin=1, encoding="utf-8-sig")     # (a BOM: Notepad's)
+        except FileNotFoundError:
+            raise
+        except Exception as e:      # what a corrupt file makes NumPy raise: ValueError, UnicodeDecodeError,
+            raise ValueError(f"{path}: cannot read labels (.npy of integers, or text with one per line): "
+                             f"{reason(e)}") from None
     if y.dtype.kind not in "iu":
         raise ValueError(f"{path}: labels must be integers, found {y.dtype}")
     lead = tuple(src.shape[:-1])

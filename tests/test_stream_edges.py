@@ -1614,7 +1614,7 @@ def test_cli_labels_files_that_are_not_npy_arrays(tmp_path, rng, content, messag
     else:
         labels.write_bytes(content)
     err = _one_line(_cli("stats", tmp_path / "x.npy", "--labels", labels), rc=1)
-    assert "labels.npy: cannot read labels" in err, err
+    assert "labels.npy: not a valid .npy file" in err, err          # (the logits' reader and message)
     assert __import__("re").search(message, err), err
 
 
@@ -2033,3 +2033,107 @@ def test_a_wrong_weight_is_refused_before_a_wide_source_is_read(tmp_path):
         assert reads == []
         with pytest.raises(ValueError, match=match):
             fl.cross_entropy(x, y, weight=weight)
+
+
+# ---- malformed files (found by a file-format audit) --------------------------------------------------------
+
+def _st_bytes(tensors, header=None):
+    """A safetensors file of float32 tensors {name: array} (or the given header dict / bytes)."""
+    data, entries, end = b"", {}, 0
+    for k, a in tensors.items():
+        entries[k] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [end, end + a.nbytes]}
+        data += a.astype("<f4").tobytes()
+        end += a.nbytes
+    h = header if isinstance(header, bytes) else json.dumps(header or entries).encode()
+    return struct.pack("<Q", len(h)) + h + data
+
+
+def test_a_dump_that_describes_itself_is_not_read_as_raw_rows(tmp_path, rng):
+    """A .npy or safetensors file on standard input (or a pipe) was read as raw rows, its header as 8 rows
+    of logits, exit 0; a safetensors file under another name was read as raw rows too. Standard input
+    refuses them; a regular file is opened as what it holds, as a .npy file already was."""
+    x = rng.standard_normal((10, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    st = _st_bytes({"logits": x})
+    for data, kind in (((tmp_path / "x.npy").read_bytes(), "a .npy file"), (st, "a safetensors file")):
+        err = _one_line(_cli("stats", "-", "--dtype", "float32", "--vocab", "4", stdin=data), rc=1)
+        assert f"standard input: expected raw rows, found {kind}" in err, err
+    (tmp_path / "x.st").write_bytes(st)
+    src = fl.open(tmp_path / "x.st", dtype="float32", vocab=4)
+    assert src.format == "safetensors" and src.shape == (10, 4)
+    np.testing.assert_allclose(fl.logsumexp(src), ref.logsumexp(x), rtol=2e-6)
+    # raw rows that merely start with small numbers stay raw rows
+    raw = np.zeros((3, 4), np.float32)
+    raw.view(np.uint8).reshape(-1)[8:10] = list(b'{"')
+    res = _cli("stats", "-", "--dtype", "float32", "--vocab", "4", "--json", stdin=raw.tobytes())
+    assert res.returncode == 0 and json.loads(res.stdout)["rows"] == 3, res.stderr
+
+
+def _npy_bytes(header, data=b""):
+    """A version 1.0 .npy file of the given header text (a dict's repr) and data, padded as NumPy pads."""
+    text = header + " " * (-(10 + len(header) + 1) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode() + data
+
+
+def test_npy_headers_that_lie(tmp_path):
+    """A header-length field cut short said "expected 4096 bytes got 0" (it read back into the magic); a
+    bool in the shape opened as (1, 3); a header naming bfloat16 was refused as raw |V2 values."""
+    (tmp_path / "cut.npy").write_bytes(b"\x93NUMPY\x01\x00\x10")
+    with pytest.raises(SourceError, match=r"cut.npy: not a valid .npy file \(the file ends in its header's "
+                                          r"length: expected 2 bytes, found 1\)"):
+        fl.open(tmp_path / "cut.npy")
+    data = np.arange(6, dtype=np.float32)
+    (tmp_path / "bool.npy").write_bytes(_npy_bytes(
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (True, 3), }", data[:3].tobytes()))
+    with pytest.raises(SourceError, match=r"bool.npy: not a valid .npy file \(shape \(True, 3\): expected "
+                                          r"integers\)"):
+        fl.open(tmp_path / "bool.npy")
+    (tmp_path / "bf16.npy").write_bytes(_npy_bytes(
+        "{'descr': 'bfloat16', 'fortran_order': False, 'shape': (2, 3), }", data.astype(BF16).tobytes()))
+    src = fl.open(tmp_path / "bf16.npy")
+    assert src.dtype == "bfloat16" and src.shape == (2, 3)
+    np.testing.assert_allclose(fl.logsumexp(src), ref.logsumexp(np.arange(6.0).reshape(2, 3)), rtol=1e-6)
+
+
+def test_safetensors_headers_that_lie(tmp_path, rng):
+    """An integer of 5000 digits in the header raised a bare ValueError naming no file; a header past the
+    format's 100 MiB limit was said to be longer than the file; a tensor name that is a lone surrogate
+    broke info's output."""
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    (tmp_path / "int.safetensors").write_bytes(_st_bytes({}, b'{"a": ' + b"9" * 5000 + b"}"))
+    with pytest.raises(SourceError, match=r"int.safetensors: corrupt safetensors header \(not JSON"):
+        fl.open(tmp_path / "int.safetensors")
+    with open(tmp_path / "big.safetensors", "wb") as f:      # sparse: 200 MiB on paper, a few KiB on disk
+        f.write(struct.pack("<Q", 150 * 2**20))
+        f.truncate(200 * 2**20)
+    with pytest.raises(SourceError, match=r"says 157286400 bytes, expected at most 104857600"):
+        fl.open(tmp_path / "big.safetensors")
+    entries = {"\ud800": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}
+    (tmp_path / "sur.safetensors").write_bytes(_st_bytes({}, json.dumps(entries).encode())
+                                               + x.tobytes())
+    with pytest.raises(SourceError, match=r"a tensor name that is not printable UTF-8 text, '\\ud800'"):
+        fl.open(tmp_path / "sur.safetensors")
+    assert "not printable" in _one_line(_cli("info", tmp_path / "sur.safetensors"), rc=1)
+
+
+def test_labels_files_are_checked_as_logits_files_are(tmp_path, rng):
+    """The labels' .npy reader took bytes past the data silently, allocated a header's 2**36 values before
+    finding 32 bytes, and read /dev/zero as text until memory ran out; a BOM (Notepad's) was refused."""
+    np.save(tmp_path / "x.npy", rng.standard_normal((4, 10)).astype(np.float32))
+    y = np.array([1, 0, 9, 3])
+    np.save(tmp_path / "long.npy", y)
+    with open(tmp_path / "long.npy", "ab") as f:
+        f.write(b"\0")
+    err = _one_line(_cli("stats", tmp_path / "x.npy", "--labels", tmp_path / "long.npy"), rc=1)
+    assert "long.npy: its header's shape (4,) of int64 describes 32 bytes of data" in err, err
+    assert err.endswith("found 33\n"), err
+    (tmp_path / "claim.npy").write_bytes(_npy_bytes(
+        "{'descr': '<i8', 'fortran_order': False, 'shape': (68719476736,), }", y.tobytes()))
+    err = _one_line(_cli("stats", tmp_path / "x.npy", "--labels", tmp_path / "claim.npy"), rc=1)
+    assert "claim.npy: its header's shape (68719476736,) of int64 describes 549755813888 bytes" in err, err
+    if os.path.exists("/dev/zero"):
+        err = _one_line(_cli("stats", tmp_path / "x.npy", "--labels", "/dev/zero"), rc=1)
+        assert "/dev/zero: expected a labels file (or a pipe), found a folder or a device" in err
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf1\r\n0\r\n9\r\n3\r\n")
+    res = _cli("stats", tmp_path / "x.npy", "--labels", tmp_path / "bom.txt", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["counted_rows"] == 4, res.stderr

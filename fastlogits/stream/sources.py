@@ -296,38 +296,67 @@ TILE_BYTES = 1 << 20       # the whole columns read at a time then
 NPY_HEADER_MAX = 1 << 20     # bytes of a .npy header (NumPy writes under 64 KiB; its own limit is 10000)
 
 
-def open_npy(path, dtype=None):
-    """A .npy file, read lazily; dtype="bfloat16" re-declares a 2-byte (|V2, <u2, <i2) file."""
+def npy_header(f, path):
+    """(shape, fortran_order, dtype, data offset) of the .npy file open as f, checked: a SourceError naming
+    path for anything that is not a valid header (for logits and for labels alike)."""
     from numpy.lib import format as npf
 
+    try:
+        version = npf.read_magic(f)
+        # version 3.0 differs from 2.0 only in allowing UTF-8 in the header, which the 2.0 reader reads
+        read_header = {(1, 0): npf.read_array_header_1_0, (2, 0): npf.read_array_header_2_0,
+                       (3, 0): npf.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"unsupported .npy format version {version}")
+        # the header's length, checked before NumPy reads that many bytes (a corrupt v2 length: 4 GiB)
+        width = 2 if version == (1, 0) else 4
+        field = f.read(width)
+        if len(field) < width:
+            raise ValueError(f"the file ends in its header's length: expected {width} bytes, found "
+                             f"{len(field)}")
+        size = int.from_bytes(field, "little")
+        if size > NPY_HEADER_MAX:
+            raise ValueError(f"its header claims {size} bytes, expected at most {NPY_HEADER_MAX}")
+        f.seek(-width, os.SEEK_CUR)
+        shape, fortran, dt = read_header(f, max_header_size=NPY_HEADER_MAX)
+    except OSError:
+        raise
+    except Exception as e:    # NumPy's header parser: ValueError, and for some corrupt headers
+        # tokenize's TokenError (found by a fuzz: 378 of 4000 random corruptions)
+        raise SourceError(f"{path}: not a valid .npy file ({reason(e)})") from None
+    if any(isinstance(d, bool) for d in shape):       # (NumPy's own reader refuses (True, 3) too)
+        raise SourceError(f"{path}: not a valid .npy file (shape {shape}: expected integers)")
+    if any(d < 0 for d in shape):
+        raise SourceError(f"{path}: not a valid .npy file (a negative dimension in shape {shape})")
+    return shape, fortran, dt, f.tell()
+
+
+def read_npy(path):
+    """A whole, small .npy file (labels) as an array, checked as a logits file is: the header, and the
+    data's size against it before anything is allocated (a header claiming 2**36 values of a 32-byte
+    file, or bytes past the data, is a SourceError naming the file)."""
+    with builtins.open(path, "rb") as f:
+        shape, fortran, dt, offset = npy_header(f, path)
+        if dt.hasobject:
+            raise SourceError(f"{path}: expected an array of numbers, found an object array")
+        need = math.prod(shape) * dt.itemsize
+        found = os.fstat(f.fileno()).st_size - offset
+        if found != need:
+            raise SourceError(f"{path}: its header's shape {tuple(shape)} of {dt} describes {need} bytes of "
+                              f"data after a {offset}-byte header, found {found}")
+        a = np.fromfile(f, dtype=dt, count=math.prod(shape))
+    return a.reshape(shape, order="F" if fortran else "C")
+
+
+def open_npy(path, dtype=None):
+    """A .npy file, read lazily; dtype="bfloat16" re-declares a 2-byte (|V2, <u2, <i2) file."""
     path = os.fspath(path)
     with builtins.open(path, "rb") as f:
-        try:
-            version = npf.read_magic(f)
-            # version 3.0 differs from 2.0 only in allowing UTF-8 in the header, which the 2.0 reader reads
-            read_header = {(1, 0): npf.read_array_header_1_0, (2, 0): npf.read_array_header_2_0,
-                           (3, 0): npf.read_array_header_2_0}.get(version)
-            if read_header is None:
-                raise ValueError(f"unsupported .npy format version {version}")
-            # the header's length, checked before NumPy reads that many bytes (a corrupt v2 length: 4 GiB)
-            width = 2 if version == (1, 0) else 4
-            size = int.from_bytes(f.read(width), "little")
-            if size > NPY_HEADER_MAX:
-                raise ValueError(f"its header claims {size} bytes, expected at most {NPY_HEADER_MAX}")
-            f.seek(-width, os.SEEK_CUR)
-            shape, fortran, dt = read_header(f, max_header_size=NPY_HEADER_MAX)
-        except OSError:
-            raise
-        except Exception as e:    # NumPy's header parser: ValueError, and for some corrupt headers
-            # tokenize's TokenError (found by a fuzz: 378 of 4000 random corruptions)
-            raise SourceError(f"{path}: not a valid .npy file ({reason(e)})") from None
-        offset = f.tell()
+        shape, fortran, dt, offset = npy_header(f, path)
     if fortran and len(shape) > 2:
         raise SourceError(f"{path}: expected a C-ordered .npy array or a 2-D Fortran-ordered one, found a "
                           f"Fortran-ordered array of shape {tuple(shape)} (save it in C order: "
                           "np.save(path, np.ascontiguousarray(a)))")
-    if any(d < 0 for d in shape):
-        raise SourceError(f"{path}: not a valid .npy file (a negative dimension in shape {shape})")
     if dt.hasobject:
         raise SourceDtypeError(f"{path}: expected float logits, found an object array")
     swap = not dt.isnative and dt.itemsize > 1      # big-endian data: swapped as it is read
@@ -339,12 +368,12 @@ def open_npy(path, dtype=None):
             raise SourceError(f"{path}: {_bf16_refusal(dt)}")
         name = "bfloat16"
     else:
-        if dt.kind == "V" and dt.itemsize == 2:
+        if dt == BF16:          # a header that names bfloat16 (np.save of bfloat16 writes |V2 instead)
+            name = "bfloat16"
+        elif dt.kind == "V" and dt.itemsize == 2:
             raise SourceDtypeError(f"{path}: the file holds raw 2-byte values ({dt.str}); if they are "
                                    "bfloat16, open it with dtype='bfloat16' (--dtype bfloat16 on the "
                                    "command line)")
-        if dt == BF16:
-            name = "bfloat16"
         else:
             try:
                 name = dtype_name(dt)
@@ -395,6 +424,7 @@ def open_raw(path, dtype, vocab, offset=0, fd=None):
     return _FileSource(path, (size // row_bytes, vocab), name, offset, "raw", fd=fd)
 
 
+ST_HEADER_MAX = 100 * 2**20     # bytes of a safetensors header (the format's own limit)
 _ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
@@ -418,13 +448,16 @@ def open_safetensors(path, tensor=None, dtype=None):
             raise SourceError(f"{path}: expected a safetensors file (an 8-byte header length first), found "
                               f"{size} bytes in all")
         (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100 * 2**20:
+        if n > size - 8:
             raise SourceError(f"{path}: corrupt safetensors header: its length field says {n} bytes, the "
                               f"file has {size - 8} after it")
+        if n > ST_HEADER_MAX:
+            raise SourceError(f"{path}: corrupt safetensors header: its length field says {n} bytes, "
+                              f"expected at most {ST_HEADER_MAX} (the format's limit)")
         try:
             header = json.loads(f.read(n), object_pairs_hook=_Object)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SourceError(f"{path}: corrupt safetensors header (not JSON: {e})") from None
+        except ValueError as e:     # not UTF-8, not JSON, or an integer of more than 4300 digits
+            raise SourceError(f"{path}: corrupt safetensors header (not JSON: {reason(e)})") from None
         except RecursionError:
             raise SourceError(f"{path}: corrupt safetensors header (expected a JSON object of tensor "
                               "entries, found values nested too deep to read)") from None
@@ -434,6 +467,10 @@ def open_safetensors(path, tensor=None, dtype=None):
         raise SourceError(f"{path}: corrupt safetensors header: {header.twice!r} is listed more than once "
                           "(expected each tensor once)")
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    bad = next((k for k in tensors if not k.isprintable()), None)
+    if bad is not None:     # (JSON's escapes make lone surrogates and control codes, which no terminal shows)
+        raise SourceError(f"{path}: corrupt safetensors header: a tensor name that is not printable "
+                          f"UTF-8 text, {ascii(bad)}")
     if not tensors:
         raise SourceError(f"{path}: the safetensors file holds no tensor")
     if tensor is None:
@@ -681,6 +718,21 @@ class _GuardedIter:
         return self._source.blocks(max_rows, protect=self._out)
 
 
+def self_describing(head):
+    """What a file starting with the bytes `head` (64 or so) is when it is a dump that describes itself:
+    "a .npy file" (NumPy's magic), "a safetensors file" (an 8-byte header length of at most the format's
+    limit, then printable JSON text starting '{"'), else None. Read as raw rows, either would give its
+    header as logits."""
+    if head.startswith(b"\x93NUMPY"):
+        return "a .npy file"
+    if len(head) >= 10:
+        n = int.from_bytes(head[:8], "little")
+        text = head[8:8 + n]
+        if 2 <= n <= ST_HEADER_MAX and text.startswith(b'{"') and all(32 <= b < 127 for b in text):
+            return "a safetensors file"
+    return None
+
+
 class StdinSource(_Closing):
     """Raw rows on a binary stream (standard input by default): `vocab` values of `dtype` each, read once,
     in order, into two buffers that alternate (a block or chunk is valid until the next one after it is
@@ -731,7 +783,8 @@ class StdinSource(_Closing):
             self.stream = builtins.open(self.path, "rb", buffering=0)  # noqa: SIM115 - read to its end
 
     def _fill(self, buf):
-        """Read into buf (an array) until it is full or the stream ends; the number of bytes read."""
+        """Read into buf (an array) until it is full or the stream ends; the number of bytes read. The
+        first bytes of the stream must not be a dump that describes itself (self_describing)."""
         view = memoryview(buf.reshape(-1).view(np.uint8))
         got = 0
         while got < len(view):
@@ -739,6 +792,12 @@ class StdinSource(_Closing):
             if not n:
                 break
             got += n
+        if self._total == 0:
+            kind = self_describing(bytes(view[:min(got, 64)]))
+            if kind is not None:
+                raise SourceError(f"{self.name}: expected raw rows, found {kind}, whose header would be read "
+                                  "as logits: open the file by its path (a .npy or .safetensors dump is "
+                                  "read at offsets)")
         self._total += got
         return got
 
@@ -826,11 +885,17 @@ def open(path, *, dtype=None, vocab=None, tensor=None, memory=None):  # noqa: A0
             raise FileNotFoundError(f"{p}: no such file")
         if os.path.isdir(p):
             raise SourceError(f"{p}: is a folder, expected a logit dump (.npy, .safetensors or raw)")
-        safetensors = p.lower().endswith(".safetensors")
+        regular = stat.S_ISREG(os.stat(p).st_mode)
+        head = b""
+        if regular:
+            with builtins.open(p, "rb") as f:
+                head = f.read(64)
+        # a .safetensors file by its name or its contents (as a .npy file is found by its magic)
+        safetensors = p.lower().endswith(".safetensors") or self_describing(head) == "a safetensors file"
         if tensor is not None and not safetensors:
             raise SourceError(f"{p}: tensor= (--tensor) names a tensor of a .safetensors file; this file is "
                               "not one")
-        if not stat.S_ISREG(os.stat(p).st_mode):
+        if not regular:
             # a pipe (/dev/stdin, <(zcat ...), a FIFO) or a device: read once, in order, as standard input
             if safetensors or p.lower().endswith(".npy"):
                 raise SourceError(f"{p}: expected a regular file (a .npy or .safetensors dump is read at "
@@ -838,14 +903,12 @@ def open(path, *, dtype=None, vocab=None, tensor=None, memory=None):  # noqa: A0
             src = StdinSource(dtype, vocab, path=p)
             src.memory = memory
             return src
-        with builtins.open(p, "rb") as f:
-            magic = f.read(8)
-        if magic.startswith(b"\x93NUMPY"):
+        if head.startswith(b"\x93NUMPY"):
             src = open_npy(p, dtype)
         elif safetensors:
             src = open_safetensors(p, tensor, dtype)
         elif p.lower().endswith(".npy"):
-            raise SourceError(f"{p}: expected a .npy file (magic \\x93NUMPY), found {magic[:6]!r}")
+            raise SourceError(f"{p}: expected a .npy file (magic \\x93NUMPY), found {head[:6]!r}")
         else:
             src = open_raw(p, dtype, vocab)
         if vocab is not None and check_vocab(vocab) != src.V:
