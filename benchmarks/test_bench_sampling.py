@@ -10,16 +10,8 @@ targets, on a 2-core machine at 512x128256: plain temperature sampling at least 
 ``torch.multinomial(torch.softmax(x, -1), 1)``, and temperature=0.8, top_k=50, top_p=0.9 at least 30x the
 HF pipeline (``test_sample_topk_topp_torch_hf``).
 
-Measured on the 2-core AVX-512 development machine (shared, noisy), 512x128256 float32 N(0, 3) logits,
-medians of one run, PyTorch 2.13 on 2 threads:
-
-    plain temperature      fastlogits 32.5 ms    torch.multinomial(softmax)   1191 ms   (37x)
-    T=0.8, top-k 50, p 0.9 fastlogits 20.4 ms    HF pipeline                  2818 ms  (138x)
-    top-p 0.9              fastlogits 99.4 ms    HF top-p pipeline            4872 ms   (49x)
-    min-p 0.1              fastlogits 20.6 ms    HF min-p pipeline            1474 ms   (72x)
-    greedy                 fastlogits  5.2 ms
-    one row (1, 128256)    fastlogits  155 us on 1 thread, 104 us on 2 (its draw split over columns)
-    beam step, 4 beams     fastlogits 19.5 ms    log_softmax + topk            226 ms   (12x)
+The figures measured with it (same run, medians, PyTorch on as many threads) are in README.md's
+"Sampling and decoding" section, one table kept up to date there (a copy here went stale).
 
 Rows wider than the memory budget (`test_sample_wide_rows_*`) are measured against the same rows in
 memory on one thread and one streamed logsumexp pass over the source (the cost of reading it once).
@@ -46,8 +38,10 @@ def data():
 @pytest.fixture(scope="module")
 def torch():
     torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
     torch.set_num_threads(_config.default_threads())
-    return torch
+    yield torch
+    torch.set_num_threads(before)        # (the session's other tests keep their count)
 
 
 def _check_tokens(tokens, x, allowed=None):

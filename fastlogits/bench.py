@@ -191,8 +191,6 @@ def run(rows=512, vocab=128256, ops=("logsumexp", "cross_entropy", "softmax", "e
         dtypes=("float32", "bfloat16", "float16"), threads=None, repeat=5, peers=True, seed=0,
         progress=None):
     """Measure and return a list of result dicts (one per op x dtype x thread count x library)."""
-    from fastlogits.cpu import _info
-
     rng = np.random.default_rng(seed)
     base = (rng.standard_normal((rows, vocab), dtype=np.float32) * 3).astype(np.float32)
     labels = rng.integers(0, vocab, rows)
@@ -208,6 +206,19 @@ def run(rows=512, vocab=128256, ops=("logsumexp", "cross_entropy", "softmax", "e
                         "seconds": seconds, "GB/s": nbytes / seconds / 1e9, "rows/s": rows / seconds})
         if progress:
             progress(results[-1])
+
+    torch_threads = torch.get_num_threads() if torch is not None else None
+    try:
+        _measure(results, add, base, labels, dtypes, ops, thread_counts, torch, sp, repeat)
+    finally:
+        if torch is not None:       # (the caller's count, as it was: a notebook's run() changed it)
+            torch.set_num_threads(torch_threads)
+    return results
+
+
+def _measure(results, add, base, labels, dtypes, ops, thread_counts, torch, sp, repeat):
+    """run()'s measurements, appended to results through add."""
+    from fastlogits.cpu import _info
 
     for th in thread_counts:
         add("ceiling", "read", "float32", th, "fastlogits C sum",
@@ -235,7 +246,6 @@ def run(rows=512, vocab=128256, ops=("logsumexp", "cross_entropy", "softmax", "e
             if sp is not None and dtype in ("float32", "float64"):
                 add("op", op, dtype, 1, "numpy/scipy", _median_time(_numpy_call(sp, op, x, labels), repeat),
                     x.nbytes)
-    return results
 
 
 def table(results):
@@ -265,6 +275,31 @@ def table(results):
     return "\n".join(lines)
 
 
+def environment():
+    """What produced the figures, beyond show_config(): the peers' versions, the processor, the time."""
+    import datetime
+    import importlib.metadata
+    import platform
+
+    def version(package):
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"python": platform.python_version(),
+            **{name: version(name) for name in ("numpy", "scipy", "torch", "numba", "numba-cuda")},
+            "cpu": cpu, "cpus": os.cpu_count(), "usable_cpus": usable, "platform": platform.platform(),
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
 def main(args):
     """Entry point of ``fastlogits bench`` (args from the CLI parser). ``--backend cpu``: the CPU table
     only; ``gpu``: the GPU figures only (an error without a real GPU); neither: the CPU table, and the GPU
@@ -285,12 +320,16 @@ def main(args):
     if args.threads:
         cfg["threads"] = args.threads       # what this run used, not the default
     gpu = gpu_figures(args) if args.backend != "cpu" else None
+    env = environment()
     if args.json:
-        print(_json.dumps({"config": cfg, "shape": [args.rows, args.vocab], "results": results, "gpu": gpu},
+        print(_json.dumps({"config": cfg, "environment": env, "shape": [args.rows, args.vocab],
+                           "repeat": args.repeat, "statistic": "median", "results": results, "gpu": gpu},
                           indent=1))
     else:
         print(f"fastlogits {cfg['version']}  simd={cfg['simd']}  openmp={cfg['openmp']}  "
               f"shape=({args.rows}, {args.vocab})  median of {args.repeat}")
+        peers = ", ".join(f"{k} {env[k]}" for k in ("torch", "numpy", "scipy") if env[k])
+        print(f"{env['cpu']} ({env['usable_cpus']} of {env['cpus']} cores usable); {peers}; {env['time']}")
         if results:
             print(table(results))
         if gpu is not None:
@@ -318,7 +357,8 @@ def wrong_results(results, gpu):
     smp = (gpu or {}).get("sampling") or {}
     if smp.get("ok") is False:
         lines.append(f"fastlogits sample float32 on the GPU drew tokens unlike the CPU's with the same seed "
-                     f"({smp['same_rows']} of {smp['rows_checked']} rows the same)")
+                     f"({smp.get('plain_same_rows', smp['same_rows'])} of {smp['rows_checked']} rows the "
+                     f"same plain, {smp.get('top_k_top_p_same_rows', '?')} with top-k and top-p)")
     return lines
 
 
@@ -340,8 +380,25 @@ def gpu_figures(args):
     out = timing.benchmark(shape=(rows, args.vocab), dtypes=("float32", "bfloat16"), repeat=args.repeat,
                            torch_too=not args.no_peers)
     out["rows_asked"] = args.rows
+    out["software"] = gpu_software()
     out["sampling"] = timing.sample_benchmark(shape=(args.rows, args.vocab), repeat=args.repeat,
                                               torch_too=not args.no_peers)
+    return out
+
+
+def gpu_software():
+    """The CUDA driver's and runtime's versions (numba's view), and PyTorch's CUDA, for the GPU figures."""
+    from numba import cuda
+
+    out = {}
+    for key, get in (("driver", lambda: cuda.cudadrv.driver.driver.get_version()),
+                     ("runtime", lambda: cuda.runtime.get_version()),
+                     ("torch_cuda", lambda: __import__("torch").version.cuda)):
+        try:
+            v = get()
+            out[key] = ".".join(map(str, v)) if isinstance(v, tuple) else v
+        except Exception:        # (not found, or this numba-cuda names it otherwise: left out)
+            out[key] = None
     return out
 
 

@@ -2,6 +2,7 @@
 command parses --memory and names a bad option, thread counts are checked before any work, and demo
 reports the threads it ran on. (CPU only, tiny sizes.)"""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -41,6 +42,32 @@ def test_bench_passes_right_results_of_every_op_and_dtype(capsys):
     out = json.loads(capsys.readouterr().out)
     ops = [r for r in out["results"] if r["library"] == "fastlogits"]
     assert len(ops) == len(bench.OPS) * len(bench.DTYPES) and all(r["ok"] for r in ops)
+
+
+def test_bench_json_says_what_produced_its_figures(capsys):
+    """--json gave fastlogits' configuration alone: not the peers' versions, the processor, the number of
+    repeats or the statistic (a bench audit)."""
+    import importlib.metadata
+    import platform
+
+    assert main(BENCH + ["--ops", "logsumexp", "--dtypes", "float32", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    env = out["environment"]
+    assert env["numpy"] == importlib.metadata.version("numpy") and env["python"] == platform.python_version()
+    assert env["cpus"] == os.cpu_count() and 1 <= env["usable_cpus"] <= env["cpus"] and env["cpu"]
+    assert (out["repeat"], out["statistic"]) == (1, "median")
+
+
+def test_bench_leaves_torchs_thread_count_as_it_was():
+    """run() set PyTorch's thread count for its measurements and left it there (a bench audit)."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        bench.run(rows=4, vocab=100, ops=("logsumexp",), dtypes=("float32",), threads=[1], repeat=1)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_bench_reference_is_the_float64_reference(rng):

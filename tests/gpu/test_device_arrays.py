@@ -136,10 +136,34 @@ def test_benchmark_smoke(gpu):
     assert "copy_GBps" in res
     smp = timing.sample_benchmark((2, 64), repeat=1, torch_too=False)
     assert {"plain_s", "top_k_top_p_s"} <= set(smp) and smp["shape"] == [2, 64]
+    # both timed calls are checked against the CPU's draws (the filtered one was not: a bench audit)
+    assert smp["ok"] and smp["plain_same_rows"] == smp["top_k_top_p_same_rows"] == smp["rows_checked"] == 2
     from fastlogits import bench
 
     table = bench.gpu_table(dict(res, sampling=smp))
     assert "| logsumexp | bfloat16 |" in table and "| top_k_top_p (torch: HF pipeline) |" in table
+
+
+def test_the_sampling_benchmarks_filtered_draws_are_checked(gpu, monkeypatch):
+    """A wrong top-k/top-p draw on the GPU (here: token 0 on every row) fails the benchmark's check, and
+    bench reports it; only the plain draw was compared with the CPU's (a bench audit)."""
+    from fastlogits import bench
+    from fastlogits.gpu import timing
+    from fastlogits.ops import sampling
+
+    real = sampling.sample
+
+    def wrong_when_filtered(x, **kw):
+        out = real(x, **kw)
+        if kw.get("top_k") and kw.get("backend") != "cpu":
+            return cuda.to_device(np.zeros(out.shape, np.int64))
+        return out
+
+    monkeypatch.setattr(sampling, "sample", wrong_when_filtered)
+    smp = timing.sample_benchmark((4, 64), repeat=1, torch_too=False)
+    assert smp["plain_same_rows"] == 4 and smp["top_k_top_p_same_rows"] < 3 and not smp["ok"], smp
+    (line,) = bench.wrong_results([], {"sampling": smp})
+    assert "4 of 4 rows the same plain" in line and "with top-k and top-p" in line
 
 
 def test_the_benchmarks_check_covers_the_last_rows(gpu):
