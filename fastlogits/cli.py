@@ -655,8 +655,10 @@ def main(argv=None):
         if path not in (None, STDOUT) and not path.lower().endswith(_PER_ROW) and _on_stdout(path):
             setattr(args, name, STDOUT)    # (a name with a format of its own keeps it: o.npy -> /dev/stdout)
     if getattr(args, "json", False) and _results_on_stdout(args):
-        parser.error("--json prints the summary on standard output, where - sends the results: give an "
-                     "output file, or leave out --json (the summary then goes to standard error)")
+        # (the command's parser: the error names it and its --help, not the top-level one's)
+        _Parser(prog=f"{parser.prog} {args.command}").error(
+            "--json prints the summary on standard output, where - sends the results: give an output "
+            "file, or leave out --json (the summary then goes to standard error)")
     try:
         if getattr(args, "memory", None) is not None:     # every command, whether it uses it or not
             from fastlogits.stream.run import parse_memory

@@ -1240,8 +1240,10 @@ def test_cli_output_dash_is_standard_output(tmp_path, rng):
         fl.sample(x, seed=5).tolist()
     assert not (tmp_path / "-").exists() and not os.path.exists("-")
     # --json would share standard output with the results: refused before any work
-    assert "--json prints the summary on standard output" in _one_line(_cli("topk", tmp_path / "x.npy", "-",
-                                                                            "--json"), rc=2)
+    err = _one_line(_cli("topk", tmp_path / "x.npy", "-", "--json"), rc=2)
+    assert "--json prints the summary on standard output" in err
+    # named by its command, as every other option's error (it said "fastlogits: error", "fastlogits --help")
+    assert err.startswith("fastlogits topk: error: ") and err.endswith("(see fastlogits topk --help)\n"), err
     # standard output appended to the file being read
     with open(tmp_path / "x.raw", "ab") as out:
         res = subprocess.run([sys.executable, "-m", "fastlogits.cli", "softmax", str(tmp_path / "x.raw"), "-",
