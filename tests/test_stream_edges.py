@@ -2139,3 +2139,18 @@ def test_labels_files_are_checked_as_logits_files_are(tmp_path, rng):
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf1\r\n0\r\n9\r\n3\r\n")
     res = _cli("stats", tmp_path / "x.npy", "--labels", tmp_path / "bom.txt", "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["counted_rows"] == 4, res.stderr
+
+
+def test_an_empty_or_spent_iterable_says_what_is_missing(rng):
+    """An iterable of no blocks cannot say how wide its rows are; a generator given to a second call is
+    spent, which the message now says (it said only "an empty iterable"; a user audit). With vocab=
+    the empty source is 0 rows."""
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    gen = (b for b in [x])
+    np.testing.assert_allclose(fl.logsumexp(gen), ref.logsumexp(x), rtol=2e-6)
+    with pytest.raises(SourceError, match=r"^an empty iterable of row blocks \(or an iterator that an "
+                                          r"earlier call read to its end\): nothing says how wide"):
+        fl.logsumexp(gen)
+    with pytest.raises(SourceError, match=r"^an empty iterable of row blocks: nothing says how wide"):
+        fl.logsumexp(IterSource([]))
+    assert fl.logsumexp(fl.open(iter([]), vocab=3)).shape == (0,)

@@ -635,8 +635,11 @@ class IterSource:
             self._first = next(self._it)
         except StopIteration:
             if vocab is None:
-                raise SourceError("an empty iterable of row blocks: nothing says how wide its rows are "
-                                  "(yield at least one block; an empty one, (0, V), says it)") from None
+                # (an iterator given twice is empty the second time: a generator is read once)
+                spent = (" (or an iterator that an earlier call read to its end)" if self._it is iterable
+                         else "")
+                raise SourceError(f"an empty iterable of row blocks{spent}: nothing says how wide its rows "
+                                  "are (yield at least one block; an empty one, (0, V), says it)") from None
         if self._first is not None:
             self._first = self._check(self._first, 0)
             self.V = self._first.shape[1]
