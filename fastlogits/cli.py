@@ -206,6 +206,9 @@ def _load_labels(path, src):
     if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):     # (/dev/zero: one endless line, read until
         raise ValueError(f"{path}: expected a labels file (or a pipe), found a folder or a device")  # OOM)
     if path.lower().endswith(".npy"):
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"{path}: expected a regular file (a .npy file's header is read at offsets), "
+                             "found a pipe; text labels, one per line, may come through a pipe")
         # checked as a logits file is (np.load takes a zip archive (.npz) for one and reads a file too
         # short for the magic as pickled data; NumPy's reader allocates the header's shape unchecked)
         y = read_npy(path)
@@ -222,9 +225,10 @@ def _load_labels(path, src):
     if y.dtype.kind not in "iu":
         raise ValueError(f"{path}: labels must be integers, found {y.dtype}")
     lead = tuple(src.shape[:-1])
-    if rows is not None and y.ndim > 1 and [d for d in y.shape if d != 1] != [d for d in lead if d != 1]:
-        # a flat file is read in the rows' order; a shaped one must have their shape (axes of length 1
-        # aside): transposed labels, (T, B) for a (B, T, V) dump, gave a wrong NLL silently (a user audit)
+    axes = [d for d in y.shape if d != 1]
+    if rows is not None and len(axes) > 1 and axes != [d for d in lead if d != 1]:
+        # a flat file ((N,), or (N, 1)) is read in the rows' order; a shaped one must have their shape (axes
+        # of length 1 aside): transposed labels, (T, B) for a (B, T, V) dump, gave a wrong NLL silently
         raise ValueError(f"{path}: labels of shape {y.shape} for logits whose rows have shape {lead}: "
                          "expected that shape, or one label per row in a flat file")
     y = y.reshape(-1)
@@ -277,7 +281,7 @@ def cmd_stats(args):
     n = int(np.count_nonzero(counted))
     summary = {"input": args.input, "rows": st["rows"], "vocab": src.V, "dtype": src.dtype, "seconds": secs,
                "GB/s": (bar.nbytes / secs / 1e9) if secs else None,
-               "mean_entropy": float(np.mean(st["entropy"][counted])) if n else None}
+               "mean_entropy": float(np.mean(st["entropy"][counted])) if n else float("nan")}
     lines = [f"{args.input}: {_rows(st['rows'])} x {src.V} ({src.dtype}) in {secs:.2f} s "
              f"({summary['GB/s'] or 0:.2f} GB/s)"]
     if labels is not None:
@@ -289,7 +293,7 @@ def cmd_stats(args):
         lines.append(f"  mean NLL      {mean_nll:.4f} nats over {_rows(n)}   "
                      f"perplexity {summary['perplexity']:.3f}")
         lines.append(f"  accuracy      {summary['accuracy']:.4f}")
-    if n:
+    if st["rows"]:       # (NaN over 0 rows, as the mean NLL: every row ignored)
         lines.append(f"  mean entropy  {summary['mean_entropy']:.4f} nats over {_rows(n)}")
     if args.per_row:
         cols = {"argmax": st["argmax"], "entropy": st["entropy"]}

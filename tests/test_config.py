@@ -412,6 +412,14 @@ def test_the_build_probes_link_with_the_flags_they_compile_with(tmp_path):
     assert r.stdout.split() == ["None", "None"], r.stdout + r.stderr      # (and nothing cythonized)
 
 
+def test_it_imports_and_runs_without_docstrings():
+    """python -OO strips docstrings, and the shared-parameter and accumulator docs filled None in
+    (AttributeError at import; found by a diff review)."""
+    code = "import numpy as np, fastlogits as fl; print(float(fl.logsumexp(np.zeros(4))))"
+    res = subprocess.run([sys.executable, "-OO", "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and float(res.stdout) == pytest.approx(np.log(4.0), rel=1e-6), res.stderr
+
+
 def test_an_unbuilt_source_tree_says_so_on_import(tmp_path):
     """README's `pip install .` leaves the clone's kernels unbuilt, and Python started in the clone imports
     the clone: that gave "cannot import name '_reduce' from 'fastlogits.cpu'" (a packaging audit)."""

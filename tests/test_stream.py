@@ -307,13 +307,16 @@ def test_cli_stats_means_leave_padding_out(tmp_path, rng):
     res = _cli("stats", tmp_path / "x.npy", "--labels", tmp_path / "yT.npy")
     assert res.returncode == 1 and res.stderr.count(b"\n") == 1, res.stderr
     assert b"yT.npy: labels of shape (5, 2) for logits whose rows have shape (2, 5)" in res.stderr
-    for name, lab in (("flat.txt", None), ("y1.npy", y[:, :, None])):
+    for name, lab in (("flat.txt", None), ("y1.npy", y[:, :, None]), ("col.npy", y.reshape(-1, 1))):
         if lab is None:
             np.savetxt(tmp_path / name, y.reshape(-1), fmt="%d")
         else:
             np.save(tmp_path / name, lab)
         again = json.loads(_cli("stats", tmp_path / "x.npy", "--labels", tmp_path / name, "--json").stdout)
         assert again["mean_nll"] == got["mean_nll"], name
+    np.save(tmp_path / "none.npy", np.full_like(y, -100))      # every row ignored: NaN means, said so
+    out = _cli("stats", tmp_path / "x.npy", "--labels", tmp_path / "none.npy").stdout.decode()
+    assert "mean NLL      nan nats over 0 rows" in out and "mean entropy  nan nats over 0 rows" in out, out
     x[0, 4, 7] = 0.0
     np.save(tmp_path / "x.npy", x)
     got = json.loads(_cli("stats", tmp_path / "x.npy", "--json").stdout)      # no labels: every row

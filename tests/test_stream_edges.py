@@ -2136,6 +2136,11 @@ def test_labels_files_are_checked_as_logits_files_are(tmp_path, rng):
     if os.path.exists("/dev/zero"):
         err = _one_line(_cli("stats", tmp_path / "x.npy", "--labels", "/dev/zero"), rc=1)
         assert "/dev/zero: expected a labels file (or a pipe), found a folder or a device" in err
+    os.mkfifo(tmp_path / "fifo.npy")      # (refused by its kind, named: opened, it waited for a writer)
+    cmd = [sys.executable, "-m", "fastlogits.cli", "stats", str(tmp_path / "x.npy"), "--labels",
+           str(tmp_path / "fifo.npy")]
+    err = _one_line(subprocess.run(cmd, capture_output=True, timeout=120), rc=1)
+    assert "fifo.npy: expected a regular file (a .npy file's header is read at offsets), found a pipe" in err
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf1\r\n0\r\n9\r\n3\r\n")
     res = _cli("stats", tmp_path / "x.npy", "--labels", tmp_path / "bom.txt", "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["counted_rows"] == 4, res.stderr

@@ -585,7 +585,7 @@ def cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, wei
     w = _weights(dtype, weight if mode == K.WSUM else None)
     on_device = device and is_device_array(labels)
     if not on_device:
-        labels = to_host(labels) if is_device_array(labels) else np.asarray(labels)
+        labels = to_host(labels, "labels") if is_device_array(labels) else np.asarray(labels)
         labels = np.ascontiguousarray(labels, dtype=np.int64)
     for blk in _blocks(x, dtype, temperature):
         parts = _stats(blk, kern, softcap, mode, w, chunk)
@@ -768,7 +768,7 @@ def stats(x, dtype, temperature, softcap, labels, ignore_index, chunk, threads):
     top = _empty(rows_all, np.int64, device)
     has_labels = labels is not None
     if has_labels:
-        labels = to_host(labels) if is_device_array(labels) else np.asarray(labels)
+        labels = to_host(labels, "labels") if is_device_array(labels) else np.asarray(labels)
         labels = np.ascontiguousarray(labels, dtype=np.int64)
     w = _weights(dtype)
     for blk in _blocks(x, dtype, temperature):
@@ -981,10 +981,11 @@ def empty(shape, dtype):
     return cuda.device_array(shape, np.dtype(dtype))
 
 
-def to_host(values):
+def to_host(values, name="a GPU array"):
     """NumPy values as they are; a device array (numba's, or any with __cuda_array_interface__) copied
-    to the host, whatever its strides (_host_copy)."""
-    return values if isinstance(values, np.ndarray) else _host_copy(_device_view(values))
+    to the host, whatever its strides (_host_copy: a kernel for a strided one, so an array of another GPU
+    is refused as the kernels' inputs are, naming it)."""
+    return values if isinstance(values, np.ndarray) else _host_copy(_device_view(values, name))
 
 
 def _host_copy(d):

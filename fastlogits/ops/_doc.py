@@ -34,6 +34,8 @@ chunk_size : int >= 1, optional
 
 def shared_params(fn):
     doc = fn.__doc__
+    if doc is None:         # (python -OO strips docstrings)
+        return fn
     for name, text in _ENTRIES.items():
         doc = doc.replace("    {" + name + "}", "\n".join("    " + line for line in text.splitlines()))
     fn.__doc__ = doc

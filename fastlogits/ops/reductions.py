@@ -219,7 +219,7 @@ def labels_on_host(labels):
     """Labels as host data: GPU labels (numba, CuPy, PyTorch; any strides) copied by the GPU backend,
     whichever backend computes (NumPy cannot read a PyTorch CUDA tensor, nor numba copy a negative
     stride)."""
-    return _backend.get("gpu").to_host(labels) if is_gpu_array(labels) else labels
+    return _backend.get("gpu").to_host(labels, "labels") if is_gpu_array(labels) else labels
 
 
 def as_labels(labels):

@@ -81,7 +81,7 @@ def _per_row(value, name, lead, rows, dtype, default, ok, need):
         raise TypeError(f"{name} must be a number or an array of numbers, got {value!r}")
     if number is int and a.dtype.kind == "f":      # 2.0 too, as torch.topk and k, num_samples here
         raise TypeError(f"{name} must be an integer or integers (one per row), got {value!r}")
-    if number is int and a.dtype.kind in "uf":
+    if number is int and a.dtype.kind == "u":
         a = np.minimum(a, 2**62)
     a = broadcast_rows(a, lead, name)
     # a private copy, checked: the kernels read it with the GIL released (the caller's array could change)
@@ -447,7 +447,8 @@ def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperatu
                          "at least 2 tokens")
     if is_gpu_array(beam_scores):                 # read in place with device logits, else copied here
         gpu = _backend.get("gpu")
-        bs = gpu.device_view(beam_scores, "beam_scores") if device is not None else gpu.to_host(beam_scores)
+        view = gpu.device_view if device is not None else gpu.to_host
+        bs = view(beam_scores, "beam_scores")
     else:
         bs = number_array(beam_scores, "beam_scores")    # (a tensor read as temperatures are)
     if np.dtype(bs.dtype).kind not in "fiu":

@@ -104,7 +104,8 @@ chunk_size : int >= 1, optional
 def _documented(cls):
     """Puts the options every accumulator takes where its docstring has the line ``{options}``."""
     options = "\n".join("    " + line for line in _OPTIONS.splitlines())
-    cls.__doc__ = cls.__doc__.replace("    {options}", options)
+    if cls.__doc__ is not None:     # (python -OO strips docstrings)
+        cls.__doc__ = cls.__doc__.replace("    {options}", options)
     return cls
 
 

@@ -61,7 +61,8 @@ def parse_memory(memory, argname="memory"):
         raise ValueError(f"{argname} must be a finite byte count, got {memory!r}")
     if not value >= 1 << 16:
         # (the bytes said too: "64kb" is 64000, below 64 KiB = 65536)
-        given = f"{memory!r} ({value:.0f} bytes)" if isinstance(memory, str) and m.group(2) else repr(memory)
+        given = (f"{memory!r} ({math.floor(value)} bytes)" if isinstance(memory, str) and m.group(2)
+                 else repr(memory))
         raise ValueError(f"{argname} must be at least 64 KiB (65536 bytes), got {given}")
     return int(value)
 

@@ -544,8 +544,9 @@ def test_arrays_of_another_gpu_are_refused_naming_them(gpu, monkeypatch, rng):
         with pytest.raises(ValueError, match=rf"^logits is on GPU {n}, but fastlogits runs on numba's "
                                              rf"current GPU, 0: call numba.cuda.select_device\({n}\) first"):
             fl.logsumexp(Foreign(x, dev), backend="gpu")
-        with pytest.raises(ValueError, match=rf"^labels is on GPU {n}"):
-            fl.cross_entropy(cuda.to_device(x), Foreign(np.array([0, 6, 2]), dev), backend="gpu")
+        for logits in (cuda.to_device(x), x):     # (host logits: the copy of device labels is named too)
+            with pytest.raises(ValueError, match=rf"^labels is on GPU {n}"):
+                fl.cross_entropy(logits, Foreign(np.array([0, 6, 2]), dev))
         with pytest.raises(ValueError, match=rf"^out is on GPU {n}"):
             fl.softmax(cuda.to_device(x), out=Foreign(np.empty_like(x), dev), backend="gpu")
     for dev in (torch_dev(0), cupy_dev(0), None):
