@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import fastlogits as fl
+from tests import reference as ref
 from tests.helpers import BF16, FUNCTIONS, call, check, random_labels, random_logits
 
 
@@ -389,3 +390,24 @@ def test_the_kernels_refuse_what_is_not_two_dimensional():
     for x in (np.zeros(5, np.float32), np.zeros((2, 3, 4), np.float32)):
         with pytest.raises(ValueError, match=f"2-D \\(rows, V\\) array, got {x.ndim} axes"):
             _reduce.lse(x, 2, np.ones(2), 0.0, np.empty(2), 16, 1)
+
+
+def test_a_temperature_of_one_is_a_shared_read_only_array(monkeypatch, rng):
+    """A scalar temperature of 1 (every call's default) is a view of one shared array of ones, not a fresh
+    array a call (its pages cost as many faults as the result's); it cannot be written, other temperatures
+    are fresh arrays, and rows past the shared size get a fresh one. Results are those of explicit ones."""
+    from fastlogits.ops import _prep
+
+    a = _prep.temperatures(1.0, (7,), 7)
+    b = _prep.temperatures(1, (5,), 5)          # (the same array: at least as long)
+    assert np.shares_memory(a, b) and not a.flags.writeable and np.all(a == 1.0) and a.dtype == np.float64
+    with pytest.raises(ValueError):
+        a[0] = 2.0
+    t = _prep.temperatures(0.5, (5,), 5)
+    assert t.flags.writeable and np.all(t == 0.5)
+    monkeypatch.setattr(_prep, "ONES_MAX", 8)
+    big = _prep.temperatures(1.0, (9,), 9)
+    assert not np.shares_memory(big, a) and np.all(big == 1.0)
+    x = rng.standard_normal((9, 40)).astype(np.float32)
+    np.testing.assert_array_equal(fl.logsumexp(x), fl.logsumexp(x, temperature=np.ones(9)))
+    np.testing.assert_allclose(fl.logsumexp(x), ref.logsumexp(x), rtol=2e-6)

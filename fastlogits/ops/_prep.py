@@ -275,6 +275,25 @@ def as_float(value, argname, need):
         raise TypeError(f"{argname} must be {need}, got {value!r}") from None
 
 
+ONES_MAX = 1 << 22       # rows of the shared array of ones (32 MiB); more rows get a fresh one a call
+_ones = np.ones(0)
+
+
+def ones(rows):
+    """rows float64 ones, read-only: views of one array shared by every call (a temperature of 1 made a
+    fresh array a call, 8 bytes a row of fresh pages, and with it glibc gave the results fresh pages too:
+    float32 (262144, 16) logsumexp or entropy in a loop, one thread, 1257 -> 99 page faults a call)."""
+    global _ones
+    shared = _ones
+    if shared.shape[0] < rows:
+        if rows > ONES_MAX:
+            return np.ones(rows)
+        shared = np.ones(max(rows, min(2 * shared.shape[0], ONES_MAX)))
+        shared.flags.writeable = False
+        _ones = shared          # (a thread holding the last one keeps it alive)
+    return shared[:rows]
+
+
 def temperatures(temperature, lead, rows, argname="temperature", allow_zero=False, name="float64"):
     """One float64 temperature per row: a scalar, or an array of the leading shape (``name``: the logits'
     dtype name; below float64, a temperature must be a normal float32)."""
@@ -283,7 +302,7 @@ def temperatures(temperature, lead, rows, argname="temperature", allow_zero=Fals
         t = as_float(temperature, argname, "a finite float " + (">= 0" if allow_zero else "> 0"))
         if math.isfinite(t) and (t >= 0 if allow_zero else t > 0) and (
                 not f32 or t == 0 or F32_TINY <= t <= F32_MAX):
-            return np.full(rows, t)
+            return ones(rows) if t == 1.0 else np.full(rows, t)
     if isinstance(temperature, (bool, str, bytes)) or temperature is None:
         raise TypeError(f"{argname} must be a float or an array of floats, got {temperature!r}")
     temperature = unmasked(temperature, argname)
