@@ -398,6 +398,7 @@ def test_a_temperature_of_one_is_a_shared_read_only_array(monkeypatch, rng):
     are fresh arrays, and rows past the shared size get a fresh one. Results are those of explicit ones."""
     from fastlogits.ops import _prep
 
+    monkeypatch.setattr(_prep, "_ones", np.ones(0))     # (earlier calls grew the shared array: start anew)
     a = _prep.temperatures(1.0, (7,), 7)
     b = _prep.temperatures(1, (5,), 5)          # (the same array: at least as long)
     assert np.shares_memory(a, b) and not a.flags.writeable and np.all(a == 1.0) and a.dtype == np.float64
