@@ -202,9 +202,11 @@ def _load_labels(path, src):
     if path in ("", STDOUT):     # ('' from an unset shell variable: the labels would be dropped silently)
         raise ValueError(f"--labels {path!r}: expected the name of a labels file, "
                          + ("got an empty name" if not path else "and standard input is not read for labels"))
-    # a file or a pipe (a missing file: the reader says so); /dev/zero was read as one endless line, until
-    # memory ran out
-    mode = os.stat(path).st_mode if os.path.exists(path) else stat.S_IFREG
+    # a file or a pipe; /dev/zero was read as one endless line, until memory ran out
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = stat.S_IFREG           # (the reader says it is missing)
     if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
         raise ValueError(f"{path}: expected a labels file (or a pipe), found a folder or a device")
     if path.lower().endswith(".npy"):

@@ -647,6 +647,9 @@ typedef struct fl_row {
     double softcap;    /* 0 for none */
 } fl_row;
 
+/* Whether the row's values are used as they are (no softcap, a temperature of 1): no transform call. */
+static inline int fl__row_plain(const fl_row *r) { return r->temperature == 1.0 && r->softcap == 0.0; }
+
 
 /* ------------------------------------------------------------------------------------------------ */
 /* 2c. Chunk primitives, one set per compute type                                                   */

@@ -403,7 +403,7 @@ static inline FL_T FL_FN(fl_row_value)(const fl_row *r, int64_t j) {
     FL_T v = (FL_T)fl__load_one(r->data + j * r->stride, r->dtype);
     /* no call for a plain row: cross-entropy reads a value a row (float32 (262144, 16), one thread, same
      * runs: 9.1-9.9 -> 8.6-9.2 ms) */
-    if (r->temperature != 1.0 || r->softcap != 0.0)
+    if (!fl__row_plain(r))
         FL_FN(fl__transform)(&v, 1, (FL_T)r->softcap, (FL_T)r->temperature);
     return v;
 }
@@ -412,7 +412,7 @@ static inline FL_T FL_FN(fl_row_value)(const fl_row *r, int64_t j) {
  * it needs no conversion, else `buf` (at least len values) filled. */
 static inline const FL_T *FL_FN(fl_row_chunk)(const fl_row *r, int64_t start, int64_t len, FL_T *buf) {
     const char *p = r->data + start * r->stride;
-    int plain = r->temperature == 1.0 && r->softcap == 0.0;
+    int plain = fl__row_plain(r);
     int64_t i;
     if (r->stride == (int64_t)sizeof(FL_T) && r->dtype == (sizeof(FL_T) == 4 ? FL_F32 : FL_F64)) {
         if (plain) return (const FL_T *)(const void *)p;     /* (aligned: see fl_row) */

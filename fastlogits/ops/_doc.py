@@ -1,6 +1,6 @@
 """The keyword arguments that the row functions share, documented once: ``@shared_params`` puts their
 numpydoc entries where a docstring's Parameters section has the line ``{shared}`` (and ``{logits}``,
-``{temperature}``, ``{out}`` for those)."""
+``{temperature}``, ``{out}`` for those; ``{options}`` for the accumulators' classes)."""
 
 _ENTRIES = {
     "logits": """\
@@ -29,6 +29,16 @@ threads : int in [1, 4096], optional
     4 chunks of logits (1 for sample), and 1 in a forked child (see the README).
 chunk_size : int >= 1, optional
     Vocabulary elements per step (None: 4096); results do not depend on it beyond rounding.""",
+    # the accumulators' own (fastlogits.stream): no backend, and per update
+    "options": """\
+temperature : float > 0, or an array of one per row (shape (rows,), or one that broadcasts to it)
+    The logits are divided by it, after the softcap, as by the row functions (fastlogits.logsumexp).
+softcap : float > 0, optional
+    The logits become ``softcap * tanh(x / softcap)`` first (Gemma 2's soft-capping).
+threads : int in [1, 4096], optional
+    CPU threads of each update, at most (None: as for the row functions).
+chunk_size : int >= 1, optional
+    Vocabulary elements per step of an update (None: 4096); results do not depend on it beyond rounding.""",
 }
 
 

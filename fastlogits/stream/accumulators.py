@@ -27,6 +27,7 @@ import numpy as np
 from fastlogits._config import is_int
 from fastlogits.cpu import _reduce
 from fastlogits.cpu.backend import CODES, aligned, compute_dtype
+from fastlogits.ops._doc import shared_params
 from fastlogits.ops._prep import as_array, is_gpu_array, prepare, weight_sum
 from fastlogits.ops.reductions import (
     as_labels,
@@ -88,25 +89,6 @@ def _locked(method):
         with self._lock:
             return method(self, *args, **kwargs)
     return locked
-
-
-_OPTIONS = """\
-temperature : float > 0, or an array of one per row (shape (rows,), or one that broadcasts to it)
-    The logits are divided by it, after the softcap, as by the row functions (fastlogits.logsumexp).
-softcap : float > 0, optional
-    The logits become ``softcap * tanh(x / softcap)`` first (Gemma 2's soft-capping).
-threads : int in [1, 4096], optional
-    CPU threads of each update, at most (None: as for the row functions).
-chunk_size : int >= 1, optional
-    Vocabulary elements per step of an update (None: 4096); results do not depend on it beyond rounding."""
-
-
-def _documented(cls):
-    """Puts the options every accumulator takes where its docstring has the line ``{options}``."""
-    options = "\n".join("    " + line for line in _OPTIONS.splitlines())
-    if cls.__doc__ is not None:     # (python -OO strips docstrings)
-        cls.__doc__ = cls.__doc__.replace("    {options}", options)
-    return cls
 
 
 class _Base:
@@ -253,7 +235,7 @@ class _Base:
         return f"{type(self).__name__}(rows={self.rows}, columns={self.columns})"
 
 
-@_documented
+@shared_params
 class LogSumExp(_Base):
     """Running logsumexp of ``rows`` rows whose columns arrive in chunks.
 
@@ -307,7 +289,7 @@ class LogSumExp(_Base):
         return out
 
 
-@_documented
+@shared_params
 class CrossEntropy(_Base):
     """Running cross-entropy of rows whose columns arrive in chunks, with F.cross_entropy's options.
 
@@ -469,7 +451,7 @@ class CrossEntropy(_Base):
                                                               smoothing=self.label_smoothing > 0)
 
 
-@_documented
+@shared_params
 class Entropy(_Base):
     """Running entropy (nats) of softmax of rows whose columns arrive in chunks: the logsumexp state and
     t = sum exp(x - m) (x - m), merged with the C core's rule.
@@ -520,7 +502,7 @@ class Entropy(_Base):
         return out
 
 
-@_documented
+@shared_params
 class TopK(_Base):
     """Running top-k (values after softcap and temperature, and indices) of rows whose columns arrive in
     chunks; with ``logprobs=True`` the log-probabilities under softmax(x / T) instead of the values. The
