@@ -705,6 +705,19 @@ def test_beam_search_step_ties_go_to_lower_parent_and_token():
     assert p.tolist() == [[0, 1, 0, 1]] and t.tolist() == [[0, 0, 1, 1]]
 
 
+def test_beam_search_step_nan_scores_come_after_minus_inf_ones():
+    """A NaN score sorts last, after -inf scores too (its key was +inf, that of -inf's: they tied, and the
+    lower parent, the NaN one, came first; found by a sampling audit): for a NaN row and for a NaN beam
+    score, with the live beam's -inf continuations in between."""
+    for x, bs in ((np.array([[0.0, np.nan, 0.0], [0.0, -np.inf, -np.inf]]), np.zeros(2)),
+                  (np.array([[0.0, 1.0, 0.0], [0.0, -np.inf, -np.inf]]), np.array([np.nan, 0.0]))):
+        for dtype in (np.float32, np.float64):
+            s, p, t = beam_search_step(x.astype(dtype), bs, 2)
+            assert p.tolist() == [[1, 1, 1, 0]]
+            assert t.tolist()[0][:3] == [0, 1, 2]
+            assert s[0, 0] == 0 and s[0, 1] == s[0, 2] == -np.inf and np.isnan(s[0, 3])
+
+
 def test_beam_search_step_ties_of_rounded_log_probabilities():
     """Logits one ulp apart whose float32 log-probabilities round to the same value: the beam's top 2W are
     chosen by logit, and equal scores of a beam keep that order (the more likely token first), so the

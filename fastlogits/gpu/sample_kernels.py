@@ -548,9 +548,12 @@ def _beam_score(lp, bs, row, j, round32):
 
 @cuda.jit(device=True)
 def _beam_key(lp, bs, row, j, round32):
-    """A continuation's sort key: minus its score, +inf for a NaN score (sorted last)."""
+    """A continuation's sort key (nan, minus its score): a NaN score sorts last, after -inf (whose key
+    is +inf too: a flag of its own, compared first), as (1, 0)."""
     s = _beam_score(lp, bs, row, j, round32)
-    return math.inf if s != s else -s
+    if s != s:
+        return 1, 0.0
+    return 0, -s
 
 
 @cuda.jit
@@ -569,13 +572,13 @@ def beam_merge(lp, idx, bs, W, round32, scores, parents, tokens):
     j = c % k
     base = row - row % W                 # the item's first row
     own = (row - base) * k + j           # the index of (parent, j) in the item's candidates
-    key = _beam_key(lp, bs, row, j, round32)
+    nan, key = _beam_key(lp, bs, row, j, round32)
     place = 0
     q = 0
     for parent in range(W):
         for i in range(k):
-            kq = _beam_key(lp, bs, base + parent, i, round32)
-            if kq < key or (kq == key and q < own):
+            nq, kq = _beam_key(lp, bs, base + parent, i, round32)
+            if nq < nan or (nq == nan and (kq < key or (kq == key and q < own))):
                 place += 1
             q += 1
     if place >= 2 * W:

@@ -487,8 +487,8 @@ def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperatu
     toks = idx.reshape(batch, W * k)
     # a beam's candidates in top_k's order (larger logit, then lower token; a dead beam's by token)
     rank = np.broadcast_to(np.tile(np.arange(k), W)[None, :], (batch, W * k))
-    key = np.where(np.isnan(scores), np.inf, -scores)        # best first, NaN last
-    order = np.lexsort((rank, parents, key), axis=-1)[:, : 2 * W]
+    nan = np.isnan(scores)       # best first, NaN last (after -inf: a key of its own, not +inf's)
+    order = np.lexsort((rank, parents, np.where(nan, 0.0, -scores), nan), axis=-1)[:, : 2 * W]
     take = np.take_along_axis
     return (take(scores, order, -1).astype(out_dtype), take(parents, order, -1).astype(np.int64),
             take(toks, order, -1).astype(np.int64))
