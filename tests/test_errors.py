@@ -49,11 +49,14 @@ def test_bad_softcap(name, bad):
         call(name, x, softcap=bad, **_args(name, x))
 
 
-@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint8, np.bool_, np.complex64, np.complex128])
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint8, np.bool_, np.complex64, np.complex128,
+                                   np.longdouble, np.object_])
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_non_float_logits(name, dtype):
     x = np.ones((3, 5), dtype=dtype)
-    with pytest.raises(TypeError, match="logits"):
+    kind = {"i": "integer ", "u": "integer ", "b": "bool ", "c": "complex "}.get(np.dtype(dtype).kind, "")
+    with pytest.raises(TypeError, match=rf"^logits must be floating point \(float16, bfloat16, float32 or "
+                                        rf"float64\), got {kind}dtype {np.dtype(dtype)}$"):
         call(name, x, **_args(name, x))
 
 
@@ -150,10 +153,18 @@ def test_labels_of_wrong_shape(shape):
         fl.cross_entropy(x, np.zeros(shape, dtype=np.int64))
 
 
-def test_float_labels():
+@pytest.mark.parametrize("source", ["array", "blocks", "accumulator"])
+@pytest.mark.parametrize("bad", [None, np.array([0.5, 1.0, 2.0]), np.array([True, False, True]), 1.5],
+                         ids=["None", "floats", "bools", "a float"])
+def test_labels_that_are_not_integers(source, bad):
+    """A TypeError naming labels and their dtype, before any shape check, wherever labels are taken (the
+    accumulator checked the shape first: CrossEntropy(None) said 'must be 1-D'; found by an API audit)."""
     x = np.zeros((3, 10), dtype=np.float32)
-    with pytest.raises((TypeError, ValueError), match="labels"):
-        fl.cross_entropy(x, np.array([0.5, 1.0, 2.0]))
+    with pytest.raises(TypeError, match=r"^labels must be integers \(class indices\), got dtype "):
+        if source == "accumulator":
+            fl.stream.CrossEntropy(bad)
+        else:
+            fl.cross_entropy(x if source == "array" else iter([x]), bad)
 
 
 def test_weight_of_wrong_length():

@@ -173,6 +173,10 @@ def test_cross_entropy_of_an_empty_vocabulary_when_every_row_is_ignored():
     ({"temperature": "2"}, TypeError, "temperature must be a float"),
     ({"temperature": np.array(["2"])}, TypeError, "temperature must be a float"),
     ({"softcap": True}, TypeError, "softcap must be None or a float"),
+    # NumPy's bools as Python's (np.True_ was read as 1.0; found by an API audit)
+    ({"softcap": np.True_}, TypeError, "softcap must be None or a float"),
+    ({"label_smoothing": np.True_}, TypeError, "label_smoothing must be a float, got np.True_"),
+    ({"z_loss": np.False_}, TypeError, "z_loss must be a float, got np.False_"),
     ({"softcap": "3"}, TypeError, "softcap must be None or a float"),
     # an int too large for a float, complex or bool weights: named, not a bare OverflowError or a warning
     ({"temperature": 10**400}, ValueError, "temperature must be .* too large for a float"),

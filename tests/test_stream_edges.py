@@ -199,8 +199,9 @@ def test_stdin_truncated_mid_row_and_bad_vocab(rng):
     src.memory = "64KiB"
     with pytest.raises(SourceError, match="not a whole number of rows .* 199988 bytes left over"):
         fl.logsumexp(src)
-    for vocab in (0, 7.5, True):
-        with pytest.raises(ValueError, match="vocab must be a positive integer"):
+    for vocab, error in ((0, ValueError), (-3, ValueError), (7.5, TypeError), (True, TypeError),
+                         (np.True_, TypeError), ("9", TypeError)):
+        with pytest.raises(error, match="vocab must be a positive integer"):
             StdinSource("float32", vocab, stream=io.BytesIO(b""))
 
 
@@ -319,8 +320,8 @@ def test_self_describing_files_check_what_they_are_told(tmp_path, rng):
     assert "the values are float16" in _one_line(_cli("info", tmp_path / "h.npy", "--dtype", "bfloat16"), 1)
     np.save(tmp_path / "v.npy", b.view("V2"))
     assert "--dtype bfloat16 on the command line" in _one_line(_cli("info", tmp_path / "v.npy"), 1)
-    err = _one_line(_cli("softmax", tmp_path / "x.npy", tmp_path / "o.npy", "--temperature", "0"), 1)
-    assert "got 0.0" in err and "np." not in err
+    err = _one_line(_cli("softmax", tmp_path / "x.npy", tmp_path / "o.npy", "--temperature", "0"), 2)
+    assert "argument --temperature: expected a finite number > 0, got 0 " in err and "np." not in err
     # a scalar argument names no row; one given per row names the bad row
     cases = ((dict(top_p=1.5), r"got 1\.5"), (dict(min_p=[0.5, 2.0, 0, 0]), r"got 2\.0 \(row 1\)"))
     for kw, shown in cases:
@@ -541,8 +542,10 @@ def test_source_arguments_checked_when_opened(tmp_path, rng):
     with pytest.raises(ValueError, match="finite"):
         fl.set_memory_budget(float("inf"))
     (tmp_path / "r.bin").write_bytes(b"\0" * 60)
-    with pytest.raises(ValueError, match="vocab must be a positive integer"):
+    with pytest.raises(TypeError, match="vocab must be a positive integer"):    # as threads=1.5
         fl.open(tmp_path / "r.bin", dtype="float32", vocab=7.5)
+    with pytest.raises(ValueError, match="vocab must be a positive integer"):
+        fl.open(tmp_path / "r.bin", dtype="float32", vocab=0)
     src = fl.open(tmp_path / "x.npy")
     src.close()
     with pytest.raises(ValueError, match="this source was closed"):

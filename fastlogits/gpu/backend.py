@@ -27,7 +27,7 @@ from numba import cuda
 from fastlogits._config import default_threads
 from fastlogits.cpu.backend import copy_rows
 from fastlogits.gpu import kernels as K
-from fastlogits.ops._prep import compute_dtype, weight_sum
+from fastlogits.ops._prep import compute_dtype, not_floating, weight_sum
 
 CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -251,9 +251,7 @@ def kind_name(x, d, dtype, argname):
         # earlier PyTorch releases exported bfloat16 as "<f2", float16's typestr: the tensor's dtype decides
         return "bfloat16"
     if name is None:
-        kind = {"i": "integer", "u": "integer", "b": "bool", "c": "complex"}.get(dt.kind, str(dt))
-        raise TypeError(f"{argname} must be floating point (float16, bfloat16, float32 or float64), "
-                        f"got {kind} dtype {dt}")
+        raise not_floating(argname, dt)
     return name
 
 

@@ -151,9 +151,7 @@ def as_array(logits, dtype=None, argname="logits"):
                             f"dtype {x.dtype}")
         x = as_bf16(x)
     if x.dtype not in _NAMES and x.dtype.newbyteorder("=") not in _NAMES:
-        kind = {"i": "integer", "u": "integer", "b": "bool", "c": "complex"}.get(x.dtype.kind, str(x.dtype))
-        raise TypeError(f"{argname} must be floating point (float16, bfloat16, float32 or float64), "
-                        f"got {kind} dtype {x.dtype}")
+        raise not_floating(argname, x.dtype)
     if x.ndim == 0:
         raise ValueError(f"{argname} must have at least one axis (the vocabulary), got a scalar")
     if not x.dtype.isnative:
@@ -331,11 +329,19 @@ def temperatures(temperature, lead, rows, argname="temperature", allow_zero=Fals
     return np.require(np.broadcast_to(t, lead).reshape(rows), np.float64, "CA")   # (C reads it: aligned)
 
 
+def not_floating(argname, dt):
+    """The TypeError for logits of a dtype the kernels do not take (float128 said 'got float128 dtype
+    float128')."""
+    kind = {"i": "integer ", "u": "integer ", "b": "bool ", "c": "complex "}.get(dt.kind, "")
+    return TypeError(f"{argname} must be floating point (float16, bfloat16, float32 or float64), got "
+                     f"{kind}dtype {dt}")
+
+
 def softcap_value(softcap, name="float64"):
     """softcap as a float (0.0 for None); below float64 it must be a normal float32 (see temperatures)."""
     if softcap is None:
         return 0.0
-    if isinstance(softcap, (bool, str, bytes)):
+    if isinstance(softcap, (bool, np.bool_, str, bytes)):
         raise TypeError(f"softcap must be None or a float > 0, got {softcap!r}")
     c = as_float(softcap, "softcap", "None or a float > 0")
     if not (c > 0 and math.isfinite(c)):

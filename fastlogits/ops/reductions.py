@@ -130,7 +130,7 @@ def _map(logits, log, temperature, softcap, out, dtype, backend, threads, chunk_
             raise ValueError(f"{name}: out must have the shape of logits {shape}, got {tuple(out.shape)}")
         out_name = B.out_kind(out, dtype)
         if dtype is not None and dtype_name(dtype) != out_name:
-            raise ValueError(f"{name}: dtype={dtype!r} disagrees with out's dtype {out_name}")
+            raise ValueError(f"{name}: dtype={dtype_name(dtype)} disagrees with out's dtype {out_name}")
         if is_gpu_array(x) and B.overlaps(out, x):
             raise ValueError(f"{name}: out overlaps logits; the caller's logits are never written to")
     else:
@@ -140,7 +140,7 @@ def _map(logits, log, temperature, softcap, out, dtype, backend, threads, chunk_
             raise ValueError(f"{name}: out must have the shape of logits {shape}, got {out.shape}")
         out_name = dtype_name(out.dtype, "out")
         if dtype is not None and dtype_name(dtype) != out_name:
-            raise ValueError(f"{name}: dtype={dtype!r} disagrees with out.dtype={out.dtype}")
+            raise ValueError(f"{name}: dtype={dtype_name(dtype)} disagrees with out.dtype={out_name}")
         if not out.flags.writeable:
             raise ValueError(f"{name}: out is read-only")
         check_own_places(out.shape, out.strides, out.dtype.itemsize, name)
@@ -223,21 +223,24 @@ def labels_on_host(labels):
 
 
 def as_labels(labels):
-    """labels as a NumPy array (not yet checked); a ragged list raises, naming the argument."""
+    """labels as a NumPy array of integers (their shape and values not yet checked): anything else raises
+    TypeError (None, floats, bools: before any shape check, as for every argument), a ragged list
+    ValueError, naming the argument."""
     labels = unmasked(labels, "labels", "ignore_index")     # (masked rows: ignored ones)
     try:
-        return np.asarray(labels)
+        lab = np.asarray(labels)
     except ValueError as e:
         raise ValueError(f"labels: a list or tuple is read as one array, and this one is ragged ({e})") \
             from None
+    if lab.dtype.kind not in "iu":
+        raise TypeError(f"labels must be integers (class indices), got dtype {lab.dtype}")
+    return lab
 
 
 def check_labels(labels, lead, V, ignore_index):
     """labels as a private C-contiguous int64 copy, one per row; out-of-range labels raise, naming the
     label and its row."""
     lab = as_labels(labels)
-    if lab.dtype.kind not in "iu" or lab.dtype == np.bool_:
-        raise TypeError(f"labels must be integers (class indices), got dtype {lab.dtype}")
     if lab.shape != tuple(lead):
         raise ValueError(f"labels must have the leading shape of logits {tuple(lead)} (one class index per "
                          f"row), got shape {lab.shape}")
@@ -396,8 +399,8 @@ def check_ce_options(label_smoothing, z_loss, ignore_index):
 
 
 def _number(value, argname):
-    """value as a float; None, a bool or a string is refused (naming the argument)."""
-    if isinstance(value, (bool, str, bytes)) or value is None:
+    """value as a float; None, a bool (NumPy's too) or a string is refused (naming the argument)."""
+    if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
         raise TypeError(f"{argname} must be a float, got {value!r}")
     return as_float(value, argname, "a float")
 

@@ -324,8 +324,6 @@ class CrossEntropy(_Base):
         if lab.ndim != 1:
             raise ValueError(f"labels must be 1-D (one class index per row), got shape {lab.shape}")
         super().__init__(lab.shape[0], temperature, softcap, threads, chunk_size)
-        if lab.dtype.kind not in "iu":
-            raise TypeError(f"labels must be integers (class indices), got dtype {lab.dtype}")
         self.label_smoothing, self.z_loss, self.ignore_index = check_ce_options(label_smoothing, z_loss,
                                                                                 ignore_index)
         check_reduction(reduction)

@@ -562,7 +562,7 @@ def softmax(source, log, out, kw, memory=None, progress=None):
                          "raw) or an array of the source's shape")
     p = plan(source, memory, out_itemsize=NP_DTYPES[out_name].itemsize)
     fn = fl.log_softmax if log else fl.softmax
-    with _Sink(out, source, out_name) as sink:
+    with _Sink(out, source, out_name, fn.__name__) as sink:
         source = sink.source
         if p.rows:
             for r0, block in row_blocks(source, p.rows):
@@ -656,7 +656,7 @@ class _Sink:
     """Where a streamed map writes: an array, a file written under a temporary name and renamed when
     complete (see atomic_output), or standard output (raw rows, as they come)."""
 
-    def __init__(self, out, source, out_name):
+    def __init__(self, out, source, out_name, name):
         self.source = source     # what the call reads: for an out array, guarded against overlapping it
         self.dtype = NP_DTYPES[out_name]
         self.V = source.V
@@ -669,7 +669,7 @@ class _Sink:
                     or out.shape[-1] != self.V:
                 raise ValueError(f"out must have the source's shape {tuple(source.shape)}, got {out.shape}")
             if out.dtype != self.dtype:
-                raise ValueError(f"out has dtype {out.dtype}, expected {out_name}")
+                raise ValueError(f"{name}: dtype={out_name} disagrees with out.dtype={out.dtype}")
             if not out.flags.writeable:
                 raise ValueError("out is read-only")
             check_own_places(out.shape, out.strides, out.dtype.itemsize)

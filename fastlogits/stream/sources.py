@@ -851,8 +851,12 @@ class StdinSource(_Closing):
 
 
 def check_vocab(vocab, argname="vocab"):
-    """vocab as a positive int (a float or a bool is refused, not truncated)."""
-    if not is_int(vocab) or int(vocab) < 1:
+    """vocab as a positive int: a float or a bool is refused, not truncated (TypeError, as for every
+    integer argument), and one below 1 (ValueError)."""
+    if not is_int(vocab):
+        raise TypeError(f"{argname} must be a positive integer (the number of values per row), got "
+                        f"{vocab!r}")
+    if int(vocab) < 1:
         raise ValueError(f"{argname} must be a positive integer (the number of values per row), got "
                          f"{vocab!r}")
     return int(vocab)
