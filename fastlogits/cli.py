@@ -9,6 +9,7 @@ output (exit status 130, 143). ``python -m fastlogits`` runs it too.
 import argparse
 import contextlib
 import io
+import math
 import os
 import secrets
 import signal
@@ -34,7 +35,7 @@ def _add_common(p, default_memory="256MiB", memory=None, backend="backend (defau
     them otherwise (or not)."""
     p.add_argument("--backend", choices=["cpu", "gpu"], default=None, help=backend)
     p.add_argument("--threads", type=_threads, default=None, help=threads)
-    p.add_argument("--memory", default=None,
+    p.add_argument("--memory", type=_memory, default=None,
                    help=memory or f"memory budget, e.g. 256MiB (default: {default_memory})")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on standard output")
 
@@ -42,8 +43,8 @@ def _add_common(p, default_memory="256MiB", memory=None, backend="backend (defau
 def _add_input(p):
     p.add_argument("input", help="a logit dump: .npy, .safetensors, raw binary (with --dtype and --vocab), "
                    "or - for raw rows on standard input")
-    p.add_argument("--dtype", default=None, help="element type of raw input, or bfloat16 to re-declare a |V2 "
-                   ".npy file")
+    p.add_argument("--dtype", type=_dtype, default=None,
+                   help="element type of raw input, or bfloat16 to re-declare a |V2 .npy file")
     p.add_argument("--vocab", type=_positive, default=None, help="vocabulary size (raw input)")
     p.add_argument("--tensor", default=None, help="which tensor of a .safetensors file")
 
@@ -455,7 +456,7 @@ def cmd_sample(args):
         cols["rank"] = np.asarray(ranks).reshape(cols["token"].shape)
     write_rows(args.output, cols, _lead(src))
     summary = {"input": args.input, "output": args.output, "rows": rows, "seconds": secs, "seed": seed}
-    drawn = f"{rows} sampled tokens" if args.num_samples == 1 else \
+    drawn = f"{rows} sampled token{'s' * (rows != 1)}" if args.num_samples == 1 else \
         f"{rows * args.num_samples} sampled tokens ({args.num_samples} a row, {_rows(rows)})"
     _emit(args, summary, [f"wrote {drawn} to {_where(args.output)} in {secs:.2f} s (seed {seed})"])
     return 0
@@ -494,6 +495,50 @@ def _int_from(least, what, most=None):
 _non_negative = _int_from(0, "a non-negative integer")
 _positive = _int_from(1, "a positive integer")
 _threads = _int_from(1, f"an integer from 1 to {MAX_THREADS}", MAX_THREADS)
+_seed = _int_from(0, "an integer from 0 to 2**64 - 1", 2**64 - 1)
+
+
+def _float_in(what, ok):
+    """An argparse type: a float for which ok(value) holds, else an error saying `what` was expected."""
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return v
+    return parse
+
+
+# option values are checked as the command line is parsed: a wrong one is a usage error (exit 2, naming
+# the option), as a wrong --threads is, not a failure of the command on its data (exit 1)
+_temperature = _float_in("a finite number > 0", lambda t: 0 < t < math.inf)
+_sample_temperature = _float_in("a finite number >= 0 (0: greedy)", lambda t: 0 <= t < math.inf)
+_top_p = _float_in("a number in (0, 1]", lambda p: 0 < p <= 1)
+_min_p = _float_in("a number in [0, 1]", lambda p: 0 <= p <= 1)
+
+
+def _memory(text):
+    """An argparse type: a memory budget, checked (and kept as given: the commands pass it on)."""
+    from fastlogits.stream.run import parse_memory
+
+    try:
+        parse_memory(text, "the budget")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _dtype(text):
+    """An argparse type: an element type fastlogits reads (as fastlogits.open's dtype=)."""
+    from fastlogits.ops._prep import dtype_name
+
+    try:
+        dtype_name(text, "the element type")
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def build_parser():
@@ -525,7 +570,7 @@ def build_parser():
     s.add_argument("--labels", default=None, help="labels: .npy of integers, or text with one per line")
     s.add_argument("--ignore-index", type=int, default=-100,
                    help="the label of rows left out of NLL and accuracy (default: %(default)s)")
-    s.add_argument("--temperature", type=float, default=1.0, help="divide the logits by T > 0 first")
+    s.add_argument("--temperature", type=_temperature, default=1.0, help="divide the logits by T > 0 first")
     s.add_argument("--per-row", default=None, metavar="OUT",
                    help="per-row results to OUT (.npy, .csv, .jsonl; -: JSON lines on standard output)")
     s.set_defaults(func=cmd_stats)
@@ -536,7 +581,7 @@ def build_parser():
                    "other name")
     _add_common(m)
     m.add_argument("--log", action="store_true", help="write log-softmax instead")
-    m.add_argument("--temperature", type=float, default=1.0, help="divide the logits by T > 0 first")
+    m.add_argument("--temperature", type=_temperature, default=1.0, help="divide the logits by T > 0 first")
     m.add_argument("--out-dtype", default=None, choices=["float16", "bfloat16", "float32", "float64"],
                    help="element type of the output (default: the input's)")
     m.set_defaults(func=cmd_softmax)
@@ -546,20 +591,22 @@ def build_parser():
     k.add_argument("output", help="output: .npy, .csv or .jsonl, or - for JSON lines on standard output")
     _add_common(k)
     k.add_argument("-k", type=_positive, default=5, help="tokens per row (default: %(default)s)")
-    k.add_argument("--temperature", type=float, default=1.0, help="divide the logits by T > 0 first")
+    k.add_argument("--temperature", type=_temperature, default=1.0, help="divide the logits by T > 0 first")
     k.set_defaults(func=cmd_topk)
 
     sm = sub.add_parser("sample", help="tokens drawn per row: temperature, top-k, top-p, min-p, seeded")
     _add_input(sm)
     sm.add_argument("output", help="output: .npy, .csv or .jsonl, or - for JSON lines on standard output")
     _add_common(sm)
-    sm.add_argument("--temperature", type=float, default=1.0, help="divide the logits by T first; 0: greedy")
-    sm.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0: all)")
-    sm.add_argument("--top-p", type=float, default=None,
+    sm.add_argument("--temperature", type=_sample_temperature, default=1.0,
+                    help="divide the logits by T first; 0: greedy")
+    sm.add_argument("--top-k", type=_non_negative, default=None,
+                    help="keep the k most likely tokens (0: all)")
+    sm.add_argument("--top-p", type=_top_p, default=None,
                     help="keep the fewest most likely tokens whose mass reaches p, in (0, 1]")
-    sm.add_argument("--min-p", type=float, default=None,
+    sm.add_argument("--min-p", type=_min_p, default=None,
                     help="drop tokens less likely than min_p times the most likely one, in [0, 1]")
-    sm.add_argument("--seed", type=int, default=None,
+    sm.add_argument("--seed", type=_seed, default=None,
                     help="the same seed gives the same tokens (default: a random one, reported)")
     sm.add_argument("--num-samples", type=_positive, default=1,
                     help="tokens drawn per row, with replacement (default: %(default)s)")
@@ -657,20 +704,22 @@ def main(argv=None):
         print("fastlogits: error: standard output is closed; redirect it to /dev/null to discard the "
               "summary", file=sys.stderr)
         return 1
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # usage errors found past the command's own parser name the command and its --help
+    command = _Parser(prog=f"{parser.prog} {args.command}")
+    if extra:
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
     for name in ("output", "per_row"):     # /dev/stdout, /proc/self/fd/1: standard output, as -
         path = getattr(args, name, None)
         if path not in (None, STDOUT) and not path.lower().endswith(_PER_ROW) and _on_stdout(path):
             setattr(args, name, STDOUT)    # (a name with a format of its own keeps it: o.npy -> /dev/stdout)
+    if getattr(args, "per_row", None) not in (None, STDOUT) and not args.per_row.lower().endswith(_PER_ROW):
+        command.error(f"argument --per-row: expected a name ending in .npy, .csv or .jsonl, or - for JSON "
+                      f"lines on standard output, got {args.per_row!r}")
     if getattr(args, "json", False) and _results_on_stdout(args):
-        # (the command's parser: the error names it and its --help, not the top-level one's)
-        _Parser(prog=f"{parser.prog} {args.command}").error(
-            "--json prints the summary on standard output, where - sends the results: give an output "
-            "file, or leave out --json (the summary then goes to standard error)")
+        command.error("--json prints the summary on standard output, where - sends the results: give an "
+                      "output file, or leave out --json (the summary then goes to standard error)")
     try:
-        if getattr(args, "memory", None) is not None:     # every command, whether it uses it or not
-            from fastlogits.stream.run import parse_memory
-            parse_memory(args.memory, "--memory")
         with _signals_unwind():
             return args.func(args)        # (each command passes --backend, --memory on: no global state)
     except KeyboardInterrupt:

@@ -93,10 +93,56 @@ def _one_line_error(capsys):
 @pytest.mark.parametrize("memory", ["garbage", "", "12"])
 def test_every_command_checks_memory(capsys, command, memory):
     """bench and check ignored --memory (garbage ran, exit 0) and demo took '' for its default; all parse
-    it as info does: one line naming --memory, exit 1."""
-    assert main(command + ["--memory", memory]) == 1
+    it as info does: one line naming --memory, and a usage error's exit status, 2 (it was 1, a failure on
+    the data's; found by an API audit)."""
+    with pytest.raises(SystemExit) as e:
+        main(command + ["--memory", memory])
+    assert e.value.code == 2
     err = _one_line_error(capsys)
-    assert "--memory must be" in err and f"fastlogits {command[0]}: error:" in err
+    assert f"fastlogits {command[0]}: error: argument --memory: the budget must be" in err
+
+
+@pytest.mark.parametrize("args, says", [
+    (["topk", "{x}", "{o}.jsonl", "-k", "0"], "argument -k: expected a positive integer, got 0"),
+    (["stats", "{x}", "--dtype", "foo"], "argument --dtype: the element type must be float16, bfloat16, "
+                                          "float32 or float64, got 'foo'"),
+    (["stats", "{x}", "--temperature", "0"], "argument --temperature: expected a finite number > 0, got 0"),
+    (["softmax", "{x}", "{o}.npy", "--temperature", "inf"], "argument --temperature: expected a finite "
+                                                             "number > 0, got inf"),
+    (["topk", "{x}", "{o}.npy", "--temperature", "nan"], "argument --temperature: expected a finite number"),
+    (["sample", "{x}", "{o}.npy", "--temperature", "-1"], "argument --temperature: expected a finite number "
+                                                           ">= 0 (0: greedy), got -1"),
+    (["sample", "{x}", "{o}.npy", "--top-p", "1.5"], "argument --top-p: expected a number in (0, 1], "
+                                                      "got 1.5"),
+    (["sample", "{x}", "{o}.npy", "--top-p", "0"], "argument --top-p: expected a number in (0, 1], got 0"),
+    (["sample", "{x}", "{o}.npy", "--min-p", "2"], "argument --min-p: expected a number in [0, 1], got 2"),
+    (["sample", "{x}", "{o}.npy", "--top-k", "-1"], "argument --top-k: expected a non-negative integer"),
+    (["sample", "{x}", "{o}.npy", "--seed", "-1"], "argument --seed: expected an integer from 0 to "
+                                                    "2**64 - 1"),
+    (["sample", "{x}", "{o}.npy", "--seed", str(2**64)], "argument --seed: expected an integer from 0 to"),
+    (["stats", "{x}", "--per-row", "{o}.txt"], "argument --per-row: expected a name ending in .npy, .csv or "
+                                                ".jsonl"),
+    (["stats", "{x}", "extra"], "unrecognized arguments: extra"),
+])
+def test_bad_option_values_are_usage_errors(tmp_path, capsys, args, says):
+    """A wrong option value is a usage error, found as the command line is parsed, before the input is
+    read: exit status 2, one line naming the command and the option as typed (those the library checked
+    exited 1, as a failure on the data does, naming its Python argument: top_p for --top-p; an extra
+    argument named 'fastlogits', not the command; found by an API audit). Nothing is written."""
+    x = tmp_path / "x.npy"
+    np.save(x, np.zeros((3, 5), np.float32))
+    args = [a.format(x=x, o=tmp_path / "out") for a in args]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = _one_line_error(capsys)
+    assert err.startswith(f"fastlogits {args[0]}: error: {says}"), err
+    assert err.rstrip().endswith(f"(see fastlogits {args[0]} --help)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
+    # the edges of each range are accepted
+    ok = {"--top-p": "1", "--min-p": "0", "--top-k": "0", "--seed": str(2**64 - 1), "--temperature": "0"}
+    if args[0] == "sample" and args[3] in ok:
+        assert main(args[:3] + [args[3], ok[args[3]]]) == 0
 
 
 def test_demo_seed_must_be_non_negative_and_says_so(capsys):

@@ -417,7 +417,7 @@ def test_cli_stdin_and_errors(tmp_path, rng):
         assert res.stderr.count(b"\n") == 1 and b"Traceback" not in res.stderr
     np.save(tmp_path / "x.npy", x)
     res = _cli("stats", tmp_path / "x.npy", "--labels", tmp_path / "y.npy", "--per-row", tmp_path / "r.txt")
-    assert res.returncode == 1 and b".npy, .csv or .jsonl" in res.stderr
+    assert res.returncode == 2 and b".npy, .csv or .jsonl" in res.stderr     # a usage error
     np.save(tmp_path / "y5.npy", y[:5])
     res = _cli("stats", tmp_path / "x.npy", "--labels", tmp_path / "y5.npy")
     assert res.returncode == 1 and b"5 labels for 20 rows" in res.stderr
@@ -467,7 +467,7 @@ def test_cli_sample_streams_and_reproduces(tmp_path, rng):
     np.testing.assert_allclose(got["logprob"], lp, rtol=2e-6)
     np.testing.assert_array_equal(got["rank"], ranks)
     res = _cli("sample", tmp_path / "x.npy", tmp_path / "s.npy", "--top-p", "1.5")
-    assert res.returncode == 1 and b"top_p" in res.stderr and b"Traceback" not in res.stderr
+    assert res.returncode == 2 and b"argument --top-p:" in res.stderr and b"Traceback" not in res.stderr
     # without --seed, the seed drawn is reported, and repeats the run
     res = _cli("sample", tmp_path / "x.npy", tmp_path / "s.npy", "--top-k", "50", "--json")
     assert res.returncode == 0, res.stderr
