@@ -361,3 +361,37 @@ def test_entropy_of_float64_chunks_whose_maxima_are_past_the_double_range_apart(
         np.testing.assert_allclose(acc.result(), [0.0], rtol=0, atol=1e-300)
     got = fl.entropy(np.array([1e300, -1e300, 1e300]), temperature=1e-8, chunk_size=1)
     np.testing.assert_allclose(got, np.log(2), rtol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32], ids=lambda d: np.dtype(d).name)
+def test_a_max_found_in_a_later_chunk_keeps_the_largest_term_one(dtype, rng):
+    """A chunk that raised a row's running max was summed in one pass around the old max, so the new max's
+    term was exp(d) e^-d, 1 within float's exp error: log s fell below 0 by a few 1e-8, enough for a
+    logsumexp below the row's max, log-probabilities above 0 and a negative cross-entropy where the loss
+    is tiny ([0.1, 0 x 4095, 25.18] labelled 4096: -3.2e-7, the loss 4.75e-8; found by a numerics audit).
+    Rows like a confident LM's, the top token past the first chunk: the loss >= 0 (and within the accuracy
+    contract), logsumexp >= the max and log-probabilities <= 0, whatever the chunk size, through every
+    function of the fold. (The loss is not relatively accurate where it is below float's epsilon: the
+    float lane that holds the max adds its other terms to 1; README's contract is absolute.)"""
+    from fastlogits.numba import cross_entropy_row, logsumexp_row
+    from tests import tolerances as tols
+
+    V, rows = 3 * 4096 + 5, 48
+    x = (rng.standard_normal((rows, V)) * 2).astype(dtype)
+    top = rng.integers(4096, V, rows)
+    x[np.arange(rows), top] = rng.uniform(10, 30, rows).astype(dtype)
+    x[0] = 0
+    x[0, 0], x[0, 4096], top[0] = 0.1, 25.18, 4096        # the audit's row
+    want = ref.cross_entropy(x, top, reduction="none")
+    for chunk in (None, 1024, 4096, 5000):
+        got = fl.cross_entropy(x, top, reduction="none", chunk_size=chunk)
+        assert (got >= 0).all(), f"chunk {chunk}: {got.min()}"
+        tols.assert_close(got, want, tols.log_tol(dtype, want, ref.row_scale(x)), what=f"chunk {chunk}")
+        lse = fl.logsumexp(x, chunk_size=chunk)
+        assert (lse.astype(np.float64) >= x.astype(np.float64).max(axis=1)).all()
+        lp, idx = fl.top_k_logprobs(x, 1, chunk_size=chunk)
+        np.testing.assert_array_equal(idx[:, 0], top)
+        assert (lp <= 0).all() and (fl.log_softmax(x, chunk_size=chunk) <= 0).all()
+    if dtype == np.float32:       # the C functions the numba entry points call fold alike
+        assert cross_entropy_row(x[0], 4096) >= 0 and logsumexp_row(x[0]) >= x[0, 4096]
+        assert abs(cross_entropy_row(x[0], 4096) - want[0]) <= tols.log_tol(dtype, want[0], x[0, 4096])
