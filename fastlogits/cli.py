@@ -25,7 +25,7 @@ import numpy as np
 import fastlogits as fl
 from fastlogits import _json
 from fastlogits._config import MAX_THREADS
-from fastlogits.stream.run import STDOUT, descriptor_of
+from fastlogits.stream.run import STDOUT, check_map_path, descriptor_of
 from fastlogits.stream.sources import named_error, read_npy, reason
 
 
@@ -578,7 +578,7 @@ def build_parser():
     m = sub.add_parser("softmax", help="softmax (or --log: log-softmax) of a dump, written to a file")
     _add_input(m)
     m.add_argument("output", help="output: .npy, - for raw rows on standard output, or raw rows for any "
-                   "other name")
+                   "other name but a text one (.csv, .tsv, .txt, .json, .jsonl)")
     _add_common(m)
     m.add_argument("--log", action="store_true", help="write log-softmax instead")
     m.add_argument("--temperature", type=_temperature, default=1.0, help="divide the logits by T > 0 first")
@@ -716,6 +716,11 @@ def main(argv=None):
     if getattr(args, "per_row", None) not in (None, STDOUT) and not args.per_row.lower().endswith(_PER_ROW):
         command.error(f"argument --per-row: expected a name ending in .npy, .csv or .jsonl, or - for JSON "
                       f"lines on standard output, got {args.per_row!r}")
+    if args.command == "softmax":     # (topk and sample write CSV or JSON lines for a text name)
+        try:
+            check_map_path(args.output)
+        except ValueError as e:
+            command.error(f"argument output: {e}")
     if getattr(args, "json", False) and _results_on_stdout(args):
         command.error("--json prints the summary on standard output, where - sends the results: give an "
                       "output file, or leave out --json (the summary then goes to standard error)")

@@ -123,6 +123,9 @@ def test_every_command_checks_memory(capsys, command, memory):
     (["stats", "{x}", "--per-row", "{o}.txt"], "argument --per-row: expected a name ending in .npy, .csv or "
                                                 ".jsonl"),
     (["stats", "{x}", "extra"], "unrecognized arguments: extra"),
+    # topk and sample write CSV for such a name; softmax wrote raw binary rows under it
+    (["softmax", "{x}", "{o}.csv"], "argument output: softmax writes .npy or raw rows, not text"),
+    (["softmax", "{x}", "{o}.JSONL", "--log"], "argument output: softmax writes .npy or raw rows, not text"),
 ])
 def test_bad_option_values_are_usage_errors(tmp_path, capsys, args, says):
     """A wrong option value is a usage error, found as the command line is parsed, before the input is

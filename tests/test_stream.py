@@ -172,6 +172,11 @@ def test_softmax_to_files_and_arrays(tmp_path, rng, memory):
     fl.softmax(iter([x[:2], x[2:]]), out=str(tmp_path / "it.npy"))
     assert np.load(tmp_path / "it.npy").shape == x.shape
     assert sorted(os.listdir(tmp_path)) == ["it.npy", "lp.bin", "p.npy", "x.npy"]   # no temporary left
+    # a text name would have held binary rows (the command line's topk and sample write text there)
+    for fn, name in ((fl.softmax, "p.csv"), (fl.log_softmax, "lp.JSONL"), (fl.softmax, "p.txt")):
+        with pytest.raises(ValueError, match=rf"^{fn.__name__} writes \.npy or raw rows, not text: got "):
+            fn(src, out=tmp_path / name)
+    assert sorted(os.listdir(tmp_path)) == ["it.npy", "lp.bin", "p.npy", "x.npy"]
 
 
 def test_interrupted_write_leaves_no_file(tmp_path, rng):

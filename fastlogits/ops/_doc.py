@@ -14,8 +14,9 @@ temperature : float > 0, or an array of one per row (the leading shape, or one t
     "out": """\
 out : array or path, optional (required for a source)
     An array of the logits' shape (NumPy, or a GPU array for GPU logits) that shares no memory with them;
-    or, for host logits and sources, a path: a ``.npy`` file (raw rows for any other name) written block
-    by block, under a temporary name until complete, or ``"-"``: raw rows to standard output. Returned.
+    or, for host logits and sources, a path: a ``.npy`` file (raw rows for any other name but a text
+    one, such as ``.csv``: refused) written block by block, under a temporary name until complete, or
+    ``"-"``: raw rows to standard output. Returned.
 dtype : float16, bfloat16, float32 or float64, optional
     The result's element type (default: out's, else the logits').""",
     "shared": """\

@@ -542,7 +542,7 @@ def cross_entropy(source, labels, kw, memory=None, progress=None):
 
 def softmax(source, log, out, kw, memory=None, progress=None):
     """softmax or log_softmax of a source, written to `out` (an array of the source's shape, or a path:
-    a .npy file, or raw rows for any other name) block by block; returns out."""
+    a .npy file, or raw rows for any other name but a text one) block by block; returns out."""
     import fastlogits as fl
     from fastlogits.cpu import _maps
     from fastlogits.cpu.backend import aligned
@@ -652,6 +652,18 @@ def check_not_input(source, path):
                          "would replace the logits: write them to another file")
 
 
+TEXT_NAMES = (".csv", ".tsv", ".txt", ".json", ".jsonl")
+
+
+def check_map_path(path, name="softmax"):
+    """path, where a map (softmax, log_softmax) may write: a .npy file, or raw rows under any other name
+    but a text one, which would hold binary rows (the command line's topk and sample write text there)."""
+    if path.lower().endswith(TEXT_NAMES):
+        raise ValueError(f"{name} writes .npy or raw rows, not text: got {path!r} (use a .npy name, or "
+                         "another name, such as .bin, for raw rows)")
+    return path
+
+
 class _Sink:
     """Where a streamed map writes: an array, a file written under a temporary name and renamed when
     complete (see atomic_output), or standard output (raw rows, as they come)."""
@@ -683,7 +695,7 @@ class _Sink:
             self._out = out
             self.result = out
         elif isinstance(out, (str, os.PathLike)):
-            self.path = os.fspath(out)
+            self.path = check_map_path(os.fspath(out), name)
             check_not_input(source, self.path)
             self.npy = self.path.lower().endswith(".npy")
             self.stdout = self.path == STDOUT
