@@ -114,6 +114,11 @@ FL_INLINE double FL_FN(fl__sumexp)(const FL_T *x, int64_t n, FL_T m, uintptr_t p
     return t;
 }
 
+/* fl__sumexp as a function of its own (multiversioned): the second pass of a chunk whose max is known. */
+FL_MULTIVERSION static FL_UNUSED double FL_FN(fl__sumexp_from)(const FL_T *x, int64_t n, FL_T m) {
+    return FL_FN(fl__sumexp)(x, n, m, 0, 0);
+}
+
 /* One pass over a chunk, for rows whose running max m is already known (every chunk but the first): sum
  * exp(x - m) and the chunk's max (*cmax, NaN ignored). A NaN in the chunk makes the sum NaN (the exp
  * propagates it). The caller keeps the result only when the sum is not NaN and the chunk does not raise
@@ -374,6 +379,12 @@ static inline void FL_FN(fl_lse_fold)(fl_lse_state *st, const FL_T *x, int64_t n
         if (s == s && (double)cmax <= st->m) {      /* (then cmax <= sh: every term's exponent <= 0) */
             if ((double)sh != st->m) s *= exp((double)sh - st->m);   /* a state merged from elsewhere */
             st->s += s;
+            return;
+        }
+        if (s == s && cmax < (FL_T)INFINITY) {   /* a finite new max, no NaN: the max pass is done */
+            c.m = cmax;
+            c.s = FL_FN(fl__sumexp_from)(x, n, cmax);
+            fl_lse_merge(st, &c);
             return;
         }
     }
