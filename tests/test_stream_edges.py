@@ -525,14 +525,15 @@ def test_maps_of_arrays_and_memmaps_to_a_path(tmp_path, rng):
 def test_outputs_that_cannot_be_written_leave_nothing(tmp_path, rng):
     np.save(tmp_path / "x.npy", rng.standard_normal((4, 9)).astype(np.float32))
     (tmp_path / "folder.jsonl").mkdir()
-    with pytest.raises(IsADirectoryError, match="folder.jsonl: is a folder"):
-        fl.softmax(fl.open(tmp_path / "x.npy"), out=tmp_path / "folder.jsonl")
+    (tmp_path / "folder.npy").mkdir()
+    with pytest.raises(IsADirectoryError, match="folder.npy: is a folder"):
+        fl.softmax(fl.open(tmp_path / "x.npy"), out=tmp_path / "folder.npy")
     with pytest.raises(FileNotFoundError, match="no such folder"):
         fl.softmax(fl.open(tmp_path / "x.npy"), out=tmp_path / "nowhere" / "p.npy")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.jsonl", "x.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.jsonl", "folder.npy", "x.npy"]
     res = _cli("topk", tmp_path / "x.npy", tmp_path / "folder.jsonl")
     assert "is a folder" in _one_line(res, 1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.jsonl", "x.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.jsonl", "folder.npy", "x.npy"]
 
 
 def test_source_arguments_checked_when_opened(tmp_path, rng):
