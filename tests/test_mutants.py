@@ -434,3 +434,116 @@ def test_mean_of_zero_weight_targets_over_nan_logits_is_nan(label):
     assert np.isnan(want)
     assert np.isnan(fl.cross_entropy(x, y, weight=w))
     assert np.isnan(fl.cross_entropy(x.astype(np.float32), y, weight=w))
+
+
+# Found by a mutation audit of 2026-12-01 (evening): each of these fails for a change the suite let pass.
+
+@pytest.mark.parametrize("make", [lambda r: fl.stream.LogSumExp(r), lambda r: fl.stream.Entropy(r),
+                                  lambda r: fl.stream.TopK(r, 2),
+                                  lambda r: CrossEntropy(np.zeros(r, np.int64))],
+                         ids=["LogSumExp", "Entropy", "TopK", "CrossEntropy"])
+def test_accumulator_chunks_of_another_row_count_are_refused(make):
+    """accumulators._check_chunk ('or x.shape[0] != self.rows' dropped): a chunk with more rows than the
+    accumulator's made the kernels write past its states (a 1-row temperature broadcast to 4 rows; glibc
+    then aborted), one with fewer left rows out."""
+    for rows, got in ((1, 4), (3, 2)):
+        acc = make(rows)
+        with pytest.raises(ValueError, match=rf"chunk must have shape \(rows, c\) = \({rows}, c\), got "
+                                             rf"\({got}, 5\)"):
+            acc.update(np.zeros((got, 5), np.float32), 0)
+
+
+def test_compensated_sums_when_a_large_term_comes_after_a_small_sum():
+    """_reduce.add_to (Neumaier's 'else' branch, a term larger than the running sum, taken as the other):
+    losses log 3, 1e16 log 3, -1e16 log 3 (class weights 1, 1e16, -1e16) sum to log 3, and their mean over
+    the target weights (which sum to 1) too; a plain or one-branch sum gives 2 and inf."""
+    x = np.zeros((3, 3))
+    y = np.array([0, 1, 2])
+    w = np.array([1.0, 1e16, -1e16])
+    assert fl.cross_entropy(x, y, weight=w, reduction="sum") == pytest.approx(math.log(3), rel=1e-15)
+    assert fl.cross_entropy(x, y, weight=w) == pytest.approx(math.log(3), rel=1e-15)
+    from fastlogits.cpu import _reduce
+
+    assert _reduce.compensated_sum(np.array([1.0, 1e100, 1.0, -1e100])) == 2.0
+
+
+def test_label_smoothing_total_weight_of_weights_as_the_kernels_read_them():
+    """The total class weight that label smoothing divides by is summed from the weights rounded to the
+    compute dtype, as the kernels read them (weight_sum of the float64 weights, in memory, or the
+    accumulator's unrounded ones): float32(1e8 + 1) is 1e8, so weights (1e8 + 1, 1, -1e8) weigh 1 in all,
+    and with label_smoothing=1 the loss of zero logits is log(3) / 3 (2 log(3) / 3 with the unrounded
+    total)."""
+    x = np.zeros((1, 3), np.float32)
+    w = np.array([1e8 + 1, 1, -1e8])
+    want = math.log(3) / 3
+    got = fl.cross_entropy(x, np.array([1]), weight=w, label_smoothing=1.0, reduction="none")
+    np.testing.assert_allclose(got, [want], rtol=1e-6)
+    acc = CrossEntropy(np.array([1]), weight=w, label_smoothing=1.0, reduction="none")
+    acc.update(x[:, :2], 0)
+    acc.update(x[:, 2:], 2)
+    np.testing.assert_allclose(acc.result(), [want], rtol=1e-6)
+
+
+def test_streamed_sample_refuses_per_row_values_longer_than_its_rows(rng):
+    """sample_source (its closing check_rows dropped): as R5 for the reductions, per-row temperatures,
+    top-k and seeds with more values than an iterable source's rows raise, not silently truncated."""
+    x = rng.standard_normal((10, 37)).astype(np.float32)
+    for kw, name in ((dict(temperature=np.ones(10)), "temperature"), (dict(top_k=np.full(10, 5)), "top_k"),
+                     (dict(seed=np.arange(10, dtype=np.uint64)), "seed")):
+        kw.setdefault("seed", 0)
+        with pytest.raises(ValueError, match=f"{name} has 10 values, but the source has 3 rows"):
+            sample(iter([x[:3]]), **kw)
+
+
+def test_streamed_top_k_checks_k_against_the_vocabulary(tmp_path, rng):
+    """run.reduce (its _check_k dropped): k past the vocabulary raises as in memory, for a file of no rows
+    (it gave arrays of shape (0, 8)) and for rows wider than the budget (a bare reshape error)."""
+    np.save(tmp_path / "e.npy", np.empty((0, 7), np.float32))
+    with pytest.raises(ValueError, match="k must be between 0 and the vocabulary size 7, got 8"):
+        fl.top_k(fl.open(tmp_path / "e.npy"), 8)
+    np.save(tmp_path / "w.npy", rng.standard_normal((2, 40000)).astype(np.float32))
+    for fn in (fl.top_k, fl.top_k_logprobs):
+        with pytest.raises(ValueError, match="k must be between 0 and the vocabulary size 40000, got 40001"):
+            fn(fl.open(tmp_path / "w.npy", memory="64KiB"), 40001)
+
+
+def test_stats_refuses_more_labels_than_rows(tmp_path, rng):
+    """run.stats (its lab.check_rows dropped): ten labels for one row read from standard input raise,
+    naming both counts (the command line said 'boolean index did not match')."""
+    import subprocess
+    import sys
+
+    from fastlogits.stream import run
+
+    x = rng.standard_normal((1, 37)).astype(np.float32)
+    with pytest.raises(ValueError, match="labels has 10 values, but the source has 1 rows"):
+        run.stats(iter([x]), np.zeros(10, np.int64))
+    (tmp_path / "y.txt").write_text("0\n" * 10)
+    res = subprocess.run([sys.executable, "-m", "fastlogits.cli", "stats", "-", "--dtype", "float32",
+                          "--vocab", "37", "--labels", str(tmp_path / "y.txt")], input=x.tobytes(),
+                         capture_output=True, timeout=120)
+    assert res.returncode == 1, res.stderr
+    assert b"labels has 10 values, but the source has 1 rows" in res.stderr, res.stderr
+
+
+def test_progress_of_c_ordered_rows_wider_than_the_budget_counts_each_row_once(tmp_path, rng):
+    """run.folded_rows ('progress(int(c0 + chunk.shape[1] == source.V), ...)' -> 'progress(1, ...)'): a row
+    folded in column chunks is counted once, when its last chunk is in, and every byte is (the Fortran
+    case had a test; a C-ordered file's progress bar counted a row a chunk)."""
+    from fastlogits.stream import run
+
+    x = rng.standard_normal((3, 40000)).astype(np.float32)
+    np.save(tmp_path / "w.npy", x)
+    counts = []
+    got = run.reduce("logsumexp", fl.open(tmp_path / "w.npy", memory="64KiB"), {},
+                     progress=lambda rows, nbytes: counts.append((rows, nbytes)))
+    np.testing.assert_allclose(got, fl.logsumexp(x), rtol=2e-6)
+    assert len(counts) > 3 and sum(r for r, _ in counts) == 3 and sum(b for _, b in counts) == x.nbytes
+
+
+def test_num_samples_must_fit_the_counter_word():
+    """_num_samples ('< 2**32' dropped): the sample index is a 32-bit word of the random counter, so
+    num_samples=2**32 would repeat draws; it is refused, even for no rows."""
+    with pytest.raises(ValueError, match=r"num_samples must be a positive integer below 2\*\*32"):
+        sample(np.zeros((0, 3)), num_samples=2**32)
+    assert sample(np.zeros((0, 3)), num_samples=2**32 - 1, seed=0).shape == (0, 2**32 - 1)

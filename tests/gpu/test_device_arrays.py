@@ -108,6 +108,17 @@ def test_device_cross_entropy_sums_with_compensation(gpu):
                            ([[0, 1, 2], [2, 1, 0]], [2, 2], np.nan, np.nan)):
         for eps, want in zip((0.0, 0.1), wants):
             np.testing.assert_equal(loss(np.array(xs, np.float32), ys, weight=w, label_smoothing=eps), want)
+    # Neumaier's other branch (a term larger than the running sum), in one thread's rows: losses log 3,
+    # 1e16 log 3 and -1e16 log 3 sum to log 3 (a mutation audit: a one-branch sum gave 2)
+    x = np.zeros((257, 3))
+    y = np.full(257, -100)
+    y[[0, 128, 256]] = [0, 1, 2]
+    w = np.array([1.0, 1e16, -1e16])
+    assert loss(x, y, weight=w, reduction="sum") == pytest.approx(math.log(3), rel=1e-15)
+    # label smoothing's total weight from the weights as the kernels read them: float32(1e8 + 1) is 1e8
+    got = loss(np.zeros((1, 3), np.float32), [1], weight=np.array([1e8 + 1, 1, -1e8]), label_smoothing=1.0,
+               reduction="sum")
+    assert got == pytest.approx(math.log(3) / 3, rel=1e-6)
 
 
 def test_host_logits_unchanged(gpu, rng):

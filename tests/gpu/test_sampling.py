@@ -3,6 +3,8 @@ exactly the argmax of the documented generator's noise over the reference filter
 ranks against float64 NumPy, statuses of edge rows, and device arrays in and out. Under the CUDA simulator
 the shapes stay small (about 7 ms a barrier); the real-GPU tier (test_real_device.py) adds a real vocabulary.
 """
+import math
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -354,3 +356,14 @@ def test_a_filtered_token_never_wins_with_the_largest_word(gpu, kw):
     for backend in ("gpu", "cpu"):
         t = int(np.asarray(sample(x, seed=MAX_WORD_SEED, backend=backend, **kw))[0])
         assert keep[t], (backend, t)
+
+
+def test_top_p_reached_exactly_keeps_no_more(gpu):
+    """The GPU sampler's top-p tolerance (a mutation audit: tol = 0 kept tokens 2 and 3 too): two tokens
+    hold exactly 0.8 of the mass, and top_p is that plus the 16 eps the docs allow: they alone are drawn,
+    as on the CPU (tests/test_mutants.py)."""
+    a = math.log(0.25)
+    x = np.tile(np.array([0.0, 0.0, a, a]), (300, 1))
+    tok = sample(x, top_p=0.8 + 16 * np.finfo(np.float64).eps, seed=1, backend="gpu")
+    counts = np.bincount(tok, minlength=4)
+    assert counts[2:].sum() == 0 and min(counts[:2]) > 100, counts
