@@ -358,7 +358,8 @@ static inline fl_lse_state FL_FN(fl_lse_chunk)(const FL_T *x, int64_t n) {
 }
 
 /* Fold a contiguous chunk into a running state: one pass when the state's max is finite and the chunk
- * does not raise it (or hold a NaN or inf), else the two-pass chunk state and a merge.
+ * does not raise it (or hold a NaN or inf); else the chunk's own state merged in (a second pass around
+ * the new max the first pass found, or for a NaN or inf, fl_lse_chunk_pf's).
  * A chunk that raised the max was kept from one pass too, when by at most 64: but then the new max's term
  * was exp(cmax - m) > 1, rescaled by exp(m - cmax), so the row's largest term was 1 only within float's
  * exp error (a few 1e-8), where the two passes make it exactly 1, and the sum at least 1: log s came out
