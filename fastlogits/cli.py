@@ -25,7 +25,8 @@ import numpy as np
 import fastlogits as fl
 from fastlogits import _json
 from fastlogits._config import MAX_THREADS
-from fastlogits.stream.run import STDOUT, check_map_path, descriptor_of
+from fastlogits.ops._prep import dtype_name
+from fastlogits.stream.run import STDOUT, check_map_path, descriptor_of, parse_memory
 from fastlogits.stream.sources import named_error, read_npy, reason
 
 
@@ -519,26 +520,20 @@ _top_p = _float_in("a number in (0, 1]", lambda p: 0 < p <= 1)
 _min_p = _float_in("a number in [0, 1]", lambda p: 0 <= p <= 1)
 
 
-def _memory(text):
-    """An argparse type: a memory budget, checked (and kept as given: the commands pass it on)."""
-    from fastlogits.stream.run import parse_memory
+def _checked_by(check):
+    """An argparse type: the text as given (the commands pass it on), once check(text) has accepted it;
+    its TypeError or ValueError is the usage error."""
+    def parse(text):
+        try:
+            check(text)
+        except (TypeError, ValueError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+    return parse
 
-    try:
-        parse_memory(text, "the budget")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
 
-
-def _dtype(text):
-    """An argparse type: an element type fastlogits reads (as fastlogits.open's dtype=)."""
-    from fastlogits.ops._prep import dtype_name
-
-    try:
-        dtype_name(text, "the element type")
-    except (TypeError, ValueError) as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+_memory = _checked_by(lambda text: parse_memory(text, "the budget"))          # a memory budget
+_dtype = _checked_by(lambda text: dtype_name(text, "the element type"))       # as fastlogits.open's dtype=
 
 
 def build_parser():
