@@ -4,6 +4,7 @@ the documented random-number scheme (an independent NumPy Philox), edge rows and
 
 import os
 import platform
+from fractions import Fraction
 
 import ml_dtypes
 import numpy as np
@@ -69,6 +70,21 @@ def chi_square_ok(tokens, probs):
     pval = stats.chisquare(obs, np.array(ex) * (np.sum(obs) / np.sum(ex))).pvalue
     assert pval > P_MIN, (f"chi-square p-value {pval:.3g}: counts {counts.tolist()} vs expected "
                           f"{exp.round(1).tolist()}")
+
+
+def key_argmax(xs, g, keep=None):
+    """The documented draw: the first index of the largest exact sum xs + g over keep (xs the values in
+    the compute type, g the noise), compared exactly (Python fractions) among the tokens whose rounded
+    sums lie within a few ulp of the largest; 0 when no token can win (as np.argmax of all -inf)."""
+    xs = np.asarray(xs, np.float64)
+    s = np.where(True if keep is None else keep, xs + g, -np.inf)
+    top = np.max(s)
+    if not np.isfinite(top):
+        return 0
+    with np.errstate(over="ignore"):                     # (-inf below the most negative float64)
+        cand = np.flatnonzero(s >= top - 8 * np.finfo(np.float64).eps * abs(top))
+    sums = [Fraction(float(xs[i])) + Fraction(float(g[i])) for i in cand]
+    return int(cand[sums.index(max(sums))])
 
 
 # An independent NumPy implementation of the documented generator (fastlogits_sample.h).
@@ -144,8 +160,7 @@ def test_tokens_are_the_argmax_of_logits_plus_documented_noise(rng, kw, V, dtype
         keep = ref_probs(xs, 1.0, kw.get("top_k"), kw.get("top_p"), kw.get("min_p"),
                          tol=16 * np.finfo(dtype).eps) > 0
         _, _, g = np_gumbel(seed, i, 0, np.arange(V))
-        key = np.where(keep, xs + g, -np.inf)
-        assert got[i] == int(np.argmax(key)), i
+        assert got[i] == key_argmax(xs, g, keep), i
 
 
 def exactness_case(data, max_V=200, chunks=(None, 7, 64)):
@@ -170,7 +185,7 @@ def exactness_case(data, max_V=200, chunks=(None, 7, 64)):
     xs = (x / dtype(T)).astype(np.float64)
     keep = _ref_keep(xs, kw["top_k"], kw["top_p"], kw["min_p"], 16 * np.finfo(dtype).eps)
     _, _, g = np_gumbel(seed, 0, 0, np.arange(V))
-    want = int(np.argmax(np.where(keep, xs + g, -np.inf)))
+    want = key_argmax(xs, g, keep)
     return dict(logits=x, temperature=T, seed=seed, chunk_size=chunk, **kw), want
 
 
@@ -913,7 +928,7 @@ def test_philox_words_of_every_code_path(tmp_path, rng, flags, needs):
                              seed >> 32)
             assert [int(v) for v in line.split()] == want.ravel().tolist(), (b, seed, row, s)
         st, tok = (int(v) for v in out[len(blocks)].split())         # (sample 0 of the row)
-        assert st == 0 and tok == int(np.argmax(x + np_gumbel(seed, row, 0, np.arange(V))[2]))
+        assert st == 0 and tok == key_argmax(x, np_gumbel(seed, row, 0, np.arange(V))[2])
         if row == 0:
             assert tok == sample(x[None], seed=[seed])[0]
 
@@ -969,7 +984,50 @@ def test_top_p_over_extreme_float64_spans(x, kw):
     with np.errstate(over="ignore"):             # x - max overflows to -inf: probability 0
         keep = _ref_keep(x, kw.get("top_k"), kw.get("top_p"), None, 16 * np.finfo(np.float64).eps)
     _, _, g = np_gumbel(seed, 0, 0, np.arange(x.shape[0]))
-    assert got == int(np.argmax(np.where(keep, x + g, -np.inf)))
+    assert got == key_argmax(x, g, keep)
+
+
+# Rows of near-equal huge logits, where a key rounded to one float64 loses the noise (ulp(1e16) = 2):
+# a float32 row masked with its most negative finite value (uniform, as torch.softmax gives), a float64
+# row of ties past 2^53, and distinct float64 values an ulp or a few apart past 1e15 (ulp 0.125).
+HUGE_ROWS = {
+    "float32-masked": np.full(6, np.finfo(np.float32).min, np.float32),
+    "float64-ties": np.full(6, 1e16),
+    "float64-near": 1e15 + np.array([0.0, 0.125, 0.25, 0.5, 1.0, 1.5]),
+    "float64-max": np.full(6, np.finfo(np.float64).max),
+}
+HUGE_KW = [{}, {"top_k": 3}, {"top_p": 0.6}, {"min_p": 0.5}, {"top_k": 5, "top_p": 0.9}]
+
+
+@pytest.mark.parametrize("kw", HUGE_KW, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "plain")
+@pytest.mark.parametrize("name", list(HUGE_ROWS))
+def test_near_equal_huge_logits_draw_by_their_noise(name, kw):
+    """The key is the exact sum x + g: its noise counts at any |x|. A key rounded to one float64 drew
+    token 0 every time from these rows (a masked row, ties past 2^53); now the draws fit the float64
+    probabilities (x - max is exact here) and each is the exact argmax of the documented noise."""
+    x = HUGE_ROWS[name]
+    n = 6000
+    got = sample(np.tile(x, (n, 1)), seed=2024, **kw)
+    chi_square_ok(got, ref_probs(x, **kw))
+    keep = _ref_keep(x.astype(np.float64), kw.get("top_k"), kw.get("top_p"), kw.get("min_p"),
+                     16 * np.finfo(x.dtype).eps)
+    for i in range(40):
+        assert got[i] == key_argmax(x, np_gumbel(2024, i, 0, np.arange(6))[2], keep), i
+
+
+@pytest.mark.parametrize("kw", [{}, {"min_p": 0.5}, {"top_p": 0.5}], ids=["plain", "min_p", "top_p"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_huge_tied_row_split_over_threads_draws_by_its_noise(dtype, kw):
+    """One long row of ties at the dtype's most negative value, its draws over column ranges on several
+    threads and merged (the merge compares the exact keys too): each sample the exact argmax."""
+    V = 3001
+    x = np.full((1, V), np.finfo(dtype).min, dtype)
+    keep = _ref_keep(x[0].astype(np.float64), None, kw.get("top_p"), kw.get("min_p"),
+                     16 * np.finfo(dtype).eps)
+    for threads, chunk in ((1, None), (4, 64), (3, 1000)):
+        got = sample(x, seed=[99], num_samples=12, threads=threads, chunk_size=chunk, **kw)
+        want = [key_argmax(x[0], np_gumbel(99, 0, s, np.arange(V))[2], keep) for s in range(12)]
+        assert got[0].tolist() == want, (threads, chunk)
 
 
 @pytest.mark.parametrize("kw", [{"top_k": 5}, {"top_p": 0.5}, {}, {"min_p": 0.1}, {"top_k": 5, "top_p": 0.5}])

@@ -16,7 +16,7 @@ from fastlogits.cpu import _sample
 from fastlogits.ops._prep import BF16
 from fastlogits.stream import wide
 from fastlogits.stream.sources import ArraySource, StdinSource
-from tests.test_sampling import assert_same_logprobs, exactness_case
+from tests.test_sampling import HUGE_KW, HUGE_ROWS, assert_same_logprobs, exactness_case
 
 V_WIDE = 20011        # float16 to float64 rows wider than a 64 KiB budget (odd: chunks end mid-block)
 
@@ -341,6 +341,23 @@ def _sample_in_chunks(x, cols, **kw):
     args = dict(temperature=1.0, softcap=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, row_id=0,
                 num_samples=1, logprobs=False) | kw
     return wide.sample_row(ArraySource(x[None]), cols=cols, **args)
+
+
+@pytest.mark.parametrize("kw", HUGE_KW, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "plain")
+@pytest.mark.parametrize("name", list(HUGE_ROWS))
+def test_near_equal_huge_logits_in_a_wide_row(name, kw):
+    """Near-equal huge logits (tests/test_sampling.py): read in chunks, a wide row's draws (the passes,
+    and top-k's survivors drawn in memory) compare the exact keys x + g too, as the in-memory sampler."""
+    from tests.test_sampling import _ref_keep, key_argmax, np_gumbel
+
+    x = HUGE_ROWS[name]
+    keep = _ref_keep(x.astype(np.float64), kw.get("top_k"), kw.get("top_p"), kw.get("min_p"),
+                     16 * np.finfo(x.dtype).eps)
+    want = [key_argmax(x, np_gumbel(31, 0, s, np.arange(x.shape[0]))[2], keep) for s in range(30)]
+    for cols in (1, 4, 64):
+        status, tokens, _, _ = _sample_in_chunks(x, cols, seed=31, num_samples=30, **kw)
+        assert status == wide.OK and tokens.tolist() == want, cols
+    np.testing.assert_array_equal(fl.sample(x[None], seed=[31], num_samples=30, **kw)[0], want)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -51,10 +51,15 @@ cdef extern from "fastlogits.h" nogil:
                                 fl_sample_scratch *sc, fl_sample_prep *pp)
     int fl_row_sample_setup_f64(const fl_row *r, const fl_sample_params *p, int want_lp, int64_t chunk,
                                 fl_sample_scratch *sc, fl_sample_prep *pp)
+    ctypedef struct fl_key:
+        double hi
+        double lo
+    bint fl_key_above(fl_key a, fl_key b)
+    double fl_key_floor(fl_key k)
     int fl_row_gumbel_f32(const fl_row *r, const fl_sample_params *p, const fl_sample_prep *pp, uint32_t s,
-                          int64_t c0, int64_t c1, int64_t chunk, float *buf, double *best, int64_t *best_i)
+                          int64_t c0, int64_t c1, int64_t chunk, float *buf, fl_key *best, int64_t *best_i)
     int fl_row_gumbel_f64(const fl_row *r, const fl_sample_params *p, const fl_sample_prep *pp, uint32_t s,
-                          int64_t c0, int64_t c1, int64_t chunk, double *buf, double *best, int64_t *best_i)
+                          int64_t c0, int64_t c1, int64_t chunk, double *buf, fl_key *best, int64_t *best_i)
     double fl_row_rank_mass_f32(const fl_row *r, const fl_sample_prep *pp, int64_t t, int64_t c0, int64_t c1,
                                 int64_t chunk, float *buf, int64_t *rank)
     double fl_row_rank_mass_f64(const fl_row *r, const fl_sample_prep *pp, int64_t t, int64_t c0, int64_t c1,
@@ -184,10 +189,13 @@ cdef draw_split(const Block *b, int64_t nseg, const unsigned char[::1] split, co
     the log-probabilities likewise (counts and masses summed over the ranges in order)."""
     cdef int64_t ns = tokens.shape[1], items = b.rows * nseg * ns
     cdef int64_t it, i, g, s, bi, rk
-    cdef double best, ssum
+    cdef double ssum
+    cdef fl_key best
     cdef int st
     cdef bint want_lp = logprobs is not None
-    cdef double[::1] gbest = np.full(items, -np.inf)
+    keys = np.zeros((items, 2))
+    keys[:, 0] = -np.inf
+    cdef double[:, ::1] gbest = keys              # each item's best key (fl_key: hi, lo), from -inf
     cdef int64_t[::1] gidx = np.full(items, -1, np.int64)
     cdef int32_t[::1] gst = np.zeros(items, np.int32)
     cdef double[::1] gsum = np.zeros(items if want_lp else 1)
@@ -210,12 +218,12 @@ cdef draw_split(const Block *b, int64_t nseg, const unsigned char[::1] split, co
                     p = params_of(seeds[i], row_ids[i], top_k[i], top_p[i], min_p[i], ns, False)
                     if b.f64:
                         gst[it] = fl_row_gumbel_f64(&r, &p, &prep[i], <uint32_t> s, g * b.n // nseg,
-                                                    (g + 1) * b.n // nseg, chunk, <double *> buf, &gbest[it],
-                                                    &gidx[it])
+                                                    (g + 1) * b.n // nseg, chunk, <double *> buf,
+                                                    <fl_key *> &gbest[it, 0], &gidx[it])
                     else:
                         gst[it] = fl_row_gumbel_f32(&r, &p, &prep[i], <uint32_t> s, g * b.n // nseg,
-                                                    (g + 1) * b.n // nseg, chunk, <float *> buf, &gbest[it],
-                                                    &gidx[it])
+                                                    (g + 1) * b.n // nseg, chunk, <float *> buf,
+                                                    <fl_key *> &gbest[it, 0], &gidx[it])
                 elif b.f64:
                     gsum[it] = fl_row_rank_mass_f64(&r, &prep[i], tokens[i, s], g * b.n // nseg,
                                                     (g + 1) * b.n // nseg, chunk, <double *> buf, &grank[it])
@@ -239,16 +247,16 @@ cdef draw_split(const Block *b, int64_t nseg, const unsigned char[::1] split, co
                     else:
                         logprobs[i, s] = fl_sample_logprob_f32(&r, &prep[i], tokens[i, s], ssum)
                     continue
-                best = -INFINITY
+                best.hi = -INFINITY
+                best.lo = 0.0
                 bi = -1
                 st = 0
                 for g in range(nseg):
                     it = (i * nseg + g) * ns + s
                     if gst[it] == FL_SAMPLE_NAN or (gst[it] == FL_SAMPLE_POSINF and st == 0):
                         st = gst[it]
-                    if gidx[it] >= 0 and (bi < 0 or gbest[it] > best
-                                          or (gbest[it] == best and gidx[it] < bi)):
-                        best = gbest[it]
+                    if gidx[it] >= 0 and (bi < 0 or fl_key_above((<fl_key *> &gbest[it, 0])[0], best)):
+                        best = (<fl_key *> &gbest[it, 0])[0]
                         bi = gidx[it]
                 if st == 0 and bi < 0:
                     st = FL_SAMPLE_EMPTY
@@ -271,9 +279,9 @@ cdef extern from "fastlogits.h" nogil:
     float fl__round_up_f32(double theta)
     double fl__round_up_f64(double theta)
     void fl__gumbel_chunk_f32(const float *x, int64_t c0, int64_t len, float theta, const fl_rng *g,
-                              double *best, int64_t *best_i, uint32_t *w, unsigned char *flags)
+                              fl_key *best, int64_t *best_i, uint32_t *w, unsigned char *flags)
     void fl__gumbel_chunk_f64(const double *x, int64_t c0, int64_t len, double theta, const fl_rng *g,
-                              double *best, int64_t *best_i, uint32_t *w, unsigned char *flags)
+                              fl_key *best, int64_t *best_i, uint32_t *w, unsigned char *flags)
     double fl__rank_mass_f32(const float *x, int64_t n, float xt, float theta, float m, int64_t *rank)
     double fl__rank_mass_f64(const double *x, int64_t n, double xt, double theta, double m, int64_t *rank)
     void fl__exp_shift(const double *v, double *w, int64_t n, double shift)
@@ -306,11 +314,11 @@ def values(x, int dtype, temperature, double softcap, real[::1] out):
 
 
 def gumbel_values(const real[::1] v, int64_t tok0, double theta, uint64_t seed, uint64_t row_id,
-                  double[::1] best, int64_t[::1] best_i):
+                  double[:, ::1] best, int64_t[::1] best_i):
     """The Gumbel-max of tokens tok0 .. tok0 + len(v) - 1 (values v, as `values` gives them) restricted to
-    v >= theta, for samples 0 .. len(best) - 1: updates each sample's best key and token (start them at
-    -inf and -1 and pass a row's parts in increasing order: ties keep the lower token, as one pass over
-    the row would). The same keys and tokens as fl_row_sample."""
+    v >= theta, for samples 0 .. len(best) - 1: updates each sample's best key (best[s]: fl_key's hi, lo)
+    and token (start them at (-inf, 0) and -1 and pass a row's parts in increasing order: ties keep the
+    lower token, as one pass over the row would). The same keys and tokens as fl_row_sample."""
     cdef int64_t n = v.shape[0], s, j
     cdef uint32_t w[64]
     cdef unsigned char flags[64]
@@ -318,19 +326,23 @@ def gumbel_values(const real[::1] v, int64_t tok0, double theta, uint64_t seed, 
     cdef double vmax = -INFINITY
     cdef float t32 = -INFINITY if theta == -INFINITY else fl__round_up_f32(theta)
     cdef double t64 = -INFINITY if theta == -INFINITY else fl__round_up_f64(theta)
+    cdef fl_key *key
+    if best.shape[1] != 2 or best_i.shape[0] != best.shape[0]:
+        raise ValueError("gumbel_values: best must be (samples, 2) and best_i (samples,)")
     if n == 0:
         return
     for j in range(n):
         vmax = v[j] if v[j] > vmax else vmax
     with nogil:
         for s in range(best.shape[0]):
-            if vmax < theta or vmax + FL_GUMBEL_MAX < best[s]:      # no token here can win
+            key = <fl_key *> &best[s, 0]
+            if vmax < theta or vmax + FL_GUMBEL_MAX < fl_key_floor(key[0]):      # no token here can win
                 continue
             g = fl_rng_make(seed, row_id, <uint32_t> s)
             if real is float:
-                fl__gumbel_chunk_f32(&v[0], tok0, n, t32, &g, &best[s], &best_i[s], w, flags)
+                fl__gumbel_chunk_f32(&v[0], tok0, n, t32, &g, key, &best_i[s], w, flags)
             else:
-                fl__gumbel_chunk_f64(&v[0], tok0, n, t64, &g, &best[s], &best_i[s], w, flags)
+                fl__gumbel_chunk_f64(&v[0], tok0, n, t64, &g, key, &best_i[s], w, flags)
 
 
 cdef inline uint64_t _key(real x) noexcept nogil:

@@ -849,7 +849,7 @@ def _sample_block(blk, kern, softcap, prm, seeds, row_ids, ns, logprobs, chunk, 
     nseg, seglen = _segments(R * ns, V, chunk)
     seglen = -(-seglen // 64) * 64
     nseg = -(-V // seglen)
-    pkey = blk.array((R, nseg, ns), np.float64, "sample pkey")
+    pkey = blk.array((R, nseg, ns, 2), np.float64, "sample pkey")
     pidx = blk.array((R, nseg, ns), np.int64, "sample pidx")
     pflag = blk.array((R, nseg), np.int64, "sample pflag")
     psum = blk.array((R, nseg), np.float64, "sample psum")

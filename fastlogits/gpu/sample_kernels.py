@@ -8,9 +8,10 @@
 #   a thread takes a counter and its four tokens. Stream 0 is the high word of a token's uniform, stream 1
 #   (computed for candidates only) the low one; the Gumbel noise -log(-log(u)) is computed in float64.
 # - The draw: argmax over the surviving tokens of x + g (x the transformed logit in the compute type, the
-#   key in float64), the lowest index on ties. A conservative test on the high word (g < -log(a)) lets only
-#   tokens that can beat the thread's best so far compute their exact noise, as in the C core; the chosen
-#   token is exactly the argmax, whatever the segments and block size.
+#   key the exact sum as two float64, as the C core's fl_key), the lowest index on ties. A conservative
+#   test on the high word (g < -log(a)) lets only tokens that can beat the thread's best so far compute
+#   their exact noise, as in the C core; the chosen token is exactly the argmax, whatever the segments and
+#   block size.
 # - Survivors are the tokens with x >= theta[row], the largest of the filters' thresholds, computed once
 #   per row by `prepare`: the row's logsumexp state (max M, sum S); top-k's threshold (the k-th largest
 #   value, repeats counted) and top-p's (the value where the probability mass cumulated from the top first
@@ -122,6 +123,10 @@ if config.ENABLE_CUDASIM:
     @cuda.jit(device=True)
     def _from_bits64(b):
         return np.array(b, np.uint64).view(np.float64)[()]
+
+    @cuda.jit(device=True)
+    def _next_down(v):
+        return math.nextafter(v, -math.inf)
 else:
     from numba.cuda import libdevice
 
@@ -132,6 +137,10 @@ else:
     @cuda.jit(device=True)
     def _from_bits64(b):
         return libdevice.longlong_as_double(np.int64(b))
+
+    @cuda.jit(device=True)
+    def _next_down(v):
+        return libdevice.nextafter(v, -math.inf)
 
 
 @cuda.jit(device=True)
@@ -174,9 +183,25 @@ def item_of(it, nseg, ns):
 
 
 @cuda.jit(device=True)
-def _better(k, i, kb, ib):
-    """Candidate (key k, index i) beats (kb, ib): a larger key, the lower index on ties; i < 0 is none."""
-    return i >= 0 and (ib < 0 or k > kb or (k == kb and i < ib))
+def gumbel_key(x, g):
+    """The key of a token: the exact sum x + g as (hi, lo), the rounded sum and its rounding error
+    (TwoSum; the C core's fl_key_of). Keys compare by hi, then lo: the order of the exact sums."""
+    hi = x + g
+    xr = hi - g
+    return hi, (x - xr) + (g - (hi - xr))
+
+
+@cuda.jit(device=True)
+def key_floor(hi, lo):
+    """A float64 at or below the exact sum hi + lo (the C core's fl_key_floor)."""
+    return _next_down(hi) if lo < 0.0 else hi
+
+
+@cuda.jit(device=True)
+def _better(k, kl, i, kb, kbl, ib):
+    """Candidate (key (k, kl), index i) beats ((kb, kbl), ib): a larger key, the lower index on ties; i < 0
+    is none."""
+    return i >= 0 and (ib < 0 or k > kb or (k == kb and (kl > kbl or (kl == kbl and i < ib))))
 
 
 # ---- kernels that read logits, one set per input kind ---------------------------------------------------
@@ -325,8 +350,9 @@ def _build(kind):
     def draw(x, temp, softcap, greedy, theta, seeds, row_ids, seglen, want_sum, rowmax, pkey, pidx, pflag,
              psum):
         """Work item (row r, segment g, sample s): the best (key, index) of the segment's surviving tokens
-        into pkey/pidx[r, g, s] (index -1: none); for s = 0, the NaN/+inf flags of the segment into
-        pflag[r, g] and, when want_sum, the sum of exp(x - rowmax) over its survivors into psum[r, g].
+        into pkey[r, g, s] (the key's hi, lo) and pidx[r, g, s] (index -1: none); for s = 0, the NaN/+inf
+        flags of the segment into pflag[r, g] and, when want_sum, the sum of exp(x - rowmax) over its
+        survivors into psum[r, g].
         Greedy rows rank the values themselves (no noise, no filter). seglen is a multiple of 64."""
         tid = cuda.threadIdx.x
         V = x.shape[1]
@@ -334,6 +360,7 @@ def _build(kind):
         ns = pkey.shape[2]
         sc = CT(softcap)
         sh_k = cuda.shared.array((2, TPB), float64)
+        sh_l = cuda.shared.array((2, TPB), float64)
         sh_i = cuda.shared.array((2, TPB), int64)
         sh_f = cuda.shared.array((2, TPB), int64)
         sh_s = cuda.shared.array((2, TPB), float64)
@@ -355,6 +382,7 @@ def _build(kind):
             start = g * seglen
             stop = min(start + seglen, V)
             best = -math.inf
+            blo = 0.0                                     # the best key: best + blo exactly
             bi = int64(-1)
             flags = int64(0)
             tot = 0.0
@@ -376,7 +404,7 @@ def _build(kind):
                         flags |= POSINF_SEEN
                     xv = float64(v)
                     if gr:
-                        if _better(xv, t, best, bi) and xv > -math.inf:
+                        if _better(xv, 0.0, t, best, 0.0, bi) and xv > -math.inf:
                             best = xv
                             bi = t
                         continue
@@ -387,34 +415,39 @@ def _build(kind):
                     hi = pick(w, w0, w1, w2, w3)
                     # g < -log(a), a <= 1 - u: only a token with a <= exp(x - best) can win (margin for
                     # the float rounding of the test)
-                    d = xv - best
+                    d = xv - key_floor(best, blo)
                     if d > 80.0:                          # exp would overflow (NaN stays NaN: no draw)
                         d = 80.0
                     e = CT(math.exp(CT(d))) * CT(1.002)
                     a = CT(np.int32(((~hi) & MASK32) >> U1)) * CT(TWO_M31)
                     if a <= e:
                         l0, l1, l2, l3 = philox(qc, c1, c2, c3 | U1, k0, k1)
-                        key = xv + gumbel(hi, pick(w, l0, l1, l2, l3))
-                        if _better(key, t, best, bi):
+                        key, klo = gumbel_key(xv, gumbel(hi, pick(w, l0, l1, l2, l3)))
+                        if _better(key, klo, t, best, blo, bi):
                             best = key
+                            blo = klo
                             bi = t
             sh_k[par, tid] = best
+            sh_l[par, tid] = blo
             sh_i[par, tid] = bi
             sh_f[par, tid] = flags
             sh_s[par, tid] = tot
             cuda.syncthreads()
             if tid == 0:
                 kb = -math.inf
+                kl = 0.0
                 ib = int64(-1)
                 f = int64(0)
                 sm = 0.0
                 for o in range(TPB):
-                    if _better(sh_k[par, o], sh_i[par, o], kb, ib):
+                    if _better(sh_k[par, o], sh_l[par, o], sh_i[par, o], kb, kl, ib):
                         kb = sh_k[par, o]
+                        kl = sh_l[par, o]
                         ib = sh_i[par, o]
                     f |= sh_f[par, o]
                     sm += sh_s[par, o]
-                pkey[r, g, s] = kb
+                pkey[r, g, s, 0] = kb
+                pkey[r, g, s, 1] = kl
                 pidx[r, g, s] = ib
                 if s == 0:
                     pflag[r, g] = f
@@ -435,12 +468,14 @@ def _build(kind):
         r = i // ns
         s = i % ns
         kb = -math.inf
+        kl = 0.0
         ib = int64(-1)
         f = int64(0)
         sm = 0.0
         for g in range(nseg):
-            if _better(pkey[r, g, s], pidx[r, g, s], kb, ib):
-                kb = pkey[r, g, s]
+            if _better(pkey[r, g, s, 0], pkey[r, g, s, 1], pidx[r, g, s], kb, kl, ib):
+                kb = pkey[r, g, s, 0]
+                kl = pkey[r, g, s, 1]
                 ib = pidx[r, g, s]
             f |= pflag[r, g]
             sm += psum[r, g]
@@ -615,10 +650,10 @@ def compile_signatures():
         out.append((f"sample prepare[{kind}]", k.prepare,
                     (xt, row, f8, u8row, i8row, row, row, row, row)))
         out.append((f"sample draw[{kind}]", k.draw,
-                    (xt, row, f8, u8row, row, u64row, u64row, i8, boolean, row, types.Array(f8, 3, "C"),
+                    (xt, row, f8, u8row, row, u64row, u64row, i8, boolean, row, types.Array(f8, 4, "C"),
                      types.Array(i8, 3, "C"), types.Array(i8, 2, "C"), types.Array(f8, 2, "C"))))
         out.append((f"sample finish[{kind}]", k.finish,
-                    (xt, row, f8, u8row, row, row, types.Array(f8, 3, "C"), types.Array(i8, 3, "C"),
+                    (xt, row, f8, u8row, row, row, types.Array(f8, 4, "C"), types.Array(i8, 3, "C"),
                      types.Array(i8, 2, "C"), types.Array(f8, 2, "C"), boolean, types.Array(i8, 2, "C"),
                      types.Array(f8, 2, "C"), types.Array(types.int32, 1, "C"))))
         out.append((f"sample rank[{kind}]", k.rank,

@@ -17,12 +17,15 @@
  *
  * Sampling. token = argmax over surviving tokens of x + g (x the logit after softcap and temperature, in
  * the compute type: float32, or float64 for float64 input), the lowest index on ties. This is an exact
- * draw from softmax(x) restricted to the survivors (Gumbel-max). Streaming: for every token the high word
- * gives a conservative bound g < -log(1 - u) < -log(a), a = (2^32 - 1 - hi) / 2^32; a token can only win
- * if a <= exp(x - best) (evaluated in the compute type with a margin), and only those candidates get
- * their exact float64 noise. The bound is tight where it matters (u near 1), so a row of 128k tokens has a
- * few dozen candidates. The chosen token is exactly the argmax of x + g: results never depend on chunk
- * size or thread count.
+ * draw from softmax(x) restricted to the survivors (Gumbel-max). The keys are the exact sums x + g
+ * (fl_key: the rounded sum and its rounding error), so the noise counts at any |x|: a key rounded to one
+ * double would drown it past |x| of about 1e14, and near-equal huge logits would draw the lowest index
+ * (a float32 row masked with its most negative finite value, token 0 every time). Streaming: for every
+ * token the high word gives a conservative bound g < -log(1 - u) < -log(a), a = (2^32 - 1 - hi) / 2^32;
+ * a token can only win if a <= exp(x - best) (evaluated in the compute type with a margin, best rounded
+ * down), and only those candidates get their exact float64 noise. The bound is tight where it matters
+ * (u near 1), so a row of 128k tokens has a few dozen candidates. The chosen token is exactly the argmax
+ * of x + g: results never depend on chunk size or thread count.
  *
  * Filters (Hugging Face's warper order: temperature, top-k, top-p, min-p, then renormalise):
  *   top-k: one pass keeping a heap of the k best and the tokens tied with the k-th value (all kept, as
@@ -43,7 +46,7 @@
  * of any dtype and stride, see fl_row; parameters in fl_sample_params, per-thread scratch in
  * fl_sample_scratch; a chunk longer than the row counts as the row's length). A row without top-k can
  * also be drawn in parts: fl_row_sample_setup_{f32,f64} once, then fl_row_gumbel_{f32,f64} over column
- * ranges (on several threads), the ranges' best keys merged (the lower index on ties), and
+ * ranges (on several threads), the ranges' best keys (fl_key) merged (the lower index on ties), and
  * fl_row_rank_mass / fl_sample_logprob for the log-probabilities (fastlogits/cpu/_sample.pyx does so).
  * Define FL_COUNT_EXACT to a statement before including fastlogits.h to count the exact noise
  * evaluations (instrumentation).
@@ -122,6 +125,48 @@ static inline double fl_gumbel_from_words(uint32_t hi, uint32_t lo) {
 /* The Gumbel noise of token t. */
 static inline double fl_rng_gumbel(const fl_rng *g, int64_t t) {
     return fl_gumbel_from_words(fl_rng_word(g, t, 0), fl_rng_word(g, t, 1));
+}
+
+/* A Gumbel-max key: the exact sum x + g of a token's value and its noise, held unevaluated as hi + lo
+ * (hi the rounded sum, lo its rounding error: Knuth's TwoSum, exact in IEEE double). Keys compare by hi,
+ * then by lo, which is the order of the exact sums; a key rounded to one double would lose the noise
+ * once |x| passes about 1e14 (near-equal huge logits would all draw the lowest index). */
+typedef struct fl_key {
+    double hi, lo;
+} fl_key;
+
+/* The key below every token's: the start of a search. */
+static inline fl_key fl_key_none(void) {
+    fl_key k;
+    k.hi = -FL_INF;
+    k.lo = 0.0;
+    return k;
+}
+
+/* The key of value x and noise g (TwoSum: no rounding is lost, whatever their magnitudes). */
+static inline fl_key fl_key_of(double x, double g) {
+    fl_key k;
+    double xr, gr;
+    k.hi = x + g;
+    xr = k.hi - g;
+    gr = k.hi - xr;
+    k.lo = (x - xr) + (g - gr);
+    return k;
+}
+
+/* a's exact sum is larger than b's. */
+static inline int fl_key_above(fl_key a, fl_key b) {
+    return a.hi > b.hi || (a.hi == b.hi && a.lo > b.lo);
+}
+
+static inline int fl_key_equal(fl_key a, fl_key b) {
+    return a.hi == b.hi && a.lo == b.lo;
+}
+
+/* A double at or below the key's exact sum (hi is the sum rounded to nearest: a negative lo puts the sum
+ * between hi's lower neighbour and hi). */
+static inline double fl_key_floor(fl_key k) {
+    return k.lo < 0.0 ? nextafter(k.hi, -FL_INF) : k.hi;
 }
 
 /* The stream-0 words of the 64 tokens of block b (tokens 64 b .. 64 b + 63): w[t - 64 b], from the 16
@@ -420,6 +465,11 @@ FL_INLINE FLS_T FLS_FN(fl__round_up)(double theta) {
     return t;
 }
 
+/* A value of the compute type at or below the best key's exact sum (for the conservative float test). */
+FL_INLINE FLS_T FLS_FN(fl__best_floor)(fl_key best) {
+    return FLS_FN(fl__round_down)(fl_key_floor(best));
+}
+
 /* The conservative test of one token: can x + g beat best (bl = best rounded down)? w: its high word.
  * Tokens below theta are out, whatever their word: a word of 2^32 - 1 or 2^32 - 2 gives a = 0, which
  * passes a <= e even where e = 0. exp(x - bl) gets a margin of 0.2% (it covers the exp's and the
@@ -450,29 +500,30 @@ FL_MULTIVERSION static FL_UNUSED int FLS_FN(fl__gumbel_block)(const FLS_T *x, ui
 
 /* The exact key of token t (value x, high word hi) against the best so far; tokens come in increasing
  * order, so a tie keeps the earlier (lower) index. */
-FL_INLINE void FLS_FN(fl__gumbel_exact)(FLS_T x, uint32_t hi, int64_t t, const fl_rng *g, double *best,
+FL_INLINE void FLS_FN(fl__gumbel_exact)(FLS_T x, uint32_t hi, int64_t t, const fl_rng *g, fl_key *best,
                                         int64_t *best_i) {
-    double key = (double)x + fl_gumbel_from_words(hi, fl_rng_word(g, t, 1));
+    fl_key key = fl_key_of((double)x, fl_gumbel_from_words(hi, fl_rng_word(g, t, 1)));
     FL_COUNT_EXACT;
-    if (key > *best) { *best = key; *best_i = t; }
+    if (fl_key_above(key, *best)) { *best = key; *best_i = t; }
 }
 
 /* Gumbel-max over columns [c0, c0 + len), whose transformed values are x[0:len), restricted to x >=
  * theta: updates (*best, *best_i). w: 64 words, flags: 64 bytes of scratch. */
 static inline void FLS_FN(fl__gumbel_chunk)(const FLS_T *x, int64_t c0, int64_t len, FLS_T theta,
-                                            const fl_rng *g, double *best, int64_t *best_i, uint32_t *w,
+                                            const fl_rng *g, fl_key *best, int64_t *best_i, uint32_t *w,
                                             unsigned char *flags) {
     int64_t t = c0, end = c0 + len;
     while (t < end) {
         int64_t b0 = t - (t & 63), bend = b0 + 64 < end ? b0 + 64 : end, j;
         uint32_t ctr0 = (uint32_t)((uint64_t)b0 >> 2);
-        FLS_T bl = FLS_FN(fl__round_down)(*best);
+        FLS_T bl = FLS_FN(fl__best_floor)(*best);
         if (t == b0 && bend == b0 + 64) {
             if (FLS_FN(fl__gumbel_block)(x + (t - c0), w, ctr0, g, bl, theta, flags)) {
                 for (j = 0; j < 64; j++) {
                     FLS_T v = x[t - c0 + j];
                     /* recheck against the best found meanwhile in this block (the first block of a row) */
-                    if (flags[j] && FLS_FN(fl__may_win)(v, w[j], FLS_FN(fl__round_down)(*best), theta))
+                    if (flags[j] && FLS_FN(fl__may_win)(v, w[j], FLS_FN(fl__best_floor)(*best),
+                                                        theta))
                         FLS_FN(fl__gumbel_exact)(v, w[j], b0 + j, g, best, best_i);
                 }
             }
@@ -480,7 +531,7 @@ static inline void FLS_FN(fl__gumbel_chunk)(const FLS_T *x, int64_t c0, int64_t 
             fl__philox_block(w, ctr0, g);
             for (j = t - b0; j < bend - b0; j++) {
                 FLS_T v = x[b0 + j - c0];
-                if (FLS_FN(fl__may_win)(v, w[j], FLS_FN(fl__round_down)(*best), theta))
+                if (FLS_FN(fl__may_win)(v, w[j], FLS_FN(fl__best_floor)(*best), theta))
                     FLS_FN(fl__gumbel_exact)(v, w[j], b0 + j, g, best, best_i);
             }
         }
@@ -722,12 +773,13 @@ static inline int FLS_FN(fl_row_sample_setup)(const fl_row *r, const fl_sample_p
 }
 
 /* The Gumbel-max of sample s over columns [c0, c1) of a row set up in *pp: updates (*best, *best_i)
- * (start them at -inf and -1; a range's tokens come in increasing order, so ties keep the lower index).
+ * (start them at fl_key_none() and -1; a range's tokens come in increasing order, so ties keep the lower
+ * index; ranges merge by fl_key_above, the lower index on equal keys).
  * Without a logsumexp pass the chunks are checked here: NAN if the range holds a NaN, else POSINF if it
  * holds a +inf, else OK. buf: chunk values of scratch. */
 static inline int FLS_FN(fl_row_gumbel)(const fl_row *r, const fl_sample_params *p, const fl_sample_prep *pp,
                                         uint32_t s, int64_t c0, int64_t c1, int64_t chunk, FLS_T *buf,
-                                        double *best, int64_t *best_i) {
+                                        fl_key *best, int64_t *best_i) {
     fl_rng g = fl_rng_make(p->seed, p->row_id, s);
     FLS_T theta_t = pp->theta == -FL_INF ? -(FLS_T)INFINITY : FLS_FN(fl__round_up)(pp->theta);
     uint32_t w[64];
@@ -743,7 +795,7 @@ static inline int FLS_FN(fl_row_gumbel)(const fl_row *r, const fl_sample_params 
             if (cm == (FLS_T)INFINITY) posinf = 1;
             if (posinf) continue;             /* a bad row: only a NaN could change its status now */
         }
-        if (cm < theta_t || (double)cm + FL_GUMBEL_MAX < *best) continue;
+        if (cm < theta_t || (double)cm + FL_GUMBEL_MAX < fl_key_floor(*best)) continue;
         FLS_FN(fl__gumbel_chunk)(x, a, len, theta_t, &g, best, best_i, w, flags);
     }
     return posinf ? FL_SAMPLE_POSINF : FL_SAMPLE_OK;
@@ -819,13 +871,17 @@ static inline int FLS_FN(fl_row_sample)(const fl_row *r, const fl_sample_params 
         log_s = log(ssum);
         for (s = 0; s < p->num_samples; s++) {
             fl_rng g = fl_rng_make(p->seed, p->row_id, (uint32_t)s);
-            double best = -FL_INF;
+            fl_key best = fl_key_none();
             int64_t bi = -1, bj = -1;
             for (i = 0; i < nc; i++) {
-                double key;
+                fl_key key;
                 if (sc->cv[i] < theta || sc->cv[i] == -FL_INF) continue;
-                key = sc->cv[i] + fl_rng_gumbel(&g, sc->ci[i]);
-                if (key > best || (key == best && sc->ci[i] < bi)) { best = key; bi = sc->ci[i]; bj = i; }
+                key = fl_key_of(sc->cv[i], fl_rng_gumbel(&g, sc->ci[i]));
+                if (fl_key_above(key, best) || (fl_key_equal(key, best) && sc->ci[i] < bi)) {
+                    best = key;
+                    bi = sc->ci[i];
+                    bj = i;
+                }
             }
             tokens[s] = bi;
             if (logprobs) {
@@ -841,7 +897,8 @@ static inline int FLS_FN(fl_row_sample)(const fl_row *r, const fl_sample_params 
         int st = FLS_FN(fl_row_sample_setup)(r, p, logprobs != NULL, chunk, sc, &pp);
         if (st != FL_SAMPLE_OK) return st;
         for (s = 0; s < p->num_samples; s++) {
-            double best = -FL_INF, ssum;
+            fl_key best = fl_key_none();
+            double ssum;
             int64_t bi = -1, rank = 0;
             st = FLS_FN(fl_row_gumbel)(r, p, &pp, (uint32_t)s, 0, n, chunk, buf, &best, &bi);
             if (st != FL_SAMPLE_OK) return st;

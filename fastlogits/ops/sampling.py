@@ -2,13 +2,13 @@
 
 How ``sample`` draws (details in ``fastlogits/include/fastlogits_sample.h``):
 
-- Gumbel-max: token = argmax over the surviving tokens of ``x / T + g``, ``g = -log(-log(u))`` computed in
-  float64, ``u`` a 52-bit uniform from Philox-4x32-10 keyed by the seed, with the counter made of the token
-  id, the sample index and the row id. This is an exact draw from the filtered, renormalised softmax. The
-  row id is the row's index when ``seed`` is one int, and 0 when seeds are given per row, so a row's draw
-  depends only on its own logits, seed and parameters (not on the batch it sits in, the thread count or
-  the chunk size). Only tokens that can still win get their exact noise: a cheap conservative test on the
-  random word rejects the rest.
+- Gumbel-max: token = argmax over the surviving tokens of the exact sums ``x / T + g`` (a float64 and its
+  rounding error), ``g = -log(-log(u))`` computed in float64, ``u`` a 52-bit uniform from Philox-4x32-10
+  keyed by the seed, with the counter made of the token id, the sample index and the row id. This is an
+  exact draw from the filtered, renormalised softmax. The row id is the row's index when ``seed`` is one
+  int, and 0 when seeds are given per row, so a row's draw depends only on its own logits, seed and
+  parameters (not on the batch it sits in, the thread count or the chunk size). Only tokens that can still
+  win get their exact noise: a cheap conservative test on the random word rejects the rest.
 - Filters, in Hugging Face's warper order (temperature, top-k, top-p, min-p, then renormalise):
   plain temperature and top-k take one streaming pass (top-k keeps a heap of the k best and every token
   tied with the k-th value, as HF's TopKLogitsWarper does; top-p and min-p then work on those candidates);
@@ -174,11 +174,11 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, seed=
     temperature : float >= 0 or one per row
         0 is greedy: the argmax, lowest index on ties, whatever the filters (the argmax always survives
         them). Any positive temperature samples, however small (vLLM switches to greedy below 1e-5; we
-        do not: with 1e-6 ties at the top are still broken at random). The keys x / T + g are float64:
-        once ulp(x / T) nears the noise's spread (|x / T| past about 1e14), ties at the top lean to the
-        lower index (measured with two tied logits of 30: 0.508 at T = 1e-13, 0.888 at 1e-15). Below
-        float64 input, x / T is a float32 (as in PyTorch): draws are exact for its rounded values, whose
-        rounding (2^-24 |x / T|) already moves near-ties at |x / T| of about 1e7.
+        do not: with 1e-6 ties at the top are still broken at random). The keys are the exact sums
+        x / T + g (a float64 and its rounding error), so ties at the top stay fair at any |x / T| (two
+        tied logits of 30 at T = 1e-15: 0.498 of 100000 draws to the first; a key rounded to one float64
+        gave it 0.888). Below float64 input, x / T is a float32 (as in PyTorch): draws are exact for its
+        rounded values, whose rounding (2^-24 |x / T|) already moves near-ties at |x / T| of about 1e7.
     top_k : int >= 0, None, or one per row
         None or 0 (as in HF and vLLM) or >= V: no top-k.
     top_p : float in (0, 1], None, or one per row

@@ -15,7 +15,16 @@ from fastlogits import check
 from fastlogits.ops._prep import is_gpu_array
 from fastlogits.ops.sampling import beam_search_step, sample
 from tests.helpers import awkward_rows
-from tests.test_sampling import MAX_WORD_SEED, MAX_WORD_TOKEN, _ref_keep, exactness_case, np_gumbel, ref_probs
+from tests.test_sampling import (
+    HUGE_ROWS,
+    MAX_WORD_SEED,
+    MAX_WORD_TOKEN,
+    _ref_keep,
+    exactness_case,
+    key_argmax,
+    np_gumbel,
+    ref_probs,
+)
 
 from .conftest import REPORT
 
@@ -63,7 +72,24 @@ def test_tokens_are_the_argmax_of_logits_plus_documented_noise(gpu, rng, kw):
         keep = _ref_keep(xs, kw.get("top_k"), kw.get("top_p"), kw.get("min_p"), 16 * np.finfo(np.float32).eps)
         for s in range(2):
             _, _, g = np_gumbel(seed, i, s, np.arange(V))
-            assert got[i, s] == int(np.argmax(np.where(keep, xs + g, -np.inf))), (i, s)
+            assert got[i, s] == key_argmax(xs, g, keep), (i, s)
+
+
+@pytest.mark.parametrize("kw", [{}, {"top_k": 3}, {"min_p": 0.5}, {"top_k": 5, "top_p": 0.9}],
+                         ids=["plain", "top_k", "min_p", "top_k-top_p"])
+def test_near_equal_huge_logits_draw_by_their_noise(gpu, kw):
+    """Near-equal huge logits (tests/test_sampling.py's rows, where a key rounded to one float64 loses the
+    noise), and a row of 200 masked float32 tokens over 4 segments (their merge compares the exact keys
+    too): each draw the exact argmax of x + g, the CPU's token."""
+    seed = 77
+    for x in [*HUGE_ROWS.values(), np.full(200, np.finfo(np.float32).min, np.float32)]:
+        V = x.shape[0]
+        keep = _ref_keep(x.astype(np.float64), kw.get("top_k"), kw.get("top_p"), kw.get("min_p"),
+                         16 * np.finfo(x.dtype).eps)
+        got = sample(x[None], seed=[seed], num_samples=3, chunk_size=64, backend="gpu", **kw)
+        want = [key_argmax(x, np_gumbel(seed, 0, s, np.arange(V))[2], keep) for s in range(3)]
+        assert got[0].tolist() == want, x[:2]
+        np.testing.assert_array_equal(got, sample(x[None], seed=[seed], num_samples=3, **kw))
 
 
 @given(data=st.data())
