@@ -28,15 +28,13 @@ On a machine without a GPU it runs under numba's CUDA simulator when NUMBA_ENABL
 import os
 import warnings
 
-import ml_dtypes
 import numpy as np
 
 import fastlogits as fl
 from fastlogits import _json
+from fastlogits.ops._prep import NP_DTYPES, bf16, is_bf16
 
-BF16 = np.dtype(ml_dtypes.bfloat16)
-DTYPES = {"float16": np.dtype(np.float16), "bfloat16": BF16, "float32": np.dtype(np.float32),
-          "float64": np.dtype(np.float64)}
+DTYPES = ("float16", "bfloat16", "float32", "float64")
 REL = {"float16": 2e-5, "bfloat16": 2e-5, "float32": 2e-5, "float64": 1e-12}
 ROUND = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 0.0, "float64": 0.0}
 # a 16-bit output's unit among its subnormals, which its relative unit ROUND * |w| does not cover: float16
@@ -71,7 +69,7 @@ def _rows(rng, V, dtype, rows):
     edge[4, :] = 1.0                            # ties everywhere
     big = 3e4 if dtype == "float16" else 1e30
     edge[5, :] = np.where(np.arange(V) % 2, -big, big)   # huge, tied
-    return np.concatenate([x, edge]).astype(DTYPES[dtype])
+    return np.concatenate([x, edge]).astype(NP_DTYPES[dtype])
 
 
 def _host(a):
@@ -131,7 +129,7 @@ def sample_inputs(rng, rows, V, dtype, filters=True):
         kw.update(top_k=rng.choice([0, 0, 1, 5, 20], rows),
                   top_p=rng.choice([1.0, 1.0, 0.5, 0.9, 0.99], rows),
                   min_p=rng.choice([0.0, 0.0, 0.05, 0.3], rows))
-    return x.astype(DTYPES[dtype]), kw
+    return x.astype(NP_DTYPES[dtype]), kw
 
 
 def sample_agreement(x, kw, num_samples=4):
@@ -288,14 +286,14 @@ def _to_device(a):
     """A host array on the device (bfloat16 as "<V2", as PyTorch and ml_dtypes hand it out)."""
     from numba import cuda
 
-    return cuda.to_device(a.view(np.dtype("V2")) if a.dtype == BF16 else a)
+    return cuda.to_device(a.view(np.dtype("V2")) if is_bf16(a.dtype) else a)
 
 
 def _device_bfloat16(name, got, want):
     """(got, want) of an op on bfloat16 device logits, by README's rules for them (numba has no bfloat16):
     a map gives its bits, uint16; top-k values come back as float32 (exact)."""
     if got.dtype == np.uint16 and name in ("softmax", "log_softmax"):
-        return got.view(BF16), want
+        return got.view(bf16()), want
     if got.dtype == np.float32 and name == "top_k_values":
         return got, np.asarray(want).astype(np.float32)
     return got, want

@@ -351,7 +351,7 @@ def cmd_topk(args):
 
 def cmd_demo(args):
     """Writes a synthetic bfloat16 dump with labels, streams it in bounded memory, prints the summary."""
-    from fastlogits.ops._prep import BF16, resolve_backend
+    from fastlogits.ops._prep import bf16, resolve_backend
     from fastlogits.stream import run
 
     rng = np.random.default_rng(args.seed)
@@ -372,7 +372,7 @@ def cmd_demo(args):
             for r0 in range(0, rows, block):
                 r1 = min(rows, r0 + block)
                 x = prior + rng.standard_normal((r1 - r0, vocab), dtype=np.float32) * 2.0
-                f.write(x.astype(BF16).tobytes())
+                f.write(x.astype(bf16()).tobytes())
                 # labels drawn from the model's own distribution at temperature 1.3 (slightly
                 # miscalibrated), by Gumbel-max with float32 noise -log(-log(u))
                 with np.errstate(divide="ignore"):

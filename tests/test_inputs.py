@@ -412,3 +412,28 @@ def test_a_temperature_of_one_is_a_shared_read_only_array(monkeypatch, rng):
     x = rng.standard_normal((9, 40)).astype(np.float32)
     np.testing.assert_array_equal(fl.logsumexp(x), fl.logsumexp(x, temperature=np.ones(9)))
     np.testing.assert_allclose(fl.logsumexp(x), ref.logsumexp(x), rtol=2e-6)
+
+
+def test_bfloat16_works_with_ml_dtypes_imported_late(tmp_path):
+    """`import fastlogits` leaves ml_dtypes (0.6 s of its 0.75 s import) until bfloat16 is needed: in fresh
+    processes, a bfloat16 array made after it (its output bfloat16 too) and a raw file declared bfloat16
+    both work, with their values right."""
+    import subprocess
+    import sys
+
+    x = np.random.default_rng(5).standard_normal((3, 7)).astype(np.float32)
+    want = ref.logsumexp(x.astype(BF16).astype(np.float64))
+    path = str(tmp_path / "x.bin")
+    x.astype(BF16).tofile(path)
+    start = "import sys\nimport numpy as np\nimport fastlogits as fl\nassert 'ml_dtypes' not in sys.modules\n"
+    array = ("import ml_dtypes\n"
+             f"x = np.fromfile({path!r}, ml_dtypes.bfloat16).reshape(3, 7)\n"
+             "print(np.asarray(fl.logsumexp(x), np.float64).tolist(), fl.log_softmax(x).dtype)\n")
+    source = (f"src = fl.open({path!r}, dtype='bfloat16', vocab=7)\n"
+              "print(np.asarray(fl.logsumexp(src), np.float64).tolist())\n")
+    for code in (array, source):
+        out = subprocess.run([sys.executable, "-c", start + code], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        values, dtype = out.stdout.strip().rsplit("]", 1)
+        np.testing.assert_allclose(eval(values + "]"), want, rtol=2e-6)
+        assert dtype.strip() == ("bfloat16" if code is array else "")

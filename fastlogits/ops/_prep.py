@@ -5,21 +5,60 @@ data (never written to), the element type's name, the leading shape, and the per
 arguments raise here, with the argument's name in the message.
 """
 import math
+import sys
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 
 from fastlogits import _config
 
-BF16 = np.dtype(ml_dtypes.bfloat16)
+# bfloat16 is ml_dtypes' NumPy dtype, imported on first use: ml_dtypes' import takes 0.6 s of the 0.75 s
+# that `import fastlogits` took with it, and no array can hold bfloat16 before it is imported.
+_BF16 = None
 _NAMES = {
     np.dtype(np.float16): "float16",
-    BF16: "bfloat16",
     np.dtype(np.float32): "float32",
     np.dtype(np.float64): "float64",
 }
-NP_DTYPES = {v: k for k, v in _NAMES.items()}
+
+
+def bf16():
+    """NumPy's bfloat16 dtype (ml_dtypes imported here, the first time)."""
+    global _BF16
+    if _BF16 is None:
+        import ml_dtypes
+
+        _BF16 = np.dtype(ml_dtypes.bfloat16)
+        _NAMES[_BF16] = "bfloat16"
+    return _BF16
+
+
+def is_bf16(dt):
+    """dt is bfloat16 (without importing ml_dtypes where nothing could be bfloat16)."""
+    return "ml_dtypes" in sys.modules and dt == bf16()
+
+
+def _names():
+    """The supported dtypes' names by dtype: bfloat16 among them once ml_dtypes is imported."""
+    if _BF16 is None and "ml_dtypes" in sys.modules:
+        bf16()
+    return _NAMES
+
+
+class _ByName(dict):
+    def __missing__(self, name):
+        if name != "bfloat16":
+            raise KeyError(name)
+        return bf16()
+
+
+NP_DTYPES = _ByName({v: k for k, v in _NAMES.items()})      # the supported dtypes by name
+
+
+def __getattr__(name):
+    if name == "BF16":
+        return bf16()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def scalar_if_0d(a):
@@ -74,12 +113,13 @@ def dtype_name(dtype, argname="dtype"):
         dt = np.dtype(dtype)
     except TypeError:
         raise TypeError(f"{argname} must be float16, bfloat16, float32 or float64, got {dtype!r}") from None
-    if dt not in _NAMES:
-        if not dt.isnative and dt.newbyteorder("=") in _NAMES:
+    names = _names()
+    if dt not in names:
+        if not dt.isnative and dt.newbyteorder("=") in names:
             raise TypeError(f"{argname} must be in this machine's byte order, got {dt.str} (a byte-swapped "
-                            f"{_NAMES[dt.newbyteorder('=')]})")
+                            f"{names[dt.newbyteorder('=')]})")
         raise TypeError(f"{argname} must be float16, bfloat16, float32 or float64, got {dt}")
-    return _NAMES[dt]
+    return names[dt]
 
 
 def is_gpu_array(x):
@@ -115,7 +155,7 @@ def host_array(obj, argname="logits"):
             obj = obj.resolve_conj()   # likewise a conjugated complex one (refused as complex afterwards)
         if str(getattr(obj, "dtype", "")) == "torch.bfloat16":    # NumPy has no DLPack bfloat16
             import torch
-            return np.from_dlpack(obj.view(torch.int16)).view(BF16)
+            return np.from_dlpack(obj.view(torch.int16)).view(bf16())
         try:
             return np.from_dlpack(obj)
         except (BufferError, TypeError, RuntimeError):
@@ -128,7 +168,7 @@ def number_array(value, argname="value"):
     reads logits (a PyTorch tensor in place), bfloat16 values as float32 (exactly: NumPy's kind for
     bfloat16 is "V", not "f")."""
     a = host_array(value, argname)
-    return a.astype(np.float32) if a.dtype == BF16 else a
+    return a.astype(np.float32) if is_bf16(a.dtype) else a
 
 
 def as_array(logits, dtype=None, argname="logits"):
@@ -145,12 +185,12 @@ def as_array(logits, dtype=None, argname="logits"):
             raise ValueError(f"{argname}: a list or tuple is read as one array, and this one is ragged "
                              f"({e}){hint}") from None
         raise
-    if dtype is not None and dtype_name(dtype) == "bfloat16" and x.dtype != BF16:
+    if dtype is not None and dtype_name(dtype) == "bfloat16" and not is_bf16(x.dtype):
         if x.dtype.itemsize != 2 or x.dtype.kind not in "uiV":
             raise TypeError(f"{argname}: dtype='bfloat16' re-declares 2-byte data, but {argname} has "
                             f"dtype {x.dtype}")
         x = as_bf16(x)
-    if x.dtype not in _NAMES and x.dtype.newbyteorder("=") not in _NAMES:
+    if x.dtype not in _names() and x.dtype.newbyteorder("=") not in _names():
         raise not_floating(argname, x.dtype)
     if x.ndim == 0:
         raise ValueError(f"{argname} must have at least one axis (the vocabulary), got a scalar")
@@ -164,7 +204,7 @@ def as_bf16(x):
     first, as big-endian floats are."""
     if x.dtype.kind in "ui" and not x.dtype.isnative:
         x = x.astype(x.dtype.newbyteorder("="))
-    return x.view(BF16)
+    return x.view(bf16())
 
 
 # the most elements whose byte offsets overlaps_itself lists (8 bytes each) to settle an odd layout
@@ -373,7 +413,7 @@ def prepare(logits, *, temperature=1.0, softcap=None, backend=None, threads=None
         from fastlogits.ops._backend import gpu_rows
         x2, lead, name = gpu_rows(x, dtype)
     else:
-        name = _NAMES[x.dtype]
+        name = _names()[x.dtype]
         x2, lead = to_rows(x)
     chunk = _config.resolve_chunk(chunk_size)
     return Rows(

@@ -803,8 +803,8 @@ class _Sink:
 def _write_npy_header(f, lead, V, dtype, length=None):
     """A .npy (version 1.0) header for shape lead + (V,), padded to `length` bytes (so that a header
     written before the number of rows is known can be rewritten in place)."""
-    from fastlogits.ops._prep import BF16
-    descr = "|V2" if dtype == BF16 else np.lib.format.dtype_to_descr(dtype)
+    from fastlogits.ops._prep import is_bf16
+    descr = "|V2" if is_bf16(dtype) else np.lib.format.dtype_to_descr(dtype)
     shape = tuple(int(d) for d in lead) + (int(V),)
     d = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {shape!r}, }}"
     length = length or (len(d) + 10 + 64 + 63) // 64 * 64   # room for a longer shape later

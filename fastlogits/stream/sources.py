@@ -28,7 +28,7 @@ import tokenize
 import numpy as np
 
 from fastlogits._config import is_int
-from fastlogits.ops._prep import BF16, NP_DTYPES, as_bf16, dtype_name, host_array, unmasked
+from fastlogits.ops._prep import NP_DTYPES, as_bf16, dtype_name, host_array, is_bf16, unmasked
 
 
 class SourceError(ValueError):
@@ -368,7 +368,7 @@ def open_npy(path, dtype=None):
             raise SourceError(f"{path}: {_bf16_refusal(dt)}")
         name = "bfloat16"
     else:
-        if dt == BF16:          # a header that names bfloat16 (np.save of bfloat16 writes |V2 instead)
+        if is_bf16(dt):         # a header that names bfloat16 (np.save of bfloat16 writes |V2 instead)
             name = "bfloat16"
         elif dt.kind == "V" and dt.itemsize == 2:
             raise SourceDtypeError(f"{path}: the file holds raw 2-byte values ({dt.str}); if they are "
@@ -564,7 +564,7 @@ class ArraySource(_RandomAccess):
                 raise SourceError(_bf16_refusal(dt))
             self.dtype = "bfloat16"
         else:
-            self.dtype = "bfloat16" if dt == BF16 else dtype_name(_native(dt), "logits")
+            self.dtype = "bfloat16" if is_bf16(dt) else dtype_name(_native(dt), "logits")
         self.V = self.shape[-1]
         self.rows = math.prod(self.shape[:-1])
         self.nbytes = self.rows * self.V * _itemsize(self.dtype)
@@ -601,7 +601,7 @@ class ArraySource(_RandomAccess):
         if block.shape != (r1 - r0, c1 - c0):
             raise SourceError(f"{type(self.array).__name__}: rows {r0}:{r1}, columns {c0}:{c1} came back "
                               f"with shape {block.shape}, expected {(r1 - r0, c1 - c0)}")
-        if self.dtype == "bfloat16" and block.dtype != BF16:
+        if self.dtype == "bfloat16" and not is_bf16(block.dtype):
             block = as_bf16(block)
         return block.astype(_native(block.dtype), copy=False)
 
@@ -643,7 +643,7 @@ class IterSource:
         if self._first is not None:
             self._first = self._check(self._first, 0)
             self.V = self._first.shape[1]
-            self.dtype = "bfloat16" if self._first.dtype == BF16 else dtype_name(self._first.dtype, "logits")
+            self.dtype = "bfloat16" if is_bf16(self._first.dtype) else dtype_name(self._first.dtype, "logits")
         else:
             self.V = int(vocab)
             self.dtype = dtype_name(dtype or "float32")
@@ -669,7 +669,7 @@ class IterSource:
             raise _overlap_error(f"row block {i}", first=i == 0)
         if i == 0:
             self._first_raw = b
-        if self._declared is not None and dtype_name(self._declared) == "bfloat16" and b.dtype != BF16:
+        if self._declared is not None and dtype_name(self._declared) == "bfloat16" and not is_bf16(b.dtype):
             if not _bf16_redeclares(b.dtype):
                 raise SourceError(f"row block {i}: {_bf16_refusal(b.dtype)}")
             b = as_bf16(b)
