@@ -437,3 +437,18 @@ def test_bfloat16_works_with_ml_dtypes_imported_late(tmp_path):
         values, dtype = out.stdout.strip().rsplit("]", 1)
         np.testing.assert_allclose(eval(values + "]"), want, rtol=2e-6)
         assert dtype.strip() == ("bfloat16" if code is array else "")
+
+
+def test_a_cpu_call_ignores_a_gpu_backend_another_thread_is_importing(monkeypatch):
+    """While one thread's first GPU call imports the GPU backend, the module sits half-initialized in
+    sys.modules: CPU calls in other threads must not touch it (they ordered, at their end, GPU streams they
+    never used, and raised AttributeError after computing their result)."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "fastlogits.gpu.backend", types.ModuleType("fastlogits.gpu.backend"))
+    x = np.random.default_rng(8).standard_normal((5, 33))
+    np.testing.assert_allclose(fl.logsumexp(x, backend="cpu"), ref.logsumexp(x), rtol=1e-13)
+    y = np.array([0, 3, 32, 1, 7])
+    np.testing.assert_allclose(fl.cross_entropy(x, y, reduction="none"),
+                               ref.logsumexp(x) - x[np.arange(5), y], rtol=1e-12)

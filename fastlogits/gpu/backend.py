@@ -27,6 +27,7 @@ from numba import cuda
 from fastlogits._config import default_threads
 from fastlogits.cpu.backend import copy_rows
 from fastlogits.gpu import kernels as K
+from fastlogits.ops._backend import foreign_streams
 from fastlogits.ops._prep import compute_dtype, not_floating, weight_sum
 
 CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
@@ -75,9 +76,7 @@ def _device_view(x, name="a GPU array"):
         ev = _order_event()
         ev.record(stream=cuda.external_stream(int(ptr)))
         ev.wait(stream=_default_stream())
-        streams = getattr(_local, "foreign_streams", None)
-        if streams is None:
-            streams = _local.foreign_streams = []
+        streams = foreign_streams()
         if int(ptr) not in streams:
             streams.append(int(ptr))
     return d
@@ -133,10 +132,11 @@ def order_streams():
     call's foreign arrays (their producers', stream_of) is ordered after the work this call queued on the
     default stream, on the device: the producer may then read the results, or reuse the inputs' memory
     (PyTorch's allocator does so on its stream), with no wait on the host."""
-    streams = getattr(_local, "foreign_streams", None)
-    if not streams:
+    pending = foreign_streams()
+    if not pending:
         return
-    _local.foreign_streams = None
+    streams = list(pending)
+    pending.clear()
     ev = _order_event()
     ev.record(stream=_default_stream())
     for ptr in streams:

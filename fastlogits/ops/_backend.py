@@ -24,13 +24,23 @@ dtype) (its dtype name) and overlaps(a, b).
 The GPU backend is imported only when asked for, so ``import fastlogits`` never needs CUDA.
 """
 import functools
-import sys
 import threading
 
 from fastlogits import _config
 from fastlogits.cpu import backend as cpu_backend
 
-_calls = threading.local()
+_calls = threading.local()     # per thread: the depth of nested public calls, and the foreign GPU streams
+
+
+def foreign_streams():
+    """This thread's list of foreign GPU streams (the GPU backend's _device_view adds the streams of the
+    arrays' producers) whose next work the end of the outer public call orders after its own (ordered).
+    It lives here, not in the GPU backend, so that a thread that never used the GPU never touches that
+    module: another thread may be importing it."""
+    streams = getattr(_calls, "streams", None)
+    if streams is None:
+        streams = _calls.streams = []
+    return streams
 
 
 def get(name):
@@ -52,7 +62,8 @@ def ordered(fn):
     """A public function that may take GPU arrays: when it returns (or raises), the work that the
     producers of its foreign GPU arrays queue next on their streams (a PyTorch side stream, say) is ordered
     after the kernels it queued (gpu.backend.order_streams), with no wait on the host. Nested public calls
-    order once, at the outer call's end; nothing is done when the GPU backend was never loaded."""
+    order once, at the outer call's end; nothing is done in a thread that queued nothing on a foreign
+    stream (foreign_streams)."""
     @functools.wraps(fn)
     def call(*args, **kwargs):
         depth = getattr(_calls, "depth", 0)
@@ -61,7 +72,6 @@ def ordered(fn):
             return fn(*args, **kwargs)
         finally:
             _calls.depth = depth
-            gpu = sys.modules.get("fastlogits.gpu.backend") if depth == 0 else None
-            if gpu is not None:
-                gpu.order_streams()
+            if depth == 0 and getattr(_calls, "streams", None):
+                get("gpu").order_streams()
     return call

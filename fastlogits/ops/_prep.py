@@ -28,8 +28,9 @@ def bf16():
     if _BF16 is None:
         import ml_dtypes
 
-        _BF16 = np.dtype(ml_dtypes.bfloat16)
-        _NAMES[_BF16] = "bfloat16"
+        dt = np.dtype(ml_dtypes.bfloat16)
+        _NAMES[dt] = "bfloat16"            # (first: another thread may read _NAMES once _BF16 is set)
+        _BF16 = dt
     return _BF16
 
 

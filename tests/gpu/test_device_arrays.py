@@ -264,6 +264,7 @@ def test_foreign_arrays_are_ordered_on_the_device(gpu, monkeypatch):
     import sys
     import types
 
+    from fastlogits.ops import _backend
     from fastlogits.ops._backend import ordered
 
     calls = []
@@ -316,8 +317,9 @@ def test_foreign_arrays_are_ordered_on_the_device(gpu, monkeypatch):
     torch.cuda = types.SimpleNamespace(current_stream=current_stream)
     monkeypatch.setitem(sys.modules, "torch", torch)
     monkeypatch.setattr(gpu, "cuda", FakeCuda)
-    for name in ("order_event", "default_stream", "foreign_streams"):
+    for name in ("order_event", "default_stream"):
         monkeypatch.setattr(gpu._local, name, None, raising=False)
+    monkeypatch.setattr(_backend._calls, "streams", None, raising=False)
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     for a in (Foreign(x, None), Foreign(x, 1), Foreign(x, 2), Tensor(x)):      # (PyTorch's stream: 0)
         calls.clear()
