@@ -87,10 +87,15 @@ class _Bar:
 
 def _emit(args, summary, lines):
     """The summary on standard output, or on standard error when the results went there (output -)."""
-    if args.json:
-        print(_json.dumps(summary, indent=1))
-    else:
-        print("\n".join(lines), file=sys.stderr if _results_on_stdout(args) else sys.stdout)
+    stream = sys.stderr if not args.json and _results_on_stdout(args) else sys.stdout
+    try:
+        print(_json.dumps(summary, indent=1) if args.json else "\n".join(lines), file=stream)
+        stream.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:      # a full disk: its error names no file (and the results were written)
+        where = "standard error" if stream is sys.stderr else "standard output"
+        raise named_error(e, f"{where}: cannot write the summary ({e.strerror or e})") from None
 
 
 def _where(path):
@@ -123,15 +128,12 @@ def _binary_size(n):
 
 
 def _check_per_row_path(path):
-    """Before the input is opened, not after the pass: the name's format and a place to write it."""
+    """Before the input is opened, not after the pass: a place to write it (its name's format was checked
+    with the command line, in main)."""
     from fastlogits.stream.run import check_output_path
 
-    if path == STDOUT:
-        return
-    if not path.lower().endswith(_PER_ROW):
-        raise ValueError(f"{path}: per-row output must end in .npy, .csv or .jsonl (or be - for JSON lines "
-                         "on standard output)")
-    check_output_path(path)
+    if path != STDOUT:
+        check_output_path(path)
 
 
 def _json_lines(f, names, arrays):
@@ -155,8 +157,14 @@ def write_rows(path, columns, lead=None):
     arrays = [np.asarray(columns[n]) for n in names]
     rows = arrays[0].shape[0]
     if path == STDOUT:
-        _json_lines(sys.stdout, names, arrays)
-        sys.stdout.flush()
+        try:
+            _json_lines(sys.stdout, names, arrays)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:      # a full disk: its error names no file
+            raise named_error(e, f"standard output: cannot write the per-row results ({e.strerror or e})") \
+                from None
         return
     try:
         _write_rows_file(path, names, arrays, rows, lead)
@@ -200,10 +208,7 @@ def _write_rows_file(path, names, arrays, rows, lead):
 def _load_labels(path, src):
     """The labels file at `path` for the rows of `src`: one label per row, flat (one per line, in the
     rows' order) or in the dump's leading shape (a 2-D file for a 3-D dump), given that shape."""
-    rows = src.rows
-    if path in ("", STDOUT):     # ('' from an unset shell variable: the labels would be dropped silently)
-        raise ValueError(f"--labels {path!r}: expected the name of a labels file, "
-                         + ("got an empty name" if not path else "and standard input is not read for labels"))
+    rows = src.rows       # (the name was checked as the command line was parsed: _labels_name)
     # a file or a pipe; /dev/zero was read as one endless line, until memory ran out
     try:
         mode = os.stat(path).st_mode
@@ -279,6 +284,10 @@ def cmd_stats(args):
     try:
         st = run.stats(src, labels, ignore_index=args.ignore_index, temperature=args.temperature,
                        backend=args.backend, threads=args.threads, memory=args.memory, progress=bar)
+    except (IndexError, ValueError) as e:     # the library's checks of the labels: name their file
+        if labels is None or not str(e).startswith("labels"):
+            raise
+        raise type(e)(f"{args.labels}: {e}") from None
     finally:
         secs = bar.close()
     # every mean is over the counted rows when there are labels (padding, ignore_index, is left out: its
@@ -366,20 +375,24 @@ def cmd_demo(args):
         path, lab_path = os.path.join(tmp, "logits.npy"), os.path.join(tmp, "labels.npy")
         t0 = time.perf_counter()
         labels = np.empty(rows, np.int64)
-        with open(path, "wb") as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": "|V2", "fortran_order": False,
-                                                     "shape": (rows, vocab)})
-            for r0 in range(0, rows, block):
-                r1 = min(rows, r0 + block)
-                x = prior + rng.standard_normal((r1 - r0, vocab), dtype=np.float32) * 2.0
-                f.write(x.astype(bf16()).tobytes())
-                # labels drawn from the model's own distribution at temperature 1.3 (slightly
-                # miscalibrated), by Gumbel-max with float32 noise -log(-log(u))
-                with np.errstate(divide="ignore"):
-                    x /= 1.3
-                    x -= np.log(-np.log(rng.random(x.shape, dtype=np.float32)))
-                labels[r0:r1] = np.argmax(x, axis=-1)
-        np.save(lab_path, labels)
+        try:
+            with open(path, "wb") as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": "|V2", "fortran_order": False,
+                                                         "shape": (rows, vocab)})
+                for r0 in range(0, rows, block):
+                    r1 = min(rows, r0 + block)
+                    x = prior + rng.standard_normal((r1 - r0, vocab), dtype=np.float32) * 2.0
+                    f.write(x.astype(bf16()).tobytes())
+                    # labels drawn from the model's own distribution at temperature 1.3 (slightly
+                    # miscalibrated), by Gumbel-max with float32 noise -log(-log(u))
+                    with np.errstate(divide="ignore"):
+                        x /= 1.3
+                        x -= np.log(-np.log(rng.random(x.shape, dtype=np.float32)))
+                    labels[r0:r1] = np.argmax(x, axis=-1)
+            np.save(lab_path, labels)
+        except OSError as e:       # a full disk, say: the error named no file
+            raise named_error(e, f"{tmp}: cannot write the demo's dump there ({e.strerror or e}); TMPDIR "
+                              "names the folder for temporary files") from None
         made = time.perf_counter() - t0
         src = fl.open(path, dtype="bfloat16", memory=memory)
         bar = _Bar(rows, "demo")
@@ -497,6 +510,16 @@ _non_negative = _int_from(0, "a non-negative integer")
 _positive = _int_from(1, "a positive integer")
 _threads = _int_from(1, f"an integer from 1 to {MAX_THREADS}", MAX_THREADS)
 _seed = _int_from(0, "an integer from 0 to 2**64 - 1", 2**64 - 1)
+_int64 = _int_from(-2**63, "an integer from -2**63 to 2**63 - 1", 2**63 - 1)
+
+
+def _labels_name(text):
+    """An argparse type: the name of a labels file ('' from an unset shell variable would drop the labels
+    silently; standard input is not read for labels)."""
+    if text in ("", STDOUT):
+        raise argparse.ArgumentTypeError("expected the name of a labels file, " + (
+            "got an empty name" if not text else "got - (standard input is not read for labels)"))
+    return text
 
 
 def _float_in(what, ok):
@@ -562,8 +585,9 @@ def build_parser():
     s = sub.add_parser("stats", help="per-row and mean NLL, perplexity, accuracy, entropy")
     _add_input(s)
     _add_common(s)
-    s.add_argument("--labels", default=None, help="labels: .npy of integers, or text with one per line")
-    s.add_argument("--ignore-index", type=int, default=-100,
+    s.add_argument("--labels", type=_labels_name, default=None,
+                   help="labels: .npy of integers, or text with one per line")
+    s.add_argument("--ignore-index", type=_int64, default=-100,
                    help="the label of rows left out of NLL and accuracy (default: %(default)s)")
     s.add_argument("--temperature", type=_temperature, default=1.0, help="divide the logits by T > 0 first")
     s.add_argument("--per-row", default=None, metavar="OUT",
@@ -708,10 +732,17 @@ def main(argv=None):
         path = getattr(args, name, None)
         if path not in (None, STDOUT) and not path.lower().endswith(_PER_ROW) and _on_stdout(path):
             setattr(args, name, STDOUT)    # (a name with a format of its own keeps it: o.npy -> /dev/stdout)
-    if getattr(args, "per_row", None) not in (None, STDOUT) and not args.per_row.lower().endswith(_PER_ROW):
-        command.error(f"argument --per-row: expected a name ending in .npy, .csv or .jsonl, or - for JSON "
-                      f"lines on standard output, got {args.per_row!r}")
+    per_row = [("--per-row", args.per_row)] if getattr(args, "per_row", None) is not None else []
+    if args.command in ("topk", "sample"):
+        per_row.append(("output", args.output))
+    for flag, path in per_row:
+        if path != STDOUT and not path.lower().endswith(_PER_ROW):
+            command.error(f"argument {flag}: expected a name ending in .npy, .csv or .jsonl, or - for JSON "
+                          f"lines on standard output, got {path!r}")
     if args.command == "softmax":     # (topk and sample write CSV or JSON lines for a text name)
+        if not args.output:
+            command.error("argument output: expected the name of a file (or - for standard output), got an "
+                          "empty name")
         try:
             check_map_path(args.output)
         except ValueError as e:

@@ -702,9 +702,11 @@ def test_cli_demo_budget_and_sample_progress(tmp_path, rng):
                             progress=lambda rows, nbytes, seen=seen: seen.append((rows, nbytes)))
         assert sum(r for r, _ in seen) == 6 and sum(b for _, b in seen) == x.nbytes, (memory, seen)
         np.testing.assert_array_equal(tok, fl.sample(x, top_p=0.9, seed=5))
-    for cmd in ("sample", "topk"):
-        err = _one_line(_cli(cmd, tmp_path / "missing.npy", tmp_path / "out.txt"))
-        assert "per-row output must end in .npy, .csv or .jsonl" in err, err
+    for cmd in ("sample", "topk"):       # a usage error, found before the input is read (exit 2)
+        err = _one_line(_cli(cmd, tmp_path / "missing.npy", tmp_path / "out.txt"), rc=2)
+        assert "argument output: expected a name ending in .npy, .csv or .jsonl" in err, err
+        err = _one_line(_cli(cmd, tmp_path / "missing.npy", ""), rc=2)
+        assert "argument output: expected a name ending in .npy, .csv or .jsonl" in err, err
 
 
 # ---- from a review of the above -------------------------------------------------------------------
@@ -1094,8 +1096,9 @@ def test_output_names_that_cannot_be_written(tmp_path):
     with pytest.raises(NotADirectoryError, match="afile is a file, not a folder"):
         check_output_path(str(tmp_path / "afile" / "out.npy"))
     np.save(tmp_path / "x.npy", np.zeros((2, 3), np.float32))
-    res = _cli("softmax", tmp_path / "x.npy", "")
-    assert "the output's name is empty" in _one_line(res)
+    res = _cli("softmax", tmp_path / "x.npy", "")         # a usage error (exit 2)
+    assert "argument output: expected the name of a file (or - for standard output), got an empty name" \
+        in _one_line(res, rc=2)
 
 
 def test_memory_budgets_of_any_real_number_type():
@@ -1714,18 +1717,18 @@ def test_npy_per_row_output_into_a_pipe(tmp_path, rng):
     np.testing.assert_array_equal(got["logprobs"], lp)
 
 
-@pytest.mark.parametrize("name, message", [
-    ("", r"--labels '': expected the name of a labels file, got an empty name"),
-    ("-", r"--labels '-': expected the name of a labels file, and standard input is not read for labels"),
-    ("binary", r"binary: cannot read labels .*: 'utf-8' codec can't decode")])
-def test_cli_labels_names_that_name_no_labels(tmp_path, rng, name, message):
-    """--labels '' (an unset shell variable) was ignored: stats without NLL, exit 0. A binary labels file
-    said only 'utf-8'."""
+@pytest.mark.parametrize("name, message, rc", [
+    ("", r"argument --labels: expected the name of a labels file, got an empty name", 2),
+    ("-", r"argument --labels: expected the name of a labels file, got - \(standard input is not read", 2),
+    ("binary", r"binary: cannot read labels .*: 'utf-8' codec can't decode", 1)])
+def test_cli_labels_names_that_name_no_labels(tmp_path, rng, name, message, rc):
+    """--labels '' (an unset shell variable) was ignored: stats without NLL, exit 0; '' and - are usage
+    errors (exit 2), found with the command line. A binary labels file said only 'utf-8'."""
     np.save(tmp_path / "x.npy", rng.standard_normal((4, 10)).astype(np.float32))
     if name == "binary":
         name = str(tmp_path / "binary")
         (tmp_path / "binary").write_bytes(b"\x00\xbf\xff" * 10)
-    err = _one_line(_cli("stats", tmp_path / "x.npy", "--labels", name), rc=1)
+    err = _one_line(_cli("stats", tmp_path / "x.npy", "--labels", name), rc=rc)
     assert __import__("re").search(message, err), err
 
 
@@ -2163,3 +2166,88 @@ def test_an_empty_or_spent_iterable_says_what_is_missing(rng):
     with pytest.raises(SourceError, match=r"^an empty iterable of row blocks: nothing says how wide"):
         fl.logsumexp(IterSource([]))
     assert fl.logsumexp(fl.open(iter([]), vocab=3)).shape == (0,)
+
+
+def test_an_input_out_of_reach_is_not_called_missing(tmp_path):
+    """A loop of symbolic links (or a folder that may not be entered) was reported as "no such file"
+    (os.path.exists is False on any error): the error says why the file cannot be read, with its errno."""
+    import errno
+
+    os.symlink(tmp_path / "a.npy", tmp_path / "b.npy")
+    os.symlink(tmp_path / "b.npy", tmp_path / "a.npy")
+    with pytest.raises(OSError, match=r"a\.npy: cannot read it \(Too many levels of symbolic links\)") as e:
+        fl.open(tmp_path / "a.npy")
+    assert e.value.errno == errno.ELOOP
+    with pytest.raises(FileNotFoundError, match=r"c\.npy: no such file") as e:
+        fl.open(tmp_path / "c.npy")
+    assert e.value.errno == errno.ENOENT
+    err = _one_line(_cli("info", tmp_path / "a.npy"), rc=1)
+    assert err.endswith("a.npy: cannot read it (Too many levels of symbolic links)\n"), err
+
+
+def test_cli_ignore_index_past_int64_is_a_usage_error(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((2, 3), np.float32))
+    np.save(tmp_path / "y.npy", np.zeros(2, np.int64))
+    for value in ("9223372036854775808", "-9223372036854775809", "1.5"):
+        err = _one_line(_cli("stats", tmp_path / "x.npy", "--labels", tmp_path / "y.npy", "--ignore-index",
+                             value), rc=2)
+        assert "argument --ignore-index: expected an integer from -2**63 to 2**63 - 1" in err, err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_write_errors_without_a_file_name_say_where(tmp_path):
+    """A full disk behind standard output: the summary and per-row results to - said only "No space left
+    on device" (after topk had written its output file, as if that had failed); they name standard
+    output."""
+    np.save(tmp_path / "x.npy", np.zeros((3, 6), np.float32))
+    with open("/dev/full", "w") as full:
+        for args, what in [(("info", tmp_path / "x.npy"), "the summary"),
+                           (("topk", tmp_path / "x.npy", tmp_path / "o.npy"), "the summary"),
+                           (("topk", tmp_path / "x.npy", "-"), "the per-row results")]:
+            res = subprocess.run([sys.executable, "-m", "fastlogits.cli", *map(str, args)], stdout=full,
+                                 stderr=subprocess.PIPE)
+            err = _one_line(res, rc=1)
+            assert err.endswith(f"error: standard output: cannot write {what} (No space left on device)\n"), \
+                err
+    assert np.load(tmp_path / "o.npy")["ids"].shape == (3, 5)
+
+
+def test_a_full_temporary_folder_is_named(tmp_path, monkeypatch, capsys):
+    """The demo's dump and the spool of a row of standard input go to TMPDIR; a full disk there said only
+    "No space left on device"."""
+    import errno
+    import tempfile
+
+    from fastlogits import cli
+    from fastlogits.stream import run
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(np.lib.format, "write_array_header_1_0", full)
+    assert cli.main(["demo", "--rows", "4", "--vocab", "10"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path}/fastlogits-demo-" in err and "cannot write the demo's dump there (No space " \
+        "left on device); TMPDIR names the folder for temporary files" in err, err
+    monkeypatch.setattr(run, "write_all", full)
+    src = StdinSource("float32", 5, stream=io.BytesIO(np.zeros((2, 5), np.float32).tobytes()))
+    with pytest.raises(OSError, match=rf"{tmp_path}: cannot spool row 0 of .* to a temporary file there "
+                       r"\(No space left on device\); TMPDIR") as e:
+        list(run.single_rows(src, 2))
+    assert e.value.errno == errno.ENOSPC
+
+
+def test_cli_labels_the_library_refuses_are_named(tmp_path):
+    """A label out of range, or too few labels for rows from standard input, are found by the library as
+    it streams: the message names the labels file (it said "labels: ...")."""
+    np.save(tmp_path / "x.npy", np.zeros((4, 10), np.float32))
+    np.save(tmp_path / "yneg.npy", np.array([0, 1, 2, -5]))
+    err = _one_line(_cli("stats", tmp_path / "x.npy", "--labels", tmp_path / "yneg.npy"), rc=1)
+    assert err.endswith(f"error: {tmp_path / 'yneg.npy'}: labels: label -5 at row 3 is out of range for 10 "
+                        "classes (valid: 0..9, or ignore_index=-100)\n"), err
+    np.save(tmp_path / "yshort.npy", np.zeros(10, np.int64))
+    res = _cli("stats", "-", "--dtype", "float32", "--vocab", "100", "--labels", tmp_path / "yshort.npy",
+               stdin=np.zeros((64, 100), np.float32).tobytes())
+    assert f"error: {tmp_path / 'yshort.npy'}: labels has 10 values, but the source has more rows" \
+        in _one_line(res, rc=1)

@@ -283,7 +283,12 @@ def single_rows(source, cols):
                     f.seek(0)
                     f.truncate()
                     row = i
-                write_all(f, _bytes(chunk))
+                try:
+                    write_all(f, _bytes(chunk))
+                except OSError as e:       # a full disk: the anonymous file has no name to report
+                    raise named_error(e, f"{tempfile.gettempdir()}: cannot spool row {i} of {source!r} to a "
+                                      f"temporary file there ({e.strerror or e}); TMPDIR names the folder "
+                                      "for temporary files") from None
             if row >= 0:
                 with spooled(row) as spool:
                     yield row, spool

@@ -888,11 +888,14 @@ def open(path, *, dtype=None, vocab=None, tensor=None, memory=None):  # noqa: A0
         src = StdinSource(dtype, vocab)
     else:
         p = os.fsdecode(os.fspath(path))
-        if not os.path.exists(p):
-            raise FileNotFoundError(f"{p}: no such file")
-        if os.path.isdir(p):
+        try:
+            mode = os.stat(p).st_mode
+        except OSError as e:       # missing, or there but out of reach (a folder we may not enter, a loop
+            what = "no such file" if isinstance(e, FileNotFoundError) else f"cannot read it ({e.strerror})"
+            raise named_error(e, f"{p}: {what}") from None      # of links): os.path.exists said missing
+        if stat.S_ISDIR(mode):
             raise SourceError(f"{p}: is a folder, expected a logit dump (.npy, .safetensors or raw)")
-        regular = stat.S_ISREG(os.stat(p).st_mode)
+        regular = stat.S_ISREG(mode)
         head = b""
         if regular:
             with builtins.open(p, "rb") as f:

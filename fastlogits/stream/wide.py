@@ -195,7 +195,8 @@ def _key_argmax(v, g):
     v = v.astype(np.float64)
     hi = v + g
     vr = hi - g
-    lo = (v - vr) + (g - (hi - vr))
+    with np.errstate(invalid="ignore"):          # (-inf values: a NaN error, and never the largest)
+        lo = (v - vr) + (g - (hi - vr))
     top = np.flatnonzero(hi == hi.max())
     return int(top[np.argmax(lo[top])])
 
