@@ -68,6 +68,8 @@ class _Bar:
 
     def __init__(self, total, desc):
         from tqdm import tqdm
+        tqdm.monitor_interval = 0      # no monitor thread (started even when disabled; a second Ctrl-C
+        #                                printed a traceback from its exit hook, after "interrupted")
         self.bar = tqdm(total=total, desc=desc, unit="row", file=sys.stderr, dynamic_ncols=True,
                         disable=not sys.stderr.isatty(), leave=False)
         self.t0 = time.perf_counter()

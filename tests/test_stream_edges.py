@@ -2251,3 +2251,19 @@ def test_cli_labels_the_library_refuses_are_named(tmp_path):
                stdin=np.zeros((64, 100), np.float32).tobytes())
     assert f"error: {tmp_path / 'yshort.npy'}: labels has 10 values, but the source has more rows" \
         in _one_line(res, rc=1)
+
+
+def test_terabyte_budgets_and_no_progress_monitor_thread():
+    """--memory 1TiB was "not a byte count"; tqdm's monitor thread (started even for a disabled bar)
+    printed a traceback from its exit hook after a second Ctrl-C."""
+    import threading
+
+    from fastlogits import cli
+    from fastlogits.stream.run import parse_memory
+
+    assert (parse_memory("1TiB"), parse_memory("2tb"), parse_memory("0.5T")) == (2**40, 2 * 10**12, 2**39)
+    from tqdm import tqdm
+
+    before = set(threading.enumerate())
+    cli._Bar(10, "x").close()
+    assert set(threading.enumerate()) <= before and tqdm.monitor_interval == 0

@@ -40,11 +40,11 @@ BLOCK_BYTES = 16 * 2**20     # the largest input block a plan makes, whatever th
 _budget = DEFAULT_BUDGET
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
-          "g": 2**30, "gb": 10**9, "gib": 2**30}
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
 
 
 def parse_memory(memory, argname="memory"):
-    """Bytes from a number or a string such as "64MiB", "1.5G", "300MB", "1e9" (at least 64 KiB)."""
+    """Bytes from a number or a string such as "64MiB", "1.5G", "300MB", "1TiB", "1e9" (at least 64 KiB)."""
     if isinstance(memory, str):
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", memory)
         if not m or m.group(2).lower() not in _UNITS:
