@@ -604,3 +604,45 @@ def test_columns_past_int64_are_refused_by_every_accumulator():
             LogSumExp(2).update(x, bad)
     v, i = TopK(2, 2).update(x, 2**63 - 6).result()
     assert i.tolist() == [[2**63 - 1, 2**63 - 2]] * 2 and v.tolist() == [[5.0, 4.0], [11.0, 10.0]]
+
+
+def _arrays(result):
+    return [np.asarray(r) for r in (result if isinstance(result, tuple) else (result,))]
+
+
+@pytest.mark.parametrize("make", [lambda: LogSumExp(2), lambda: Entropy(2),
+                                  lambda: CrossEntropy([0, 1], reduction="none"), lambda: TopK(2, 2),
+                                  lambda: TopK(2, 2, logprobs=True)],
+                         ids=["LogSumExp", "Entropy", "CrossEntropy", "TopK", "TopK-logprobs"])
+def test_a_copy_is_an_accumulator_of_its_own(make):
+    """copy.copy shared the state's arrays, which folds write in place: an update of the copy changed the
+    original, and merging two copies of one empty accumulator counted columns twice (logsumexp off by
+    log 2), unseen by the overlap check. A result is a new array too (TopK's were its state)."""
+    import copy
+
+    x = np.random.default_rng(3).standard_normal((2, 4))
+    whole = _arrays(make().update(x).result())
+    a = make()
+    b = copy.copy(a)
+    a.update(x[:, :2], 0)
+    b.update(x[:, 2:], 2)
+    for got, want in zip(_arrays(a.result()), _arrays(make().update(x[:, :2]).result())):
+        np.testing.assert_array_equal(got, want)          # b's update left a alone
+    a.merge(b)
+    for r in _arrays(a.result()):
+        r[...] = 0                                        # a caller's in-place change of a result
+    for got, want in zip(_arrays(a.result()), whole):
+        np.testing.assert_allclose(got, want, rtol=1e-13)
+
+
+def test_cross_entropy_merges_with_nan_weights():
+    """The same weights, one of them NaN, were "a different weight" (NaN != NaN) at merge."""
+    x = np.random.default_rng(7).standard_normal((3, 6))
+    lab = [0, 4, 5]
+    w = np.array([1, np.nan, 1, 1, 1, 1.0])
+    a = CrossEntropy(lab, weight=w).update(x[:, :3])
+    a.merge(CrossEntropy(lab, weight=w).update(x[:, 3:], 3))
+    np.testing.assert_allclose(a.result(), fl.cross_entropy(x, lab, weight=w), rtol=1e-13)
+    np.testing.assert_allclose(a.result(), np.mean(ref.logsumexp(x) - x[np.arange(3), lab]), rtol=1e-13)
+    with pytest.raises(ValueError, match="different weight"):
+        CrossEntropy(lab, weight=w).merge(CrossEntropy(lab, weight=np.where(np.isnan(w), 2.0, w)))

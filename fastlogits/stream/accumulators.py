@@ -18,6 +18,7 @@ its state holds the accumulator's lock (a fold runs on all the threads it is giv
 threads could both find a range new and fold it in twice (off by log 2), or lose each other's ranges.
 """
 import contextlib
+import copy
 import functools
 import threading
 from typing import NamedTuple
@@ -91,6 +92,12 @@ def _locked(method):
     return locked
 
 
+def _same(a, b):
+    """Two options' values are the same (NaN equal to NaN: a NaN class weight is a weight like any)."""
+    a, b = np.asarray(a), np.asarray(b)
+    return np.array_equal(a, b, equal_nan=a.dtype.kind in "fc" and b.dtype.kind in "fc")
+
+
 class _Base:
     def __init__(self, rows, temperature, softcap, threads, chunk_size):
         if not is_int(rows):
@@ -124,6 +131,12 @@ class _Base:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.RLock()
+
+    def __copy__(self):
+        """An accumulator of its own: the state's arrays are folded into in place, so a shallow copy
+        shared them (an update of the copy changed the original, and merging the two counted columns
+        twice, unseen by the overlap check)."""
+        return copy.deepcopy(self)
 
     def _check_chunk(self, chunk, start):
         """chunk as an array of shape (rows, c) and start as an int, after the usual checks."""
@@ -227,7 +240,7 @@ class _Base:
                              f"{self.rows}")
         for name in (*names, "_temperature", "_softcap"):
             a, b = getattr(self, name), getattr(other, name)
-            if (a is None) != (b is None) or (a is not None and not np.array_equal(a, b)):
+            if (a is None) != (b is None) or (a is not None and not _same(a, b)):
                 raise ValueError(f"merge: the other {type(self).__name__} has a different "
                                  f"{name.lstrip('_')}; only accumulators of the same options can be merged")
 
@@ -593,10 +606,11 @@ class TopK(_Base):
 
     @_locked
     def result(self):
-        """(values or log-probabilities, indices), float64 and int64, each (rows, min(k, columns))."""
+        """(values or log-probabilities, indices), float64 and int64, each (rows, min(k, columns)): new
+        arrays (a caller changing them in place changed the accumulator's state)."""
         if self._lse is None:
-            return self.values, self.indices
+            return self.values.copy(), self.indices.copy()
         m, s = self._lse.m[:, None], self._lse.s[:, None]
         with np.errstate(invalid="ignore", divide="ignore"):
             lp = np.where(np.isfinite(m), (self.values - m) - np.log(s), np.nan)
-        return lp, self.indices
+        return lp, self.indices.copy()
