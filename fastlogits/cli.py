@@ -590,7 +590,7 @@ def build_parser():
     s.add_argument("--labels", type=_labels_name, default=None,
                    help="labels: .npy of integers, or text with one per line")
     s.add_argument("--ignore-index", type=_int64, default=-100,
-                   help="the label of rows left out of NLL and accuracy (default: %(default)s)")
+                   help="the label of rows left out of NLL, accuracy and mean entropy (default: %(default)s)")
     s.add_argument("--temperature", type=_temperature, default=1.0, help="divide the logits by T > 0 first")
     s.add_argument("--per-row", default=None, metavar="OUT",
                    help="per-row results to OUT (.npy, .csv, .jsonl; -: JSON lines on standard output)")
