@@ -54,6 +54,8 @@ cdef extern from "fastlogits.h" nogil:
     ctypedef struct fl_key:
         double hi
         double lo
+    fl_key fl_key_none()
+    fl_key fl_key_of(double x, double g)
     bint fl_key_above(fl_key a, fl_key b)
     double fl_key_floor(fl_key k)
     int fl_row_gumbel_f32(const fl_row *r, const fl_sample_params *p, const fl_sample_prep *pp, uint32_t s,
@@ -193,9 +195,7 @@ cdef draw_split(const Block *b, int64_t nseg, const unsigned char[::1] split, co
     cdef fl_key best
     cdef int st
     cdef bint want_lp = logprobs is not None
-    keys = np.zeros((items, 2))
-    keys[:, 0] = -np.inf
-    cdef double[:, ::1] gbest = keys              # each item's best key (fl_key: hi, lo), from -inf
+    cdef double[:, ::1] gbest = no_keys(items)    # each item's best key
     cdef int64_t[::1] gidx = np.full(items, -1, np.int64)
     cdef int32_t[::1] gst = np.zeros(items, np.int32)
     cdef double[::1] gsum = np.zeros(items if want_lp else 1)
@@ -343,6 +343,29 @@ def gumbel_values(const real[::1] v, int64_t tok0, double theta, uint64_t seed, 
                 fl__gumbel_chunk_f32(&v[0], tok0, n, t32, &g, key, &best_i[s], w, flags)
             else:
                 fl__gumbel_chunk_f64(&v[0], tok0, n, t64, &g, key, &best_i[s], w, flags)
+
+
+def no_keys(int64_t n):
+    """n keys below every token's, as (n, 2) float64 rows (fl_key's hi, lo): fl_key_none, where a
+    search over tokens starts."""
+    keys = np.zeros((n, 2))
+    keys[:, 0] = fl_key_none().hi
+    return keys
+
+
+def key_argmax(const double[::1] v, const double[::1] g):
+    """The first index of the largest key v[i] + g[i] (fl_key: the exact sum, as the sampler compares
+    keys), or -1 where no key beats fl_key_none (all values -inf)."""
+    cdef int64_t i, bi = -1
+    cdef fl_key k, best = fl_key_none()
+    if g.shape[0] != v.shape[0]:
+        raise ValueError("key_argmax: v and g must have the same length")
+    for i in range(v.shape[0]):
+        k = fl_key_of(v[i], g[i])
+        if fl_key_above(k, best):
+            best = k
+            bi = i
+    return bi
 
 
 cdef inline uint64_t _key(real x) noexcept nogil:

@@ -173,8 +173,7 @@ def sample_row(row, *, temperature, softcap, top_k, top_p, min_p, seed, row_id, 
 def _draw(passes, theta, m, seed, row_id, ns, logprobs):
     """The Gumbel-max over the tokens at or above theta in one pass, and their log-probabilities in one
     more; returns sample_row's tuple."""
-    best, tokens, xt = np.zeros((ns, 2)), np.full(ns, -1, np.int64), np.zeros(ns)
-    best[:, 0] = -np.inf                         # the keys (hi, lo) of the C core's fl_key
+    best, tokens, xt = _sample.no_keys(ns), np.full(ns, -1, np.int64), np.zeros(ns)
     for c0, v in passes():
         _sample.gumbel_values(v, c0, theta, seed, row_id, best, tokens)
         here = (tokens >= c0) & (tokens < c0 + v.shape[0])     # the values of the tokens found here
@@ -187,18 +186,6 @@ def _draw(passes, theta, m, seed, row_id, ns, logprobs):
     for _, v in passes():
         _sample.rank_mass_values(v, xt, theta, m, ranks, mass)
     return OK, tokens, (xt - m) - np.log(mass), ranks      # as log-softmax forms it: exact at any m
-
-
-def _key_argmax(v, g):
-    """The first index of the largest exact sum v + g, as the C core's keys (fl_key) order them: the
-    rounded sum, then its rounding error (TwoSum), so g counts even where |v| dwarfs it."""
-    v = v.astype(np.float64)
-    hi = v + g
-    vr = hi - g
-    with np.errstate(invalid="ignore"):          # (-inf values: a NaN error, and never the largest)
-        lo = (v - vr) + (g - (hi - vr))
-    top = np.flatnonzero(hi == hi.max())
-    return int(top[np.argmax(lo[top])])
 
 
 def _sample_survivors(passes, vals, toks, cut, min_p, p, seed, row_id, ns, logprobs, vdt):
@@ -227,7 +214,7 @@ def _sample_survivors(passes, vals, toks, cut, min_p, p, seed, row_id, ns, logpr
     sv, st = sv[order], st[order]
     tokens, xt = np.empty(ns, np.int64), np.empty(ns)
     for s in range(ns):
-        j = _key_argmax(sv, _sample.noise(seed, row_id, s, st)[2])
+        j = _sample.key_argmax(np.ascontiguousarray(sv, np.float64), _sample.noise(seed, row_id, s, st)[2])
         tokens[s], xt[s] = st[j], sv[j]
     if not logprobs:
         return OK, tokens, None, None
