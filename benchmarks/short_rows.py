@@ -2,10 +2,11 @@
 run, each call timed by perf_counter, the two libraries' calls interleaved, medians (README's short-row
 table).
 
-    python benchmarks/short_rows.py [--repeat 21] [--threads 1] [--json]
+    python benchmarks/short_rows.py [--repeat 21] [--threads 1] [--by-columns] [--json]
 
-Needs PyTorch (the peer). Each shape holds about 6.5 M logits; every fastlogits result is checked against
-PyTorch's before it is timed.
+Needs PyTorch (the peer). Each shape holds about 6.5 M logits (and 65536 x 10, a classifier's outputs over a
+dataset); every fastlogits result is checked against PyTorch's before it is timed. --by-columns gives both
+libraries the transposed view of a (V, rows) array instead, as ``(W @ H).T`` lays logits out.
 """
 import argparse
 import json
@@ -16,7 +17,7 @@ import numpy as np
 import fastlogits as fl
 from fastlogits.bench import environment
 
-SHAPES = [(409600, 16), (131072, 50), (65536, 100)]
+SHAPES = [(65536, 10), (409600, 16), (131072, 50), (65536, 100)]
 
 
 def calls(torch, x, y, threads):
@@ -43,6 +44,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeat", type=int, default=21)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--by-columns", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     import torch
@@ -51,18 +53,22 @@ def main():
     rng = np.random.default_rng(0)
     out = []
     for rows, V in SHAPES:
-        x = (rng.standard_normal((rows, V)) * 3).astype(np.float32)
+        if args.by_columns:
+            x = (rng.standard_normal((V, rows)) * 3).astype(np.float32).T
+        else:
+            x = (rng.standard_normal((rows, V)) * 3).astype(np.float32)
         y = rng.integers(0, V, rows)
         for name, (ours, theirs) in calls(torch, x, y, args.threads).items():
             np.testing.assert_allclose(np.asarray(ours(), np.float64), theirs().double().numpy(), rtol=2e-5,
                                        atol=1e-6, err_msg=name)       # (and one untimed call each)
             t = np.array([(_seconds(ours), _seconds(theirs)) for _ in range(args.repeat)])
             med = np.median(t, axis=0)
-            out.append({"op": name, "shape": [rows, V], "threads": args.threads,
-                        "fastlogits_ms": 1e3 * med[0], "torch_ms": 1e3 * med[1]})
+            out.append({"op": name, "shape": [rows, V], "by_columns": args.by_columns,
+                        "threads": args.threads, "fastlogits_ms": 1e3 * med[0], "torch_ms": 1e3 * med[1]})
             if not args.json:
                 r = out[-1]
-                print(f"{name:18s} {rows:6d} x {V:3d}  fastlogits {r['fastlogits_ms']:6.2f} ms   "
+                shape = f"{rows:6d} x {V:3d}" + (" .T" if args.by_columns else "")
+                print(f"{name:18s} {shape}  fastlogits {r['fastlogits_ms']:6.2f} ms   "
                       f"PyTorch {r['torch_ms']:6.2f} ms   x{r['torch_ms'] / r['fastlogits_ms']:.2f}")
     if args.json:
         print(json.dumps({"environment": environment(), "repeat": args.repeat, "statistic": "median",

@@ -122,3 +122,46 @@ def test_rows_past_2_31_elements(order):
     """In Fortran order (copied into C order a block of rows at a time, cpu/_layout.pyx) the planted
     columns lie past element 2^31 too: a column's offset is its index times ROWS."""
     _run_capped("rows_past_2_31_elements", order)
+
+
+def short_rows_past_2_32_bytes(dtype):
+    """Rows of 17 classes (worked a tile of 64 rows at a time) sliced from a zeros array of 4 GiB whose
+    rows lie 64 KiB apart: the tiles' offsets pass 2^32 bytes."""
+    import fastlogits as fl
+
+    wide = V if np.dtype(dtype).itemsize == 2 else V // 2 + 1
+    big = np.zeros((ROWS, wide), dtype=dtype)
+    W = 17
+    x = big[:, :W]
+    first_past = 2**32 // (wide * np.dtype(dtype).itemsize) + 1
+    planted = {first_past - 1: 3, first_past: 16, first_past + 1: 0, ROWS - 1: 9, 2: 5, ROWS - 64: 7}
+    for r, j in planted.items():
+        x[r, j] = 8.0
+        x[r, (j + 1) % W] = -8.0
+    flat = math.log(W)
+    spike = math.log(W - 2 + math.exp(8.0) + math.exp(-8.0))
+    want = np.full(ROWS, flat)
+    labels = np.zeros(ROWS, dtype=np.int64)
+    ce_want = np.full(ROWS, flat)
+    for r, j in planted.items():
+        want[r] = spike
+        labels[r] = j
+        ce_want[r] = spike - 8.0
+    got = np.asarray(fl.logsumexp(x), dtype=np.float64)
+    bad = np.abs(got - want) > 1e-5
+    assert not bad.any(), f"logsumexp: {bad.sum()} rows wrong, e.g. rows {np.flatnonzero(bad)[:5]}"
+    got = np.asarray(fl.cross_entropy(x, labels, reduction="none"), dtype=np.float64)
+    bad = np.abs(got - ce_want) > 1e-5
+    assert not bad.any(), f"cross_entropy: {bad.sum()} rows wrong, e.g. rows {np.flatnonzero(bad)[:5]}"
+    lp = np.asarray(fl.log_softmax(x), dtype=np.float64)       # (in the input's dtype)
+    tol = 4 * float(np.finfo(dtype).eps) * 10
+    rows = np.array(list(planted))
+    np.testing.assert_allclose(lp[rows, [planted[r] for r in rows]], 8.0 - spike, atol=tol)
+    np.testing.assert_allclose(lp[1], -flat, atol=tol)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and the zero page: Linux")
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_short_rows_past_2_32_bytes(dtype):
+    """float32 rows are tiled by one copy (fl__tile_copy), float16 ones a row at a time."""
+    _run_capped("short_rows_past_2_32_bytes", dtype)

@@ -42,7 +42,7 @@ cdef extern from *:
         st = fastlogits__row_state(&r, data, n, stride, dtype);
         double xt = dtype == FL_F64 ? fl_row_value_f64(&r, label) : fl_row_value_f32(&r, label);
         if (!(st.m > -INFINITY && st.m < INFINITY)) return NAN;
-        return (st.m - xt) + log(st.s);
+        return (st.m - xt) + fl__log(st.s);
     }
     """
 

@@ -5,21 +5,30 @@ Design: each work item is (row, column range); a thread folds its range into a r
 core's row drivers, and the states of one row are merged afterwards in a fixed order, so results do not
 depend on which thread folds which range. With at least as many rows as threads a row is one range; a few
 long rows are split into several (``n_segments``, more for more threads), which moves a result by
-rounding only (a few ulp of float64). Scratch buffers are one per thread, allocated before the parallel
-region (so an allocation failure raises MemoryError instead of crashing a thread). Results are float64;
-the Python layer casts them to the API's result dtype.
+rounding only (a few ulp of float64). Short rows (fewer than 32 values computed in float32, 16 in
+float64) are worked a tile of 64 rows at a time, a lane a row (tile_states; fl__lse_tile), and the logs
+of a tile's sums taken in one vector loop. Scratch buffers are one per thread, allocated before the
+parallel region (so an allocation failure raises MemoryError instead of crashing a thread). Results are
+float64; the Python layer casts them to the API's result dtype.
 """
 from cython.parallel cimport prange, parallel, threadid
 from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
-from libc.math cimport NAN, INFINITY, log, fabs
+from libc.math cimport NAN, INFINITY, fabs
 
 from fastlogits.clib cimport (fl_lse_state, fl_ent_state, fl_lse_merge, fl_lse_result, fl_ent_merge,
                               fl_ent_result)
 from fastlogits.cpu._rows cimport (Block, make_block, n_segments, row_of, row_lse, fold_lse, fl_row,
                                    work_threads, address_of, fl__dist_merge, fl__dist_total,
                                    fl_row_entropy_f32, fl_row_entropy_f64, fl_row_ce_f32, fl_row_ce_f64,
-                                   fl_row_value_f32, fl_row_value_f64, fl_row_stats_f32, fl_row_stats_f64)
+                                   fl_row_value_f32, fl_row_value_f64, fl_row_stats_f32, fl_row_stats_f64,
+                                   fl__log, fl__log_n, FL_TILE, FL_SHORT_F32, FL_SHORT_F64, short_rows,
+                                   tile_bytes, tile_states)
+
+
+# rows shorter than these (computed in float32, float64) are worked a tile of rows at a time
+SHORT_F32 = FL_SHORT_F32
+SHORT_F64 = FL_SHORT_F64
 
 
 cdef char *alloc_buffers(int threads, int64_t per_thread) except NULL:
@@ -38,13 +47,35 @@ cdef inline fl_ent_state row_entropy(const Block *b, const fl_row *r, int64_t st
     return fl_row_entropy_f32(r, start, stop, b.chunk, <float *> buf)
 
 
+cdef void lse_tile(const Block *b, int64_t i0, double *out, char *scratch) noexcept nogil:
+    """out[i] = logsumexp of row i for the tile of short rows from i0 (tile_states; the logs of the tile
+    in one vector loop, fl_lse_result's formula)."""
+    cdef double m[FL_TILE]
+    cdef double s[FL_TILE]
+    cdef int64_t k
+    tile_states(b, i0, min(b.rows - i0, FL_TILE), m, s, scratch)
+    fl__log_n(s, s, FL_TILE)
+    for k in range(min(b.rows - i0, FL_TILE)):
+        out[i0 + k] = m[k] + s[k] if -INFINITY < m[k] < INFINITY else m[k]
+
+
 def lse(x, int dtype, temperature, double softcap, double[::1] out, int64_t chunk, int threads):
     """out[i] = logsumexp of row i of x (after softcap and temperature)."""
     cdef Block b = make_block(x, dtype, temperature, softcap, chunk)
-    cdef int64_t nseg = n_segments(&b, threads), i
+    cdef int64_t nseg = n_segments(&b, threads), i, per
     cdef char *buf = NULL
+    cdef char *tiles = NULL
     cdef fl_lse_state s
     threads = work_threads(&b, nseg, threads)
+    if short_rows(&b, nseg):
+        per = tile_bytes(&b)
+        tiles = alloc_buffers(threads, per)
+        with nogil, parallel(num_threads=threads):
+            buf = tiles + threadid() * per
+            for i in prange((b.rows + FL_TILE - 1) // FL_TILE, schedule="guided"):
+                lse_tile(&b, i * FL_TILE, &out[0], buf)
+        free(tiles)
+        return
     cdef char *bufs = alloc_buffers(threads, chunk * 8)
     if nseg == 1:
         # a range a row: each result is written as its row is folded, on every thread, with no array of
@@ -121,13 +152,13 @@ cdef inline fl_lse_state row_ce(const Block *b, const fl_row *r, int64_t start, 
     return fl_row_ce_f32(r, start, stop, b.chunk, <const float *> w, dist, wsum, <float *> buf)
 
 
-cdef inline void ce_finish(bint ignored, const fl_lse_state *st, const double *d, const double *xt,
-                           double wtotal, bint smoothing, double *nll, double *smooth,
+cdef inline void ce_finish(bint ignored, const fl_lse_state *st, double log_s, const double *d,
+                           const double *xt, double wtotal, bint smoothing, double *nll, double *smooth,
                            double *lse_out) noexcept nogil:
-    """A row's cross-entropy parts from its merged state st, its label smoothing sum d (fl__dist_merge's;
-    read only when smoothing) and its label's logit xt; all 0 for an ignored row (whose st, d and xt are
-    not read)."""
-    cdef double m, log_s
+    """A row's cross-entropy parts from its merged state st, the log of its sum (fl__log(st.s), read where
+    its max is finite), its label smoothing sum d (fl__dist_merge's; read only when smoothing) and its
+    label's logit xt; all 0 for an ignored row (whose st, d and xt are not read)."""
+    cdef double m
     if ignored:
         lse_out[0] = nll[0] = 0.0
         if smoothing:
@@ -140,7 +171,6 @@ cdef inline void ce_finish(bint ignored, const fl_lse_state *st, const double *d
         if smoothing:
             smooth[0] = NAN
         return
-    log_s = log(st.s)               # once: log may set errno, so C compilers keep each call
     lse_out[0] = m + log_s          # fl_lse_result's formula
     # (m - x) + log s, not lse - x: exact when x and m are huge and close (x = 3e38)
     nll[0] = (m - xt[0]) + log_s
@@ -150,32 +180,45 @@ cdef inline void ce_finish(bint ignored, const fl_lse_state *st, const double *d
 
 
 cdef enum:
-    CE_BATCH = 64       # whole rows folded before their logs are taken, in ce_rows
+    CE_BATCH = FL_TILE      # whole rows folded before their logs are taken, in ce_rows
 
 
 cdef void ce_rows(const Block *b, int64_t i0, int64_t i1, const int64_t *labels, int64_t ignore_index,
                   const char *w, double wtotal, bint smoothing, double *nll, double *sm, double *lse_out,
-                  char *buf) noexcept nogil:
-    """Rows i0 .. i1 (at most CE_BATCH) whole: each folded, then all finished (ce_finish). The logs of
-    a batch are independent of each other, so they overlap in the pipeline; taken as each row was folded,
-    each waited for its row's sum (float32 (262144, 16), one thread: 12.3 ms against 11.0 for the states
-    of every row kept and finished in a second pass, which costs their memory)."""
+                  char *buf, bint tiled) noexcept nogil:
+    """Rows i0 .. i1 (at most CE_BATCH, from a multiple of it) whole: each folded (a tile of short rows at
+    once when tiled, without label smoothing: buf holds tile_bytes then), then all finished (ce_finish).
+    Their logs are taken in one vector loop (fl__log_n), which also keeps the states' sums apart from the
+    logs that wait for them (a log as each row was folded waited for its row's sum: float32 (262144, 16),
+    one thread, 12.3 ms against 11.0 for the states of every row kept and finished in a second pass,
+    which costs their memory)."""
     cdef fl_lse_state st[CE_BATCH]
+    cdef double m[CE_BATCH]
+    cdef double s[CE_BATCH]
     cdef double d[CE_BATCH]
     cdef double xt[CE_BATCH]
     cdef double wsum = 0.0       # (set by row_ce with d; 0 keeps GCC from warning)
     cdef int64_t i, k
     cdef fl_row r
+    if tiled:
+        tile_states(b, i0, i1 - i0, m, s, buf)
     for i in range(i0, i1):
         k = i - i0
         if labels[i] == ignore_index:
+            s[k] = 1.0
             continue
         r = row_of(b, i)
-        st[k] = row_ce(b, &r, 0, b.n, w, &d[k] if smoothing else NULL, &wsum, buf)
+        if tiled:
+            st[k].m = m[k]
+            st[k].s = s[k]
+        else:
+            st[k] = row_ce(b, &r, 0, b.n, w, &d[k] if smoothing else NULL, &wsum, buf)
+            s[k] = st[k].s
         xt[k] = fl_row_value_f64(&r, labels[i]) if b.f64 else fl_row_value_f32(&r, labels[i])
+    fl__log_n(s, s, i1 - i0)
     for i in range(i0, i1):
         k = i - i0
-        ce_finish(labels[i] == ignore_index, &st[k], &d[k], &xt[k], wtotal, smoothing, &nll[i],
+        ce_finish(labels[i] == ignore_index, &st[k], s[k], &d[k], &xt[k], wtotal, smoothing, &nll[i],
                   &sm[i] if smoothing else NULL, &lse_out[i])
 
 
@@ -200,6 +243,7 @@ def cross_entropy(x, int dtype, temperature, double softcap, const int64_t[::1] 
     cdef fl_row r
     cdef char *buf = NULL
     cdef double m1
+    cdef bint ignored
     cdef const char *w = NULL
     cdef double *sm = NULL
     if smoothing:
@@ -210,14 +254,16 @@ def cross_entropy(x, int dtype, temperature, double softcap, const int64_t[::1] 
     if weight is not None:
         w = <const char *> address_of(weight)
     threads = work_threads(&b, nseg, threads)
-    cdef char *bufs = alloc_buffers(threads, chunk * 8)
+    cdef bint tiled = short_rows(&b, nseg) and not smoothing
+    cdef int64_t per = max(chunk * 8, tile_bytes(&b)) if tiled else chunk * 8
+    cdef char *bufs = alloc_buffers(threads, per)
     if nseg == 1:
         nb = (b.rows + CE_BATCH - 1) // CE_BATCH
         with nogil, parallel(num_threads=threads):
-            buf = bufs + threadid() * chunk * 8
+            buf = bufs + threadid() * per
             for it in prange(nb, schedule="guided"):
                 ce_rows(&b, it * CE_BATCH, min((it + 1) * CE_BATCH, b.rows), &labels[0], ignore_index, w,
-                        wtotal, smoothing, &nll[0], sm, &lse_out[0], buf)
+                        wtotal, smoothing, &nll[0], sm, &lse_out[0], buf, tiled)
         free(bufs)
         return
     cdef fl_lse_state *st = <fl_lse_state *> malloc(items * sizeof(fl_lse_state))
@@ -255,8 +301,9 @@ def cross_entropy(x, int dtype, temperature, double softcap, const int64_t[::1] 
                     if smoothing:
                         fl__dist_merge(&ds[i * nseg], &ws[i * nseg], m1, ds[i * nseg + g],
                                        ws[i * nseg + g], st[i * nseg + g].m, st[i * nseg].m)
-            ce_finish(labels[i] == ignore_index, &st[i * nseg], &ds[i * nseg], &xl[i], wtotal, smoothing,
-                      &nll[i], &sm[i] if smoothing else NULL, &lse_out[i])
+            ignored = labels[i] == ignore_index       # (its states were not written)
+            ce_finish(ignored, &st[i * nseg], 0.0 if ignored else fl__log(st[i * nseg].s), &ds[i * nseg],
+                      &xl[i], wtotal, smoothing, &nll[i], &sm[i] if smoothing else NULL, &lse_out[i])
     free(st)
     free(ds)
     free(ws)
@@ -419,7 +466,7 @@ def stats(x, int dtype, temperature, double softcap, const int64_t[::1] labels, 
                 nll[i] = NAN                  # log_softmax is NaN there
             else:
                 xt = fl_row_value_f64(&r, labels[i]) if b.f64 else fl_row_value_f32(&r, labels[i])
-                nll[i] = (e.m - xt) + log(e.s)
+                nll[i] = (e.m - xt) + fl__log(e.s)
     free(bufs)
 
 

@@ -16,6 +16,9 @@ cdef extern from "fastlogits.h" nogil:
         FL_BF16
         FL_F32
         FL_F64
+        FL_TILE
+        FL_SHORT_F32
+        FL_SHORT_F64
 
     ctypedef struct fl_row:
         const char *data
@@ -37,6 +40,8 @@ cdef extern from "fastlogits.h" nogil:
                                const double *w, double *dist, double *wsum, double *buf)
     void fl__dist_merge(double *d, double *w, double m, double d2, double w2, double m2, double M)
     double fl__dist_total(double d, double W, double log_s)
+    double fl__log(double x)
+    void fl__log_n(const double *x, double *y, int64_t n)
     float fl_row_value_f32(const fl_row *r, int64_t j)
     double fl_row_value_f64(const fl_row *r, int64_t j)
     fl_lse_state fl_row_softmax_exp_f32(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
@@ -49,6 +54,20 @@ cdef extern from "fastlogits.h" nogil:
     void fl_row_softmax_f64(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
                             const fl_lse_state *st, int log_, const double *my, double *e, char *out,
                             int64_t out_stride, int out_dtype, double *buf, double *ybuf)
+    void fl_tile_load_f32(const fl_row *r, int64_t row_stride, const double *temperature, int64_t nr,
+                          float *t, float *buf)
+    void fl_tile_load_f64(const fl_row *r, int64_t row_stride, const double *temperature, int64_t nr,
+                          double *t, double *buf)
+    void fl__lse_tile_f32(const float *t, int64_t n, double *m, double *s)
+    void fl__log_softmax_rows_f32(const float *x, int64_t ldx, float *y, int64_t ldy, int64_t nr, int64_t n,
+                                  const double *m, const double *ls)
+    void fl__log_softmax_rows_f64(const double *x, int64_t ldx, double *y, int64_t ldy, int64_t nr,
+                                  int64_t n, const double *m, const double *ls)
+    void fl__softmax_rows_f32(const float *x, int64_t ldx, float *y, int64_t ldy, int64_t nr, int64_t n,
+                              const double *m, const double *s)
+    void fl__softmax_rows_f64(const double *x, int64_t ldx, double *y, int64_t ldy, int64_t nr, int64_t n,
+                              const double *m, const double *s)
+    void fl__lse_tile_f64(const double *t, int64_t n, double *m, double *s)
     int fl__softmax_row_f32(const float *x, int64_t n, float *y)
     int fl__softmax_row_f64(const double *x, int64_t n, double *y)
     int fl__log_softmax_row_f32(const float *x, int64_t n, float *y)
@@ -152,14 +171,58 @@ cdef inline fl_lse_state row_lse(const Block *b, int64_t i, int64_t start, int64
     return fl_row_lse_f32(&r, start, stop, b.chunk, <float *> buf)
 
 
+# ---- short rows: FL_TILE rows at a time, a lane a row (see fl__lse_tile) --------------------------------
+
+cdef inline bint short_rows(const Block *b, int64_t nseg) noexcept nogil:
+    """Whether b's rows, whole (nseg == 1), are worked a tile of FL_TILE rows at a time."""
+    return nseg == 1 and b.n < (FL_SHORT_F64 if b.f64 else FL_SHORT_F32)
+
+
+cdef inline int64_t tile_bytes(const Block *b) noexcept nogil:
+    """The scratch a thread needs for tile_states: a tile, and a row of the compute type."""
+    return (FL_TILE + 1) * max(b.n, 1) * 8
+
+
+cdef inline void tile_states(const Block *b, int64_t i0, int64_t nr, double *m, double *s,
+                             char *scratch) noexcept nogil:
+    """The logsumexp states (m[k], s[k]) of rows i0 + k, k < nr <= FL_TILE, of a block of short rows;
+    m and s hold FL_TILE values (those past nr are the zero rows'). scratch: tile_bytes(b)."""
+    cdef fl_row r = row_of(b, i0)
+    cdef char *buf = scratch + FL_TILE * max(b.n, 1) * 8
+    if b.f64:
+        fl_tile_load_f64(&r, b.row_stride, b.temperature + i0, nr, <double *> scratch, <double *> buf)
+        fl__lse_tile_f64(<const double *> scratch, b.n, m, s)
+    else:
+        fl_tile_load_f32(&r, b.row_stride, b.temperature + i0, nr, <float *> scratch, <float *> buf)
+        fl__lse_tile_f32(<const float *> scratch, b.n, m, s)
+
+
+cdef inline void tile_fold(const Block *b, int64_t i0, fl_lse_state *st, char *scratch) noexcept nogil:
+    """tile_states of the tile of rows from i0 into st[i0 + k]."""
+    cdef double m[FL_TILE]
+    cdef double s[FL_TILE]
+    cdef int64_t k, nr = min(b.rows - i0, FL_TILE)
+    tile_states(b, i0, nr, m, s, scratch)
+    for k in range(nr):
+        st[i0 + k].m = m[k]
+        st[i0 + k].s = s[k]
+
+
 cdef inline void fold_lse(const Block *b, int64_t nseg, fl_lse_state *st, char *bufs, int64_t per_thread,
                           int threads) noexcept nogil:
     """The logsumexp state of every row into st[i * nseg]: range g of row i folded by some thread into
     st[i * nseg + g] (bufs: one scratch buffer of per_thread bytes a thread), then the ranges of each row
     merged in order, so the result does not depend on which thread folds which range (the number of
-    ranges, n_segments, moves it by rounding only)."""
+    ranges, n_segments, moves it by rounding only). Short rows are folded a tile at a time
+    (tile_fold), and per_thread is at least tile_bytes(b) then."""
     cdef int64_t it, i, g
     cdef char *buf = NULL
+    if short_rows(b, nseg):         # (per_thread at least tile_bytes(b))
+        with parallel(num_threads=threads):
+            buf = bufs + threadid() * per_thread
+            for it in prange((b.rows + FL_TILE - 1) // FL_TILE, schedule="guided"):
+                tile_fold(b, it * FL_TILE, st, buf)
+        return
     with parallel(num_threads=threads):
         buf = bufs + threadid() * per_thread
         for it in prange(b.rows * nseg, schedule="guided"):

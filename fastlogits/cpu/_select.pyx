@@ -9,11 +9,12 @@ after one vectorized max.
 from cython.parallel cimport prange, parallel, threadid
 from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
-from libc.math cimport log, NAN, INFINITY
+from libc.math cimport NAN, INFINITY
 
 from fastlogits.clib cimport fl_lse_state
 from fastlogits.cpu._rows cimport (Block, make_block, row_of, fl_row, work_threads, address_of,
-                                   fl_row_argmax_f32, fl_row_argmax_f64, fl_row_topk_f32, fl_row_topk_f64)
+                                   fl_row_argmax_f32, fl_row_argmax_f64, fl_row_topk_f32, fl_row_topk_f64,
+                                   fl__log)
 
 
 def argmax(x, int dtype, temperature, double softcap, int64_t[::1] out, int64_t chunk, int threads):
@@ -71,7 +72,7 @@ def top_k(x, int dtype, temperature, double softcap, int64_t k, values, int64_t[
                                 <int64_t *> (buf + chunk * 8 + k * 8), <float *> vals + i * k,
                                 &indices[i, 0], st if want_lp else NULL)
             if want_lp:
-                log_s = log(st.s)
+                log_s = fl__log(st.s)
                 for j in range(k):
                     v = (<double *> vals)[i * k + j] if b.f64 else (<float *> vals)[i * k + j]
                     # (x - m) - log s, as log_softmax computes it; NaN where softmax is NaN

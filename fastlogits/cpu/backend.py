@@ -25,6 +25,8 @@ from fastlogits.ops._prep import compute_dtype, weight_sum
 CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
 
 LINE = 64                 # bytes in a cache line
+# rows shorter than these (computed in float32, float64) are worked a tile of rows at a time
+SHORT = {np.dtype(np.float32): _reduce.SHORT_F32, np.dtype(np.float64): _reduce.SHORT_F64}
 BLOCK_BYTES = 1 << 20     # a block of rows copied into C order: about this size, L2's
 
 
@@ -85,6 +87,16 @@ def _copied_blocks(a, threads, out):
             copy_rows(b, a[r], threads)
 
 
+def reduction_blocks(a, dtype, threads):
+    """blocks(a, threads) for a reduction's logits, but a itself where its rows are short (the kernels
+    work them a tile of rows at a time: fl__lse_tile) and laid out by columns and aligned: a tile's
+    column of rows is then a run of memory, read in place (float32 logsumexp of a (409600, 16) array's
+    transpose, one thread: 11.4 -> 6.4 ms)."""
+    if a.shape[1] < SHORT[np.dtype(compute_dtype(dtype))] and by_columns(a) and a.flags.aligned:
+        return ((ALL, a),)
+    return blocks(a, threads)
+
+
 def copy_rows(a, out, threads):
     """out[...] = a, two 2-D arrays of one shape and dtype, by the tiled copy where either is laid out by
     columns and both are aligned (NumPy's copy of such an array goes a row at a time, 25x slower), by a
@@ -107,7 +119,7 @@ def runs(a):
 
 def lse(x, dtype, temperature, softcap, chunk, threads):
     out = np.empty(x.shape[0], np.float64)
-    for r, xb in blocks(x, threads):
+    for r, xb in reduction_blocks(x, dtype, threads):
         _reduce.lse(xb, CODES[dtype], temperature[r], softcap, out[r], chunk, threads)
     return out
 
@@ -145,7 +157,7 @@ def cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, wei
     if weight is not None and smoothing:     # (without smoothing the kernel reads no weights)
         w = np.require(weight, compute_dtype(dtype), "CA")
         wtotal = weight_sum(w)
-    for r, xb in blocks(x, threads):
+    for r, xb in reduction_blocks(x, dtype, threads) if not smoothing else blocks(x, threads):
         _reduce.cross_entropy(xb, CODES[dtype], temperature[r], softcap, labels[r], ignore_index, w, wtotal,
                               bool(smoothing), nll[r], None if smooth is None else smooth[r], lse_[r], chunk,
                               threads)

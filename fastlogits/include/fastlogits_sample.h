@@ -824,7 +824,7 @@ static inline double FLS_FN(fl_row_rank_mass)(const fl_row *r, const fl_sample_p
  * (x - (m + log(sum)) loses log(sum) in m's rounding once |m| passes about 1e14). */
 static inline double FLS_FN(fl_sample_logprob)(const fl_row *r, const fl_sample_prep *pp, int64_t t,
                                                double ssum) {
-    double ls = log(pp->theta > -FL_INF ? ssum : pp->st.s);
+    double ls = fl__log(pp->theta > -FL_INF ? ssum : pp->st.s);
     return ((double)FLS_FN(fl_row_value)(r, t) - pp->st.m) - ls;
 }
 
@@ -868,7 +868,7 @@ static inline int FLS_FN(fl_row_sample)(const fl_row *r, const fl_sample_params 
         theta = fl__filter_threshold(sc->cv, nc, m, sum, p->top_p, p->min_p, tol, sc->tmp);
         for (i = 0; i < nc; i++)
             if (sc->cv[i] >= theta) ssum += exp(sc->cv[i] - m);
-        log_s = log(ssum);
+        log_s = fl__log(ssum);
         for (s = 0; s < p->num_samples; s++) {
             fl_rng g = fl_rng_make(p->seed, p->row_id, (uint32_t)s);
             fl_key best = fl_key_none();
