@@ -93,7 +93,7 @@ cdef void map_tile(const Block *b, int64_t i0, bint log_, bint plain, char *obas
     cdef int64_t k, nr = min(b.rows - i0, FL_TILE)
     cdef const char *x = b.data + i0 * b.row_stride
     cdef char *y = obase + i0 * orow
-    tile_states(b, i0, nr, m, s, scratch)
+    tile_states(b, i0, nr, m, s, NULL, scratch)
     if plain:
         if log_:
             fl__log_n(s, ls, FL_TILE)

@@ -47,13 +47,30 @@ cdef inline fl_ent_state row_entropy(const Block *b, const fl_row *r, int64_t st
     return fl_row_entropy_f32(r, start, stop, b.chunk, <float *> buf)
 
 
+ctypedef void (*tile_fn)(const Block *b, int64_t i0, double *out, char *scratch) noexcept nogil
+
+
+cdef int for_tiles(const Block *b, tile_fn fn, double *out, int threads) except -1:
+    """fn(b, i0, out, scratch) for the tile of short rows from each i0, on `threads` threads, each with
+    tile_bytes(b) of scratch of its own."""
+    cdef int64_t i, per = tile_bytes(b)
+    cdef char *tiles = alloc_buffers(threads, per)
+    cdef char *buf = NULL
+    with nogil, parallel(num_threads=threads):
+        buf = tiles + threadid() * per
+        for i in prange((b.rows + FL_TILE - 1) // FL_TILE, schedule="guided"):
+            fn(b, i * FL_TILE, out, buf)
+    free(tiles)
+    return 0
+
+
 cdef void lse_tile(const Block *b, int64_t i0, double *out, char *scratch) noexcept nogil:
     """out[i] = logsumexp of row i for the tile of short rows from i0 (tile_states; the logs of the tile
     in one vector loop, fl_lse_result's formula)."""
     cdef double m[FL_TILE]
     cdef double s[FL_TILE]
     cdef int64_t k
-    tile_states(b, i0, min(b.rows - i0, FL_TILE), m, s, scratch)
+    tile_states(b, i0, min(b.rows - i0, FL_TILE), m, s, NULL, scratch)
     fl__log_n(s, s, FL_TILE)
     for k in range(min(b.rows - i0, FL_TILE)):
         out[i0 + k] = m[k] + s[k] if -INFINITY < m[k] < INFINITY else m[k]
@@ -62,19 +79,12 @@ cdef void lse_tile(const Block *b, int64_t i0, double *out, char *scratch) noexc
 def lse(x, int dtype, temperature, double softcap, double[::1] out, int64_t chunk, int threads):
     """out[i] = logsumexp of row i of x (after softcap and temperature)."""
     cdef Block b = make_block(x, dtype, temperature, softcap, chunk)
-    cdef int64_t nseg = n_segments(&b, threads), i, per
+    cdef int64_t nseg = n_segments(&b, threads), i
     cdef char *buf = NULL
-    cdef char *tiles = NULL
     cdef fl_lse_state s
     threads = work_threads(&b, nseg, threads)
     if short_rows(&b, nseg):
-        per = tile_bytes(&b)
-        tiles = alloc_buffers(threads, per)
-        with nogil, parallel(num_threads=threads):
-            buf = tiles + threadid() * per
-            for i in prange((b.rows + FL_TILE - 1) // FL_TILE, schedule="guided"):
-                lse_tile(&b, i * FL_TILE, &out[0], buf)
-        free(tiles)
+        for_tiles(&b, lse_tile, &out[0], threads)
         return
     cdef char *bufs = alloc_buffers(threads, chunk * 8)
     if nseg == 1:
@@ -101,6 +111,20 @@ def lse(x, int dtype, temperature, double softcap, double[::1] out, int64_t chun
     free(bufs)
 
 
+cdef void entropy_tile(const Block *b, int64_t i0, double *out, char *scratch) noexcept nogil:
+    """out[i] = entropy of row i for the tile of short rows from i0 (fl_ent_result's formula, the logs of
+    the tile in one vector loop)."""
+    cdef double m[FL_TILE]
+    cdef double s[FL_TILE]
+    cdef double t[FL_TILE]
+    cdef double ls[FL_TILE]
+    cdef int64_t k
+    tile_states(b, i0, min(b.rows - i0, FL_TILE), m, s, t, scratch)
+    fl__log_n(s, ls, FL_TILE)
+    for k in range(min(b.rows - i0, FL_TILE)):
+        out[i0 + k] = ls[k] - t[k] / s[k] if -INFINITY < m[k] < INFINITY else NAN
+
+
 def entropy(x, int dtype, temperature, double softcap, double[::1] out, int64_t chunk, int threads):
     """out[i] = Shannon entropy (nats) of softmax of row i (after softcap and temperature)."""
     cdef Block b = make_block(x, dtype, temperature, softcap, chunk)
@@ -110,6 +134,9 @@ def entropy(x, int dtype, temperature, double softcap, double[::1] out, int64_t 
     cdef char *buf = NULL
     cdef fl_ent_state s
     threads = work_threads(&b, nseg, threads)
+    if short_rows(&b, nseg):
+        for_tiles(&b, entropy_tile, &out[0], threads)
+        return
     cdef char *bufs = alloc_buffers(threads, chunk * 8)
     if nseg == 1:
         # a range a row: as in lse
@@ -201,7 +228,7 @@ cdef void ce_rows(const Block *b, int64_t i0, int64_t i1, const int64_t *labels,
     cdef int64_t i, k
     cdef fl_row r
     if tiled:
-        tile_states(b, i0, i1 - i0, m, s, buf)
+        tile_states(b, i0, i1 - i0, m, s, NULL, buf)
     for i in range(i0, i1):
         k = i - i0
         if labels[i] == ignore_index:

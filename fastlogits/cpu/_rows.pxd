@@ -68,6 +68,8 @@ cdef extern from "fastlogits.h" nogil:
     void fl__softmax_rows_f64(const double *x, int64_t ldx, double *y, int64_t ldy, int64_t nr, int64_t n,
                               const double *m, const double *s)
     void fl__lse_tile_f64(const double *t, int64_t n, double *m, double *s)
+    void fl__ent_tile_f32(const float *t, int64_t n, double *m, double *s, double *tt)
+    void fl__ent_tile_f64(const double *t, int64_t n, double *m, double *s, double *tt)
     int fl__softmax_row_f32(const float *x, int64_t n, float *y)
     int fl__softmax_row_f64(const double *x, int64_t n, double *y)
     int fl__log_softmax_row_f32(const float *x, int64_t n, float *y)
@@ -183,18 +185,25 @@ cdef inline int64_t tile_bytes(const Block *b) noexcept nogil:
     return (FL_TILE + 1) * max(b.n, 1) * 8
 
 
-cdef inline void tile_states(const Block *b, int64_t i0, int64_t nr, double *m, double *s,
+cdef inline void tile_states(const Block *b, int64_t i0, int64_t nr, double *m, double *s, double *t,
                              char *scratch) noexcept nogil:
-    """The logsumexp states (m[k], s[k]) of rows i0 + k, k < nr <= FL_TILE, of a block of short rows;
-    m and s hold FL_TILE values (those past nr are the zero rows'). scratch: tile_bytes(b)."""
+    """The logsumexp states (m[k], s[k]) of rows i0 + k, k < nr <= FL_TILE, of a block of short rows, and
+    when t is not NULL their entropy states' t[k]; m, s and t hold FL_TILE values (those past nr are the
+    zero rows'). scratch: tile_bytes(b)."""
     cdef fl_row r = row_of(b, i0)
     cdef char *buf = scratch + FL_TILE * max(b.n, 1) * 8
     if b.f64:
         fl_tile_load_f64(&r, b.row_stride, b.temperature + i0, nr, <double *> scratch, <double *> buf)
-        fl__lse_tile_f64(<const double *> scratch, b.n, m, s)
+        if t == NULL:
+            fl__lse_tile_f64(<const double *> scratch, b.n, m, s)
+        else:
+            fl__ent_tile_f64(<const double *> scratch, b.n, m, s, t)
     else:
         fl_tile_load_f32(&r, b.row_stride, b.temperature + i0, nr, <float *> scratch, <float *> buf)
-        fl__lse_tile_f32(<const float *> scratch, b.n, m, s)
+        if t == NULL:
+            fl__lse_tile_f32(<const float *> scratch, b.n, m, s)
+        else:
+            fl__ent_tile_f32(<const float *> scratch, b.n, m, s, t)
 
 
 cdef inline void tile_fold(const Block *b, int64_t i0, fl_lse_state *st, char *scratch) noexcept nogil:
@@ -202,7 +211,7 @@ cdef inline void tile_fold(const Block *b, int64_t i0, fl_lse_state *st, char *s
     cdef double m[FL_TILE]
     cdef double s[FL_TILE]
     cdef int64_t k, nr = min(b.rows - i0, FL_TILE)
-    tile_states(b, i0, nr, m, s, scratch)
+    tile_states(b, i0, nr, m, s, NULL, scratch)
     for k in range(nr):
         st[i0 + k].m = m[k]
         st[i0 + k].s = s[k]

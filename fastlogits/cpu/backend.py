@@ -126,7 +126,7 @@ def lse(x, dtype, temperature, softcap, chunk, threads):
 
 def entropy(x, dtype, temperature, softcap, chunk, threads):
     out = np.empty(x.shape[0], np.float64)
-    for r, xb in blocks(x, threads):
+    for r, xb in reduction_blocks(x, dtype, threads):
         _reduce.entropy(xb, CODES[dtype], temperature[r], softcap, out[r], chunk, threads)
     return out
 

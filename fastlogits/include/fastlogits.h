@@ -141,6 +141,14 @@ extern "C" {
 #define FL_MULTIVERSION
 #define FL_HAVE_MULTIVERSION 0
 #endif
+/* The floating-point options of FL_MULTIVERSION for an inline function whose body a multiversioned one
+ * takes: without them its float selects were compiled as branches (GCC 12 kept fl__tile_states' exp loops
+ * scalar, "control flow in loop"). */
+#if defined(__GNUC__) && !defined(__clang__)
+#define FL_INLINE_OPT FL_INLINE __attribute__((optimize("no-trapping-math", "no-associative-math" FL__VECTORIZE)))
+#else
+#define FL_INLINE_OPT FL_INLINE
+#endif
 /* Functions for AVX2 (and F16C) CPUs only, which the dispatch calls on them; single-version builds compile
  * them only when their flags allow those instructions. */
 #if FL_HAVE_MULTIVERSION

@@ -627,14 +627,17 @@ static inline void FL_FN(fl_tile_load)(const fl_row *r, int64_t row_stride, cons
  * row, bit for bit: NaN for a NaN, (+inf, 1) for a +inf, (-inf, 0) for all -inf, and the sum of exp(x - m)
  * in its order, in double: the first FL_LANES terms (when there are as many) pairwise as fl__sumexp
  * combines its lanes, the rest in column order (its tail). So every operation, whichever path it takes to
- * a row's state, takes the same log of the same sum. */
-FL_MULTIVERSION static FL_UNUSED void FL_FN(fl__lse_tile)(const FL_T *t, int64_t n, double *m, double *s) {
+ * a row's state, takes the same log of the same sum. With tt (entropy), also fl_ent_chunk's
+ * t = sum exp(x - m) (x - m), its terms formed in FL_T as fl__sumexp_t forms them (0 for a -inf) and added
+ * in the same order (NaN with the row's NaN; 0 where the max is not finite, which fl_ent_result ignores). */
+FL_INLINE_OPT void FL_FN(fl__tile_states)(const FL_T *t, int64_t n, double *m, double *s, double *tt,
+                                      const int want_t) {
     int64_t i0, j;
     int l;
     for (i0 = 0; i0 < FL_TILE; i0 += FL_LANES) {
         FL_T mx[FL_LANES], nan[FL_LANES], sh[FL_LANES];
-        double tot[FL_LANES];
-        for (l = 0; l < FL_LANES; l++) { mx[l] = -(FL_T)INFINITY; nan[l] = 0; tot[l] = 0.0; }
+        double tot[FL_LANES], tot_t[FL_LANES];
+        for (l = 0; l < FL_LANES; l++) { mx[l] = -(FL_T)INFINITY; nan[l] = 0; tot[l] = 0.0; tot_t[l] = 0.0; }
         for (j = 0; j < n; j++) {
             const FL_T *c = t + j * FL_TILE + i0;
             FL_LANE_LOOP
@@ -648,31 +651,54 @@ FL_MULTIVERSION static FL_UNUSED void FL_FN(fl__lse_tile)(const FL_T *t, int64_t
         for (l = 0; l < FL_LANES; l++) sh[l] = mx[l] > -(FL_T)INFINITY && mx[l] < (FL_T)INFINITY ? mx[l] : 0;
         j = 0;
         if (n >= FL_LANES) {
-            double e[FL_LANES][FL_LANES];       /* e[k][l]: row l's term k */
+            double e[FL_LANES][FL_LANES], et[FL_LANES][FL_LANES];      /* [k][l]: row l's term k */
             for (j = 0; j < FL_LANES; j++) {
                 const FL_T *c = t + j * FL_TILE + i0;
                 FL_LANE_LOOP
-                for (l = 0; l < FL_LANES; l++) e[j][l] = (double)FL_EXP_NEG(c[l] - sh[l]);
+                for (l = 0; l < FL_LANES; l++) {
+                    FL_T d = c[l] - sh[l], ej = FL_EXP_NEG(d);    /* (it clamps d at FL_EXP_FLOOR) */
+                    e[j][l] = (double)ej;
+                    if (want_t) et[j][l] = (double)(d < FL_EXP_FLOOR ? (FL_T)0 : ej * d);
+                }
             }
 #define FL__STEP(h) for (int k = 0; k < (h); k++) {                      \
                 FL_LANE_LOOP                                                    \
-                for (l = 0; l < FL_LANES; l++) e[k][l] += e[k + (h)][l];        \
+                for (l = 0; l < FL_LANES; l++) {                                \
+                    e[k][l] += e[k + (h)][l];                                   \
+                    if (want_t) et[k][l] += et[k + (h)][l];                         \
+                }                                                               \
             }
             FL__PAIRWISE(FL__STEP);
 #undef FL__STEP
-            for (l = 0; l < FL_LANES; l++) tot[l] = e[0][l];
+            for (l = 0; l < FL_LANES; l++) { tot[l] = e[0][l]; if (want_t) tot_t[l] = et[0][l]; }
         }
         for (; j < n; j++) {
             const FL_T *c = t + j * FL_TILE + i0;
             FL_LANE_LOOP
-            for (l = 0; l < FL_LANES; l++) tot[l] += (double)FL_EXP_NEG(c[l] - sh[l]);
+            for (l = 0; l < FL_LANES; l++) {
+                FL_T d = c[l] - sh[l], ej = FL_EXP_NEG(d);    /* (it clamps d at FL_EXP_FLOOR) */
+                tot[l] += (double)ej;
+                if (want_t) tot_t[l] += (double)(d < FL_EXP_FLOOR ? (FL_T)0 : ej * d);
+            }
         }
         for (l = 0; l < FL_LANES; l++) {
+            int finite = mx[l] > -(FL_T)INFINITY && mx[l] < (FL_T)INFINITY;
             double sv = mx[l] == (FL_T)INFINITY ? 1.0 : mx[l] == -(FL_T)INFINITY ? 0.0 : tot[l];
             m[i0 + l] = nan[l] == nan[l] ? (double)mx[l] : NAN;
             s[i0 + l] = nan[l] == nan[l] ? sv : NAN;
+            if (want_t) tt[i0 + l] = nan[l] == nan[l] ? (finite ? tot_t[l] : 0.0) : NAN;
         }
     }
+}
+
+FL_MULTIVERSION static FL_UNUSED void FL_FN(fl__lse_tile)(const FL_T *t, int64_t n, double *m, double *s) {
+    FL_FN(fl__tile_states)(t, n, m, s, NULL, 0);
+}
+
+/* The entropy states (m, s, t) of a tile's rows: fl_ent_chunk's, bit for bit. */
+FL_MULTIVERSION static FL_UNUSED void FL_FN(fl__ent_tile)(const FL_T *t, int64_t n, double *m, double *s,
+                                                          double *tt) {
+    FL_FN(fl__tile_states)(t, n, m, s, tt, 1);
 }
 
 /* Log-softmax of rows [0, nr) of n contiguous values each, row i at x + i * ldx, into y + i * ldy, given
