@@ -206,32 +206,14 @@ cdef inline void tile_states(const Block *b, int64_t i0, int64_t nr, double *m, 
             fl__ent_tile_f32(<const float *> scratch, b.n, m, s, t)
 
 
-cdef inline void tile_fold(const Block *b, int64_t i0, fl_lse_state *st, char *scratch) noexcept nogil:
-    """tile_states of the tile of rows from i0 into st[i0 + k]."""
-    cdef double m[FL_TILE]
-    cdef double s[FL_TILE]
-    cdef int64_t k, nr = min(b.rows - i0, FL_TILE)
-    tile_states(b, i0, nr, m, s, NULL, scratch)
-    for k in range(nr):
-        st[i0 + k].m = m[k]
-        st[i0 + k].s = s[k]
-
-
 cdef inline void fold_lse(const Block *b, int64_t nseg, fl_lse_state *st, char *bufs, int64_t per_thread,
                           int threads) noexcept nogil:
     """The logsumexp state of every row into st[i * nseg]: range g of row i folded by some thread into
     st[i * nseg + g] (bufs: one scratch buffer of per_thread bytes a thread), then the ranges of each row
     merged in order, so the result does not depend on which thread folds which range (the number of
-    ranges, n_segments, moves it by rounding only). Short rows are folded a tile at a time
-    (tile_fold), and per_thread is at least tile_bytes(b) then."""
+    ranges, n_segments, moves it by rounding only)."""
     cdef int64_t it, i, g
     cdef char *buf = NULL
-    if short_rows(b, nseg):         # (per_thread at least tile_bytes(b))
-        with parallel(num_threads=threads):
-            buf = bufs + threadid() * per_thread
-            for it in prange((b.rows + FL_TILE - 1) // FL_TILE, schedule="guided"):
-                tile_fold(b, it * FL_TILE, st, buf)
-        return
     with parallel(num_threads=threads):
         buf = bufs + threadid() * per_thread
         for it in prange(b.rows * nseg, schedule="guided"):
