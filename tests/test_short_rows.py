@@ -114,6 +114,7 @@ def test_short_maps_into_every_output(name, dtype, rng):
     plain = fn(x)
     for out_dt in (np.float16, np.float32, np.float64):
         check(name, x, dtype=out_dt)
+        check(name, x, dtype=out_dt, chunk_size=3)      # (rows past the chunk: a tile holds them whole)
         got = fn(x, out=make_layout(np.empty((130, n), out_dt), "cols"))
         np.testing.assert_array_equal(got, fn(x, dtype=out_dt))
     np.testing.assert_array_equal(fn(x, dtype=dtype), plain)

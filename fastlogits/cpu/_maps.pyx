@@ -34,7 +34,8 @@ from fastlogits.cpu._rows cimport (Block, make_block, n_segments, row_of, fold_l
                                    fl__softmax_row_f32, fl__softmax_row_f64, fl__log_softmax_row_f32,
                                    fl__log_softmax_row_f64, row_lse, FL_TILE, short_rows, tile_bytes,
                                    tile_states, fl__log_n, fl__log_softmax_rows_f32, fl__log_softmax_rows_f64,
-                                   fl__softmax_rows_f32, fl__softmax_rows_f64)
+                                   fl__softmax_rows_f32, fl__softmax_rows_f64, fl_tile_map_f32,
+                                   fl_tile_map_f64)
 
 # the most scratch memory, in bytes, that softmax takes to hold its terms; beyond, it computes exp twice
 TERMS_LIMIT = 1 << 26
@@ -81,41 +82,45 @@ cdef inline void map_pass(const Block *b, int64_t i, int64_t start, int64_t stop
 cdef void map_tile(const Block *b, int64_t i0, bint log_, bint plain, char *obase, int64_t orow,
                    int64_t ocol, int out_dtype, char *scratch, char *buf) noexcept nogil:
     """Softmax (log-softmax when log_) of the tile of short rows from i0 into out (row i at obase + i *
-    orow): their states (tile_states) at once, then the rows written, all in one call where they are
-    plain (rows of the compute type in and out, contiguous, no transform: fl__softmax_rows and
-    fl__log_softmax_rows, with the tile's logs taken in one vector loop), else a row at a time from their
-    states (map_pass, which takes the same log, or the same factor FL_UP / s). scratch: tile_bytes; buf:
-    2 chunks of doubles."""
+    orow): their states (tile_states) and the logs of their sums at once, then the rows written: in one
+    call from the logits where they are plain (rows of the compute type in and out, contiguous, no
+    transform: fl__softmax_rows, fl__log_softmax_rows), else from the tile, which holds them transformed
+    in the compute type (fl_tile_map: any layout and output; also the rows whose max is not finite). The
+    same arithmetic either way. scratch: tile_bytes; buf: 2 rows of doubles (b.n may pass the chunk)."""
     cdef double m[FL_TILE]
     cdef double s[FL_TILE]
     cdef double ls[FL_TILE]
-    cdef fl_lse_state st
     cdef int64_t k, nr = min(b.rows - i0, FL_TILE)
     cdef const char *x = b.data + i0 * b.row_stride
     cdef char *y = obase + i0 * orow
+    cdef bint finite = True
     tile_states(b, i0, nr, m, s, NULL, scratch)
+    if log_:
+        fl__log_n(s, ls, FL_TILE)
     if plain:
-        if log_:
-            fl__log_n(s, ls, FL_TILE)
-            if b.f64:
-                fl__log_softmax_rows_f64(<const double *> x, b.row_stride // 8, <double *> y, orow // 8, nr,
-                                         b.n, m, ls)
-            else:
-                fl__log_softmax_rows_f32(<const float *> x, b.row_stride // 4, <float *> y, orow // 4, nr,
-                                         b.n, m, ls)
+        if log_ and b.f64:
+            fl__log_softmax_rows_f64(<const double *> x, b.row_stride // 8, <double *> y, orow // 8, nr,
+                                     b.n, m, ls)
+        elif log_:
+            fl__log_softmax_rows_f32(<const float *> x, b.row_stride // 4, <float *> y, orow // 4, nr,
+                                     b.n, m, ls)
         elif b.f64:
             fl__softmax_rows_f64(<const double *> x, b.row_stride // 8, <double *> y, orow // 8, nr, b.n, m,
                                  s)
         else:
             fl__softmax_rows_f32(<const float *> x, b.row_stride // 4, <float *> y, orow // 4, nr, b.n, m,
                                  s)
-    for k in range(nr):
-        # (plain rows whose max is not finite: all NaN, as map_pass writes them)
-        if not plain or not (-INFINITY < m[k] < INFINITY):
-            st.m = m[k]
-            st.s = s[k]
-            map_pass(b, i0 + k, 0, b.n, &st, log_, NULL, NULL, obase + (i0 + k) * orow, ocol, out_dtype,
-                     buf)
+        for k in range(nr):
+            finite = finite and -INFINITY < m[k] < INFINITY
+        if finite:
+            return
+    # every row from the tile (after the plain call: its rows whose max is not finite, all NaN)
+    if b.f64:
+        fl_tile_map_f64(<const double *> scratch, b.n, nr, m, s, ls, log_, y, orow, ocol, out_dtype,
+                        <double *> buf, <double *> (buf + b.n * 8))
+    else:
+        fl_tile_map_f32(<const float *> scratch, b.n, nr, m, s, ls, log_, y, orow, ocol, out_dtype,
+                        <float *> buf, <float *> (buf + b.n * 8))
 
 
 def softmax(x, int dtype, temperature, double softcap, out, int out_dtype, bint log_, int64_t chunk,
@@ -161,7 +166,7 @@ def softmax(x, int dtype, temperature, double softcap, out, int out_dtype, bint 
         free(maxes)
         raise MemoryError("fastlogits: cannot allocate scratch buffers")
     cdef const double[::1] sm, ss
-    cdef int64_t per = tile_bytes(&b) + chunk * 16
+    cdef int64_t per = tile_bytes(&b) + max(b.n, 1) * 16
     cdef char *tiles = NULL
     cdef bint plain = False
     if tiled:

@@ -560,6 +560,20 @@ static inline fl_lse_state FL_FN(fl_row_ce)(const fl_row *r, int64_t start, int6
     return st;
 }
 
+/* Writes y[0:n) to out (any dtype, any stride in bytes), converting. */
+static inline void FL_FN(fl_store)(char *out, int64_t stride, int dtype, const FL_T *y, int64_t n) {
+    int64_t i;
+    if (dtype == (sizeof(FL_T) == 4 ? FL_F32 : FL_F64) && stride == (int64_t)sizeof(FL_T)) {
+        memcpy(out, y, (size_t)n * sizeof(FL_T));
+    } else if (sizeof(FL_T) == 4 && stride == 2 && dtype == FL_F16) {
+        fl_store_f16((uint16_t *)(void *)out, (const float *)y, n);
+    } else if (sizeof(FL_T) == 4 && stride == 2 && dtype == FL_BF16) {
+        fl_store_bf16((uint16_t *)(void *)out, (const float *)y, n);
+    } else {
+        for (i = 0; i < n; i++) fl__store_one(out + i * stride, dtype, (double)y[i]);
+    }
+}
+
 /* Short rows, a lane a row. A row of a few classes is less than a vector or two: worked a row at a time,
  * its max and sum are a vector each, folded across lanes, plus a scalar tail, and fixed costs a row
  * dominate (float32 logsumexp of V = 16 rows: 50 ns a row, V = 10: 40, V = 24: 57). Below FL_SHORT
@@ -715,26 +729,46 @@ FL_MULTIVERSION static FL_UNUSED void FL_FN(fl__log_softmax_rows)(const FL_T *x,
 
 /* Softmax of the same rows given their states (m, s): fl__softmax's arithmetic, with fl_row_softmax's factor
  * FL_UP / s, a tile of rows in one call. */
-FL_MULTIVERSION static FL_UNUSED void FL_FN(fl__softmax_rows)(const FL_T *x, int64_t ldx, FL_T *y, int64_t ldy,
-                                                              int64_t nr, int64_t n, const double *m,
-                                                              const double *s) {
+FL_MULTIVERSION static FL_UNUSED void FL_FN(fl__softmax_rows)(const FL_T *x, int64_t ldx, FL_T *y,
+                                                              int64_t ldy, int64_t nr, int64_t n,
+                                                              const double *m, const double *s) {
     for (int64_t i = 0; i < nr; i++) {
         FL_T mi = (FL_T)m[i], f = (FL_T)(FL_UP / s[i]);
         for (int64_t j = 0; j < n; j++) y[i * ldy + j] = FL_EXP_UP(x[i * ldx + j] - mi) * f;
     }
 }
 
-/* Writes y[0:n) to out (any dtype, any stride in bytes), converting. */
-static inline void FL_FN(fl_store)(char *out, int64_t stride, int dtype, const FL_T *y, int64_t n) {
-    int64_t i;
-    if (dtype == (sizeof(FL_T) == 4 ? FL_F32 : FL_F64) && stride == (int64_t)sizeof(FL_T)) {
-        memcpy(out, y, (size_t)n * sizeof(FL_T));
-    } else if (sizeof(FL_T) == 4 && stride == 2 && dtype == FL_F16) {
-        fl_store_f16((uint16_t *)(void *)out, (const float *)y, n);
-    } else if (sizeof(FL_T) == 4 && stride == 2 && dtype == FL_BF16) {
-        fl_store_bf16((uint16_t *)(void *)out, (const float *)y, n);
-    } else {
-        for (i = 0; i < n; i++) fl__store_one(out + i * stride, dtype, (double)y[i]);
+
+/* Softmax (log_ == 0) or log-softmax of a tile's rows [0, nr) from the tile itself, given their states
+ * (m, s) and, for log-softmax, the logs of their sums ls, into out (row i at out + i * out_row, any dtype,
+ * columns out_col bytes apart): fl_row_softmax's arithmetic, bit for bit, through the same multiversioned
+ * maps (log-softmax (x - m) - log s in the compute type, in double for float rows into float64; softmax's
+ * terms times FL_UP / s; all NaN where the max is not finite). For rows that are not plain (a transform,
+ * another layout or output dtype), which the tile holds transformed in the compute type. xbuf, ybuf: n
+ * values each. */
+static inline void FL_FN(fl_tile_map)(const FL_T *t, int64_t n, int64_t nr, const double *m, const double *s,
+                                     const double *ls, int log_, char *out, int64_t out_row, int64_t out_col,
+                                     int out_dtype, FL_T *xbuf, FL_T *ybuf) {
+    for (int64_t i = 0; i < nr; i++) {
+        char *o = out + i * out_row;
+        int64_t j;
+        for (j = 0; j < n; j++) xbuf[j] = t[j * FL_TILE + i];
+        if (!(m[i] > -FL_INF && m[i] < FL_INF)) {
+            for (j = 0; j < n; j++) ybuf[j] = (FL_T)NAN;
+        } else if (log_ && sizeof(FL_T) == 4 && out_dtype == FL_F64) {
+            if (out_col == 8) {
+                FL_FN(fl__log_softmax_wide)(xbuf, (double *)(void *)o, n, m[i], ls[i]);
+            } else {
+                for (j = 0; j < n; j++)
+                    fl__store_one(o + j * out_col, FL_F64, ((double)xbuf[j] - m[i]) - ls[i]);
+            }
+            continue;
+        } else if (log_) {
+            FL_FN(fl__log_softmax)(xbuf, ybuf, n, (FL_T)m[i], (FL_T)ls[i]);
+        } else {
+            FL_FN(fl__softmax)(xbuf, ybuf, n, (FL_T)m[i], (FL_T)(FL_UP / s[i]));
+        }
+        FL_FN(fl_store)(o, out_col, out_dtype, ybuf, n);
     }
 }
 
