@@ -428,6 +428,10 @@ def test_merge_refuses_other_kinds_options_and_bad_states(rng):
         Entropy(3).merge((np.zeros(3), np.ones(3)))
     with pytest.raises(TypeError, match="expected a LogSumExp"):
         LogSumExp(3).merge(5)
+    with pytest.raises(TypeError, match="the other state's m must be an array of float64 values, got 'a'"):
+        LogSumExp(3).merge("ab")
+    with pytest.raises(TypeError, match="the other state's t must be an array of float64 values"):
+        Entropy(3).merge((np.zeros(3), np.ones(3), [None, {}, 1]))
     top = TopK(3, 2).update(x[:, :20], 0)
     before = top.result()
     with pytest.raises(ValueError, match=r"j <= k = 2, got \(3, 3\)"):

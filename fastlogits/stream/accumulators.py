@@ -71,7 +71,11 @@ class TopKState(NamedTuple):
 
 def _row_state(value, rows, name, dtype=np.float64):
     """One field of another accumulator's state, as a C-contiguous array of one value per row."""
-    a = np.asarray(value, dtype=dtype)
+    try:
+        a = np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError):
+        raise TypeError(f"merge: the other state's {name} must be an array of {np.dtype(dtype).name} values, "
+                        f"got {value!r:.80}") from None
     if a.shape != (rows,):
         raise ValueError(f"merge: the other state's {name} must have one value per row, shape ({rows},), got "
                          f"shape {a.shape}")
