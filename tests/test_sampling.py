@@ -720,17 +720,30 @@ def test_beam_search_step_ties_go_to_lower_parent_and_token():
     assert p.tolist() == [[0, 1, 0, 1]] and t.tolist() == [[0, 0, 1, 1]]
 
 
-def test_beam_search_step_nan_scores_come_after_minus_inf_ones():
-    """A NaN score sorts last, after -inf scores too (its key was +inf, that of -inf's: they tied, and the
-    lower parent, the NaN one, came first; found by a sampling audit): for a NaN row and for a NaN beam
-    score, with the live beam's -inf continuations in between."""
-    for x, bs in ((np.array([[0.0, np.nan, 0.0], [0.0, -np.inf, -np.inf]]), np.zeros(2)),
-                  (np.array([[0.0, 1.0, 0.0], [0.0, -np.inf, -np.inf]]), np.array([np.nan, 0.0]))):
-        for dtype in (np.float32, np.float64):
+def test_beam_search_step_nan_scores_come_first():
+    """A NaN score ranks above every number, as in top_k and torch.topk (so in Hugging Face's beam
+    search): a beam gone NaN (a NaN or +inf logit, a NaN beam score) fills its item's first places and is
+    never dropped (it sorted last, and with V >= 2 W live continuations it vanished without a trace: found
+    by a sampling audit). The NaN continuations come in top_k's order of the beam's logits; the item's
+    other places are its best live continuations."""
+    for bad, tokens in (("nan", [3, 0, 1, 2]), ("posinf", [3, 0, 1, 2]), ("score", [0, 1, 2, 3])):
+        x, bs = np.zeros((2, 10)), np.zeros(2)
+        if bad == "score":
+            bs[1] = np.nan
+        else:
+            x[1, 3] = np.nan if bad == "nan" else np.inf
+        for dtype in (np.float16, np.float32, np.float64):
             s, p, t = beam_search_step(x.astype(dtype), bs, 2)
-            assert p.tolist() == [[1, 1, 1, 0]]
-            assert t.tolist()[0][:3] == [0, 1, 2]
-            assert s[0, 0] == 0 and s[0, 1] == s[0, 2] == -np.inf and np.isnan(s[0, 3])
+            assert np.isnan(s).all() and p.tolist() == [[1, 1, 1, 1]] and t.tolist() == [tokens]
+    # a NaN beam next to live ones: its continuations first, then the live beams' best
+    x = np.log(np.array([[0.6, 0.3, 0.1], [0.9, 0.05, 0.05], [0.5, 0.5, 1.0]]))
+    x[2, 2] = -np.inf
+    for bs in (np.array([0.0, np.nan, -10.0]), np.array([0.0, -np.inf, np.nan])):
+        s, p, t = beam_search_step(x, bs, 3)
+        j = int(np.flatnonzero(np.isnan(bs))[0])
+        assert p[0, :3].tolist() == [j] * 3 and t[0, :3].tolist() == [0, 1, 2] and np.isnan(s[0, :3]).all()
+        assert p[0, 3:].tolist() == [0, 0, 0] and t[0, 3:].tolist() == [0, 1, 2]
+        np.testing.assert_allclose(s[0, 3:], np.log([0.6, 0.3, 0.1]), rtol=1e-12)
 
 
 def test_beam_search_step_ties_of_rounded_log_probabilities():

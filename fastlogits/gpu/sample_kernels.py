@@ -583,19 +583,19 @@ def _beam_score(lp, bs, row, j, round32):
 
 @cuda.jit(device=True)
 def _beam_key(lp, bs, row, j, round32):
-    """A continuation's sort key (nan, minus its score): a NaN score sorts last, after -inf (whose key
-    is +inf too: a flag of its own, compared first), as (1, 0)."""
+    """A continuation's sort key (number, minus its score): a NaN score ranks above every number, as in
+    top_k (a flag of its own, compared first), as (0, 0)."""
     s = _beam_score(lp, bs, row, j, round32)
     if s != s:
-        return 1, 0.0
-    return 0, -s
+        return 0, 0.0
+    return 1, -s
 
 
 @cuda.jit
 def beam_merge(lp, idx, bs, W, round32, scores, parents, tokens):
     """beam_search_step's merge, one thread per continuation (row, j) of lp (rows, k): its place among
-    the W * k continuations of its batch item by (score, best first; NaN last), then parent, then j (a
-    total order, so places are distinct: the host path's lexsort); places below 2 W are written. A dead
+    the W * k continuations of its batch item by score (NaN first, then best first), then parent, then j
+    (a total order, so places are distinct: the host path's lexsort); places below 2 W are written. A dead
     beam (score -inf, no NaN log-probability) ties all its continuations at -inf, and its best are its
     lowest tokens: token j."""
     c = cuda.grid(1)
@@ -607,13 +607,13 @@ def beam_merge(lp, idx, bs, W, round32, scores, parents, tokens):
     j = c % k
     base = row - row % W                 # the item's first row
     own = (row - base) * k + j           # the index of (parent, j) in the item's candidates
-    nan, key = _beam_key(lp, bs, row, j, round32)
+    num, key = _beam_key(lp, bs, row, j, round32)
     place = 0
     q = 0
     for parent in range(W):
         for i in range(k):
             nq, kq = _beam_key(lp, bs, base + parent, i, round32)
-            if nq < nan or (nq == nan and (kq < key or (kq == key and q < own))):
+            if nq < num or (nq == num and (kq < key or (kq == key and q < own))):
                 place += 1
             q += 1
     if place >= 2 * W:

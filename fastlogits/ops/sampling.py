@@ -401,7 +401,9 @@ def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperatu
     pass), so a source in place of ``logits`` streams in bounded memory, rows wider than the budget
     included, with the same results. The log-probabilities are float32 (float64 for float64 logits), as
     ``top_k_logprobs`` gives them; scores are float64 when the logits or beam_scores are float64, else
-    float32; a NaN score (a row whose log-softmax is NaN) sorts last.
+    float32. A NaN score (a NaN beam score, or a row whose log-softmax is NaN: a NaN or +inf logit) ranks
+    above every number, as in ``top_k`` and ``torch.topk`` (and so in Hugging Face's beam search): a beam
+    gone NaN shows in its item's first places, never dropped silently.
 
     Parameters
     ----------
@@ -487,8 +489,8 @@ def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperatu
     toks = idx.reshape(batch, W * k)
     # a beam's candidates in top_k's order (larger logit, then lower token; a dead beam's by token)
     rank = np.broadcast_to(np.tile(np.arange(k), W)[None, :], (batch, W * k))
-    nan = np.isnan(scores)       # best first, NaN last (after -inf: a key of its own, not +inf's)
-    order = np.lexsort((rank, parents, np.where(nan, 0.0, -scores), nan), axis=-1)[:, : 2 * W]
+    num = ~np.isnan(scores)      # NaN first, then best first (NaN a key of its own, not -inf's)
+    order = np.lexsort((rank, parents, np.where(num, -scores, 0.0), num), axis=-1)[:, : 2 * W]
     take = np.take_along_axis
     return (take(scores, order, -1).astype(out_dtype), take(parents, order, -1).astype(np.int64),
             take(toks, order, -1).astype(np.int64))

@@ -292,7 +292,7 @@ def _beam_cases(rng):
     yield x[:12, :3], bs, 3                        # V = 3 < 2 W: k = V continuations a beam
     yield x[:, ::3].astype(np.float64), bs, 4      # float64, a strided view; V = 14
     yield np.zeros((3, 5), np.float16), np.zeros(3), 1
-    # NaN scores after the -inf continuations of a live beam (a NaN row, then a NaN beam score)
+    # NaN scores before a live beam's continuations, -inf ones included (a NaN row, then a NaN beam score)
     yield np.array([[0, np.nan, 0], [0, -np.inf, -np.inf]], np.float32), np.zeros(2), 2
     yield np.array([[0, 1, 0], [0, -np.inf, -np.inf]], np.float32), np.array([np.nan, 0.0]), 2
 
