@@ -419,6 +419,37 @@ def test_an_out_over_the_sources_logits_is_refused(rng):
         fl.softmax(iter([x]), out=ro)
 
 
+def test_an_out_mapping_the_same_file_bytes_as_the_logits_is_refused(rng, tmp_path):
+    """Two maps of one .npy (np.load(mmap_mode) twice) lie at different addresses, so np.shares_memory
+    says they do not overlap; writing one writes the other. An out mapping the file bytes of the logits is
+    refused as an out over the logits is, in memory, from an array source and from an iterable of blocks,
+    and the file is left as it was (it was overwritten, rows reversed gave wrong probabilities: found by
+    a streaming audit). Maps of other bytes of the file, or of another file, are fine."""
+    x = rng.standard_normal((64, 700)).astype(np.float32)
+    path = tmp_path / "logits.npy"
+    np.save(path, x)
+    calls = [lambda src: src, lambda src: fl.open(src, memory="64KiB"),
+             lambda src: iter([src[i:i + 16] for i in range(0, 64, 16)])]
+    for call in calls:
+        for f in (fl.softmax, fl.log_softmax):
+            for src in (np.load(path, mmap_mode="r")[::-1], np.load(path, mmap_mode="r")):
+                out = np.load(path, mmap_mode="r+")
+                with pytest.raises(ValueError, match="out overlaps"):
+                    f(call(src), out=out)
+                del out
+                np.testing.assert_array_equal(np.load(path), x)
+    # to another file; and the first half's rows to a map of the second half's bytes of the same file
+    other = tmp_path / "out.npy"
+    np.save(other, np.zeros_like(x))
+    out = np.load(other, mmap_mode="r+")
+    fl.log_softmax(np.load(path, mmap_mode="r"), out=out)
+    np.testing.assert_array_equal(np.asarray(out), fl.log_softmax(x))
+    half = np.load(path, mmap_mode="r")[:32]
+    out = np.load(path, mmap_mode="r+")[32:]
+    for call in calls:
+        np.testing.assert_array_equal(np.asarray(fl.softmax(call(half), out=out)), fl.softmax(x[:32]))
+
+
 def test_a_guarded_call_leaves_the_source_as_it_was(rng):
     """The overlap check of a map's out is the call's: after a refused softmax(out=the logits) the same
     source serves later calls (it refused every one), keeps no reference to any out, and a call in

@@ -25,7 +25,7 @@ from fastlogits.ops._prep import (
     unmasked,
 )
 from fastlogits.stream import run as stream_run
-from fastlogits.stream.sources import ArraySource, as_source
+from fastlogits.stream.sources import ArraySource, as_source, shares_memory
 
 
 def _finish(r, values):
@@ -145,7 +145,7 @@ def _map(logits, log, temperature, softcap, out, dtype, backend, threads, chunk_
             raise ValueError(f"{name}: out is read-only")
         check_own_places(out.shape, out.strides, out.dtype.itemsize, name)
         # the caller's array, not only x: big-endian logits were swapped into a copy
-        if any(isinstance(a, np.ndarray) and np.shares_memory(out, a) for a in (x, logits)):
+        if any(isinstance(a, np.ndarray) and shares_memory(out, a) for a in (x, logits)):
             raise ValueError(f"{name}: out overlaps logits; the caller's logits are never written to")
     if 0 in shape:
         # nothing to write; and numba cannot slice an empty device array (it sees one element over a

@@ -18,6 +18,7 @@ import io
 import itertools
 import json
 import math
+import mmap
 import os
 import stat
 import struct
@@ -245,34 +246,76 @@ def _native(dt):
     return dt.newbyteorder("=") if dt.kind == "f" and not dt.isnative else dt
 
 
-def _maps_file(arr, path):
-    """Whether the memory of array `arr` lies in a mapping of the file at `path`: on Linux, by the process'
-    mappings (/proc/self/maps: the file's device and inode, or its name); elsewhere, by the file name of
-    the np.memmap it views."""
-    try:
-        with builtins.open("/proc/self/maps") as f:
-            maps = f.read().splitlines()
-    except OSError:  # pragma: no cover - not Linux
-        while isinstance(arr, np.ndarray) and not isinstance(arr, np.memmap):
-            arr = arr.base
-        name = getattr(arr, "filename", None)
-        return bool(name) and os.path.exists(name) and os.path.samefile(name, path)
-    if arr.size == 0:
-        return False
+def _byte_bounds(arr):
     try:
         from numpy.lib.array_utils import byte_bounds
     except ImportError:  # pragma: no cover - NumPy 1.x
         byte_bounds = np.byte_bounds
-    lo, hi = byte_bounds(arr)
-    st, real = os.stat(path), os.path.realpath(path)
-    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    return byte_bounds(arr)
+
+
+def _file_extents(arr):
+    """The files under the memory of array `arr` (not empty), by the process' mappings (/proc/self/maps,
+    Linux): (device, inode, name, first byte, end byte) of the file bytes each mapping of them holds
+    within arr's bounds. None where the mappings cannot be read (not Linux)."""
+    try:
+        with builtins.open("/proc/self/maps") as f:
+            maps = f.read().splitlines()
+    except OSError:  # pragma: no cover - not Linux
+        return None
+    lo, hi = _byte_bounds(arr)
+    out = []
     for line in maps:
         parts = line.split(maxsplit=5)
         a, b = (int(v, 16) for v in parts[0].split("-"))
-        if a < hi and lo < b and len(parts) == 6 and (
-                (parts[3] == dev and parts[4] == str(st.st_ino)) or parts[5] == real):
-            return True
-    return False
+        if a < hi and lo < b and len(parts) == 6 and parts[4] != "0":
+            off = int(parts[2], 16)
+            out.append((parts[3], parts[4], parts[5], off + max(lo, a) - a, off + min(hi, b) - a))
+    return out
+
+
+def _memmap_name(arr):
+    while isinstance(arr, np.ndarray) and not isinstance(arr, np.memmap):
+        arr = arr.base
+    return getattr(arr, "filename", None)
+
+
+def _maps_file(arr, path):
+    """Whether the memory of array `arr` lies in a mapping of the file at `path`: on Linux, by the process'
+    mappings (the file's device and inode, or its name); elsewhere, by the file name of the np.memmap it
+    views."""
+    if arr.size == 0:
+        return False
+    extents = _file_extents(arr)
+    if extents is None:  # pragma: no cover - not Linux
+        name = _memmap_name(arr)
+        return bool(name) and os.path.exists(name) and os.path.samefile(name, path)
+    st, real = os.stat(path), os.path.realpath(path)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    return any((d == dev and ino == str(st.st_ino)) or name == real for d, ino, name, _, _ in extents)
+
+
+def _over_file_map(arr):
+    """Whether array `arr` views a memory map (np.memmap, mmap.mmap): its base chain ends in one."""
+    while isinstance(arr, np.ndarray) and arr.base is not None:
+        arr = arr.base
+    return isinstance(arr, mmap.mmap)
+
+
+def shares_memory(a, b):
+    """np.shares_memory(a, b) of two host arrays, and also where they lie in two maps of the same file
+    bytes (two np.memmap of one .npy, at different addresses: writing one changes the other). The maps'
+    file bytes are compared by their bounds, so two interleaved views of one file count as sharing."""
+    if np.shares_memory(a, b):
+        return True
+    if a.size == 0 or b.size == 0 or not (_over_file_map(a) and _over_file_map(b)):
+        return False
+    ea, eb = _file_extents(a), _file_extents(b)
+    if ea is None or eb is None:  # pragma: no cover - not Linux: by file name, whatever the bytes
+        na, nb = _memmap_name(a), _memmap_name(b)
+        return bool(na and nb) and os.path.exists(na) and os.path.exists(nb) and os.path.samefile(na, nb)
+    return any(d1 == d2 and i1 == i2 and lo1 < hi2 and lo2 < hi1
+               for d1, i1, _, lo1, hi1 in ea for d2, i2, _, lo2, hi2 in eb)
 
 
 def _overlap_error(what, first=True):
@@ -596,7 +639,7 @@ class ArraySource(_RandomAccess):
     def read(self, r0, r1, c0=0, c1=None, out=None, *, protect=None):
         c1 = self.V if c1 is None else c1
         block = np.asarray(self._rows(r0, r1, c0, c1))
-        if protect is not None and np.shares_memory(block, protect):
+        if protect is not None and shares_memory(block, protect):
             raise _overlap_error(f"rows {r0}:{r1} of the source", first=r0 == 0 and c0 == 0)
         if block.shape != (r1 - r0, c1 - c0):
             raise SourceError(f"{type(self.array).__name__}: rows {r0}:{r1}, columns {c0}:{c1} came back "
@@ -659,13 +702,13 @@ class IterSource:
         shares memory with out, and as each later block is read if it does (blocks not yet read may only
         be checked then: an iterable's blocks must not share memory with out). The source itself is left
         as it is: a call refused here has read nothing, and the next call may read it."""
-        if self._first is not None and np.shares_memory(self._first_raw, out):
+        if self._first is not None and shares_memory(self._first_raw, out):
             raise _overlap_error("row block 0")
         return _GuardedIter(self, out)
 
     def _check(self, block, i, protect=None):
         b = host_array(block)
-        if protect is not None and np.shares_memory(b, protect):
+        if protect is not None and shares_memory(b, protect):
             raise _overlap_error(f"row block {i}", first=i == 0)
         if i == 0:
             self._first_raw = b
