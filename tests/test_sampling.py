@@ -34,18 +34,24 @@ def _softmax(x):
     return e / e.sum()
 
 
+def _hf_above(x):
+    """For each token, the probability mass after it in Hugging Face's top-p order (a stable ascending
+    sort: the larger values, and the tokens tied with it that come later), which must stay below p."""
+    p, i = _softmax(x), np.arange(len(x))
+    return np.array([p[(x > v) | ((x == v) & (i > j))].sum() for j, v in enumerate(x)])
+
+
 def ref_probs(x, temperature=1.0, top_k=None, top_p=None, min_p=None, tol=1e-12):
     """Exact float64 probabilities of one row after Hugging Face's warpers in order (temperature, top-k,
-    top-p, min-p), every token tied with a boundary value kept; a top-p mass within tol of top_p reaches
-    it (the sampler's documented tolerance is 16 eps of its compute type)."""
+    top-p, min-p): top-k keeps every token tied with the k-th value, top-p of the tokens tied at its
+    boundary the last ones it needs (HF's stable sort); a top-p mass within tol of top_p reaches it (the
+    sampler's documented tolerance is 16 eps of its compute type)."""
     x = np.asarray(x, np.float64) / temperature
     if top_k is not None and 0 < top_k < len(x):
         kth = np.sort(x)[::-1][top_k - 1]
         x = np.where(x < kth, -np.inf, x)
     if top_p is not None and top_p < 1:
-        p = _softmax(x)
-        above = np.array([p[x > v].sum() for v in x])
-        x = np.where(above < top_p - tol, x, -np.inf)
+        x = np.where(_hf_above(x) < top_p - tol, x, -np.inf)
     if min_p is not None and min_p > 0:
         p = _softmax(x)
         x = np.where(p >= min_p * p.max(), x, -np.inf)
@@ -82,7 +88,7 @@ def key_argmax(xs, g, keep=None):
     if not np.isfinite(top):
         return 0
     with np.errstate(over="ignore"):                     # (-inf below the most negative float64)
-        cand = np.flatnonzero(s >= top - 8 * np.finfo(np.float64).eps * abs(top))
+        cand = np.flatnonzero((s >= top - 8 * np.finfo(np.float64).eps * abs(top)) & (s > -np.inf))
     sums = [Fraction(float(xs[i])) + Fraction(float(g[i])) for i in cand]
     return int(cand[sums.index(max(sums))])
 
@@ -199,13 +205,12 @@ def test_exactness_property(data):
 
 
 def _ref_keep(x, top_k, top_p, min_p, tol):
-    """The survivors of HF's filters (boundary ties kept), p's tolerance as documented."""
+    """The survivors of HF's filters (top-k's boundary ties kept, top-p's last ones it needs), p's
+    tolerance as documented."""
     if top_k is not None and 0 < top_k < len(x):
         x = np.where(x < np.sort(x)[::-1][top_k - 1], -np.inf, x)
     if top_p is not None and top_p < 1:
-        p = _softmax(x)
-        above = np.array([p[x > v].sum() for v in x])
-        x = np.where(above < max(top_p - tol, top_p / 2), x, -np.inf)
+        x = np.where(_hf_above(x) < max(top_p - tol, top_p / 2), x, -np.inf)
     if min_p is not None and min_p > 0:
         x = np.where(x >= np.max(x) + np.log(min_p), x, -np.inf)
     return x > -np.inf
@@ -315,10 +320,33 @@ def test_top_k_keeps_ties_at_the_kth_value():
     assert support(x, draws=3000, top_k=4, chunk_size=256) == [5, 10, 700, 2500, 4000, 4999]
 
 
-def test_top_p_ties_at_the_boundary_are_kept():
+def test_top_p_keeps_the_last_of_the_tokens_tied_at_its_boundary():
+    """Of the tokens tied at the nucleus' boundary, top-p keeps as many as the mass needs, the last ones,
+    as Hugging Face's TopPLogitsWarper does (a stable ascending sort drops the first): the smallest
+    nucleus. It kept all of them (found by a sampling audit: 4 tokens of 0.25 at top_p=0.5). Its test
+    vectors (REFERENCES.md) too, and with top-k, min-p and every path: a row split over threads, and
+    rows through the log-probabilities' pass."""
     x = np.log(np.array([0.4, 0.2, 0.2, 0.2]))
-    assert support(x, top_p=0.5) == [0, 1, 2, 3]
+    assert support(x, top_p=0.5) == [0, 3]
+    assert support(x, top_p=0.7) == [0, 2, 3]
     assert support(x, top_p=0.4) == [0]
+    assert support(np.log(np.full(4, 0.25)), top_p=0.5) == [2, 3]
+    assert support(np.log(np.full(4, 0.25)), top_p=0.2) == [3]
+    assert support(np.log([0.5, 0.25, 0.125, 0.125]), top_p=0.8) == [0, 1, 3]
+    hf = np.log(np.array([[0.3, 0.1, 0.1, 0.5], [0.15, 0.3, 0.3, 0.25]]))
+    assert support(hf[0], top_p=0.8) == [0, 3] and support(hf[1], top_p=0.8) == [1, 2, 3]
+    x = np.log(np.array([0.1, 0.15, 0.15, 0.15, 0.15, 0.3]))     # top-k keeps all ties, top-p two of them
+    assert support(x, top_k=3, top_p=0.55) == [3, 4, 5]
+    assert support(x, top_k=3, top_p=0.55, min_p=0.4) == [3, 4, 5]
+    assert support(x, top_p=0.55, min_p=0.6) == [5]
+    for dtype in (np.float16, np.float32, np.float64):
+        xs = np.log(np.full((1, 1000), 1e-3)).astype(dtype)          # 1000 ties; threads=2 splits the row
+        for kw in ({}, {"threads": 2}, {"return_logprobs": True}, {"top_k": 700}):
+            got = sample(xs, top_p=0.3, seed=2, num_samples=4000, **kw)
+            t = got[0] if isinstance(got, tuple) else got
+            assert t.min() == 700 and np.unique(t).size == 300, (dtype, kw)
+            if isinstance(got, tuple):
+                np.testing.assert_allclose(got[1], np.log(1 / 300), rtol=1e-5)
 
 
 # A seed under which token 31 of row 0, sample 0, has the largest high random word, 2^32 - 1 (found by a

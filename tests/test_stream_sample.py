@@ -67,14 +67,14 @@ def test_count_select_is_the_kth_largest(rng, dtype):
         n = int(rng.integers(1, 3000))
         v = _awkward(rng, n, dtype)
         k = int(rng.integers(1, n + 1))
-        got = wide._select(_passes(v, int(rng.integers(1, n + 1))), np.dtype(dtype), k)
-        assert got == np.sort(v)[::-1][k - 1], (n, k)
+        got, above, goal = wide._select(_passes(v, int(rng.integers(1, n + 1))), np.dtype(dtype), k)
+        assert got == np.sort(v)[::-1][k - 1] and above == np.count_nonzero(v > got) and goal == k, (n, k)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_mass_select_is_the_nucleus_boundary(rng, dtype):
     """The largest value whose tokens at or above it hold the fraction p of the mass exp(x - m) of the
-    tokens at or above theta, against a float64 sort."""
+    tokens at or above theta, against a float64 sort; with the mass above it and the goal."""
     for _ in range(30):
         n = int(rng.integers(1, 3000))
         v = _awkward(rng, n, dtype) / dtype(40)
@@ -92,8 +92,10 @@ def test_mass_select_is_the_nucleus_boundary(rng, dtype):
         if np.any(np.abs(cum - goal) < 1e-9 * goal):
             continue                                  # within rounding of the boundary
         want = levels[np.argmax(cum >= goal)]
-        got = wide._select(_passes(v, int(rng.integers(1, n + 1))), np.dtype(dtype), p, mass=(theta, m))
+        got, above, g = wide._select(_passes(v, int(rng.integers(1, n + 1))), np.dtype(dtype), p,
+                                     mass=(theta, m))
         assert got == want, (n, p, theta)
+        np.testing.assert_allclose([above, g], [w[x > want].sum(), goal], rtol=1e-9, atol=1e-300)
 
 
 # ---- the wide-row sampler -------------------------------------------------------------------------------
@@ -292,14 +294,16 @@ def test_beam_search_step_of_a_source(tmp_path, rng, kind, budget):
 HF_CASES = [  # (probabilities, filters, the tokens Hugging Face's warpers keep)
     ([0.3, 0.1, 0.1, 0.5], {"top_p": 0.8}, [0, 3]),
     ([0.15, 0.3, 0.3, 0.25], {"top_p": 0.8}, [1, 2, 3]),
-    ([0.4, 0.2, 0.2, 0.2], {"top_p": 0.5}, [0, 1, 2, 3]),            # ties at the boundary: all kept
+    ([0.4, 0.2, 0.2, 0.2], {"top_p": 0.5}, [0, 3]),                  # ties at the boundary: the last
     ([0.4, 0.2, 0.2, 0.2], {"top_p": 0.4}, [0]),
     ([0.5, 0.25, 0.125, 0.125], {"top_p": 0.75}, [0, 1]),            # a mass exactly at p reaches it
     ([0.125, 0.5, 0.125, 0.25], {"top_p": 0.625}, [1, 3]),
     ([0.9, 0.0274, 0.047, 0.0274], {"min_p": 0.05}, [0, 2]),
     ([0.97, 0.01, 0.01, 0.01], {"min_p": 0.05}, [0]),
     ([0.3, 0.2, 0.2, 0.2, 0.1], {"top_k": 2}, [0, 1, 2, 3]),          # ties with the k-th value
-    ([0.3, 0.25, 0.25, 0.1, 0.1], {"top_k": 3, "top_p": 0.5}, [0, 1, 2]),
+    ([0.3, 0.25, 0.25, 0.1, 0.1], {"top_k": 3, "top_p": 0.5}, [0, 2]),
+    ([0.25, 0.25, 0.25, 0.25], {"top_p": 0.5}, [2, 3]),
+    ([0.1, 0.15, 0.15, 0.15, 0.15, 0.3], {"top_k": 3, "top_p": 0.55}, [3, 4, 5]),
 ]
 
 

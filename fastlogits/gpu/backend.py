@@ -842,10 +842,12 @@ def _sample_block(blk, kern, softcap, prm, seeds, row_ids, ns, logprobs, chunk, 
     rowmax = blk.array(R, np.float64, "sample rowmax")
     if need[sl].any():
         theta = blk.array(R, np.float64, "sample theta")
+        cut = blk.array(R, np.int64, "sample cut")
         blk.launch(kern.prepare, _stride_grid(R))(blk.d, blk.dtemp, float(softcap), up["need"], up["top_k"],
-                                                    up["top_p"], up["min_p"], rowmax, theta)
-    else:         # no filter: every token survives (a kept upload, no copy while the rows are as many)
+                                                    up["top_p"], up["min_p"], rowmax, theta, cut)
+    else:         # no filter: every token survives (kept uploads, no copy while the rows are as many)
         theta = blk.upload("sample no threshold", np.full(R, -np.inf))
+        cut = blk.upload("sample no cut", np.zeros(R, np.int64))
     nseg, seglen = _segments(R * ns, V, chunk)
     seglen = -(-seglen // 64) * 64
     nseg = -(-V // seglen)
@@ -854,8 +856,8 @@ def _sample_block(blk, kern, softcap, prm, seeds, row_ids, ns, logprobs, chunk, 
     pflag = blk.array((R, nseg), np.int64, "sample pflag")
     psum = blk.array((R, nseg), np.float64, "sample psum")
     blk.launch(kern.draw, _stride_grid(R * nseg * ns))(blk.d, blk.dtemp, float(softcap), up["greedy"], theta,
-                                                        up["seeds"], up["row_ids"], seglen, bool(logprobs),
-                                                        rowmax, pkey, pidx, pflag, psum)
+                                                        cut, up["seeds"], up["row_ids"], seglen,
+                                                        bool(logprobs), rowmax, pkey, pidx, pflag, psum)
     if results is None:
         results = (blk.array((R, ns), np.int64, "sample tokens"),
                    blk.array((R, ns) if logprobs else (1, 1), np.float64, "sample logprobs"),

@@ -12,10 +12,12 @@
 #   test on the high word (g < -log(a)) lets only tokens that can beat the thread's best so far compute
 #   their exact noise, as in the C core; the chosen token is exactly the argmax, whatever the segments and
 #   block size.
-# - Survivors are the tokens with x >= theta[row], the largest of the filters' thresholds, computed once
-#   per row by `prepare`: the row's logsumexp state (max M, sum S); top-k's threshold (the k-th largest
-#   value, repeats counted) and top-p's (the value where the probability mass cumulated from the top first
-#   reaches p), both by one radix select; min-p's, M + log(min_p).
+# - Survivors are the tokens with x > theta[row], the largest of the filters' thresholds, and those equal
+#   to it from token cut[row] on, computed once per row by `prepare`: the row's logsumexp state (max M,
+#   sum S); top-k's threshold (the k-th largest value, repeats counted) and top-p's (the value where the
+#   probability mass cumulated from the top first reaches p), both by one radix select; min-p's,
+#   M + log(min_p). The cut is 0 but where the nucleus needs only some of the tokens tied at top-p's
+#   threshold: it keeps the last ones, as Hugging Face's stable sort does (one more pass finds the first).
 # - Radix select: the values' order-preserving integer keys (32 bits for float32, 64 for float64), 11 bits
 #   per pass from the top. Each pass adds the weight (1 for top-k, exp(x - M) for top-p) of every token
 #   whose key starts with the prefix chosen so far into 2048 shared-memory bins (float64 atomics), and
@@ -221,8 +223,10 @@ def _build(kind):
         """The value tau of row r where the weight cumulated from the largest value down first reaches
         `goal` (tokens with x < lb and NaN left out; weight 1, or exp(x - M) when mass): the weight of the
         values above tau is below the goal, with tau's own it reaches it. goal < 0 means -goal times the
-        total weight. Where rounding keeps the total below the goal, tau is the smallest value. Every
-        thread of the block calls it; hist (2, NBINS) is zero on entry and on return."""
+        total weight. Where rounding keeps the total below the goal, tau is the smallest value. On return
+        sel (4,) holds, for every thread, the weight above tau (sel[1]), tau's own (sel[2]) and the goal
+        (sel[3], resolved). Every thread of the block calls it; hist (2, NBINS) is zero on entry and on
+        return."""
         V = x.shape[1]
         prefix = np.uint64(0)
         shift = NBITS
@@ -266,6 +270,8 @@ def _build(kind):
                     above = above_last
                 sel[0] = float64(hit)
                 sel[1] = above
+                sel[2] = hist[par, hit]
+                sel[3] = gl
             cuda.syncthreads()
             prefix = (prefix << np.uint64(width)) | np.uint64(int64(sel[0]))
             above = sel[1]
@@ -275,12 +281,51 @@ def _build(kind):
         cuda.syncthreads()
         return value_of(prefix)
 
+    @cuda.jit(device=True)
+    def nth_equal(x, r, sc, T, tv, j, cnt, sel, tid):
+        """The token of the (j + 1)-th value of row r equal to tv (j below their number), counting from
+        token 0: each thread counts the ties in its run of columns (cnt, TPB), thread 0 finds the run that
+        holds the one sought, and its thread finds it there. Every thread of the block calls it."""
+        V = x.shape[1]
+        run = (V + TPB - 1) // TPB
+        lo = tid * run
+        hi = min(lo + run, V)
+        c = 0
+        for i in range(lo, hi):
+            if value(x, r, i, sc, T) == tv:
+                c += 1
+        cnt[tid] = float64(c)
+        cuda.syncthreads()
+        if tid == 0:
+            before = 0.0
+            for o in range(TPB):
+                if before + cnt[o] > float64(j):
+                    sel[0] = float64(o)
+                    sel[1] = float64(j) - before
+                    break
+                before += cnt[o]
+        cuda.syncthreads()
+        if tid == int64(sel[0]):
+            left = int64(sel[1])
+            for i in range(lo, hi):
+                if value(x, r, i, sc, T) == tv:
+                    if left == 0:
+                        sel[2] = float64(i)
+                        break
+                    left -= 1
+        cuda.syncthreads()
+        found = int64(sel[2])
+        cuda.syncthreads()                          # (sel is written next by the caller's next step)
+        return found
+
     @cuda.jit
-    def prepare(x, temp, softcap, need, top_k, top_p, min_p, rowmax, theta):
+    def prepare(x, temp, softcap, need, top_k, top_p, min_p, rowmax, theta, cut):
         """Per row, by need[r]: 0, theta = -inf (no filter); 1, top-k only: theta from the radix select
         alone; 2: first the logsumexp state (its max into rowmax), then theta, the largest of the thresholds
-        of top_k (0: none; < V), top_p (1: none; already lowered by the tolerance) and min_p (0: none). One
-        block per row at a time (grid stride)."""
+        of top_k (0: none; < V), top_p (1: none; already lowered by the tolerance) and min_p (0: none).
+        cut[r]: the survivors equal to theta are the tokens from cut[r] on (0: all), where top-p keeps
+        only the last of the tokens tied at its boundary (the C core's fl__topp_drop). One block per row
+        at a time (grid stride)."""
         tid = cuda.threadIdx.x
         V = x.shape[1]
         sc = CT(softcap)
@@ -288,7 +333,7 @@ def _build(kind):
         sh_m = cuda.shared.array(TPB, float64)
         sh_s = cuda.shared.array(TPB, float64)
         bc = cuda.shared.array(2, float64)
-        sel = cuda.shared.array(2, float64)
+        sel = cuda.shared.array(4, float64)
         hist = cuda.shared.array((2, NBINS), float64)
         for d in range(tid, NBINS, TPB):
             hist[0, d] = 0.0
@@ -298,6 +343,7 @@ def _build(kind):
             if need[r] == 0:
                 if tid == 0:
                     theta[r] = -math.inf
+                    cut[r] = 0
                 continue
             T = CT(temp[r])
             M = 0.0                    # top-k alone needs no max: its weights are counts
@@ -320,6 +366,7 @@ def _build(kind):
                 S = bc[1]
             lse = lse_result(M, S)
             th = -math.inf
+            ct = int64(0)
             if M > -math.inf and M < math.inf:         # else the row's status says why it has no draw
                 Mc = CT(M)
                 k = top_k[r]
@@ -328,27 +375,40 @@ def _build(kind):
                     vk = float64(radix_select(x, r, sc, T, False, float64(k), -math.inf, Mc, hist, sel, tid))
                 th = vk
                 p = top_p[r]
+                drop = int64(0)
                 if p < 1.0:
                     if k > 0:
-                        lb = vk
+                        lb = vk                                 # (<= M; M itself where ties hold it)
                         goal = -p                               # p of the top-k survivors' mass
                     else:
-                        lb = lse + math.log1p(-p) - math.log(float64(V)) - 1e-3
+                        # (at most M: where |M| is huge, rounding may leave it at M, or above)
+                        lb = min(lse + math.log1p(-p) - math.log(float64(V)) - 1e-3, M)
                         goal = p * S
-                    tau = M
-                    if lb < M:
-                        tau = float64(radix_select(x, r, sc, T, True, goal, lb, Mc, hist, sel, tid))
+                    tau = float64(radix_select(x, r, sc, T, True, goal, lb, Mc, hist, sel, tid))
                     th = max(th, tau)
+                    # of the tokens tied at tau, top-p keeps the last ones the nucleus needs
+                    q = float64(CT(math.exp(CT(tau) - Mc)))     # each one's weight, as radix_select's
+                    if q > 0.0:
+                        ties = int64(sel[2] / q + 0.5)
+                        need_f = (sel[3] - sel[1]) / q
+                        kept = ties
+                        if need_f < float64(ties):
+                            kept = max(int64(1), int64(math.ceil(need_f)))
+                        drop = ties - kept
                 mp = min_p[r]
-                if mp > 0.0:
-                    th = max(th, M + math.log(mp))
+                if mp > 0.0 and M + math.log(mp) > th:
+                    th = M + math.log(mp)
+                    drop = 0
+                if drop > 0:
+                    ct = nth_equal(x, r, sc, T, CT(th), drop, sh_m, sel, tid)
             if tid == 0:
                 theta[r] = th
+                cut[r] = ct
                 rowmax[r] = M
 
     @cuda.jit
-    def draw(x, temp, softcap, greedy, theta, seeds, row_ids, seglen, want_sum, rowmax, pkey, pidx, pflag,
-             psum):
+    def draw(x, temp, softcap, greedy, theta, cut, seeds, row_ids, seglen, want_sum, rowmax, pkey, pidx,
+             pflag, psum):
         """Work item (row r, segment g, sample s): the best (key, index) of the segment's surviving tokens
         into pkey[r, g, s] (the key's hi, lo) and pidx[r, g, s] (index -1: none); for s = 0, the NaN/+inf
         flags of the segment into pflag[r, g] and, when want_sum, the sum of exp(x - rowmax) over its
@@ -369,6 +429,7 @@ def _build(kind):
             r, g, s = item_of(it, nseg, ns)
             T = CT(temp[r])
             th = theta[r]
+            ct = cut[r]
             gr = greedy[r] != 0
             do_sum = want_sum and s == 0 and not gr
             Mc = CT(rowmax[r]) if do_sum else CT(0)
@@ -408,7 +469,7 @@ def _build(kind):
                             best = xv
                             bi = t
                         continue
-                    if xv < th or xv == -math.inf:     # -inf: probability 0, never drawn
+                    if xv < th or (xv == th and t < ct) or xv == -math.inf:   # -inf: probability 0
                         continue
                     if do_sum:
                         tot += float64(CT(math.exp(v - Mc)))
@@ -648,10 +709,11 @@ def compile_signatures():
         k = for_kind(kind)
         xt = types.Array(types.uint16 if kind == "bfloat16" else from_dtype(np.dtype(kind)), 2, "A")
         out.append((f"sample prepare[{kind}]", k.prepare,
-                    (xt, row, f8, u8row, i8row, row, row, row, row)))
+                    (xt, row, f8, u8row, i8row, row, row, row, row, i8row)))
         out.append((f"sample draw[{kind}]", k.draw,
-                    (xt, row, f8, u8row, row, u64row, u64row, i8, boolean, row, types.Array(f8, 4, "C"),
-                     types.Array(i8, 3, "C"), types.Array(i8, 2, "C"), types.Array(f8, 2, "C"))))
+                    (xt, row, f8, u8row, row, i8row, u64row, u64row, i8, boolean, row,
+                     types.Array(f8, 4, "C"), types.Array(i8, 3, "C"), types.Array(i8, 2, "C"),
+                     types.Array(f8, 2, "C"))))
         out.append((f"sample finish[{kind}]", k.finish,
                     (xt, row, f8, u8row, row, row, types.Array(f8, 4, "C"), types.Array(i8, 3, "C"),
                      types.Array(i8, 2, "C"), types.Array(f8, 2, "C"), boolean, types.Array(i8, 2, "C"),

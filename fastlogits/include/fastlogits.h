@@ -60,6 +60,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* x86-64 intrinsics: SSE2 and AVX2 code for Philox's 32 x 32 -> 64-bit multiplies (see fl__philox_block

@@ -35,9 +35,10 @@
  *          1 - top_p of the mass together, so the nucleus lies above t0), which finds the bucket where the
  *          cumulative mass from the top reaches top_p; a pass collecting that bucket's tokens, among which
  *          a three-way quickselect on mass finds the nucleus' threshold value tau (no sort); then a
- *          Gumbel-max pass restricted to x >= tau. Every token tied with the boundary value is kept. A
- *          prefix mass within a few rounding errors (16 eps of the compute type) of top_p counts as
- *          reaching it;
+ *          Gumbel-max pass restricted to x > tau and, of the tokens tied at tau, the last ones the
+ *          nucleus needs, as HF's stable sort keeps them (fl__topp_drop; a pass finds the first kept,
+ *          the cut, where some are dropped). A prefix mass within a few rounding errors (16 eps of the
+ *          compute type) of top_p counts as reaching it;
  *   min-p: keep x >= x_max + log(min_p) (the same as p >= min_p * p_max, before or after renormalising);
  *          a logsumexp (max) pass, then the Gumbel-max pass restricted to the survivors.
  *
@@ -332,7 +333,8 @@ typedef struct fl_sample_scratch {
  * masses. */
 typedef struct fl_sample_prep {
     fl_lse_state st;   /* the row's logsumexp state, when need_lse */
-    double theta;      /* the survivors are the tokens with x >= theta (-inf: all) */
+    double theta;      /* survivors: the tokens with x > theta (-inf: all), and those with x == theta */
+    int64_t cut;       /* from token cut on (0: all; top-p keeps the last of its boundary ties) */
     int need_lse;      /* the logsumexp pass was made (and checked the row for NaN and +inf) */
 } fl_sample_prep;
 
@@ -341,12 +343,26 @@ FL_MULTIVERSION static FL_UNUSED void fl__exp_shift(const double *v, double *w, 
     for (int64_t i = 0; i < n; i++) w[i] = fl__exp(v[i] - shift);
 }
 
+/* Of T tokens tied at the nucleus' boundary value, each of mass q, with the mass `above` (< p) of the
+ * tokens above them: how many Hugging Face's TopPLogitsWarper drops. It sorts the tokens ascending (a
+ * stable sort: tied tokens in token order), and drops those whose cumulative mass from the bottom is at
+ * most 1 - p, that is those that leave a mass of at least p above them: of the tied tokens it keeps the
+ * last (highest) ones, as many as the mass above needs to reach p, the smallest nucleus. (The same
+ * closed form in every sampler: the streamed one, fastlogits/stream/wide.py, and the GPU's.) */
+static inline int64_t fl__topp_drop(int64_t T, double q, double above, double p) {
+    double need = ceil((p - above) / q);      /* the tied tokens c = 0, 1, ... kept: above + c q < p */
+    int64_t kept = need < (double)T ? (need > 1.0 ? (int64_t)need : 1) : T;     /* (q = 0: all) */
+    return T - kept;
+}
+
 /* The smallest value tau among v[0:n) such that the mass strictly above it, the sum of w_i (the
  * tokens' masses: probabilities in any common scale, p in the same) over v_i > tau, is below p (so every
- * value >= tau is kept: the nucleus of top-p with its boundary ties), `above` being the mass of the tokens
- * above all of v (0 for the whole distribution; below p). The mass of all of v must reach p. Three-way
- * quickselect on mass: expected O(n); v and w are reordered together. */
-static inline double fl__topp_threshold(double *v, double *w, int64_t n, double p, double above) {
+ * value > tau is kept, and of the tokens equal to tau the last ones, all but *drop: the nucleus of top-p,
+ * fl__topp_drop), `above` being the mass of the tokens above all of v (0 for the whole distribution;
+ * below p). The mass of all of v must reach p. Three-way quickselect on mass: expected O(n); v and w are
+ * reordered together. */
+static inline double fl__topp_threshold(double *v, double *w, int64_t n, double p, double above,
+                                        int64_t *drop) {
     int64_t lo = 0, hi = n;
     while (hi > lo) {
         double a = v[lo], b = v[lo + (hi - lo) / 2], c = v[hi - 1], pv, mg = 0.0, me = 0.0;
@@ -361,17 +377,21 @@ static inline double fl__topp_threshold(double *v, double *w, int64_t n, double 
         for (i = lo; i < lt; i++) mg += w[i];
         if (lt > lo && above + mg >= p) { hi = lt; continue; }   /* tau is above the pivot */
         for (i = lt; i < gt; i++) me += w[i];
-        if (above + mg + me >= p || gt == hi) return pv;
+        if (above + mg + me >= p || gt == hi) {
+            *drop = fl__topp_drop(gt - lt, w[lt], above + mg, p);      /* (tied values: equal masses) */
+            return pv;
+        }
         above += mg + me;
         lo = gt;
     }
+    *drop = 0;
     return v[lo < n ? lo : n - 1];         /* not reached while the invariants hold */
 }
 
 /* The top-p threshold of candidates v[0:n) (max m) with masses w[0:n) (both reordered): first a
  * histogram of the mass over 256 value buckets between the smallest candidate and m (branch-free), which
  * finds the one bucket where the cumulative mass reaches p; then the quickselect on that bucket only. */
-static inline double fl__topp_bucketed(double *v, double *w, int64_t n, double m, double p) {
+static inline double fl__topp_bucketed(double *v, double *w, int64_t n, double m, double p, int64_t *drop) {
     double mass[257], vmin = m, scale, above = 0.0;
     int64_t i, nb = 0;
     int b, hit = 256;
@@ -380,14 +400,14 @@ static inline double fl__topp_bucketed(double *v, double *w, int64_t n, double m
     /* (a span that overflows, 1e308 to -1e308, gives a scale of 0, a subnormal span one of inf: either
      * would make a NaN bucket index) */
     if (n < 512 || !(m - vmin > 0.0) || vmin == -FL_INF || !(scale > 0.0 && scale < FL_INF))
-        return fl__topp_threshold(v, w, n, p, 0.0);
+        return fl__topp_threshold(v, w, n, p, 0.0, drop);
     for (b = 0; b < 257; b++) mass[b] = 0.0;
     for (i = 0; i < n; i++) mass[(int)((m - v[i]) * scale)] += w[i];
     for (b = 0; b < 256; b++) {
         if (above + mass[b] >= p) { hit = b; break; }
         above += mass[b];
     }
-    if (hit == 256) return fl__topp_threshold(v, w, n, p, 0.0);   /* rounding: the mass never reached p */
+    if (hit == 256) return fl__topp_threshold(v, w, n, p, 0.0, drop);  /* rounding: never reached p */
     for (i = 0; i < n; i++) {
         if ((int)((m - v[i]) * scale) == hit) {
             double tv = v[i], tw = w[i];
@@ -395,28 +415,52 @@ static inline double fl__topp_bucketed(double *v, double *w, int64_t n, double m
         }
     }
     /* the bucket's largest value has the mass `above` above it (< p): the quickselect's invariant */
-    return fl__topp_threshold(v, w, nb, p, above);
+    return fl__topp_threshold(v, w, nb, p, above, drop);
 }
 
 /* The threshold of the filters top_p (p < 1) and min_p (> 0) over candidate values cv[0:n) (the whole
  * distribution, or what top-k left), whose max is m and sum of exp(cv - m) is sum; tmp: 2 n doubles of
- * scratch. Tokens with value >= the result survive. tol: the rounding slack on p. The masses are
- * exp(cv - m) against p * sum, not exp(cv - lse) against p: the max is exact, the logsumexp rounded
- * (by ulp(lse) / 2, far more than tol where |lse| is large: at a low temperature, say). */
+ * scratch. Tokens with value > the result survive, and of those equal to it all but the first *drop
+ * (top-p's boundary ties, fl__topp_drop; 0 where min-p's threshold is the larger). tol: the rounding
+ * slack on p. The masses are exp(cv - m) against p * sum, not exp(cv - lse) against p: the max is exact,
+ * the logsumexp rounded (by ulp(lse) / 2, far more than tol where |lse| is large: at a low temperature,
+ * say). */
 static inline double fl__filter_threshold(const double *cv, int64_t n, double m, double sum, double top_p,
-                                          double min_p, double tol, double *tmp) {
+                                          double min_p, double tol, double *tmp, int64_t *drop) {
     double theta = -FL_INF;
+    *drop = 0;
     if (top_p < 1.0) {
         double p = top_p - tol > 0.5 * top_p ? top_p - tol : 0.5 * top_p;
         memcpy(tmp, cv, (size_t)n * sizeof(double));
         fl__exp_shift(cv, tmp + n, n, m);
-        theta = fl__topp_bucketed(tmp, tmp + n, n, m, p * sum);
+        theta = fl__topp_bucketed(tmp, tmp + n, n, m, p * sum, drop);
     }
     if (min_p > 0.0) {
         double t = m + log(min_p);
-        theta = t > theta ? t : theta;
+        if (t > theta) { theta = t; *drop = 0; }
     }
     return theta;
+}
+
+/* Whether a candidate (value v, token i) survives the filters' threshold theta and cut (fl_sample_prep). */
+static inline int fl__survives(double v, int64_t i, double theta, int64_t cut) {
+    return v > theta || (v == theta && i >= cut);
+}
+
+static FL_UNUSED int fl__cmp_i64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* The (j + 1)-th smallest token ci[i] among the candidates whose value cv[i] is v (j < their number);
+ * tmp: n int64 of scratch. */
+static inline int64_t fl__nth_index(const double *cv, const int64_t *ci, int64_t n, double v, int64_t j,
+                                    int64_t *tmp) {
+    int64_t i, nt = 0;
+    for (i = 0; i < n; i++)
+        if (cv[i] == v) tmp[nt++] = ci[i];
+    qsort(tmp, (size_t)nt, sizeof(int64_t), fl__cmp_i64);
+    return tmp[j];
 }
 
 /* Instantiate the row drivers for float and double. */
@@ -640,6 +684,31 @@ FL_MULTIVERSION static FL_UNUSED int64_t FLS_FN(fl__topp_flags)(const FLS_T *x, 
     return cnt;
 }
 
+/* The number of values of a row equal to v. */
+static inline int64_t FLS_FN(fl__count_equal)(const fl_row *r, int64_t chunk, FLS_T *buf, FLS_T v) {
+    int64_t c0, i, cnt = 0;
+    for (c0 = 0; c0 < r->n; c0 += chunk) {
+        int64_t len = r->n - c0 < chunk ? r->n - c0 : chunk;
+        const FLS_T *x = FLS_FN(fl_row_chunk)(r, c0, len, buf);
+        for (i = 0; i < len; i++) cnt += x[i] == v;
+    }
+    return cnt;
+}
+
+/* The token of the (j + 1)-th value of a row equal to v (j < their number), counting from token 0. */
+static inline int64_t FLS_FN(fl__nth_equal)(const fl_row *r, int64_t chunk, FLS_T *buf, FLS_T v, int64_t j) {
+    int64_t c0, i;
+    for (c0 = 0; c0 < r->n; c0 += chunk) {
+        int64_t len = r->n - c0 < chunk ? r->n - c0 : chunk, cnt = 0;
+        const FLS_T *x = FLS_FN(fl_row_chunk)(r, c0, len, buf);
+        for (i = 0; i < len; i++) cnt += x[i] == v;
+        if (cnt <= j) { j -= cnt; continue; }
+        for (i = 0; i < len; i++)
+            if (x[i] == v && j-- == 0) return c0 + i;
+    }
+    return 0;                                      /* not reached */
+}
+
 /* The top-p threshold tau of a whole row (max m, sum s of exp(x - m): logsumexp lse = m + log s; p already
  * lowered by the tolerance), in two passes and no sort: only tokens above t0 = lse + log(1 - p) - log(V) can be
  * in the nucleus (those below hold less than 1 - p of the mass); pass 1 histograms the mass of those over
@@ -647,7 +716,7 @@ FL_MULTIVERSION static FL_UNUSED int64_t FLS_FN(fl__topp_flags)(const FLS_T *x, 
  * the top) reaches p; pass 2 collects that bucket's tokens, and a quickselect on mass among them gives
  * tau. Masses are exp(x - m) against p * s (see fl__filter_threshold). */
 static inline double FLS_FN(fl__topp_row)(const fl_row *r, int64_t chunk, fl_sample_scratch *sc, double m,
-                                          double s, double p) {
+                                          double s, double p, int64_t *drop) {
     double mass[4][FL_TOPP_BUCKETS + 9], above = 0.0;
     double t0d = (m + log(s)) + log1p(-p) - log((double)r->n) - 1e-3;
     double goal = p * s;
@@ -662,10 +731,17 @@ static inline double FLS_FN(fl__topp_row)(const fl_row *r, int64_t chunk, fl_sam
     uint32_t span;
     if (chunk > r->n) chunk = r->n;   /* tmp holds 2 n doubles: chunk bucket numbers, then chunk weights */
     w = (FLS_T *)(void *)(sc->tmp + (chunk + 1) / 2);
-    if (t0d >= m) return m;                       /* p so small that the top token alone reaches it */
+    *drop = 0;
     t0 = FLS_FN(fl__round_down)(t0d);
+    /* |m| so large that m + (t0d - m) rounds to m: the next value down holds every token that can be in
+     * the nucleus but m's; where there is none (m the lowest finite value), all are tied at m */
+    if (!(t0 < mt)) t0 = FLS_NEXTAFTER(mt, -(FLS_T)INFINITY);
+    if (t0 == -(FLS_T)INFINITY) {
+        *drop = fl__topp_drop(FLS_FN(fl__count_equal)(r, chunk, buf, mt), 1.0, 0.0, goal);
+        return m;
+    }
     scale = (FLS_T)((FL_TOPP_BUCKETS - 0.01) / (m - (double)t0));
-    if (!(scale < (FLS_T)INFINITY)) return m;
+    if (!(scale < (FLS_T)INFINITY)) return m;     /* not reached: m - t0 is at least 1e-3 or an ulp */
     memset(mass, 0, sizeof(mass));
     for (c0 = 0; c0 < r->n; c0 += chunk) {
         int64_t len = r->n - c0 < chunk ? r->n - c0 : chunk;
@@ -712,7 +788,7 @@ static inline double FLS_FN(fl__topp_row)(const fl_row *r, int64_t chunk, fl_sam
         }
     }
     if (nc == 0) return m;                         /* not reached */
-    return fl__topp_threshold(sc->cv, cw, nc, goal, above);
+    return fl__topp_threshold(sc->cv, cw, nc, goal, above, drop);
 }
 
 /* The number of x[0:n) above xt (added to *rank), and the sum of exp(x - m) over x >= theta (m >= every
@@ -747,8 +823,8 @@ FL_MULTIVERSION static FL_UNUSED double FLS_FN(fl__rank_mass)(const FLS_T *x, in
 }
 
 /* The setup of a row without top-k (top_k 0 or >= n; not greedy) into *pp: the logsumexp pass when a
- * filter or the log-probabilities (want_lp) need it, and the filters' threshold. Status OK, NAN, POSINF
- * or EMPTY (found by the logsumexp pass; without it, by the draws). */
+ * filter or the log-probabilities (want_lp) need it, and the filters' threshold and cut. Status OK, NAN,
+ * POSINF or EMPTY (found by the logsumexp pass; without it, by the draws). */
 static inline int FLS_FN(fl_row_sample_setup)(const fl_row *r, const fl_sample_params *p, int want_lp,
                                               int64_t chunk, fl_sample_scratch *sc, fl_sample_prep *pp) {
     double tol = 16 * FLS_EPS;
@@ -756,6 +832,7 @@ static inline int FLS_FN(fl_row_sample_setup)(const fl_row *r, const fl_sample_p
     pp->st.m = 0.0;
     pp->st.s = 0.0;
     pp->theta = -FL_INF;
+    pp->cut = 0;
     if (pp->need_lse) {
         pp->st = FLS_FN(fl_row_lse)(r, 0, r->n, chunk, (FLS_T *)sc->buf);
         if (pp->st.m != pp->st.m) return FL_SAMPLE_NAN;
@@ -763,9 +840,15 @@ static inline int FLS_FN(fl_row_sample_setup)(const fl_row *r, const fl_sample_p
         if (pp->st.m == -FL_INF) return FL_SAMPLE_EMPTY;
     }
     if (p->top_p < 1.0) {
+        int64_t drop = 0;
         pp->theta = FLS_FN(fl__topp_row)(r, chunk, sc, pp->st.m, pp->st.s,
-                                         p->top_p - tol > 0.5 * p->top_p ? p->top_p - tol : 0.5 * p->top_p);
-        if (p->min_p > 0.0 && pp->st.m + log(p->min_p) > pp->theta) pp->theta = pp->st.m + log(p->min_p);
+                                         p->top_p - tol > 0.5 * p->top_p ? p->top_p - tol : 0.5 * p->top_p,
+                                         &drop);
+        if (p->min_p > 0.0 && pp->st.m + log(p->min_p) > pp->theta) {
+            pp->theta = pp->st.m + log(p->min_p);
+        } else if (drop > 0) {
+            pp->cut = FLS_FN(fl__nth_equal)(r, chunk, (FLS_T *)sc->buf, (FLS_T)pp->theta, drop);
+        }
     } else if (p->min_p > 0.0) {
         pp->theta = pp->st.m + log(p->min_p);
     }
@@ -781,22 +864,27 @@ static inline int FLS_FN(fl_row_gumbel)(const fl_row *r, const fl_sample_params 
                                         uint32_t s, int64_t c0, int64_t c1, int64_t chunk, FLS_T *buf,
                                         fl_key *best, int64_t *best_i) {
     fl_rng g = fl_rng_make(p->seed, p->row_id, s);
-    FLS_T theta_t = pp->theta == -FL_INF ? -(FLS_T)INFINITY : FLS_FN(fl__round_up)(pp->theta);
+    FLS_T theta_t = pp->theta == -FL_INF ? -(FLS_T)INFINITY : FLS_FN(fl__round_up)(pp->theta), th;
+    int64_t cut = pp->cut < c0 ? c0 : pp->cut < c1 ? pp->cut : c1;
     uint32_t w[64];
     unsigned char flags[64];
     int has_nan, posinf = 0;
-    int64_t a;
-    for (a = c0; a < c1; a += chunk) {
-        int64_t len = c1 - a < chunk ? c1 - a : chunk;
-        const FLS_T *x = FLS_FN(fl_row_chunk)(r, a, len, buf);
-        FLS_T cm = FLS_FN(fl__max)(x, len, &has_nan);
+    int64_t a, len;
+    for (a = c0; a < c1; a += len) {
+        const FLS_T *x;
+        FLS_T cm;
+        len = c1 - a < chunk ? c1 - a : chunk;
+        if (a < cut && a + len > cut) len = cut - a;         /* chunks end at the cut */
+        th = a < cut ? FLS_NEXTAFTER(theta_t, (FLS_T)INFINITY) : theta_t;   /* below it: x > theta */
+        x = FLS_FN(fl_row_chunk)(r, a, len, buf);
+        cm = FLS_FN(fl__max)(x, len, &has_nan);
         if (!pp->need_lse) {
             if (has_nan) return FL_SAMPLE_NAN;
             if (cm == (FLS_T)INFINITY) posinf = 1;
             if (posinf) continue;             /* a bad row: only a NaN could change its status now */
         }
-        if (cm < theta_t || (double)cm + FL_GUMBEL_MAX < fl_key_floor(*best)) continue;
-        FLS_FN(fl__gumbel_chunk)(x, a, len, theta_t, &g, best, best_i, w, flags);
+        if (cm < th || (double)cm + FL_GUMBEL_MAX < fl_key_floor(*best)) continue;
+        FLS_FN(fl__gumbel_chunk)(x, a, len, th, &g, best, best_i, w, flags);
     }
     return posinf ? FL_SAMPLE_POSINF : FL_SAMPLE_OK;
 }
@@ -809,12 +897,16 @@ static inline double FLS_FN(fl_row_rank_mass)(const fl_row *r, const fl_sample_p
                                               int64_t *rank) {
     FLS_T xt = FLS_FN(fl_row_value)(r, t);
     FLS_T theta_t = pp->theta == -FL_INF ? -(FLS_T)INFINITY : FLS_FN(fl__round_up)(pp->theta);
+    int64_t cut = pp->cut < c0 ? c0 : pp->cut < c1 ? pp->cut : c1;
     double ssum = 0.0;
-    int64_t a;
-    for (a = c0; a < c1; a += chunk) {
-        int64_t len = c1 - a < chunk ? c1 - a : chunk;
-        const FLS_T *x = FLS_FN(fl_row_chunk)(r, a, len, buf);
-        ssum += FLS_FN(fl__rank_mass)(x, len, xt, theta_t, (FLS_T)pp->st.m, rank);
+    int64_t a, len;
+    for (a = c0; a < c1; a += len) {
+        const FLS_T *x;
+        len = c1 - a < chunk ? c1 - a : chunk;
+        if (a < cut && a + len > cut) len = cut - a;         /* as fl_row_gumbel: x > theta below cut */
+        x = FLS_FN(fl_row_chunk)(r, a, len, buf);
+        ssum += FLS_FN(fl__rank_mass)(x, len, xt, a < cut ? FLS_NEXTAFTER(theta_t, (FLS_T)INFINITY) : theta_t,
+                                      (FLS_T)pp->st.m, rank);
     }
     return ssum;
 }
@@ -854,7 +946,7 @@ static inline int FLS_FN(fl_row_sample)(const fl_row *r, const fl_sample_params 
     if (k > 0) {
         /* top-k: candidates are the heap and the ties; everything else happens on them */
         FLS_T *hv = (FLS_T *)sc->hv;
-        int64_t nt = 0;
+        int64_t nt = 0, drop, cut = 0;
         double m, sum = 0.0, theta, log_s, ssum = 0.0;
         int st = FLS_FN(fl__topk_pass)(r, k, chunk, buf, hv, sc->hi, sc->ci + k, &nt);
         if (st != FL_SAMPLE_OK) return st;
@@ -865,9 +957,10 @@ static inline int FLS_FN(fl_row_sample)(const fl_row *r, const fl_sample_params 
         for (i = 0; i < nc; i++) m = sc->cv[i] > m ? sc->cv[i] : m;
         if (m == -FL_INF) return FL_SAMPLE_EMPTY;
         for (i = 0; i < nc; i++) sum += exp(sc->cv[i] - m);
-        theta = fl__filter_threshold(sc->cv, nc, m, sum, p->top_p, p->min_p, tol, sc->tmp);
+        theta = fl__filter_threshold(sc->cv, nc, m, sum, p->top_p, p->min_p, tol, sc->tmp, &drop);
+        if (drop > 0) cut = fl__nth_index(sc->cv, sc->ci, nc, theta, drop, (int64_t *)(void *)sc->tmp);
         for (i = 0; i < nc; i++)
-            if (sc->cv[i] >= theta) ssum += exp(sc->cv[i] - m);
+            if (fl__survives(sc->cv[i], sc->ci[i], theta, cut)) ssum += exp(sc->cv[i] - m);
         log_s = fl__log(ssum);
         for (s = 0; s < p->num_samples; s++) {
             fl_rng g = fl_rng_make(p->seed, p->row_id, (uint32_t)s);
@@ -875,7 +968,7 @@ static inline int FLS_FN(fl_row_sample)(const fl_row *r, const fl_sample_params 
             int64_t bi = -1, bj = -1;
             for (i = 0; i < nc; i++) {
                 fl_key key;
-                if (sc->cv[i] < theta || sc->cv[i] == -FL_INF) continue;
+                if (!fl__survives(sc->cv[i], sc->ci[i], theta, cut) || sc->cv[i] == -FL_INF) continue;
                 key = fl_key_of(sc->cv[i], fl_rng_gumbel(&g, sc->ci[i]));
                 if (fl_key_above(key, best) || (fl_key_equal(key, best) && sc->ci[i] < bi)) {
                     best = key;

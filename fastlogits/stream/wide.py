@@ -11,7 +11,9 @@ memory is set by the chunk, not by the row:
    (``DIGIT`` bits a pass: 3 passes for float32 values, 6 for float64; 8 bits for small chunks)
    counting each bucket's tokens; every token tied with it survives, as Hugging Face keeps them;
 3. top-p: the nucleus' boundary value by the same radix select on probability mass instead of counts,
-   over the top-k survivors renormalised (a mass within 16 eps of top_p reaches it, as in memory);
+   over the top-k survivors renormalised (a mass within 16 eps of top_p reaches it, as in memory); where
+   the nucleus needs only some of the tokens tied at that value (the last ones, as Hugging Face's stable
+   sort keeps them), a pass counts them and one more finds the first kept (the cut);
 4. min-p: ``x_max + log(min_p)``;
 5. the Gumbel-max over the survivors (the values at or above the largest of those thresholds), with the
    in-memory sampler's noise and conservative test (``fl__gumbel_chunk``), all samples in one pass;
@@ -24,8 +26,9 @@ where tokens tied with the k-th value were left out of the k does one more pass 
 mass), and the draw then runs in passes if they survive every filter. Top-k with top-p reads a row once,
 with or without log-probabilities, where it read float32 values six or seven times.
 
-In both samplers the survivors are the tokens at or above one threshold and a token's key is the same
-float64 number, so the tokens are those the row in memory gives, except where top-p's cumulative mass
+In both samplers the survivors are the tokens above one threshold and those equal to it from a cut on,
+and a token's key is the same float64 number, so the tokens are those the row in memory gives, except
+where top-p's cumulative mass
 lands within rounding of top_p (the two add the mass in different orders, as the GPU sampler does too);
 log-probabilities agree to rounding.
 """
@@ -53,8 +56,9 @@ def _value(key, vdt):
 
 
 def _select(passes, vdt, want, mass=None, digit=DIGIT):
-    """The largest value x* such that the tokens with values >= x* reach `want`: a count of tokens, or,
-    with mass = (theta, m), the fraction `want` of the mass exp(x - m) of the tokens with x >= theta. A
+    """(x*, above, goal): the largest value x* such that the tokens with values >= x* reach `want`: a
+    count of tokens, or, with mass = (theta, m), the fraction `want` of the mass exp(x - m) of the tokens
+    with x >= theta; the weight (count or mass) of the values above x*; and the goal in those units. A
     radix select from the top: each pass histograms one digit of the keys of the tokens whose higher
     digits are those chosen so far (``_sample.radix_counts``, ``radix_mass``), and chooses the bucket
     where the cumulative count (or mass) from the top reaches the goal."""
@@ -78,7 +82,24 @@ def _select(passes, vdt, want, mass=None, digit=DIGIT):
         j = int(hits[0]) if hits.size else int(np.flatnonzero(down > 0)[-1])
         above = cum[j - 1] if j else above
         prefix = (prefix << width) | ((1 << width) - 1 - j)
-    return _value(prefix, vdt)
+    return _value(prefix, vdt), float(above), float(goal)
+
+
+def _drop(T, q, above, goal):
+    """Of T tokens tied at the nucleus' boundary, each of mass q, under the mass `above` (< goal) of the
+    tokens above them: how many top-p drops, the first ones (fl__topp_drop's closed form)."""
+    need = math.ceil((goal - above) / q) if q > 0 else math.inf
+    return T - (min(T, max(1, need)) if need < math.inf else T)
+
+
+def _nth_equal(passes, v, j):
+    """The token of the (j + 1)-th value equal to v, counting from token 0, in one pass (stopping there)."""
+    for c0, x in passes():
+        hit = np.flatnonzero(x == v)
+        if hit.size > j:
+            return c0 + int(hit[j])
+        j -= hit.size
+    raise AssertionError("fewer tied tokens than counted")      # not reached
 
 
 def _k_largest(passes, k):
@@ -104,16 +125,21 @@ def _k_largest(passes, k):
 
 
 def _nucleus(vals, extra, m, p):
-    """The nucleus' boundary value among survivors held in memory: values `vals` (descending) and `extra`
-    more tokens equal to the last; the largest value whose tokens at or above it reach the fraction p of
-    their mass exp(x - m), as ``_select`` finds it by passes."""
+    """(tau, drop): the nucleus' boundary value among survivors held in memory, values `vals`
+    (descending) and `extra` more tokens equal to the last: the largest value whose tokens at or above it
+    reach the fraction p of their mass exp(x - m), as ``_select`` finds it by passes; and how many of the
+    tokens tied at it the nucleus drops (``_drop``)."""
     w = np.exp(vals - m)
     cum = np.cumsum(w)
     cum[-1] += extra * w[-1]
     ends = np.append(vals[:-1] != vals[1:], True)        # the last token of each value
     hits = np.flatnonzero(ends & (cum >= p * cum[-1]))
     # rounding may leave the total below the goal: the lowest value with mass then
-    return float(vals[hits[0]] if hits.size else vals[np.flatnonzero(w > 0)[-1]])
+    tau = float(vals[hits[0]] if hits.size else vals[np.flatnonzero(w > 0)[-1]])
+    tied = vals == tau
+    first = int(np.argmax(tied))
+    T = int(np.count_nonzero(tied)) + (extra if tau == vals[-1] else 0)
+    return tau, _drop(T, float(w[first]), float(cum[first - 1]) if first else 0.0, p * cum[-1])
 
 
 def sample_row(row, *, temperature, softcap, top_k, top_p, min_p, seed, row_id, num_samples, logprobs,
@@ -159,23 +185,37 @@ def sample_row(row, *, temperature, softcap, top_k, top_p, min_p, seed, row_id, 
         return OK, tokens, np.zeros(ns), np.zeros(ns, np.int64)
     if m == math.inf:
         return POSINF, None, None, None
-    theta = -math.inf
+    theta, cut = -math.inf, 0
     digit = DIGIT if cols >= 1 << 16 else 8     # histograms of 2^11 values of 8 bytes, or of 2^8
     if 0 < top_k < row.V:                        # a radix select counting tokens (3 passes for float32
-        theta = _select(passes, vdt, top_k, None, digit)          # values, 6 for float64)
+        theta = _select(passes, vdt, top_k, None, digit)[0]       # values, 6 for float64)
     if top_p < 1.0:
-        theta = max(theta, _select(passes, vdt, p, (theta, m), digit))
-    if min_p > 0.0:
-        theta = max(theta, m + math.log(min_p))
-    return _draw(passes, theta, m, seed, row_id, ns, logprobs)
+        tau, above, goal = _select(passes, vdt, p, (theta, m), digit)
+        T = sum(int(np.count_nonzero(v == tau)) for _, v in passes())
+        drop = _drop(T, math.exp(tau - m), above, goal)
+        theta, cut = tau, _nth_equal(passes, tau, drop) if drop else 0      # (tau >= theta, top-k's)
+    if min_p > 0.0 and m + math.log(min_p) > theta:
+        theta, cut = m + math.log(min_p), 0
+    return _draw(passes, theta, m, seed, row_id, ns, logprobs, cut)
 
 
-def _draw(passes, theta, m, seed, row_id, ns, logprobs):
-    """The Gumbel-max over the tokens at or above theta in one pass, and their log-probabilities in one
-    more; returns sample_row's tuple."""
-    best, tokens, xt = _sample.no_keys(ns), np.full(ns, -1, np.int64), np.zeros(ns)
+def _parts(passes, theta, cut):
+    """(c0, v, threshold) of the row's chunks, a chunk cut in two at token `cut`: the survivors are the
+    values above theta before it (threshold: the next value up), at or above it from it on."""
     for c0, v in passes():
-        _sample.gumbel_values(v, c0, theta, seed, row_id, best, tokens)
+        j = min(max(cut - c0, 0), v.shape[0])
+        if j:
+            yield c0, v[:j], float(np.nextafter(v.dtype.type(theta), v.dtype.type(np.inf)))
+        if j < v.shape[0]:
+            yield c0 + j, v[j:], theta
+
+
+def _draw(passes, theta, m, seed, row_id, ns, logprobs, cut=0):
+    """The Gumbel-max over the survivors (the tokens above theta, and those equal to it from token cut
+    on) in one pass, and their log-probabilities in one more; returns sample_row's tuple."""
+    best, tokens, xt = _sample.no_keys(ns), np.full(ns, -1, np.int64), np.zeros(ns)
+    for c0, v, th in _parts(passes, theta, cut):
+        _sample.gumbel_values(v, c0, th, seed, row_id, best, tokens)
         here = (tokens >= c0) & (tokens < c0 + v.shape[0])     # the values of the tokens found here
         xt[here] = v[tokens[here] - c0]
     if np.any(tokens < 0):
@@ -183,8 +223,8 @@ def _draw(passes, theta, m, seed, row_id, ns, logprobs):
     if not logprobs:
         return OK, tokens, None, None
     ranks, mass = np.zeros(ns, np.int64), np.zeros(ns)
-    for _, v in passes():
-        _sample.rank_mass_values(v, xt, theta, m, ranks, mass)
+    for _, v, th in _parts(passes, theta, cut):
+        _sample.rank_mass_values(v, xt, th, m, ranks, mass)
     return OK, tokens, (xt - m) - np.log(mass), ranks      # as log-softmax forms it: exact at any m
 
 
@@ -192,7 +232,8 @@ def _sample_survivors(passes, vals, toks, cut, min_p, p, seed, row_id, ns, logpr
     """sample_row from the k largest values of a row (``_k_largest``): top-p and min-p on them, and the
     Gumbel-max over the survivors with the noise of their tokens (``_sample.noise``: the same keys as the
     passes'). Where tokens tied with the k-th value were left out (cut equals it), one pass
-    counts them for top-p's mass, and if they survive every filter the draw runs in passes."""
+    counts them for top-p's mass, and if they survive every filter the draw runs in passes (one more
+    finds top-p's cut where the nucleus drops some of them)."""
     m, kth = float(vals[0]), float(vals[-1])
     if m == -math.inf:
         return EMPTY, None, None, None
@@ -201,14 +242,17 @@ def _sample_survivors(passes, vals, toks, cut, min_p, p, seed, row_id, ns, logpr
     extra = 0
     if cut == kth > -math.inf:
         extra = sum(int(np.count_nonzero(v == kth)) for _, v in passes()) - int(np.count_nonzero(vals == kth))
-    theta = kth
+    theta, cut, drop = kth, 0, 0
     if p < 1.0:
-        theta = _nucleus(vals, extra, m, p)
-    if min_p > 0.0:
-        theta = max(theta, m + math.log(min_p))
-    if extra and theta <= kth:
-        return _draw(passes, theta, m, seed, row_id, ns, logprobs)
-    keep = vals >= theta
+        theta, drop = _nucleus(vals, extra, m, p)
+    if min_p > 0.0 and m + math.log(min_p) > theta:
+        theta, drop = m + math.log(min_p), 0
+    if extra and theta <= kth:                    # survivors out of memory: the draw in passes
+        cut = _nth_equal(passes, theta, drop) if drop else 0
+        return _draw(passes, theta, m, seed, row_id, ns, logprobs, cut)
+    if drop:                                      # the ties are all in memory
+        cut = int(np.sort(toks[vals == theta])[drop])
+    keep = (vals > theta) | ((vals == theta) & (toks >= cut))
     sv, st = vals[keep], toks[keep]
     order = np.argsort(st)                        # by token: the lowest wins a tie of keys, as in passes
     sv, st = sv[order], st[order]

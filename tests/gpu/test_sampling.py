@@ -75,8 +75,32 @@ def test_tokens_are_the_argmax_of_logits_plus_documented_noise(gpu, rng, kw):
             assert got[i, s] == key_argmax(xs, g, keep), (i, s)
 
 
-@pytest.mark.parametrize("kw", [{}, {"top_k": 3}, {"min_p": 0.5}, {"top_k": 5, "top_p": 0.9}],
-                         ids=["plain", "top_k", "min_p", "top_k-top_p"])
+def test_top_p_keeps_the_last_of_the_tokens_tied_at_its_boundary(gpu):
+    """As the CPU (tests/test_sampling.py): of the tokens tied at the nucleus' edge, the last ones it
+    needs, found by `prepare`'s pass over the row (nth_equal) wherever they lie: Hugging Face's vectors,
+    with top-k and min-p, over 64-column segments, and a row of 299 ties (the first kept, 213, is in
+    another thread's run of columns than the row's start), in every dtype; the same tokens and
+    log-probabilities as the CPU's."""
+    cases = [([0.4, 0.2, 0.2, 0.2], {"top_p": 0.5}, [0, 3]), ([0.25] * 4, {"top_p": 0.5}, [2, 3]),
+             ([0.3, 0.25, 0.25, 0.1, 0.1], {"top_k": 3, "top_p": 0.5}, [0, 2]),
+             ([0.1, 0.15, 0.15, 0.15, 0.15, 0.3], {"top_k": 3, "top_p": 0.55, "min_p": 0.4}, [3, 4, 5])]
+    for probs, kw, keep in cases:
+        x = np.log(np.array(probs))[None]
+        got = sample(np.repeat(x, 8, axis=0), seed=5, num_samples=40, backend="gpu", **kw)
+        assert sorted(set(got.ravel().tolist())) == keep, (probs, kw)
+    for dtype in DTYPES:
+        x = np.full((1, 300), -3.0).astype(dtype)
+        x[0, 7] = 1.0                                     # 300 ties under one token of mass ~0.06
+        kw = dict(top_p=0.4, seed=3, num_samples=64, chunk_size=64, return_logprobs=True)
+        tok, lp, _ = sample(x, backend="gpu", **kw)
+        ctok, clp, _ = sample(x, backend="cpu", **kw)
+        np.testing.assert_array_equal(tok, ctok)
+        np.testing.assert_allclose(lp, clp, rtol=1e-6)
+        assert tok.min() == 7 and tok[tok != 7].min() >= 213, dtype       # 87 of the 299 ties kept
+
+
+@pytest.mark.parametrize("kw", [{}, {"top_k": 3}, {"min_p": 0.5}, {"top_p": 0.6}, {"top_k": 5, "top_p": 0.9}],
+                         ids=["plain", "top_k", "min_p", "top_p", "top_k-top_p"])
 def test_near_equal_huge_logits_draw_by_their_noise(gpu, kw):
     """Near-equal huge logits (tests/test_sampling.py's rows, where a key rounded to one float64 loses the
     noise), and a row of 200 masked float32 tokens over 4 segments (their merge compares the exact keys
