@@ -713,10 +713,11 @@ static inline int64_t FLS_FN(fl__nth_equal)(const fl_row *r, int64_t chunk, FLS_
  * lowered by the tolerance), in two passes and no sort: only tokens above t0 = lse + log(1 - p) - log(V) can be
  * in the nucleus (those below hold less than 1 - p of the mass); pass 1 histograms the mass of those over
  * FL_TOPP_BUCKETS value buckets between t0 and m, which finds the bucket where the cumulative mass (from
- * the top) reaches p; pass 2 collects that bucket's tokens, and a quickselect on mass among them gives
- * tau. Masses are exp(x - m) against p * s (see fl__filter_threshold). */
+ * the top) reaches p; pass 2 collects that bucket's tokens (in token order), and a quickselect on mass
+ * among them gives tau, and the cut (fl_sample_prep) among them too: the tokens tied at tau all lie in
+ * that bucket. Masses are exp(x - m) against p * s (see fl__filter_threshold). */
 static inline double FLS_FN(fl__topp_row)(const fl_row *r, int64_t chunk, fl_sample_scratch *sc, double m,
-                                          double s, double p, int64_t *drop) {
+                                          double s, double p, int64_t *cut) {
     double mass[4][FL_TOPP_BUCKETS + 9], above = 0.0;
     double t0d = (m + log(s)) + log1p(-p) - log((double)r->n) - 1e-3;
     double goal = p * s;
@@ -724,20 +725,21 @@ static inline double FLS_FN(fl__topp_row)(const fl_row *r, int64_t chunk, fl_sam
     int32_t *bi = (int32_t *)(void *)sc->tmp;
     unsigned char *flags = (unsigned char *)(void *)sc->tmp;      /* pass 2: in place of bi */
     FLS_T *w;
-    double *cw = (double *)(void *)sc->ci;
-    int64_t c0, i, nc = 0;
+    double tau, *cv, *cw;
+    int64_t c0, i, nc = 0, drop;
     int b, hit = -1;
     int32_t lo_b;
     uint32_t span;
     if (chunk > r->n) chunk = r->n;   /* tmp holds 2 n doubles: chunk bucket numbers, then chunk weights */
     w = (FLS_T *)(void *)(sc->tmp + (chunk + 1) / 2);
-    *drop = 0;
+    *cut = 0;
     t0 = FLS_FN(fl__round_down)(t0d);
     /* |m| so large that m + (t0d - m) rounds to m: the next value down holds every token that can be in
      * the nucleus but m's; where there is none (m the lowest finite value), all are tied at m */
     if (!(t0 < mt)) t0 = FLS_NEXTAFTER(mt, -(FLS_T)INFINITY);
     if (t0 == -(FLS_T)INFINITY) {
-        *drop = fl__topp_drop(FLS_FN(fl__count_equal)(r, chunk, buf, mt), 1.0, 0.0, goal);
+        drop = fl__topp_drop(FLS_FN(fl__count_equal)(r, chunk, buf, mt), 1.0, 0.0, goal);
+        if (drop > 0) *cut = FLS_FN(fl__nth_equal)(r, chunk, buf, mt, drop);
         return m;
     }
     scale = (FLS_T)((FL_TOPP_BUCKETS - 0.01) / (m - (double)t0));
@@ -781,14 +783,22 @@ static inline double FLS_FN(fl__topp_row)(const fl_row *r, int64_t chunk, fl_sam
             for (j = i; j < i + 8; j++) {
                 if (flags[j]) {
                     sc->cv[nc] = (double)x[j];
-                    cw[nc] = exp((double)x[j] - m);
+                    sc->ci[nc] = c0 + j;
                     nc++;
                 }
             }
         }
     }
     if (nc == 0) return m;                         /* not reached */
-    return fl__topp_threshold(sc->cv, cw, nc, goal, above, drop);
+    cv = sc->tmp;                                  /* the quickselect reorders copies: tmp is free now */
+    cw = sc->tmp + nc;
+    memcpy(cv, sc->cv, (size_t)nc * sizeof(double));
+    for (i = 0; i < nc; i++) cw[i] = exp(cv[i] - m);
+    tau = fl__topp_threshold(cv, cw, nc, goal, above, &drop);
+    if (drop > 0)                                  /* the first tie kept: the (drop + 1)-th */
+        for (i = 0; i < nc; i++)
+            if (sc->cv[i] == tau && drop-- == 0) { *cut = sc->ci[i]; break; }
+    return tau;
 }
 
 /* The number of x[0:n) above xt (added to *rank), and the sum of exp(x - m) over x >= theta (m >= every
@@ -840,14 +850,12 @@ static inline int FLS_FN(fl_row_sample_setup)(const fl_row *r, const fl_sample_p
         if (pp->st.m == -FL_INF) return FL_SAMPLE_EMPTY;
     }
     if (p->top_p < 1.0) {
-        int64_t drop = 0;
         pp->theta = FLS_FN(fl__topp_row)(r, chunk, sc, pp->st.m, pp->st.s,
                                          p->top_p - tol > 0.5 * p->top_p ? p->top_p - tol : 0.5 * p->top_p,
-                                         &drop);
+                                         &pp->cut);
         if (p->min_p > 0.0 && pp->st.m + log(p->min_p) > pp->theta) {
             pp->theta = pp->st.m + log(p->min_p);
-        } else if (drop > 0) {
-            pp->cut = FLS_FN(fl__nth_equal)(r, chunk, (FLS_T *)sc->buf, (FLS_T)pp->theta, drop);
+            pp->cut = 0;
         }
     } else if (p->min_p > 0.0) {
         pp->theta = pp->st.m + log(p->min_p);
