@@ -60,6 +60,21 @@ def test_non_float_logits(name, dtype):
         call(name, x, **_args(name, x))
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16])
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_two_byte_integer_logits_point_to_the_bfloat16_declaration(name, dtype):
+    """bfloat16 bits held as uint16 or int16 (a raw dump, a framework's view): the TypeError says how to
+    declare them (fastlogits.open(x, dtype="bfloat16")), and the declared array gives the bfloat16
+    results."""
+    bits = np.random.default_rng(0).standard_normal((3, 5)).astype(BF16).view(dtype)
+    with pytest.raises(TypeError, match=rf"got integer dtype {np.dtype(dtype)}; bfloat16 bits held as "
+                                        r"2-byte integers are declared so with "
+                                        r"fastlogits.open\(x, dtype='bfloat16'\)$"):
+        call(name, bits, **_args(name, bits))
+    np.testing.assert_array_equal(fl.logsumexp(fl.open(bits, dtype="bfloat16")),
+                                  fl.logsumexp(bits.view(BF16)))
+
+
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_python_int_list_logits(name):
     x = [[1, 2, 3], [4, 5, 6]]

@@ -251,7 +251,7 @@ def kind_name(x, d, dtype, argname):
         # earlier PyTorch releases exported bfloat16 as "<f2", float16's typestr: the tensor's dtype decides
         return "bfloat16"
     if name is None:
-        raise not_floating(argname, dt)
+        raise not_floating(argname, dt, device=True)
     return name
 
 

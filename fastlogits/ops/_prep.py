@@ -370,12 +370,17 @@ def temperatures(temperature, lead, rows, argname="temperature", allow_zero=Fals
     return np.require(np.broadcast_to(t, lead).reshape(rows), np.float64, "CA")   # (C reads it: aligned)
 
 
-def not_floating(argname, dt):
+def not_floating(argname, dt, device=False):
     """The TypeError for logits of a dtype the kernels do not take (float128 said 'got float128 dtype
-    float128')."""
+    float128'); for 2-byte integers, how to declare them bfloat16 bits (host or device arrays)."""
     kind = {"i": "integer ", "u": "integer ", "b": "bool ", "c": "complex "}.get(dt.kind, "")
+    hint = ""
+    if dt.kind in "iu" and dt.itemsize == 2:
+        hint = ("; bfloat16 bits on a GPU are read through a 2-byte void view, x.view('V2')" if device else
+                "; bfloat16 bits held as 2-byte integers are declared so with fastlogits.open(x, "
+                "dtype='bfloat16')")
     return TypeError(f"{argname} must be floating point (float16, bfloat16, float32 or float64), got "
-                     f"{kind}dtype {dt}")
+                     f"{kind}dtype {dt}{hint}")
 
 
 def softcap_value(softcap, name="float64"):

@@ -75,12 +75,17 @@ def test_device_bfloat16_bits_and_leading_axes(cuda, rng):
 
 def test_bfloat16_exported_as_void(cuda, rng):
     """PyTorch and ml_dtypes export bfloat16 through __cuda_array_interface__ as "<V2": such device data is
-    read as bfloat16."""
+    read as bfloat16. Its bits as a uint16 device array are refused with that advice (a view as V2)."""
     x = (rng.standard_normal((3, 300)) * 4).astype(np.float32)
     import ml_dtypes
     xb = x.astype(ml_dtypes.bfloat16)
     dv = cuda.to_device(xb.view(np.dtype("V2")))
     np.testing.assert_allclose(_host(fl.logsumexp(dv)), fl.logsumexp(xb), rtol=2e-5, atol=2e-5)
+    du = cuda.to_device(xb.view(np.uint16))
+    with pytest.raises(TypeError, match=r"got integer dtype uint16; bfloat16 bits on a GPU are read "
+                                        r"through a 2-byte void view, x.view\('V2'\)$"):
+        fl.logsumexp(du)
+    np.testing.assert_array_equal(_host(fl.logsumexp(du.view(np.dtype("V2")))), _host(fl.logsumexp(dv)))
     y = np.array([0, 299, 7])
     assert _scalar(fl.cross_entropy(dv, cuda.to_device(y))) == pytest.approx(float(fl.cross_entropy(xb, y)),
                                                                            rel=2e-5)
