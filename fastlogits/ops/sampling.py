@@ -161,9 +161,9 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, seed=
     every token tied with the k-th (as HF does); ``top_p`` keeps the smallest set of most likely tokens
     whose probability mass (under the top-k-filtered, renormalised distribution) reaches p, at least one
     token (of tokens tied at its edge, the last ones it needs, the higher token ids, as HF's stable sort
-    keeps them); ``min_p`` drops tokens whose probability is below
-    ``min_p`` times the largest; the draw is from the survivors, renormalised. The draw is exact
-    (Gumbel-max with float64 noise), and no row is sorted.
+    keeps them); ``min_p`` drops tokens whose probability is below ``min_p`` times the largest; the draw
+    is from the survivors, renormalised. The draw is exact (Gumbel-max with float64 noise), and no row is
+    sorted.
 
     Parameters
     ----------

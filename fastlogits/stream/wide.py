@@ -28,9 +28,8 @@ with or without log-probabilities, where it read float32 values six or seven tim
 
 In both samplers the survivors are the tokens above one threshold and those equal to it from a cut on,
 and a token's key is the same float64 number, so the tokens are those the row in memory gives, except
-where top-p's cumulative mass
-lands within rounding of top_p (the two add the mass in different orders, as the GPU sampler does too);
-log-probabilities agree to rounding.
+where top-p's cumulative mass lands within rounding of top_p (the two add the mass in different orders,
+as the GPU sampler does too); log-probabilities agree to rounding.
 """
 import math
 
@@ -242,17 +241,16 @@ def _sample_survivors(passes, vals, toks, cut, min_p, p, seed, row_id, ns, logpr
     extra = 0
     if cut == kth > -math.inf:
         extra = sum(int(np.count_nonzero(v == kth)) for _, v in passes()) - int(np.count_nonzero(vals == kth))
-    theta, cut, drop = kth, 0, 0
+    theta, drop = kth, 0
     if p < 1.0:
         theta, drop = _nucleus(vals, extra, m, p)
     if min_p > 0.0 and m + math.log(min_p) > theta:
         theta, drop = m + math.log(min_p), 0
     if extra and theta <= kth:                    # survivors out of memory: the draw in passes
-        cut = _nth_equal(passes, theta, drop) if drop else 0
-        return _draw(passes, theta, m, seed, row_id, ns, logprobs, cut)
-    if drop:                                      # the ties are all in memory
-        cut = int(np.sort(toks[vals == theta])[drop])
-    keep = (vals > theta) | ((vals == theta) & (toks >= cut))
+        first = _nth_equal(passes, theta, drop) if drop else 0
+        return _draw(passes, theta, m, seed, row_id, ns, logprobs, first)
+    first = int(np.sort(toks[vals == theta])[drop]) if drop else 0        # the ties are all in memory
+    keep = (vals > theta) | ((vals == theta) & (toks >= first))
     sv, st = vals[keep], toks[keep]
     order = np.argsort(st)                        # by token: the lowest wins a tie of keys, as in passes
     sv, st = sv[order], st[order]
