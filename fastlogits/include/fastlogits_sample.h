@@ -36,8 +36,8 @@
  *          cumulative mass from the top reaches top_p; a pass collecting that bucket's tokens, among which
  *          a three-way quickselect on mass finds the nucleus' threshold value tau (no sort); then a
  *          Gumbel-max pass restricted to x > tau and, of the tokens tied at tau, the last ones the
- *          nucleus needs, as HF's stable sort keeps them (fl__topp_drop; a pass finds the first kept,
- *          the cut, where some are dropped). A prefix mass within a few rounding errors (16 eps of the
+ *          nucleus needs, as HF's stable sort keeps them (fl__topp_drop; the first kept, the cut, is
+ *          found among the bucket's tokens). A prefix mass within a few rounding errors (16 eps of the
  *          compute type) of top_p counts as reaching it;
  *   min-p: keep x >= x_max + log(min_p) (the same as p >= min_p * p_max, before or after renormalising);
  *          a logsumexp (max) pass, then the Gumbel-max pass restricted to the survivors.
