@@ -58,7 +58,7 @@ def _hf_allowed(x, T, k, p):
     s = np.where(s < kth, -np.inf, s)
     e = np.exp(s - s.max(-1, keepdims=True))
     pr = e / e.sum(-1, keepdims=True)
-    order = np.argsort(-pr, -1, kind="stable")
+    order = np.argsort(pr, -1, kind="stable")[:, ::-1]      # HF's stable ascending sort, from the top
     sp = np.take_along_axis(pr, order, -1)
     keep_sorted = (np.cumsum(sp, -1) - sp) < p
     keep = np.zeros_like(keep_sorted)
