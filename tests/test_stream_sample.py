@@ -67,8 +67,9 @@ def test_count_select_is_the_kth_largest(rng, dtype):
         n = int(rng.integers(1, 3000))
         v = _awkward(rng, n, dtype)
         k = int(rng.integers(1, n + 1))
-        got, above, goal = wide._select(_passes(v, int(rng.integers(1, n + 1))), np.dtype(dtype), k)
-        assert got == np.sort(v)[::-1][k - 1] and above == np.count_nonzero(v > got) and goal == k, (n, k)
+        got, above, own, goal = wide._select(_passes(v, int(rng.integers(1, n + 1))), np.dtype(dtype), k)
+        assert got == np.sort(v)[::-1][k - 1] and goal == k, (n, k)
+        assert (above, own) == (np.count_nonzero(v > got), np.count_nonzero(v == got)), (n, k)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -92,10 +93,11 @@ def test_mass_select_is_the_nucleus_boundary(rng, dtype):
         if np.any(np.abs(cum - goal) < 1e-9 * goal):
             continue                                  # within rounding of the boundary
         want = levels[np.argmax(cum >= goal)]
-        got, above, g = wide._select(_passes(v, int(rng.integers(1, n + 1))), np.dtype(dtype), p,
-                                     mass=(theta, m))
+        got, above, own, g = wide._select(_passes(v, int(rng.integers(1, n + 1))), np.dtype(dtype), p,
+                                          mass=(theta, m))
         assert got == want, (n, p, theta)
-        np.testing.assert_allclose([above, g], [w[x > want].sum(), goal], rtol=1e-9, atol=1e-300)
+        np.testing.assert_allclose([above, own, g], [w[x > want].sum(), w[x == want].sum(), goal], rtol=1e-9,
+                                   atol=1e-300)
 
 
 # ---- the wide-row sampler -------------------------------------------------------------------------------

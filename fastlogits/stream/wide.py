@@ -13,7 +13,7 @@ memory is set by the chunk, not by the row:
 3. top-p: the nucleus' boundary value by the same radix select on probability mass instead of counts,
    over the top-k survivors renormalised (a mass within 16 eps of top_p reaches it, as in memory); where
    the nucleus needs only some of the tokens tied at that value (the last ones, as Hugging Face's stable
-   sort keeps them), a pass counts them and one more finds the first kept (the cut);
+   sort keeps them: their number is their mass over one's), one more pass finds the first kept (the cut);
 4. min-p: ``x_max + log(min_p)``;
 5. the Gumbel-max over the survivors (the values at or above the largest of those thresholds), with the
    in-memory sampler's noise and conservative test (``fl__gumbel_chunk``), all samples in one pass;
@@ -55,9 +55,10 @@ def _value(key, vdt):
 
 
 def _select(passes, vdt, want, mass=None, digit=DIGIT):
-    """(x*, above, goal): the largest value x* such that the tokens with values >= x* reach `want`: a
+    """(x*, above, own, goal): the largest value x* such that the tokens with values >= x* reach `want`: a
     count of tokens, or, with mass = (theta, m), the fraction `want` of the mass exp(x - m) of the tokens
-    with x >= theta; the weight (count or mass) of the values above x*; and the goal in those units. A
+    with x >= theta; the weight (count or mass) of the values above x*, and that of x*'s own tokens; and
+    the goal in those units. A
     radix select from the top: each pass histograms one digit of the keys of the tokens whose higher
     digits are those chosen so far (``_sample.radix_counts``, ``radix_mass``), and chooses the bucket
     where the cumulative count (or mass) from the top reaches the goal."""
@@ -81,7 +82,7 @@ def _select(passes, vdt, want, mass=None, digit=DIGIT):
         j = int(hits[0]) if hits.size else int(np.flatnonzero(down > 0)[-1])
         above = cum[j - 1] if j else above
         prefix = (prefix << width) | ((1 << width) - 1 - j)
-    return _value(prefix, vdt), float(above), float(goal)
+    return _value(prefix, vdt), float(above), float(down[j]), float(goal)   # (last pass: a value a bucket)
 
 
 def _drop(T, q, above, goal):
@@ -189,9 +190,9 @@ def sample_row(row, *, temperature, softcap, top_k, top_p, min_p, seed, row_id, 
     if 0 < top_k < row.V:                        # a radix select counting tokens (3 passes for float32
         theta = _select(passes, vdt, top_k, None, digit)[0]       # values, 6 for float64)
     if top_p < 1.0:
-        tau, above, goal = _select(passes, vdt, p, (theta, m), digit)
-        T = sum(int(np.count_nonzero(v == tau)) for _, v in passes())
-        drop = _drop(T, math.exp(tau - m), above, goal)
+        tau, above, own, goal = _select(passes, vdt, p, (theta, m), digit)
+        q = math.exp(tau - m)                      # each tied token's mass (as radix_mass adds them)
+        drop = _drop(int(own / q + 0.5), q, above, goal) if q > 0 else 0
         theta, cut = tau, _nth_equal(passes, tau, drop) if drop else 0      # (tau >= theta, top-k's)
     if min_p > 0.0 and m + math.log(min_p) > theta:
         theta, cut = m + math.log(min_p), 0
