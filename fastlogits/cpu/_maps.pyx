@@ -82,11 +82,12 @@ cdef inline void map_pass(const Block *b, int64_t i, int64_t start, int64_t stop
 cdef void map_tile(const Block *b, int64_t i0, bint log_, bint plain, char *obase, int64_t orow,
                    int64_t ocol, int out_dtype, char *scratch, char *buf) noexcept nogil:
     """Softmax (log-softmax when log_) of the tile of short rows from i0 into out (row i at obase + i *
-    orow): their states (tile_states) and the logs of their sums at once, then the rows written: in one
-    call from the logits where they are plain (rows of the compute type in and out, contiguous, no
-    transform: fl__softmax_rows, fl__log_softmax_rows), else from the tile, which holds them transformed
-    in the compute type (fl_tile_map: any layout and output; also the rows whose max is not finite). The
-    same arithmetic either way. scratch: tile_bytes; buf: 2 rows of doubles (b.n may pass the chunk)."""
+    orow): their states (tile_states) at once, then the rows written: in one call from the logits where
+    they are plain (rows of the compute type in and out, contiguous, no transform: fl__softmax_rows,
+    fl__log_softmax_rows, with the logs of the sums in one vector loop), else from the tile, which holds
+    them transformed in the compute type (fl_tile_map: fl_row_softmax on each, any layout and output;
+    also the rows whose max is not finite). The same arithmetic either way. scratch: tile_bytes; buf: 2
+    rows of doubles (b.n may pass the chunk)."""
     cdef double m[FL_TILE]
     cdef double s[FL_TILE]
     cdef double ls[FL_TILE]
@@ -95,9 +96,9 @@ cdef void map_tile(const Block *b, int64_t i0, bint log_, bint plain, char *obas
     cdef char *y = obase + i0 * orow
     cdef bint finite = True
     tile_states(b, i0, nr, m, s, NULL, scratch)
-    if log_:
-        fl__log_n(s, ls, FL_TILE)
     if plain:
+        if log_:
+            fl__log_n(s, ls, FL_TILE)
         if log_ and b.f64:
             fl__log_softmax_rows_f64(<const double *> x, b.row_stride // 8, <double *> y, orow // 8, nr,
                                      b.n, m, ls)
@@ -116,10 +117,10 @@ cdef void map_tile(const Block *b, int64_t i0, bint log_, bint plain, char *obas
             return
     # every row from the tile (after the plain call: its rows whose max is not finite, all NaN)
     if b.f64:
-        fl_tile_map_f64(<const double *> scratch, b.n, nr, m, s, ls, log_, y, orow, ocol, out_dtype,
+        fl_tile_map_f64(<const double *> scratch, b.n, nr, m, s, log_, y, orow, ocol, out_dtype,
                         <double *> buf, <double *> (buf + b.n * 8))
     else:
-        fl_tile_map_f32(<const float *> scratch, b.n, nr, m, s, ls, log_, y, orow, ocol, out_dtype,
+        fl_tile_map_f32(<const float *> scratch, b.n, nr, m, s, log_, y, orow, ocol, out_dtype,
                         <float *> buf, <float *> (buf + b.n * 8))
 
 

@@ -70,12 +70,12 @@ cdef extern from "fastlogits.h" nogil:
     void fl__lse_tile_f64(const double *t, int64_t n, double *m, double *s)
     void fl__ent_tile_f32(const float *t, int64_t n, double *m, double *s, double *tt)
     void fl__ent_tile_f64(const double *t, int64_t n, double *m, double *s, double *tt)
-    void fl_tile_map_f32(const float *t, int64_t n, int64_t nr, const double *m, const double *s,
-                         const double *ls, int log_, char *out, int64_t out_row, int64_t out_col,
-                         int out_dtype, float *xbuf, float *ybuf)
-    void fl_tile_map_f64(const double *t, int64_t n, int64_t nr, const double *m, const double *s,
-                         const double *ls, int log_, char *out, int64_t out_row, int64_t out_col,
-                         int out_dtype, double *xbuf, double *ybuf)
+    void fl_tile_map_f32(const float *t, int64_t n, int64_t nr, const double *m, const double *s, int log_,
+                         char *out, int64_t out_row, int64_t out_col, int out_dtype, float *xbuf,
+                         float *ybuf)
+    void fl_tile_map_f64(const double *t, int64_t n, int64_t nr, const double *m, const double *s, int log_,
+                         char *out, int64_t out_row, int64_t out_col, int out_dtype, double *xbuf,
+                         double *ybuf)
     int fl__softmax_row_f32(const float *x, int64_t n, float *y)
     int fl__softmax_row_f64(const double *x, int64_t n, double *y)
     int fl__log_softmax_row_f32(const float *x, int64_t n, float *y)

@@ -738,39 +738,6 @@ FL_MULTIVERSION static FL_UNUSED void FL_FN(fl__softmax_rows)(const FL_T *x, int
     }
 }
 
-/* Softmax (log_ == 0) or log-softmax of a tile's rows [0, nr) from the tile itself, given their states
- * (m, s) and, for log-softmax, the logs of their sums ls, into out (row i at out + i * out_row, any dtype,
- * columns out_col bytes apart): fl_row_softmax's arithmetic, bit for bit, through the same multiversioned
- * maps (log-softmax (x - m) - log s in the compute type, in double for float rows into float64; softmax's
- * terms times FL_UP / s; all NaN where the max is not finite). For rows that are not plain (a transform,
- * another layout or output dtype), which the tile holds transformed in the compute type. xbuf, ybuf: n
- * values each. */
-static inline void FL_FN(fl_tile_map)(const FL_T *t, int64_t n, int64_t nr, const double *m, const double *s,
-                                     const double *ls, int log_, char *out, int64_t out_row, int64_t out_col,
-                                     int out_dtype, FL_T *xbuf, FL_T *ybuf) {
-    for (int64_t i = 0; i < nr; i++) {
-        char *o = out + i * out_row;
-        int64_t j;
-        for (j = 0; j < n; j++) xbuf[j] = t[j * FL_TILE + i];
-        if (!(m[i] > -FL_INF && m[i] < FL_INF)) {
-            for (j = 0; j < n; j++) ybuf[j] = (FL_T)NAN;
-        } else if (log_ && sizeof(FL_T) == 4 && out_dtype == FL_F64) {
-            if (out_col == 8) {
-                FL_FN(fl__log_softmax_wide)(xbuf, (double *)(void *)o, n, m[i], ls[i]);
-            } else {
-                for (j = 0; j < n; j++)
-                    fl__store_one(o + j * out_col, FL_F64, ((double)xbuf[j] - m[i]) - ls[i]);
-            }
-            continue;
-        } else if (log_) {
-            FL_FN(fl__log_softmax)(xbuf, ybuf, n, (FL_T)m[i], (FL_T)ls[i]);
-        } else {
-            FL_FN(fl__softmax)(xbuf, ybuf, n, (FL_T)m[i], (FL_T)(FL_UP / s[i]));
-        }
-        FL_FN(fl_store)(o, out_col, out_dtype, ybuf, n);
-    }
-}
-
 /* Softmax's first pass over columns [start, stop) of r: their logsumexp state, with the terms stored,
  * y[c - start] = exp(x[c] - my[k]) / FL_UP for the columns c of the k-th chunk (see fl_softmax_fold).
  * fl_row_softmax scales them to probabilities once the row's state is known: softmax computes one exp per
@@ -832,6 +799,25 @@ static inline void FL_FN(fl_row_softmax)(const fl_row *r, int64_t start, int64_t
             else FL_FN(fl__softmax)(x, y, len, m, (FL_T)(FL_UP / st->s));
         }
         if (!direct) FL_FN(fl_store)(out + c0 * out_stride, out_stride, out_dtype, y, len);
+    }
+}
+
+/* Softmax (log_ == 0) or log-softmax of a tile's rows [0, nr) from the tile itself, given their states
+ * (m, s), into out (row i at out + i * out_row, any dtype, columns out_col bytes apart): each row is a
+ * row of the compute type, FL_TILE values apart, for fl_row_softmax (its arithmetic, its output paths, its
+ * NaN rows). For rows that are not plain (a transform, another layout or output dtype), which the tile
+ * holds transformed. xbuf, ybuf: n values each. */
+static inline void FL_FN(fl_tile_map)(const FL_T *t, int64_t n, int64_t nr, const double *m, const double *s,
+                                     int log_, char *out, int64_t out_row, int64_t out_col, int out_dtype,
+                                     FL_T *xbuf, FL_T *ybuf) {
+    for (int64_t i = 0; i < nr; i++) {
+        fl_row ri = {(const char *)(const void *)(t + i), n, FL_TILE * (int64_t)sizeof(FL_T),
+                     sizeof(FL_T) == 4 ? FL_F32 : FL_F64, 1.0, 0.0};
+        fl_lse_state st;
+        st.m = m[i];
+        st.s = s[i];
+        FL_FN(fl_row_softmax)(&ri, 0, n, n, &st, log_, NULL, NULL, out + i * out_row, out_col, out_dtype,
+                              xbuf, ybuf);
     }
 }
 

@@ -832,6 +832,17 @@ FL_MULTIVERSION static FL_UNUSED double FLS_FN(fl__rank_mass)(const FLS_T *x, in
     return tot;
 }
 
+/* The next part of columns [a, c1) of a row set up in *pp (theta_t: its threshold in the compute type):
+ * its length, at most chunk, ending at the cut, and in *th the threshold of its survivors: x > theta
+ * before the cut (the next value up), x >= theta from it on. */
+FL_INLINE int64_t FLS_FN(fl__part)(const fl_sample_prep *pp, int64_t a, int64_t c1, int64_t chunk,
+                                   FLS_T theta_t, FLS_T *th) {
+    int64_t len = c1 - a < chunk ? c1 - a : chunk;
+    if (a < pp->cut && a + len > pp->cut) len = pp->cut - a;
+    *th = a < pp->cut ? FLS_NEXTAFTER(theta_t, (FLS_T)INFINITY) : theta_t;
+    return len;
+}
+
 /* The setup of a row without top-k (top_k 0 or >= n; not greedy) into *pp: the logsumexp pass when a
  * filter or the log-probabilities (want_lp) need it, and the filters' threshold and cut. Status OK, NAN,
  * POSINF or EMPTY (found by the logsumexp pass; without it, by the draws). */
@@ -873,7 +884,6 @@ static inline int FLS_FN(fl_row_gumbel)(const fl_row *r, const fl_sample_params 
                                         fl_key *best, int64_t *best_i) {
     fl_rng g = fl_rng_make(p->seed, p->row_id, s);
     FLS_T theta_t = pp->theta == -FL_INF ? -(FLS_T)INFINITY : FLS_FN(fl__round_up)(pp->theta), th;
-    int64_t cut = pp->cut < c0 ? c0 : pp->cut < c1 ? pp->cut : c1;
     uint32_t w[64];
     unsigned char flags[64];
     int has_nan, posinf = 0;
@@ -881,9 +891,7 @@ static inline int FLS_FN(fl_row_gumbel)(const fl_row *r, const fl_sample_params 
     for (a = c0; a < c1; a += len) {
         const FLS_T *x;
         FLS_T cm;
-        len = c1 - a < chunk ? c1 - a : chunk;
-        if (a < cut && a + len > cut) len = cut - a;         /* chunks end at the cut */
-        th = a < cut ? FLS_NEXTAFTER(theta_t, (FLS_T)INFINITY) : theta_t;   /* below it: x > theta */
+        len = FLS_FN(fl__part)(pp, a, c1, chunk, theta_t, &th);
         x = FLS_FN(fl_row_chunk)(r, a, len, buf);
         cm = FLS_FN(fl__max)(x, len, &has_nan);
         if (!pp->need_lse) {
@@ -904,17 +912,13 @@ static inline double FLS_FN(fl_row_rank_mass)(const fl_row *r, const fl_sample_p
                                               int64_t c0, int64_t c1, int64_t chunk, FLS_T *buf,
                                               int64_t *rank) {
     FLS_T xt = FLS_FN(fl_row_value)(r, t);
-    FLS_T theta_t = pp->theta == -FL_INF ? -(FLS_T)INFINITY : FLS_FN(fl__round_up)(pp->theta);
-    int64_t cut = pp->cut < c0 ? c0 : pp->cut < c1 ? pp->cut : c1;
+    FLS_T theta_t = pp->theta == -FL_INF ? -(FLS_T)INFINITY : FLS_FN(fl__round_up)(pp->theta), th;
     double ssum = 0.0;
     int64_t a, len;
     for (a = c0; a < c1; a += len) {
-        const FLS_T *x;
-        len = c1 - a < chunk ? c1 - a : chunk;
-        if (a < cut && a + len > cut) len = cut - a;         /* as fl_row_gumbel: x > theta below cut */
-        x = FLS_FN(fl_row_chunk)(r, a, len, buf);
-        ssum += FLS_FN(fl__rank_mass)(x, len, xt, a < cut ? FLS_NEXTAFTER(theta_t, (FLS_T)INFINITY) : theta_t,
-                                      (FLS_T)pp->st.m, rank);
+        len = FLS_FN(fl__part)(pp, a, c1, chunk, theta_t, &th);
+        ssum += FLS_FN(fl__rank_mass)(FLS_FN(fl_row_chunk)(r, a, len, buf), len, xt, th, (FLS_T)pp->st.m,
+                                      rank);
     }
     return ssum;
 }
