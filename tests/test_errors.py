@@ -75,6 +75,19 @@ def test_two_byte_integer_logits_point_to_the_bfloat16_declaration(name, dtype):
                                   fl.logsumexp(bits.view(BF16)))
 
 
+@pytest.mark.parametrize("kind", ["float8", "sparse", "meta"])
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_unreadable_torch_tensor_names_the_argument(name, kind):
+    """A PyTorch tensor NumPy cannot hold (float8, sparse, on the meta device) raises PyTorch's TypeError
+    with the argument's name in front."""
+    torch = pytest.importorskip("torch")
+    t = {"float8": lambda: torch.ones(2, 3).to(torch.float8_e4m3fn),
+         "sparse": lambda: torch.ones(2, 3).to_sparse(),
+         "meta": lambda: torch.ones(2, 3, device="meta")}[kind]()
+    with pytest.raises(TypeError, match=r"^logits: a Tensor that cannot be read as an array \(.+\)$"):
+        call(name, t, **_args(name, np.zeros((2, 3))))
+
+
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_python_int_list_logits(name):
     x = [[1, 2, 3], [4, 5, 6]]

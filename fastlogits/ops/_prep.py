@@ -161,7 +161,10 @@ def host_array(obj, argname="logits"):
             return np.from_dlpack(obj)
         except (BufferError, TypeError, RuntimeError):
             pass
-    return np.asarray(obj)
+    try:
+        return np.asarray(obj)
+    except TypeError as e:    # a PyTorch float8, sparse or meta tensor: its words, and the argument's name
+        raise TypeError(f"{argname}: a {type(obj).__name__} that cannot be read as an array ({e})") from None
 
 
 def number_array(value, argname="value"):
