@@ -432,6 +432,23 @@ def test_merge_refuses_other_kinds_options_and_bad_states(rng):
         LogSumExp(3).merge("ab")
     with pytest.raises(TypeError, match="the other state's t must be an array of float64 values"):
         Entropy(3).merge((np.zeros(3), np.ones(3), [None, {}, 1]))
+    # a sum of exponentials below 0 comes from no row (a NaN one is a NaN row's, merged as such)
+    bad_s = np.array([1.0, -0.5, np.nan])
+    lse = LogSumExp(3).update(x[:, :20], 0)
+    lse_before = lse.result()
+    ce = CrossEntropy(y).update(x[:, :20], 0)
+    ce_state = ce.state
+    for acc, state in ((lse, (np.zeros(3), bad_s)), (Entropy(3), (np.zeros(3), bad_s, np.zeros(3))),
+                       (ce, ce_state._replace(s=bad_s, columns=20)),
+                       (TopK(3, 2, logprobs=True), (np.zeros((3, 0)), np.zeros((3, 0), np.int64), np.zeros(3),
+                                                    bad_s))):
+        with pytest.raises(ValueError, match=r"the other state's s holds sums of exponentials, never "
+                                             r"negative, got -0\.5 in row 1$"):
+            acc.merge(state)
+    np.testing.assert_array_equal(lse.result(), lse_before)
+    assert lse.ranges == [(0, 20)] and ce.ranges == [(0, 20)]
+    nan_row = LogSumExp(3).update(x[:, :20], 0).merge((np.zeros(3), np.abs(bad_s))).result()
+    assert np.isnan(nan_row[2]) and np.isfinite(nan_row[:2]).all()
     top = TopK(3, 2).update(x[:, :20], 0)
     before = top.result()
     with pytest.raises(ValueError, match=r"j <= k = 2, got \(3, 3\)"):

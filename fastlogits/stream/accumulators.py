@@ -69,8 +69,9 @@ class TopKState(NamedTuple):
     s: np.ndarray = None
 
 
-def _row_state(value, rows, name, dtype=np.float64):
-    """One field of another accumulator's state, as a C-contiguous array of one value per row."""
+def _row_state(value, rows, name, dtype=np.float64, sums=False):
+    """One field of another accumulator's state, as a C-contiguous array of one value per row; sums=True
+    for a field of sums of exponentials, which no row has negative (NaN is a NaN row's)."""
     try:
         a = np.asarray(value, dtype=dtype)
     except (TypeError, ValueError):
@@ -79,12 +80,16 @@ def _row_state(value, rows, name, dtype=np.float64):
     if a.shape != (rows,):
         raise ValueError(f"merge: the other state's {name} must have one value per row, shape ({rows},), got "
                          f"shape {a.shape}")
+    if sums and (a < 0).any():
+        row = int(np.argmax(a < 0))
+        raise ValueError(f"merge: the other state's {name} holds sums of exponentials, never negative, got "
+                         f"{float(a[row])!r} in row {row}")
     return np.require(a, requirements="CA")        # (C reads it: aligned, as a received buffer may not be)
 
 
 def _merge_lse(m, s, m2, s2):
     rows = m.shape[0]
-    _reduce.merge_lse_states(m, s, _row_state(m2, rows, "m"), _row_state(s2, rows, "s"))
+    _reduce.merge_lse_states(m, s, _row_state(m2, rows, "m"), _row_state(s2, rows, "s", sums=True))
 
 
 def _locked(method):
@@ -401,7 +406,7 @@ class CrossEntropy(_Base):
         found = _row_state(st.found, rows, "found", bool)
         target = _row_state(st.target, rows, "target")
         dist = _row_state(st.dist, rows, "dist")
-        m2, s2 = _row_state(st.m, rows, "m"), _row_state(st.s, rows, "s")
+        m2, s2 = _row_state(st.m, rows, "m"), _row_state(st.s, rows, "s", sums=True)
         columns = st.columns
         if not is_int(columns) or int(columns) < 0:
             raise ValueError(f"merge: the other state's columns must be a non-negative integer, got "
@@ -503,7 +508,8 @@ class Entropy(_Base):
         """Fold in the state of other columns: an Entropy of the same temperature and softcap, or an
         EntropyState (m, s, t) of arrays."""
         (m, s, t), ranges, columns = self._other(other, EntropyState)
-        m, s, t = (_row_state(a, self.rows, name) for a, name in ((m, "m"), (s, "s"), (t, "t")))
+        m, t = _row_state(m, self.rows, "m"), _row_state(t, self.rows, "t")
+        s = _row_state(s, self.rows, "s", sums=True)
         with self._adding(ranges, columns):
             _reduce.merge_ent_states(self.m, self.s, self.t, m, s, t, self._h)
         return self
