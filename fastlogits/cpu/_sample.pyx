@@ -285,7 +285,13 @@ cdef extern from "fastlogits.h" nogil:
     double fl__rank_mass_f32(const float *x, int64_t n, float xt, float theta, float m, int64_t *rank)
     double fl__rank_mass_f64(const double *x, int64_t n, double xt, double theta, double m, int64_t *rank)
     void fl__exp_shift(const double *v, double *w, int64_t n, double shift)
+    double fl__minp_bound(double m, double min_p)
     double FL_GUMBEL_MAX
+
+
+def minp_bound(double m, double min_p):
+    """min-p's threshold: the smallest float64 at or above the exact m + log(min_p) (fl__minp_bound)."""
+    return fl__minp_bound(m, min_p)
 
 
 ctypedef fused real:

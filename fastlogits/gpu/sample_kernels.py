@@ -16,8 +16,9 @@
 #   to it from token cut[row] on, computed once per row by `prepare`: the row's logsumexp state (max M,
 #   sum S); top-k's threshold (the k-th largest value, repeats counted) and top-p's (the value where the
 #   probability mass cumulated from the top first reaches p), both by one radix select; min-p's,
-#   M + log(min_p). The cut is 0 but where the nucleus needs only some of the tokens tied at top-p's
-#   threshold: it keeps the last ones, as Hugging Face's stable sort does (one more pass finds the first).
+#   M + log(min_p) rounded up (minp_bound). The cut is 0 but where the nucleus needs only some of the
+#   tokens tied at top-p's threshold: it keeps the last ones, as Hugging Face's stable sort does (one more
+#   pass finds the first).
 # - Radix select: the values' order-preserving integer keys (32 bits for float32, 64 for float64), 11 bits
 #   per pass from the top. Each pass adds the weight (1 for top-k, exp(x - M) for top-p) of every token
 #   whose key starts with the prefix chosen so far into 2048 shared-memory bins (float64 atomics), and
@@ -46,7 +47,7 @@ import numpy as np
 from numba import config, cuda, float32, float64, int64
 
 from fastlogits.gpu import kernels as K
-from fastlogits.gpu.device import INT64_MAX, lse_result
+from fastlogits.gpu.device import INT64_MAX
 
 TPB = K.TPB
 RADIX = 11                   # bits per radix pass
@@ -191,6 +192,18 @@ def gumbel_key(x, g):
     hi = x + g
     xr = hi - g
     return hi, (x - xr) + (g - (hi - xr))
+
+
+@cuda.jit(device=True)
+def minp_bound(m, min_p):
+    """min-p's threshold: the smallest float64 at or above the exact m + log(min_p) (TwoSum's error says
+    which way the sum rounded; the C core's fl__minp_bound)."""
+    c = math.log(min_p)
+    t = m + c
+    mv = t - c
+    if (m - mv) + (c - (t - mv)) > 0.0:
+        return -_next_down(-t)
+    return t
 
 
 @cuda.jit(device=True)
@@ -364,7 +377,6 @@ def _build(kind):
                 cuda.syncthreads()
                 M = bc[0]
                 S = bc[1]
-            lse = lse_result(M, S)
             th = -math.inf
             ct = int64(0)
             if M > -math.inf and M < math.inf:         # else the row's status says why it has no draw
@@ -381,8 +393,9 @@ def _build(kind):
                         lb = vk                                 # (<= M; M itself where ties hold it)
                         goal = -p                               # p of the top-k survivors' mass
                     else:
-                        # (at most M: where |M| is huge, rounding may leave it at M, or above)
-                        lb = min(lse + math.log1p(-p) - math.log(float64(V)) - 1e-3, M)
+                        # M plus the offset (one rounding at |M|: within half an ulp of the bound);
+                        # at most M, where |M| is huge
+                        lb = min(M + (((math.log(S) + math.log1p(-p)) - math.log(float64(V))) - 1e-3), M)
                         goal = p * S
                     tau = float64(radix_select(x, r, sc, T, True, goal, lb, Mc, hist, sel, tid))
                     th = max(th, tau)
@@ -396,8 +409,8 @@ def _build(kind):
                             kept = max(int64(1), int64(math.ceil(need_f)))
                         drop = ties - kept
                 mp = min_p[r]
-                if mp > 0.0 and M + math.log(mp) > th:
-                    th = M + math.log(mp)
+                if mp > 0.0 and minp_bound(M, mp) > th:
+                    th = minp_bound(M, mp)
                     drop = 0
                 if drop > 0:
                     ct = nth_equal(x, r, sc, T, CT(th), drop, sh_m, sel, tid)

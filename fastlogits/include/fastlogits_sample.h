@@ -39,8 +39,9 @@
  *          nucleus needs, as HF's stable sort keeps them (fl__topp_drop; the first kept, the cut, is
  *          found among the bucket's tokens). A prefix mass within a few rounding errors (16 eps of the
  *          compute type) of top_p counts as reaching it;
- *   min-p: keep x >= x_max + log(min_p) (the same as p >= min_p * p_max, before or after renormalising);
- *          a logsumexp (max) pass, then the Gumbel-max pass restricted to the survivors.
+ *   min-p: keep x >= x_max + log(min_p) (the same as p >= min_p * p_max, before or after renormalising),
+ *          the sum exact (fl__minp_bound); a logsumexp (max) pass, then the Gumbel-max pass restricted to
+ *          the survivors.
  *
  * Public entry points: fl_philox4x32_10 (Random123's function), fl_rng_make / fl_rng_word /
  * fl_rng_gumbel (the noise of one token, as the sampler computes it), and fl_row_sample_{f32,f64} (one row
@@ -418,6 +419,16 @@ static inline double fl__topp_bucketed(double *v, double *w, int64_t n, double m
     return fl__topp_threshold(v, w, nb, p, above, drop);
 }
 
+/* min-p's threshold: the smallest double at or above the exact sum m + log(min_p) (TwoSum's error says which
+ * way it rounded), so that x survives where x - m >= log(min_p). The sum rounded to nearest could land an
+ * ulp below it where |m| is huge: float64 logits near 2^52 and min_p = 0.5 kept the tokens one below the max,
+ * whose p / p_max is 1 / e. */
+static inline double fl__minp_bound(double m, double min_p) {
+    double c = log(min_p), t = m + c, mv = t - c;
+    double err = (m - mv) + (c - (t - mv));
+    return err > 0.0 ? nextafter(t, FL_INF) : t;
+}
+
 /* The threshold of the filters top_p (p < 1) and min_p (> 0) over candidate values cv[0:n) (the whole
  * distribution, or what top-k left), whose max is m and sum of exp(cv - m) is sum; tmp: 2 n doubles of
  * scratch. Tokens with value > the result survive, and of those equal to it all but the first *drop
@@ -436,7 +447,7 @@ static inline double fl__filter_threshold(const double *cv, int64_t n, double m,
         theta = fl__topp_bucketed(tmp, tmp + n, n, m, p * sum, drop);
     }
     if (min_p > 0.0) {
-        double t = m + log(min_p);
+        double t = fl__minp_bound(m, min_p);
         if (t > theta) { theta = t; *drop = 0; }
     }
     return theta;
@@ -719,7 +730,7 @@ static inline int64_t FLS_FN(fl__nth_equal)(const fl_row *r, int64_t chunk, FLS_
 static inline double FLS_FN(fl__topp_row)(const fl_row *r, int64_t chunk, fl_sample_scratch *sc, double m,
                                           double s, double p, int64_t *cut) {
     double mass[4][FL_TOPP_BUCKETS + 9], above = 0.0;
-    double t0d = (m + log(s)) + log1p(-p) - log((double)r->n) - 1e-3;
+    double t0d = m + (((log(s) + log1p(-p)) - log((double)r->n)) - 1e-3);     /* one rounding at |m| */
     double goal = p * s;
     FLS_T *buf = (FLS_T *)sc->buf, t0, scale, mt = (FLS_T)m;
     int32_t *bi = (int32_t *)(void *)sc->tmp;
@@ -864,12 +875,12 @@ static inline int FLS_FN(fl_row_sample_setup)(const fl_row *r, const fl_sample_p
         pp->theta = FLS_FN(fl__topp_row)(r, chunk, sc, pp->st.m, pp->st.s,
                                          p->top_p - tol > 0.5 * p->top_p ? p->top_p - tol : 0.5 * p->top_p,
                                          &pp->cut);
-        if (p->min_p > 0.0 && pp->st.m + log(p->min_p) > pp->theta) {
-            pp->theta = pp->st.m + log(p->min_p);
+        if (p->min_p > 0.0 && fl__minp_bound(pp->st.m, p->min_p) > pp->theta) {
+            pp->theta = fl__minp_bound(pp->st.m, p->min_p);
             pp->cut = 0;
         }
     } else if (p->min_p > 0.0) {
-        pp->theta = pp->st.m + log(p->min_p);
+        pp->theta = fl__minp_bound(pp->st.m, p->min_p);
     }
     return FL_SAMPLE_OK;
 }

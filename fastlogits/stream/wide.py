@@ -14,7 +14,7 @@ memory is set by the chunk, not by the row:
    over the top-k survivors renormalised (a mass within 16 eps of top_p reaches it, as in memory); where
    the nucleus needs only some of the tokens tied at that value (the last ones, as Hugging Face's stable
    sort keeps them: their number is their mass over one's), one more pass finds the first kept (the cut);
-4. min-p: ``x_max + log(min_p)``;
+4. min-p: ``x_max + log(min_p)``, rounded up (``_sample.minp_bound``, the C core's);
 5. the Gumbel-max over the survivors (the values at or above the largest of those thresholds), with the
    in-memory sampler's noise and conservative test (``fl__gumbel_chunk``), all samples in one pass;
 6. with log-probabilities, one more pass for the sampled tokens' ranks and the survivors' mass.
@@ -194,8 +194,8 @@ def sample_row(row, *, temperature, softcap, top_k, top_p, min_p, seed, row_id, 
         q = math.exp(tau - m)                      # each tied token's mass (as radix_mass adds them)
         drop = _drop(int(own / q + 0.5), q, above, goal) if q > 0 else 0
         theta, cut = tau, _nth_equal(passes, tau, drop) if drop else 0      # (tau >= theta, top-k's)
-    if min_p > 0.0 and m + math.log(min_p) > theta:
-        theta, cut = m + math.log(min_p), 0
+    if min_p > 0.0 and _sample.minp_bound(m, min_p) > theta:
+        theta, cut = _sample.minp_bound(m, min_p), 0
     return _draw(passes, theta, m, seed, row_id, ns, logprobs, cut)
 
 
@@ -245,8 +245,8 @@ def _sample_survivors(passes, vals, toks, cut, min_p, p, seed, row_id, ns, logpr
     theta, drop = kth, 0
     if p < 1.0:
         theta, drop = _nucleus(vals, extra, m, p)
-    if min_p > 0.0 and m + math.log(min_p) > theta:
-        theta, drop = m + math.log(min_p), 0
+    if min_p > 0.0 and _sample.minp_bound(m, min_p) > theta:
+        theta, drop = _sample.minp_bound(m, min_p), 0
     if extra and theta <= kth:                    # survivors out of memory: the draw in passes
         first = _nth_equal(passes, theta, drop) if drop else 0
         return _draw(passes, theta, m, seed, row_id, ns, logprobs, first)

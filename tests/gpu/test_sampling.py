@@ -99,8 +99,9 @@ def test_top_p_keeps_the_last_of_the_tokens_tied_at_its_boundary(gpu):
         assert tok.min() == 7 and tok[tok != 7].min() >= 213, dtype       # 87 of the 299 ties kept
 
 
-@pytest.mark.parametrize("kw", [{}, {"top_k": 3}, {"min_p": 0.5}, {"top_p": 0.6}, {"top_k": 5, "top_p": 0.9}],
-                         ids=["plain", "top_k", "min_p", "top_p", "top_k-top_p"])
+@pytest.mark.parametrize("kw", [{}, {"top_k": 3}, {"min_p": 0.5}, {"top_p": 0.6}, {"top_p": 0.25},
+                                {"top_k": 5, "top_p": 0.9}],
+                         ids=["plain", "top_k", "min_p", "top_p", "top_p-0.25", "top_k-top_p"])
 def test_near_equal_huge_logits_draw_by_their_noise(gpu, kw):
     """Near-equal huge logits (tests/test_sampling.py's rows, where a key rounded to one float64 loses the
     noise), and a row of 200 masked float32 tokens over 4 segments (their merge compares the exact keys
