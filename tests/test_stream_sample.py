@@ -138,8 +138,10 @@ CONFIGS = [{}, {"top_k": 50}, {"top_p": 0.9}, {"min_p": 0.05}, {"top_k": 1000, "
 def _top_p_zone(x, i, kw):
     """Row i's values (in the compute type) where its cumulative mass, from the top over its top-k
     survivors, lands within rounding of top_p, with the next value down, and their mass: there the two
-    samplers, which add the mass in other orders, may keep different tokens (documented). Returns (the
-    row's values, the smallest and largest such value, their mass), the mass 0 when there are none."""
+    samplers, which add the mass in other orders, may keep different tokens (documented). The mass is
+    cumulated token by token, so a value counts where top-p's cut among its ties lands within rounding
+    (softcap's saturated ties at the top: their number kept can differ by one). Returns (the row's
+    values, the smallest and largest such value, their mass), the mass 0 when there are none."""
     def arg(name, default):
         a = kw.get(name, default)
         return default if a is None else float(np.broadcast_to(a, x.shape[:1])[i])
@@ -157,7 +159,8 @@ def _top_p_zone(x, i, kw):
     w = np.exp(v - v[0])
     level, first = np.unique(-v, return_index=True)            # distinct values, from the top
     mass = np.add.reduceat(w, first) / w.sum()
-    near = np.abs(np.cumsum(mass) - max(top_p - tol, top_p / 2)) < 1e-6
+    near = np.logical_or.reduceat(np.abs(np.cumsum(w) / w.sum() - max(top_p - tol, top_p / 2)) < 1e-6,
+                                  first)
     near[1:] |= near[:-1]                                      # and the next value down
     if not near.any():
         return values, np.inf, -np.inf, 0.0
