@@ -42,7 +42,8 @@
  * Numerics: NaN anywhere makes a state NaN (it never hides behind max); a +inf logit makes logsumexp +inf;
  * an all -inf range has logsumexp -inf. exp() is Cephes' polynomial (float, within 1.5 ulp) or rational
  * approximation (double, within 3 ulp), with correct subnormal results; sums of exp are accumulated in
- * float lanes for at most 16 terms, then in double.
+ * float lanes for at most 16 terms, then in double (an update's chunk sums with their rounding errors
+ * kept, TwoSum; fl_lse_merge adds plainly).
  */
 #ifndef FASTLOGITS_H
 #define FASTLOGITS_H
@@ -758,17 +759,21 @@ static inline int fl__row_plain(const fl_row *r) { return r->temperature == 1.0 
 
 /* Fold n float32 values into the state, in chunks that stay in L1. */
 static inline void fl_lse_update_f32(fl_lse_state *st, const float *x, size_t n) {
+    double comp = 0.0;
     for (size_t c0 = 0; c0 < n; c0 += FL_CHUNK) {
         size_t len = n - c0 < FL_CHUNK ? n - c0 : FL_CHUNK;
-        fl_lse_fold_f32(st, x + c0, (int64_t)len, (uintptr_t)(x + c0) + len * sizeof(float), 64);
+        fl_lse_fold_f32(st, &comp, x + c0, (int64_t)len, (uintptr_t)(x + c0) + len * sizeof(float), 64);
     }
+    st->s += comp;
 }
 
 static inline void fl_lse_update_f64(fl_lse_state *st, const double *x, size_t n) {
+    double comp = 0.0;
     for (size_t c0 = 0; c0 < n; c0 += FL_CHUNK) {
         size_t len = n - c0 < FL_CHUNK ? n - c0 : FL_CHUNK;
-        fl_lse_fold_f64(st, x + c0, (int64_t)len, (uintptr_t)(x + c0) + len * sizeof(double), 64);
+        fl_lse_fold_f64(st, &comp, x + c0, (int64_t)len, (uintptr_t)(x + c0) + len * sizeof(double), 64);
     }
+    st->s += comp;
 }
 
 #define FL_CONVERT_BLOCK 1024
