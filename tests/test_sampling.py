@@ -340,6 +340,17 @@ def test_top_p_keeps_the_last_of_the_tokens_tied_at_its_boundary():
     assert support(x, top_k=3, top_p=0.55) == [3, 4, 5]
     assert support(x, top_k=3, top_p=0.55, min_p=0.4) == [3, 4, 5]
     assert support(x, top_p=0.55, min_p=0.6) == [5]
+    # min-p's threshold above top-p's drops top-p's cut: tokens 1 and 2 lie exactly at it (0.5 of the max)
+    # and survive, though top-p alone cut its ties from token 4 on (a mutation audit: a stale cut kept [0]
+    # or [0, 2])
+    h, c = np.log(0.5), np.log(0.1)
+    x = np.array([0.0, h, h, c, c, c, c, -5.0])
+    assert support(x, top_p=0.94) == [0, 1, 2, 4, 5, 6]
+    for kw in ({}, {"top_k": 7}, {"threads": 2, "chunk_size": 2}):
+        assert support(x, top_p=0.94, min_p=0.5, **kw) == [0, 1, 2], kw
+    # a row tied at the lowest finite value but for a -inf: the -inf is no tie (HF keeps the last two)
+    f32min = np.finfo(np.float32).min
+    assert support(np.array([-np.inf, f32min, f32min, f32min, f32min], np.float32), top_p=0.5) == [3, 4]
     for dtype in (np.float16, np.float32, np.float64):
         xs = np.log(np.full((1, 1000), 1e-3)).astype(dtype)          # 1000 ties; threads=2 splits the row
         for kw in ({}, {"threads": 2}, {"return_logprobs": True}, {"top_k": 700}):
@@ -1076,6 +1087,14 @@ def test_a_huge_tied_row_split_over_threads_draws_by_its_noise(dtype, kw):
         got = sample(x, seed=[99], num_samples=12, threads=threads, chunk_size=chunk, **kw)
         want = [key_argmax(x[0], np_gumbel(99, 0, s, np.arange(V))[2], keep) for s in range(12)]
         assert got[0].tolist() == want, (threads, chunk)
+    if "top_p" not in kw:
+        return
+    # top-p's cut among all-tied values, counted across chunks (fl__nth_equal): HF keeps the last 1501 of
+    # the 3001 ties at top_p=0.5, and 20000 draws reach the first of them (a mutation audit: a count off
+    # by one a chunk moved the cut 23 tokens on)
+    for threads in (1, 3):
+        got = sample(x, top_p=0.5, seed=[5], num_samples=20000, threads=threads, chunk_size=64)
+        assert got.min() == 1500 and got.max() == V - 1, threads
 
 
 @pytest.mark.parametrize("kw", [{"top_k": 5}, {"top_p": 0.5}, {}, {"min_p": 0.1}, {"top_k": 5, "top_p": 0.5}])

@@ -448,6 +448,13 @@ def test_an_out_mapping_the_same_file_bytes_as_the_logits_is_refused(rng, tmp_pa
     out = np.load(path, mmap_mode="r+")[32:]
     for call in calls:
         np.testing.assert_array_equal(np.asarray(fl.softmax(call(half), out=out)), fl.softmax(x[:32]))
+    # an iterable whose later block maps bytes of out (file rows 24:32 are block 3 and out's first rows):
+    # refused when that block comes (a mutation audit: np.shares_memory there let it write the logits)
+    np.save(path, x)
+    out = np.load(path, mmap_mode="r+")[24:56]
+    blocks = iter([np.load(path, mmap_mode="r")[i:i + 8] for i in range(0, 32, 8)])
+    with pytest.raises(ValueError, match="out overlaps row block 3"):
+        fl.softmax(blocks, out=out)
 
 
 def test_a_guarded_call_leaves_the_source_as_it_was(rng):

@@ -352,6 +352,30 @@ def _sample_in_chunks(x, cols, **kw):
     return wide.sample_row(ArraySource(x[None]), cols=cols, **args)
 
 
+def test_wide_rows_cut_top_p_ties_as_in_memory():
+    """Top-p's tie cut in a wide row, as in memory and as Hugging Face keeps them (tests/test_sampling.py's
+    rows; each a mutation audit's survivor): min-p's threshold above top-p's drops the cut (tokens 1
+    and 2 lie exactly at it), in passes and on top-k's survivors; a top-k whose k-th value has ties left
+    out of the k, of which top-p drops exactly one; and a boundary value one ulp below one whose key ends
+    the last radix pass's top bucket (the mass above it counts that bucket)."""
+    def support(x, cols, **kw):
+        status, t, _, _ = _sample_in_chunks(x, cols, seed=3, num_samples=3000, **kw)
+        assert status == wide.OK
+        got = sorted(set(t.tolist()))
+        assert got == sorted(set(fl.sample(np.tile(x, (3000, 1)), seed=3, **kw).ravel().tolist())), kw
+        return got
+
+    h, c = np.log(0.5), np.log(0.1)
+    x = np.array([0.0, h, h, c, c, c, c, -5.0])
+    assert support(x, 3, top_p=0.94) == [0, 1, 2, 4, 5, 6]
+    assert support(x, 3, top_p=0.94, min_p=0.5) == [0, 1, 2]
+    assert support(x, 64, top_k=7, top_p=0.94, min_p=0.5) == [0, 1, 2]
+    assert support(x, 64, top_k=4, top_p=0.94) == [0, 1, 2, 4, 5, 6]
+    a = np.array([0x3F800000 | 0x3FF], np.uint32).view(np.float32)[0]      # 1 + 1023 ulp: low 10 bits set
+    b = np.nextafter(a, np.float32(-np.inf))
+    assert support(np.array([a, b, b, b, b], np.float32), 2, top_p=0.5) == [0, 3, 4]
+
+
 @pytest.mark.parametrize("kw", HUGE_KW, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "plain")
 @pytest.mark.parametrize("name", list(HUGE_ROWS))
 def test_near_equal_huge_logits_in_a_wide_row(name, kw):

@@ -83,20 +83,29 @@ def test_top_p_keeps_the_last_of_the_tokens_tied_at_its_boundary(gpu):
     log-probabilities as the CPU's."""
     cases = [([0.4, 0.2, 0.2, 0.2], {"top_p": 0.5}, [0, 3]), ([0.25] * 4, {"top_p": 0.5}, [2, 3]),
              ([0.3, 0.25, 0.25, 0.1, 0.1], {"top_k": 3, "top_p": 0.5}, [0, 2]),
-             ([0.1, 0.15, 0.15, 0.15, 0.15, 0.3], {"top_k": 3, "top_p": 0.55, "min_p": 0.4}, [3, 4, 5])]
+             ([0.1, 0.15, 0.15, 0.15, 0.15, 0.3], {"top_k": 3, "top_p": 0.55, "min_p": 0.4}, [3, 4, 5]),
+             # min-p's threshold above top-p's drops top-p's cut (tokens 1, 2 lie exactly at it)
+             ([1.0, 0.5, 0.5, 0.1, 0.1, 0.1, 0.1, np.exp(-5)], {"top_p": 0.94}, [0, 1, 2, 4, 5, 6]),
+             ([1.0, 0.5, 0.5, 0.1, 0.1, 0.1, 0.1, np.exp(-5)], {"top_p": 0.94, "min_p": 0.5}, [0, 1, 2]),
+             ([1.0, 0.5, 0.5, 0.1, 0.1, 0.1, 0.1, np.exp(-5)], {"top_k": 7, "top_p": 0.94, "min_p": 0.5},
+              [0, 1, 2])]
     for probs, kw, keep in cases:
         x = np.log(np.array(probs))[None]
         got = sample(np.repeat(x, 8, axis=0), seed=5, num_samples=40, backend="gpu", **kw)
         assert sorted(set(got.ravel().tolist())) == keep, (probs, kw)
     for dtype in DTYPES:
-        x = np.full((1, 300), -3.0).astype(dtype)
-        x[0, 7] = 1.0                                     # 300 ties under one token of mass ~0.06
-        kw = dict(top_p=0.4, seed=3, num_samples=64, chunk_size=64, return_logprobs=True)
-        tok, lp, _ = sample(x, backend="gpu", **kw)
-        ctok, clp, _ = sample(x, backend="cpu", **kw)
-        np.testing.assert_array_equal(tok, ctok)
-        np.testing.assert_allclose(lp, clp, rtol=1e-6)
-        assert tok.min() == 7 and tok[tok != 7].min() >= 213, dtype       # 87 of the 299 ties kept
+        # 299 ties under one token (mass ~0.06); at -2.5 under 0, 299 float64 masses of theirs add up
+        # below 299 of them (a count truncated, not rounded, kept one tie more: a mutation audit)
+        for tie, top in ((-3.0, 1.0), (-2.5, 0.0)):
+            x = np.full((1, 300), tie).astype(dtype)
+            x[0, 7] = top
+            kw = dict(top_p=0.4, seed=3, num_samples=64, chunk_size=64, return_logprobs=True)
+            tok, lp, _ = sample(x, backend="gpu", **kw)
+            ctok, clp, _ = sample(x, backend="cpu", **kw)
+            np.testing.assert_array_equal(tok, ctok)
+            np.testing.assert_allclose(lp, clp, rtol=1e-6)
+            if tie == -3.0:
+                assert tok.min() == 7 and tok[tok != 7].min() >= 213, dtype       # 87 of the 299 kept
 
 
 @pytest.mark.parametrize("kw", [{}, {"top_k": 3}, {"min_p": 0.5}, {"top_p": 0.6}, {"top_p": 0.25},
