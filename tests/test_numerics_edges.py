@@ -397,14 +397,16 @@ def test_a_max_found_in_a_later_chunk_keeps_the_largest_term_one(dtype, rng):
         assert abs(cross_entropy_row(x[0], 4096) - want[0]) <= tols.log_tol(dtype, want[0], x[0, 4096])
 
 
-@pytest.mark.parametrize("chunk", [64, 1000, None])
+@pytest.mark.parametrize("chunk", [64, 1000, None, 1 << 20])
 def test_a_float64_sum_of_many_chunks_keeps_its_rounding(chunk):
     """Each chunk that leaves a row's max adds its sum of exp to the running one with a rounding error, the
     same error for every chunk where the chunks' sums repeat: a float64 row of zeros after a max of 20
     lost 100 ulp of logsumexp in 2^14 chunks of 64 (17 in a row of 4e6 at the default chunk; an accuracy
     audit; PyTorch 1.5). The errors are gathered exactly (TwoSum) and added at the end: the results are
     within an ulp of mpmath's (m + log s rounds twice), for every function of the fold (and the C API's
-    fl_lse_update, through the Numba entry point)."""
+    fl_lse_update, through the Numba entry point). Their sums within a chunk flush every 16 vectors, so
+    a chunk of the whole row (2^20) loses 12 ulp to them: that chunk tests softmax alone, whose sum
+    added every term to its lane's total (below)."""
     mpmath = pytest.importorskip("mpmath")
     from fastlogits.numba import cross_entropy_row, logsumexp_row
 
@@ -413,14 +415,23 @@ def test_a_float64_sum_of_many_chunks_keeps_its_rounding(chunk):
     x[0] = 20.0
     with mpmath.workdps(40):
         lse = mpmath.mpf(20) + mpmath.log(1 + (V - 1) * mpmath.exp(-20))
-    got = {"logsumexp": fl.logsumexp(x, chunk_size=chunk, threads=1),
-           "cross_entropy": fl.cross_entropy(x[None], np.array([3]), reduction="none", chunk_size=chunk,
-                                             threads=1)[0],
-           "top_k_logprobs": -fl.top_k_logprobs(x, 2, chunk_size=chunk, threads=1)[0][1],
-           "log_softmax": -fl.log_softmax(x, chunk_size=chunk, threads=1)[1]}
+    got = {} if chunk == 1 << 20 else {
+        "logsumexp": fl.logsumexp(x, chunk_size=chunk, threads=1),
+        "cross_entropy": fl.cross_entropy(x[None], np.array([3]), reduction="none", chunk_size=chunk,
+                                          threads=1)[0],
+        "top_k_logprobs": -fl.top_k_logprobs(x, 2, chunk_size=chunk, threads=1)[0][1],
+        "log_softmax": -fl.log_softmax(x, chunk_size=chunk, threads=1)[1]}
     if chunk is None:
         got.update(logsumexp_row=logsumexp_row(x), cross_entropy_row=cross_entropy_row(x, 3))
     for name, v in got.items():        # (top-k's and log-softmax's -log p of a zero is lse too)
         with mpmath.workdps(40):
             err = float(abs(mpmath.mpf(float(v)) - lse) / np.spacing(float(lse)))
         assert err <= 1, (name, err)
+    # softmax's sum, of its stored terms: chunk sums kept as the fold's, and within a chunk summed in
+    # blocks from 0 (fl__sum; the lane holding the max's term 1 lost the small terms' rounding, 8e4 ulp
+    # of p in one chunk of the row): p within a few ulp (it was off by 459 to 81936 at these chunks)
+    p = fl.softmax(x, chunk_size=chunk, threads=1)
+    with mpmath.workdps(40):
+        for j, want in ((0, 1 / mpmath.exp(lse - 20)), (1, 1 / mpmath.exp(lse))):
+            err = float(abs(mpmath.mpf(float(p[j])) - want) / np.spacing(float(want)))
+            assert err <= 16, (j, err)
