@@ -197,11 +197,9 @@ def gumbel_key(x, g):
 @cuda.jit(device=True)
 def minp_bound(m, min_p):
     """min-p's threshold: the smallest float64 at or above the exact m + log(min_p) (TwoSum's error says
-    which way the sum rounded; the C core's fl__minp_bound)."""
-    c = math.log(min_p)
-    t = m + c
-    mv = t - c
-    if (m - mv) + (c - (t - mv)) > 0.0:
+    which way the sum rounded, as a key holds it; the C core's fl__minp_bound)."""
+    t, err = gumbel_key(m, math.log(min_p))
+    if err > 0.0:
         return -_next_down(-t)
     return t
 
@@ -409,9 +407,11 @@ def _build(kind):
                             kept = max(int64(1), int64(math.ceil(need_f)))
                         drop = ties - kept
                 mp = min_p[r]
-                if mp > 0.0 and minp_bound(M, mp) > th:
-                    th = minp_bound(M, mp)
-                    drop = 0
+                if mp > 0.0:                            # above top-p's threshold: no tie is cut
+                    mb = minp_bound(M, mp)
+                    if mb > th:
+                        th = mb
+                        drop = 0
                 if drop > 0:
                     ct = nth_equal(x, r, sc, T, CT(th), drop, sh_m, sel, tid)
             if tid == 0:

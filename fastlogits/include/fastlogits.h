@@ -309,6 +309,15 @@ FL_MULTIVERSION static FL_UNUSED double fl__log(double x) { return fl__log_any(x
 
 static inline void fl_lse_init(fl_lse_state *st) { st->m = -FL_INF; st->s = 0.0; }
 
+/* a + b rounded to nearest, its rounding error added to *err (Knuth's TwoSum: exact in IEEE double for
+ * finite a and b, whatever their magnitudes): the running sums that keep their errors, min-p's bound and
+ * the sampler's keys. */
+static inline double fl__add_exact(double a, double b, double *err) {
+    double s = a + b, ar = s - b;
+    *err += (a - ar) + (b - (s - ar));
+    return s;
+}
+
 /* Merge the state of other columns into `into`. Associative and commutative. */
 static inline void fl_lse_merge(fl_lse_state *into, const fl_lse_state *other) {
     double m1 = into->m, m2 = other->m;

@@ -239,11 +239,7 @@ FL_INLINE double FL_FN(fl__sum)(const FL_T *x, int64_t n) {
                 for (; i + FL_LANES <= end; i += FL_LANES)
                     FL_LANE_LOOP
                     for (j = 0; j < FL_LANES; j++) blk[j] += (double)x[i + j];
-                for (j = 0; j < FL_LANES; j++) {
-                    double s = acc[j] + blk[j], v = s - blk[j];
-                    err[j] += (acc[j] - v) + (blk[j] - (s - v));
-                    acc[j] = s;
-                }
+                for (j = 0; j < FL_LANES; j++) acc[j] = fl__add_exact(acc[j], blk[j], &err[j]);
             }
             for (j = 0; j < FL_LANES; j++) acc[j] += err[j] - err[j] == 0.0 ? err[j] : 0.0;   /* (inf: 0) */
         }
@@ -398,6 +394,7 @@ static inline fl_lse_state FL_FN(fl_lse_chunk)(const FL_T *x, int64_t n) {
 static inline void FL_FN(fl_lse_fold)(fl_lse_state *st, double *comp, const FL_T *x, int64_t n,
                                       uintptr_t pf, uintptr_t pf_step) {
     fl_lse_state c;
+    int have = 0;                                   /* c holds the chunk's state */
     if (n <= 0) return;
     /* one pass around the state's max rounded to FL_T, when FL_T holds it within 64 (a state merged from
      * float64 work may have a max beyond float's range, or one that float rounds by more: above 2^30 its
@@ -406,27 +403,19 @@ static inline void FL_FN(fl_lse_fold)(fl_lse_state *st, double *comp, const FL_T
         FL_T sh = (FL_T)st->m, cmax;
         double s = FL_FN(fl__sumexp_max)(x, n, sh, &cmax, pf, pf_step);
         if (s == s && (double)cmax <= st->m) {      /* (then cmax <= sh: every term's exponent <= 0) */
-            double t, sv;
             if ((double)sh != st->m) s *= exp((double)sh - st->m);   /* a state merged from elsewhere */
-            t = st->s + s;
-            sv = t - s;
-            *comp += (st->s - sv) + (s - (t - sv));    /* TwoSum's error: st->s + s = t + error */
-            st->s = t;
+            st->s = fl__add_exact(st->s, s, comp);
             return;
         }
-        st->s += *comp;
-        *comp = 0.0;
         if (s == s && cmax < (FL_T)INFINITY) {   /* a finite new max, no NaN: the max pass is done */
             c.m = cmax;
             c.s = FL_FN(fl__sumexp_from)(x, n, cmax);
-            fl_lse_merge(st, &c);
-            return;
+            have = 1;
         }
-    } else {
-        st->s += *comp;
-        *comp = 0.0;
     }
-    c = FL_FN(fl_lse_chunk_pf)(x, n, pf, pf_step);
+    if (!have) c = FL_FN(fl_lse_chunk_pf)(x, n, pf, pf_step);
+    st->s += *comp;                                 /* (fl_lse_merge rescales s alone) */
+    *comp = 0.0;
     fl_lse_merge(st, &c);
 }
 
@@ -552,13 +541,9 @@ FL_MULTIVERSION static FL_UNUSED int FL_FN(fl__log_softmax_row)(const FL_T *x, i
  * sum's rounding errors, as fl_lse_fold gathers them. */
 static inline void FL_FN(fl_softmax_fold)(fl_lse_state *st, double *comp, const FL_T *x, int64_t n, FL_T *y,
                                           FL_T *my) {
-    double t = FL_FN(fl__softmax_terms)(x, n, y, st->m, my), sum, sv;
-    if (t >= 0 && st->m == (double)*my) {         /* the max stays: the sum's error is kept (TwoSum) */
-        t *= FL_UP;
-        sum = st->s + t;
-        sv = sum - t;
-        *comp += (st->s - sv) + (t - (sum - sv));
-        st->s = sum;
+    double t = FL_FN(fl__softmax_terms)(x, n, y, st->m, my);
+    if (t >= 0 && st->m == (double)*my) {         /* the max stays: the sum's error is kept */
+        st->s = fl__add_exact(st->s, t * FL_UP, comp);
         return;
     }
     st->s += *comp;                               /* the max moves (or the row is not finite): s alone */

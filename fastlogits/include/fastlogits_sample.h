@@ -148,11 +148,8 @@ static inline fl_key fl_key_none(void) {
 /* The key of value x and noise g (TwoSum: no rounding is lost, whatever their magnitudes). */
 static inline fl_key fl_key_of(double x, double g) {
     fl_key k;
-    double xr, gr;
-    k.hi = x + g;
-    xr = k.hi - g;
-    gr = k.hi - xr;
-    k.lo = (x - xr) + (g - gr);
+    k.lo = 0.0;
+    k.hi = fl__add_exact(x, g, &k.lo);
     return k;
 }
 
@@ -424,8 +421,7 @@ static inline double fl__topp_bucketed(double *v, double *w, int64_t n, double m
  * ulp below it where |m| is huge: float64 logits near 2^52 and min_p = 0.5 kept the tokens one below the max,
  * whose p / p_max is 1 / e. */
 static inline double fl__minp_bound(double m, double min_p) {
-    double c = log(min_p), t = m + c, mv = t - c;
-    double err = (m - mv) + (c - (t - mv));
+    double err = 0.0, t = fl__add_exact(m, log(min_p), &err);
     return err > 0.0 ? nextafter(t, FL_INF) : t;
 }
 
@@ -875,12 +871,10 @@ static inline int FLS_FN(fl_row_sample_setup)(const fl_row *r, const fl_sample_p
         pp->theta = FLS_FN(fl__topp_row)(r, chunk, sc, pp->st.m, pp->st.s,
                                          p->top_p - tol > 0.5 * p->top_p ? p->top_p - tol : 0.5 * p->top_p,
                                          &pp->cut);
-        if (p->min_p > 0.0 && fl__minp_bound(pp->st.m, p->min_p) > pp->theta) {
-            pp->theta = fl__minp_bound(pp->st.m, p->min_p);
-            pp->cut = 0;
-        }
-    } else if (p->min_p > 0.0) {
-        pp->theta = fl__minp_bound(pp->st.m, p->min_p);
+    }
+    if (p->min_p > 0.0) {                         /* min-p's threshold above top-p's: no tie is cut */
+        double t = fl__minp_bound(pp->st.m, p->min_p);
+        if (t > pp->theta) { pp->theta = t; pp->cut = 0; }
     }
     return FL_SAMPLE_OK;
 }

@@ -92,6 +92,16 @@ def _drop(T, q, above, goal):
     return T - (min(T, max(1, need)) if need < math.inf else T)
 
 
+def _with_min_p(theta, cut, m, min_p):
+    """(theta, cut) after min-p: its threshold (the C core's, rounded up) where it is above theta, and
+    then no tie is cut."""
+    if min_p > 0.0:
+        bound = _sample.minp_bound(m, min_p)
+        if bound > theta:
+            return bound, 0
+    return theta, cut
+
+
 def _nth_equal(passes, v, j):
     """The token of the (j + 1)-th value equal to v, counting from token 0, in one pass (stopping there)."""
     for c0, x in passes():
@@ -194,8 +204,7 @@ def sample_row(row, *, temperature, softcap, top_k, top_p, min_p, seed, row_id, 
         q = math.exp(tau - m)                      # each tied token's mass (as radix_mass adds them)
         drop = _drop(int(own / q + 0.5), q, above, goal) if q > 0 else 0
         theta, cut = tau, _nth_equal(passes, tau, drop) if drop else 0      # (tau >= theta, top-k's)
-    if min_p > 0.0 and _sample.minp_bound(m, min_p) > theta:
-        theta, cut = _sample.minp_bound(m, min_p), 0
+    theta, cut = _with_min_p(theta, cut, m, min_p)
     return _draw(passes, theta, m, seed, row_id, ns, logprobs, cut)
 
 
@@ -245,8 +254,7 @@ def _sample_survivors(passes, vals, toks, cut, min_p, p, seed, row_id, ns, logpr
     theta, drop = kth, 0
     if p < 1.0:
         theta, drop = _nucleus(vals, extra, m, p)
-    if min_p > 0.0 and _sample.minp_bound(m, min_p) > theta:
-        theta, drop = _sample.minp_bound(m, min_p), 0
+    theta, drop = _with_min_p(theta, drop, m, min_p)
     if extra and theta <= kth:                    # survivors out of memory: the draw in passes
         first = _nth_equal(passes, theta, drop) if drop else 0
         return _draw(passes, theta, m, seed, row_id, ns, logprobs, first)
