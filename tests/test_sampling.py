@@ -70,8 +70,7 @@ def chi_square_ok(tokens, probs):
     big = exp >= 5
     obs = list(counts[big]) + ([counts[~big].sum()] if np.any(~big & (probs > 0)) else [])
     ex = list(exp[big]) + ([exp[~big].sum()] if np.any(~big & (probs > 0)) else [])
-    if len(obs) < 2:
-        assert np.all(counts[probs > 0] == len(tokens)) or len(obs) == 1
+    if len(obs) < 2:      # one bin of every possible token: the check above was the whole test
         return
     pval = stats.chisquare(obs, np.array(ex) * (np.sum(obs) / np.sum(ex))).pvalue
     assert pval > P_MIN, (f"chi-square p-value {pval:.3g}: counts {counts.tolist()} vs expected "

@@ -378,6 +378,7 @@ def test_wide_rows_cut_top_p_ties_as_in_memory():
 
 @pytest.mark.parametrize("kw", HUGE_KW, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "plain")
 @pytest.mark.parametrize("name", list(HUGE_ROWS))
+@pytest.mark.filterwarnings("error::RuntimeWarning")     # (the largest float64 as top-p's bound: no warning)
 def test_near_equal_huge_logits_in_a_wide_row(name, kw):
     """Near-equal huge logits (tests/test_sampling.py): read in chunks, a wide row's draws (the passes,
     and top-k's survivors drawn in memory) compare the exact keys x + g too, as the in-memory sampler."""

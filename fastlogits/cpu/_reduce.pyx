@@ -183,8 +183,8 @@ cdef inline void ce_finish(bint ignored, const fl_lse_state *st, double log_s, c
                            const double *xt, double wtotal, bint smoothing, double *nll, double *smooth,
                            double *lse_out) noexcept nogil:
     """A row's cross-entropy parts from its merged state st, the log of its sum (fl__log(st.s), read where
-    its max is finite), its label smoothing sum d (fl__dist_merge's; read only when smoothing) and its
-    label's logit xt; all 0 for an ignored row (whose st, d and xt are not read)."""
+    its max is finite), its label smoothing distance sum d (fl__dist's, merged by fl__dist_merge; read only
+    when smoothing) and its label's logit xt; all 0 for an ignored row (whose st, d and xt are not read)."""
     cdef double m
     if ignored:
         lse_out[0] = nll[0] = 0.0
@@ -253,9 +253,10 @@ def cross_entropy(x, int dtype, temperature, double softcap, const int64_t[::1] 
                   int64_t ignore_index, weight, double wtotal, bint smoothing, double[::1] nll,
                   double[::1] smooth, double[::1] lse_out, int64_t chunk, int threads):
     """Per row i with labels[i] != ignore_index (labels already checked to lie in [0, V)):
-    lse_out[i] = logsumexp, nll[i] = lse - x[label] (unweighted), and when smoothing,
-    smooth[i] = -sum_c w[c] log p[c] (w = 1 when weight is None; wtotal = sum of w), formed as
-    sum_c w[c] (m - x[c]) + wtotal log s (fl__dist_merge). Ignored rows get 0. weight: None or a
+    lse_out[i] = logsumexp, nll[i] = -log p[label] (unweighted), and when smoothing,
+    smooth[i] = -sum_c w[c] log p[c] (w = 1 when weight is None; wtotal = sum of w), each formed from the
+    row's max m (ce_finish): (m - x[label]) + log s, and sum_c w[c] (m - x[c]) + wtotal log s
+    (fl__dist_total). Ignored rows get 0. weight: None or a
     C-contiguous array of V values in the compute dtype; smooth: None unless smoothing. A row whose
     log-softmax is NaN (all -inf, a +inf, a NaN) gives NaN.
 
@@ -408,6 +409,34 @@ def lse_results(const double[::1] m, const double[::1] s, double[::1] out):
             out[i] = fl_lse_result(&a)
 
 
+def logs(const double[::1] x, double[::1] out):
+    """out[i] = log x[i] by the C core's log (fl__log_n), the bits its kernels take of a row's sum: for the
+    log-probabilities formed in Python from merged states (out may be x)."""
+    if x.shape[0]:
+        with nogil:
+            fl__log_n(&x[0], &out[0], x.shape[0])
+
+
+def ce_results(const double[::1] m, const double[::1] s, const double[::1] d, const double[::1] target,
+               const int64_t[::1] labels, int64_t ignore_index, double wtotal, bint smoothing,
+               double[::1] nll, double[::1] smooth, double[::1] lse_out):
+    """cross_entropy's per-row parts from merged row states (the accumulators'), finished as the kernels
+    finish them (ce_finish): m, s the states, d the smoothing distance sums (read only when smoothing),
+    target the labels' logits, wtotal the weights' sum; smooth: None unless smoothing."""
+    cdef int64_t i
+    cdef fl_lse_state a
+    cdef bint ignored
+    if smoothing and smooth is None:
+        raise ValueError("ce_results: label smoothing needs the smooth terms")
+    with nogil:
+        for i in range(m.shape[0]):
+            ignored = labels[i] == ignore_index
+            a.m = m[i]
+            a.s = s[i]
+            ce_finish(ignored, &a, fl__log(a.s), &d[i], &target[i], wtotal, smoothing, &nll[i],
+                      &smooth[i] if smoothing else NULL, &lse_out[i])
+
+
 def row_values(x, int dtype, temperature, double softcap, const int64_t[::1] cols, double[::1] out):
     """out[i] = x[i, cols[i]] after softcap and temperature, computed as the kernels compute it
     (cols[i] < 0: left alone)."""
@@ -444,8 +473,8 @@ def ent_states(x, int dtype, temperature, double softcap, double[::1] m_out, dou
 
 
 def merge_ent_states(double[::1] m, double[::1] s, double[::1] t, const double[::1] m2,
-                     const double[::1] s2, const double[::1] t2, double[::1] out):
-    """(m, s, t) <- merge((m, s, t), (m2, s2, t2)) row by row; out (or None-sized 0) gets the entropy."""
+                     const double[::1] s2, const double[::1] t2):
+    """(m, s, t) <- merge((m, s, t), (m2, s2, t2)) row by row."""
     cdef int64_t i
     cdef fl_ent_state a, b
     with nogil:
@@ -460,8 +489,18 @@ def merge_ent_states(double[::1] m, double[::1] s, double[::1] t, const double[:
             m[i] = a.m
             s[i] = a.s
             t[i] = a.t
-            if out.shape[0]:
-                out[i] = fl_ent_result(&a)
+
+
+def ent_results(const double[::1] m, const double[::1] s, const double[::1] t, double[::1] out):
+    """out[i] = the entropy of row state (m, s, t)[i] (fl_ent_result)."""
+    cdef int64_t i
+    cdef fl_ent_state a
+    with nogil:
+        for i in range(m.shape[0]):
+            a.m = m[i]
+            a.s = s[i]
+            a.t = t[i]
+            out[i] = fl_ent_result(&a)
 
 
 def stats(x, int dtype, temperature, double softcap, const int64_t[::1] labels, int64_t ignore_index,
@@ -473,7 +512,9 @@ def stats(x, int dtype, temperature, double softcap, const int64_t[::1] labels, 
     cdef int64_t i
     cdef fl_row r
     cdef fl_ent_state e
-    cdef double xt
+    cdef fl_lse_state st
+    cdef double xt = 0.0, lse
+    cdef bint ignored
     cdef char *buf = NULL
     cdef bint have_labels = labels.shape[0] > 0
     threads = work_threads(&b, 1, threads)
@@ -487,13 +528,12 @@ def stats(x, int dtype, temperature, double softcap, const int64_t[::1] labels, 
             else:
                 e = fl_row_stats_f32(&r, chunk, <float *> buf, &top[i])
             ent[i] = fl_ent_result(&e)
-            if not have_labels or labels[i] == ignore_index:
-                nll[i] = 0.0
-            elif not (-INFINITY < e.m < INFINITY):
-                nll[i] = NAN                  # log_softmax is NaN there
-            else:
+            ignored = not have_labels or labels[i] == ignore_index
+            if not ignored:
                 xt = fl_row_value_f64(&r, labels[i]) if b.f64 else fl_row_value_f32(&r, labels[i])
-                nll[i] = (e.m - xt) + fl__log(e.s)
+            st.m = e.m
+            st.s = e.s
+            ce_finish(ignored, &st, fl__log(e.s), NULL, &xt, 0.0, False, &nll[i], NULL, &lse)
     free(bufs)
 
 

@@ -69,9 +69,14 @@ cdef extern from "fastlogits.h" nogil:
     double fl_sample_logprob_f32(const fl_row *r, const fl_sample_prep *pp, int64_t t, double ssum)
     double fl_sample_logprob_f64(const fl_row *r, const fl_sample_prep *pp, int64_t t, double ssum)
     enum:
+        FL_SAMPLE_OK
         FL_SAMPLE_NAN
         FL_SAMPLE_POSINF
         FL_SAMPLE_EMPTY
+
+
+# a row's status from the samplers (fastlogits_sample.h's), for the Python and GPU drivers too
+OK, NAN, POSINF, EMPTY = FL_SAMPLE_OK, FL_SAMPLE_NAN, FL_SAMPLE_POSINF, FL_SAMPLE_EMPTY
 
 
 cdef inline fl_sample_scratch scratch_at(char *base, int64_t off_hv, int64_t off_hi, int64_t off_cv,
@@ -285,13 +290,30 @@ cdef extern from "fastlogits.h" nogil:
     double fl__rank_mass_f32(const float *x, int64_t n, float xt, float theta, float m, int64_t *rank)
     double fl__rank_mass_f64(const double *x, int64_t n, double xt, double theta, double m, int64_t *rank)
     void fl__exp_shift(const double *v, double *w, int64_t n, double shift)
-    double fl__minp_bound(double m, double min_p)
+    void fl__with_min_p(double *theta, int64_t *cut, double m, double min_p)
+    double fl__topp_goal(double top_p, double eps)
     double FL_GUMBEL_MAX
 
 
-def minp_bound(double m, double min_p):
-    """min-p's threshold: the smallest float64 at or above the exact m + log(min_p) (fl__minp_bound)."""
-    return fl__minp_bound(m, min_p)
+def with_min_p(double theta, int64_t cut, double m, double min_p):
+    """(theta, cut) after min-p (fl__with_min_p): its threshold, rounded up, where it is above top-p's theta,
+    and then no tie is cut."""
+    fl__with_min_p(&theta, &cut, m, min_p)
+    return theta, cut
+
+
+def topp_goal(top_p, double eps):
+    """Top-p's goal (fl__topp_goal) for masses summed in a type of machine epsilon eps: of a float, or of
+    each value of an array (a float64 array back)."""
+    cdef double[::1] p
+    cdef int64_t i
+    if np.ndim(top_p) == 0:
+        return fl__topp_goal(top_p, eps)
+    a = np.array(top_p, np.float64)
+    p = a.reshape(-1)
+    for i in range(p.shape[0]):
+        p[i] = fl__topp_goal(p[i], eps)
+    return a
 
 
 ctypedef fused real:

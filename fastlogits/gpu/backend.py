@@ -19,21 +19,27 @@ import sys
 import threading
 import warnings
 
-import ml_dtypes
 import numpy as np
 from numba import config as numba_config
 from numba import cuda
 
 from fastlogits._config import default_threads
+from fastlogits.cpu import _sample
 from fastlogits.cpu.backend import copy_rows
 from fastlogits.gpu import kernels as K
 from fastlogits.ops._backend import foreign_streams
-from fastlogits.ops._prep import compute_dtype, not_floating, weight_sum
+from fastlogits.ops._prep import (
+    NP_DTYPES,
+    bf16,
+    compute_dtype,
+    is_gpu_array,
+    not_floating,
+    to_rows,
+    weight_sum,
+)
 
-CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
-BF16 = np.dtype(ml_dtypes.bfloat16)
-_NP = {"float16": np.dtype(np.float16), "bfloat16": BF16, "float32": np.dtype(np.float32),
-       "float64": np.dtype(np.float64)}
+BF16 = bf16()
+_NP = {name: NP_DTYPES[name] for name in ("float16", "bfloat16", "float32", "float64")}
 # what the kernels read for each input kind (bfloat16 as its bits)
 _KERNEL_DTYPE = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16),
                  "float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
@@ -52,13 +58,6 @@ MAX_GRID_Y = 65535             # CUDA's limit on a grid's y dimension, where the
 
 
 # ---- device arrays ------------------------------------------------------------------------------------
-
-def is_device_array(x):
-    """A numba device array (or the simulator's stand-in), or any object with __cuda_array_interface__."""
-    if isinstance(x, np.ndarray):
-        return False
-    return bool(getattr(x, "__cuda_ndarray__", False)) or hasattr(x, "__cuda_array_interface__")
-
 
 def _device_view(x, name="a GPU array"):
     """x as a numba device array, zero-copy. The work queued next on the default stream (this backend's)
@@ -267,14 +266,9 @@ def as_rows(x, dtype):
     copied to the device later, in row blocks. Every GPU call starts here: bad input found on the device by
     an earlier call is raised first (raise_device_errors)."""
     raise_device_errors()
-    if not is_device_array(x):
+    if not is_gpu_array(x):
         x = np.asarray(x)
-        name = "bfloat16" if x.dtype == BF16 else x.dtype.name
-        lead, V = x.shape[:-1], x.shape[-1]
-        if x.ndim == 1:
-            return x[None, :], lead, name
-        # (rows counted, not inferred: -1 cannot be inferred for V = 0)
-        return (x if x.ndim == 2 else x.reshape(int(np.prod(lead, dtype=np.int64)), V)), lead, name
+        return (*to_rows(x), "bfloat16" if x.dtype == BF16 else x.dtype.name)
     d = _device_view(x, "logits")
     dt = np.dtype(d.dtype)
     name = kind_name(x, d, dtype, "logits")
@@ -419,7 +413,7 @@ def _blocks(x, dtype, temperature):
     block b + 1 is uploaded while block b is computed and fetched (its results are fetched, which waits
     for its stream, before block b + 2 reuses its staging buffer)."""
     kd = _KERNEL_DTYPE[dtype]
-    if is_device_array(x):
+    if is_gpu_array(x):
         d = _device_view(x, "logits")
         if np.dtype(d.dtype) != kd:
             d = d.view(kd)
@@ -513,7 +507,7 @@ def _stats(blk, kern, softcap, mode, w, chunk, best=False):
 
 
 def _reduce(x, dtype, temperature, softcap, chunk, mode):
-    device = is_device_array(x)
+    device = is_gpu_array(x)
     # a device result is written in the API's result dtype (the compute dtype): no cast kernel afterwards
     out = _empty(x.shape[0], compute_dtype(dtype) if device else np.float64, device)
     kern = K.for_kind(dtype)
@@ -541,7 +535,7 @@ def softmax(x, dtype, temperature, softcap, log, out, out_dtype, chunk, threads)
     result on the device (through float32, to nearest even, as the CPU does) and written as their bits."""
     kern = K.for_kind(dtype)
     w = _weights(dtype)
-    out_dev = is_device_array(out)
+    out_dev = is_gpu_array(out)
     bf16 = out_dtype == "bfloat16"
     kd = np.dtype(np.uint16) if bf16 else _NP[out_dtype]
     mapk = kern.softmax_map_bf16 if bf16 else kern.softmax_map
@@ -571,7 +565,7 @@ def cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, wei
     range gives NaN there (cross_entropy_device reports it). out: three arrays to write them into (for
     device logits, device arrays), else new ones."""
     kern = K.for_kind(dtype)
-    device = is_device_array(x)
+    device = is_gpu_array(x)
     rows_all = x.shape[0]
     nll, smooth, lse_ = out if out is not None else (_empty(rows_all, np.float64, device) for _ in range(3))
     wtotal = float(x.shape[1])
@@ -581,9 +575,9 @@ def cross_entropy_rows(x, dtype, temperature, softcap, labels, ignore_index, wei
         wtotal = weight_sum(w_host)
         mode = K.WSUM
     w = _weights(dtype, weight if mode == K.WSUM else None)
-    on_device = device and is_device_array(labels)
+    on_device = device and is_gpu_array(labels)
     if not on_device:
-        labels = to_host(labels, "labels") if is_device_array(labels) else np.asarray(labels)
+        labels = to_host(labels, "labels") if is_gpu_array(labels) else np.asarray(labels)
         labels = np.ascontiguousarray(labels, dtype=np.int64)
     for blk in _blocks(x, dtype, temperature):
         parts = _stats(blk, kern, softcap, mode, w, chunk)
@@ -605,7 +599,7 @@ def device_labels(labels, lead):
     """Device labels as the kernels read them in place: a 1-D C-contiguous int32 or int64 device array,
     from labels of shape ``lead`` (the logits' leading shape; flattened when contiguous). None for
     anything else (the caller takes the host path, which checks and explains)."""
-    if not is_device_array(labels):
+    if not is_gpu_array(labels):
         return None
     d = _device_view(labels, "labels")
     if np.dtype(d.dtype) not in (np.dtype(np.int32), np.dtype(np.int64)) or tuple(d.shape) != tuple(lead):
@@ -628,7 +622,7 @@ def cross_entropy_device(x, dtype, temperature, softcap, labels, ignore_index, w
     device: a label out of range makes the loss NaN and is reported by raise_device_errors later, naming
     it with ``lead``, the logits' leading shape), or checked int64 host labels."""
     rows = int(x.shape[0])
-    if not is_device_array(labels):
+    if not is_gpu_array(labels):
         labels = _upload("labels", 0, np.ascontiguousarray(labels, dtype=np.int64))
     # intermediates in kept scratch arrays
     parts = tuple(_array(rows, np.float64, "cross-entropy " + name) for name in ("nll", "smooth", "lse"))
@@ -725,7 +719,7 @@ def synchronize():
 
 def _select(x, dtype, temperature, softcap, k, logprobs, chunk):
     kern = K.for_kind(dtype)
-    device = is_device_array(x)
+    device = is_gpu_array(x)
     rows_all = x.shape[0]
     cd = compute_dtype(dtype)
     values = _empty((rows_all, k), cd, device)
@@ -760,13 +754,13 @@ def stats(x, dtype, temperature, softcap, labels, ignore_index, chunk, threads):
     """Per row, from one pass over the logits: (nll, entropy, argmax); nll as cross_entropy's unweighted
     per-row loss (0 for ignored rows; all 0 when labels is None)."""
     kern = K.for_kind(dtype)
-    device = is_device_array(x)
+    device = is_gpu_array(x)
     rows_all = x.shape[0]
     nll, ent = _empty(rows_all, np.float64, device), _empty(rows_all, np.float64, device)
     top = _empty(rows_all, np.int64, device)
     has_labels = labels is not None
     if has_labels:
-        labels = to_host(labels, "labels") if is_device_array(labels) else np.asarray(labels)
+        labels = to_host(labels, "labels") if is_gpu_array(labels) else np.asarray(labels)
         labels = np.ascontiguousarray(labels, dtype=np.int64)
     w = _weights(dtype)
     for blk in _blocks(x, dtype, temperature):
@@ -789,7 +783,7 @@ def argmax(x, dtype, temperature, softcap, chunk, threads):
     empty vocabulary."""
     if x.shape[1] == 0:
         z = np.zeros(x.shape[0], np.int64)
-        return cuda.to_device(z) if is_device_array(x) else z
+        return cuda.to_device(z) if is_gpu_array(x) else z
     _, idx, _ = _select(x, dtype, temperature, softcap, 1, False, chunk)
     if isinstance(idx, np.ndarray):
         return np.ascontiguousarray(idx[:, 0])
@@ -822,8 +816,7 @@ def _sample_params(V, dtype, temperature, top_k, top_p, min_p, logprobs):
     greedy = temperature == 0
     temp = np.where(greedy, 1.0, temperature)
     k = np.where(greedy | (top_k <= 0) | (top_k >= V), 0, top_k).astype(np.int64)
-    tol = 16 * float(np.finfo(compute_dtype(dtype)).eps)
-    p = np.where(greedy | (top_p >= 1.0), 1.0, np.where(top_p - tol > 0.5 * top_p, top_p - tol, 0.5 * top_p))
+    p = np.where(greedy, 1.0, _sample.topp_goal(top_p, float(np.finfo(compute_dtype(dtype)).eps)))
     mp = np.where(greedy, 0.0, min_p)
     need = np.where(greedy, 0, np.where((p < 1.0) | (mp > 0.0) | bool(logprobs), 2, np.where(k > 0, 1, 0)))
     return greedy, temp, k, p, mp, need
@@ -943,7 +936,7 @@ def beam_search_step_device(x, dtype, temperature, softcap, beam_scores, W, k, c
     if rows == 0:
         return out
     _, idx, lp = _select(x, dtype, temperature, softcap, k, True, chunk)
-    if is_device_array(beam_scores):
+    if is_gpu_array(beam_scores):
         bs = _device_view(beam_scores, "beam_scores")
     else:
         bs = _upload("beam scores", 0, np.ascontiguousarray(beam_scores, np.float64))
@@ -1004,4 +997,4 @@ def _host_copy(d):
 
 def to_device_like(values, like):
     """Host values back on the device when `like` (the input) is there."""
-    return cuda.to_device(np.ascontiguousarray(values)) if is_device_array(like) else values
+    return cuda.to_device(np.ascontiguousarray(values)) if is_gpu_array(like) else values

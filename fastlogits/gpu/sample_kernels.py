@@ -37,8 +37,8 @@
 # - Beam search: the top-2W log-probabilities of each beam come from the top-k kernels; `beam_merge` ranks
 #   each item's W * 2W continuations by counting (one thread per continuation, no sort, no barrier).
 #
-# Statuses, as the C core's: 0 ok, 1 a NaN in the row, 2 a +inf at a positive temperature, 3 no possible
-# token (all -inf).
+# Statuses, the C core's (OK, NAN, POSINF, EMPTY below): a NaN in the row, a +inf at a positive
+# temperature, no possible token (all -inf).
 """
 import math
 from types import SimpleNamespace
@@ -46,6 +46,7 @@ from types import SimpleNamespace
 import numpy as np
 from numba import config, cuda, float32, float64, int64
 
+from fastlogits.cpu import _sample
 from fastlogits.gpu import kernels as K
 from fastlogits.gpu.device import INT64_MAX
 
@@ -54,6 +55,7 @@ RADIX = 11                   # bits per radix pass
 NBINS = 1 << RADIX
 
 NAN_SEEN, POSINF_SEEN = 1, 2
+OK, NAN, POSINF, EMPTY = _sample.OK, _sample.NAN, _sample.POSINF, _sample.EMPTY
 
 MASK32 = np.uint64(0xFFFFFFFF)
 SIGN32 = np.uint64(0x80000000)
@@ -554,19 +556,19 @@ def _build(kind):
             f |= pflag[r, g]
             sm += psum[r, g]
         gr = greedy[r] != 0
-        st = 0
+        st = OK
         if f & NAN_SEEN:
-            st = 1
+            st = NAN
         elif (f & POSINF_SEEN) and not gr:
-            st = 2
+            st = POSINF
         elif ib < 0:
-            st = 3
+            st = EMPTY
         if s == 0:
             status[r] = st
-        tokens[r, s] = ib if st == 0 else -1          # (a bad row raises: at once, or reported later)
+        tokens[r, s] = ib if st == OK else -1          # (a bad row raises: at once, or reported later)
         if want_lp:
-            lp = 0.0 if st == 0 else math.nan
-            if st == 0 and not gr:
+            lp = 0.0 if st == OK else math.nan
+            if st == OK and not gr:
                 xt = float64(value(x, r, ib, CT(softcap), CT(temp[r])))
                 # (x - M) - log(sum) over the survivors (every token when theta is -inf), as log-softmax
                 # forms it and the CPU does: x - (M + log(sum)) loses log(sum) once |M| passes about 1e14
@@ -586,7 +588,7 @@ def _build(kind):
         par = 0
         for it in range(cuda.blockIdx.x, x.shape[0] * nseg * ns, cuda.gridDim.x):
             r, g, s = item_of(it, nseg, ns)
-            if status[r] != 0 or greedy[r] != 0:
+            if status[r] != OK or greedy[r] != 0:
                 if tid == 0:
                     prank[r, g, s] = 0
                 continue
@@ -624,7 +626,7 @@ def rank_total(prank, status, ranks):
     tot = int64(0)
     for g in range(prank.shape[1]):
         tot += prank[r, g, s]
-    ranks[r, s] = tot if status[r] == 0 else -1
+    ranks[r, s] = tot if status[r] == OK else -1
 
 
 @cuda.jit
@@ -634,7 +636,7 @@ def report(status, call, err):
     tid = cuda.threadIdx.x
     bad = INT64_MAX
     for r in range(tid, status.shape[0], TPB):
-        if status[r] != 0:
+        if status[r] != OK:
             bad = min(bad, r)
     sh_b = cuda.shared.array(TPB, int64)
     sh_b[tid] = bad

@@ -370,12 +370,6 @@ FL_MULTIVERSION static FL_UNUSED fl_lse_state FL_FN(fl_lse_chunk_pf)(const FL_T 
     return st;
 }
 
-/* The same, prefetching the memory that follows the chunk (a caller walking an array). */
-static inline fl_lse_state FL_FN(fl_lse_chunk)(const FL_T *x, int64_t n) {
-    return FL_FN(fl_lse_chunk_pf)(x, n, (uintptr_t)x + (uintptr_t)n * sizeof(FL_T),
-                                  FL_LANES * sizeof(FL_T));
-}
-
 /* Fold a contiguous chunk into a running state: one pass when the state's max is finite and the chunk
  * does not raise it (or hold a NaN or inf); else the chunk's own state merged in (a second pass around
  * the new max the first pass found, or for a NaN or inf, fl_lse_chunk_pf's).

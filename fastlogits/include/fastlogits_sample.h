@@ -425,27 +425,41 @@ static inline double fl__minp_bound(double m, double min_p) {
     return err > 0.0 ? nextafter(t, FL_INF) : t;
 }
 
+/* Min-p over top-p's threshold *theta, whose boundary ties *cut leaves out (a count of them, or the token
+ * they are kept from; 0: none): min-p's where it is the larger, and then no tie is left out. Every
+ * sampler's, and the wide rows' (through _sample). */
+static inline void fl__with_min_p(double *theta, int64_t *cut, double m, double min_p) {
+    if (min_p > 0.0) {
+        double t = fl__minp_bound(m, min_p);
+        if (t > *theta) { *theta = t; *cut = 0; }
+    }
+}
+
+/* Top-p's goal for masses summed in a type of machine epsilon eps: a mass within 16 eps of top_p reaches it
+ * (the sums' rounding), but the goal is never below top_p / 2; 1 (no top-p) stays 1. Every sampler's, the
+ * GPU's and the wide rows' (through _sample). */
+static inline double fl__topp_goal(double top_p, double eps) {
+    double p = top_p - 16.0 * eps;
+    return top_p >= 1.0 ? 1.0 : p > 0.5 * top_p ? p : 0.5 * top_p;
+}
+
 /* The threshold of the filters top_p (p < 1) and min_p (> 0) over candidate values cv[0:n) (the whole
  * distribution, or what top-k left), whose max is m and sum of exp(cv - m) is sum; tmp: 2 n doubles of
  * scratch. Tokens with value > the result survive, and of those equal to it all but the first *drop
- * (top-p's boundary ties, fl__topp_drop; 0 where min-p's threshold is the larger). tol: the rounding
- * slack on p. The masses are exp(cv - m) against p * sum, not exp(cv - lse) against p: the max is exact,
- * the logsumexp rounded (by ulp(lse) / 2, far more than tol where |lse| is large: at a low temperature,
- * say). */
+ * (top-p's boundary ties, fl__topp_drop; 0 where min-p's threshold is the larger). eps: the machine
+ * epsilon of the type the masses were summed in (fl__topp_goal). The masses are exp(cv - m) against
+ * p * sum, not exp(cv - lse) against p: the max is exact, the logsumexp rounded (by ulp(lse) / 2, far more
+ * than top-p's slack where |lse| is large: at a low temperature, say). */
 static inline double fl__filter_threshold(const double *cv, int64_t n, double m, double sum, double top_p,
-                                          double min_p, double tol, double *tmp, int64_t *drop) {
+                                          double min_p, double eps, double *tmp, int64_t *drop) {
     double theta = -FL_INF;
     *drop = 0;
     if (top_p < 1.0) {
-        double p = top_p - tol > 0.5 * top_p ? top_p - tol : 0.5 * top_p;
         memcpy(tmp, cv, (size_t)n * sizeof(double));
         fl__exp_shift(cv, tmp + n, n, m);
-        theta = fl__topp_bucketed(tmp, tmp + n, n, m, p * sum, drop);
+        theta = fl__topp_bucketed(tmp, tmp + n, n, m, fl__topp_goal(top_p, eps) * sum, drop);
     }
-    if (min_p > 0.0) {
-        double t = fl__minp_bound(m, min_p);
-        if (t > theta) { theta = t; *drop = 0; }
-    }
+    fl__with_min_p(&theta, drop, m, min_p);
     return theta;
 }
 
@@ -855,7 +869,6 @@ FL_INLINE int64_t FLS_FN(fl__part)(const fl_sample_prep *pp, int64_t a, int64_t 
  * POSINF or EMPTY (found by the logsumexp pass; without it, by the draws). */
 static inline int FLS_FN(fl_row_sample_setup)(const fl_row *r, const fl_sample_params *p, int want_lp,
                                               int64_t chunk, fl_sample_scratch *sc, fl_sample_prep *pp) {
-    double tol = 16 * FLS_EPS;
     pp->need_lse = p->top_p < 1.0 || p->min_p > 0.0 || want_lp;
     pp->st.m = 0.0;
     pp->st.s = 0.0;
@@ -867,15 +880,10 @@ static inline int FLS_FN(fl_row_sample_setup)(const fl_row *r, const fl_sample_p
         if (pp->st.m == FL_INF) return FL_SAMPLE_POSINF;
         if (pp->st.m == -FL_INF) return FL_SAMPLE_EMPTY;
     }
-    if (p->top_p < 1.0) {
-        pp->theta = FLS_FN(fl__topp_row)(r, chunk, sc, pp->st.m, pp->st.s,
-                                         p->top_p - tol > 0.5 * p->top_p ? p->top_p - tol : 0.5 * p->top_p,
+    if (p->top_p < 1.0)
+        pp->theta = FLS_FN(fl__topp_row)(r, chunk, sc, pp->st.m, pp->st.s, fl__topp_goal(p->top_p, FLS_EPS),
                                          &pp->cut);
-    }
-    if (p->min_p > 0.0) {                         /* min-p's threshold above top-p's: no tie is cut */
-        double t = fl__minp_bound(pp->st.m, p->min_p);
-        if (t > pp->theta) { pp->theta = t; pp->cut = 0; }
-    }
+    fl__with_min_p(&pp->theta, &pp->cut, pp->st.m, p->min_p);
     return FL_SAMPLE_OK;
 }
 
@@ -947,7 +955,6 @@ static inline int FLS_FN(fl_row_sample)(const fl_row *r, const fl_sample_params 
                                         int64_t *ranks) {
     int64_t n = r->n, k = p->top_k, s, i, nc;
     FLS_T *buf = (FLS_T *)sc->buf;
-    double tol = 16 * FLS_EPS;
     if (n <= 0) return FL_SAMPLE_EMPTY;
     if (p->greedy) {
         int64_t t = 0;
@@ -974,7 +981,7 @@ static inline int FLS_FN(fl_row_sample)(const fl_row *r, const fl_sample_params 
         for (i = 0; i < nc; i++) m = sc->cv[i] > m ? sc->cv[i] : m;
         if (m == -FL_INF) return FL_SAMPLE_EMPTY;
         for (i = 0; i < nc; i++) sum += exp(sc->cv[i] - m);
-        theta = fl__filter_threshold(sc->cv, nc, m, sum, p->top_p, p->min_p, tol, sc->tmp, &drop);
+        theta = fl__filter_threshold(sc->cv, nc, m, sum, p->top_p, p->min_p, FLS_EPS, sc->tmp, &drop);
         if (drop > 0) cut = fl__nth_index(sc->cv, sc->ci, nc, theta, drop, (int64_t *)(void *)sc->tmp);
         for (i = 0; i < nc; i++)
             if (fl__survives(sc->cv[i], sc->ci[i], theta, cut)) ssum += exp(sc->cv[i] - m);

@@ -10,7 +10,6 @@ from fastlogits.ops import _backend
 from fastlogits.ops._backend import ordered
 from fastlogits.ops._doc import shared_params
 from fastlogits.ops._prep import (
-    F32_MAX,
     NP_DTYPES,
     as_array,
     as_float,
@@ -471,7 +470,5 @@ def ce_total(sums, reduction, dtype=np.float64, smoothing=False):
     else:              # (z_sum != 0 means count > 0)
         total = _ieee_div(nll_sum, wy_sum) + (_ieee_div(smooth_sum, wy_sum) if smoothing else 0.0) \
             + (z_sum / count if z_sum else 0.0)
-    if abs(total) <= F32_MAX:
-        return np.dtype(dtype).type(total)
     with np.errstate(over="ignore"):
         return np.dtype(dtype).type(total)

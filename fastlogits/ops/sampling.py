@@ -25,6 +25,7 @@ import secrets
 import numpy as np
 
 from fastlogits._config import is_int
+from fastlogits.cpu import _sample
 from fastlogits.ops import _backend
 from fastlogits.ops._backend import ordered
 from fastlogits.ops._doc import shared_params
@@ -141,12 +142,12 @@ def _seeds(seed, lead, rows):
     return np.require(a.reshape(rows), np.uint64, "CA"), np.zeros(rows, np.uint64)
 
 
-_STATUS = {
-    1: "holds a NaN",
-    2: "holds a +inf logit (after softcap and temperature, in the compute type: x / T may overflow; "
-       "its softmax is NaN, as in PyTorch)",
-    3: "has no possible token (every logit is -inf after softcap and temperature, in the compute type: "
-       "x / T may overflow)",
+_STATUS = {     # what a row's status from a sampler means
+    _sample.NAN: "holds a NaN",
+    _sample.POSINF: "holds a +inf logit (after softcap and temperature, in the compute type: x / T may "
+                    "overflow; its softmax is NaN, as in PyTorch)",
+    _sample.EMPTY: "has no possible token (every logit is -inf after softcap and temperature, in the compute "
+                   "type: x / T may overflow)",
 }
 
 

@@ -446,20 +446,11 @@ class CrossEntropy(_Base):
         if np.any(counted & ~self.found):
             i = int(np.argmax(counted & ~self.found))
             raise ValueError(f"row {i}: the column of its label {int(self.labels[i])} was never folded in")
-        lse = np.empty(self.rows)
-        _reduce.lse_results(self.m, self.s, lse)
-        finite = np.isfinite(self.m)     # else log_softmax is NaN: all -inf, a +inf or a NaN seen
-        lse = np.where(finite, lse, np.nan)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            nll = np.where(finite, (self.m - self.target) + np.log(self.s), np.nan)  # exact for huge x
         eps = self.label_smoothing
-        smooth = None
-        if eps > 0:      # sum w (lse - x) = sum w (m - x) + W log s
-            with np.errstate(invalid="ignore", divide="ignore"):
-                log_s = np.log(self.s)     # d + W log s, as fl__dist_total forms it
-                d, W = self.dist, self.wseen
-                keep = (log_s == 0) & (W == W)
-                smooth = np.where(finite, np.where(keep, d, d + W * log_s), np.nan)
+        nll, lse = np.empty(self.rows), np.empty(self.rows)
+        smooth = np.empty(self.rows) if eps > 0 else None
+        _reduce.ce_results(self.m, self.s, self.dist, self.target, self.labels, self.ignore_index, self.wseen,
+                           eps > 0, nll, smooth, lse)
         return ce_terms(nll, smooth, lse, self.labels, self.ignore_index, self.weight, eps, self.z_loss, V,
                         per_row)
 
@@ -486,7 +477,6 @@ class Entropy(_Base):
     def __init__(self, rows, *, temperature=1.0, softcap=None, threads=None, chunk_size=None):
         super().__init__(rows, temperature, softcap, threads, chunk_size)
         self.t = np.zeros(self.rows)
-        self._h = np.full(self.rows, np.nan)
 
     def update(self, chunk, start=0):
         """Fold in columns start .. start + c of every row; chunk has shape (rows, c)."""
@@ -495,7 +485,7 @@ class Entropy(_Base):
             r = self._prepare(x)
             m, s, t = (np.empty(self.rows) for _ in range(3))
             _reduce.ent_states(r.x, CODES[r.dtype], r.temperature, r.softcap, m, s, t, r.chunk, r.threads)
-            _reduce.merge_ent_states(self.m, self.s, self.t, m, s, t, self._h)
+            _reduce.merge_ent_states(self.m, self.s, self.t, m, s, t)
         return self
 
     @property
@@ -511,15 +501,14 @@ class Entropy(_Base):
         m, t = _row_state(m, self.rows, "m"), _row_state(t, self.rows, "t")
         s = _row_state(s, self.rows, "s", sums=True)
         with self._adding(ranges, columns):
-            _reduce.merge_ent_states(self.m, self.s, self.t, m, s, t, self._h)
+            _reduce.merge_ent_states(self.m, self.s, self.t, m, s, t)
         return self
 
     @_locked
     def result(self):
         """Entropy per row, float64 (rows,)."""
         out = np.empty(self.rows)
-        none = np.full(self.rows, -np.inf)
-        _reduce.merge_ent_states(self.m, self.s, self.t, none, np.zeros(self.rows), np.zeros(self.rows), out)
+        _reduce.ent_results(self.m, self.s, self.t, out)
         return out
 
 
@@ -620,7 +609,8 @@ class TopK(_Base):
         arrays (a caller changing them in place changed the accumulator's state)."""
         if self._lse is None:
             return self.values.copy(), self.indices.copy()
-        m, s = self._lse.m[:, None], self._lse.s[:, None]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            lp = np.where(np.isfinite(m), (self.values - m) - np.log(s), np.nan)
+        m, log_s = self._lse.m[:, None], np.empty((self.rows, 1))
+        _reduce.logs(self._lse.s, log_s[:, 0])
+        with np.errstate(invalid="ignore"):
+            lp = np.where(np.isfinite(m), (self.values - m) - log_s, np.nan)
         return lp, self.indices.copy()

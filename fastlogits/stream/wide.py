@@ -14,7 +14,7 @@ memory is set by the chunk, not by the row:
    over the top-k survivors renormalised (a mass within 16 eps of top_p reaches it, as in memory); where
    the nucleus needs only some of the tokens tied at that value (the last ones, as Hugging Face's stable
    sort keeps them: their number is their mass over one's), one more pass finds the first kept (the cut);
-4. min-p: ``x_max + log(min_p)``, rounded up (``_sample.minp_bound``, the C core's);
+4. min-p: ``x_max + log(min_p)``, rounded up (``_sample.with_min_p``, the C core's);
 5. the Gumbel-max over the survivors (the values at or above the largest of those thresholds), with the
    in-memory sampler's noise and conservative test (``fl__gumbel_chunk``), all samples in one pass;
 6. with log-probabilities, one more pass for the sampled tokens' ranks and the survivors' mass.
@@ -35,7 +35,7 @@ import math
 
 import numpy as np
 
-from fastlogits.cpu import _sample
+from fastlogits.cpu import _reduce, _sample
 from fastlogits.cpu.backend import CODES, aligned, compute_dtype
 from fastlogits.stream.run import column_chunks
 
@@ -43,7 +43,16 @@ DIGIT = 11               # bits of the value's key per radix pass (8 for chunks 
 BYTES_PER_VALUE = 16     # per column of a chunk: its values in the compute type (at most 8 bytes), and 8
                          # for the selections' scratch (histograms, the k largest)
 
-OK, NAN, POSINF, EMPTY = 0, 1, 2, 3   # statuses, as the in-memory sampler's
+OK, NAN, POSINF, EMPTY = _sample.OK, _sample.NAN, _sample.POSINF, _sample.EMPTY   # the C sampler's
+
+
+def _logprobs(xt, m, mass):
+    """The drawn tokens' log-probabilities from their values xt, the row's max m and the mass they were
+    drawn from: (x - m) - log s, as log-softmax and the C sampler form them (exact at any m), with the
+    core's log."""
+    log_s = np.empty(mass.shape[0])
+    _reduce.logs(mass, log_s)
+    return (xt - m) - log_s
 
 
 def _value(key, vdt):
@@ -90,16 +99,6 @@ def _drop(T, q, above, goal):
     tokens above them: how many top-p drops, the first ones (fl__topp_drop's closed form)."""
     need = math.ceil((goal - above) / q) if q > 0 else math.inf
     return T - (min(T, max(1, need)) if need < math.inf else T)
-
-
-def _with_min_p(theta, cut, m, min_p):
-    """(theta, cut) after min-p: its threshold (the C core's, rounded up) where it is above theta, and
-    then no tie is cut."""
-    if min_p > 0.0:
-        bound = _sample.minp_bound(m, min_p)
-        if bound > theta:
-            return bound, 0
-    return theta, cut
 
 
 def _nth_equal(passes, v, j):
@@ -170,8 +169,7 @@ def sample_row(row, *, temperature, softcap, top_k, top_p, min_p, seed, row_id, 
             _sample.values(aligned(chunk), code, t, softcap, v)
             yield c0, v
 
-    tol = 16 * float(np.finfo(vdt).eps)          # a mass within 16 eps of top_p reaches it, as in memory
-    p = 1.0 if top_p >= 1.0 else top_p - tol if top_p - tol > 0.5 * top_p else 0.5 * top_p
+    p = _sample.topp_goal(top_p, float(np.finfo(vdt).eps))     # a mass within 16 eps of top_p reaches it
     if not greedy and 0 < top_k < row.V and top_k <= cols // 16:
         # a few k: their copies (80 bytes each at most) fit in the scratch of a chunk, and the k largest,
         # found with the max in one pass, hold the survivors, so the filters and the draw run in memory
@@ -204,7 +202,7 @@ def sample_row(row, *, temperature, softcap, top_k, top_p, min_p, seed, row_id, 
         q = math.exp(tau - m)                      # each tied token's mass (as radix_mass adds them)
         drop = _drop(int(own / q + 0.5), q, above, goal) if q > 0 else 0
         theta, cut = tau, _nth_equal(passes, tau, drop) if drop else 0      # (tau >= theta, top-k's)
-    theta, cut = _with_min_p(theta, cut, m, min_p)
+    theta, cut = _sample.with_min_p(theta, cut, m, min_p)
     return _draw(passes, theta, m, seed, row_id, ns, logprobs, cut)
 
 
@@ -214,7 +212,9 @@ def _parts(passes, theta, cut):
     for c0, v in passes():
         j = min(max(cut - c0, 0), v.shape[0])
         if j:
-            yield c0, v[:j], float(np.nextafter(v.dtype.type(theta), v.dtype.type(np.inf)))
+            with np.errstate(over="ignore"):     # above the largest finite value: inf, which nothing reaches
+                above = float(np.nextafter(v.dtype.type(theta), v.dtype.type(np.inf)))
+            yield c0, v[:j], above
         if j < v.shape[0]:
             yield c0 + j, v[j:], theta
 
@@ -234,7 +234,7 @@ def _draw(passes, theta, m, seed, row_id, ns, logprobs, cut=0):
     ranks, mass = np.zeros(ns, np.int64), np.zeros(ns)
     for _, v, th in _parts(passes, theta, cut):
         _sample.rank_mass_values(v, xt, th, m, ranks, mass)
-    return OK, tokens, (xt - m) - np.log(mass), ranks      # as log-softmax forms it: exact at any m
+    return OK, tokens, _logprobs(xt, m, mass), ranks
 
 
 def _sample_survivors(passes, vals, toks, cut, min_p, p, seed, row_id, ns, logprobs, vdt):
@@ -254,7 +254,7 @@ def _sample_survivors(passes, vals, toks, cut, min_p, p, seed, row_id, ns, logpr
     theta, drop = kth, 0
     if p < 1.0:
         theta, drop = _nucleus(vals, extra, m, p)
-    theta, drop = _with_min_p(theta, drop, m, min_p)
+    theta, drop = _sample.with_min_p(theta, drop, m, min_p)
     if extra and theta <= kth:                    # survivors out of memory: the draw in passes
         first = _nth_equal(passes, theta, drop) if drop else 0
         return _draw(passes, theta, m, seed, row_id, ns, logprobs, first)
@@ -271,4 +271,4 @@ def _sample_survivors(passes, vals, toks, cut, min_p, p, seed, row_id, ns, logpr
         return OK, tokens, None, None
     ranks, mass = np.zeros(ns, np.int64), np.zeros(ns)
     _sample.rank_mass_values(sv.astype(vdt), xt, theta, m, ranks, mass)
-    return OK, tokens, (xt - m) - np.log(mass), ranks      # as log-softmax forms it: exact at any m
+    return OK, tokens, _logprobs(xt, m, mass), ranks
