@@ -556,13 +556,15 @@ static inline void FL_FN(fl_softmax_fold)(fl_lse_state *st, double *comp, const 
 static inline fl_ent_state FL_FN(fl_row_entropy)(const fl_row *r, int64_t start, int64_t stop,
                                                  int64_t chunk, FL_T *buf) {
     fl_ent_state st, c;
+    double err[2] = {0.0, 0.0};
     fl_ent_init(&st);
     for (int64_t c0 = start; c0 < stop; c0 += chunk) {
         int64_t len = stop - c0 < chunk ? stop - c0 : chunk;
         uintptr_t step, pf = FL_FN(fl_row_prefetch)(r, c0 + len, &step);
         c = FL_FN(fl_ent_chunk)(FL_FN(fl_row_chunk)(r, c0, len, buf), len, pf, step);
-        fl_ent_merge(&st, &c);
+        fl__ent_fold(&st, err, &c);
     }
+    fl__ent_done(&st, err);
     return st;
 }
 
@@ -572,7 +574,7 @@ static inline fl_ent_state FL_FN(fl_row_entropy)(const fl_row *r, int64_t start,
 static inline fl_lse_state FL_FN(fl_row_ce)(const fl_row *r, int64_t start, int64_t stop, int64_t chunk,
                                              const FL_T *w, double *dist, double *wsum, FL_T *buf) {
     fl_lse_state st;
-    double m0, d, cw, comp = 0.0;
+    double m0, d, cw, comp = 0.0, derr = 0.0;
     fl_lse_init(&st);
     if (dist) *dist = *wsum = 0.0;
     for (int64_t c0 = start; c0 < stop; c0 += chunk) {
@@ -584,10 +586,11 @@ static inline fl_lse_state FL_FN(fl_row_ce)(const fl_row *r, int64_t start, int6
         if (dist) {
             d = FL_FN(fl__dist)(x, w ? w + c0 : NULL, len, st.m > -FL_INF && st.m < FL_INF ? st.m : 0.0,
                                 &cw);
-            fl__dist_merge(dist, wsum, m0, d, cw, st.m, st.m);
+            fl__dist_fold(dist, wsum, &derr, m0, d, cw, st.m);
         }
     }
     st.s += comp;
+    if (dist) *dist = fl__dist_done(*dist, derr);
     return st;
 }
 
@@ -887,6 +890,7 @@ static inline int64_t FL_FN(fl_row_argmax)(const fl_row *r, int64_t chunk, FL_T 
  * cross-entropy needs only the label's logit) and its argmax (as fl_row_argmax). */
 static inline fl_ent_state FL_FN(fl_row_stats)(const fl_row *r, int64_t chunk, FL_T *buf, int64_t *argmax) {
     fl_ent_state st, c;
+    double err[2] = {0.0, 0.0};
     FL_T best = -(FL_T)INFINITY;
     int64_t best_i = 0;
     int found_nan = 0;
@@ -896,7 +900,7 @@ static inline fl_ent_state FL_FN(fl_row_stats)(const fl_row *r, int64_t chunk, F
         uintptr_t step, pf = FL_FN(fl_row_prefetch)(r, c0 + len, &step);
         const FL_T *x = FL_FN(fl_row_chunk)(r, c0, len, buf);
         c = FL_FN(fl_ent_chunk)(x, len, pf, step);
-        fl_ent_merge(&st, &c);
+        fl__ent_fold(&st, err, &c);
         if (found_nan) continue;
         if (c.m != c.m) {                                   /* the first NaN wins */
             best_i = c0 + FL_FN(fl__first_above)(x, len, (FL_T)INFINITY, 0);
@@ -907,6 +911,7 @@ static inline fl_ent_state FL_FN(fl_row_stats)(const fl_row *r, int64_t chunk, F
         }
     }
     *argmax = best_i;
+    fl__ent_done(&st, err);
     return st;
 }
 
