@@ -30,10 +30,11 @@
  * Filters (Hugging Face's warper order: temperature, top-k, top-p, min-p, then renormalise):
  *   top-k: one pass keeping a heap of the k best and the tokens tied with the k-th value (all kept, as
  *          HF does); top-p and min-p then work on those candidates only, and the Gumbel-max too;
- *   top-p without top-k: a logsumexp pass; a pass histogramming the probability mass over 1024 value
- *          buckets between t0 = lse + log(1 - top_p) - log(V) and the max (tokens below t0 hold less than
- *          1 - top_p of the mass together, so the nucleus lies above t0), which finds the bucket where the
- *          cumulative mass from the top reaches top_p; a pass collecting that bucket's tokens, among which
+ *   top-p without top-k: a logsumexp pass (the max); a pass histogramming the probability mass over 1024
+ *          value buckets between t0 = max + log(1 - top_p) - log(V) and the max (tokens below t0 hold less
+ *          than 1 - top_p of the mass together, so the nucleus lies above t0), in token order whatever the
+ *          chunk, which finds the bucket where the cumulative mass from the top reaches top_p of the
+ *          histogram's total; a pass collecting that bucket's tokens, among which
  *          a three-way quickselect on mass finds the nucleus' threshold value tau (no sort); then a
  *          Gumbel-max pass restricted to x > tau and, of the tokens tied at tau, the last ones the
  *          nucleus needs, as HF's stable sort keeps them (fl__topp_drop; the first kept, the cut, is
@@ -661,10 +662,10 @@ static inline int FLS_FN(fl__topk_pass)(const fl_row *r, int64_t k, int64_t chun
     return posinf ? FL_SAMPLE_POSINF : FL_SAMPLE_OK;
 }
 
-/* Top-p over a whole row: the bucket of each token of x[0:n) (token i of a chunk), (m - x) * scale for
- * x >= t0, clamped to [0, FL_TOPP_BUCKETS], and below t0 one of 8 unused buckets after that (so that the
- * histogram's adds form no long store-to-load chains); and its mass exp(x - m) (m the row's max: its
- * probability times the row's sum of exp(x - m)), 0 below t0. The clamp from below is for a value above
+/* Top-p over a whole row: the bucket of each token of x[0:n) (token c0 + i of the row), (m - x) * scale for
+ * x >= t0, clamped to [0, FL_TOPP_BUCKETS], and below t0 one of 8 buckets after that, by its token (so that
+ * the histogram's adds form no long store-to-load chains); and its mass exp(x - m) (m the row's max: its
+ * probability times the row's sum of exp(x - m)). The clamp from below is for a value above
  * m or a NaN, which the row read by the logsumexp pass cannot hold, but the caller's array, read again
  * here, can, when another thread writes it during the call: the result may change then, but the index
  * stays in the table (a value of 1e30 gave INT_MIN and a crash). */
@@ -677,15 +678,14 @@ FL_INLINE int32_t FLS_FN(fl__topp_bucket)(FLS_T v, FLS_T m, FLS_T scale) {
     return (int32_t)(q > (FLS_T)0 ? q : (FLS_T)0);
 }
 
-FL_MULTIVERSION static FL_UNUSED void FLS_FN(fl__topp_weights)(const FLS_T *x, int64_t n, FLS_T m,
-                                                                FLS_T scale, FLS_T t0, int32_t *bi,
+FL_MULTIVERSION static FL_UNUSED void FLS_FN(fl__topp_weights)(const FLS_T *x, int64_t n, int64_t c0,
+                                                                FLS_T m, FLS_T scale, FLS_T t0, int32_t *bi,
                                                                 FLS_T *w) {
     for (int64_t i = 0; i < n; i++) {
         FLS_T v = x[i];
-        FLS_T e = FLS_EXP(v - m);
         int32_t b = FLS_FN(fl__topp_bucket)(v, m, scale);
-        bi[i] = v >= t0 ? b : FL_TOPP_BUCKETS + 1 + (int32_t)((i >> 2) & 7);
-        w[i] = v >= t0 ? e : (FLS_T)0;
+        bi[i] = v >= t0 ? b : FL_TOPP_BUCKETS + 1 + (int32_t)(((c0 + i) >> 2) & 7);
+        w[i] = FLS_EXP(v - m);
     }
 }
 
@@ -730,18 +730,23 @@ static inline int64_t FLS_FN(fl__nth_equal)(const fl_row *r, int64_t chunk, FLS_
     return 0;                                      /* not reached */
 }
 
-/* The top-p threshold tau of a whole row (max m, sum s of exp(x - m): logsumexp lse = m + log s; p already
- * lowered by the tolerance), in two passes and no sort: only tokens above t0 = lse + log(1 - p) - log(V) can be
- * in the nucleus (those below hold less than 1 - p of the mass); pass 1 histograms the mass of those over
- * FL_TOPP_BUCKETS value buckets between t0 and m, which finds the bucket where the cumulative mass (from
- * the top) reaches p; pass 2 collects that bucket's tokens (in token order), and a quickselect on mass
- * among them gives tau, and the cut (fl_sample_prep) among them too: the tokens tied at tau all lie in
- * that bucket. Masses are exp(x - m) against p * s (see fl__filter_threshold). */
+/* The top-p threshold tau of a whole row (max m, sum s of exp(x - m); p already lowered by the tolerance),
+ * in two passes and no sort: only tokens above t0 = m + log(1 - p) - log(V) can be in the nucleus (those
+ * below hold less than 1 - p of the mass, as s >= 1); pass 1 histograms the mass of those over
+ * FL_TOPP_BUCKETS value buckets between t0 and m, and the rest's in 8 more, which finds the bucket where
+ * the cumulative mass (from the top) reaches p of the whole; pass 2 collects that bucket's tokens (in token
+ * order), and a quickselect on mass among them gives tau, and the cut (fl_sample_prep) among them too: the
+ * tokens tied at tau all lie in that bucket. Masses are exp(x - m), against p times their own sum (see
+ * fl__filter_threshold).
+ * The tokens drawn do not depend on the chunk size: each mass is added to the table of its token (token
+ * mod 4) in token order, and t0 and the goal come from m and those tables alone, where the chunk's place
+ * and the logsumexp's rounding (s, folded chunk by chunk) decided a mass within rounding of the goal
+ * (an invariance audit: 24 of 600 rows built near it drew other tokens at chunks of 1024 and 4096). */
 static inline double FLS_FN(fl__topp_row)(const fl_row *r, int64_t chunk, fl_sample_scratch *sc, double m,
                                           double s, double p, int64_t *cut) {
-    double mass[4][FL_TOPP_BUCKETS + 9], above = 0.0;
-    double t0d = m + (((log(s) + log1p(-p)) - log((double)r->n)) - 1e-3);     /* one rounding at |m| */
-    double goal = p * s;
+    double mass[4][FL_TOPP_BUCKETS + 9], above = 0.0, total = 0.0;
+    double t0d = m + ((log1p(-p) - log((double)r->n)) - 1e-3);     /* one rounding at |m| */
+    double goal;
     FLS_T *buf = (FLS_T *)sc->buf, t0, scale, mt = (FLS_T)m;
     int32_t *bi = (int32_t *)(void *)sc->tmp;
     unsigned char *flags = (unsigned char *)(void *)sc->tmp;      /* pass 2: in place of bi */
@@ -756,10 +761,11 @@ static inline double FLS_FN(fl__topp_row)(const fl_row *r, int64_t chunk, fl_sam
     *cut = 0;
     t0 = FLS_FN(fl__round_down)(t0d);
     /* |m| so large that m + (t0d - m) rounds to m: the next value down holds every token that can be in
-     * the nucleus but m's; where there is none (m the lowest finite value), all are tied at m */
+     * the nucleus but m's; where there is none (m the lowest finite value), all are tied at m (s counts
+     * them, exactly) */
     if (!(t0 < mt)) t0 = FLS_NEXTAFTER(mt, -(FLS_T)INFINITY);
     if (t0 == -(FLS_T)INFINITY) {
-        drop = fl__topp_drop(FLS_FN(fl__count_equal)(r, chunk, buf, mt), 1.0, 0.0, goal);
+        drop = fl__topp_drop(FLS_FN(fl__count_equal)(r, chunk, buf, mt), 1.0, 0.0, p * s);
         if (drop > 0) *cut = FLS_FN(fl__nth_equal)(r, chunk, buf, mt, drop);
         return m;
     }
@@ -769,15 +775,20 @@ static inline double FLS_FN(fl__topp_row)(const fl_row *r, int64_t chunk, fl_sam
     for (c0 = 0; c0 < r->n; c0 += chunk) {
         int64_t len = r->n - c0 < chunk ? r->n - c0 : chunk;
         const FLS_T *x = FLS_FN(fl_row_chunk)(r, c0, len, buf);
-        FLS_FN(fl__topp_weights)(x, len, mt, scale, t0, bi, w);
-        for (i = 0; i + 4 <= len; i += 4) {        /* four tables: no store-to-load chains */
-            mass[0][bi[i]] += (double)w[i];
-            mass[1][bi[i + 1]] += (double)w[i + 1];
-            mass[2][bi[i + 2]] += (double)w[i + 2];
-            mass[3][bi[i + 3]] += (double)w[i + 3];
+        /* four tables (no store-to-load chains), token t's the (t mod 4)-th */
+        double *m0 = mass[c0 & 3], *m1 = mass[(c0 + 1) & 3], *m2 = mass[(c0 + 2) & 3],
+               *m3 = mass[(c0 + 3) & 3];
+        FLS_FN(fl__topp_weights)(x, len, c0, mt, scale, t0, bi, w);
+        for (i = 0; i + 4 <= len; i += 4) {
+            m0[bi[i]] += (double)w[i];
+            m1[bi[i + 1]] += (double)w[i + 1];
+            m2[bi[i + 2]] += (double)w[i + 2];
+            m3[bi[i + 3]] += (double)w[i + 3];
         }
-        for (; i < len; i++) mass[0][bi[i]] += (double)w[i];
+        for (; i < len; i++) mass[(c0 + i) & 3][bi[i]] += (double)w[i];
     }
+    for (b = 0; b < FL_TOPP_BUCKETS + 9; b++) total += mass[0][b] + mass[1][b] + mass[2][b] + mass[3][b];
+    goal = p * total;
     for (b = 0; b <= FL_TOPP_BUCKETS; b++) {
         double mb = mass[0][b] + mass[1][b] + mass[2][b] + mass[3][b];
         if (above + mb >= goal) { hit = b; break; }
