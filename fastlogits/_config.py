@@ -22,6 +22,18 @@ def is_int(value):
     return True
 
 
+def int_arg(value, name, what, lo, hi=None):
+    """value as an int, for the integer argument `name` described as `what` ("a positive integer", say):
+    a TypeError for anything but an integer (a float or a bool is refused, not truncated), a ValueError
+    outside [lo, hi]."""
+    if not is_int(value):
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    v = int(value)
+    if v < lo or (hi is not None and v > hi):
+        raise ValueError(f"{name} must be {what}, got {v}")
+    return v
+
+
 def _env_threads():
     v = os.environ.get("FASTLOGITS_NUM_THREADS", "").strip()
     if v:
@@ -96,12 +108,7 @@ def resolve_threads(threads, work=None, grain=None):
 def resolve_chunk(chunk_size):
     if chunk_size is None:
         return DEFAULT_CHUNK
-    if not is_int(chunk_size):
-        raise TypeError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    chunk_size = int(chunk_size)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    return chunk_size
+    return int_arg(chunk_size, "chunk_size", "a positive integer or None", 1)
 
 
 def available_backends():

@@ -24,7 +24,7 @@ import secrets
 
 import numpy as np
 
-from fastlogits._config import is_int
+from fastlogits._config import int_arg
 from fastlogits.cpu import _sample
 from fastlogits.ops import _backend
 from fastlogits.ops._backend import ordered
@@ -281,12 +281,7 @@ def bad_row_error(status, i, lead, note=None):
 
 
 def _num_samples(num_samples):
-    if not is_int(num_samples):
-        raise TypeError(f"num_samples must be a positive integer, got {num_samples!r}")
-    ns = int(num_samples)
-    if not 1 <= ns < 2**32:
-        raise ValueError(f"num_samples must be a positive integer below 2**32, got {ns}")
-    return ns
+    return int_arg(num_samples, "num_samples", "a positive integer below 2**32", 1, 2**32 - 1)
 
 
 def sample_source(src, temperature, top_k, top_p, min_p, seed, ns, logprobs, kw, progress=None):
@@ -425,11 +420,7 @@ def beam_search_step(logits, beam_scores, beam_width, *, softcap=None, temperatu
     >>> p.tolist(), t.tolist()
     ([[1, 0, 0, 1]], [[0, 0, 1, 1]])
     """
-    if not is_int(beam_width):
-        raise TypeError(f"beam_width must be a positive integer, got {beam_width!r}")
-    W = int(beam_width)
-    if W < 1:
-        raise ValueError(f"beam_width must be a positive integer, got {W}")
+    W = int_arg(beam_width, "beam_width", "a positive integer", 1)
     src = as_source(logits)
     if src is not None:
         if len(src.shape) != 2:

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fastlogits._config import is_int
+from fastlogits._config import int_arg, is_int
 from fastlogits.cpu import _reduce
 from fastlogits.cpu.backend import CODES, aligned, compute_dtype
 from fastlogits.ops._doc import shared_params
@@ -109,11 +109,7 @@ def _same(a, b):
 
 class _Base:
     def __init__(self, rows, temperature, softcap, threads, chunk_size):
-        if not is_int(rows):
-            raise TypeError(f"rows must be a non-negative integer, got {rows!r}")
-        if int(rows) < 0:
-            raise ValueError(f"rows must be a non-negative integer, got {rows!r}")
-        self.rows = int(rows)
+        self.rows = int_arg(rows, "rows", "a non-negative integer", 0)
         # checks temperature and softcap now, not at the first update (float64's rules: the dtype of the
         # chunks is not known yet; float32's narrower range is checked when a chunk comes)
         r = prepare(np.zeros((self.rows, 0), np.float64), temperature=temperature, softcap=softcap,
@@ -159,14 +155,11 @@ class _Base:
         x = as_array(chunk, argname="chunk")
         if x.ndim != 2 or x.shape[0] != self.rows:
             raise ValueError(f"chunk must have shape (rows, c) = ({self.rows}, c), got {x.shape}")
-        if not is_int(start):      # (a TypeError, as for every other integer argument)
-            raise TypeError(f"start must be a non-negative integer column index, got {start!r}")
-        if int(start) < 0:
-            raise ValueError(f"start must be a non-negative integer column index, got {start!r}")
-        if int(start) + x.shape[1] > 2**63:      # (the last column index past int64: TopK wrapped it)
-            raise ValueError(f"start: columns {start}:{int(start) + x.shape[1]} pass the largest column "
+        start = int_arg(start, "start", "a non-negative integer column index", 0)
+        if start + x.shape[1] > 2**63:      # (the last column index past int64: TopK wrapped it)
+            raise ValueError(f"start: columns {start}:{start + x.shape[1]} pass the largest column "
                              f"index, 2**63 - 1")
-        return x, int(start)
+        return x, start
 
     @contextlib.contextmanager
     def _adding(self, ranges, columns):
@@ -534,11 +527,7 @@ class TopK(_Base):
     def __init__(self, rows, k, *, logprobs=False, temperature=1.0, softcap=None, threads=None,
                  chunk_size=None):
         super().__init__(rows, temperature, softcap, threads, chunk_size)
-        if not is_int(k):
-            raise TypeError(f"k must be a non-negative integer, got {k!r}")
-        if int(k) < 0:
-            raise ValueError(f"k must be a non-negative integer, got {k!r}")
-        self.k = int(k)
+        self.k = int_arg(k, "k", "a non-negative integer", 0)
         self.values = np.empty((self.rows, 0))
         self.indices = np.empty((self.rows, 0), np.int64)
         self._lse = LogSumExp(rows, temperature=temperature, softcap=softcap, threads=threads,

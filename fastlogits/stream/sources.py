@@ -28,7 +28,7 @@ import tokenize
 
 import numpy as np
 
-from fastlogits._config import is_int
+from fastlogits._config import int_arg
 from fastlogits.ops._prep import NP_DTYPES, as_bf16, dtype_name, host_array, is_bf16, unmasked
 
 
@@ -896,13 +896,7 @@ class StdinSource(_Closing):
 def check_vocab(vocab, argname="vocab"):
     """vocab as a positive int: a float or a bool is refused, not truncated (TypeError, as for every
     integer argument), and one below 1 (ValueError)."""
-    if not is_int(vocab):
-        raise TypeError(f"{argname} must be a positive integer (the number of values per row), got "
-                        f"{vocab!r}")
-    if int(vocab) < 1:
-        raise ValueError(f"{argname} must be a positive integer (the number of values per row), got "
-                         f"{vocab!r}")
-    return int(vocab)
+    return int_arg(vocab, argname, "a positive integer (the number of values per row)", 1)
 
 
 def open(path, *, dtype=None, vocab=None, tensor=None, memory=None):  # noqa: A001 - the API's name
