@@ -1072,8 +1072,8 @@ HUGE_ROWS = {
     "float64-near": 1e15 + np.array([0.0, 0.125, 0.25, 0.5, 1.0, 1.5]),
     "float64-max": np.full(6, np.finfo(np.float64).max),
     # an ulp of 1 (the max 2^52 + 12345) above ties one and two ulps down, which top_p=0.25 needs some of:
-    # the nucleus' lower bound, lse + log(1 - p) - log(V), rounded at each of its steps, came out an ulp
-    # or two too high and left them out (an audit)
+    # the nucleus' lower bound (lse + log(1 - p) - log(V), as the GPU's still is), rounded at each of its
+    # steps, came out an ulp or two too high and left them out (an audit)
     "float64-ulp-below": np.array([2.0**52 + 12345] + [2.0**52 + 12344] * 10),
     "float64-2ulp-below": np.array([2.0**52 + 12345] + [2.0**52 + 12343] * 26),
 }

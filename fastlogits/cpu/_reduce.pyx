@@ -183,8 +183,9 @@ cdef inline void ce_finish(bint ignored, const fl_lse_state *st, double log_s, c
                            const double *xt, double wtotal, bint smoothing, double *nll, double *smooth,
                            double *lse_out) noexcept nogil:
     """A row's cross-entropy parts from its merged state st, the log of its sum (fl__log(st.s), read where
-    its max is finite), its label smoothing distance sum d (fl__dist's, merged by fl__dist_merge; read only
-    when smoothing) and its label's logit xt; all 0 for an ignored row (whose st, d and xt are not read)."""
+    its max is finite), its label smoothing distance sum d (fl__dist's, folded by fl__dist_fold and merged
+    by fl__dist_merge; read only when smoothing) and its label's logit xt; all 0 for an ignored row (whose
+    st, d and xt are not read)."""
     cdef double m
     if ignored:
         lse_out[0] = nll[0] = 0.0
@@ -503,6 +504,14 @@ def ent_results(const double[::1] m, const double[::1] s, const double[::1] t, d
             out[i] = fl_ent_result(&a)
 
 
+cdef inline fl_lse_state lse_part(const fl_ent_state *e) noexcept nogil:
+    """The logsumexp state (m, s) that an entropy state holds."""
+    cdef fl_lse_state st
+    st.m = e.m
+    st.s = e.s
+    return st
+
+
 def stats(x, int dtype, temperature, double softcap, const int64_t[::1] labels, int64_t ignore_index,
           double[::1] nll, double[::1] ent, int64_t[::1] top, int64_t chunk, int threads):
     """One pass per row for an evaluation summary: entropy, argmax and, for rows whose label is not
@@ -531,8 +540,8 @@ def stats(x, int dtype, temperature, double softcap, const int64_t[::1] labels, 
             ignored = not have_labels or labels[i] == ignore_index
             if not ignored:
                 xt = fl_row_value_f64(&r, labels[i]) if b.f64 else fl_row_value_f32(&r, labels[i])
-            st.m = e.m
-            st.s = e.s
+            st = lse_part(&e)      # (assigned whole, and lse too: Cython makes them thread-private)
+            lse = 0.0
             ce_finish(ignored, &st, fl__log(e.s), NULL, &xt, 0.0, False, &nll[i], NULL, &lse)
     free(bufs)
 

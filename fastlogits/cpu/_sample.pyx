@@ -216,7 +216,7 @@ cdef draw_split(const Block *b, int64_t nseg, const unsigned char[::1] split, co
                 i = it // (nseg * ns)
                 g = (it // ns) % nseg
                 s = it % ns
-                if not split[i] or status[i] != 0:
+                if not split[i] or status[i] != FL_SAMPLE_OK:
                     continue
                 r = row_of(b, i)
                 if phase == 0:
@@ -236,7 +236,7 @@ cdef draw_split(const Block *b, int64_t nseg, const unsigned char[::1] split, co
                     gsum[it] = fl_row_rank_mass_f32(&r, &prep[i], tokens[i, s], g * b.n // nseg,
                                                     (g + 1) * b.n // nseg, chunk, <float *> buf, &grank[it])
         for i in range(b.rows):
-            if not split[i] or status[i] != 0:
+            if not split[i] or status[i] != FL_SAMPLE_OK:
                 continue
             r = row_of(b, i)
             for s in range(ns):
@@ -255,17 +255,17 @@ cdef draw_split(const Block *b, int64_t nseg, const unsigned char[::1] split, co
                 best.hi = -INFINITY
                 best.lo = 0.0
                 bi = -1
-                st = 0
+                st = FL_SAMPLE_OK
                 for g in range(nseg):
                     it = (i * nseg + g) * ns + s
-                    if gst[it] == FL_SAMPLE_NAN or (gst[it] == FL_SAMPLE_POSINF and st == 0):
+                    if gst[it] == FL_SAMPLE_NAN or (gst[it] == FL_SAMPLE_POSINF and st == FL_SAMPLE_OK):
                         st = gst[it]
                     if gidx[it] >= 0 and (bi < 0 or fl_key_above((<fl_key *> &gbest[it, 0])[0], best)):
                         best = (<fl_key *> &gbest[it, 0])[0]
                         bi = gidx[it]
-                if st == 0 and bi < 0:
+                if st == FL_SAMPLE_OK and bi < 0:
                     st = FL_SAMPLE_EMPTY
-                if st != 0:
+                if st != FL_SAMPLE_OK:
                     status[i] = st
                     break
                 tokens[i, s] = bi
