@@ -423,10 +423,41 @@ def test_a_float64_entropy_of_many_chunks_keeps_its_rounding(chunk):
     c = chunk or DEFAULT_CHUNK
     masked = np.stack([x.reshape(-1, c), np.full((V // c, c), -np.inf)], 1).reshape(-1)
     got["entropy, masked chunks"] = fl.entropy(masked, chunk_size=chunk, threads=1)[()]
+    # every chunk holding the max (0), the rest -7: chunks whose max ties the row's keep their errors too
+    tied = x.copy()
+    tied[::c] = 0.0
+    k = V // c
+    with mpmath.workdps(40):
+        e = (V - k) * mpmath.exp(-7)
+        want_tied = mpmath.log(k + e) + 7 * e / (k + e)
+    v = fl.entropy(tied, chunk_size=chunk, threads=1)[()]
+    with mpmath.workdps(40):
+        # (within a chunk of 4096 the lanes' sums lose 3 ulp here)
+        assert float(abs(mpmath.mpf(float(v)) - want_tied) / np.spacing(float(want_tied))) <= 4
     for name, v in got.items():
         with mpmath.workdps(40):
             err = float(abs(mpmath.mpf(float(v)) - want) / np.spacing(float(want)))
         assert err <= 1, (name, err)
+
+
+@pytest.mark.parametrize("chunk", [64, None])
+def test_a_float64_label_smoothing_sum_of_many_chunks_keeps_its_rounding(chunk):
+    """Label smoothing's distance sum, sum (m - x), added chunk by chunk with its rounding errors kept
+    (fl__dist_fold, fl__dist_done): a float64 row of 2^20 logits of -0.1 after a 0 is within a few ulp of
+    mpmath's loss (a plain sum of its chunks' sums lost thousands at chunks of 64: a mutation audit)."""
+    mpmath = pytest.importorskip("mpmath")
+    V, eps = 1 << 20, 0.5
+    x = np.full(V, -0.1)
+    x[0] = 0.0
+    with mpmath.workdps(40):
+        a = mpmath.mpf(0.1)                                   # m - x, exactly (the double nearest 0.1)
+        lse = mpmath.log(1 + (V - 1) * mpmath.exp(-a))
+        want = (1 - eps) * (lse + a) + eps / V * (V * lse + (V - 1) * a)
+    got = fl.cross_entropy(x[None], np.array([3]), label_smoothing=eps, reduction="none", chunk_size=chunk,
+                           threads=1)[0]
+    with mpmath.workdps(40):
+        err = float(abs(mpmath.mpf(float(got)) - want) / np.spacing(float(want)))
+    assert err <= 4, err
 
 
 @pytest.mark.parametrize("chunk", [64, 1000, None, 1 << 20])

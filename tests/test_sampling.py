@@ -347,6 +347,14 @@ def test_top_p_keeps_the_last_of_the_tokens_tied_at_its_boundary():
     assert support(x, top_p=0.94) == [0, 1, 2, 4, 5, 6]
     for kw in ({}, {"top_k": 7}, {"threads": 2, "chunk_size": 2}):
         assert support(x, top_p=0.94, min_p=0.5, **kw) == [0, 1, 2], kw
+    # min-p's threshold exactly at top-p's (log 0.5 below a max of 0: equal, not above) leaves top-p's cut
+    # alone (a mutation audit: >= dropped the cut and kept every tie)
+    x = np.array([0.0, h, h, h])
+    for kw in ({}, {"top_k": 3}):
+        assert support(x, top_p=0.5, min_p=0.5, **kw) == [0, 3], kw
+    # a float32 nucleus short of top_p by 8 eps32 reaches it (the slack is 16 of the compute type's eps, not
+    # float64's: a mutation audit), where HF's float32 cumsum keeps token 1 too (README: Sampling)
+    assert support(np.log(np.array([0.5, 0.3, 0.2])).astype(np.float32), top_p=0.5 + 8 * 2.0**-23) == [0]
     # a row tied at the lowest finite value but for a -inf: the -inf is no tie (HF keeps the last two)
     f32min = np.finfo(np.float32).min
     assert support(np.array([-np.inf, f32min, f32min, f32min, f32min], np.float32), top_p=0.5) == [3, 4]
