@@ -456,14 +456,14 @@ def test_a_top_p_at_its_rounding_edge_draws_the_same_tokens_whatever_the_chunk(r
     and the tokens drawn changed with it: 902 of 4000 such rows between chunks of 1, 2, 3, 7 and the
     default (an invariance audit; API.md promises the same tokens whatever the chunk size)."""
     eps = 2.0 ** (-52 if dtype == np.float64 else -23)
-    for V in (3, 17, 40):
-        x = np.round(rng.standard_normal((200, V)) * 2, 2).astype(dtype)
+    for V, digits, R in ((3, 2, 200), (17, 2, 200), (40, 2, 200), (3000, 1, 600)):   # (3000: buckets of many)
+        x = np.round(rng.standard_normal((R, V)) * 2, digits).astype(dtype)
         xf = x.astype(np.float64)
         p = np.exp(xf - xf.max(1, keepdims=True))
         cum = np.cumsum(-np.sort(-p / p.sum(1, keepdims=True), 1), 1)
-        j = rng.integers(0, V - 1, 200)
-        slack = 16 * eps * rng.choice([1, 1 + 1e-3, 1 - 1e-3, 1 + 1e-2, 1 - 1e-2], 200)
-        top_p = np.minimum(cum[np.arange(200), j] + slack, 1.0)
+        j = rng.integers(0, V - 1, R)
+        slack = 16 * eps * rng.choice([1, 1, 1 + 1e-3, 1 - 1e-3, 1 + 1e-2, 1 - 1e-2], R)
+        top_p = np.minimum(cum[np.arange(R), j] + slack, 1.0)
         want = sample(x, top_p=top_p, seed=7, num_samples=4, return_logprobs=True)
         for threads, chunk in ((1, 1), (2, 2), (1, 3), (2, 7), (2, None)):
             got = sample(x, top_p=top_p, seed=7, num_samples=4, return_logprobs=True, threads=threads,
