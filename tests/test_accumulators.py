@@ -692,3 +692,9 @@ def test_one_chunk_gives_the_in_memory_results_bit_for_bit(dtype, rng):
         want_lp, want_idx = fl.top_k_logprobs(x, 5, **kw)
         np.testing.assert_array_equal(idx, want_idx)
         np.testing.assert_array_equal(lp.astype(dtype), want_lp, err_msg=f"TopK {kw}")
+    # the one-pass stats of an evaluation (the CLI's): cross_entropy's and entropy's bits (a mutation audit:
+    # libc's log there went unseen)
+    from fastlogits.stream.run import stats
+    got = stats(x, labels, threads=1)
+    np.testing.assert_array_equal(got["nll"].astype(dtype), fl.cross_entropy(x, labels, reduction="none"))
+    np.testing.assert_array_equal(got["entropy"].astype(dtype), fl.entropy(x))

@@ -355,6 +355,16 @@ def test_top_p_keeps_the_last_of_the_tokens_tied_at_its_boundary():
     # a float32 nucleus short of top_p by 8 eps32 reaches it (the slack is 16 of the compute type's eps, not
     # float64's: a mutation audit), where HF's float32 cumsum keeps token 1 too (README: Sampling)
     assert support(np.log(np.array([0.5, 0.3, 0.2])).astype(np.float32), top_p=0.5 + 8 * 2.0**-23) == [0]
+    q = np.log(0.25)                              # and on top-k's candidates (fl__filter_threshold)
+    x = np.array([0.0, 0.0] + [q] * 8 + [-30.0, -30.0], np.float32)
+    assert support(x, top_k=10, top_p=0.5 + 8 * 2.0**-23) == [0, 1]
+    # the goal: top_p less the slack, never below top_p / 2, and 1 (no top-p) stays 1 (the GPU's and wide
+    # rows' filters run on it as given)
+    from fastlogits.cpu import _sample
+    eps = 2.0**-23
+    np.testing.assert_array_equal(_sample.topp_goal(np.array([1.0, 0.5, 16 * eps]), eps),
+                                  [1.0, 0.5 - 16 * eps, 8 * eps])
+    assert _sample.topp_goal(1.0, eps) == 1.0
     # a row tied at the lowest finite value but for a -inf: the -inf is no tie (HF keeps the last two)
     f32min = np.finfo(np.float32).min
     assert support(np.array([-np.inf, f32min, f32min, f32min, f32min], np.float32), top_p=0.5) == [3, 4]

@@ -352,6 +352,19 @@ def _sample_in_chunks(x, cols, **kw):
     return wide.sample_row(ArraySource(x[None]), cols=cols, **args)
 
 
+def test_wide_row_log_probabilities_at_huge_logits():
+    """A wide row's log-probabilities are formed as log-softmax forms them, (x - m) - log s: exact at any
+    m (a mutation audit: x - (m + log s) gave -0.375 at m = 1e15, where the answer is -0.3133)."""
+    mpmath = pytest.importorskip("mpmath")
+    x = np.array([1e15, 1e15 - 1.0])
+    for kw in ({}, {"top_k": 2}):
+        status, tokens, lp, _ = _sample_in_chunks(x, 1, seed=5, num_samples=8, logprobs=True, **kw)
+        with mpmath.workdps(40):
+            want = [float(-mpmath.log(1 + mpmath.exp(-1 if t == 0 else 1))) for t in tokens]
+        assert status == wide.OK and set(tokens.tolist()) == {0, 1}
+        np.testing.assert_allclose(lp, want, rtol=1e-15, atol=0)
+
+
 def test_wide_rows_cut_top_p_ties_as_in_memory():
     """Top-p's tie cut in a wide row, as in memory and as Hugging Face keeps them (tests/test_sampling.py's
     rows; each a mutation audit's survivor): min-p's threshold above top-p's drops the cut (tokens 1
