@@ -239,6 +239,7 @@ FL_INLINE double FL_FN(fl__sum)(const FL_T *x, int64_t n) {
                 for (; i + FL_LANES <= end; i += FL_LANES)
                     FL_LANE_LOOP
                     for (j = 0; j < FL_LANES; j++) blk[j] += (double)x[i + j];
+                FL_LANE_LOOP
                 for (j = 0; j < FL_LANES; j++) acc[j] = fl__add_exact(acc[j], blk[j], &err[j]);
             }
             for (j = 0; j < FL_LANES; j++) acc[j] += err[j] - err[j] == 0.0 ? err[j] : 0.0;   /* (inf: 0) */
