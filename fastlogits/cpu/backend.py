@@ -58,10 +58,12 @@ ALL = slice(None)
 def blocks(a, threads, out=False):
     """(rows, block) pairs that cover a 2-D array: just (ALL, a) unless through_blocks(a); else slices
     of rows and C-order buffers of them, about BLOCK_BYTES (L2's size) or a row per thread, in whole
-    cache lines of each column, so that each line is read from memory once. The buffer is reused: each
-    block is meant to be done with before the next. With out=True the buffer starts empty and is written
-    back into its rows of a when the next pair is asked for (so the loop over the pairs must run to its
-    end)."""
+    cache lines of each column, so that each line is read from memory once. Long rows by columns thus
+    take 64 bytes of rows at least (16 float32 rows), and the last block takes the rest, up to twice
+    the others: a (4, 2**21) float32 array laid out by columns is copied whole (a memory audit;
+    PyTorch copies it whole too). The buffer is reused: each block is meant to be done with before the
+    next. With out=True the buffer starts empty and is written back into its rows of a when the next
+    pair is asked for (so the loop over the pairs must run to its end)."""
     if not through_blocks(a) or a.size == 0:
         return ((ALL, a),)
     return _copied_blocks(a, threads, out)
