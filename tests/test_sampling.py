@@ -984,14 +984,15 @@ _V4 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma",
     ([], set()),                                                   # the dispatch: this CPU's path
     (["-DFL_NO_MULTIVERSION"], set()),                             # SSE2 intrinsics (x86-64)
     (["-DFL_NO_MULTIVERSION", "-mavx2"], {"avx2"}),                # AVX2 intrinsics
-    (["-DFL_NO_MULTIVERSION", "-march=x86-64-v4"], _V4),           # the portable lanes as AVX-512
+    (["-DFL_NO_MULTIVERSION", "-march=x86-64-v4"], _V4),           # AVX-512F intrinsics
     (["-DFL_NO_INTRINSICS"], set()),                               # the portable lanes' clones
+    (["-DFL_NO_INTRINSICS", "-DFL_NO_MULTIVERSION", "-march=x86-64-v4"], _V4),   # portable, as AVX-512
     (["-DFL_NO_INTRINSICS", "-DFL_NO_MULTIVERSION"], set()),       # the portable lanes, baseline
-], ids=["dispatch", "sse2", "avx2", "x86-64-v4", "portable-dispatch", "portable"])
+], ids=["dispatch", "sse2", "avx2", "avx512", "portable-dispatch", "portable-v4", "portable"])
 def test_philox_words_of_every_code_path(tmp_path, rng, flags, needs):
-    """Philox's block words (the sampler's noise) from each code path the header has (SSE2 and AVX2
-    intrinsics, the portable vector lanes), compiled warning-free, against the NumPy generator, and the
-    token a row draws against the Python package's."""
+    """Philox's block words (the sampler's noise) from each code path the header has (SSE2, AVX2 and
+    AVX-512F intrinsics, the portable vector lanes), compiled warning-free, against the NumPy generator,
+    and the token a row draws against the Python package's."""
     import shutil
     import subprocess
 

@@ -64,7 +64,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* x86-64 intrinsics: SSE2 and AVX2 code for Philox's 32 x 32 -> 64-bit multiplies (see fl__philox_block
+/* x86-64 intrinsics: SSE2, AVX2 and AVX-512F code for Philox's 32 x 32 -> 64-bit multiplies (see fl__philox_block
  * in fastlogits_sample.h), F16C for float16 arrays (fl_load_f16). Define FL_NO_INTRINSICS before
  * including fastlogits.h for portable C only. */
 #if !defined(FL_NO_INTRINSICS) && (defined(__x86_64__) || defined(_M_X64))
@@ -121,7 +121,6 @@ extern "C" {
 #define FL__CPU_AVX512() __builtin_cpu_supports("x86-64-v4")
 #define FL__CPU_AVX2() __builtin_cpu_supports("x86-64-v3")
 #define FL__CPU_F16C() __builtin_cpu_supports("x86-64-v3")
-#define FL__CPU_AVX512DQ() __builtin_cpu_supports("x86-64-v4")
 #else
 /* GCC 11's resolvers know no ISA levels (it refuses arch=x86-64-v4 clones, and arch=haswell ones would be
  * picked on Intel's Haswell alone: __builtin_cpu_is), and a clone takes one feature: AVX-512F and AVX2
@@ -131,7 +130,6 @@ extern "C" {
 #define FL__CPU_AVX512() __builtin_cpu_supports("avx512f")
 #define FL__CPU_AVX2() __builtin_cpu_supports("avx2")
 #define FL__CPU_F16C() (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
-#define FL__CPU_AVX512DQ() 0                /* the avx512f clone has no DQ (64-bit lane multiplies) */
 #endif
 #define FL_MULTIVERSION __attribute__((target_clones(FL__CLONES), \
                                        optimize("no-trapping-math", "no-associative-math" FL__VECTORIZE)))
@@ -151,14 +149,16 @@ extern "C" {
 #else
 #define FL_INLINE_OPT FL_INLINE
 #endif
-/* Functions for AVX2 (and F16C) CPUs only, which the dispatch calls on them; single-version builds compile
+/* Functions for AVX2 (and F16C) or AVX-512F CPUs only, which the dispatch calls on them; single-version builds compile
  * them only when their flags allow those instructions. */
 #if FL_HAVE_MULTIVERSION
 #define FL_TARGET_AVX2 __attribute__((target("avx2")))
 #define FL_TARGET_AVX2_F16C __attribute__((target("avx2,f16c")))
+#define FL_TARGET_AVX512F __attribute__((target("avx512f")))
 #else
 #define FL_TARGET_AVX2
 #define FL_TARGET_AVX2_F16C
+#define FL_TARGET_AVX512F
 #endif
 
 /* The inner loops over FL_LANES lanes are what the vectorizer turns into vector instructions; complete
