@@ -172,6 +172,18 @@ def test_bench_checks_thread_counts_before_any_work(monkeypatch, capsys):
     assert "argument --threads: expected an integer from 1 to 4096, got 4097" in _one_line_error(capsys)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_read_ceiling_sums_every_value(rng, threads):
+    """bench's read ceiling (_info.read_sum: float lanes, four vectors a step, a tail) sums every value of
+    every row: a row length that is no multiple of the step, a row shorter than it, one row or several."""
+    from fastlogits.cpu import _info
+
+    for shape in [(3, 64 * 5 + 7), (1, 63), (5, 4096), (2, 1)]:
+        x = rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        want = x.astype(np.float64).sum()
+        assert abs(_info.read_sum(x, threads) - want) <= 1e-6 * want, shape
+
+
 def test_demo_reports_the_threads_its_pass_ran_on(monkeypatch, capsys):
     """`demo --rows 4 --vocab 50` reported the default thread count (2 here), but the pass ran on 1 (the
     default is capped by the work); the count reported is the one the kernels got."""
