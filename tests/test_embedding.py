@@ -274,7 +274,7 @@ def hot_loops(asm, function):
     ("_reduce", "fl_lse_chunk_pf_f32"), ("_reduce", "fl__sumexp_max_f32"), ("_reduce", "fl_ent_chunk_f32"),
     ("_reduce", "fl_lse_chunk_pf_f64"), ("_reduce", "fl__sumexp_max_f64"), ("_maps", "fl__softmax_terms_f32"),
     ("_maps", "fl__softmax_row_f32"), ("_maps", "fl__log_softmax_row_f32"),
-    ("_select", "fl__max_f32"), ("_select", "fl__max_f64")])
+    ("_select", "fl__argmax_lanes_f32"), ("_select", "fl__argmax_lanes_f64"), ("_sample", "fl__max_f32")])
 def test_package_reductions_keep_their_lanes_in_registers(module, function):
     """The AVX-512 clones of the C core's lane reductions, as the package was built: their hot loop keeps
     the lanes in registers. GCC kept them on the stack while the scalar tail added into lane 0 (the float

@@ -85,6 +85,22 @@ def test_ties_across_chunks(threads, chunk_size, rng):
     )
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_argmax_of_a_few_ties_anywhere_in_a_row(dtype, rng):
+    """The one-pass argmax keeps each vector lane's best value and the vector where it first saw it, and
+    takes the lowest index among the lanes that hold the max: the max put at 2 or 3 random places (a
+    later vector's low lane, an earlier vector's high lane, the tail past the lanes), +inf among them or
+    all -inf, rows of 1 to 300 values, against NumPy's first occurrence."""
+    for n in list(range(1, 40)) + [63, 64, 65, 100, 257, 300]:
+        x = rng.standard_normal((64, n)).astype(dtype)
+        for r in range(64):
+            at = rng.choice(n, size=min(n, int(rng.integers(2, 4))), replace=False)
+            x[r, at] = [3.0 + 10.0, np.inf, -np.inf][r % 3]
+            if r % 3 == 2:
+                x[r] = -np.inf
+        np.testing.assert_array_equal(np.asarray(fl.argmax(x, threads=1)), np.argmax(x, axis=-1), str(n))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_k_equals_v_is_a_sort(dtype, rng):
     for n in (1, 2, 17, 300):
