@@ -185,11 +185,11 @@ def softmax(x, int dtype, temperature, double softcap, out, int out_dtype, bint 
                 map_tile(&b, it * FL_TILE, log_, plain, obase, orow, ocol, out_dtype, buf,
                          buf + tile_bytes(&b))
         free(tiles)
-    elif log_ and state is None and whole and one_call:     # each row by one thread: its state, then its map
+    elif log_ and state is None and whole:  # a row a thread: its state, then its map (the row in cache)
         with nogil, parallel(num_threads=threads):
             buf = bufs + threadid() * chunk * 16
             for i in prange(b.rows, schedule="guided"):
-                if b.temperature[i] == 1.0 and row_at_once(&b, i, 1, obase + i * orow):
+                if one_call and b.temperature[i] == 1.0 and row_at_once(&b, i, 1, obase + i * orow):
                     continue
                 st[i] = row_lse(&b, i, 0, b.n, buf)
                 map_pass(&b, i, 0, b.n, &st[i], 1, NULL, NULL, obase + i * orow, ocol, out_dtype, buf)
