@@ -289,27 +289,36 @@ def test_softmax_probabilities_in_the_subnormal_range(dtype, chunk):
     np.testing.assert_allclose(got, want, rtol=16 * f.eps, atol=f.smallest_subnormal)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("name", MAPS)
-def test_rows_in_one_call_are_the_general_paths_bit_for_bit(name, dtype, rng):
-    """A row that is one chunk, read and written in place in the compute type, is computed in one call
-    (fl__softmax_row, fl__log_softmax_row); anything else (a strided view of the same values, an output
-    of another dtype) goes through the two passes. Same arithmetic: the same bits, edge rows included,
-    against the reference too."""
+def test_rows_in_one_call_are_the_general_paths_bit_for_bit(name, dtype, rng, monkeypatch):
+    """A row that is one chunk is computed in one call (fl_row_map_once: read in place, or converted and
+    transformed once into a buffer; fl__softmax_row, fl__log_softmax_row), else in two passes. Same
+    arithmetic: the same bits with the one call switched off, for every input dtype, a strided view,
+    a temperature and a softcap, outputs of other dtypes, edge rows included, against the reference
+    too."""
+    from fastlogits.cpu import _maps
+
     f = getattr(fl, name)
+    big = {np.dtype(np.float16): 6e4, np.dtype(np.float64): 1e308}.get(np.dtype(dtype), 3e38)
     for V in (1, 2, 15, 16, 17, 33, 100, 1000):
         x = random_logits(rng, (40, V), dtype)
         x[1] = -np.inf
         x[2, V // 2] = np.inf
         x[3, V // 3] = np.nan
         x[4, :V // 2] = -np.inf
-        x[5] = rng.choice([-3e38, 3e38], V) if dtype == np.float32 else rng.choice([-1e308, 1e308], V)
-        x[6] = 1e30
+        x[5] = rng.choice([-big, big], V)
+        x[6] = 1e4 if dtype == np.float16 else 1e30
         wide = np.zeros((40, 2 * V), dtype)
         wide[:, ::2] = x
-        fast = f(x, threads=2)
-        assert fast.tobytes() == f(wide[:, ::2], threads=2).tobytes(), V
-        if name == "softmax":      # (float32 log-softmax into float64 is computed in double: not the same)
-            other = np.float64 if dtype == np.float32 else np.float32      # written through a buffer
-            assert fast.astype(other).tobytes() == f(x, dtype=other, threads=1).tobytes(), V
+        outs = [None, np.float16, np.float32, np.float64]
+        calls = [(x, {}), (wide[:, ::2], {}), (x, {"temperature": 0.7}), (x, {"softcap": 30.0}),
+                 (x, {"temperature": rng.uniform(0.5, 2, 40), "softcap": 5.0})]
+        for logits, kw in calls:
+            for out in outs:
+                fast = f(logits, dtype=out, threads=2, **kw)
+                monkeypatch.setattr(_maps, "ONE_CALL", False)
+                slow = f(logits, dtype=out, threads=2, **kw)
+                monkeypatch.setattr(_maps, "ONE_CALL", True)
+                assert fast.dtype == slow.dtype and fast.tobytes() == slow.tobytes(), (V, kw, out)
         check(name, x[[0, 7, 8]], what=f"V={V}")

@@ -12,10 +12,10 @@ into ranges), and the second pass scales them by exp(m_k - m) / s. Where that sc
 TERMS_LIMIT bytes, and for log-softmax (whose map needs no exp) or a streamed slice of rows, the second
 pass computes from the logits again.
 
-A row that is one chunk of the compute type, read and written in place with no temperature or softcap (a
-classifier's float32 rows, say) takes both passes in one call (fl__softmax_row, fl__log_softmax_row: the
-same arithmetic, bit for bit), where two row drivers cost more than the row: float32 (409600, 16), one
-thread, softmax 16.6 -> 12.6 ms, log-softmax 17.1 -> 12.3 ms.
+A row that is one chunk (a classifier's, say) takes both passes in one call (fl_row_map_once: the same
+arithmetic, bit for bit), where two row drivers cost more than the row: float32 (409600, 16), one thread,
+softmax 16.6 -> 12.6 ms, log-softmax 17.1 -> 12.3 ms. It reads a row of another dtype, or one with a
+temperature or softcap, converted and transformed once into a buffer (the two passes did it twice).
 
 Short rows (fewer than 32 values computed in float32, 16 in float64: a classifier's) go a tile of 64 rows
 at a time instead, a lane a row (map_tile; see fl__lse_tile): float32 (409600, 16), one thread, alone,
@@ -31,11 +31,14 @@ from fastlogits.clib cimport fl_lse_state
 from fastlogits.cpu._rows cimport (Block, make_block, n_segments, row_of, fold_lse, merge_ranges, fl_row,
                                    work_threads, address_of, FL_F32, FL_F64, fl_row_softmax_exp_f32,
                                    fl_row_softmax_exp_f64, fl_row_softmax_f32, fl_row_softmax_f64,
-                                   fl__softmax_row_f32, fl__softmax_row_f64, fl__log_softmax_row_f32,
-                                   fl__log_softmax_row_f64, row_lse, FL_TILE, short_rows, tile_bytes,
+                                   fl_row_map_once_f32, fl_row_map_once_f64, row_lse, FL_TILE, short_rows,
+                                   tile_bytes,
                                    tile_states, fl__log_n, fl__log_softmax_rows_f32, fl__log_softmax_rows_f64,
                                    fl__softmax_rows_f32, fl__softmax_rows_f64, fl_tile_map_f32,
                                    fl_tile_map_f64)
+
+# rows of one chunk in one call (fl_row_map_once); the tests switch it off to compare with the two passes
+ONE_CALL = True
 
 # the most scratch memory, in bytes, that softmax takes to hold its terms; beyond, it computes exp twice
 TERMS_LIMIT = 1 << 26
@@ -52,17 +55,15 @@ cdef inline void exp_pass(const Block *b, int64_t i, int64_t start, int64_t stop
         st[0] = fl_row_softmax_exp_f32(&r, start, stop, b.chunk, <float *> y, <float *> my, <float *> buf)
 
 
-cdef inline bint row_at_once(const Block *b, int64_t i, bint log_, char *y) noexcept nogil:
-    """Softmax (or log-softmax when log_) of row i (one chunk, compute type, contiguous, no transform) into
-    y in one call, when the row allows it (see fl__softmax_row, fl__log_softmax_row)."""
-    cdef const char *x = b.data + i * b.row_stride
-    if log_:
-        if b.f64:
-            return fl__log_softmax_row_f64(<const double *> x, b.n, <double *> y)
-        return fl__log_softmax_row_f32(<const float *> x, b.n, <float *> y)
+cdef inline bint row_at_once(const Block *b, int64_t i, bint log_, char *out, int64_t ocol, int out_dtype,
+                             char *buf) noexcept nogil:
+    """Softmax (or log-softmax when log_) of row i (one chunk) into out (its element 0) in one call, when
+    the row allows it (see fl_row_map_once). buf: 2 chunks of doubles."""
+    cdef fl_row r = row_of(b, i)
     if b.f64:
-        return fl__softmax_row_f64(<const double *> x, b.n, <double *> y)
-    return fl__softmax_row_f32(<const float *> x, b.n, <float *> y)
+        return fl_row_map_once_f64(&r, log_, out, ocol, out_dtype, <double *> buf,
+                                   <double *> (buf + b.chunk * 8))
+    return fl_row_map_once_f32(&r, log_, out, ocol, out_dtype, <float *> buf, <float *> (buf + b.chunk * 8))
 
 
 cdef inline void map_pass(const Block *b, int64_t i, int64_t start, int64_t stop, const fl_lse_state *st,
@@ -143,9 +144,11 @@ def softmax(x, int dtype, temperature, double softcap, out, int out_dtype, bint 
     cdef bint tiled = state is None and short_rows(&b, nseg)     # a tile of rows at a time, a lane a row
     cdef bint once = not log_ and state is None and not tiled
     cdef bint whole = nseg == 1
-    # a row that is one chunk of the compute type, read in place and written in place: one call
-    cdef bint one_call = (direct and b.n <= chunk and b.softcap == 0 and b.col_stride == isz
-                          and b.dtype == (FL_F64 if b.f64 else FL_F32))
+    # a row that is one chunk: both passes in one call; a tile's rows of the compute type read and written
+    # in place: the tile's plain map
+    cdef bint one_call = ONE_CALL and b.n <= chunk
+    cdef bint plain_rows = (direct and b.n <= chunk and b.softcap == 0 and b.col_stride == isz
+                            and b.dtype == (FL_F64 if b.f64 else FL_F32))
     cdef int64_t nck = ((b.n + nseg - 1) // nseg + chunk - 1) // chunk      # chunks in a range, at most
     cdef int64_t term_rows = 0 if direct else (threads if whole else b.rows)
     if term_rows * b.n * isz > TERMS_LIMIT:
@@ -176,7 +179,7 @@ def softmax(x, int dtype, temperature, double softcap, out, int out_dtype, bint 
             free(bufs)
             free(st)
             raise MemoryError("fastlogits: cannot allocate scratch buffers")
-        plain = one_call and orow % isz == 0 and b.row_stride % isz == 0
+        plain = plain_rows and orow % isz == 0 and b.row_stride % isz == 0
         for i in range(b.rows):
             plain = plain and b.temperature[i] == 1.0
         with nogil, parallel(num_threads=threads):
@@ -189,7 +192,7 @@ def softmax(x, int dtype, temperature, double softcap, out, int out_dtype, bint 
         with nogil, parallel(num_threads=threads):
             buf = bufs + threadid() * chunk * 16
             for i in prange(b.rows, schedule="guided"):
-                if one_call and b.temperature[i] == 1.0 and row_at_once(&b, i, 1, obase + i * orow):
+                if one_call and row_at_once(&b, i, 1, obase + i * orow, ocol, out_dtype, buf):
                     continue
                 st[i] = row_lse(&b, i, 0, b.n, buf)
                 map_pass(&b, i, 0, b.n, &st[i], 1, NULL, NULL, obase + i * orow, ocol, out_dtype, buf)
@@ -216,7 +219,7 @@ def softmax(x, int dtype, temperature, double softcap, out, int out_dtype, bint 
             e = NULL if direct else terms + threadid() * b.n * isz
             for i in prange(b.rows, schedule="guided"):
                 y = obase + i * orow if direct else e
-                if one_call and b.temperature[i] == 1.0 and row_at_once(&b, i, 0, y):
+                if one_call and row_at_once(&b, i, 0, obase + i * orow, ocol, out_dtype, buf):
                     continue
                 exp_pass(&b, i, 0, b.n, y, my, &st[i], buf)
                 map_pass(&b, i, 0, b.n, &st[i], 0, my, e, obase + i * orow, ocol, out_dtype, buf)

@@ -76,10 +76,10 @@ cdef extern from "fastlogits.h" nogil:
     void fl_tile_map_f64(const double *t, int64_t n, int64_t nr, const double *m, const double *s, int log_,
                          char *out, int64_t out_row, int64_t out_col, int out_dtype, double *xbuf,
                          double *ybuf)
-    int fl__softmax_row_f32(const float *x, int64_t n, float *y)
-    int fl__softmax_row_f64(const double *x, int64_t n, double *y)
-    int fl__log_softmax_row_f32(const float *x, int64_t n, float *y)
-    int fl__log_softmax_row_f64(const double *x, int64_t n, double *y)
+    int fl_row_map_once_f32(const fl_row *r, int log_, char *out, int64_t out_stride, int out_dtype,
+                            float *buf, float *ybuf)
+    int fl_row_map_once_f64(const fl_row *r, int log_, char *out, int64_t out_stride, int out_dtype,
+                            double *buf, double *ybuf)
     fl_ent_state fl_row_stats_f32(const fl_row *r, int64_t chunk, float *buf, int64_t *argmax)
     fl_ent_state fl_row_stats_f64(const fl_row *r, int64_t chunk, double *buf, int64_t *argmax)
     int64_t fl_row_argmax_f32(const fl_row *r, int64_t chunk, float *buf)
