@@ -64,9 +64,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* x86-64 intrinsics: SSE2, AVX2 and AVX-512F code for Philox's 32 x 32 -> 64-bit multiplies (see fl__philox_block
- * in fastlogits_sample.h), F16C for float16 arrays (fl_load_f16). Define FL_NO_INTRINSICS before
- * including fastlogits.h for portable C only. */
+/* x86-64 intrinsics: SSE2, AVX2 and AVX-512F code for Philox's 32 x 32 -> 64-bit multiplies (see
+ * fl__philox_block in fastlogits_sample.h), F16C for float16 arrays (fl_load_f16). Define
+ * FL_NO_INTRINSICS before including fastlogits.h for portable C only. */
 #if !defined(FL_NO_INTRINSICS) && (defined(__x86_64__) || defined(_M_X64))
 #include <immintrin.h>
 #define FL_X86_INTRINSICS 1
@@ -149,8 +149,8 @@ extern "C" {
 #else
 #define FL_INLINE_OPT FL_INLINE
 #endif
-/* Functions for AVX2 (and F16C) or AVX-512F CPUs only, which the dispatch calls on them; single-version builds compile
- * them only when their flags allow those instructions. */
+/* Functions for AVX2 (and F16C) or AVX-512F CPUs only, which the dispatch calls on them; single-version
+ * builds compile them only when their flags allow those instructions. */
 #if FL_HAVE_MULTIVERSION
 #define FL_TARGET_AVX2 __attribute__((target("avx2")))
 #define FL_TARGET_AVX2_F16C __attribute__((target("avx2,f16c")))
@@ -313,7 +313,7 @@ static inline void fl_lse_init(fl_lse_state *st) { st->m = -FL_INF; st->s = 0.0;
  * finite a and b, whatever their magnitudes): the running sums that keep their errors, min-p's bound and
  * the sampler's keys. Inlined everywhere, the multiversioned kernels' lane loops included: called there,
  * its SSE code after their AVX-512 code made float32 softmax of (16, 128256) 8x slower than PyTorch's on
- * an Intel Xeon (48.6 against 6.4 ms, one thread), label smoothing's distance sums 50x slower. */
+ * an Intel Xeon (48.6 against 6.4 ms, one thread). */
 FL_INLINE_OPT double fl__add_exact(double a, double b, double *err) {
     double s = a + b, ar = s - b;
     *err += (a - ar) + (b - (s - ar));

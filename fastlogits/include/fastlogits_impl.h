@@ -84,7 +84,11 @@ FL_MULTIVERSION static FL_UNUSED FL_T FL_FN(fl__max)(const FL_T *x, int64_t n, i
  * in *best; *has_nan as fl__max's. One pass: each lane keeps its largest value and the vector where it
  * first saw it (only a larger value replaces it), and the lanes' results go to the lowest index among
  * equal values. (fl__max, then fl__first_above's scan for the max, took 1.4 times NumPy's argmax over
- * float32 rows of 1000 values.) */
+ * float32 rows of 1000 values.) The vectors are counted in FL_IT: n at most FL_ARGMAX_SPAN (a float32
+ * chunk of 2^35 values overflowed the count and ran past the lanes: a review). */
+#ifndef FL_ARGMAX_SPAN
+#define FL_ARGMAX_SPAN ((int64_t)1 << 30)   /* (a test compiles the header with a small one) */
+#endif
 FL_MULTIVERSION static FL_UNUSED int64_t FL_FN(fl__argmax_lanes)(const FL_T *x, int64_t n, FL_T *best,
                                                                  int *has_nan) {
     FL_T b = -(FL_T)INFINITY, z = 0;
@@ -967,11 +971,14 @@ static inline int64_t FL_FN(fl_row_argmax)(const fl_row *r, int64_t chunk, FL_T 
     for (int64_t c0 = 0; c0 < r->n; c0 += chunk) {
         int64_t len = r->n - c0 < chunk ? r->n - c0 : chunk;
         const FL_T *x = FL_FN(fl_row_chunk)(r, c0, len, buf);
-        at = FL_FN(fl__argmax_lanes)(x, len, &m, &has_nan);
-        if (has_nan) return c0 + FL_FN(fl__first_above)(x, len, (FL_T)INFINITY, 0);
-        if (m > best) {
-            best = m;
-            best_i = c0 + at;
+        for (int64_t o = 0; o < len; o += FL_ARGMAX_SPAN) {      /* (a chunk may be the whole row) */
+            int64_t l = len - o < FL_ARGMAX_SPAN ? len - o : FL_ARGMAX_SPAN;
+            at = FL_FN(fl__argmax_lanes)(x + o, l, &m, &has_nan);
+            if (has_nan) return c0 + o + FL_FN(fl__first_above)(x + o, l, (FL_T)INFINITY, 0);
+            if (m > best) {
+                best = m;
+                best_i = c0 + o + at;
+            }
         }
     }
     return best_i;

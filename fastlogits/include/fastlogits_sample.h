@@ -278,6 +278,13 @@ FL_TARGET_AVX2 static FL_UNUSED void fl__philox_block_avx2(uint32_t *w, uint32_t
 #endif
 
 #if FL_X86_INTRINSICS && (FL_HAVE_MULTIVERSION || defined(__AVX512F__))
+#if defined(__cplusplus) && defined(__GNUC__) && !defined(__clang__)
+/* GCC 12.2's avx512fintrin.h sets a variable from itself, which C++ -Wall calls uninitialized (GCC PR
+ * 105593, fixed in 12.3) */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 /* The same words with AVX-512F: 8 lanes of 64 bits a vector, vpmuludq multiplies. */
 FL_TARGET_AVX512F static FL_UNUSED void fl__philox_block_avx512(uint32_t *w, uint32_t ctr0, const fl_rng *g) {
     __m512i a0[2], a1[2], a2[2], a3[2];
@@ -309,6 +316,9 @@ FL_TARGET_AVX512F static FL_UNUSED void fl__philox_block_avx512(uint32_t *w, uin
         _mm256_storeu_si256((__m256i *)(void *)(w + 48 + 8 * j), _mm512_cvtepi64_epi32(a3[j]));
     }
 }
+#if defined(__cplusplus) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 #endif
 
 /* The words of block b as above, by the fastest code for this CPU. fl__philox_lanes' 64-bit multiplies
