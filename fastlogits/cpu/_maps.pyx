@@ -32,10 +32,9 @@ from fastlogits.cpu._rows cimport (Block, make_block, n_segments, row_of, fold_l
                                    work_threads, address_of, FL_F32, FL_F64, fl_row_softmax_exp_f32,
                                    fl_row_softmax_exp_f64, fl_row_softmax_f32, fl_row_softmax_f64,
                                    fl_row_map_once_f32, fl_row_map_once_f64, row_lse, FL_TILE, short_rows,
-                                   tile_bytes,
-                                   tile_states, fl__log_n, fl__log_softmax_rows_f32, fl__log_softmax_rows_f64,
-                                   fl__softmax_rows_f32, fl__softmax_rows_f64, fl_tile_map_f32,
-                                   fl_tile_map_f64)
+                                   tile_bytes, tile_states, fl__log_n, fl__log_softmax_rows_f32,
+                                   fl__log_softmax_rows_f64, fl__softmax_rows_f32, fl__softmax_rows_f64,
+                                   fl_tile_map_f32, fl_tile_map_f64)
 
 # rows of one chunk in one call (fl_row_map_once); the tests switch it off to compare with the two passes
 ONE_CALL = True
