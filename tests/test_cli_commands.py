@@ -172,6 +172,20 @@ def test_bench_checks_thread_counts_before_any_work(monkeypatch, capsys):
     assert "argument --threads: expected an integer from 1 to 4096, got 4097" in _one_line_error(capsys)
 
 
+def test_the_bench_table_measures_against_the_fastest_read_at_that_thread_count():
+    """"% of read ceiling" is against the faster of the reads measured at the row's thread count (the C sum
+    or torch.sum), not the slower one, nor another thread count's."""
+    res = [
+        {"kind": "ceiling", "threads": 1, "library": "fastlogits C sum", "GB/s": 10.0},
+        {"kind": "ceiling", "threads": 1, "library": "torch.sum", "GB/s": 20.0},
+        {"kind": "ceiling", "threads": 2, "library": "torch.sum", "GB/s": 40.0},
+        {"kind": "op", "op": "logsumexp", "dtype": "float32", "threads": 1, "library": "fastlogits",
+         "GB/s": 10.0, "rows/s": 1.0, "seconds": 1.0, "ok": True},
+    ]
+    row = next(line for line in bench.table(res).splitlines() if line.startswith("| logsumexp"))
+    assert row.endswith("| 50% |"), row
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_read_ceiling_sums_every_value(rng, threads):
     """bench's read ceiling (_info.read_sum: float lanes, four vectors a step, a tail) sums every value of

@@ -490,6 +490,63 @@ def test_a_float64_label_smoothing_sum_within_a_chunk_keeps_its_rounding(chunk, 
         assert err <= 4, err   # (2.5 at most in 60 rows; 17-22 before)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_label_smoothing_keeps_the_block_sums_rounding_errors(weighted):
+    """fl__dist adds its blocks of 128 distances to the lane totals by TwoSum and adds the errors at the
+    end: a float64 row whose lane 0 holds a distance of 2^53 and then 1 in each later block (the rest at
+    the max) has the distance sum 2^53 + 63, where dropping the errors gives 2^53 (32 ulp of the loss;
+    a mutation audit)."""
+    mpmath = pytest.importorskip("mpmath")
+    V, eps = 128 * 64, 0.5
+    x = np.zeros(V)
+    x[0] = -2.0 ** 53
+    x[128::128] = -1.0
+    got = fl.cross_entropy(x[None], np.array([1]), label_smoothing=eps, reduction="none", threads=1,
+                           chunk_size=1 << 20, weight=np.ones(V) if weighted else None)[0]
+    with mpmath.workdps(60):
+        xs = [mpmath.mpf(float(v)) for v in x]
+        lse = mpmath.log(mpmath.fsum(mpmath.exp(v) for v in xs))
+        want = (1 - mpmath.mpf(eps)) * (lse - xs[1]) + mpmath.mpf(eps) / V * mpmath.fsum(lse - v for v in xs)
+        assert float(abs(mpmath.mpf(float(got)) - want) / np.spacing(float(want))) <= 1
+
+
+def test_label_smoothing_keeps_the_weight_sums_rounding_errors():
+    """A chunk that raises the row's max shifts the distances before it by W (M - m), W their weights'
+    sum, which fl__dist sums in blocks by TwoSum too: weights 2^53, then 1 in each later block of the
+    first chunk, the max raised by 40 in the second; W = 2^53 + 63, not 2^53 (40 ulp of the loss)."""
+    mpmath = pytest.importorskip("mpmath")
+    C, eps = 8192, 0.5
+    V = 2 * C
+    x = np.zeros(V)
+    x[C] = 40.0
+    w = np.zeros(V)
+    w[0] = 2.0 ** 53
+    w[128:C:128] = 1.0
+    got = fl.cross_entropy(x[None], np.array([1]), label_smoothing=eps, weight=w, reduction="none",
+                           threads=1, chunk_size=C)[0]
+    with mpmath.workdps(60):
+        xs = [mpmath.mpf(float(v)) for v in x]
+        lse = mpmath.log(mpmath.fsum(mpmath.exp(v) for v in xs))
+        want = mpmath.mpf(eps) / V * mpmath.fsum(mpmath.mpf(float(w[c])) * (lse - xs[c])
+                                                 for c in range(V) if w[c])
+        assert float(abs(mpmath.mpf(float(got)) - want) / np.spacing(float(want))) <= 1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_an_infinite_class_weight_in_the_lanes_before_a_new_max(dtype, rng):
+    """An infinite class weight where the lanes sum (not a short row's tail), a later chunk raising the max:
+    the weight sum W is inf, its TwoSum errors NaN and left out, and the loss inf as in PyTorch (NaN when
+    the errors were added; a mutation audit)."""
+    V = 1024
+    x = rng.standard_normal((1, V)).astype(dtype)
+    x[0, 700] = 10
+    w = np.ones(V, dtype)
+    w[5] = np.inf
+    got = fl.cross_entropy(x, np.array([3]), weight=w, label_smoothing=0.1, reduction="none", threads=1,
+                           chunk_size=256)
+    assert np.isposinf(np.asarray(got, np.float64)).all(), got
+
+
 @pytest.mark.parametrize("chunk", [64, 1000, None, 1 << 20])
 def test_a_float64_sum_of_many_chunks_keeps_its_rounding(chunk):
     """Each chunk that leaves a row's max adds its sum of exp to the running one with a rounding error, the

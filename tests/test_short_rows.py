@@ -264,3 +264,27 @@ def test_tile_kernels_are_vector_loops(module, function, vector_ops):
     good = [loop for loop in loops if sum("zmm" in x for x in loop) >= vector_ops
             and not [x for x in loop if "zmm" in x and ("(%rsp" in x or "(%rbp" in x)]]
     assert good, "\n\n".join("\n".join(loop) for loop in loops[:3])
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_short_rows_that_need_a_transform_or_conversion_are_not_read_as_plain(log, rng):
+    """A tile of short rows is mapped straight from the logits only for rows of the compute type with no
+    transform: rows with a softcap, and float16 rows read every other value into a float32 out (a column
+    stride of 4 bytes, as float32's), are mapped from the tile (a mutation audit: either check dropped
+    gave wrong values), as the float64 reference."""
+    f = fl.log_softmax if log else fl.softmax
+
+    def want(x, cap=None):
+        x = x.astype(np.float64)
+        if cap:
+            x = cap * np.tanh(x / cap)
+        lp = x - x.max(-1, keepdims=True)
+        lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+        return lp if log else np.exp(lp)
+
+    x = (rng.standard_normal((100, 10)) * 5).astype(np.float32)
+    np.testing.assert_allclose(f(x, softcap=2.0), want(x, 2.0), rtol=1e-5, atol=1e-6)
+    xs = rng.standard_normal((100, 20)).astype(np.float16)[:, ::2]
+    out = np.empty((100, 10), np.float32)
+    f(xs, out=out)
+    np.testing.assert_allclose(out, want(xs), rtol=1e-5, atol=1e-6)
