@@ -445,7 +445,7 @@ def _demo_threads(args, src):
         return _config.default_threads(), True
     V = src.V
     return _config.resolve_threads(None, min(p.rows, src.rows) * V,
-                                   _config.GRAIN_CHUNKS * min(_config.DEFAULT_CHUNK, max(1, V))), False
+                                   _config.GRAIN_CHUNKS * _config.resolve_chunk(None)), False
 
 
 def cmd_sample(args):

@@ -200,7 +200,8 @@ def test_the_read_ceiling_sums_every_value(rng, threads):
 
 def test_demo_reports_the_threads_its_pass_ran_on(monkeypatch, capsys):
     """`demo --rows 4 --vocab 50` reported the default thread count (2 here), but the pass ran on 1 (the
-    default is capped by the work); the count reported is the one the kernels got."""
+    default is capped by the work); the count reported is the one the kernels got. `--rows 8 --vocab 1000`
+    reported 2: the demo capped the chunk of its thread grain at V, the library does not."""
     from fastlogits import _config
 
     seen = []
@@ -211,7 +212,8 @@ def test_demo_reports_the_threads_its_pass_ran_on(monkeypatch, capsys):
         return seen[-1]
 
     monkeypatch.setattr(_config, "default_threads", lambda: 3)
-    for argv in (["--rows", "4", "--vocab", "50"], ["--rows", "300", "--vocab", "5000"]):
+    for argv in (["--rows", "4", "--vocab", "50"], ["--rows", "8", "--vocab", "1000"],
+                 ["--rows", "300", "--vocab", "5000"]):
         monkeypatch.setattr(_config, "resolve_threads", real)
         assert main(["demo", *argv, "--json"]) == 0
         reported = json.loads(capsys.readouterr().out)["config"]["threads"]
