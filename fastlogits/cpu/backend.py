@@ -94,7 +94,7 @@ def row_blocks(a, dtype, threads):
     of rows at a time: fl__lse_tile) and laid out by columns and aligned: a tile's column of rows is then
     a run of memory, read in place (float32 logsumexp of a (409600, 16) array's transpose, one thread:
     11.4 ms through C-order blocks, 5.5 in place)."""
-    if a.shape[1] < SHORT[np.dtype(compute_dtype(dtype))] and by_columns(a) and a.flags.aligned:
+    if by_columns(a) and a.shape[1] < SHORT[compute_dtype(dtype)] and a.flags.aligned:
         return ((ALL, a),)
     return blocks(a, threads)
 
@@ -225,8 +225,11 @@ def sample(x, dtype, temperature, softcap, top_k, top_p, min_p, seeds, row_ids, 
 # ---- results, for the ops layer (the GPU backend keeps device results on the device) ----------------
 
 def finish(values, dtype, shape):
+    values = np.asarray(values)
+    if values.dtype == dtype:          # (np.errstate costs more than a small call's kernel)
+        return values.reshape(shape)
     with np.errstate(over="ignore"):   # a float32 result beyond float32's range is inf, by design
-        return np.asarray(values).astype(dtype, copy=False).reshape(shape)
+        return values.astype(dtype).reshape(shape)
 
 
 def empty(shape, dtype):

@@ -67,10 +67,13 @@ def scalar_if_0d(a):
     return a[()] if isinstance(a, np.ndarray) and a.ndim == 0 else a
 
 
+F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
+
+
 def compute_dtype(name):
     """The arithmetic (and the reductions' result dtype) for logits of dtype `name`: float64 for
     float64, float32 for the rest."""
-    return np.dtype(np.float64) if name == "float64" else np.dtype(np.float32)
+    return F64 if name == "float64" else F32
 
 
 def weight_sum(w):
@@ -339,6 +342,8 @@ def ones(rows):
 def temperatures(temperature, lead, rows, argname="temperature", allow_zero=False, name="float64"):
     """One float64 temperature per row: a scalar, or an array of the leading shape (``name``: the logits'
     dtype name; below float64, a temperature must be a normal float32)."""
+    if temperature.__class__ is float and temperature == 1.0:      # the default
+        return ones(rows)
     f32 = name != "float64"
     if isinstance(temperature, (float, int)) and not isinstance(temperature, bool):   # the common case
         t = as_float(temperature, argname, "a finite float " + (">= 0" if allow_zero else "> 0"))
