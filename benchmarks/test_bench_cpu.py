@@ -144,24 +144,32 @@ def small():
     return (rng.standard_normal((32, 10)) * 3).astype(np.float32), rng.integers(0, 10, 32)
 
 
-def test_cross_entropy_small_fastlogits(benchmark, small):
+SMALL_OPS = ["logsumexp", "softmax", "log_softmax", "cross_entropy", "argmax"]
+
+
+def _small_ref(op, x, y):
+    return {"logsumexp": ref.logsumexp, "softmax": ref.softmax, "log_softmax": ref.log_softmax,
+            "argmax": ref.argmax}[op](x) if op != "cross_entropy" else ref.cross_entropy(x, y)
+
+
+@pytest.mark.parametrize("op", SMALL_OPS)
+def test_small_fastlogits(benchmark, small, op):
     x, y = small
-    _check(benchmark(fl.cross_entropy, x, y), ref.cross_entropy(x, y))
+    call = {"cross_entropy": lambda: fl.cross_entropy(x, y)}.get(op, lambda: getattr(fl, op)(x))
+    got = benchmark(call)
+    (np.testing.assert_array_equal if op == "argmax" else _check)(got, _small_ref(op, x, y))
 
 
-def test_cross_entropy_small_torch(benchmark, small):
+@pytest.mark.parametrize("op", SMALL_OPS)
+def test_small_torch(benchmark, small, op):
     torch = pytest.importorskip("torch")
     t, ty = torch.from_numpy(small[0]), torch.from_numpy(small[1])
-    _check(benchmark(torch.nn.functional.cross_entropy, t, ty).numpy(), ref.cross_entropy(*small))
-
-
-def test_logsumexp_small_fastlogits(benchmark, small):
-    _check(benchmark(fl.logsumexp, small[0]), ref.logsumexp(small[0]))
-
-
-def test_logsumexp_small_torch(benchmark, small):
-    torch = pytest.importorskip("torch")
-    _check(benchmark(torch.logsumexp, torch.from_numpy(small[0]), -1).numpy(), ref.logsumexp(small[0]))
+    F = torch.nn.functional
+    call = {"logsumexp": lambda: torch.logsumexp(t, -1), "softmax": lambda: torch.softmax(t, -1),
+            "log_softmax": lambda: torch.log_softmax(t, -1), "cross_entropy": lambda: F.cross_entropy(t, ty),
+            "argmax": lambda: torch.argmax(t, -1)}[op]
+    got = benchmark(call).numpy()
+    (np.testing.assert_array_equal if op == "argmax" else _check)(got, _small_ref(op, *small))
 
 
 # ---- many short rows: a classifier's outputs over a dataset (65536 rows of 10 classes), a cost a row ----
