@@ -116,7 +116,8 @@ def _map(logits, log, temperature, softcap, out, dtype, backend, threads, chunk_
     B = _backend.get(r.backend)
     name = "log_softmax" if log else "softmax"
     shape = tuple(x.shape)
-    if out is None:
+    fresh = out is None
+    if fresh:
         out_name = dtype_name(dtype) if dtype is not None else r.dtype
         if is_gpu_array(x):   # bfloat16 on the device: its uint16 bits (numba has no bfloat16)
             out = B.empty(shape, np.uint16 if out_name == "bfloat16" else NP_DTYPES[out_name])
@@ -160,7 +161,7 @@ def _map(logits, log, temperature, softcap, out, dtype, backend, threads, chunk_
     else:
         out2 = out.reshape(r.x.shape)    # a view, or a copy where out's leading axes do not merge
     B.softmax(r.x, r.dtype, r.temperature, r.softcap, log, out2, out_name, r.chunk, r.threads)
-    if isinstance(out, np.ndarray) and out.size and not np.shares_memory(out2, out):
+    if not fresh and isinstance(out, np.ndarray) and out.size and not np.shares_memory(out2, out):
         out[...] = out2.reshape(out.shape)
     return out
 
