@@ -1098,7 +1098,8 @@ def test_streamed_arguments_are_checked_as_in_memory(tmp_path, rng, shape):
     x = rng.standard_normal(shape).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     temps = [np.array([True] * 5), np.array(["a"] * 5), np.ones((1, 3)), -1.0, np.array([1, 1, -1, 1, 1.0]),
-             "x", None, np.ones((5, 1)), np.ones(4), np.full(5, 1e-40), np.nan, np.array([[1, 1, -2.0]])]
+             "x", None, np.ones((5, 1)), np.ones(4), np.full(5, 1e-40), np.nan, np.array([[1, 1, -2.0]]),
+             np.array([0.5]), np.array([-0.5]), np.array(["a"])]
     labels = [3, np.array([0, 1, 2, 7, 1]), np.array([0, 1, 2, -5, 1]), np.full(5, 0.5), np.ones(5, bool),
               np.zeros((1, 5), int), np.zeros(4, int), np.zeros((2, 3), int),
               np.array([[0, 1, 9], [1, 1, 1]])]
@@ -1121,6 +1122,34 @@ def test_streamed_arguments_are_checked_as_in_memory(tmp_path, rng, shape):
         for y in labels:
             want, got = outcome(fl.cross_entropy, x, y), outcome(fl.cross_entropy, source(), y)
             assert got[0] is want[0] and (k or got == want), (y, want, got)
+
+
+@pytest.mark.parametrize("t", [np.array([0.5]), np.array([3], np.int64), [2.0]])
+def test_a_one_value_temperature_broadcasts_over_an_iterables_rows(rng, t):
+    """A one-element temperature broadcasts over the rows, as in memory, for an iterable too (whose rows
+    are counted as they are read: it said "temperature has 1 values, but the source has more rows")."""
+    x = rng.standard_normal((7, 11)) * 5
+    x[2, 3] = -np.inf
+    blocks = [x[:3], x[3:4], x[4:]]
+    scale = float(np.reshape(t, ()))
+    want = ref.logsumexp(x, temperature=scale)
+    np.testing.assert_allclose(fl.logsumexp(iter(blocks), temperature=t), want, rtol=1e-13)
+    np.testing.assert_allclose(fl.entropy(iter(blocks), temperature=t), ref.entropy(x, temperature=scale),
+                               rtol=1e-12, atol=1e-14)     # absolute near 0: sums of -p log p
+    y = rng.integers(0, 11, 7)
+    np.testing.assert_allclose(fl.cross_entropy(iter(blocks), y, temperature=t, reduction="none"),
+                               ref.cross_entropy(x, y, temperature=scale, reduction="none"), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kw", [{"temperature": np.array([0.7])}, {"top_k": np.array([3])},
+                                {"top_p": [0.5]}, {"min_p": np.array([0.1])}], ids=str)
+def test_a_one_value_sampling_argument_broadcasts_over_an_iterables_rows(rng, kw):
+    """sample()'s per-row arguments with one value draw the same tokens from an iterable as in memory
+    (they were refused: "... has 1 values, but the source has more rows")."""
+    x = (rng.standard_normal((9, 40)) * 3).astype(np.float32)
+    want = fl.sample(x, seed=5, num_samples=2, **kw)
+    assert want.shape == (9, 2)
+    np.testing.assert_array_equal(fl.sample(iter([x[:4], x[4:5], x[5:]]), seed=5, num_samples=2, **kw), want)
 
 
 def test_output_names_that_cannot_be_written(tmp_path):

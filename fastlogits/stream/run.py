@@ -323,6 +323,8 @@ class RowArg:
     def __init__(self, value, name, source, dtype=np.float64, per_row=False):
         self.name = name
         a = number_array(value, name)
+        if a.shape == (1,) and source.shape[0] is None and not per_row:
+            a = a.reshape(())       # one value broadcasts over rows not yet counted, as in memory
         # per_row (labels): a 0-d value is the one row's value of a 1-D source, else never a broadcast
         self.scalar = a.ndim == 0 and not (per_row and tuple(source.shape[:-1]) == ())
         if not self.scalar:
