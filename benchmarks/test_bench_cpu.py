@@ -3,7 +3,7 @@
 Disabled in the normal test run (``--benchmark-disable`` in pyproject.toml), where each benchmark runs
 once as a smoke test and checks its result against the float64 reference. Measure with
 ``pytest benchmarks --benchmark-enable --benchmark-columns=median,ops``; the shape is set by
-FASTLOGITS_BENCH_SHAPE (default 512x128256, the issue's shape; the smoke run uses 64x32000).
+FASTLOGITS_BENCH_SHAPE (64x32000 when unset, the smoke run's; the issue's is 512x128256).
 """
 import os
 

@@ -442,6 +442,26 @@ def test_smoothing_sum_of_logits_near_the_float_range():
         np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("V", [9, 257])
+def test_row_batches_of_every_size_on_every_thread_count(rng, V, smoothing):
+    """Whole rows are done in batches of up to 64, fewer where a thread would be left without one (64 rows
+    were one batch, on one thread): every batch size and last, short batch, against the reference, with
+    ignored rows and short rows (a tile of rows at a time) among them."""
+    for rows in (1, 5, 63, 64, 65, 130, 200):
+        x = rng.standard_normal((rows, V)) * 4
+        x[rng.random((rows, V)) < 0.05] = -np.inf
+        y = random_labels(rng, (rows,), V)
+        y[rng.random(rows) < 0.1] = -100
+        kw = dict(label_smoothing=smoothing, reduction="none")
+        want = ref.cross_entropy(x, y, **kw)
+        for threads in (1, 2, 3, 7):
+            got = fl.cross_entropy(x, y, threads=threads, **kw)
+            # (absolute near 0: a loss of 1e-3 is lse - x[label], with lse near 2)
+            np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-14,
+                                       err_msg=f"{rows} rows, {threads} threads")
+
+
 def _offset_rows(rng, dtype, offset, rows=3, n=1001):
     """Rows of logits offset + 3 N(0, 1): the spread is small against their magnitude."""
     return (offset + 3.0 * rng.standard_normal((rows, n))).astype(dtype)
