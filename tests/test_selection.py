@@ -216,6 +216,37 @@ def test_large_k_with_ties(k, chunk_size, rng):
         check("top_k_logprobs", x, k=k, chunk_size=chunk_size, threads=threads)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_top_k_by_selection(dtype, rng):
+    """Where k is a large part of the row (k * 32 > n + 4096), the k best are selected a byte of a key at a
+    time (fl__topk_select in fastlogits_impl.h), not kept in a heap: many ties (-0 beside +0 among them),
+    NaN, infinities, tiny and huge values, every chunking and thread count, transformed values, rows with a
+    stride, and k = V, against the reference's indices and values."""
+    n = 1500
+    x = np.empty((6, 2 * n))
+    x[0] = rng.integers(-6, 6, 2 * n)                           # ties
+    x[0, rng.random(2 * n) < 0.3] = -0.0
+    x[1] = rng.standard_normal(2 * n) * 3
+    x[2] = rng.standard_normal(2 * n)
+    x[2, rng.integers(0, 2 * n, 9)] = nan
+    x[2, rng.integers(0, 2 * n, 40)] = -inf
+    x[2, rng.integers(0, 2 * n, 3)] = inf
+    x[3] = rng.standard_normal(2 * n) * 1e-42                   # subnormal in float32, 0 in 16 bits
+    x[4] = rng.standard_normal(2 * n) * 3e38                    # inf where the dtype ends
+    x[5] = -np.abs(rng.standard_normal(2 * n))                  # negative keys only
+    with np.errstate(over="ignore"):
+        x = x.astype(dtype)
+    rows = x[:, ::2]                                            # rows of n values, a stride of 2
+    for k in (175, 700, n):                                    # (174 and below: the heap)
+        for chunk, threads in ((None, 1), (7, 2), (512, 1), (None, 2)):
+            vals, idx = check("top_k", rows, k=k, chunk_size=chunk, threads=threads)
+            # ties exactly as the reference orders them: lowest index first (check allows any order)
+            np.testing.assert_array_equal(idx, ref.top_k_order(rows, k))
+    check("top_k", rows[[0, 1, 2, 3, 5]], k=900, temperature=0.7)    # (3e38 / 0.7: inf in float32)
+    check("top_k", np.ascontiguousarray(rows[1:3]), k=200, softcap=5.0, chunk_size=100)
+    check("top_k_logprobs", rows, k=300, chunk_size=256, threads=2)
+
+
 def test_top_k_more_than_finite_values():
     """k larger than the number of finite entries: the -inf entries follow, lowest index first."""
     x = np.full((2, 50), -inf, dtype=np.float32)

@@ -15,7 +15,6 @@ from cython.parallel cimport prange, parallel, threadid
 from libc.stdint cimport int64_t, int32_t, uint32_t, uint64_t
 from libc.math cimport INFINITY
 from libc.stdlib cimport malloc, free
-from libc.string cimport memcpy
 
 import numpy as np
 
@@ -396,18 +395,18 @@ def key_argmax(const double[::1] v, const double[::1] g):
     return bi
 
 
+cdef extern from "fastlogits.h" nogil:
+    uint32_t fl__topk_key_f32(float x)
+    uint64_t fl__topk_key_f64(double x)
+
+
 cdef inline uint64_t _key(real x) noexcept nogil:
-    """The value's key: unsigned, in the order of the values (no NaN), one key for -0 and +0."""
-    cdef uint32_t u32
-    cdef uint64_t u64
+    """The value's key: unsigned, in the order of the values (NaN the largest), one key for -0 and +0; top-k's
+    selection's (fl__topk_key in fastlogits_impl.h)."""
     if real is float:
-        x = x + <float> 0.0                    # -0 + 0 = +0
-        memcpy(&u32, &x, 4)
-        return <uint64_t> ((~u32) if u32 >> 31 else u32 | 0x80000000u)
+        return fl__topk_key_f32(x)
     else:
-        x = x + 0.0
-        memcpy(&u64, &x, 8)
-        return (~u64) if u64 >> 63 else u64 | 0x8000000000000000u
+        return fl__topk_key_f64(x)
 
 
 def radix_counts(const real[::1] v, int shift, int width, uint64_t prefix, int64_t[::1] hist):

@@ -764,11 +764,17 @@ static inline int fl__row_plain(const fl_row *r) { return r->temperature == 1.0 
 #define FL_TILE 64              /* short rows: rows in a tile (see fl__lse_tile) */
 #define FL_SHORT_F32 32         /* ... for rows of fewer values than these */
 #define FL_SHORT_F64 16
+/* top-k by selection (fl__topk_select) where k * FL_TOPK_SELECT > n + FL_TOPK_SELECT_COST (n: the row's
+ * length), else by a heap: about where the two took the same time (float32; selection's passes cost
+ * 256-bin histograms, a fixed cost that short rows feel) */
+#define FL_TOPK_SELECT 32
+#define FL_TOPK_SELECT_COST 4096
 
 #define FL_T float
 #define FL_SUF f32
 #define FL_LANES 16
 #define FL_IT int32_t        /* an integer of FL_T's width */
+#define FL_UT uint32_t       /* ... unsigned */
 #define FL_EXP_NEG fl__expf_neg
 #define FL_EXP_UP fl__expf_up
 #define FL_UP 2.3283064365386963e-10    /* 2^-32: FL_EXP_UP's scale, undone */
@@ -780,6 +786,7 @@ static inline int fl__row_plain(const fl_row *r) { return r->temperature == 1.0 
 #undef FL_SUF
 #undef FL_LANES
 #undef FL_IT
+#undef FL_UT
 #undef FL_EXP_NEG
 #undef FL_EXP_UP
 #undef FL_UP
@@ -789,6 +796,7 @@ static inline int fl__row_plain(const fl_row *r) { return r->temperature == 1.0 
 #define FL_SUF f64
 #define FL_LANES 8
 #define FL_IT int64_t
+#define FL_UT uint64_t
 #define FL_EXP_NEG fl__exp_neg
 #define FL_EXP_UP fl__exp_up
 #define FL_UP 5.421010862427522e-20     /* 2^-64 */
@@ -800,6 +808,7 @@ static inline int fl__row_plain(const fl_row *r) { return r->temperature == 1.0 
 #undef FL_SUF
 #undef FL_LANES
 #undef FL_IT
+#undef FL_UT
 #undef FL_EXP_NEG
 #undef FL_EXP_UP
 #undef FL_UP
