@@ -1,10 +1,11 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Selection on the CPU: argmax and top-k, one pass over each row.
+"""Selection on the CPU: argmax and top-k, one pass over each row (top-k with a large k: a few).
 
 Design: one row per work item (selection states are small but their merge is not needed here: rows are
 plentiful in practice). Values are compared after softcap and temperature, as every other function sees
-them. top-k keeps a heap of k candidates per thread; a chunk whose max cannot enter the heap is skipped
-after one vectorized max.
+them. top-k keeps a heap of k candidates per thread, and a block of values that cannot enter it is skipped
+in vector code; where k is a large part of the row (k * 32 > V + 4096) it selects instead, a byte of the
+values' keys a pass, and radix-sorts the k (fl_row_topk in fastlogits_impl.h).
 """
 from cython.parallel cimport prange, parallel, threadid
 from libc.stdint cimport int64_t
